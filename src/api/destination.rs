@@ -1,0 +1,220 @@
+//! `Destination`: where rows go and how to talk to it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::SecretKeyRef;
+
+/// A system rows are sent to: a REST endpoint or webhook, or a database table.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "backflow.dev",
+    version = "v1alpha1",
+    kind = "Destination",
+    plural = "destinations",
+    shortname = "dest",
+    category = "backflow",
+    namespaced,
+    status = "DestinationStatus",
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.http) == (self.type == 'http')", "message": "type http needs the http block, and only type http may have it"},
+    {"rule": "has(self.postgres) == (self.type == 'postgres')", "message": "type postgres needs the postgres block, and only type postgres may have it"},
+    {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
+    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"}
+]))]
+pub struct DestinationSpec {
+    /// The kind of destination; the block of the same name configures it.
+    #[serde(rename = "type")]
+    pub destination_type: DestinationType,
+    /// Secret (same namespace) with the credentials: a connection URL for database
+    /// destinations (key `url`), or values used in HTTP header templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+    /// Requests per second and burst allowed to this destination, shared by every sync that
+    /// uses it. Defaults per type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Records per request (capped at the destination's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub batch_size: Option<u32>,
+    /// Requests in flight at once per sync run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrency: Option<u32>,
+    /// Retries of transient failures (429, 5xx, timeouts, lost connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Settings for `type: http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    /// Settings for `type: postgres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<TableSpec>,
+    /// Settings for `type: mysql` (MySQL, MariaDB and compatible servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<TableSpec>,
+    /// Settings for `type: sqlite`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlite: Option<TableSpec>,
+}
+
+/// The kinds of destination.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationType {
+    /// A REST API or webhook receiving JSON batches.
+    Http,
+    /// A PostgreSQL table (also CockroachDB, AlloyDB, …).
+    Postgres,
+    /// A MySQL or MariaDB table.
+    Mysql,
+    /// A SQLite table.
+    Sqlite,
+}
+
+impl DestinationType {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationType::Http => "http",
+            DestinationType::Postgres => "postgres",
+            DestinationType::Mysql => "mysql",
+            DestinationType::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A token bucket: a steady rate and a burst.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = 0.001))]
+    pub requests_per_second: f64,
+    /// Requests allowed at once above the steady rate (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+}
+
+/// Retry policy for transient failures: exponential backoff with jitter, honouring
+/// `Retry-After`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts per request including the first (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry, like `500ms` (default `500ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_backoff: Option<String>,
+    /// Longest wait between retries, like `30s` (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backoff: Option<String>,
+}
+
+/// A generic JSON-over-HTTP destination (REST API or webhook).
+///
+/// Templates use `{{name}}`: `{{secret.KEY}}` is a key of the credentials Secret (headers and
+/// URL only), `{{operation}}` is `upsert`, `update`, `insert` or `delete`, and `{{records}}`
+/// (body only) is the JSON array of the batch's records.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSpec {
+    /// URL template for upserts, updates and inserts, like `https://api.example.com/{{operation}}`.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// HTTP method (default `POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Header templates, like `Authorization: "Bearer {{secret.token}}"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Body template (default `{"operation":"{{operation}}","records":{{records}}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// How deletes are sent (mirror mode). Without it, deletes go to `url` with the same
+    /// method and `{{operation}}` = `delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete: Option<HttpDeleteSpec>,
+    /// How to read per-record outcomes from a 2xx response. Without it, a 2xx accepts the
+    /// whole batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<HttpResultsSpec>,
+    /// Request timeout, like `30s` (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Path of a connection check (GET, relative to the URL's origin or absolute). Without it
+    /// the check only resolves templates and the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_url: Option<String>,
+}
+
+/// Where and how deletes are sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDeleteSpec {
+    /// URL template for deletes.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// HTTP method for deletes (default `POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Body template for deletes; `{{records}}` holds only the match fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// Per-record outcomes in a response body.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpResultsSpec {
+    /// JSON Pointer to an array with one entry per record, in request order, like `/results`.
+    pub path: String,
+    /// Field of an entry holding an error message; a non-empty value rejects that record.
+    #[serde(default = "default_error_field")]
+    pub error_field: String,
+}
+
+fn default_error_field() -> String {
+    "error".to_owned()
+}
+
+/// A database table destination. The connection URL comes from the credentials Secret
+/// (key `url` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TableSpec {
+    /// Table name. Rows are upserted on the sync's match fields, which need a unique index.
+    #[schemars(length(min = 1))]
+    pub table: String,
+    /// Schema (PostgreSQL) or database (MySQL) holding the table; default the connection's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+}
+
+/// What the operator observed of a destination.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationStatus {
+    /// `Ready` after a successful connection check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the connection was last checked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<String>,
+}

@@ -1,0 +1,252 @@
+//! `ReverseSync`: one warehouse model pushed to one destination.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{LocalObjectRef, SecretKeyRef};
+
+/// Pushes the rows of a SQL model to a Destination, sending only what changed.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "backflow.dev",
+    version = "v1alpha1",
+    kind = "ReverseSync",
+    plural = "reversesyncs",
+    shortname = "rsync",
+    category = "backflow",
+    namespaced,
+    status = "ReverseSyncStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Last Sync","type":"date","jsonPath":".status.lastSuccessfulSyncTime"}"#,
+    printcolumn = r#"{"name":"Rows","type":"integer","jsonPath":".status.lastRun.rowsInModel"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReverseSyncSpec {
+    /// Where the rows come from: a connection Secret, a SQL query and its primary key.
+    pub source: SourceSpec,
+    /// The Destination (same namespace) the rows are sent to.
+    pub destination_ref: LocalObjectRef,
+    /// How rows are applied: upsert (create or update), update (only records synced before),
+    /// insert (only new records), mirror (upsert, and delete what left the model).
+    #[serde(default)]
+    pub mode: SyncMode,
+    /// Which columns are sent and under which destination field names. Columns that are not
+    /// mapped are not sent.
+    #[schemars(length(min = 1))]
+    pub mappings: Vec<Mapping>,
+    /// The destination fields that identify a record (for example `email`). Defaults to the
+    /// targets of the mappings whose `from` is a primary key column.
+    #[serde(rename = "match", default, skip_serializing_if = "Vec::is_empty")]
+    pub match_fields: Vec<String>,
+    /// When to run: a fixed `interval` or a `cron` expression. Without a schedule the sync runs
+    /// when its spec changes or when the `backflow.dev/requested-at` annotation changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// Pause the sync: no run starts while true.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Where a run executes: inside the operator or as a Kubernetes Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution: Option<Execution>,
+    /// Where the per-row fingerprints that detect changes are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateSpec>,
+}
+
+/// The model: a SQL query over a warehouse connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Secret key (default key `url`) holding the connection URL: `postgres://…`,
+    /// `mysql://…` or `sqlite://…`.
+    pub connection_secret_ref: SecretKeyRef,
+    /// The model query. It runs in a read-only transaction; a statement that writes fails.
+    #[schemars(length(min = 1))]
+    pub query: String,
+    /// Columns that identify a row of the model. A row with a NULL or duplicate key is
+    /// rejected with a reason; the run goes on.
+    #[schemars(length(min = 1))]
+    pub primary_key: Vec<String>,
+    /// Longest time the model query may run, like `10m` (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_timeout: Option<String>,
+}
+
+/// How rows are applied to the destination.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Create new records and update changed ones.
+    #[default]
+    Upsert,
+    /// Update records this sync created or updated before; new rows are skipped.
+    Update,
+    /// Create records for new rows only; changed rows are skipped.
+    Insert,
+    /// Upsert, and delete the records whose rows left the model.
+    Mirror,
+}
+
+impl SyncMode {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Upsert => "upsert",
+            SyncMode::Update => "update",
+            SyncMode::Insert => "insert",
+            SyncMode::Mirror => "mirror",
+        }
+    }
+}
+
+/// One destination field and where its value comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.from) != has(self.template)",
+    "message": "a mapping needs exactly one of from or template"
+}]))]
+pub struct Mapping {
+    /// Source column to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// A string built from columns instead of `from`, like `"{{first_name}} {{last_name}}"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Destination field. Dots make nested objects: `properties.email`.
+    #[schemars(length(min = 1))]
+    pub to: String,
+    /// Transforms applied in order: `lowercase`, `uppercase`, `trim`, `to_string`,
+    /// `to_number`, `round(N)`, `format("%Y-%m-%d")`, `default(VALUE)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<String>,
+}
+
+/// When a sync runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.interval) && has(self.cron))",
+    "message": "set interval or cron, not both"
+}]))]
+pub struct Schedule {
+    /// Run every interval, like `15m` or `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Run at the times of a cron expression (5 fields, UTC), like `*/15 * * * *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+}
+
+/// Where a run executes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Execution {
+    /// `InProcess` runs inside the operator; `Job` runs each sync as a Kubernetes Job.
+    #[serde(default)]
+    pub mode: ExecutionMode,
+}
+
+/// Where a run executes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ExecutionMode {
+    /// Inside the operator, on its bounded worker pool.
+    #[default]
+    InProcess,
+    /// In a `batch/v1` Job running `backflow run --namespace NS --sync NAME`.
+    Job,
+}
+
+/// Where per-row fingerprints live.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StateSpec {
+    /// `ConfigMap` (in the cluster, owned by the sync), `Warehouse` (a table in the source
+    /// database) or `File` (a local directory, for `backflow run -f`).
+    #[serde(default)]
+    pub store: StateStoreKind,
+}
+
+/// The home of a sync's fingerprints.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StateStoreKind {
+    /// Compressed, sharded ConfigMaps owned by the ReverseSync.
+    #[default]
+    ConfigMap,
+    /// A state table in the source database.
+    Warehouse,
+    /// A local directory.
+    File,
+}
+
+/// What the operator observed of a sync.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReverseSyncStatus {
+    /// kstatus conditions: `Ready`, `Reconciling`, `Stalled`, and `Degraded` when rows were
+    /// rejected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The most recent run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunSummary>,
+    /// When a run last finished without failing (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_sync_time: Option<String>,
+    /// When the next scheduled run starts (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sync_time: Option<String>,
+    /// A few rows the last run rejected, with the reason (keys only, never payload values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected_samples: Vec<RejectedRow>,
+}
+
+/// Counts and outcome of one run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    /// Start of the run (RFC 3339).
+    pub start: String,
+    /// End of the run (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    /// `Succeeded`, `PartiallySucceeded` (some rows rejected or failed) or `Failed`.
+    pub result: String,
+    /// Rows returned by the model query.
+    pub rows_in_model: u64,
+    /// Rows new since the previous run that were sent.
+    pub rows_added: u64,
+    /// Rows that changed since the previous run and were sent.
+    pub rows_changed: u64,
+    /// Records deleted because their rows left the model (mirror mode).
+    pub rows_removed: u64,
+    /// Rows identical to what was last sent (nothing sent).
+    pub rows_unchanged: u64,
+    /// Rows rejected by the planner or the destination; retried next run.
+    pub rows_rejected: u64,
+    /// Rows that could not be delivered after all retries; retried next run.
+    pub rows_failed: u64,
+    /// Requests made to the destination.
+    pub requests: u64,
+    /// Fingerprint of the whole synced result set (changes when any row changes).
+    pub fingerprint: String,
+}
+
+/// A rejected row: its key, the operation and the reason. Never payload values.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRow {
+    /// The primary key of the row.
+    pub key: String,
+    /// The operation that was refused (`upsert`, `delete`, …).
+    pub operation: String,
+    /// Why, in the planner's or the destination's words.
+    pub reason: String,
+}

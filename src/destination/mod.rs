@@ -1,0 +1,185 @@
+//! Destinations: one trait every connector implements, and the registry that builds a
+//! connector from a `Destination` spec.
+//!
+//! A connector says how to send one batch of records and how to read per-record outcomes;
+//! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
+
+pub mod delivery;
+pub mod http;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::api::{DestinationSpec, DestinationType};
+use crate::engine::value::Document;
+
+/// What a batch asks the destination to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Create the record, or update it if it exists.
+    Upsert,
+    /// Update an existing record.
+    Update,
+    /// Create a new record.
+    Insert,
+    /// Delete the record (mirror mode).
+    Delete,
+}
+
+impl Operation {
+    /// The name used in templates, logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Upsert => "upsert",
+            Operation::Update => "update",
+            Operation::Insert => "insert",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// One record to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The row's primary key in canonical text form (for outcomes and logs; never a payload).
+    pub key: String,
+    /// The match fields and their values: how the destination identifies the record.
+    pub identity: Document,
+    /// The mapped fields to write (empty for deletes).
+    pub fields: Document,
+}
+
+/// The outcome of one record in a batch the destination answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordOutcome {
+    /// Written.
+    Accepted,
+    /// Refused for good (a validation error); the reason is the destination's.
+    Rejected(String),
+    /// Failed for a reason that may pass on retry (a per-record throttle or timeout).
+    Retry(String),
+}
+
+/// Why a whole batch failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SendError {
+    /// Transient (429, 5xx, timeout, connection lost): retry the batch after a backoff.
+    #[error("{reason}")]
+    Retryable {
+        /// What happened, without secrets.
+        reason: String,
+        /// The destination's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+        /// True when the destination said it is throttling (429 and the like).
+        throttled: bool,
+    },
+    /// The batch was refused as a whole because of its content (a 400, a constraint
+    /// violation): the delivery machinery splits it to find the records at fault.
+    #[error("{0}")]
+    BatchRejected(String),
+    /// Nothing will pass until a person acts (credentials rejected, table missing): the run
+    /// stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// What a connector can do and its default limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    /// Most records one request may carry.
+    pub max_batch_size: usize,
+    /// Operations the connector supports.
+    pub operations: Vec<Operation>,
+    /// Default sustained requests per second, from the vendor's documented limits.
+    pub default_requests_per_second: f64,
+    /// Default requests in flight at once.
+    pub default_concurrency: usize,
+}
+
+/// A destination connector.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// What the connector supports and its defaults.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Checks that the destination answers and the credentials work.
+    async fn check(&self) -> Result<(), SendError>;
+
+    /// Sends one batch (at most `max_batch_size` records) and returns one outcome per record,
+    /// in order.
+    async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError>;
+}
+
+/// The keys and values of a Secret, decoded. Its `Debug` never shows values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretData(BTreeMap<String, String>);
+
+impl SecretData {
+    /// Wraps decoded Secret data.
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        SecretData(values)
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Every key and value (for templates).
+    pub fn entries(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Every value, to scrub them out of error messages.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        self.0.values().map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// Failures building a connector from a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// The spec lacks the block for its type.
+    #[error("failed to configure destination: spec.{0} is required for type {0}")]
+    MissingBlock(&'static str),
+    /// A required Secret key is absent.
+    #[error("failed to configure destination: key {key:?} not found in Secret {secret:?}")]
+    MissingSecretKey {
+        /// Secret name.
+        secret: String,
+        /// Missing key.
+        key: String,
+    },
+    /// The destination needs credentials and none were referenced.
+    #[error("failed to configure destination: type {0} needs spec.credentialsSecretRef")]
+    MissingCredentials(&'static str),
+    /// An invalid setting.
+    #[error("failed to configure destination: {0}")]
+    Invalid(String),
+}
+
+/// Builds the connector for a Destination spec with its credentials.
+pub async fn build(
+    spec: &DestinationSpec,
+    secret: Option<&SecretData>,
+) -> Result<Arc<dyn Connector>, DestinationError> {
+    match spec.destination_type {
+        DestinationType::Http => {
+            let block = spec.http.as_ref().ok_or(DestinationError::MissingBlock("http"))?;
+            Ok(Arc::new(http::HttpConnector::new(block, secret)?))
+        }
+        DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
+            table::build(spec, secret).await
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The sync engine: extract → plan → deliver → commit. Knows nothing of Kubernetes.
+
+pub mod value;

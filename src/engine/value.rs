@@ -1,0 +1,309 @@
+//! The canonical value model every source decodes into, and the canonical JSON form used both
+//! to fingerprint a row and to send it.
+//!
+//! Canonical means: object keys sorted, numbers written in their shortest exact form (an
+//! integer-valued decimal or float is written as an integer, trailing zeros are dropped, no
+//! exponent), timestamps in UTC as RFC 3339 with a `Z`. Two sources holding the same data
+//! therefore produce the same bytes and the same fingerprint.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, NaiveDate, NaiveTime, SecondsFormat, Utc};
+use uuid::Uuid;
+
+/// A mapped record: destination field name to value, sorted by name.
+pub type Document = BTreeMap<String, Value>;
+
+/// One cell of a source row, or one field of a mapped record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// A signed integer that fits 64 bits.
+    Int(i64),
+    /// An exact decimal (NUMERIC, DECIMAL, unsigned 64-bit integers); never rounded.
+    Decimal(BigDecimal),
+    /// A binary floating point number.
+    Float(f64),
+    /// Text.
+    Text(String),
+    /// A calendar date.
+    Date(NaiveDate),
+    /// A time of day without a date.
+    Time(NaiveTime),
+    /// An instant, normalised to UTC.
+    Timestamp(DateTime<Utc>),
+    /// A JSON document from a JSON column.
+    Json(serde_json::Value),
+    /// A UUID.
+    Uuid(Uuid),
+    /// An array column.
+    Array(Vec<Value>),
+    /// A nested object built by mappings with dotted targets (`properties.email`).
+    Object(Document),
+}
+
+impl Value {
+    /// True for SQL NULL (and a JSON null).
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null | Value::Json(serde_json::Value::Null))
+    }
+
+    /// The value as plain text: strings unquoted, everything else in canonical JSON form.
+    pub fn to_text(&self) -> String {
+        match self {
+            Value::Text(s) => s.clone(),
+            Value::Json(serde_json::Value::String(s)) => s.clone(),
+            other => {
+                let mut out = Vec::new();
+                other.write_canonical(&mut out);
+                // Canonical output is built only from valid UTF-8 pieces.
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        }
+    }
+
+    /// Appends the canonical JSON form of this value to `out`.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => {
+                let mut buf = itoa_buf(*i);
+                out.append(&mut buf);
+            }
+            Value::Decimal(d) => out.extend_from_slice(canonical_decimal(d).as_bytes()),
+            Value::Float(f) => write_float(*f, out),
+            Value::Text(s) => write_json_string(s, out),
+            Value::Date(d) => write_json_string(&d.format("%Y-%m-%d").to_string(), out),
+            Value::Time(t) => write_json_string(&t.format("%H:%M:%S%.f").to_string(), out),
+            Value::Timestamp(ts) => write_json_string(&ts.to_rfc3339_opts(SecondsFormat::AutoSi, true), out),
+            Value::Json(j) => write_json(j, out),
+            Value::Uuid(u) => write_json_string(&u.hyphenated().to_string(), out),
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.write_canonical(out);
+                }
+                out.push(b']');
+            }
+            Value::Object(map) => write_document(map, out),
+        }
+    }
+
+    /// Converts to a `serde_json::Value` (decimals beyond f64 precision become strings).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut out = Vec::new();
+        self.write_canonical(&mut out);
+        match serde_json::from_slice::<serde_json::Value>(&out) {
+            // A decimal that f64 cannot hold exactly is kept as its exact text.
+            Ok(serde_json::Value::Number(n)) if matches!(self, Value::Decimal(_)) => {
+                let text = String::from_utf8_lossy(&out).into_owned();
+                if n.to_string() == text {
+                    serde_json::Value::Number(n)
+                } else {
+                    serde_json::Value::String(text)
+                }
+            }
+            Ok(v) => v,
+            Err(_) => serde_json::Value::String(String::from_utf8_lossy(&out).into_owned()),
+        }
+    }
+}
+
+/// Appends the canonical JSON form of a document (keys sorted) to `out`.
+pub fn write_document(doc: &Document, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (k, v)) in doc.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_string(k, out);
+        out.push(b':');
+        v.write_canonical(out);
+    }
+    out.push(b'}');
+}
+
+/// The canonical JSON bytes of a document.
+pub fn canonical_bytes(doc: &Document) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    write_document(doc, &mut out);
+    out
+}
+
+fn itoa_buf(i: i64) -> Vec<u8> {
+    i.to_string().into_bytes()
+}
+
+/// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).
+pub fn canonical_decimal(d: &BigDecimal) -> String {
+    let n = d.normalized();
+    let (_, scale) = n.as_bigint_and_exponent();
+    if scale < 0 {
+        // Negative scale means trailing zeros were folded into the exponent: write them out.
+        n.with_scale(0).to_string()
+    } else {
+        n.to_plain_string()
+    }
+}
+
+fn write_float(f: f64, out: &mut Vec<u8>) {
+    if !f.is_finite() {
+        // JSON has no NaN or infinity; send them as strings rather than invalid JSON.
+        write_json_string(&f.to_string(), out);
+    } else if f.fract() == 0.0 && f.abs() < 1e15 {
+        let _ = write!(StringSink(out), "{}", f as i64);
+    } else {
+        let mut buf = ryu::Buffer::new();
+        let s = buf.format_finite(f);
+        if s.contains('e') || s.contains('E') {
+            // Exponent form is not canonical across sources; go through an exact decimal.
+            match s.parse::<BigDecimal>() {
+                Ok(d) => out.extend_from_slice(canonical_decimal(&d).as_bytes()),
+                Err(_) => out.extend_from_slice(s.as_bytes()),
+            }
+        } else {
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn write_json(j: &serde_json::Value, out: &mut Vec<u8>) {
+    match j {
+        serde_json::Value::Object(map) => {
+            // serde_json's Map is a BTreeMap here (no preserve_order), so iteration is sorted.
+            out.push(b'{');
+            for (i, (k, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_string(k, out);
+                out.push(b':');
+                write_json(v, out);
+            }
+            out.push(b'}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json(v, out);
+            }
+            out.push(b']');
+        }
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if !n.is_i64() && !n.is_u64() => write_float(f, out),
+            _ => out.extend_from_slice(n.to_string().as_bytes()),
+        },
+        other => out.extend_from_slice(other.to_string().as_bytes()),
+    }
+}
+
+fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    // serde_json's string escaping is the canonical one; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+struct StringSink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for StringSink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn canon(v: &Value) -> String {
+        let mut out = Vec::new();
+        v.write_canonical(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn decimals_drop_trailing_zeros_and_never_use_exponents() {
+        assert_eq!(
+            canon(&Value::Decimal(BigDecimal::from_str("10.50").unwrap())),
+            "10.5"
+        );
+        assert_eq!(
+            canon(&Value::Decimal(BigDecimal::from_str("1E+3").unwrap())),
+            "1000"
+        );
+        assert_eq!(
+            canon(&Value::Decimal(BigDecimal::from_str("100.000").unwrap())),
+            "100"
+        );
+        assert_eq!(
+            canon(&Value::Decimal(
+                BigDecimal::from_str("12345678901234567890.123456789").unwrap()
+            )),
+            "12345678901234567890.123456789"
+        );
+        assert_eq!(
+            canon(&Value::Decimal(BigDecimal::from_str("-0.0001").unwrap())),
+            "-0.0001"
+        );
+    }
+
+    #[test]
+    fn integral_numbers_hash_the_same_whatever_their_type() {
+        let a = canon(&Value::Int(10));
+        let b = canon(&Value::Decimal(BigDecimal::from_str("10.00").unwrap()));
+        let c = canon(&Value::Float(10.0));
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert_eq!(canon(&Value::Float(0.1)), "0.1");
+        assert_eq!(canon(&Value::Float(1e-7)), "0.0000001");
+    }
+
+    #[test]
+    fn documents_are_written_with_sorted_keys() {
+        let mut inner = Document::new();
+        inner.insert("z".into(), Value::Int(1));
+        inner.insert("a".into(), Value::Text("x\"y".into()));
+        let mut doc = Document::new();
+        doc.insert("b".into(), Value::Object(inner));
+        doc.insert(
+            "a".into(),
+            Value::Json(serde_json::json!({"y": 1.50, "x": [true, null]})),
+        );
+        assert_eq!(
+            String::from_utf8(canonical_bytes(&doc)).unwrap(),
+            r#"{"a":{"x":[true,null],"y":1.5},"b":{"a":"x\"y","z":1}}"#
+        );
+    }
+
+    #[test]
+    fn timestamps_are_utc_with_z() {
+        let ts = DateTime::parse_from_rfc3339("2024-03-01T12:00:00+02:00").unwrap();
+        assert_eq!(
+            canon(&Value::Timestamp(ts.with_timezone(&Utc))),
+            "\"2024-03-01T10:00:00Z\""
+        );
+    }
+
+    #[test]
+    fn large_decimals_stay_exact_in_json() {
+        let v = Value::Decimal(BigDecimal::from_str("12345678901234567890.1").unwrap());
+        assert_eq!(v.to_json(), serde_json::json!("12345678901234567890.1"));
+        assert_eq!(
+            Value::Decimal(BigDecimal::from_str("2.50").unwrap()).to_json(),
+            serde_json::json!(2.5)
+        );
+    }
+}

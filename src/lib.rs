@@ -1,0 +1,27 @@
+//! Backflow: reverse ETL as a Kubernetes operator.
+//!
+//! One run of a sync is four steps, in [`engine`]:
+//!
+//! ```text
+//!  source (SQL, read-only)     state store (fingerprints)
+//!        │ stream rows               │ load          ▲ commit in checkpoints
+//!        ▼                           ▼               │
+//!   extract ──────────────────▶ plan ──▶ deliver ──▶ commit
+//!                    map, hash, diff   batch, rate-limit, retry,
+//!                    added/changed/    split, concurrency
+//!                    removed           (destination::delivery)
+//! ```
+//!
+//! [`api`] holds the custom resources, [`source`] the warehouses, [`destination`] the
+//! connectors and the shared delivery machinery, [`state`] the fingerprint stores, and
+//! [`local`] the `backflow run -f` runner that drives the engine without a cluster.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod destination;
+pub mod engine;
+pub mod local;
+pub mod source;
+pub mod state;
+pub mod template;

@@ -1,0 +1,3 @@
+//! Helpers shared by the integration tests: one module per concern.
+
+pub mod db;
