@@ -109,7 +109,7 @@ pub struct RateLimit {
 
 /// Retry policy for transient failures: exponential backoff with jitter, honouring
 /// `Retry-After`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySpec {
     /// Attempts per request including the first (default 5).

@@ -1,3 +1,7 @@
 //! The sync engine: extract → plan → deliver → commit. Knows nothing of Kubernetes.
 
+pub mod mapping;
+pub mod plan;
+pub mod run;
+pub mod spill;
 pub mod value;

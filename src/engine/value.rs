@@ -53,6 +53,24 @@ impl Value {
         matches!(self, Value::Null | Value::Json(serde_json::Value::Null))
     }
 
+    /// A value from plain JSON: strings, integers, exact decimals, booleans and null get their
+    /// own variants; arrays and objects stay JSON.
+    pub fn from_json(json: serde_json::Value) -> Value {
+        match json {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::String(s) => Value::Text(s),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => match n.to_string().parse::<BigDecimal>() {
+                    Ok(d) => Value::Decimal(d),
+                    Err(_) => Value::Json(serde_json::Value::Number(n)),
+                },
+            },
+            other => Value::Json(other),
+        }
+    }
+
     /// The value as plain text: strings unquoted, everything else in canonical JSON form.
     pub fn to_text(&self) -> String {
         match self {

@@ -1,1 +1,287 @@
-//! Shared delivery machinery.
+//! The shared delivery machinery: every connector's batches go through it.
+//!
+//! Layers, outermost first, in this fixed order:
+//! 1. concurrency: the engine keeps at most `max_concurrency` batches in flight;
+//! 2. split: a batch refused as a whole ([`SendError::BatchRejected`]) is halved until the
+//!    records at fault stand alone and are rejected, so the good records still land;
+//! 3. retry: transient failures ([`SendError::Retryable`], [`RecordOutcome::Retry`]) are
+//!    retried with exponential backoff and full jitter, never sooner than `Retry-After`;
+//!    only the records that failed are sent again;
+//! 4. rate limit: each request waits for a token of the Destination's shared bucket; a
+//!    throttling answer pauses every sender of that Destination;
+//! 5. the connector's `send`.
+
+pub mod rate_limit;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use super::{Capabilities, Connector, Operation, Record, RecordOutcome, SendError};
+use crate::api::DestinationSpec;
+use crate::api::duration;
+use rate_limit::RateLimiter;
+
+/// Longest `Retry-After` honoured as given; a longer one is capped so a run cannot hang.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Batching, concurrency and retry settings of one Destination, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryConfig {
+    /// Records per request.
+    pub batch_size: usize,
+    /// Batches in flight at once.
+    pub max_concurrency: usize,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Wait before the first retry.
+    pub initial_backoff: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// Sustained requests per second.
+    pub requests_per_second: f64,
+    /// Burst size of the token bucket.
+    pub burst: u32,
+}
+
+impl DeliveryConfig {
+    /// The spec's settings over the connector's defaults; the batch size is capped at the
+    /// connector's limit.
+    pub fn resolve(spec: &DestinationSpec, caps: &Capabilities) -> Result<DeliveryConfig, String> {
+        let retry = spec.retry.clone().unwrap_or_default();
+        let parse = |field: &str, text: &Option<String>, default: Duration| match text {
+            Some(t) => duration::parse(t).map_err(|e| format!("spec.retry.{field}: {e}")),
+            None => Ok(default),
+        };
+        let requests_per_second = spec
+            .rate_limit
+            .as_ref()
+            .map(|r| r.requests_per_second)
+            .unwrap_or(caps.default_requests_per_second);
+        if !(requests_per_second.is_finite() && requests_per_second > 0.0) {
+            return Err("spec.rateLimit.requestsPerSecond must be a number above 0".to_owned());
+        }
+        let burst = spec
+            .rate_limit
+            .as_ref()
+            .and_then(|r| r.burst)
+            .unwrap_or_else(|| requests_per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        Ok(DeliveryConfig {
+            batch_size: spec
+                .batch_size
+                .map_or(caps.max_batch_size, |b| b as usize)
+                .clamp(1, caps.max_batch_size.max(1)),
+            max_concurrency: spec
+                .max_concurrency
+                .map_or(caps.default_concurrency, |c| c as usize)
+                .max(1),
+            max_attempts: retry.max_attempts.unwrap_or(5).max(1),
+            initial_backoff: parse(
+                "initialBackoff",
+                &retry.initial_backoff,
+                Duration::from_millis(500),
+            )?,
+            max_backoff: parse("maxBackoff", &retry.max_backoff, Duration::from_secs(30))?,
+            requests_per_second,
+            burst: burst.max(1),
+        })
+    }
+}
+
+/// The final outcome of one record after retries and splits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivered {
+    /// The destination accepted it.
+    Accepted,
+    /// The destination refused it for good; retried next run.
+    Rejected(String),
+    /// Transient failures outlasted the retries; retried next run.
+    Failed(String),
+}
+
+/// A failure that stops the whole run (credentials rejected, table missing).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("failed to deliver: {0}")]
+pub struct FatalDeliveryError(pub String);
+
+/// Counters of one run's delivery.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Answers that said the destination is throttling.
+    pub throttled: AtomicU64,
+    /// Requests sent again after a transient failure.
+    pub retries: AtomicU64,
+}
+
+/// A connector behind the shared layers.
+pub struct Delivery {
+    connector: Arc<dyn Connector>,
+    limiter: Arc<RateLimiter>,
+    config: DeliveryConfig,
+    stats: Arc<DeliveryStats>,
+}
+
+impl Delivery {
+    /// Wraps a connector with its Destination's limiter and settings.
+    pub fn new(connector: Arc<dyn Connector>, limiter: Arc<RateLimiter>, config: DeliveryConfig) -> Delivery {
+        Delivery {
+            connector,
+            limiter,
+            config,
+            stats: Arc::new(DeliveryStats::default()),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &DeliveryConfig {
+        &self.config
+    }
+
+    /// The counters of this delivery.
+    pub fn stats(&self) -> &DeliveryStats {
+        &self.stats
+    }
+
+    /// Sends a batch through split, retry and rate limit; one outcome per record (in no particular order).
+    pub async fn send_batch(
+        &self,
+        operation: Operation,
+        batch: Vec<Record>,
+    ) -> Result<Vec<(Record, Delivered)>, FatalDeliveryError> {
+        let mut done = Vec::with_capacity(batch.len());
+        let mut stack = vec![batch];
+        while let Some(part) = stack.pop() {
+            let attempted = self.send_with_retry(operation, part).await?;
+            done.extend(attempted.finished);
+            if let Some((records, reason)) = attempted.refused {
+                {
+                    if records.len() == 1 {
+                        done.extend(
+                            records
+                                .into_iter()
+                                .map(|r| (r, Delivered::Rejected(reason.clone()))),
+                        );
+                    } else {
+                        let mut first = records;
+                        let second = first.split_off(first.len() / 2);
+                        stack.push(second);
+                        stack.push(first);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    async fn send_with_retry(
+        &self,
+        operation: Operation,
+        batch: Vec<Record>,
+    ) -> Result<Attempted, FatalDeliveryError> {
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(self.config.initial_backoff)
+            .with_max_delay(self.config.max_backoff)
+            .with_max_times(self.config.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        let mut finished: Vec<(Record, Delivered)> = Vec::with_capacity(batch.len());
+        let mut pending = batch;
+        let mut first_attempt = true;
+        loop {
+            if !first_attempt {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            first_attempt = false;
+            self.limiter.acquire().await;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let (retry_reason, retry_after) = match self.connector.send(operation, &pending).await {
+                Ok(outcomes) => {
+                    if outcomes.len() != pending.len() {
+                        return Err(FatalDeliveryError(format!(
+                            "the destination answered {} outcomes for {} records",
+                            outcomes.len(),
+                            pending.len()
+                        )));
+                    }
+                    let mut again = Vec::new();
+                    let mut reason = String::new();
+                    for (record, outcome) in pending.into_iter().zip(outcomes) {
+                        match outcome {
+                            RecordOutcome::Accepted => finished.push((record, Delivered::Accepted)),
+                            RecordOutcome::Rejected(r) => finished.push((record, Delivered::Rejected(r))),
+                            RecordOutcome::Retry(r) => {
+                                reason = r;
+                                again.push(record);
+                            }
+                        }
+                    }
+                    if again.is_empty() {
+                        return Ok(Attempted {
+                            finished,
+                            refused: None,
+                        });
+                    }
+                    pending = again;
+                    (reason, None)
+                }
+                Err(SendError::Retryable {
+                    reason,
+                    retry_after,
+                    throttled,
+                }) => {
+                    if throttled {
+                        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        self.limiter.pause_for(
+                            retry_after
+                                .unwrap_or(self.config.initial_backoff)
+                                .min(MAX_RETRY_AFTER),
+                        );
+                    }
+                    (reason, retry_after)
+                }
+                Err(SendError::BatchRejected(reason)) => {
+                    // Records settled by an earlier attempt keep their outcome; only the rest
+                    // goes on to be split.
+                    return Ok(Attempted {
+                        finished,
+                        refused: Some((pending, reason)),
+                    });
+                }
+                Err(SendError::Fatal(reason)) => return Err(FatalDeliveryError(reason)),
+            };
+            match backoff.next() {
+                Some(delay) => {
+                    let wait = retry_after.map_or(delay, |ra| ra.min(MAX_RETRY_AFTER).max(delay));
+                    tracing::debug!(records = pending.len(), wait_ms = wait.as_millis() as u64, reason = %retry_reason, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    let reason = format!(
+                        "{retry_reason} (gave up after {} attempts)",
+                        self.config.max_attempts
+                    );
+                    finished.extend(
+                        pending
+                            .into_iter()
+                            .map(|r| (r, Delivered::Failed(reason.clone()))),
+                    );
+                    return Ok(Attempted {
+                        finished,
+                        refused: None,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What one retried send came to: records with a final outcome, and records the destination
+/// refused as a whole (to be split), with its reason.
+struct Attempted {
+    finished: Vec<(Record, Delivered)>,
+    refused: Option<(Vec<Record>, String)>,
+}

@@ -1,0 +1,659 @@
+//! Mappings: from a source row to the destination record, through transforms.
+//!
+//! A [`Mapper`] is compiled once per run against the model's columns (unknown columns are
+//! caught before any row is read) and then maps each row. A transform that cannot apply to a
+//! row's value rejects that row; reasons name the mapping, never the value.
+
+use std::collections::BTreeMap;
+
+use bigdecimal::{BigDecimal, RoundingMode};
+
+use super::value::{Document, Value};
+use crate::api::reverse_sync::Mapping;
+use crate::source::Column;
+use crate::template::Template;
+
+/// One step applied to a mapped value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transform {
+    /// Text to lower case.
+    Lowercase,
+    /// Text to upper case.
+    Uppercase,
+    /// Strip leading and trailing whitespace.
+    Trim,
+    /// Any value to its text form.
+    ToString,
+    /// Text holding a number to an exact number.
+    ToNumber,
+    /// Round a number to N decimal places (half away from zero).
+    Round(u32),
+    /// Format a date, time or timestamp with a `strftime` pattern.
+    Format(String),
+    /// Replace NULL with a value.
+    Default(Value),
+}
+
+impl Transform {
+    /// Parses `lowercase`, `round(2)`, `format("%Y-%m-%d")`, `default("free")`, `default(0)`.
+    pub fn parse(text: &str) -> Result<Transform, String> {
+        let text = text.trim();
+        let (name, arg) = match text.split_once('(') {
+            Some((name, rest)) => {
+                let arg = rest
+                    .strip_suffix(')')
+                    .ok_or_else(|| format!("transform {text:?} is missing its closing parenthesis"))?;
+                (name.trim(), Some(arg.trim()))
+            }
+            None => (text, None),
+        };
+        let no_arg = |t: Transform| match arg {
+            None => Ok(t),
+            Some(_) => Err(format!("transform {name} takes no argument")),
+        };
+        match name {
+            "lowercase" => no_arg(Transform::Lowercase),
+            "uppercase" => no_arg(Transform::Uppercase),
+            "trim" => no_arg(Transform::Trim),
+            "to_string" => no_arg(Transform::ToString),
+            "to_number" => no_arg(Transform::ToNumber),
+            "round" => {
+                let digits = arg
+                    .and_then(|a| a.parse::<u32>().ok())
+                    .filter(|d| *d <= 30)
+                    .ok_or_else(|| {
+                        "round needs a number of decimal places from 0 to 30, like round(2)".to_owned()
+                    })?;
+                Ok(Transform::Round(digits))
+            }
+            "format" => {
+                let pattern = arg
+                    .map(unquote)
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| "format needs a pattern, like format(\"%Y-%m-%d\")".to_owned())?;
+                check_format_pattern(&pattern)?;
+                Ok(Transform::Format(pattern))
+            }
+            "default" => {
+                let arg = arg.ok_or_else(|| {
+                    "default needs a value, like default(\"unknown\") or default(0)".to_owned()
+                })?;
+                Ok(Transform::Default(parse_literal(arg)))
+            }
+            other => Err(format!(
+                "unknown transform {other:?} (known: lowercase, uppercase, trim, to_string, to_number, round(N), format(PATTERN), default(VALUE))"
+            )),
+        }
+    }
+
+    /// Applies the transform to one value.
+    pub fn apply(&self, value: Value) -> Result<Value, String> {
+        match (self, value) {
+            (Transform::Default(fallback), v) if v.is_null() => Ok(fallback.clone()),
+            (_, v) if v.is_null() => Ok(Value::Null),
+            (Transform::Default(_), v) => Ok(v),
+            (Transform::Lowercase, Value::Text(s)) => Ok(Value::Text(s.to_lowercase())),
+            (Transform::Uppercase, Value::Text(s)) => Ok(Value::Text(s.to_uppercase())),
+            (Transform::Trim, Value::Text(s)) => Ok(Value::Text(s.trim().to_owned())),
+            (Transform::Lowercase | Transform::Uppercase | Transform::Trim, v) => Ok(v),
+            (Transform::ToString, v) => Ok(Value::Text(v.to_text())),
+            (Transform::ToNumber, v) => to_number(v),
+            (Transform::Round(digits), v) => round(v, *digits),
+            (Transform::Format(pattern), v) => format_time(v, pattern),
+        }
+    }
+}
+
+fn unquote(arg: &str) -> String {
+    match serde_json::from_str::<String>(arg) {
+        Ok(s) => s,
+        Err(_) => arg.trim_matches('\'').to_owned(),
+    }
+}
+
+fn parse_literal(arg: &str) -> Value {
+    match serde_json::from_str::<serde_json::Value>(arg) {
+        Ok(v) => Value::from_json(v),
+        Err(_) => Value::Text(arg.trim_matches('\'').to_owned()),
+    }
+}
+
+fn check_format_pattern(pattern: &str) -> Result<(), String> {
+    use chrono::format::{Item, StrftimeItems};
+    if StrftimeItems::new(pattern).any(|item| matches!(item, Item::Error)) {
+        return Err(format!(
+            "format pattern {pattern:?} is not a valid strftime pattern"
+        ));
+    }
+    Ok(())
+}
+
+fn to_number(v: Value) -> Result<Value, String> {
+    match v {
+        Value::Int(_) | Value::Decimal(_) | Value::Float(_) => Ok(v),
+        Value::Bool(b) => Ok(Value::Int(i64::from(b))),
+        Value::Text(s) => {
+            let t = s.trim();
+            if let Ok(i) = t.parse::<i64>() {
+                Ok(Value::Int(i))
+            } else {
+                t.parse::<BigDecimal>()
+                    .map(Value::Decimal)
+                    .map_err(|_| "to_number: the value is not a number".to_owned())
+            }
+        }
+        _ => Err("to_number: the value is not text or a number".to_owned()),
+    }
+}
+
+fn round(v: Value, digits: u32) -> Result<Value, String> {
+    match v {
+        Value::Int(_) => Ok(v),
+        Value::Decimal(d) => Ok(Value::Decimal(
+            d.with_scale_round(i64::from(digits), RoundingMode::HalfUp),
+        )),
+        Value::Float(f) => {
+            // Round through an exact decimal so 2.675 rounds as written, not as stored.
+            let d: BigDecimal = ryu::Buffer::new()
+                .format(f)
+                .parse()
+                .map_err(|_| "round: the value is not a finite number".to_owned())?;
+            Ok(Value::Decimal(
+                d.with_scale_round(i64::from(digits), RoundingMode::HalfUp),
+            ))
+        }
+        _ => Err("round: the value is not a number".to_owned()),
+    }
+}
+
+fn format_time(v: Value, pattern: &str) -> Result<Value, String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let written = match &v {
+        Value::Timestamp(t) => write!(out, "{}", t.format(pattern)),
+        Value::Date(d) => write!(out, "{}", d.format(pattern)),
+        Value::Time(t) => write!(out, "{}", t.format(pattern)),
+        _ => return Err("format: the value is not a date, time or timestamp".to_owned()),
+    };
+    // chrono reports a field the value lacks (an hour of a date) as a formatting error.
+    written.map_err(|_| format!("format: pattern {pattern:?} asks for a field this value does not have"))?;
+    Ok(Value::Text(out))
+}
+
+/// Where a mapped value comes from.
+#[derive(Debug)]
+enum FieldSource {
+    Column(usize),
+    Template {
+        template: Template,
+        columns: BTreeMap<String, usize>,
+    },
+}
+
+#[derive(Debug)]
+struct CompiledMapping {
+    source: FieldSource,
+    target: Vec<String>,
+    target_text: String,
+    transforms: Vec<Transform>,
+}
+
+/// A failure compiling the mappings against the model's columns.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// A mapping or the primary key names a column the query does not return.
+    #[error("failed to map {field}: the model has no column {column:?} (columns: {available})")]
+    UnknownColumn {
+        /// The field of the spec that names it.
+        field: String,
+        /// The missing column.
+        column: String,
+        /// The columns the query returns.
+        available: String,
+    },
+    /// A transform or template does not parse.
+    #[error("failed to map {field}: {reason}")]
+    Invalid {
+        /// The field of the spec.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A row mapped to its destination record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedRow {
+    /// The primary key in canonical text form.
+    pub key: String,
+    /// The match fields and their values.
+    pub identity: Document,
+    /// Every mapped field.
+    pub fields: Document,
+}
+
+/// Why a single row could not be mapped; the run goes on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowRejection {
+    /// The key, when it could be read.
+    pub key: Option<String>,
+    /// Why (never a payload value).
+    pub reason: String,
+}
+
+/// Mappings compiled against the model's columns.
+#[derive(Debug)]
+pub struct Mapper {
+    mappings: Vec<CompiledMapping>,
+    key_columns: Vec<(String, usize)>,
+    match_fields: Vec<Vec<String>>,
+}
+
+impl Mapper {
+    /// Compiles mappings, primary key and match fields against the model's columns.
+    pub fn new(
+        mappings: &[Mapping],
+        primary_key: &[String],
+        match_fields: &[String],
+        columns: &[Column],
+    ) -> Result<Mapper, MappingError> {
+        let index: BTreeMap<&str, usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
+        let available = columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let lookup = |field: String, column: &str| {
+            index
+                .get(column)
+                .copied()
+                .ok_or_else(|| MappingError::UnknownColumn {
+                    field,
+                    column: column.to_owned(),
+                    available: available.clone(),
+                })
+        };
+        let key_columns = primary_key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| lookup(format!("spec.source.primaryKey[{i}]"), c).map(|idx| (c.clone(), idx)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut compiled = Vec::with_capacity(mappings.len());
+        for (i, m) in mappings.iter().enumerate() {
+            let field = format!("spec.mappings[{i}]");
+            let source = match (&m.from, &m.template) {
+                (Some(col), None) => FieldSource::Column(lookup(format!("{field}.from"), col)?),
+                (None, Some(text)) => {
+                    let template = Template::parse(text).map_err(|e| MappingError::Invalid {
+                        field: format!("{field}.template"),
+                        reason: e.to_string(),
+                    })?;
+                    let mut cols = BTreeMap::new();
+                    for var in template.variables() {
+                        cols.insert(var.to_owned(), lookup(format!("{field}.template"), var)?);
+                    }
+                    FieldSource::Template {
+                        template,
+                        columns: cols,
+                    }
+                }
+                _ => {
+                    return Err(MappingError::Invalid {
+                        field,
+                        reason: "a mapping needs exactly one of from or template".to_owned(),
+                    });
+                }
+            };
+            let transforms = m
+                .transforms
+                .iter()
+                .enumerate()
+                .map(|(j, t)| {
+                    Transform::parse(t).map_err(|reason| MappingError::Invalid {
+                        field: format!("{field}.transforms[{j}]"),
+                        reason,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            compiled.push(CompiledMapping {
+                source,
+                target: m.to.split('.').map(str::to_owned).collect(),
+                target_text: m.to.clone(),
+                transforms,
+            });
+        }
+        let match_fields = effective_match_fields(mappings, primary_key, match_fields)
+            .map_err(|reason| MappingError::Invalid {
+                field: "spec.match".to_owned(),
+                reason,
+            })?
+            .iter()
+            .map(|f| f.split('.').map(str::to_owned).collect())
+            .collect();
+        Ok(Mapper {
+            mappings: compiled,
+            key_columns,
+            match_fields,
+        })
+    }
+
+    /// The primary key of a row in canonical text form, or why it has none.
+    pub fn key(&self, row: &[Value]) -> Result<String, String> {
+        for (name, idx) in &self.key_columns {
+            if row.get(*idx).is_none_or(Value::is_null) {
+                return Err(format!("primary key column {name:?} is NULL"));
+            }
+        }
+        match self.key_columns.as_slice() {
+            [(_, idx)] => Ok(row[*idx].to_text()),
+            cols => {
+                let parts = Value::Array(cols.iter().map(|(_, idx)| row[*idx].clone()).collect());
+                Ok(parts.to_text())
+            }
+        }
+    }
+
+    /// Maps a row whose key is already known.
+    pub fn map(&self, key: String, row: &[Value]) -> Result<MappedRow, RowRejection> {
+        let mut fields = Document::new();
+        for m in &self.mappings {
+            let mut value = match &m.source {
+                FieldSource::Column(idx) => row.get(*idx).cloned().unwrap_or(Value::Null),
+                FieldSource::Template { template, columns } => {
+                    let rendered = template.render(|name| {
+                        columns.get(name).map(|idx| match row.get(*idx) {
+                            Some(v) if !v.is_null() => v.to_text(),
+                            _ => String::new(),
+                        })
+                    });
+                    Value::Text(rendered.map_err(|e| RowRejection {
+                        key: Some(key.clone()),
+                        reason: format!("mapping to {:?}: {e}", m.target_text),
+                    })?)
+                }
+            };
+            for t in &m.transforms {
+                value = t.apply(value).map_err(|reason| RowRejection {
+                    key: Some(key.clone()),
+                    reason: format!("mapping to {:?}: {reason}", m.target_text),
+                })?;
+            }
+            insert_path(&mut fields, &m.target, value);
+        }
+        let mut identity = Document::new();
+        for path in &self.match_fields {
+            let value = get_path(&fields, path).cloned().unwrap_or(Value::Null);
+            if value.is_null() {
+                return Err(RowRejection {
+                    key: Some(key),
+                    reason: format!(
+                        "match field {:?} is NULL, so the record cannot be identified",
+                        path.join(".")
+                    ),
+                });
+            }
+            identity.insert(path.join("."), value);
+        }
+        Ok(MappedRow {
+            key,
+            identity,
+            fields,
+        })
+    }
+}
+
+/// The match fields of a sync: `spec.match`, or the targets of the primary key columns.
+pub fn effective_match_fields(
+    mappings: &[Mapping],
+    primary_key: &[String],
+    match_fields: &[String],
+) -> Result<Vec<String>, String> {
+    if !match_fields.is_empty() {
+        for f in match_fields {
+            if !mappings.iter().any(|m| &m.to == f) {
+                return Err(format!("match field {f:?} is not the target (to) of any mapping"));
+            }
+        }
+        return Ok(match_fields.to_vec());
+    }
+    let targets: Vec<String> = primary_key
+        .iter()
+        .filter_map(|pk| {
+            mappings
+                .iter()
+                .find(|m| m.from.as_deref() == Some(pk.as_str()))
+                .map(|m| m.to.clone())
+        })
+        .collect();
+    if targets.len() != primary_key.len() {
+        return Err("set spec.match to the destination field(s) that identify a record, or map every primary key column".to_owned());
+    }
+    Ok(targets)
+}
+
+fn insert_path(doc: &mut Document, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            doc.insert(last.clone(), value);
+        }
+        [head, rest @ ..] => {
+            let entry = doc
+                .entry(head.clone())
+                .or_insert_with(|| Value::Object(Document::new()));
+            if !matches!(entry, Value::Object(_)) {
+                *entry = Value::Object(Document::new());
+            }
+            if let Value::Object(inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn get_path<'a>(doc: &'a Document, path: &[String]) -> Option<&'a Value> {
+    match path {
+        [] => None,
+        [last] => doc.get(last),
+        [head, rest @ ..] => match doc.get(head)? {
+            Value::Object(inner) => get_path(inner, rest),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn col(name: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_name: "TEXT".into(),
+        }
+    }
+
+    fn mapping(from: &str, to: &str, transforms: &[&str]) -> Mapping {
+        Mapping {
+            from: Some(from.into()),
+            template: None,
+            to: to.into(),
+            transforms: transforms.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn transforms_parse_with_and_without_arguments() {
+        assert_eq!(Transform::parse("lowercase").unwrap(), Transform::Lowercase);
+        assert_eq!(Transform::parse(" round(2) ").unwrap(), Transform::Round(2));
+        assert_eq!(
+            Transform::parse("format(\"%Y-%m-%d\")").unwrap(),
+            Transform::Format("%Y-%m-%d".into())
+        );
+        assert_eq!(
+            Transform::parse("default(\"free\")").unwrap(),
+            Transform::Default(Value::Text("free".into()))
+        );
+        assert_eq!(
+            Transform::parse("default(0)").unwrap(),
+            Transform::Default(Value::Int(0))
+        );
+        assert!(
+            Transform::parse("shout")
+                .unwrap_err()
+                .contains("unknown transform")
+        );
+        assert!(Transform::parse("round(x)").is_err());
+        assert!(Transform::parse("lowercase(1)").is_err());
+        assert!(Transform::parse("format(\"%Q\")").is_err());
+    }
+
+    #[test]
+    fn text_transforms_change_text_and_keep_nulls() {
+        assert_eq!(
+            Transform::Lowercase.apply(Value::Text("A@B.COM".into())).unwrap(),
+            Value::Text("a@b.com".into())
+        );
+        assert_eq!(
+            Transform::Uppercase.apply(Value::Text("gold".into())).unwrap(),
+            Value::Text("GOLD".into())
+        );
+        assert_eq!(
+            Transform::Trim.apply(Value::Text("  x ".into())).unwrap(),
+            Value::Text("x".into())
+        );
+        assert_eq!(Transform::Trim.apply(Value::Null).unwrap(), Value::Null);
+        assert_eq!(
+            Transform::ToString.apply(Value::Int(7)).unwrap(),
+            Value::Text("7".into())
+        );
+    }
+
+    #[test]
+    fn numbers_convert_and_round_exactly() {
+        assert_eq!(
+            Transform::ToNumber.apply(Value::Text(" 42 ".into())).unwrap(),
+            Value::Int(42)
+        );
+        assert_eq!(
+            Transform::ToNumber.apply(Value::Text("1.50".into())).unwrap(),
+            Value::Decimal(BigDecimal::from_str("1.50").unwrap())
+        );
+        assert!(Transform::ToNumber.apply(Value::Text("abc".into())).is_err());
+        assert_eq!(
+            Transform::Round(2).apply(Value::Float(2.675)).unwrap(),
+            Value::Decimal(BigDecimal::from_str("2.68").unwrap())
+        );
+        assert_eq!(
+            Transform::Round(0)
+                .apply(Value::Decimal(BigDecimal::from_str("-2.5").unwrap()))
+                .unwrap(),
+            Value::Decimal(BigDecimal::from_str("-3").unwrap())
+        );
+    }
+
+    #[test]
+    fn dates_format_and_defaults_fill_nulls() {
+        let ts = chrono::DateTime::parse_from_rfc3339("2024-05-06T07:08:09Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            Transform::Format("%d/%m/%Y".into())
+                .apply(Value::Timestamp(ts))
+                .unwrap(),
+            Value::Text("06/05/2024".into())
+        );
+        let d = chrono::NaiveDate::from_ymd_opt(2024, 1, 2).unwrap();
+        assert!(Transform::Format("%H".into()).apply(Value::Date(d)).is_err());
+        assert_eq!(
+            Transform::Default(Value::Int(0)).apply(Value::Null).unwrap(),
+            Value::Int(0)
+        );
+        assert_eq!(
+            Transform::Default(Value::Int(0)).apply(Value::Int(5)).unwrap(),
+            Value::Int(5)
+        );
+    }
+
+    #[test]
+    fn rows_map_to_nested_targets_and_unmapped_columns_are_dropped() {
+        let columns = [
+            col("id"),
+            col("email"),
+            col("first"),
+            col("last"),
+            col("secret_score"),
+        ];
+        let mut maps = vec![
+            mapping("id", "id", &[]),
+            mapping("email", "properties.email", &["trim", "lowercase"]),
+        ];
+        maps.push(Mapping {
+            from: None,
+            template: Some("{{first}} {{last}}".into()),
+            to: "properties.name".into(),
+            transforms: vec![],
+        });
+        let mapper = Mapper::new(&maps, &["id".into()], &["properties.email".into()], &columns).unwrap();
+        let row = vec![
+            Value::Int(1),
+            Value::Text(" Ada@Example.COM ".into()),
+            Value::Text("Ada".into()),
+            Value::Text("Lovelace".into()),
+            Value::Int(99),
+        ];
+        let key = mapper.key(&row).unwrap();
+        let mapped = mapper.map(key, &row).unwrap();
+        assert_eq!(mapped.key, "1");
+        assert_eq!(
+            String::from_utf8(crate::engine::value::canonical_bytes(&mapped.fields)).unwrap(),
+            r#"{"id":1,"properties":{"email":"ada@example.com","name":"Ada Lovelace"}}"#
+        );
+        assert_eq!(
+            mapped.identity.get("properties.email"),
+            Some(&Value::Text("ada@example.com".into()))
+        );
+    }
+
+    #[test]
+    fn unknown_columns_are_named_before_any_row_is_read() {
+        let err = Mapper::new(
+            &[mapping("emial", "email", &[])],
+            &["id".into()],
+            &["email".into()],
+            &[col("id"), col("email")],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("spec.mappings[0].from") && text.contains("emial"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn null_keys_are_refused_with_the_column_name() {
+        let mapper = Mapper::new(&[mapping("id", "id", &[])], &["id".into()], &[], &[col("id")]).unwrap();
+        assert!(mapper.key(&[Value::Null]).unwrap_err().contains("\"id\" is NULL"));
+    }
+
+    #[test]
+    fn composite_keys_are_canonical_arrays() {
+        let mapper = Mapper::new(
+            &[mapping("a", "a", &[]), mapping("b", "b", &[])],
+            &["a".into(), "b".into()],
+            &[],
+            &[col("a"), col("b")],
+        )
+        .unwrap();
+        assert_eq!(
+            mapper.key(&[Value::Int(1), Value::Text("x".into())]).unwrap(),
+            r#"[1,"x"]"#
+        );
+    }
+}

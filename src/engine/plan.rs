@@ -1,0 +1,355 @@
+//! The planner: compares each mapped row's fingerprint with the stored one and decides what
+//! to send. Pure and streaming: rows go in one at a time; the planner keeps one byte per
+//! stored row and one hash per new key, never the rows themselves.
+
+use std::collections::HashMap;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+
+use super::value::canonical_bytes;
+use crate::api::SyncMode;
+use crate::destination::Operation;
+use crate::state::Fingerprints;
+
+/// How a row compares with what was last delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Never delivered.
+    Added,
+    /// Delivered before with other values.
+    Changed,
+    /// Identical to what was delivered.
+    Unchanged,
+}
+
+/// What to do with one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send it with this operation.
+    Send(Operation, Change),
+    /// Nothing to send (unchanged, or the mode does not apply to it).
+    Skip(Change),
+    /// The key was already seen in this result: every row of the key is rejected.
+    Duplicate,
+}
+
+/// Counts of a plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    /// Rows the model returned.
+    pub rows_in_model: u64,
+    /// New rows to send.
+    pub added: u64,
+    /// Changed rows to send.
+    pub changed: u64,
+    /// Keys gone from the model (deleted in mirror mode).
+    pub removed: u64,
+    /// Rows identical to what was delivered.
+    pub unchanged: u64,
+    /// Rows the mode does not send (new rows in update mode, changed rows in insert mode).
+    pub skipped: u64,
+    /// Rows rejected before sending (NULL or duplicate key, failed transform).
+    pub rejected: u64,
+}
+
+const UNSEEN: u8 = 0;
+
+/// Streaming diff of a model against stored fingerprints.
+#[derive(Debug)]
+pub struct Planner<'a> {
+    state: &'a Fingerprints,
+    mode: SyncMode,
+    full_resync: bool,
+    /// Per stored row: UNSEEN, or 1 + the decision code of its first occurrence.
+    seen_stored: Vec<u8>,
+    /// New keys (128-bit hashes) and the decision code of their first occurrence.
+    seen_new: HashMap<u128, u8>,
+    /// Keys found more than once.
+    duplicates: std::collections::HashSet<u128>,
+    counts: PlanCounts,
+    result_fingerprint: u64,
+}
+
+/// The xxh3 fingerprint of a mapped record's canonical form.
+pub fn fingerprint(fields: &super::value::Document) -> u64 {
+    xxh3_64(&canonical_bytes(fields))
+}
+
+/// The 128-bit hash of a key, used to spot duplicates.
+pub fn key_hash(key: &str) -> u128 {
+    xxh3_128(key.as_bytes())
+}
+
+impl<'a> Planner<'a> {
+    /// A planner over stored fingerprints. `full_resync` sends every row whatever its
+    /// fingerprint.
+    pub fn new(state: &'a Fingerprints, mode: SyncMode, full_resync: bool) -> Planner<'a> {
+        Planner {
+            state,
+            mode,
+            full_resync,
+            seen_stored: vec![UNSEEN; state.len()],
+            seen_new: HashMap::new(),
+            duplicates: Default::default(),
+            counts: PlanCounts::default(),
+            result_fingerprint: 0,
+        }
+    }
+
+    /// Counts a row rejected before planning (NULL key, failed transform).
+    pub fn reject(&mut self) {
+        self.counts.rows_in_model += 1;
+        self.counts.rejected += 1;
+    }
+
+    /// Decides for one row.
+    pub fn plan(&mut self, key: &str, fingerprint: u64) -> Decision {
+        self.counts.rows_in_model += 1;
+        let position = self.state.position(key);
+        let previous = match position {
+            Some(p) => self.seen_stored[p],
+            None => self.seen_new.get(&key_hash(key)).copied().unwrap_or(UNSEEN),
+        };
+        if previous != UNSEEN {
+            let hash = key_hash(key);
+            if self.duplicates.insert(hash) {
+                // The first occurrence was counted as planned: move it to rejected too.
+                self.uncount(decode(previous));
+                self.counts.rejected += 1;
+            }
+            self.counts.rejected += 1;
+            return Decision::Duplicate;
+        }
+        let stored = position.and_then(|p| self.state.get(p));
+        let change = match stored {
+            None => Change::Added,
+            Some(e) if e.fingerprint == fingerprint && !self.full_resync => Change::Unchanged,
+            Some(_) => Change::Changed,
+        };
+        let decision = match (change, self.mode) {
+            (Change::Unchanged, _) => Decision::Skip(Change::Unchanged),
+            (Change::Added, SyncMode::Upsert | SyncMode::Mirror) => Decision::Send(Operation::Upsert, change),
+            (Change::Added, SyncMode::Insert) => Decision::Send(Operation::Insert, change),
+            (Change::Added, SyncMode::Update) => Decision::Skip(change),
+            (Change::Changed, SyncMode::Upsert | SyncMode::Mirror) => {
+                Decision::Send(Operation::Upsert, change)
+            }
+            (Change::Changed, SyncMode::Update) => Decision::Send(Operation::Update, change),
+            (Change::Changed, SyncMode::Insert) => Decision::Skip(change),
+        };
+        self.count(decision);
+        self.result_fingerprint = self
+            .result_fingerprint
+            .wrapping_add(xxh3_64(&[key.as_bytes(), &fingerprint.to_le_bytes()].concat()));
+        let code = encode(decision);
+        match position {
+            Some(p) => self.seen_stored[p] = code,
+            None => {
+                self.seen_new.insert(key_hash(key), code);
+            }
+        }
+        decision
+    }
+
+    fn count(&mut self, d: Decision) {
+        let c = &mut self.counts;
+        match d {
+            Decision::Send(_, Change::Added) => c.added += 1,
+            Decision::Send(_, _) => c.changed += 1,
+            Decision::Skip(Change::Unchanged) => c.unchanged += 1,
+            Decision::Skip(_) => c.skipped += 1,
+            Decision::Duplicate => c.rejected += 1,
+        }
+    }
+
+    fn uncount(&mut self, d: Decision) {
+        let c = &mut self.counts;
+        let field = match d {
+            Decision::Send(_, Change::Added) => &mut c.added,
+            Decision::Send(_, _) => &mut c.changed,
+            Decision::Skip(Change::Unchanged) => &mut c.unchanged,
+            Decision::Skip(_) => &mut c.skipped,
+            Decision::Duplicate => &mut c.rejected,
+        };
+        *field = field.saturating_sub(1);
+    }
+
+    /// True when the key was found more than once (its rows must not be sent).
+    pub fn is_duplicate(&self, key: &str) -> bool {
+        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash(key))
+    }
+
+    /// Ends the plan: the positions of stored rows gone from the model, and the counts.
+    pub fn finish(mut self) -> PlanOutcome {
+        let removed: Vec<usize> = self
+            .seen_stored
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == UNSEEN)
+            .map(|(i, _)| i)
+            .collect();
+        self.counts.removed = removed.len() as u64;
+        PlanOutcome {
+            counts: self.counts,
+            removed,
+            duplicates: self.duplicates,
+            result_fingerprint: format!("{:016x}", self.result_fingerprint),
+        }
+    }
+}
+
+/// The result of a finished plan.
+#[derive(Debug)]
+pub struct PlanOutcome {
+    /// Counts per category.
+    pub counts: PlanCounts,
+    /// Positions in the stored fingerprints of rows gone from the model.
+    pub removed: Vec<usize>,
+    /// Hashes of duplicated keys.
+    pub duplicates: std::collections::HashSet<u128>,
+    /// Order-independent fingerprint of the model's keys and fingerprints.
+    pub result_fingerprint: String,
+}
+
+impl PlanOutcome {
+    /// True when the key was found more than once.
+    pub fn is_duplicate(&self, key: &str) -> bool {
+        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash(key))
+    }
+}
+
+fn encode(d: Decision) -> u8 {
+    match d {
+        Decision::Send(Operation::Upsert, Change::Added) => 1,
+        Decision::Send(Operation::Upsert, _) => 2,
+        Decision::Send(Operation::Insert, _) => 3,
+        Decision::Send(Operation::Update, _) => 4,
+        Decision::Send(Operation::Delete, _) => 5,
+        Decision::Skip(Change::Unchanged) => 6,
+        Decision::Skip(Change::Added) => 7,
+        Decision::Skip(Change::Changed) => 8,
+        Decision::Duplicate => 9,
+    }
+}
+
+fn decode(code: u8) -> Decision {
+    match code {
+        1 => Decision::Send(Operation::Upsert, Change::Added),
+        2 => Decision::Send(Operation::Upsert, Change::Changed),
+        3 => Decision::Send(Operation::Insert, Change::Added),
+        4 => Decision::Send(Operation::Update, Change::Changed),
+        5 => Decision::Send(Operation::Delete, Change::Changed),
+        6 => Decision::Skip(Change::Unchanged),
+        7 => Decision::Skip(Change::Added),
+        8 => Decision::Skip(Change::Changed),
+        _ => Decision::Duplicate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::EntryRef;
+
+    fn state() -> Fingerprints {
+        Fingerprints::from_entries([
+            EntryRef {
+                key: "same",
+                fingerprint: 1,
+                identity: "",
+            },
+            EntryRef {
+                key: "edited",
+                fingerprint: 2,
+                identity: "",
+            },
+            EntryRef {
+                key: "gone",
+                fingerprint: 3,
+                identity: "",
+            },
+        ])
+    }
+
+    fn run(mode: SyncMode, full: bool) -> (Vec<Decision>, PlanOutcome) {
+        let s = state();
+        let mut p = Planner::new(&s, mode, full);
+        let d = vec![p.plan("same", 1), p.plan("edited", 20), p.plan("new", 5)];
+        let out = p.finish();
+        (d, out)
+    }
+
+    #[test]
+    fn upsert_sends_added_and_changed_and_skips_unchanged() {
+        let (d, out) = run(SyncMode::Upsert, false);
+        assert_eq!(
+            d,
+            vec![
+                Decision::Skip(Change::Unchanged),
+                Decision::Send(Operation::Upsert, Change::Changed),
+                Decision::Send(Operation::Upsert, Change::Added)
+            ]
+        );
+        assert_eq!(
+            (
+                out.counts.added,
+                out.counts.changed,
+                out.counts.unchanged,
+                out.counts.removed
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(out.removed.len(), 1);
+    }
+
+    #[test]
+    fn update_sends_only_rows_synced_before() {
+        let (d, out) = run(SyncMode::Update, false);
+        assert_eq!(d[1], Decision::Send(Operation::Update, Change::Changed));
+        assert_eq!(d[2], Decision::Skip(Change::Added));
+        assert_eq!(out.counts.skipped, 1);
+    }
+
+    #[test]
+    fn insert_sends_only_new_rows() {
+        let (d, _) = run(SyncMode::Insert, false);
+        assert_eq!(d[1], Decision::Skip(Change::Changed));
+        assert_eq!(d[2], Decision::Send(Operation::Insert, Change::Added));
+    }
+
+    #[test]
+    fn full_resync_sends_unchanged_rows_too() {
+        let (d, _) = run(SyncMode::Upsert, true);
+        assert_eq!(d[0], Decision::Send(Operation::Upsert, Change::Changed));
+    }
+
+    #[test]
+    fn every_row_of_a_duplicated_key_is_rejected() {
+        let s = state();
+        let mut p = Planner::new(&s, SyncMode::Upsert, false);
+        assert_eq!(p.plan("new", 1), Decision::Send(Operation::Upsert, Change::Added));
+        assert_eq!(p.plan("new", 2), Decision::Duplicate);
+        assert_eq!(p.plan("new", 3), Decision::Duplicate);
+        assert_eq!(p.plan("same", 1), Decision::Skip(Change::Unchanged));
+        assert_eq!(p.plan("same", 1), Decision::Duplicate);
+        assert!(p.is_duplicate("new") && p.is_duplicate("same") && !p.is_duplicate("edited"));
+        let out = p.finish();
+        assert_eq!(out.counts.rejected, 5);
+        assert_eq!((out.counts.added, out.counts.unchanged), (0, 0));
+        assert_eq!(out.counts.rows_in_model, 5);
+        // "same" was seen, so it is not removed even though it was rejected.
+        assert_eq!(out.counts.removed, 2);
+    }
+
+    #[test]
+    fn the_result_fingerprint_ignores_row_order() {
+        let s = Fingerprints::default();
+        let mut a = Planner::new(&s, SyncMode::Upsert, false);
+        a.plan("x", 1);
+        a.plan("y", 2);
+        let mut b = Planner::new(&s, SyncMode::Upsert, false);
+        b.plan("y", 2);
+        b.plan("x", 1);
+        assert_eq!(a.finish().result_fingerprint, b.finish().result_fingerprint);
+    }
+}

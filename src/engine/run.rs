@@ -1,0 +1,621 @@
+//! One run of a sync: extract → plan → deliver → commit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::mapping::{Mapper, MappingError};
+use super::plan::{Change, Decision, PlanCounts, Planner, fingerprint};
+use super::spill::{SpillReader, SpillWriter};
+use super::value::{Document, canonical_bytes};
+use crate::api::ReverseSyncSpec;
+use crate::api::reverse_sync::RejectedRow;
+use crate::api::{SyncMode, duration};
+use crate::destination::delivery::{Delivered, Delivery, FatalDeliveryError};
+use crate::destination::{Operation, Record};
+use crate::source::{self, SourceError, SourceOptions};
+use crate::state::{Fingerprints, StateChange, StateError, StateStore};
+
+/// Rejected rows kept as samples in a report.
+const REJECTED_SAMPLES: usize = 10;
+
+/// Everything a run needs, resolved by the caller (the local runner or the controller).
+pub struct SyncRun<'a> {
+    /// Namespace of the sync (for logs).
+    pub namespace: &'a str,
+    /// Name of the sync (for logs).
+    pub name: &'a str,
+    /// The sync's spec.
+    pub spec: &'a ReverseSyncSpec,
+    /// The source connection URL (from its Secret; never logged).
+    pub source_url: &'a str,
+    /// The destination behind the shared delivery layers.
+    pub delivery: Delivery,
+    /// What the fingerprints are about (the destination's identity); a new scope resends all.
+    pub scope: String,
+}
+
+/// Receives progress while a run goes on (a terminal progress bar, logs).
+pub trait Progress: Send + Sync {
+    /// Rows planned so far.
+    fn planned(&self, rows: u64);
+    /// Delivery started with this many records to send.
+    fn delivering(&self, records: u64);
+    /// Records settled so far.
+    fn delivered(&self, accepted: u64, rejected: u64, failed: u64);
+}
+
+/// A [`Progress`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn planned(&self, _: u64) {}
+    fn delivering(&self, _: u64) {}
+    fn delivered(&self, _: u64, _: u64, _: u64) {}
+}
+
+/// How to run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Plan only: send nothing, change no state.
+    pub dry_run: bool,
+    /// Ignore stored fingerprints for this run: send every row.
+    pub full_resync: bool,
+    /// Rows shown per operation in a dry run.
+    pub sample_size: usize,
+    /// Commit a checkpoint after this many settled records...
+    pub checkpoint_records: usize,
+    /// ...or after this long, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// Stops taking new batches; in-flight batches finish and are committed.
+    pub cancel: CancellationToken,
+    /// Progress receiver.
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            dry_run: false,
+            full_resync: false,
+            sample_size: 5,
+            checkpoint_records: 10_000,
+            checkpoint_interval: Duration::from_secs(5),
+            cancel: CancellationToken::new(),
+            progress: Arc::new(NoProgress),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    /// Every planned row was delivered.
+    Succeeded,
+    /// The run completed, but some rows were rejected (they are retried next run).
+    PartiallySucceeded,
+    /// The run stopped on an error, or rows failed after all retries.
+    Failed,
+}
+
+impl RunResult {
+    /// The name used in status and summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Succeeded => "Succeeded",
+            RunResult::PartiallySucceeded => "PartiallySucceeded",
+            RunResult::Failed => "Failed",
+        }
+    }
+}
+
+/// A row of a dry run's preview.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlanSample {
+    /// The operation that would be sent.
+    pub operation: String,
+    /// The row's key.
+    pub key: String,
+    /// The record as it would be sent (canonical JSON).
+    pub record: String,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The spec is invalid for this model.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The destination refused in a way no retry fixes.
+    #[error(transparent)]
+    Delivery(#[from] FatalDeliveryError),
+    /// The temporary spill file failed.
+    #[error("failed to buffer planned rows on local disk: {0}")]
+    Spill(String),
+    /// An invalid setting.
+    #[error("invalid sync spec: {0}")]
+    Invalid(String),
+    /// The run was cancelled before it finished; committed rows are kept.
+    #[error("run cancelled before it finished; the next run continues from the last checkpoint")]
+    Cancelled,
+}
+
+impl RunError {
+    /// A stable short label for metrics, condition and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            RunError::Mapping(_) | RunError::Invalid(_) => "InvalidSpec",
+            RunError::Source(e) => e.category(),
+            RunError::State(e) => e.category(),
+            RunError::Delivery(_) => "DestinationRefused",
+            RunError::Spill(_) => "LocalDisk",
+            RunError::Cancelled => "Cancelled",
+        }
+    }
+
+    /// True when running again unchanged cannot help: a person must fix something.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RunError::Mapping(_) | RunError::Invalid(_) | RunError::Delivery(_) => true,
+            RunError::Source(e) => e.is_permanent(),
+            RunError::State(StateError::Corrupt { .. }) => true,
+            RunError::State(_) | RunError::Spill(_) | RunError::Cancelled => false,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// When the run started.
+    pub started: DateTime<Utc>,
+    /// When it ended.
+    pub finished: DateTime<Utc>,
+    /// How it ended.
+    pub result: RunResult,
+    /// The plan's counts.
+    pub plan: PlanCounts,
+    /// Records the destination accepted (upserts, updates, inserts).
+    pub accepted: u64,
+    /// Records the destination deleted (mirror).
+    pub deleted: u64,
+    /// Records the destination rejected.
+    pub rejected: u64,
+    /// Records that failed after every retry.
+    pub failed: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Throttling answers received.
+    pub throttled: u64,
+    /// Requests sent again.
+    pub retries: u64,
+    /// Order-independent fingerprint of the whole result set.
+    pub result_fingerprint: String,
+    /// A few rejected rows with reasons (keys only).
+    pub rejected_samples: Vec<RejectedRow>,
+    /// In a dry run, a few rows per operation.
+    pub plan_samples: Vec<PlanSample>,
+    /// The error that stopped the run, if any.
+    pub error: Option<RunError>,
+}
+
+impl RunReport {
+    /// Seconds the run took.
+    pub fn seconds(&self) -> f64 {
+        (self.finished - self.started).num_milliseconds() as f64 / 1000.0
+    }
+
+    /// Rows rejected by the planner or the destination.
+    pub fn rows_rejected(&self) -> u64 {
+        self.plan.rejected + self.rejected
+    }
+}
+
+struct Collector {
+    report: RunReport,
+    pending: Vec<StateChange>,
+    last_commit: Instant,
+}
+
+impl Collector {
+    fn reject(&mut self, key: Option<&str>, operation: &str, reason: &str) {
+        tracing::warn!(key = key.unwrap_or("(none)"), operation, reason, "row rejected");
+        if self.report.rejected_samples.len() < REJECTED_SAMPLES {
+            self.report.rejected_samples.push(RejectedRow {
+                key: key.unwrap_or("(none)").to_owned(),
+                operation: operation.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
+    }
+}
+
+/// Runs a sync once against a state store. Always returns a report; `report.error` says why
+/// a run stopped early. State advances only for records the destination accepted.
+pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOptions) -> RunReport {
+    let started = Utc::now();
+    let mut c = Collector {
+        report: RunReport {
+            started,
+            finished: started,
+            result: RunResult::Succeeded,
+            plan: PlanCounts::default(),
+            accepted: 0,
+            deleted: 0,
+            rejected: 0,
+            failed: 0,
+            requests: 0,
+            throttled: 0,
+            retries: 0,
+            result_fingerprint: String::new(),
+            rejected_samples: Vec::new(),
+            plan_samples: Vec::new(),
+            error: None,
+        },
+        pending: Vec::new(),
+        last_commit: Instant::now(),
+    };
+    let outcome = run_steps(&job, store, options, &mut c).await;
+    let stats = job.delivery.stats();
+    c.report.requests = stats.requests.load(Ordering::Relaxed);
+    c.report.throttled = stats.throttled.load(Ordering::Relaxed);
+    c.report.retries = stats.retries.load(Ordering::Relaxed);
+    // Whatever happened, what the destination accepted is committed.
+    if !options.dry_run {
+        let committed = commit(store, &job.scope, &mut c).await;
+        let finished = match committed {
+            Ok(()) => store.finish(&job.scope).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = finished {
+            if outcome.is_ok() {
+                c.report.error = Some(e.into());
+            } else {
+                tracing::error!(error = %e, "failed to commit state after an earlier error");
+            }
+        }
+    }
+    if let Err(e) = outcome {
+        c.report.error = Some(e);
+    }
+    let r = &mut c.report;
+    r.result = if r.error.is_some() || r.failed > 0 {
+        RunResult::Failed
+    } else if r.rows_rejected() > 0 {
+        RunResult::PartiallySucceeded
+    } else {
+        RunResult::Succeeded
+    };
+    r.finished = Utc::now();
+    c.report
+}
+
+async fn run_steps(
+    job: &SyncRun<'_>,
+    store: &mut dyn StateStore,
+    options: &RunOptions,
+    c: &mut Collector,
+) -> Result<(), RunError> {
+    let spec = job.spec;
+    let source_options = SourceOptions {
+        statement_timeout: match &spec.source.statement_timeout {
+            Some(t) => duration::parse(t)
+                .map_err(|e| RunError::Invalid(format!("spec.source.statementTimeout: {e}")))?,
+            None => SourceOptions::default().statement_timeout,
+        },
+        ..SourceOptions::default()
+    };
+    let state = store.load(&job.scope).await?;
+    tracing::info!(
+        stored_rows = state.len(),
+        state_bytes = state.memory_bytes(),
+        "state loaded"
+    );
+    let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
+    let mapper = Mapper::new(
+        &spec.mappings,
+        &spec.source.primary_key,
+        &spec.match_fields,
+        rows.columns(),
+    )?;
+
+    // Plan: stream the model, spill what must be sent.
+    let mut planner = Planner::new(&state, spec.mode, options.full_resync);
+    let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let key = match mapper.key(&row) {
+            Ok(k) => k,
+            Err(reason) => {
+                planner.reject();
+                c.reject(None, "plan", &reason);
+                continue;
+            }
+        };
+        let mapped = match mapper.map(key, &row) {
+            Ok(m) => m,
+            Err(rejection) => {
+                planner.reject();
+                c.reject(rejection.key.as_deref(), "plan", &rejection.reason);
+                continue;
+            }
+        };
+        let fp = fingerprint(&mapped.fields);
+        match planner.plan(&mapped.key, fp) {
+            Decision::Send(operation, change) => {
+                if options.dry_run {
+                    let n = samples_per_op.entry(operation).or_default();
+                    if *n < options.sample_size {
+                        *n += 1;
+                        c.report.plan_samples.push(PlanSample {
+                            operation: operation.as_str().to_owned(),
+                            key: mapped.key.clone(),
+                            record: String::from_utf8_lossy(&canonical_bytes(&mapped.fields)).into_owned(),
+                        });
+                    }
+                }
+                spill
+                    .push(
+                        operation,
+                        &mapped.key,
+                        fp,
+                        change == Change::Added,
+                        &mapped.identity,
+                        &mapped.fields,
+                    )
+                    .map_err(|e| RunError::Spill(e.to_string()))?;
+            }
+            Decision::Duplicate => c.reject(
+                Some(&mapped.key),
+                "plan",
+                "duplicate primary key: the model returned this key more than once",
+            ),
+            Decision::Skip(_) => {}
+        }
+        let planned = c.report.plan.rows_in_model + 1;
+        c.report.plan.rows_in_model = planned;
+        if planned % 10_000 == 0 {
+            options.progress.planned(planned);
+        }
+    }
+    let plan = planner.finish();
+    c.report.plan = plan.counts;
+    c.report.result_fingerprint = plan.result_fingerprint.clone();
+    options.progress.planned(plan.counts.rows_in_model);
+    let deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
+        plan.removed.clone()
+    } else {
+        Vec::new()
+    };
+    tracing::info!(
+        rows = plan.counts.rows_in_model,
+        added = plan.counts.added,
+        changed = plan.counts.changed,
+        removed = plan.counts.removed,
+        unchanged = plan.counts.unchanged,
+        rejected = plan.counts.rejected,
+        "plan ready"
+    );
+    if options.dry_run {
+        for &pos in deletes.iter().take(options.sample_size) {
+            if let Some(e) = state.get(pos) {
+                c.report.plan_samples.push(PlanSample {
+                    operation: "delete".to_owned(),
+                    key: e.key.to_owned(),
+                    record: e.identity.to_owned(),
+                });
+            }
+        }
+        return Ok(());
+    }
+
+    // Deliver and commit: upserts first, then deletes.
+    let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
+    options.progress.delivering(to_send);
+    let reader = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    let batch_size = job.delivery.config().batch_size;
+    let batches = SpillBatches {
+        reader,
+        plan: &plan,
+        batch_size,
+        carry: None,
+    };
+    deliver(job, store, options, c, batches.into_iter_batches()).await?;
+    if !deletes.is_empty() {
+        let delete_batches = delete_batches(&state, &deletes, batch_size);
+        deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
+    }
+    Ok(())
+}
+
+/// A batch ready to send: the operation, the records, and per record what to store once it
+/// is accepted (fingerprint and identity JSON; none for deletes).
+struct Batch {
+    operation: Operation,
+    records: Vec<Record>,
+    stored: std::collections::HashMap<String, (u64, String)>,
+}
+
+async fn deliver(
+    job: &SyncRun<'_>,
+    store: &mut dyn StateStore,
+    options: &RunOptions,
+    c: &mut Collector,
+    batches: impl Iterator<Item = Result<Batch, RunError>>,
+) -> Result<(), RunError> {
+    let delivery = &job.delivery;
+    let concurrency = delivery.config().max_concurrency;
+    let mut read_error = None;
+    {
+        let batches = futures::stream::iter(batches)
+            .take_until(options.cancel.cancelled())
+            .filter_map(|b| {
+                let b = match b {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        read_error.get_or_insert(e);
+                        None
+                    }
+                };
+                async move { b }
+            })
+            .map(|batch| async move {
+                let Batch {
+                    operation,
+                    records,
+                    stored,
+                } = batch;
+                delivery
+                    .send_batch(operation, records)
+                    .await
+                    .map(|outcomes| (operation, outcomes, stored))
+            })
+            .buffer_unordered(concurrency);
+        futures::pin_mut!(batches);
+        while let Some(result) = batches.next().await {
+            let (operation, outcomes, mut stored) = result?;
+            for (record, delivered) in outcomes {
+                match delivered {
+                    Delivered::Accepted => {
+                        if operation == Operation::Delete {
+                            c.report.deleted += 1;
+                            c.pending.push(StateChange::Remove { key: record.key });
+                        } else if let Some((fingerprint, identity)) = stored.remove(&record.key) {
+                            c.report.accepted += 1;
+                            c.pending.push(StateChange::Put {
+                                key: record.key,
+                                fingerprint,
+                                identity,
+                            });
+                        }
+                    }
+                    Delivered::Rejected(reason) => {
+                        c.report.rejected += 1;
+                        c.reject(Some(&record.key), operation.as_str(), &reason);
+                    }
+                    Delivered::Failed(reason) => {
+                        c.report.failed += 1;
+                        tracing::warn!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                    }
+                }
+            }
+            let r = &c.report;
+            options
+                .progress
+                .delivered(r.accepted + r.deleted, r.rejected, r.failed);
+            if c.pending.len() >= options.checkpoint_records
+                || c.last_commit.elapsed() >= options.checkpoint_interval
+            {
+                commit(store, &job.scope, c).await?;
+            }
+        }
+    }
+    if let Some(e) = read_error {
+        return Err(e);
+    }
+    if options.cancel.is_cancelled() {
+        return Err(RunError::Cancelled);
+    }
+    Ok(())
+}
+
+async fn commit(store: &mut dyn StateStore, scope: &str, c: &mut Collector) -> Result<(), StateError> {
+    if !c.pending.is_empty() {
+        store.commit(scope, &c.pending).await?;
+        tracing::debug!(changes = c.pending.len(), "checkpoint committed");
+        c.pending.clear();
+    }
+    c.last_commit = Instant::now();
+    Ok(())
+}
+
+/// Reads the spill back as batches of one operation, skipping duplicated keys.
+struct SpillBatches<'p> {
+    reader: SpillReader,
+    plan: &'p super::plan::PlanOutcome,
+    batch_size: usize,
+    carry: Option<super::spill::SpilledRow>,
+}
+
+impl SpillBatches<'_> {
+    fn into_iter_batches(mut self) -> impl Iterator<Item = Result<Batch, RunError>> {
+        std::iter::from_fn(move || self.next_batch().transpose())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
+        let mut batch: Option<Batch> = None;
+        loop {
+            let row = match self.carry.take() {
+                Some(r) => r,
+                None => match self
+                    .reader
+                    .next_row()
+                    .map_err(|e| RunError::Spill(e.to_string()))?
+                {
+                    Some(r) => r,
+                    None => return Ok(batch),
+                },
+            };
+            if self.plan.is_duplicate(&row.key) {
+                continue;
+            }
+            let b = batch.get_or_insert_with(|| Batch {
+                operation: row.operation,
+                records: Vec::with_capacity(self.batch_size),
+                stored: Default::default(),
+            });
+            if b.operation != row.operation {
+                self.carry = Some(row);
+                return Ok(batch);
+            }
+            b.stored
+                .insert(row.key.clone(), (row.fingerprint, row.identity_json));
+            b.records.push(Record {
+                key: row.key,
+                identity: row.identity,
+                fields: row.fields,
+            });
+            if b.records.len() >= self.batch_size {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) -> Vec<Batch> {
+    removed
+        .chunks(batch_size)
+        .map(|chunk| Batch {
+            operation: Operation::Delete,
+            records: chunk
+                .iter()
+                .filter_map(|&pos| state.get(pos))
+                .map(|e| Record {
+                    key: e.key.to_owned(),
+                    identity: identity_document(e.identity),
+                    fields: Document::new(),
+                })
+                .collect(),
+            stored: Default::default(),
+        })
+        .collect()
+}
+
+fn identity_document(json: &str) -> Document {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+        Ok(map) => super::spill::to_document(map),
+        Err(_) => Document::new(),
+    }
+}

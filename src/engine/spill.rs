@@ -1,0 +1,171 @@
+//! The spill file: rows planned for sending, written while the model streams and read back
+//! for delivery once the plan is complete (a duplicate key found late must still stop its
+//! first row from being sent). It keeps memory flat whatever the number of changed rows.
+
+use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+
+use serde::Deserialize;
+
+use super::value::{Document, Value, write_document};
+use crate::destination::Operation;
+
+/// One planned row, as read back.
+#[derive(Debug)]
+pub struct SpilledRow {
+    /// The operation to send.
+    pub operation: Operation,
+    /// Canonical primary key.
+    pub key: String,
+    /// Fingerprint of the mapped record.
+    pub fingerprint: u64,
+    /// True for a row never delivered before.
+    pub added: bool,
+    /// Match fields.
+    pub identity: Document,
+    /// Canonical JSON of the match fields (what the state stores).
+    pub identity_json: String,
+    /// Mapped fields.
+    pub fields: Document,
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    o: &'a str,
+    k: String,
+    f: u64,
+    a: bool,
+    i: serde_json::Map<String, serde_json::Value>,
+    d: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Writes planned rows to an anonymous temporary file.
+pub struct SpillWriter {
+    out: BufWriter<std::fs::File>,
+    buf: Vec<u8>,
+    rows: u64,
+}
+
+impl SpillWriter {
+    /// A new spill in the system's temporary directory (removed when dropped).
+    pub fn new() -> std::io::Result<SpillWriter> {
+        Ok(SpillWriter {
+            out: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
+            buf: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    /// Appends one row.
+    pub fn push(
+        &mut self,
+        operation: Operation,
+        key: &str,
+        fingerprint: u64,
+        added: bool,
+        identity: &Document,
+        fields: &Document,
+    ) -> std::io::Result<()> {
+        let b = &mut self.buf;
+        b.clear();
+        b.extend_from_slice(b"{\"o\":\"");
+        b.extend_from_slice(operation.as_str().as_bytes());
+        b.extend_from_slice(b"\",\"k\":");
+        Value::Text(key.to_owned()).write_canonical(b);
+        b.extend_from_slice(format!(",\"f\":{fingerprint},\"a\":{added},\"i\":").as_bytes());
+        write_document(identity, b);
+        b.extend_from_slice(b",\"d\":");
+        write_document(fields, b);
+        b.extend_from_slice(b"}\n");
+        self.rows += 1;
+        self.out.write_all(b)
+    }
+
+    /// Rows written.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Finishes writing and returns a reader from the first row.
+    pub fn into_reader(self) -> std::io::Result<SpillReader> {
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.rewind()?;
+        Ok(SpillReader {
+            lines: BufReader::with_capacity(1 << 20, file),
+            line: String::new(),
+        })
+    }
+}
+
+/// Reads planned rows back in order.
+pub struct SpillReader {
+    lines: BufReader<std::fs::File>,
+    line: String,
+}
+
+impl SpillReader {
+    /// The next row, or `None` at the end.
+    pub fn next_row(&mut self) -> std::io::Result<Option<SpilledRow>> {
+        self.line.clear();
+        if self.lines.read_line(&mut self.line)? == 0 {
+            return Ok(None);
+        }
+        let l: Line<'_> = serde_json::from_str(self.line.trim_end())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let operation = match l.o {
+            "insert" => Operation::Insert,
+            "update" => Operation::Update,
+            "delete" => Operation::Delete,
+            _ => Operation::Upsert,
+        };
+        let identity = to_document(l.i);
+        let mut identity_json = Vec::new();
+        write_document(&identity, &mut identity_json);
+        Ok(Some(SpilledRow {
+            operation,
+            key: l.k,
+            fingerprint: l.f,
+            added: l.a,
+            identity,
+            identity_json: String::from_utf8_lossy(&identity_json).into_owned(),
+            fields: to_document(l.d),
+        }))
+    }
+}
+
+/// A document from a JSON object (as written by the canonical writer).
+pub fn to_document(map: serde_json::Map<String, serde_json::Value>) -> Document {
+    map.into_iter().map(|(k, v)| (k, Value::from_json(v))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn rows_come_back_with_the_same_canonical_bytes() {
+        let mut fields = Document::new();
+        fields.insert(
+            "n".into(),
+            Value::Decimal(bigdecimal::BigDecimal::from_str("12345678901234567890.5").unwrap()),
+        );
+        fields.insert("s".into(), Value::Text("é\n\"".into()));
+        let mut nested = Document::new();
+        nested.insert("x".into(), Value::Int(1));
+        fields.insert("o".into(), Value::Object(nested));
+        let mut identity = Document::new();
+        identity.insert("s".into(), Value::Text("é\n\"".into()));
+        let mut w = SpillWriter::new().unwrap();
+        w.push(Operation::Upsert, "k\"1", 42, true, &identity, &fields)
+            .unwrap();
+        let mut r = w.into_reader().unwrap();
+        let row = r.next_row().unwrap().unwrap();
+        assert_eq!((row.key.as_str(), row.fingerprint, row.added), ("k\"1", 42, true));
+        assert_eq!(
+            crate::engine::value::canonical_bytes(&row.fields),
+            crate::engine::value::canonical_bytes(&fields)
+        );
+        assert_eq!(row.identity_json, "{\"s\":\"é\\n\\\"\"}");
+        assert!(r.next_row().unwrap().is_none());
+    }
+}
