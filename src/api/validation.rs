@@ -1,1 +1,348 @@
-//! Validation.
+//! Checks of a spec that the schema cannot express, with messages that name the field.
+//! Pure: no I/O. The controller and the local runner call these before anything runs.
+
+use std::collections::BTreeSet;
+
+use super::destination::{DestinationSpec, DestinationType};
+use super::duration;
+use super::reverse_sync::ReverseSyncSpec;
+use crate::engine::mapping::{Transform, effective_match_fields};
+use crate::template::Template;
+
+/// One problem in a spec: the field path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, like `spec.mappings[2].to`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem found in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+pub struct InvalidSpec(pub Vec<FieldError>);
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+    fn finish(self) -> Result<(), InvalidSpec> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidSpec(self.0))
+        }
+    }
+}
+
+/// Validates a ReverseSync spec.
+pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> {
+    let mut errors = Errors(Vec::new());
+    let source = &spec.source;
+    if source.query.trim().is_empty() {
+        errors.add("spec.source.query", "the model query is empty");
+    }
+    if source.primary_key.is_empty() {
+        errors.add(
+            "spec.source.primaryKey",
+            "name at least one column that identifies a row",
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for (i, col) in source.primary_key.iter().enumerate() {
+        if col.trim().is_empty() {
+            errors.add(format!("spec.source.primaryKey[{i}]"), "column name is empty");
+        } else if !seen.insert(col) {
+            errors.add(
+                format!("spec.source.primaryKey[{i}]"),
+                format!("column {col:?} is listed twice"),
+            );
+        }
+    }
+    if let Some(t) = &source.statement_timeout {
+        check_duration(&mut errors, "spec.source.statementTimeout", t);
+    }
+    if source.connection_secret_ref.name.trim().is_empty() {
+        errors.add(
+            "spec.source.connectionSecretRef.name",
+            "name the Secret holding the connection URL",
+        );
+    }
+    if spec.destination_ref.name.trim().is_empty() {
+        errors.add("spec.destinationRef.name", "name the Destination to send rows to");
+    }
+    validate_mappings(spec, &mut errors);
+    if let Some(schedule) = &spec.schedule {
+        match (&schedule.interval, &schedule.cron) {
+            (Some(_), Some(_)) => errors.add("spec.schedule", "set interval or cron, not both"),
+            (None, None) => errors.add(
+                "spec.schedule",
+                "set interval (like 15m) or cron (like \"*/15 * * * *\")",
+            ),
+            (Some(interval), None) => match duration::parse(interval) {
+                Ok(d) if d.as_secs() < 1 => {
+                    errors.add("spec.schedule.interval", "the interval must be at least 1s")
+                }
+                Ok(_) => {}
+                Err(e) => errors.add("spec.schedule.interval", e),
+            },
+            (None, Some(cron)) => {
+                if let Err(e) = cron.parse::<croner::Cron>() {
+                    errors.add(
+                        "spec.schedule.cron",
+                        format!("{cron:?} is not a cron expression ({e})"),
+                    );
+                }
+            }
+        }
+    }
+    errors.finish()
+}
+
+fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
+    if spec.mappings.is_empty() {
+        errors.add(
+            "spec.mappings",
+            "map at least one column; unmapped columns are not sent",
+        );
+    }
+    let mut targets: Vec<&str> = Vec::new();
+    for (i, m) in spec.mappings.iter().enumerate() {
+        let field = format!("spec.mappings[{i}]");
+        match (&m.from, &m.template) {
+            (Some(_), Some(_)) | (None, None) => errors.add(&field, "set exactly one of from or template"),
+            (Some(from), None) if from.trim().is_empty() => {
+                errors.add(format!("{field}.from"), "column name is empty")
+            }
+            (None, Some(t)) => {
+                if let Err(e) = Template::parse(t) {
+                    errors.add(format!("{field}.template"), e.to_string());
+                }
+            }
+            _ => {}
+        }
+        if m.to.is_empty() || m.to.split('.').any(str::is_empty) {
+            errors.add(
+                format!("{field}.to"),
+                "the target field is empty or has an empty part between dots",
+            );
+        } else if let Some(j) = targets.iter().position(|t| *t == m.to) {
+            errors.add(
+                format!("{field}.to"),
+                format!("{:?} is already the target of spec.mappings[{j}]", m.to),
+            );
+        } else if let Some(j) = targets
+            .iter()
+            .position(|t| m.to.starts_with(&format!("{t}.")) || t.starts_with(&format!("{}.", m.to)))
+        {
+            errors.add(
+                format!("{field}.to"),
+                format!(
+                    "{:?} overlaps spec.mappings[{j}] ({:?}): a field cannot be both a value and an object",
+                    m.to, targets[j]
+                ),
+            );
+        }
+        targets.push(&m.to);
+        for (j, t) in m.transforms.iter().enumerate() {
+            if let Err(e) = Transform::parse(t) {
+                errors.add(format!("{field}.transforms[{j}]"), e);
+            }
+        }
+    }
+    if !spec.mappings.is_empty()
+        && let Err(e) = effective_match_fields(&spec.mappings, &spec.source.primary_key, &spec.match_fields)
+    {
+        errors.add("spec.match", e);
+    }
+}
+
+/// Validates a Destination spec.
+pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
+    let mut errors = Errors(Vec::new());
+    let t = spec.destination_type;
+    let blocks = [
+        ("http", spec.http.is_some(), DestinationType::Http),
+        ("postgres", spec.postgres.is_some(), DestinationType::Postgres),
+        ("mysql", spec.mysql.is_some(), DestinationType::Mysql),
+        ("sqlite", spec.sqlite.is_some(), DestinationType::Sqlite),
+    ];
+    for (name, present, ty) in blocks {
+        if ty == t && !present {
+            errors.add(
+                format!("spec.{name}"),
+                format!("type {} needs the {name} block", t.as_str()),
+            );
+        } else if ty != t && present {
+            errors.add(
+                format!("spec.{name}"),
+                format!("the {name} block does not match type {}", t.as_str()),
+            );
+        }
+    }
+    if let Some(r) = &spec.rate_limit {
+        if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
+            errors.add("spec.rateLimit.requestsPerSecond", "must be a number above 0");
+        }
+        if r.burst == Some(0) {
+            errors.add("spec.rateLimit.burst", "must be at least 1");
+        }
+    }
+    if spec.batch_size == Some(0) {
+        errors.add("spec.batchSize", "must be at least 1");
+    }
+    if spec.max_concurrency == Some(0) {
+        errors.add("spec.maxConcurrency", "must be at least 1");
+    }
+    if let Some(retry) = &spec.retry {
+        if retry.max_attempts == Some(0) {
+            errors.add("spec.retry.maxAttempts", "must be at least 1");
+        }
+        if let Some(d) = &retry.initial_backoff {
+            check_duration(&mut errors, "spec.retry.initialBackoff", d);
+        }
+        if let Some(d) = &retry.max_backoff {
+            check_duration(&mut errors, "spec.retry.maxBackoff", d);
+        }
+    }
+    if let Some(http) = &spec.http {
+        for (field, text) in [
+            ("spec.http.url", Some(&http.url)),
+            ("spec.http.body", http.body.as_ref()),
+        ] {
+            if let Some(text) = text
+                && let Err(e) = Template::parse(text)
+            {
+                errors.add(field, e.to_string());
+            }
+        }
+        if let Some(t) = &http.timeout {
+            check_duration(&mut errors, "spec.http.timeout", t);
+        }
+        if let Some(m) = &http.method
+            && !matches!(
+                m.to_ascii_uppercase().as_str(),
+                "POST" | "PUT" | "PATCH" | "DELETE"
+            )
+        {
+            errors.add(
+                "spec.http.method",
+                format!("{m:?} is not one of POST, PUT, PATCH, DELETE"),
+            );
+        }
+    }
+    for (name, block) in [
+        ("postgres", &spec.postgres),
+        ("mysql", &spec.mysql),
+        ("sqlite", &spec.sqlite),
+    ] {
+        if let Some(b) = block
+            && b.table.trim().is_empty()
+        {
+            errors.add(format!("spec.{name}.table"), "name the table to write to");
+        }
+    }
+    errors.finish()
+}
+
+fn check_duration(errors: &mut Errors, field: &str, text: &str) {
+    if let Err(e) = duration::parse(text) {
+        errors.add(field, e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync(yaml: &str) -> ReverseSyncSpec {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    const BASE: &str = r#"
+source: {connectionSecretRef: {name: wh}, query: "select 1", primaryKey: [id]}
+destinationRef: {name: crm}
+mappings: [{from: id, to: id}, {from: email, to: email}]
+"#;
+
+    #[test]
+    fn a_complete_spec_is_valid() {
+        validate_reverse_sync(&sync(BASE)).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_mode_is_refused_when_parsing() {
+        let err = serde_yaml_ng::from_str::<ReverseSyncSpec>(&format!("{BASE}mode: upsrt\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `upsrt`"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_primary_key_names_the_field() {
+        let err =
+            validate_reverse_sync(&sync(&BASE.replace("primaryKey: [id]", "primaryKey: []"))).unwrap_err();
+        assert!(err.to_string().contains("spec.source.primaryKey"), "{err}");
+    }
+
+    #[test]
+    fn bad_intervals_and_crons_name_the_field() {
+        let err = validate_reverse_sync(&sync(&format!("{BASE}schedule: {{interval: soon}}\n"))).unwrap_err();
+        assert!(err.to_string().contains("spec.schedule.interval"), "{err}");
+        let err =
+            validate_reverse_sync(&sync(&format!("{BASE}schedule: {{cron: \"61 * * * *\"}}\n"))).unwrap_err();
+        assert!(err.to_string().contains("spec.schedule.cron"), "{err}");
+        validate_reverse_sync(&sync(&format!("{BASE}schedule: {{cron: \"*/15 * * * *\"}}\n"))).unwrap();
+        validate_reverse_sync(&sync(&format!("{BASE}schedule: {{interval: 15m}}\n"))).unwrap();
+    }
+
+    #[test]
+    fn mapping_to_the_same_target_twice_is_refused() {
+        let spec = sync(&BASE.replace("{from: email, to: email}", "{from: email, to: id}"));
+        let err = validate_reverse_sync(&spec).unwrap_err();
+        assert!(err.to_string().contains("spec.mappings[1].to"), "{err}");
+        let spec = sync(&BASE.replace("{from: email, to: email}", "{from: email, to: id.email}"));
+        assert!(
+            validate_reverse_sync(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("overlaps")
+        );
+    }
+
+    #[test]
+    fn bad_transforms_and_unmatched_match_fields_are_named() {
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{from: email, to: email, transforms: [shout]}",
+        ));
+        assert!(
+            validate_reverse_sync(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.mappings[1].transforms[0]")
+        );
+        let spec = sync(&format!("{BASE}match: [phone]\n"));
+        assert!(
+            validate_reverse_sync(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("spec.match")
+        );
+    }
+
+    #[test]
+    fn a_destination_block_that_does_not_match_its_type_is_refused() {
+        let spec: DestinationSpec = serde_yaml_ng::from_str("type: http\npostgres: {table: t}\n").unwrap();
+        let err = validate_destination(&spec).unwrap_err().to_string();
+        assert!(err.contains("spec.http: type http needs the http block"), "{err}");
+        assert!(
+            err.contains("spec.postgres: the postgres block does not match type http"),
+            "{err}"
+        );
+    }
+}
