@@ -15,12 +15,10 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
 
 test: ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
-	$(CARGO) test --locked --all-targets
-	$(CARGO) test --locked --doc
+	$(CARGO) test --locked
 
 bench: ## Benchmark planning 1,000,000 PostgreSQL rows against raw COPY (prints figures)
-	$(CARGO) build --locked --release --bin backflow
-	$(CARGO) run --locked --release --example bench
+	$(CARGO) bench --locked --bench plan
 
 crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > /dev/null

@@ -5,8 +5,6 @@
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`) and `BACKFLOW_TEST_MYSQL_URL`
 //! (default `mysql://root@127.0.0.1:3306/mysql`).
 
-#![allow(dead_code)] // each test binary uses a different subset of the helpers
-
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;

@@ -1,3 +1,8 @@
 //! Helpers shared by the integration tests: one module per concern.
 
+// Each test binary compiles this module and uses a different subset of it.
+#![allow(dead_code)]
+
 pub mod db;
+pub mod fake_connector;
+pub mod sqlite;

@@ -1,0 +1,239 @@
+//! The engine end to end on a real SQLite warehouse and a scripted destination:
+//! first run, incremental runs, modes, bad keys, rejections, fatal errors, dry runs.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backflow::api::ReverseSyncSpec;
+use backflow::destination::SendError;
+use backflow::destination::delivery::rate_limit::RateLimiter;
+use backflow::destination::delivery::{Delivery, DeliveryConfig};
+use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
+use backflow::state::file::FileStore;
+use support::fake_connector::{BadRecords, FakeConnector};
+use support::sqlite::TempSqlite;
+
+const SETUP: &str = "
+CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, plan TEXT, score REAL);
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 250)
+INSERT INTO customers SELECT i, 'user' || i || '@example.com', 'free', i * 1.5 FROM n;
+";
+
+fn spec(mode: &str, query: &str) -> ReverseSyncSpec {
+    serde_yaml_ng::from_str(&format!(
+        r#"
+source: {{connectionSecretRef: {{name: wh}}, query: "{query}", primaryKey: [id]}}
+destinationRef: {{name: fake}}
+mode: {mode}
+mappings:
+  - {{from: id, to: id}}
+  - {{from: email, to: properties.email, transforms: [lowercase]}}
+  - {{from: plan, to: properties.plan}}
+  - {{from: score, to: score}}
+"#
+    ))
+    .unwrap()
+}
+
+struct Harness {
+    db: TempSqlite,
+    state: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        Harness { db: TempSqlite::new(SETUP).await, state: tempfile::tempdir().unwrap() }
+    }
+
+    async fn run_with(&self, spec: &ReverseSyncSpec, fake: Arc<FakeConnector>, options: RunOptions) -> RunReport {
+        let config = DeliveryConfig {
+            batch_size: fake.max_batch,
+            max_concurrency: 2,
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            requests_per_second: 100_000.0,
+            burst: 100_000,
+        };
+        let job = SyncRun {
+            namespace: "default",
+            name: "customers",
+            spec,
+            source_url: &self.db.url,
+            delivery: Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config),
+            scope: "default/fake".into(),
+        };
+        let mut store = FileStore::new(self.state.path(), "default", "customers");
+        run(job, &mut store, &options).await
+    }
+
+    async fn run(&self, spec: &ReverseSyncSpec, fake: Arc<FakeConnector>) -> RunReport {
+        self.run_with(spec, fake, RunOptions::default()).await
+    }
+}
+
+fn all(mode: &str) -> ReverseSyncSpec {
+    spec(mode, "SELECT id, email, plan, score FROM customers")
+}
+
+#[tokio::test]
+async fn first_run_sends_every_row_and_second_run_without_changes_sends_nothing() {
+    let h = Harness::new().await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let first = h.run(&all("upsert"), fake.clone()).await;
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!(first.result, RunResult::Succeeded);
+    assert_eq!((first.plan.rows_in_model, first.plan.added, first.accepted), (250, 250, 250));
+    assert_eq!(first.requests, 3);
+    assert_eq!(fake.store.lock().unwrap()["7"], r#"{"id":7,"properties":{"email":"user7@example.com","plan":"free"},"score":10.5}"#);
+
+    let second_fake = Arc::new(FakeConnector::new(100));
+    let second = h.run(&all("upsert"), second_fake.clone()).await;
+    assert_eq!((second.plan.unchanged, second.plan.added, second.plan.changed), (250, 0, 0));
+    assert_eq!(second_fake.call_count(), 0);
+    assert_eq!(second.result_fingerprint, first.result_fingerprint);
+}
+
+#[tokio::test]
+async fn changing_one_row_sends_exactly_that_row() {
+    let h = Harness::new().await;
+    h.run(&all("upsert"), Arc::new(FakeConnector::new(100))).await;
+    h.db.exec("UPDATE customers SET plan = 'pro' WHERE id = 42").await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("upsert"), fake.clone()).await;
+    assert_eq!((report.plan.changed, report.plan.unchanged), (1, 249));
+    assert_eq!(fake.sent_keys(), vec!["42"]);
+}
+
+#[tokio::test]
+async fn mirror_deletes_rows_that_left_the_model_and_other_modes_do_not() {
+    let h = Harness::new().await;
+    h.run(&all("mirror"), Arc::new(FakeConnector::new(100))).await;
+    h.db.exec("DELETE FROM customers WHERE id IN (3, 4)").await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("mirror"), fake.clone()).await;
+    assert_eq!((report.plan.removed, report.deleted), (2, 2));
+    let calls = fake.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, backflow::destination::Operation::Delete);
+    // Deleted records are forgotten: a third run sends nothing.
+    let third = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("mirror"), third.clone()).await;
+    assert_eq!((report.plan.removed, third.call_count()), (0, 0));
+
+    h.db.exec("DELETE FROM customers WHERE id = 5").await;
+    let upsert_fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("upsert"), upsert_fake.clone()).await;
+    assert_eq!(report.plan.removed, 1);
+    assert_eq!(upsert_fake.call_count(), 0, "upsert mode never deletes");
+}
+
+#[tokio::test]
+async fn insert_mode_sends_new_rows_only_and_update_mode_changed_rows_only() {
+    let h = Harness::new().await;
+    let some = spec("insert", "SELECT id, email, plan, score FROM customers WHERE id <= 10");
+    let fake = Arc::new(FakeConnector::new(100));
+    h.run(&some, fake.clone()).await;
+    assert_eq!(fake.call_count(), 1);
+    assert_eq!(fake.calls.lock().unwrap()[0].0, backflow::destination::Operation::Insert);
+
+    h.db.exec("UPDATE customers SET plan = 'pro' WHERE id IN (1, 20)").await;
+    let update = spec("update", "SELECT id, email, plan, score FROM customers WHERE id <= 30");
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&update, fake.clone()).await;
+    // Row 1 was synced before and changed; 11..=30 were never synced: update mode skips them.
+    assert_eq!(fake.sent_keys(), vec!["1"]);
+    assert_eq!(fake.calls.lock().unwrap()[0].0, backflow::destination::Operation::Update);
+    assert_eq!(report.plan.skipped, 20);
+}
+
+#[tokio::test]
+async fn null_and_duplicate_keys_reject_those_rows_and_the_run_goes_on() {
+    let h = Harness::new().await;
+    let query = "SELECT id, email, plan, score FROM customers WHERE id <= 5 \
+                 UNION ALL SELECT 3, 'dup@example.com', 'x', 1 \
+                 UNION ALL SELECT NULL, 'nokey@example.com', 'x', 1";
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&spec("upsert", query), fake.clone()).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::PartiallySucceeded);
+    assert_eq!(report.plan.rejected, 3, "both rows of key 3 and the NULL key");
+    let mut sent = fake.sent_keys();
+    sent.sort();
+    assert_eq!(sent, vec!["1", "2", "4", "5"]);
+    let reasons: Vec<_> = report.rejected_samples.iter().map(|r| r.reason.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("duplicate primary key")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("\"id\" is NULL")), "{reasons:?}");
+    assert!(
+        report.rejected_samples.iter().all(|r| !r.reason.contains("dup@example.com")),
+        "reasons never carry payload values"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_row_is_sent_again_next_run_and_accepted_rows_are_not() {
+    let h = Harness::new().await;
+    let fake = Arc::new(FakeConnector::new(100).with_bad(&["9"], BadRecords::RejectEach));
+    let report = h.run(&all("upsert"), fake).await;
+    assert_eq!((report.rejected, report.accepted, report.result), (1, 249, RunResult::PartiallySucceeded));
+    assert_eq!(report.rejected_samples[0].reason, "record 9 is invalid");
+
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("upsert"), fake.clone()).await;
+    assert_eq!(fake.sent_keys(), vec!["9"]);
+    assert_eq!(report.result, RunResult::Succeeded);
+}
+
+#[tokio::test]
+async fn a_fatal_destination_error_stops_the_run_and_keeps_what_was_accepted() {
+    let h = Harness::new().await;
+    let fatal = SendError::Fatal("credentials rejected by crm (HTTP 401)".into());
+    let fake = Arc::new(FakeConnector::new(50).with_script(vec![Ok(()), Ok(()), Err(fatal)]));
+    let report = h
+        .run_with(&all("upsert"), fake.clone(), RunOptions { checkpoint_records: 1, ..RunOptions::default() })
+        .await;
+    assert_eq!(report.result, RunResult::Failed);
+    assert!(report.error.as_ref().unwrap().to_string().contains("credentials rejected"));
+    let accepted = report.accepted;
+    assert!(accepted >= 50, "at least the first batch landed: {accepted}");
+
+    let fake = Arc::new(FakeConnector::new(50));
+    let report = h.run(&all("upsert"), fake.clone()).await;
+    assert_eq!(report.plan.unchanged, accepted, "accepted rows were committed");
+    assert_eq!(report.accepted + accepted, 250);
+}
+
+#[tokio::test]
+async fn a_dry_run_sends_nothing_changes_no_state_and_shows_samples() {
+    let h = Harness::new().await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run_with(&all("upsert"), fake.clone(), RunOptions { dry_run: true, ..RunOptions::default() }).await;
+    assert_eq!(report.plan.added, 250);
+    assert_eq!(fake.call_count(), 0);
+    assert_eq!(report.plan_samples.len(), 5);
+    assert!(report.plan_samples[0].record.contains("\"properties\""));
+    let real = h.run(&all("upsert"), fake.clone()).await;
+    assert_eq!(real.plan.added, 250, "the dry run stored nothing");
+}
+
+#[tokio::test]
+async fn full_resync_sends_unchanged_rows_again() {
+    let h = Harness::new().await;
+    h.run(&all("upsert"), Arc::new(FakeConnector::new(100))).await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run_with(&all("upsert"), fake.clone(), RunOptions { full_resync: true, ..RunOptions::default() }).await;
+    assert_eq!((report.plan.changed, report.accepted), (250, 250));
+}
+
+#[tokio::test]
+async fn a_mapping_that_names_a_missing_column_fails_before_sending() {
+    let h = Harness::new().await;
+    let spec = spec("upsert", "SELECT id, email, plan FROM customers");
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&spec, fake.clone()).await;
+    let err = report.error.unwrap().to_string();
+    assert!(err.contains("spec.mappings[3].from") && err.contains("score"), "{err}");
+    assert_eq!(fake.call_count(), 0);
+}
