@@ -614,8 +614,6 @@ fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) ->
 }
 
 fn identity_document(json: &str) -> Document {
-    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
-        Ok(map) => super::spill::to_document(map),
-        Err(_) => Document::new(),
-    }
+    // The state only holds identities this engine wrote as canonical JSON.
+    super::spill::parse_document(json).unwrap_or_default()
 }

@@ -34,8 +34,10 @@ struct Line<'a> {
     k: String,
     f: u64,
     a: bool,
-    i: serde_json::Map<String, serde_json::Value>,
-    d: serde_json::Map<String, serde_json::Value>,
+    #[serde(borrow)]
+    i: &'a serde_json::value::RawValue,
+    #[serde(borrow)]
+    d: &'a serde_json::value::RawValue,
 }
 
 /// Writes planned rows to an anonymous temporary file.
@@ -117,24 +119,25 @@ impl SpillReader {
             "delete" => Operation::Delete,
             _ => Operation::Upsert,
         };
-        let identity = to_document(l.i);
-        let mut identity_json = Vec::new();
-        write_document(&identity, &mut identity_json);
+        let invalid = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         Ok(Some(SpilledRow {
             operation,
             key: l.k,
             fingerprint: l.f,
             added: l.a,
-            identity,
-            identity_json: String::from_utf8_lossy(&identity_json).into_owned(),
-            fields: to_document(l.d),
+            identity: parse_document(l.i.get()).map_err(invalid)?,
+            identity_json: l.i.get().to_owned(),
+            fields: parse_document(l.d.get()).map_err(invalid)?,
         }))
     }
 }
 
-/// A document from a JSON object (as written by the canonical writer).
-pub fn to_document(map: serde_json::Map<String, serde_json::Value>) -> Document {
-    map.into_iter().map(|(k, v)| (k, Value::from_json(v))).collect()
+/// A document from the canonical JSON of an object, numbers kept exact.
+pub fn parse_document(json: &str) -> Result<Document, serde_json::Error> {
+    match Value::from_json_text(json)? {
+        Value::Object(doc) => Ok(doc),
+        _ => Ok(Document::new()),
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,36 @@ impl Value {
         }
     }
 
+    /// Parses canonical JSON text back into values without losing digits: numbers become
+    /// integers or exact decimals (never a float), objects become [`Value::Object`]. The
+    /// canonical form of the result equals the input's.
+    pub fn from_json_text(text: &str) -> Result<Value, serde_json::Error> {
+        use serde_json::value::RawValue;
+        let t = text.trim();
+        Ok(match t.as_bytes().first() {
+            Some(b'{') => {
+                let map: BTreeMap<String, Box<RawValue>> = serde_json::from_str(t)?;
+                let mut doc = Document::new();
+                for (k, v) in map {
+                    doc.insert(k, Value::from_json_text(v.get())?);
+                }
+                Value::Object(doc)
+            }
+            Some(b'[') => {
+                let items: Vec<Box<RawValue>> = serde_json::from_str(t)?;
+                Value::Array(items.iter().map(|v| Value::from_json_text(v.get())).collect::<Result<_, _>>()?)
+            }
+            Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
+                Ok(i) => Value::Int(i),
+                Err(_) => match t.parse::<BigDecimal>() {
+                    Ok(d) => Value::Decimal(d),
+                    Err(_) => Value::from_json(serde_json::from_str(t)?),
+                },
+            },
+            _ => Value::from_json(serde_json::from_str(t)?),
+        })
+    }
+
     /// The value as plain text: strings unquoted, everything else in canonical JSON form.
     pub fn to_text(&self) -> String {
         match self {
@@ -313,6 +343,13 @@ mod tests {
             canon(&Value::Timestamp(ts.with_timezone(&Utc))),
             "\"2024-03-01T10:00:00Z\""
         );
+    }
+
+    #[test]
+    fn canonical_json_parses_back_without_losing_digits() {
+        let text = r#"{"a":[1,"x",null],"b":{"c":12345678901234567890.123456789,"d":true},"e":-0.5}"#;
+        let v = Value::from_json_text(text).unwrap();
+        assert_eq!(canon(&v), text);
     }
 
     #[test]
