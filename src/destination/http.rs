@@ -34,6 +34,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most characters of a response body quoted in an error or a rejection reason.
 pub const EXCERPT_CHARS: usize = 300;
 
+/// `url::ParseError`, named through `reqwest`'s re-exported `Url` (no direct `url` dependency).
+type UrlParseError = <Url as std::str::FromStr>::Err;
+
 const SECRET_PREFIX: &str = "secret.";
 const MASK: &str = "***";
 /// Records per request unless `spec.batchSize` lowers it.
@@ -404,7 +407,7 @@ fn check_target(
     let shown = render_fixed(FIELD, &template, Operation::Upsert, secret, true)?;
     let (url, shown) = match Url::parse(&rendered) {
         Ok(_) => (parse_url(FIELD, &rendered, &shown)?, shown),
-        Err(url::ParseError::RelativeUrlWithoutBase) => {
+        Err(UrlParseError::RelativeUrlWithoutBase) => {
             let origin = upsert.url.origin().ascii_serialization();
             let base = Url::parse(&origin).map_err(|e| {
                 DestinationError::Invalid(format!("{FIELD}: no origin to resolve against ({e})"))
@@ -431,12 +434,6 @@ fn check_target(
         host: scrubber.scrub(url.host_str().unwrap_or("")),
     };
     Ok(CheckTarget { url, label })
-}
-
-/// `reqwest` re-exports `Url` but not its error type's module; name it once here.
-mod url {
-    pub use reqwest::Url;
-    pub type ParseError = <Url as std::str::FromStr>::Err;
 }
 
 /// Writes the batch as a JSON array: each record's canonical fields, or its identity for
