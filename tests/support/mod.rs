@@ -5,4 +5,5 @@
 
 pub mod db;
 pub mod fake_connector;
+pub mod http_server;
 pub mod sqlite;
