@@ -50,6 +50,10 @@ enum Command {
         /// Run only this sync (repeatable); all syncs when absent.
         #[arg(long = "sync")]
         sync: Vec<String>,
+        /// Commit a checkpoint of accepted records after this many (a crash resends at most
+        /// one checkpoint).
+        #[arg(long, default_value_t = 10_000)]
+        checkpoint_records: usize,
         /// Summary format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             state_dir,
             full_resync,
             sync,
+            checkpoint_records,
             output,
         } => {
             let cancel = CancellationToken::new();
@@ -103,6 +108,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 dry_run,
                 full_resync,
                 only: sync,
+                checkpoint_records,
             };
             let outcomes = run_local(&config, cancel, output::TerminalProgress::for_sync).await?;
             let failed = outcomes.iter().any(|o| o.failed());

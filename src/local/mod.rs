@@ -31,6 +31,8 @@ pub struct LocalRunConfig {
     pub full_resync: bool,
     /// Run only the syncs with these names (all when empty).
     pub only: Vec<String>,
+    /// Commit a checkpoint after this many settled records.
+    pub checkpoint_records: usize,
 }
 
 /// The outcome of one sync of a local run.
@@ -95,6 +97,7 @@ pub async fn run_local(
         let options = RunOptions {
             dry_run: config.dry_run,
             full_resync: config.full_resync,
+            checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
             progress: progress(name),
             ..RunOptions::default()
