@@ -21,7 +21,8 @@ use backflow::state::file::FileStore;
 use futures::StreamExt;
 use sqlx::Connection;
 
-const QUERY: &str = "SELECT id, email, first_name, last_name, plan, mrr, signed_up_at, is_active, score FROM customers";
+const QUERY: &str =
+    "SELECT id, email, first_name, last_name, plan, mrr, signed_up_at, is_active, score FROM customers";
 
 /// A destination that accepts every record at once: the bench measures the engine.
 struct AcceptAll;
@@ -77,7 +78,10 @@ async fn child(phase: &str, url: &str, state_dir: &str) {
     let rows: u64 = match phase {
         "copy" => {
             let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-            let mut stream = conn.copy_out_raw(&format!("COPY ({QUERY}) TO STDOUT")).await.expect("copy");
+            let mut stream = conn
+                .copy_out_raw(&format!("COPY ({QUERY}) TO STDOUT"))
+                .await
+                .expect("copy");
             let mut lines = 0u64;
             while let Some(chunk) = stream.next().await {
                 lines += chunk.expect("copy chunk").iter().filter(|b| **b == b'\n').count() as u64;
@@ -100,11 +104,19 @@ async fn child(phase: &str, url: &str, state_dir: &str) {
                 name: "customers",
                 spec: &spec,
                 source_url: url,
-                delivery: Delivery::new(Arc::new(AcceptAll), Arc::new(RateLimiter::new(1e9, 1_000_000)), config),
+                delivery: Delivery::new(
+                    Arc::new(AcceptAll),
+                    Arc::new(RateLimiter::new(1e9, 1_000_000)),
+                    config,
+                ),
                 scope: "bench/null".into(),
             };
             let mut store = FileStore::new(std::path::Path::new(state_dir), "bench", "customers");
-            let options = RunOptions { dry_run: phase == "plan", checkpoint_records: 200_000, ..RunOptions::default() };
+            let options = RunOptions {
+                dry_run: phase == "plan",
+                checkpoint_records: 200_000,
+                ..RunOptions::default()
+            };
             let report = run(job, &mut store, &options).await;
             if let Some(e) = report.error {
                 panic!("bench run failed: {e}");
@@ -122,7 +134,10 @@ async fn child(phase: &str, url: &str, state_dir: &str) {
 
 fn run_phase(phase: &str, url: &str, state_dir: &str) -> (f64, u64, f64) {
     let exe = std::env::current_exe().expect("own path");
-    let out = Command::new(exe).args(["--phase", phase, url, state_dir]).output().expect("run phase");
+    let out = Command::new(exe)
+        .args(["--phase", phase, url, state_dir])
+        .output()
+        .expect("run phase");
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "phase {phase} failed");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -134,7 +149,9 @@ fn run_phase(phase: &str, url: &str, state_dir: &str) -> (f64, u64, f64) {
 }
 
 async fn admin(url: &str, sql: &str) {
-    let mut c = sqlx::PgConnection::connect(url).await.expect("connect to PostgreSQL");
+    let mut c = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connect to PostgreSQL");
     sqlx::raw_sql(sql).execute(&mut c).await.expect("bench SQL");
 }
 
@@ -148,12 +165,18 @@ async fn main() {
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` asks for benchmark names; this binary has one.
     }
-    let rows: u64 = std::env::var("BACKFLOW_BENCH_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(1_000_000);
+    let rows: u64 = std::env::var("BACKFLOW_BENCH_ROWS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1_000_000);
     let admin_url = std::env::var("BACKFLOW_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let db = format!("bf_bench_{}", std::process::id());
     admin(&admin_url, &format!("CREATE DATABASE {db}")).await;
-    let url = format!("{}/{db}", admin_url.rsplit_once('/').map(|(p, _)| p).unwrap_or(&admin_url));
+    let url = format!(
+        "{}/{db}",
+        admin_url.rsplit_once('/').map(|(p, _)| p).unwrap_or(&admin_url)
+    );
     eprintln!("creating a {rows}-row model in {db} ...");
     admin(
         &url,
@@ -180,9 +203,16 @@ async fn main() {
     admin(&admin_url, &format!("DROP DATABASE {db} WITH (FORCE)")).await;
 
     println!("\nbackflow plan benchmark: {rows} rows, PostgreSQL, one run\n");
-    println!("{:<44} {:>9} {:>12} {:>10} {:>9}", "phase", "seconds", "rows/s", "peak MiB", "vs COPY");
+    println!(
+        "{:<44} {:>9} {:>12} {:>10} {:>9}",
+        "phase", "seconds", "rows/s", "peak MiB", "vs COPY"
+    );
     let line = |name: &str, (s, n, rss): (f64, u64, f64), base: f64| {
-        println!("{name:<44} {s:>9.2} {:>12.0} {rss:>10.1} {:>8.2}x", n as f64 / s.max(1e-9), s / base.max(1e-9));
+        println!(
+            "{name:<44} {s:>9.2} {:>12.0} {rss:>10.1} {:>8.2}x",
+            n as f64 / s.max(1e-9),
+            s / base.max(1e-9)
+        );
     };
     line("COPY (query) TO STDOUT (baseline)", copy1, copy1.0);
     line("plan only, first run (empty state)", plan1, copy1.0);
@@ -193,7 +223,11 @@ async fn main() {
     println!(
         "\naims: second-run plan within 2x of COPY: {} ({ratio:.2}x); peak RSS under 150 MiB: {} ({:.1} MiB)",
         if ratio <= 2.0 { "met" } else { "NOT met" },
-        if plan1.2.max(plan2.2) < 150.0 { "met" } else { "NOT met" },
+        if plan1.2.max(plan2.2) < 150.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
         plan1.2.max(plan2.2)
     );
 }

@@ -77,7 +77,11 @@ impl Setup {
     }
 
     fn good(&self) -> std::path::PathBuf {
-        self.write(&manifests(&self.warehouse.url, &self.crm.url, "SELECT id, email, plan FROM customers"))
+        self.write(&manifests(
+            &self.warehouse.url,
+            &self.crm.url,
+            "SELECT id, email, plan FROM customers",
+        ))
     }
 
     fn state_dir(&self) -> std::path::PathBuf {
@@ -102,15 +106,23 @@ impl Setup {
         args.extend_from_slice(extra);
         let out = self.run(file, &args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let json = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
+        let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\n{stderr}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
         (out.status.success(), json, stderr)
     }
 
     fn state_files(&self) -> Vec<String> {
         let dir = self.state_dir().join("default");
         let mut files: Vec<String> = std::fs::read_dir(&dir)
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         files.retain(|f| !f.ends_with(".lock"));
         files.sort();
@@ -130,12 +142,20 @@ async fn a_sync_runs_then_sends_nothing_then_sends_exactly_the_changed_row() {
 
     let (ok, second, _) = s.run_json(&file, &[]);
     assert!(ok);
-    assert_eq!((second[0]["unchanged"].as_u64(), second[0]["requests"].as_u64()), (Some(300), Some(0)));
+    assert_eq!(
+        (second[0]["unchanged"].as_u64(), second[0]["requests"].as_u64()),
+        (Some(300), Some(0))
+    );
 
-    s.warehouse.exec("UPDATE customers SET plan = 'pro' WHERE id = 42; DELETE FROM customers WHERE id = 7").await;
+    s.warehouse
+        .exec("UPDATE customers SET plan = 'pro' WHERE id = 42; DELETE FROM customers WHERE id = 7")
+        .await;
     let (ok, third, _) = s.run_json(&file, &[]);
     assert!(ok);
-    assert_eq!((third[0]["changed"].as_u64(), third[0]["deleted"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (third[0]["changed"].as_u64(), third[0]["deleted"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(third[0]["unchanged"], 298);
 }
 
@@ -144,8 +164,15 @@ async fn a_text_summary_names_the_sync_and_its_counts() {
     let s = Setup::new().await;
     let out = s.run(&s.good(), &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("default/customers: Succeeded: 300 rows, added 300"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("default/customers: Succeeded: 300 rows, added 300"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -154,14 +181,21 @@ async fn a_dry_run_prints_samples_and_leaves_no_state() {
     let out = s.run(&s.good(), &["--dry-run"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("would upsert 1: {\"email\":\"user1@example.com\",\"id\":1,\"plan\":\"FREE\"}"), "{stdout}");
+    assert!(
+        stdout.contains("would upsert 1: {\"email\":\"user1@example.com\",\"id\":1,\"plan\":\"FREE\"}"),
+        "{stdout}"
+    );
     assert!(s.state_files().is_empty(), "{:?}", s.state_files());
 }
 
 async fn assert_fails_cleanly(s: &Setup, file: &Path, expected: &[&str]) {
     let before = s.state_files();
     let out = s.run(file, &[]);
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "should fail: {all}");
     for e in expected {
         assert!(all.contains(e), "expected {e:?} in:\n{all}");
@@ -179,16 +213,36 @@ async fn malformed_yaml_fails_with_the_file_and_document() {
 #[tokio::test]
 async fn a_wrong_api_version_or_kind_is_named() {
     let s = Setup::new().await;
-    let text = manifests(&s.warehouse.url, &s.crm.url, "SELECT 1").replace("backflow.dev/v1alpha1\nkind: ReverseSync", "backflow.dev/v2\nkind: ReverseSync");
-    assert_fails_cleanly(&s, &s.write(&text), &["unsupported apiVersion/kind backflow.dev/v2/ReverseSync"]).await;
+    let text = manifests(&s.warehouse.url, &s.crm.url, "SELECT 1").replace(
+        "backflow.dev/v1alpha1\nkind: ReverseSync",
+        "backflow.dev/v2\nkind: ReverseSync",
+    );
+    assert_fails_cleanly(
+        &s,
+        &s.write(&text),
+        &["unsupported apiVersion/kind backflow.dev/v2/ReverseSync"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_missing_secret_is_named_and_nothing_runs() {
     let s = Setup::new().await;
-    let text = manifests(&s.warehouse.url, &s.crm.url, "SELECT id, email, plan FROM customers")
-        .replace("connectionSecretRef: {name: warehouse}", "connectionSecretRef: {name: nowhere}");
-    assert_fails_cleanly(&s, &s.write(&text), &["failed to find Secret \"nowhere\"", "BACKFLOW_SECRET_NOWHERE_KEY"]).await;
+    let text = manifests(
+        &s.warehouse.url,
+        &s.crm.url,
+        "SELECT id, email, plan FROM customers",
+    )
+    .replace(
+        "connectionSecretRef: {name: warehouse}",
+        "connectionSecretRef: {name: nowhere}",
+    );
+    assert_fails_cleanly(
+        &s,
+        &s.write(&text),
+        &["failed to find Secret \"nowhere\"", "BACKFLOW_SECRET_NOWHERE_KEY"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -197,15 +251,28 @@ async fn bad_sql_fails_with_the_database_message_and_state_untouched() {
     let (ok, _, _) = s.run_json(&s.good(), &[]);
     assert!(ok);
     let text = manifests(&s.warehouse.url, &s.crm.url, "SELEKT id FROM customers");
-    assert_fails_cleanly(&s, &s.write(&text), &["failed to run model query", "syntax error"]).await;
+    assert_fails_cleanly(
+        &s,
+        &s.write(&text),
+        &["failed to run model query", "syntax error"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn an_unreachable_database_fails_without_showing_its_password() {
     let s = Setup::new().await;
-    let text = manifests("postgres://app:hunter2-secret@127.0.0.1:1/warehouse", &s.crm.url, "SELECT 1 AS id");
+    let text = manifests(
+        "postgres://app:hunter2-secret@127.0.0.1:1/warehouse",
+        &s.crm.url,
+        "SELECT 1 AS id",
+    );
     let out = s.run(&s.write(&text), &[]);
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success());
     assert!(all.contains("failed to connect to source"), "{all}");
     assert!(!all.contains("hunter2-secret"), "the password leaked: {all}");
@@ -214,7 +281,19 @@ async fn an_unreachable_database_fails_without_showing_its_password() {
 #[tokio::test]
 async fn an_invalid_spec_names_the_field() {
     let s = Setup::new().await;
-    let text = manifests(&s.warehouse.url, &s.crm.url, "SELECT id, email, plan FROM customers")
-        .replace("- {from: plan, to: plan, transforms: [uppercase]}", "- {from: plan, to: email}");
-    assert_fails_cleanly(&s, &s.write(&text), &["spec.mappings[2].to", "already the target of spec.mappings[1]"]).await;
+    let text = manifests(
+        &s.warehouse.url,
+        &s.crm.url,
+        "SELECT id, email, plan FROM customers",
+    )
+    .replace(
+        "- {from: plan, to: plan, transforms: [uppercase]}",
+        "- {from: plan, to: email}",
+    );
+    assert_fails_cleanly(
+        &s,
+        &s.write(&text),
+        &["spec.mappings[2].to", "already the target of spec.mappings[1]"],
+    )
+    .await;
 }

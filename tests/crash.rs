@@ -51,12 +51,19 @@ spec:
 
 fn backflow(file: &std::path::Path, state: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backflow"));
-    c.args(["run", "--output", "json", "--checkpoint-records", &CHECKPOINT.to_string(), "-f"])
-        .arg(file)
-        .arg("--state-dir")
-        .arg(state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "run",
+        "--output",
+        "json",
+        "--checkpoint-records",
+        &CHECKPOINT.to_string(),
+        "-f",
+    ])
+    .arg(file)
+    .arg("--state-dir")
+    .arg(state)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -78,8 +85,14 @@ async fn a_run_killed_mid_delivery_loses_nothing_and_resends_at_most_one_checkpo
     let mut child = backflow(&file, &state).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while double.request_count() < 30 {
-        assert!(tokio::time::Instant::now() < deadline, "the first run never got going");
-        assert!(child.try_wait().unwrap().is_none(), "the first run ended before it was killed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first run never got going"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the first run ended before it was killed"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     child.kill().unwrap(); // SIGKILL: no cleanup, no final commit

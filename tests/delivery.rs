@@ -13,7 +13,13 @@ use backflow::engine::value::Document;
 use support::fake_connector::{BadRecords, FakeConnector};
 
 fn records(n: usize) -> Vec<Record> {
-    (0..n).map(|i| Record { key: format!("k{i:03}"), identity: Document::new(), fields: Document::new() }).collect()
+    (0..n)
+        .map(|i| Record {
+            key: format!("k{i:03}"),
+            identity: Document::new(),
+            fields: Document::new(),
+        })
+        .collect()
 }
 
 fn config(max_attempts: u32) -> DeliveryConfig {
@@ -29,7 +35,11 @@ fn config(max_attempts: u32) -> DeliveryConfig {
 }
 
 fn delivery(fake: Arc<FakeConnector>, max_attempts: u32) -> Delivery {
-    Delivery::new(fake, Arc::new(RateLimiter::new(10_000.0, 10_000)), config(max_attempts))
+    Delivery::new(
+        fake,
+        Arc::new(RateLimiter::new(10_000.0, 10_000)),
+        config(max_attempts),
+    )
 }
 
 fn count(outcomes: &[(Record, Delivered)], f: impl Fn(&Delivered) -> bool) -> usize {
@@ -38,15 +48,21 @@ fn count(outcomes: &[(Record, Delivered)], f: impl Fn(&Delivered) -> bool) -> us
 
 #[tokio::test(start_paused = true)]
 async fn a_throttled_batch_waits_at_least_retry_after_then_lands() {
-    let fake = Arc::new(FakeConnector::new(100).with_script(vec![Err(SendError::Retryable {
-        reason: "HTTP 429".into(),
-        retry_after: Some(Duration::from_secs(7)),
-        throttled: true,
-    })]));
+    let fake = Arc::new(
+        FakeConnector::new(100).with_script(vec![Err(SendError::Retryable {
+            reason: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(7)),
+            throttled: true,
+        })]),
+    );
     let d = delivery(fake.clone(), 5);
     let start = tokio::time::Instant::now();
     let out = d.send_batch(Operation::Upsert, records(10)).await.unwrap();
-    assert!(start.elapsed() >= Duration::from_secs(7), "waited only {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_secs(7),
+        "waited only {:?}",
+        start.elapsed()
+    );
     assert_eq!(count(&out, |d| *d == Delivered::Accepted), 10);
     assert_eq!(fake.call_count(), 2);
     assert_eq!(d.stats().throttled.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -55,20 +71,41 @@ async fn a_throttled_batch_waits_at_least_retry_after_then_lands() {
 
 #[tokio::test(start_paused = true)]
 async fn transient_failures_back_off_and_give_up_after_max_attempts() {
-    let err = || Err(SendError::Retryable { reason: "HTTP 503".into(), retry_after: None, throttled: false });
+    let err = || {
+        Err(SendError::Retryable {
+            reason: "HTTP 503".into(),
+            retry_after: None,
+            throttled: false,
+        })
+    };
     let fake = Arc::new(FakeConnector::new(100).with_script(vec![err(), err(), err(), err()]));
-    let out = delivery(fake.clone(), 3).send_batch(Operation::Upsert, records(4)).await.unwrap();
+    let out = delivery(fake.clone(), 3)
+        .send_batch(Operation::Upsert, records(4))
+        .await
+        .unwrap();
     assert_eq!(fake.call_count(), 3);
-    assert_eq!(count(&out, |d| matches!(d, Delivered::Failed(r) if r.contains("HTTP 503") && r.contains("3 attempts"))), 4);
+    assert_eq!(
+        count(
+            &out,
+            |d| matches!(d, Delivered::Failed(r) if r.contains("HTTP 503") && r.contains("3 attempts"))
+        ),
+        4
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_batch_refused_whole_is_split_until_the_bad_records_stand_alone() {
     let fake = Arc::new(FakeConnector::new(100).with_bad(&["k003", "k011"], BadRecords::RefuseBatch));
-    let out = delivery(fake.clone(), 3).send_batch(Operation::Upsert, records(16)).await.unwrap();
+    let out = delivery(fake.clone(), 3)
+        .send_batch(Operation::Upsert, records(16))
+        .await
+        .unwrap();
     assert_eq!(out.len(), 16);
-    let rejected: Vec<_> =
-        out.iter().filter(|(_, d)| matches!(d, Delivered::Rejected(_))).map(|(r, _)| r.key.clone()).collect();
+    let rejected: Vec<_> = out
+        .iter()
+        .filter(|(_, d)| matches!(d, Delivered::Rejected(_)))
+        .map(|(r, _)| r.key.clone())
+        .collect();
     assert_eq!(rejected.len(), 2);
     assert!(rejected.contains(&"k003".to_string()) && rejected.contains(&"k011".to_string()));
     assert_eq!(fake.store.lock().unwrap().len(), 14, "every good record landed");
@@ -77,18 +114,30 @@ async fn a_batch_refused_whole_is_split_until_the_bad_records_stand_alone() {
 #[tokio::test(start_paused = true)]
 async fn per_record_rejections_leave_the_rest_of_the_batch_accepted() {
     let fake = Arc::new(FakeConnector::new(100).with_bad(&["k001"], BadRecords::RejectEach));
-    let out = delivery(fake.clone(), 3).send_batch(Operation::Upsert, records(5)).await.unwrap();
+    let out = delivery(fake.clone(), 3)
+        .send_batch(Operation::Upsert, records(5))
+        .await
+        .unwrap();
     assert_eq!(fake.call_count(), 1);
-    assert_eq!(count(&out, |d| matches!(d, Delivered::Rejected(r) if r == "record k001 is invalid")), 1);
+    assert_eq!(
+        count(
+            &out,
+            |d| matches!(d, Delivered::Rejected(r) if r == "record k001 is invalid")
+        ),
+        1
+    );
     assert_eq!(count(&out, |d| *d == Delivered::Accepted), 4);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_fatal_answer_stops_delivery() {
-    let fake = Arc::new(
-        FakeConnector::new(100).with_script(vec![Err(SendError::Fatal("credentials rejected by crm (HTTP 401)".into()))]),
-    );
-    let err = delivery(fake.clone(), 5).send_batch(Operation::Upsert, records(3)).await.unwrap_err();
+    let fake = Arc::new(FakeConnector::new(100).with_script(vec![Err(SendError::Fatal(
+        "credentials rejected by crm (HTTP 401)".into(),
+    ))]));
+    let err = delivery(fake.clone(), 5)
+        .send_batch(Operation::Upsert, records(3))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("credentials rejected"));
     assert_eq!(fake.call_count(), 1, "no retry of a fatal error");
 }

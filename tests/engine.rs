@@ -44,10 +44,18 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Harness {
-        Harness { db: TempSqlite::new(SETUP).await, state: tempfile::tempdir().unwrap() }
+        Harness {
+            db: TempSqlite::new(SETUP).await,
+            state: tempfile::tempdir().unwrap(),
+        }
     }
 
-    async fn run_with(&self, spec: &ReverseSyncSpec, fake: Arc<FakeConnector>, options: RunOptions) -> RunReport {
+    async fn run_with(
+        &self,
+        spec: &ReverseSyncSpec,
+        fake: Arc<FakeConnector>,
+        options: RunOptions,
+    ) -> RunReport {
         let config = DeliveryConfig {
             batch_size: fake.max_batch,
             max_concurrency: 2,
@@ -85,13 +93,22 @@ async fn first_run_sends_every_row_and_second_run_without_changes_sends_nothing(
     let first = h.run(&all("upsert"), fake.clone()).await;
     assert!(first.error.is_none(), "{:?}", first.error);
     assert_eq!(first.result, RunResult::Succeeded);
-    assert_eq!((first.plan.rows_in_model, first.plan.added, first.accepted), (250, 250, 250));
+    assert_eq!(
+        (first.plan.rows_in_model, first.plan.added, first.accepted),
+        (250, 250, 250)
+    );
     assert_eq!(first.requests, 3);
-    assert_eq!(fake.store.lock().unwrap()["7"], r#"{"id":7,"properties":{"email":"user7@example.com","plan":"free"},"score":10.5}"#);
+    assert_eq!(
+        fake.store.lock().unwrap()["7"],
+        r#"{"id":7,"properties":{"email":"user7@example.com","plan":"free"},"score":10.5}"#
+    );
 
     let second_fake = Arc::new(FakeConnector::new(100));
     let second = h.run(&all("upsert"), second_fake.clone()).await;
-    assert_eq!((second.plan.unchanged, second.plan.added, second.plan.changed), (250, 0, 0));
+    assert_eq!(
+        (second.plan.unchanged, second.plan.added, second.plan.changed),
+        (250, 0, 0)
+    );
     assert_eq!(second_fake.call_count(), 0);
     assert_eq!(second.result_fingerprint, first.result_fingerprint);
 }
@@ -133,19 +150,32 @@ async fn mirror_deletes_rows_that_left_the_model_and_other_modes_do_not() {
 #[tokio::test]
 async fn insert_mode_sends_new_rows_only_and_update_mode_changed_rows_only() {
     let h = Harness::new().await;
-    let some = spec("insert", "SELECT id, email, plan, score FROM customers WHERE id <= 10");
+    let some = spec(
+        "insert",
+        "SELECT id, email, plan, score FROM customers WHERE id <= 10",
+    );
     let fake = Arc::new(FakeConnector::new(100));
     h.run(&some, fake.clone()).await;
     assert_eq!(fake.call_count(), 1);
-    assert_eq!(fake.calls.lock().unwrap()[0].0, backflow::destination::Operation::Insert);
+    assert_eq!(
+        fake.calls.lock().unwrap()[0].0,
+        backflow::destination::Operation::Insert
+    );
 
-    h.db.exec("UPDATE customers SET plan = 'pro' WHERE id IN (1, 20)").await;
-    let update = spec("update", "SELECT id, email, plan, score FROM customers WHERE id <= 30");
+    h.db.exec("UPDATE customers SET plan = 'pro' WHERE id IN (1, 20)")
+        .await;
+    let update = spec(
+        "update",
+        "SELECT id, email, plan, score FROM customers WHERE id <= 30",
+    );
     let fake = Arc::new(FakeConnector::new(100));
     let report = h.run(&update, fake.clone()).await;
     // Row 1 was synced before and changed; 11..=30 were never synced: update mode skips them.
     assert_eq!(fake.sent_keys(), vec!["1"]);
-    assert_eq!(fake.calls.lock().unwrap()[0].0, backflow::destination::Operation::Update);
+    assert_eq!(
+        fake.calls.lock().unwrap()[0].0,
+        backflow::destination::Operation::Update
+    );
     assert_eq!(report.plan.skipped, 20);
 }
 
@@ -163,11 +193,24 @@ async fn null_and_duplicate_keys_reject_those_rows_and_the_run_goes_on() {
     let mut sent = fake.sent_keys();
     sent.sort();
     assert_eq!(sent, vec!["1", "2", "4", "5"]);
-    let reasons: Vec<_> = report.rejected_samples.iter().map(|r| r.reason.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.contains("duplicate primary key")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("\"id\" is NULL")), "{reasons:?}");
+    let reasons: Vec<_> = report
+        .rejected_samples
+        .iter()
+        .map(|r| r.reason.as_str())
+        .collect();
     assert!(
-        report.rejected_samples.iter().all(|r| !r.reason.contains("dup@example.com")),
+        reasons.iter().any(|r| r.contains("duplicate primary key")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("\"id\" is NULL")),
+        "{reasons:?}"
+    );
+    assert!(
+        report
+            .rejected_samples
+            .iter()
+            .all(|r| !r.reason.contains("dup@example.com")),
         "reasons never carry payload values"
     );
 }
@@ -177,7 +220,10 @@ async fn a_rejected_row_is_sent_again_next_run_and_accepted_rows_are_not() {
     let h = Harness::new().await;
     let fake = Arc::new(FakeConnector::new(100).with_bad(&["9"], BadRecords::RejectEach));
     let report = h.run(&all("upsert"), fake).await;
-    assert_eq!((report.rejected, report.accepted, report.result), (1, 249, RunResult::PartiallySucceeded));
+    assert_eq!(
+        (report.rejected, report.accepted, report.result),
+        (1, 249, RunResult::PartiallySucceeded)
+    );
     assert_eq!(report.rejected_samples[0].reason, "record 9 is invalid");
 
     let fake = Arc::new(FakeConnector::new(100));
@@ -192,10 +238,24 @@ async fn a_fatal_destination_error_stops_the_run_and_keeps_what_was_accepted() {
     let fatal = SendError::Fatal("credentials rejected by crm (HTTP 401)".into());
     let fake = Arc::new(FakeConnector::new(50).with_script(vec![Ok(()), Ok(()), Err(fatal)]));
     let report = h
-        .run_with(&all("upsert"), fake.clone(), RunOptions { checkpoint_records: 1, ..RunOptions::default() })
+        .run_with(
+            &all("upsert"),
+            fake.clone(),
+            RunOptions {
+                checkpoint_records: 1,
+                ..RunOptions::default()
+            },
+        )
         .await;
     assert_eq!(report.result, RunResult::Failed);
-    assert!(report.error.as_ref().unwrap().to_string().contains("credentials rejected"));
+    assert!(
+        report
+            .error
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("credentials rejected")
+    );
     let accepted = report.accepted;
     assert!(accepted >= 50, "at least the first batch landed: {accepted}");
 
@@ -209,7 +269,16 @@ async fn a_fatal_destination_error_stops_the_run_and_keeps_what_was_accepted() {
 async fn a_dry_run_sends_nothing_changes_no_state_and_shows_samples() {
     let h = Harness::new().await;
     let fake = Arc::new(FakeConnector::new(100));
-    let report = h.run_with(&all("upsert"), fake.clone(), RunOptions { dry_run: true, ..RunOptions::default() }).await;
+    let report = h
+        .run_with(
+            &all("upsert"),
+            fake.clone(),
+            RunOptions {
+                dry_run: true,
+                ..RunOptions::default()
+            },
+        )
+        .await;
     assert_eq!(report.plan.added, 250);
     assert_eq!(fake.call_count(), 0);
     assert_eq!(report.plan_samples.len(), 5);
@@ -223,7 +292,16 @@ async fn full_resync_sends_unchanged_rows_again() {
     let h = Harness::new().await;
     h.run(&all("upsert"), Arc::new(FakeConnector::new(100))).await;
     let fake = Arc::new(FakeConnector::new(100));
-    let report = h.run_with(&all("upsert"), fake.clone(), RunOptions { full_resync: true, ..RunOptions::default() }).await;
+    let report = h
+        .run_with(
+            &all("upsert"),
+            fake.clone(),
+            RunOptions {
+                full_resync: true,
+                ..RunOptions::default()
+            },
+        )
+        .await;
     assert_eq!((report.plan.changed, report.accepted), (250, 250));
 }
 
@@ -234,6 +312,9 @@ async fn a_mapping_that_names_a_missing_column_fails_before_sending() {
     let fake = Arc::new(FakeConnector::new(100));
     let report = h.run(&spec, fake.clone()).await;
     let err = report.error.unwrap().to_string();
-    assert!(err.contains("spec.mappings[3].from") && err.contains("score"), "{err}");
+    assert!(
+        err.contains("spec.mappings[3].from") && err.contains("score"),
+        "{err}"
+    );
     assert_eq!(fake.call_count(), 0);
 }

@@ -16,8 +16,12 @@ fn every_example_and_sample_manifest_is_valid() {
                 continue;
             }
             let mut m = Manifests::default();
-            load_text(&std::fs::read_to_string(&path).unwrap(), &path.display().to_string(), &mut m)
-                .unwrap_or_else(|e| panic!("{e}"));
+            load_text(
+                &std::fs::read_to_string(&path).unwrap(),
+                &path.display().to_string(),
+                &mut m,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
             for d in m.destinations.values() {
                 validate_destination(&d.spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             }
@@ -27,5 +31,8 @@ fn every_example_and_sample_manifest_is_valid() {
             }
         }
     }
-    assert!(checked >= 2, "expected the quick start and the samples, checked {checked}");
+    assert!(
+        checked >= 2,
+        "expected the quick start and the samples, checked {checked}"
+    );
 }

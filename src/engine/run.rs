@@ -386,7 +386,7 @@ async fn run_steps(
         }
         let planned = c.report.plan.rows_in_model + 1;
         c.report.plan.rows_in_model = planned;
-        if planned % 10_000 == 0 {
+        if planned.is_multiple_of(10_000) {
             options.progress.planned(planned);
         }
     }

@@ -88,7 +88,12 @@ impl Value {
             }
             Some(b'[') => {
                 let items: Vec<Box<RawValue>> = serde_json::from_str(t)?;
-                Value::Array(items.iter().map(|v| Value::from_json_text(v.get())).collect::<Result<_, _>>()?)
+                Value::Array(
+                    items
+                        .iter()
+                        .map(|v| Value::from_json_text(v.get()))
+                        .collect::<Result<_, _>>()?,
+                )
             }
             Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
                 Ok(i) => Value::Int(i),

@@ -90,10 +90,7 @@ impl FileStore {
 
     /// Reads the state file and replays the journal on top.
     fn read_all(&self, scope: &str) -> Result<Fingerprints, StateError> {
-        let base = match self.read_state_file(scope)? {
-            Some(base) => base,
-            None => Fingerprints::default(),
-        };
+        let base = self.read_state_file(scope)?.unwrap_or_default();
         let changes = self.read_journal(scope)?;
         Ok(if changes.is_empty() {
             base

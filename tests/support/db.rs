@@ -19,7 +19,8 @@ pub fn postgres_admin_url() -> String {
 
 /// The admin URL of the MySQL/MariaDB test server.
 pub fn mysql_admin_url() -> String {
-    std::env::var("BACKFLOW_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_owned())
+    std::env::var("BACKFLOW_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/mysql".to_owned())
 }
 
 fn unique_name(prefix: &str) -> String {
@@ -86,18 +87,27 @@ impl TestDb {
         };
         exec_admin(server, &admin_url, &create).await;
         let url = replace_database(&admin_url, &name);
-        TestDb { server, name, url, admin_url }
+        TestDb {
+            server,
+            name,
+            url,
+            admin_url,
+        }
     }
 
     /// Runs statements (separated by `;` at line ends) in the database.
     pub async fn exec(&self, sql: &str) {
         match self.server {
             Server::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&self.url).await.expect("connect to test postgres");
+                let mut c = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to test postgres");
                 sqlx::raw_sql(sql).execute(&mut c).await.expect("run test SQL");
             }
             Server::Mysql => {
-                let mut c = sqlx::MySqlConnection::connect(&self.url).await.expect("connect to test mysql");
+                let mut c = sqlx::MySqlConnection::connect(&self.url)
+                    .await
+                    .expect("connect to test mysql");
                 sqlx::raw_sql(sql).execute(&mut c).await.expect("run test SQL");
             }
         }
@@ -107,16 +117,24 @@ impl TestDb {
 async fn exec_admin(server: Server, admin_url: &str, sql: &str) {
     match server {
         Server::Postgres => {
-            let mut c = sqlx::PgConnection::connect(admin_url)
+            let mut c = sqlx::PgConnection::connect(admin_url).await.unwrap_or_else(|e| {
+                panic!("PostgreSQL test server not reachable ({e}); set BACKFLOW_TEST_POSTGRES_URL")
+            });
+            sqlx::raw_sql(sql)
+                .execute(&mut c)
                 .await
-                .unwrap_or_else(|e| panic!("PostgreSQL test server not reachable ({e}); set BACKFLOW_TEST_POSTGRES_URL"));
-            sqlx::raw_sql(sql).execute(&mut c).await.expect("admin SQL on postgres");
+                .expect("admin SQL on postgres");
         }
         Server::Mysql => {
             let mut c = sqlx::MySqlConnection::connect(admin_url)
                 .await
-                .unwrap_or_else(|e| panic!("MySQL test server not reachable ({e}); set BACKFLOW_TEST_MYSQL_URL"));
-            sqlx::raw_sql(sql).execute(&mut c).await.expect("admin SQL on mysql");
+                .unwrap_or_else(|e| {
+                    panic!("MySQL test server not reachable ({e}); set BACKFLOW_TEST_MYSQL_URL")
+                });
+            sqlx::raw_sql(sql)
+                .execute(&mut c)
+                .await
+                .expect("admin SQL on mysql");
         }
     }
 }

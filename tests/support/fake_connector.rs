@@ -70,7 +70,12 @@ impl FakeConnector {
 
     /// Keys sent so far, in call order.
     pub fn sent_keys(&self) -> Vec<String> {
-        self.calls.lock().unwrap().iter().flat_map(|(_, k)| k.clone()).collect()
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, k)| k.clone())
+            .collect()
     }
 }
 
@@ -79,7 +84,12 @@ impl Connector for FakeConnector {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             max_batch_size: self.max_batch,
-            operations: vec![Operation::Upsert, Operation::Update, Operation::Insert, Operation::Delete],
+            operations: vec![
+                Operation::Upsert,
+                Operation::Update,
+                Operation::Insert,
+                Operation::Delete,
+            ],
             default_requests_per_second: 1000.0,
             default_concurrency: 2,
         }
@@ -90,8 +100,16 @@ impl Connector for FakeConnector {
     }
 
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
-        assert!(batch.len() <= self.max_batch, "batch of {} over the limit {}", batch.len(), self.max_batch);
-        self.calls.lock().unwrap().push((operation, batch.iter().map(|r| r.key.clone()).collect()));
+        assert!(
+            batch.len() <= self.max_batch,
+            "batch of {} over the limit {}",
+            batch.len(),
+            self.max_batch
+        );
+        self.calls
+            .lock()
+            .unwrap()
+            .push((operation, batch.iter().map(|r| r.key.clone()).collect()));
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -113,7 +131,8 @@ impl Connector for FakeConnector {
                         store.remove(&r.key);
                     }
                     _ => {
-                        let body = String::from_utf8(backflow::engine::value::canonical_bytes(&r.fields)).unwrap();
+                        let body =
+                            String::from_utf8(backflow::engine::value::canonical_bytes(&r.fields)).unwrap();
                         store.insert(r.key.clone(), body);
                     }
                 }

@@ -24,7 +24,6 @@
 //! a record "accepted" here is only remembered in the request log. Parsed JSON uses
 //! `serde_json` without arbitrary precision, so compare exact numbers on the raw body.
 
-
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -17,16 +17,24 @@ impl TempSqlite {
     pub async fn new(setup: &str) -> TempSqlite {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("warehouse.db");
-        let db = TempSqlite { url: format!("sqlite://{}", path.display()), dir, path };
+        let db = TempSqlite {
+            url: format!("sqlite://{}", path.display()),
+            dir,
+            path,
+        };
         db.exec(setup).await;
         db
     }
 
     /// Runs statements in the database.
     pub async fn exec(&self, sql: &str) {
-        let mut c = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&self.path).create_if_missing(true))
-            .await
-            .unwrap();
+        let mut c = SqliteConnection::connect_with(
+            &SqliteConnectOptions::new()
+                .filename(&self.path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
         c.close().await.unwrap();
     }
