@@ -323,6 +323,25 @@ mod tests {
     }
 
     #[test]
+    fn extraction_can_run_on_a_spawned_task() {
+        // Compiles only while every driver's `extract` future is `Send`: sqlx futures over a
+        // borrowed connection easily lose it, and the engine runs extractions on tasks.
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = postgres::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = mysql::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = sqlite::extract("x", "SELECT 1", &options).await;
+        });
+    }
+
+    #[test]
     fn timeouts_never_round_down_to_no_timeout() {
         assert_eq!(timeout_millis(Duration::from_micros(10)), 1);
         assert_eq!(timeout_millis(Duration::from_millis(200)), 200);

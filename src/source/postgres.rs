@@ -37,8 +37,10 @@ pub(super) async fn extract(
     // statement_timeout is an int4 of milliseconds on the server.
     let millis = super::timeout_millis(timeout).min(i32::MAX as u64);
     let setup = format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}");
-    sqlx::raw_sql(&setup)
-        .execute(&mut conn)
+    // A plain string runs through the simple protocol, which takes both statements at once.
+    // (`sqlx::raw_sql` would too, but its future is not `Send` for every lifetime, so a
+    // caller could not spawn `extract`.)
+    conn.execute(setup.as_str())
         .await
         .map_err(|e| query_error(e, timeout))?;
 
