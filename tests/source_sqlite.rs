@@ -138,7 +138,7 @@ async fn every_supported_type_maps_to_its_canonical_value() {
 }
 
 #[tokio::test]
-async fn numeric_columns_keep_every_digit_sqlite_kept() {
+async fn numbers_come_back_exactly_as_sqlite_stored_them() {
     // A NUMERIC column keeps text that is not a well-formed number as text, and a TEXT
     // column keeps every digit; both come back exact. A DECIMAL column holding numbers holds
     // SQLite integers and doubles, read as such.

@@ -102,7 +102,7 @@ async fn describe(
     timeout: std::time::Duration,
 ) -> Result<Vec<PlannedColumn>, SourceError> {
     // Preparing (rather than `describe`) skips sqlx's nullability probing, and the prepared
-    // statement is cached so the `fetch` below reuses it.
+    // statement is cached, so the `fetch` in `stream` reuses it.
     let statement = conn.prepare(query).await.map_err(|e| query_error(e, timeout))?;
     statement
         .columns()
