@@ -7,9 +7,11 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
+use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::engine::value::Value;
@@ -151,5 +153,197 @@ pub fn describe_url(url: &str) -> String {
             format!("{scheme}://{without_query}")
         }
         None => "<invalid URL>".to_owned(),
+    }
+}
+
+/// The sending end of a row channel, held by the task that runs the query.
+type RowSender = mpsc::Sender<Result<Vec<Value>, SourceError>>;
+
+/// The bounded channel between the database task and the planner.
+fn row_channel(options: &SourceOptions) -> (RowSender, mpsc::Receiver<Result<Vec<Value>, SourceError>>) {
+    // `mpsc::channel(0)` panics; a buffer of one row is the smallest that streams.
+    mpsc::channel(options.buffer_rows.max(1))
+}
+
+/// The statement timeout in whole milliseconds, at least 1: the databases read 0 as "no timeout".
+fn timeout_millis(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// How the streaming of a result ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// Every row was sent.
+    Finished,
+    /// The receiver was dropped: nobody wants the rest.
+    ReceiverGone,
+    /// An error was sent (or the receiver was gone when it happened).
+    Failed,
+}
+
+/// Decodes the rows of `rows` and sends them into `tx` until the result ends, an error
+/// occurs (sent as the last item) or the receiver is dropped.
+///
+/// Waiting for the next row also watches the receiver, so a slow query stops as soon as
+/// nobody listens instead of at its next row.
+async fn pump<R, S>(
+    rows: S,
+    tx: &RowSender,
+    mut decode: impl FnMut(&R) -> Result<Vec<Value>, SourceError>,
+    query_error: impl Fn(sqlx::Error) -> SourceError,
+) -> StreamEnd
+where
+    S: Stream<Item = Result<R, sqlx::Error>>,
+{
+    let mut rows = std::pin::pin!(rows);
+    loop {
+        let next = tokio::select! {
+            next = rows.next() => next,
+            () = tx.closed() => return StreamEnd::ReceiverGone,
+        };
+        let item = match next {
+            None => return StreamEnd::Finished,
+            Some(Ok(row)) => decode(&row),
+            Some(Err(e)) => Err(query_error(e)),
+        };
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() {
+            return StreamEnd::ReceiverGone;
+        }
+        if failed {
+            return StreamEnd::Failed;
+        }
+    }
+}
+
+/// A `Connect` error for `url` whose reason never shows the URL's password.
+fn connect_error(url: &str, reason: impl Display) -> SourceError {
+    SourceError::Connect {
+        target: describe_url(url),
+        reason: scrub_password(&reason.to_string(), url),
+    }
+}
+
+/// Replaces the password of `url`, as written and percent-decoded, with `***` in `text`.
+///
+/// Drivers quote hosts, users and sometimes whole URLs in their errors; a password must
+/// never reach a status message, an event or a log line.
+fn scrub_password(text: &str, url: &str) -> String {
+    let Some(password) = url_password(url) else {
+        return text.to_owned();
+    };
+    let mut out = text.to_owned();
+    let decoded = percent_decode(password);
+    for secret in [password, decoded.as_str()] {
+        if !secret.is_empty() {
+            out = out.replace(secret, "***");
+        }
+    }
+    out
+}
+
+/// The password part of `scheme://user:password@host/...`, as written.
+fn url_password(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    // The authority ends at the first `/`, `?` or `#`, but a password may itself contain
+    // those when not percent-encoded; the last `@` before the path marks its end.
+    let (userinfo, _) = rest.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    Some(password)
+}
+
+/// Decodes `%XX` escapes; invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Widens a single-precision float through its shortest decimal form, so a `REAL` 0.1
+/// becomes the `f64` 0.1 (and hashes like a `DOUBLE` 0.1) rather than 0.100000001490116.
+fn widen_f32(f: f32) -> f64 {
+    if f.is_finite() {
+        f.to_string().parse().unwrap_or(f64::from(f))
+    } else {
+        f64::from(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_scrubbed_as_written_and_decoded() {
+        let url = "postgres://app:s%40cret@db.internal:5432/warehouse";
+        assert_eq!(
+            scrub_password("login for app with s@cret failed; s%40cret", url),
+            "login for app with *** failed; ***"
+        );
+        assert_eq!(
+            scrub_password("no secret here", "sqlite:///tmp/x.db"),
+            "no secret here"
+        );
+    }
+
+    #[test]
+    fn connect_errors_name_the_host_but_not_the_credentials() {
+        let err = connect_error(
+            "mysql://root:hunter2@127.0.0.1:1/shop?ssl-mode=disabled",
+            "refused: hunter2",
+        );
+        let text = err.to_string();
+        assert!(text.contains("mysql://127.0.0.1:1/shop"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn single_precision_floats_widen_to_their_shortest_form() {
+        assert_eq!(widen_f32(0.1), 0.1);
+        assert_eq!(widen_f32(-2.5), -2.5);
+        assert!(widen_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn extraction_can_run_on_a_spawned_task() {
+        // Compiles only while every driver's `extract` future is `Send`: sqlx futures over a
+        // borrowed connection easily lose it, and the engine runs extractions on tasks.
+        fn spawnable<F: std::future::Future + Send + 'static>(_: F) {}
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = postgres::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = mysql::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = sqlite::extract("x", "SELECT 1", &options).await;
+        });
+    }
+
+    #[test]
+    fn timeouts_never_round_down_to_no_timeout() {
+        assert_eq!(timeout_millis(Duration::from_micros(10)), 1);
+        assert_eq!(timeout_millis(Duration::from_millis(200)), 200);
     }
 }

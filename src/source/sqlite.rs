@@ -1,11 +1,368 @@
-//! Placeholder until implemented.
+//! SQLite source: a local database file, `sqlite://path/to/file.db`.
+//!
+//! The file is opened read-only (never created: a missing file is a connection error) with
+//! `PRAGMA query_only = ON` on top. SQLite has no server-side statement timeout, so the
+//! timeout is enforced twice from this side: a progress handler interrupts the SQLite engine
+//! once the deadline passes (so a runaway query stops using the CPU), and
+//! `tokio::time::timeout` around the streaming task covers time spent waiting, for example on
+//! a slow consumer. Either way the stream ends with [`SourceError::Timeout`].
+//!
+//! SQLite types values, not columns, so each value is decoded by its storage class, refined
+//! by the column's declared type where there is one: INTEGER in a BOOLEAN column is a
+//! boolean; ISO text in a DATE, DATETIME, TIMESTAMP or TIME column is a date, timestamp or
+//! time; text in a JSON column is JSON; text in a NUMERIC or DECIMAL column is an exact
+//! decimal — in each case only when the text parses, otherwise it stays text.
 
-use super::{RowStream, SourceError, SourceOptions};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
 
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteRow};
+use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
+use tokio::time::Instant;
+
+use super::{Column, RowSender, RowStream, SourceError, SourceOptions};
+use crate::engine::value::Value;
+
+/// SQLITE_READONLY: a write to a read-only database (extended codes share the low byte).
+const SQLITE_READONLY: i64 = 8;
+/// SQLITE_INTERRUPT: the progress handler stopped the statement at the deadline.
+const SQLITE_INTERRUPT: i64 = 9;
+/// The temporary view through which the declared types of the query's columns are read.
+const PROBE_VIEW: &str = "backflow_model_columns";
+/// SQLite virtual machine steps between two looks at the clock.
+const PROGRESS_STEPS: i32 = 1000;
+
+/// Runs `query` on the SQLite file of `url` and streams its rows.
 pub(super) async fn extract(
-    _url: &str,
-    _query: &str,
-    _options: &SourceOptions,
+    url: &str,
+    query: &str,
+    options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
-    Err(SourceError::UnsupportedUrl("not implemented yet".into()))
+    let connect_options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| super::connect_error(url, e))?
+        .read_only(true)
+        .create_if_missing(false);
+    let path = connect_options.get_filename();
+    if !is_in_memory(url, path) && !path.exists() {
+        return Err(super::connect_error(
+            url,
+            format!("the database file {} does not exist", path.display()),
+        ));
+    }
+    let mut conn = SqliteConnection::connect_with(&connect_options)
+        .await
+        .map_err(|e| super::connect_error(url, e))?;
+
+    let timeout = options.statement_timeout;
+    let deadline = Instant::now() + timeout;
+    let columns = match start(&mut conn, query, timeout, deadline).await {
+        Ok(columns) => columns,
+        Err(e) => {
+            let _ = conn.close().await;
+            return Err(e);
+        }
+    };
+    let (tx, rx) = super::row_channel(options);
+    let public = columns.iter().map(|c| c.column.clone()).collect();
+    tokio::spawn(stream(conn, query.to_owned(), columns, tx, timeout, deadline));
+    Ok(RowStream::new(public, rx))
+}
+
+fn is_in_memory(url: &str, path: &Path) -> bool {
+    path.as_os_str() == ":memory:" || url.contains("mode=memory")
+}
+
+/// A column of the result and the meaning its declared type gives to its values.
+#[derive(Debug, Clone)]
+struct PlannedColumn {
+    column: Column,
+    declared: Declared,
+}
+
+/// What a declared type says about a column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declared {
+    Bool,
+    Date,
+    Time,
+    Timestamp,
+    Json,
+    Decimal,
+    /// No declared type (an expression) or one that adds nothing to the storage class.
+    Other,
+}
+
+fn declared(type_name: &str) -> Declared {
+    let t = type_name.trim().to_ascii_uppercase();
+    if t.contains("BOOL") {
+        Declared::Bool
+    } else if t.starts_with("DATETIME") || t.starts_with("TIMESTAMP") {
+        Declared::Timestamp
+    } else if t == "DATE" {
+        Declared::Date
+    } else if t.starts_with("TIME") {
+        Declared::Time
+    } else if t == "JSON" {
+        Declared::Json
+    } else if t.starts_with("NUMERIC") || t.starts_with("DECIMAL") {
+        Declared::Decimal
+    } else {
+        Declared::Other
+    }
+}
+
+/// Sets the deadline, learns the columns and their declared types, and locks writes out.
+async fn start(
+    conn: &mut SqliteConnection,
+    query: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Vec<PlannedColumn>, SourceError> {
+    let deadline = deadline.into_std();
+    conn.lock_handle()
+        .await
+        .map_err(|e| query_error(e, timeout))?
+        .set_progress_handler(PROGRESS_STEPS, move || std::time::Instant::now() < deadline);
+
+    let declared_types = declared_types(conn, query).await;
+    conn.execute("PRAGMA query_only = ON")
+        .await
+        .map_err(|e| query_error(e, timeout))?;
+
+    let statement = conn.prepare(query).await.map_err(|e| query_error(e, timeout))?;
+    statement
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            // sqlx only knows the declared types it maps to Rust types (and calls an
+            // expression NULL before the first step); the probe view knows them all.
+            let type_name = match declared_types.as_ref().and_then(|t| t.get(i)) {
+                Some(t) if !t.is_empty() => t.clone(),
+                Some(_) => "ANY".to_owned(),
+                None => match c.type_info().name() {
+                    "NULL" => "ANY".to_owned(),
+                    other => other.to_owned(),
+                },
+            };
+            let column = Column {
+                name: c.name().to_owned(),
+                type_name,
+            };
+            // A BLOB declaration is no refusal up front: through a view SQLite also calls a
+            // column declared without a type BLOB, and such a column may hold anything. A
+            // blob is refused at its first value.
+            let declared = declared(&column.type_name);
+            Ok(PlannedColumn { column, declared })
+        })
+        .collect()
+}
+
+/// The declared type of each column of `query` ("" for an expression), or `None` when the
+/// query cannot be a view (it is not a single SELECT).
+///
+/// sqlx exposes a column's declared type only when it maps it to a Rust type, and
+/// `sqlite3_column_decltype` is out of reach without unsafe code, so the query is wrapped in
+/// a temporary view (in the connection's private temp schema; the database file is opened
+/// read-only) and `pragma_table_info` reads the declared types back.
+async fn declared_types(conn: &mut SqliteConnection, query: &str) -> Option<Vec<String>> {
+    let body = query.trim().trim_end_matches(';');
+    let create = format!("CREATE TEMP VIEW {PROBE_VIEW} AS {body}");
+    conn.execute(create.as_str()).await.ok()?;
+    let types = sqlx::query_scalar::<_, String>(&format!(
+        "SELECT type FROM pragma_table_info('{PROBE_VIEW}') ORDER BY cid"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .ok();
+    let _ = conn
+        .execute(format!("DROP VIEW temp.{PROBE_VIEW}").as_str())
+        .await;
+    types
+}
+
+/// The streaming task: fetch and send until done, an error, the receiver leaves or the
+/// deadline passes.
+async fn stream(
+    mut conn: SqliteConnection,
+    query: String,
+    columns: Vec<PlannedColumn>,
+    tx: RowSender,
+    timeout: Duration,
+    deadline: Instant,
+) {
+    let rows = sqlx::query(&query).fetch(&mut conn);
+    let pumped = super::pump(
+        rows,
+        &tx,
+        |row: &SqliteRow| decode_row(row, &columns),
+        |e| query_error(e, timeout),
+    );
+    if tokio::time::timeout_at(deadline, pumped).await.is_err() {
+        let _ = tx.send(Err(SourceError::Timeout(timeout))).await;
+    }
+    // Nothing to roll back: no transaction was opened, as a single SELECT already reads one
+    // consistent snapshot of the file.
+    let _ = conn.close().await;
+}
+
+fn decode_row(row: &SqliteRow, columns: &[PlannedColumn]) -> Result<Vec<Value>, SourceError> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| decode_value(row, i, c))
+        .collect()
+}
+
+fn decode_value(row: &SqliteRow, i: usize, planned: &PlannedColumn) -> Result<Value, SourceError> {
+    let decode_error = |e: sqlx::Error| SourceError::Decode {
+        column: planned.column.name.clone(),
+        reason: e.to_string(),
+    };
+    let raw = row.try_get_raw(i).map_err(decode_error)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let storage = raw.type_info().name().to_owned();
+    Ok(match storage.as_str() {
+        "INTEGER" => {
+            let n = row.try_get_unchecked::<i64, _>(i).map_err(decode_error)?;
+            match planned.declared {
+                Declared::Bool => Value::Bool(n != 0),
+                _ => Value::Int(n),
+            }
+        }
+        "REAL" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(decode_error)?),
+        "TEXT" => text_value(
+            row.try_get_unchecked::<String, _>(i).map_err(decode_error)?,
+            planned.declared,
+        ),
+        _ => {
+            return Err(SourceError::UnsupportedType {
+                column: planned.column.name.clone(),
+                type_name: storage,
+            });
+        }
+    })
+}
+
+/// Text refined by the declared type when it parses as that type, else kept as text.
+fn text_value(text: String, declared: Declared) -> Value {
+    let refined = match declared {
+        Declared::Date => NaiveDate::parse_from_str(&text, "%Y-%m-%d").ok().map(Value::Date),
+        Declared::Time => parse_time(&text).map(Value::Time),
+        Declared::Timestamp => parse_timestamp(&text).map(Value::Timestamp),
+        Declared::Json => serde_json::from_str(&text).ok().map(Value::Json),
+        Declared::Decimal => BigDecimal::from_str(text.trim()).ok().map(Value::Decimal),
+        Declared::Bool | Declared::Other => None,
+    };
+    refined.unwrap_or(Value::Text(text))
+}
+
+fn parse_time(text: &str) -> Option<NaiveTime> {
+    ["%H:%M:%S%.f", "%H:%M"]
+        .iter()
+        .find_map(|f| NaiveTime::parse_from_str(text, f).ok())
+}
+
+/// The timestamp forms SQLite's date functions and common drivers write: a date, a space or
+/// `T`, a time with optional fraction, then an optional `Z` or offset. No offset means UTC.
+fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    let (body, utc_suffix) = match text.strip_suffix(['Z', 'z']) {
+        Some(body) => (body, true),
+        None => (text, false),
+    };
+    if !utc_suffix {
+        for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+            if let Ok(t) = DateTime::parse_from_str(body, format) {
+                return Some(t.with_timezone(&Utc));
+            }
+        }
+    }
+    let naive = [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(body, f).ok())
+    .or_else(|| {
+        NaiveDate::parse_from_str(body, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+    })?;
+    Some(naive.and_utc())
+}
+
+/// Sorts a query failure by SQLite's result code.
+fn query_error(e: sqlx::Error, timeout: Duration) -> SourceError {
+    let sqlx::Error::Database(db) = &e else {
+        return SourceError::Query(e.to_string());
+    };
+    let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
+    match primary {
+        Some(SQLITE_READONLY) => SourceError::ReadOnly(db.message().to_owned()),
+        Some(SQLITE_INTERRUPT) => SourceError::Timeout(timeout),
+        _ => SourceError::Query(db.message().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn timestamps_in_the_usual_sqlite_forms_are_read_as_utc() {
+        assert_eq!(
+            parse_timestamp("2024-03-01 12:00:00"),
+            Some(utc("2024-03-01T12:00:00Z"))
+        );
+        assert_eq!(
+            parse_timestamp("2024-03-01T12:00:00.250Z"),
+            Some(utc("2024-03-01T12:00:00.25Z"))
+        );
+        assert_eq!(
+            parse_timestamp("2024-03-01 12:00:00+02:00"),
+            Some(utc("2024-03-01T10:00:00Z"))
+        );
+        assert_eq!(parse_timestamp("2024-03-01"), Some(utc("2024-03-01T00:00:00Z")));
+        assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn declared_types_are_read_like_sqlite_reads_affinity() {
+        assert_eq!(declared("boolean"), Declared::Bool);
+        assert_eq!(declared("DECIMAL(38, 0)"), Declared::Decimal);
+        assert_eq!(declared("TIMESTAMP WITH TIME ZONE"), Declared::Timestamp);
+        assert_eq!(declared("datetime"), Declared::Timestamp);
+        assert_eq!(declared("DATE"), Declared::Date);
+        assert_eq!(declared("json"), Declared::Json);
+        assert_eq!(declared("VARCHAR(10)"), Declared::Other);
+        assert_eq!(declared(""), Declared::Other);
+    }
+
+    #[test]
+    fn text_that_does_not_parse_as_its_declared_type_stays_text() {
+        assert_eq!(
+            text_value("soon".into(), Declared::Date),
+            Value::Text("soon".into())
+        );
+        assert_eq!(
+            text_value("10.50".into(), Declared::Decimal),
+            Value::Decimal(BigDecimal::from_str("10.50").unwrap())
+        );
+        assert_eq!(
+            text_value("{oops".into(), Declared::Json),
+            Value::Text("{oops".into())
+        );
+    }
 }

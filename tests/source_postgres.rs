@@ -1,0 +1,353 @@
+//! The PostgreSQL source against the real server: type mapping, read-only enforcement,
+//! timeouts, errors and streaming.
+
+mod support;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use backflow::engine::value::Value;
+use backflow::source::{Column, RowStream, SourceError, SourceOptions, extract};
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use sqlx::Connection;
+use support::db::TestDb;
+
+fn options() -> SourceOptions {
+    SourceOptions {
+        statement_timeout: Duration::from_secs(30),
+        buffer_rows: 64,
+    }
+}
+
+async fn collect(mut stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+    let mut rows = Vec::new();
+    while let Some(row) = stream.next().await {
+        rows.push(row?);
+    }
+    Ok(rows)
+}
+
+async fn rows_of(db: &TestDb, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
+    collect(extract(&db.url, query, &options()).await?).await
+}
+
+fn dec(s: &str) -> Value {
+    Value::Decimal(BigDecimal::from_str(s).unwrap())
+}
+
+fn ts(s: &str) -> Value {
+    Value::Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+#[tokio::test]
+async fn every_supported_type_maps_to_its_canonical_value() {
+    let db = TestDb::postgres("src_types").await;
+    db.exec(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE DOMAIN short_text AS varchar(20);
+         CREATE TABLE t (
+           id int4, b bool, i2 int2, i8 int8, o oid, f4 float4, f8 float8, n numeric,
+           t text, v varchar(10), c char(3), nm name, m mood, dt short_text,
+           d date, tm time, tsn timestamp, tstz timestamptz,
+           j json, jb jsonb, u uuid,
+           ai int4[], at text[], an numeric[], ats timestamptz[], am mood[]
+         );
+         INSERT INTO t VALUES (
+           1, true, -32768, 9223372036854775807, 4294967295, 0.1, 2.5, 123.450,
+           'héllo ✓ 日本', 'v', 'ab', 'pg_name', 'sad', 'domain',
+           '2024-02-29', '13:14:15.5', '2024-03-01 12:00:00', '2024-03-01 12:00:00+02',
+           '{\"b\": [1, 2], \"a\": null}', '{\"z\": 1.5}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+           '{1,NULL,3}', '{\"x\",NULL,\"ü\"}', '{1.10,-2}', '{\"2024-01-01 00:00:00+01\"}', '{happy,sad}'
+         );
+         INSERT INTO t (id) VALUES (2);",
+    )
+    .await;
+
+    let stream = extract(&db.url, "SELECT * FROM t ORDER BY id", &options())
+        .await
+        .unwrap();
+    let types: Vec<&str> = stream.columns().iter().map(|c| c.type_name.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "INT4",
+            "BOOL",
+            "INT2",
+            "INT8",
+            "OID",
+            "FLOAT4",
+            "FLOAT8",
+            "NUMERIC",
+            "TEXT",
+            "VARCHAR",
+            "CHAR",
+            "NAME",
+            "mood",
+            // A domain reaches the client as its base type.
+            "VARCHAR",
+            "DATE",
+            "TIME",
+            "TIMESTAMP",
+            "TIMESTAMPTZ",
+            "JSON",
+            "JSONB",
+            "UUID",
+            "INT4[]",
+            "TEXT[]",
+            "NUMERIC[]",
+            "TIMESTAMPTZ[]",
+            "mood[]"
+        ]
+    );
+    let rows = collect(stream).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[0],
+        vec![
+            Value::Int(1),
+            Value::Bool(true),
+            Value::Int(-32768),
+            Value::Int(i64::MAX),
+            Value::Int(4_294_967_295),
+            Value::Float(0.1),
+            Value::Float(2.5),
+            dec("123.450"),
+            text("héllo ✓ 日本"),
+            text("v"),
+            // char(n) pads with spaces, as PostgreSQL returns it.
+            text("ab "),
+            text("pg_name"),
+            text("sad"),
+            text("domain"),
+            Value::Date(NaiveDate::from_ymd_opt(2024, 2, 29).unwrap()),
+            Value::Time(NaiveTime::from_hms_milli_opt(13, 14, 15, 500).unwrap()),
+            ts("2024-03-01T12:00:00Z"),
+            ts("2024-03-01T10:00:00Z"),
+            Value::Json(serde_json::json!({"a": null, "b": [1, 2]})),
+            Value::Json(serde_json::json!({"z": 1.5})),
+            Value::Uuid(uuid::Uuid::parse_str("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap()),
+            Value::Array(vec![Value::Int(1), Value::Null, Value::Int(3)]),
+            Value::Array(vec![text("x"), Value::Null, text("ü")]),
+            Value::Array(vec![dec("1.10"), dec("-2")]),
+            Value::Array(vec![ts("2023-12-31T23:00:00Z")]),
+            Value::Array(vec![text("happy"), text("sad")]),
+        ]
+    );
+    assert_eq!(rows[1][0], Value::Int(2));
+    assert!(rows[1][1..].iter().all(|v| *v == Value::Null), "{:?}", rows[1]);
+}
+
+#[tokio::test]
+async fn numeric_columns_keep_every_digit() {
+    let db = TestDb::postgres("src_numeric").await;
+    let rows = rows_of(
+        &db,
+        "SELECT n FROM (VALUES
+           (12345678901234567890123456789012345678::numeric),
+           (-0.000000000000000000000000000000000001),
+           (0.00), (-42.50)) AS v(n)",
+    )
+    .await
+    .unwrap();
+    let values: Vec<Value> = rows.into_iter().map(|mut r| r.remove(0)).collect();
+    assert_eq!(
+        values,
+        [
+            dec("12345678901234567890123456789012345678"),
+            dec("-0.000000000000000000000000000000000001"),
+            dec("0"),
+            dec("-42.5"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_numeric_nan_is_a_decode_error_naming_the_column() {
+    let db = TestDb::postgres("src_nan").await;
+    let err = rows_of(&db, "SELECT 'NaN'::numeric AS ratio").await.unwrap_err();
+    match err {
+        SourceError::Decode { column, .. } => assert_eq!(column, "ratio"),
+        other => panic!("expected Decode, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_infinite_timestamp_is_a_decode_error_not_a_crash() {
+    let db = TestDb::postgres("src_inf").await;
+    let err = rows_of(&db, "SELECT 'infinity'::timestamptz AS until")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SourceError::Decode { column, reason } if column == "until" && reason.contains("infinity")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unsupported_column_type_names_the_column_before_any_row() {
+    let db = TestDb::postgres("src_unsupported").await;
+    db.exec("CREATE TABLE files (id int, payload bytea)").await;
+    let err = extract(&db.url, "SELECT id, payload FROM files", &options())
+        .await
+        .unwrap_err();
+    match err {
+        SourceError::UnsupportedType { column, type_name } => {
+            assert_eq!(column, "payload");
+            assert_eq!(type_name, "BYTEA");
+        }
+        other => panic!("expected UnsupportedType, got {other:?}"),
+    }
+    let err = extract(&db.url, "SELECT interval '1 day' AS span", &options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SourceError::UnsupportedType { ref column, .. } if column == "span"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn writes_are_refused_and_leave_the_table_unchanged() {
+    let db = TestDb::postgres("src_write").await;
+    db.exec(
+        "CREATE TABLE accounts (id int primary key, name text);
+         INSERT INTO accounts VALUES (1, 'a');
+         CREATE SEQUENCE ids;",
+    )
+    .await;
+    for write in [
+        "INSERT INTO accounts VALUES (2, 'b') RETURNING id",
+        "WITH gone AS (DELETE FROM accounts RETURNING id) SELECT id FROM gone",
+        "SELECT nextval('ids') AS id",
+    ] {
+        let err = rows_of(&db, write).await.unwrap_err();
+        assert!(matches!(err, SourceError::ReadOnly(_)), "{write}: {err:?}");
+        assert_eq!(err.category(), "QueryFailed");
+    }
+    let rows = rows_of(&db, "SELECT id FROM accounts").await.unwrap();
+    assert_eq!(rows, vec![vec![Value::Int(1)]]);
+}
+
+#[tokio::test]
+async fn bad_sql_reports_the_database_message() {
+    let db = TestDb::postgres("src_badsql").await;
+    let err = extract(&db.url, "SELECT * FROM no_such_table", &options())
+        .await
+        .unwrap_err();
+    match err {
+        SourceError::Query(message) => assert!(message.contains("no_such_table"), "{message}"),
+        other => panic!("expected Query, got {other:?}"),
+    }
+    let err = rows_of(&db, "SELECT 1 / (n - 1) AS x FROM generate_series(1, 3) n")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SourceError::Query(m) if m.contains("division by zero")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_connect_error_without_the_password() {
+    let url = "postgres://backflow:Sup3r-S3cret@127.0.0.1:1/warehouse";
+    let err = extract(url, "SELECT 1", &options()).await.unwrap_err();
+    assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(!message.contains("Sup3r-S3cret"), "{message}");
+    assert!(message.contains("127.0.0.1:1/warehouse"), "{message}");
+    assert!(!err.is_permanent());
+}
+
+#[tokio::test]
+async fn a_query_past_the_statement_timeout_is_a_timeout() {
+    let db = TestDb::postgres("src_timeout").await;
+    let options = SourceOptions {
+        statement_timeout: Duration::from_millis(200),
+        buffer_rows: 16,
+    };
+    let started = Instant::now();
+    let stream = extract(&db.url, "SELECT pg_sleep(5) AS slept", &options)
+        .await
+        .unwrap();
+    let err = collect(stream).await.unwrap_err();
+    assert!(
+        matches!(err, SourceError::Timeout(d) if d == Duration::from_millis(200)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn two_hundred_thousand_rows_stream_through_a_small_buffer() {
+    let db = TestDb::postgres("src_stream").await;
+    let options = SourceOptions {
+        statement_timeout: Duration::from_secs(60),
+        buffer_rows: 16,
+    };
+    let mut stream = extract(
+        &db.url,
+        "SELECT n AS id, 'row ' || n AS label FROM generate_series(1, 200000) n",
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stream.columns().to_vec(),
+        vec![
+            Column {
+                name: "id".into(),
+                type_name: "INT4".into()
+            },
+            Column {
+                name: "label".into(),
+                type_name: "TEXT".into()
+            },
+        ]
+    );
+    let mut count = 0_i64;
+    while let Some(row) = stream.next().await {
+        let row = row.unwrap();
+        count += 1;
+        assert_eq!(row[0], Value::Int(count));
+    }
+    assert_eq!(count, 200_000);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_early_ends_the_query_on_the_server() {
+    let db = TestDb::postgres("src_drop").await;
+    let marker = format!("backflow_drop_marker_{}", std::process::id());
+    // A set-returning function in the select list streams; in FROM it would be materialised
+    // before the first row.
+    let query = format!("SELECT generate_series(1, 100000000) AS n, '{marker}' AS tag");
+    let mut stream = extract(&db.url, &query, &options()).await.unwrap();
+    for _ in 0..10 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+        )
+        .bind(&marker)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if running == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the query still runs after the stream was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
