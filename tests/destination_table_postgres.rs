@@ -521,6 +521,29 @@ async fn records_with_different_field_sets_leave_unmentioned_columns_alone() {
 }
 
 #[tokio::test]
+async fn an_upsert_batch_that_repeats_a_match_value_keeps_the_last_record() {
+    let db = TestDb::postgres("tbl_repeat").await;
+    db.exec(CONTACTS).await;
+    let c = connector(&db.url, "contacts", None).await;
+    let batch = vec![
+        contact("a@x.io", "First", 1),
+        contact("b@x.io", "Bob", 2),
+        contact("a@x.io", "Last", 3),
+    ];
+    assert_eq!(
+        c.send(Operation::Upsert, &batch).await.unwrap(),
+        vec![RecordOutcome::Accepted; 3]
+    );
+    assert_eq!(
+        contacts(&db).await,
+        vec![
+            ("a@x.io".into(), "Last".into(), 3),
+            ("b@x.io".into(), "Bob".into(), 2)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_server_errors_without_the_password() {
     let url = "postgres://backflow:Sup3r-Secret-Pw@127.0.0.1:1/warehouse";
     let c = connector(url, "contacts", None).await;

@@ -36,7 +36,7 @@ use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
 use crate::api::{DestinationSpec, DestinationType};
-use crate::engine::value::{Document, Value, write_document};
+use crate::engine::value::{Document, Value, canonical_bytes, write_document};
 
 /// Most records in one batch. Far below every database's bind-parameter limit for tables
 /// of ordinary width; wider rows are split into several statements by parameter count.
@@ -431,6 +431,25 @@ fn consecutive_groups<K: PartialEq>(items: impl Iterator<Item = (usize, K)>) -> 
     groups
 }
 
+/// The members of an upsert group without the records a later one with the same match
+/// values supersedes. Within a group every record writes the same columns, so keeping the
+/// last is exactly what upserting them one after the other would leave; and PostgreSQL
+/// refuses a statement that would update one row twice.
+fn last_per_identity(
+    batch: &[Record],
+    rows: &[(usize, Cow<'_, Document>)],
+    members: Vec<usize>,
+) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    let mut kept: Vec<usize> = members
+        .into_iter()
+        .rev()
+        .filter(|pos| seen.insert(canonical_bytes(&batch[rows[*pos].0].identity)))
+        .collect();
+    kept.reverse();
+    kept
+}
+
 fn join_quoted<D: Dialect>(cols: &[&str]) -> String {
     cols.iter().map(|c| D::quote(c)).collect::<Vec<_>>().join(", ")
 }
@@ -486,6 +505,11 @@ pub(crate) fn plan<'a, D: Dialect>(target: &Target, operation: Operation, batch:
                 (pos, (cols, keys))
             }));
             for ((cols, keys), members) in groups {
+                let members = if operation == Operation::Upsert {
+                    last_per_identity(batch, &rows, members)
+                } else {
+                    members
+                };
                 let update_cols: Vec<&str> = cols.iter().copied().filter(|c| !keys.contains(c)).collect();
                 let conflict = if operation == Operation::Upsert {
                     let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
@@ -820,7 +844,10 @@ where
                 "the database refused access to table {table}: {reason}; grant the user SELECT, INSERT, \
                  UPDATE and DELETE on it"
             )),
-            Failure::Fatal => SendError::Fatal(format!("failed to write to table {table}: {reason}")),
+            Failure::Fatal => SendError::Fatal(match context {
+                Context::Connect => format!("failed to connect to {location}: {reason}"),
+                Context::Write => format!("failed to write to table {table} at {location}: {reason}"),
+            }),
         }
     }
 
@@ -926,12 +953,12 @@ where
         let result = match sqlx::query::<D::Db>(&probe).execute(&mut conn).await {
             Ok(_) => D::check_writable(&mut conn, &self.target)
                 .await
-                .map_err(|e| self.send_error(&e, &[], Context::Connect))
+                .map_err(|e| self.send_error(&e, &[], Context::Write))
                 .and_then(|problem| match problem {
                     Some(problem) => Err(SendError::Fatal(self.conn.scrubber.scrub(&problem))),
                     None => Ok(()),
                 }),
-            Err(e) => Err(self.send_error(&e, &[], Context::Connect)),
+            Err(e) => Err(self.send_error(&e, &[], Context::Write)),
         };
         // Closing politely is a courtesy; the check's answer does not depend on it.
         let _ = conn.close().await;

@@ -165,6 +165,8 @@ fn classify_error(number: u16, sqlstate: &str) -> Failure {
         // no default, foreign keys, CHECK (MySQL and MariaDB), invalid JSON
         1048 | 1062 | 1406 | 1264 | 1265 | 1366 | 1292 | 1364 | 1451 | 1452 | 1216 | 1217 | 3819 | 4025
         | 3140 | 1690 | 1411 | 1263 => Failure::Data,
+        // A batch larger than max_allowed_packet: halves of it may fit.
+        1153 => Failure::Data,
         _ => match sqlstate.get(..2) {
             Some("22" | "23") => Failure::Data,
             Some("08" | "40") => Failure::Transient,

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::SecondsFormat;
 use sqlx::Sqlite;
 use sqlx::error::DatabaseError;
 use sqlx::query::Query;
@@ -68,8 +69,10 @@ impl Dialect for Lite {
             Value::Float(f) => query.bind(*f),
             Value::Text(s) => query.bind(s.clone()),
             Value::Uuid(u) => query.bind(u.hyphenated().to_string()),
-            // Dates and times: their canonical JSON strings, unquoted.
-            Value::Date(_) | Value::Time(_) | Value::Timestamp(_) => query.bind(value.to_text()),
+            // The same ISO 8601 forms as the canonical value model.
+            Value::Date(d) => query.bind(d.format("%Y-%m-%d").to_string()),
+            Value::Time(t) => query.bind(t.format("%H:%M:%S%.f").to_string()),
+            Value::Timestamp(ts) => query.bind(ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
             Value::Null | Value::Json(_) | Value::Array(_) | Value::Object(_) => query.bind(json_text(value)),
         }
     }
