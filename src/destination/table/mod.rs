@@ -64,17 +64,17 @@ pub async fn build(
     secret: Option<&SecretData>,
 ) -> Result<Arc<dyn Connector>, DestinationError> {
     let kind = spec.destination_type;
-    let block = match kind {
-        DestinationType::Postgres => spec.postgres.as_ref(),
-        DestinationType::Mysql => spec.mysql.as_ref(),
-        DestinationType::Sqlite => spec.sqlite.as_ref(),
+    let (block, connector): (_, ConnectorFn) = match kind {
+        DestinationType::Postgres => (spec.postgres.as_ref(), postgres::connector),
+        DestinationType::Mysql => (spec.mysql.as_ref(), mysql::connector),
+        DestinationType::Sqlite => (spec.sqlite.as_ref(), sqlite::connector),
         DestinationType::Http => {
             return Err(DestinationError::Invalid(
                 "type http is not a database table destination".to_owned(),
             ));
         }
-    }
-    .ok_or(DestinationError::MissingBlock(kind.as_str()))?;
+    };
+    let block = block.ok_or(DestinationError::MissingBlock(kind.as_str()))?;
 
     if block.table.is_empty() {
         return Err(DestinationError::Invalid(format!(
@@ -107,15 +107,11 @@ pub async fn build(
         secret_key: key.to_owned(),
     };
 
-    match kind {
-        DestinationType::Postgres => postgres::connector(url, target, conn),
-        DestinationType::Mysql => mysql::connector(url, target, conn),
-        DestinationType::Sqlite => sqlite::connector(url, target, conn),
-        DestinationType::Http => Err(DestinationError::Invalid(
-            "type http is not a database table destination".to_owned(),
-        )),
-    }
+    connector(url, target, conn)
 }
+
+/// A dialect's constructor: URL, table and connection details to a connector.
+type ConnectorFn = fn(&str, Target, ConnectionInfo) -> Result<Arc<dyn Connector>, DestinationError>;
 
 /// Where the connection came from and how to keep its secrets out of messages.
 pub(crate) struct ConnectionInfo {
@@ -151,7 +147,9 @@ impl ConnectionInfo {
         } else {
             Err(DestinationError::Invalid(format!(
                 "type {kind} needs a {}:// URL in key {:?} of Secret {:?}, not a {scheme:?} one",
-                schemes[0], self.secret_key, self.secret_name
+                schemes.first().copied().unwrap_or(kind),
+                self.secret_key,
+                self.secret_name
             )))
         }
     }
@@ -180,8 +178,9 @@ impl Scrubber {
             .into_iter()
             .flatten()
             {
-                secrets.push(userinfo.to_owned());
+                // A user name alone is not secret (and is often a word like `postgres`).
                 if let Some((_, password)) = userinfo.split_once(':') {
+                    secrets.push(userinfo.to_owned());
                     secrets.push(password.to_owned());
                     secrets.push(percent_decode(password));
                 }
@@ -192,7 +191,7 @@ impl Scrubber {
         }
         secrets.retain(|s| s.chars().count() >= Self::MIN_LEN);
         // Longest first, so a URL is replaced whole before its password inside it.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secrets.dedup();
         Scrubber { secrets }
     }
@@ -520,58 +519,9 @@ pub(crate) fn plan<'a, D: Dialect>(target: &Target, operation: Operation, batch:
                 } else {
                     String::new()
                 };
-                let col_list = join_quoted::<D>(&cols);
-                match D::BINDING {
-                    Binding::JsonRecordset => {
-                        let mut json = vec![b'['];
-                        for (n, pos) in members.iter().enumerate() {
-                            if n > 0 {
-                                json.push(b',');
-                            }
-                            write_document(&rows[*pos].1, &mut json);
-                        }
-                        json.push(b']');
-                        statements.push(Statement {
-                            sql: format!(
-                                "INSERT INTO {table} ({col_list}) SELECT {col_list} FROM \
-                                 jsonb_populate_recordset(NULL::{table}, {}::jsonb){conflict}",
-                                D::placeholder(1)
-                            ),
-                            params: vec![Param::Json(String::from_utf8_lossy(&json).into_owned())],
-                            must_match: None,
-                        });
-                    }
-                    Binding::Placeholders { max_params } => {
-                        let per_statement = (max_params / cols.len().max(1)).max(1);
-                        for chunk in members.chunks(per_statement) {
-                            let mut params = Vec::with_capacity(chunk.len() * cols.len());
-                            let mut tuples = Vec::with_capacity(chunk.len());
-                            for pos in chunk {
-                                let record: &'a Record = &batch[rows[*pos].0];
-                                let mut holders = Vec::with_capacity(cols.len());
-                                for col in &cols {
-                                    // Same lookup order as `row_of`: fields, then identity.
-                                    let value = record
-                                        .fields
-                                        .get(*col)
-                                        .or_else(|| record.identity.get(*col))
-                                        .unwrap_or(&Value::Null);
-                                    params.push(Param::Value(value));
-                                    holders.push(D::placeholder(params.len()));
-                                }
-                                tuples.push(format!("({})", holders.join(", ")));
-                            }
-                            statements.push(Statement {
-                                sql: format!(
-                                    "INSERT INTO {table} ({col_list}) VALUES {}{conflict}",
-                                    tuples.join(", ")
-                                ),
-                                params,
-                                must_match: None,
-                            });
-                        }
-                    }
-                }
+                statements.extend(insert_statements::<D>(
+                    &table, batch, &rows, &cols, &members, &conflict,
+                ));
             }
         }
         Operation::Update => {
@@ -618,6 +568,73 @@ pub(crate) fn plan<'a, D: Dialect>(target: &Target, operation: Operation, batch:
         statements,
         outcomes,
         upsert_keys,
+    }
+}
+
+/// `INSERT` statements (with `conflict` appended: the upsert clause or nothing) for one group
+/// of rows writing the same columns.
+fn insert_statements<'a, D: Dialect>(
+    table: &str,
+    batch: &'a [Record],
+    rows: &[(usize, Cow<'a, Document>)],
+    cols: &[&str],
+    members: &[usize],
+    conflict: &str,
+) -> Vec<Statement<'a>> {
+    let col_list = join_quoted::<D>(cols);
+    match D::BINDING {
+        Binding::JsonRecordset => {
+            let mut json = vec![b'['];
+            for (n, pos) in members.iter().enumerate() {
+                if n > 0 {
+                    json.push(b',');
+                }
+                write_document(&rows[*pos].1, &mut json);
+            }
+            json.push(b']');
+            vec![Statement {
+                sql: format!(
+                    "INSERT INTO {table} ({col_list}) SELECT {col_list} FROM \
+                     jsonb_populate_recordset(NULL::{table}, {}::jsonb){conflict}",
+                    D::placeholder(1)
+                ),
+                params: vec![Param::Json(String::from_utf8_lossy(&json).into_owned())],
+                must_match: None,
+            }]
+        }
+        Binding::Placeholders { max_params } => {
+            let per_statement = (max_params / cols.len().max(1)).max(1);
+            members
+                .chunks(per_statement)
+                .map(|chunk| {
+                    let mut params = Vec::with_capacity(chunk.len() * cols.len());
+                    let mut tuples = Vec::with_capacity(chunk.len());
+                    for pos in chunk {
+                        let record = &batch[rows[*pos].0];
+                        let mut holders = Vec::with_capacity(cols.len());
+                        for col in cols {
+                            // Same lookup order as `row_of`: fields, then identity.
+                            let value = record
+                                .fields
+                                .get(*col)
+                                .or_else(|| record.identity.get(*col))
+                                .unwrap_or(&Value::Null);
+                            params.push(Param::Value(value));
+                            holders.push(D::placeholder(params.len()));
+                        }
+                        tuples.push(format!("({})", holders.join(", ")));
+                    }
+                    Statement {
+                        sql: format!(
+                            "INSERT INTO {table} ({col_list}) VALUES {}{conflict}",
+                            tuples.join(", ")
+                        ),
+                        params,
+                        must_match: None,
+                    }
+                })
+                .collect()
+        }
     }
 }
 
@@ -1028,6 +1045,18 @@ mod tests {
         assert_eq!(s.scrub("bad s3cr@t here"), "bad *** here");
         assert_eq!(s.scrub("url postgres://app:s3cr%40t@db:5432/x"), "url ***");
         assert_eq!(s.scrub("nothing"), "nothing");
+    }
+
+    #[test]
+    fn scrubber_leaves_a_user_name_without_password_alone() {
+        let s = Scrubber::new("postgres://postgres@db:5432/x", None);
+        assert_eq!(
+            s.scrub("role \"postgres\" does not exist"),
+            "role \"postgres\" does not exist"
+        );
+        let secret = SecretData::new([("token".to_owned(), "tok-123456".to_owned())].into());
+        let s = Scrubber::new("sqlite://x.db", Some(&secret));
+        assert_eq!(s.scrub("echo tok-123456"), "echo ***");
     }
 
     #[test]
