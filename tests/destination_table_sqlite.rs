@@ -1,0 +1,551 @@
+//! The SQLite table destination on temporary database files.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::json;
+use sqlx::Connection;
+use tempfile::TempDir;
+
+use backflow::api::DestinationSpec;
+use backflow::destination::{
+    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
+};
+use backflow::engine::value::{Document, Value};
+
+fn doc(pairs: &[(&str, Value)]) -> Document {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+/// A record matched on `match_fields` (taken from `fields`).
+fn record(match_fields: &[&str], fields: &[(&str, Value)]) -> Record {
+    let fields = doc(fields);
+    let identity = match_fields
+        .iter()
+        .map(|k| ((*k).to_owned(), fields[*k].clone()))
+        .collect();
+    Record {
+        key: format!("{identity:?}"),
+        identity,
+        fields,
+    }
+}
+
+fn key_only(pairs: &[(&str, Value)]) -> Record {
+    Record {
+        key: format!("{pairs:?}"),
+        identity: doc(pairs),
+        fields: Document::new(),
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+fn spec(table: &str, schema: Option<&str>) -> DestinationSpec {
+    serde_json::from_value(json!({
+        "type": "sqlite",
+        "credentialsSecretRef": {"name": "local"},
+        "sqlite": {"table": table, "schema": schema},
+    }))
+    .unwrap()
+}
+
+/// A temporary database file (not created yet) and its URL.
+struct TestFile {
+    dir: TempDir,
+}
+
+impl TestFile {
+    fn new() -> TestFile {
+        TestFile {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("dest.db").display())
+    }
+
+    async fn conn(&self) -> sqlx::SqliteConnection {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url())
+            .unwrap()
+            .create_if_missing(true);
+        sqlx::SqliteConnection::connect_with(&options).await.unwrap()
+    }
+
+    async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql).execute(&mut self.conn().await).await.unwrap();
+    }
+
+    async fn connector(&self, table: &str, schema: Option<&str>) -> Arc<dyn Connector> {
+        let secret = SecretData::new(BTreeMap::from([("url".to_owned(), self.url())]));
+        destination::build(&spec(table, schema), Some(&secret))
+            .await
+            .unwrap()
+    }
+}
+
+async fn contacts(f: &TestFile) -> Vec<(String, String, i64)> {
+    sqlx::query_as("SELECT email, name, visits FROM contacts ORDER BY email")
+        .fetch_all(&mut f.conn().await)
+        .await
+        .unwrap()
+}
+
+const CONTACTS: &str = "CREATE TABLE contacts (
+    id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    visits INTEGER NOT NULL DEFAULT 0
+)";
+
+fn contact(email: &str, name: &str, visits: i64) -> Record {
+    record(
+        &["email"],
+        &[
+            ("email", text(email)),
+            ("name", text(name)),
+            ("visits", Value::Int(visits)),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn the_database_file_is_created_in_wal_mode_when_missing() {
+    let f = TestFile::new();
+    let c = f.connector("contacts", None).await;
+    // The file appears on first connection; the table does not exist yet.
+    assert!(matches!(c.check().await, Err(SendError::Fatal(_))));
+    assert!(f.dir.path().join("dest.db").exists());
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+
+    f.exec(CONTACTS).await;
+    c.check().await.unwrap();
+    let caps = c.capabilities();
+    assert_eq!(caps.default_concurrency, 1);
+    assert_eq!(caps.operations.len(), 4);
+}
+
+#[tokio::test]
+async fn upsert_creates_rows_then_updates_exactly_the_changed_ones() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("contacts", None).await;
+
+    let first = vec![
+        contact("a@x.io", "Ann", 1),
+        contact("b@x.io", "Bob", 2),
+        contact("c@x.io", "Cy", 3),
+    ];
+    assert_eq!(
+        c.send(Operation::Upsert, &first).await.unwrap(),
+        vec![RecordOutcome::Accepted; 3]
+    );
+    let second = vec![contact("b@x.io", "Bobby", 20), contact("d@x.io", "Di", 4)];
+    assert_eq!(
+        c.send(Operation::Upsert, &second).await.unwrap(),
+        vec![RecordOutcome::Accepted; 2]
+    );
+
+    assert_eq!(
+        contacts(&f).await,
+        vec![
+            ("a@x.io".into(), "Ann".into(), 1),
+            ("b@x.io".into(), "Bobby".into(), 20),
+            ("c@x.io".into(), "Cy".into(), 3),
+            ("d@x.io".into(), "Di".into(), 4),
+        ]
+    );
+}
+
+/// id, amount, seen_at, ref, payload, active, born, ratio — as SQLite stores them.
+type FactRow = (i64, String, String, String, String, i64, String, f64);
+
+#[tokio::test]
+async fn typed_values_are_stored_exactly() {
+    let f = TestFile::new();
+    f.exec(
+        "CREATE TABLE facts (
+            id INTEGER PRIMARY KEY,
+            amount TEXT,
+            seen_at TEXT,
+            ref TEXT,
+            payload TEXT,
+            active BOOLEAN,
+            born DATE,
+            ratio REAL
+        )",
+    )
+    .await;
+    let c = f.connector("facts", Some("main")).await;
+    let amount = "1234567890123456789012.1234567891";
+    let at: DateTime<Utc> = DateTime::parse_from_rfc3339("2024-03-01T12:00:00.5+02:00")
+        .unwrap()
+        .into();
+    let id = uuid::Uuid::parse_str("6f1c2a4e-8d0b-4c1e-9a3f-2b7d5e8c9a01").unwrap();
+    let nested = Value::Object(doc(&[
+        (
+            "big",
+            Value::Decimal(BigDecimal::from_str("98765432109876543210.5").unwrap()),
+        ),
+        ("list", Value::Array(vec![Value::Int(1), Value::Null])),
+    ]));
+    let batch = vec![record(
+        &["id"],
+        &[
+            ("id", Value::Int(9_007_199_254_740_993)),
+            ("amount", Value::Decimal(BigDecimal::from_str(amount).unwrap())),
+            ("seen_at", Value::Timestamp(at)),
+            ("ref", Value::Uuid(id)),
+            ("payload", nested),
+            ("active", Value::Bool(true)),
+            (
+                "born",
+                Value::Date(NaiveDate::from_ymd_opt(1990, 12, 31).unwrap()),
+            ),
+            ("ratio", Value::Float(0.1)),
+        ],
+    )];
+    assert_eq!(
+        c.send(Operation::Upsert, &batch).await.unwrap(),
+        vec![RecordOutcome::Accepted]
+    );
+
+    let row: FactRow =
+        sqlx::query_as("SELECT id, amount, seen_at, ref, payload, active, born, ratio FROM facts")
+            .fetch_one(&mut f.conn().await)
+            .await
+            .unwrap();
+    assert_eq!(
+        row,
+        (
+            9_007_199_254_740_993,
+            amount.to_owned(),
+            "2024-03-01T10:00:00.500Z".to_owned(),
+            "6f1c2a4e-8d0b-4c1e-9a3f-2b7d5e8c9a01".to_owned(),
+            r#"{"big":98765432109876543210.5,"list":[1,null]}"#.to_owned(),
+            1,
+            "1990-12-31".to_owned(),
+            0.1,
+        )
+    );
+    // SQLite's date functions read the timestamps as written.
+    let epoch: i64 = sqlx::query_scalar("SELECT unixepoch(seen_at) FROM facts")
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(epoch, at.timestamp());
+}
+
+#[tokio::test]
+async fn inserting_a_duplicate_rejects_the_batch() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("contacts", None).await;
+    c.send(Operation::Insert, &[contact("a@x.io", "Ann", 1)])
+        .await
+        .unwrap();
+    let err = c
+        .send(
+            Operation::Insert,
+            &[contact("b@x.io", "Bob", 2), contact("a@x.io", "Ann again", 1)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SendError::BatchRejected(ref r) if r.contains("UNIQUE")),
+        "{err:?}"
+    );
+    assert_eq!(contacts(&f).await, vec![("a@x.io".into(), "Ann".into(), 1)]);
+}
+
+#[tokio::test]
+async fn updating_a_missing_record_rejects_only_that_record() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("contacts", None).await;
+    c.send(
+        Operation::Upsert,
+        &[contact("a@x.io", "Ann", 1), contact("b@x.io", "Bob", 2)],
+    )
+    .await
+    .unwrap();
+    let outcomes = c
+        .send(
+            Operation::Update,
+            &[
+                contact("a@x.io", "Ann", 1),
+                contact("ghost@x.io", "Nobody", 9),
+                contact("b@x.io", "Rob", 5),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            RecordOutcome::Accepted,
+            RecordOutcome::Rejected("no existing record matches the match fields".into()),
+            RecordOutcome::Accepted,
+        ]
+    );
+    assert_eq!(
+        contacts(&f).await,
+        vec![
+            ("a@x.io".into(), "Ann".into(), 1),
+            ("b@x.io".into(), "Rob".into(), 5)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn delete_removes_rows_and_is_idempotent() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("contacts", None).await;
+    c.send(
+        Operation::Upsert,
+        &[
+            contact("a@x.io", "Ann", 1),
+            contact("b@x.io", "Bob", 2),
+            contact("c@x.io", "Cy", 3),
+        ],
+    )
+    .await
+    .unwrap();
+    let gone = vec![
+        key_only(&[("email", text("a@x.io"))]),
+        key_only(&[("email", text("c@x.io"))]),
+    ];
+    assert_eq!(
+        c.send(Operation::Delete, &gone).await.unwrap(),
+        vec![RecordOutcome::Accepted; 2]
+    );
+    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
+    assert_eq!(
+        c.send(Operation::Delete, &gone).await.unwrap(),
+        vec![RecordOutcome::Accepted; 2]
+    );
+    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
+}
+
+#[tokio::test]
+async fn upsert_without_a_unique_index_is_fatal_with_a_hint() {
+    let f = TestFile::new();
+    f.exec("CREATE TABLE people (email TEXT, name TEXT)").await;
+    let c = f.connector("people", None).await;
+    let err = c
+        .send(
+            Operation::Upsert,
+            &[record(
+                &["email"],
+                &[("email", text("a@x.io")), ("name", text("A"))],
+            )],
+        )
+        .await
+        .unwrap_err();
+    match err {
+        SendError::Fatal(reason) => {
+            assert!(
+                reason.contains("create a unique index on (email) of table people"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn check_fails_fatally_naming_a_missing_table() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("nowhere", None).await;
+    match c.check().await.unwrap_err() {
+        SendError::Fatal(reason) => assert!(reason.contains("table nowhere does not exist"), "{reason}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
+    let f = TestFile::new();
+    f.exec(CONTACTS).await;
+    let c = f.connector("contacts", None).await;
+    let mut batch: Vec<Record> = (0..10)
+        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
+        .collect();
+    batch[6].fields.insert("name".into(), Value::Null);
+    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
+    assert!(
+        matches!(err, SendError::BatchRejected(ref r) if r.contains("NOT NULL")),
+        "{err:?}"
+    );
+    assert!(contacts(&f).await.is_empty());
+}
+
+#[tokio::test]
+async fn composite_match_keys_upsert_update_and_delete() {
+    let f = TestFile::new();
+    f.exec("CREATE TABLE seats (tenant TEXT, seat INTEGER, holder TEXT, PRIMARY KEY (tenant, seat))")
+        .await;
+    let c = f.connector("seats", None).await;
+    let seat = |tenant: &str, n: i64, holder: &str| {
+        record(
+            &["tenant", "seat"],
+            &[
+                ("tenant", text(tenant)),
+                ("seat", Value::Int(n)),
+                ("holder", text(holder)),
+            ],
+        )
+    };
+    c.send(
+        Operation::Upsert,
+        &[
+            seat("acme", 1, "ann"),
+            seat("acme", 2, "bob"),
+            seat("globex", 1, "cy"),
+        ],
+    )
+    .await
+    .unwrap();
+    c.send(Operation::Upsert, &[seat("globex", 1, "di")])
+        .await
+        .unwrap();
+    let outcomes = c
+        .send(Operation::Update, &[seat("acme", 2, "eve"), seat("acme", 3, "x")])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], RecordOutcome::Accepted);
+    assert!(matches!(outcomes[1], RecordOutcome::Rejected(_)));
+    c.send(
+        Operation::Delete,
+        &[key_only(&[("tenant", text("acme")), ("seat", Value::Int(1))])],
+    )
+    .await
+    .unwrap();
+
+    let rows: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT tenant, seat, holder FROM seats ORDER BY 1, 2")
+            .fetch_all(&mut f.conn().await)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("acme".into(), 2, "eve".into()),
+            ("globex".into(), 1, "di".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn identifiers_that_need_quoting_are_written() {
+    let f = TestFile::new();
+    f.exec(
+        r#"CREATE TABLE "Order ""Lines""" ("order" INTEGER PRIMARY KEY, "unit price" TEXT, "Select" TEXT)"#,
+    )
+    .await;
+    let c = f.connector("Order \"Lines\"", Some("main")).await;
+    c.check().await.unwrap();
+    let line = |n: i64, price: &str, s: &str| {
+        record(
+            &["order"],
+            &[
+                ("order", Value::Int(n)),
+                ("unit price", Value::Decimal(BigDecimal::from_str(price).unwrap())),
+                ("Select", text(s)),
+            ],
+        )
+    };
+    c.send(Operation::Upsert, &[line(1, "9.99", "a"), line(2, "0.5", "b")])
+        .await
+        .unwrap();
+    c.send(Operation::Update, &[line(2, "1.25", "c")]).await.unwrap();
+    c.send(Operation::Delete, &[key_only(&[("order", Value::Int(1))])])
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as(r#"SELECT "order", "unit price", "Select" FROM "Order ""Lines""""#)
+            .fetch_all(&mut f.conn().await)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(2, "1.25".into(), "c".into())]);
+}
+
+#[tokio::test]
+async fn a_batch_wider_than_the_parameter_limit_is_split_into_statements() {
+    // 500 records of 80 columns need 40 000 parameters: more than SQLite's 32 766.
+    let f = TestFile::new();
+    let cols: Vec<String> = (0..79).map(|i| format!("c{i}")).collect();
+    f.exec(&format!(
+        "CREATE TABLE wide (id INTEGER PRIMARY KEY, {})",
+        cols.iter()
+            .map(|c| format!("{c} INTEGER"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .await;
+    let c = f.connector("wide", None).await;
+    let batch: Vec<Record> = (0..500)
+        .map(|i| {
+            let mut fields = vec![("id".to_owned(), Value::Int(i))];
+            fields.extend(cols.iter().map(|c| (c.clone(), Value::Int(i))));
+            let pairs: Vec<(&str, Value)> = fields.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            record(&["id"], &pairs)
+        })
+        .collect();
+    assert_eq!(
+        c.send(Operation::Upsert, &batch).await.unwrap(),
+        vec![RecordOutcome::Accepted; 500]
+    );
+    let sum: i64 = sqlx::query_scalar("SELECT SUM(c78) FROM wide")
+        .fetch_one(&mut f.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(sum, (0..500).sum::<i64>());
+}
+
+#[tokio::test]
+async fn an_unopenable_file_is_fatal_naming_the_path() {
+    let secret = SecretData::new(BTreeMap::from([(
+        "url".to_owned(),
+        "sqlite:///nonexistent-dir-for-backflow/sub/dest.db".to_owned(),
+    )]));
+    let c = destination::build(&spec("t", None), Some(&secret)).await.unwrap();
+    let err = c.check().await.unwrap_err();
+    assert!(
+        matches!(err, SendError::Fatal(ref r) if r.contains("nonexistent-dir-for-backflow/sub/dest.db")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn build_needs_a_secret_reference_and_key() {
+    let no_ref: DestinationSpec =
+        serde_json::from_value(json!({"type": "sqlite", "sqlite": {"table": "t"}})).unwrap();
+    let err = destination::build(&no_ref, None).await.err().unwrap();
+    assert!(
+        matches!(err, DestinationError::MissingCredentials("sqlite")),
+        "{err:?}"
+    );
+
+    let empty = SecretData::new(BTreeMap::new());
+    let err = destination::build(&spec("t", None), Some(&empty))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, DestinationError::MissingSecretKey { ref secret, ref key } if secret == "local" && key == "url"),
+        "{err:?}"
+    );
+}
