@@ -25,6 +25,7 @@ use super::{
 };
 use crate::api::destination::{HttpResultsSpec, HttpSpec};
 use crate::engine::value::write_document;
+use crate::redact::Scrubber;
 use crate::template::Template;
 
 /// The body sent when the spec has none.
@@ -38,7 +39,6 @@ pub const EXCERPT_CHARS: usize = 300;
 type UrlParseError = <Url as std::str::FromStr>::Err;
 
 const SECRET_PREFIX: &str = "secret.";
-const MASK: &str = "***";
 /// Records per request unless `spec.batchSize` lowers it.
 const MAX_BATCH_SIZE: usize = 100;
 /// Longest wait to open a connection, within the request timeout.
@@ -265,7 +265,7 @@ impl HttpConnector {
             timeout,
             check_url,
         } = spec;
-        let scrubber = Scrubber::new(secret);
+        let scrubber = Scrubber::new().with_secret(secret);
 
         let timeout = match timeout {
             None => DEFAULT_TIMEOUT,
@@ -784,83 +784,6 @@ fn truncate(text: &str, max_chars: usize) -> String {
     }
 }
 
-/// Removes Secret values from text meant for errors, logs, events or status: each value, and
-/// its percent-encoded form, becomes `***`.
-#[derive(Clone, Default)]
-pub struct Scrubber {
-    /// Longest first, so a value containing another is masked whole.
-    needles: Vec<String>,
-}
-
-impl Scrubber {
-    /// A scrubber for every value of `secret` (none without a Secret).
-    pub fn new(secret: Option<&SecretData>) -> Self {
-        let mut needles: Vec<String> = Vec::new();
-        for value in secret.into_iter().flat_map(SecretData::values) {
-            if value.is_empty() {
-                continue;
-            }
-            let encoded = percent_encode(value);
-            if encoded != value {
-                needles.push(encoded);
-            }
-            needles.push(value.to_owned());
-        }
-        needles.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-        needles.dedup();
-        Scrubber { needles }
-    }
-
-    /// `text` with every Secret value masked.
-    pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for needle in &self.needles {
-            if out.contains(needle.as_str()) {
-                out = out.replace(needle.as_str(), MASK);
-            }
-        }
-        out
-    }
-
-    /// `error` with every Secret value masked in its message.
-    pub fn error(&self, error: SendError) -> SendError {
-        match error {
-            SendError::Retryable {
-                reason,
-                retry_after,
-                throttled,
-            } => SendError::Retryable {
-                reason: self.scrub(&reason),
-                retry_after,
-                throttled,
-            },
-            SendError::BatchRejected(reason) => SendError::BatchRejected(self.scrub(&reason)),
-            SendError::Fatal(reason) => SendError::Fatal(self.scrub(&reason)),
-        }
-    }
-}
-
-impl std::fmt::Debug for Scrubber {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scrubber")
-            .field("values", &self.needles.len())
-            .finish()
-    }
-}
-
-/// Percent-encodes every byte outside RFC 3986's unreserved set.
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -960,13 +883,13 @@ mod tests {
     #[test]
     fn the_scrubber_masks_values_and_their_percent_encoded_form() {
         let data = secret(&[("token", "s3cr3t/value"), ("short", "s3cr3t")]);
-        let scrubber = Scrubber::new(Some(&data));
+        let scrubber = Scrubber::new().with_secret(Some(&data));
         assert_eq!(
             scrubber.scrub("a s3cr3t/value b s3cr3t%2Fvalue c s3cr3t"),
             "a *** b *** c ***"
         );
         assert!(!format!("{scrubber:?}").contains("s3cr3t"));
-        assert_eq!(Scrubber::new(None).scrub("plain"), "plain");
+        assert_eq!(Scrubber::new().with_secret(None).scrub("plain"), "plain");
     }
 
     #[test]

@@ -168,6 +168,18 @@ pub enum DestinationError {
     Invalid(String),
 }
 
+impl DestinationError {
+    /// A stable short label for metrics, condition and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            DestinationError::MissingSecretKey { .. } | DestinationError::MissingCredentials(_) => {
+                "SecretInvalid"
+            }
+            DestinationError::MissingBlock(_) | DestinationError::Invalid(_) => "InvalidDestination",
+        }
+    }
+}
+
 /// Builds the connector for a Destination spec with its credentials.
 pub async fn build(
     spec: &DestinationSpec,
@@ -176,7 +188,19 @@ pub async fn build(
     match spec.destination_type {
         DestinationType::Http => {
             let block = spec.http.as_ref().ok_or(DestinationError::MissingBlock("http"))?;
-            Ok(Arc::new(http::HttpConnector::new(block, secret)?))
+            let connector = http::HttpConnector::new(block, secret).map_err(|e| match e {
+                // The HTTP block does not know the Secret's name; name it for the user.
+                DestinationError::MissingSecretKey { key, .. } => DestinationError::MissingSecretKey {
+                    secret: spec
+                        .credentials_secret_ref
+                        .as_ref()
+                        .map(|r| r.name.clone())
+                        .unwrap_or_default(),
+                    key,
+                },
+                other => other,
+            })?;
+            Ok(Arc::new(connector))
         }
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
             table::build(spec, secret).await

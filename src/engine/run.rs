@@ -335,6 +335,9 @@ async fn run_steps(
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     while let Some(row) = rows.next().await {
+        if options.cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
         let row = row?;
         let key = match mapper.key(&row) {
             Ok(k) => k,

@@ -220,61 +220,10 @@ where
 fn connect_error(url: &str, reason: impl Display) -> SourceError {
     SourceError::Connect {
         target: describe_url(url),
-        reason: scrub_password(&reason.to_string(), url),
+        reason: crate::redact::Scrubber::new()
+            .with_url(url)
+            .scrub(&reason.to_string()),
     }
-}
-
-/// Replaces the password of `url`, as written and percent-decoded, with `***` in `text`.
-///
-/// Drivers quote hosts, users and sometimes whole URLs in their errors; a password must
-/// never reach a status message, an event or a log line.
-fn scrub_password(text: &str, url: &str) -> String {
-    let Some(password) = url_password(url) else {
-        return text.to_owned();
-    };
-    let mut out = text.to_owned();
-    let decoded = percent_decode(password);
-    for secret in [password, decoded.as_str()] {
-        if !secret.is_empty() {
-            out = out.replace(secret, "***");
-        }
-    }
-    out
-}
-
-/// The password part of `scheme://user:password@host/...`, as written.
-fn url_password(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    // The authority ends at the first `/`, `?` or `#`, but a password may itself contain
-    // those when not percent-encoded; the last `@` before the path marks its end.
-    let (userinfo, _) = rest.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    Some(password)
-}
-
-/// Decodes `%XX` escapes; invalid escapes are kept as written.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Widens a single-precision float through its shortest decimal form, so a `REAL` 0.1
@@ -290,19 +239,6 @@ fn widen_f32(f: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_scrubbed_as_written_and_decoded() {
-        let url = "postgres://app:s%40cret@db.internal:5432/warehouse";
-        assert_eq!(
-            scrub_password("login for app with s@cret failed; s%40cret", url),
-            "login for app with *** failed; ***"
-        );
-        assert_eq!(
-            scrub_password("no secret here", "sqlite:///tmp/x.db"),
-            "no secret here"
-        );
-    }
 
     #[test]
     fn connect_errors_name_the_host_but_not_the_credentials() {

@@ -20,6 +20,7 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
+use crate::redact::Scrubber;
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
@@ -101,7 +102,7 @@ pub async fn build(
             key: key.to_owned(),
         })?;
     let conn = ConnectionInfo {
-        scrubber: Scrubber::new(url, secret),
+        scrubber: Scrubber::new().with_url(url).with_secret(secret),
         location: crate::source::describe_url(url),
         secret_name: secret_ref.name.clone(),
         secret_key: key.to_owned(),
@@ -153,82 +154,6 @@ impl ConnectionInfo {
             )))
         }
     }
-}
-
-/// Removes secrets from text before it leaves the connector.
-#[derive(Clone, Default)]
-pub(crate) struct Scrubber {
-    secrets: Vec<String>,
-}
-
-impl Scrubber {
-    /// Values shorter than this are not scrubbed: replacing every `a` in a message would
-    /// destroy it, and drivers do not echo passwords anyway; this is a second line of defence.
-    const MIN_LEN: usize = 4;
-
-    /// Scrubs the URL, its user-info and password (raw and percent-decoded), and every value
-    /// of the Secret.
-    pub(crate) fn new(url: &str, secret: Option<&SecretData>) -> Self {
-        let mut secrets = vec![url.to_owned()];
-        if let Some((_, rest)) = url.split_once("://") {
-            for userinfo in [
-                rest.split_once('@').map(|(u, _)| u),
-                rest.rsplit_once('@').map(|(u, _)| u),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                // A user name alone is not secret (and is often a word like `postgres`).
-                if let Some((_, password)) = userinfo.split_once(':') {
-                    secrets.push(userinfo.to_owned());
-                    secrets.push(password.to_owned());
-                    secrets.push(percent_decode(password));
-                }
-            }
-        }
-        if let Some(secret) = secret {
-            secrets.extend(secret.values().map(str::to_owned));
-        }
-        secrets.retain(|s| s.chars().count() >= Self::MIN_LEN);
-        // Longest first, so a URL is replaced whole before its password inside it.
-        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-        secrets.dedup();
-        Scrubber { secrets }
-    }
-
-    /// The text with every secret replaced by `***`.
-    pub(crate) fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for secret in &self.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "***");
-            }
-        }
-        out
-    }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| text.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match decoded {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The table a connector writes to.
@@ -1037,26 +962,6 @@ mod tests {
         assert_eq!(quote_with("order", '"'), "\"order\"");
         assert_eq!(quote_with("a\"b", '"'), "\"a\"\"b\"");
         assert_eq!(quote_with("a`b c", '`'), "`a``b c`");
-    }
-
-    #[test]
-    fn scrubber_removes_the_url_and_its_password() {
-        let s = Scrubber::new("postgres://app:s3cr%40t@db:5432/x", None);
-        assert_eq!(s.scrub("bad s3cr@t here"), "bad *** here");
-        assert_eq!(s.scrub("url postgres://app:s3cr%40t@db:5432/x"), "url ***");
-        assert_eq!(s.scrub("nothing"), "nothing");
-    }
-
-    #[test]
-    fn scrubber_leaves_a_user_name_without_password_alone() {
-        let s = Scrubber::new("postgres://postgres@db:5432/x", None);
-        assert_eq!(
-            s.scrub("role \"postgres\" does not exist"),
-            "role \"postgres\" does not exist"
-        );
-        let secret = SecretData::new([("token".to_owned(), "tok-123456".to_owned())].into());
-        let s = Scrubber::new("sqlite://x.db", Some(&secret));
-        assert_eq!(s.scrub("echo tok-123456"), "echo ***");
     }
 
     #[test]
