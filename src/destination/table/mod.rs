@@ -563,6 +563,17 @@ fn insert_statements<'a, D: Dialect>(
     }
 }
 
+/// `_bf_target.k1 = _bf_key.k1 AND …`: the target row whose match columns equal the key's.
+fn target_matches_key<D: Dialect>(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|c| {
+            let q = D::quote(c);
+            format!("_bf_target.{q} = _bf_key.{q}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 fn update_statement<'a, D: Dialect>(
     table: &str,
     index: usize,
@@ -580,14 +591,7 @@ fn update_statement<'a, D: Dialect>(
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let cond = keys
-                .iter()
-                .map(|c| {
-                    let q = D::quote(c);
-                    format!("_bf_target.{q} = _bf_key.{q}")
-                })
-                .collect::<Vec<_>>()
-                .join(" AND ");
+            let cond = target_matches_key::<D>(keys);
             let mut fields = Vec::new();
             write_document(&record.fields, &mut fields);
             let mut identity = Vec::new();
@@ -640,14 +644,7 @@ fn delete_statements<'a, D: Dialect>(
 ) -> Vec<Statement<'a>> {
     match D::BINDING {
         Binding::JsonRecordset => {
-            let cond = keys
-                .iter()
-                .map(|c| {
-                    let q = D::quote(c);
-                    format!("_bf_target.{q} = _bf_key.{q}")
-                })
-                .collect::<Vec<_>>()
-                .join(" AND ");
+            let cond = target_matches_key::<D>(keys);
             let mut json = vec![b'['];
             for (n, i) in members.iter().enumerate() {
                 if n > 0 {
