@@ -21,6 +21,10 @@ use backflow::state::file::FileStore;
 use futures::StreamExt;
 use sqlx::Connection;
 
+/// The same allocator as the `backflow` binary, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const QUERY: &str =
     "SELECT id, email, first_name, last_name, plan, mrr, signed_up_at, is_active, score FROM customers";
 

@@ -193,6 +193,8 @@ enum FieldSource {
 #[derive(Debug)]
 struct CompiledMapping {
     source: FieldSource,
+    /// The column's value may be moved out of the row: no later mapping or template reads it.
+    take: bool,
     target: Vec<String>,
     target_text: String,
     transforms: Vec<Transform>,
@@ -321,11 +323,13 @@ impl Mapper {
                 .collect::<Result<Vec<_>, _>>()?;
             compiled.push(CompiledMapping {
                 source,
+                take: false,
                 target: m.to.split('.').map(str::to_owned).collect(),
                 target_text: m.to.clone(),
                 transforms,
             });
         }
+        mark_movable(&mut compiled);
         let match_fields = effective_match_fields(mappings, primary_key, match_fields)
             .map_err(|reason| MappingError::Invalid {
                 field: "spec.match".to_owned(),
@@ -357,12 +361,16 @@ impl Mapper {
         }
     }
 
-    /// Maps a row whose key is already known.
-    pub fn map(&self, key: String, row: &[Value]) -> Result<MappedRow, RowRejection> {
+    /// Maps a row whose key is already known, moving values out of it where it can.
+    pub fn map(&self, key: String, mut row: Vec<Value>) -> Result<MappedRow, RowRejection> {
         let mut fields = Document::new();
         for m in &self.mappings {
             let mut value = match &m.source {
-                FieldSource::Column(idx) => row.get(*idx).cloned().unwrap_or(Value::Null),
+                FieldSource::Column(idx) => match row.get_mut(*idx) {
+                    Some(v) if m.take => std::mem::replace(v, Value::Null),
+                    Some(v) => v.clone(),
+                    None => Value::Null,
+                },
                 FieldSource::Template { template, columns } => {
                     let rendered = template.render(|name| {
                         columns.get(name).map(|idx| match row.get(*idx) {
@@ -403,6 +411,22 @@ impl Mapper {
             identity,
             fields,
         })
+    }
+}
+
+/// Marks the mappings that may move their column's value out of the row: the last plain
+/// mapping of a column that no template reads.
+fn mark_movable(mappings: &mut [CompiledMapping]) {
+    let mut read_later = std::collections::HashSet::new();
+    for m in mappings.iter() {
+        if let FieldSource::Template { columns, .. } = &m.source {
+            read_later.extend(columns.values().copied());
+        }
+    }
+    for m in mappings.iter_mut().rev() {
+        if let FieldSource::Column(idx) = m.source {
+            m.take = read_later.insert(idx);
+        }
     }
 }
 
@@ -608,7 +632,7 @@ mod tests {
             Value::Int(99),
         ];
         let key = mapper.key(&row).unwrap();
-        let mapped = mapper.map(key, &row).unwrap();
+        let mapped = mapper.map(key, row).unwrap();
         assert_eq!(mapped.key, "1");
         assert_eq!(
             String::from_utf8(crate::engine::value::canonical_bytes(&mapped.fields)).unwrap(),
@@ -617,6 +641,29 @@ mod tests {
         assert_eq!(
             mapped.identity.get("properties.email"),
             Some(&Value::Text("ada@example.com".into()))
+        );
+    }
+
+    #[test]
+    fn a_column_mapped_twice_and_read_by_a_template_reaches_every_target() {
+        let maps = vec![
+            mapping("email", "a", &[]),
+            Mapping {
+                from: None,
+                template: Some("<{{email}}>".into()),
+                to: "b".into(),
+                transforms: vec![],
+            },
+            mapping("email", "c", &["uppercase"]),
+            mapping("id", "id", &[]),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("email")]).unwrap();
+        let mapped = mapper
+            .map("1".into(), vec![Value::Int(1), Value::Text("x@y".into())])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(crate::engine::value::canonical_bytes(&mapped.fields)).unwrap(),
+            r#"{"a":"x@y","b":"<x@y>","c":"X@Y","id":1}"#
         );
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use super::value::canonical_bytes;
+use super::value::write_document;
 use crate::api::SyncMode;
 use crate::destination::Operation;
 use crate::state::Fingerprints;
@@ -68,11 +68,16 @@ pub struct Planner<'a> {
     duplicates: std::collections::HashSet<u128>,
     counts: PlanCounts,
     result_fingerprint: u64,
+    /// The stored slot after the previous row's: where the next row most likely is.
+    hint: usize,
 }
 
-/// The xxh3 fingerprint of a mapped record's canonical form.
-pub fn fingerprint(fields: &super::value::Document) -> u64 {
-    xxh3_64(&canonical_bytes(fields))
+/// The xxh3 fingerprint of a mapped record's canonical form, written into `buffer` (reused
+/// across rows to spare an allocation per row; it holds the canonical bytes afterwards).
+pub fn fingerprint(fields: &super::value::Document, buffer: &mut Vec<u8>) -> u64 {
+    buffer.clear();
+    write_document(fields, buffer);
+    xxh3_64(buffer)
 }
 
 /// The 128-bit hash of a key, used to spot duplicates.
@@ -93,6 +98,7 @@ impl<'a> Planner<'a> {
             duplicates: Default::default(),
             counts: PlanCounts::default(),
             result_fingerprint: 0,
+            hint: 0,
         }
     }
 
@@ -105,7 +111,10 @@ impl<'a> Planner<'a> {
     /// Decides for one row.
     pub fn plan(&mut self, key: &str, fingerprint: u64) -> Decision {
         self.counts.rows_in_model += 1;
-        let position = self.state.position(key);
+        let position = self.state.position_near(key, self.hint);
+        if let Some(p) = position {
+            self.hint = p + 1;
+        }
         let previous = match position {
             Some(p) => self.seen_stored[p],
             None => self.seen_new.get(&key_hash(key)).copied().unwrap_or(UNSEEN),

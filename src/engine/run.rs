@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, Planner, fingerprint};
 use super::spill::{SpillReader, SpillWriter};
-use super::value::{Document, canonical_bytes};
+use super::value::Document;
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
@@ -316,13 +316,14 @@ async fn run_steps(
         },
         ..SourceOptions::default()
     };
+    // The query starts first so the database works while the state loads.
+    let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
     let state = store.load(&job.scope).await?;
     tracing::info!(
         stored_rows = state.len(),
         state_bytes = state.memory_bytes(),
         "state loaded"
     );
-    let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
@@ -334,6 +335,7 @@ async fn run_steps(
     let mut planner = Planner::new(&state, spec.mode, options.full_resync);
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
+    let mut canonical = Vec::with_capacity(512);
     while let Some(row) = rows.next().await {
         if options.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -347,7 +349,7 @@ async fn run_steps(
                 continue;
             }
         };
-        let mapped = match mapper.map(key, &row) {
+        let mapped = match mapper.map(key, row) {
             Ok(m) => m,
             Err(rejection) => {
                 planner.reject();
@@ -355,7 +357,7 @@ async fn run_steps(
                 continue;
             }
         };
-        let fp = fingerprint(&mapped.fields);
+        let fp = fingerprint(&mapped.fields, &mut canonical);
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
                 if options.dry_run {
@@ -365,7 +367,7 @@ async fn run_steps(
                         c.report.plan_samples.push(PlanSample {
                             operation: operation.as_str().to_owned(),
                             key: mapped.key.clone(),
-                            record: String::from_utf8_lossy(&canonical_bytes(&mapped.fields)).into_owned(),
+                            record: String::from_utf8_lossy(&canonical).into_owned(),
                         });
                     }
                 }
@@ -376,7 +378,7 @@ async fn run_steps(
                         fp,
                         change == Change::Added,
                         &mapped.identity,
-                        &mapped.fields,
+                        &canonical,
                     )
                     .map_err(|e| RunError::Spill(e.to_string()))?;
             }

@@ -57,7 +57,7 @@ impl SpillWriter {
         })
     }
 
-    /// Appends one row.
+    /// Appends one row; `fields_json` is the canonical JSON of its mapped fields.
     pub fn push(
         &mut self,
         operation: Operation,
@@ -65,7 +65,7 @@ impl SpillWriter {
         fingerprint: u64,
         added: bool,
         identity: &Document,
-        fields: &Document,
+        fields_json: &[u8],
     ) -> std::io::Result<()> {
         let b = &mut self.buf;
         b.clear();
@@ -76,7 +76,7 @@ impl SpillWriter {
         b.extend_from_slice(format!(",\"f\":{fingerprint},\"a\":{added},\"i\":").as_bytes());
         write_document(identity, b);
         b.extend_from_slice(b",\"d\":");
-        write_document(fields, b);
+        b.extend_from_slice(fields_json);
         b.extend_from_slice(b"}\n");
         self.rows += 1;
         self.out.write_all(b)
@@ -159,8 +159,15 @@ mod tests {
         let mut identity = Document::new();
         identity.insert("s".into(), Value::Text("é\n\"".into()));
         let mut w = SpillWriter::new().unwrap();
-        w.push(Operation::Upsert, "k\"1", 42, true, &identity, &fields)
-            .unwrap();
+        w.push(
+            Operation::Upsert,
+            "k\"1",
+            42,
+            true,
+            &identity,
+            &crate::engine::value::canonical_bytes(&fields),
+        )
+        .unwrap();
         let mut r = w.into_reader().unwrap();
         let row = r.next_row().unwrap().unwrap();
         assert_eq!((row.key.as_str(), row.fingerprint, row.added), ("k\"1", 42, true));

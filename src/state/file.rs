@@ -99,46 +99,60 @@ impl FileStore {
         })
     }
 
+    /// Streams the state file into a set, never holding the file's bytes whole: at a million
+    /// rows the file, a vector of entries and the set together tripled peak memory.
     fn read_state_file(&self, scope: &str) -> Result<Option<Fingerprints>, StateError> {
-        let bytes = match fs::read(&self.state_path) {
-            Ok(b) => b,
+        let file = match File::open(&self.state_path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(e)),
         };
         let path = &self.state_path;
-        if bytes.len() < STATE_MAGIC.len() + 8 || &bytes[..STATE_MAGIC.len()] != STATE_MAGIC {
+        let len = file.metadata().map_err(|e| self.io(e))?.len();
+        if len < (STATE_MAGIC.len() + 8) as u64 {
             return Err(self.corrupt(path, "not a Backflow state file"));
         }
-        let (body, trailer) = bytes.split_at(bytes.len() - 8);
-        let expected = u64::from_le_bytes(
-            trailer
-                .try_into()
-                .map_err(|_| self.corrupt(path, "short trailer"))?,
-        );
-        if xxhash_rust::xxh3::xxh3_64(body) != expected {
-            return Err(self.corrupt(path, "checksum mismatch"));
-        }
-        let mut r = Cursor {
-            bytes: &body[STATE_MAGIC.len()..],
+        let mut hasher = Xxh3::new();
+        let mut body = HashingReader {
+            inner: BufReader::with_capacity(1 << 20, &file).take(len - 8),
+            hasher: &mut hasher,
         };
-        let stored_scope = r.string().ok_or_else(|| self.corrupt(path, "truncated header"))?;
-        if stored_scope != scope {
+        let truncated = |_| self.corrupt(path, "truncated file");
+        let mut magic = [0u8; STATE_MAGIC.len()];
+        body.read_exact(&mut magic).map_err(truncated)?;
+        if &magic != STATE_MAGIC {
+            return Err(self.corrupt(path, "not a Backflow state file"));
+        }
+        let mut text = String::new();
+        read_string(&mut body, &mut text).map_err(truncated)?;
+        if text != scope {
             tracing::info!(state = %path.display(), "state belongs to another destination; every row will be sent");
             return Ok(None);
         }
-        let count = r.u64().ok_or_else(|| self.corrupt(path, "truncated header"))?;
-        let mut entries = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 24));
+        let count = read_u64(&mut body).map_err(truncated)?;
+        // Each entry is 16 bytes of numbers around its key and identity: what is left of the
+        // file is, to a few bytes, the arena the set needs.
+        let rows = usize::try_from(count).unwrap_or(0).min(1 << 28);
+        let arena = usize::try_from(len).unwrap_or(0).saturating_sub(rows * 16);
+        let mut set = Fingerprints::with_capacity(rows, arena);
+        let (mut key, mut identity) = (String::new(), String::new());
         for _ in 0..count {
-            let fingerprint = r.u64().ok_or_else(|| self.corrupt(path, "truncated entry"))?;
-            let key = r.string().ok_or_else(|| self.corrupt(path, "truncated entry"))?;
-            let identity = r.string().ok_or_else(|| self.corrupt(path, "truncated entry"))?;
-            entries.push(EntryRef {
-                key,
+            let fingerprint = read_u64(&mut body).map_err(truncated)?;
+            read_string(&mut body, &mut key).map_err(truncated)?;
+            read_string(&mut body, &mut identity).map_err(truncated)?;
+            set.insert(EntryRef {
+                key: &key,
                 fingerprint,
-                identity,
+                identity: &identity,
             });
         }
-        Ok(Some(Fingerprints::from_entries(entries)))
+        let mut trailer = [0u8; 8];
+        let mut rest = body.inner.into_inner();
+        rest.read_exact(&mut trailer).map_err(truncated)?;
+        if hasher.digest() != u64::from_le_bytes(trailer) {
+            return Err(self.corrupt(path, "checksum mismatch"));
+        }
+        Ok(Some(set))
     }
 
     fn read_journal(&self, scope: &str) -> Result<Vec<StateChange>, StateError> {
@@ -277,6 +291,40 @@ impl StateStore for FileStore {
         // A crash before this removal only replays the journal again, which is idempotent.
         fs::remove_file(&self.journal_path).map_err(|e| self.io(e))
     }
+}
+
+struct HashingReader<'a, R: Read> {
+    inner: R,
+    hasher: &'a mut Xxh3,
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Reads a length-prefixed UTF-8 string into `out` (reusing its allocation).
+fn read_string(r: &mut impl Read, out: &mut String) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let mut bytes = std::mem::take(out).into_bytes();
+    bytes.clear();
+    r.take(u64::from(u32::from_le_bytes(len)))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() != u32::from_le_bytes(len) as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    *out = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(())
 }
 
 struct HashingWriter<'a, W: Write> {

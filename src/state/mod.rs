@@ -57,53 +57,94 @@ struct Slot {
     identity_len: u32,
 }
 
-/// Fingerprints of every delivered row, held compactly: a sorted array of fixed-width slots
-/// (32 bytes) over one text arena, instead of a map of strings.
+/// Fingerprints of every delivered row, held compactly: fixed-width slots (32 bytes) in the
+/// order rows were added, over one text arena, plus an open-addressing index of 4-byte slot
+/// numbers, instead of a map of strings.
+///
+/// Insertion order matters for speed: a model usually returns its rows in the same order run
+/// after run, so [`Fingerprints::position_near`] finds most keys in the slot right after the
+/// previous one, without touching the index (whose random probes, like a binary search's,
+/// miss the cache on large sets).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fingerprints {
     slots: Vec<Slot>,
     arena: String,
+    /// Slot numbers by hash; `EMPTY` marks a free bucket. Its length is a power of two.
+    index: Vec<u32>,
 }
+
+const EMPTY: u32 = u32::MAX;
 
 impl Fingerprints {
     /// Builds the set from entries in any order; a later entry for the same key wins.
     pub fn from_entries<'a>(entries: impl IntoIterator<Item = EntryRef<'a>>) -> Fingerprints {
         let mut set = Fingerprints::default();
         for e in entries {
-            set.push_unsorted(e);
+            set.insert(e);
         }
-        set.seal();
         set
     }
 
-    fn push_unsorted(&mut self, e: EntryRef<'_>) {
+    /// An empty set with room for `rows` entries and `arena_bytes` of keys and identities.
+    pub fn with_capacity(rows: usize, arena_bytes: usize) -> Fingerprints {
+        let mut set = Fingerprints {
+            slots: Vec::with_capacity(rows),
+            arena: String::with_capacity(arena_bytes),
+            index: Vec::new(),
+        };
+        let mut buckets = 16;
+        while buckets * 2 < (rows + 1) * 3 {
+            buckets *= 2;
+        }
+        set.index = vec![EMPTY; buckets];
+        set
+    }
+
+    /// Adds an entry, or replaces the entry of the same key in place.
+    pub fn insert(&mut self, e: EntryRef<'_>) {
+        let hash = xxh3_64(e.key.as_bytes());
+        if (self.slots.len() + 1) * 3 > self.index.len() * 2 {
+            self.grow();
+        }
         let offset = self.arena.len() as u64;
         self.arena.push_str(e.key);
         self.arena.push_str(e.identity);
-        self.slots.push(Slot {
-            key_hash: xxh3_64(e.key.as_bytes()),
+        let slot = Slot {
+            key_hash: hash,
             fingerprint: e.fingerprint,
             offset,
             key_len: u32::try_from(e.key.len()).unwrap_or(u32::MAX),
             identity_len: u32::try_from(e.identity.len()).unwrap_or(u32::MAX),
-        });
+        };
+        let mask = self.index.len() - 1;
+        let mut bucket = hash as usize & mask;
+        loop {
+            let at = self.index[bucket];
+            if at == EMPTY {
+                self.index[bucket] = u32::try_from(self.slots.len()).unwrap_or(EMPTY - 1);
+                self.slots.push(slot);
+                return;
+            }
+            if self.slots[at as usize].key_hash == hash && self.entry_at(at as usize).key == e.key {
+                // The old key and identity stay in the arena unused until the next rebuild.
+                self.slots[at as usize] = slot;
+                return;
+            }
+            bucket = (bucket + 1) & mask;
+        }
     }
 
-    /// Sorts by (hash, key) and keeps the last entry of each key.
-    fn seal(&mut self) {
-        let arena = &self.arena;
-        let key_of = |s: &Slot| &arena[s.offset as usize..s.offset as usize + s.key_len as usize];
-        // A stable sort keeps insertion order among equal keys, so the last one is the newest.
-        self.slots
-            .sort_by(|a, b| a.key_hash.cmp(&b.key_hash).then_with(|| key_of(a).cmp(key_of(b))));
-        let mut deduped: Vec<Slot> = Vec::with_capacity(self.slots.len());
-        for slot in self.slots.drain(..) {
-            match deduped.last_mut() {
-                Some(last) if last.key_hash == slot.key_hash && key_of(last) == key_of(&slot) => *last = slot,
-                _ => deduped.push(slot),
+    fn grow(&mut self) {
+        let size = (self.index.len() * 2).max(16);
+        self.index = vec![EMPTY; size];
+        let mask = size - 1;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut bucket = slot.key_hash as usize & mask;
+            while self.index[bucket] != EMPTY {
+                bucket = (bucket + 1) & mask;
             }
+            self.index[bucket] = i as u32;
         }
-        self.slots = deduped;
     }
 
     /// Number of rows.
@@ -116,9 +157,11 @@ impl Fingerprints {
         self.slots.is_empty()
     }
 
-    /// Bytes held in memory (slots and arena), for benchmarks and logs.
+    /// Bytes held in memory (slots, index and arena), for benchmarks and logs.
     pub fn memory_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>() + self.arena.capacity()
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.index.capacity() * 4
+            + self.arena.capacity()
     }
 
     fn entry_at(&self, i: usize) -> EntryRef<'_> {
@@ -134,11 +177,31 @@ impl Fingerprints {
 
     /// Position of a key, for marking rows seen during a plan.
     pub fn position(&self, key: &str) -> Option<usize> {
+        if self.index.is_empty() {
+            return None;
+        }
         let hash = xxh3_64(key.as_bytes());
-        let start = self.slots.partition_point(|s| s.key_hash < hash);
-        (start..self.slots.len())
-            .take_while(|&i| self.slots[i].key_hash == hash)
-            .find(|&i| self.entry_at(i).key == key)
+        let mask = self.index.len() - 1;
+        let mut bucket = hash as usize & mask;
+        loop {
+            let at = self.index[bucket];
+            if at == EMPTY {
+                return None;
+            }
+            if self.slots[at as usize].key_hash == hash && self.entry_at(at as usize).key == key {
+                return Some(at as usize);
+            }
+            bucket = (bucket + 1) & mask;
+        }
+    }
+
+    /// Like [`Fingerprints::position`], trying `hint` (usually the slot after the previous
+    /// row's) first.
+    pub fn position_near(&self, key: &str, hint: usize) -> Option<usize> {
+        match self.slots.get(hint) {
+            Some(s) if s.key_len as usize == key.len() && self.entry_at(hint).key == key => Some(hint),
+            _ => self.position(key),
+        }
     }
 
     /// The entry at a position returned by [`Fingerprints::position`].
@@ -146,7 +209,7 @@ impl Fingerprints {
         (position < self.slots.len()).then(|| self.entry_at(position))
     }
 
-    /// Every entry, in storage order.
+    /// Every entry, in the order they were added.
     pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
         (0..self.slots.len()).map(|i| self.entry_at(i))
     }
@@ -160,24 +223,27 @@ impl Fingerprints {
         let mut next = Fingerprints::default();
         for e in self.iter() {
             if !touched.contains_key(e.key) {
-                next.push_unsorted(e);
+                next.insert(e);
             }
         }
-        for c in touched.values() {
+        // Changes in commit order, so new rows keep roughly the model's order.
+        for c in changes {
             if let StateChange::Put {
                 key,
                 fingerprint,
                 identity,
             } = c
+                && touched
+                    .get(key.as_str())
+                    .is_some_and(|last| std::ptr::eq(*last, c))
             {
-                next.push_unsorted(EntryRef {
+                next.insert(EntryRef {
                     key,
                     fingerprint: *fingerprint,
                     identity,
                 });
             }
         }
-        next.seal();
         next
     }
 }
@@ -296,7 +362,42 @@ mod tests {
     }
 
     #[test]
+    fn every_key_of_a_large_set_is_found_and_absent_keys_are_not() {
+        let keys: Vec<String> = (0..50_000).map(|i| format!("key-{i}")).collect();
+        let set = Fingerprints::from_entries(keys.iter().map(|k| EntryRef {
+            key: k,
+            fingerprint: 7,
+            identity: "",
+        }));
+        for k in &keys {
+            let p = set.position(k).unwrap_or_else(|| panic!("{k} not found"));
+            assert_eq!(set.get(p).unwrap().key, k);
+        }
+        for i in 0..1000 {
+            assert!(set.position(&format!("absent-{i}")).is_none());
+        }
+    }
+
+    #[test]
     fn slots_are_32_bytes_so_a_row_costs_little_more_than_its_key() {
         assert_eq!(std::mem::size_of::<Slot>(), 32);
+    }
+
+    #[test]
+    fn entries_keep_the_order_they_were_added_in_and_hints_find_the_next_row() {
+        let set = Fingerprints::from_entries(["c", "a", "b"].map(|k| EntryRef {
+            key: k,
+            fingerprint: 1,
+            identity: "",
+        }));
+        assert_eq!(set.iter().map(|e| e.key).collect::<Vec<_>>(), vec!["c", "a", "b"]);
+        assert_eq!(set.position_near("a", 1), Some(1));
+        assert_eq!(
+            set.position_near("b", 0),
+            Some(2),
+            "a wrong hint falls back to the index"
+        );
+        assert_eq!(set.position_near("z", 2), None);
+        assert_eq!(set.position_near("c", 99), Some(0));
     }
 }
