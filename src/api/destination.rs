@@ -155,8 +155,8 @@ pub struct HttpSpec {
     /// Request timeout, like `30s` (default `30s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    /// Path of a connection check (GET, relative to the URL's origin or absolute). Without it
-    /// the check only resolves templates and the URL.
+    /// Path of a connection check (GET, relative to the URL's origin or absolute; may use
+    /// `{{secret.KEY}}`). Without it the check only resolves templates and the URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_url: Option<String>,
 }
@@ -182,7 +182,8 @@ pub struct HttpDeleteSpec {
 pub struct HttpResultsSpec {
     /// JSON Pointer to an array with one entry per record, in request order, like `/results`.
     pub path: String,
-    /// Field of an entry holding an error message; a non-empty value rejects that record.
+    /// Field of an entry holding an error message; a value other than null, false, `""`,
+    /// `{}` or `[]` rejects that record (an object or array is sent back as its JSON).
     #[serde(default = "default_error_field")]
     pub error_field: String,
 }
