@@ -15,7 +15,7 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
 
 test: ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
-	$(CARGO) test --locked
+	$(CARGO) test --locked --lib --bins --tests
 
 bench: ## Benchmark planning 1,000,000 PostgreSQL rows against raw COPY (prints figures)
 	$(CARGO) bench --locked --bench plan
