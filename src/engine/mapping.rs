@@ -223,15 +223,24 @@ pub enum MappingError {
     },
 }
 
-/// A row mapped to its destination record.
+/// A row mapped to its destination record: one value per mapping, in spec order. The
+/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON) or built
+/// by [`Mapper::fields`]; planning needs only the bytes, so no map is built per row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MappedRow {
     /// The primary key in canonical text form.
     pub key: String,
-    /// The match fields and their values.
-    pub identity: Document,
-    /// Every mapped field.
-    pub fields: Document,
+    /// The value of each mapping, after transforms.
+    pub values: Vec<Value>,
+}
+
+/// The destination record's shape: field names, sorted, down to the mapping of each leaf.
+#[derive(Debug)]
+enum Shape {
+    /// The value of the mapping with this index.
+    Leaf(usize),
+    /// A nested object.
+    Object(BTreeMap<String, Shape>),
 }
 
 /// Why a single row could not be mapped; the run goes on.
@@ -248,7 +257,10 @@ pub struct RowRejection {
 pub struct Mapper {
     mappings: Vec<CompiledMapping>,
     key_columns: Vec<(String, usize)>,
-    match_fields: Vec<Vec<String>>,
+    /// The record's fields, sorted as canonical JSON wants them.
+    shape: BTreeMap<String, Shape>,
+    /// Match fields (dotted) and the mapping that fills each.
+    match_fields: Vec<(String, usize)>,
 }
 
 impl Mapper {
@@ -330,17 +342,25 @@ impl Mapper {
             });
         }
         mark_movable(&mut compiled);
+        let mut shape = BTreeMap::new();
+        for (i, m) in compiled.iter().enumerate() {
+            add_to_shape(&mut shape, &m.target, i).map_err(|reason| MappingError::Invalid {
+                field: format!("spec.mappings[{i}].to"),
+                reason,
+            })?;
+        }
         let match_fields = effective_match_fields(mappings, primary_key, match_fields)
             .map_err(|reason| MappingError::Invalid {
                 field: "spec.match".to_owned(),
                 reason,
             })?
-            .iter()
-            .map(|f| f.split('.').map(str::to_owned).collect())
+            .into_iter()
+            .filter_map(|f| compiled.iter().position(|m| m.target_text == f).map(|i| (f, i)))
             .collect();
         Ok(Mapper {
             mappings: compiled,
             key_columns,
+            shape,
             match_fields,
         })
     }
@@ -363,7 +383,7 @@ impl Mapper {
 
     /// Maps a row whose key is already known, moving values out of it where it can.
     pub fn map(&self, key: String, mut row: Vec<Value>) -> Result<MappedRow, RowRejection> {
-        let mut fields = Document::new();
+        let mut values = Vec::with_capacity(self.mappings.len());
         for m in &self.mappings {
             let mut value = match &m.source {
                 FieldSource::Column(idx) => match row.get_mut(*idx) {
@@ -390,28 +410,86 @@ impl Mapper {
                     reason: format!("mapping to {:?}: {reason}", m.target_text),
                 })?;
             }
-            insert_path(&mut fields, &m.target, value);
+            values.push(value);
         }
-        let mut identity = Document::new();
-        for path in &self.match_fields {
-            let value = get_path(&fields, path).cloned().unwrap_or(Value::Null);
-            if value.is_null() {
+        for (field, i) in &self.match_fields {
+            if values[*i].is_null() {
                 return Err(RowRejection {
                     key: Some(key),
-                    reason: format!(
-                        "match field {:?} is NULL, so the record cannot be identified",
-                        path.join(".")
-                    ),
+                    reason: format!("match field {field:?} is NULL, so the record cannot be identified"),
                 });
             }
-            identity.insert(path.join("."), value);
         }
-        Ok(MappedRow {
-            key,
-            identity,
-            fields,
-        })
+        Ok(MappedRow { key, values })
     }
+
+    /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`.
+    /// The same bytes as [`crate::engine::value::write_document`] of [`Mapper::fields`].
+    pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
+        write_shape(&self.shape, values, out);
+    }
+
+    /// The record as a document.
+    pub fn fields(&self, values: &[Value]) -> Document {
+        shape_document(&self.shape, values)
+    }
+
+    /// The match fields and their values: how the destination identifies the record.
+    pub fn identity(&self, values: &[Value]) -> Document {
+        self.match_fields
+            .iter()
+            .map(|(f, i)| (f.clone(), values[*i].clone()))
+            .collect()
+    }
+}
+
+fn add_to_shape(shape: &mut BTreeMap<String, Shape>, path: &[String], mapping: usize) -> Result<(), String> {
+    match path {
+        [] => Err("the target is empty".to_owned()),
+        [last] => match shape.insert(last.clone(), Shape::Leaf(mapping)) {
+            None => Ok(()),
+            Some(_) => Err(format!(
+                "field {last:?} is written by two mappings or is also an object"
+            )),
+        },
+        [head, rest @ ..] => {
+            let entry = shape
+                .entry(head.clone())
+                .or_insert_with(|| Shape::Object(BTreeMap::new()));
+            match entry {
+                Shape::Object(inner) => add_to_shape(inner, rest, mapping),
+                Shape::Leaf(_) => Err(format!("field {head:?} is both a value and an object")),
+            }
+        }
+    }
+}
+
+fn write_shape(shape: &BTreeMap<String, Shape>, values: &[Value], out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (n, (name, node)) in shape.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        Value::write_json_key(name, out);
+        match node {
+            Shape::Leaf(i) => values[*i].write_canonical(out),
+            Shape::Object(inner) => write_shape(inner, values, out),
+        }
+    }
+    out.push(b'}');
+}
+
+fn shape_document(shape: &BTreeMap<String, Shape>, values: &[Value]) -> Document {
+    shape
+        .iter()
+        .map(|(name, node)| {
+            let value = match node {
+                Shape::Leaf(i) => values[*i].clone(),
+                Shape::Object(inner) => Value::Object(shape_document(inner, values)),
+            };
+            (name.clone(), value)
+        })
+        .collect()
 }
 
 /// Marks the mappings that may move their column's value out of the row: the last plain
@@ -457,37 +535,6 @@ pub fn effective_match_fields(
         return Err("set spec.match to the destination field(s) that identify a record, or map every primary key column".to_owned());
     }
     Ok(targets)
-}
-
-fn insert_path(doc: &mut Document, path: &[String], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            doc.insert(last.clone(), value);
-        }
-        [head, rest @ ..] => {
-            let entry = doc
-                .entry(head.clone())
-                .or_insert_with(|| Value::Object(Document::new()));
-            if !matches!(entry, Value::Object(_)) {
-                *entry = Value::Object(Document::new());
-            }
-            if let Value::Object(inner) = entry {
-                insert_path(inner, rest, value);
-            }
-        }
-    }
-}
-
-fn get_path<'a>(doc: &'a Document, path: &[String]) -> Option<&'a Value> {
-    match path {
-        [] => None,
-        [last] => doc.get(last),
-        [head, rest @ ..] => match doc.get(head)? {
-            Value::Object(inner) => get_path(inner, rest),
-            _ => None,
-        },
-    }
 }
 
 #[cfg(test)]
@@ -634,12 +681,17 @@ mod tests {
         let key = mapper.key(&row).unwrap();
         let mapped = mapper.map(key, row).unwrap();
         assert_eq!(mapped.key, "1");
+        let expected = r#"{"id":1,"properties":{"email":"ada@example.com","name":"Ada Lovelace"}}"#;
+        let mut written = Vec::new();
+        mapper.write_fields(&mapped.values, &mut written);
+        assert_eq!(String::from_utf8(written).unwrap(), expected);
+        let document = mapper.fields(&mapped.values);
         assert_eq!(
-            String::from_utf8(crate::engine::value::canonical_bytes(&mapped.fields)).unwrap(),
-            r#"{"id":1,"properties":{"email":"ada@example.com","name":"Ada Lovelace"}}"#
+            String::from_utf8(crate::engine::value::canonical_bytes(&document)).unwrap(),
+            expected
         );
         assert_eq!(
-            mapped.identity.get("properties.email"),
+            mapper.identity(&mapped.values).get("properties.email"),
             Some(&Value::Text("ada@example.com".into()))
         );
     }
@@ -662,7 +714,10 @@ mod tests {
             .map("1".into(), vec![Value::Int(1), Value::Text("x@y".into())])
             .unwrap();
         assert_eq!(
-            String::from_utf8(crate::engine::value::canonical_bytes(&mapped.fields)).unwrap(),
+            String::from_utf8(crate::engine::value::canonical_bytes(
+                &mapper.fields(&mapped.values)
+            ))
+            .unwrap(),
             r#"{"a":"x@y","b":"<x@y>","c":"X@Y","id":1}"#
         );
     }

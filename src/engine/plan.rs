@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use super::value::write_document;
 use crate::api::SyncMode;
 use crate::destination::Operation;
 use crate::state::Fingerprints;
@@ -72,12 +71,9 @@ pub struct Planner<'a> {
     hint: usize,
 }
 
-/// The xxh3 fingerprint of a mapped record's canonical form, written into `buffer` (reused
-/// across rows to spare an allocation per row; it holds the canonical bytes afterwards).
-pub fn fingerprint(fields: &super::value::Document, buffer: &mut Vec<u8>) -> u64 {
-    buffer.clear();
-    write_document(fields, buffer);
-    xxh3_64(buffer)
+/// The xxh3 fingerprint of a mapped record's canonical JSON.
+pub fn fingerprint(canonical: &[u8]) -> u64 {
+    xxh3_64(canonical)
 }
 
 /// The 128-bit hash of a key, used to spot duplicates.

@@ -357,7 +357,9 @@ async fn run_steps(
                 continue;
             }
         };
-        let fp = fingerprint(&mapped.fields, &mut canonical);
+        canonical.clear();
+        mapper.write_fields(&mapped.values, &mut canonical);
+        let fp = fingerprint(&canonical);
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
                 if options.dry_run {
@@ -377,7 +379,7 @@ async fn run_steps(
                         &mapped.key,
                         fp,
                         change == Change::Added,
-                        &mapped.identity,
+                        &mapper.identity(&mapped.values),
                         &canonical,
                     )
                     .map_err(|e| RunError::Spill(e.to_string()))?;

@@ -120,6 +120,12 @@ impl Value {
         }
     }
 
+    /// Appends a field name in canonical form, with its colon: `"name":`.
+    pub fn write_json_key(name: &str, out: &mut Vec<u8>) {
+        write_json_string(name, out);
+        out.push(b':');
+    }
+
     /// Appends the canonical JSON form of this value to `out`.
     pub fn write_canonical(&self, out: &mut Vec<u8>) {
         match self {
