@@ -29,7 +29,8 @@ impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
             statement_timeout: Duration::from_secs(600),
-            buffer_rows: 4096,
+            // Deep enough to keep the database streaming while the state loads.
+            buffer_rows: 32_768,
         }
     }
 }

@@ -140,12 +140,13 @@ impl FileStore {
             let fingerprint = read_u64(&mut body).map_err(truncated)?;
             read_string(&mut body, &mut key).map_err(truncated)?;
             read_string(&mut body, &mut identity).map_err(truncated)?;
-            set.insert(EntryRef {
+            set.push_unindexed(EntryRef {
                 key: &key,
                 fingerprint,
                 identity: &identity,
             });
         }
+        set.build_index();
         let mut trailer = [0u8; 8];
         let mut rest = body.inner.into_inner();
         rest.read_exact(&mut trailer).map_err(truncated)?;

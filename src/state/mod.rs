@@ -87,17 +87,11 @@ impl Fingerprints {
 
     /// An empty set with room for `rows` entries and `arena_bytes` of keys and identities.
     pub fn with_capacity(rows: usize, arena_bytes: usize) -> Fingerprints {
-        let mut set = Fingerprints {
+        Fingerprints {
             slots: Vec::with_capacity(rows),
             arena: String::with_capacity(arena_bytes),
             index: Vec::new(),
-        };
-        let mut buckets = 16;
-        while buckets * 2 < (rows + 1) * 3 {
-            buckets *= 2;
         }
-        set.index = vec![EMPTY; buckets];
-        set
     }
 
     /// Adds an entry, or replaces the entry of the same key in place.
@@ -134,8 +128,36 @@ impl Fingerprints {
         }
     }
 
+    /// Appends an entry known to have a distinct key (a state file's) without indexing it;
+    /// [`Fingerprints::build_index`] must follow before any lookup. Indexing in one pass at
+    /// the end touches the cache far less than inserting one by one.
+    pub(crate) fn push_unindexed(&mut self, e: EntryRef<'_>) {
+        let offset = self.arena.len() as u64;
+        self.arena.push_str(e.key);
+        self.arena.push_str(e.identity);
+        self.slots.push(Slot {
+            key_hash: xxh3_64(e.key.as_bytes()),
+            fingerprint: e.fingerprint,
+            offset,
+            key_len: u32::try_from(e.key.len()).unwrap_or(u32::MAX),
+            identity_len: u32::try_from(e.identity.len()).unwrap_or(u32::MAX),
+        });
+    }
+
+    /// Indexes every slot (after [`Fingerprints::push_unindexed`]).
+    pub(crate) fn build_index(&mut self) {
+        let mut size = 16;
+        while size * 2 < (self.slots.len() + 1) * 3 {
+            size *= 2;
+        }
+        self.rebuild_index(size);
+    }
+
     fn grow(&mut self) {
-        let size = (self.index.len() * 2).max(16);
+        self.rebuild_index((self.index.len() * 2).max(16));
+    }
+
+    fn rebuild_index(&mut self, size: usize) {
         self.index = vec![EMPTY; size];
         let mask = size - 1;
         for (i, slot) in self.slots.iter().enumerate() {
