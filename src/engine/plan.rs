@@ -2,9 +2,9 @@
 //! to send. Pure and streaming: rows go in one at a time; the planner keeps one byte per
 //! stored row and one hash per new key, never the rows themselves.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
 
 use crate::api::SyncMode;
 use crate::destination::Operation;
@@ -61,10 +61,12 @@ pub struct Planner<'a> {
     full_resync: bool,
     /// Per stored row: UNSEEN, or 1 + the decision code of its first occurrence.
     seen_stored: Vec<u8>,
-    /// New keys (128-bit hashes) and the decision code of their first occurrence.
-    seen_new: HashMap<u128, u8>,
-    /// Keys found more than once.
-    duplicates: std::collections::HashSet<u128>,
+    /// Each new key's hash with its decision code in the low byte. Duplicates among new keys
+    /// are found once, by sorting, when the plan finishes: a hash map of a million keys cost
+    /// more time and memory than the rest of the planner.
+    new_keys: Vec<u128>,
+    /// Keys found more than once (hashes with the low byte cleared).
+    duplicates: HashSet<u128>,
     counts: PlanCounts,
     result_fingerprint: u64,
     /// The stored slot after the previous row's: where the next row most likely is.
@@ -76,9 +78,9 @@ pub fn fingerprint(canonical: &[u8]) -> u64 {
     xxh3_64(canonical)
 }
 
-/// The 128-bit hash of a key, used to spot duplicates.
+/// The 128-bit hash of a key, used to spot duplicates; its low byte is left free (zero).
 pub fn key_hash(key: &str) -> u128 {
-    xxh3_128(key.as_bytes())
+    xxh3_128(key.as_bytes()) & !0xFF
 }
 
 impl<'a> Planner<'a> {
@@ -90,7 +92,7 @@ impl<'a> Planner<'a> {
             mode,
             full_resync,
             seen_stored: vec![UNSEEN; state.len()],
-            seen_new: HashMap::new(),
+            new_keys: Vec::new(),
             duplicates: Default::default(),
             counts: PlanCounts::default(),
             result_fingerprint: 0,
@@ -111,19 +113,17 @@ impl<'a> Planner<'a> {
         if let Some(p) = position {
             self.hint = p + 1;
         }
-        let previous = match position {
-            Some(p) => self.seen_stored[p],
-            None => self.seen_new.get(&key_hash(key)).copied().unwrap_or(UNSEEN),
-        };
-        if previous != UNSEEN {
-            let hash = key_hash(key);
-            if self.duplicates.insert(hash) {
-                // The first occurrence was counted as planned: move it to rejected too.
-                self.uncount(decode(previous));
+        if let Some(p) = position {
+            let previous = self.seen_stored[p];
+            if previous != UNSEEN {
+                if self.duplicates.insert(key_hash(key)) {
+                    // The first occurrence was counted as planned: move it to rejected too.
+                    self.uncount(decode(previous));
+                    self.counts.rejected += 1;
+                }
                 self.counts.rejected += 1;
+                return Decision::Duplicate;
             }
-            self.counts.rejected += 1;
-            return Decision::Duplicate;
         }
         let stored = position.and_then(|p| self.state.get(p));
         let change = match stored {
@@ -145,13 +145,11 @@ impl<'a> Planner<'a> {
         self.count(decision);
         self.result_fingerprint = self
             .result_fingerprint
-            .wrapping_add(xxh3_64(&[key.as_bytes(), &fingerprint.to_le_bytes()].concat()));
+            .wrapping_add(xxh3_64_with_seed(key.as_bytes(), fingerprint));
         let code = encode(decision);
         match position {
             Some(p) => self.seen_stored[p] = code,
-            None => {
-                self.seen_new.insert(key_hash(key), code);
-            }
+            None => self.new_keys.push(key_hash(key) | u128::from(code)),
         }
         decision
     }
@@ -179,13 +177,27 @@ impl<'a> Planner<'a> {
         *field = field.saturating_sub(1);
     }
 
-    /// True when the key was found more than once (its rows must not be sent).
-    pub fn is_duplicate(&self, key: &str) -> bool {
-        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash(key))
-    }
-
     /// Ends the plan: the positions of stored rows gone from the model, and the counts.
     pub fn finish(mut self) -> PlanOutcome {
+        // Every occurrence of a key that came more than once is rejected, the first included.
+        self.new_keys.sort_unstable_by_key(|h| *h >> 8);
+        let mut i = 0;
+        while i < self.new_keys.len() {
+            let hash = self.new_keys[i] & !0xFF;
+            let mut j = i + 1;
+            while j < self.new_keys.len() && self.new_keys[j] & !0xFF == hash {
+                j += 1;
+            }
+            if j - i > 1 {
+                self.duplicates.insert(hash);
+                for k in i..j {
+                    self.uncount(decode((self.new_keys[k] & 0xFF) as u8));
+                    self.counts.rejected += 1;
+                }
+            }
+            i = j;
+        }
+        self.new_keys = Vec::new();
         let removed: Vec<usize> = self
             .seen_stored
             .iter()
@@ -332,16 +344,23 @@ mod tests {
     fn every_row_of_a_duplicated_key_is_rejected() {
         let s = state();
         let mut p = Planner::new(&s, SyncMode::Upsert, false);
+        // New keys: duplicates show when the plan finishes.
         assert_eq!(p.plan("new", 1), Decision::Send(Operation::Upsert, Change::Added));
-        assert_eq!(p.plan("new", 2), Decision::Duplicate);
-        assert_eq!(p.plan("new", 3), Decision::Duplicate);
+        assert_eq!(p.plan("new", 2), Decision::Send(Operation::Upsert, Change::Added));
+        assert_eq!(p.plan("new", 3), Decision::Send(Operation::Upsert, Change::Added));
+        assert_eq!(
+            p.plan("other", 3),
+            Decision::Send(Operation::Upsert, Change::Added)
+        );
+        // Stored keys: the second occurrence is refused at once.
         assert_eq!(p.plan("same", 1), Decision::Skip(Change::Unchanged));
         assert_eq!(p.plan("same", 1), Decision::Duplicate);
-        assert!(p.is_duplicate("new") && p.is_duplicate("same") && !p.is_duplicate("edited"));
         let out = p.finish();
+        assert!(out.is_duplicate("new") && out.is_duplicate("same"));
+        assert!(!out.is_duplicate("edited") && !out.is_duplicate("other"));
         assert_eq!(out.counts.rejected, 5);
-        assert_eq!((out.counts.added, out.counts.unchanged), (0, 0));
-        assert_eq!(out.counts.rows_in_model, 5);
+        assert_eq!((out.counts.added, out.counts.unchanged), (1, 0));
+        assert_eq!(out.counts.rows_in_model, 6);
         // "same" was seen, so it is not removed even though it was rejected.
         assert_eq!(out.counts.removed, 2);
     }

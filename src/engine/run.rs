@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::mapping::{Mapper, MappingError};
-use super::plan::{Change, Decision, PlanCounts, Planner, fingerprint};
+use super::plan::{Change, Decision, PlanCounts, PlanOutcome, Planner, fingerprint};
 use super::spill::{SpillReader, SpillWriter};
 use super::value::Document;
 use crate::api::ReverseSyncSpec;
@@ -19,6 +19,9 @@ use crate::destination::delivery::{Delivered, Delivery, FatalDeliveryError};
 use crate::destination::{Operation, Record};
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, StateChange, StateError, StateStore};
+
+/// Why every row of a repeated key is rejected.
+const DUPLICATE_KEY: &str = "duplicate primary key: the model returned this key more than once";
 
 /// Rejected rows kept as samples in a report.
 const REJECTED_SAMPLES: usize = 10;
@@ -384,11 +387,7 @@ async fn run_steps(
                     )
                     .map_err(|e| RunError::Spill(e.to_string()))?;
             }
-            Decision::Duplicate => c.reject(
-                Some(&mapped.key),
-                "plan",
-                "duplicate primary key: the model returned this key more than once",
-            ),
+            Decision::Duplicate => c.reject(Some(&mapped.key), "plan", DUPLICATE_KEY),
             Decision::Skip(_) => {}
         }
         let planned = c.report.plan.rows_in_model + 1;
@@ -398,6 +397,11 @@ async fn run_steps(
         }
     }
     let plan = planner.finish();
+    let mut spilled = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    if !plan.duplicates.is_empty() {
+        sample_duplicates(&mut spilled, &plan, c).map_err(|e| RunError::Spill(e.to_string()))?;
+        c.report.plan_samples.retain(|s| !plan.is_duplicate(&s.key));
+    }
     c.report.plan = plan.counts;
     c.report.result_fingerprint = plan.result_fingerprint.clone();
     options.progress.planned(plan.counts.rows_in_model);
@@ -431,10 +435,9 @@ async fn run_steps(
     // Deliver and commit: upserts first, then deletes.
     let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
     options.progress.delivering(to_send);
-    let reader = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
     let batch_size = job.delivery.config().batch_size;
     let batches = SpillBatches {
-        reader,
+        reader: spilled,
         plan: &plan,
         batch_size,
         carry: None,
@@ -445,6 +448,23 @@ async fn run_steps(
         deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
     }
     Ok(())
+}
+
+/// Reports a few rows of keys the model returned more than once (found when the plan
+/// finished), then rewinds the spill for delivery.
+fn sample_duplicates(
+    spilled: &mut SpillReader,
+    plan: &PlanOutcome,
+    c: &mut Collector,
+) -> std::io::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    while c.report.rejected_samples.len() < REJECTED_SAMPLES {
+        let Some(row) = spilled.next_row()? else { break };
+        if plan.is_duplicate(&row.key) && seen.insert(row.key.clone()) {
+            c.reject(Some(&row.key), "plan", DUPLICATE_KEY);
+        }
+    }
+    spilled.rewind()
 }
 
 /// A batch ready to send: the operation, the records, and per record what to store once it

@@ -105,6 +105,11 @@ pub struct SpillReader {
 }
 
 impl SpillReader {
+    /// Starts again from the first row.
+    pub fn rewind(&mut self) -> std::io::Result<()> {
+        self.lines.rewind()
+    }
+
     /// The next row, or `None` at the end.
     pub fn next_row(&mut self) -> std::io::Result<Option<SpilledRow>> {
         self.line.clear();
