@@ -9,6 +9,7 @@
 //!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file.
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -90,12 +91,12 @@ impl FileStore {
 
     /// Reads the state file and replays the journal on top.
     fn read_all(&self, scope: &str) -> Result<Fingerprints, StateError> {
-        let base = self.read_state_file(scope)?.unwrap_or_default();
-        let changes = self.read_journal(scope)?;
-        Ok(if changes.is_empty() {
-            base
+        let mut set = self.read_state_file(scope)?.unwrap_or_default();
+        let removed = self.replay_journal(scope, &mut set)?;
+        Ok(if removed.is_empty() {
+            set
         } else {
-            base.apply(&changes)
+            set.without(&removed)
         })
     }
 
@@ -156,41 +157,63 @@ impl FileStore {
         Ok(Some(set))
     }
 
-    fn read_journal(&self, scope: &str) -> Result<Vec<StateChange>, StateError> {
+    /// Applies the journal's checkpoints to `set`, one record at a time (a first run's journal
+    /// holds every row: collecting it whole doubled peak memory). Puts land in place; the keys
+    /// finally removed are returned for the caller to drop.
+    fn replay_journal(&self, scope: &str, set: &mut Fingerprints) -> Result<HashSet<String>, StateError> {
+        let mut removed = HashSet::new();
         let file = match File::open(&self.journal_path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
             Err(e) => return Err(self.io(e)),
         };
-        let mut bytes = Vec::new();
-        BufReader::new(file)
-            .read_to_end(&mut bytes)
-            .map_err(|e| self.io(e))?;
-        let mut r = Cursor { bytes: &bytes };
-        if r.take(JOURNAL_MAGIC.len()) != Some(JOURNAL_MAGIC.as_slice()) {
-            return Ok(Vec::new());
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        let mut magic = [0u8; JOURNAL_MAGIC.len()];
+        let mut header_scope = String::new();
+        if r.read_exact(&mut magic).is_err()
+            || &magic != JOURNAL_MAGIC
+            || read_string(&mut r, &mut header_scope).is_err()
+        {
+            return Ok(removed);
         }
-        if r.string() != Some(scope) {
-            return Ok(Vec::new());
+        if header_scope != scope {
+            return Ok(removed);
         }
-        let mut changes = Vec::new();
+        let mut payload = Vec::new();
         // Replay whole records; the first short or damaged one is a torn write: stop there.
-        while let (Some(len), Some(sum)) = (r.u32(), r.u64()) {
-            let Some(payload) = r.take(len as usize) else {
-                break;
-            };
-            if xxhash_rust::xxh3::xxh3_64(payload) != sum {
+        while let (Ok(len), Ok(sum)) = (read_u32(&mut r), read_u64(&mut r)) {
+            payload.clear();
+            if (&mut r).take(u64::from(len)).read_to_end(&mut payload).is_err()
+                || payload.len() != len as usize
+            {
                 break;
             }
-            let mut p = Cursor { bytes: payload };
+            if xxhash_rust::xxh3::xxh3_64(&payload) != sum {
+                break;
+            }
+            let mut p = Cursor { bytes: &payload };
             while !p.bytes.is_empty() {
                 match decode_change(&mut p) {
-                    Some(c) => changes.push(c),
+                    Some(StateChange::Put {
+                        key,
+                        fingerprint,
+                        identity,
+                    }) => {
+                        removed.remove(&key);
+                        set.insert(EntryRef {
+                            key: &key,
+                            fingerprint,
+                            identity: &identity,
+                        });
+                    }
+                    Some(StateChange::Remove { key }) => {
+                        removed.insert(key);
+                    }
                     None => return Err(self.corrupt(&self.journal_path, "undecodable checkpoint")),
                 }
             }
         }
-        Ok(changes)
+        Ok(removed)
     }
 
     fn open_journal(&mut self, scope: &str) -> Result<&mut File, StateError> {
@@ -305,6 +328,12 @@ impl<R: Read> Read for HashingReader<'_, R> {
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
+}
+
+fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
 }
 
 fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {

@@ -39,14 +39,6 @@ pub enum StateChange {
     },
 }
 
-impl StateChange {
-    /// The key the change is about.
-    pub fn key(&self) -> &str {
-        match self {
-            StateChange::Put { key, .. } | StateChange::Remove { key } => key,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
@@ -236,36 +228,13 @@ impl Fingerprints {
         (0..self.slots.len()).map(|i| self.entry_at(i))
     }
 
-    /// A new set with the changes applied (later changes win).
-    pub fn apply(&self, changes: &[StateChange]) -> Fingerprints {
-        let mut touched: std::collections::HashMap<&str, &StateChange> = std::collections::HashMap::new();
-        for c in changes {
-            touched.insert(c.key(), c);
+    /// A new set without these keys.
+    pub fn without(&self, keys: &std::collections::HashSet<String>) -> Fingerprints {
+        let mut next = Fingerprints::with_capacity(self.len(), self.arena.len());
+        for e in self.iter().filter(|e| !keys.contains(e.key)) {
+            next.push_unindexed(e);
         }
-        let mut next = Fingerprints::default();
-        for e in self.iter() {
-            if !touched.contains_key(e.key) {
-                next.insert(e);
-            }
-        }
-        // Changes in commit order, so new rows keep roughly the model's order.
-        for c in changes {
-            if let StateChange::Put {
-                key,
-                fingerprint,
-                identity,
-            } = c
-                && touched
-                    .get(key.as_str())
-                    .is_some_and(|last| std::ptr::eq(*last, c))
-            {
-                next.insert(EntryRef {
-                    key,
-                    fingerprint: *fingerprint,
-                    identity,
-                });
-            }
-        }
+        next.build_index();
         next
     }
 }
@@ -351,8 +320,8 @@ mod tests {
     }
 
     #[test]
-    fn applying_changes_puts_and_removes() {
-        let set = Fingerprints::from_entries([
+    fn inserting_replaces_in_place_and_without_drops_keys() {
+        let mut set = Fingerprints::from_entries([
             EntryRef {
                 key: "a",
                 fingerprint: 1,
@@ -364,23 +333,21 @@ mod tests {
                 identity: "",
             },
         ]);
-        let next = set.apply(&[
-            StateChange::Remove { key: "a".into() },
-            StateChange::Put {
-                key: "c".into(),
-                fingerprint: 9,
-                identity: "x".into(),
-            },
-            StateChange::Put {
-                key: "b".into(),
-                fingerprint: 5,
-                identity: "y".into(),
-            },
-        ]);
+        set.insert(EntryRef {
+            key: "c",
+            fingerprint: 9,
+            identity: "x",
+        });
+        set.insert(EntryRef {
+            key: "b",
+            fingerprint: 5,
+            identity: "y",
+        });
+        let next = set.without(&["a".to_owned()].into());
         assert!(next.position("a").is_none());
         assert_eq!(next.get(next.position("b").unwrap()).unwrap().fingerprint, 5);
         assert_eq!(next.get(next.position("c").unwrap()).unwrap().identity, "x");
-        assert_eq!(next.len(), 2);
+        assert_eq!(next.iter().map(|e| e.key).collect::<Vec<_>>(), vec!["b", "c"]);
     }
 
     #[test]
