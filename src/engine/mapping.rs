@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use bigdecimal::{BigDecimal, RoundingMode};
 
-use super::value::{Document, Value};
+use super::value::Value;
 use crate::api::reverse_sync::Mapping;
 use crate::source::Column;
 use crate::template::Template;
@@ -356,6 +356,8 @@ impl Mapper {
             })?
             .into_iter()
             .filter_map(|f| compiled.iter().position(|m| m.target_text == f).map(|i| (f, i)))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
             .collect();
         Ok(Mapper {
             mappings: compiled,
@@ -423,23 +425,24 @@ impl Mapper {
         Ok(MappedRow { key, values })
     }
 
-    /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`.
-    /// The same bytes as [`crate::engine::value::write_document`] of [`Mapper::fields`].
+    /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`:
+    /// the bytes [`crate::engine::value::write_document`] writes for the same record.
     pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
         write_shape(&self.shape, values, out);
     }
 
-    /// The record as a document.
-    pub fn fields(&self, values: &[Value]) -> Document {
-        shape_document(&self.shape, values)
-    }
-
-    /// The match fields and their values: how the destination identifies the record.
-    pub fn identity(&self, values: &[Value]) -> Document {
-        self.match_fields
-            .iter()
-            .map(|(f, i)| (f.clone(), values[*i].clone()))
-            .collect()
+    /// Appends the canonical JSON of the match fields and their values: how the destination
+    /// identifies the record (what the state keeps to delete it later).
+    pub fn write_identity(&self, values: &[Value], out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (n, (field, i)) in self.match_fields.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            Value::write_json_key(field, out);
+            values[*i].write_canonical(out);
+        }
+        out.push(b'}');
     }
 }
 
@@ -477,19 +480,6 @@ fn write_shape(shape: &BTreeMap<String, Shape>, values: &[Value], out: &mut Vec<
         }
     }
     out.push(b'}');
-}
-
-fn shape_document(shape: &BTreeMap<String, Shape>, values: &[Value]) -> Document {
-    shape
-        .iter()
-        .map(|(name, node)| {
-            let value = match node {
-                Shape::Leaf(i) => values[*i].clone(),
-                Shape::Object(inner) => Value::Object(shape_document(inner, values)),
-            };
-            (name.clone(), value)
-        })
-        .collect()
 }
 
 /// Marks the mappings that may move their column's value out of the row: the last plain
@@ -685,14 +675,11 @@ mod tests {
         let mut written = Vec::new();
         mapper.write_fields(&mapped.values, &mut written);
         assert_eq!(String::from_utf8(written).unwrap(), expected);
-        let document = mapper.fields(&mapped.values);
+        let mut identity = Vec::new();
+        mapper.write_identity(&mapped.values, &mut identity);
         assert_eq!(
-            String::from_utf8(crate::engine::value::canonical_bytes(&document)).unwrap(),
-            expected
-        );
-        assert_eq!(
-            mapper.identity(&mapped.values).get("properties.email"),
-            Some(&Value::Text("ada@example.com".into()))
+            String::from_utf8(identity).unwrap(),
+            r#"{"properties.email":"ada@example.com"}"#
         );
     }
 
@@ -714,10 +701,11 @@ mod tests {
             .map("1".into(), vec![Value::Int(1), Value::Text("x@y".into())])
             .unwrap();
         assert_eq!(
-            String::from_utf8(crate::engine::value::canonical_bytes(
-                &mapper.fields(&mapped.values)
-            ))
-            .unwrap(),
+            {
+                let mut out = Vec::new();
+                mapper.write_fields(&mapped.values, &mut out);
+                String::from_utf8(out).unwrap()
+            },
             r#"{"a":"x@y","b":"<x@y>","c":"X@Y","id":1}"#
         );
     }

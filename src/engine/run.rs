@@ -339,6 +339,7 @@ async fn run_steps(
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     let mut canonical = Vec::with_capacity(512);
+    let mut identity_json = Vec::with_capacity(64);
     while let Some(row) = rows.next().await {
         if options.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -365,6 +366,8 @@ async fn run_steps(
         let fp = fingerprint(&canonical);
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
+                identity_json.clear();
+                mapper.write_identity(&mapped.values, &mut identity_json);
                 if options.dry_run {
                     let n = samples_per_op.entry(operation).or_default();
                     if *n < options.sample_size {
@@ -382,7 +385,7 @@ async fn run_steps(
                         &mapped.key,
                         fp,
                         change == Change::Added,
-                        &mapper.identity(&mapped.values),
+                        &identity_json,
                         &canonical,
                     )
                     .map_err(|e| RunError::Spill(e.to_string()))?;

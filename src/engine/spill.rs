@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 
 use serde::Deserialize;
 
-use super::value::{Document, Value, write_document};
+use super::value::{Document, Value, write_json_string};
 use crate::destination::Operation;
 
 /// One planned row, as read back.
@@ -57,14 +57,15 @@ impl SpillWriter {
         })
     }
 
-    /// Appends one row; `fields_json` is the canonical JSON of its mapped fields.
+    /// Appends one row; `identity_json` and `fields_json` are the canonical JSON of its
+    /// match fields and of its mapped fields.
     pub fn push(
         &mut self,
         operation: Operation,
         key: &str,
         fingerprint: u64,
         added: bool,
-        identity: &Document,
+        identity_json: &[u8],
         fields_json: &[u8],
     ) -> std::io::Result<()> {
         let b = &mut self.buf;
@@ -72,9 +73,9 @@ impl SpillWriter {
         b.extend_from_slice(b"{\"o\":\"");
         b.extend_from_slice(operation.as_str().as_bytes());
         b.extend_from_slice(b"\",\"k\":");
-        Value::Text(key.to_owned()).write_canonical(b);
-        b.extend_from_slice(format!(",\"f\":{fingerprint},\"a\":{added},\"i\":").as_bytes());
-        write_document(identity, b);
+        write_json_string(key, b);
+        write!(b, ",\"f\":{fingerprint},\"a\":{added},\"i\":")?;
+        b.extend_from_slice(identity_json);
         b.extend_from_slice(b",\"d\":");
         b.extend_from_slice(fields_json);
         b.extend_from_slice(b"}\n");
@@ -169,7 +170,7 @@ mod tests {
             "k\"1",
             42,
             true,
-            &identity,
+            &crate::engine::value::canonical_bytes(&identity),
             &crate::engine::value::canonical_bytes(&fields),
         )
         .unwrap();

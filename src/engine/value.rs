@@ -270,7 +270,8 @@ fn write_json(j: &serde_json::Value, out: &mut Vec<u8>) {
     }
 }
 
-fn write_json_string(s: &str, out: &mut Vec<u8>) {
+/// Appends a string as a canonical JSON string literal.
+pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
     // Most text needs no escaping: copy it as is, which is much cheaper per row.
     if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
         out.reserve(s.len() + 2);

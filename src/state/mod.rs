@@ -39,7 +39,6 @@ pub enum StateChange {
     },
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
     key_hash: u64,
