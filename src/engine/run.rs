@@ -233,7 +233,12 @@ struct Collector {
 
 impl Collector {
     fn reject(&mut self, key: Option<&str>, operation: &str, reason: &str) {
-        tracing::warn!(key = key.unwrap_or("(none)"), operation, reason, "row rejected");
+        // The first rejections are warnings; the rest would flood the log, so they are debug.
+        if self.report.rejected_samples.len() < REJECTED_SAMPLES {
+            tracing::warn!(key = key.unwrap_or("(none)"), operation, reason, "row rejected");
+        } else {
+            tracing::debug!(key = key.unwrap_or("(none)"), operation, reason, "row rejected");
+        }
         if self.report.rejected_samples.len() < REJECTED_SAMPLES {
             self.report.rejected_samples.push(RejectedRow {
                 key: key.unwrap_or("(none)").to_owned(),
@@ -537,7 +542,11 @@ async fn deliver(
                     }
                     Delivered::Failed(reason) => {
                         c.report.failed += 1;
-                        tracing::warn!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                        if c.report.failed <= REJECTED_SAMPLES as u64 {
+                            tracing::warn!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                        } else {
+                            tracing::debug!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                        }
                     }
                 }
             }
