@@ -104,8 +104,9 @@ mod tests {
         for _ in 0..5 {
             limiter.acquire().await;
         }
+        // Five tokens at 20/s would take 200 ms; a burst takes none (slack for a busy machine).
         assert!(
-            start.elapsed() < Duration::from_millis(40),
+            start.elapsed() < Duration::from_millis(120),
             "the burst should not wait"
         );
         for _ in 0..4 {
