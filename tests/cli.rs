@@ -297,3 +297,67 @@ async fn an_invalid_spec_names_the_field() {
     )
     .await;
 }
+
+// The destination double runs on this test's runtime while the process blocks a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_fail_the_run_without_the_token_in_any_output_and_logs_are_json() {
+    use support::http_server::{Behaviour, HttpDouble};
+    let s = Setup::new().await;
+    let double = HttpDouble::start(Behaviour::unauthorized()).await;
+    let text = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: warehouse}}
+stringData: {{url: "{}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: hook-token}}
+stringData: {{token: "tok-SECRET-4242"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: Destination
+metadata: {{name: hook}}
+spec:
+  type: http
+  credentialsSecretRef: {{name: hook-token}}
+  http:
+    url: "{}/ingest?key={{{{secret.token}}}}"
+    headers: {{Authorization: "Bearer {{{{secret.token}}}}"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: ReverseSync
+metadata: {{name: customers}}
+spec:
+  source: {{connectionSecretRef: {{name: warehouse}}, query: "SELECT id, email FROM customers", primaryKey: [id]}}
+  destinationRef: {{name: hook}}
+  mappings: [{{from: id, to: id}}, {{from: email, to: email}}]
+"#,
+        s.warehouse.url, double.url
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_backflow"))
+        .args(["--log-format", "json", "run", "--output", "json", "-f"])
+        .arg(s.write(&text))
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .env("BACKFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stdout.contains("credentials rejected"), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("tok-SECRET-4242") && !stderr.contains("tok-SECRET-4242"),
+        "the token leaked:\n{stdout}\n{stderr}"
+    );
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    assert!(
+        s.state_files().is_empty(),
+        "nothing was accepted, so nothing was committed"
+    );
+}
