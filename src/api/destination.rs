@@ -83,6 +83,14 @@ pub enum DestinationType {
 }
 
 impl DestinationType {
+    /// Every type, in the order of the enum.
+    pub const ALL: &'static [DestinationType] = &[
+        DestinationType::Http,
+        DestinationType::Postgres,
+        DestinationType::Mysql,
+        DestinationType::Sqlite,
+    ];
+
     /// The name as written in manifests.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,6 +99,29 @@ impl DestinationType {
             DestinationType::Mysql => "mysql",
             DestinationType::Sqlite => "sqlite",
         }
+    }
+}
+
+impl DestinationSpec {
+    /// What the destination writes to, for telling state apart: a sync whose destination
+    /// target changes starts from empty state and sends every row. Settings that do not change
+    /// where records land (limits, headers, templates of the body) are left out.
+    pub fn target(&self) -> String {
+        let table = |t: &Option<TableSpec>| {
+            t.as_ref()
+                .map(|t| format!("{}.{}", t.schema.as_deref().unwrap_or_default(), t.table))
+        };
+        let target = match self.destination_type {
+            DestinationType::Http => self.http.as_ref().map(|h| h.url.clone()),
+            DestinationType::Postgres => table(&self.postgres),
+            DestinationType::Mysql => table(&self.mysql),
+            DestinationType::Sqlite => table(&self.sqlite),
+        };
+        format!(
+            "{}/{}",
+            self.destination_type.as_str(),
+            target.unwrap_or_default()
+        )
     }
 }
 

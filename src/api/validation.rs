@@ -167,12 +167,15 @@ fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
 pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
     let mut errors = Errors(Vec::new());
     let t = spec.destination_type;
-    let blocks = [
-        ("http", spec.http.is_some(), DestinationType::Http),
-        ("postgres", spec.postgres.is_some(), DestinationType::Postgres),
-        ("mysql", spec.mysql.is_some(), DestinationType::Mysql),
-        ("sqlite", spec.sqlite.is_some(), DestinationType::Sqlite),
-    ];
+    // Every type's block is the spec field named after the type.
+    let json = serde_json::to_value(spec).unwrap_or_default();
+    let blocks = DestinationType::ALL.iter().map(|ty| {
+        (
+            ty.as_str(),
+            json.get(ty.as_str()).is_some_and(|b| !b.is_null()),
+            *ty,
+        )
+    });
     for (name, present, ty) in blocks {
         if ty == t && !present {
             errors.add(

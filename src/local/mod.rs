@@ -186,20 +186,8 @@ async fn run_one(
     Ok(run(job, &mut store, options).await)
 }
 
-/// What a sync's fingerprints are about: the destination's name, type and target. Pointing
-/// a sync at another table or URL starts from empty state and sends every row.
+/// What a sync's fingerprints are about: the destination's name and target.
 fn destination_scope(namespace: &str, destination: &Destination) -> String {
-    let spec = &destination.spec;
-    let target = match (&spec.http, &spec.postgres, &spec.mysql, &spec.sqlite) {
-        (Some(h), ..) => h.url.clone(),
-        (_, Some(t), ..) | (_, _, Some(t), _) | (.., Some(t)) => {
-            format!("{}.{}", t.schema.clone().unwrap_or_default(), t.table)
-        }
-        _ => String::new(),
-    };
-    format!(
-        "{namespace}/{}/{}/{target}",
-        destination.metadata.name.as_deref().unwrap_or_default(),
-        spec.destination_type.as_str()
-    )
+    let name = destination.metadata.name.as_deref().unwrap_or_default();
+    format!("{namespace}/{name}/{}", destination.spec.target())
 }
