@@ -29,7 +29,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.http) == (self.type == 'http')", "message": "type http needs the http block, and only type http may have it"},
     {"rule": "has(self.postgres) == (self.type == 'postgres')", "message": "type postgres needs the postgres block, and only type postgres may have it"},
     {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
-    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"}
+    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
+    {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -66,6 +67,9 @@ pub struct DestinationSpec {
     /// Settings for `type: sqlite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sqlite: Option<TableSpec>,
+    /// Settings for `type: slack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackSpec>,
 }
 
 /// The kinds of destination.
@@ -80,6 +84,8 @@ pub enum DestinationType {
     Mysql,
     /// A SQLite table.
     Sqlite,
+    /// Slack messages (`chat.postMessage`), one per added or changed row.
+    Slack,
 }
 
 impl DestinationType {
@@ -89,6 +95,7 @@ impl DestinationType {
         DestinationType::Postgres,
         DestinationType::Mysql,
         DestinationType::Sqlite,
+        DestinationType::Slack,
     ];
 
     /// The name as written in manifests.
@@ -98,6 +105,7 @@ impl DestinationType {
             DestinationType::Postgres => "postgres",
             DestinationType::Mysql => "mysql",
             DestinationType::Sqlite => "sqlite",
+            DestinationType::Slack => "slack",
         }
     }
 }
@@ -116,6 +124,7 @@ impl DestinationSpec {
             DestinationType::Postgres => table(&self.postgres),
             DestinationType::Mysql => table(&self.mysql),
             DestinationType::Sqlite => table(&self.sqlite),
+            DestinationType::Slack => self.slack.as_ref().map(|s| s.channel.clone()),
         };
         format!(
             "{}/{}",
@@ -234,6 +243,28 @@ pub struct TableSpec {
     /// Schema (PostgreSQL) or database (MySQL) holding the table; default the connection's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+}
+
+/// Slack: one message per added or changed row, sent with `chat.postMessage`. The bot
+/// token (`xoxb-…`) comes from the credentials Secret (key `token` unless
+/// `credentialsSecretRef.key` says otherwise).
+///
+/// `channel` and `text` are templates over the record's mapped fields: `{{score}}`, and
+/// dotted names for nested fields (`{{properties.name}}`). A NULL renders empty; a field the
+/// record does not have rejects that record with a reason naming the field.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlackSpec {
+    /// Channel to post to: a name like `#alerts`, an ID like `C0123456789`, or a template
+    /// like `{{owner_channel}}`.
+    #[schemars(length(min = 1))]
+    pub channel: String,
+    /// Message text template (Slack `mrkdwn`), like `{{name}}'s score is now {{score}}`.
+    #[schemars(length(min = 1))]
+    pub text: String,
+    /// Slack Web API base URL (default `https://slack.com/api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
 }
 
 /// What the operator observed of a destination.

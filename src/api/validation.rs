@@ -214,6 +214,16 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
             check_duration(&mut errors, "spec.retry.maxBackoff", d);
         }
     }
+    if let Some(slack) = &spec.slack {
+        for (field, text) in [
+            ("spec.slack.channel", &slack.channel),
+            ("spec.slack.text", &slack.text),
+        ] {
+            if let Err(e) = Template::parse(text) {
+                errors.add(field, e.to_string());
+            }
+        }
+    }
     if let Some(http) = &spec.http {
         for (field, text) in [
             ("spec.http.url", Some(&http.url)),

@@ -6,6 +6,7 @@
 
 pub mod delivery;
 pub mod http;
+pub mod slack;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -200,6 +201,20 @@ pub async fn build(
                 },
                 other => other,
             })?;
+            Ok(Arc::new(connector))
+        }
+        DestinationType::Slack => {
+            let block = spec
+                .slack
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("slack"))?;
+            let secret_ref = spec.credentials_secret_ref.as_ref();
+            let connector = slack::SlackConnector::new(
+                block,
+                secret,
+                secret_ref.map_or("", |r| r.name.as_str()),
+                secret_ref.and_then(|r| r.key.as_deref()),
+            )?;
             Ok(Arc::new(connector))
         }
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
