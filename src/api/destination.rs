@@ -29,14 +29,16 @@ use super::SecretKeyRef;
     {"rule": "has(self.http) == (self.type == 'http')", "message": "type http needs the http block, and only type http may have it"},
     {"rule": "has(self.postgres) == (self.type == 'postgres')", "message": "type postgres needs the postgres block, and only type postgres may have it"},
     {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
-    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"}
+    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
+    {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
     #[serde(rename = "type")]
     pub destination_type: DestinationType,
     /// Secret (same namespace) with the credentials: a connection URL for database
-    /// destinations (key `url`), or values used in HTTP header templates.
+    /// destinations (key `url`), a vendor API token (key `token`), or values used in HTTP
+    /// header templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeyRef>,
     /// Requests per second and burst allowed to this destination, shared by every sync that
@@ -66,6 +68,9 @@ pub struct DestinationSpec {
     /// Settings for `type: sqlite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sqlite: Option<TableSpec>,
+    /// Settings for `type: hubspot` (HubSpot CRM v3 objects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hubspot: Option<HubspotSpec>,
 }
 
 /// The kinds of destination.
@@ -80,6 +85,8 @@ pub enum DestinationType {
     Mysql,
     /// A SQLite table.
     Sqlite,
+    /// HubSpot CRM v3 objects (contacts, companies, deals, custom objects).
+    Hubspot,
 }
 
 impl DestinationType {
@@ -89,6 +96,7 @@ impl DestinationType {
         DestinationType::Postgres,
         DestinationType::Mysql,
         DestinationType::Sqlite,
+        DestinationType::Hubspot,
     ];
 
     /// The name as written in manifests.
@@ -98,6 +106,7 @@ impl DestinationType {
             DestinationType::Postgres => "postgres",
             DestinationType::Mysql => "mysql",
             DestinationType::Sqlite => "sqlite",
+            DestinationType::Hubspot => "hubspot",
         }
     }
 }
@@ -116,6 +125,10 @@ impl DestinationSpec {
             DestinationType::Postgres => table(&self.postgres),
             DestinationType::Mysql => table(&self.mysql),
             DestinationType::Sqlite => table(&self.sqlite),
+            DestinationType::Hubspot => self
+                .hubspot
+                .as_ref()
+                .map(|h| format!("{}/{}", h.object, h.id_property)),
         };
         format!(
             "{}/{}",
@@ -234,6 +247,25 @@ pub struct TableSpec {
     /// Schema (PostgreSQL) or database (MySQL) holding the table; default the connection's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+}
+
+/// HubSpot CRM v3: records of one object type, matched on a unique property. The private-app
+/// token comes from the credentials Secret (key `token` unless `credentialsSecretRef.key`
+/// says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HubspotSpec {
+    /// The object type: `contacts`, `companies`, `deals`, another standard object, or a
+    /// custom object's type id like `2-12345`.
+    #[schemars(length(min = 1))]
+    pub object: String,
+    /// The unique property records are matched on, like `email` for contacts or a custom
+    /// unique property; the sync's match field holds its value.
+    #[schemars(length(min = 1))]
+    pub id_property: String,
+    /// API base URL (default `https://api.hubapi.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
 }
 
 /// What the operator observed of a destination.

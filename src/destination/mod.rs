@@ -6,6 +6,7 @@
 
 pub mod delivery;
 pub mod http;
+pub mod hubspot;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -201,6 +202,17 @@ pub async fn build(
                 other => other,
             })?;
             Ok(Arc::new(connector))
+        }
+        DestinationType::Hubspot => {
+            let block = spec
+                .hubspot
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("hubspot"))?;
+            Ok(Arc::new(hubspot::HubspotConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
         }
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
             table::build(spec, secret).await

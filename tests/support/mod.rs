@@ -6,4 +6,5 @@
 pub mod db;
 pub mod fake_connector;
 pub mod http_server;
+pub mod hubspot_double;
 pub mod sqlite;
