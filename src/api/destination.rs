@@ -30,14 +30,16 @@ use super::SecretKeyRef;
     {"rule": "has(self.postgres) == (self.type == 'postgres')", "message": "type postgres needs the postgres block, and only type postgres may have it"},
     {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
-    {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"}
+    {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
+    {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
     #[serde(rename = "type")]
     pub destination_type: DestinationType,
     /// Secret (same namespace) with the credentials: a connection URL for database
-    /// destinations (key `url`), or values used in HTTP header templates.
+    /// destinations (key `url`), a vendor API token (key `token`), or values used in HTTP
+    /// header templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeyRef>,
     /// Requests per second and burst allowed to this destination, shared by every sync that
@@ -70,6 +72,9 @@ pub struct DestinationSpec {
     /// Settings for `type: slack`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack: Option<SlackSpec>,
+    /// Settings for `type: hubspot` (HubSpot CRM v3 objects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hubspot: Option<HubspotSpec>,
 }
 
 /// The kinds of destination.
@@ -86,6 +91,8 @@ pub enum DestinationType {
     Sqlite,
     /// Slack messages (`chat.postMessage`), one per added or changed row.
     Slack,
+    /// HubSpot CRM v3 objects (contacts, companies, deals, custom objects).
+    Hubspot,
 }
 
 impl DestinationType {
@@ -96,6 +103,7 @@ impl DestinationType {
         DestinationType::Mysql,
         DestinationType::Sqlite,
         DestinationType::Slack,
+        DestinationType::Hubspot,
     ];
 
     /// The name as written in manifests.
@@ -106,6 +114,7 @@ impl DestinationType {
             DestinationType::Mysql => "mysql",
             DestinationType::Sqlite => "sqlite",
             DestinationType::Slack => "slack",
+            DestinationType::Hubspot => "hubspot",
         }
     }
 }
@@ -125,6 +134,10 @@ impl DestinationSpec {
             DestinationType::Mysql => table(&self.mysql),
             DestinationType::Sqlite => table(&self.sqlite),
             DestinationType::Slack => self.slack.as_ref().map(|s| s.channel.clone()),
+            DestinationType::Hubspot => self
+                .hubspot
+                .as_ref()
+                .map(|h| format!("{}/{}", h.object, h.id_property)),
         };
         format!(
             "{}/{}",
@@ -263,6 +276,25 @@ pub struct SlackSpec {
     #[schemars(length(min = 1))]
     pub text: String,
     /// Slack Web API base URL (default `https://slack.com/api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+/// HubSpot CRM v3: records of one object type, matched on a unique property. The private-app
+/// token comes from the credentials Secret (key `token` unless `credentialsSecretRef.key`
+/// says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HubspotSpec {
+    /// The object type: `contacts`, `companies`, `deals`, another standard object, or a
+    /// custom object's type id like `2-12345`.
+    #[schemars(length(min = 1))]
+    pub object: String,
+    /// The unique property records are matched on, like `email` for contacts or a custom
+    /// unique property; the sync's match field holds its value.
+    #[schemars(length(min = 1))]
+    pub id_property: String,
+    /// API base URL (default `https://api.hubapi.com`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
 }

@@ -6,6 +6,7 @@
 
 pub mod delivery;
 pub mod http;
+pub mod hubspot;
 pub mod slack;
 pub mod table;
 
@@ -216,6 +217,17 @@ pub async fn build(
                 secret_ref.and_then(|r| r.key.as_deref()),
             )?;
             Ok(Arc::new(connector))
+        }
+        DestinationType::Hubspot => {
+            let block = spec
+                .hubspot
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("hubspot"))?;
+            Ok(Arc::new(hubspot::HubspotConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
         }
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
             table::build(spec, secret).await
