@@ -29,7 +29,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.http) == (self.type == 'http')", "message": "type http needs the http block, and only type http may have it"},
     {"rule": "has(self.postgres) == (self.type == 'postgres')", "message": "type postgres needs the postgres block, and only type postgres may have it"},
     {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
-    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"}
+    {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -66,6 +67,9 @@ pub struct DestinationSpec {
     /// Settings for `type: sqlite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sqlite: Option<TableSpec>,
+    /// Settings for `type: redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
 }
 
 /// The kinds of destination.
@@ -80,6 +84,8 @@ pub enum DestinationType {
     Mysql,
     /// A SQLite table.
     Sqlite,
+    /// Redis: one hash per record.
+    Redis,
 }
 
 impl DestinationType {
@@ -89,6 +95,7 @@ impl DestinationType {
         DestinationType::Postgres,
         DestinationType::Mysql,
         DestinationType::Sqlite,
+        DestinationType::Redis,
     ];
 
     /// The name as written in manifests.
@@ -98,6 +105,7 @@ impl DestinationType {
             DestinationType::Postgres => "postgres",
             DestinationType::Mysql => "mysql",
             DestinationType::Sqlite => "sqlite",
+            DestinationType::Redis => "redis",
         }
     }
 }
@@ -116,6 +124,7 @@ impl DestinationSpec {
             DestinationType::Postgres => table(&self.postgres),
             DestinationType::Mysql => table(&self.mysql),
             DestinationType::Sqlite => table(&self.sqlite),
+            DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
         };
         format!(
             "{}/{}",
@@ -234,6 +243,22 @@ pub struct TableSpec {
     /// Schema (PostgreSQL) or database (MySQL) holding the table; default the connection's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+}
+
+/// A Redis destination: one hash per record, under a key rendered from the record. The
+/// connection URL (`redis://[user:password@]host:port/db`) comes from the credentials Secret
+/// (key `url` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSpec {
+    /// Key template of each record's hash, like `customer:{{id}}`; variables are the sync's
+    /// match fields (needed for mirror deletes) or other mapped fields.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// Expiry set on a hash each time it is written, like `30d`; without it hashes never
+    /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// What the operator observed of a destination.

@@ -6,6 +6,7 @@
 
 pub mod delivery;
 pub mod http;
+pub mod redis;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -205,5 +206,6 @@ pub async fn build(
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
             table::build(spec, secret).await
         }
+        DestinationType::Redis => self::redis::build(spec, secret),
     }
 }

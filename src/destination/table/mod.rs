@@ -69,10 +69,11 @@ pub async fn build(
         DestinationType::Postgres => (spec.postgres.as_ref(), postgres::connector),
         DestinationType::Mysql => (spec.mysql.as_ref(), mysql::connector),
         DestinationType::Sqlite => (spec.sqlite.as_ref(), sqlite::connector),
-        DestinationType::Http => {
-            return Err(DestinationError::Invalid(
-                "type http is not a database table destination".to_owned(),
-            ));
+        DestinationType::Http | DestinationType::Redis => {
+            return Err(DestinationError::Invalid(format!(
+                "type {} is not a database table destination",
+                kind.as_str()
+            )));
         }
     };
     let block = block.ok_or(DestinationError::MissingBlock(kind.as_str()))?;
