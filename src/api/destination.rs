@@ -31,7 +31,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.mysql) == (self.type == 'mysql')", "message": "type mysql needs the mysql block, and only type mysql may have it"},
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
-    {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"}
+    {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -75,6 +76,9 @@ pub struct DestinationSpec {
     /// Settings for `type: hubspot` (HubSpot CRM v3 objects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hubspot: Option<HubspotSpec>,
+    /// Settings for `type: redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
 }
 
 /// The kinds of destination.
@@ -93,6 +97,8 @@ pub enum DestinationType {
     Slack,
     /// HubSpot CRM v3 objects (contacts, companies, deals, custom objects).
     Hubspot,
+    /// Redis: one hash per record.
+    Redis,
 }
 
 impl DestinationType {
@@ -104,6 +110,7 @@ impl DestinationType {
         DestinationType::Sqlite,
         DestinationType::Slack,
         DestinationType::Hubspot,
+        DestinationType::Redis,
     ];
 
     /// The name as written in manifests.
@@ -115,6 +122,7 @@ impl DestinationType {
             DestinationType::Sqlite => "sqlite",
             DestinationType::Slack => "slack",
             DestinationType::Hubspot => "hubspot",
+            DestinationType::Redis => "redis",
         }
     }
 }
@@ -138,6 +146,7 @@ impl DestinationSpec {
                 .hubspot
                 .as_ref()
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
+            DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
         };
         format!(
             "{}/{}",
@@ -297,6 +306,22 @@ pub struct HubspotSpec {
     /// API base URL (default `https://api.hubapi.com`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+}
+
+/// A Redis destination: one hash per record, under a key rendered from the record. The
+/// connection URL (`redis://[user:password@]host:port/db`) comes from the credentials Secret
+/// (key `url` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSpec {
+    /// Key template of each record's hash, like `customer:{{id}}`; variables are the sync's
+    /// match fields (needed for mirror deletes) or other mapped fields.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// Expiry set on a hash each time it is written, like `30d`; without it hashes never
+    /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// What the operator observed of a destination.

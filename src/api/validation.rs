@@ -250,6 +250,14 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
             );
         }
     }
+    if let Some(redis) = &spec.redis {
+        if let Err(e) = Template::parse(&redis.key) {
+            errors.add("spec.redis.key", e.to_string());
+        }
+        if let Some(t) = &redis.ttl {
+            check_duration(&mut errors, "spec.redis.ttl", t);
+        }
+    }
     for (name, block) in [
         ("postgres", &spec.postgres),
         ("mysql", &spec.mysql),
@@ -357,5 +365,23 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
             err.contains("spec.postgres: the postgres block does not match type http"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_redis_key_template_and_ttl_are_checked() {
+        let spec: DestinationSpec = serde_yaml_ng::from_str(
+            "type: redis
+redis: {key: \"c:{{id\", ttl: soon}\n",
+        )
+        .unwrap();
+        let err = validate_destination(&spec).unwrap_err().to_string();
+        assert!(err.contains("spec.redis.key"), "{err}");
+        assert!(err.contains("spec.redis.ttl"), "{err}");
+        let ok: DestinationSpec = serde_yaml_ng::from_str(
+            "type: redis
+redis: {key: \"c:{{id}}\", ttl: 30d}\n",
+        )
+        .unwrap();
+        validate_destination(&ok).unwrap();
     }
 }

@@ -7,6 +7,7 @@
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
+pub mod redis;
 pub mod slack;
 pub mod table;
 
@@ -232,5 +233,6 @@ pub async fn build(
         DestinationType::Postgres | DestinationType::Mysql | DestinationType::Sqlite => {
             table::build(spec, secret).await
         }
+        DestinationType::Redis => self::redis::build(spec, secret),
     }
 }

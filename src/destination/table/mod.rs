@@ -69,7 +69,10 @@ pub async fn build(
         DestinationType::Postgres => (spec.postgres.as_ref(), postgres::connector),
         DestinationType::Mysql => (spec.mysql.as_ref(), mysql::connector),
         DestinationType::Sqlite => (spec.sqlite.as_ref(), sqlite::connector),
-        DestinationType::Http | DestinationType::Slack | DestinationType::Hubspot => {
+        DestinationType::Http
+        | DestinationType::Slack
+        | DestinationType::Hubspot
+        | DestinationType::Redis => {
             return Err(DestinationError::Invalid(format!(
                 "type {} is not a database table destination",
                 kind.as_str()
