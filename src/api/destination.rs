@@ -32,7 +32,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
-    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
+    {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -79,6 +80,9 @@ pub struct DestinationSpec {
     /// Settings for `type: redis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// Settings for `type: braze` (Braze user profiles through `/users/track`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub braze: Option<BrazeSpec>,
 }
 
 /// The kinds of destination.
@@ -99,6 +103,8 @@ pub enum DestinationType {
     Hubspot,
     /// Redis: one hash per record.
     Redis,
+    /// Braze user profiles, written with `/users/track` and matched on `external_id`.
+    Braze,
 }
 
 impl DestinationType {
@@ -111,6 +117,7 @@ impl DestinationType {
         DestinationType::Slack,
         DestinationType::Hubspot,
         DestinationType::Redis,
+        DestinationType::Braze,
     ];
 
     /// The name as written in manifests.
@@ -123,6 +130,7 @@ impl DestinationType {
             DestinationType::Slack => "slack",
             DestinationType::Hubspot => "hubspot",
             DestinationType::Redis => "redis",
+            DestinationType::Braze => "braze",
         }
     }
 }
@@ -147,6 +155,7 @@ impl DestinationSpec {
                 .as_ref()
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
             DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
+            DestinationType::Braze => self.braze.as_ref().map(|b| b.base_url.clone()),
         };
         format!(
             "{}/{}",
@@ -322,6 +331,18 @@ pub struct RedisSpec {
     /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+}
+
+/// Braze: one user profile per record, written with `POST /users/track` and matched on
+/// `external_id` (the sync's match field). The REST API key comes from the credentials Secret
+/// (key `apiKey` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrazeSpec {
+    /// The REST endpoint of your Braze instance, like `https://rest.iad-01.braze.com` (it
+    /// differs per cluster: see Braze's "API overview" page, or the dashboard's API settings).
+    #[schemars(length(min = 1))]
+    pub base_url: String,
 }
 
 /// What the operator observed of a destination.

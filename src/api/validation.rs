@@ -258,6 +258,20 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
             check_duration(&mut errors, "spec.redis.ttl", t);
         }
     }
+    if let Some(braze) = &spec.braze {
+        let url = braze.base_url.trim();
+        if url.is_empty() {
+            errors.add(
+                "spec.braze.baseUrl",
+                "set your instance's REST endpoint, like https://rest.iad-01.braze.com",
+            );
+        } else if !(url.starts_with("https://") || url.starts_with("http://")) {
+            errors.add(
+                "spec.braze.baseUrl",
+                format!("{url:?} is not an http(s) URL; use your instance's REST endpoint, like https://rest.iad-01.braze.com"),
+            );
+        }
+    }
     for (name, block) in [
         ("postgres", &spec.postgres),
         ("mysql", &spec.mysql),
@@ -382,6 +396,26 @@ redis: {key: \"c:{{id\", ttl: soon}\n",
 redis: {key: \"c:{{id}}\", ttl: 30d}\n",
         )
         .unwrap();
+        validate_destination(&ok).unwrap();
+    }
+
+    #[test]
+    fn a_braze_destination_needs_its_rest_endpoint() {
+        let spec: DestinationSpec =
+            serde_yaml_ng::from_str("type: braze\nbraze: {baseUrl: \" \"}\n").unwrap();
+        let err = validate_destination(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.braze.baseUrl: set your instance's REST endpoint"),
+            "{err}"
+        );
+        let spec: DestinationSpec =
+            serde_yaml_ng::from_str("type: braze\nbraze: {baseUrl: rest.iad-01.braze.com}\n").unwrap();
+        let err = validate_destination(&spec).unwrap_err().to_string();
+        assert!(err.contains("is not an http(s) URL"), "{err}");
+        assert!(serde_yaml_ng::from_str::<DestinationSpec>("type: braze\nbraze: {}\n").is_err());
+        let ok: DestinationSpec =
+            serde_yaml_ng::from_str("type: braze\nbraze: {baseUrl: \"https://rest.iad-01.braze.com\"}\n")
+                .unwrap();
         validate_destination(&ok).unwrap();
     }
 }

@@ -4,6 +4,7 @@
 //! A connector says how to send one batch of records and how to read per-record outcomes;
 //! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
 
+pub mod braze;
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
@@ -234,5 +235,16 @@ pub async fn build(
             table::build(spec, secret).await
         }
         DestinationType::Redis => self::redis::build(spec, secret),
+        DestinationType::Braze => {
+            let block = spec
+                .braze
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("braze"))?;
+            Ok(Arc::new(braze::BrazeConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
     }
 }
