@@ -7,6 +7,7 @@
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
+pub mod intercom;
 pub mod redis;
 pub mod slack;
 pub mod table;
@@ -234,5 +235,16 @@ pub async fn build(
             table::build(spec, secret).await
         }
         DestinationType::Redis => self::redis::build(spec, secret),
+        DestinationType::Intercom => {
+            let block = spec
+                .intercom
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("intercom"))?;
+            Ok(Arc::new(intercom::IntercomConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
     }
 }
