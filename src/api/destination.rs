@@ -33,7 +33,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
     {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
-    {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"}
+    {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"},
+    {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -83,6 +84,9 @@ pub struct DestinationSpec {
     /// Settings for `type: braze` (Braze user profiles through `/users/track`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub braze: Option<BrazeSpec>,
+    /// Settings for `type: intercom` (Intercom contacts, API version 2.11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercom: Option<IntercomSpec>,
 }
 
 /// The kinds of destination.
@@ -105,6 +109,8 @@ pub enum DestinationType {
     Redis,
     /// Braze user profiles, written with `/users/track` and matched on `external_id`.
     Braze,
+    /// Intercom contacts (users or leads), found by `external_id` or email.
+    Intercom,
 }
 
 impl DestinationType {
@@ -118,6 +124,7 @@ impl DestinationType {
         DestinationType::Hubspot,
         DestinationType::Redis,
         DestinationType::Braze,
+        DestinationType::Intercom,
     ];
 
     /// The name as written in manifests.
@@ -131,6 +138,7 @@ impl DestinationType {
             DestinationType::Hubspot => "hubspot",
             DestinationType::Redis => "redis",
             DestinationType::Braze => "braze",
+            DestinationType::Intercom => "intercom",
         }
     }
 }
@@ -156,6 +164,13 @@ impl DestinationSpec {
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
             DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
             DestinationType::Braze => self.braze.as_ref().map(|b| b.base_url.clone()),
+            DestinationType::Intercom => self.intercom.as_ref().map(|i| {
+                format!(
+                    "{}/{}",
+                    i.role.unwrap_or_default().as_str(),
+                    i.identify_by.unwrap_or_default().as_str()
+                )
+            }),
         };
         format!(
             "{}/{}",
@@ -343,6 +358,67 @@ pub struct BrazeSpec {
     /// differs per cluster: see Braze's "API overview" page, or the dashboard's API settings).
     #[schemars(length(min = 1))]
     pub base_url: String,
+}
+
+/// Intercom contacts (API version 2.11): each record is found through the contact search
+/// endpoint by its identifier, then updated, or created with the role. The access token comes
+/// from the credentials Secret (key `token` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IntercomSpec {
+    /// The contact attribute records are found by: `external_id` (default) or `email`; the
+    /// sync's match field holds its value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identify_by: Option<IntercomIdentifier>,
+    /// The role of contacts Backflow creates: `user` (default) or `lead`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<IntercomRole>,
+    /// API base URL (default `https://api.intercom.io`; `https://api.eu.intercom.io` for
+    /// workspaces hosted in Europe, `https://api.au.intercom.io` for Australia).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+/// The Intercom contact attribute a record is found by.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IntercomIdentifier {
+    /// The contact's `external_id` (your own user id).
+    #[default]
+    ExternalId,
+    /// The contact's `email`.
+    Email,
+}
+
+impl IntercomIdentifier {
+    /// The attribute name in Intercom's API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntercomIdentifier::ExternalId => "external_id",
+            IntercomIdentifier::Email => "email",
+        }
+    }
+}
+
+/// The role of an Intercom contact.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IntercomRole {
+    /// A user (signed-up customer).
+    #[default]
+    User,
+    /// A lead (a prospect).
+    Lead,
+}
+
+impl IntercomRole {
+    /// The role name in Intercom's API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntercomRole::User => "user",
+            IntercomRole::Lead => "lead",
+        }
+    }
 }
 
 /// What the operator observed of a destination.

@@ -8,6 +8,7 @@ pub mod braze;
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
+pub mod intercom;
 pub mod redis;
 pub mod slack;
 pub mod table;
@@ -241,6 +242,17 @@ pub async fn build(
                 .as_ref()
                 .ok_or(DestinationError::MissingBlock("braze"))?;
             Ok(Arc::new(braze::BrazeConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
+        DestinationType::Intercom => {
+            let block = spec
+                .intercom
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("intercom"))?;
+            Ok(Arc::new(intercom::IntercomConnector::new(
                 block,
                 spec.credentials_secret_ref.as_ref(),
                 secret,
