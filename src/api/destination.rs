@@ -32,7 +32,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
-    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
+    {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -79,6 +80,9 @@ pub struct DestinationSpec {
     /// Settings for `type: redis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// Settings for `type: customerio` (people in a Customer.io workspace, Track API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customerio: Option<CustomerioSpec>,
 }
 
 /// The kinds of destination.
@@ -99,6 +103,8 @@ pub enum DestinationType {
     Hubspot,
     /// Redis: one hash per record.
     Redis,
+    /// Customer.io people, identified (created or updated) through the Track API.
+    Customerio,
 }
 
 impl DestinationType {
@@ -111,6 +117,7 @@ impl DestinationType {
         DestinationType::Slack,
         DestinationType::Hubspot,
         DestinationType::Redis,
+        DestinationType::Customerio,
     ];
 
     /// The name as written in manifests.
@@ -123,6 +130,7 @@ impl DestinationType {
             DestinationType::Slack => "slack",
             DestinationType::Hubspot => "hubspot",
             DestinationType::Redis => "redis",
+            DestinationType::Customerio => "customerio",
         }
     }
 }
@@ -147,6 +155,11 @@ impl DestinationSpec {
                 .as_ref()
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
             DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
+            DestinationType::Customerio => self.customerio.as_ref().map(|c| {
+                c.base_url
+                    .clone()
+                    .unwrap_or_else(|| c.region.unwrap_or_default().as_str().to_owned())
+            }),
         };
         format!(
             "{}/{}",
@@ -322,6 +335,42 @@ pub struct RedisSpec {
     /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+}
+
+/// Customer.io: people of one workspace, created or updated with the Track API's identify call
+/// and deleted in mirror mode. The credentials Secret holds the workspace's Site ID (key
+/// `siteId`) and Track API key (key `apiKey`, or the key `credentialsSecretRef.key` names).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomerioSpec {
+    /// The workspace's data center: `us` (default, `https://track.customer.io`) or `eu`
+    /// (`https://track-eu.customer.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<CustomerioRegion>,
+    /// Track API base URL, overriding the region's (for proxies and tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+/// A Customer.io data center.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CustomerioRegion {
+    /// The US data center.
+    #[default]
+    Us,
+    /// The EU data center.
+    Eu,
+}
+
+impl CustomerioRegion {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomerioRegion::Us => "us",
+            CustomerioRegion::Eu => "eu",
+        }
+    }
 }
 
 /// What the operator observed of a destination.

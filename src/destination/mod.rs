@@ -4,6 +4,7 @@
 //! A connector says how to send one batch of records and how to read per-record outcomes;
 //! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
 
+pub mod customerio;
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
@@ -234,5 +235,16 @@ pub async fn build(
             table::build(spec, secret).await
         }
         DestinationType::Redis => self::redis::build(spec, secret),
+        DestinationType::Customerio => {
+            let block = spec
+                .customerio
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("customerio"))?;
+            Ok(Arc::new(customerio::CustomerioConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
     }
 }
