@@ -34,7 +34,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
     {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
     {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"},
-    {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"}
+    {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"},
+    {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -87,6 +88,9 @@ pub struct DestinationSpec {
     /// Settings for `type: intercom` (Intercom contacts, API version 2.11).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intercom: Option<IntercomSpec>,
+    /// Settings for `type: customerio` (people in a Customer.io workspace, Track API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customerio: Option<CustomerioSpec>,
 }
 
 /// The kinds of destination.
@@ -111,6 +115,8 @@ pub enum DestinationType {
     Braze,
     /// Intercom contacts (users or leads), found by `external_id` or email.
     Intercom,
+    /// Customer.io people, identified (created or updated) through the Track API.
+    Customerio,
 }
 
 impl DestinationType {
@@ -125,6 +131,7 @@ impl DestinationType {
         DestinationType::Redis,
         DestinationType::Braze,
         DestinationType::Intercom,
+        DestinationType::Customerio,
     ];
 
     /// The name as written in manifests.
@@ -139,6 +146,7 @@ impl DestinationType {
             DestinationType::Redis => "redis",
             DestinationType::Braze => "braze",
             DestinationType::Intercom => "intercom",
+            DestinationType::Customerio => "customerio",
         }
     }
 }
@@ -170,6 +178,11 @@ impl DestinationSpec {
                     i.role.unwrap_or_default().as_str(),
                     i.identify_by.unwrap_or_default().as_str()
                 )
+            }),
+            DestinationType::Customerio => self.customerio.as_ref().map(|c| {
+                c.base_url
+                    .clone()
+                    .unwrap_or_else(|| c.region.unwrap_or_default().as_str().to_owned())
             }),
         };
         format!(
@@ -379,6 +392,21 @@ pub struct IntercomSpec {
     pub base_url: Option<String>,
 }
 
+/// Customer.io: people of one workspace, created or updated with the Track API's identify call
+/// and deleted in mirror mode. The credentials Secret holds the workspace's Site ID (key
+/// `siteId`) and Track API key (key `apiKey`, or the key `credentialsSecretRef.key` names).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomerioSpec {
+    /// The workspace's data center: `us` (default, `https://track.customer.io`) or `eu`
+    /// (`https://track-eu.customer.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<CustomerioRegion>,
+    /// Track API base URL, overriding the region's (for proxies and tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
 /// The Intercom contact attribute a record is found by.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -417,6 +445,27 @@ impl IntercomRole {
         match self {
             IntercomRole::User => "user",
             IntercomRole::Lead => "lead",
+        }
+    }
+}
+
+/// A Customer.io data center.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CustomerioRegion {
+    /// The US data center.
+    #[default]
+    Us,
+    /// The EU data center.
+    Eu,
+}
+
+impl CustomerioRegion {
+    /// The name as written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomerioRegion::Us => "us",
+            CustomerioRegion::Eu => "eu",
         }
     }
 }

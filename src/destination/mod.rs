@@ -5,6 +5,7 @@
 //! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
 
 pub mod braze;
+pub mod customerio;
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
@@ -253,6 +254,17 @@ pub async fn build(
                 .as_ref()
                 .ok_or(DestinationError::MissingBlock("intercom"))?;
             Ok(Arc::new(intercom::IntercomConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
+        DestinationType::Customerio => {
+            let block = spec
+                .customerio
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("customerio"))?;
+            Ok(Arc::new(customerio::CustomerioConnector::new(
                 block,
                 spec.credentials_secret_ref.as_ref(),
                 secret,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod braze_double;
+pub mod customerio_double;
 pub mod db;
 pub mod fake_connector;
 pub mod http_server;
