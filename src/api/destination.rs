@@ -32,7 +32,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
-    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
+    {"rule": "has(self.mailchimp) == (self.type == 'mailchimp')", "message": "type mailchimp needs the mailchimp block, and only type mailchimp may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -79,6 +80,9 @@ pub struct DestinationSpec {
     /// Settings for `type: redis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// Settings for `type: mailchimp` (members of a Mailchimp audience).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailchimp: Option<MailchimpSpec>,
 }
 
 /// The kinds of destination.
@@ -99,6 +103,8 @@ pub enum DestinationType {
     Hubspot,
     /// Redis: one hash per record.
     Redis,
+    /// Mailchimp Marketing API 3.0: members of one audience.
+    Mailchimp,
 }
 
 impl DestinationType {
@@ -111,6 +117,7 @@ impl DestinationType {
         DestinationType::Slack,
         DestinationType::Hubspot,
         DestinationType::Redis,
+        DestinationType::Mailchimp,
     ];
 
     /// The name as written in manifests.
@@ -123,6 +130,7 @@ impl DestinationType {
             DestinationType::Slack => "slack",
             DestinationType::Hubspot => "hubspot",
             DestinationType::Redis => "redis",
+            DestinationType::Mailchimp => "mailchimp",
         }
     }
 }
@@ -147,6 +155,7 @@ impl DestinationSpec {
                 .as_ref()
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
             DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
+            DestinationType::Mailchimp => self.mailchimp.as_ref().map(|m| m.list_id.clone()),
         };
         format!(
             "{}/{}",
@@ -322,6 +331,47 @@ pub struct RedisSpec {
     /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+}
+
+/// Mailchimp Marketing API 3.0: members of one audience (list), matched on their email
+/// address. The API key (like `0123…-us21`, its suffix naming the data centre) comes from the
+/// credentials Secret (key `apiKey` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MailchimpSpec {
+    /// The audience's id (Audience → Settings → "Audience name and defaults" → Audience ID).
+    #[schemars(length(min = 1))]
+    pub list_id: String,
+    /// The status a new member gets (default `subscribed`); existing members keep theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MailchimpStatus>,
+    /// API base URL including `/3.0` (default `https://<dc>.api.mailchimp.com/3.0`, the data
+    /// centre taken from the API key's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+/// The status Mailchimp gives a member added by a sync.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MailchimpStatus {
+    /// Subscribed to marketing email (the audience must have consent to do so).
+    Subscribed,
+    /// Sent a double opt-in confirmation email first.
+    Pending,
+    /// Transactional only: known to the audience, not subscribed to marketing email.
+    Transactional,
+}
+
+impl MailchimpStatus {
+    /// The value Mailchimp's API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailchimpStatus::Subscribed => "subscribed",
+            MailchimpStatus::Pending => "pending",
+            MailchimpStatus::Transactional => "transactional",
+        }
+    }
 }
 
 /// What the operator observed of a destination.

@@ -7,6 +7,7 @@
 pub mod delivery;
 pub mod http;
 pub mod hubspot;
+pub mod mailchimp;
 pub mod redis;
 pub mod slack;
 pub mod table;
@@ -234,5 +235,16 @@ pub async fn build(
             table::build(spec, secret).await
         }
         DestinationType::Redis => self::redis::build(spec, secret),
+        DestinationType::Mailchimp => {
+            let block = spec
+                .mailchimp
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("mailchimp"))?;
+            Ok(Arc::new(mailchimp::MailchimpConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
     }
 }
