@@ -35,7 +35,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
     {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"},
     {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"},
-    {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"}
+    {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"},
+    {"rule": "has(self.mailchimp) == (self.type == 'mailchimp')", "message": "type mailchimp needs the mailchimp block, and only type mailchimp may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -91,6 +92,9 @@ pub struct DestinationSpec {
     /// Settings for `type: customerio` (people in a Customer.io workspace, Track API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customerio: Option<CustomerioSpec>,
+    /// Settings for `type: mailchimp` (members of a Mailchimp audience).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailchimp: Option<MailchimpSpec>,
 }
 
 /// The kinds of destination.
@@ -117,6 +121,8 @@ pub enum DestinationType {
     Intercom,
     /// Customer.io people, identified (created or updated) through the Track API.
     Customerio,
+    /// Mailchimp Marketing API 3.0: members of one audience.
+    Mailchimp,
 }
 
 impl DestinationType {
@@ -132,6 +138,7 @@ impl DestinationType {
         DestinationType::Braze,
         DestinationType::Intercom,
         DestinationType::Customerio,
+        DestinationType::Mailchimp,
     ];
 
     /// The name as written in manifests.
@@ -147,6 +154,7 @@ impl DestinationType {
             DestinationType::Braze => "braze",
             DestinationType::Intercom => "intercom",
             DestinationType::Customerio => "customerio",
+            DestinationType::Mailchimp => "mailchimp",
         }
     }
 }
@@ -184,6 +192,7 @@ impl DestinationSpec {
                     .clone()
                     .unwrap_or_else(|| c.region.unwrap_or_default().as_str().to_owned())
             }),
+            DestinationType::Mailchimp => self.mailchimp.as_ref().map(|m| m.list_id.clone()),
         };
         format!(
             "{}/{}",
@@ -392,6 +401,24 @@ pub struct IntercomSpec {
     pub base_url: Option<String>,
 }
 
+/// Mailchimp Marketing API 3.0: members of one audience (list), matched on their email
+/// address. The API key (like `0123…-us21`, its suffix naming the data centre) comes from the
+/// credentials Secret (key `apiKey` unless `credentialsSecretRef.key` says otherwise).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MailchimpSpec {
+    /// The audience's id (Audience → Settings → "Audience name and defaults" → Audience ID).
+    #[schemars(length(min = 1))]
+    pub list_id: String,
+    /// The status a new member gets (default `subscribed`); existing members keep theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<MailchimpStatus>,
+    /// API base URL including `/3.0` (default `https://<dc>.api.mailchimp.com/3.0`, the data
+    /// centre taken from the API key's suffix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
 /// Customer.io: people of one workspace, created or updated with the Track API's identify call
 /// and deleted in mirror mode. The credentials Secret holds the workspace's Site ID (key
 /// `siteId`) and Track API key (key `apiKey`, or the key `credentialsSecretRef.key` names).
@@ -466,6 +493,29 @@ impl CustomerioRegion {
         match self {
             CustomerioRegion::Us => "us",
             CustomerioRegion::Eu => "eu",
+        }
+    }
+}
+
+/// The status Mailchimp gives a member added by a sync.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MailchimpStatus {
+    /// Subscribed to marketing email (the audience must have consent to do so).
+    Subscribed,
+    /// Sent a double opt-in confirmation email first.
+    Pending,
+    /// Transactional only: known to the audience, not subscribed to marketing email.
+    Transactional,
+}
+
+impl MailchimpStatus {
+    /// The value Mailchimp's API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailchimpStatus::Subscribed => "subscribed",
+            MailchimpStatus::Pending => "pending",
+            MailchimpStatus::Transactional => "transactional",
         }
     }
 }

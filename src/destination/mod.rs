@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod http;
 pub mod hubspot;
 pub mod intercom;
+pub mod mailchimp;
 pub mod redis;
 pub mod slack;
 pub mod table;
@@ -265,6 +266,17 @@ pub async fn build(
                 .as_ref()
                 .ok_or(DestinationError::MissingBlock("customerio"))?;
             Ok(Arc::new(customerio::CustomerioConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
+        DestinationType::Mailchimp => {
+            let block = spec
+                .mailchimp
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("mailchimp"))?;
+            Ok(Arc::new(mailchimp::MailchimpConnector::new(
                 block,
                 spec.credentials_secret_ref.as_ref(),
                 secret,

@@ -10,5 +10,6 @@ pub mod fake_connector;
 pub mod http_server;
 pub mod hubspot_double;
 pub mod intercom_double;
+pub mod mailchimp_double;
 pub mod slack_double;
 pub mod sqlite;
