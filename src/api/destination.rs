@@ -32,7 +32,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.sqlite) == (self.type == 'sqlite')", "message": "type sqlite needs the sqlite block, and only type sqlite may have it"},
     {"rule": "has(self.slack) == (self.type == 'slack')", "message": "type slack needs the slack block, and only type slack may have it"},
     {"rule": "has(self.hubspot) == (self.type == 'hubspot')", "message": "type hubspot needs the hubspot block, and only type hubspot may have it"},
-    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"}
+    {"rule": "has(self.redis) == (self.type == 'redis')", "message": "type redis needs the redis block, and only type redis may have it"},
+    {"rule": "has(self.zendesk) == (self.type == 'zendesk')", "message": "type zendesk needs the zendesk block, and only type zendesk may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -79,6 +80,9 @@ pub struct DestinationSpec {
     /// Settings for `type: redis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// Settings for `type: zendesk` (Zendesk Support users or organizations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zendesk: Option<ZendeskSpec>,
 }
 
 /// The kinds of destination.
@@ -99,6 +103,8 @@ pub enum DestinationType {
     Hubspot,
     /// Redis: one hash per record.
     Redis,
+    /// Zendesk Support users or organizations, through the asynchronous bulk endpoints.
+    Zendesk,
 }
 
 impl DestinationType {
@@ -111,6 +117,7 @@ impl DestinationType {
         DestinationType::Slack,
         DestinationType::Hubspot,
         DestinationType::Redis,
+        DestinationType::Zendesk,
     ];
 
     /// The name as written in manifests.
@@ -123,6 +130,7 @@ impl DestinationType {
             DestinationType::Slack => "slack",
             DestinationType::Hubspot => "hubspot",
             DestinationType::Redis => "redis",
+            DestinationType::Zendesk => "zendesk",
         }
     }
 }
@@ -147,6 +155,10 @@ impl DestinationSpec {
                 .as_ref()
                 .map(|h| format!("{}/{}", h.object, h.id_property)),
             DestinationType::Redis => self.redis.as_ref().map(|r| r.key.clone()),
+            DestinationType::Zendesk => self
+                .zendesk
+                .as_ref()
+                .map(|z| format!("{}/{}", z.subdomain, z.object.as_str())),
         };
         format!(
             "{}/{}",
@@ -322,6 +334,45 @@ pub struct RedisSpec {
     /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+}
+
+/// Zendesk Support: users or organizations, written through `create_or_update_many` (an
+/// asynchronous job the connector follows to its end). The agent's email and API token come
+/// from the credentials Secret (keys `email` and `token`; `credentialsSecretRef.key` renames
+/// the token key).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZendeskSpec {
+    /// The account's subdomain: `acme` for `https://acme.zendesk.com`.
+    #[schemars(length(min = 1))]
+    pub subdomain: String,
+    /// What each row becomes: `users` (default) or `organizations`.
+    #[serde(default)]
+    pub object: ZendeskObject,
+    /// API base URL (default `https://{subdomain}.zendesk.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+/// The Zendesk Support object a row becomes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ZendeskObject {
+    /// End users (and agents), matched on `external_id` or `email`.
+    #[default]
+    Users,
+    /// Organizations, matched on `external_id` or `name`.
+    Organizations,
+}
+
+impl ZendeskObject {
+    /// The name as written in manifests and in Zendesk's API paths.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZendeskObject::Users => "users",
+            ZendeskObject::Organizations => "organizations",
+        }
+    }
 }
 
 /// What the operator observed of a destination.

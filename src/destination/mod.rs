@@ -10,6 +10,7 @@ pub mod hubspot;
 pub mod redis;
 pub mod slack;
 pub mod table;
+pub mod zendesk;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -234,5 +235,16 @@ pub async fn build(
             table::build(spec, secret).await
         }
         DestinationType::Redis => self::redis::build(spec, secret),
+        DestinationType::Zendesk => {
+            let block = spec
+                .zendesk
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("zendesk"))?;
+            Ok(Arc::new(zendesk::ZendeskConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
     }
 }

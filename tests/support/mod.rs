@@ -9,3 +9,4 @@ pub mod http_server;
 pub mod hubspot_double;
 pub mod slack_double;
 pub mod sqlite;
+pub mod zendesk_double;
