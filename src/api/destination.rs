@@ -36,7 +36,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.braze) == (self.type == 'braze')", "message": "type braze needs the braze block, and only type braze may have it"},
     {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"},
     {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"},
-    {"rule": "has(self.mailchimp) == (self.type == 'mailchimp')", "message": "type mailchimp needs the mailchimp block, and only type mailchimp may have it"}
+    {"rule": "has(self.mailchimp) == (self.type == 'mailchimp')", "message": "type mailchimp needs the mailchimp block, and only type mailchimp may have it"},
+    {"rule": "has(self.zendesk) == (self.type == 'zendesk')", "message": "type zendesk needs the zendesk block, and only type zendesk may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -95,6 +96,9 @@ pub struct DestinationSpec {
     /// Settings for `type: mailchimp` (members of a Mailchimp audience).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mailchimp: Option<MailchimpSpec>,
+    /// Settings for `type: zendesk` (Zendesk Support users or organizations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zendesk: Option<ZendeskSpec>,
 }
 
 /// The kinds of destination.
@@ -123,6 +127,8 @@ pub enum DestinationType {
     Customerio,
     /// Mailchimp Marketing API 3.0: members of one audience.
     Mailchimp,
+    /// Zendesk Support users or organizations, through the asynchronous bulk endpoints.
+    Zendesk,
 }
 
 impl DestinationType {
@@ -139,6 +145,7 @@ impl DestinationType {
         DestinationType::Intercom,
         DestinationType::Customerio,
         DestinationType::Mailchimp,
+        DestinationType::Zendesk,
     ];
 
     /// The name as written in manifests.
@@ -155,6 +162,7 @@ impl DestinationType {
             DestinationType::Intercom => "intercom",
             DestinationType::Customerio => "customerio",
             DestinationType::Mailchimp => "mailchimp",
+            DestinationType::Zendesk => "zendesk",
         }
     }
 }
@@ -193,6 +201,10 @@ impl DestinationSpec {
                     .unwrap_or_else(|| c.region.unwrap_or_default().as_str().to_owned())
             }),
             DestinationType::Mailchimp => self.mailchimp.as_ref().map(|m| m.list_id.clone()),
+            DestinationType::Zendesk => self
+                .zendesk
+                .as_ref()
+                .map(|z| format!("{}/{}", z.subdomain, z.object.as_str())),
         };
         format!(
             "{}/{}",
@@ -401,6 +413,24 @@ pub struct IntercomSpec {
     pub base_url: Option<String>,
 }
 
+/// Zendesk Support: users or organizations, written through `create_or_update_many` (an
+/// asynchronous job the connector follows to its end). The agent's email and API token come
+/// from the credentials Secret (keys `email` and `token`; `credentialsSecretRef.key` renames
+/// the token key).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZendeskSpec {
+    /// The account's subdomain: `acme` for `https://acme.zendesk.com`.
+    #[schemars(length(min = 1))]
+    pub subdomain: String,
+    /// What each row becomes: `users` (default) or `organizations`.
+    #[serde(default)]
+    pub object: ZendeskObject,
+    /// API base URL (default `https://{subdomain}.zendesk.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
 /// Mailchimp Marketing API 3.0: members of one audience (list), matched on their email
 /// address. The API key (like `0123…-us21`, its suffix naming the data centre) comes from the
 /// credentials Secret (key `apiKey` unless `credentialsSecretRef.key` says otherwise).
@@ -516,6 +546,27 @@ impl MailchimpStatus {
             MailchimpStatus::Subscribed => "subscribed",
             MailchimpStatus::Pending => "pending",
             MailchimpStatus::Transactional => "transactional",
+        }
+    }
+}
+
+/// The Zendesk Support object a row becomes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ZendeskObject {
+    /// End users (and agents), matched on `external_id` or `email`.
+    #[default]
+    Users,
+    /// Organizations, matched on `external_id` or `name`.
+    Organizations,
+}
+
+impl ZendeskObject {
+    /// The name as written in manifests and in Zendesk's API paths.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZendeskObject::Users => "users",
+            ZendeskObject::Organizations => "organizations",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod mailchimp;
 pub mod redis;
 pub mod slack;
 pub mod table;
+pub mod zendesk;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -277,6 +278,17 @@ pub async fn build(
                 .as_ref()
                 .ok_or(DestinationError::MissingBlock("mailchimp"))?;
             Ok(Arc::new(mailchimp::MailchimpConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
+        DestinationType::Zendesk => {
+            let block = spec
+                .zendesk
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("zendesk"))?;
+            Ok(Arc::new(zendesk::ZendeskConnector::new(
                 block,
                 spec.credentials_secret_ref.as_ref(),
                 secret,

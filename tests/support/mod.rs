@@ -13,3 +13,4 @@ pub mod intercom_double;
 pub mod mailchimp_double;
 pub mod slack_double;
 pub mod sqlite;
+pub mod zendesk_double;
