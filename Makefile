@@ -14,7 +14,7 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	@test -f $(QUICKSTART_DIR)/crm.db || cp examples/quickstart/crm.db $(QUICKSTART_DIR)/crm.db
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
 
-test: ## Run every test (needs PostgreSQL and MariaDB on 127.0.0.1; .ci/run starts them)
+test: ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
 	$(CARGO) test --locked --lib --bins --tests
 
 bench: ## Benchmark planning 1,000,000 PostgreSQL rows against raw COPY (prints figures)
