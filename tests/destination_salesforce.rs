@@ -30,6 +30,46 @@ fn destination(login_url: &str, object: &str, extra: &str) -> DestinationSpec {
     .unwrap()
 }
 
+/// A throwaway RSA key for signing test assertions (the double does not verify signatures).
+const TEST_PRIVATE_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDAr5KhRxlULYcw\n\
+Ax+8FugLzU9ToyWImjNgdSPEx7L4hBhIKx0XAs4CA2ttKjz+H8Ym+oSnBEOOgC47\n\
+wQUuwPaxS22+J8czQ+tZMNY4rpY6ioZHsHdJNWdn6qo4MRJFVjv9mGZKzkKpPgJd\n\
+HstbOS4uhobCIO+0oaWTTL6Sh2dbgNaYVUp+3ZUfyrqkmLheA/9uZCCMpxvlJVWO\n\
+Op9apl+wqPyoau31kq64ESnoPsEZoQRtt9ug1OxQiPLau7drv2mQNfnY/o5DtMWk\n\
+2Awt3bXAvawwS7rz6SnCOz6mBB6KQpbxuDWbG1ArNadOSAGHFs5wnXhh7AbTykpg\n\
+ytTuf17lAgMBAAECggEADzGZApogY2yeoRjR9wsoW4viMjJmaoXcQMIj4qerk2CZ\n\
+KJGrvs2EEJET9rzyp8g6IAc3kBLsP8+YNbKD9dqV6UeNHQY2dTKpG3SYI8qSgoW7\n\
+TmpaEZ4CLCXLK9iku+5vlxDeGg53H7DJz2129BfHbjhB5oth03C+pWWTDmtaaVLV\n\
+fRUk5DfH9wn8bfhUJqQwEv5BahdLTKJCXXTOQVvHMczC9RoR0wMMOowETTimrRvQ\n\
+tUf4T2cAa133lPb5cA/8/dV6aieM2JX1nigUaTtqvr00IP8DcrqY57q+kjMtQp8m\n\
+hfF3kroadoWJgQn6yQMDKnYBEwQb3cncLxoal9F8qQKBgQD3p1h/6i+GWXwKDNNf\n\
+uf6SYEWBsdAdnmThO35BEegYcmEfuAWfsFqeqPO6vllhLKFuGRIvhU1/GbSgD92y\n\
+nLTIpSMY0d0hCQt02ZHCoEJS+DVUVNYDgBW6JOHgf1CwmnRPerxluNd7Mn7/1YMC\n\
+iE+HCksgOXZXTzdS3lro8WeunQKBgQDHLfyoCOy211nTNa9rcR3TPjq86EEYwgyI\n\
+TRR8ZSbTW49SPUosyoHf8/S737PqhS32wGiDW0GvmgKVANxjjGEhs3sxmEdV6i8l\n\
+Ei2tDBLZD1mGINSr3GX8zniS/6Pp5AuAPjnYXrhvWbvRN1Sj5TCQKPKydv4+MUCZ\n\
+UJzLKUOa6QKBgQDEPSPAgHZWNDQ41n7r3LsfjA+nvJmXzrpLS1Q5BZJvRLs3Yh96\n\
+sUitbl1rfYffm3jzgARMCYomC9138/qNnOUYFNrhwPJDSiJ83iZFHa5QhoPjpjHL\n\
+pkQRM0aVGO18c3d0v2HoDPcalSHTYYGlkRPLgtmS2FWwy4GgNbe93AR3dQKBgDCM\n\
+TvcOJdRzLRvEDBveGGzy0BJXcfZ85d0bHJEtfocp3AcplTjRq1JQ/igE4K+bApcQ\n\
+UukhhyMsIND8wrso7kvumWp/OXQBfrhEdAmn1bg+e42r1uqE7/7svIrn8KYDxaHe\n\
+iO7qN348mwDlwaWpKWsZ7/377wBttNcpxO3oAuhxAoGBAMzSOONPkEvbelR71ssD\n\
+CARikjYfJrG4KsO8WAWCWgP83jH9RPU4WhYM2/zsdI/pI+zp3gs9fY+EyKjPKg+h\n\
+HLx0oeIHBAn6jMRIbgwWXkhU4Pts/9EmX4mOWV0ccaTaXdTJTkOHEpqbHQAA7lfl\n\
+mGUF327QlYF80CRXKZ7e/ZRn\n\
+-----END PRIVATE KEY-----\n\
+";
+
+fn jwt_secret(username: &str) -> SecretData {
+    SecretData::new(BTreeMap::from([
+        ("clientId".to_owned(), CLIENT_ID.to_owned()),
+        ("username".to_owned(), username.to_owned()),
+        ("privateKey".to_owned(), TEST_PRIVATE_KEY.to_owned()),
+    ]))
+}
+
 fn secret(client_secret: &str) -> SecretData {
     SecretData::new(BTreeMap::from([
         ("clientId".to_owned(), CLIENT_ID.to_owned()),
@@ -557,4 +597,56 @@ async fn the_documented_example_is_valid_and_builds_a_connector() {
         dest.spec.target(),
         "salesforce/https://acme.my.salesforce.com/Contact/Email__c"
     );
+}
+
+#[tokio::test]
+async fn the_jwt_bearer_flow_signs_an_assertion_for_the_username_and_a_wrong_user_is_rejected() {
+    use base64::Engine as _;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    double.accept_jwt_for("integration@acme.com");
+    let dest: DestinationSpec = serde_yaml_ng::from_str(&format!(
+        "type: salesforce\ncredentialsSecretRef: {{name: salesforce}}\nsalesforce: {{object: Contact, externalIdField: Email__c, auth: jwtBearer, loginUrl: \"{}\"}}\n",
+        double.url
+    ))
+    .unwrap();
+    let connector = destination::build(&dest, Some(&jwt_secret("integration@acme.com")))
+        .await
+        .unwrap();
+
+    let outcomes = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let token_request = &double.requests()[0];
+    assert!(token_request.is_token() && token_request.status == 200);
+    let assertion = &support::salesforce_double::form(&token_request.body)["assertion"];
+    let claims = assertion.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["iss"], CLIENT_ID);
+    assert_eq!(claims["sub"], "integration@acme.com");
+    assert_eq!(claims["aud"], double.url.as_str());
+    assert!(!token_request.body.contains("BEGIN PRIVATE KEY"));
+
+    let wrong = destination::build(&dest, Some(&jwt_secret("someone@acme.com")))
+        .await
+        .unwrap();
+    let error = wrong.check().await.unwrap_err();
+    assert!(
+        matches!(&error, SendError::Fatal(m) if m.starts_with("credentials rejected by Salesforce (invalid_grant)")),
+        "{error:?}"
+    );
+
+    let broken = SecretData::new(BTreeMap::from([
+        ("clientId".to_owned(), CLIENT_ID.to_owned()),
+        ("username".to_owned(), "integration@acme.com".to_owned()),
+        ("privateKey".to_owned(), "not a key".to_owned()),
+    ]));
+    let built = destination::build(&dest, Some(&broken)).await;
+    assert!(built.is_err(), "a bad PEM key fails at construction");
 }

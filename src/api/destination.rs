@@ -449,7 +449,8 @@ pub struct ZendeskSpec {
 
 /// Salesforce: records of one sObject, upserted on an external id field through sObject
 /// Collections (200 records a call) and deleted by Id for mirror. An OAuth 2.0 access token
-/// is obtained from the Secret's `clientId` and `clientSecret` (client credentials flow).
+/// is obtained from the Secret's `clientId` and `clientSecret` (client credentials flow), or
+/// from `clientId`, `username` and `privateKey` (JWT bearer flow).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SalesforceSpec {
@@ -467,7 +468,7 @@ pub struct SalesforceSpec {
     /// REST API version (default `v61.0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
-    /// The OAuth 2.0 flow: `clientCredentials` (the only one supported so far, default).
+    /// The OAuth 2.0 flow: `clientCredentials` (default) or `jwtBearer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<SalesforceAuth>,
     /// Instance URL override for data calls (default: the `instance_url` the token endpoint
@@ -487,6 +488,9 @@ pub enum SalesforceAuth {
     /// Client credentials: the Secret's `clientId` and `clientSecret`.
     #[default]
     ClientCredentials,
+    /// JWT bearer: an RS256 assertion signed with the Secret's `privateKey` (PEM) for the
+    /// Secret's `username`, issued by `clientId`.
+    JwtBearer,
 }
 
 /// Mailchimp Marketing API 3.0: members of one audience (list), matched on their email

@@ -2,8 +2,10 @@
 //! through the sObject Collections resource, with an OAuth 2.0 token the connector obtains
 //! and caches itself.
 //!
-//! - token (client credentials flow): `POST {loginUrl}/services/oauth2/token` with the form
-//!   `grant_type=client_credentials&client_id=…&client_secret=…`; the answer's `access_token`
+//! - token: `POST {loginUrl}/services/oauth2/token` with the form
+//!   `grant_type=client_credentials&client_id=…&client_secret=…` (client credentials flow), or
+//!   `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=…` with an RS256 JWT
+//!   `{iss: clientId, sub: username, aud: loginUrl, exp}` (JWT bearer flow); the answer's `access_token`
 //!   and `instance_url` serve every data call until Salesforce answers 401
 //!   `INVALID_SESSION_ID`, when the token is obtained again once and the call repeated;
 //! - upsert (also update and insert, sent as upserts: updating by Id would need the Id):
@@ -16,6 +18,7 @@
 //!   counts as deleted.
 //!
 //! Docs: <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_client_credentials_flow.htm>,
+//! <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_jwt_flow.htm>,
 //! <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections_upsert.htm>,
 //! <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections_delete.htm>,
 //! <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_query.htm>,
@@ -46,8 +49,16 @@ use crate::redact::{MASK, Scrubber};
 pub const MAX_BATCH_SIZE: usize = 200;
 /// The Secret key holding the connected app's consumer key.
 pub const CLIENT_ID_SECRET_KEY: &str = "clientId";
-/// The Secret key holding the consumer secret unless `credentialsSecretRef.key` names another.
+/// The Secret key holding the consumer secret unless `credentialsSecretRef.key` names another
+/// (client credentials flow).
 pub const DEFAULT_SECRET_KEY: &str = "clientSecret";
+/// The Secret key holding the username the JWT bearer flow acts as.
+pub const USERNAME_SECRET_KEY: &str = "username";
+/// The Secret key holding the PEM private key that signs JWT assertions unless
+/// `credentialsSecretRef.key` names another (JWT bearer flow).
+pub const PRIVATE_KEY_SECRET_KEY: &str = "privateKey";
+/// How long a JWT assertion is valid; Salesforce accepts at most 3 minutes.
+pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(180);
 /// The REST API version used unless the spec names another.
 pub const DEFAULT_API_VERSION: &str = "v61.0";
 /// Requests per second: an org's daily API allowance is shared with every other integration.
@@ -70,6 +81,26 @@ struct Token {
     instance: String,
 }
 
+/// How the connector proves who it is to the token endpoint.
+enum Grant {
+    ClientCredentials {
+        client_secret: String,
+    },
+    JwtBearer {
+        username: String,
+        key: Box<jsonwebtoken::EncodingKey>,
+    },
+}
+
+/// The claims of a JWT bearer assertion.
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: u64,
+}
+
 /// Salesforce sObjects, upserted on an External ID field through sObject Collections.
 pub struct SalesforceConnector {
     client: reqwest::Client,
@@ -80,7 +111,7 @@ pub struct SalesforceConnector {
     object: String,
     field: String,
     client_id: String,
-    client_secret: String,
+    grant: Grant,
     token: Mutex<Option<Token>>,
     scrubber: Scrubber,
 }
@@ -132,9 +163,6 @@ impl SalesforceConnector {
             auth,
             base_url,
         } = spec;
-        match auth.unwrap_or_default() {
-            SalesforceAuth::ClientCredentials => {}
-        }
         for (name, value) in [("object", object), ("externalIdField", external_id_field)] {
             if !is_api_name(value) {
                 return Err(DestinationError::Invalid(format!(
@@ -171,7 +199,25 @@ impl SalesforceConnector {
                 })
         };
         let client_id = value_of(CLIENT_ID_SECRET_KEY)?;
-        let client_secret = value_of(secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY))?;
+        let grant = match auth.unwrap_or_default() {
+            SalesforceAuth::ClientCredentials => Grant::ClientCredentials {
+                client_secret: value_of(secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY))?,
+            },
+            SalesforceAuth::JwtBearer => {
+                let pem_key = secret_ref.key.as_deref().unwrap_or(PRIVATE_KEY_SECRET_KEY);
+                let pem = value_of(pem_key)?;
+                let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| {
+                    DestinationError::Invalid(format!(
+                        "key {pem_key:?} of Secret {:?} is not a PEM RSA private key",
+                        secret_ref.name
+                    ))
+                })?;
+                Grant::JwtBearer {
+                    username: value_of(USERNAME_SECRET_KEY)?,
+                    key: Box::new(key),
+                }
+            }
+        };
 
         let client = reqwest::Client::builder()
             .timeout(TIMEOUT)
@@ -190,7 +236,7 @@ impl SalesforceConnector {
             object: object.clone(),
             field: external_id_field.clone(),
             client_id,
-            client_secret,
+            grant,
             token: Mutex::new(None),
             scrubber: Scrubber::new().with_secret(secret),
         })
@@ -234,7 +280,39 @@ impl SalesforceConnector {
         Ok(token)
     }
 
-    /// Runs the client credentials flow.
+    /// The token request's form fields for the configured flow.
+    fn grant_fields(&self) -> Result<Vec<(&'static str, String)>, SendError> {
+        match &self.grant {
+            Grant::ClientCredentials { client_secret } => Ok(vec![
+                ("grant_type", "client_credentials".to_owned()),
+                ("client_id", self.client_id.clone()),
+                ("client_secret", client_secret.clone()),
+            ]),
+            Grant::JwtBearer { username, key } => {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let claims = Claims {
+                    iss: &self.client_id,
+                    sub: username,
+                    aud: &self.login_url,
+                    exp: (now + ASSERTION_LIFETIME).as_secs(),
+                };
+                let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+                let assertion = jsonwebtoken::encode(&header, &claims, key)
+                    .map_err(|e| SendError::Fatal(format!("failed to sign the JWT assertion: {e}")))?;
+                Ok(vec![
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:jwt-bearer".to_owned(),
+                    ),
+                    ("assertion", assertion),
+                ])
+            }
+        }
+    }
+
+    /// Runs the configured OAuth 2.0 flow.
     async fn obtain_token(&self) -> Result<Token, SendError> {
         let url = format!("{}/services/oauth2/token", self.login_url);
         let label = RequestLabel {
@@ -244,10 +322,9 @@ impl SalesforceConnector {
         };
         let mut form = Url::parse("http://form.invalid/")
             .map_err(|e| SendError::Fatal(format!("failed to build the token request: {e}")))?;
-        form.query_pairs_mut()
-            .append_pair("grant_type", "client_credentials")
-            .append_pair("client_id", &self.client_id)
-            .append_pair("client_secret", &self.client_secret);
+        for (name, value) in self.grant_fields()? {
+            form.query_pairs_mut().append_pair(name, &value);
+        }
         let body = form.query().unwrap_or_default().to_owned();
         let response = self
             .client

@@ -8,6 +8,11 @@
 //!   client_secret` answers `{"access_token","instance_url","token_type":"Bearer",…}` (the
 //!   instance is the double itself); wrong credentials get
 //!   `400 {"error":"invalid_client","error_description":"invalid client credentials"}`.
+//! - <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_jwt_flow.htm>:
+//!   `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<JWT>` for the username
+//!   [`SalesforceDouble::accept_jwt_for`] names: the header must say `RS256`, and the claims
+//!   `iss` (the consumer key), `sub` (the username), `aud` and a future `exp` must be present;
+//!   else `400 {"error":"invalid_grant",…}`. **The signature is not verified.**
 //! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm>:
 //!   a data call without a token the double issued (or one [`SalesforceDouble::expire_tokens`]
 //!   revoked) gets `401 [{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]`;
@@ -32,7 +37,7 @@
 //! - `GET /services/data/{v}/sobjects/{object}/describe`: `Contact` exists, any other object
 //!   is `404 [{"errorCode":"NOT_FOUND",…}]`.
 //!
-//! Not reproduced: the JWT bearer and other OAuth flows, token expiry by time, field-level
+//! Not reproduced: JWT signature verification, other OAuth flows, token expiry by time, field-level
 //! security and object permissions, field types other than `Birthdate`, SOQL beyond the one
 //! shape, query pagination, duplicate rules, triggers, the Bulk API, `allOrNone: true`, real
 //! request-rate accounting (limits and 503 are scripted by count), and the exact wording of
@@ -122,6 +127,7 @@ struct Shared {
     url: Mutex<String>,
     client_id: String,
     client_secret: String,
+    jwt_username: Mutex<Option<String>>,
     tokens: Mutex<Vec<String>>,
     issued: AtomicUsize,
     script: Mutex<Script>,
@@ -150,6 +156,7 @@ impl SalesforceDouble {
             url: Mutex::new(String::new()),
             client_id: client_id.to_owned(),
             client_secret: client_secret.to_owned(),
+            jwt_username: Mutex::new(None),
             tokens: Mutex::new(Vec::new()),
             issued: AtomicUsize::new(0),
             script: Mutex::new(Script::default()),
@@ -170,6 +177,11 @@ impl SalesforceDouble {
             let _ = axum::serve(listener, router).await;
         });
         SalesforceDouble { url, shared, server }
+    }
+
+    /// Also accepts JWT bearer assertions for `username` (claims checked, signature not).
+    pub fn accept_jwt_for(&self, username: &str) {
+        *lock(&self.shared.jwt_username) = Some(username.to_owned());
     }
 
     /// Revokes every token issued so far: the next data call gets `INVALID_SESSION_ID`.
@@ -245,6 +257,11 @@ fn respond(status: u16, body: Value) -> Response {
 
 fn error(status: u16, code: &str, message: &str) -> Response {
     respond(status, json!([{"message": message, "errorCode": code}]))
+}
+
+/// The fields of a form (or query string) body.
+pub fn form(text: &str) -> BTreeMap<String, String> {
+    pairs(text)
 }
 
 fn pairs(text: &str) -> BTreeMap<String, String> {
@@ -331,6 +348,19 @@ fn answer(
 
 fn token(shared: &Shared, body: &str) -> Response {
     let form = pairs(body);
+    if form.get("grant_type").map(String::as_str) == Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+        let username = lock(&shared.jwt_username).clone();
+        let valid = form
+            .get("assertion")
+            .is_some_and(|a| username.is_some_and(|u| assertion_ok(a, &shared.client_id, &u)));
+        if !valid {
+            return respond(
+                400,
+                json!({"error": "invalid_grant", "error_description": "invalid assertion"}),
+            );
+        }
+        return issue(shared);
+    }
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
         return respond(
             400,
@@ -345,6 +375,38 @@ fn token(shared: &Shared, body: &str) -> Response {
             json!({"error": "invalid_client", "error_description": "invalid client credentials"}),
         );
     }
+    issue(shared)
+}
+
+/// Checks a JWT's header and claims (not its signature).
+fn assertion_ok(assertion: &str, client_id: &str, username: &str) -> bool {
+    use base64::Engine as _;
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    };
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let [header, claims, signature] = parts.as_slice() else {
+        return false;
+    };
+    let (Some(header), Some(claims)) = (decode(header), decode(claims)) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    header["alg"] == "RS256"
+        && !signature.is_empty()
+        && claims["iss"] == client_id
+        && claims["sub"] == username
+        && claims["aud"].as_str().is_some_and(|a| !a.is_empty())
+        && claims["exp"].as_u64().is_some_and(|e| e > now)
+}
+
+fn issue(shared: &Shared) -> Response {
     let n = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("00Dxx0000001gEH!AQ4AQtoken{n:04}");
     lock(&shared.tokens).push(access.clone());
