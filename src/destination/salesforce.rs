@@ -608,6 +608,8 @@ impl SalesforceConnector {
                     Json::String(s) => s.clone(),
                     other => other.to_string(),
                 });
+                // An Id goes into a query string: only plain Ids are kept.
+                let id = id.filter(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_alphanumeric()));
                 if let (Some(id), Some(value)) = (id, value) {
                     ids.insert(value, id.to_owned());
                 }
