@@ -37,7 +37,8 @@ use super::SecretKeyRef;
     {"rule": "has(self.intercom) == (self.type == 'intercom')", "message": "type intercom needs the intercom block, and only type intercom may have it"},
     {"rule": "has(self.customerio) == (self.type == 'customerio')", "message": "type customerio needs the customerio block, and only type customerio may have it"},
     {"rule": "has(self.mailchimp) == (self.type == 'mailchimp')", "message": "type mailchimp needs the mailchimp block, and only type mailchimp may have it"},
-    {"rule": "has(self.zendesk) == (self.type == 'zendesk')", "message": "type zendesk needs the zendesk block, and only type zendesk may have it"}
+    {"rule": "has(self.zendesk) == (self.type == 'zendesk')", "message": "type zendesk needs the zendesk block, and only type zendesk may have it"},
+    {"rule": "has(self.salesforce) == (self.type == 'salesforce')", "message": "type salesforce needs the salesforce block, and only type salesforce may have it"}
 ]))]
 pub struct DestinationSpec {
     /// The kind of destination; the block of the same name configures it.
@@ -99,6 +100,9 @@ pub struct DestinationSpec {
     /// Settings for `type: zendesk` (Zendesk Support users or organizations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zendesk: Option<ZendeskSpec>,
+    /// Settings for `type: salesforce` (Salesforce sObjects, upserted on an external id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salesforce: Option<SalesforceSpec>,
 }
 
 /// The kinds of destination.
@@ -129,6 +133,8 @@ pub enum DestinationType {
     Mailchimp,
     /// Zendesk Support users or organizations, through the asynchronous bulk endpoints.
     Zendesk,
+    /// Salesforce sObjects, upserted on an external id field through sObject Collections.
+    Salesforce,
 }
 
 impl DestinationType {
@@ -146,6 +152,7 @@ impl DestinationType {
         DestinationType::Customerio,
         DestinationType::Mailchimp,
         DestinationType::Zendesk,
+        DestinationType::Salesforce,
     ];
 
     /// The name as written in manifests.
@@ -163,6 +170,7 @@ impl DestinationType {
             DestinationType::Customerio => "customerio",
             DestinationType::Mailchimp => "mailchimp",
             DestinationType::Zendesk => "zendesk",
+            DestinationType::Salesforce => "salesforce",
         }
     }
 }
@@ -205,6 +213,14 @@ impl DestinationSpec {
                 .zendesk
                 .as_ref()
                 .map(|z| format!("{}/{}", z.subdomain, z.object.as_str())),
+            DestinationType::Salesforce => self.salesforce.as_ref().map(|s| {
+                format!(
+                    "{}/{}/{}",
+                    s.base_url.as_deref().unwrap_or(&s.login_url),
+                    s.object,
+                    s.external_id_field
+                )
+            }),
         };
         format!(
             "{}/{}",
@@ -429,6 +445,52 @@ pub struct ZendeskSpec {
     /// API base URL (default `https://{subdomain}.zendesk.com`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+}
+
+/// Salesforce: records of one sObject, upserted on an external id field through sObject
+/// Collections (200 records a call) and deleted by Id for mirror. An OAuth 2.0 access token
+/// is obtained from the Secret's `clientId` and `clientSecret` (client credentials flow), or
+/// from `clientId`, `username` and `privateKey` (JWT bearer flow).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SalesforceSpec {
+    /// The sObject's API name, like `Contact`, `Account` or `Customer__c`.
+    #[schemars(length(min = 1))]
+    pub object: String,
+    /// The External ID field records are upserted on, like `Email__c`; the sync's match field
+    /// holds its value.
+    #[schemars(length(min = 1))]
+    pub external_id_field: String,
+    /// Where tokens are obtained (default `https://login.salesforce.com`;
+    /// `https://test.salesforce.com` for sandboxes, or the org's My Domain URL).
+    #[serde(default = "default_salesforce_login_url")]
+    pub login_url: String,
+    /// REST API version (default `v61.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// The OAuth 2.0 flow: `clientCredentials` (default) or `jwtBearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<SalesforceAuth>,
+    /// Instance URL override for data calls (default: the `instance_url` the token endpoint
+    /// answers); tests point it at a double.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+fn default_salesforce_login_url() -> String {
+    "https://login.salesforce.com".to_owned()
+}
+
+/// The OAuth 2.0 flow a Salesforce destination obtains its token with.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SalesforceAuth {
+    /// Client credentials: the Secret's `clientId` and `clientSecret`.
+    #[default]
+    ClientCredentials,
+    /// JWT bearer: an RS256 assertion signed with the Secret's `privateKey` (PEM) for the
+    /// Secret's `username`, issued by `clientId`.
+    JwtBearer,
 }
 
 /// Mailchimp Marketing API 3.0: members of one audience (list), matched on their email

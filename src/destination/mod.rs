@@ -12,6 +12,7 @@ pub mod hubspot;
 pub mod intercom;
 pub mod mailchimp;
 pub mod redis;
+pub mod salesforce;
 pub mod slack;
 pub mod table;
 pub mod zendesk;
@@ -289,6 +290,17 @@ pub async fn build(
                 .as_ref()
                 .ok_or(DestinationError::MissingBlock("zendesk"))?;
             Ok(Arc::new(zendesk::ZendeskConnector::new(
+                block,
+                spec.credentials_secret_ref.as_ref(),
+                secret,
+            )?))
+        }
+        DestinationType::Salesforce => {
+            let block = spec
+                .salesforce
+                .as_ref()
+                .ok_or(DestinationError::MissingBlock("salesforce"))?;
+            Ok(Arc::new(salesforce::SalesforceConnector::new(
                 block,
                 spec.credentials_secret_ref.as_ref(),
                 secret,

@@ -11,6 +11,7 @@ pub mod http_server;
 pub mod hubspot_double;
 pub mod intercom_double;
 pub mod mailchimp_double;
+pub mod salesforce_double;
 pub mod slack_double;
 pub mod sqlite;
 pub mod zendesk_double;

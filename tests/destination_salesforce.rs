@@ -1,0 +1,652 @@
+//! The `salesforce` destination against the in-process Salesforce double: the connector on its
+//! own, and whole sync runs from a SQLite model.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backflow::api::validation::{validate_destination, validate_reverse_sync};
+use backflow::api::{DestinationSpec, ReverseSyncSpec};
+use backflow::destination::delivery::rate_limit::RateLimiter;
+use backflow::destination::delivery::{Delivery, DeliveryConfig};
+use backflow::destination::{self, Connector, Operation, Record, RecordOutcome, SecretData, SendError};
+use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
+use backflow::engine::value::{Document, Value};
+use backflow::local::manifests::{Manifests, load_text};
+use backflow::state::file::FileStore;
+use serde_json::json;
+use support::salesforce_double::SalesforceDouble;
+use support::sqlite::TempSqlite;
+
+const CLIENT_ID: &str = "3MVG9rnryk9FxFMUz4B_consumer_key";
+const CLIENT_SECRET: &str = "E4B2C1D0F9A8consumer-secret-77";
+
+fn destination(login_url: &str, object: &str, extra: &str) -> DestinationSpec {
+    serde_yaml_ng::from_str(&format!(
+        "type: salesforce\ncredentialsSecretRef: {{name: salesforce}}\n{extra}\nsalesforce: {{object: {object}, externalIdField: Email__c, loginUrl: \"{login_url}\"}}\n"
+    ))
+    .unwrap()
+}
+
+/// A throwaway RSA key for signing test assertions (the double does not verify signatures).
+const TEST_PRIVATE_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDAr5KhRxlULYcw\n\
+Ax+8FugLzU9ToyWImjNgdSPEx7L4hBhIKx0XAs4CA2ttKjz+H8Ym+oSnBEOOgC47\n\
+wQUuwPaxS22+J8czQ+tZMNY4rpY6ioZHsHdJNWdn6qo4MRJFVjv9mGZKzkKpPgJd\n\
+HstbOS4uhobCIO+0oaWTTL6Sh2dbgNaYVUp+3ZUfyrqkmLheA/9uZCCMpxvlJVWO\n\
+Op9apl+wqPyoau31kq64ESnoPsEZoQRtt9ug1OxQiPLau7drv2mQNfnY/o5DtMWk\n\
+2Awt3bXAvawwS7rz6SnCOz6mBB6KQpbxuDWbG1ArNadOSAGHFs5wnXhh7AbTykpg\n\
+ytTuf17lAgMBAAECggEADzGZApogY2yeoRjR9wsoW4viMjJmaoXcQMIj4qerk2CZ\n\
+KJGrvs2EEJET9rzyp8g6IAc3kBLsP8+YNbKD9dqV6UeNHQY2dTKpG3SYI8qSgoW7\n\
+TmpaEZ4CLCXLK9iku+5vlxDeGg53H7DJz2129BfHbjhB5oth03C+pWWTDmtaaVLV\n\
+fRUk5DfH9wn8bfhUJqQwEv5BahdLTKJCXXTOQVvHMczC9RoR0wMMOowETTimrRvQ\n\
+tUf4T2cAa133lPb5cA/8/dV6aieM2JX1nigUaTtqvr00IP8DcrqY57q+kjMtQp8m\n\
+hfF3kroadoWJgQn6yQMDKnYBEwQb3cncLxoal9F8qQKBgQD3p1h/6i+GWXwKDNNf\n\
+uf6SYEWBsdAdnmThO35BEegYcmEfuAWfsFqeqPO6vllhLKFuGRIvhU1/GbSgD92y\n\
+nLTIpSMY0d0hCQt02ZHCoEJS+DVUVNYDgBW6JOHgf1CwmnRPerxluNd7Mn7/1YMC\n\
+iE+HCksgOXZXTzdS3lro8WeunQKBgQDHLfyoCOy211nTNa9rcR3TPjq86EEYwgyI\n\
+TRR8ZSbTW49SPUosyoHf8/S737PqhS32wGiDW0GvmgKVANxjjGEhs3sxmEdV6i8l\n\
+Ei2tDBLZD1mGINSr3GX8zniS/6Pp5AuAPjnYXrhvWbvRN1Sj5TCQKPKydv4+MUCZ\n\
+UJzLKUOa6QKBgQDEPSPAgHZWNDQ41n7r3LsfjA+nvJmXzrpLS1Q5BZJvRLs3Yh96\n\
+sUitbl1rfYffm3jzgARMCYomC9138/qNnOUYFNrhwPJDSiJ83iZFHa5QhoPjpjHL\n\
+pkQRM0aVGO18c3d0v2HoDPcalSHTYYGlkRPLgtmS2FWwy4GgNbe93AR3dQKBgDCM\n\
+TvcOJdRzLRvEDBveGGzy0BJXcfZ85d0bHJEtfocp3AcplTjRq1JQ/igE4K+bApcQ\n\
+UukhhyMsIND8wrso7kvumWp/OXQBfrhEdAmn1bg+e42r1uqE7/7svIrn8KYDxaHe\n\
+iO7qN348mwDlwaWpKWsZ7/377wBttNcpxO3oAuhxAoGBAMzSOONPkEvbelR71ssD\n\
+CARikjYfJrG4KsO8WAWCWgP83jH9RPU4WhYM2/zsdI/pI+zp3gs9fY+EyKjPKg+h\n\
+HLx0oeIHBAn6jMRIbgwWXkhU4Pts/9EmX4mOWV0ccaTaXdTJTkOHEpqbHQAA7lfl\n\
+mGUF327QlYF80CRXKZ7e/ZRn\n\
+-----END PRIVATE KEY-----\n\
+";
+
+fn jwt_secret(username: &str) -> SecretData {
+    SecretData::new(BTreeMap::from([
+        ("clientId".to_owned(), CLIENT_ID.to_owned()),
+        ("username".to_owned(), username.to_owned()),
+        ("privateKey".to_owned(), TEST_PRIVATE_KEY.to_owned()),
+    ]))
+}
+
+fn secret(client_secret: &str) -> SecretData {
+    SecretData::new(BTreeMap::from([
+        ("clientId".to_owned(), CLIENT_ID.to_owned()),
+        ("clientSecret".to_owned(), client_secret.to_owned()),
+    ]))
+}
+
+async fn connector(double: &SalesforceDouble) -> Arc<dyn Connector> {
+    destination::build(
+        &destination(&double.url, "Contact", ""),
+        Some(&secret(CLIENT_SECRET)),
+    )
+    .await
+    .unwrap()
+}
+
+fn contact(email: &str, last_name: Option<&str>) -> Record {
+    let identity = Document::from([("Email__c".to_owned(), Value::Text(email.to_owned()))]);
+    let mut fields = Document::new();
+    fields.insert("Email__c".into(), Value::Text(email.to_owned()));
+    fields.insert(
+        "LastName".into(),
+        last_name.map_or(Value::Null, |n| Value::Text(n.to_owned())),
+    );
+    fields.insert("LTV__c".into(), Value::Float(12.5));
+    Record {
+        key: email.to_owned(),
+        identity,
+        fields,
+    }
+}
+
+// --- whole runs ---------------------------------------------------------------------------
+
+const MODEL: &str = "CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, name TEXT, birthdate TEXT, ltv REAL);
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30)
+INSERT INTO customers SELECT i, 'user' || i || '@example.com', 'User ' || i, '1990-01-' || printf('%02d', i), i * 1.5 FROM n;";
+
+fn sync_spec(mode: &str) -> ReverseSyncSpec {
+    serde_yaml_ng::from_str(&format!(
+        r#"
+source: {{connectionSecretRef: {{name: wh}}, query: "SELECT id, email, name, birthdate, ltv FROM customers", primaryKey: [id]}}
+destinationRef: {{name: salesforce}}
+mode: {mode}
+match: [Email__c]
+mappings:
+  - {{from: email, to: Email__c}}
+  - {{from: name, to: LastName}}
+  - {{from: birthdate, to: Birthdate}}
+  - {{from: ltv, to: LTV__c}}
+"#
+    ))
+    .unwrap()
+}
+
+async fn run_sync(
+    model: &TempSqlite,
+    dest: &DestinationSpec,
+    client_secret: &str,
+    state: &std::path::Path,
+    mode: &str,
+) -> RunReport {
+    let connector = destination::build(dest, Some(&secret(client_secret)))
+        .await
+        .unwrap();
+    let mut config = DeliveryConfig::resolve(dest, &connector.capabilities()).unwrap();
+    config.initial_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(100);
+    let limiter = Arc::new(RateLimiter::new(1000.0, 1000));
+    let spec = sync_spec(mode);
+    let job = SyncRun {
+        namespace: "default",
+        name: "customers",
+        spec: &spec,
+        source_url: &model.url,
+        delivery: Delivery::new(connector, limiter, config),
+        scope: "default/salesforce".into(),
+    };
+    run(
+        job,
+        &mut FileStore::new(state, "default", "customers"),
+        &RunOptions::default(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn upsert_obtains_a_token_once_and_updates_the_same_contact_on_its_external_id() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = connector(&double).await;
+
+    let outcomes = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let created = double.find("Contact", "Email__c", "ada@example.com").unwrap();
+    assert_eq!(created.text("LastName"), "Lovelace");
+
+    let outcomes = connector
+        .send(Operation::Update, &[contact("ada@example.com", Some("King"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let contacts = double.records("Contact");
+    assert_eq!(contacts.len(), 1, "the second upsert updated, not duplicated");
+    assert_eq!(contacts[0].id, created.id);
+    assert_eq!(contacts[0].text("LastName"), "King");
+
+    assert_eq!(double.tokens_issued(), 1, "the token is cached");
+    let requests = double.requests();
+    assert_eq!(
+        (requests[0].method.as_str(), requests[0].path.as_str()),
+        ("POST", "/services/oauth2/token")
+    );
+    assert!(requests[0].body.contains("grant_type=client_credentials"));
+    let calls = double.calls();
+    assert_eq!(
+        (calls[0].method.as_str(), calls[0].path.as_str()),
+        (
+            "PATCH",
+            "/services/data/v61.0/composite/sobjects/Contact/Email__c"
+        )
+    );
+    assert!(calls.iter().all(|c| {
+        c.authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer 00D"))
+    }));
+    assert_eq!(
+        calls[1].json(),
+        json!({"allOrNone": false, "records": [{"attributes": {"type": "Contact"},
+            "Email__c": "ada@example.com", "LastName": "King", "LTV__c": 12.5}]})
+    );
+}
+
+#[tokio::test]
+async fn a_sync_lands_every_row_and_a_second_run_without_changes_sends_nothing() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = destination(&double.url, "Contact", "");
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "upsert").await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.accepted, 30);
+    let stored = double.find("Contact", "Email__c", "user7@example.com").unwrap();
+    assert_eq!(stored.text("LastName"), "User 7");
+    assert_eq!(stored.text("Birthdate"), "1990-01-07");
+    assert_eq!(stored.fields["LTV__c"], 10.5);
+
+    let before = double.calls().len();
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "upsert").await;
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(double.calls().len(), before, "nothing changed, nothing sent");
+
+    model
+        .exec("UPDATE customers SET name = 'Renamed' WHERE id = 3")
+        .await;
+    run_sync(&model, &dest, CLIENT_SECRET, state.path(), "upsert").await;
+    let last = double.calls().pop().unwrap();
+    assert_eq!(last.records(), 1, "only the changed row is sent");
+    assert_eq!(
+        double
+            .find("Contact", "Email__c", "user3@example.com")
+            .unwrap()
+            .text("LastName"),
+        "Renamed"
+    );
+    assert_eq!(double.records("Contact").len(), 30);
+}
+
+#[tokio::test]
+async fn a_contact_missing_its_required_last_name_is_rejected_and_the_rest_land() {
+    let model = TempSqlite::new(MODEL).await;
+    model
+        .exec("UPDATE customers SET name = NULL WHERE id IN (4, 21)")
+        .await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, "Contact", ""),
+        CLIENT_SECRET,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::PartiallySucceeded);
+    assert_eq!((report.accepted, report.rejected), (28, 2));
+    let mut keys: Vec<_> = report.rejected_samples.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["21", "4"]);
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (LastName)"
+    );
+    assert_eq!(double.records("Contact").len(), 28);
+    assert_eq!(double.calls().len(), 1, "one call, no split");
+}
+
+#[tokio::test]
+async fn a_request_refused_whole_for_one_bad_date_is_split_so_the_good_records_land() {
+    let model = TempSqlite::new(MODEL).await;
+    model
+        .exec("UPDATE customers SET birthdate = 'soon' WHERE id = 9")
+        .await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, "Contact", ""),
+        CLIENT_SECRET,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::PartiallySucceeded);
+    assert_eq!((report.accepted, report.rejected), (29, 1));
+    assert_eq!(report.rejected_samples[0].key, "9");
+    assert!(
+        report.rejected_samples[0].reason.starts_with(
+            "JSON_PARSER_ERROR: Cannot deserialize instance of date from VALUE_STRING value soon"
+        ),
+        "{}",
+        report.rejected_samples[0].reason
+    );
+    assert_eq!(double.records("Contact").len(), 29);
+    assert!(double.calls().iter().any(|r| r.status == 400));
+}
+
+#[tokio::test]
+async fn the_orgs_request_limit_is_a_long_throttle_and_503_is_retried() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = connector(&double).await;
+    double.limit_exceeded_next(1);
+
+    let error = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        SendError::Retryable {
+            reason: "Salesforce org API request limit exceeded (HTTP 403): REQUEST_LIMIT_EXCEEDED: \
+                     TotalRequests Limit exceeded."
+                .into(),
+            retry_after: Some(Duration::from_secs(60)),
+            throttled: true,
+        }
+    );
+
+    double.fail_next(1);
+    let error = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SendError::Retryable { throttled: false, reason, .. } if reason.contains("HTTP 503")),
+        "{error:?}"
+    );
+
+    // A whole run retries 503s and lands everything (the limit's 60 s wait is left out of
+    // runs to keep the test fast).
+    let model = TempSqlite::new(MODEL).await;
+    double.fail_next(2);
+    let state = tempfile::tempdir().unwrap();
+    let report = run_sync(
+        &model,
+        &destination(&double.url, "Contact", ""),
+        CLIENT_SECRET,
+        state.path(),
+        "upsert",
+    )
+    .await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.accepted, 30);
+    assert!(report.retries >= 2, "{}", report.retries);
+    assert_eq!(double.records("Contact").len(), 30);
+}
+
+#[tokio::test]
+async fn an_expired_session_gets_a_new_token_once_and_the_call_is_repeated() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = connector(&double).await;
+    connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap();
+    double.expire_tokens();
+
+    let outcomes = connector
+        .send(Operation::Upsert, &[contact("alan@example.com", Some("Turing"))])
+        .await
+        .unwrap();
+
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    assert_eq!(double.tokens_issued(), 2);
+    let statuses: Vec<u16> = double.calls().iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [200, 401, 200]);
+    assert_eq!(double.records("Contact").len(), 2);
+}
+
+#[tokio::test]
+async fn rejected_credentials_fail_the_run_and_the_secret_appears_nowhere() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, "the-right-secret-0000").await;
+    let state = tempfile::tempdir().unwrap();
+    let dest = destination(&double.url, "Contact", "");
+
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "upsert").await;
+
+    let error = report.error.as_ref().expect("the run fails").to_string();
+    assert!(
+        error.contains("credentials rejected by Salesforce (invalid_client)"),
+        "{error}"
+    );
+    assert_eq!(report.accepted, 0);
+    assert!(double.calls().is_empty(), "no data call without a token");
+    assert!(
+        double.requests().len() <= 4,
+        "no retry loop: {}",
+        double.requests().len()
+    );
+    let everything = format!("{report:?} {error}");
+    assert!(
+        !everything.contains(CLIENT_SECRET),
+        "the secret leaked: {everything}"
+    );
+
+    let connector = destination::build(&dest, Some(&secret(CLIENT_SECRET)))
+        .await
+        .unwrap();
+    let check = connector.check().await.unwrap_err();
+    assert!(
+        matches!(&check, SendError::Fatal(m) if m.starts_with("credentials rejected by Salesforce (invalid_client)")),
+        "{check:?}"
+    );
+    assert!(!format!("{check:?}").contains(CLIENT_SECRET));
+}
+
+#[tokio::test]
+async fn the_connection_check_describes_the_object_and_an_unknown_object_is_fatal() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    connector(&double).await.check().await.unwrap();
+    let call = &double.calls()[0];
+    assert_eq!(
+        (call.method.as_str(), call.path.as_str()),
+        ("GET", "/services/data/v61.0/sobjects/Contact/describe")
+    );
+
+    let unknown = destination::build(
+        &destination(&double.url, "Custmer__c", ""),
+        Some(&secret(CLIENT_SECRET)),
+    )
+    .await
+    .unwrap();
+    let error = unknown.check().await.unwrap_err();
+    assert!(
+        matches!(&error, SendError::Fatal(m) if m.contains("no object \"Custmer__c\"")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn mirror_deletes_look_ids_up_by_external_id_and_a_missing_contact_counts_as_deleted() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = destination(&double.url, "Contact", "");
+    let state = tempfile::tempdir().unwrap();
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "mirror").await;
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(double.records("Contact").len(), 30);
+
+    // A value with a quote is escaped in the SOQL and still found.
+    let quoted = double.insert(
+        "Contact",
+        json!({"Email__c": "o'brien@example.com", "LastName": "O'Brien"}),
+    );
+    {
+        let connector = connector(&double).await;
+        let outcomes = connector
+            .send(
+                Operation::Delete,
+                &[
+                    contact("o'brien@example.com", None),
+                    contact("nobody@example.com", None),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![RecordOutcome::Accepted, RecordOutcome::Accepted]);
+        assert!(double.records("Contact").iter().all(|r| r.id != quoted));
+    }
+
+    model.exec("DELETE FROM customers WHERE id IN (2, 5)").await;
+    let before = double.calls().len();
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "mirror").await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.deleted, 2);
+    assert_eq!(double.records("Contact").len(), 28);
+    assert!(double.find("Contact", "Email__c", "user2@example.com").is_none());
+    let calls = double.calls().split_off(before);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].path, "/services/data/v61.0/query");
+    assert_eq!(
+        calls[0].query["q"],
+        "SELECT Id, Email__c FROM Contact WHERE Email__c IN ('user2@example.com', 'user5@example.com')"
+    );
+    assert_eq!(
+        (calls[1].method.as_str(), calls[1].path.as_str()),
+        ("DELETE", "/services/data/v61.0/composite/sobjects")
+    );
+    assert_eq!(calls[1].query["allOrNone"], "false");
+    assert_eq!(calls[1].query["ids"].split(',').count(), 2);
+}
+
+#[tokio::test]
+async fn a_batch_over_200_records_is_never_sent() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = connector(&double).await;
+    assert_eq!(connector.capabilities().max_batch_size, 200);
+
+    let big: Vec<Record> = (1..=201)
+        .map(|i| contact(&format!("u{i}@example.com"), Some("U")))
+        .collect();
+    let error = connector.send(Operation::Upsert, &big).await.unwrap_err();
+    assert!(matches!(error, SendError::Fatal(_)), "{error:?}");
+    assert!(double.requests().is_empty(), "nothing was sent");
+
+    // A spec asking for bigger batches is capped at Salesforce's limit.
+    let model = TempSqlite::new(
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, name TEXT, birthdate TEXT, ltv REAL);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 450)
+         INSERT INTO customers SELECT i, 'user' || i || '@example.com', 'User', NULL, 1 FROM n;",
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let dest = destination(&double.url, "Contact", "batchSize: 500");
+    let report = run_sync(&model, &dest, CLIENT_SECRET, state.path(), "upsert").await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.accepted, 450);
+    let calls = double.calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|r| r.records() <= 200 && r.status == 200));
+    assert_eq!(double.records("Contact").len(), 450);
+}
+
+#[tokio::test]
+async fn the_double_refuses_more_than_200_records_as_salesforce_does() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let client = reqwest::Client::new();
+    let token: serde_json::Value = client
+        .post(format!("{}/services/oauth2/token", double.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let records: Vec<_> = (0..201)
+        .map(|i| json!({"attributes": {"type": "Contact"}, "Email__c": format!("u{i}@x.com"), "LastName": "U"}))
+        .collect();
+    let response = client
+        .patch(format!(
+            "{}/services/data/v61.0/composite/sobjects/Contact/Email__c",
+            double.url
+        ))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .json(&json!({"allOrNone": false, "records": records}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body[0]["errorCode"], "EXCEEDED_ID_LIMIT");
+    assert!(double.records("Contact").is_empty());
+}
+
+#[tokio::test]
+async fn the_documented_example_is_valid_and_builds_a_connector() {
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/destinations/salesforce.md"),
+    )
+    .unwrap();
+    let yaml = page
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the page has a yaml example");
+    let mut manifests = Manifests::default();
+    load_text(yaml, "docs/destinations/salesforce.md", &mut manifests).unwrap();
+    let (_, dest) = manifests.destinations.iter().next().expect("a Destination");
+    validate_destination(&dest.spec).unwrap();
+    let (_, sync) = manifests.syncs.iter().next().expect("a ReverseSync");
+    validate_reverse_sync(&sync.spec).unwrap();
+    let (_, secret) = manifests.secrets.iter().next().expect("a Secret");
+    let connector = destination::build(&dest.spec, Some(secret)).await.unwrap();
+    let caps = connector.capabilities();
+    assert_eq!(
+        (
+            caps.max_batch_size,
+            caps.default_requests_per_second,
+            caps.default_concurrency
+        ),
+        (200, 5.0, 2)
+    );
+    assert_eq!(caps.operations.len(), 4);
+    assert_eq!(
+        dest.spec.target(),
+        "salesforce/https://acme.my.salesforce.com/Contact/Email__c"
+    );
+}
+
+#[tokio::test]
+async fn the_jwt_bearer_flow_signs_an_assertion_for_the_username_and_a_wrong_user_is_rejected() {
+    use base64::Engine as _;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    double.accept_jwt_for("integration@acme.com");
+    let dest: DestinationSpec = serde_yaml_ng::from_str(&format!(
+        "type: salesforce\ncredentialsSecretRef: {{name: salesforce}}\nsalesforce: {{object: Contact, externalIdField: Email__c, auth: jwtBearer, loginUrl: \"{}\"}}\n",
+        double.url
+    ))
+    .unwrap();
+    let connector = destination::build(&dest, Some(&jwt_secret("integration@acme.com")))
+        .await
+        .unwrap();
+
+    let outcomes = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let token_request = &double.requests()[0];
+    assert!(token_request.is_token() && token_request.status == 200);
+    let assertion = &support::salesforce_double::form(&token_request.body)["assertion"];
+    let claims = assertion.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["iss"], CLIENT_ID);
+    assert_eq!(claims["sub"], "integration@acme.com");
+    assert_eq!(claims["aud"], double.url.as_str());
+    assert!(!token_request.body.contains("BEGIN PRIVATE KEY"));
+
+    let wrong = destination::build(&dest, Some(&jwt_secret("someone@acme.com")))
+        .await
+        .unwrap();
+    let error = wrong.check().await.unwrap_err();
+    assert!(
+        matches!(&error, SendError::Fatal(m) if m.starts_with("credentials rejected by Salesforce (invalid_grant)")),
+        "{error:?}"
+    );
+
+    let broken = SecretData::new(BTreeMap::from([
+        ("clientId".to_owned(), CLIENT_ID.to_owned()),
+        ("username".to_owned(), "integration@acme.com".to_owned()),
+        ("privateKey".to_owned(), "not a key".to_owned()),
+    ]));
+    let built = destination::build(&dest, Some(&broken)).await;
+    assert!(built.is_err(), "a bad PEM key fails at construction");
+}

@@ -1,0 +1,596 @@
+//! An in-process stand-in for a Salesforce org: the OAuth 2.0 token endpoint, the sObject
+//! Collections upsert and delete resources, SOQL queries on an External ID field, describe,
+//! and an in-memory store.
+//!
+//! Reproduced from the published contract:
+//! - <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_client_credentials_flow.htm>:
+//!   `POST /services/oauth2/token` with the form `grant_type=client_credentials&client_id&
+//!   client_secret` answers `{"access_token","instance_url","token_type":"Bearer",…}` (the
+//!   instance is the double itself); wrong credentials get
+//!   `400 {"error":"invalid_client","error_description":"invalid client credentials"}`.
+//! - <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_jwt_flow.htm>:
+//!   `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<JWT>` for the username
+//!   [`SalesforceDouble::accept_jwt_for`] names: the header must say `RS256`, and the claims
+//!   `iss` (the consumer key), `sub` (the username), `aud` and a future `exp` must be present;
+//!   else `400 {"error":"invalid_grant",…}`. **The signature is not verified.**
+//! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm>:
+//!   a data call without a token the double issued (or one [`SalesforceDouble::expire_tokens`]
+//!   revoked) gets `401 [{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]`;
+//!   `403 [{"errorCode":"REQUEST_LIMIT_EXCEEDED",…}]` and `503 [{"errorCode":"SERVER_UNAVAILABLE",…}]`
+//!   on scripted counts.
+//! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections_upsert.htm>:
+//!   `PATCH /services/data/{v}/composite/sobjects/{object}/{field}` with
+//!   `{"allOrNone":false,"records":[{"attributes":{"type":…},…}]}`; more than 200 records is
+//!   refused whole with `400 [{"errorCode":"EXCEEDED_ID_LIMIT",…}]`; records are matched on
+//!   the External ID field; the answer is one result per record, in order:
+//!   `{"id","success":true,"created":bool,"errors":[]}` or `{"success":false,"errors":
+//!   [{"statusCode":"REQUIRED_FIELD_MISSING","message":…,"fields":["LastName"]}]}` for a new
+//!   Contact without `LastName`; a `Birthdate` that is not `YYYY-MM-DD` refuses the whole
+//!   request with `400 [{"errorCode":"JSON_PARSER_ERROR",…}]`, as Salesforce does for a value
+//!   it cannot deserialize.
+//! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_query.htm>:
+//!   `GET /services/data/{v}/query?q=SELECT Id, F FROM O WHERE F IN ('a', 'b')` (only that
+//!   shape; quotes and backslashes escaped with a backslash).
+//! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_composite_sobjects_collections_delete.htm>:
+//!   `DELETE /services/data/{v}/composite/sobjects?ids=…&allOrNone=false`, at most 200 ids;
+//!   an unknown id fails with `ENTITY_IS_DELETED`.
+//! - `GET /services/data/{v}/sobjects/{object}/describe`: `Contact` exists, any other object
+//!   is `404 [{"errorCode":"NOT_FOUND",…}]`.
+//!
+//! Not reproduced: JWT signature verification, other OAuth flows, token expiry by time, field-level
+//! security and object permissions, field types other than `Birthdate`, SOQL beyond the one
+//! shape, query pagination, duplicate rules, triggers, the Bulk API, `allOrNone: true`, real
+//! request-rate accounting (limits and 503 are scripted by count), and the exact wording of
+//! Salesforce's messages.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tokio::task::JoinHandle;
+
+/// Most records (or ids) Salesforce accepts per collections call.
+pub const MAX_RECORDS: usize = 200;
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    /// The 18-character Id.
+    pub id: String,
+    /// Its fields as last written.
+    pub fields: Map<String, Value>,
+}
+
+impl StoredRecord {
+    /// A field as text (strings without quotes), or `""`.
+    pub fn text(&self, name: &str) -> String {
+        match self.fields.get(name) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        }
+    }
+}
+
+/// A request as the double received it.
+#[derive(Debug, Clone)]
+pub struct SalesforceRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path, like `/services/data/v61.0/composite/sobjects/Contact/Email__c`.
+    pub path: String,
+    /// Query string pairs.
+    pub query: BTreeMap<String, String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// The raw body.
+    pub body: String,
+    /// The status answered.
+    pub status: u16,
+}
+
+impl SalesforceRequest {
+    /// The body parsed as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// How many records a collections upsert carried.
+    pub fn records(&self) -> usize {
+        self.json()["records"].as_array().map_or(0, Vec::len)
+    }
+
+    /// True for a token request.
+    pub fn is_token(&self) -> bool {
+        self.path == "/services/oauth2/token"
+    }
+
+    /// True for a collections upsert.
+    pub fn is_upsert(&self) -> bool {
+        self.method == "PATCH"
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    limit_exceeded: usize,
+    fail: usize,
+}
+
+struct Shared {
+    url: Mutex<String>,
+    client_id: String,
+    client_secret: String,
+    jwt_username: Mutex<Option<String>>,
+    tokens: Mutex<Vec<String>>,
+    issued: AtomicUsize,
+    script: Mutex<Script>,
+    store: Mutex<BTreeMap<String, Vec<StoredRecord>>>,
+    log: Mutex<Vec<SalesforceRequest>>,
+    next_id: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test that panicked while holding the lock already failed; keep reading.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running double; the server stops when it is dropped.
+pub struct SalesforceDouble {
+    /// Base URL, like `http://127.0.0.1:41234`: both the login URL and the instance URL.
+    pub url: String,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl SalesforceDouble {
+    /// Starts a double whose connected app has the consumer key and secret given.
+    pub async fn start(client_id: &str, client_secret: &str) -> SalesforceDouble {
+        let shared = Arc::new(Shared {
+            url: Mutex::new(String::new()),
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.to_owned(),
+            jwt_username: Mutex::new(None),
+            tokens: Mutex::new(Vec::new()),
+            issued: AtomicUsize::new(0),
+            script: Mutex::new(Script::default()),
+            store: Mutex::new(BTreeMap::new()),
+            log: Mutex::new(Vec::new()),
+            next_id: AtomicUsize::new(1),
+        });
+        let router = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the Salesforce double to 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("read the Salesforce double's address");
+        let url = format!("http://{addr}");
+        *lock(&shared.url) = url.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        SalesforceDouble { url, shared, server }
+    }
+
+    /// Also accepts JWT bearer assertions for `username` (claims checked, signature not).
+    pub fn accept_jwt_for(&self, username: &str) {
+        *lock(&self.shared.jwt_username) = Some(username.to_owned());
+    }
+
+    /// Revokes every token issued so far: the next data call gets `INVALID_SESSION_ID`.
+    pub fn expire_tokens(&self) {
+        lock(&self.shared.tokens).clear();
+    }
+
+    /// How many tokens the token endpoint issued.
+    pub fn tokens_issued(&self) -> usize {
+        self.shared.issued.load(Ordering::SeqCst)
+    }
+
+    /// The next `times` data calls get `403 REQUEST_LIMIT_EXCEEDED`.
+    pub fn limit_exceeded_next(&self, times: usize) {
+        lock(&self.shared.script).limit_exceeded = times;
+    }
+
+    /// The next `times` data calls (after any limited ones) get `503 SERVER_UNAVAILABLE`.
+    pub fn fail_next(&self, times: usize) {
+        lock(&self.shared.script).fail = times;
+    }
+
+    /// Stores a record directly, as if created in Salesforce; returns its Id.
+    pub fn insert(&self, object: &str, fields: Value) -> String {
+        let id = new_id(&self.shared);
+        let fields = fields.as_object().cloned().unwrap_or_default();
+        lock(&self.shared.store)
+            .entry(object.to_owned())
+            .or_default()
+            .push(StoredRecord {
+                id: id.clone(),
+                fields,
+            });
+        id
+    }
+
+    /// The stored records of `object`, in creation order.
+    pub fn records(&self, object: &str) -> Vec<StoredRecord> {
+        lock(&self.shared.store).get(object).cloned().unwrap_or_default()
+    }
+
+    /// The record of `object` whose field `name` is `value`.
+    pub fn find(&self, object: &str, name: &str, value: &str) -> Option<StoredRecord> {
+        self.records(object).into_iter().find(|r| r.text(name) == value)
+    }
+
+    /// Every request received, in arrival order.
+    pub fn requests(&self) -> Vec<SalesforceRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// Requests other than token requests, in arrival order.
+    pub fn calls(&self) -> Vec<SalesforceRequest> {
+        self.requests().into_iter().filter(|r| !r.is_token()).collect()
+    }
+}
+
+impl Drop for SalesforceDouble {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn new_id(shared: &Shared) -> String {
+    let n = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    format!("003Dn{n:010}AAA")
+}
+
+fn respond(status: u16, body: Value) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, axum::Json(body)).into_response()
+}
+
+fn error(status: u16, code: &str, message: &str) -> Response {
+    respond(status, json!([{"message": message, "errorCode": code}]))
+}
+
+/// The fields of a form (or query string) body.
+pub fn form(text: &str) -> BTreeMap<String, String> {
+    pairs(text)
+}
+
+fn pairs(text: &str) -> BTreeMap<String, String> {
+    reqwest::Url::parse(&format!("http://x/?{text}"))
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default()
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    let query = pairs(uri.query().unwrap_or_default());
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let response = answer(&shared, &method, &path, &query, authorization.as_deref(), &text);
+    lock(&shared.log).push(SalesforceRequest {
+        method: method.to_string(),
+        path,
+        query,
+        authorization,
+        body: text,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+fn answer(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    authorization: Option<&str>,
+    body: &str,
+) -> Response {
+    if path == "/services/oauth2/token" && method == Method::POST {
+        return token(shared, body);
+    }
+    let valid = authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| lock(&shared.tokens).iter().any(|k| k == t));
+    if !valid {
+        return error(401, "INVALID_SESSION_ID", "Session expired or invalid");
+    }
+    {
+        let mut script = lock(&shared.script);
+        if script.limit_exceeded > 0 {
+            script.limit_exceeded -= 1;
+            return error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.");
+        }
+        if script.fail > 0 {
+            script.fail -= 1;
+            return error(503, "SERVER_UNAVAILABLE", "Server is temporarily unavailable");
+        }
+    }
+    let Some(rest) = path.strip_prefix("/services/data/") else {
+        return error(404, "NOT_FOUND", "The requested resource does not exist");
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("GET", [_, "sobjects", object, "describe"]) => {
+            if *object == "Contact" {
+                respond(
+                    200,
+                    json!({"name": "Contact", "fields": [{"name": "Id"}, {"name": "LastName"}]}),
+                )
+            } else {
+                error(404, "NOT_FOUND", "The requested resource does not exist")
+            }
+        }
+        ("PATCH", [_, "composite", "sobjects", object, field]) => upsert(shared, object, field, body),
+        ("GET", [_, "query"]) => soql(shared, query.get("q").map(String::as_str).unwrap_or_default()),
+        ("DELETE", [_, "composite", "sobjects"]) => destroy(shared, query),
+        _ => error(404, "NOT_FOUND", "The requested resource does not exist"),
+    }
+}
+
+fn token(shared: &Shared, body: &str) -> Response {
+    let form = pairs(body);
+    if form.get("grant_type").map(String::as_str) == Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+        let username = lock(&shared.jwt_username).clone();
+        let valid = form
+            .get("assertion")
+            .is_some_and(|a| username.is_some_and(|u| assertion_ok(a, &shared.client_id, &u)));
+        if !valid {
+            return respond(
+                400,
+                json!({"error": "invalid_grant", "error_description": "invalid assertion"}),
+            );
+        }
+        return issue(shared);
+    }
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return respond(
+            400,
+            json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}),
+        );
+    }
+    if form.get("client_id") != Some(&shared.client_id)
+        || form.get("client_secret") != Some(&shared.client_secret)
+    {
+        return respond(
+            400,
+            json!({"error": "invalid_client", "error_description": "invalid client credentials"}),
+        );
+    }
+    issue(shared)
+}
+
+/// Checks a JWT's header and claims (not its signature).
+fn assertion_ok(assertion: &str, client_id: &str, username: &str) -> bool {
+    use base64::Engine as _;
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    };
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let [header, claims, signature] = parts.as_slice() else {
+        return false;
+    };
+    let (Some(header), Some(claims)) = (decode(header), decode(claims)) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    header["alg"] == "RS256"
+        && !signature.is_empty()
+        && claims["iss"] == client_id
+        && claims["sub"] == username
+        && claims["aud"].as_str().is_some_and(|a| !a.is_empty())
+        && claims["exp"].as_u64().is_some_and(|e| e > now)
+}
+
+fn issue(shared: &Shared) -> Response {
+    let n = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("00Dxx0000001gEH!AQ4AQtoken{n:04}");
+    lock(&shared.tokens).push(access.clone());
+    respond(
+        200,
+        json!({"access_token": access, "instance_url": lock(&shared.url).clone(),
+               "id": "https://login.salesforce.com/id/00Dxx0000001gEH/005xx000001Sv6e",
+               "token_type": "Bearer", "issued_at": "1700000000000", "signature": "c2lnbmF0dXJl"}),
+    )
+}
+
+fn upsert(shared: &Shared, object: &str, field: &str, body: &str) -> Response {
+    let Ok(json) = serde_json::from_str::<Value>(body) else {
+        return error(
+            400,
+            "JSON_PARSER_ERROR",
+            "Unexpected character in the request body",
+        );
+    };
+    let Some(records) = json["records"].as_array() else {
+        return error(400, "INVALID_INPUT", "records is required");
+    };
+    if records.len() > MAX_RECORDS {
+        return error(
+            400,
+            "EXCEEDED_ID_LIMIT",
+            "record limit reached. cannot submit more than 200 records into this call",
+        );
+    }
+    // Values Salesforce cannot deserialize refuse the whole request.
+    for record in records {
+        if let Some(date) = record.get("Birthdate").and_then(Value::as_str) {
+            let ok = date.len() == 10
+                && date.chars().enumerate().all(|(i, c)| {
+                    if i == 4 || i == 7 {
+                        c == '-'
+                    } else {
+                        c.is_ascii_digit()
+                    }
+                });
+            if !ok {
+                return error(
+                    400,
+                    "JSON_PARSER_ERROR",
+                    &format!(
+                        "Cannot deserialize instance of date from VALUE_STRING value {date} or request may be missing a required field"
+                    ),
+                );
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(records.len());
+    let mut store = lock(&shared.store);
+    let rows = store.entry(object.to_owned()).or_default();
+    for record in records {
+        let Some(fields) = record.as_object() else {
+            results.push(json!({"success": false, "errors": [{"statusCode": "INVALID_INPUT", "message": "not an object", "fields": []}]}));
+            continue;
+        };
+        if record["attributes"]["type"].as_str() != Some(object) {
+            results.push(json!({"success": false, "errors": [{"statusCode": "INVALID_TYPE", "message": "attributes.type must name the object", "fields": []}]}));
+            continue;
+        }
+        let key = match fields.get(field) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => {
+                results.push(
+                    json!({"success": false, "errors": [{"statusCode": "MISSING_ARGUMENT",
+                    "message": format!("{field} not specified"), "fields": [field]}]}),
+                );
+                continue;
+            }
+        };
+        let mut clean = fields.clone();
+        clean.remove("attributes");
+        if let Some(existing) = rows.iter_mut().find(|r| r.text(field) == key) {
+            for (k, v) in clean {
+                existing.fields.insert(k, v);
+            }
+            results.push(json!({"id": existing.id, "success": true, "created": false, "errors": []}));
+        } else if object == "Contact"
+            && !matches!(clean.get("LastName"), Some(Value::String(s)) if !s.is_empty())
+        {
+            results.push(
+                json!({"success": false, "errors": [{"statusCode": "REQUIRED_FIELD_MISSING",
+                "message": "Required fields are missing: [LastName]", "fields": ["LastName"]}]}),
+            );
+        } else {
+            let id = new_id(shared);
+            rows.push(StoredRecord {
+                id: id.clone(),
+                fields: clean,
+            });
+            results.push(json!({"id": id, "success": true, "created": true, "errors": []}));
+        }
+    }
+    respond(200, Value::Array(results))
+}
+
+/// Reads `SELECT Id, F FROM O WHERE F IN ('a', 'b')`.
+fn parse_soql(q: &str) -> Option<(String, String, Vec<String>)> {
+    let rest = q.strip_prefix("SELECT Id, ")?;
+    let (field, rest) = rest.split_once(" FROM ")?;
+    let (object, rest) = rest.split_once(" WHERE ")?;
+    let rest = rest
+        .strip_prefix(field)?
+        .strip_prefix(" IN (")?
+        .strip_suffix(')')?;
+    let mut values = Vec::new();
+    let mut chars = rest.chars();
+    loop {
+        match chars.next() {
+            None => break,
+            Some(' ' | ',') => continue,
+            Some('\'') => {
+                let mut value = String::new();
+                loop {
+                    match chars.next()? {
+                        '\\' => match chars.next()? {
+                            'n' => value.push('\n'),
+                            'r' => value.push('\r'),
+                            't' => value.push('\t'),
+                            other => value.push(other),
+                        },
+                        '\'' => break,
+                        other => value.push(other),
+                    }
+                }
+                values.push(value);
+            }
+            Some(_) => return None,
+        }
+    }
+    Some((field.to_owned(), object.to_owned(), values))
+}
+
+fn soql(shared: &Shared, q: &str) -> Response {
+    let Some((field, object, values)) = parse_soql(q) else {
+        return error(400, "MALFORMED_QUERY", "unexpected token");
+    };
+    let store = lock(&shared.store);
+    let records: Vec<Value> = store
+        .get(&object)
+        .into_iter()
+        .flatten()
+        .filter(|r| values.contains(&r.text(&field)))
+        .map(|r| {
+            json!({"attributes": {"type": object, "url": format!("/services/data/v61.0/sobjects/{object}/{}", r.id)},
+                   "Id": r.id, field.clone(): r.fields.get(&field).cloned().unwrap_or(Value::Null)})
+        })
+        .collect();
+    respond(
+        200,
+        json!({"totalSize": records.len(), "done": true, "records": records}),
+    )
+}
+
+fn destroy(shared: &Shared, query: &BTreeMap<String, String>) -> Response {
+    let ids: Vec<&str> = query
+        .get("ids")
+        .map(|s| s.split(',').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return error(400, "MISSING_ARGUMENT", "ids not specified");
+    }
+    if ids.len() > MAX_RECORDS {
+        return error(
+            400,
+            "EXCEEDED_ID_LIMIT",
+            "record limit reached. cannot submit more than 200 records into this call",
+        );
+    }
+    let mut store = lock(&shared.store);
+    let results: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            let found = store.values_mut().find_map(|rows| {
+                rows.iter().position(|r| r.id == *id).map(|p| rows.remove(p))
+            });
+            match found {
+                Some(_) => json!({"id": id, "success": true, "errors": []}),
+                None => json!({"id": id, "success": false, "errors": [{"statusCode": "ENTITY_IS_DELETED", "message": "entity is deleted", "fields": []}]}),
+            }
+        })
+        .collect();
+    respond(200, Value::Array(results))
+}
