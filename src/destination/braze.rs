@@ -21,11 +21,12 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{AUTHORIZATION, HeaderMap};
+use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -86,47 +87,25 @@ impl BrazeConnector {
     ) -> Result<Self, DestinationError> {
         let BrazeSpec { base_url } = spec;
         let base_text = base_url.trim();
-        let parsed = Url::parse(base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.braze.baseUrl: {base_text:?} is not an absolute URL ({e}); use your \
-                 instance's REST endpoint, like https://rest.iad-01.braze.com"
-            ))
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.braze.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url(
+            "spec.braze.baseUrl",
+            base_text,
+            "; use your instance's REST endpoint, like https://rest.iad-01.braze.com",
+        )?);
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("braze"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("braze"))?;
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "braze")?;
         let key = secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
-        let api_key = data
-            .get(key)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| DestinationError::MissingSecretKey {
-                secret: secret_ref.name.clone(),
-                key: key.to_owned(),
-            })?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let api_key = vendor::secret_value(data, &secret_ref.name, key)?;
+        let auth = vendor::sensitive_header(&format!("Bearer {api_key}"), || {
+            format!(
                 "key {key:?} of Secret {:?} is not a valid API key (a newline or control character?)",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(BrazeConnector {
             client,
@@ -463,6 +442,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use reqwest::header::HeaderValue;
 
     fn connector(base_url: &str) -> Result<BrazeConnector, DestinationError> {
         let secret = SecretData::new(BTreeMap::from([(

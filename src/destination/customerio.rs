@@ -24,11 +24,12 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use base64::Engine as _;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
+use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json};
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -104,51 +105,25 @@ impl CustomerioConnector {
             CustomerioRegion::Eu => EU_BASE_URL,
         };
         let base_text = base_url.as_deref().unwrap_or(default_base);
-        let parsed = Url::parse(base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.customerio.baseUrl: {base_text:?} is not an absolute URL ({e})"
-            ))
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.customerio.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url("spec.customerio.baseUrl", base_text, "")?);
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("customerio"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("customerio"))?;
-        let read = |key: &str| {
-            data.get(key)
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| DestinationError::MissingSecretKey {
-                    secret: secret_ref.name.clone(),
-                    key: key.to_owned(),
-                })
-        };
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "customerio")?;
+        let read = |key: &str| vendor::secret_value(data, &secret_ref.name, key);
         let site_id = read(SITE_ID_KEY)?;
         let api_key_key = secret_ref.key.as_deref().unwrap_or(DEFAULT_API_KEY_KEY);
         let api_key = read(api_key_key)?;
         let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{site_id}:{api_key}"));
-        let mut auth = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let auth = vendor::sensitive_header(&format!("Basic {encoded}"), || {
+            format!(
                 "Secret {:?} holds credentials that cannot form a header",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            // A redirect would turn the PUT into a GET and lose the attributes.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        // A redirect would turn the PUT into a GET and lose the attributes.
+        let client = vendor::client(TIMEOUT)?;
 
         // The Secret's values, and the Basic credentials built from them, never reach a message.
         let mut with_basic = data.entries().clone();

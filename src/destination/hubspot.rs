@@ -20,11 +20,12 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{AUTHORIZATION, HeaderMap};
+use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
 use super::http::{EXCERPT_CHARS, RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -105,46 +106,21 @@ impl HubspotConnector {
             )));
         }
         let base_text = base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
-        let base_parsed = Url::parse(base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.hubspot.baseUrl: {base_text:?} is not an absolute URL ({e})"
-            ))
-        })?;
-        if !matches!(base_parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.hubspot.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = base_parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url("spec.hubspot.baseUrl", base_text, "")?);
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("hubspot"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("hubspot"))?;
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "hubspot")?;
         let key = secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
-        let token = data
-            .get(key)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| DestinationError::MissingSecretKey {
-                secret: secret_ref.name.clone(),
-                key: key.to_owned(),
-            })?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let token = vendor::secret_value(data, &secret_ref.name, key)?;
+        let auth = vendor::sensitive_header(&format!("Bearer {token}"), || {
+            format!(
                 "key {key:?} of Secret {:?} is not a valid token (a newline or control character?)",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(HubspotConnector {
             client,
@@ -654,6 +630,7 @@ mod tests {
 
     use super::*;
     use crate::engine::value::Document;
+    use reqwest::header::HeaderValue;
 
     fn connector(object: &str, id_property: &str) -> Result<HubspotConnector, DestinationError> {
         let secret = SecretData::new(BTreeMap::from([(

@@ -26,12 +26,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -121,48 +122,23 @@ impl IntercomConnector {
             base_url,
         } = spec;
         let base_text = base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
-        let parsed = Url::parse(base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.intercom.baseUrl: {base_text:?} is not an absolute URL ({e})"
-            ))
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.intercom.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url("spec.intercom.baseUrl", base_text, "")?);
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("intercom"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("intercom"))?;
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "intercom")?;
         let key = secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
-        let token = data
-            .get(key)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| DestinationError::MissingSecretKey {
-                secret: secret_ref.name.clone(),
-                key: key.to_owned(),
-            })?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let token = vendor::secret_value(data, &secret_ref.name, key)?;
+        let auth = vendor::sensitive_header(&format!("Bearer {token}"), || {
+            format!(
                 "key {key:?} of Secret {:?} is not a valid token (a newline or control character?)",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
         headers.insert("intercom-version", HeaderValue::from_static(API_VERSION));
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(IntercomConnector {
             client,

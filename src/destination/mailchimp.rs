@@ -30,11 +30,12 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use base64::Engine as _;
 use md5::{Digest, Md5};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode, Url};
+use reqwest::header::{AUTHORIZATION, HeaderMap};
+use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -114,17 +115,9 @@ impl MailchimpConnector {
                  a1b2c3d4e5)"
             )));
         }
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("mailchimp"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("mailchimp"))?;
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "mailchimp")?;
         let key = secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
-        let api_key = data
-            .get(key)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| DestinationError::MissingSecretKey {
-                secret: secret_ref.name.clone(),
-                key: key.to_owned(),
-            })?;
+        let api_key = vendor::secret_value(data, &secret_ref.name, key)?;
         let base_text = match base_url {
             Some(url) => url.clone(),
             None => {
@@ -138,36 +131,19 @@ impl MailchimpConnector {
                 format!("https://{dc}.api.mailchimp.com/3.0")
             }
         };
-        let base_parsed = Url::parse(&base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.mailchimp.baseUrl: {base_text:?} is not an absolute URL ({e})"
-            ))
-        })?;
-        if !matches!(base_parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.mailchimp.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = base_parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url("spec.mailchimp.baseUrl", &base_text, "")?);
 
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("backflow:{api_key}"));
-        let mut auth = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let auth = vendor::sensitive_header(&format!("Basic {basic}"), || {
+            format!(
                 "key {key:?} of Secret {:?} is not a valid API key",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(MailchimpConnector {
             client,

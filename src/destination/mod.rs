@@ -15,6 +15,7 @@ pub mod redis;
 pub mod salesforce;
 pub mod slack;
 pub mod table;
+pub mod vendor;
 pub mod zendesk;
 
 use std::collections::BTreeMap;

@@ -38,6 +38,7 @@ use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -134,17 +135,7 @@ fn is_api_name(name: &str) -> bool {
 }
 
 fn http_url(field: &str, text: &str) -> Result<Url, DestinationError> {
-    let url = Url::parse(text).map_err(|e| {
-        DestinationError::Invalid(format!(
-            "spec.salesforce.{field}: {text:?} is not an absolute URL ({e})"
-        ))
-    })?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(DestinationError::Invalid(format!(
-            "spec.salesforce.{field}: {text:?} must use http or https"
-        )));
-    }
-    Ok(url)
+    vendor::http_url(&format!("spec.salesforce.{field}"), text, "")
 }
 
 impl SalesforceConnector {
@@ -181,23 +172,13 @@ impl SalesforceConnector {
             )));
         }
         let login = http_url("loginUrl", login_url)?;
-        let login_host = login.host_str().unwrap_or_default().to_owned();
+        let login_host = vendor::host(&login);
         if let Some(base) = base_url {
             http_url("baseUrl", base)?;
         }
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("salesforce"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("salesforce"))?;
-        let value_of = |key: &str| {
-            data.get(key)
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .ok_or_else(|| DestinationError::MissingSecretKey {
-                    secret: secret_ref.name.clone(),
-                    key: key.to_owned(),
-                })
-        };
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "salesforce")?;
+        let value_of = |key: &str| vendor::secret_value(data, &secret_ref.name, key).map(str::to_owned);
         let client_id = value_of(CLIENT_ID_SECRET_KEY)?;
         let grant = match auth.unwrap_or_default() {
             SalesforceAuth::ClientCredentials => Grant::ClientCredentials {
@@ -219,13 +200,7 @@ impl SalesforceConnector {
             }
         };
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(SalesforceConnector {
             client,

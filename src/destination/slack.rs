@@ -12,16 +12,17 @@
 //! with [`DELETE_REJECTED`] instead of being sent.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, Url};
 
 use super::http::{
     DEFAULT_TIMEOUT, RequestLabel, StatusClass, classify_status, excerpt, retry_after, status_error,
     transport_error,
 };
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -57,8 +58,6 @@ const TRANSIENT_ERRORS: &[&str] = &[
     "service_unavailable",
     "request_timeout",
 ];
-/// Longest wait to open a connection, within the request timeout.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Posts one Slack message per record.
 pub struct SlackConnector {
@@ -90,14 +89,7 @@ impl SlackConnector {
         } = spec;
         let secret = secret.ok_or(DestinationError::MissingCredentials("slack"))?;
         let key = token_key.unwrap_or(DEFAULT_TOKEN_KEY);
-        let token = secret
-            .get(key)
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| DestinationError::MissingSecretKey {
-                secret: secret_name.to_owned(),
-                key: key.to_owned(),
-            })?;
+        let token = vendor::secret_value(secret, secret_name, key)?;
         let scrubber = Scrubber::new().with_secret(Some(secret));
 
         let parse = |field: &str, text: &str| {
@@ -133,24 +125,17 @@ impl SlackConnector {
         let (post_message, post_label) = endpoint("chat.postMessage")?;
         let (auth_test, auth_label) = endpoint("auth.test")?;
 
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let authorization = vendor::sensitive_header(&format!("Bearer {token}"), || {
+            format!(
                 "key {key:?} of Secret {secret_name:?} is not a valid token (a control character or \
                  newline?)"
-            ))
+            )
         })?;
-        authorization.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, authorization);
 
-        let client = reqwest::Client::builder()
-            .timeout(DEFAULT_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect would turn the POST into a GET and lose the message.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        // A redirect would turn the POST into a GET and lose the message.
+        let client = vendor::client(DEFAULT_TIMEOUT)?;
 
         Ok(SlackConnector {
             client,

@@ -26,11 +26,12 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::vendor;
 use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
@@ -136,51 +137,25 @@ impl ZendeskConnector {
         }
         let default_base = format!("https://{subdomain}.zendesk.com");
         let base_text = base_url.as_deref().unwrap_or(&default_base);
-        let base_parsed = Url::parse(base_text).map_err(|e| {
-            DestinationError::Invalid(format!(
-                "spec.zendesk.baseUrl: {base_text:?} is not an absolute URL ({e})"
-            ))
-        })?;
-        if !matches!(base_parsed.scheme(), "http" | "https") {
-            return Err(DestinationError::Invalid(format!(
-                "spec.zendesk.baseUrl: {base_text:?} must use http or https"
-            )));
-        }
-        let host = base_parsed.host_str().unwrap_or_default().to_owned();
+        let host = vendor::host(&vendor::http_url("spec.zendesk.baseUrl", base_text, "")?);
 
-        let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials("zendesk"))?;
-        let data = secret.ok_or(DestinationError::MissingCredentials("zendesk"))?;
-        let value_of = |key: &str| {
-            data.get(key)
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| DestinationError::MissingSecretKey {
-                    secret: secret_ref.name.clone(),
-                    key: key.to_owned(),
-                })
-        };
+        let (secret_ref, data) = vendor::credentials(secret_ref, secret, "zendesk")?;
+        let value_of = |key: &str| vendor::secret_value(data, &secret_ref.name, key);
         let token_key = secret_ref.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
         let token = value_of(token_key)?;
         let email = value_of(EMAIL_SECRET_KEY)?;
         let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{email}/token:{token}"));
-        let mut auth = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| {
-            DestinationError::Invalid(format!(
+        let auth = vendor::sensitive_header(&format!("Basic {encoded}"), || {
+            format!(
                 "keys {EMAIL_SECRET_KEY:?} and {token_key:?} of Secret {:?} do not make a valid \
                  credential",
                 secret_ref.name
-            ))
+            )
         })?;
-        auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
 
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))?;
+        let client = vendor::client(TIMEOUT)?;
 
         // The encoded credential is masked too, should a message ever echo the header.
         let encoded_secret = SecretData::new(std::iter::once(("basic".to_owned(), encoded)).collect());

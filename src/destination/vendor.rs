@@ -1,0 +1,87 @@
+//! Pieces every HTTP vendor connector's constructor needs: checking a configured URL, reading a
+//! credential from the Secret, marking an `Authorization` header sensitive and building the
+//! HTTP client. Each returns the same errors, with the same messages, the connectors wrote
+//! themselves before.
+
+use std::time::Duration;
+
+use reqwest::Url;
+use reqwest::header::HeaderValue;
+
+use super::{DestinationError, SecretData};
+use crate::api::SecretKeyRef;
+
+/// How long to wait for a connection to a vendor.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses `text`, the value of the spec field `field` (like `spec.hubspot.baseUrl`), as an
+/// absolute http or https URL. `hint` is appended to the "not an absolute URL" message (pass
+/// `""` for none).
+pub fn http_url(field: &str, text: &str, hint: &str) -> Result<Url, DestinationError> {
+    let url = Url::parse(text).map_err(|e| {
+        DestinationError::Invalid(format!("{field}: {text:?} is not an absolute URL ({e}){hint}"))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(DestinationError::Invalid(format!(
+            "{field}: {text:?} must use http or https"
+        )));
+    }
+    Ok(url)
+}
+
+/// The host of `url`, or `""` when it has none.
+pub fn host(url: &Url) -> String {
+    url.host_str().unwrap_or_default().to_owned()
+}
+
+/// The Secret reference and the Secret's data, or `MissingCredentials(vendor)` when either is
+/// absent.
+pub fn credentials<'a>(
+    secret_ref: Option<&'a SecretKeyRef>,
+    secret: Option<&'a SecretData>,
+    vendor: &'static str,
+) -> Result<(&'a SecretKeyRef, &'a SecretData), DestinationError> {
+    let secret_ref = secret_ref.ok_or(DestinationError::MissingCredentials(vendor))?;
+    let data = secret.ok_or(DestinationError::MissingCredentials(vendor))?;
+    Ok((secret_ref, data))
+}
+
+/// The value under `key` in the Secret named `secret_name`, trimmed; `MissingSecretKey` when
+/// it is absent or blank.
+pub fn secret_value<'a>(
+    data: &'a SecretData,
+    secret_name: &str,
+    key: &str,
+) -> Result<&'a str, DestinationError> {
+    data.get(key)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| DestinationError::MissingSecretKey {
+            secret: secret_name.to_owned(),
+            key: key.to_owned(),
+        })
+}
+
+/// `value` as a header value marked sensitive (kept out of debug output); `Invalid(invalid())`
+/// when it cannot be a header (a newline or control character).
+pub fn sensitive_header(
+    value: &str,
+    invalid: impl FnOnce() -> String,
+) -> Result<HeaderValue, DestinationError> {
+    let mut header = HeaderValue::from_str(value).map_err(|_| DestinationError::Invalid(invalid()))?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// The HTTP client for a vendor: the request `timeout`, [`CONNECT_TIMEOUT`], no redirects
+/// (a redirect would turn a POST or PUT into a GET and lose the body) and the user agent
+/// `backflow/<version>`.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, DestinationError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))
+}
