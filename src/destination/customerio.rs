@@ -260,11 +260,7 @@ fn failure(label: &RequestLabel, status: StatusCode, headers: &HeaderMap, body: 
         401 | 403 => SendError::Fatal(format!("credentials rejected by {VENDOR} (HTTP {code})")),
         429 => {
             let message = vendor_message(body);
-            let detail = if message.is_empty() {
-                String::new()
-            } else {
-                format!(": {message}")
-            };
+            let detail = vendor::detail(&message);
             SendError::Retryable {
                 reason: format!("{VENDOR} is throttling requests (HTTP 429){detail}"),
                 retry_after: retry_after(headers, SystemTime::now()),

@@ -233,11 +233,7 @@ impl HubspotConnector {
     ) -> SendError {
         let code = status.as_u16();
         let message = hubspot_message(body);
-        let detail = if message.is_empty() {
-            String::new()
-        } else {
-            format!(": {message}")
-        };
+        let detail = vendor::detail(&message);
         match code {
             401 | 403 => SendError::Fatal(format!("credentials rejected by {VENDOR} (HTTP {code}){detail}")),
             404 => SendError::Fatal(format!(

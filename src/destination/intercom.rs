@@ -470,12 +470,7 @@ fn error_message(body: &[u8]) -> String {
 }
 
 fn detail(body: &[u8]) -> String {
-    let message = error_message(body);
-    if message.is_empty() {
-        String::new()
-    } else {
-        format!(": {message}")
-    }
+    vendor::detail(&error_message(body))
 }
 
 #[cfg(test)]

@@ -214,11 +214,7 @@ impl MailchimpConnector {
     ) -> SendError {
         let code = status.as_u16();
         let message = mailchimp_message(body);
-        let detail = if message.is_empty() {
-            String::new()
-        } else {
-            format!(": {message}")
-        };
+        let detail = vendor::detail(&message);
         let error = match code {
             401 | 403 => SendError::Fatal(format!("credentials rejected by {VENDOR} (HTTP {code}){detail}")),
             404 => SendError::Fatal(format!(

@@ -418,11 +418,7 @@ impl SalesforceConnector {
     ) -> SendError {
         let code = status.as_u16();
         let message = salesforce_message(body);
-        let detail = if message.is_empty() {
-            String::new()
-        } else {
-            format!(": {message}")
-        };
+        let detail = vendor::detail(&message);
         let codes = error_codes(body);
         if codes.iter().any(|c| c == "REQUEST_LIMIT_EXCEEDED") {
             return SendError::Retryable {

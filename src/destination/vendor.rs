@@ -85,3 +85,12 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, DestinationError> {
         .build()
         .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))
 }
+
+/// `": <message>"` to append to an error's text, or `""` when the vendor said nothing.
+pub fn detail(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
