@@ -9,13 +9,10 @@ use std::time::Duration;
 
 use backflow::api::validation::{validate_destination, validate_reverse_sync};
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
-use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::destination::{self, Connector, Operation, Record, RecordOutcome, SecretData, SendError};
-use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
+use backflow::engine::run::{RunReport, RunResult};
 use backflow::engine::value::{Document, Value};
 use backflow::local::manifests::{Manifests, load_text};
-use backflow::state::file::FileStore;
 use serde_json::json;
 use support::braze_double::{BrazeDouble, NO_VALID_DATA};
 use support::sqlite::TempSqlite;
@@ -82,26 +79,8 @@ async fn run_sync(
     state: &std::path::Path,
     mode: &str,
 ) -> RunReport {
-    let connector = destination::build(dest, Some(&secret(api_key))).await.unwrap();
-    let mut config = DeliveryConfig::resolve(dest, &connector.capabilities()).unwrap();
-    config.initial_backoff = Duration::from_millis(10);
-    config.max_backoff = Duration::from_millis(100);
-    let limiter = Arc::new(RateLimiter::new(1000.0, 1000));
     let spec = sync_spec(mode);
-    let job = SyncRun {
-        namespace: "default",
-        name: "customers",
-        spec: &spec,
-        source_url: &model.url,
-        delivery: Delivery::new(connector, limiter, config),
-        scope: "default/braze".into(),
-    };
-    run(
-        job,
-        &mut FileStore::new(state, "default", "customers"),
-        &RunOptions::default(),
-    )
-    .await
+    support::engine::run_sync_once(&model.url, &spec, dest, &secret(api_key), state).await
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 pub mod braze_double;
 pub mod customerio_double;
 pub mod db;
+pub mod engine;
 pub mod fake_connector;
 pub mod http_server;
 pub mod hubspot_double;
