@@ -345,6 +345,7 @@ async fn run_steps(
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
+    let mut planned = 0u64;
     while let Some(row) = rows.next().await {
         if options.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -398,8 +399,7 @@ async fn run_steps(
             Decision::Duplicate => c.reject(Some(&mapped.key), "plan", DUPLICATE_KEY),
             Decision::Skip(_) => {}
         }
-        let planned = c.report.plan.rows_in_model + 1;
-        c.report.plan.rows_in_model = planned;
+        planned += 1;
         if planned.is_multiple_of(10_000) {
             options.progress.planned(planned);
         }

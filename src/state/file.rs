@@ -191,8 +191,8 @@ impl FileStore {
             if xxhash_rust::xxh3::xxh3_64(&payload) != sum {
                 break;
             }
-            let mut p = Cursor { bytes: &payload };
-            while !p.bytes.is_empty() {
+            let mut p: &[u8] = &payload;
+            while !p.is_empty() {
                 match decode_change(&mut p) {
                     Some(StateChange::Put {
                         key,
@@ -397,47 +397,25 @@ fn encode_change(c: &StateChange, out: &mut Vec<u8>) {
     }
 }
 
-fn decode_change(r: &mut Cursor<'_>) -> Option<StateChange> {
-    match r.take(1)?[0] {
+/// Decodes one change written by [`encode_change`] with the same readers as the state file.
+fn decode_change(r: &mut &[u8]) -> Option<StateChange> {
+    let mut tag = [0u8; 1];
+    r.read_exact(&mut tag).ok()?;
+    let mut key = String::new();
+    read_string(r, &mut key).ok()?;
+    match tag[0] {
         1 => {
-            let key = r.string()?.to_owned();
-            let fingerprint = r.u64()?;
-            let identity = r.string()?.to_owned();
+            let fingerprint = read_u64(r).ok()?;
+            let mut identity = String::new();
+            read_string(r, &mut identity).ok()?;
             Some(StateChange::Put {
                 key,
                 fingerprint,
                 identity,
             })
         }
-        2 => Some(StateChange::Remove {
-            key: r.string()?.to_owned(),
-        }),
+        2 => Some(StateChange::Remove { key }),
         _ => None,
-    }
-}
-
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.bytes.len() < n {
-            return None;
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Some(head)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn string(&mut self) -> Option<&'a str> {
-        let len = self.u32()? as usize;
-        std::str::from_utf8(self.take(len)?).ok()
     }
 }
 

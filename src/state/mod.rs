@@ -87,20 +87,11 @@ impl Fingerprints {
 
     /// Adds an entry, or replaces the entry of the same key in place.
     pub fn insert(&mut self, e: EntryRef<'_>) {
-        let hash = xxh3_64(e.key.as_bytes());
         if (self.slots.len() + 1) * 3 > self.index.len() * 2 {
             self.grow();
         }
-        let offset = self.arena.len() as u64;
-        self.arena.push_str(e.key);
-        self.arena.push_str(e.identity);
-        let slot = Slot {
-            key_hash: hash,
-            fingerprint: e.fingerprint,
-            offset,
-            key_len: u32::try_from(e.key.len()).unwrap_or(u32::MAX),
-            identity_len: u32::try_from(e.identity.len()).unwrap_or(u32::MAX),
-        };
+        let slot = self.append_to_arena(e);
+        let hash = slot.key_hash;
         let mask = self.index.len() - 1;
         let mut bucket = hash as usize & mask;
         loop {
@@ -123,16 +114,22 @@ impl Fingerprints {
     /// [`Fingerprints::build_index`] must follow before any lookup. Indexing in one pass at
     /// the end touches the cache far less than inserting one by one.
     pub(crate) fn push_unindexed(&mut self, e: EntryRef<'_>) {
+        let slot = self.append_to_arena(e);
+        self.slots.push(slot);
+    }
+
+    /// Copies an entry's key and identity into the arena and returns its slot (not yet stored).
+    fn append_to_arena(&mut self, e: EntryRef<'_>) -> Slot {
         let offset = self.arena.len() as u64;
         self.arena.push_str(e.key);
         self.arena.push_str(e.identity);
-        self.slots.push(Slot {
+        Slot {
             key_hash: xxh3_64(e.key.as_bytes()),
             fingerprint: e.fingerprint,
             offset,
             key_len: u32::try_from(e.key.len()).unwrap_or(u32::MAX),
             identity_len: u32::try_from(e.identity.len()).unwrap_or(u32::MAX),
-        });
+        }
     }
 
     /// Indexes every slot (after [`Fingerprints::push_unindexed`]).
