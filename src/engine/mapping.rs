@@ -396,8 +396,8 @@ impl Mapper {
                 FieldSource::Template { template, columns } => {
                     let rendered = template.render(|name| {
                         columns.get(name).map(|idx| match row.get(*idx) {
-                            Some(v) if !v.is_null() => v.to_text(),
-                            _ => String::new(),
+                            Some(v) if !v.is_null() => v.as_text(),
+                            _ => std::borrow::Cow::Borrowed(""),
                         })
                     });
                     Value::Text(rendered.map_err(|e| RowRejection {

@@ -108,14 +108,19 @@ impl Value {
 
     /// The value as plain text: strings unquoted, everything else in canonical JSON form.
     pub fn to_text(&self) -> String {
+        self.as_text().into_owned()
+    }
+
+    /// Like [`Value::to_text`], borrowing text values instead of copying them.
+    pub fn as_text(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Value::Text(s) => s.clone(),
-            Value::Json(serde_json::Value::String(s)) => s.clone(),
+            Value::Text(s) => std::borrow::Cow::Borrowed(s),
+            Value::Json(serde_json::Value::String(s)) => std::borrow::Cow::Borrowed(s),
             other => {
                 let mut out = Vec::new();
                 other.write_canonical(&mut out);
                 // Canonical output is built only from valid UTF-8 pieces.
-                String::from_utf8_lossy(&out).into_owned()
+                std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
             }
         }
     }
