@@ -129,8 +129,7 @@ fn parse_template(
                     let data = secret.ok_or(DestinationError::MissingCredentials("http"))?;
                     if data.get(key).is_none() {
                         return Err(DestinationError::MissingSecretKey {
-                            // SecretData does not carry the Secret's name; see the module report.
-                            secret: "spec.credentialsSecretRef".to_owned(),
+                            secret: data.name().to_owned(),
                             key: key.to_owned(),
                         });
                     }

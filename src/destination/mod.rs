@@ -124,35 +124,52 @@ pub trait Connector: Send + Sync {
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError>;
 }
 
-/// The keys and values of a Secret, decoded. Its `Debug` never shows values.
+/// The keys and values of a Secret, decoded, and its name. Its `Debug` never shows values.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct SecretData(BTreeMap<String, String>);
+pub struct SecretData {
+    name: String,
+    values: BTreeMap<String, String>,
+}
 
 impl SecretData {
     /// Wraps decoded Secret data.
     pub fn new(values: BTreeMap<String, String>) -> Self {
-        SecretData(values)
+        SecretData {
+            name: String::new(),
+            values,
+        }
+    }
+
+    /// The same data, with the Secret's name (used in messages about missing keys).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// The Secret's name, empty when unknown.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The value under `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.values.get(key).map(String::as_str)
     }
 
     /// Every key and value (for templates).
     pub fn entries(&self) -> &BTreeMap<String, String> {
-        &self.0
+        &self.values
     }
 
     /// Every value, to scrub them out of error messages.
     pub fn values(&self) -> impl Iterator<Item = &str> {
-        self.0.values().map(String::as_str)
+        self.values.values().map(String::as_str)
     }
 }
 
 impl std::fmt::Debug for SecretData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
+        f.debug_set().entries(self.values.keys()).finish()
     }
 }
 
@@ -198,18 +215,7 @@ pub async fn build(
     match spec.destination_type {
         DestinationType::Http => {
             let block = spec.http.as_ref().ok_or(DestinationError::MissingBlock("http"))?;
-            let connector = http::HttpConnector::new(block, secret).map_err(|e| match e {
-                // The HTTP block does not know the Secret's name; name it for the user.
-                DestinationError::MissingSecretKey { key, .. } => DestinationError::MissingSecretKey {
-                    secret: spec
-                        .credentials_secret_ref
-                        .as_ref()
-                        .map(|r| r.name.clone())
-                        .unwrap_or_default(),
-                    key,
-                },
-                other => other,
-            })?;
+            let connector = http::HttpConnector::new(block, secret)?;
             Ok(Arc::new(connector))
         }
         DestinationType::Slack => {

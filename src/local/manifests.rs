@@ -184,13 +184,14 @@ pub fn load_text(text: &str, origin: &str, manifests: &mut Manifests) -> Result<
                     values.insert(k, text);
                 }
                 values.extend(s.string_data);
+                let data = SecretData::new(values).with_name(&s.metadata.name);
                 insert(
                     &mut manifests.secrets,
                     &location,
                     "Secret",
                     ns,
                     s.metadata.name,
-                    SecretData::new(values),
+                    data,
                 )?;
             }
             (API_VERSION, "Destination") => {

@@ -39,5 +39,5 @@ pub fn resolve(manifests: &Manifests, namespace: &str, name: &str) -> Result<Sec
             env_var_name(name, "KEY")
         ));
     }
-    Ok(SecretData::new(values))
+    Ok(SecretData::new(values).with_name(name))
 }
