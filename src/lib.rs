@@ -22,6 +22,7 @@ pub mod api;
 pub mod destination;
 pub mod engine;
 pub mod local;
+pub mod metrics;
 pub mod redact;
 pub mod source;
 pub mod state;

@@ -55,6 +55,10 @@ pub struct ReverseSyncSpec {
     /// Where the per-row fingerprints that detect changes are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateSpec>,
+    /// Preview: plan each run without sending anything or changing state, and write the
+    /// counts and a few sample keys to `status.plan`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// The model: a SQL query over a warehouse connection.
@@ -140,15 +144,50 @@ pub struct Schedule {
     /// Run at the times of a cron expression (5 fields, UTC), like `*/15 * * * *`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// Run right after these syncs (same namespace) have all succeeded since this sync's
+    /// last run; combines with `interval` or `cron`, or stands alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 /// Where a run executes.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Execution {
     /// `InProcess` runs inside the operator; `Job` runs each sync as a Kubernetes Job.
     #[serde(default)]
     pub mode: ExecutionMode,
+    /// Overrides of the run Job's pod for this sync (Job mode); unset fields keep the
+    /// operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_template: Option<JobTemplate>,
+}
+
+/// Per-sync overrides of the Job that runs a sync in Job mode.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobTemplate {
+    /// Container image (default: the operator's `--job-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Service account of the run pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Compute resources of the run container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Node labels the run pod must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Tolerations of the run pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+    /// Seconds the Job may run before Kubernetes stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<i64>,
+    /// Pod retries before the Job fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<i32>,
 }
 
 /// Where a run executes.
@@ -206,6 +245,51 @@ pub struct ReverseSyncStatus {
     /// A few rows the last run rejected, with the reason (keys only, never payload values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected_samples: Vec<RejectedRow>,
+    /// With `spec.dryRun`: what the last preview would send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanPreview>,
+    /// The value of the `backflow.dev/requested-at` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_requested_at: Option<String>,
+    /// Name of the Job of the run in flight (Job mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_job: Option<String>,
+    /// Names of the ConfigMaps holding the sync's fingerprints (ConfigMap store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_ref: Option<String>,
+}
+
+/// What a dry run would send: counts per operation and a few sample keys.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanPreview {
+    /// When the preview was computed (RFC 3339).
+    pub computed_at: String,
+    /// The `metadata.generation` previewed.
+    pub generation: i64,
+    /// Rows that would be created.
+    pub add: u64,
+    /// Rows that would be updated.
+    pub change: u64,
+    /// Records that would be deleted (mirror).
+    pub remove: u64,
+    /// Rows that would be left alone.
+    pub unchanged: u64,
+    /// Rows that would be rejected.
+    pub rejected: u64,
+    /// A few keys per operation (keys only, never payload values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<PlanSampleKey>,
+}
+
+/// One sample of a preview.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSampleKey {
+    /// The operation that would be sent.
+    pub operation: String,
+    /// The row's key.
+    pub key: String,
 }
 
 /// Counts and outcome of one run.

@@ -81,10 +81,11 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
     if let Some(schedule) = &spec.schedule {
         match (&schedule.interval, &schedule.cron) {
             (Some(_), Some(_)) => errors.add("spec.schedule", "set interval or cron, not both"),
-            (None, None) => errors.add(
+            (None, None) if schedule.after.is_empty() => errors.add(
                 "spec.schedule",
-                "set interval (like 15m) or cron (like \"*/15 * * * *\")",
+                "set interval (like 15m), cron (like \"*/15 * * * *\") or after (syncs to follow)",
             ),
+            (None, None) => {}
             (Some(interval), None) => match duration::parse(interval) {
                 Ok(d) if d.as_secs() < 1 => {
                     errors.add("spec.schedule.interval", "the interval must be at least 1s")
@@ -99,6 +100,20 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
                         format!("{cron:?} is not a cron expression ({e})"),
                     );
                 }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in schedule.after.iter().enumerate() {
+            if name.is_empty() {
+                errors.add(
+                    format!("spec.schedule.after[{i}]"),
+                    "name a ReverseSync of this namespace",
+                );
+            } else if !seen.insert(name) {
+                errors.add(
+                    format!("spec.schedule.after[{i}]"),
+                    format!("{name:?} is listed twice"),
+                );
             }
         }
     }
@@ -333,6 +348,9 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
         assert!(err.to_string().contains("spec.schedule.cron"), "{err}");
         validate_reverse_sync(&sync(&format!("{BASE}schedule: {{cron: \"*/15 * * * *\"}}\n"))).unwrap();
         validate_reverse_sync(&sync(&format!("{BASE}schedule: {{interval: 15m}}\n"))).unwrap();
+        validate_reverse_sync(&sync(&format!("{BASE}schedule: {{after: [model, other]}}\n"))).unwrap();
+        let err = validate_reverse_sync(&sync(&format!("{BASE}schedule: {{after: [a, a]}}\n"))).unwrap_err();
+        assert!(err.to_string().contains("spec.schedule.after[1]"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::value::Document;
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
-use crate::destination::delivery::{Delivered, Delivery, FatalDeliveryError};
+use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
 use crate::destination::{Operation, Record};
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, StateChange, StateError, StateStore};
@@ -203,6 +203,8 @@ pub struct RunReport {
     pub throttled: u64,
     /// Requests sent again.
     pub retries: u64,
+    /// The destination's answers by class.
+    pub answers: Vec<(AnswerClass, u64)>,
     /// Order-independent fingerprint of the whole result set.
     pub result_fingerprint: String,
     /// A few rejected rows with reasons (keys only).
@@ -266,6 +268,7 @@ pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOpti
             requests: 0,
             throttled: 0,
             retries: 0,
+            answers: Vec::new(),
             result_fingerprint: String::new(),
             rejected_samples: Vec::new(),
             plan_samples: Vec::new(),
@@ -279,6 +282,7 @@ pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOpti
     c.report.requests = stats.requests.load(Ordering::Relaxed);
     c.report.throttled = stats.throttled.load(Ordering::Relaxed);
     c.report.retries = stats.retries.load(Ordering::Relaxed);
+    c.report.answers = stats.answer_counts();
     // Whatever happened, what the destination accepted is committed.
     if !options.dry_run {
         let committed = commit(store, &job.scope, &mut c).await;

@@ -115,6 +115,60 @@ pub struct DeliveryStats {
     pub throttled: AtomicU64,
     /// Requests sent again after a transient failure.
     pub retries: AtomicU64,
+    /// Answers by class, indexed by [`AnswerClass`].
+    pub answers: [AtomicU64; AnswerClass::ALL.len()],
+}
+
+impl DeliveryStats {
+    fn answered(&self, class: AnswerClass) {
+        self.answers[class as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers received per class, in [`AnswerClass::ALL`] order.
+    pub fn answer_counts(&self) -> Vec<(AnswerClass, u64)> {
+        AnswerClass::ALL
+            .iter()
+            .map(|c| (*c, self.answers[*c as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// How the destination answered one request (the `status_class` label of
+/// `backflow_destination_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerClass {
+    /// The request was answered with per-record outcomes.
+    Success,
+    /// The batch was refused whole for its content (a 400-like answer).
+    Rejected,
+    /// The destination said it is throttling (429 and the like).
+    Throttled,
+    /// A transient failure: 5xx, a timeout, a lost connection.
+    Error,
+    /// A failure that stops the run (credentials rejected, table missing).
+    Fatal,
+}
+
+impl AnswerClass {
+    /// Every class, in index order.
+    pub const ALL: [AnswerClass; 5] = [
+        AnswerClass::Success,
+        AnswerClass::Rejected,
+        AnswerClass::Throttled,
+        AnswerClass::Error,
+        AnswerClass::Fatal,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnswerClass::Success => "success",
+            AnswerClass::Rejected => "rejected",
+            AnswerClass::Throttled => "throttled",
+            AnswerClass::Error => "error",
+            AnswerClass::Fatal => "fatal",
+        }
+    }
 }
 
 /// A connector behind the shared layers.
@@ -200,6 +254,7 @@ impl Delivery {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let (retry_reason, retry_after) = match self.connector.send(operation, &pending).await {
                 Ok(outcomes) => {
+                    self.stats.answered(AnswerClass::Success);
                     if outcomes.len() != pending.len() {
                         return Err(FatalDeliveryError(format!(
                             "the destination answered {} outcomes for {} records",
@@ -233,6 +288,11 @@ impl Delivery {
                     retry_after,
                     throttled,
                 }) => {
+                    self.stats.answered(if throttled {
+                        AnswerClass::Throttled
+                    } else {
+                        AnswerClass::Error
+                    });
                     if throttled {
                         self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                         self.limiter.pause_for(
@@ -244,6 +304,7 @@ impl Delivery {
                     (reason, retry_after)
                 }
                 Err(SendError::BatchRejected(reason)) => {
+                    self.stats.answered(AnswerClass::Rejected);
                     // Records settled by an earlier attempt keep their outcome; only the rest
                     // goes on to be split.
                     return Ok(Attempted {
@@ -251,7 +312,10 @@ impl Delivery {
                         refused: Some((pending, reason)),
                     });
                 }
-                Err(SendError::Fatal(reason)) => return Err(FatalDeliveryError(reason)),
+                Err(SendError::Fatal(reason)) => {
+                    self.stats.answered(AnswerClass::Fatal);
+                    return Err(FatalDeliveryError(reason));
+                }
             };
             match backoff.next() {
                 Some(delay) => {

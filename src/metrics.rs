@@ -1,0 +1,283 @@
+//! The operator's Prometheus metrics, registered once and served on `/metrics`.
+//!
+//! Names follow Prometheus conventions. Alert rules and the Grafana dashboard of the Helm chart
+//! query only these (a test checks it).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::run::{RunReport, RunResult};
+
+/// Every metric the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Runs by result (`Succeeded`, `PartiallySucceeded`, `Failed`).
+    pub sync_runs: IntCounterVec,
+    /// Rows by operation and outcome.
+    pub sync_rows: IntCounterVec,
+    /// Run duration.
+    pub sync_duration: HistogramVec,
+    /// Unix time of the last run that did not fail.
+    pub sync_last_success: GaugeVec,
+    /// Failed runs in a row (0 after a run that did not fail).
+    pub sync_consecutive_failures: IntGaugeVec,
+    /// The schedule's period in seconds (interval, or the gap between the next two cron
+    /// times); absent for syncs without a schedule. The staleness alert compares against it.
+    pub sync_schedule_period: GaugeVec,
+    /// 1 while the sync's `Ready` condition is True.
+    pub sync_ready: IntGaugeVec,
+    /// Runs in flight.
+    pub runs_in_flight: IntGauge,
+    /// Requests to destinations by answer class.
+    pub destination_requests: IntCounterVec,
+    /// Throttling answers from destinations.
+    pub destination_throttled: IntCounterVec,
+    /// 1 while the Destination's `Ready` condition is True.
+    pub destination_ready: IntGaugeVec,
+    /// Reconciles that ended in an error, by kind and reason.
+    pub reconcile_errors: IntCounterVec,
+    /// Always 1, labelled with the version; its absence means the operator is down.
+    pub build_info: IntGaugeVec,
+}
+
+/// Registering a metric failed (a duplicate name: a programming error).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to register metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+const SYNC: &[&str] = &["namespace", "sync"];
+
+/// The `(op, outcome)` pairs of `backflow_sync_rows_total`: rows left alone, rows refused
+/// (by the planner or the destination), rows that failed after retries, records written,
+/// records deleted.
+const ROW_SERIES: [(&str, &str); 5] = [
+    ("unchanged", "skipped"),
+    ("any", "rejected"),
+    ("any", "failed"),
+    ("write", "sent"),
+    ("delete", "sent"),
+];
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, MetricsError> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let sync_duration = HistogramVec::new(
+            HistogramOpts::new("backflow_sync_duration_seconds", "Duration of sync runs.").buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+            ]),
+            SYNC,
+        )?;
+        registry.register(Box::new(sync_duration.clone()))?;
+        let runs_in_flight = IntGauge::new("backflow_sync_runs_in_flight", "Sync runs in flight.")?;
+        registry.register(Box::new(runs_in_flight.clone()))?;
+        let metrics = Metrics {
+            sync_runs: counter(
+                "backflow_sync_runs_total",
+                "Sync runs by result.",
+                &["namespace", "sync", "result"],
+            )?,
+            sync_rows: counter(
+                "backflow_sync_rows_total",
+                "Rows by operation (write, delete, unchanged, any) and outcome (sent, skipped, rejected, failed).",
+                &["namespace", "sync", "op", "outcome"],
+            )?,
+            sync_duration,
+            sync_last_success: gauge(
+                "backflow_sync_last_success_timestamp_seconds",
+                "Unix time of the end of the last sync run that did not fail.",
+                SYNC,
+            )?,
+            sync_consecutive_failures: int_gauge(
+                "backflow_sync_consecutive_failures",
+                "Failed sync runs in a row.",
+                SYNC,
+            )?,
+            sync_schedule_period: gauge(
+                "backflow_sync_schedule_period_seconds",
+                "Seconds between scheduled runs of a sync.",
+                SYNC,
+            )?,
+            sync_ready: int_gauge(
+                "backflow_sync_ready",
+                "1 while the sync's Ready condition is True.",
+                SYNC,
+            )?,
+            runs_in_flight,
+            destination_requests: counter(
+                "backflow_destination_requests_total",
+                "Requests to destinations by answer class (success, rejected, throttled, error, fatal).",
+                &["namespace", "destination", "status_class"],
+            )?,
+            destination_throttled: counter(
+                "backflow_destination_throttled_total",
+                "Throttling answers (429 and the like) from destinations.",
+                &["namespace", "destination"],
+            )?,
+            destination_ready: int_gauge(
+                "backflow_destination_ready",
+                "1 while the Destination's Ready condition is True.",
+                &["namespace", "destination"],
+            )?,
+            reconcile_errors: counter(
+                "backflow_reconcile_errors_total",
+                "Reconciles that ended in an error.",
+                &["kind", "reason"],
+            )?,
+            build_info: int_gauge(
+                "backflow_build_info",
+                "Always 1; labelled with the operator's version.",
+                &["version"],
+            )?,
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(metrics)
+    }
+
+    /// Records a finished run of `namespace/sync` to `destination`.
+    pub fn record_run(&self, namespace: &str, sync: &str, destination: &str, report: &RunReport) {
+        self.sync_runs
+            .with_label_values(&[namespace, sync, report.result.as_str()])
+            .inc();
+        self.sync_duration
+            .with_label_values(&[namespace, sync])
+            .observe(report.seconds().max(0.0));
+        let rows = |op: &str, outcome: &str, n: u64| {
+            if n > 0 {
+                self.sync_rows
+                    .with_label_values(&[namespace, sync, op, outcome])
+                    .inc_by(n);
+            }
+        };
+        let [unchanged, rejected, failed, sent, removed] = ROW_SERIES;
+        rows(unchanged.0, unchanged.1, report.plan.unchanged);
+        rows(rejected.0, rejected.1, report.rows_rejected());
+        rows(failed.0, failed.1, report.failed);
+        rows(sent.0, sent.1, report.accepted);
+        rows(removed.0, removed.1, report.deleted);
+        for (class, n) in &report.answers {
+            if *n > 0 {
+                self.destination_requests
+                    .with_label_values(&[namespace, destination, class.as_str()])
+                    .inc_by(*n);
+            }
+        }
+        if report.throttled > 0 {
+            self.destination_throttled
+                .with_label_values(&[namespace, destination])
+                .inc_by(report.throttled);
+        }
+        let failures = self
+            .sync_consecutive_failures
+            .with_label_values(&[namespace, sync]);
+        if report.result == RunResult::Failed {
+            failures.inc();
+        } else {
+            failures.set(0);
+            self.sync_last_success
+                .with_label_values(&[namespace, sync])
+                .set(report.finished.timestamp_millis() as f64 / 1000.0);
+        }
+    }
+
+    /// Drops every series of a deleted sync.
+    pub fn forget_sync(&self, namespace: &str, sync: &str) {
+        let labels = [namespace, sync];
+        for result in [
+            RunResult::Succeeded,
+            RunResult::PartiallySucceeded,
+            RunResult::Failed,
+        ] {
+            let _ = self
+                .sync_runs
+                .remove_label_values(&[namespace, sync, result.as_str()]);
+        }
+        for (op, outcome) in ROW_SERIES {
+            let _ = self
+                .sync_rows
+                .remove_label_values(&[namespace, sync, op, outcome]);
+        }
+        let _ = self.sync_duration.remove_label_values(&labels);
+        let _ = self.sync_last_success.remove_label_values(&labels);
+        let _ = self.sync_schedule_period.remove_label_values(&labels);
+        let _ = self.sync_consecutive_failures.remove_label_values(&labels);
+        let _ = self.sync_ready.remove_label_values(&labels);
+    }
+
+    /// The names of every registered metric family, whether or not it has series yet (what
+    /// alert rules and dashboards may query).
+    pub fn names(&self) -> Vec<String> {
+        let collectors: [&dyn prometheus::core::Collector; 13] = [
+            &self.sync_runs,
+            &self.sync_rows,
+            &self.sync_duration,
+            &self.sync_last_success,
+            &self.sync_consecutive_failures,
+            &self.sync_schedule_period,
+            &self.sync_ready,
+            &self.runs_in_flight,
+            &self.destination_requests,
+            &self.destination_throttled,
+            &self.destination_ready,
+            &self.reconcile_errors,
+            &self.build_info,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_of_the_design_is_registered() {
+        let m = Metrics::new().unwrap();
+        let names = m.names();
+        for name in [
+            "backflow_sync_runs_total",
+            "backflow_sync_rows_total",
+            "backflow_sync_duration_seconds",
+            "backflow_sync_last_success_timestamp_seconds",
+            "backflow_destination_requests_total",
+            "backflow_destination_throttled_total",
+            "backflow_reconcile_errors_total",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+        }
+        assert!(m.render().contains("backflow_build_info{version="));
+    }
+}
