@@ -9,7 +9,6 @@
 //!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file.
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +16,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore};
+use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
+use super::{Fingerprints, StateChange, StateError, StateStore};
 
 const STATE_MAGIC: &[u8; 5] = b"BFST1";
 const JOURNAL_MAGIC: &[u8; 5] = b"BFJR1";
@@ -92,12 +92,9 @@ impl FileStore {
     /// Reads the state file and replays the journal on top.
     fn read_all(&self, scope: &str) -> Result<Fingerprints, StateError> {
         let mut set = self.read_state_file(scope)?.unwrap_or_default();
-        let removed = self.replay_journal(scope, &mut set)?;
-        Ok(if removed.is_empty() {
-            set
-        } else {
-            set.without(&removed)
-        })
+        let mut replay = Replay::default();
+        self.replay_journal(scope, &mut set, &mut replay)?;
+        Ok(replay.finish(set))
     }
 
     /// Streams the state file into a set, never holding the file's bytes whole: at a million
@@ -138,10 +135,8 @@ impl FileStore {
         let mut set = Fingerprints::with_capacity(rows, arena);
         let (mut key, mut identity) = (String::new(), String::new());
         for _ in 0..count {
-            let fingerprint = read_u64(&mut body).map_err(truncated)?;
-            read_string(&mut body, &mut key).map_err(truncated)?;
-            read_string(&mut body, &mut identity).map_err(truncated)?;
-            set.push_unindexed(EntryRef {
+            let fingerprint = read_entry(&mut body, &mut key, &mut identity).map_err(truncated)?;
+            set.push_unindexed(super::EntryRef {
                 key: &key,
                 fingerprint,
                 identity: &identity,
@@ -158,13 +153,16 @@ impl FileStore {
     }
 
     /// Applies the journal's checkpoints to `set`, one record at a time (a first run's journal
-    /// holds every row: collecting it whole doubled peak memory). Puts land in place; the keys
-    /// finally removed are returned for the caller to drop.
-    fn replay_journal(&self, scope: &str, set: &mut Fingerprints) -> Result<HashSet<String>, StateError> {
-        let mut removed = HashSet::new();
+    /// holds every row: collecting it whole doubled peak memory).
+    fn replay_journal(
+        &self,
+        scope: &str,
+        set: &mut Fingerprints,
+        replay: &mut Replay,
+    ) -> Result<(), StateError> {
         let file = match File::open(&self.journal_path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(self.io(e)),
         };
         let mut r = BufReader::with_capacity(1 << 20, file);
@@ -174,10 +172,10 @@ impl FileStore {
             || &magic != JOURNAL_MAGIC
             || read_string(&mut r, &mut header_scope).is_err()
         {
-            return Ok(removed);
+            return Ok(());
         }
         if header_scope != scope {
-            return Ok(removed);
+            return Ok(());
         }
         let mut payload = Vec::new();
         // Replay whole records; the first short or damaged one is a torn write: stop there.
@@ -191,29 +189,11 @@ impl FileStore {
             if xxhash_rust::xxh3::xxh3_64(&payload) != sum {
                 break;
             }
-            let mut p: &[u8] = &payload;
-            while !p.is_empty() {
-                match decode_change(&mut p) {
-                    Some(StateChange::Put {
-                        key,
-                        fingerprint,
-                        identity,
-                    }) => {
-                        removed.remove(&key);
-                        set.insert(EntryRef {
-                            key: &key,
-                            fingerprint,
-                            identity: &identity,
-                        });
-                    }
-                    Some(StateChange::Remove { key }) => {
-                        removed.insert(key);
-                    }
-                    None => return Err(self.corrupt(&self.journal_path, "undecodable checkpoint")),
-                }
-            }
+            replay
+                .apply_payload(set, &payload)
+                .map_err(|()| self.corrupt(&self.journal_path, "undecodable checkpoint"))?;
         }
-        Ok(removed)
+        Ok(())
     }
 
     fn open_journal(&mut self, scope: &str) -> Result<&mut File, StateError> {
@@ -254,9 +234,7 @@ impl FileStore {
             let mut buf = Vec::with_capacity(256);
             for e in set.iter() {
                 buf.clear();
-                buf.extend_from_slice(&e.fingerprint.to_le_bytes());
-                put_str(&mut buf, e.key);
-                put_str(&mut buf, e.identity);
+                put_entry(&mut buf, e);
                 w.write_all(&buf).map_err(|e| self.io(e))?;
             }
             let sum = w.hasher.digest();
@@ -330,33 +308,6 @@ impl<R: Read> Read for HashingReader<'_, R> {
     }
 }
 
-fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
-}
-
-/// Reads a length-prefixed UTF-8 string into `out` (reusing its allocation).
-fn read_string(r: &mut impl Read, out: &mut String) -> std::io::Result<()> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let mut bytes = std::mem::take(out).into_bytes();
-    bytes.clear();
-    r.take(u64::from(u32::from_le_bytes(len)))
-        .read_to_end(&mut bytes)?;
-    if bytes.len() != u32::from_le_bytes(len) as usize {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    *out = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    Ok(())
-}
-
 struct HashingWriter<'a, W: Write> {
     inner: W,
     hasher: &'a mut Xxh3,
@@ -370,52 +321,6 @@ impl<W: Write> Write for HashingWriter<'_, W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
-    }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn encode_change(c: &StateChange, out: &mut Vec<u8>) {
-    match c {
-        StateChange::Put {
-            key,
-            fingerprint,
-            identity,
-        } => {
-            out.push(1);
-            put_str(out, key);
-            out.extend_from_slice(&fingerprint.to_le_bytes());
-            put_str(out, identity);
-        }
-        StateChange::Remove { key } => {
-            out.push(2);
-            put_str(out, key);
-        }
-    }
-}
-
-/// Decodes one change written by [`encode_change`] with the same readers as the state file.
-fn decode_change(r: &mut &[u8]) -> Option<StateChange> {
-    let mut tag = [0u8; 1];
-    r.read_exact(&mut tag).ok()?;
-    let mut key = String::new();
-    read_string(r, &mut key).ok()?;
-    match tag[0] {
-        1 => {
-            let fingerprint = read_u64(r).ok()?;
-            let mut identity = String::new();
-            read_string(r, &mut identity).ok()?;
-            Some(StateChange::Put {
-                key,
-                fingerprint,
-                identity,
-            })
-        }
-        2 => Some(StateChange::Remove { key }),
-        _ => None,
     }
 }
 

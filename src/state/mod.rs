@@ -1,8 +1,11 @@
 //! State stores: where a sync keeps the fingerprint of every row it delivered.
 //!
-//! One engine, several homes: the [`file`] store (local runs) here; the ConfigMap and
-//! Warehouse stores implement the same [`StateStore`] trait.
+//! One engine, several homes implementing the same [`StateStore`] trait: the [`file`] store
+//! (local runs) and the [`configmap`] store (in the cluster); both write the binary records of
+//! `codec`.
 
+mod codec;
+pub mod configmap;
 pub mod file;
 
 use async_trait::async_trait;

@@ -1,0 +1,1267 @@
+//! The `ConfigMap` state store: a sync's fingerprints in ConfigMaps beside it, owned by the
+//! ReverseSync so garbage collection deletes them with it.
+//!
+//! Objects of sync `S` (all labelled `app.kubernetes.io/managed-by: backflow`,
+//! `backflow.dev/sync: S` and `backflow.dev/state: index|shard|journal`, annotated with the
+//! full sync name):
+//! - `S-state`, the index: `data["index.json"]` = format, scope, base generation, row count
+//!   and the name, row count and xxh3 checksum of every base shard.
+//! - `S-state-GEN-N`, base shards: `binaryData["entries.zst"]`, zstd over a header (scope,
+//!   generation, shard number) and the entry records of the File store's state file. Each
+//!   stays under ~640 KiB compressed, so well under the 1 MiB object limit once base64'd.
+//! - `S-state-GEN-jSEQ`, checkpoints written by `commit`: `binaryData["changes.zst"]`, zstd
+//!   over a header (scope, generation, seq) and the change records of the File store's
+//!   journal, with the blob's checksum in an annotation.
+//!
+//! Crash safety: the index is the only thing a reader trusts, and it changes in one guarded
+//! update. `load` reads the shards the index lists (a bad checksum is an error, not an empty
+//! state) and replays the journals of the index's generation in seq order (a damaged one is
+//! skipped, like the File store's torn tail: its rows are sent again). `finish` writes the
+//! shards of a fresh generation, then switches the index to them with one `replace` guarded by
+//! its resourceVersion, then deletes older generations. A crash before the switch leaves the
+//! old index, old shards and journals (new shards are unreferenced orphans); a crash after it
+//! leaves the new state plus unreferenced leftovers. Either way no reader mixes generations,
+//! and the next `finish` deletes what is left of older generations.
+//!
+//! Concurrent writers: the first `commit` of a run claims the index (an update guarded by the
+//! resourceVersion seen at load); each later commit checks that the resourceVersion is still
+//! its own, journal names are created (never replaced) so two writers cannot share a seq, and
+//! the final switch is guarded too. Whichever check fails reports [`StateError::Locked`].
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+
+use async_trait::async_trait;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::core::PartialObjectMeta;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
+use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore};
+use crate::api::ReverseSync;
+
+/// Label naming the tool that manages an object.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`] on every state ConfigMap.
+pub const MANAGED_BY: &str = "backflow";
+/// Label holding the sync's name ([`sync_label_value`]) on every state ConfigMap.
+pub const SYNC_LABEL: &str = "backflow.dev/sync";
+/// Label telling what a state ConfigMap holds: `index`, `shard` or `journal`. A controller
+/// watching ConfigMaps can leave these out with `!backflow.dev/state`.
+pub const STATE_LABEL: &str = "backflow.dev/state";
+const GENERATION_LABEL: &str = "backflow.dev/generation";
+const SEQ_LABEL: &str = "backflow.dev/seq";
+const SYNC_NAME_ANNOTATION: &str = "backflow.dev/sync-name";
+const CHECKSUM_ANNOTATION: &str = "backflow.dev/checksum";
+const WRITER_ANNOTATION: &str = "backflow.dev/writer";
+
+const INDEX_KEY: &str = "index.json";
+const SHARD_KEY: &str = "entries.zst";
+const JOURNAL_KEY: &str = "changes.zst";
+
+/// Version of the index and shard layout; a newer one is refused, not misread.
+const FORMAT: u32 = 1;
+const SHARD_MAGIC: &[u8; 5] = b"BFSH1";
+const JOURNAL_MAGIC: &[u8; 5] = b"BFCK1";
+
+/// zstd's default level: on 100k fingerprints it packs 4.6x at ~350 MB/s, where flate2's
+/// default packs 3.8x at 26 MB/s (see the crate's closing note for the measurement).
+const ZSTD_LEVEL: i32 = 3;
+/// Target compressed size of one shard or journal. base64 makes 640 KiB about 853 KiB of
+/// JSON, well under the 1 MiB object limit with the metadata.
+const BLOB_BUDGET: usize = 640 * 1024;
+/// Input zstd may hold before it emits a block (one 128 KiB block, plus slack): the most a
+/// blob can still grow by when it is finished.
+const ZSTD_PENDING: usize = 129 * 1024;
+/// Compressed size no blob may exceed (only one row with a huge key or identity can).
+const BLOB_LIMIT: usize = 700 * 1024;
+
+const MAX_NAME: usize = 253;
+const MAX_LABEL: usize = 63;
+/// The longest suffix added to the index name: `-GEN-jSEQ` with two 20-digit numbers.
+const LONGEST_SUFFIX: usize = 1 + 20 + 2 + 20;
+
+/// Name of a sync's index ConfigMap, `<sync>-state`; the names of its shards and journals
+/// add a suffix to it. A sync name too long for the longest of them (253 characters) is cut
+/// and ends with a hash of the whole name, so two long names never share objects.
+pub fn index_name(sync_name: &str) -> String {
+    format!(
+        "{}-state",
+        shorten(sync_name, MAX_NAME - "-state".len() - LONGEST_SUFFIX)
+    )
+}
+
+/// Value of [`SYNC_LABEL`] for a sync: its name, or a cut name and a hash when longer than a
+/// label value may be (63 characters).
+pub fn sync_label_value(sync_name: &str) -> String {
+    shorten(sync_name, MAX_LABEL)
+}
+
+/// `name` itself when it fits in `max` bytes; otherwise its head and a 16-digit hash of all
+/// of it. The head is cut back to an alphanumeric character, so the result stays a valid DNS
+/// subdomain or label value when `name` was one.
+fn shorten(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let hash = format!("{:016x}", xxh3_64(name.as_bytes()));
+    let mut end = max.saturating_sub(hash.len() + 1);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = name[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if head.is_empty() {
+        hash
+    } else {
+        format!("{head}-{hash}")
+    }
+}
+
+fn shard_name(index: &str, generation: u64, n: usize) -> String {
+    format!("{index}-{generation}-{n}")
+}
+
+fn journal_name(index: &str, generation: u64, seq: u64) -> String {
+    format!("{index}-{generation}-j{seq}")
+}
+
+fn checksum(bytes: &[u8]) -> String {
+    format!("{:016x}", xxh3_64(bytes))
+}
+
+/// The owner reference to give [`ConfigMapStore::new`] for a sync: `controller: false`,
+/// since the state is data the sync keeps, not objects its controller reconciles (a
+/// controller reference would also claim the one controller slot of the object), and no
+/// `blockOwnerDeletion`, which needs update rights on `reversesyncs/finalizers` that a
+/// Job-mode run's service account has no reason to hold. Garbage collection deletes
+/// dependents of a deleted owner either way; the finalizer's [`delete_all`] does it first.
+/// `None` when the sync has no uid yet (it was never stored).
+pub fn owner_reference(sync: &ReverseSync) -> Option<OwnerReference> {
+    use kube::Resource;
+    Some(OwnerReference {
+        api_version: ReverseSync::api_version(&()).into_owned(),
+        kind: ReverseSync::kind(&()).into_owned(),
+        name: sync.metadata.name.clone()?,
+        uid: sync.metadata.uid.clone()?,
+        controller: Some(false),
+        block_owner_deletion: None,
+    })
+}
+
+/// Deletes every state ConfigMap of a sync (the finalizer's cleanup); returns how many.
+pub async fn delete_all(client: kube::Client, namespace: &str, sync_name: &str) -> Result<usize, StateError> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let location = format!("configmap {namespace}/{}", index_name(sync_name));
+    let objects = list_objects(&api, sync_name, None)
+        .await
+        .map_err(|e| api_error(location.clone(), &e))?;
+    let mut deleted = 0;
+    for o in &objects {
+        match api.delete(&o.name, &DeleteParams::default()).await {
+            Ok(_) => deleted += 1,
+            Err(e) if status_code(&e) == Some(404) => {}
+            Err(e) => return Err(api_error(format!("configmap {namespace}/{}", o.name), &e)),
+        }
+    }
+    tracing::info!(namespace, sync = sync_name, deleted, "sync state deleted");
+    Ok(deleted)
+}
+
+/// The index: what a reader of the state trusts.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+struct Index {
+    format: u32,
+    /// What the base shards were delivered to.
+    scope: String,
+    /// Generation of the base shards; 0 before the first `finish` (no shards).
+    generation: u64,
+    /// Rows in the base shards.
+    rows: u64,
+    shards: Vec<ShardRef>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+struct ShardRef {
+    name: String,
+    /// xxh3 of the compressed bytes, 16 hex digits.
+    checksum: String,
+    rows: u64,
+    /// Size before compression.
+    bytes: u64,
+}
+
+/// Which state object a listed ConfigMap is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Index,
+    Shard,
+    Journal,
+}
+
+/// A state ConfigMap as listed (metadata only).
+#[derive(Debug, Clone)]
+struct Listed {
+    name: String,
+    kind: Option<Kind>,
+    generation: Option<u64>,
+    seq: Option<u64>,
+}
+
+/// What a run knows of the stored state since its last look at the index.
+#[derive(Debug, Clone)]
+struct View {
+    /// The index's resourceVersion; `None` when there is no index yet.
+    resource_version: Option<String>,
+    index: Index,
+    /// Journals of the index's generation, in seq order.
+    journals: Vec<Listed>,
+    next_seq: u64,
+    /// This run's claim on the index stands (set by its first commit).
+    claimed: bool,
+}
+
+/// Fingerprints of one sync in ConfigMaps of its namespace.
+pub struct ConfigMapStore {
+    api: Api<ConfigMap>,
+    namespace: String,
+    sync_name: String,
+    index_name: String,
+    label: String,
+    owner: OwnerReference,
+    /// Written into the index when this run claims it, to tell runs apart in `kubectl`.
+    writer: String,
+    view: Option<View>,
+}
+
+impl std::fmt::Debug for ConfigMapStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigMapStore")
+            .field("namespace", &self.namespace)
+            .field("index", &self.index_name)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigMapStore {
+    /// The store of sync `sync_name` in `namespace`; every object it writes carries `owner`
+    /// (see [`owner_reference`]). Nothing is read until `load`.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        sync_name: &str,
+        owner: OwnerReference,
+    ) -> ConfigMapStore {
+        ConfigMapStore {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            sync_name: sync_name.to_owned(),
+            index_name: index_name(sync_name),
+            label: sync_label_value(sync_name),
+            owner,
+            writer: uuid::Uuid::new_v4().to_string(),
+            view: None,
+        }
+    }
+
+    /// Name of the index ConfigMap.
+    pub fn index_name(&self) -> &str {
+        &self.index_name
+    }
+
+    fn location(&self, name: &str) -> String {
+        format!("configmap {}/{}", self.namespace, name)
+    }
+
+    fn corrupt(&self, name: &str, reason: impl Into<String>) -> StateError {
+        StateError::Corrupt {
+            location: self.location(name),
+            reason: reason.into(),
+        }
+    }
+
+    fn io(&self, name: &str, reason: impl Into<String>) -> StateError {
+        StateError::Io {
+            location: self.location(name),
+            reason: reason.into(),
+        }
+    }
+
+    fn api_error(&self, name: &str, e: &kube::Error) -> StateError {
+        api_error(self.location(name), e)
+    }
+
+    /// Metadata of a new object of this sync.
+    fn meta(&self, name: &str, kind: &str, generation: Option<u64>, seq: Option<u64>) -> ObjectMeta {
+        let mut labels = BTreeMap::from([
+            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+            (SYNC_LABEL.to_owned(), self.label.clone()),
+            (STATE_LABEL.to_owned(), kind.to_owned()),
+        ]);
+        if let Some(g) = generation {
+            labels.insert(GENERATION_LABEL.to_owned(), g.to_string());
+        }
+        if let Some(s) = seq {
+            labels.insert(SEQ_LABEL.to_owned(), s.to_string());
+        }
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                SYNC_NAME_ANNOTATION.to_owned(),
+                self.sync_name.clone(),
+            )])),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn post_params() -> PostParams {
+        PostParams {
+            dry_run: false,
+            field_manager: Some("backflow".to_owned()),
+        }
+    }
+
+    /// Reads the index; `None` when there is none.
+    async fn read_index(&self) -> Result<Option<(Index, String)>, StateError> {
+        let name = &self.index_name;
+        let Some(cm) = self
+            .api
+            .get_opt(name)
+            .await
+            .map_err(|e| self.api_error(name, &e))?
+        else {
+            return Ok(None);
+        };
+        let managed = cm
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .is_some_and(|v| v == MANAGED_BY);
+        if !managed {
+            return Err(self.corrupt(
+                name,
+                format!(
+                    "it exists but is not managed by Backflow (no label {MANAGED_BY_LABEL}={MANAGED_BY})"
+                ),
+            ));
+        }
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(INDEX_KEY))
+            .ok_or_else(|| self.corrupt(name, format!("no {INDEX_KEY} in its data")))?;
+        // The decoder's message may quote the text; the position is enough.
+        let index: Index = serde_json::from_str(text).map_err(|e| {
+            self.corrupt(
+                name,
+                format!(
+                    "{INDEX_KEY} does not decode (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })?;
+        if index.format != FORMAT {
+            return Err(self.corrupt(
+                name,
+                format!(
+                    "written in format {}, this version reads format {FORMAT}",
+                    index.format
+                ),
+            ));
+        }
+        let rv = cm.metadata.resource_version.unwrap_or_default();
+        Ok(Some((index, rv)))
+    }
+
+    /// The index's current resourceVersion (`None`: no index).
+    async fn current_resource_version(&self) -> Result<Option<String>, StateError> {
+        let name = &self.index_name;
+        let cm = self
+            .api
+            .get_opt(name)
+            .await
+            .map_err(|e| self.api_error(name, &e))?;
+        Ok(cm.map(|c| c.metadata.resource_version.unwrap_or_default()))
+    }
+
+    /// Reads the index and lists the journals of its generation.
+    async fn refresh(&mut self) -> Result<(), StateError> {
+        let (index, resource_version) = match self.read_index().await? {
+            Some((index, rv)) => (index, Some(rv)),
+            None => (
+                Index {
+                    format: FORMAT,
+                    ..Index::default()
+                },
+                None,
+            ),
+        };
+        let selector = format!("{STATE_LABEL}=journal,{GENERATION_LABEL}={}", index.generation);
+        let mut journals = list_objects(&self.api, &self.sync_name, Some(&selector))
+            .await
+            .map_err(|e| self.api_error(&self.index_name, &e))?;
+        journals.retain(|j| {
+            let ok = j.kind == Some(Kind::Journal) && j.seq.is_some();
+            if !ok {
+                tracing::warn!(configmap = %j.name, "checkpoint without a readable seq label ignored");
+            }
+            ok
+        });
+        journals.sort_by_key(|j| j.seq);
+        let next_seq = journals.iter().filter_map(|j| j.seq).max().map_or(1, |s| s + 1);
+        self.view = Some(View {
+            resource_version,
+            index,
+            journals,
+            next_seq,
+            claimed: false,
+        });
+        Ok(())
+    }
+
+    fn view(&self) -> Result<&View, StateError> {
+        // Every caller refreshes first when there is no view.
+        self.view
+            .as_ref()
+            .ok_or_else(|| self.io(&self.index_name, "state not loaded"))
+    }
+
+    /// The error for an object the index or a listing named but that is gone: another
+    /// writer's `finish` deleted it when the index moved on; damage when it did not.
+    async fn vanished(&self, name: &str, view: &View, what: &str) -> StateError {
+        match self.current_resource_version().await {
+            Ok(rv) if rv != view.resource_version => StateError::Locked(self.location(&self.index_name)),
+            Ok(_) => self.corrupt(name, format!("{what} is missing")),
+            Err(e) => e,
+        }
+    }
+
+    /// The state `view` describes, for `scope`: base shards (when of this scope) with the
+    /// journals of this scope replayed on top.
+    async fn read_state(&self, view: &View, scope: &str) -> Result<Fingerprints, StateError> {
+        let mut set = if view.resource_version.is_none() {
+            Fingerprints::default()
+        } else if view.index.scope != scope {
+            tracing::info!(
+                configmap = %self.location(&self.index_name),
+                "state belongs to another destination; every row will be sent"
+            );
+            Fingerprints::default()
+        } else {
+            self.read_shards(view).await?
+        };
+        let mut replay = Replay::default();
+        for j in &view.journals {
+            self.replay_journal(view, j, scope, &mut set, &mut replay).await?;
+        }
+        Ok(replay.finish(set))
+    }
+
+    /// Streams every base shard into one set: the shards' rows are distinct, so they are
+    /// appended and indexed once at the end. Only one shard's bytes are held at a time.
+    async fn read_shards(&self, view: &View) -> Result<Fingerprints, StateError> {
+        let index = &view.index;
+        let rows = usize::try_from(index.rows).unwrap_or(0).min(1 << 28);
+        let raw: u64 = index.shards.iter().map(|s| s.bytes).sum();
+        let arena = usize::try_from(raw).unwrap_or(0).saturating_sub(rows * 16);
+        let mut set = Fingerprints::with_capacity(rows, arena);
+        for (n, shard) in index.shards.iter().enumerate() {
+            let name = &shard.name;
+            let Some(cm) = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|e| self.api_error(name, &e))?
+            else {
+                return Err(self.vanished(name, view, "this shard listed by the index").await);
+            };
+            let blob = cm
+                .binary_data
+                .as_ref()
+                .and_then(|b| b.get(SHARD_KEY))
+                .ok_or_else(|| self.corrupt(name, format!("no {SHARD_KEY} in its binaryData")))?;
+            if checksum(&blob.0) != shard.checksum {
+                return Err(self.corrupt(name, "checksum mismatch"));
+            }
+            let decoded = decode_shard(&blob.0, &index.scope, index.generation, n, &mut set)
+                .map_err(|reason| self.corrupt(name, reason))?;
+            if decoded != shard.rows {
+                return Err(self.corrupt(
+                    name,
+                    format!("{decoded} rows where the index says {}", shard.rows),
+                ));
+            }
+        }
+        set.build_index();
+        Ok(set)
+    }
+
+    /// Applies one checkpoint ConfigMap. One that is damaged, out of place or of another
+    /// scope is skipped: its rows are sent again, as after the File store's torn tail.
+    async fn replay_journal(
+        &self,
+        view: &View,
+        j: &Listed,
+        scope: &str,
+        set: &mut Fingerprints,
+        replay: &mut Replay,
+    ) -> Result<(), StateError> {
+        let name = &j.name;
+        let Some(cm) = self
+            .api
+            .get_opt(name)
+            .await
+            .map_err(|e| self.api_error(name, &e))?
+        else {
+            return match self.vanished(name, view, "this checkpoint").await {
+                StateError::Corrupt { .. } => {
+                    tracing::warn!(configmap = %self.location(name), "checkpoint deleted while reading; ignored");
+                    Ok(())
+                }
+                e => Err(e),
+            };
+        };
+        let skip = |reason: &str| {
+            tracing::warn!(configmap = %self.location(name), reason, "damaged checkpoint ignored; its rows will be sent again");
+            Ok(())
+        };
+        let Some(blob) = cm.binary_data.as_ref().and_then(|b| b.get(JOURNAL_KEY)) else {
+            return skip("no changes in its binaryData");
+        };
+        let stated = cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CHECKSUM_ANNOTATION));
+        if stated != Some(&checksum(&blob.0)) {
+            return skip("checksum mismatch");
+        }
+        let (header, payload) = match decode_journal(&blob.0) {
+            Ok(decoded) => decoded,
+            Err(reason) => return skip(&reason),
+        };
+        if header.generation != view.index.generation || Some(header.seq) != j.seq {
+            return skip("its header does not match its generation and seq");
+        }
+        if header.scope != scope {
+            tracing::debug!(configmap = %self.location(name), "checkpoint of another destination ignored");
+            return Ok(());
+        }
+        replay
+            .apply_payload(set, &payload[header.len..])
+            .map_err(|()| self.corrupt(name, "undecodable checkpoint"))
+    }
+
+    /// Claims the index for this run on its first commit, and checks the claim on later ones.
+    async fn claim(&mut self, scope: &str) -> Result<(), StateError> {
+        let view = self.view()?.clone();
+        if view.claimed {
+            if self.current_resource_version().await? != view.resource_version {
+                return Err(StateError::Locked(self.location(&self.index_name)));
+            }
+            return Ok(());
+        }
+        let index = match view.resource_version {
+            Some(_) => view.index.clone(),
+            None => Index {
+                format: FORMAT,
+                scope: scope.to_owned(),
+                ..Index::default()
+            },
+        };
+        let rv = self.write_index(&index, view.resource_version.as_deref()).await?;
+        tracing::debug!(configmap = %self.location(&self.index_name), writer = %self.writer, "state claimed");
+        if let Some(v) = self.view.as_mut() {
+            v.resource_version = Some(rv);
+            v.index = index;
+            v.claimed = true;
+        }
+        Ok(())
+    }
+
+    /// Creates the index (`resource_version` None) or replaces it when it is still at
+    /// `resource_version`; returns the new resourceVersion. A conflict means another writer.
+    async fn write_index(&self, index: &Index, resource_version: Option<&str>) -> Result<String, StateError> {
+        let name = &self.index_name;
+        let text = serde_json::to_string(index).map_err(|e| self.io(name, e.to_string()))?;
+        let mut meta = self.meta(name, "index", None, None);
+        meta.resource_version = resource_version.map(str::to_owned);
+        if let Some(a) = meta.annotations.as_mut() {
+            a.insert(WRITER_ANNOTATION.to_owned(), self.writer.clone());
+        }
+        let cm = ConfigMap {
+            metadata: meta,
+            data: Some(BTreeMap::from([(INDEX_KEY.to_owned(), text)])),
+            ..ConfigMap::default()
+        };
+        let written = match resource_version {
+            None => self.api.create(&Self::post_params(), &cm).await,
+            Some(_) => self.api.replace(name, &Self::post_params(), &cm).await,
+        };
+        let written = written.map_err(|e| self.api_error(name, &e))?;
+        Ok(written.metadata.resource_version.unwrap_or_default())
+    }
+
+    /// Creates one shard or journal ConfigMap. A name taken means another writer.
+    async fn create_blob(&self, meta: ObjectMeta, key: &str, blob: &Blob) -> Result<(), StateError> {
+        let name = meta.name.clone().unwrap_or_default();
+        if blob.bytes.len() > BLOB_LIMIT {
+            return Err(self.io(
+                &name,
+                format!(
+                    "{} compressed bytes do not fit in one ConfigMap (a row's key or identity is too large)",
+                    blob.bytes.len()
+                ),
+            ));
+        }
+        let mut meta = meta;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.insert(CHECKSUM_ANNOTATION.to_owned(), checksum(&blob.bytes));
+        }
+        let cm = ConfigMap {
+            metadata: meta,
+            binary_data: Some(BTreeMap::from([(key.to_owned(), ByteString(blob.bytes.clone()))])),
+            immutable: Some(true),
+            ..ConfigMap::default()
+        };
+        self.api
+            .create(&Self::post_params(), &cm)
+            .await
+            .map_err(|e| self.api_error(&name, &e))?;
+        Ok(())
+    }
+
+    /// Writes `set` as the shards of `generation`.
+    async fn write_shards(
+        &self,
+        scope: &str,
+        generation: u64,
+        set: &Fingerprints,
+    ) -> Result<Vec<ShardRef>, StateError> {
+        let mut shards = Vec::new();
+        let mut packer = Packer::default();
+        let mut record = Vec::with_capacity(256);
+        let zstd_error = |e: std::io::Error| self.io(&self.index_name, format!("failed to compress: {e}"));
+        for e in set.iter() {
+            record.clear();
+            put_entry(&mut record, e);
+            if packer.is_full_for(record.len()) {
+                let blob = packer.finish().map_err(zstd_error)?;
+                shards.push(self.write_shard(generation, shards.len(), blob).await?);
+            }
+            if !packer.is_open() {
+                packer
+                    .open(&shard_header(scope, generation, shards.len()))
+                    .map_err(zstd_error)?;
+            }
+            packer.push(&record).map_err(zstd_error)?;
+        }
+        if packer.is_open() {
+            let blob = packer.finish().map_err(zstd_error)?;
+            shards.push(self.write_shard(generation, shards.len(), blob).await?);
+        }
+        Ok(shards)
+    }
+
+    async fn write_shard(&self, generation: u64, n: usize, blob: Blob) -> Result<ShardRef, StateError> {
+        let name = shard_name(&self.index_name, generation, n);
+        self.create_blob(
+            self.meta(&name, "shard", Some(generation), None),
+            SHARD_KEY,
+            &blob,
+        )
+        .await?;
+        Ok(ShardRef {
+            checksum: checksum(&blob.bytes),
+            name,
+            rows: blob.records as u64,
+            bytes: blob.raw as u64,
+        })
+    }
+
+    /// Deletes shards and journals of generations before `below` that `keep` does not list.
+    /// Nothing can switch the index back to an older generation, so they are unreachable;
+    /// newer ones may be another writer's work in progress and are left alone. A failure
+    /// only leaves leftovers for the next `finish`.
+    async fn delete_stale(&self, objects: &[Listed], below: u64, keep: &Index) {
+        for o in objects {
+            let stale = matches!(o.kind, Some(Kind::Shard | Kind::Journal))
+                && o.generation.is_none_or(|g| g < below)
+                && !keep.shards.iter().any(|s| s.name == o.name);
+            if !stale {
+                continue;
+            }
+            match self.api.delete(&o.name, &DeleteParams::default()).await {
+                Ok(_) => tracing::debug!(configmap = %self.location(&o.name), "stale state deleted"),
+                Err(e) if status_code(&e) == Some(404) => {}
+                Err(e) => tracing::warn!(
+                    configmap = %self.location(&o.name),
+                    error = %describe(&e),
+                    "failed to delete stale state; the next run retries"
+                ),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for ConfigMapStore {
+    async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        self.refresh().await?;
+        let view = self.view()?;
+        let set = self.read_state(view, scope).await?;
+        tracing::debug!(
+            configmap = %self.location(&self.index_name),
+            generation = view.index.generation,
+            shards = view.index.shards.len(),
+            checkpoints = view.journals.len(),
+            rows = set.len(),
+            "state loaded"
+        );
+        Ok(set)
+    }
+
+    async fn commit(&mut self, scope: &str, changes: &[StateChange]) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.view.is_none() {
+            self.refresh().await?;
+        }
+        self.claim(scope).await?;
+        let view = self.view()?;
+        let (generation, first_seq) = (view.index.generation, view.next_seq);
+        // Usually one journal per checkpoint; a large one is split, and a crash between the
+        // parts keeps the first: it is as if the checkpoint had been two.
+        let mut blobs = Vec::new();
+        let mut packer = Packer::default();
+        let mut record = Vec::with_capacity(256);
+        let zstd_error = |e: std::io::Error| self.io(&self.index_name, format!("failed to compress: {e}"));
+        for c in changes {
+            record.clear();
+            encode_change(c, &mut record);
+            if packer.is_full_for(record.len()) {
+                blobs.push(packer.finish().map_err(zstd_error)?);
+            }
+            if !packer.is_open() {
+                let seq = first_seq + blobs.len() as u64;
+                packer
+                    .open(&journal_header(scope, generation, seq))
+                    .map_err(zstd_error)?;
+            }
+            packer.push(&record).map_err(zstd_error)?;
+        }
+        blobs.push(packer.finish().map_err(zstd_error)?);
+        for blob in &blobs {
+            let seq = self.view()?.next_seq;
+            let name = journal_name(&self.index_name, generation, seq);
+            let meta = self.meta(&name, "journal", Some(generation), Some(seq));
+            self.create_blob(meta, JOURNAL_KEY, blob).await?;
+            if let Some(v) = self.view.as_mut() {
+                v.next_seq += 1;
+                v.journals.push(Listed {
+                    name,
+                    kind: Some(Kind::Journal),
+                    generation: Some(generation),
+                    seq: Some(seq),
+                });
+            }
+        }
+        tracing::debug!(
+            configmap = %self.location(&self.index_name),
+            changes = changes.len(),
+            parts = blobs.len(),
+            "checkpoint committed"
+        );
+        Ok(())
+    }
+
+    async fn finish(&mut self, scope: &str) -> Result<(), StateError> {
+        if self.view.is_none() {
+            self.refresh().await?;
+        }
+        let seen = self.view()?.resource_version.clone();
+        let objects = list_objects(&self.api, &self.sync_name, None)
+            .await
+            .map_err(|e| self.api_error(&self.index_name, &e))?;
+        let base = self.view()?.index.clone();
+        let unfolded = objects
+            .iter()
+            .any(|o| o.kind == Some(Kind::Journal) && o.generation == Some(base.generation));
+        if !unfolded {
+            self.delete_stale(&objects, base.generation, &base).await;
+            self.view = None;
+            return Ok(());
+        }
+        // Read again what is stored now (every checkpoint, this run's included), as the File
+        // store rereads its files: the engine has dropped its copy by now.
+        self.refresh().await?;
+        let view = self.view()?.clone();
+        if view.resource_version != seen {
+            return Err(StateError::Locked(self.location(&self.index_name)));
+        }
+        let set = self.read_state(&view, scope).await?;
+        // Past every generation stored, so no name of an orphan or of a concurrent writer's
+        // shards is reused.
+        let generation = objects
+            .iter()
+            .filter_map(|o| o.generation)
+            .chain([view.index.generation])
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let shards = self.write_shards(scope, generation, &set).await?;
+        let index = Index {
+            format: FORMAT,
+            scope: scope.to_owned(),
+            generation,
+            rows: set.len() as u64,
+            shards,
+        };
+        let rows = set.len();
+        drop(set);
+        // The switch: one guarded update. Before it, readers see the old base and journals;
+        // after it, the new base alone.
+        self.write_index(&index, view.resource_version.as_deref()).await?;
+        tracing::info!(
+            configmap = %self.location(&self.index_name),
+            generation,
+            rows,
+            shards = index.shards.len(),
+            checkpoints = view.journals.len(),
+            "checkpoints folded into new state shards"
+        );
+        self.view = None;
+        match list_objects(&self.api, &self.sync_name, None).await {
+            Ok(objects) => self.delete_stale(&objects, generation, &index).await,
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "failed to list stale state; the next run retries")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lists the state ConfigMaps of a sync (metadata only: their data is fetched one at a time),
+/// optionally narrowed by more label requirements.
+async fn list_objects(
+    api: &Api<ConfigMap>,
+    sync_name: &str,
+    extra: Option<&str>,
+) -> Result<Vec<Listed>, kube::Error> {
+    let mut selector = format!(
+        "{MANAGED_BY_LABEL}={MANAGED_BY},{SYNC_LABEL}={}",
+        sync_label_value(sync_name)
+    );
+    if let Some(extra) = extra {
+        selector.push(',');
+        selector.push_str(extra);
+    }
+    let list = api
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|o: &PartialObjectMeta<ConfigMap>| {
+            // A cut label may be shared by two long names; the annotation tells them apart.
+            o.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SYNC_NAME_ANNOTATION))
+                .is_some_and(|n| n == sync_name)
+        })
+        .map(|o| {
+            let labels = o.metadata.labels.unwrap_or_default();
+            let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
+            Listed {
+                name: o.metadata.name.unwrap_or_default(),
+                kind: match labels.get(STATE_LABEL).map(String::as_str) {
+                    Some("index") => Some(Kind::Index),
+                    Some("shard") => Some(Kind::Shard),
+                    Some("journal") => Some(Kind::Journal),
+                    _ => None,
+                },
+                generation: number(GENERATION_LABEL),
+                seq: number(SEQ_LABEL),
+            }
+        })
+        .collect())
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// The API's answer in a line: code, reason and message, which name objects, not data.
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
+    }
+}
+
+/// A conflict (a stale resourceVersion, a name already taken) means another writer.
+fn api_error(location: String, e: &kube::Error) -> StateError {
+    if status_code(e) == Some(409) {
+        StateError::Locked(location)
+    } else {
+        StateError::Io {
+            location,
+            reason: describe(e),
+        }
+    }
+}
+
+fn shard_header(scope: &str, generation: u64, n: usize) -> Vec<u8> {
+    let mut h = SHARD_MAGIC.to_vec();
+    put_str(&mut h, scope);
+    h.extend_from_slice(&generation.to_le_bytes());
+    h.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+    h
+}
+
+/// Decodes a shard into `set` (unindexed); returns its row count. The header must say it is
+/// shard `n` of `generation` for `scope`, so an index can never pick up a stray object.
+fn decode_shard(
+    blob: &[u8],
+    scope: &str,
+    generation: u64,
+    n: usize,
+    set: &mut Fingerprints,
+) -> Result<u64, String> {
+    let decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(|e| e.to_string())?;
+    let mut r = BufReader::with_capacity(64 * 1024, decoder);
+    let bad = |e: std::io::Error| format!("undecodable shard: {e}");
+    let mut magic = [0u8; SHARD_MAGIC.len()];
+    r.read_exact(&mut magic).map_err(bad)?;
+    if &magic != SHARD_MAGIC {
+        return Err("not a Backflow state shard".into());
+    }
+    let mut text = String::new();
+    read_string(&mut r, &mut text).map_err(bad)?;
+    let (g, number) = (read_u64(&mut r).map_err(bad)?, read_u32(&mut r).map_err(bad)?);
+    if text != scope || g != generation || number as usize != n {
+        return Err(format!(
+            "its header says shard {number} of generation {g}, not shard {n} of generation {generation}"
+        ));
+    }
+    let (mut key, mut identity) = (String::new(), String::new());
+    let mut rows = 0;
+    while !r.fill_buf().map_err(bad)?.is_empty() {
+        let fingerprint = read_entry(&mut r, &mut key, &mut identity).map_err(bad)?;
+        set.push_unindexed(EntryRef {
+            key: &key,
+            fingerprint,
+            identity: &identity,
+        });
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+fn journal_header(scope: &str, generation: u64, seq: u64) -> Vec<u8> {
+    let mut h = JOURNAL_MAGIC.to_vec();
+    put_str(&mut h, scope);
+    h.extend_from_slice(&generation.to_le_bytes());
+    h.extend_from_slice(&seq.to_le_bytes());
+    h
+}
+
+/// What a checkpoint says it is; `len` is where its changes start in the decoded bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct JournalHeader {
+    scope: String,
+    generation: u64,
+    seq: u64,
+    len: usize,
+}
+
+/// Decompresses a checkpoint (small: one checkpoint's changes) and reads its header.
+fn decode_journal(blob: &[u8]) -> Result<(JournalHeader, Vec<u8>), String> {
+    let bytes = zstd::stream::decode_all(blob).map_err(|e| format!("undecodable checkpoint: {e}"))?;
+    let mut r: &[u8] = &bytes;
+    let bad = |e: std::io::Error| format!("undecodable checkpoint: {e}");
+    let mut magic = [0u8; JOURNAL_MAGIC.len()];
+    r.read_exact(&mut magic).map_err(bad)?;
+    if &magic != JOURNAL_MAGIC {
+        return Err("not a Backflow checkpoint".into());
+    }
+    let mut scope = String::new();
+    read_string(&mut r, &mut scope).map_err(bad)?;
+    let generation = read_u64(&mut r).map_err(bad)?;
+    let seq = read_u64(&mut r).map_err(bad)?;
+    let len = bytes.len() - r.len();
+    let header = JournalHeader {
+        scope,
+        generation,
+        seq,
+        len,
+    };
+    Ok((header, bytes))
+}
+
+/// One compressed shard or checkpoint.
+#[derive(Debug)]
+struct Blob {
+    bytes: Vec<u8>,
+    /// Size before compression.
+    raw: usize,
+    records: usize,
+}
+
+/// Packs records into zstd blobs that each stay under [`BLOB_BUDGET`]: a blob is closed
+/// before a record that could carry it past, counting what zstd still holds unemitted.
+#[derive(Default)]
+struct Packer {
+    encoder: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
+    raw: usize,
+    records: usize,
+}
+
+impl Packer {
+    fn is_open(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// True when the open blob holds records and one of `len` bytes could overflow it.
+    fn is_full_for(&self, len: usize) -> bool {
+        self.records > 0
+            && self
+                .encoder
+                .as_ref()
+                .is_some_and(|e| e.get_ref().len() + ZSTD_PENDING + len > BLOB_BUDGET)
+    }
+
+    fn open(&mut self, header: &[u8]) -> std::io::Result<()> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(BLOB_BUDGET), ZSTD_LEVEL)?;
+        encoder.write_all(header)?;
+        self.encoder = Some(encoder);
+        self.raw = header.len();
+        self.records = 0;
+        Ok(())
+    }
+
+    fn push(&mut self, record: &[u8]) -> std::io::Result<()> {
+        if let Some(e) = self.encoder.as_mut() {
+            e.write_all(record)?;
+            self.raw += record.len();
+            self.records += 1;
+        }
+        Ok(())
+    }
+
+    /// Closes the open blob (an empty one when none is open).
+    fn finish(&mut self) -> std::io::Result<Blob> {
+        let bytes = match self.encoder.take() {
+            Some(e) => e.finish()?,
+            None => Vec::new(),
+        };
+        let blob = Blob {
+            bytes,
+            raw: self.raw,
+            records: self.records,
+        };
+        self.raw = 0;
+        self.records = 0;
+        Ok(blob)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_dns_subdomain(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && label.as_bytes()[0].is_ascii_alphanumeric()
+                    && label.as_bytes()[label.len() - 1].is_ascii_alphanumeric()
+            })
+    }
+
+    #[test]
+    fn short_names_are_kept_and_long_ones_cut_with_a_hash_into_valid_names() {
+        assert_eq!(index_name("customers"), "customers-state");
+        assert_eq!(sync_label_value("customers"), "customers");
+
+        let long = format!("{}.b-{}", "a".repeat(200), "c".repeat(45));
+        let other = format!("{}.b-{}", "a".repeat(200), "d".repeat(45));
+        let index = index_name(&long);
+        assert_ne!(index, index_name(&other));
+        let longest = journal_name(&index, u64::MAX, u64::MAX);
+        assert_eq!(longest.len(), 253, "{longest}");
+        for name in [&index, &longest, &shard_name(&index, u64::MAX, 99)] {
+            assert!(is_dns_subdomain(name), "{name}");
+        }
+
+        // A cut that would end on a dot or a dash backs up to an alphanumeric character.
+        let dotted = format!("{}.{}", "x".repeat(45), "y".repeat(30));
+        let label = sync_label_value(&dotted);
+        assert!(label.len() <= 63, "{label}");
+        assert!(
+            label.starts_with(&"x".repeat(45)) && !label.contains('.'),
+            "{label}"
+        );
+        assert_ne!(
+            label,
+            sync_label_value(&format!("{}.{}", "x".repeat(45), "z".repeat(30)))
+        );
+    }
+
+    fn entries(n: usize, identity: impl Fn(usize) -> String) -> Vec<(String, u64, String)> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("{}", 1_000_000 + i),
+                    xxh3_64(&i.to_le_bytes()),
+                    identity(i),
+                )
+            })
+            .collect()
+    }
+
+    fn pack_shards(scope: &str, generation: u64, rows: &[(String, u64, String)]) -> Vec<Blob> {
+        let mut blobs = Vec::new();
+        let mut packer = Packer::default();
+        let mut record = Vec::new();
+        for (key, fingerprint, identity) in rows {
+            record.clear();
+            put_entry(
+                &mut record,
+                EntryRef {
+                    key,
+                    fingerprint: *fingerprint,
+                    identity,
+                },
+            );
+            if packer.is_full_for(record.len()) {
+                blobs.push(packer.finish().unwrap());
+            }
+            if !packer.is_open() {
+                packer
+                    .open(&shard_header(scope, generation, blobs.len()))
+                    .unwrap();
+            }
+            packer.push(&record).unwrap();
+        }
+        blobs.push(packer.finish().unwrap());
+        blobs
+    }
+
+    #[test]
+    fn shards_stay_under_the_budget_even_for_incompressible_rows_and_decode_back() {
+        // Identities of random hex compress badly: the worst case for the budget.
+        let rows = entries(60_000, |i| {
+            let (a, b) = (xxh3_64(&i.to_le_bytes()), xxh3_64(&(i + 1 << 32).to_le_bytes()));
+            format!("{{\"h\":\"{a:016x}{b:016x}\"}}")
+        });
+        let blobs = pack_shards("ns/dest", 4, &rows);
+        assert!(blobs.len() >= 3, "{} shards", blobs.len());
+        for b in &blobs {
+            assert!(b.bytes.len() <= BLOB_BUDGET, "{} bytes", b.bytes.len());
+        }
+        assert_eq!(blobs.iter().map(|b| b.records).sum::<usize>(), rows.len());
+
+        let mut set = Fingerprints::default();
+        for (n, b) in blobs.iter().enumerate() {
+            let decoded = decode_shard(&b.bytes, "ns/dest", 4, n, &mut set).unwrap();
+            assert_eq!(decoded as usize, b.records);
+        }
+        set.build_index();
+        assert_eq!(set.len(), rows.len());
+        for (key, fingerprint, identity) in rows.iter().step_by(997) {
+            let e = set.get(set.position(key).unwrap()).unwrap();
+            assert_eq!((e.fingerprint, e.identity), (*fingerprint, identity.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_shard_is_refused_under_another_name_scope_or_generation() {
+        let rows = entries(10, |_| "{}".into());
+        let blob = &pack_shards("s", 2, &rows)[0];
+        let mut set = Fingerprints::default();
+        assert!(decode_shard(&blob.bytes, "s", 3, 0, &mut set).is_err());
+        assert!(decode_shard(&blob.bytes, "s", 2, 1, &mut set).is_err());
+        assert!(decode_shard(&blob.bytes, "other", 2, 0, &mut set).is_err());
+        let mut garbled = blob.bytes.clone();
+        let mid = garbled.len() / 2;
+        garbled[mid] ^= 0xff;
+        // zstd may decode a flipped byte to other rows: the index's checksum is what catches it.
+        assert_ne!(checksum(&garbled), checksum(&blob.bytes));
+    }
+
+    #[test]
+    fn a_checkpoint_says_its_scope_generation_and_seq() {
+        let mut packer = Packer::default();
+        packer.open(&journal_header("ns/d", 7, 12)).unwrap();
+        let mut record = Vec::new();
+        encode_change(&StateChange::Remove { key: "k".into() }, &mut record);
+        packer.push(&record).unwrap();
+        let blob = packer.finish().unwrap();
+        let (header, bytes) = decode_journal(&blob.bytes).unwrap();
+        assert_eq!(
+            (header.scope.as_str(), header.generation, header.seq),
+            ("ns/d", 7, 12)
+        );
+        assert_eq!(&bytes[header.len..], &record[..]);
+        assert!(decode_journal(&blob.bytes[..blob.bytes.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn the_index_round_trips_through_json() {
+        let index = Index {
+            format: FORMAT,
+            scope: "default/crm".into(),
+            generation: 3,
+            rows: 2,
+            shards: vec![ShardRef {
+                name: "s-state-3-0".into(),
+                checksum: checksum(b"x"),
+                rows: 2,
+                bytes: 40,
+            }],
+        };
+        let text = serde_json::to_string(&index).unwrap();
+        assert!(text.contains("\"generation\":3"), "{text}");
+        assert_eq!(serde_json::from_str::<Index>(&text).unwrap(), index);
+    }
+
+    #[test]
+    fn conflicts_read_as_another_writer_and_other_errors_name_the_configmap() {
+        let status = |code: u16, reason: &str| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                reason: reason.into(),
+                message: "configmaps \"s-state\" whatever".into(),
+                ..Default::default()
+            }))
+        };
+        let locked = api_error("configmap ns/s-state".into(), &status(409, "Conflict"));
+        assert!(matches!(locked, StateError::Locked(_)), "{locked}");
+        let io = api_error("configmap ns/s-state".into(), &status(403, "Forbidden"));
+        assert!(
+            io.to_string()
+                .starts_with("failed to access sync state at configmap ns/s-state: 403 Forbidden"),
+            "{io}"
+        );
+    }
+}
