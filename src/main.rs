@@ -38,11 +38,24 @@ enum OutputFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run syncs once from manifests (Secrets, Destinations, ReverseSyncs), without a cluster.
+    /// Run syncs once: from manifests without a cluster (`-f`), or one sync of a cluster
+    /// (`--namespace NS --sync NAME`, what Job-mode pods run).
     Run {
         /// Manifest files or directories (multi-document YAML).
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(
+            short = 'f',
+            long = "file",
+            required_unless_present = "namespace",
+            conflicts_with = "namespace"
+        )]
         files: Vec<PathBuf>,
+        /// Run the sync `--sync` of this namespace from the cluster: objects are read from the
+        /// API server, status, state and Events are written there.
+        #[arg(long, requires = "sync")]
+        namespace: Option<String>,
+        /// What started this run (set by the operator on Job-mode runs).
+        #[arg(long, default_value = "SpecChanged", requires = "namespace")]
+        trigger: String,
         /// Plan and print what would be sent; send nothing and keep state as it is.
         #[arg(long)]
         dry_run: bool,
@@ -63,8 +76,64 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
+    /// Run the operator: reconcile ReverseSyncs and Destinations in the cluster.
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions generated from the API types.
     Crds,
+}
+
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Address serving /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "BACKFLOW_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Namespace to watch (repeatable); all namespaces when absent.
+    #[arg(
+        long = "watch-namespace",
+        env = "BACKFLOW_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespace: Vec<String>,
+    /// Take the leader Lease before reconciling (for more than one replica).
+    #[arg(long, env = "BACKFLOW_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "backflow-operator")]
+    lease_name: String,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Runs in flight at once across all syncs (InProcess mode).
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_runs: usize,
+    /// Image of Job-mode run pods (normally the operator's own image).
+    #[arg(
+        long,
+        env = "BACKFLOW_JOB_IMAGE",
+        default_value = "ghcr.io/backflow-dev/backflow:latest"
+    )]
+    job_image: String,
+    /// Service account of Job-mode run pods.
+    #[arg(long)]
+    job_service_account: Option<String>,
+    /// Seconds a finished run Job is kept.
+    #[arg(long, default_value_t = 3600)]
+    job_ttl_seconds: i32,
+    /// Pod retries of a run Job before it fails.
+    #[arg(long, default_value_t = 0)]
+    job_backoff_limit: i32,
+    /// Resources of run containers, as JSON (a ResourceRequirements object).
+    #[arg(long)]
+    job_resources: Option<String>,
+    /// Node selector of run pods, as a JSON object.
+    #[arg(long)]
+    job_node_selector: Option<String>,
+    /// Tolerations of run pods, as a JSON array.
+    #[arg(long)]
+    job_tolerations: Option<String>,
+    /// Seconds to wait on SIGTERM for runs in flight to reach a checkpoint.
+    #[arg(long, default_value_t = 25)]
+    shutdown_grace_seconds: u64,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -91,6 +160,44 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Operator(args) => {
+            let shutdown = shutdown_token();
+            let config = operator_config(args, cli.log_format)?;
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+            backflow::controller::run_operator(client, config, shutdown).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Run {
+            namespace: Some(namespace),
+            sync,
+            trigger,
+            ..
+        } => {
+            let [name] = sync.as_slice() else {
+                anyhow::bail!("--namespace runs exactly one sync: give one --sync NAME");
+            };
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+            let identity = std::env::var("POD_NAME").unwrap_or_else(|_| "backflow-run".to_owned());
+            let outcome = backflow::controller::cluster_run::run_in_cluster(
+                client,
+                &namespace,
+                name,
+                backflow::controller::cluster_run::parse_trigger(&trigger),
+                &identity,
+                shutdown_token(),
+            )
+            .await?;
+            println!("{}: {}", outcome.reason, outcome.message);
+            Ok(if outcome.failed {
+                std::process::ExitCode::FAILURE
+            } else {
+                std::process::ExitCode::SUCCESS
+            })
+        }
         Command::Run {
             files,
             dry_run,
@@ -99,14 +206,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             sync,
             checkpoint_records,
             output,
+            ..
         } => {
-            let cancel = CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::warn!("stopping: in-flight batches finish and are committed");
-                on_signal.cancel();
-            });
+            let cancel = shutdown_token();
             let config = LocalRunConfig {
                 paths: files,
                 state_dir,
@@ -135,6 +237,60 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             })
         }
     }
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+fn shutdown_token() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::warn!("stopping: in-flight batches finish and are committed");
+        on_signal.cancel();
+    });
+    cancel
+}
+
+/// The operator's settings from its flags.
+fn operator_config(
+    args: OperatorArgs,
+    log_format: LogFormat,
+) -> anyhow::Result<backflow::controller::OperatorConfig> {
+    fn json<T: serde::de::DeserializeOwned>(flag: &str, text: Option<String>) -> anyhow::Result<Option<T>> {
+        text.map(|t| {
+            serde_json::from_str(&t).with_context(|| format!("--{flag} is not valid JSON for its type"))
+        })
+        .transpose()
+    }
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("backflow-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    Ok(backflow::controller::OperatorConfig {
+        listen: args.listen,
+        namespaces: args
+            .watch_namespace
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        leader_election: args.leader_election,
+        lease_name: args.lease_name,
+        lease_namespace: args.lease_namespace,
+        identity,
+        max_concurrent_runs: args.max_concurrent_runs,
+        job: backflow::controller::job::JobDefaults {
+            image: args.job_image,
+            service_account: args.job_service_account,
+            ttl_seconds_after_finished: args.job_ttl_seconds,
+            backoff_limit: args.job_backoff_limit,
+            resources: json("job-resources", args.job_resources)?,
+            node_selector: json("job-node-selector", args.job_node_selector)?,
+            tolerations: json("job-tolerations", args.job_tolerations)?,
+            log_format: Some(match log_format {
+                LogFormat::Json => "json".to_owned(),
+                LogFormat::Text => "text".to_owned(),
+            }),
+        },
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+    })
 }
 
 async fn shutdown_signal() {

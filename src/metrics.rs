@@ -202,6 +202,16 @@ impl Metrics {
         }
     }
 
+    /// Records a run that failed before the engine ran (a missing Secret, a failed Job).
+    pub fn record_failure(&self, namespace: &str, sync: &str) {
+        self.sync_runs
+            .with_label_values(&[namespace, sync, RunResult::Failed.as_str()])
+            .inc();
+        self.sync_consecutive_failures
+            .with_label_values(&[namespace, sync])
+            .inc();
+    }
+
     /// Drops every series of a deleted sync.
     pub fn forget_sync(&self, namespace: &str, sync: &str) {
         let labels = [namespace, sync];

@@ -31,6 +31,10 @@ pub struct SecretKeyRef {
     /// strings, `token` for API credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Leave unset. Accepted only when equal to the referring object's namespace; any other
+    /// namespace is refused, so a sync can never read another team's Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// A reference by name to another object in the same namespace.
@@ -39,4 +43,8 @@ pub struct SecretKeyRef {
 pub struct LocalObjectRef {
     /// Name of the object, in the same namespace.
     pub name: String,
+    /// Leave unset. Accepted only when equal to the referring object's namespace; any other
+    /// namespace is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }

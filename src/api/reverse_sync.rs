@@ -248,13 +248,16 @@ pub struct ReverseSyncStatus {
     /// With `spec.dryRun`: what the last preview would send.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanPreview>,
+    /// Failed runs in a row; retries back off as it grows. 0 after a run that did not fail.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub consecutive_failures: u32,
     /// The value of the `backflow.dev/requested-at` annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_requested_at: Option<String>,
     /// Name of the Job of the run in flight (Job mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_job: Option<String>,
-    /// Names of the ConfigMaps holding the sync's fingerprints (ConfigMap store).
+    /// Name of the ConfigMap indexing the sync's fingerprints (ConfigMap store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_ref: Option<String>,
 }
@@ -321,6 +324,15 @@ pub struct RunSummary {
     pub requests: u64,
     /// Fingerprint of the whole synced result set (changes when any row changes).
     pub fingerprint: String,
+    /// The `metadata.generation` of the spec the run used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// What started the run: `Schedule`, `SpecChanged`, `Requested` or `After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// Why the run failed, when it did (never a secret value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A rejected row: its key, the operation and the reason. Never payload values.
@@ -333,4 +345,8 @@ pub struct RejectedRow {
     pub operation: String,
     /// Why, in the planner's or the destination's words.
     pub reason: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -452,6 +452,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "braze".into(),
                 key: None,
+                namespace: None,
             }),
             Some(&secret),
         )
@@ -564,6 +565,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "braze".into(),
                 key: Some("rest".into()),
+                namespace: None,
             }),
             Some(&SecretData::default()),
         );

@@ -438,6 +438,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "cio".into(),
                 key: key.map(str::to_owned),
+                namespace: None,
             }),
             Some(&data),
         )

@@ -642,6 +642,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "hubspot".into(),
                 key: None,
+                namespace: None,
             }),
             Some(&secret),
         )
@@ -702,6 +703,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "hs".into(),
                 key: Some("pat".into()),
+                namespace: None,
             }),
             Some(&SecretData::default()),
         );

@@ -607,6 +607,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "mailchimp".into(),
                 key: None,
+                namespace: None,
             }),
             Some(&secret),
         )

@@ -674,6 +674,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "zendesk".into(),
                 key: None,
+                namespace: None,
             }),
             Some(&secret),
         )
@@ -770,6 +771,7 @@ mod tests {
             Some(&SecretKeyRef {
                 name: "zd".into(),
                 key: None,
+                namespace: None,
             }),
             Some(&SecretData::new(BTreeMap::from([(
                 "token".to_owned(),

@@ -3,5 +3,6 @@
 pub mod mapping;
 pub mod plan;
 pub mod run;
+pub mod setup;
 pub mod spill;
 pub mod value;

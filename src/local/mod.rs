@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::validation::{validate_destination, validate_reverse_sync};
 use crate::api::{Destination, ReverseSync};
+use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
-use crate::destination::delivery::{Delivery, DeliveryConfig};
 use crate::engine::run::{Progress, RunOptions, RunReport, SyncRun, run};
+use crate::engine::setup::{self, Resolver, SetupError};
 use crate::state::file::FileStore;
 use manifests::Manifests;
 
@@ -115,7 +115,7 @@ pub async fn run_local(
                     namespace: namespace.clone(),
                     name: name.clone(),
                     report: None,
-                    error: Some(error),
+                    error: Some(error.to_string()),
                 }
             }
         };
@@ -131,63 +131,34 @@ async fn run_one(
     config: &LocalRunConfig,
     limiters: &Limiters,
     options: &RunOptions,
-) -> Result<RunReport, String> {
-    let spec = &sync.spec;
-    validate_reverse_sync(spec).map_err(|e| format!("invalid ReverseSync: {e}"))?;
-    let dest_name = &spec.destination_ref.name;
-    let destination: &Destination = manifests
-        .destinations
-        .get(&(namespace.to_owned(), dest_name.clone()))
-        .ok_or_else(|| format!("failed to find Destination {dest_name:?} in namespace {namespace:?}"))?;
-    validate_destination(&destination.spec).map_err(|e| format!("invalid Destination {dest_name:?}: {e}"))?;
-    let source_ref = &spec.source.connection_secret_ref;
-    let source_secret = secrets::resolve(manifests, namespace, &source_ref.name)?;
-    let source_key = source_ref.key.as_deref().unwrap_or("url");
-    let source_url = source_secret
-        .get(source_key)
-        .ok_or_else(|| {
-            format!(
-                "failed to read key {source_key:?} of Secret {:?}: no such key",
-                source_ref.name
-            )
-        })?
-        .to_owned();
-    let dest_secret = match &destination.spec.credentials_secret_ref {
-        Some(r) => Some(secrets::resolve(manifests, namespace, &r.name)?),
-        None => None,
-    };
-    let connector = crate::destination::build(&destination.spec, dest_secret.as_ref())
-        .await
-        .map_err(|e| e.to_string())?;
-    let caps = connector.capabilities();
-    let delivery_config = DeliveryConfig::resolve(&destination.spec, &caps)
-        .map_err(|e| format!("invalid Destination {dest_name:?}: {e}"))?;
-    let limiter = limiters.get(
-        &format!("{namespace}/{dest_name}"),
-        delivery_config.requests_per_second,
-        delivery_config.burst,
-    );
-    if !options.dry_run {
-        connector
-            .check()
-            .await
-            .map_err(|e| format!("Destination {dest_name:?} is not ready: {e}"))?;
-    }
+) -> Result<RunReport, SetupError> {
+    let prepared = setup::prepare(manifests, namespace, sync, limiters, !options.dry_run).await?;
     let name = sync.metadata.name.as_deref().unwrap_or_default();
     let mut store = FileStore::new(&config.state_dir, namespace, name);
     let job = SyncRun {
         namespace,
         name,
-        spec,
-        source_url: &source_url,
-        delivery: Delivery::new(connector, limiter, delivery_config),
-        scope: destination_scope(namespace, destination),
+        spec: &sync.spec,
+        source_url: &prepared.source_url,
+        delivery: prepared.destination.delivery,
+        scope: prepared.scope,
     };
     Ok(run(job, &mut store, options).await)
 }
 
-/// What a sync's fingerprints are about: the destination's name and target.
-fn destination_scope(namespace: &str, destination: &Destination) -> String {
-    let name = destination.metadata.name.as_deref().unwrap_or_default();
-    format!("{namespace}/{name}/{}", destination.spec.target())
+#[async_trait::async_trait]
+impl Resolver for Manifests {
+    async fn destination(&self, namespace: &str, name: &str) -> Result<Destination, SetupError> {
+        self.destinations
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+            .ok_or_else(|| SetupError::DestinationNotFound {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, SetupError> {
+        secrets::resolve(self, namespace, name)
+    }
 }

@@ -1,0 +1,89 @@
+//! `backflow run --namespace NS --sync NAME`: one run of one sync inside the cluster, as a
+//! Job-mode pod runs it. It reads the objects from the API server, runs once, writes the
+//! status, state and Events itself, and exits.
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::runner::{self, RunEnv};
+use super::schedule::Trigger;
+use super::status::Outcome;
+use crate::api::ReverseSync;
+use crate::destination::delivery::rate_limit::Limiters;
+use crate::metrics::Metrics;
+
+/// Why a cluster run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterRunError {
+    /// The ReverseSync does not exist.
+    #[error("failed to find ReverseSync {name:?} in namespace {namespace:?}")]
+    NotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The API server could not be reached.
+    #[error("failed to read ReverseSync {namespace}/{name}: {reason}")]
+    Api {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The metrics registry could not be built.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// Parses the `--trigger` value the operator passes to a Job.
+pub fn parse_trigger(text: &str) -> Trigger {
+    match text {
+        "Schedule" => Trigger::Schedule,
+        "After" => Trigger::After,
+        "Retry" => Trigger::Retry,
+        "Requested" => Trigger::Requested(String::new()),
+        _ => Trigger::SpecChanged,
+    }
+}
+
+/// Runs `namespace/name` once and records the outcome on the resource.
+pub async fn run_in_cluster(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    trigger: Trigger,
+    identity: &str,
+    cancel: CancellationToken,
+) -> Result<Outcome, ClusterRunError> {
+    let api: Api<ReverseSync> = Api::namespaced(client.clone(), namespace);
+    let sync = api
+        .get_opt(name)
+        .await
+        .map_err(|e| ClusterRunError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| ClusterRunError::NotFound {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })?;
+    let env = RunEnv {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: super::CONTROLLER_NAME.to_owned(),
+                instance: Some(identity.to_owned()),
+            },
+        ),
+        client,
+        metrics: Metrics::new()?,
+        limiters: std::sync::Arc::new(Limiters::default()),
+    };
+    let how = format!("running in pod {identity}");
+    Ok(runner::execute(&env, &sync, &trigger, &how, cancel).await)
+}

@@ -1,0 +1,326 @@
+//! Job mode: each run is a `batch/v1` Job running `backflow run --namespace NS --sync NAME`,
+//! which writes the status and state itself. The operator creates the Job and reflects a Job
+//! that failed before recording its run.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::schedule::Trigger;
+use crate::api::ReverseSync;
+
+/// Label naming the sync a Job runs.
+pub const SYNC_LABEL: &str = "backflow.dev/sync";
+
+/// Operator-wide defaults of run Jobs (flags of `backflow operator`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobDefaults {
+    /// Image running `backflow run` (normally the operator's own).
+    pub image: String,
+    /// Service account of run pods.
+    pub service_account: Option<String>,
+    /// Seconds a finished Job is kept before Kubernetes deletes it.
+    pub ttl_seconds_after_finished: i32,
+    /// Pod retries before the Job fails (0: a failed run is retried by the operator's own
+    /// backoff, with a fresh Job).
+    pub backoff_limit: i32,
+    /// Compute resources of the run container.
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels run pods must match.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of run pods.
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Extra arguments before `run` (the log format).
+    pub log_format: Option<String>,
+}
+
+/// The deterministic name of the Job of one run: the sync's name (cut to fit) and a hash of
+/// the sync's uid and what triggered the run, so a repeated reconcile finds the same Job
+/// instead of creating a second.
+pub fn name(sync: &ReverseSync, run_key: &str) -> String {
+    let uid = sync.metadata.uid.as_deref().unwrap_or_default();
+    let hash = xxh3_64(format!("{uid}/{run_key}").as_bytes());
+    let base = sync.name_any();
+    // Job names become pod labels (`job-name`): at most 63 characters.
+    let cut: String = base.chars().take(63 - 1 - 10).collect();
+    format!("{}-{:010x}", cut.trim_end_matches('-'), hash & 0xff_ffff_ffff)
+}
+
+/// The key of a run: the same trigger at the same moment gives the same key.
+pub fn run_key(sync: &ReverseSync, trigger: &Trigger) -> String {
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let status = sync.status.clone().unwrap_or_default();
+    let last = status.last_run.map(|r| r.start).unwrap_or_default();
+    match trigger {
+        Trigger::Requested(v) => format!("requested/{v}"),
+        other => format!("{}/{generation}/{last}", other.as_str()),
+    }
+}
+
+/// Builds the Job of one run.
+pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> Job {
+    let namespace = sync.namespace().unwrap_or_default();
+    let sync_name = sync.name_any();
+    let overrides = sync
+        .spec
+        .execution
+        .as_ref()
+        .and_then(|e| e.job_template.clone())
+        .unwrap_or_default();
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "backflow".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "sync-run".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), "backflow".to_owned()),
+        (SYNC_LABEL.to_owned(), label_value(&sync_name)),
+    ]);
+    let mut args = Vec::new();
+    if let Some(format) = &defaults.log_format {
+        args.extend(["--log-format".to_owned(), format.clone()]);
+    }
+    args.extend([
+        "run".to_owned(),
+        "--namespace".to_owned(),
+        namespace.clone(),
+        "--sync".to_owned(),
+        sync_name.clone(),
+        "--trigger".to_owned(),
+        trigger.as_str().to_owned(),
+    ]);
+    let pod_field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.to_owned(),
+            ..ObjectFieldSelector::default()
+        }),
+        ..EnvVarSource::default()
+    };
+    let container = Container {
+        name: "run".to_owned(),
+        image: Some(overrides.image.clone().unwrap_or_else(|| defaults.image.clone())),
+        args: Some(args),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".to_owned(),
+                value_from: Some(pod_field("metadata.name")),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "POD_NAMESPACE".to_owned(),
+                value_from: Some(pod_field("metadata.namespace")),
+                ..EnvVar::default()
+            },
+        ]),
+        resources: overrides.resources.clone().or_else(|| defaults.resources.clone()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name(sync, &run_key(sync, trigger))),
+            namespace: Some(namespace),
+            labels: Some(labels.clone()),
+            owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(overrides.backoff_limit.unwrap_or(defaults.backoff_limit)),
+            ttl_seconds_after_finished: Some(defaults.ttl_seconds_after_finished),
+            active_deadline_seconds: overrides.active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    service_account_name: overrides
+                        .service_account_name
+                        .clone()
+                        .or_else(|| defaults.service_account.clone()),
+                    node_selector: overrides
+                        .node_selector
+                        .clone()
+                        .or_else(|| defaults.node_selector.clone()),
+                    tolerations: overrides
+                        .tolerations
+                        .clone()
+                        .or_else(|| defaults.tolerations.clone()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    // The spill file of planned rows lives in the temp dir.
+                    volumes: Some(vec![k8s_openapi::api::core::v1::Volume {
+                        name: "tmp".to_owned(),
+                        empty_dir: Some(Default::default()),
+                        ..Default::default()
+                    }]),
+                    containers: vec![Container {
+                        volume_mounts: Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+                            name: "tmp".to_owned(),
+                            mount_path: "/tmp".to_owned(),
+                            ..Default::default()
+                        }]),
+                        ..container
+                    }],
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        ..Job::default()
+    }
+}
+
+/// A label value (at most 63 characters): the name, or a cut name and a hash when longer.
+pub fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_owned();
+    }
+    let hash = xxh3_64(name.as_bytes());
+    format!(
+        "{}-{:08x}",
+        &name[..54].trim_end_matches(['-', '.']),
+        hash & 0xffff_ffff
+    )
+}
+
+/// Where a Job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Still running (or waiting for a node).
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Failed: the reason and message of its `Failed` condition.
+    Failed(String),
+}
+
+/// Reads a Job's state from its status.
+pub fn state(job: &Job) -> JobState {
+    let Some(status) = &job.status else {
+        return JobState::Running;
+    };
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    let is = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+    if is("Complete").is_some() || status.succeeded.unwrap_or(0) > 0 {
+        return JobState::Succeeded;
+    }
+    if let Some(c) = is("Failed") {
+        let reason = c.reason.clone().unwrap_or_else(|| "Failed".to_owned());
+        let message = c.message.clone().unwrap_or_default();
+        return JobState::Failed(if message.is_empty() {
+            reason
+        } else {
+            format!("{reason}: {message}")
+        });
+    }
+    JobState::Running
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync(name: &str) -> ReverseSync {
+        let yaml = format!(
+            "apiVersion: backflow.dev/v1alpha1\nkind: ReverseSync\nmetadata: {{name: {name}, namespace: ns, uid: u-1, generation: 2}}\n\
+             spec:\n  source: {{connectionSecretRef: {{name: w}}, query: q, primaryKey: [id]}}\n  \
+             destinationRef: {{name: d}}\n  mappings: [{{from: id, to: id}}]\n  \
+             execution: {{mode: Job, jobTemplate: {{image: custom:1, backoffLimit: 2, nodeSelector: {{pool: etl}}}}}}\n"
+        );
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn the_job_runs_the_sync_with_its_overrides_and_a_stable_name() {
+        let s = sync("customers");
+        let defaults = JobDefaults {
+            image: "backflow:0.1".into(),
+            service_account: Some("backflow-run".into()),
+            ttl_seconds_after_finished: 3600,
+            ..JobDefaults::default()
+        };
+        let job = build(&s, &Trigger::Schedule, &defaults);
+        let again = build(&s, &Trigger::Schedule, &defaults);
+        assert_eq!(job.metadata.name, again.metadata.name, "deterministic per run");
+        assert_ne!(
+            job.metadata.name,
+            build(&s, &Trigger::Requested("x".into()), &defaults)
+                .metadata
+                .name
+        );
+        let name = job.metadata.name.clone().unwrap();
+        assert!(name.starts_with("customers-") && name.len() <= 63, "{name}");
+        let spec = job.spec.unwrap();
+        assert_eq!(
+            (spec.backoff_limit, spec.ttl_seconds_after_finished),
+            (Some(2), Some(3600))
+        );
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("custom:1"));
+        assert_eq!(
+            c.args.clone().unwrap(),
+            [
+                "run",
+                "--namespace",
+                "ns",
+                "--sync",
+                "customers",
+                "--trigger",
+                "Schedule"
+            ]
+        );
+        assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
+        assert_eq!(pod.node_selector.unwrap()["pool"], "etl");
+        assert_eq!(job.metadata.owner_references.unwrap()[0].controller, Some(true));
+    }
+
+    #[test]
+    fn long_names_fit_in_labels_and_job_names() {
+        let long = "a".repeat(200);
+        let s = sync(&long);
+        let job = build(&s, &Trigger::Schedule, &JobDefaults::default());
+        assert!(job.metadata.name.unwrap().len() <= 63);
+        assert!(job.metadata.labels.unwrap()[SYNC_LABEL].len() <= 63);
+    }
+
+    #[test]
+    fn job_states_come_from_conditions() {
+        let mut job = Job::default();
+        assert_eq!(state(&job), JobState::Running);
+        job.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                                "message": "Job was active longer than specified deadline"}]
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            state(&job),
+            JobState::Failed("DeadlineExceeded: Job was active longer than specified deadline".into())
+        );
+        job.status = Some(serde_json::from_value(serde_json::json!({"succeeded": 1})).unwrap());
+        assert_eq!(state(&job), JobState::Succeeded);
+    }
+}

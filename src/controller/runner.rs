@@ -1,0 +1,214 @@
+//! One run of a sync inside the cluster: in the operator (InProcess) or in a Job's pod
+//! (`backflow run --namespace NS --sync NAME`). Both record the outcome the same way: status,
+//! Events and metrics.
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use super::resolve::ApiResolver;
+use super::schedule::Trigger;
+use super::status::{self, Outcome};
+use crate::api::ReverseSync;
+use crate::api::reverse_sync::StateStoreKind;
+use crate::destination::delivery::rate_limit::Limiters;
+use crate::engine::run::{RunOptions, SyncRun, run};
+use crate::engine::setup::{self, SetupError};
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+use crate::state::configmap::{self, ConfigMapStore};
+
+/// What a run in the cluster needs besides the sync.
+#[derive(Clone)]
+pub struct RunEnv {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Where run metrics go.
+    pub metrics: Metrics,
+    /// Rate limiters shared by every sync of a Destination in this process.
+    pub limiters: std::sync::Arc<Limiters>,
+}
+
+/// Reasons of the Events a run publishes.
+pub mod reasons {
+    /// A run finished without failing.
+    pub const SYNC_SUCCEEDED: &str = "SyncSucceeded";
+    /// A run failed or could not start.
+    pub const SYNC_FAILED: &str = "SyncFailed";
+    /// A run rejected rows.
+    pub const ROWS_REJECTED: &str = "RowsRejected";
+    /// The Destination failed its check or is missing.
+    pub const DESTINATION_NOT_READY: &str = "DestinationNotReady";
+}
+
+/// Publishes an Event about `reference`; a failure to publish is logged, never fatal.
+pub async fn publish(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    warning: bool,
+    reason: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_owned(),
+        // Events carry at most 1 kB of note.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Sync".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, reason, "failed to publish event");
+    }
+}
+
+/// The store refused for this sync in a cluster, with the reason.
+pub fn unsupported_store(sync: &ReverseSync) -> Option<&'static str> {
+    match sync.spec.state.as_ref().map(|s| s.store).unwrap_or_default() {
+        StateStoreKind::ConfigMap => None,
+        StateStoreKind::File => {
+            Some("spec.state.store File keeps state on local disk, which a cluster run loses; use ConfigMap")
+        }
+        StateStoreKind::Warehouse => {
+            Some("spec.state.store Warehouse is not available in this version of Backflow; use ConfigMap")
+        }
+    }
+}
+
+/// Runs `sync` once now and records the outcome on it. `how` says where it runs, for the
+/// `Reconciling` message ("running in the operator", "running in Job x").
+pub async fn execute(
+    env: &RunEnv,
+    sync: &ReverseSync,
+    trigger: &Trigger,
+    how: &str,
+    cancel: CancellationToken,
+) -> Outcome {
+    let namespace = sync.namespace().unwrap_or_default();
+    let name = sync.name_any();
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let api: Api<ReverseSync> = Api::namespaced(env.client.clone(), &namespace);
+    let reference = sync.object_ref(&());
+    let started = Utc::now();
+    if let Err(e) = status::update(&api, &name, |s, _| {
+        status::run_started(s, generation, trigger, how, started)
+    })
+    .await
+    {
+        tracing::warn!(error = %e, "failed to mark the run as started");
+    }
+    tracing::info!(trigger = trigger.as_str(), "run started");
+    let outcome = match run_once(env, sync, &namespace, &name, cancel).await {
+        Ok(report) => {
+            let dry_run = sync.spec.dry_run;
+            let now = Utc::now();
+            let written = status::update(&api, &name, |s, _| {
+                status::run_finished(s, generation, trigger, &report, dry_run, now);
+            });
+            if let Err(e) = written.await {
+                tracing::error!(error = %e, "failed to record the run");
+            }
+            env.metrics
+                .record_run(&namespace, &name, &sync.spec.destination_ref.name, &report);
+            if report.rows_rejected() > 0 {
+                let first = report
+                    .rejected_samples
+                    .first()
+                    .map(|r| format!("; first: key {} ({}): {}", r.key, r.operation, r.reason))
+                    .unwrap_or_default();
+                let note = format!("{} rows rejected{first}", report.rows_rejected());
+                publish(&env.recorder, &reference, true, reasons::ROWS_REJECTED, &note).await;
+            }
+            Outcome::of_run(&report, dry_run)
+        }
+        Err(error) => {
+            let outcome = Outcome::of_setup(&error);
+            let now = Utc::now();
+            let written = status::update(&api, &name, |s, _| {
+                status::run_failed_before_report(s, generation, trigger, &outcome, started, now);
+            });
+            if let Err(e) = written.await {
+                tracing::error!(error = %e, "failed to record the run");
+            }
+            env.metrics.record_failure(&namespace, &name);
+            if matches!(
+                error,
+                SetupError::DestinationNotReady { .. } | SetupError::DestinationNotFound { .. }
+            ) {
+                let note = error.to_string();
+                publish(
+                    &env.recorder,
+                    &reference,
+                    true,
+                    reasons::DESTINATION_NOT_READY,
+                    &note,
+                )
+                .await;
+            }
+            outcome
+        }
+    };
+    if outcome.failed {
+        tracing::error!(reason = %outcome.reason, error = %outcome.message, "run failed");
+        publish(
+            &env.recorder,
+            &reference,
+            true,
+            reasons::SYNC_FAILED,
+            &outcome.message,
+        )
+        .await;
+    } else {
+        tracing::info!(reason = %outcome.reason, summary = %outcome.message, "run finished");
+        publish(
+            &env.recorder,
+            &reference,
+            false,
+            reasons::SYNC_SUCCEEDED,
+            &outcome.message,
+        )
+        .await;
+    }
+    outcome
+}
+
+async fn run_once(
+    env: &RunEnv,
+    sync: &ReverseSync,
+    namespace: &str,
+    name: &str,
+    cancel: CancellationToken,
+) -> Result<crate::engine::run::RunReport, SetupError> {
+    if let Some(reason) = unsupported_store(sync) {
+        return Err(SetupError::InvalidSync(reason.to_owned()));
+    }
+    let resolver = ApiResolver::new(env.client.clone());
+    let dry_run = sync.spec.dry_run;
+    let prepared = setup::prepare(&resolver, namespace, sync, &env.limiters, !dry_run).await?;
+    let owner = configmap::owner_reference(sync)
+        .ok_or_else(|| SetupError::InvalidSync("the ReverseSync has no uid yet".to_owned()))?;
+    let mut store = ConfigMapStore::new(env.client.clone(), namespace, name, owner);
+    let job = SyncRun {
+        namespace,
+        name,
+        spec: &sync.spec,
+        source_url: &prepared.source_url,
+        delivery: prepared.destination.delivery,
+        scope: prepared.scope,
+    };
+    let options = RunOptions {
+        dry_run,
+        cancel,
+        ..RunOptions::default()
+    };
+    let store: &mut dyn StateStore = &mut store;
+    Ok(run(job, store, &options).await)
+}

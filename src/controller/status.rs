@@ -1,0 +1,361 @@
+//! What a ReverseSync's status says before, during and after a run, and how it is written.
+//!
+//! Conditions follow kstatus: `Reconciling` while a run is in flight, `Ready` when the last run
+//! did not fail, `Stalled` when a person must act (invalid spec, missing Secret, bad SQL,
+//! credentials rejected), `Degraded` when the last run rejected rows.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use kube::api::{Api, PostParams};
+
+use super::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, Status};
+use super::schedule::Trigger;
+use crate::api::ReverseSync;
+use crate::api::reverse_sync::{PlanPreview, PlanSampleKey, ReverseSyncStatus, RunSummary};
+use crate::engine::run::{RunReport, RunResult};
+use crate::engine::setup::SetupError;
+
+/// Formats a time as the status writes it.
+pub fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Marks a run as started.
+pub fn run_started(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    trigger: &Trigger,
+    how: &str,
+    now: DateTime<Utc>,
+) {
+    let g = Some(generation);
+    conditions::set(
+        &mut status.conditions,
+        RECONCILING,
+        Status::True,
+        "Running",
+        &format!("{how} ({})", trigger.as_str()),
+        g,
+        now,
+    );
+    if conditions::get(&status.conditions, READY).is_none() {
+        conditions::set(
+            &mut status.conditions,
+            READY,
+            Status::Unknown,
+            "Progressing",
+            "the first run is in progress",
+            g,
+            now,
+        );
+    }
+    if let Trigger::Requested(value) = trigger
+        && !value.is_empty()
+    {
+        status.last_handled_requested_at = Some(value.clone());
+    }
+    status.observed_generation = g;
+}
+
+/// How a finished run reads on the resource.
+pub struct Outcome {
+    /// The condition reason (`Succeeded`, `RowsRejected`, or the error's category).
+    pub reason: String,
+    /// A one-line message for conditions and events (never a secret or a row value).
+    pub message: String,
+    /// True when the run failed.
+    pub failed: bool,
+    /// True when a person must act before a run can succeed.
+    pub stalled: bool,
+}
+
+impl Outcome {
+    /// How a finished run reads.
+    pub fn of_run(report: &RunReport, dry_run: bool) -> Outcome {
+        let p = &report.plan;
+        match (&report.error, report.result) {
+            (Some(e), _) => Outcome {
+                reason: e.category().to_owned(),
+                message: e.to_string(),
+                failed: true,
+                stalled: e.is_permanent(),
+            },
+            (None, RunResult::Failed) => Outcome {
+                reason: "DeliveryFailed".to_owned(),
+                message: format!(
+                    "{} records could not be delivered after every retry; they are sent again next run",
+                    report.failed
+                ),
+                failed: true,
+                stalled: false,
+            },
+            (None, _) if dry_run => Outcome {
+                reason: "Previewed".to_owned(),
+                message: format!(
+                    "dry run: would add {}, change {}, remove {}; {} unchanged, {} rejected (see status.plan)",
+                    p.added, p.changed, p.removed, p.unchanged, p.rejected
+                ),
+                failed: false,
+                stalled: false,
+            },
+            (None, result) => Outcome {
+                reason: if result == RunResult::Succeeded {
+                    "Succeeded".to_owned()
+                } else {
+                    "RowsRejected".to_owned()
+                },
+                message: format!(
+                    "synced {} rows: {} added, {} changed, {} removed, {} unchanged, {} rejected",
+                    p.rows_in_model,
+                    p.added,
+                    p.changed,
+                    p.removed,
+                    p.unchanged,
+                    report.rows_rejected()
+                ),
+                failed: false,
+                stalled: false,
+            },
+        }
+    }
+
+    /// How a run that could not start reads.
+    pub fn of_setup(error: &SetupError) -> Outcome {
+        Outcome {
+            reason: error.category().to_owned(),
+            message: error.to_string(),
+            failed: true,
+            stalled: error.is_permanent(),
+        }
+    }
+}
+
+/// Records a finished run: `lastRun`, conditions, failure count, rejected samples, preview.
+pub fn run_finished(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    trigger: &Trigger,
+    report: &RunReport,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) {
+    let outcome = Outcome::of_run(report, dry_run);
+    let p = &report.plan;
+    let g = Some(generation);
+    status.last_run = Some(RunSummary {
+        start: rfc3339(report.started),
+        end: Some(rfc3339(report.finished)),
+        result: report.result.as_str().to_owned(),
+        rows_in_model: p.rows_in_model,
+        rows_added: p.added,
+        rows_changed: p.changed,
+        rows_removed: p.removed,
+        rows_unchanged: p.unchanged,
+        rows_rejected: report.rows_rejected(),
+        rows_failed: report.failed,
+        requests: report.requests,
+        fingerprint: report.result_fingerprint.clone(),
+        generation: g,
+        trigger: Some(trigger.as_str().to_owned()),
+        error: report.error.as_ref().map(ToString::to_string),
+    });
+    status.rejected_samples = report.rejected_samples.clone();
+    status.observed_generation = g;
+    if dry_run && report.error.is_none() {
+        status.plan = Some(PlanPreview {
+            computed_at: rfc3339(now),
+            generation,
+            add: p.added,
+            change: p.changed,
+            remove: p.removed,
+            unchanged: p.unchanged,
+            rejected: p.rejected,
+            samples: report
+                .plan_samples
+                .iter()
+                .map(|s| PlanSampleKey {
+                    operation: s.operation.clone(),
+                    key: s.key.clone(),
+                })
+                .collect(),
+        });
+    } else if !dry_run {
+        status.plan = None;
+    }
+    if outcome.failed {
+        status.consecutive_failures = status.consecutive_failures.saturating_add(1);
+    } else {
+        status.consecutive_failures = 0;
+        if !dry_run {
+            status.last_successful_sync_time = Some(rfc3339(report.finished));
+        }
+    }
+    apply_outcome(status, &outcome, report.rows_rejected(), generation, now);
+}
+
+/// Records a failure that produced no engine report (setup errors, a failed Job).
+pub fn run_failed_before_report(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    trigger: &Trigger,
+    outcome: &Outcome,
+    started: DateTime<Utc>,
+    now: DateTime<Utc>,
+) {
+    status.last_run = Some(RunSummary {
+        start: rfc3339(started),
+        end: Some(rfc3339(now)),
+        result: RunResult::Failed.as_str().to_owned(),
+        generation: Some(generation),
+        trigger: Some(trigger.as_str().to_owned()),
+        error: Some(outcome.message.clone()),
+        ..RunSummary::default()
+    });
+    status.observed_generation = Some(generation);
+    status.consecutive_failures = status.consecutive_failures.saturating_add(1);
+    apply_outcome(status, outcome, 0, generation, now);
+}
+
+fn apply_outcome(
+    status: &mut ReverseSyncStatus,
+    outcome: &Outcome,
+    rejected: u64,
+    generation: i64,
+    now: DateTime<Utc>,
+) {
+    let g = Some(generation);
+    let c = &mut status.conditions;
+    conditions::set(c, RECONCILING, Status::False, "Idle", "no run in flight", g, now);
+    if outcome.failed {
+        conditions::set(c, READY, Status::False, &outcome.reason, &outcome.message, g, now);
+    } else {
+        conditions::set(c, READY, Status::True, &outcome.reason, &outcome.message, g, now);
+    }
+    if outcome.stalled {
+        conditions::set(
+            c,
+            STALLED,
+            Status::True,
+            &outcome.reason,
+            &outcome.message,
+            g,
+            now,
+        );
+    } else {
+        conditions::set(
+            c,
+            STALLED,
+            Status::False,
+            "Progressing",
+            "no error needs a person",
+            g,
+            now,
+        );
+    }
+    if rejected > 0 {
+        let first = status
+            .rejected_samples
+            .first()
+            .map(|r| format!("; first: key {} ({}): {}", r.key, r.operation, r.reason))
+            .unwrap_or_default();
+        conditions::set(
+            c,
+            DEGRADED,
+            Status::True,
+            "RowsRejected",
+            &format!("{rejected} rows rejected; they are retried next run{first}"),
+            g,
+            now,
+        );
+    } else if !outcome.failed {
+        conditions::set(
+            c,
+            DEGRADED,
+            Status::False,
+            "NoRejections",
+            "no rows rejected",
+            g,
+            now,
+        );
+    }
+}
+
+/// Sets the conditions of a sync that cannot run as specified (invalid spec, unsupported
+/// store): `Stalled` until the spec changes.
+pub fn stalled(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) {
+    let g = Some(generation);
+    let c = &mut status.conditions;
+    conditions::set(c, READY, Status::False, reason, message, g, now);
+    conditions::set(c, STALLED, Status::True, reason, message, g, now);
+    conditions::set(
+        c,
+        RECONCILING,
+        Status::False,
+        reason,
+        "waiting for the spec to be fixed",
+        g,
+        now,
+    );
+    status.observed_generation = g;
+    status.next_sync_time = None;
+}
+
+/// Sets the conditions of a suspended sync.
+pub fn suspended(status: &mut ReverseSyncStatus, generation: i64, now: DateTime<Utc>) {
+    let g = Some(generation);
+    let message = "spec.suspend is true: no run starts until it is set to false";
+    let c = &mut status.conditions;
+    conditions::set(c, READY, Status::False, "Suspended", message, g, now);
+    conditions::set(c, RECONCILING, Status::False, "Suspended", message, g, now);
+    conditions::set(c, STALLED, Status::False, "Suspended", message, g, now);
+    status.observed_generation = g;
+    status.next_sync_time = None;
+}
+
+/// Errors writing a status.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to update status of {url}/{name}: {source}")]
+pub struct StatusError {
+    url: String,
+    name: String,
+    #[source]
+    source: kube::Error,
+}
+
+/// Reads the latest object, applies `change` to its status and writes it back, retrying on
+/// conflicts. Writes nothing when `change` leaves the status as it was. Returns the new status.
+pub async fn update(
+    api: &Api<ReverseSync>,
+    name: &str,
+    change: impl Fn(&mut ReverseSyncStatus, &ReverseSync),
+) -> Result<Option<ReverseSyncStatus>, StatusError> {
+    let err = |source| StatusError {
+        url: api.resource_url().to_owned(),
+        name: name.to_owned(),
+        source,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Some(mut current) = api.get_opt(name).await.map_err(err)? else {
+            return Ok(None);
+        };
+        let before = current.status.clone().unwrap_or_default();
+        let mut next = before.clone();
+        change(&mut next, &current);
+        if next == before {
+            return Ok(Some(next));
+        }
+        current.status = Some(next.clone());
+        match api.replace_status(name, &PostParams::default(), &current).await {
+            Ok(_) => return Ok(Some(next)),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+}
