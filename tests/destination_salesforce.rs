@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use backflow::api::validation::{validate_destination, validate_reverse_sync};
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
+use backflow::destination::salesforce::SalesforceConnector;
+use backflow::destination::salesforce::bulk::BulkPolling;
 use backflow::destination::{self, Connector, Operation, Record, RecordOutcome, SecretData, SendError};
 use backflow::engine::run::{RunReport, RunResult};
 use backflow::engine::value::{Document, Value};
 use backflow::local::manifests::{Manifests, load_text};
 use serde_json::json;
-use support::salesforce_double::SalesforceDouble;
+use support::salesforce_double::{SalesforceDouble, SalesforceRequest};
 use support::sqlite::TempSqlite;
 
 const CLIENT_ID: &str = "3MVG9rnryk9FxFMUz4B_consumer_key";
@@ -626,4 +628,459 @@ async fn the_jwt_bearer_flow_signs_an_assertion_for_the_username_and_a_wrong_use
     ]));
     let built = destination::build(&dest, Some(&broken)).await;
     assert!(built.is_err(), "a bad PEM key fails at construction");
+}
+
+// --- Bulk API 2.0 -------------------------------------------------------------------------
+
+/// A destination with extra settings in its `salesforce` block (like `bulk: always`).
+fn bulk_destination(login_url: &str, salesforce_extra: &str) -> DestinationSpec {
+    serde_yaml_ng::from_str(&format!(
+        "type: salesforce\ncredentialsSecretRef: {{name: salesforce}}\nsalesforce: {{object: Contact, externalIdField: Email__c, loginUrl: \"{login_url}\", {salesforce_extra}}}\n"
+    ))
+    .unwrap()
+}
+
+/// The connector for `dest`, polling bulk jobs every few milliseconds.
+fn fast_connector(dest: &DestinationSpec) -> SalesforceConnector {
+    SalesforceConnector::new(
+        dest.salesforce.as_ref().unwrap(),
+        dest.credentials_secret_ref.as_ref(),
+        Some(&secret(CLIENT_SECRET)),
+    )
+    .unwrap()
+    .with_bulk_polling(BulkPolling {
+        first_pause: Duration::from_millis(1),
+        max_pause: Duration::from_millis(5),
+        timeout: Duration::from_secs(10),
+    })
+}
+
+/// The bulk connector view a run with `records` to send would get.
+fn bulk_view(dest: &DestinationSpec, records: u64) -> Arc<dyn Connector> {
+    let mut planned = destination::PlannedSends::default();
+    planned.add(Operation::Upsert, records);
+    fast_connector(dest)
+        .for_run(&planned)
+        .expect("the run is large enough for Bulk API 2.0")
+}
+
+async fn run_fast(
+    model: &TempSqlite,
+    dest: &DestinationSpec,
+    state: &std::path::Path,
+    spec: &ReverseSyncSpec,
+) -> RunReport {
+    let connector: Arc<dyn Connector> = Arc::new(fast_connector(dest));
+    support::engine::run_with_connector(&model.url, spec, dest, connector, state).await
+}
+
+fn bulk_steps(calls: &[SalesforceRequest]) -> Vec<&'static str> {
+    calls.iter().filter_map(SalesforceRequest::bulk_step).collect()
+}
+
+const ONE_JOB: [&str; 7] = [
+    "create",
+    "upload",
+    "close",
+    "poll",
+    "poll",
+    "failedResults",
+    "successfulResults",
+];
+
+#[tokio::test]
+async fn a_run_at_the_bulk_threshold_lands_every_row_in_one_job_and_a_second_run_sends_nothing() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = bulk_destination(&double.url, "bulkThreshold: 30");
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.accepted, 30);
+    assert_eq!(report.requests, 1, "one job is one request to the limiter");
+    let calls = double.calls();
+    assert_eq!(bulk_steps(&calls), ONE_JOB);
+    assert_eq!(calls.len(), ONE_JOB.len(), "nothing but the job: {calls:?}");
+    assert!(calls.iter().all(|c| c.status < 300), "{calls:?}");
+    assert_eq!(calls[0].path, "/services/data/v61.0/jobs/ingest");
+    assert_eq!(
+        calls[0].json(),
+        json!({"object": "Contact", "externalIdFieldName": "Email__c", "contentType": "CSV",
+               "operation": "upsert", "lineEnding": "LF"})
+    );
+    let job = &double.jobs()[0];
+    assert_eq!(job.state, "JobComplete");
+    assert_eq!(
+        calls[1].path,
+        format!("/services/data/v61.0/jobs/ingest/{}/batches", job.id)
+    );
+    assert_eq!(calls[1].content_type.as_deref(), Some("text/csv"));
+    let mut lines = calls[1].body.lines();
+    assert_eq!(lines.next(), Some("Birthdate,Email__c,LTV__c,LastName"));
+    assert_eq!(lines.next(), Some("1990-01-01,user1@example.com,1.5,User 1"));
+    assert_eq!(calls[1].body.lines().count(), 31);
+    assert_eq!(calls[2].json(), json!({"state": "UploadComplete"}));
+    assert_eq!(
+        calls[5].path,
+        format!("/services/data/v61.0/jobs/ingest/{}/failedResults/", job.id)
+    );
+    let stored = double.find("Contact", "Email__c", "user7@example.com").unwrap();
+    assert_eq!(stored.text("LastName"), "User 7");
+    assert_eq!(stored.text("Birthdate"), "1990-01-07");
+    assert_eq!(stored.text("LTV__c"), "10.5");
+    assert_eq!(double.records("Contact").len(), 30);
+
+    let before = double.calls().len();
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(double.calls().len(), before, "nothing changed, nothing sent");
+
+    // One changed row is below the threshold: it goes through sObject Collections.
+    model
+        .exec("UPDATE customers SET name = 'Renamed' WHERE id = 3")
+        .await;
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+    assert_eq!(report.accepted, 1);
+    let last = double.calls().pop().unwrap();
+    assert!(last.is_upsert() && last.records() == 1, "{last:?}");
+    assert_eq!(double.jobs().len(), 1);
+    assert_eq!(
+        double
+            .find("Contact", "Email__c", "user3@example.com")
+            .unwrap()
+            .text("LastName"),
+        "Renamed"
+    );
+}
+
+#[tokio::test]
+async fn a_run_below_the_threshold_or_with_bulk_never_uses_sobject_collections() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    for (extra, state) in [
+        ("bulkThreshold: 31", tempfile::tempdir().unwrap()),
+        ("bulk: never, bulkThreshold: 1", tempfile::tempdir().unwrap()),
+    ] {
+        let dest = bulk_destination(&double.url, extra);
+        let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+        assert!(report.error.is_none(), "{:?}", report.error);
+        assert_eq!(report.accepted, 30);
+    }
+    assert!(double.jobs().is_empty());
+    assert!(double.calls().iter().all(|c| c.is_upsert()));
+    assert_eq!(double.calls().len(), 2);
+
+    // The default threshold is 10,000 records: 30 is far below it.
+    let connector = fast_connector(&destination(&double.url, "Contact", ""));
+    let mut planned = destination::PlannedSends::default();
+    planned.add(Operation::Upsert, 9_999);
+    assert!(connector.for_run(&planned).is_none());
+    planned.add(Operation::Delete, 1);
+    let view = connector
+        .for_run(&planned)
+        .expect("10,000 records use Bulk API 2.0");
+    assert_eq!(view.capabilities().max_batch_size, 10_000);
+}
+
+#[tokio::test]
+async fn bulk_per_record_failures_are_rejected_with_salesforces_message_and_the_rest_land() {
+    let model = TempSqlite::new(MODEL).await;
+    model.exec("UPDATE customers SET name = NULL WHERE id = 4").await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    double.reject_bulk_row(
+        "user9@example.com",
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION:Customers in Texas need a phone number:--",
+    );
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::PartiallySucceeded);
+    assert_eq!((report.accepted, report.rejected), (28, 2));
+    let mut rejected: Vec<(&str, &str)> = report
+        .rejected_samples
+        .iter()
+        .map(|r| (r.key.as_str(), r.reason.as_str()))
+        .collect();
+    rejected.sort();
+    assert_eq!(
+        rejected,
+        [
+            (
+                "4",
+                "REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (LastName)"
+            ),
+            (
+                "9",
+                "FIELD_CUSTOM_VALIDATION_EXCEPTION: Customers in Texas need a phone number"
+            ),
+        ]
+    );
+    let upload = double
+        .calls()
+        .into_iter()
+        .find(|c| c.bulk_step() == Some("upload"))
+        .unwrap();
+    assert!(
+        upload.body.contains("\n1990-01-04,user4@example.com,6,#N/A\n"),
+        "a NULL is sent as #N/A: {}",
+        upload.body
+    );
+    assert_eq!(double.jobs().len(), 1, "no split, no second job");
+    assert_eq!(double.records("Contact").len(), 28);
+
+    // The rejected rows are retried next run; once fixed they land.
+    model
+        .exec("UPDATE customers SET name = 'Four' WHERE id = 4")
+        .await;
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("upsert")).await;
+    assert_eq!((report.accepted, report.rejected), (1, 1));
+    assert_eq!(double.jobs().len(), 2);
+}
+
+#[tokio::test]
+async fn mirror_deletes_in_a_bulk_run_look_ids_up_and_go_through_a_bulk_delete_job() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let state = tempfile::tempdir().unwrap();
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("mirror")).await;
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(double.records("Contact").len(), 30);
+    let two = double.find("Contact", "Email__c", "user2@example.com").unwrap();
+    let five = double.find("Contact", "Email__c", "user5@example.com").unwrap();
+
+    model.exec("DELETE FROM customers WHERE id IN (2, 5, 8)").await;
+    // Someone already deleted one of them in Salesforce: its lookup finds nothing.
+    let eight = double.find("Contact", "Email__c", "user8@example.com").unwrap();
+    assert!(double.remove(&eight.id));
+    let before = double.calls().len();
+
+    let report = run_fast(&model, &dest, state.path(), &sync_spec("mirror")).await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.result, RunResult::Succeeded);
+    assert_eq!(report.deleted, 3);
+    assert_eq!(double.records("Contact").len(), 27);
+    assert!(double.find("Contact", "Email__c", "user2@example.com").is_none());
+    let calls = double.calls().split_off(before);
+    assert_eq!(calls[0].path, "/services/data/v61.0/query");
+    assert_eq!(
+        calls[0].query["q"],
+        "SELECT Id, Email__c FROM Contact WHERE Email__c IN ('user2@example.com', 'user5@example.com', 'user8@example.com')"
+    );
+    assert_eq!(bulk_steps(&calls[1..]), ONE_JOB);
+    assert_eq!(
+        calls[1].json(),
+        json!({"object": "Contact", "contentType": "CSV", "operation": "delete", "lineEnding": "LF"})
+    );
+    let mut ids: Vec<&str> = calls[2].body.lines().collect();
+    assert_eq!(ids.remove(0), "Id");
+    ids.sort();
+    let mut expected = vec![two.id.as_str(), five.id.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected, "only the records Salesforce has are in the job");
+}
+
+#[tokio::test]
+async fn a_bulk_job_that_fails_on_an_unknown_field_stops_the_run_with_salesforces_message() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = sync_spec("upsert");
+    spec.mappings[3].to = "Phne".into();
+
+    let report = run_fast(&model, &dest, state.path(), &spec).await;
+
+    let error = report.error.as_ref().expect("the run fails").to_string();
+    let job = &double.jobs()[0];
+    assert_eq!(job.state, "Failed");
+    assert_eq!(
+        error,
+        format!(
+            "failed to deliver: Salesforce bulk job {} ended Failed: InvalidBatch : Field name not found : Phne",
+            job.id
+        )
+    );
+    assert_eq!(report.result, RunResult::Failed);
+    assert_eq!(report.accepted, 0);
+    assert_eq!(double.jobs().len(), 1, "not retried, not split");
+    assert!(double.records("Contact").is_empty());
+    let steps = bulk_steps(&double.calls());
+    assert!(
+        !steps.contains(&"failedResults"),
+        "a failed job has no results to read: {steps:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_session_in_the_middle_of_a_bulk_job_gets_a_new_token_and_the_job_goes_on() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = bulk_view(&bulk_destination(&double.url, "bulk: always"), 2);
+    double.expire_tokens_after(2);
+
+    let outcomes = connector
+        .send(
+            Operation::Upsert,
+            &[
+                contact("ada@example.com", Some("Lovelace")),
+                contact("alan@example.com", Some("Turing")),
+            ],
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted, RecordOutcome::Accepted]);
+    assert_eq!(double.tokens_issued(), 2);
+    let calls = double.calls();
+    let steps: Vec<(&str, u16)> = calls
+        .iter()
+        .map(|c| (c.bulk_step().unwrap_or("?"), c.status))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("create", 200),
+            ("upload", 201),
+            ("close", 401),
+            ("close", 200),
+            ("poll", 200),
+            ("poll", 200),
+            ("failedResults", 200),
+            ("successfulResults", 200),
+        ]
+    );
+    assert_eq!(double.jobs().len(), 1, "the same job went on");
+    assert_eq!(double.records("Contact").len(), 2);
+}
+
+#[tokio::test]
+async fn the_orgs_request_limit_on_a_bulk_job_is_a_throttle_and_an_unfinished_job_is_aborted() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = bulk_view(&bulk_destination(&double.url, "bulk: always"), 1);
+    double.limit_exceeded_next(1);
+
+    let error = connector
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SendError::Retryable { throttled: true, retry_after: Some(d), .. } if *d == Duration::from_secs(60)),
+        "{error:?}"
+    );
+    assert!(double.jobs().is_empty());
+
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let mut planned = destination::PlannedSends::default();
+    planned.add(Operation::Upsert, 1);
+    let impatient = fast_connector(&dest)
+        .with_bulk_polling(BulkPolling {
+            first_pause: Duration::from_millis(5),
+            max_pause: Duration::from_millis(10),
+            timeout: Duration::from_millis(100),
+        })
+        .for_run(&planned)
+        .unwrap();
+    double.hold_jobs(true);
+    let error = impatient
+        .send(Operation::Upsert, &[contact("ada@example.com", Some("Lovelace"))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, SendError::Retryable { throttled: false, reason, .. } if reason.contains("did not finish")),
+        "{error:?}"
+    );
+    let job = &double.jobs()[0];
+    assert_eq!(job.state, "Aborted");
+    assert_eq!(bulk_steps(&double.calls()).last(), Some(&"abort"));
+    assert!(double.records("Contact").is_empty());
+}
+
+#[tokio::test]
+async fn the_double_keeps_bulk_jobs_to_their_states_as_salesforce_does() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let client = reqwest::Client::new();
+    let token: serde_json::Value = client
+        .post(format!("{}/services/oauth2/token", double.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let jobs = format!("{}/services/data/v61.0/jobs/ingest", double.url);
+    let call = |method: reqwest::Method, url: String, body: Option<(&str, String)>| {
+        let mut request = client.request(method, url).bearer_auth(&token);
+        if let Some((content_type, body)) = body {
+            request = request.header("content-type", content_type).body(body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let json_body = |v: serde_json::Value| Some(("application/json", v.to_string()));
+
+    let (status, body) = call(
+        reqwest::Method::POST,
+        jobs.clone(),
+        json_body(json!({"object": "Contact", "externalIdFieldName": "Email__c", "contentType": "CSV", "operation": "upsert", "lineEnding": "LF"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let job: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(job["state"], "Open");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let job_url = format!("{jobs}/{id}");
+    let close = || json_body(json!({"state": "UploadComplete"}));
+
+    let (status, _) = call(reqwest::Method::PATCH, job_url.clone(), close()).await;
+    assert_eq!(status, 400, "no close without data");
+    let (status, _) = call(
+        reqwest::Method::GET,
+        format!("{job_url}/successfulResults/"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "no results before the job ends");
+    let csv = "Email__c,LastName,Phne\nada@example.com,Lovelace,1\n".to_owned();
+    let (status, body) = call(
+        reqwest::Method::PUT,
+        format!("{job_url}/batches"),
+        Some(("text/csv", csv.clone())),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (201, ""));
+    let (status, _) = call(reqwest::Method::PATCH, job_url.clone(), close()).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        reqwest::Method::PUT,
+        format!("{job_url}/batches"),
+        Some(("text/csv", csv)),
+    )
+    .await;
+    assert_eq!(status, 409, "no upload to a job that is not Open");
+
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        let (_, body) = call(reqwest::Method::GET, job_url.clone(), None).await;
+        let job: serde_json::Value = serde_json::from_str(&body).unwrap();
+        states.push(job["state"].as_str().unwrap().to_owned());
+        if let Some(message) = job["errorMessage"].as_str() {
+            assert_eq!(message, "InvalidBatch : Field name not found : Phne");
+        }
+    }
+    assert_eq!(states, ["InProgress", "Failed", "Failed"]);
+    assert!(double.records("Contact").is_empty());
 }

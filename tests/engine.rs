@@ -114,6 +114,36 @@ async fn first_run_sends_every_row_and_second_run_without_changes_sends_nothing(
 }
 
 #[tokio::test]
+async fn the_connector_hears_what_a_run_will_send_before_the_first_batch_but_not_in_a_dry_run() {
+    use backflow::destination::Operation;
+    let h = Harness::new().await;
+    let fake = Arc::new(FakeConnector::new(100));
+    h.run(&all("mirror"), fake.clone()).await;
+    h.db.exec("UPDATE customers SET plan = 'pro' WHERE id = 42").await;
+    h.db.exec("DELETE FROM customers WHERE id IN (3, 4)").await;
+    h.run(&all("mirror"), fake.clone()).await;
+    let dry = RunOptions {
+        dry_run: true,
+        ..RunOptions::default()
+    };
+    h.run_with(&all("mirror"), fake.clone(), dry).await;
+
+    let planned = fake.planned.lock().unwrap().clone();
+    let seen: Vec<(u64, u64, u64, usize)> = planned
+        .iter()
+        .map(|(p, calls)| {
+            (
+                p.count(Operation::Upsert),
+                p.count(Operation::Delete),
+                p.total(),
+                *calls,
+            )
+        })
+        .collect();
+    assert_eq!(seen, [(250, 0, 250, 0), (1, 2, 3, 3)]);
+}
+
+#[tokio::test]
 async fn changing_one_row_sends_exactly_that_row() {
     let h = Harness::new().await;
     h.run(&all("upsert"), Arc::new(FakeConnector::new(100))).await;

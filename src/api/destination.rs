@@ -133,7 +133,8 @@ pub enum DestinationType {
     Mailchimp,
     /// Zendesk Support users or organizations, through the asynchronous bulk endpoints.
     Zendesk,
-    /// Salesforce sObjects, upserted on an external id field through sObject Collections.
+    /// Salesforce sObjects, upserted on an external id field through sObject Collections or
+    /// Bulk API 2.0.
     Salesforce,
 }
 
@@ -448,9 +449,10 @@ pub struct ZendeskSpec {
 }
 
 /// Salesforce: records of one sObject, upserted on an external id field through sObject
-/// Collections (200 records a call) and deleted by Id for mirror. An OAuth 2.0 access token
-/// is obtained from the Secret's `clientId` and `clientSecret` (client credentials flow), or
-/// from `clientId`, `username` and `privateKey` (JWT bearer flow).
+/// Collections (200 records a call), or Bulk API 2.0 ingest jobs for large runs, and deleted
+/// by Id for mirror. An OAuth 2.0 access token is obtained from the Secret's `clientId` and
+/// `clientSecret` (client credentials flow), or from `clientId`, `username` and `privateKey`
+/// (JWT bearer flow).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SalesforceSpec {
@@ -475,6 +477,28 @@ pub struct SalesforceSpec {
     /// answers); tests point it at a double.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+    /// When Bulk API 2.0 ingest jobs are used instead of sObject Collections: `auto` (default)
+    /// for runs that send at least `bulkThreshold` records, `always`, or `never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<SalesforceBulk>,
+    /// With `bulk: auto`, the number of records a run sends (upserts and deletes together) at
+    /// or above which it uses Bulk API 2.0 (default 10000; 0 means the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk_threshold: Option<u64>,
+}
+
+/// When a Salesforce destination uses Bulk API 2.0 ingest jobs.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SalesforceBulk {
+    /// Runs that send at least `bulkThreshold` records use Bulk API 2.0; smaller runs use
+    /// sObject Collections.
+    #[default]
+    Auto,
+    /// Every run uses Bulk API 2.0, whatever its size.
+    Always,
+    /// No run uses Bulk API 2.0.
+    Never,
 }
 
 fn default_salesforce_login_url() -> String {

@@ -110,11 +110,51 @@ pub struct Capabilities {
     pub default_concurrency: usize,
 }
 
+/// What a run is about to send, counted once planning is done: records per operation. A hint
+/// for choosing a transport, not a promise: rows of a key the model repeats are counted here
+/// though they are rejected rather than sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlannedSends {
+    counts: Vec<(Operation, u64)>,
+}
+
+impl PlannedSends {
+    /// Adds `records` to the count of `operation`.
+    pub fn add(&mut self, operation: Operation, records: u64) {
+        match self.counts.iter_mut().find(|(o, _)| *o == operation) {
+            Some((_, n)) => *n += records,
+            None => self.counts.push((operation, records)),
+        }
+    }
+
+    /// The records to send with `operation`.
+    pub fn count(&self, operation: Operation) -> u64 {
+        self.counts
+            .iter()
+            .find(|(o, _)| *o == operation)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// The records to send, all operations together.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// A destination connector.
 #[async_trait]
 pub trait Connector: Send + Sync {
     /// What the connector supports and its defaults.
     fn capabilities(&self) -> Capabilities;
+
+    /// Told once per run, after planning and before the first batch, what the run will send.
+    /// A connector with another transport for large runs (Salesforce's Bulk API) answers the
+    /// connector to use for this run instead, whose `capabilities().max_batch_size` then sets
+    /// the run's batch size; `None` (the default) keeps this one as it is. The answer serves
+    /// one run only, so runs sharing a connector do not affect each other.
+    fn for_run(&self, _planned: &PlannedSends) -> Option<Arc<dyn Connector>> {
+        None
+    }
 
     /// Checks that the destination answers and the credentials work.
     async fn check(&self) -> Result<(), SendError>;

@@ -16,7 +16,7 @@ use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
-use crate::destination::{Operation, Record};
+use crate::destination::{Operation, PlannedSends, Record};
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, StateChange, StateError, StateStore};
 
@@ -253,7 +253,7 @@ impl Collector {
 
 /// Runs a sync once against a state store. Always returns a report; `report.error` says why
 /// a run stopped early. State advances only for records the destination accepted.
-pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOptions) -> RunReport {
+pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOptions) -> RunReport {
     let started = Utc::now();
     let mut c = Collector {
         report: RunReport {
@@ -277,7 +277,7 @@ pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOpti
         pending: Vec::new(),
         last_commit: Instant::now(),
     };
-    let outcome = run_steps(&job, store, options, &mut c).await;
+    let outcome = run_steps(&mut job, store, options, &mut c).await;
     let stats = job.delivery.stats();
     c.report.requests = stats.requests.load(Ordering::Relaxed);
     c.report.throttled = stats.throttled.load(Ordering::Relaxed);
@@ -314,7 +314,7 @@ pub async fn run(job: SyncRun<'_>, store: &mut dyn StateStore, options: &RunOpti
 }
 
 async fn run_steps(
-    job: &SyncRun<'_>,
+    job: &mut SyncRun<'_>,
     store: &mut dyn StateStore,
     options: &RunOptions,
     c: &mut Collector,
@@ -350,6 +350,7 @@ async fn run_steps(
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
     let mut planned = 0u64;
+    let mut sends = PlannedSends::default();
     while let Some(row) = rows.next().await {
         if options.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -376,6 +377,7 @@ async fn run_steps(
         let fp = fingerprint(&canonical);
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
+                sends.add(operation, 1);
                 identity_json.clear();
                 mapper.write_identity(&mapped.values, &mut identity_json);
                 if options.dry_run {
@@ -447,6 +449,9 @@ async fn run_steps(
     // Deliver and commit: upserts first, then deletes.
     let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
     options.progress.delivering(to_send);
+    sends.add(Operation::Delete, deletes.len() as u64);
+    job.delivery.prepare(&sends);
+    let job = &*job;
     let batch_size = job.delivery.config().batch_size;
     let batches = SpillBatches {
         reader: spilled,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::{self, SecretData};
+use backflow::destination::{self, Connector, SecretData};
 use backflow::engine::run::{RunOptions, RunReport, SyncRun, run};
 use backflow::state::file::FileStore;
 
@@ -22,6 +22,18 @@ pub async fn run_sync_once(
     state: &Path,
 ) -> RunReport {
     let connector = destination::build(dest, Some(secret)).await.unwrap();
+    run_with_connector(source_url, spec, dest, connector, state).await
+}
+
+/// Like [`run_sync_once`], with a connector the test built itself (to shorten a vendor's job
+/// polling, say).
+pub async fn run_with_connector(
+    source_url: &str,
+    spec: &ReverseSyncSpec,
+    dest: &DestinationSpec,
+    connector: Arc<dyn Connector>,
+    state: &Path,
+) -> RunReport {
     let mut config = DeliveryConfig::resolve(dest, &connector.capabilities()).unwrap();
     config.initial_backoff = Duration::from_millis(10);
     config.max_backoff = Duration::from_millis(100);

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backflow::destination::{Capabilities, Connector, Operation, Record, RecordOutcome, SendError};
+use backflow::destination::{
+    Capabilities, Connector, Operation, PlannedSends, Record, RecordOutcome, SendError,
+};
 
 /// How the fake treats records whose key is in the bad set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct FakeConnector {
     pub store: Mutex<BTreeMap<String, String>>,
     /// Delay per call.
     pub delay: Duration,
+    /// What each run said it would send (`Connector::for_run`), with the calls made before.
+    pub planned: Mutex<Vec<(PlannedSends, usize)>>,
 }
 
 impl FakeConnector {
@@ -47,6 +51,7 @@ impl FakeConnector {
             calls: Mutex::new(Vec::new()),
             store: Mutex::new(BTreeMap::new()),
             delay: Duration::ZERO,
+            planned: Mutex::new(Vec::new()),
         }
     }
 
@@ -97,6 +102,12 @@ impl Connector for FakeConnector {
 
     async fn check(&self) -> Result<(), SendError> {
         Ok(())
+    }
+
+    fn for_run(&self, planned: &PlannedSends) -> Option<std::sync::Arc<dyn Connector>> {
+        let calls = self.call_count();
+        self.planned.lock().unwrap().push((planned.clone(), calls));
+        None
     }
 
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {

@@ -36,12 +36,45 @@
 //!   an unknown id fails with `ENTITY_IS_DELETED`.
 //! - `GET /services/data/{v}/sobjects/{object}/describe`: `Contact` exists, any other object
 //!   is `404 [{"errorCode":"NOT_FOUND",…}]`.
+//! - Bulk API 2.0 ingest jobs
+//!   (<https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/bulk_api_2_0.htm>):
+//!   `POST /services/data/{v}/jobs/ingest` ([create](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/create_job.htm))
+//!   with `{object, operation: insert|upsert|update|delete, externalIdFieldName (upsert),
+//!   contentType: "CSV", lineEnding}` answers the job info with `state: "Open"`;
+//!   `PUT …/jobs/ingest/{id}/batches` ([upload](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/upload_job_data.htm))
+//!   with `Content-Type: text/csv` answers `201` with no body, and is refused (`409`) unless
+//!   the job is `Open`; `PATCH …/jobs/ingest/{id}` ([close](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/close_job.htm),
+//!   [abort](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/abort_job.htm))
+//!   with `{state: "UploadComplete"}` (refused without uploaded data) or `{state: "Aborted"}`;
+//!   `GET …/jobs/ingest/{id}` ([job info](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/get_job_info.htm))
+//!   moves a closed job on one [state](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/bulk_api_2_job_states.htm)
+//!   per poll, `UploadComplete` → `InProgress` → `JobComplete` (or `Failed`), processing the
+//!   data on the second poll ([`SalesforceDouble::hold_jobs`] keeps them `InProgress`). The
+//!   CSV is parsed per RFC 4180; a header naming a field `Contact` does not have (see
+//!   [`CONTACT_FIELDS`]; dotted relationship columns are not checked) fails the job with
+//!   `errorMessage: "InvalidBatch : Field name not found : X"`. Per row: an empty cell leaves
+//!   the field as is and `#N/A` sets it to null; upserts match on the External ID column and a
+//!   new Contact without `LastName` fails with
+//!   `REQUIRED_FIELD_MISSING:Required fields are missing: [LastName]:LastName --`; deletes
+//!   take an `Id` column and an unknown Id fails with `ENTITY_IS_DELETED:entity is deleted:--`;
+//!   rows whose key [`SalesforceDouble::reject_bulk_row`] names fail with the error given.
+//!   `GET …/failedResults/` ([docs](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/get_job_failed_results.htm))
+//!   answers `"sf__Id","sf__Error",<uploaded columns>` and `GET …/successfulResults/`
+//!   ([docs](https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/get_job_successful_results.htm))
+//!   `"sf__Id","sf__Created",<uploaded columns>`, every field quoted, rows in reverse upload
+//!   order (Salesforce does not keep the upload's order); both are refused (`409`) before the
+//!   job ends.
 //!
 //! Not reproduced: JWT signature verification, other OAuth flows, token expiry by time, field-level
-//! security and object permissions, field types other than `Birthdate`, SOQL beyond the one
-//! shape, query pagination, duplicate rules, triggers, the Bulk API, `allOrNone: true`, real
-//! request-rate accounting (limits and 503 are scripted by count), and the exact wording of
-//! Salesforce's messages.
+//! security and object permissions, field types other than `Birthdate` (bulk rows store every
+//! value as text and do not check dates), SOQL beyond the one shape, query pagination,
+//! duplicate rules, triggers, `allOrNone: true`, real request-rate accounting (limits and 503
+//! are scripted by count), and the exact wording of Salesforce's messages. Of Bulk API 2.0:
+//! the 150 MB upload limit and base64 accounting, several uploads to one job (the double
+//! refuses a second), delimiters other than comma, CRLF line endings, `insert`/`update`/
+//! `hardDelete` semantics beyond accepting the job, `unprocessedRecords/`, job lists and
+//! deletion, query jobs, the daily record and batch allocations, Salesforce's own internal
+//! retries, and jobs failing for reasons other than an unknown column.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,7 +82,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
@@ -57,6 +90,18 @@ use tokio::task::JoinHandle;
 
 /// Most records (or ids) Salesforce accepts per collections call.
 pub const MAX_RECORDS: usize = 200;
+
+/// The fields the double's `Contact` has, checked against bulk job headers.
+pub const CONTACT_FIELDS: &[&str] = &[
+    "Id",
+    "Email__c",
+    "FirstName",
+    "LastName",
+    "Birthdate",
+    "LTV__c",
+    "Phone",
+    "Description",
+];
 
 /// One stored record.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +134,8 @@ pub struct SalesforceRequest {
     pub query: BTreeMap<String, String>,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
     /// The raw body.
     pub body: String,
     /// The status answered.
@@ -113,7 +160,62 @@ impl SalesforceRequest {
 
     /// True for a collections upsert.
     pub fn is_upsert(&self) -> bool {
-        self.method == "PATCH"
+        self.method == "PATCH" && self.path.contains("/composite/sobjects/")
+    }
+
+    /// True for a call to a Bulk API 2.0 ingest resource.
+    pub fn is_bulk(&self) -> bool {
+        self.path.contains("/jobs/ingest")
+    }
+
+    /// The bulk step this request is: `create`, `upload`, `close`, `abort`, `poll`,
+    /// `failedResults` or `successfulResults` (`None` for other requests).
+    pub fn bulk_step(&self) -> Option<&'static str> {
+        let rest = self.path.split("/jobs/ingest").nth(1)?;
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        match (self.method.as_str(), parts.as_slice()) {
+            ("POST", []) => Some("create"),
+            ("PUT", [_, "batches"]) => Some("upload"),
+            ("PATCH", [_]) if self.json()["state"] == "Aborted" => Some("abort"),
+            ("PATCH", [_]) => Some("close"),
+            ("GET", [_]) => Some("poll"),
+            ("GET", [_, "failedResults"]) => Some("failedResults"),
+            ("GET", [_, "successfulResults"]) => Some("successfulResults"),
+            _ => None,
+        }
+    }
+}
+
+/// A Bulk API 2.0 ingest job as the double holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkJob {
+    /// The job id (`750…`).
+    pub id: String,
+    /// `upsert`, `delete`, …
+    pub operation: String,
+    /// The sObject.
+    pub object: String,
+    /// The External ID field of an upsert job.
+    pub external_id_field: Option<String>,
+    /// `Open`, `UploadComplete`, `InProgress`, `JobComplete`, `Failed` or `Aborted`.
+    pub state: String,
+    /// The uploaded CSV.
+    pub data: Option<String>,
+    /// Why the job failed.
+    pub error_message: Option<String>,
+    /// Rows processed.
+    pub processed: usize,
+    /// `(sf__Id, sf__Created, row)` of each successful row, in upload order.
+    successful: Vec<(String, bool, Vec<String>)>,
+    /// `(sf__Id, sf__Error, row)` of each failed row, in upload order.
+    failed: Vec<(String, String, Vec<String>)>,
+    header: Vec<String>,
+}
+
+impl BulkJob {
+    /// Rows that failed.
+    pub fn failed_rows(&self) -> usize {
+        self.failed.len()
     }
 }
 
@@ -121,6 +223,8 @@ impl SalesforceRequest {
 struct Script {
     limit_exceeded: usize,
     fail: usize,
+    expire_after: Option<usize>,
+    hold_jobs: bool,
 }
 
 struct Shared {
@@ -134,6 +238,8 @@ struct Shared {
     store: Mutex<BTreeMap<String, Vec<StoredRecord>>>,
     log: Mutex<Vec<SalesforceRequest>>,
     next_id: AtomicUsize,
+    jobs: Mutex<BTreeMap<String, BulkJob>>,
+    bulk_rejects: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,8 +269,13 @@ impl SalesforceDouble {
             store: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(1),
+            jobs: Mutex::new(BTreeMap::new()),
+            bulk_rejects: Mutex::new(BTreeMap::new()),
         });
-        let router = Router::new().fallback(handle).with_state(shared.clone());
+        let router = Router::new()
+            .fallback(handle)
+            .layer(DefaultBodyLimit::max(160 * 1024 * 1024))
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the Salesforce double to 127.0.0.1:0");
@@ -187,6 +298,28 @@ impl SalesforceDouble {
     /// Revokes every token issued so far: the next data call gets `INVALID_SESSION_ID`.
     pub fn expire_tokens(&self) {
         lock(&self.shared.tokens).clear();
+    }
+
+    /// Lets the next `calls` data calls through, then revokes every token: the call after
+    /// them gets `INVALID_SESSION_ID` (an expiry in the middle of a bulk job).
+    pub fn expire_tokens_after(&self, calls: usize) {
+        lock(&self.shared.script).expire_after = Some(calls);
+    }
+
+    /// While `hold` is true, polls leave closed bulk jobs `InProgress`.
+    pub fn hold_jobs(&self, hold: bool) {
+        lock(&self.shared.script).hold_jobs = hold;
+    }
+
+    /// Bulk rows whose key (External ID value, or `Id` for deletes) is `key` fail with
+    /// `sf_error` (like `INVALID_EMAIL_ADDRESS:Email: invalid email address:Email --`).
+    pub fn reject_bulk_row(&self, key: &str, sf_error: &str) {
+        lock(&self.shared.bulk_rejects).insert(key.to_owned(), sf_error.to_owned());
+    }
+
+    /// Every bulk job created, by id.
+    pub fn jobs(&self) -> Vec<BulkJob> {
+        lock(&self.shared.jobs).values().cloned().collect()
     }
 
     /// How many tokens the token endpoint issued.
@@ -216,6 +349,19 @@ impl SalesforceDouble {
                 fields,
             });
         id
+    }
+
+    /// Deletes a stored record directly, as if deleted in Salesforce; false if it is not there.
+    pub fn remove(&self, id: &str) -> bool {
+        lock(&self.shared.store)
+            .values_mut()
+            .any(|rows| match rows.iter().position(|r| r.id == id) {
+                Some(p) => {
+                    rows.remove(p);
+                    true
+                }
+                None => false,
+            })
     }
 
     /// The stored records of `object`, in creation order.
@@ -280,30 +426,49 @@ async fn handle(
     let path = uri.path().to_owned();
     let query = pairs(uri.query().unwrap_or_default());
     let text = String::from_utf8_lossy(&body).into_owned();
-    let authorization = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let response = answer(&shared, &method, &path, &query, authorization.as_deref(), &text);
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let authorization = header("authorization");
+    let content_type = header("content-type");
+    let request = Request {
+        method: &method,
+        path: &path,
+        query: &query,
+        authorization: authorization.as_deref(),
+        content_type: content_type.as_deref(),
+        body: &text,
+    };
+    let response = answer(&shared, &request);
     lock(&shared.log).push(SalesforceRequest {
         method: method.to_string(),
         path,
         query,
         authorization,
+        content_type,
         body: text,
         status: response.status().as_u16(),
     });
     response
 }
 
-fn answer(
-    shared: &Shared,
-    method: &Method,
-    path: &str,
-    query: &BTreeMap<String, String>,
-    authorization: Option<&str>,
-    body: &str,
-) -> Response {
+/// The parts of a request the double answers from.
+struct Request<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: &'a BTreeMap<String, String>,
+    authorization: Option<&'a str>,
+    content_type: Option<&'a str>,
+    body: &'a str,
+}
+
+fn answer(shared: &Shared, request: &Request<'_>) -> Response {
+    let Request {
+        method,
+        path,
+        query,
+        authorization,
+        content_type,
+        body,
+    } = *request;
     if path == "/services/oauth2/token" && method == Method::POST {
         return token(shared, body);
     }
@@ -315,6 +480,15 @@ fn answer(
     }
     {
         let mut script = lock(&shared.script);
+        match script.expire_after {
+            Some(0) => {
+                script.expire_after = None;
+                lock(&shared.tokens).clear();
+                return error(401, "INVALID_SESSION_ID", "Session expired or invalid");
+            }
+            Some(n) => script.expire_after = Some(n - 1),
+            None => {}
+        }
         if script.limit_exceeded > 0 {
             script.limit_exceeded -= 1;
             return error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.");
@@ -342,6 +516,15 @@ fn answer(
         ("PATCH", [_, "composite", "sobjects", object, field]) => upsert(shared, object, field, body),
         ("GET", [_, "query"]) => soql(shared, query.get("q").map(String::as_str).unwrap_or_default()),
         ("DELETE", [_, "composite", "sobjects"]) => destroy(shared, query),
+        ("POST", [version, "jobs", "ingest"]) => create_job(shared, version, body),
+        ("PUT", [_, "jobs", "ingest", id, "batches"]) => upload(shared, id, content_type, body),
+        ("PATCH", [_, "jobs", "ingest", id]) => change_state(shared, id, body),
+        ("GET", [_, "jobs", "ingest", id]) => poll(shared, id),
+        ("GET", [_, "jobs", "ingest", id, kind] | [_, "jobs", "ingest", id, kind, ""])
+            if *kind == "failedResults" || *kind == "successfulResults" =>
+        {
+            results(shared, id, kind)
+        }
         _ => error(404, "NOT_FOUND", "The requested resource does not exist"),
     }
 }
@@ -593,4 +776,272 @@ fn destroy(shared: &Shared, query: &BTreeMap<String, String>) -> Response {
         })
         .collect();
     respond(200, Value::Array(results))
+}
+
+fn job_info(job: &BulkJob, version: &str) -> Value {
+    let mut info = json!({
+        "id": job.id, "operation": job.operation, "object": job.object,
+        "createdById": "005xx000001Sv6eAAC", "createdDate": "2024-06-01T12:00:00.000+0000",
+        "systemModstamp": "2024-06-01T12:00:00.000+0000", "state": job.state,
+        "concurrencyMode": "Parallel", "contentType": "CSV",
+        "apiVersion": version.trim_start_matches('v').parse::<f64>().unwrap_or(61.0),
+        "jobType": "V2Ingest", "lineEnding": "LF", "columnDelimiter": "COMMA",
+        "numberRecordsProcessed": job.processed, "numberRecordsFailed": job.failed.len(),
+        "retries": 0, "totalProcessingTime": 0,
+    });
+    if let Some(field) = &job.external_id_field {
+        info["externalIdFieldName"] = json!(field);
+    }
+    if let Some(message) = &job.error_message {
+        info["errorMessage"] = json!(message);
+    }
+    info
+}
+
+fn create_job(shared: &Shared, version: &str, body: &str) -> Response {
+    let Ok(spec) = serde_json::from_str::<Value>(body) else {
+        return error(
+            400,
+            "JSON_PARSER_ERROR",
+            "Unexpected character in the request body",
+        );
+    };
+    let text = |name: &str| spec.get(name).and_then(Value::as_str).map(str::to_owned);
+    let (Some(object), Some(operation)) = (text("object"), text("operation")) else {
+        return error(400, "INVALIDJOB", "object and operation are required");
+    };
+    if !["insert", "upsert", "update", "delete", "hardDelete"].contains(&operation.as_str()) {
+        return error(400, "INVALIDJOB", &format!("Invalid operation: {operation}"));
+    }
+    if text("contentType").is_some_and(|c| c != "CSV") {
+        return error(400, "INVALIDJOB", "contentType must be CSV");
+    }
+    if text("lineEnding").is_some_and(|l| l != "LF") {
+        return error(400, "INVALIDJOB", "the double reads LF line endings only");
+    }
+    let external_id_field = text("externalIdFieldName");
+    if operation == "upsert" && external_id_field.is_none() {
+        return error(400, "INVALIDJOB", "externalIdFieldName is required for upsert");
+    }
+    let n = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let job = BulkJob {
+        id: format!("750Dn{n:010}AAA"),
+        operation,
+        object,
+        external_id_field,
+        state: "Open".to_owned(),
+        data: None,
+        error_message: None,
+        processed: 0,
+        successful: Vec::new(),
+        failed: Vec::new(),
+        header: Vec::new(),
+    };
+    let info = job_info(&job, version);
+    lock(&shared.jobs).insert(job.id.clone(), job);
+    respond(200, info)
+}
+
+fn upload(shared: &Shared, id: &str, content_type: Option<&str>, body: &str) -> Response {
+    let mut jobs = lock(&shared.jobs);
+    let Some(job) = jobs.get_mut(id) else {
+        return error(404, "NOT_FOUND", "The requested resource does not exist");
+    };
+    if job.state != "Open" || job.data.is_some() {
+        return error(409, "INVALIDJOBSTATE", "Job is not open for data upload");
+    }
+    if content_type.is_none_or(|c| !c.starts_with("text/csv")) {
+        return error(400, "INVALIDCONTENTTYPE", "Content-Type must be text/csv");
+    }
+    if body.is_empty() {
+        return error(400, "INVALIDBATCH", "The uploaded data is empty");
+    }
+    job.data = Some(body.to_owned());
+    StatusCode::CREATED.into_response()
+}
+
+fn change_state(shared: &Shared, id: &str, body: &str) -> Response {
+    let state = serde_json::from_str::<Value>(body).unwrap_or(Value::Null)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut jobs = lock(&shared.jobs);
+    let Some(job) = jobs.get_mut(id) else {
+        return error(404, "NOT_FOUND", "The requested resource does not exist");
+    };
+    match state.as_str() {
+        "UploadComplete" if job.state != "Open" => {
+            return error(409, "INVALIDJOBSTATE", "Job is not open");
+        }
+        "UploadComplete" if job.data.is_none() => {
+            return error(400, "INVALIDJOBSTATE", "No data was uploaded for the job");
+        }
+        "Aborted" if matches!(job.state.as_str(), "JobComplete" | "Failed" | "Aborted") => {
+            return error(409, "INVALIDJOBSTATE", "Job has already ended");
+        }
+        "UploadComplete" | "Aborted" => job.state = state,
+        _ => return error(400, "INVALIDJOBSTATE", "Invalid state change"),
+    }
+    respond(200, job_info(job, "v61.0"))
+}
+
+fn poll(shared: &Shared, id: &str) -> Response {
+    let hold = lock(&shared.script).hold_jobs;
+    let mut jobs = lock(&shared.jobs);
+    let Some(job) = jobs.get_mut(id) else {
+        return error(404, "NOT_FOUND", "The requested resource does not exist");
+    };
+    match job.state.as_str() {
+        "UploadComplete" => job.state = "InProgress".to_owned(),
+        "InProgress" if !hold => process(shared, job),
+        _ => {}
+    }
+    respond(200, job_info(job, "v61.0"))
+}
+
+/// Runs a job's data against the store: the header is checked, then each row.
+fn process(shared: &Shared, job: &mut BulkJob) {
+    let rows = parse_csv(job.data.as_deref().unwrap_or_default());
+    let mut rows = rows.into_iter();
+    let header = rows.next().unwrap_or_default();
+    let unknown = header.iter().find(|column| {
+        !column.contains('.') && job.object == "Contact" && !CONTACT_FIELDS.contains(&column.as_str())
+    });
+    let key_column = match job.operation.as_str() {
+        "delete" | "hardDelete" => "Id".to_owned(),
+        _ => job.external_id_field.clone().unwrap_or_else(|| "Id".to_owned()),
+    };
+    let missing_key = (job.operation != "insert" && !header.contains(&key_column)).then_some(&key_column);
+    if let Some(column) = unknown.or(missing_key) {
+        job.state = "Failed".to_owned();
+        job.error_message = Some(format!("InvalidBatch : Field name not found : {column}"));
+        return;
+    }
+    job.header = header.clone();
+    let key_at = header.iter().position(|c| *c == key_column);
+    let rejects = lock(&shared.bulk_rejects).clone();
+    let mut store = lock(&shared.store);
+    for row in rows {
+        job.processed += 1;
+        let key = key_at.and_then(|k| row.get(k)).cloned().unwrap_or_default();
+        if let Some(sf_error) = rejects.get(&key) {
+            job.failed.push((String::new(), sf_error.clone(), row));
+            continue;
+        }
+        if matches!(job.operation.as_str(), "delete" | "hardDelete") {
+            let found = store
+                .values_mut()
+                .find_map(|rows| rows.iter().position(|r| r.id == key).map(|p| rows.remove(p)));
+            match found {
+                Some(_) => job.successful.push((key, false, row)),
+                None => job
+                    .failed
+                    .push((key, "ENTITY_IS_DELETED:entity is deleted:--".to_owned(), row)),
+            }
+            continue;
+        }
+        // An empty cell leaves the field as it is; `#N/A` clears it.
+        let mut fields = Map::new();
+        for (column, cell) in header.iter().zip(&row) {
+            match cell.as_str() {
+                "" => {}
+                "#N/A" => {
+                    fields.insert(column.clone(), Value::Null);
+                }
+                text => {
+                    fields.insert(column.clone(), Value::String(text.to_owned()));
+                }
+            }
+        }
+        let records = store.entry(job.object.clone()).or_default();
+        if key.is_empty() {
+            let error = format!("MISSING_ARGUMENT:{key_column} not specified:{key_column} --");
+            job.failed.push((String::new(), error, row));
+        } else if let Some(existing) = records.iter_mut().find(|r| r.text(&key_column) == key) {
+            existing.fields.extend(fields);
+            job.successful.push((existing.id.clone(), false, row));
+        } else if job.object == "Contact"
+            && !matches!(fields.get("LastName"), Some(Value::String(s)) if !s.is_empty())
+        {
+            let error = "REQUIRED_FIELD_MISSING:Required fields are missing: [LastName]:LastName --";
+            job.failed.push((String::new(), error.to_owned(), row));
+        } else {
+            let id = new_id(shared);
+            records.push(StoredRecord {
+                id: id.clone(),
+                fields,
+            });
+            job.successful.push((id, true, row));
+        }
+    }
+    job.state = "JobComplete".to_owned();
+}
+
+fn results(shared: &Shared, id: &str, kind: &str) -> Response {
+    let jobs = lock(&shared.jobs);
+    let Some(job) = jobs.get(id) else {
+        return error(404, "NOT_FOUND", "The requested resource does not exist");
+    };
+    if !matches!(job.state.as_str(), "JobComplete" | "Failed" | "Aborted") {
+        return error(409, "INVALIDJOBSTATE", "Job has not ended");
+    }
+    let quote = |field: &str| format!("\"{}\"", field.replace('"', "\"\""));
+    let line = |fields: Vec<String>| {
+        let quoted: Vec<String> = fields.iter().map(|f| quote(f)).collect();
+        format!("{}\n", quoted.join(","))
+    };
+    let second = if kind == "failedResults" {
+        "sf__Error"
+    } else {
+        "sf__Created"
+    };
+    let mut header = vec!["sf__Id".to_owned(), second.to_owned()];
+    header.extend(job.header.iter().cloned());
+    let mut out = line(header);
+    // Salesforce does not keep the upload's order; the double reverses it.
+    if kind == "failedResults" {
+        for (sf_id, sf_error, row) in job.failed.iter().rev() {
+            let mut fields = vec![sf_id.clone(), sf_error.clone()];
+            fields.extend(row.iter().cloned());
+            out.push_str(&line(fields));
+        }
+    } else {
+        for (sf_id, created, row) in job.successful.iter().rev() {
+            let mut fields = vec![sf_id.clone(), created.to_string()];
+            fields.extend(row.iter().cloned());
+            out.push_str(&line(fields));
+        }
+    }
+    (StatusCode::OK, [("content-type", "text/csv")], out).into_response()
+}
+
+/// Reads RFC 4180 CSV with LF line endings into rows of fields.
+pub fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, other) => field.push(other),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut field)),
+            (false, '\n') => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, other) => field.push(other),
+        }
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    rows
 }

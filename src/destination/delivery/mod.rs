@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use super::{Capabilities, Connector, Operation, Record, RecordOutcome, SendError};
+use super::{Capabilities, Connector, Operation, PlannedSends, Record, RecordOutcome, SendError};
 use crate::api::DestinationSpec;
 use crate::api::duration;
 use rate_limit::RateLimiter;
@@ -187,6 +187,23 @@ impl Delivery {
             limiter,
             config,
             stats: Arc::new(DeliveryStats::default()),
+        }
+    }
+
+    /// Lets the connector adapt to what this run will send ([`Connector::for_run`]): call
+    /// once after planning, before the first batch. A connector chosen for the run brings its
+    /// own batch size (`spec.batchSize` tunes the connector's ordinary requests); the limiter,
+    /// concurrency and retry settings stay.
+    pub fn prepare(&mut self, planned: &PlannedSends) {
+        if let Some(connector) = self.connector.for_run(planned) {
+            let batch_size = connector.capabilities().max_batch_size.max(1);
+            tracing::debug!(
+                records = planned.total(),
+                batch_size,
+                "the connector chose another transport for this run"
+            );
+            self.config.batch_size = batch_size;
+            self.connector = connector;
         }
     }
 

@@ -1,6 +1,6 @@
 //! The `salesforce` destination: records of one sObject, upserted on an External ID field
-//! through the sObject Collections resource, with an OAuth 2.0 token the connector obtains
-//! and caches itself.
+//! through the sObject Collections resource, or through Bulk API 2.0 ingest jobs for large
+//! runs ([`bulk`]), with an OAuth 2.0 token the connector obtains and caches itself.
 //!
 //! - token: `POST {loginUrl}/services/oauth2/token` with the form
 //!   `grant_type=client_credentials&client_id=…&client_secret=…` (client credentials flow), or
@@ -15,7 +15,10 @@
 //! - delete (mirror): the Ids are looked up with a SOQL query on the external id
 //!   (`GET …/query?q=SELECT Id, {field} FROM {object} WHERE {field} IN (…)`), then
 //!   `DELETE …/composite/sobjects?ids=…&allOrNone=false`; a record Salesforce does not have
-//!   counts as deleted.
+//!   counts as deleted;
+//! - large runs: when the engine says a run will send at least `bulkThreshold` records
+//!   ([`Connector::for_run`]), the run gets a view of this connector that sends each batch of
+//!   up to [`bulk::BULK_JOB_RECORDS`] records as a Bulk API 2.0 ingest job (see [`bulk`]).
 //!
 //! Docs: <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_client_credentials_flow.htm>,
 //! <https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_jwt_flow.htm>,
@@ -28,7 +31,11 @@
 //! Mapped fields become the record's fields as JSON; the sync's match field gives the value of
 //! the External ID field.
 
+pub mod bulk;
+pub mod csv;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -40,11 +47,13 @@ use tokio::sync::Mutex;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
 use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
+    Capabilities, Connector, DestinationError, Operation, PlannedSends, Record, RecordOutcome, SecretData,
+    SendError,
 };
 use crate::api::SecretKeyRef;
-use crate::api::destination::{SalesforceAuth, SalesforceSpec};
+use crate::api::destination::{SalesforceAuth, SalesforceBulk, SalesforceSpec};
 use crate::redact::{MASK, Scrubber};
+use bulk::{BULK_JOB_RECORDS, BulkPolling, DEFAULT_BULK_THRESHOLD};
 
 /// Records per sObject Collections call, Salesforce's documented limit.
 pub const MAX_BATCH_SIZE: usize = 200;
@@ -102,7 +111,10 @@ struct Claims<'a> {
     exp: u64,
 }
 
-/// Salesforce sObjects, upserted on an External ID field through sObject Collections.
+/// Salesforce sObjects, upserted on an External ID field through sObject Collections, or
+/// through Bulk API 2.0 in the view [`Connector::for_run`] gives a large run. Clones share
+/// the token cache.
+#[derive(Clone)]
 pub struct SalesforceConnector {
     client: reqwest::Client,
     login_url: String,
@@ -112,9 +124,14 @@ pub struct SalesforceConnector {
     object: String,
     field: String,
     client_id: String,
-    grant: Grant,
-    token: Mutex<Option<Token>>,
+    grant: Arc<Grant>,
+    token: Arc<Mutex<Option<Token>>>,
     scrubber: Scrubber,
+    bulk: SalesforceBulk,
+    bulk_threshold: u64,
+    polling: BulkPolling,
+    /// True in the view of a run that sends through Bulk API 2.0.
+    use_bulk: bool,
 }
 
 impl std::fmt::Debug for SalesforceConnector {
@@ -123,8 +140,21 @@ impl std::fmt::Debug for SalesforceConnector {
             .field("login_url", &self.login_url)
             .field("object", &self.object)
             .field("field", &self.field)
+            .field("bulk", &self.bulk)
+            .field("use_bulk", &self.use_bulk)
             .finish_non_exhaustive()
     }
+}
+
+/// The body of a data call.
+#[derive(Debug, Clone, Copy)]
+enum Payload<'a> {
+    /// No body.
+    Empty,
+    /// A JSON body.
+    Json(&'a Json),
+    /// CSV data for a bulk job.
+    Csv(&'a [u8]),
 }
 
 /// Whether an API name (object or field) is safe to put in a path and in SOQL.
@@ -153,6 +183,8 @@ impl SalesforceConnector {
             api_version,
             auth,
             base_url,
+            bulk,
+            bulk_threshold,
         } = spec;
         for (name, value) in [("object", object), ("externalIdField", external_id_field)] {
             if !is_api_name(value) {
@@ -211,10 +243,33 @@ impl SalesforceConnector {
             object: object.clone(),
             field: external_id_field.clone(),
             client_id,
-            grant,
-            token: Mutex::new(None),
+            grant: Arc::new(grant),
+            token: Arc::new(Mutex::new(None)),
             scrubber: Scrubber::new().with_secret(secret),
+            bulk: bulk.unwrap_or_default(),
+            bulk_threshold: match bulk_threshold {
+                Some(0) | None => DEFAULT_BULK_THRESHOLD,
+                Some(n) => *n,
+            },
+            polling: BulkPolling::default(),
+            use_bulk: false,
         })
+    }
+
+    /// The same connector with other pauses between polls of a bulk job (tests use short
+    /// ones).
+    pub fn with_bulk_polling(mut self, polling: BulkPolling) -> Self {
+        self.polling = polling;
+        self
+    }
+
+    /// Whether a run that sends these records uses Bulk API 2.0.
+    fn bulk_for(&self, planned: &PlannedSends) -> bool {
+        match self.bulk {
+            SalesforceBulk::Never => false,
+            SalesforceBulk::Always => true,
+            SalesforceBulk::Auto => planned.total() >= self.bulk_threshold,
+        }
     }
 
     /// Masks the Secret's values and the given access token.
@@ -257,7 +312,7 @@ impl SalesforceConnector {
 
     /// The token request's form fields for the configured flow.
     fn grant_fields(&self) -> Result<Vec<(&'static str, String)>, SendError> {
-        match &self.grant {
+        match self.grant.as_ref() {
             Grant::ClientCredentials { client_secret } => Ok(vec![
                 ("grant_type", "client_credentials".to_owned()),
                 ("client_id", self.client_id.clone()),
@@ -355,7 +410,7 @@ impl SalesforceConnector {
 
     /// Sends one data call with the cached token, obtaining a new token once should Salesforce
     /// answer 401 `INVALID_SESSION_ID`; returns the body of a 2xx answer.
-    async fn call(&self, method: Method, path: &str, body: Option<&Json>) -> Result<Vec<u8>, SendError> {
+    async fn call(&self, method: Method, path: &str, body: Payload<'_>) -> Result<Vec<u8>, SendError> {
         let mut stale: Option<String> = None;
         loop {
             let token = self.token(stale.as_deref()).await?;
@@ -379,8 +434,11 @@ impl SalesforceConnector {
                 .client
                 .request(method.clone(), &url)
                 .header(AUTHORIZATION, auth);
-            if let Some(body) = body {
-                request = request.json(body);
+            match body {
+                Payload::Empty => {}
+                Payload::Json(json) => request = request.json(json),
+                // Copied per attempt: a repeat after a new token needs the body again.
+                Payload::Csv(csv) => request = request.header(CONTENT_TYPE, "text/csv").body(csv.to_vec()),
             }
             let response = request
                 .send()
@@ -442,6 +500,15 @@ impl SalesforceConnector {
         }
     }
 
+    /// Records per request: a collections call, or a bulk job in a bulk run's view.
+    fn max_batch_size(&self) -> usize {
+        if self.use_bulk {
+            BULK_JOB_RECORDS
+        } else {
+            MAX_BATCH_SIZE
+        }
+    }
+
     fn data_path(&self, rest: &str) -> String {
         format!("/services/data/{}{rest}", self.version)
     }
@@ -496,7 +563,7 @@ impl SalesforceConnector {
         if !sent.is_empty() {
             let path = self.data_path(&format!("/composite/sobjects/{}/{}", self.object, self.field));
             let body = json!({"allOrNone": false, "records": records});
-            let answer = self.call(Method::PATCH, &path, Some(&body)).await?;
+            let answer = self.call(Method::PATCH, &path, Payload::Json(&body)).await?;
             let read = read_results(&answer, sent.len(), false);
             for (i, outcome) in sent.iter().zip(read) {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
@@ -533,7 +600,7 @@ impl SalesforceConnector {
                     "/composite/sobjects?ids={}&allOrNone=false",
                     joined.join(",")
                 ));
-                let answer = self.call(Method::DELETE, &path, None).await?;
+                let answer = self.call(Method::DELETE, &path, Payload::Empty).await?;
                 let read = read_results(&answer, to_delete.len(), true);
                 for ((i, _), outcome) in to_delete.iter().zip(read) {
                     outcomes[*i] = Some(self.scrub_outcome(outcome));
@@ -564,7 +631,7 @@ impl SalesforceConnector {
         let mut path = self.data_path(&format!("/query?{}", query.query().unwrap_or_default()));
         let mut ids = BTreeMap::new();
         loop {
-            let answer = self.call(Method::GET, &path, None).await?;
+            let answer = self.call(Method::GET, &path, Payload::Empty).await?;
             let json: Json = serde_json::from_slice(&answer).map_err(|_| SendError::Retryable {
                 reason: format!(
                     "{VENDOR} answered a query with something other than JSON: {}",
@@ -611,7 +678,7 @@ impl SalesforceConnector {
 impl Connector for SalesforceConnector {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            max_batch_size: MAX_BATCH_SIZE,
+            max_batch_size: self.max_batch_size(),
             operations: vec![
                 Operation::Upsert,
                 Operation::Update,
@@ -627,7 +694,7 @@ impl Connector for SalesforceConnector {
     /// exists.
     async fn check(&self) -> Result<(), SendError> {
         let path = self.data_path(&format!("/sobjects/{}/describe", self.object));
-        match self.call(Method::GET, &path, None).await {
+        match self.call(Method::GET, &path, Payload::Empty).await {
             Ok(_) => Ok(()),
             Err(SendError::Fatal(reason)) if reason.contains("HTTP 404") => Err(SendError::Fatal(format!(
                 "{VENDOR} has no object {:?} (HTTP 404 from describe)",
@@ -639,21 +706,45 @@ impl Connector for SalesforceConnector {
         }
     }
 
+    /// A run that sends at least `bulkThreshold` records (or any run with `bulk: always`)
+    /// gets a view of this connector that sends through Bulk API 2.0, in batches of up to
+    /// [`BULK_JOB_RECORDS`]; the view shares the token cache.
+    fn for_run(&self, planned: &PlannedSends) -> Option<Arc<dyn Connector>> {
+        if self.use_bulk || planned.total() == 0 || !self.bulk_for(planned) {
+            return None;
+        }
+        tracing::info!(
+            object = %self.object,
+            records = planned.total(),
+            threshold = self.bulk_threshold,
+            "this run sends through Salesforce Bulk API 2.0"
+        );
+        Some(Arc::new(SalesforceConnector {
+            use_bulk: true,
+            ..self.clone()
+        }))
+    }
+
     /// Update and insert are sent as upserts on the External ID field.
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if batch.len() > MAX_BATCH_SIZE {
+        let max = self.max_batch_size();
+        if batch.len() > max {
             return Err(SendError::Fatal(format!(
-                "a batch of {} records exceeds {VENDOR}'s {MAX_BATCH_SIZE} records per call (a bug \
-                 in batching)",
-                batch.len()
+                "a batch of {} records exceeds {VENDOR}'s {max} records per {} (a bug in batching)",
+                batch.len(),
+                if self.use_bulk { "bulk job" } else { "call" }
             )));
         }
-        match operation {
-            Operation::Delete => self.delete(batch).await,
-            Operation::Upsert | Operation::Update | Operation::Insert => self.upsert(batch).await,
+        match (operation, self.use_bulk) {
+            (Operation::Delete, false) => self.delete(batch).await,
+            (Operation::Upsert | Operation::Update | Operation::Insert, false) => self.upsert(batch).await,
+            (Operation::Delete, true) => self.bulk_delete(batch).await,
+            (Operation::Upsert | Operation::Update | Operation::Insert, true) => {
+                self.bulk_upsert(batch).await
+            }
         }
     }
 }
