@@ -1,12 +1,15 @@
 # Backflow — every target describes itself: `make help`.
 CARGO ?= cargo
 QUICKSTART_DIR := .backflow/quickstart
+PYTHON ?= python3
+# The chart checks' Python tools (helm-python-sdk, kubernetes-validate, jsonschema, pytest).
+VENV ?= .venv
 
 .DEFAULT_GOAL := help
-.PHONY: help run test bench crds lint fmt
+.PHONY: help run test test-rust test-chart venv bench crds lint fmt
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it twice: the second sends nothing
 	@mkdir -p $(QUICKSTART_DIR)
@@ -14,15 +17,29 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	@test -f $(QUICKSTART_DIR)/crm.db || cp examples/quickstart/crm.db $(QUICKSTART_DIR)/crm.db
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
 
-test: ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
+test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
+
+test-rust: ## Run the Rust tests
 	$(CARGO) test --locked --lib --bins --tests
+
+test-chart: $(VENV)/.installed ## Check the Helm chart, kustomize config, samples and Argo CD health checks (tests/chart/)
+	@command -v lua5.4 >/dev/null || echo "make test-chart: lua5.4 is missing (apt-get install lua5.4; .ci/run does it): the Argo CD check will fail"
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/chart
+
+venv: $(VENV)/.installed ## Create .venv with the pinned Python tools of test-chart
+
+$(VENV)/.installed: tests/chart/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/chart/requirements.txt
+	@touch $@
 
 bench: ## Benchmark planning 1,000,000 PostgreSQL rows against raw COPY (prints figures)
 	$(CARGO) bench --locked --bench plan
 
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ from the Rust types, and their copies in the chart and config/crd
 	$(CARGO) run --quiet -- crds > /dev/null
 	BACKFLOW_WRITE_CRDS=1 $(CARGO) test --locked --test crds
+	BACKFLOW_WRITE_CRDS=1 $(CARGO) test --locked --test chart
 
 lint: ## rustfmt and clippy, warnings as errors
 	$(CARGO) fmt --all -- --check
