@@ -50,7 +50,8 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
     let poked = ctx.take_poke(&key);
     let metrics = &ctx.env.metrics;
     let labels = [key.namespace.as_str(), key.name.as_str()];
-    match schedule::period(&sync, now) {
+    // A suspended sync has no period, so the staleness alert leaves it alone.
+    match schedule::period(&sync, now).filter(|_| !sync.spec.suspend) {
         Some(p) => metrics
             .sync_schedule_period
             .with_label_values(&labels)
@@ -63,10 +64,11 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
         .status
         .as_ref()
         .is_some_and(|s| super::conditions::is_true(&s.conditions, super::conditions::READY));
-    metrics
-        .sync_ready
-        .with_label_values(&labels)
-        .set(i64::from(ready));
+    if sync.spec.suspend {
+        let _ = metrics.sync_ready.remove_label_values(&labels);
+    } else {
+        metrics.sync_ready.with_label_values(&labels).set(i64::from(ready));
+    }
 
     if ctx.runs.is_running(&key) {
         // The run task records its end, which changes the status and wakes this again.
