@@ -100,6 +100,9 @@ struct OperatorArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "backflow-operator")]
     lease_name: String,
+    /// Seconds the leader Lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Namespace of the leader Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -274,6 +277,7 @@ fn operator_config(
         leader_election: args.leader_election,
         lease_name: args.lease_name,
         lease_namespace: args.lease_namespace,
+        lease_duration: std::time::Duration::from_secs(args.lease_duration_seconds),
         identity,
         max_concurrent_runs: args.max_concurrent_runs,
         job: backflow::controller::job::JobDefaults {

@@ -12,11 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Health, OperatorConfig, OperatorError};
 
-/// Seconds a lease lasts without renewal.
-const LEASE_SECONDS: u64 = 15;
-/// Seconds before expiry at which the holder renews.
-const GRACE_SECONDS: u64 = 5;
-
 /// This replica's hold on the lease.
 pub struct Leadership {
     holding: watch::Receiver<bool>,
@@ -37,8 +32,10 @@ impl Leadership {
         let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
             .with_namespace(&config.lease_namespace)
             .with_identity(&config.identity)
-            .with_duration(LEASE_SECONDS)
-            .with_grace(GRACE_SECONDS)
+            // The holder renews a third of the duration before expiry (the crate needs
+            // 0 < grace < duration).
+            .with_duration(config.lease_duration.as_secs().max(2))
+            .with_grace((config.lease_duration.as_secs().max(2) / 3).max(1))
             .build()
             .await
             .map_err(|e| OperatorError::Leader(e.to_string()))?;

@@ -62,6 +62,9 @@ pub struct OperatorConfig {
     pub lease_namespace: String,
     /// This replica's identity (the pod name).
     pub identity: String,
+    /// How long the lease lasts without renewal; a new leader takes over at most this long
+    /// after the old one died (at once when it shut down cleanly).
+    pub lease_duration: Duration,
     /// Runs in flight at once, across all syncs (InProcess mode).
     pub max_concurrent_runs: usize,
     /// Defaults of Job-mode runs.
@@ -241,13 +244,6 @@ impl SyncIndex {
             .iter()
             .flat_map(|s| s.state())
             .collect()
-    }
-
-    /// The sync `name` of `namespace`.
-    pub fn find(&self, namespace: &str, name: &str) -> Option<Arc<ReverseSync>> {
-        self.all()
-            .into_iter()
-            .find(|s| s.namespace().as_deref() == Some(namespace) && s.name_any() == name)
     }
 
     /// Syncs of `namespace` that send to Destination `name`.

@@ -67,7 +67,10 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
     if sync.spec.suspend {
         let _ = metrics.sync_ready.remove_label_values(&labels);
     } else {
-        metrics.sync_ready.with_label_values(&labels).set(i64::from(ready));
+        metrics
+            .sync_ready
+            .with_label_values(&labels)
+            .set(i64::from(ready));
     }
 
     if ctx.runs.is_running(&key) {
@@ -99,23 +102,20 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
         return Ok(Action::await_change());
     }
 
-    let upstream: Vec<schedule::Upstream> = sync
-        .spec
-        .schedule
-        .as_ref()
-        .map(|s| s.after.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|name| {
-            let succeeded = ctx
-                .syncs
-                .find(&key.namespace, &name)
-                .and_then(|s| s.status.clone())
-                .and_then(|s| s.last_successful_sync_time)
-                .and_then(|t| schedule::parse_time(&t));
-            (name, succeeded)
-        })
-        .collect();
+    // Read fresh: the watch that wakes this sync for an upstream's success can come before
+    // the cache holds that success.
+    let mut upstream: Vec<schedule::Upstream> = Vec::new();
+    for name in sync.spec.schedule.iter().flat_map(|s| s.after.iter()) {
+        let found = api
+            .get_opt(name)
+            .await
+            .map_err(|e| ReconcileError::Kube(format!("failed to read ReverseSync {name}: {e}")))?;
+        let succeeded = found
+            .and_then(|s| s.status)
+            .and_then(|s| s.last_successful_sync_time)
+            .and_then(|t| schedule::parse_time(&t));
+        upstream.push((name.clone(), succeeded));
+    }
     let mut decision = schedule::decide(&sync, &upstream, now);
     if decision.run.is_none() && poked && sync.status.as_ref().is_some_and(|s| s.consecutive_failures > 0) {
         // A Destination or Secret it uses changed: the failure may be fixed.

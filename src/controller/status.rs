@@ -14,9 +14,10 @@ use crate::api::reverse_sync::{PlanPreview, PlanSampleKey, ReverseSyncStatus, Ru
 use crate::engine::run::{RunReport, RunResult};
 use crate::engine::setup::SetupError;
 
-/// Formats a time as the status writes it.
+/// Formats a time as the status writes it: RFC 3339 in UTC with milliseconds, so that runs
+/// within one second still order (`schedule.after` compares them).
 pub fn rfc3339(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Marks a run as started.
@@ -57,6 +58,7 @@ pub fn run_started(
 }
 
 /// How a finished run reads on the resource.
+#[derive(Debug)]
 pub struct Outcome {
     /// The condition reason (`Succeeded`, `RowsRejected`, or the error's category).
     pub reason: String,

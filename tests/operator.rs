@@ -1,0 +1,787 @@
+//! The operator end to end: real controllers and a real `kube::Client` over the in-memory API
+//! server double (`support::apiserver`), a SQLite warehouse, and an HTTP destination double.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use backflow::api::{Destination, ReverseSync};
+use backflow::controller::job::JobDefaults;
+use backflow::controller::{Health, OperatorConfig, run_controllers};
+use backflow::metrics::Metrics;
+use support::apiserver::ApiServer;
+use support::http_server::{Behaviour, HttpDouble};
+use support::sqlite::TempSqlite;
+
+const NS: &str = "team-a";
+
+/// A running operator over the API double, with a warehouse and a webhook double.
+struct Harness {
+    /// Kept alive for the test's length.
+    _server: ApiServer,
+    client: Client,
+    warehouse: TempSqlite,
+    webhook: HttpDouble,
+    metrics: Metrics,
+    health: Health,
+    stop: CancellationToken,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn config() -> OperatorConfig {
+    OperatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        namespaces: vec![],
+        leader_election: false,
+        lease_name: "backflow-operator".into(),
+        lease_namespace: "backflow-system".into(),
+        identity: "test-operator".into(),
+        lease_duration: Duration::from_secs(2),
+        max_concurrent_runs: 2,
+        job: JobDefaults {
+            image: "backflow:test".into(),
+            service_account: Some("backflow-run".into()),
+            ttl_seconds_after_finished: 600,
+            ..JobDefaults::default()
+        },
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+impl Harness {
+    async fn start(rows: usize) -> Harness {
+        Harness::start_with(rows, Behaviour::accept_all()).await
+    }
+
+    async fn start_with(rows: usize, webhook: Behaviour) -> Harness {
+        let server = ApiServer::start().await;
+        let client = server.client();
+        let values: Vec<String> = (1..=rows)
+            .map(|i| format!("({i}, 'user{i}@example.com', 'plan{}')", i % 3))
+            .collect();
+        let warehouse = TempSqlite::new(&format!(
+            "CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, plan TEXT);
+             INSERT INTO customers VALUES {};",
+            values.join(",")
+        ))
+        .await;
+        let webhook = HttpDouble::start(webhook).await;
+        let h = Harness {
+            _server: server,
+            client,
+            warehouse,
+            webhook,
+            metrics: Metrics::new().unwrap(),
+            health: Health::default(),
+            stop: CancellationToken::new(),
+            operator: None,
+        };
+        h.apply_secret("warehouse", json!({"url": h.warehouse.url})).await;
+        h.apply_secret("webhook-token", json!({"token": "s3cr3t-token-value"}))
+            .await;
+        h.apply_destination(
+            "webhook",
+            json!({
+                "type": "http",
+                "credentialsSecretRef": {"name": "webhook-token"},
+                "http": {
+                    "url": h.webhook.url_for("/hook/{{operation}}"),
+                    "headers": {"Authorization": "Bearer {{secret.token}}"}
+                }
+            }),
+        )
+        .await;
+        h
+    }
+
+    fn run_operator(&mut self, config: OperatorConfig) {
+        let client = self.client.clone();
+        let metrics = self.metrics.clone();
+        let health = self.health.clone();
+        let stop = self.stop.clone();
+        self.operator = Some(tokio::spawn(async move {
+            run_controllers(client, &config, metrics, health, stop).await;
+        }));
+    }
+
+    async fn stop(mut self) {
+        self.stop_operator().await;
+    }
+
+    /// Stops the operator (SIGTERM) and waits for it; the API server stays up.
+    async fn stop_operator(&mut self) {
+        self.stop.cancel();
+        if let Some(op) = self.operator.take() {
+            tokio::time::timeout(Duration::from_secs(20), op)
+                .await
+                .expect("the operator stops within its grace period")
+                .unwrap();
+        }
+    }
+
+    async fn apply_secret(&self, name: &str, string_data: serde_json::Value) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            // The API server turns stringData into data; the double stores what it is given.
+            "data": string_data.as_object().unwrap().iter()
+                .map(|(k, v)| (k.clone(), json!(base64(v.as_str().unwrap()))))
+                .collect::<serde_json::Map<_, _>>(),
+        }))
+        .unwrap();
+        match api.get_opt(name).await.unwrap() {
+            Some(old) => {
+                let mut s = secret;
+                s.metadata.resource_version = old.resource_version();
+                api.replace(name, &PostParams::default(), &s).await.unwrap();
+            }
+            None => {
+                api.create(&PostParams::default(), &secret).await.unwrap();
+            }
+        }
+    }
+
+    async fn apply_destination(&self, name: &str, spec: serde_json::Value) {
+        let d: Destination = serde_json::from_value(json!({
+            "apiVersion": "backflow.dev/v1alpha1", "kind": "Destination",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec
+        }))
+        .unwrap();
+        Api::<Destination>::namespaced(self.client.clone(), NS)
+            .create(&PostParams::default(), &d)
+            .await
+            .unwrap();
+    }
+
+    async fn apply_sync(&self, name: &str, extra: serde_json::Value) {
+        let mut spec = json!({
+            "source": {
+                "connectionSecretRef": {"name": "warehouse"},
+                "query": "SELECT id, email, plan FROM customers",
+                "primaryKey": ["id"]
+            },
+            "destinationRef": {"name": "webhook"},
+            "mode": "upsert",
+            "mappings": [{"from": "id", "to": "id"}, {"from": "email", "to": "email"}, {"from": "plan", "to": "plan"}]
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_object() && spec[k].is_object() {
+                for (k2, v2) in v.as_object().unwrap() {
+                    spec[k][k2] = v2.clone();
+                }
+            } else {
+                spec[k] = v.clone();
+            }
+        }
+        let s: ReverseSync = serde_json::from_value(json!({
+            "apiVersion": "backflow.dev/v1alpha1", "kind": "ReverseSync",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec
+        }))
+        .unwrap();
+        self.syncs().create(&PostParams::default(), &s).await.unwrap();
+    }
+
+    fn syncs(&self) -> Api<ReverseSync> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    /// Polls the sync until `check` holds (30 s at most).
+    async fn wait_sync(&self, name: &str, what: &str, check: impl Fn(&ReverseSync) -> bool) -> ReverseSync {
+        let api = self.syncs();
+        for _ in 0..300 {
+            if let Some(s) = api.get_opt(name).await.unwrap() {
+                if check(&s) {
+                    return s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let last = api.get_opt(name).await.unwrap();
+        panic!(
+            "timed out waiting for {what}; last status: {}",
+            serde_json::to_string_pretty(&last.and_then(|s| s.status)).unwrap()
+        );
+    }
+
+    async fn events(&self) -> Vec<Event> {
+        Api::<Event>::namespaced(self.client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+    }
+}
+
+fn base64(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn condition<'a>(
+    s: &'a ReverseSync,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    s.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn is(s: &ReverseSync, type_: &str, status: &str) -> bool {
+    condition(s, type_).is_some_and(|c| c.status == status)
+}
+
+fn runs(s: &ReverseSync) -> Option<&backflow::api::reverse_sync::RunSummary> {
+    s.status.as_ref()?.last_run.as_ref()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_runs_reports_on_its_status_and_a_requested_run_sends_nothing_new() {
+    let mut h = Harness::start(40).await;
+    h.run_operator(config());
+    h.apply_sync("customers", json!({})).await;
+
+    let s = h
+        .wait_sync("customers", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(
+        (run.rows_in_model, run.rows_added, run.result.as_str()),
+        (40, 40, "Succeeded")
+    );
+    assert_eq!(run.trigger.as_deref(), Some("SpecChanged"));
+    assert!(is(&s, "Reconciling", "False") && is(&s, "Stalled", "False"));
+    let status = s.status.clone().unwrap();
+    assert_eq!(status.observed_generation, s.metadata.generation);
+    assert!(status.last_successful_sync_time.is_some());
+    assert!(s.finalizers().contains(&"backflow.dev/cleanup".to_owned()));
+    assert_eq!(h.webhook.accepted_records().len(), 40);
+    assert!(
+        h.webhook.requests()[0].header("authorization") == Some("Bearer s3cr3t-token-value"),
+        "the Destination's Secret is used"
+    );
+
+    // State lives in ConfigMaps owned by the sync.
+    let cms = Api::<ConfigMap>::namespaced(h.client.clone(), NS)
+        .list(&ListParams::default().labels("backflow.dev/sync=customers"))
+        .await
+        .unwrap();
+    assert!(!cms.items.is_empty(), "state ConfigMaps exist");
+    assert!(
+        cms.items
+            .iter()
+            .all(|c| c.owner_references().iter().any(|o| o.name == "customers"))
+    );
+
+    // Events and metrics say so; no secret anywhere.
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SyncSucceeded")),
+        "{events:?}"
+    );
+    let exposition = h.metrics.render();
+    assert!(
+        exposition.contains(
+            "backflow_sync_runs_total{namespace=\"team-a\",result=\"Succeeded\",sync=\"customers\"} 1"
+        ),
+        "{exposition}"
+    );
+    let everything = format!("{:?}{:?}{exposition}", s.status, events);
+    assert!(!everything.contains("s3cr3t-token-value"));
+
+    // A new requested-at value runs again; nothing changed, so nothing is sent.
+    let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "2026-11-25T10:00:00Z"}}});
+    h.syncs()
+        .patch("customers", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("customers", "the requested run", |s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.last_handled_requested_at.as_deref())
+                == Some("2026-11-25T10:00:00Z")
+                && runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested") && r.end.is_some())
+                && is(s, "Reconciling", "False")
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!((run.rows_unchanged, run.rows_added, run.requests), (40, 0, 0));
+    assert_eq!(h.webhook.accepted_records().len(), 40, "nothing new was sent");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_stalls_the_sync_until_it_is_created() {
+    let mut h = Harness::start(5).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "customers",
+        json!({"source": {"connectionSecretRef": {"name": "not-yet"}}}),
+    )
+    .await;
+    let s = h
+        .wait_sync("customers", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "SecretNotFound")
+    );
+    assert!(
+        c.message.contains("\"not-yet\"") && c.message.contains(NS),
+        "{}",
+        c.message
+    );
+    assert!(
+        h.events()
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SyncFailed"))
+    );
+
+    h.apply_secret("not-yet", json!({"url": h.warehouse.url})).await;
+    let s = h
+        .wait_sync("customers", "a run once the Secret exists", |s| {
+            is(s, "Ready", "True")
+        })
+        .await;
+    assert!(is(&s, "Stalled", "False"));
+    assert_eq!(runs(&s).unwrap().rows_added, 5);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_to_other_namespaces_invalid_specs_and_suspended_syncs_run_nothing() {
+    let mut h = Harness::start(3).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "elsewhere",
+        json!({"destinationRef": {"name": "webhook", "namespace": "team-b"}}),
+    )
+    .await;
+    h.apply_sync("bad-cron", json!({"schedule": {"cron": "every day"}}))
+        .await;
+    h.apply_sync("paused", json!({"suspend": true})).await;
+
+    let s = h
+        .wait_sync("elsewhere", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Stalled").unwrap();
+    assert_eq!(c.reason, "CrossNamespaceReference");
+    assert!(c.message.contains("team-b"), "{}", c.message);
+
+    let s = h
+        .wait_sync("bad-cron", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Stalled").unwrap();
+    assert_eq!(c.reason, "InvalidSpec");
+    assert!(c.message.contains("spec.schedule.cron"), "{}", c.message);
+    assert!(runs(&s).is_none());
+
+    let s = h
+        .wait_sync("paused", "Suspended", |s| {
+            condition(s, "Ready").is_some_and(|c| c.reason == "Suspended")
+        })
+        .await;
+    assert!(runs(&s).is_none());
+    assert_eq!(h.webhook.request_count(), 0, "nothing was sent");
+
+    // Resuming runs it.
+    h.syncs()
+        .patch(
+            "paused",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap();
+    h.wait_sync("paused", "a run after resuming", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(h.webhook.accepted_records().len(), 3);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_previews_the_plan_without_sending() {
+    let mut h = Harness::start(12).await;
+    h.run_operator(config());
+    h.apply_sync("preview", json!({"dryRun": true})).await;
+    let s = h
+        .wait_sync("preview", "a preview", |s| {
+            s.status.as_ref().is_some_and(|st| st.plan.is_some())
+        })
+        .await;
+    let plan = s.status.clone().unwrap().plan.unwrap();
+    assert_eq!(
+        (plan.add, plan.change, plan.remove, plan.unchanged),
+        (12, 0, 0, 0)
+    );
+    assert_eq!(Some(plan.generation), s.metadata.generation);
+    assert!(!plan.samples.is_empty() && plan.samples.iter().all(|p| p.operation == "upsert"));
+    assert_eq!(condition(&s, "Ready").unwrap().reason, "Previewed");
+    assert_eq!(h.webhook.request_count(), 0);
+    assert!(
+        s.status.unwrap().last_successful_sync_time.is_none(),
+        "a preview is not a sync"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_scheduled_after_another_runs_when_that_one_succeeded() {
+    let mut h = Harness::start(4).await;
+    h.run_operator(config());
+    h.apply_sync("downstream", json!({"schedule": {"after": ["upstream"]}}))
+        .await;
+    // It runs once for its new spec, then waits for the upstream.
+    let first = h
+        .wait_sync("downstream", "its first run", |s| is(s, "Ready", "True"))
+        .await;
+    let first_start = runs(&first).unwrap().start.clone();
+    h.apply_sync("upstream", json!({})).await;
+    h.wait_sync("upstream", "the upstream run", |s| is(s, "Ready", "True"))
+        .await;
+    let s = h
+        .wait_sync("downstream", "a run after the upstream", |s| {
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.start != first_start)
+        })
+        .await;
+    assert_eq!(runs(&s).unwrap().rows_unchanged, 4);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_sync_removes_its_state_and_the_finalizer() {
+    let mut h = Harness::start(6).await;
+    h.run_operator(config());
+    h.apply_sync("customers", json!({})).await;
+    h.wait_sync("customers", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), NS);
+    let labels = ListParams::default().labels("backflow.dev/sync=customers");
+    assert!(!cms.list(&labels).await.unwrap().items.is_empty());
+
+    h.syncs()
+        .delete("customers", &DeleteParams::default())
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if h.syncs().get_opt("customers").await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        h.syncs().get_opt("customers").await.unwrap().is_none(),
+        "the finalizer was removed"
+    );
+    assert!(cms.list(&labels).await.unwrap().items.is_empty(), "state deleted");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
+    let mut h = Harness::start(2).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "in-a-job",
+        json!({"execution": {"mode": "Job", "jobTemplate": {"nodeSelector": {"pool": "etl"}}}}),
+    )
+    .await;
+    let s = h
+        .wait_sync("in-a-job", "a Job", |s| {
+            s.status.as_ref().is_some_and(|st| st.active_job.is_some())
+        })
+        .await;
+    assert!(is(&s, "Reconciling", "True"));
+    let job_name = s.status.unwrap().active_job.unwrap();
+    let jobs: Api<Job> = Api::namespaced(h.client.clone(), NS);
+    let job = jobs.get(&job_name).await.unwrap();
+    let pod = job.spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.containers[0].args.clone().unwrap(),
+        [
+            "run",
+            "--namespace",
+            NS,
+            "--sync",
+            "in-a-job",
+            "--trigger",
+            "SpecChanged"
+        ]
+    );
+    assert_eq!(pod.containers[0].image.as_deref(), Some("backflow:test"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
+    assert_eq!(pod.node_selector.unwrap()["pool"], "etl");
+    assert_eq!(
+        h.webhook.request_count(),
+        0,
+        "the operator itself sends nothing in Job mode"
+    );
+
+    // Kubernetes reports the Job failed before its pod recorded anything.
+    let failed = json!({"status": {"failed": 1, "conditions": [{
+        "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+        "message": "Job was active longer than specified deadline"}]}});
+    jobs.patch_status(&job_name, &PatchParams::default(), &Patch::Merge(&failed))
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("in-a-job", "the failure reflected", |s| {
+            s.status.as_ref().is_some_and(|st| st.active_job.is_none()) && is(s, "Ready", "False")
+        })
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.reason, "JobFailed");
+    assert!(
+        c.message.contains("DeadlineExceeded") && c.message.contains(&job_name),
+        "{}",
+        c.message
+    );
+    assert_eq!(s.status.unwrap().consecutive_failures, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_pod_command_runs_the_sync_and_writes_status_and_state() {
+    let h = Harness::start(7).await;
+    h.apply_sync("customers", json!({"execution": {"mode": "Job"}}))
+        .await;
+    let outcome = backflow::controller::cluster_run::run_in_cluster(
+        h.client.clone(),
+        NS,
+        "customers",
+        backflow::controller::schedule::Trigger::Schedule,
+        "pod-1",
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(!outcome.failed, "{}", outcome.message);
+    let s = h.syncs().get("customers").await.unwrap();
+    let run = runs(&s).unwrap();
+    assert_eq!((run.rows_added, run.trigger.as_deref()), (7, Some("Schedule")));
+    assert!(is(&s, "Ready", "True"));
+    assert_eq!(h.webhook.accepted_records().len(), 7);
+
+    // A second run finds the state the first one wrote.
+    let outcome = backflow::controller::cluster_run::run_in_cluster(
+        h.client.clone(),
+        NS,
+        "customers",
+        backflow::controller::schedule::Trigger::Schedule,
+        "pod-2",
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(!outcome.failed);
+    assert_eq!(
+        runs(&h.syncs().get("customers").await.unwrap())
+            .unwrap()
+            .rows_unchanged,
+        7
+    );
+
+    let missing = backflow::controller::cluster_run::run_in_cluster(
+        h.client.clone(),
+        NS,
+        "nope",
+        backflow::controller::schedule::Trigger::Schedule,
+        "pod-3",
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(missing.unwrap_err().to_string().contains("\"nope\""));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_report_ready_or_why_not() {
+    let mut h = Harness::start(1).await;
+    h.apply_destination(
+        "no-creds",
+        json!({
+            "type": "http",
+            "credentialsSecretRef": {"name": "missing"},
+            "http": {"url": h.webhook.url_for("/x")}
+        }),
+    )
+    .await;
+    h.run_operator(config());
+    let api: Api<Destination> = Api::namespaced(h.client.clone(), NS);
+    let ready = |d: &Destination, status: &str| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == status)
+    };
+    let mut ok = None;
+    let mut bad = None;
+    for _ in 0..300 {
+        let a = api.get("webhook").await.unwrap();
+        let b = api.get("no-creds").await.unwrap();
+        if ready(&a, "True") && ready(&b, "False") {
+            ok = Some(a);
+            bad = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, bad) = (ok.expect("webhook Ready"), bad.expect("no-creds not Ready"));
+    assert_eq!(ok.status.unwrap().observed_generation, ok.metadata.generation);
+    let c = bad
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Stalled")
+        .unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "SecretNotFound"));
+    assert!(
+        h.metrics
+            .render()
+            .contains("backflow_destination_ready{destination=\"webhook\",namespace=\"team-a\"} 1")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_are_served_on_one_port() {
+    let metrics = Metrics::new().unwrap();
+    let health = Health::default();
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(backflow::controller::server::serve(
+        listener,
+        metrics,
+        health.clone(),
+        stop.clone(),
+    ));
+    let get = |path: &str| {
+        let url = format!("http://{addr}{path}");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 503);
+    health.set_ready(true);
+    assert_eq!(get("/readyz").await.0, 200);
+    let (code, body) = get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("backflow_build_info"), "{body}");
+    stop.cancel();
+    server.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_run_in_flight_commit() {
+    // Slow destination: each request takes a while, so shutdown lands mid-run.
+    let mut h = Harness::start_with(
+        600,
+        Behaviour::accept_all().with_delay(Duration::from_millis(150)),
+    )
+    .await;
+    h.apply_destination(
+        "slow",
+        json!({
+            "type": "http", "batchSize": 10, "maxConcurrency": 1,
+            "http": {"url": h.webhook.url_for("/slow")}
+        }),
+    )
+    .await;
+    h.run_operator(config());
+    h.apply_sync("slow-sync", json!({"destinationRef": {"name": "slow"}}))
+        .await;
+    h.wait_sync("slow-sync", "the run to start", |s| is(s, "Reconciling", "True"))
+        .await;
+    while h.webhook.request_count() < 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop_operator().await;
+    let s = h.syncs().get("slow-sync").await.unwrap();
+    let run = runs(&s).unwrap();
+    assert_eq!(run.result, "Failed");
+    assert!(
+        run.error.as_deref().unwrap_or_default().contains("cancelled"),
+        "{run:?}"
+    );
+    assert!(is(&s, "Reconciling", "False"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_only_the_lease_holder_reconciles_and_the_other_takes_over() {
+    let h = Harness::start(3).await;
+    let lease_config = |identity: &str| OperatorConfig {
+        leader_election: true,
+        identity: identity.into(),
+        ..config()
+    };
+    let holder = |h: &Harness| {
+        h._server
+            .object(
+                "coordination.k8s.io/v1/leases",
+                "backflow-system",
+                "backflow-operator",
+            )
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    let stop_a = CancellationToken::new();
+    let a = tokio::spawn(backflow::controller::run_operator(
+        h.client.clone(),
+        lease_config("op-a"),
+        stop_a.clone(),
+    ));
+    for _ in 0..100 {
+        if holder(&h).as_deref() == Some("op-a") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(holder(&h).as_deref(), Some("op-a"));
+    let stop_b = CancellationToken::new();
+    let b = tokio::spawn(backflow::controller::run_operator(
+        h.client.clone(),
+        lease_config("op-b"),
+        stop_b.clone(),
+    ));
+    h.apply_sync("first", json!({})).await;
+    h.wait_sync("first", "a run by the leader", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(
+        holder(&h).as_deref(),
+        Some("op-a"),
+        "the standby did not take the lease"
+    );
+
+    // The leader shuts down and releases the lease; the standby takes over and reconciles.
+    stop_a.cancel();
+    tokio::time::timeout(Duration::from_secs(20), a)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    h.apply_sync("second", json!({})).await;
+    h.wait_sync("second", "a run by the new leader", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(holder(&h).as_deref(), Some("op-b"));
+    stop_b.cancel();
+    tokio::time::timeout(Duration::from_secs(20), b)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    h.stop().await;
+}
