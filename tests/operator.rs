@@ -198,10 +198,10 @@ impl Harness {
     async fn wait_sync(&self, name: &str, what: &str, check: impl Fn(&ReverseSync) -> bool) -> ReverseSync {
         let api = self.syncs();
         for _ in 0..300 {
-            if let Some(s) = api.get_opt(name).await.unwrap() {
-                if check(&s) {
-                    return s;
-                }
+            if let Some(s) = api.get_opt(name).await.unwrap()
+                && check(&s)
+            {
+                return s;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
