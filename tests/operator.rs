@@ -785,3 +785,140 @@ async fn of_two_replicas_only_the_lease_holder_reconciles_and_the_other_takes_ov
         .unwrap();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_one_percent_changed_and_a_request_sends_exactly_those_rows_and_a_spec_edit_reruns() {
+    let pg = support::db::TestDb::postgres("operator").await;
+    pg.exec(
+        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
+         INSERT INTO customers SELECT g, 'user' || g || '@example.com', 'free' FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    let mut h = Harness::start(1).await;
+    h.apply_secret("pg", json!({"url": pg.url})).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "pg-sync",
+        json!({"source": {"connectionSecretRef": {"name": "pg"}}}),
+    )
+    .await;
+    let s = h
+        .wait_sync("pg-sync", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(runs(&s).unwrap().rows_added, 1000);
+    let first_fingerprint = runs(&s).unwrap().fingerprint.clone();
+
+    pg.exec("UPDATE customers SET plan = 'pro' WHERE id % 100 = 0")
+        .await;
+    let before = h.webhook.accepted_records().len();
+    let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "one-percent"}}});
+    h.syncs()
+        .patch("pg-sync", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("pg-sync", "the requested run", |s| {
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested"))
+                && is(s, "Reconciling", "False")
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(
+        (run.rows_changed, run.rows_unchanged, run.rows_added),
+        (10, 990, 0)
+    );
+    assert_ne!(run.fingerprint, first_fingerprint);
+    let sent: Vec<_> = h.webhook.accepted_records()[before..].to_vec();
+    assert_eq!(sent.len(), 10);
+    assert!(
+        sent.iter()
+            .all(|r| r["plan"] == "pro" && r["id"].as_i64().unwrap() % 100 == 0),
+        "{sent:?}"
+    );
+
+    // A new mapping is a new spec: it runs again and sends every row in the new shape.
+    let mut edited = h.syncs().get("pg-sync").await.unwrap();
+    edited
+        .spec
+        .mappings
+        .push(serde_json::from_value(json!({"template": "{{plan}}-tier", "to": "tier"})).unwrap());
+    h.syncs()
+        .replace("pg-sync", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("pg-sync", "a run for the edited spec", |s| {
+            runs(s).is_some_and(|r| r.generation == Some(2) && r.end.is_some())
+                && is(s, "Reconciling", "False")
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(
+        (run.trigger.as_deref(), run.rows_changed),
+        (Some("SpecChanged"), 1000)
+    );
+    assert!(
+        h.webhook.accepted_records().last().unwrap()["tier"]
+            .as_str()
+            .unwrap()
+            .ends_with("-tier")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sql_and_a_destination_that_is_not_ready_say_why_and_recover_when_fixed() {
+    let mut h = Harness::start(4).await;
+    h.apply_destination(
+        "down",
+        json!({
+            "type": "http",
+            "http": {
+                "url": "http://127.0.0.1:9/unreachable",
+                "checkUrl": "http://127.0.0.1:9/health"
+            },
+            "retry": {"maxAttempts": 1}
+        }),
+    )
+    .await;
+    h.run_operator(config());
+    h.apply_sync(
+        "bad-sql",
+        json!({"source": {"query": "SELECT id, email, plan FROM no_such_table"}}),
+    )
+    .await;
+    h.apply_sync("to-down", json!({"destinationRef": {"name": "down"}}))
+        .await;
+
+    let s = h
+        .wait_sync("bad-sql", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("no_such_table"), "{}", c.message);
+    let s = h
+        .wait_sync("to-down", "Ready=False", |s| is(s, "Ready", "False"))
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.reason, "DestinationNotReady", "{}", c.message);
+    assert!(
+        h.events()
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DestinationNotReady"))
+    );
+
+    // Fixing the query (a new spec) recovers.
+    let mut fixed = h.syncs().get("bad-sql").await.unwrap();
+    fixed.spec.source.query = "SELECT id, email, plan FROM customers".into();
+    h.syncs()
+        .replace("bad-sql", &PostParams::default(), &fixed)
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("bad-sql", "recovery", |s| is(s, "Ready", "True"))
+        .await;
+    assert!(is(&s, "Stalled", "False"));
+    assert_eq!(s.status.unwrap().consecutive_failures, 0);
+    h.stop().await;
+}
