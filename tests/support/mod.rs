@@ -3,6 +3,7 @@
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod braze_double;
 pub mod customerio_double;
 pub mod db;
