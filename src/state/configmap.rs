@@ -68,8 +68,9 @@ const FORMAT: u32 = 1;
 const SHARD_MAGIC: &[u8; 5] = b"BFSH1";
 const JOURNAL_MAGIC: &[u8; 5] = b"BFCK1";
 
-/// zstd's default level: on 100k fingerprints it packs 4.6x at ~350 MB/s, where flate2's
-/// default packs 3.8x at 26 MB/s (see the crate's closing note for the measurement).
+/// zstd's default level. Measured on 100k entries (integer keys, email identities, 5.8 MB):
+/// zstd 3 packs 4.6x at ~350 MB/s and unpacks in 9 ms; flate2 (miniz) packs 3.3x at level 1
+/// (290 MB/s) and 3.8x at level 6 (26 MB/s). With UUID keys: 2.86x against 2.69x.
 const ZSTD_LEVEL: i32 = 3;
 /// Target compressed size of one shard or journal. base64 makes 640 KiB about 853 KiB of
 /// JSON, well under the 1 MiB object limit with the metadata.
@@ -800,6 +801,11 @@ impl StateStore for ConfigMapStore {
             .iter()
             .any(|o| o.kind == Some(Kind::Journal) && o.generation == Some(base.generation));
         if !unfolded {
+            // This run's checkpoints are gone only if another writer folded them.
+            let claimed = self.view()?.claimed;
+            if claimed && self.current_resource_version().await? != seen {
+                return Err(StateError::Locked(self.location(&self.index_name)));
+            }
             self.delete_stale(&objects, base.generation, &base).await;
             self.view = None;
             return Ok(());
@@ -1171,7 +1177,7 @@ mod tests {
     fn shards_stay_under_the_budget_even_for_incompressible_rows_and_decode_back() {
         // Identities of random hex compress badly: the worst case for the budget.
         let rows = entries(60_000, |i| {
-            let (a, b) = (xxh3_64(&i.to_le_bytes()), xxh3_64(&(i + 1 << 32).to_le_bytes()));
+            let (a, b) = (xxh3_64(&i.to_le_bytes()), xxh3_64(&(i + (1 << 32)).to_le_bytes()));
             format!("{{\"h\":\"{a:016x}{b:016x}\"}}")
         });
         let blobs = pack_shards("ns/dest", 4, &rows);
