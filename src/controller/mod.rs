@@ -532,7 +532,13 @@ fn sync_controller(
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
     let fut = controller
         .owns(api_for::<Job>(client, namespace), managed.clone())
-        .owns(api_for::<ConfigMap>(client, namespace), managed)
+        // Only the state index: a checkpoint writes a journal ConfigMap, which need not wake
+        // the sync; a changed or deleted index should.
+        .owns(
+            api_for::<ConfigMap>(client, namespace),
+            watcher::Config::default()
+                .labels("app.kubernetes.io/managed-by=backflow,backflow.dev/state=index"),
+        )
         // A sync that finished wakes the syncs that run after it.
         .watches(syncs, watcher::Config::default(), move |s: ReverseSync| {
             let ns = s.namespace().unwrap_or_default();
