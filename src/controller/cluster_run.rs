@@ -85,5 +85,8 @@ pub async fn run_in_cluster(
         limiters: std::sync::Arc::new(Limiters::default()),
     };
     let how = format!("running in pod {identity}");
-    Ok(runner::execute(&env, &sync, &trigger, &how, cancel).await)
+    let span =
+        tracing::info_span!("run", namespace = %namespace, sync = %name, run_id = %uuid::Uuid::new_v4());
+    let run = runner::execute(&env, &sync, &trigger, &how, cancel);
+    Ok(tracing::Instrument::instrument(run, span).await)
 }
