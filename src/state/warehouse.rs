@@ -260,7 +260,7 @@ impl WarehouseStore {
         if self.locked {
             return Ok(());
         }
-        let hash = xxh3_64(format!("backflow-state:{}", self.config.sync_id).as_bytes());
+        let hash = self.lock_hash();
         let got = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(hash as i64)
@@ -290,7 +290,7 @@ impl WarehouseStore {
         if !self.locked {
             return;
         }
-        let hash = xxh3_64(format!("backflow-state:{}", self.config.sync_id).as_bytes());
+        let hash = self.lock_hash();
         let released = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => sqlx::query("SELECT pg_advisory_unlock($1)")
                 .bind(hash as i64)
@@ -310,6 +310,11 @@ impl WarehouseStore {
             self.conn = None;
         }
         self.locked = false;
+    }
+
+    /// The run lock's key: per schema and sync (MySQL's named locks are server-wide).
+    fn lock_hash(&self) -> u64 {
+        xxh3_64(format!("backflow-state:{}:{}", self.config.schema, self.config.sync_id).as_bytes())
     }
 
     fn table_names(&self) -> Vec<&'static str> {
@@ -513,12 +518,12 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
                     .fetch_optional(c)
                     .await
             }
-            Some(Conn::My(c)) => {
-                sqlx::query_scalar::<_, String>(&format!("{sql}?"))
-                    .bind(&sync_id)
-                    .fetch_optional(c)
-                    .await
-            }
+            // Columns in utf8mb4_bin arrive flagged binary, which sqlx will not decode as text.
+            Some(Conn::My(c)) => sqlx::query_scalar::<_, Vec<u8>>(&format!("{sql}?"))
+                .bind(&sync_id)
+                .fetch_optional(c)
+                .await
+                .map(|s| s.map(|b| String::from_utf8_lossy(&b).into_owned())),
             None => Ok(None),
         };
         scope.map_err(|e| self.sql_error("read the sync's scope", e))
@@ -554,10 +559,15 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
                 let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(c);
                 async {
                     while let Some(row) = rows.try_next().await? {
+                        // utf8mb4_bin columns arrive flagged binary: decode their bytes.
+                        let text = |i: usize| -> Result<&str, sqlx::Error> {
+                            std::str::from_utf8(row.try_get::<&[u8], _>(i)?)
+                                .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+                        };
                         set.push_unindexed(EntryRef {
-                            key: row.try_get::<&str, _>(0)?,
+                            key: text(0)?,
                             fingerprint: row.try_get::<i64, _>(1)? as u64,
-                            identity: row.try_get::<&str, _>(2)?,
+                            identity: text(2)?,
                         });
                     }
                     Ok(())
