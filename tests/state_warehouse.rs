@@ -101,7 +101,13 @@ async fn round_trip(db: TestDb) {
         .await
         .unwrap();
     store
-        .commit("dest", &[put("1", 5, "{\"id\":1}"), StateChange::Remove { key: "gone".into() }])
+        .commit(
+            "dest",
+            &[
+                put("1", 5, "{\"id\":1}"),
+                StateChange::Remove { key: "gone".into() },
+            ],
+        )
         .await
         .unwrap();
     store.finish("dest").await.unwrap();
@@ -153,7 +159,10 @@ async fn durability_and_scope(db: TestDb) {
     assert!(back.load("a").await.unwrap().is_empty());
     back.end_run(&end(false)).await.unwrap();
     let mut b = WarehouseStore::new(config(&db, "ns/s"));
-    assert_eq!(entries(&b.load("b").await.unwrap()), vec![("9".to_owned(), 9, "{}".to_owned())]);
+    assert_eq!(
+        entries(&b.load("b").await.unwrap()),
+        vec![("9".to_owned(), 9, "{}".to_owned())]
+    );
 }
 
 #[tokio::test]
@@ -174,7 +183,10 @@ async fn lock(db: TestDb) {
     assert!(matches!(err, StateError::Locked(_)), "{err}");
     assert!(err.to_string().contains("ns/locked"), "{err}");
     // Another sync is not held up.
-    WarehouseStore::new(config(&db, "ns/free")).load("s").await.unwrap();
+    WarehouseStore::new(config(&db, "ns/free"))
+        .load("s")
+        .await
+        .unwrap();
     first.end_run(&end(false)).await.unwrap();
     second.load("s").await.unwrap();
 }
@@ -223,7 +235,12 @@ SELECT i, CONCAT('user', i, '@example.com'), 'free' FROM n"
 
 /// Runs `spec` once from `db` into `fake`, with the store local runs would choose (File in
 /// `dir` as the previous or current store).
-async fn run_once(db: &TestDb, spec: &ReverseSyncSpec, fake: Arc<FakeConnector>, dir: &std::path::Path) -> RunReport {
+async fn run_once(
+    db: &TestDb,
+    spec: &ReverseSyncSpec,
+    fake: Arc<FakeConnector>,
+    dir: &std::path::Path,
+) -> RunReport {
     let config = DeliveryConfig {
         batch_size: fake.max_batch,
         max_concurrency: 2,
@@ -249,7 +266,11 @@ async fn run_once(db: &TestDb, spec: &ReverseSyncSpec, fake: Arc<FakeConnector>,
 async fn full_runs(server: Server) {
     let db = customers(server, 1000).await;
     let dir = tempfile::tempdir().unwrap();
-    let s = spec("mirror", MODEL, &format!("{{store: Warehouse, schema: {}}}", schema(&db)));
+    let s = spec(
+        "mirror",
+        MODEL,
+        &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
+    );
     let fake = Arc::new(FakeConnector::new(200));
     let first = run_once(&db, &s, fake.clone(), dir.path()).await;
     assert!(first.error.is_none(), "{:?}", first.error);
@@ -260,15 +281,22 @@ async fn full_runs(server: Server) {
     assert!(second.error.is_none(), "{:?}", second.error);
     assert_eq!((second.plan.unchanged, second_fake.call_count()), (1000, 0));
 
-    db.exec("UPDATE customers SET plan = 'pro' WHERE id % 100 = 0").await;
+    db.exec("UPDATE customers SET plan = 'pro' WHERE id % 100 = 0")
+        .await;
     db.exec("DELETE FROM customers WHERE id IN (1, 2, 3)").await;
     let third_fake = Arc::new(FakeConnector::new(200));
     let third = run_once(&db, &s, third_fake.clone(), dir.path()).await;
     assert!(third.error.is_none(), "{:?}", third.error);
-    assert_eq!((third.plan.changed, third.plan.removed, third.deleted), (10, 3, 3));
+    assert_eq!(
+        (third.plan.changed, third.plan.removed, third.deleted),
+        (10, 3, 3)
+    );
     let mut sent = third_fake.sent_keys();
     sent.sort();
-    let mut expected: Vec<String> = (1..=10).map(|i| (i * 100).to_string()).chain(["1", "2", "3"].map(String::from)).collect();
+    let mut expected: Vec<String> = (1..=10)
+        .map(|i| (i * 100).to_string())
+        .chain(["1", "2", "3"].map(String::from))
+        .collect();
     expected.sort();
     assert_eq!(sent, expected);
 
@@ -302,15 +330,28 @@ async fn the_model_query_still_cannot_write_while_the_state_connection_can() {
     let report = run_once(&db, &writing, Arc::new(FakeConnector::new(100)), dir.path()).await;
     let err = report.error.expect("a writing model query fails").to_string();
     assert!(err.contains("read-only"), "{err}");
-    let ok = run_once(&db, &spec("upsert", MODEL, "{store: Warehouse}"), Arc::new(FakeConnector::new(100)), dir.path()).await;
+    let ok = run_once(
+        &db,
+        &spec("upsert", MODEL, "{store: Warehouse}"),
+        Arc::new(FakeConnector::new(100)),
+        dir.path(),
+    )
+    .await;
     assert!(ok.error.is_none(), "{:?}", ok.error);
-    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM backflow.backflow_state")
         .fetch_one(&mut c)
         .await
         .unwrap();
     assert_eq!(stored, 10);
 }
+
+/// result, rows_in_model, rows_rejected of a `backflow_runs` row.
+type RunRow = (String, i64, i64);
+/// key, operation, reason of a `backflow_rejections` row.
+type RejectionRow = (String, String, String);
 
 async fn sync_logs(server: Server) {
     let db = customers(server, 50).await;
@@ -319,24 +360,40 @@ async fn sync_logs(server: Server) {
         Server::Postgres => "ops_state".to_owned(),
         Server::Mysql => db.name.clone(),
     };
-    let s = spec("upsert", MODEL, &format!("{{store: Warehouse, schema: {logs}, syncLogs: true}}"));
+    let s = spec(
+        "upsert",
+        MODEL,
+        &format!("{{store: Warehouse, schema: {logs}, syncLogs: true}}"),
+    );
     let fake = Arc::new(FakeConnector::new(20).with_bad(&["7", "8", "9"], BadRecords::RejectEach));
     let report = run_once(&db, &s, fake, dir.path()).await;
     assert_eq!(report.result, RunResult::PartiallySucceeded, "{:?}", report.error);
     let runs = format!(
         "SELECT CAST(result AS CHAR), rows_in_model, rows_rejected FROM {logs}.backflow_runs WHERE sync_id = 'default/customers'"
     );
-    let rejections = format!("SELECT CAST(`key` AS CHAR), CAST(operation AS CHAR), CAST(reason AS CHAR) FROM {logs}.backflow_rejections ORDER BY `key`");
-    let (run, rejected): ((String, i64, i64), Vec<(String, String, String)>) = match server {
+    let rejections = format!(
+        "SELECT CAST(`key` AS CHAR), CAST(operation AS CHAR), CAST(reason AS CHAR) FROM {logs}.backflow_rejections ORDER BY `key`"
+    );
+    let (run, rejected): (RunRow, Vec<RejectionRow>) = match server {
         Server::Postgres => {
-            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+                .await
+                .unwrap();
             (
-                sqlx::query_as(&runs.replace(" AS CHAR", " AS TEXT")).fetch_one(&mut c).await.unwrap(),
-                sqlx::query_as(&rejections.replace('`', "\"").replace(" AS CHAR", " AS TEXT")).fetch_all(&mut c).await.unwrap(),
+                sqlx::query_as(&runs.replace(" AS CHAR", " AS TEXT"))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap(),
+                sqlx::query_as(&rejections.replace('`', "\"").replace(" AS CHAR", " AS TEXT"))
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap(),
             )
         }
         Server::Mysql => {
-            let mut c = <sqlx::MySqlConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+            let mut c = <sqlx::MySqlConnection as sqlx::Connection>::connect(&db.url)
+                .await
+                .unwrap();
             (
                 sqlx::query_as(&runs).fetch_one(&mut c).await.unwrap(),
                 sqlx::query_as(&rejections).fetch_all(&mut c).await.unwrap(),
@@ -347,7 +404,11 @@ async fn sync_logs(server: Server) {
     assert_eq!(
         rejected,
         ["7", "8", "9"]
-            .map(|k| (k.to_owned(), "upsert".to_owned(), format!("record {k} is invalid")))
+            .map(|k| (
+                k.to_owned(),
+                "upsert".to_owned(),
+                format!("record {k} is invalid")
+            ))
             .to_vec()
     );
 }
@@ -368,7 +429,12 @@ async fn switching_from_the_file_store_to_the_warehouse_and_back_sends_nothing_e
     let dir = tempfile::tempdir().unwrap();
     let file_spec = spec("mirror", MODEL, "{store: File}");
     let first = run_once(&db, &file_spec, Arc::new(FakeConnector::new(100)), dir.path()).await;
-    assert_eq!((first.accepted, first.error.is_none()), (300, true), "{:?}", first.error);
+    assert_eq!(
+        (first.accepted, first.error.is_none()),
+        (300, true),
+        "{:?}",
+        first.error
+    );
     assert!(dir.path().join("default/customers.state").exists());
 
     let wh_spec = spec("mirror", MODEL, "{store: Warehouse}");
@@ -398,8 +464,13 @@ async fn a_state_user_without_rights_gets_an_error_naming_the_schema_but_never_t
     let db = TestDb::postgres("whdeny").await;
     let role = format!("{}_writer", db.name);
     let password = "pw-Sup3r-s3cret";
-    db.exec(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")).await;
-    let url = db.url.replacen("postgres://postgres@", &format!("postgres://{role}:{password}@"), 1);
+    db.exec(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'"))
+        .await;
+    let url = db.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{role}:{password}@"),
+        1,
+    );
     assert_ne!(url, db.url, "the test server URL has an unexpected form");
     let mut store = WarehouseStore::new(WarehouseConfig {
         url: url.clone(),

@@ -140,7 +140,10 @@ fn validate_state(state: &StateSpec, errors: &mut Errors) {
     }
     if let Some(secret) = &state.connection_secret_ref {
         if !warehouse {
-            errors.add("spec.state.connectionSecretRef", "applies only to store Warehouse");
+            errors.add(
+                "spec.state.connectionSecretRef",
+                "applies only to store Warehouse",
+            );
         } else if secret.name.trim().is_empty() {
             errors.add(
                 "spec.state.connectionSecretRef.name",
@@ -374,7 +377,10 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
         assert!(err.contains("spec.state.schema"), "{err}");
         s.state = Some(serde_yaml_ng::from_str("{store: ConfigMap, syncLogs: true, schema: x}").unwrap());
         let err = validate_reverse_sync(&s).unwrap_err().to_string();
-        assert!(err.contains("spec.state.syncLogs") && err.contains("spec.state.schema"), "{err}");
+        assert!(
+            err.contains("spec.state.syncLogs") && err.contains("spec.state.schema"),
+            "{err}"
+        );
     }
 
     #[test]

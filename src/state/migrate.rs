@@ -15,8 +15,8 @@ use async_trait::async_trait;
 
 use super::warehouse::{WarehouseConfig, WarehouseStore};
 use super::{Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore};
-use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 use crate::api::ReverseSyncSpec;
+use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 
 /// The store a run uses. `home` is the store of the environment (File for local runs,
 /// ConfigMap in the cluster); `state_url` the Warehouse store's connection URL.
@@ -52,7 +52,11 @@ pub fn choose(
             sync_id,
             sync_logs: false,
         };
-        return Box::new(Migrating::new(home, Box::new(WarehouseStore::probe(config)), true));
+        return Box::new(Migrating::new(
+            home,
+            Box::new(WarehouseStore::probe(config)),
+            true,
+        ));
     }
     home
 }
@@ -146,7 +150,13 @@ impl StateStore for Migrating {
     }
 
     async fn end_run(&mut self, run: &RunLog) -> Result<(), StateError> {
-        let _ = self.previous.end_run(&RunLog { dry_run: true, ..run.clone() }).await;
+        let _ = self
+            .previous
+            .end_run(&RunLog {
+                dry_run: true,
+                ..run.clone()
+            })
+            .await;
         self.current.end_run(run).await
     }
 

@@ -159,7 +159,11 @@ impl WarehouseStore {
     }
 
     fn table(&self, name: &str) -> String {
-        format!("{}.{}", quote(self.is_pg(), &self.config.schema), quote(self.is_pg(), name))
+        format!(
+            "{}.{}",
+            quote(self.is_pg(), &self.config.schema),
+            quote(self.is_pg(), name)
+        )
     }
 
     /// A `StateError` for a failed statement: missing rights are [`StateError::Unusable`]
@@ -262,11 +266,12 @@ impl WarehouseStore {
         }
         let hash = self.lock_hash();
         let got = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                .bind(hash as i64)
-                .fetch_one(c)
-                .await
-                .map(|b| b),
+            Some(Conn::Pg(c)) => {
+                sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                    .bind(hash as i64)
+                    .fetch_one(c)
+                    .await
+            }
             Some(Conn::My(c)) => sqlx::query_scalar::<_, Option<i64>>("SELECT GET_LOCK(?, 0)")
                 .bind(format!("backflow:{hash:016x}"))
                 .fetch_one(c)
@@ -340,9 +345,8 @@ impl WarehouseStore {
                 .await
             }
             Some(Conn::My(c)) => {
-                let mut q = QueryBuilder::new(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = ",
-                );
+                let mut q =
+                    QueryBuilder::new("SELECT count(*) FROM information_schema.tables WHERE table_schema = ");
                 q.push_bind(&schema).push(" AND table_name IN (");
                 let mut sep = q.separated(", ");
                 for n in &names {
@@ -472,25 +476,34 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
             ddl
         };
         let result = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => async {
-                let mut tx = c.begin().await?;
-                for statement in &ddl {
-                    tx.execute(statement.as_str()).await?;
+            Some(Conn::Pg(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for statement in &ddl {
+                        tx.execute(statement.as_str()).await?;
+                    }
+                    tx.commit().await
                 }
-                tx.commit().await
+                .await
             }
-            .await,
             // MySQL commits each DDL statement on its own; IF NOT EXISTS makes them idempotent.
-            Some(Conn::My(c)) => async {
-                for statement in &ddl {
-                    c.execute(statement.as_str()).await?;
+            Some(Conn::My(c)) => {
+                async {
+                    for statement in &ddl {
+                        c.execute(statement.as_str()).await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await
             }
-            .await,
             None => Ok(()),
         };
-        result.map_err(|e| self.sql_error(&format!("create the state tables in schema {:?}", self.config.schema), e))
+        result.map_err(|e| {
+            self.sql_error(
+                &format!("create the state tables in schema {:?}", self.config.schema),
+                e,
+            )
+        })
     }
 
     /// Connects, locks and makes sure the tables exist. Returns false when a probe finds no
@@ -509,7 +522,10 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
     }
 
     async fn read_scope(&mut self) -> Result<Option<String>, StateError> {
-        let sql = format!("SELECT scope FROM {} WHERE sync_id = ", self.table("backflow_syncs"));
+        let sql = format!(
+            "SELECT scope FROM {} WHERE sync_id = ",
+            self.table("backflow_syncs")
+        );
         let sync_id = self.config.sync_id.clone();
         let scope = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => {
@@ -859,24 +875,26 @@ impl StateStore for WarehouseStore {
                 .await
                 .map(drop)
             }
-            Some(Conn::My(c)) => async {
-                for chunk in rejections.chunks(MYSQL_CHUNK) {
-                    let mut q = QueryBuilder::new(format!(
-                        "INSERT INTO {table} (sync_id, run_id, `key`, operation, reason, at) "
-                    ));
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(&sync_id)
-                            .push_bind(&run_id)
-                            .push_bind(&r.key)
-                            .push_bind(&r.operation)
-                            .push_bind(&r.reason)
-                            .push("UTC_TIMESTAMP(6)");
-                    });
-                    q.build().execute(&mut *c).await?;
+            Some(Conn::My(c)) => {
+                async {
+                    for chunk in rejections.chunks(MYSQL_CHUNK) {
+                        let mut q = QueryBuilder::new(format!(
+                            "INSERT INTO {table} (sync_id, run_id, `key`, operation, reason, at) "
+                        ));
+                        q.push_values(chunk, |mut b, r| {
+                            b.push_bind(&sync_id)
+                                .push_bind(&run_id)
+                                .push_bind(&r.key)
+                                .push_bind(&r.operation)
+                                .push_bind(&r.reason)
+                                .push("UTC_TIMESTAMP(6)");
+                        });
+                        q.build().execute(&mut *c).await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await
             }
-            .await,
             None => Ok(()),
         };
         result.map_err(|e| self.sql_error("write rejected rows to backflow_rejections", e))
@@ -900,28 +918,32 @@ impl StateStore for WarehouseStore {
         let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
         let p = if self.is_pg() { "$1" } else { "?" };
         let result = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => async {
-                let mut tx = c.begin().await?;
-                for t in [&state, &syncs] {
-                    sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
-                        .bind(&sync_id)
-                        .execute(&mut *tx)
-                        .await?;
+            Some(Conn::Pg(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for t in [&state, &syncs] {
+                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
+                            .bind(&sync_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await
                 }
-                tx.commit().await
+                .await
             }
-            .await,
-            Some(Conn::My(c)) => async {
-                let mut tx = c.begin().await?;
-                for t in [&state, &syncs] {
-                    sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
-                        .bind(&sync_id)
-                        .execute(&mut *tx)
-                        .await?;
+            Some(Conn::My(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for t in [&state, &syncs] {
+                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
+                            .bind(&sync_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await
                 }
-                tx.commit().await
+                .await
             }
-            .await,
             None => Ok(()),
         };
         result.map_err(|e| self.sql_error("delete the migrated state", e))
@@ -952,11 +974,11 @@ impl WarehouseStore {
                     "INSERT INTO {table} ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
                 );
                 let mut q = sqlx::query(&sql)
-                .bind(&run_id)
-                .bind(&sync_id)
-                .bind(run.started)
-                .bind(run.finished)
-                .bind(&run.result);
+                    .bind(&run_id)
+                    .bind(&sync_id)
+                    .bind(run.started)
+                    .bind(run.finished)
+                    .bind(&run.result);
                 for n in counts {
                     q = q.bind(n);
                 }
@@ -967,11 +989,11 @@ impl WarehouseStore {
                     "INSERT INTO {table} ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 );
                 let mut q = sqlx::query(&sql)
-                .bind(&run_id)
-                .bind(&sync_id)
-                .bind(run.started.naive_utc())
-                .bind(run.finished.naive_utc())
-                .bind(&run.result);
+                    .bind(&run_id)
+                    .bind(&sync_id)
+                    .bind(run.started.naive_utc())
+                    .bind(run.finished.naive_utc())
+                    .bind(&run.result);
                 for n in counts {
                     q = q.bind(n);
                 }
