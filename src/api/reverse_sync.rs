@@ -208,7 +208,31 @@ pub struct StateSpec {
     /// database) or `File` (a local directory, for `backflow run -f`).
     #[serde(default)]
     pub store: StateStoreKind,
+    /// Warehouse store: the schema (a database on MySQL/MariaDB) holding the state tables
+    /// `backflow_syncs` and `backflow_state` (and, with `syncLogs`, `backflow_runs` and
+    /// `backflow_rejections`). Created on first use when missing. Default `backflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Warehouse store: a Secret key (default key `url`) holding a separate, write-capable
+    /// connection URL for the state tables. Default: the source's connection URL. The model
+    /// query always runs read-only on its own connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<SecretKeyRef>,
+    /// Warehouse store: also write one row per run to `backflow_runs` and one per rejected
+    /// row to `backflow_rejections` in the state schema, for analysts to query with SQL.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_logs: bool,
 }
+
+impl StateSpec {
+    /// The schema of the Warehouse store's tables.
+    pub fn schema_or_default(&self) -> &str {
+        self.schema.as_deref().unwrap_or(DEFAULT_STATE_SCHEMA)
+    }
+}
+
+/// The schema of the Warehouse store's tables when `spec.state.schema` is not set.
+pub const DEFAULT_STATE_SCHEMA: &str = "backflow";
 
 /// The home of a sync's fingerprints.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::destination::{DestinationSpec, DestinationType};
 use super::duration;
-use super::reverse_sync::ReverseSyncSpec;
+use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind};
 use crate::engine::mapping::{Transform, effective_match_fields};
 use crate::template::Template;
 
@@ -78,6 +78,9 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         errors.add("spec.destinationRef.name", "name the Destination to send rows to");
     }
     validate_mappings(spec, &mut errors);
+    if let Some(state) = &spec.state {
+        validate_state(state, &mut errors);
+    }
     if let Some(schedule) = &spec.schedule {
         match (&schedule.interval, &schedule.cron) {
             (Some(_), Some(_)) => errors.add("spec.schedule", "set interval or cron, not both"),
@@ -118,6 +121,47 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         }
     }
     errors.finish()
+}
+
+fn validate_state(state: &StateSpec, errors: &mut Errors) {
+    let warehouse = state.store == StateStoreKind::Warehouse;
+    if let Some(schema) = &state.schema {
+        if !warehouse {
+            errors.add("spec.state.schema", "applies only to store Warehouse");
+        } else if !is_plain_identifier(schema) {
+            errors.add(
+                "spec.state.schema",
+                format!(
+                    "{schema:?} is not a plain identifier: use letters, digits and underscores, \
+                     starting with a letter or underscore, at most 63 characters"
+                ),
+            );
+        }
+    }
+    if let Some(secret) = &state.connection_secret_ref {
+        if !warehouse {
+            errors.add(
+                "spec.state.connectionSecretRef",
+                "applies only to store Warehouse",
+            );
+        } else if secret.name.trim().is_empty() {
+            errors.add(
+                "spec.state.connectionSecretRef.name",
+                "name the Secret holding the state connection URL",
+            );
+        }
+    }
+    if state.sync_logs && !warehouse {
+        errors.add("spec.state.syncLogs", "applies only to store Warehouse");
+    }
+}
+
+/// A name safe to splice into SQL unquoted on every supported server (and then quoted anyway).
+pub fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
 }
 
 fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
@@ -320,6 +364,24 @@ source: {connectionSecretRef: {name: wh}, query: "select 1", primaryKey: [id]}
 destinationRef: {name: crm}
 mappings: [{from: id, to: id}, {from: email, to: email}]
 "#;
+
+    #[test]
+    fn warehouse_state_settings_are_checked_and_refused_for_other_stores() {
+        let mut s = sync(BASE);
+        s.state = Some(serde_yaml_ng::from_str(
+            "{store: Warehouse, schema: ops_state, connectionSecretRef: {name: wh-writer}, syncLogs: true}",
+        ).unwrap());
+        assert_eq!(validate_reverse_sync(&s), Ok(()));
+        s.state = Some(serde_yaml_ng::from_str("{store: Warehouse, schema: \"a;drop\"}").unwrap());
+        let err = validate_reverse_sync(&s).unwrap_err().to_string();
+        assert!(err.contains("spec.state.schema"), "{err}");
+        s.state = Some(serde_yaml_ng::from_str("{store: ConfigMap, syncLogs: true, schema: x}").unwrap());
+        let err = validate_reverse_sync(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.state.syncLogs") && err.contains("spec.state.schema"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_complete_spec_is_valid() {

@@ -17,7 +17,6 @@ use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::run::{RunOptions, SyncRun, run};
 use crate::engine::setup::{self, SetupError};
 use crate::metrics::Metrics;
-use crate::state::StateStore;
 use crate::state::configmap::{self, ConfigMapStore};
 
 /// What a run in the cluster needs besides the sync.
@@ -77,9 +76,7 @@ pub fn unsupported_store(sync: &ReverseSync) -> Option<&'static str> {
         StateStoreKind::File => {
             Some("spec.state.store File keeps state on local disk, which a cluster run loses; use ConfigMap")
         }
-        StateStoreKind::Warehouse => {
-            Some("spec.state.store Warehouse is not available in this version of Backflow; use ConfigMap")
-        }
+        StateStoreKind::Warehouse => None,
     }
 }
 
@@ -195,7 +192,15 @@ async fn run_once(
     let prepared = setup::prepare(&resolver, namespace, sync, &env.limiters, !dry_run).await?;
     let owner = configmap::owner_reference(sync)
         .ok_or_else(|| SetupError::InvalidSync("the ReverseSync has no uid yet".to_owned()))?;
-    let mut store = ConfigMapStore::new(env.client.clone(), namespace, name, owner);
+    let configmaps = Box::new(ConfigMapStore::new(env.client.clone(), namespace, name, owner));
+    let mut store = crate::state::migrate::choose(
+        &sync.spec,
+        namespace,
+        name,
+        configmaps,
+        &prepared.source_url,
+        prepared.state_url.as_deref(),
+    );
     let job = SyncRun {
         namespace,
         name,
@@ -209,6 +214,5 @@ async fn run_once(
         cancel,
         ..RunOptions::default()
     };
-    let store: &mut dyn StateStore = &mut store;
-    Ok(run(job, store, &options).await)
+    Ok(run(job, store.as_mut(), &options).await)
 }

@@ -18,13 +18,16 @@ use crate::api::{SyncMode, duration};
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
 use crate::destination::{Operation, PlannedSends, Record};
 use crate::source::{self, SourceError, SourceOptions};
-use crate::state::{Fingerprints, StateChange, StateError, StateStore};
+use crate::state::{Fingerprints, RunLog, StateChange, StateError, StateStore};
 
 /// Why every row of a repeated key is rejected.
 const DUPLICATE_KEY: &str = "duplicate primary key: the model returned this key more than once";
 
 /// Rejected rows kept as samples in a report.
 const REJECTED_SAMPLES: usize = 10;
+
+/// Rejections handed to a store that logs them, at most this many at a time.
+const REJECTION_BATCH: usize = 1000;
 
 /// Everything a run needs, resolved by the caller (the local runner or the controller).
 pub struct SyncRun<'a> {
@@ -172,7 +175,7 @@ impl RunError {
         match self {
             RunError::Mapping(_) | RunError::Invalid(_) | RunError::Delivery(_) => true,
             RunError::Source(e) => e.is_permanent(),
-            RunError::State(StateError::Corrupt { .. }) => true,
+            RunError::State(StateError::Corrupt { .. } | StateError::Unusable { .. }) => true,
             RunError::State(_) | RunError::Spill(_) | RunError::Cancelled => false,
         }
     }
@@ -231,6 +234,10 @@ struct Collector {
     report: RunReport,
     pending: Vec<StateChange>,
     last_commit: Instant,
+    /// Whether the store logs every rejection (sync logs).
+    log_rejections: bool,
+    /// Rejections not yet handed to the store.
+    rejections: Vec<RejectedRow>,
 }
 
 impl Collector {
@@ -241,14 +248,30 @@ impl Collector {
         } else {
             tracing::debug!(key = key.unwrap_or("(none)"), operation, reason, "row rejected");
         }
+        let row = || RejectedRow {
+            key: key.unwrap_or("(none)").to_owned(),
+            operation: operation.to_owned(),
+            reason: reason.to_owned(),
+        };
         if self.report.rejected_samples.len() < REJECTED_SAMPLES {
-            self.report.rejected_samples.push(RejectedRow {
-                key: key.unwrap_or("(none)").to_owned(),
-                operation: operation.to_owned(),
-                reason: reason.to_owned(),
-            });
+            self.report.rejected_samples.push(row());
+        }
+        if self.log_rejections {
+            self.rejections.push(row());
         }
     }
+}
+
+/// Hands the buffered rejections to the store (sync logs); with `all` false, only once a
+/// batch is full. A failure is logged: losing log rows must not fail a sync.
+async fn flush_rejections(store: &mut dyn StateStore, c: &mut Collector, all: bool) {
+    if c.rejections.is_empty() || (!all && c.rejections.len() < REJECTION_BATCH) {
+        return;
+    }
+    if let Err(e) = store.record_rejections(&c.rejections).await {
+        tracing::warn!(error = %e, rows = c.rejections.len(), "failed to write rejected rows to the sync log");
+    }
+    c.rejections.clear();
 }
 
 /// Runs a sync once against a state store. Always returns a report; `report.error` says why
@@ -276,6 +299,8 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
         },
         pending: Vec::new(),
         last_commit: Instant::now(),
+        log_rejections: !options.dry_run && store.logs_rejections(),
+        rejections: Vec::new(),
     };
     let outcome = run_steps(&mut job, store, options, &mut c).await;
     let stats = job.delivery.stats();
@@ -310,6 +335,26 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
         RunResult::Succeeded
     };
     r.finished = Utc::now();
+    flush_rejections(store, &mut c, true).await;
+    let r = &c.report;
+    let log = RunLog {
+        started: r.started,
+        finished: r.finished,
+        result: r.result.as_str().to_owned(),
+        dry_run: options.dry_run,
+        rows_in_model: r.plan.rows_in_model,
+        rows_added: r.plan.added,
+        rows_changed: r.plan.changed,
+        rows_removed: r.plan.removed,
+        rows_unchanged: r.plan.unchanged,
+        rows_rejected: r.rows_rejected(),
+        rows_failed: r.failed,
+        requests: r.requests,
+        error: r.error.as_ref().map(ToString::to_string),
+    };
+    if let Err(e) = store.end_run(&log).await {
+        tracing::warn!(error = %e, "failed to record the run in the sync log");
+    }
     c.report
 }
 
@@ -356,6 +401,9 @@ async fn run_steps(
             return Err(RunError::Cancelled);
         }
         let row = row?;
+        if c.rejections.len() >= REJECTION_BATCH {
+            flush_rejections(store, c, false).await;
+        }
         let key = match mapper.key(&row) {
             Ok(k) => k,
             Err(reason) => {
@@ -580,6 +628,7 @@ async fn deliver(
 }
 
 async fn commit(store: &mut dyn StateStore, scope: &str, c: &mut Collector) -> Result<(), StateError> {
+    flush_rejections(store, c, false).await;
     if !c.pending.is_empty() {
         store.commit(scope, &c.pending).await?;
         tracing::debug!(changes = c.pending.len(), "checkpoint committed");

@@ -206,6 +206,9 @@ pub struct Prepared {
     pub destination: ReadyDestination,
     /// What the fingerprints are about.
     pub scope: String,
+    /// The Warehouse store's connection URL when `spec.state.connectionSecretRef` names one
+    /// (never logged); otherwise the store uses the source URL.
+    pub state_url: Option<String>,
 }
 
 /// Validates a sync and resolves its Destination and Secrets. `check` runs the Destination's
@@ -243,11 +246,33 @@ pub async fn prepare(
             key: key.to_owned(),
         })?
         .to_owned();
+    let state_url = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
+        Some(state_ref) => {
+            check_namespace(
+                "spec.state.connectionSecretRef.namespace",
+                state_ref.namespace.as_deref(),
+                namespace,
+            )?;
+            let secret = resolver.secret(namespace, &state_ref.name).await?;
+            let key = state_ref.key.as_deref().unwrap_or("url");
+            Some(
+                secret
+                    .get(key)
+                    .ok_or_else(|| SetupError::SecretKeyMissing {
+                        name: state_ref.name.clone(),
+                        key: key.to_owned(),
+                    })?
+                    .to_owned(),
+            )
+        }
+        None => None,
+    };
     let scope = scope(namespace, &destination.destination);
     Ok(Prepared {
         source_url,
         destination,
         scope,
+        state_url,
     })
 }
 

@@ -134,7 +134,15 @@ async fn run_one(
 ) -> Result<RunReport, SetupError> {
     let prepared = setup::prepare(manifests, namespace, sync, limiters, !options.dry_run).await?;
     let name = sync.metadata.name.as_deref().unwrap_or_default();
-    let mut store = FileStore::new(&config.state_dir, namespace, name);
+    let file = Box::new(FileStore::new(&config.state_dir, namespace, name));
+    let mut store = crate::state::migrate::choose(
+        &sync.spec,
+        namespace,
+        name,
+        file,
+        &prepared.source_url,
+        prepared.state_url.as_deref(),
+    );
     let job = SyncRun {
         namespace,
         name,
@@ -143,7 +151,7 @@ async fn run_one(
         delivery: prepared.destination.delivery,
         scope: prepared.scope,
     };
-    Ok(run(job, &mut store, options).await)
+    Ok(run(job, store.as_mut(), options).await)
 }
 
 #[async_trait::async_trait]

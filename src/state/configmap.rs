@@ -857,6 +857,12 @@ impl StateStore for ConfigMapStore {
         }
         Ok(())
     }
+
+    async fn discard(&mut self) -> Result<(), StateError> {
+        delete_all(self.api.clone().into_client(), &self.namespace, &self.sync_name).await?;
+        self.view = None;
+        Ok(())
+    }
 }
 
 /// Lists the state ConfigMaps of a sync (metadata only: their data is fetched one at a time),

@@ -293,6 +293,18 @@ impl StateStore for FileStore {
         // A crash before this removal only replays the journal again, which is idempotent.
         fs::remove_file(&self.journal_path).map_err(|e| self.io(e))
     }
+
+    async fn discard(&mut self) -> Result<(), StateError> {
+        self.journal = None;
+        for path in [&self.journal_path, &self.state_path] {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io(e)),
+            }
+        }
+        Ok(())
+    }
 }
 
 struct HashingReader<'a, R: Read> {

@@ -1,12 +1,16 @@
 //! State stores: where a sync keeps the fingerprint of every row it delivered.
 //!
 //! One engine, several homes implementing the same [`StateStore`] trait: the [`file`] store
-//! (local runs) and the [`configmap`] store (in the cluster); both write the binary records of
-//! `codec`.
+//! (local runs) and the [`configmap`] store (in the cluster), which both write the binary
+//! records of `codec`, and the [`warehouse`] store (tables in the source database).
+//! [`migrate::Migrating`] puts one store in front of another so that switching stores
+//! imports the previous state instead of resending every row.
 
 mod codec;
 pub mod configmap;
 pub mod file;
+pub mod migrate;
+pub mod warehouse;
 
 use async_trait::async_trait;
 use xxhash_rust::xxh3::xxh3_64;
@@ -260,6 +264,15 @@ pub enum StateError {
     /// Another run of the same sync holds the state.
     #[error("failed to lock sync state at {0}: another run of this sync is in progress")]
     Locked(String),
+    /// The store cannot work as configured (an unsupported database, missing rights): a
+    /// person must change the spec or the grants.
+    #[error("failed to use sync state at {location}: {reason}")]
+    Unusable {
+        /// Where the state lives.
+        location: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
 }
 
 impl StateError {
@@ -269,6 +282,7 @@ impl StateError {
             StateError::Io { .. } => "StateUnavailable",
             StateError::Corrupt { .. } => "StateCorrupt",
             StateError::Locked(_) => "RunInProgress",
+            StateError::Unusable { .. } => "StateMisconfigured",
         }
     }
 }
@@ -287,6 +301,78 @@ pub trait StateStore: Send {
     /// Ends the run: folds checkpoints into the compact state (optional work; a crash before
     /// it loses nothing).
     async fn finish(&mut self, scope: &str) -> Result<(), StateError>;
+
+    /// Writes a whole state taken from another store (a migration) under `scope`, durably,
+    /// all or nothing where the store can.
+    async fn import(&mut self, scope: &str, set: &Fingerprints) -> Result<(), StateError> {
+        let changes: Vec<StateChange> = set
+            .iter()
+            .map(|e| StateChange::Put {
+                key: e.key.to_owned(),
+                fingerprint: e.fingerprint,
+                identity: e.identity.to_owned(),
+            })
+            .collect();
+        self.commit(scope, &changes).await
+    }
+
+    /// True when the store keeps a log of rejected rows: the engine then hands every
+    /// rejection to [`StateStore::record_rejections`] (in batches), not only a few samples.
+    fn logs_rejections(&self) -> bool {
+        false
+    }
+
+    /// Records rows rejected during this run (sync logs). Called in batches as the run goes.
+    async fn record_rejections(&mut self, _rejections: &[RejectedRow]) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Called once, last, whatever happened (dry runs too): records the run (sync logs) and
+    /// releases what the store holds for it (a lock). A store dropped without it releases
+    /// them when dropped.
+    async fn end_run(&mut self, _run: &RunLog) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Deletes this sync's state: it was imported into another store, and leaving it would
+    /// make a later switch back start from a stale copy.
+    async fn discard(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
+/// A rejected row as the sync logs keep it: key, operation and reason, never payload values.
+pub use crate::api::reverse_sync::RejectedRow;
+
+/// What a run did, for the sync logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLog {
+    /// When the run started.
+    pub started: chrono::DateTime<chrono::Utc>,
+    /// When it ended.
+    pub finished: chrono::DateTime<chrono::Utc>,
+    /// `Succeeded`, `PartiallySucceeded` or `Failed`.
+    pub result: String,
+    /// A dry run (nothing is logged for it).
+    pub dry_run: bool,
+    /// Rows the model returned.
+    pub rows_in_model: u64,
+    /// Rows added.
+    pub rows_added: u64,
+    /// Rows changed.
+    pub rows_changed: u64,
+    /// Rows removed (mirror).
+    pub rows_removed: u64,
+    /// Rows unchanged.
+    pub rows_unchanged: u64,
+    /// Rows rejected by the planner or the destination.
+    pub rows_rejected: u64,
+    /// Rows that failed after every retry.
+    pub rows_failed: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Why the run failed, if it did (never a secret).
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

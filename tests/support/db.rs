@@ -139,6 +139,11 @@ async fn exec_admin(server: Server, admin_url: &str, sql: &str) {
     }
 }
 
+/// Runs a statement as the PostgreSQL admin (server-wide objects such as roles).
+pub async fn exec_admin_postgres(sql: &str) {
+    exec_admin(Server::Postgres, &postgres_admin_url(), sql).await;
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let drop_sql = match self.server {

@@ -1,0 +1,166 @@
+//! Switching a sync between state stores without resending every row.
+//!
+//! [`Migrating`] puts the store a sync is configured with (`current`) in front of the store
+//! it may have used before (`previous`). When `current` loads an empty state for the scope,
+//! `previous` is consulted; if it holds fingerprints for that scope, they are what the run
+//! plans against, and they are written to `current` before its first checkpoint (or at
+//! `finish` when nothing changed). Once `current` has finished the run, `previous` discards
+//! its copy, so switching back later starts from the right state rather than a stale one.
+//!
+//! A crash after the import but before the discard leaves both copies: `current` is then no
+//! longer empty and wins; the stale copy in `previous` only matters if the sync is switched
+//! back, and costs resends, never lost rows. Dry runs import nothing (they commit nothing).
+
+use async_trait::async_trait;
+
+use super::warehouse::{WarehouseConfig, WarehouseStore};
+use super::{Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore};
+use crate::api::ReverseSyncSpec;
+use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
+
+/// The store a run uses. `home` is the store of the environment (File for local runs,
+/// ConfigMap in the cluster); `state_url` the Warehouse store's connection URL.
+///
+/// - `store: Warehouse`: the warehouse tables, importing from `home` when they hold nothing.
+/// - otherwise `home`, importing from the warehouse tables of the default schema (read with
+///   the source's URL) when `home` holds nothing and the source is PostgreSQL or MySQL: the
+///   way back after `state.store: Warehouse` was removed. Failing to read them is a warning.
+pub fn choose(
+    spec: &ReverseSyncSpec,
+    namespace: &str,
+    name: &str,
+    home: Box<dyn StateStore>,
+    source_url: &str,
+    state_url: Option<&str>,
+) -> Box<dyn StateStore> {
+    let sync_id = format!("{namespace}/{name}");
+    let state = spec.state.clone().unwrap_or_default();
+    if state.store == StateStoreKind::Warehouse {
+        let config = WarehouseConfig {
+            url: state_url.unwrap_or(source_url).to_owned(),
+            schema: state.schema_or_default().to_owned(),
+            sync_id,
+            sync_logs: state.sync_logs,
+        };
+        return Box::new(Migrating::new(Box::new(WarehouseStore::new(config)), home, false));
+    }
+    let scheme = source_url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    if matches!(scheme, "postgres" | "postgresql" | "mysql" | "mariadb") {
+        let config = WarehouseConfig {
+            url: source_url.to_owned(),
+            schema: DEFAULT_STATE_SCHEMA.to_owned(),
+            sync_id,
+            sync_logs: false,
+        };
+        return Box::new(Migrating::new(
+            home,
+            Box::new(WarehouseStore::probe(config)),
+            true,
+        ));
+    }
+    home
+}
+
+/// A store that imports the state of a previous store when it has none.
+pub struct Migrating {
+    current: Box<dyn StateStore>,
+    previous: Box<dyn StateStore>,
+    /// A previous store that fails reads as empty (with a warning) rather than failing the run:
+    /// used where the previous store is only a guess (switching back from the warehouse).
+    lenient: bool,
+    /// The imported state, until it is written to `current`.
+    pending: Option<Fingerprints>,
+    imported: bool,
+}
+
+impl Migrating {
+    /// `current` backed by `previous`; with `lenient`, failures of `previous` read as empty.
+    pub fn new(current: Box<dyn StateStore>, previous: Box<dyn StateStore>, lenient: bool) -> Migrating {
+        Migrating {
+            current,
+            previous,
+            lenient,
+            pending: None,
+            imported: false,
+        }
+    }
+
+    async fn write_pending(&mut self, scope: &str) -> Result<(), StateError> {
+        if let Some(set) = self.pending.take() {
+            if let Err(e) = self.current.import(scope, &set).await {
+                self.pending = Some(set);
+                return Err(e);
+            }
+            tracing::info!(rows = set.len(), "imported the previous store's state");
+            self.imported = true;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for Migrating {
+    async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        let set = self.current.load(scope).await?;
+        if !set.is_empty() {
+            return Ok(set);
+        }
+        let previous = match self.previous.load(scope).await {
+            Ok(p) => p,
+            Err(e) if self.lenient => {
+                tracing::warn!(error = %e, "failed to read the previous state store; every row will be sent");
+                return Ok(set);
+            }
+            Err(e) => return Err(e),
+        };
+        if previous.is_empty() {
+            return Ok(set);
+        }
+        tracing::info!(
+            rows = previous.len(),
+            "the state store is empty: planning against the previous store's state"
+        );
+        self.pending = Some(previous.clone());
+        Ok(previous)
+    }
+
+    async fn commit(&mut self, scope: &str, changes: &[StateChange]) -> Result<(), StateError> {
+        self.write_pending(scope).await?;
+        self.current.commit(scope, changes).await
+    }
+
+    async fn finish(&mut self, scope: &str) -> Result<(), StateError> {
+        self.write_pending(scope).await?;
+        self.current.finish(scope).await?;
+        if self.imported {
+            self.imported = false;
+            if let Err(e) = self.previous.discard().await {
+                tracing::warn!(error = %e, "failed to delete the previous store's state after importing it");
+            }
+        }
+        Ok(())
+    }
+
+    fn logs_rejections(&self) -> bool {
+        self.current.logs_rejections()
+    }
+
+    async fn record_rejections(&mut self, rejections: &[RejectedRow]) -> Result<(), StateError> {
+        self.current.record_rejections(rejections).await
+    }
+
+    async fn end_run(&mut self, run: &RunLog) -> Result<(), StateError> {
+        let _ = self
+            .previous
+            .end_run(&RunLog {
+                dry_run: true,
+                ..run.clone()
+            })
+            .await;
+        self.current.end_run(run).await
+    }
+
+    async fn discard(&mut self) -> Result<(), StateError> {
+        self.current.discard().await
+    }
+}

@@ -1,0 +1,1045 @@
+//! The `Warehouse` state store: a sync's fingerprints in tables of the source database
+//! (PostgreSQL, MySQL/MariaDB), in a schema of their own (default `backflow`; a database on
+//! MySQL/MariaDB).
+//!
+//! Layout: shared tables keyed by sync identity (`namespace/name`), not one table per sync,
+//! so that granting rights, finding every sync's state and cleaning up are one-table affairs,
+//! and creating a sync never runs DDL once the tables exist:
+//! - `backflow_syncs (sync_id PK, scope, updated_at)`: what the fingerprints of each sync are
+//!   about (the destination). A state of another scope loads empty; the first commit under
+//!   the new scope deletes the old rows in the same transaction.
+//! - `backflow_state (sync_id, key_hash, key, fingerprint, identity, updated_at)`, primary key
+//!   `(sync_id, key_hash)`: `key_hash` is the 16-byte xxh3-128 of the canonical key, because
+//!   primary keys of any length must fit (InnoDB indexes at most 3072 bytes, PostgreSQL's
+//!   B-tree about 2700); `fingerprint` is the u64 fingerprint stored as a signed BIGINT (same
+//!   bits); `identity` is the canonical JSON of the match fields.
+//! - with `syncLogs`: `backflow_runs` (one row per run) and `backflow_rejections` (one row per
+//!   rejected row: key, operation, reason, time).
+//!
+//! Tables are created on first use (`CREATE … IF NOT EXISTS`, serialised on PostgreSQL by a
+//! transaction-level advisory lock); when they already exist no DDL runs, so a DBA may create
+//! them and grant only `SELECT, INSERT, UPDATE, DELETE`.
+//!
+//! Each `commit` is one transaction (upserts and deletes), durable when it returns. Two runs
+//! of one sync never interleave: the store holds a session-level lock on its own connection
+//! for the whole run (`pg_try_advisory_lock`, `GET_LOCK(name, 0)`) and a second run fails at
+//! once with [`StateError::Locked`]. The lock goes with the connection, so a run that dies
+//! frees it when the server notices the connection is gone (on PostgreSQL the session asks
+//! for TCP keepalives after 60 s idle, so a vanished pod frees it within about two minutes).
+//!
+//! Messages name the database (host, port, database), schema and table, never the URL's
+//! credentials.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Connection, Executor, QueryBuilder, Row};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+
+use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore};
+use crate::redact::Scrubber;
+
+/// Rows per statement when writing: 1000 rows × 6 parameters stays far below MySQL's 65,535
+/// placeholders; PostgreSQL binds whole arrays, so its chunks are larger.
+const MYSQL_CHUNK: usize = 1000;
+const PG_CHUNK: usize = 20_000;
+
+/// Key of the transaction-level advisory lock that serialises table creation on PostgreSQL.
+const PG_DDL_LOCK: i64 = 0x6266_6464_6c00_0001;
+
+/// Where a sync's state lives in the warehouse, and how to reach it.
+#[derive(Clone)]
+pub struct WarehouseConfig {
+    /// Connection URL of the state connection (write-capable). Never logged.
+    pub url: String,
+    /// Schema (database on MySQL/MariaDB) of the state tables.
+    pub schema: String,
+    /// The sync's identity: `namespace/name`.
+    pub sync_id: String,
+    /// Also write `backflow_runs` and `backflow_rejections`.
+    pub sync_logs: bool,
+}
+
+impl std::fmt::Debug for WarehouseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarehouseConfig")
+            .field("database", &crate::source::describe_url(&self.url))
+            .field("schema", &self.schema)
+            .field("sync_id", &self.sync_id)
+            .field("sync_logs", &self.sync_logs)
+            .finish()
+    }
+}
+
+enum Conn {
+    Pg(PgConnection),
+    My(MySqlConnection),
+}
+
+/// Fingerprints of one sync in the source database.
+pub struct WarehouseStore {
+    config: WarehouseConfig,
+    conn: Option<Conn>,
+    locked: bool,
+    /// Only reads, never creates tables (a previous store consulted for a migration).
+    probe: bool,
+    /// The scope recorded in `backflow_syncs` (`None`: no row, or not read yet).
+    stored_scope: Option<String>,
+    run_id: String,
+    scrubber: Scrubber,
+}
+
+impl std::fmt::Debug for WarehouseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarehouseStore")
+            .field("config", &self.config)
+            .field("locked", &self.locked)
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Quotes a schema name that validation already limited to a plain identifier.
+fn quote(server_is_pg: bool, name: &str) -> String {
+    if server_is_pg {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    } else {
+        format!("`{}`", name.replace('`', "``"))
+    }
+}
+
+fn key_hash(key: &str) -> Vec<u8> {
+    xxh3_128(key.as_bytes()).to_be_bytes().to_vec()
+}
+
+impl WarehouseStore {
+    /// The store of one sync. Nothing is touched until `load`.
+    pub fn new(config: WarehouseConfig) -> WarehouseStore {
+        let scrubber = Scrubber::new().with_url(&config.url);
+        WarehouseStore {
+            config,
+            conn: None,
+            locked: false,
+            probe: false,
+            stored_scope: None,
+            run_id: uuid::Uuid::new_v4().to_string(),
+            scrubber,
+        }
+    }
+
+    /// A store that only reads an existing state (for a migration to another store): it never
+    /// creates the schema or tables, and a missing table reads as an empty state.
+    pub fn probe(config: WarehouseConfig) -> WarehouseStore {
+        WarehouseStore {
+            probe: true,
+            ..WarehouseStore::new(config)
+        }
+    }
+
+    /// The id of this run in the sync logs.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    fn location(&self) -> String {
+        format!(
+            "{} schema {:?} table backflow_state (sync {})",
+            crate::source::describe_url(&self.config.url),
+            self.config.schema,
+            self.config.sync_id
+        )
+    }
+
+    fn is_pg(&self) -> bool {
+        matches!(self.conn, Some(Conn::Pg(_)))
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!(
+            "{}.{}",
+            quote(self.is_pg(), &self.config.schema),
+            quote(self.is_pg(), name)
+        )
+    }
+
+    /// A `StateError` for a failed statement: missing rights are [`StateError::Unusable`]
+    /// (a person must grant them), anything else [`StateError::Io`].
+    fn sql_error(&self, doing: &str, e: sqlx::Error) -> StateError {
+        let reason = self.scrubber.scrub(&e.to_string());
+        let denied = match &e {
+            sqlx::Error::Database(db) => match db.try_downcast_ref::<MySqlDatabaseError>() {
+                // Access denied to a database, a table, a command; a read-only server.
+                Some(my) => matches!(my.number(), 1044 | 1045 | 1142 | 1227 | 1290 | 1036 | 1792),
+                // insufficient_privilege; read_only_sql_transaction (a replica).
+                None => matches!(db.code().as_deref(), Some("42501" | "25006")),
+            },
+            _ => false,
+        };
+        if denied {
+            StateError::Unusable {
+                location: self.location(),
+                reason: format!(
+                    "failed to {doing}: {reason}; the state connection's user needs CREATE on \
+                     the database (or the schema {schema:?} and its tables created by an \
+                     administrator) and SELECT, INSERT, UPDATE, DELETE on schema {schema:?}",
+                    schema = self.config.schema
+                ),
+            }
+        } else {
+            StateError::Io {
+                location: self.location(),
+                reason: format!("failed to {doing}: {reason}"),
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), StateError> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let url = &self.config.url;
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        let io = |reason: String| StateError::Io {
+            location: self.location(),
+            reason: format!("failed to connect: {}", self.scrubber.scrub(&reason)),
+        };
+        let conn = match scheme {
+            "postgres" | "postgresql" => {
+                let options = PgConnectOptions::from_str(url).map_err(|e| io(e.to_string()))?;
+                let mut conn = PgConnection::connect_with(&options)
+                    .await
+                    .map_err(|e| io(e.to_string()))?;
+                // A run that vanishes without closing its connection (a killed node) holds the
+                // advisory lock until the server notices: ask for keepalives so it does soon.
+                // Ignored on Unix sockets.
+                conn.execute(
+                    "SET application_name = 'backflow-state'; SET tcp_keepalives_idle = 60; \
+                     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 6",
+                )
+                .await
+                .map_err(|e| io(e.to_string()))?;
+                Conn::Pg(conn)
+            }
+            "mysql" | "mariadb" => {
+                let normalized = match url.strip_prefix("mariadb://") {
+                    Some(rest) => format!("mysql://{rest}"),
+                    None => url.clone(),
+                };
+                let options = MySqlConnectOptions::from_str(&normalized)
+                    .map_err(|e| io(e.to_string()))?
+                    .timezone(Some("+00:00".to_owned()));
+                let conn = MySqlConnection::connect_with(&options)
+                    .await
+                    .map_err(|e| io(e.to_string()))?;
+                Conn::My(conn)
+            }
+            "sqlite" => {
+                return Err(StateError::Unusable {
+                    location: self.location(),
+                    reason: "the Warehouse state store needs a PostgreSQL or MySQL/MariaDB \
+                             database; with a SQLite source use the ConfigMap or File store"
+                        .to_owned(),
+                });
+            }
+            other => {
+                return Err(StateError::Unusable {
+                    location: self.location(),
+                    reason: format!(
+                        "unsupported connection URL scheme {other:?} for the Warehouse state \
+                         store (use postgres:// or mysql://)"
+                    ),
+                });
+            }
+        };
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Takes the sync's session-level lock, or fails at once when another run holds it.
+    async fn lock(&mut self) -> Result<(), StateError> {
+        if self.locked {
+            return Ok(());
+        }
+        let hash = self.lock_hash();
+        let got = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                    .bind(hash as i64)
+                    .fetch_one(c)
+                    .await
+            }
+            Some(Conn::My(c)) => sqlx::query_scalar::<_, Option<i64>>("SELECT GET_LOCK(?, 0)")
+                .bind(format!("backflow:{hash:016x}"))
+                .fetch_one(c)
+                .await
+                .map(|v| v == Some(1)),
+            None => Ok(false),
+        }
+        .map_err(|e| self.sql_error("take the run lock", e))?;
+        if !got {
+            return Err(StateError::Locked(format!(
+                "{} (sync {})",
+                self.location(),
+                self.config.sync_id
+            )));
+        }
+        self.locked = true;
+        Ok(())
+    }
+
+    async fn unlock(&mut self) {
+        if !self.locked {
+            return;
+        }
+        let hash = self.lock_hash();
+        let released = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(hash as i64)
+                .execute(c)
+                .await
+                .map(drop),
+            Some(Conn::My(c)) => sqlx::query("SELECT RELEASE_LOCK(?)")
+                .bind(format!("backflow:{hash:016x}"))
+                .execute(c)
+                .await
+                .map(drop),
+            None => Ok(()),
+        };
+        if let Err(e) = released {
+            // Closing the connection releases it anyway.
+            tracing::warn!(error = %self.scrubber.scrub(&e.to_string()), "failed to release the state lock");
+            self.conn = None;
+        }
+        self.locked = false;
+    }
+
+    /// The run lock's key: per schema and sync (MySQL's named locks are server-wide).
+    fn lock_hash(&self) -> u64 {
+        xxh3_64(format!("backflow-state:{}:{}", self.config.schema, self.config.sync_id).as_bytes())
+    }
+
+    fn table_names(&self) -> Vec<&'static str> {
+        let mut names = vec!["backflow_syncs", "backflow_state"];
+        if self.config.sync_logs && !self.probe {
+            names.extend(["backflow_runs", "backflow_rejections"]);
+        }
+        names
+    }
+
+    /// True when every table this store uses exists.
+    async fn tables_exist(&mut self) -> Result<bool, StateError> {
+        let names = self.table_names();
+        let schema = self.config.schema.clone();
+        let found = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = ANY($2)",
+                )
+                .bind(&schema)
+                .bind(&names)
+                .fetch_one(c)
+                .await
+            }
+            Some(Conn::My(c)) => {
+                let mut q =
+                    QueryBuilder::new("SELECT count(*) FROM information_schema.tables WHERE table_schema = ");
+                q.push_bind(&schema).push(" AND table_name IN (");
+                let mut sep = q.separated(", ");
+                for n in &names {
+                    sep.push_bind(*n);
+                }
+                q.push(")");
+                q.build_query_scalar::<i64>().fetch_one(c).await
+            }
+            None => Ok(0),
+        }
+        .map_err(|e| self.sql_error("look for the state tables", e))?;
+        Ok(found as usize == names.len())
+    }
+
+    async fn create_tables(&mut self) -> Result<(), StateError> {
+        let pg = self.is_pg();
+        let schema = quote(pg, &self.config.schema);
+        let logs = self.config.sync_logs;
+        let ddl = if pg {
+            let mut ddl = format!(
+                "SELECT pg_advisory_xact_lock({PG_DDL_LOCK});
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.backflow_syncs (
+  sync_id TEXT PRIMARY KEY,
+  scope TEXT NOT NULL,
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {schema}.backflow_state (
+  sync_id TEXT NOT NULL,
+  key_hash BYTEA NOT NULL,
+  key TEXT NOT NULL,
+  fingerprint BIGINT NOT NULL,
+  identity TEXT NOT NULL,
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  PRIMARY KEY (sync_id, key_hash)
+);"
+            );
+            if logs {
+                ddl.push_str(&format!(
+                    "
+CREATE TABLE IF NOT EXISTS {schema}.backflow_runs (
+  run_id TEXT PRIMARY KEY,
+  sync_id TEXT NOT NULL,
+  started_at TIMESTAMPTZ NOT NULL,
+  finished_at TIMESTAMPTZ NOT NULL,
+  result TEXT NOT NULL,
+  rows_in_model BIGINT NOT NULL,
+  rows_added BIGINT NOT NULL,
+  rows_changed BIGINT NOT NULL,
+  rows_removed BIGINT NOT NULL,
+  rows_unchanged BIGINT NOT NULL,
+  rows_rejected BIGINT NOT NULL,
+  rows_failed BIGINT NOT NULL,
+  requests BIGINT NOT NULL,
+  error TEXT
+);
+CREATE INDEX IF NOT EXISTS backflow_runs_sync ON {schema}.backflow_runs (sync_id, started_at);
+CREATE TABLE IF NOT EXISTS {schema}.backflow_rejections (
+  id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  sync_id TEXT NOT NULL,
+  run_id TEXT NOT NULL,
+  key TEXT NOT NULL,
+  operation TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejections (sync_id, run_id);"
+                ));
+            }
+            vec![ddl]
+        } else {
+            let table = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin";
+            let mut ddl = vec![
+                format!("CREATE DATABASE IF NOT EXISTS {schema} CHARACTER SET utf8mb4"),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {schema}.`backflow_syncs` (
+  sync_id VARCHAR(320) NOT NULL PRIMARY KEY,
+  scope TEXT NOT NULL,
+  updated_at DATETIME(6) NOT NULL
+) {table}"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {schema}.`backflow_state` (
+  sync_id VARCHAR(320) NOT NULL,
+  key_hash BINARY(16) NOT NULL,
+  `key` TEXT NOT NULL,
+  fingerprint BIGINT NOT NULL,
+  identity MEDIUMTEXT NOT NULL,
+  updated_at DATETIME(6) NOT NULL,
+  PRIMARY KEY (sync_id, key_hash)
+) {table}"
+                ),
+            ];
+            if logs {
+                ddl.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {schema}.`backflow_runs` (
+  run_id CHAR(36) NOT NULL PRIMARY KEY,
+  sync_id VARCHAR(320) NOT NULL,
+  started_at DATETIME(6) NOT NULL,
+  finished_at DATETIME(6) NOT NULL,
+  result VARCHAR(32) NOT NULL,
+  rows_in_model BIGINT NOT NULL,
+  rows_added BIGINT NOT NULL,
+  rows_changed BIGINT NOT NULL,
+  rows_removed BIGINT NOT NULL,
+  rows_unchanged BIGINT NOT NULL,
+  rows_rejected BIGINT NOT NULL,
+  rows_failed BIGINT NOT NULL,
+  requests BIGINT NOT NULL,
+  error TEXT NULL,
+  KEY backflow_runs_sync (sync_id, started_at)
+) {table}"
+                ));
+                ddl.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {schema}.`backflow_rejections` (
+  id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  sync_id VARCHAR(320) NOT NULL,
+  run_id CHAR(36) NOT NULL,
+  `key` TEXT NOT NULL,
+  operation VARCHAR(32) NOT NULL,
+  reason TEXT NOT NULL,
+  at DATETIME(6) NOT NULL,
+  KEY backflow_rejections_run (sync_id, run_id)
+) {table}"
+                ));
+            }
+            ddl
+        };
+        let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for statement in &ddl {
+                        tx.execute(statement.as_str()).await?;
+                    }
+                    tx.commit().await
+                }
+                .await
+            }
+            // MySQL commits each DDL statement on its own; IF NOT EXISTS makes them idempotent.
+            Some(Conn::My(c)) => {
+                async {
+                    for statement in &ddl {
+                        c.execute(statement.as_str()).await?;
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            None => Ok(()),
+        };
+        result.map_err(|e| {
+            self.sql_error(
+                &format!("create the state tables in schema {:?}", self.config.schema),
+                e,
+            )
+        })
+    }
+
+    /// Connects, locks and makes sure the tables exist. Returns false when a probe finds no
+    /// tables.
+    async fn open(&mut self) -> Result<bool, StateError> {
+        self.connect().await?;
+        self.lock().await?;
+        if self.tables_exist().await? {
+            return Ok(true);
+        }
+        if self.probe {
+            return Ok(false);
+        }
+        self.create_tables().await?;
+        Ok(true)
+    }
+
+    async fn read_scope(&mut self) -> Result<Option<String>, StateError> {
+        let sql = format!(
+            "SELECT scope FROM {} WHERE sync_id = ",
+            self.table("backflow_syncs")
+        );
+        let sync_id = self.config.sync_id.clone();
+        let scope = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                sqlx::query_scalar::<_, String>(&format!("{sql}$1"))
+                    .bind(&sync_id)
+                    .fetch_optional(c)
+                    .await
+            }
+            // Columns in utf8mb4_bin arrive flagged binary, which sqlx will not decode as text.
+            Some(Conn::My(c)) => sqlx::query_scalar::<_, Vec<u8>>(&format!("{sql}?"))
+                .bind(&sync_id)
+                .fetch_optional(c)
+                .await
+                .map(|s| s.map(|b| String::from_utf8_lossy(&b).into_owned())),
+            None => Ok(None),
+        };
+        scope.map_err(|e| self.sql_error("read the sync's scope", e))
+    }
+
+    /// Streams the sync's rows into a set, one row at a time.
+    async fn read_rows(&mut self) -> Result<Fingerprints, StateError> {
+        let sql = format!(
+            "SELECT {k}, fingerprint, identity FROM {t} WHERE sync_id = ",
+            k = if self.is_pg() { "key" } else { "`key`" },
+            t = self.table("backflow_state")
+        );
+        let sync_id = self.config.sync_id.clone();
+        let mut set = Fingerprints::default();
+        let result: Result<(), sqlx::Error> = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let sql = format!("{sql}$1");
+                let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(c);
+                async {
+                    while let Some(row) = rows.try_next().await? {
+                        set.push_unindexed(EntryRef {
+                            key: row.try_get::<&str, _>(0)?,
+                            fingerprint: row.try_get::<i64, _>(1)? as u64,
+                            identity: row.try_get::<&str, _>(2)?,
+                        });
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            Some(Conn::My(c)) => {
+                let sql = format!("{sql}?");
+                let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(c);
+                async {
+                    while let Some(row) = rows.try_next().await? {
+                        // utf8mb4_bin columns arrive flagged binary: decode their bytes.
+                        let text = |i: usize| -> Result<&str, sqlx::Error> {
+                            std::str::from_utf8(row.try_get::<&[u8], _>(i)?)
+                                .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+                        };
+                        set.push_unindexed(EntryRef {
+                            key: text(0)?,
+                            fingerprint: row.try_get::<i64, _>(1)? as u64,
+                            identity: text(2)?,
+                        });
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            None => Ok(()),
+        };
+        result.map_err(|e| self.sql_error("read the stored fingerprints", e))?;
+        // Keys are distinct: they are the table's primary key (through their hash).
+        set.build_index();
+        Ok(set)
+    }
+
+    /// Writes puts and removes (and, on a scope change, the new scope) in one transaction.
+    async fn write(
+        &mut self,
+        scope: &str,
+        puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
+        removes: &[&str],
+    ) -> Result<(), StateError> {
+        let new_scope = self.stored_scope.as_deref() != Some(scope);
+        let sync_id = self.config.sync_id.clone();
+        let syncs = self.table("backflow_syncs");
+        let state = self.table("backflow_state");
+        let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => pg_write(c, &syncs, &state, &sync_id, scope, new_scope, puts, removes).await,
+            Some(Conn::My(c)) => my_write(c, &syncs, &state, &sync_id, scope, new_scope, puts, removes).await,
+            None => Ok(()),
+        };
+        result.map_err(|e| self.sql_error("write a checkpoint", e))?;
+        self.stored_scope = Some(scope.to_owned());
+        Ok(())
+    }
+
+    async fn ensure_open_for_write(&mut self) -> Result<(), StateError> {
+        if self.conn.is_none() || !self.locked {
+            // commit without load (not what the engine does, but allowed by the trait).
+            if !self.open().await? {
+                return Err(StateError::Unusable {
+                    location: self.location(),
+                    reason: "the state tables do not exist".to_owned(),
+                });
+            }
+            self.stored_scope = self.read_scope().await?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pg_write(
+    c: &mut PgConnection,
+    syncs: &str,
+    state: &str,
+    sync_id: &str,
+    scope: &str,
+    new_scope: bool,
+    puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
+    removes: &[&str],
+) -> Result<(), sqlx::Error> {
+    let mut tx = c.begin().await?;
+    if new_scope {
+        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = $1"))
+            .bind(sync_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (sync_id) DO UPDATE SET scope = EXCLUDED.scope, updated_at = now()"
+        ))
+        .bind(sync_id)
+        .bind(scope)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let upsert = format!(
+        "INSERT INTO {state} (sync_id, key_hash, key, fingerprint, identity, updated_at) \
+         SELECT $1, h, k, f, i, now() FROM UNNEST($2::bytea[], $3::text[], $4::int8[], $5::text[]) AS u(h, k, f, i) \
+         ON CONFLICT (sync_id, key_hash) DO UPDATE SET key = EXCLUDED.key, \
+         fingerprint = EXCLUDED.fingerprint, identity = EXCLUDED.identity, updated_at = EXCLUDED.updated_at"
+    );
+    let (mut hashes, mut keys, mut fps, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    loop {
+        let next = puts.next();
+        if let Some(e) = next {
+            hashes.push(key_hash(e.key));
+            keys.push(e.key.to_owned());
+            fps.push(e.fingerprint as i64);
+            ids.push(e.identity.to_owned());
+        }
+        if !hashes.is_empty() && (next.is_none() || hashes.len() >= PG_CHUNK) {
+            sqlx::query(&upsert)
+                .bind(sync_id)
+                .bind(&hashes)
+                .bind(&keys)
+                .bind(&fps)
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            hashes.clear();
+            keys.clear();
+            fps.clear();
+            ids.clear();
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    for chunk in removes.chunks(PG_CHUNK) {
+        let hashes: Vec<Vec<u8>> = chunk.iter().map(|k| key_hash(k)).collect();
+        sqlx::query(&format!(
+            "DELETE FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2::bytea[])"
+        ))
+        .bind(sync_id)
+        .bind(&hashes)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn my_write(
+    c: &mut MySqlConnection,
+    syncs: &str,
+    state: &str,
+    sync_id: &str,
+    scope: &str,
+    new_scope: bool,
+    puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
+    removes: &[&str],
+) -> Result<(), sqlx::Error> {
+    let mut tx = c.begin().await?;
+    if new_scope {
+        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = ?"))
+            .bind(sync_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE scope = VALUES(scope), updated_at = VALUES(updated_at)"
+        ))
+        .bind(sync_id)
+        .bind(scope)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut chunk: Vec<EntryRef<'_>> = Vec::with_capacity(MYSQL_CHUNK);
+    loop {
+        let next = puts.next();
+        if let Some(e) = next {
+            chunk.push(e);
+        }
+        if !chunk.is_empty() && (next.is_none() || chunk.len() >= MYSQL_CHUNK) {
+            let mut q = QueryBuilder::new(format!(
+                "INSERT INTO {state} (sync_id, key_hash, `key`, fingerprint, identity, updated_at) "
+            ));
+            q.push_values(chunk.iter(), |mut b, e| {
+                b.push_bind(sync_id)
+                    .push_bind(key_hash(e.key))
+                    .push_bind(e.key)
+                    .push_bind(e.fingerprint as i64)
+                    .push_bind(e.identity)
+                    .push("UTC_TIMESTAMP(6)");
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE `key` = VALUES(`key`), fingerprint = VALUES(fingerprint), \
+                 identity = VALUES(identity), updated_at = VALUES(updated_at)",
+            );
+            q.build().execute(&mut *tx).await?;
+            chunk.clear();
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    for keys in removes.chunks(MYSQL_CHUNK) {
+        let mut q = QueryBuilder::new(format!("DELETE FROM {state} WHERE sync_id = "));
+        q.push_bind(sync_id).push(" AND key_hash IN (");
+        let mut sep = q.separated(", ");
+        for k in keys {
+            sep.push_bind(key_hash(k));
+        }
+        q.push(")");
+        q.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+/// The last change of each key in a checkpoint: puts and removes to apply.
+fn collapse(changes: &[StateChange]) -> (Vec<EntryRef<'_>>, Vec<&str>) {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
+    for (i, c) in changes.iter().enumerate() {
+        let key = match c {
+            StateChange::Put { key, .. } | StateChange::Remove { key } => key.as_str(),
+        };
+        last.insert(key, i);
+    }
+    let (mut puts, mut removes) = (Vec::new(), Vec::new());
+    for (i, c) in changes.iter().enumerate() {
+        match c {
+            StateChange::Put {
+                key,
+                fingerprint,
+                identity,
+            } if last[key.as_str()] == i => puts.push(EntryRef {
+                key,
+                fingerprint: *fingerprint,
+                identity,
+            }),
+            StateChange::Remove { key } if last[key.as_str()] == i => removes.push(key.as_str()),
+            _ => {}
+        }
+    }
+    (puts, removes)
+}
+
+#[async_trait]
+impl StateStore for WarehouseStore {
+    async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        if !self.open().await? {
+            return Ok(Fingerprints::default());
+        }
+        self.stored_scope = self.read_scope().await?;
+        if self.stored_scope.as_deref() != Some(scope) {
+            if self.stored_scope.is_some() {
+                tracing::info!(
+                    schema = %self.config.schema,
+                    "state belongs to another destination; every row will be sent"
+                );
+            }
+            return Ok(Fingerprints::default());
+        }
+        self.read_rows().await
+    }
+
+    async fn commit(&mut self, scope: &str, changes: &[StateChange]) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.ensure_open_for_write().await?;
+        let (puts, removes) = collapse(changes);
+        self.write(scope, &mut puts.into_iter(), &removes).await
+    }
+
+    async fn finish(&mut self, _scope: &str) -> Result<(), StateError> {
+        // Every checkpoint is already in the table; there is nothing to fold.
+        Ok(())
+    }
+
+    async fn import(&mut self, scope: &str, set: &Fingerprints) -> Result<(), StateError> {
+        self.ensure_open_for_write().await?;
+        // One transaction: a crash leaves either no imported row or all of them.
+        self.write(scope, &mut set.iter(), &[]).await
+    }
+
+    fn logs_rejections(&self) -> bool {
+        self.config.sync_logs && !self.probe
+    }
+
+    async fn record_rejections(&mut self, rejections: &[RejectedRow]) -> Result<(), StateError> {
+        if !self.logs_rejections() || rejections.is_empty() {
+            return Ok(());
+        }
+        self.ensure_open_for_write().await?;
+        let table = self.table("backflow_rejections");
+        let (sync_id, run_id) = (self.config.sync_id.clone(), self.run_id.clone());
+        let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let mut keys = Vec::with_capacity(rejections.len());
+                let mut ops = Vec::with_capacity(rejections.len());
+                let mut reasons = Vec::with_capacity(rejections.len());
+                for r in rejections {
+                    keys.push(r.key.as_str());
+                    ops.push(r.operation.as_str());
+                    reasons.push(r.reason.as_str());
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (sync_id, run_id, key, operation, reason, at) \
+                     SELECT $1, $2, k, o, r, now() FROM UNNEST($3::text[], $4::text[], $5::text[]) AS u(k, o, r)"
+                ))
+                .bind(&sync_id)
+                .bind(&run_id)
+                .bind(&keys)
+                .bind(&ops)
+                .bind(&reasons)
+                .execute(c)
+                .await
+                .map(drop)
+            }
+            Some(Conn::My(c)) => {
+                async {
+                    for chunk in rejections.chunks(MYSQL_CHUNK) {
+                        let mut q = QueryBuilder::new(format!(
+                            "INSERT INTO {table} (sync_id, run_id, `key`, operation, reason, at) "
+                        ));
+                        q.push_values(chunk, |mut b, r| {
+                            b.push_bind(&sync_id)
+                                .push_bind(&run_id)
+                                .push_bind(&r.key)
+                                .push_bind(&r.operation)
+                                .push_bind(&r.reason)
+                                .push("UTC_TIMESTAMP(6)");
+                        });
+                        q.build().execute(&mut *c).await?;
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            None => Ok(()),
+        };
+        result.map_err(|e| self.sql_error("write rejected rows to backflow_rejections", e))
+    }
+
+    async fn end_run(&mut self, run: &RunLog) -> Result<(), StateError> {
+        let logged = if self.logs_rejections() && !run.dry_run && self.conn.is_some() {
+            self.write_run(run).await
+        } else {
+            Ok(())
+        };
+        self.unlock().await;
+        logged
+    }
+
+    async fn discard(&mut self) -> Result<(), StateError> {
+        if self.conn.is_none() {
+            return Ok(());
+        }
+        let sync_id = self.config.sync_id.clone();
+        let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
+        let p = if self.is_pg() { "$1" } else { "?" };
+        let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for t in [&state, &syncs] {
+                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
+                            .bind(&sync_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await
+                }
+                .await
+            }
+            Some(Conn::My(c)) => {
+                async {
+                    let mut tx = c.begin().await?;
+                    for t in [&state, &syncs] {
+                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
+                            .bind(&sync_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await
+                }
+                .await
+            }
+            None => Ok(()),
+        };
+        result.map_err(|e| self.sql_error("delete the migrated state", e))
+    }
+}
+
+impl WarehouseStore {
+    async fn write_run(&mut self, run: &RunLog) -> Result<(), StateError> {
+        let table = self.table("backflow_runs");
+        let (sync_id, run_id) = (self.config.sync_id.clone(), self.run_id.clone());
+        let error = run.error.as_deref().map(|e| self.scrubber.scrub(e));
+        let counts = [
+            run.rows_in_model,
+            run.rows_added,
+            run.rows_changed,
+            run.rows_removed,
+            run.rows_unchanged,
+            run.rows_rejected,
+            run.rows_failed,
+            run.requests,
+        ]
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let columns = "run_id, sync_id, started_at, finished_at, result, rows_in_model, rows_added, \
+                       rows_changed, rows_removed, rows_unchanged, rows_rejected, rows_failed, requests, error";
+        let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let sql = format!(
+                    "INSERT INTO {table} ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                );
+                let mut q = sqlx::query(&sql)
+                    .bind(&run_id)
+                    .bind(&sync_id)
+                    .bind(run.started)
+                    .bind(run.finished)
+                    .bind(&run.result);
+                for n in counts {
+                    q = q.bind(n);
+                }
+                q.bind(&error).execute(c).await.map(drop)
+            }
+            Some(Conn::My(c)) => {
+                let sql = format!(
+                    "INSERT INTO {table} ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                );
+                let mut q = sqlx::query(&sql)
+                    .bind(&run_id)
+                    .bind(&sync_id)
+                    .bind(run.started.naive_utc())
+                    .bind(run.finished.naive_utc())
+                    .bind(&run.result);
+                for n in counts {
+                    q = q.bind(n);
+                }
+                q.bind(&error).execute(c).await.map(drop)
+            }
+            None => Ok(()),
+        };
+        result.map_err(|e| self.sql_error("write the run to backflow_runs", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_change_of_a_key_wins_within_a_checkpoint() {
+        let put = |k: &str, f| StateChange::Put {
+            key: k.into(),
+            fingerprint: f,
+            identity: "{}".into(),
+        };
+        let changes = vec![
+            put("a", 1),
+            StateChange::Remove { key: "b".into() },
+            put("a", 2),
+            put("b", 3),
+            put("c", 4),
+            StateChange::Remove { key: "c".into() },
+        ];
+        let (puts, removes) = collapse(&changes);
+        let puts: Vec<_> = puts.iter().map(|e| (e.key, e.fingerprint)).collect();
+        assert_eq!(puts, vec![("a", 2), ("b", 3)]);
+        assert_eq!(removes, vec!["c"]);
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_url_credentials() {
+        let store = WarehouseStore::new(WarehouseConfig {
+            url: "postgres://writer:s3cret-pw@db:5432/wh".into(),
+            schema: "backflow".into(),
+            sync_id: "ns/s".into(),
+            sync_logs: false,
+        });
+        let text = format!("{store:?} {}", store.location());
+        assert!(!text.contains("s3cret-pw") && !text.contains("writer:"), "{text}");
+        assert!(text.contains("db:5432/wh") && text.contains("backflow"), "{text}");
+    }
+}
