@@ -73,6 +73,24 @@ pub struct Planner<'a> {
     hint: usize,
 }
 
+/// What a mode does with a row that compares as `change`.
+pub fn decide(change: Change, mode: SyncMode) -> Decision {
+    match (change, mode) {
+        (Change::Unchanged, _) => Decision::Skip(Change::Unchanged),
+        (Change::Added, SyncMode::Upsert | SyncMode::Mirror) => Decision::Send(Operation::Upsert, change),
+        (Change::Added, SyncMode::Insert) => Decision::Send(Operation::Insert, change),
+        (Change::Added, SyncMode::Update) => Decision::Skip(change),
+        (Change::Changed, SyncMode::Upsert | SyncMode::Mirror) => Decision::Send(Operation::Upsert, change),
+        (Change::Changed, SyncMode::Update) => Decision::Send(Operation::Update, change),
+        (Change::Changed, SyncMode::Insert) => Decision::Skip(change),
+    }
+}
+
+/// The contribution of one row to the result-set fingerprint (summed, so order-independent).
+pub fn row_digest(key: &str, fingerprint: u64) -> u64 {
+    xxh3_64_with_seed(key.as_bytes(), fingerprint)
+}
+
 /// The xxh3 fingerprint of a mapped record's canonical JSON.
 pub fn fingerprint(canonical: &[u8]) -> u64 {
     xxh3_64(canonical)
@@ -131,21 +149,9 @@ impl<'a> Planner<'a> {
             Some(e) if e.fingerprint == fingerprint && !self.full_resync => Change::Unchanged,
             Some(_) => Change::Changed,
         };
-        let decision = match (change, self.mode) {
-            (Change::Unchanged, _) => Decision::Skip(Change::Unchanged),
-            (Change::Added, SyncMode::Upsert | SyncMode::Mirror) => Decision::Send(Operation::Upsert, change),
-            (Change::Added, SyncMode::Insert) => Decision::Send(Operation::Insert, change),
-            (Change::Added, SyncMode::Update) => Decision::Skip(change),
-            (Change::Changed, SyncMode::Upsert | SyncMode::Mirror) => {
-                Decision::Send(Operation::Upsert, change)
-            }
-            (Change::Changed, SyncMode::Update) => Decision::Send(Operation::Update, change),
-            (Change::Changed, SyncMode::Insert) => Decision::Skip(change),
-        };
+        let decision = decide(change, self.mode);
         self.count(decision);
-        self.result_fingerprint = self
-            .result_fingerprint
-            .wrapping_add(xxh3_64_with_seed(key.as_bytes(), fingerprint));
+        self.result_fingerprint = self.result_fingerprint.wrapping_add(row_digest(key, fingerprint));
         let code = encode(decision);
         match position {
             Some(p) => self.seen_stored[p] = code,

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, PlanOutcome, Planner, fingerprint};
+
+mod pushdown;
 use super::spill::{SpillReader, SpillWriter};
 use super::value::Document;
 use crate::api::ReverseSyncSpec;
@@ -18,7 +20,7 @@ use crate::api::{SyncMode, duration};
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
 use crate::destination::{Operation, PlannedSends, Record};
 use crate::source::{self, SourceError, SourceOptions};
-use crate::state::{Fingerprints, RunLog, StateChange, StateError, StateStore};
+use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
 
 /// Why every row of a repeated key is rejected.
 const DUPLICATE_KEY: &str = "duplicate primary key: the model returned this key more than once";
@@ -375,21 +377,179 @@ async fn run_steps(
     };
     // The query starts first so the database works while the state loads.
     let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
-    let state = store.load(&job.scope).await?;
-    tracing::info!(
-        stored_rows = state.len(),
-        state_bytes = state.memory_bytes(),
-        "state loaded"
-    );
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
         &spec.match_fields,
         rows.columns(),
     )?;
+    let pushed = match store.pushdown() {
+        Some(diff) => diff.begin(&job.scope).await?,
+        None => false,
+    };
+    let Planned {
+        state,
+        plan,
+        spilled,
+        decider,
+        mut sends,
+    } = if pushed {
+        pushdown::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+    } else {
+        plan_in_memory(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+    };
+    c.report.plan = plan.counts;
+    c.report.result_fingerprint = plan.result_fingerprint.clone();
+    options.progress.planned(plan.counts.rows_in_model);
+    let deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
+        plan.removed.clone()
+    } else {
+        Vec::new()
+    };
+    tracing::info!(
+        rows = plan.counts.rows_in_model,
+        added = plan.counts.added,
+        changed = plan.counts.changed,
+        removed = plan.counts.removed,
+        unchanged = plan.counts.unchanged,
+        rejected = plan.counts.rejected,
+        pushed_down = pushed,
+        "plan ready"
+    );
+    if options.dry_run {
+        for &pos in deletes.iter().take(options.sample_size) {
+            if let Some(e) = state.get(pos) {
+                c.report.plan_samples.push(PlanSample {
+                    operation: "delete".to_owned(),
+                    key: e.key.to_owned(),
+                    record: e.identity.to_owned(),
+                });
+            }
+        }
+        return Ok(());
+    }
 
-    // Plan: stream the model, spill what must be sent.
-    let mut planner = Planner::new(&state, spec.mode, options.full_resync);
+    // Deliver and commit: upserts first, then deletes.
+    let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
+    options.progress.delivering(to_send);
+    sends.add(Operation::Delete, deletes.len() as u64);
+    job.delivery.prepare(&sends);
+    let job = &*job;
+    let batch_size = job.delivery.config().batch_size;
+    let batches = SpillBatches {
+        reader: spilled,
+        plan: &plan,
+        decider: &decider,
+        batch_size,
+        carry: None,
+    };
+    deliver(job, store, options, c, batches.into_iter_batches()).await?;
+    if !deletes.is_empty() {
+        let delete_batches = delete_batches(&state, &deletes, batch_size);
+        deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
+    }
+    Ok(())
+}
+
+/// A finished plan: the stored rows it refers to (all of them in memory, only the removed
+/// ones when the store diffed), the outcome, the spilled rows and how to read them.
+struct Planned {
+    state: Fingerprints,
+    plan: PlanOutcome,
+    spilled: SpillReader,
+    decider: Decider,
+    sends: PlannedSends,
+}
+
+/// How spilled rows become sends.
+enum Decider {
+    /// The planner decided each spilled row already; only duplicated keys are dropped.
+    Planned,
+    /// Every mapped row was spilled; the store's diff and the mode decide.
+    Diff {
+        /// The store's diff.
+        diff: RemoteDiff,
+        /// The sync's mode.
+        mode: SyncMode,
+    },
+}
+
+impl Decider {
+    /// True when `row` is to be sent; sets its operation when the diff decides.
+    fn keep(&self, plan: &PlanOutcome, row: &mut super::spill::SpilledRow) -> bool {
+        if plan.is_duplicate(&row.key) {
+            return false;
+        }
+        match self {
+            Decider::Planned => true,
+            Decider::Diff { diff, mode } => {
+                let change = if diff.all_added {
+                    Change::Added
+                } else {
+                    match diff.changed.get(&row.key) {
+                        Some(true) => Change::Added,
+                        Some(false) => Change::Changed,
+                        None => return false,
+                    }
+                };
+                match super::plan::decide(change, *mode) {
+                    Decision::Send(operation, change) => {
+                        row.operation = operation;
+                        row.added = change == Change::Added;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// Maps one extracted row: its key, mapped values, canonical JSON (in `canonical`) and
+/// fingerprint. A row that cannot be mapped is rejected with its reason; `None`.
+fn map_row(
+    mapper: &Mapper,
+    row: Vec<super::value::Value>,
+    canonical: &mut Vec<u8>,
+    c: &mut Collector,
+) -> Option<(super::mapping::MappedRow, u64)> {
+    let key = match mapper.key(&row) {
+        Ok(k) => k,
+        Err(reason) => {
+            c.reject(None, "plan", &reason);
+            return None;
+        }
+    };
+    let mapped = match mapper.map(key, row) {
+        Ok(m) => m,
+        Err(rejection) => {
+            c.reject(rejection.key.as_deref(), "plan", &rejection.reason);
+            return None;
+        }
+    };
+    canonical.clear();
+    mapper.write_fields(&mapped.values, canonical);
+    let fp = fingerprint(canonical);
+    Some((mapped, fp))
+}
+
+/// Loads every stored fingerprint and plans in memory, spilling only what is to be sent.
+async fn plan_in_memory(
+    rows: &mut source::RowStream,
+    mapper: &Mapper,
+    store: &mut dyn StateStore,
+    scope: &str,
+    mode: SyncMode,
+    options: &RunOptions,
+    c: &mut Collector,
+) -> Result<Planned, RunError> {
+    let state = store.load(scope).await?;
+    tracing::info!(
+        stored_rows = state.len(),
+        state_bytes = state.memory_bytes(),
+        "state loaded"
+    );
+    let mut planner = Planner::new(&state, mode, options.full_resync);
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     let mut canonical = Vec::with_capacity(512);
@@ -404,25 +564,10 @@ async fn run_steps(
         if c.rejections.len() >= REJECTION_BATCH {
             flush_rejections(store, c, false).await;
         }
-        let key = match mapper.key(&row) {
-            Ok(k) => k,
-            Err(reason) => {
-                planner.reject();
-                c.reject(None, "plan", &reason);
-                continue;
-            }
+        let Some((mapped, fp)) = map_row(mapper, row, &mut canonical, c) else {
+            planner.reject();
+            continue;
         };
-        let mapped = match mapper.map(key, row) {
-            Ok(m) => m,
-            Err(rejection) => {
-                planner.reject();
-                c.reject(rejection.key.as_deref(), "plan", &rejection.reason);
-                continue;
-            }
-        };
-        canonical.clear();
-        mapper.write_fields(&mapped.values, &mut canonical);
-        let fp = fingerprint(&canonical);
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
                 sends.add(operation, 1);
@@ -464,55 +609,13 @@ async fn run_steps(
         sample_duplicates(&mut spilled, &plan, c).map_err(|e| RunError::Spill(e.to_string()))?;
         c.report.plan_samples.retain(|s| !plan.is_duplicate(&s.key));
     }
-    c.report.plan = plan.counts;
-    c.report.result_fingerprint = plan.result_fingerprint.clone();
-    options.progress.planned(plan.counts.rows_in_model);
-    let deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
-        plan.removed.clone()
-    } else {
-        Vec::new()
-    };
-    tracing::info!(
-        rows = plan.counts.rows_in_model,
-        added = plan.counts.added,
-        changed = plan.counts.changed,
-        removed = plan.counts.removed,
-        unchanged = plan.counts.unchanged,
-        rejected = plan.counts.rejected,
-        "plan ready"
-    );
-    if options.dry_run {
-        for &pos in deletes.iter().take(options.sample_size) {
-            if let Some(e) = state.get(pos) {
-                c.report.plan_samples.push(PlanSample {
-                    operation: "delete".to_owned(),
-                    key: e.key.to_owned(),
-                    record: e.identity.to_owned(),
-                });
-            }
-        }
-        return Ok(());
-    }
-
-    // Deliver and commit: upserts first, then deletes.
-    let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
-    options.progress.delivering(to_send);
-    sends.add(Operation::Delete, deletes.len() as u64);
-    job.delivery.prepare(&sends);
-    let job = &*job;
-    let batch_size = job.delivery.config().batch_size;
-    let batches = SpillBatches {
-        reader: spilled,
-        plan: &plan,
-        batch_size,
-        carry: None,
-    };
-    deliver(job, store, options, c, batches.into_iter_batches()).await?;
-    if !deletes.is_empty() {
-        let delete_batches = delete_batches(&state, &deletes, batch_size);
-        deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
-    }
-    Ok(())
+    Ok(Planned {
+        state,
+        plan,
+        spilled,
+        decider: Decider::Planned,
+        sends,
+    })
 }
 
 /// Reports a few rows of keys the model returned more than once (found when the plan
@@ -642,6 +745,7 @@ async fn commit(store: &mut dyn StateStore, scope: &str, c: &mut Collector) -> R
 struct SpillBatches<'p> {
     reader: SpillReader,
     plan: &'p super::plan::PlanOutcome,
+    decider: &'p Decider,
     batch_size: usize,
     carry: Option<super::spill::SpilledRow>,
 }
@@ -654,7 +758,7 @@ impl SpillBatches<'_> {
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
         let mut batch: Option<Batch> = None;
         loop {
-            let row = match self.carry.take() {
+            let mut row = match self.carry.take() {
                 Some(r) => r,
                 None => match self
                     .reader
@@ -665,7 +769,7 @@ impl SpillBatches<'_> {
                     None => return Ok(batch),
                 },
             };
-            if self.plan.is_duplicate(&row.key) {
+            if !self.decider.keep(self.plan, &mut row) {
                 continue;
             }
             let b = batch.get_or_insert_with(|| Batch {

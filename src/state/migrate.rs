@@ -14,7 +14,9 @@
 use async_trait::async_trait;
 
 use super::warehouse::{WarehouseConfig, WarehouseStore};
-use super::{Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore};
+use super::{
+    Fingerprints, PushdownDiff, RejectedRow, RemoteDiff, RunLog, StateChange, StateError, StateStore,
+};
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 
@@ -70,6 +72,9 @@ pub struct Migrating {
     lenient: bool,
     /// The imported state, until it is written to `current`.
     pending: Option<Fingerprints>,
+    /// The previous store's state, read when `current` declined to diff on its own because
+    /// it holds nothing: what `load` returns.
+    preloaded: Option<Fingerprints>,
     imported: bool,
 }
 
@@ -81,7 +86,21 @@ impl Migrating {
             previous,
             lenient,
             pending: None,
+            preloaded: None,
             imported: false,
+        }
+    }
+
+    /// The previous store's state for `scope`; empty when it has none (or, lenient, when it
+    /// cannot be read).
+    async fn previous_state(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        match self.previous.load(scope).await {
+            Ok(p) => Ok(p),
+            Err(e) if self.lenient => {
+                tracing::warn!(error = %e, "failed to read the previous state store; every row will be sent");
+                Ok(Fingerprints::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -101,18 +120,15 @@ impl Migrating {
 #[async_trait]
 impl StateStore for Migrating {
     async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        if let Some(previous) = self.preloaded.take() {
+            self.pending = Some(previous.clone());
+            return Ok(previous);
+        }
         let set = self.current.load(scope).await?;
         if !set.is_empty() {
             return Ok(set);
         }
-        let previous = match self.previous.load(scope).await {
-            Ok(p) => p,
-            Err(e) if self.lenient => {
-                tracing::warn!(error = %e, "failed to read the previous state store; every row will be sent");
-                return Ok(set);
-            }
-            Err(e) => return Err(e),
-        };
+        let previous = self.previous_state(scope).await?;
         if previous.is_empty() {
             return Ok(set);
         }
@@ -162,5 +178,61 @@ impl StateStore for Migrating {
 
     async fn discard(&mut self) -> Result<(), StateError> {
         self.current.discard().await
+    }
+
+    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
+        if self.current.pushdown().is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+/// The current store diffs on its own, unless it holds nothing and the previous store has a
+/// state to import: that run plans in memory against the imported state.
+#[async_trait]
+impl PushdownDiff for Migrating {
+    async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
+        let Some(current) = self.current.pushdown() else {
+            return Ok(false);
+        };
+        if !current.begin(scope).await? {
+            return Ok(false);
+        }
+        if current.holds_state(scope) {
+            return Ok(true);
+        }
+        let previous = self.previous_state(scope).await?;
+        if previous.is_empty() {
+            return Ok(true);
+        }
+        tracing::info!(
+            rows = previous.len(),
+            "the state store is empty: planning against the previous store's state"
+        );
+        self.preloaded = Some(previous);
+        Ok(false)
+    }
+
+    fn holds_state(&mut self, scope: &str) -> bool {
+        self.preloaded.is_some() || self.current.pushdown().is_some_and(|p| p.holds_state(scope))
+    }
+
+    async fn stage(&mut self, rows: &[(String, u64)]) -> Result<(), StateError> {
+        match self.current.pushdown() {
+            Some(p) => p.stage(rows).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
+        match self.current.pushdown() {
+            Some(p) => p.diff(scope, full_resync).await,
+            None => Ok(RemoteDiff {
+                all_added: true,
+                ..RemoteDiff::default()
+            }),
+        }
     }
 }

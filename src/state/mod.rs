@@ -339,6 +339,46 @@ pub trait StateStore: Send {
     async fn discard(&mut self) -> Result<(), StateError> {
         Ok(())
     }
+
+    /// The store's own diff, when it can compare fingerprints where they live (the
+    /// Warehouse store, in SQL) instead of loading them all: the engine then holds only the
+    /// changed rows. `None`: load and plan in memory.
+    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
+        None
+    }
+}
+
+/// A diff computed by the store: the engine uploads each row's key and fingerprint, the
+/// store compares them with what it holds and returns only what differs.
+#[async_trait]
+pub trait PushdownDiff: Send {
+    /// Opens the diff for `scope`. `Ok(false)` declines it for this run (the engine then
+    /// loads the state and plans in memory), e.g. to import another store's state first.
+    async fn begin(&mut self, scope: &str) -> Result<bool, StateError>;
+
+    /// After `begin`: true when the store holds fingerprints for `scope`.
+    fn holds_state(&mut self, scope: &str) -> bool;
+
+    /// Uploads a chunk of this run's rows: canonical key and fingerprint.
+    async fn stage(&mut self, rows: &[(String, u64)]) -> Result<(), StateError>;
+
+    /// Compares the uploaded rows with the stored ones. With `full_resync`, every uploaded
+    /// key counts as changed (or added when not stored).
+    async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError>;
+}
+
+/// What a pushed-down diff found. It holds changed keys only, never every row.
+#[derive(Debug, Default)]
+pub struct RemoteDiff {
+    /// When true, nothing is stored for the scope: every uploaded key is new and `changed`
+    /// is left empty rather than listing them all.
+    pub all_added: bool,
+    /// Uploaded keys that are new (`true`) or whose fingerprint differs (`false`).
+    pub changed: std::collections::HashMap<String, bool>,
+    /// Keys uploaded more than once, with how many times.
+    pub duplicates: std::collections::HashMap<String, u64>,
+    /// Stored keys that were not uploaded, with their identity JSON (for mirror deletes).
+    pub removed: Vec<(String, String)>,
 }
 
 /// A rejected row as the sync logs keep it: key, operation and reason, never payload values.

@@ -40,7 +40,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor, QueryBuilder, Row};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore};
+mod diff;
+
+use super::{EntryRef, Fingerprints, PushdownDiff, RejectedRow, RunLog, StateChange, StateError, StateStore};
 use crate::redact::Scrubber;
 
 /// Rows per statement when writing: 1000 rows × 6 parameters stays far below MySQL's 65,535
@@ -843,6 +845,10 @@ impl StateStore for WarehouseStore {
 
     fn logs_rejections(&self) -> bool {
         self.config.sync_logs && !self.probe
+    }
+
+    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
+        if self.probe { None } else { Some(self) }
     }
 
     async fn record_rejections(&mut self, rejections: &[RejectedRow]) -> Result<(), StateError> {

@@ -1,0 +1,191 @@
+//! Planning with the diff pushed down to the store (the Warehouse store): every mapped row is
+//! spilled to local disk and its key and fingerprint uploaded; the store returns only the
+//! added, changed, removed and duplicated keys. Memory holds those, never the whole state.
+
+use std::collections::HashSet;
+
+use super::{
+    Collector, DUPLICATE_KEY, Decider, Planned, REJECTED_SAMPLES, REJECTION_BATCH, RunError,
+    flush_rejections, map_row,
+};
+use crate::api::SyncMode;
+use crate::destination::{Operation, PlannedSends};
+use crate::engine::mapping::Mapper;
+use crate::engine::plan::{PlanCounts, PlanOutcome, key_hash, row_digest};
+use crate::engine::run::{PlanSample, RunOptions};
+use crate::engine::spill::SpillWriter;
+use crate::source::RowStream;
+use crate::state::{EntryRef, Fingerprints, StateStore};
+
+/// Keys and fingerprints uploaded per call.
+const STAGE_CHUNK: usize = 10_000;
+
+/// Streams the model, uploads keys and fingerprints, and asks the store for the diff.
+pub(super) async fn plan(
+    rows: &mut RowStream,
+    mapper: &Mapper,
+    store: &mut dyn StateStore,
+    scope: &str,
+    mode: SyncMode,
+    options: &RunOptions,
+    c: &mut Collector,
+) -> Result<Planned, RunError> {
+    let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut canonical = Vec::with_capacity(512);
+    let mut identity_json = Vec::with_capacity(64);
+    let mut staged: Vec<(String, u64)> = Vec::with_capacity(STAGE_CHUNK);
+    let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
+    let mut digest = 0u64;
+    while let Some(row) = rows.next().await {
+        if options.cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        let row = row?;
+        if c.rejections.len() >= REJECTION_BATCH {
+            flush_rejections(store, c, false).await;
+        }
+        let Some((mapped, fp)) = map_row(mapper, row, &mut canonical, c) else {
+            rejected_rows += 1;
+            continue;
+        };
+        identity_json.clear();
+        mapper.write_identity(&mapped.values, &mut identity_json);
+        // The operation is decided after the diff; the spill keeps every row until then.
+        spill
+            .push(
+                Operation::Upsert,
+                &mapped.key,
+                fp,
+                false,
+                &identity_json,
+                &canonical,
+            )
+            .map_err(|e| RunError::Spill(e.to_string()))?;
+        digest = digest.wrapping_add(row_digest(&mapped.key, fp));
+        staged.push((mapped.key, fp));
+        mapped_rows += 1;
+        if staged.len() >= STAGE_CHUNK {
+            stage(store, &staged).await?;
+            staged.clear();
+            options.progress.planned(mapped_rows + rejected_rows);
+        }
+    }
+    stage(store, &staged).await?;
+    drop(staged);
+    let diff = match store.pushdown() {
+        Some(p) => p.diff(scope, options.full_resync).await?,
+        None => {
+            return Err(RunError::Invalid(
+                "the state store stopped offering its diff".to_owned(),
+            ));
+        }
+    };
+
+    // Counts, from the diff alone.
+    let duplicate_rows: u64 = diff.duplicates.values().sum();
+    let (mut new_rows, mut changed_rows) = (0u64, 0u64);
+    if diff.all_added {
+        new_rows = mapped_rows - duplicate_rows;
+    } else {
+        for (key, added) in &diff.changed {
+            if diff.duplicates.contains_key(key) {
+                continue;
+            }
+            if *added {
+                new_rows += 1;
+            } else {
+                changed_rows += 1;
+            }
+        }
+    }
+    let mut counts = PlanCounts {
+        rows_in_model: mapped_rows + rejected_rows,
+        unchanged: mapped_rows - duplicate_rows - new_rows - changed_rows,
+        removed: diff.removed.len() as u64,
+        rejected: rejected_rows + duplicate_rows,
+        ..PlanCounts::default()
+    };
+    let mut sends = PlannedSends::default();
+    match mode {
+        SyncMode::Upsert | SyncMode::Mirror => {
+            (counts.added, counts.changed) = (new_rows, changed_rows);
+            sends.add(Operation::Upsert, new_rows + changed_rows);
+        }
+        SyncMode::Insert => {
+            (counts.added, counts.skipped) = (new_rows, changed_rows);
+            sends.add(Operation::Insert, new_rows);
+        }
+        SyncMode::Update => {
+            (counts.changed, counts.skipped) = (changed_rows, new_rows);
+            sends.add(Operation::Update, changed_rows);
+        }
+    }
+    for key in diff.duplicates.keys().take(REJECTED_SAMPLES) {
+        c.reject(Some(key), "plan", DUPLICATE_KEY);
+    }
+    let state = Fingerprints::from_entries(diff.removed.iter().map(|(key, identity)| EntryRef {
+        key,
+        fingerprint: 0,
+        identity,
+    }));
+    let plan = PlanOutcome {
+        counts,
+        removed: (0..state.len()).collect(),
+        duplicates: diff
+            .duplicates
+            .keys()
+            .map(|k| key_hash(k))
+            .collect::<HashSet<_>>(),
+        result_fingerprint: format!("{digest:016x}"),
+    };
+    let decider = Decider::Diff { diff, mode };
+    let mut spilled = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    if options.dry_run {
+        preview(&mut spilled, &plan, &decider, options, c).map_err(|e| RunError::Spill(e.to_string()))?;
+    }
+    Ok(Planned {
+        state,
+        plan,
+        spilled,
+        decider,
+        sends,
+    })
+}
+
+async fn stage(store: &mut dyn StateStore, rows: &[(String, u64)]) -> Result<(), RunError> {
+    match store.pushdown() {
+        Some(p) => Ok(p.stage(rows).await?),
+        None => Err(RunError::Invalid(
+            "the state store stopped offering its diff".to_owned(),
+        )),
+    }
+}
+
+/// A dry run's samples: the first rows of each operation, read from the spill until each
+/// operation has its share.
+fn preview(
+    spilled: &mut crate::engine::spill::SpillReader,
+    plan: &PlanOutcome,
+    decider: &Decider,
+    options: &RunOptions,
+    c: &mut Collector,
+) -> std::io::Result<()> {
+    // A sync's mode sends rows with one operation, so the samples are complete once
+    // `sample_size` rows were found.
+    let mut found = 0;
+    while found < options.sample_size {
+        let Some(mut row) = spilled.next_row()? else { break };
+        if !decider.keep(plan, &mut row) {
+            continue;
+        }
+        found += 1;
+        let mut record = Vec::new();
+        crate::engine::value::write_document(&row.fields, &mut record);
+        c.report.plan_samples.push(PlanSample {
+            operation: row.operation.as_str().to_owned(),
+            key: row.key,
+            record: String::from_utf8_lossy(&record).into_owned(),
+        });
+    }
+    spilled.rewind()
+}
