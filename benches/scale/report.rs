@@ -192,11 +192,7 @@ fn print_delivery(scenarios: &[Scenario]) {
 fn print_aims(sizes: &[SizeReport], scenarios: &[Scenario]) {
     println!("\n== aims (issue 6; stated for {} rows) ==", thousands(AIM_ROWS));
     for size in sizes {
-        let at = if size.rows == AIM_ROWS {
-            String::new()
-        } else {
-            format!(" [measured at {} rows]", thousands(size.rows))
-        };
+        let at = format!(" [at {} rows]", thousands(size.rows));
         if let Some(w) = size.store(Store::Warehouse) {
             let ratio = w.plan_second.seconds / size.copy_second.seconds.max(1e-9);
             let peak = w.plan_second.peak_rss_mib;
