@@ -1,0 +1,162 @@
+//! `make bench` (and `make bench-10m`): Backflow at scale, next to raw `COPY (query) TO
+//! STDOUT` of the same query, printed in one run.
+//!
+//! For each model size (`BACKFLOW_BENCH_ROWS`, a comma-separated list, default `1000000`), a
+//! `customers` table in a PostgreSQL database of its own, then:
+//! 1. COPY baseline;
+//! 2. for each state store (File, Warehouse; ConfigMap needs a Kubernetes API server and is
+//!    not run): plan only on an empty state, then a first run end to end into a local HTTP
+//!    destination that accepts everything (a real `http` Destination; the server runs in
+//!    this parent process and counts the requests);
+//! 3. the File store's fingerprints loaded alone: bytes in memory per row;
+//! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
+//!    end.
+//!
+//! Then delivery throughput: 50,000 rows to a destination limited at R = 50 requests/s
+//! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
+//! requests/s against R, retries, rows the server accepted against rows expected.
+//!
+//! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
+//! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
+//! report the median time and the highest peak; end-to-end runs change the state and run
+//! once. The aims of issue 6 are printed next to the figures, computed from them. The server
+//! is `BACKFLOW_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+mod delivery;
+mod model;
+mod phase;
+mod report;
+mod sink;
+
+use phase::{Kind, Measured, Phase, Store};
+use report::{SizeReport, StoreReport};
+
+/// The same allocator as the `backflow` binary, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--phase") {
+        phase::child(&args[2]).await;
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` asks for benchmark names; this binary has one.
+    }
+    let sizes: Vec<u64> = std::env::var("BACKFLOW_BENCH_ROWS")
+        .unwrap_or_else(|_| "1000000".to_owned())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .replace('_', "")
+                .parse()
+                .expect("BACKFLOW_BENCH_ROWS: row counts")
+        })
+        .collect();
+    let repeat: usize = std::env::var("BACKFLOW_BENCH_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let admin_url = std::env::var("BACKFLOW_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let sink = sink::Sink::start().await;
+    let started = std::time::Instant::now();
+
+    let mut sizes_done = Vec::new();
+    for &rows in &sizes {
+        sizes_done.push(bench_size(&admin_url, rows, repeat, &sink).await);
+    }
+    let delivery = delivery::bench(&admin_url, &sink).await;
+
+    report::print(&sizes_done, &delivery, repeat, started.elapsed());
+}
+
+/// Every phase of one model size.
+async fn bench_size(admin_url: &str, rows: u64, repeat: usize, sink: &sink::Sink) -> SizeReport {
+    eprintln!("creating a {rows}-row model ...");
+    let model = model::Model::create(admin_url, rows).await;
+    let state = tempfile::tempdir().expect("temp dir");
+    let phase = |kind: Kind| Phase {
+        kind,
+        database_url: model.url.clone(),
+        query: model::QUERY.to_owned(),
+        state_dir: state.path().to_string_lossy().into_owned(),
+    };
+    let destination = sink_destination(&sink.url);
+    let run = |store: Store, dry_run: bool| {
+        phase(Kind::Run {
+            store,
+            sync: format!("customers-{}", store.name().to_lowercase()),
+            dry_run,
+            destination: Box::new(destination.clone()),
+        })
+    };
+
+    eprintln!("  COPY, first runs ...");
+    let copy_first = median(&phase(Kind::Copy), repeat).await;
+    let mut stores: Vec<StoreReport> = Vec::new();
+    for store in Store::ALL {
+        let plan_first = median(&run(store, true), repeat).await;
+        sink.reset(0, false);
+        let run_first = phase::spawn(&run(store, false)).await;
+        stores.push(StoreReport {
+            store,
+            plan_first,
+            run_first,
+            sink_first: sink.seen(),
+            plan_second: Measured::default(),
+            run_second: Measured::default(),
+            sink_second: sink::Seen::default(),
+        });
+    }
+    let fingerprints = phase::spawn(&phase(Kind::Fingerprints {
+        sync: format!("customers-{}", Store::File.name().to_lowercase()),
+    }))
+    .await;
+
+    eprintln!("  1% of rows changed, COPY, second runs ...");
+    model.change_one_percent().await;
+    let copy_second = median(&phase(Kind::Copy), repeat).await;
+    for s in &mut stores {
+        s.plan_second = median(&run(s.store, true), repeat).await;
+        sink.reset(0, false);
+        s.run_second = phase::spawn(&run(s.store, false)).await;
+        s.sink_second = sink.seen();
+    }
+    drop(state);
+    model.drop_database().await;
+    SizeReport {
+        rows,
+        copy_first,
+        copy_second,
+        stores,
+        fingerprints,
+    }
+}
+
+/// The Destination of the end-to-end runs: the generic `http` connector at its largest batch,
+/// with a limit far above what the sink can take, so the engine is what is measured.
+fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
+    serde_yaml_ng::from_str(&format!(
+        "type: http\nhttp: {{url: \"{url}/upsert\"}}\nbatchSize: 100\nrateLimit: {{requestsPerSecond: 1000000}}\n"
+    ))
+    .expect("sink destination parses")
+}
+
+/// Runs a phase that changes nothing `repeat` times: the median time and the highest peak
+/// RSS (these machines are shared, and one run can be a third off).
+async fn median(phase: &Phase, repeat: usize) -> Measured {
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        runs.push(phase::spawn(phase).await);
+    }
+    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    let peak = runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max);
+    Measured {
+        peak_rss_mib: peak,
+        ..runs[runs.len() / 2]
+    }
+}

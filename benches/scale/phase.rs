@@ -1,0 +1,235 @@
+//! One phase of the benchmark, run in a child process of this binary so that its peak RSS
+//! (VmHWM) is its own: the parent passes a [`Phase`] as JSON after `--phase`, the child
+//! prints one [`Measured`] as JSON on stdout.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Instant;
+
+use backflow::api::{DestinationSpec, ReverseSyncSpec};
+use backflow::destination::delivery::rate_limit::RateLimiter;
+use backflow::destination::delivery::{Delivery, DeliveryConfig};
+use backflow::engine::run::{RunOptions, SyncRun, run};
+use backflow::state::StateStore;
+use backflow::state::file::FileStore;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sqlx::Connection;
+
+/// Namespace of every benchmark sync.
+const NAMESPACE: &str = "bench";
+/// What the fingerprints are about (stands for `namespace/destination/target`).
+const SCOPE: &str = "bench/sink/http";
+
+/// Where a sync keeps its fingerprints (`spec.state.store`). ConfigMap is not benchmarked:
+/// it needs a Kubernetes API server, and its double lives in `tests/support`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Store {
+    /// A local directory (`backflow run -f`).
+    File,
+    /// Tables in the source database, schema `backflow`.
+    Warehouse,
+}
+
+impl Store {
+    pub const ALL: [Store; 2] = [Store::File, Store::Warehouse];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::File => "File",
+            Store::Warehouse => "Warehouse",
+        }
+    }
+}
+
+/// What a child process does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Kind {
+    /// Raw `COPY (query) TO STDOUT`, lines counted: the baseline.
+    Copy,
+    /// One engine run through `backflow::engine::run::run`, dry or end to end.
+    Run {
+        store: Store,
+        sync: String,
+        dry_run: bool,
+        destination: Box<DestinationSpec>,
+    },
+    /// Loads a File store's state and measures its fingerprints in memory.
+    Fingerprints { sync: String },
+}
+
+/// A phase and everything it needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Phase {
+    pub kind: Kind,
+    pub database_url: String,
+    pub query: String,
+    pub state_dir: String,
+}
+
+/// What a phase measured.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Measured {
+    pub seconds: f64,
+    /// Rows the model returned (COPY: lines; fingerprints: rows in the state).
+    pub rows: u64,
+    pub peak_rss_mib: f64,
+    pub requests: u64,
+    pub retries: u64,
+    pub accepted: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    /// Rows the plan found added and changed.
+    pub added: u64,
+    pub changed: u64,
+    /// `Fingerprints::memory_bytes()` (fingerprints phase).
+    pub fingerprint_bytes: u64,
+    /// Keys and identities as text, summed over the entries (fingerprints phase).
+    pub text_bytes: u64,
+}
+
+/// The sync of every run: 9 columns, 8 mappings with a template, a transform and nested
+/// targets.
+pub fn sync_spec(query: &str, store: Store) -> ReverseSyncSpec {
+    serde_yaml_ng::from_str(&format!(
+        r#"
+source: {{connectionSecretRef: {{name: wh}}, query: "{query}", primaryKey: [id]}}
+destinationRef: {{name: sink}}
+state: {{store: {}}}
+mappings:
+  - {{from: id, to: id}}
+  - {{from: email, to: email, transforms: [lowercase]}}
+  - {{template: "{{{{first_name}}}} {{{{last_name}}}}", to: properties.name}}
+  - {{from: plan, to: properties.plan}}
+  - {{from: mrr, to: properties.mrr}}
+  - {{from: signed_up_at, to: properties.signed_up_at}}
+  - {{from: is_active, to: properties.active}}
+  - {{from: score, to: properties.score}}
+"#,
+        store.name()
+    ))
+    .expect("bench spec parses")
+}
+
+/// Runs `phase` in a child process and returns what it measured.
+pub async fn spawn(phase: &Phase) -> Measured {
+    let exe = std::env::current_exe().expect("own path");
+    let json = serde_json::to_string(phase).expect("phase serialises");
+    let out = tokio::process::Command::new(exe)
+        .args(["--phase", &json])
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .expect("run phase");
+    assert!(out.status.success(), "phase {:?} failed", phase.kind);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("phase output {last:?}: {e}"))
+}
+
+/// The child's side: runs the phase given as JSON and prints what it measured.
+pub async fn child(json: &str) {
+    let phase: Phase = serde_json::from_str(json).expect("phase JSON");
+    let start = Instant::now();
+    let mut m = match &phase.kind {
+        Kind::Copy => copy(&phase).await,
+        Kind::Run {
+            store,
+            sync,
+            dry_run,
+            destination,
+        } => engine_run(&phase, *store, sync, *dry_run, destination).await,
+        Kind::Fingerprints { sync } => fingerprints(&phase, sync).await,
+    };
+    m.seconds = start.elapsed().as_secs_f64();
+    m.peak_rss_mib = peak_rss_mib();
+    println!("{}", serde_json::to_string(&m).expect("serialise"));
+}
+
+async fn copy(phase: &Phase) -> Measured {
+    let mut conn = sqlx::PgConnection::connect(&phase.database_url)
+        .await
+        .expect("connect");
+    let mut stream = conn
+        .copy_out_raw(&format!("COPY ({}) TO STDOUT", phase.query))
+        .await
+        .expect("copy");
+    let mut lines = 0u64;
+    while let Some(chunk) = stream.next().await {
+        lines += chunk.expect("copy chunk").iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    Measured {
+        rows: lines,
+        ..Measured::default()
+    }
+}
+
+/// A run as `backflow run` does it: the destination built from its spec through
+/// `backflow::destination::build` behind the shared delivery layers, the store chosen by
+/// `spec.state` with the File store as home (`state::migrate::choose`), default run options.
+async fn engine_run(
+    phase: &Phase,
+    store: Store,
+    sync: &str,
+    dry_run: bool,
+    destination: &DestinationSpec,
+) -> Measured {
+    let spec = sync_spec(&phase.query, store);
+    let connector = backflow::destination::build(destination, None)
+        .await
+        .expect("build the http destination");
+    let config =
+        DeliveryConfig::resolve(destination, &connector.capabilities()).expect("destination settings");
+    let limiter = Arc::new(RateLimiter::new(config.requests_per_second, config.burst));
+    let job = SyncRun {
+        namespace: NAMESPACE,
+        name: sync,
+        spec: &spec,
+        source_url: &phase.database_url,
+        delivery: Delivery::new(connector, limiter, config),
+        scope: SCOPE.to_owned(),
+    };
+    let home = Box::new(FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync));
+    let mut store = backflow::state::migrate::choose(&spec, NAMESPACE, sync, home, &phase.database_url, None);
+    let options = RunOptions {
+        dry_run,
+        ..RunOptions::default()
+    };
+    let report = run(job, store.as_mut(), &options).await;
+    if let Some(e) = report.error {
+        panic!("bench run failed: {e}");
+    }
+    Measured {
+        rows: report.plan.rows_in_model,
+        requests: report.requests,
+        retries: report.retries,
+        accepted: report.accepted,
+        failed: report.failed,
+        rejected: report.rows_rejected(),
+        added: report.plan.added,
+        changed: report.plan.changed,
+        ..Measured::default()
+    }
+}
+
+async fn fingerprints(phase: &Phase, sync: &str) -> Measured {
+    let mut store = FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync);
+    let set = store.load(SCOPE).await.expect("load the File store");
+    let text: usize = set.iter().map(|e| e.key.len() + e.identity.len()).sum();
+    Measured {
+        rows: set.len() as u64,
+        fingerprint_bytes: set.memory_bytes() as u64,
+        text_bytes: text as u64,
+        ..Measured::default()
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}

@@ -1,0 +1,259 @@
+//! Printing: one table per model size, the File store's memory per row, delivery throughput,
+//! and issue 6's aims with whether this run met them (computed, never assumed).
+
+use std::time::Duration;
+
+use crate::delivery::{self, Scenario};
+use crate::phase::{Measured, Store};
+use crate::sink::Seen;
+
+/// The size issue 6 states its aims for.
+const AIM_ROWS: u64 = 10_000_000;
+/// Warehouse store, second-run plan: at most this many times the COPY time...
+const AIM_WAREHOUSE_VS_COPY: f64 = 3.0;
+/// ...and under this peak RSS.
+const AIM_WAREHOUSE_PEAK_MIB: f64 = 256.0;
+/// File store: fingerprint bytes per row in memory, under this.
+const AIM_FILE_BYTES_PER_ROW: f64 = 64.0;
+/// Delivery: at least this share of the rate limit.
+const AIM_RATE_SHARE: f64 = 0.95;
+/// The bench's earlier aim: File store plan only within this many times COPY.
+const AIM_FILE_PLAN_VS_COPY: f64 = 2.0;
+
+/// The figures of one store at one size.
+pub struct StoreReport {
+    pub store: Store,
+    pub plan_first: Measured,
+    pub run_first: Measured,
+    pub sink_first: Seen,
+    pub plan_second: Measured,
+    pub run_second: Measured,
+    pub sink_second: Seen,
+}
+
+/// The figures of one model size.
+pub struct SizeReport {
+    pub rows: u64,
+    pub copy_first: Measured,
+    pub copy_second: Measured,
+    pub stores: Vec<StoreReport>,
+    /// The File store's state loaded alone, after the first run.
+    pub fingerprints: Measured,
+}
+
+impl SizeReport {
+    fn store(&self, store: Store) -> Option<&StoreReport> {
+        self.stores.iter().find(|s| s.store == store)
+    }
+}
+
+pub fn print(sizes: &[SizeReport], scenarios: &[Scenario], repeat: usize, wall: Duration) {
+    println!(
+        "\nbackflow scale benchmark: PostgreSQL, {} core(s); COPY and plan-only phases: median of {repeat}; \
+         end-to-end runs once; wall time {:.0} s",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        wall.as_secs_f64()
+    );
+    println!(
+        "stores: File and Warehouse (ConfigMap not run: it needs a Kubernetes API server, whose double lives in tests/support)"
+    );
+    for size in sizes {
+        print_size(size);
+    }
+    print_delivery(scenarios);
+    print_aims(sizes, scenarios);
+}
+
+fn print_size(size: &SizeReport) {
+    println!("\n== {} rows ==", thousands(size.rows));
+    println!(
+        "{:<48} {:>8} {:>11} {:>9} {:>9} {:>10} {:>8}",
+        "phase", "seconds", "rows/s", "peak MiB", "requests", "rows sent", "vs COPY"
+    );
+    let copy_line = |m: &Measured| line("COPY (query) TO STDOUT", m, None, m.seconds);
+    copy_line(&size.copy_first);
+    for s in &size.stores {
+        let name = s.store.name();
+        line(
+            &format!("{name:<9} plan only, first run (empty state)"),
+            &s.plan_first,
+            None,
+            size.copy_first.seconds,
+        );
+        line(
+            &format!("{name:<9} end to end, first run"),
+            &s.run_first,
+            Some(&s.sink_first),
+            size.copy_first.seconds,
+        );
+    }
+    println!("-- 1% of rows changed --");
+    copy_line(&size.copy_second);
+    for s in &size.stores {
+        let name = s.store.name();
+        line(
+            &format!("{name:<9} plan only, second run"),
+            &s.plan_second,
+            None,
+            size.copy_second.seconds,
+        );
+        line(
+            &format!("{name:<9} end to end, second run"),
+            &s.run_second,
+            Some(&s.sink_second),
+            size.copy_second.seconds,
+        );
+    }
+    let f = &size.fingerprints;
+    let rows = f.rows.max(1) as f64;
+    let per_row = f.fingerprint_bytes as f64 / rows;
+    let text = f.text_bytes as f64 / rows;
+    // 32 bytes is `size_of::<Slot>()` (a unit test in src/state pins it).
+    let slots = 32.0;
+    println!(
+        "memory: File store fingerprints of {} rows: {:.1} MiB = {per_row:.1} B/row \
+         (slots {slots:.1} + key and identity text {text:.1} + index and spare capacity {:.1})",
+        thousands(f.rows),
+        f.fingerprint_bytes as f64 / 1048576.0,
+        per_row - slots - text,
+    );
+    let rss_per_row = |m: &Measured| m.peak_rss_mib * 1048576.0 / size.rows.max(1) as f64;
+    let rss: Vec<String> = size
+        .stores
+        .iter()
+        .map(|s| format!("{} {:.0} B/row", s.store.name(), rss_per_row(&s.plan_second)))
+        .collect();
+    println!(
+        "        peak RSS per row, plan only second run: {}; File state loaded alone: {:.1} MiB peak",
+        rss.join(", "),
+        f.peak_rss_mib
+    );
+}
+
+/// One table line; end-to-end lines also check the sink saw the requests the engine counted.
+fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64) {
+    let requests = match sink {
+        Some(seen) if seen.requests != m.requests => {
+            format!("{}≠{}", m.requests, seen.requests)
+        }
+        Some(_) => m.requests.to_string(),
+        None => "-".to_owned(),
+    };
+    let sent = sink.map_or("-".to_owned(), |_| m.accepted.to_string());
+    println!(
+        "{name:<48} {:>8.2} {:>11} {:>9.1} {requests:>9} {sent:>10} {:>7.2}x",
+        m.seconds,
+        thousands((m.rows as f64 / m.seconds.max(1e-9)) as u64),
+        m.peak_rss_mib,
+        m.seconds / copy_seconds.max(1e-9)
+    );
+}
+
+fn print_delivery(scenarios: &[Scenario]) {
+    println!(
+        "\n== delivery: {} rows to an http destination limited at R = {} requests/s (burst 1), batches of {} ==",
+        thousands(delivery::ROWS),
+        delivery::RATE,
+        delivery::BATCH
+    );
+    println!(
+        "{:<24} {:>11} {:>8} {:>5} {:>7} {:>8} {:>15} {:>17} {:>15} {:>6} {:>5}",
+        "scenario",
+        "concurrency",
+        "requests",
+        "503s",
+        "retries",
+        "seconds",
+        "req/s whole run",
+        "req/s sustained",
+        "rows delivered",
+        "failed",
+        "lost"
+    );
+    for s in scenarios {
+        let share = |rate: f64| format!("{rate:.1} ({:.1}%)", 100.0 * rate / delivery::RATE);
+        println!(
+            "{:<24} {:>11} {:>8} {:>5} {:>7} {:>8.2} {:>15} {:>17} {:>15} {:>6} {:>5}",
+            s.label,
+            s.concurrency,
+            s.seen.requests,
+            s.seen.failed,
+            s.measured.retries,
+            s.seen.span_seconds,
+            share(s.rate()),
+            share(s.sustained_rate()),
+            format!("{}/{}", s.seen.distinct_ids, delivery::ROWS),
+            s.measured.failed,
+            s.lost()
+        );
+    }
+}
+
+fn print_aims(sizes: &[SizeReport], scenarios: &[Scenario]) {
+    println!("\n== aims (issue 6; stated for {} rows) ==", thousands(AIM_ROWS));
+    for size in sizes {
+        let at = format!(" [at {} rows]", thousands(size.rows));
+        if let Some(w) = size.store(Store::Warehouse) {
+            let ratio = w.plan_second.seconds / size.copy_second.seconds.max(1e-9);
+            let peak = w.plan_second.peak_rss_mib;
+            println!(
+                "Warehouse store, second-run plan within {AIM_WAREHOUSE_VS_COPY}x of COPY: {ratio:.2}x ({}); \
+                 peak RSS under {AIM_WAREHOUSE_PEAK_MIB} MiB: {peak:.1} MiB ({}){at}",
+                verdict(ratio <= AIM_WAREHOUSE_VS_COPY),
+                verdict(peak < AIM_WAREHOUSE_PEAK_MIB)
+            );
+        }
+        let f = &size.fingerprints;
+        let per_row = f.fingerprint_bytes as f64 / f.rows.max(1) as f64;
+        let by = if per_row < AIM_FILE_BYTES_PER_ROW {
+            String::new()
+        } else {
+            format!(", {:.1} B/row over", per_row - AIM_FILE_BYTES_PER_ROW)
+        };
+        println!(
+            "File store fingerprints under {AIM_FILE_BYTES_PER_ROW} B/row: {per_row:.1} B/row ({}{by}){at}",
+            verdict(per_row < AIM_FILE_BYTES_PER_ROW)
+        );
+        if let Some(file) = size.store(Store::File) {
+            let first = file.plan_first.seconds / size.copy_first.seconds.max(1e-9);
+            let second = file.plan_second.seconds / size.copy_second.seconds.max(1e-9);
+            println!(
+                "(earlier aim) File store plan only within {AIM_FILE_PLAN_VS_COPY}x of COPY: first run {first:.2}x, \
+                 second run {second:.2}x ({}){at}",
+                verdict(first <= AIM_FILE_PLAN_VS_COPY && second <= AIM_FILE_PLAN_VS_COPY)
+            );
+        }
+    }
+    for s in scenarios {
+        let share = s.sustained_rate() / delivery::RATE;
+        println!(
+            "delivery, {} (maxConcurrency {}): at least {:.0}% of R sustained: {:.1}% ({}; whole run {:.1}%); \
+             zero lost rows: {} lost ({})",
+            s.label,
+            s.concurrency,
+            AIM_RATE_SHARE * 100.0,
+            share * 100.0,
+            verdict(share >= AIM_RATE_SHARE),
+            100.0 * s.rate() / delivery::RATE,
+            s.lost(),
+            verdict(s.lost() == 0 && s.measured.failed == 0)
+        );
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

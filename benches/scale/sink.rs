@@ -1,0 +1,145 @@
+//! The local HTTP destination: an axum server in the parent process (so its memory and work
+//! are not counted in a phase's peak RSS) that accepts every request with `200 {}`, or fails
+//! every n-th with `503`. It counts requests and, when asked, the distinct `id`s of the
+//! records it accepted, to tell rows delivered from rows lost. It tells retries from first
+//! attempts by their body (a retry of a batch answered 503 carries the same bytes), so the
+//! rate can also be measured while new batches remained, before the last retries wait out
+//! their backoff with nothing else left to send.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use xxhash_rust::xxh3::xxh3_64;
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed: AtomicU64,
+    /// Fail every n-th request with 503 (0: never).
+    fail_every: AtomicU64,
+    track_ids: AtomicBool,
+    ids: Mutex<HashSet<u64>>,
+    /// Arrival of the first and the last request.
+    window: Mutex<Option<(Instant, Instant)>>,
+    /// Hashes of the bodies answered 503.
+    failed_bodies: Mutex<HashSet<u64>>,
+    /// Arrival and number of the last request that was not a retry.
+    last_first_attempt: Mutex<Option<(Instant, u64)>>,
+}
+
+/// What the sink saw since the last [`Sink::reset`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    pub requests: u64,
+    /// Requests answered 503.
+    pub failed: u64,
+    /// Distinct record ids accepted (when tracked).
+    pub distinct_ids: u64,
+    /// Seconds between the first and the last request's arrival.
+    pub span_seconds: f64,
+    /// Requests up to the last first attempt (retries among them included)...
+    pub until_last_first_attempt: u64,
+    /// ...and the seconds from the first request to it.
+    pub seconds_to_last_first_attempt: f64,
+}
+
+/// A running sink.
+pub struct Sink {
+    pub url: String,
+    counters: Arc<Counters>,
+}
+
+impl Sink {
+    pub async fn start() -> Sink {
+        let counters = Arc::new(Counters::default());
+        let router = Router::new()
+            .fallback(handle)
+            .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(counters.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the sink");
+        let addr = listener.local_addr().expect("sink address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Sink {
+            url: format!("http://{addr}"),
+            counters,
+        }
+    }
+
+    /// Clears the counters; from now on fail every `fail_every`-th request (0: none) and
+    /// remember accepted ids if `track_ids`.
+    pub fn reset(&self, fail_every: u64, track_ids: bool) {
+        let c = &self.counters;
+        c.requests.store(0, Ordering::SeqCst);
+        c.failed.store(0, Ordering::SeqCst);
+        c.fail_every.store(fail_every, Ordering::SeqCst);
+        c.track_ids.store(track_ids, Ordering::SeqCst);
+        c.ids.lock().expect("ids").clear();
+        *c.window.lock().expect("window") = None;
+        c.failed_bodies.lock().expect("bodies").clear();
+        *c.last_first_attempt.lock().expect("last") = None;
+    }
+
+    pub fn seen(&self) -> Seen {
+        let c = &self.counters;
+        let window = *c.window.lock().expect("window");
+        let last_first = *c.last_first_attempt.lock().expect("last");
+        Seen {
+            requests: c.requests.load(Ordering::SeqCst),
+            failed: c.failed.load(Ordering::SeqCst),
+            distinct_ids: c.ids.lock().expect("ids").len() as u64,
+            span_seconds: window.map_or(0.0, |(first, last)| (last - first).as_secs_f64()),
+            until_last_first_attempt: last_first.map_or(0, |(_, n)| n),
+            seconds_to_last_first_attempt: match (window, last_first) {
+                (Some((first, _)), Some((at, _))) => (at - first).as_secs_f64(),
+                _ => 0.0,
+            },
+        }
+    }
+}
+
+async fn handle(State(c): State<Arc<Counters>>, body: Bytes) -> (StatusCode, &'static str) {
+    let n = c.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let now = Instant::now();
+    {
+        let mut window = c.window.lock().expect("window");
+        *window = Some(window.map_or((now, now), |(first, _)| (first, now)));
+    }
+    let hash = xxh3_64(&body);
+    if !c.failed_bodies.lock().expect("bodies").contains(&hash) {
+        let mut last = c.last_first_attempt.lock().expect("last");
+        if last.is_none_or(|(_, m)| m < n) {
+            *last = Some((now, n));
+        }
+    }
+    let fail_every = c.fail_every.load(Ordering::SeqCst);
+    if fail_every > 0 && n.is_multiple_of(fail_every) {
+        c.failed.fetch_add(1, Ordering::SeqCst);
+        c.failed_bodies.lock().expect("bodies").insert(hash);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"message":"temporarily unavailable"}"#,
+        );
+    }
+    if c.track_ids.load(Ordering::SeqCst) {
+        // The http connector's default body: {"operation":"upsert","records":[{"id":…},…]}.
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let ids = json
+            .get("records")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("id").and_then(serde_json::Value::as_u64));
+        c.ids.lock().expect("ids").extend(ids);
+    }
+    (StatusCode::OK, "{}")
+}
