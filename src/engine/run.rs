@@ -651,7 +651,11 @@ async fn deliver(
     batches: impl Iterator<Item = Result<Batch, RunError>>,
 ) -> Result<(), RunError> {
     let delivery = &job.delivery;
+    // Requests in flight are bounded by the delivery's own semaphore (`max_concurrency`);
+    // twice as many batches are kept going so that batches waiting out a retry backoff do not
+    // leave the destination's rate unused.
     let concurrency = delivery.config().max_concurrency;
+    let batches_in_progress = concurrency.saturating_mul(2).max(concurrency + 4);
     let mut read_error = None;
     {
         let batches = futures::stream::iter(batches)
@@ -677,7 +681,7 @@ async fn deliver(
                     .await
                     .map(|outcomes| (operation, outcomes, stored))
             })
-            .buffer_unordered(concurrency);
+            .buffer_unordered(batches_in_progress);
         futures::pin_mut!(batches);
         while let Some(result) = batches.next().await {
             let (operation, outcomes, mut stored) = result?;

@@ -1,7 +1,8 @@
 //! The shared delivery machinery: every connector's batches go through it.
 //!
 //! Layers, outermost first, in this fixed order:
-//! 1. concurrency: the engine keeps at most `max_concurrency` batches in flight;
+//! 1. concurrency: at most `max_concurrency` requests are out at once (a batch waiting out a
+//!    retry backoff holds no slot; the engine keeps a few more batches going than that);
 //! 2. split: a batch refused as a whole ([`SendError::BatchRejected`]) is halved until the
 //!    records at fault stand alone and are rejected, so the good records still land;
 //! 3. retry: transient failures ([`SendError::Retryable`], [`RecordOutcome::Retry`]) are
@@ -177,6 +178,9 @@ pub struct Delivery {
     limiter: Arc<RateLimiter>,
     config: DeliveryConfig,
     stats: Arc<DeliveryStats>,
+    /// Requests in flight at the destination: `max_concurrency` permits, held only while a
+    /// request is out, not while a batch waits out a retry backoff.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Delivery {
@@ -185,6 +189,7 @@ impl Delivery {
         Delivery {
             connector,
             limiter,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1))),
             config,
             stats: Arc::new(DeliveryStats::default()),
         }
@@ -267,9 +272,14 @@ impl Delivery {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
             first_attempt = false;
+            // The semaphore is never closed, so acquiring only fails if it were; then the
+            // request goes out without a permit rather than never.
+            let permit = self.in_flight.acquire().await.ok();
             self.limiter.acquire().await;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let (retry_reason, retry_after) = match self.connector.send(operation, &pending).await {
+            let answer = self.connector.send(operation, &pending).await;
+            drop(permit);
+            let (retry_reason, retry_after) = match answer {
                 Ok(outcomes) => {
                     self.stats.answered(AnswerClass::Success);
                     if outcomes.len() != pending.len() {
