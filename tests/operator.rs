@@ -1,5 +1,6 @@
 //! The operator end to end: real controllers and a real `kube::Client` over the in-memory API
-//! server double (`support::apiserver`), a SQLite warehouse, and an HTTP destination double.
+//! server double (`support::apiserver`), a SQLite warehouse (PostgreSQL where a test needs a
+//! real database, such as the Warehouse state store's), and an HTTP destination double.
 
 mod support;
 
