@@ -1,5 +1,6 @@
 //! The operator end to end: real controllers and a real `kube::Client` over the in-memory API
-//! server double (`support::apiserver`), a SQLite warehouse, and an HTTP destination double.
+//! server double (`support::apiserver`), a SQLite warehouse (PostgreSQL where a test needs a
+//! real database, such as the Warehouse state store's), and an HTTP destination double.
 
 mod support;
 
@@ -920,5 +921,288 @@ async fn bad_sql_and_a_destination_that_is_not_ready_say_why_and_recover_when_fi
         .await;
     assert!(is(&s, "Stalled", "False"));
     assert_eq!(s.status.unwrap().consecutive_failures, 0);
+    h.stop().await;
+}
+
+/// A PostgreSQL source of `rows` customers for the Warehouse store tests.
+async fn postgres_customers(rows: u32) -> support::db::TestDb {
+    let pg = support::db::TestDb::postgres("opwh").await;
+    pg.exec(&format!(
+        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
+         INSERT INTO customers SELECT g, 'user' || g || '@example.com', 'free' FROM generate_series(1, {rows}) g;"
+    ))
+    .await;
+    pg
+}
+
+/// Rows of `sync_id` in a Warehouse store table (0 when the table does not exist).
+async fn warehouse_rows(pg: &support::db::TestDb, schema: &str, table: &str, sync_id: &str) -> i64 {
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .unwrap();
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.{table}"))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    if !exists {
+        return 0;
+    }
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1"
+    ))
+    .bind(sync_id)
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
+
+async fn state_configmaps(h: &Harness, sync: &str) -> usize {
+    Api::<ConfigMap>::namespaced(h.client.clone(), NS)
+        .list(&ListParams::default().labels(&format!("backflow.dev/sync={sync}")))
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+/// Waits for the end of the run of the sync's generation `generation`.
+async fn wait_generation_run(h: &Harness, name: &str, generation: i64) -> ReverseSync {
+    h.wait_sync(name, &format!("the run of generation {generation}"), |s| {
+        runs(s).is_some_and(|r| r.generation == Some(generation) && r.end.is_some())
+            && is(s, "Reconciling", "False")
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_store_sync_keeps_its_state_in_the_source_database_and_a_requested_run_sends_nothing() {
+    let pg = postgres_customers(50).await;
+    let mut h = Harness::start(1).await;
+    h.apply_secret("pg", json!({"url": pg.url})).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "wh",
+        json!({"source": {"connectionSecretRef": {"name": "pg"}}, "state": {"store": "Warehouse"}}),
+    )
+    .await;
+    let s = h
+        .wait_sync("wh", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(runs(&s).unwrap().rows_added, 50);
+    assert_eq!(
+        warehouse_rows(&pg, "backflow", "backflow_state", "team-a/wh").await,
+        50
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "backflow", "backflow_syncs", "team-a/wh").await,
+        1
+    );
+    assert_eq!(state_configmaps(&h, "wh").await, 0, "no state in ConfigMaps");
+
+    let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "again"}}});
+    h.syncs()
+        .patch("wh", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let s = h
+        .wait_sync("wh", "the requested run", |s| {
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested") && r.end.is_some())
+                && is(s, "Reconciling", "False")
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!((run.rows_unchanged, run.rows_added, run.requests), (50, 0, 0));
+    assert_eq!(h.webhook.accepted_records().len(), 50, "nothing new was sent");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_a_sync_from_configmaps_to_the_warehouse_and_back_sends_nothing_extra() {
+    let pg = postgres_customers(30).await;
+    let mut h = Harness::start(1).await;
+    h.apply_secret("pg", json!({"url": pg.url})).await;
+    h.run_operator(config());
+    h.apply_sync(
+        "moving",
+        json!({"source": {"connectionSecretRef": {"name": "pg"}}}),
+    )
+    .await;
+    let s = wait_generation_run(&h, "moving", 1).await;
+    assert_eq!(runs(&s).unwrap().rows_added, 30);
+    assert!(state_configmaps(&h, "moving").await > 0);
+
+    let to_warehouse = json!({"spec": {"state": {"store": "Warehouse"}}});
+    h.syncs()
+        .patch("moving", &PatchParams::default(), &Patch::Merge(&to_warehouse))
+        .await
+        .unwrap();
+    let s = wait_generation_run(&h, "moving", 2).await;
+    let run = runs(&s).unwrap();
+    assert_eq!(
+        (
+            run.result.as_str(),
+            run.rows_unchanged,
+            run.rows_added,
+            run.requests
+        ),
+        ("Succeeded", 30, 0, 0),
+        "{run:?}"
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "backflow", "backflow_state", "team-a/moving").await,
+        30
+    );
+    assert_eq!(
+        state_configmaps(&h, "moving").await,
+        0,
+        "the imported ConfigMaps are discarded"
+    );
+
+    let back = json!({"spec": {"state": null}});
+    h.syncs()
+        .patch("moving", &PatchParams::default(), &Patch::Merge(&back))
+        .await
+        .unwrap();
+    let s = wait_generation_run(&h, "moving", 3).await;
+    let run = runs(&s).unwrap();
+    assert_eq!(
+        (
+            run.result.as_str(),
+            run.rows_unchanged,
+            run.rows_added,
+            run.requests
+        ),
+        ("Succeeded", 30, 0, 0),
+        "{run:?}"
+    );
+    assert!(
+        state_configmaps(&h, "moving").await > 0,
+        "state is back in ConfigMaps"
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "backflow", "backflow_state", "team-a/moving").await,
+        0,
+        "the warehouse copy is discarded"
+    );
+    assert_eq!(h.webhook.accepted_records().len(), 30, "nothing was sent again");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_warehouse_store_sync_deletes_its_state_rows_keeps_its_sync_logs_and_never_sticks() {
+    let pg = postgres_customers(20).await;
+    let mut h = Harness::start(1).await;
+    h.apply_secret("pg", json!({"url": pg.url})).await;
+    h.apply_secret("pg-state", json!({"url": pg.url})).await;
+    h.run_operator(config());
+    let state = json!({
+        "store": "Warehouse", "schema": "bf_state", "syncLogs": true,
+        "connectionSecretRef": {"name": "pg-state"}
+    });
+    for name in ["doomed", "kept"] {
+        h.apply_sync(
+            name,
+            json!({"source": {"connectionSecretRef": {"name": "pg"}}, "state": state}),
+        )
+        .await;
+    }
+    for name in ["doomed", "kept"] {
+        h.wait_sync(name, "the first run", |s| is(s, "Ready", "True"))
+            .await;
+    }
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_state", "team-a/doomed").await,
+        20
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_runs", "team-a/doomed").await,
+        1
+    );
+
+    // The state Secret is gone first: resolving the URL fails, the finalizer lets go anyway.
+    h.apply_sync(
+        "orphan",
+        json!({"source": {"connectionSecretRef": {"name": "pg"}},
+               "state": {"store": "Warehouse", "connectionSecretRef": {"name": "no-such-secret"}}}),
+    )
+    .await;
+    h.wait_sync("orphan", "a failed run", |s| is(s, "Ready", "False"))
+        .await;
+
+    for name in ["doomed", "orphan"] {
+        h.syncs().delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in ["doomed", "orphan"] {
+        for _ in 0..300 {
+            if h.syncs().get_opt(name).await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            h.syncs().get_opt(name).await.unwrap().is_none(),
+            "the finalizer of {name} was removed"
+        );
+    }
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_state", "team-a/doomed").await,
+        0
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_syncs", "team-a/doomed").await,
+        0
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_runs", "team-a/doomed").await,
+        1,
+        "sync logs are history and stay"
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "bf_state", "backflow_state", "team-a/kept").await,
+        20,
+        "another sync's rows are untouched"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_pod_command_runs_a_warehouse_store_sync() {
+    let pg = postgres_customers(7).await;
+    let h = Harness::start(1).await;
+    h.apply_secret("pg", json!({"url": pg.url})).await;
+    h.apply_sync(
+        "in-pod",
+        json!({"source": {"connectionSecretRef": {"name": "pg"}},
+               "state": {"store": "Warehouse"}, "execution": {"mode": "Job"}}),
+    )
+    .await;
+    let run_pod = |pod: &'static str| {
+        backflow::controller::cluster_run::run_in_cluster(
+            h.client.clone(),
+            NS,
+            "in-pod",
+            backflow::controller::schedule::Trigger::Schedule,
+            pod,
+            CancellationToken::new(),
+        )
+    };
+    let outcome = run_pod("pod-1").await.unwrap();
+    assert!(!outcome.failed, "{}", outcome.message);
+    assert_eq!(
+        runs(&h.syncs().get("in-pod").await.unwrap()).unwrap().rows_added,
+        7
+    );
+    assert_eq!(
+        warehouse_rows(&pg, "backflow", "backflow_state", "team-a/in-pod").await,
+        7
+    );
+    assert_eq!(state_configmaps(&h, "in-pod").await, 0);
+
+    let outcome = run_pod("pod-2").await.unwrap();
+    assert!(!outcome.failed, "{}", outcome.message);
+    let run = runs(&h.syncs().get("in-pod").await.unwrap()).unwrap().clone();
+    assert_eq!((run.rows_unchanged, run.requests), (7, 0));
+    assert_eq!(h.webhook.accepted_records().len(), 7);
     h.stop().await;
 }

@@ -1,10 +1,13 @@
 //! The Warehouse state store on the real PostgreSQL and MariaDB servers: round trips,
 //! checkpoint durability, scopes, the run lock, full engine runs, sync logs, migration from
-//! and back to the File store, and errors that never show a password.
+//! and back to the File store, errors that never show a password, checkpoints killed or
+//! failing mid-commit (all or nothing), and concurrent engine runs of one sync.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backflow::api::ReverseSyncSpec;
@@ -14,6 +17,9 @@ use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
 use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use backflow::state::{EntryRef, Fingerprints, RunLog, StateChange, StateError, StateStore, migrate};
+use sqlx::Connection;
+use sqlx::mysql::MySqlConnection;
+use sqlx::postgres::PgConnection;
 use support::db::{Server, TestDb};
 use support::fake_connector::{BadRecords, FakeConnector};
 
@@ -224,12 +230,17 @@ async fn customers(server: Server, rows: u32) -> TestDb {
         Server::Postgres => TestDb::postgres("wheng").await,
         Server::Mysql => TestDb::mysql("wheng").await,
     };
-    db.exec(&format!(
-        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
-INSERT INTO customers (id, email, plan) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows})
+    db.exec("CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT)")
+        .await;
+    // Blocks of 1000: MariaDB stops a recursive CTE after 1000 iterations.
+    for start in (1..=rows).step_by(1000) {
+        let last = (start + 999).min(rows);
+        db.exec(&format!(
+            "INSERT INTO customers (id, email, plan) WITH RECURSIVE n(i) AS (SELECT {start} UNION ALL SELECT i + 1 FROM n WHERE i < {last})
 SELECT i, CONCAT('user', i, '@example.com'), 'free' FROM n"
-    ))
-    .await;
+        ))
+        .await;
+    }
     db
 }
 
@@ -240,6 +251,17 @@ async fn run_once(
     spec: &ReverseSyncSpec,
     fake: Arc<FakeConnector>,
     dir: &std::path::Path,
+) -> RunReport {
+    run_with(db, spec, fake, dir, &RunOptions::default()).await
+}
+
+/// [`run_once`] with run options (checkpoint size).
+async fn run_with(
+    db: &TestDb,
+    spec: &ReverseSyncSpec,
+    fake: Arc<FakeConnector>,
+    dir: &std::path::Path,
+    options: &RunOptions,
 ) -> RunReport {
     let config = DeliveryConfig {
         batch_size: fake.max_batch,
@@ -260,7 +282,7 @@ async fn run_once(
     };
     let file = Box::new(FileStore::new(dir, "default", "customers"));
     let mut store = migrate::choose(spec, "default", "customers", file, &db.url, None);
-    run(job, store.as_mut(), &RunOptions::default()).await
+    run(job, store.as_mut(), options).await
 }
 
 async fn full_runs(server: Server) {
@@ -497,4 +519,338 @@ async fn a_state_user_without_rights_gets_an_error_naming_the_schema_but_never_t
     assert!(!err.contains(password) && err.contains("127.0.0.1:1"), "{err}");
     drop(db);
     support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
+}
+
+/// Holds, in an open transaction on its own connection, an uncommitted row of `backflow_state`
+/// with the key hash of `key`: a checkpoint writing that key waits for it, in the middle of its
+/// transaction, until [`Blocker::release`].
+enum Blocker {
+    Pg(PgConnection),
+    My(MySqlConnection, u64),
+}
+
+impl Blocker {
+    async fn hold(db: &TestDb, sync_id: &str, key: &str) -> Blocker {
+        let hash = xxhash_rust::xxh3::xxh3_128(key.as_bytes()).to_be_bytes().to_vec();
+        let table = format!("{}.backflow_state", schema(db));
+        match db.server {
+            Server::Postgres => {
+                let mut c = PgConnection::connect(&db.url).await.unwrap();
+                sqlx::raw_sql("BEGIN").execute(&mut c).await.unwrap();
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (sync_id, key_hash, key, fingerprint, identity) VALUES ($1, $2, 'blocker', 0, '{{}}')"
+                ))
+                .bind(sync_id)
+                .bind(hash)
+                .execute(&mut c)
+                .await
+                .unwrap();
+                Blocker::Pg(c)
+            }
+            Server::Mysql => {
+                let mut c = MySqlConnection::connect(&db.url).await.unwrap();
+                let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql("BEGIN").execute(&mut c).await.unwrap();
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (sync_id, key_hash, `key`, fingerprint, identity, updated_at) \
+                     VALUES (?, ?, 'blocker', 0, '{{}}', UTC_TIMESTAMP(6))"
+                ))
+                .bind(sync_id)
+                .bind(hash)
+                .execute(&mut c)
+                .await
+                .unwrap();
+                Blocker::My(c, id)
+            }
+        }
+    }
+
+    /// The MariaDB connection id of the blocker, which the killer must spare.
+    fn id(&self) -> u64 {
+        match self {
+            Blocker::Pg(_) => 0,
+            Blocker::My(_, id) => *id,
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Blocker::Pg(mut c) => sqlx::raw_sql("ROLLBACK").execute(&mut c).await.map(drop),
+            Blocker::My(mut c, _) => sqlx::raw_sql("ROLLBACK").execute(&mut c).await.map(drop),
+        }
+        .unwrap();
+    }
+}
+
+/// Kills the state connection while it is in the middle of writing a checkpoint: on
+/// PostgreSQL the `backflow-state` session of `db` whose transaction has written
+/// (`backend_xid` set), on MariaDB the connection to `db` (other than `spare`) running an
+/// insert into `backflow_state`. Returns false when it found none within 30 seconds.
+async fn kill_state_connection_mid_write(db: &TestDb, spare: u64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    match db.server {
+        Server::Postgres => {
+            let mut admin = PgConnection::connect(&support::db::postgres_admin_url())
+                .await
+                .unwrap();
+            while std::time::Instant::now() < deadline {
+                let pid: Option<i32> = sqlx::query_scalar(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                     AND application_name = 'backflow-state' AND backend_xid IS NOT NULL",
+                )
+                .bind(&db.name)
+                .fetch_optional(&mut admin)
+                .await
+                .unwrap();
+                if let Some(pid) = pid {
+                    return sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                        .bind(pid)
+                        .fetch_one(&mut admin)
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+        Server::Mysql => {
+            let mut admin = MySqlConnection::connect(&support::db::mysql_admin_url())
+                .await
+                .unwrap();
+            while std::time::Instant::now() < deadline {
+                // INNODB_TRX does not always list a transaction waiting for a row lock on
+                // MariaDB 10.11: look for the statement instead.
+                let id: Option<u64> = sqlx::query_scalar(
+                    "SELECT CAST(ID AS UNSIGNED) FROM information_schema.PROCESSLIST \
+                     WHERE DB = ? AND ID <> ? AND INFO LIKE 'INSERT INTO%backflow_state%'",
+                )
+                .bind(&db.name)
+                .bind(spare)
+                .fetch_optional(&mut admin)
+                .await
+                .unwrap();
+                if let Some(id) = id {
+                    sqlx::raw_sql(&format!("KILL CONNECTION {id}"))
+                        .execute(&mut admin)
+                        .await
+                        .unwrap();
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    }
+}
+
+fn count_prefix(set: &Fingerprints, prefix: &str) -> usize {
+    set.iter().filter(|e| e.key.starts_with(prefix)).count()
+}
+
+async fn killed_mid_checkpoint(db: TestDb, rows: u64) {
+    let mut store = WarehouseStore::new(config(&db, "ns/crash"));
+    store.load("s").await.unwrap();
+    let earlier: Vec<StateChange> = (0..100).map(|i| put(&format!("old-{i}"), i, "{}")).collect();
+    store.commit("s", &earlier).await.unwrap();
+    let big: Vec<StateChange> = (0..rows)
+        .map(|i| put(&format!("new-{i}"), i, &format!("{{\"id\":{i}}}")))
+        .collect();
+
+    // The checkpoint's last row waits for another transaction: the checkpoint is then
+    // certainly in flight, its earlier rows written but not committed, when it is killed.
+    let last_key = format!("new-{}", rows - 1);
+    let blocker = Blocker::hold(&db, "ns/crash", &last_key).await;
+    let spare = blocker.id();
+    let kill = async {
+        let killed = kill_state_connection_mid_write(&db, spare).await;
+        blocker.release().await;
+        killed
+    };
+    let (result, killed) = tokio::join!(store.commit("s", &big), kill);
+    assert!(
+        killed,
+        "the state connection was never seen writing the checkpoint: {result:?}"
+    );
+    assert!(result.is_err(), "a killed checkpoint reports a failure");
+    drop(store);
+
+    let mut again = WarehouseStore::new(config(&db, "ns/crash"));
+    let loaded = load_after_drop(&mut again, "s").await;
+    assert_eq!(count_prefix(&loaded, "old-"), 100, "earlier checkpoints stay");
+    assert_eq!(
+        count_prefix(&loaded, "new-"),
+        0,
+        "nothing of the killed checkpoint is kept"
+    );
+    assert!(loaded.position("blocker").is_none());
+
+    // Writing the checkpoint again completes it.
+    again.commit("s", &big).await.unwrap();
+    again.end_run(&end(false)).await.unwrap();
+    let mut last = WarehouseStore::new(config(&db, "ns/crash"));
+    let loaded = last.load("s").await.unwrap();
+    assert_eq!(
+        (
+            count_prefix(&loaded, "old-"),
+            count_prefix(&loaded, "new-") as u64
+        ),
+        (100, rows)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_connection_is_killed_mid_commit_is_kept_whole_or_not_at_all_on_postgres() {
+    killed_mid_checkpoint(TestDb::postgres("whkill").await, 50_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_connection_is_killed_mid_commit_is_kept_whole_or_not_at_all_on_mariadb() {
+    killed_mid_checkpoint(TestDb::mysql("whkill").await, 5_000).await;
+}
+
+/// Keys of one sync in the state table.
+async fn stored_keys(db: &TestDb, sync_id: &str) -> BTreeSet<String> {
+    let mut store = WarehouseStore::new(config(db, sync_id));
+    let set = load_after_drop(&mut store, "default/fake").await;
+    store.end_run(&end(true)).await.unwrap();
+    set.iter().map(|e| e.key.to_owned()).collect()
+}
+
+async fn failing_checkpoint(server: Server) {
+    let db = customers(server, 5000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        "upsert",
+        MODEL,
+        &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
+    );
+    // Create the tables, then make the checkpoint holding row 3500 fail midway: the rows before
+    // it in the same transaction are written when the trigger fires.
+    let mut store = WarehouseStore::new(config(&db, "default/customers"));
+    store.load("default/fake").await.unwrap();
+    store.end_run(&end(true)).await.unwrap();
+    drop(store);
+    let schema = schema(&db);
+    match server {
+        Server::Postgres => {
+            db.exec(
+                "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.key = '3500' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+            )
+            .await
+        }
+        Server::Mysql => {
+            db.exec(&format!(
+                "CREATE TRIGGER `{schema}`.poison BEFORE INSERT ON `{schema}`.backflow_state FOR EACH ROW \
+                 BEGIN IF NEW.`key` = '3500' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
+            ))
+            .await
+        }
+    }
+    let options = RunOptions {
+        checkpoint_records: 2000,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..RunOptions::default()
+    };
+    let report = run_with(&db, &s, Arc::new(FakeConnector::new(100)), dir.path(), &options).await;
+    let err = report.error.expect("the failing checkpoint fails the run");
+    assert_eq!(err.category(), "StateUnavailable", "{err}");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+
+    let committed = stored_keys(&db, "default/customers").await;
+    assert!(
+        !committed.is_empty() && committed.len() % 2000 == 0 && !committed.contains("3500"),
+        "whole checkpoints only: {} rows kept",
+        committed.len()
+    );
+
+    match server {
+        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_state").await,
+        Server::Mysql => db.exec(&format!("DROP TRIGGER `{schema}`.poison")).await,
+    }
+    let fake = Arc::new(FakeConnector::new(100));
+    let next = run_with(&db, &s, fake.clone(), dir.path(), &options).await;
+    assert!(next.error.is_none(), "{:?}", next.error);
+    assert_eq!(next.plan.unchanged as usize, committed.len());
+    let mut sent = fake.sent_keys();
+    sent.sort();
+    let mut expected: Vec<String> = (1..=5000)
+        .map(|i: u32| i.to_string())
+        .filter(|k| !committed.contains(k))
+        .collect();
+    expected.sort();
+    assert_eq!(sent, expected, "exactly the rows not committed are sent again");
+    assert_eq!(stored_keys(&db, "default/customers").await.len(), 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_failing_midway_is_rolled_back_and_the_next_run_resends_exactly_the_rest_on_postgres() {
+    failing_checkpoint(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_failing_midway_is_rolled_back_and_the_next_run_resends_exactly_the_rest_on_mariadb() {
+    failing_checkpoint(Server::Mysql).await;
+}
+
+async fn concurrent_engine_runs(server: Server) {
+    let db = customers(server, 1000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        "upsert",
+        MODEL,
+        &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
+    );
+    let mut slow = FakeConnector::new(50);
+    slow.delay = Duration::from_millis(60);
+    let slow = Arc::new(slow);
+    let first_done = AtomicBool::new(false);
+    let first = async {
+        let report = run_once(&db, &s, slow.clone(), dir.path()).await;
+        first_done.store(true, Ordering::SeqCst);
+        report
+    };
+    let second_fake = Arc::new(FakeConnector::new(50));
+    let second = async {
+        // The first run holds the lock from its load, before it sends anything.
+        while slow.call_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = std::time::Instant::now();
+        let report = run_once(&db, &s, second_fake.clone(), dir.path()).await;
+        (report, started.elapsed(), first_done.load(Ordering::SeqCst))
+    };
+    let (first, (second, took, first_was_done)) = tokio::join!(first, second);
+    let err = second.error.expect("the second run fails");
+    assert_eq!(err.category(), "RunInProgress", "{err}");
+    assert!(
+        err.to_string()
+            .contains("another run of this sync is in progress"),
+        "{err}"
+    );
+    assert!(!first_was_done, "the second run failed while the first still ran");
+    assert!(
+        took < Duration::from_secs(3),
+        "the second run failed fast: {took:?}"
+    );
+    assert_eq!(second_fake.call_count(), 0);
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!(first.accepted, 1000);
+    assert_eq!(stored_keys(&db, "default/customers").await.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_engine_run_fails_fast_with_run_in_progress_while_the_first_completes_on_postgres()
+ {
+    concurrent_engine_runs(Server::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_engine_run_fails_fast_with_run_in_progress_while_the_first_completes_on_mariadb()
+{
+    concurrent_engine_runs(Server::Mysql).await;
 }

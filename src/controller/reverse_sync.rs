@@ -17,8 +17,9 @@ use super::schedule::{self, Trigger};
 use super::status::{self, Outcome};
 use super::{Context, ReconcileError, RunHandle, SyncKey};
 use crate::api::ReverseSync;
-use crate::api::reverse_sync::ExecutionMode;
+use crate::api::reverse_sync::{ExecutionMode, StateStoreKind};
 use crate::api::validation::validate_reverse_sync;
+use crate::state::warehouse::{self, WarehouseConfig};
 
 /// The finalizer that lets deletion cancel a run and remove the sync's state.
 pub const FINALIZER: &str = "backflow.dev/cleanup";
@@ -324,6 +325,50 @@ async fn cleanup(sync: Arc<ReverseSync>, ctx: &Context) -> Action {
     {
         tracing::warn!(error = %e, "failed to delete the sync's state; its ConfigMaps are owned by the sync and garbage-collected");
     }
+    if sync.spec.state.as_ref().map(|s| s.store) == Some(StateStoreKind::Warehouse) {
+        delete_warehouse_state(&sync, &key, ctx).await;
+    }
     ctx.env.metrics.forget_sync(&key.namespace, &key.name);
     Action::await_change()
+}
+
+/// Longest time the finalizer spends deleting a sync's rows from the warehouse.
+const WAREHOUSE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Deletes a deleted `Warehouse`-store sync's rows from `backflow_state` and `backflow_syncs`
+/// (its sync logs stay: they are history), through the state connection
+/// (`spec.state.connectionSecretRef`, else the source's Secret). Bounded by a timeout; a
+/// failure is logged and never holds the finalizer, leaving the rows for a person to delete.
+async fn delete_warehouse_state(sync: &ReverseSync, key: &SyncKey, ctx: &Context) {
+    let state = sync.spec.state.clone().unwrap_or_default();
+    let sync_id = format!("{}/{}", key.namespace, key.name);
+    let left = format!(
+        "its rows stay in schema {:?}: DELETE FROM backflow_state and backflow_syncs WHERE sync_id = '{sync_id}'",
+        state.schema_or_default()
+    );
+    let resolver = super::resolve::ApiResolver::new(ctx.env.client.clone());
+    let work = async {
+        let url = crate::engine::setup::warehouse_state_url(&resolver, &key.namespace, &sync.spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        let config = WarehouseConfig {
+            url,
+            schema: state.schema_or_default().to_owned(),
+            sync_id: sync_id.clone(),
+            sync_logs: false,
+        };
+        warehouse::delete_sync_state(&config)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(WAREHOUSE_CLEANUP_TIMEOUT, work).await {
+        Ok(Ok(rows)) => tracing::info!(rows, "deleted the sync's state from the warehouse"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "failed to delete the sync's state from the warehouse; {left}");
+        }
+        Err(_) => tracing::warn!(
+            timeout_seconds = WAREHOUSE_CLEANUP_TIMEOUT.as_secs(),
+            "timed out deleting the sync's state from the warehouse; {left}"
+        ),
+    }
 }

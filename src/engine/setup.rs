@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 
 use crate::api::validation::{validate_destination, validate_reverse_sync};
-use crate::api::{Destination, ReverseSync};
+use crate::api::{Destination, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
 use crate::destination::{SecretData, SendError};
@@ -237,15 +237,7 @@ pub async fn prepare(
         .destination(namespace, &spec.destination_ref.name)
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
-    let source_secret = resolver.secret(namespace, &source_ref.name).await?;
-    let key = source_ref.key.as_deref().unwrap_or("url");
-    let source_url = source_secret
-        .get(key)
-        .ok_or_else(|| SetupError::SecretKeyMissing {
-            name: source_ref.name.clone(),
-            key: key.to_owned(),
-        })?
-        .to_owned();
+    let source_url = connection_url(resolver, namespace, source_ref).await?;
     let state_url = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
         Some(state_ref) => {
             check_namespace(
@@ -253,17 +245,7 @@ pub async fn prepare(
                 state_ref.namespace.as_deref(),
                 namespace,
             )?;
-            let secret = resolver.secret(namespace, &state_ref.name).await?;
-            let key = state_ref.key.as_deref().unwrap_or("url");
-            Some(
-                secret
-                    .get(key)
-                    .ok_or_else(|| SetupError::SecretKeyMissing {
-                        name: state_ref.name.clone(),
-                        key: key.to_owned(),
-                    })?
-                    .to_owned(),
-            )
+            Some(connection_url(resolver, namespace, state_ref).await?)
         }
         None => None,
     };
@@ -274,6 +256,42 @@ pub async fn prepare(
         scope,
         state_url,
     })
+}
+
+/// The connection URL a Secret key holds (key default `url`); the caller checked the namespace.
+async fn connection_url(
+    resolver: &dyn Resolver,
+    namespace: &str,
+    reference: &SecretKeyRef,
+) -> Result<String, SetupError> {
+    let secret = resolver.secret(namespace, &reference.name).await?;
+    let key = reference.key.as_deref().unwrap_or("url");
+    secret
+        .get(key)
+        .map(str::to_owned)
+        .ok_or_else(|| SetupError::SecretKeyMissing {
+            name: reference.name.clone(),
+            key: key.to_owned(),
+        })
+}
+
+/// The Warehouse store's connection URL: the one of `spec.state.connectionSecretRef` when set,
+/// the source's otherwise. Reads only those Secrets, nothing else a run needs, so that it works
+/// while the sync is being deleted (its Destination may be gone already).
+pub async fn warehouse_state_url(
+    resolver: &dyn Resolver,
+    namespace: &str,
+    spec: &ReverseSyncSpec,
+) -> Result<String, SetupError> {
+    let (field, reference) = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
+        Some(r) => ("spec.state.connectionSecretRef.namespace", r),
+        None => (
+            "spec.source.connectionSecretRef.namespace",
+            &spec.source.connection_secret_ref,
+        ),
+    };
+    check_namespace(field, reference.namespace.as_deref(), namespace)?;
+    connection_url(resolver, namespace, reference).await
 }
 
 /// What a sync's fingerprints are about: the destination's name and target.

@@ -1011,6 +1011,88 @@ impl WarehouseStore {
     }
 }
 
+/// How long [`delete_sync_state`] waits for a run of the sync to let go of its lock.
+const DELETE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Deletes a deleted sync's fingerprints: its rows of `backflow_state` and `backflow_syncs`, in
+/// one transaction, and returns how many `backflow_state` rows went. The sync logs
+/// (`backflow_runs`, `backflow_rejections`) stay: they are history. Creates nothing: missing
+/// tables hold nothing to delete. `config.sync_logs` is ignored.
+///
+/// It first waits a few seconds for the sync's run lock, so that a run told to stop (a Job's
+/// pod) commits its last checkpoint before the delete rather than after it; when the lock stays
+/// held it deletes anyway. The caller bounds the whole call with a timeout.
+pub async fn delete_sync_state(config: &WarehouseConfig) -> Result<u64, StateError> {
+    let mut store = WarehouseStore::probe(WarehouseConfig {
+        sync_logs: false,
+        ..config.clone()
+    });
+    store.connect().await?;
+    let deadline = tokio::time::Instant::now() + DELETE_LOCK_WAIT;
+    loop {
+        match store.lock().await {
+            Ok(()) => break,
+            Err(StateError::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(StateError::Locked(_)) => {
+                tracing::warn!(
+                    sync = %config.sync_id,
+                    "a run of the deleted sync still holds its state lock; deleting its state anyway"
+                );
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !store.tables_exist().await? {
+        store.unlock().await;
+        return Ok(0);
+    }
+    let sync_id = config.sync_id.clone();
+    let (state, syncs) = (store.table("backflow_state"), store.table("backflow_syncs"));
+    let result = match store.conn.as_mut() {
+        Some(Conn::Pg(c)) => {
+            async {
+                let mut tx = c.begin().await?;
+                let rows = sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = $1"))
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(&format!("DELETE FROM {syncs} WHERE sync_id = $1"))
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<u64, sqlx::Error>(rows)
+            }
+            .await
+        }
+        Some(Conn::My(c)) => {
+            async {
+                let mut tx = c.begin().await?;
+                let rows = sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = ?"))
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(&format!("DELETE FROM {syncs} WHERE sync_id = ?"))
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<u64, sqlx::Error>(rows)
+            }
+            .await
+        }
+        None => Ok(0),
+    };
+    let deleted = result.map_err(|e| store.sql_error("delete the deleted sync's state", e))?;
+    store.unlock().await;
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
