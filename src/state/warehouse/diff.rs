@@ -9,6 +9,7 @@
 //! key hashes and 8-byte fingerprints costs one COPY; see README's Performance section.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -16,6 +17,9 @@ use sqlx::{Executor, QueryBuilder, Row};
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore, key_hash};
 use crate::state::{PushdownDiff, RemoteDiff, StateError};
+
+/// Lower-case hex digits, for bytea values in COPY text.
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `text` escaped for PostgreSQL's COPY text format.
 fn copy_text(text: &str, out: &mut Vec<u8>) {
@@ -83,12 +87,14 @@ impl PushdownDiff for WarehouseStore {
                 for (key, fingerprint) in rows {
                     data.extend_from_slice(b"\\\\x");
                     for b in key_hash(key) {
-                        data.extend_from_slice(format!("{b:02x}").as_bytes());
+                        data.push(HEX[usize::from(b >> 4)]);
+                        data.push(HEX[usize::from(b & 0xf)]);
                     }
                     data.push(b'\t');
                     copy_text(key, &mut data);
                     data.push(b'\t');
-                    data.extend_from_slice((*fingerprint as i64).to_string().as_bytes());
+                    // Writing to a Vec cannot fail.
+                    let _ = write!(data, "{}", *fingerprint as i64);
                     data.push(b'\n');
                 }
                 async {
