@@ -15,9 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
-
-/// Label naming the sync a Job runs.
-pub const SYNC_LABEL: &str = "backflow.dev/sync";
+use crate::state::configmap::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
 
 /// Operator-wide defaults of run Jobs (flags of `backflow operator`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -77,8 +75,8 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "backflow".to_owned()),
         ("app.kubernetes.io/component".to_owned(), "sync-run".to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), "backflow".to_owned()),
-        (SYNC_LABEL.to_owned(), label_value(&sync_name)),
+        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+        (SYNC_LABEL.to_owned(), sync_label_value(&sync_name)),
     ]);
     let mut args = Vec::new();
     if let Some(format) = &defaults.log_format {
@@ -189,19 +187,6 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
         }),
         ..Job::default()
     }
-}
-
-/// A label value (at most 63 characters): the name, or a cut name and a hash when longer.
-pub fn label_value(name: &str) -> String {
-    if name.len() <= 63 {
-        return name.to_owned();
-    }
-    let hash = xxh3_64(name.as_bytes());
-    format!(
-        "{}-{:08x}",
-        &name[..54].trim_end_matches(['-', '.']),
-        hash & 0xffff_ffff
-    )
 }
 
 /// Where a Job stands.
