@@ -475,33 +475,43 @@ enum Decider {
 }
 
 impl Decider {
-    /// True when `row` is to be sent; sets its operation when the diff decides.
-    fn keep(&self, plan: &PlanOutcome, row: &mut super::spill::SpilledRow) -> bool {
-        if plan.is_duplicate(&row.key) {
-            return false;
+    /// Whether a spilled row of `key` is sent, and with which operation and added flag.
+    fn choose(
+        &self,
+        plan: &PlanOutcome,
+        key: &str,
+        operation: Operation,
+        added: bool,
+    ) -> Option<(Operation, bool)> {
+        if plan.is_duplicate(key) {
+            return None;
         }
         match self {
-            Decider::Planned => true,
+            Decider::Planned => Some((operation, added)),
             Decider::Diff { diff, mode } => {
                 let change = if diff.all_added {
                     Change::Added
                 } else {
-                    match diff.changed.get(&row.key) {
-                        Some(true) => Change::Added,
-                        Some(false) => Change::Changed,
-                        None => return false,
+                    match diff.changed.get(key)? {
+                        true => Change::Added,
+                        false => Change::Changed,
                     }
                 };
                 match super::plan::decide(change, *mode) {
-                    Decision::Send(operation, change) => {
-                        row.operation = operation;
-                        row.added = change == Change::Added;
-                        true
-                    }
-                    _ => false,
+                    Decision::Send(operation, change) => Some((operation, change == Change::Added)),
+                    _ => None,
                 }
             }
         }
+    }
+
+    /// The next spilled row to send.
+    fn next_row(
+        &self,
+        plan: &PlanOutcome,
+        reader: &mut SpillReader,
+    ) -> std::io::Result<Option<super::spill::SpilledRow>> {
+        reader.next_row_where(|key, operation, added| self.choose(plan, key, operation, added))
     }
 }
 
@@ -762,20 +772,17 @@ impl SpillBatches<'_> {
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
         let mut batch: Option<Batch> = None;
         loop {
-            let mut row = match self.carry.take() {
+            let row = match self.carry.take() {
                 Some(r) => r,
                 None => match self
-                    .reader
-                    .next_row()
+                    .decider
+                    .next_row(self.plan, &mut self.reader)
                     .map_err(|e| RunError::Spill(e.to_string()))?
                 {
                     Some(r) => r,
                     None => return Ok(batch),
                 },
             };
-            if !self.decider.keep(self.plan, &mut row) {
-                continue;
-            }
             let b = batch.get_or_insert_with(|| Batch {
                 operation: row.operation,
                 records: Vec::with_capacity(self.batch_size),

@@ -31,7 +31,8 @@ pub struct SpilledRow {
 #[derive(Deserialize)]
 struct Line<'a> {
     o: &'a str,
-    k: String,
+    #[serde(borrow)]
+    k: std::borrow::Cow<'a, str>,
     f: u64,
     a: bool,
     #[serde(borrow)]
@@ -113,28 +114,42 @@ impl SpillReader {
 
     /// The next row, or `None` at the end.
     pub fn next_row(&mut self) -> std::io::Result<Option<SpilledRow>> {
-        self.line.clear();
-        if self.lines.read_line(&mut self.line)? == 0 {
-            return Ok(None);
-        }
-        let l: Line<'_> = serde_json::from_str(self.line.trim_end())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let operation = match l.o {
-            "insert" => Operation::Insert,
-            "update" => Operation::Update,
-            "delete" => Operation::Delete,
-            _ => Operation::Upsert,
-        };
+        self.next_row_where(|_, operation, added| Some((operation, added)))
+    }
+
+    /// The next row that `choose` keeps, given its key, operation and added flag; `choose`
+    /// may change both. Rows it skips are never decoded beyond their key, which matters when
+    /// the spill holds every row of the model and few are sent.
+    pub fn next_row_where(
+        &mut self,
+        mut choose: impl FnMut(&str, Operation, bool) -> Option<(Operation, bool)>,
+    ) -> std::io::Result<Option<SpilledRow>> {
         let invalid = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-        Ok(Some(SpilledRow {
-            operation,
-            key: l.k,
-            fingerprint: l.f,
-            added: l.a,
-            identity: parse_document(l.i.get()).map_err(invalid)?,
-            identity_json: l.i.get().to_owned(),
-            fields: parse_document(l.d.get()).map_err(invalid)?,
-        }))
+        loop {
+            self.line.clear();
+            if self.lines.read_line(&mut self.line)? == 0 {
+                return Ok(None);
+            }
+            let l: Line<'_> = serde_json::from_str(self.line.trim_end()).map_err(invalid)?;
+            let operation = match l.o {
+                "insert" => Operation::Insert,
+                "update" => Operation::Update,
+                "delete" => Operation::Delete,
+                _ => Operation::Upsert,
+            };
+            let Some((operation, added)) = choose(&l.k, operation, l.a) else {
+                continue;
+            };
+            return Ok(Some(SpilledRow {
+                operation,
+                fingerprint: l.f,
+                added,
+                identity: parse_document(l.i.get()).map_err(invalid)?,
+                identity_json: l.i.get().to_owned(),
+                fields: parse_document(l.d.get()).map_err(invalid)?,
+                key: l.k.into_owned(),
+            }));
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use super::{
 use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
-use crate::engine::plan::{PlanCounts, PlanOutcome, key_hash, row_digest};
+use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, key_hash, row_digest};
 use crate::engine::run::{PlanSample, RunOptions};
 use crate::engine::spill::SpillWriter;
 use crate::source::RowStream;
@@ -106,18 +106,17 @@ pub(super) async fn plan(
         ..PlanCounts::default()
     };
     let mut sends = PlannedSends::default();
-    match mode {
-        SyncMode::Upsert | SyncMode::Mirror => {
-            (counts.added, counts.changed) = (new_rows, changed_rows);
-            sends.add(Operation::Upsert, new_rows + changed_rows);
-        }
-        SyncMode::Insert => {
-            (counts.added, counts.skipped) = (new_rows, changed_rows);
-            sends.add(Operation::Insert, new_rows);
-        }
-        SyncMode::Update => {
-            (counts.changed, counts.skipped) = (changed_rows, new_rows);
-            sends.add(Operation::Update, changed_rows);
+    for (change, rows) in [(Change::Added, new_rows), (Change::Changed, changed_rows)] {
+        match decide(change, mode) {
+            Decision::Send(operation, change) => {
+                sends.add(operation, rows);
+                if change == Change::Added {
+                    counts.added += rows;
+                } else {
+                    counts.changed += rows;
+                }
+            }
+            _ => counts.skipped += rows,
         }
     }
     for key in diff.duplicates.keys().take(REJECTED_SAMPLES) {
@@ -174,10 +173,9 @@ fn preview(
     // `sample_size` rows were found.
     let mut found = 0;
     while found < options.sample_size {
-        let Some(mut row) = spilled.next_row()? else { break };
-        if !decider.keep(plan, &mut row) {
-            continue;
-        }
+        let Some(row) = decider.next_row(plan, spilled)? else {
+            break;
+        };
         found += 1;
         let mut record = Vec::new();
         crate::engine::value::write_document(&row.fields, &mut record);
