@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 
+use xxhash_rust::xxh3::xxh3_128;
+
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use sqlx::{Executor, QueryBuilder, Row};
@@ -86,7 +88,7 @@ impl PushdownDiff for WarehouseStore {
                 let mut data = Vec::with_capacity(rows.len() * 64);
                 for (key, fingerprint) in rows {
                     data.extend_from_slice(b"\\\\x");
-                    for b in key_hash(key) {
+                    for b in xxh3_128(key.as_bytes()).to_be_bytes() {
                         data.push(HEX[usize::from(b >> 4)]);
                         data.push(HEX[usize::from(b & 0xf)]);
                     }
