@@ -98,7 +98,12 @@ pub fn fingerprint(canonical: &[u8]) -> u64 {
 
 /// The 128-bit hash of a key, used to spot duplicates; its low byte is left free (zero).
 pub fn key_hash(key: &str) -> u128 {
-    xxh3_128(key.as_bytes()) & !0xFF
+    key_hash_from_stored(xxh3_128(key.as_bytes()))
+}
+
+/// [`key_hash`] of a key, from the state stores' hash of it ([`crate::state::stored_key_hash`]).
+pub fn key_hash_from_stored(hash: u128) -> u128 {
+    hash & !0xFF
 }
 
 impl<'a> Planner<'a> {

@@ -489,13 +489,9 @@ impl Decider {
         match self {
             Decider::Planned => Some((operation, added)),
             Decider::Diff { diff, mode } => {
-                let change = if diff.all_added {
-                    Change::Added
-                } else {
-                    match diff.changed.get(key)? {
-                        true => Change::Added,
-                        false => Change::Changed,
-                    }
+                let change = match diff.change(crate::state::stored_key_hash(key))? {
+                    true => Change::Added,
+                    false => Change::Changed,
                 };
                 match super::plan::decide(change, *mode) {
                     Decision::Send(operation, change) => Some((operation, change == Change::Added)),

@@ -219,7 +219,7 @@ impl PushdownDiff for Migrating {
         self.preloaded.is_some() || self.current.pushdown().is_some_and(|p| p.holds_state(scope))
     }
 
-    async fn stage(&mut self, rows: &[(String, u64)]) -> Result<(), StateError> {
+    async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
         match self.current.pushdown() {
             Some(p) => p.stage(rows).await,
             None => Ok(()),

@@ -9,6 +9,7 @@
 mod codec;
 pub mod configmap;
 pub mod file;
+pub mod hash_buckets;
 pub mod migrate;
 pub mod warehouse;
 
@@ -348,8 +349,9 @@ pub trait StateStore: Send {
     }
 }
 
-/// A diff computed by the store: the engine uploads each row's key and fingerprint, the
-/// store compares them with what it holds and returns only what differs.
+/// A diff computed by the store without loading its state: the engine hands over each row's
+/// key hash and fingerprint, the store compares them with what it holds and returns only what
+/// differs.
 #[async_trait]
 pub trait PushdownDiff: Send {
     /// Opens the diff for `scope`. `Ok(false)` declines it for this run (the engine then
@@ -359,26 +361,50 @@ pub trait PushdownDiff: Send {
     /// After `begin`: true when the store holds fingerprints for `scope`.
     fn holds_state(&mut self, scope: &str) -> bool;
 
-    /// Uploads a chunk of this run's rows: canonical key and fingerprint.
-    async fn stage(&mut self, rows: &[(String, u64)]) -> Result<(), StateError>;
+    /// Hands over a chunk of this run's rows: [`stored_key_hash`] of the key, and fingerprint.
+    async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError>;
 
-    /// Compares the uploaded rows with the stored ones. With `full_resync`, every uploaded
-    /// key counts as changed (or added when not stored).
+    /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
+    /// counts as changed (or added when not stored).
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError>;
 }
 
-/// What a pushed-down diff found. It holds changed keys only, never every row.
+/// The 128-bit hash that identifies a key in a state store's diff and in the Warehouse
+/// store's table (xxh3-128 of the key's bytes).
+pub fn stored_key_hash(key: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+/// What a pushed-down diff found, by [`stored_key_hash`]. It holds changed keys only, never
+/// every row.
 #[derive(Debug, Default)]
 pub struct RemoteDiff {
-    /// When true, nothing is stored for the scope: every uploaded key is new and `changed`
-    /// is left empty rather than listing them all.
+    /// When true, nothing is stored for the scope: every staged key is new and `changed` is
+    /// left empty rather than listing them all.
     pub all_added: bool,
-    /// Uploaded keys that are new (`true`) or whose fingerprint differs (`false`).
-    pub changed: std::collections::HashMap<String, bool>,
-    /// Keys uploaded more than once, with how many times.
-    pub duplicates: std::collections::HashMap<String, u64>,
-    /// Stored keys that were not uploaded, with their identity JSON (for mirror deletes).
+    /// When true (a full resync), staged keys missing from `changed` are changed too.
+    pub full_resync: bool,
+    /// Staged keys that are new (`true`) or whose fingerprint differs (`false`).
+    pub changed: std::collections::HashMap<u128, bool>,
+    /// Keys staged more than once, with how many times; they are in no other field.
+    pub duplicates: std::collections::HashMap<u128, u64>,
+    /// Stored keys that were not staged, with their identity JSON (for mirror deletes).
     pub removed: Vec<(String, String)>,
+}
+
+impl RemoteDiff {
+    /// How a staged key changed: `Some(true)` added, `Some(false)` changed, `None` unchanged
+    /// (duplicated keys are the caller's to drop first).
+    pub fn change(&self, hash: u128) -> Option<bool> {
+        if self.all_added {
+            return Some(true);
+        }
+        match self.changed.get(&hash) {
+            Some(added) => Some(*added),
+            None if self.full_resync => Some(false),
+            None => None,
+        }
+    }
 }
 
 /// A rejected row as the sync logs keep it: key, operation and reason, never payload values.

@@ -38,7 +38,7 @@ use futures::TryStreamExt;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor, QueryBuilder, Row};
-use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+use xxhash_rust::xxh3::xxh3_64;
 
 mod diff;
 
@@ -93,6 +93,8 @@ pub struct WarehouseStore {
     stored_scope: Option<String>,
     run_id: String,
     scrubber: Scrubber,
+    /// The diff of the run in progress (between `PushdownDiff::begin` and `diff`).
+    diffing: Option<diff::Diffing>,
 }
 
 impl std::fmt::Debug for WarehouseStore {
@@ -115,7 +117,7 @@ fn quote(server_is_pg: bool, name: &str) -> String {
 }
 
 fn key_hash(key: &str) -> Vec<u8> {
-    xxh3_128(key.as_bytes()).to_be_bytes().to_vec()
+    crate::state::stored_key_hash(key).to_be_bytes().to_vec()
 }
 
 impl WarehouseStore {
@@ -130,6 +132,7 @@ impl WarehouseStore {
             stored_scope: None,
             run_id: uuid::Uuid::new_v4().to_string(),
             scrubber,
+            diffing: None,
         }
     }
 
@@ -200,9 +203,15 @@ impl WarehouseStore {
     }
 
     async fn connect(&mut self) -> Result<(), StateError> {
-        if self.conn.is_some() {
-            return Ok(());
+        if self.conn.is_none() {
+            self.conn = Some(self.new_connection().await?);
         }
+        Ok(())
+    }
+
+    /// A new connection to the state database (the store's own, or a second one that reads
+    /// the stored fingerprints while the model is extracted).
+    async fn new_connection(&self) -> Result<Conn, StateError> {
         let url = &self.config.url;
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
         let io = |reason: String| StateError::Io {
@@ -257,8 +266,7 @@ impl WarehouseStore {
                 });
             }
         };
-        self.conn = Some(conn);
-        Ok(())
+        Ok(conn)
     }
 
     /// Takes the sync's session-level lock, or fails at once when another run holds it.

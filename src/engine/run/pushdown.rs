@@ -1,26 +1,26 @@
-//! Planning with the diff pushed down to the store (the Warehouse store): every mapped row is
-//! spilled to local disk and its key and fingerprint uploaded; the store returns only the
-//! added, changed, removed and duplicated keys. Memory holds those, never the whole state.
+//! Planning with the diff left to the store (the Warehouse store): every mapped row is
+//! spilled to local disk and its key hash and fingerprint handed to the store, which returns
+//! only the added, changed, removed and duplicated keys. Memory holds those, never the whole
+//! state.
 
 use std::collections::HashSet;
 
 use super::{
-    Collector, DUPLICATE_KEY, Decider, Planned, REJECTED_SAMPLES, REJECTION_BATCH, RunError,
-    flush_rejections, map_row,
+    Collector, Decider, Planned, REJECTION_BATCH, RunError, flush_rejections, map_row, sample_duplicates,
 };
 use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
-use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, key_hash, row_digest};
+use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, row_digest};
 use crate::engine::run::{PlanSample, RunOptions};
 use crate::engine::spill::SpillWriter;
 use crate::source::RowStream;
-use crate::state::{EntryRef, Fingerprints, StateStore};
+use crate::state::{EntryRef, Fingerprints, StateStore, stored_key_hash};
 
-/// Keys and fingerprints uploaded per call.
+/// Key hashes and fingerprints handed to the store per call.
 const STAGE_CHUNK: usize = 10_000;
 
-/// Streams the model, uploads keys and fingerprints, and asks the store for the diff.
+/// Streams the model, hands key hashes and fingerprints to the store, and asks it for the diff.
 pub(super) async fn plan(
     rows: &mut RowStream,
     mapper: &Mapper,
@@ -33,7 +33,7 @@ pub(super) async fn plan(
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
-    let mut staged: Vec<(String, u64)> = Vec::with_capacity(STAGE_CHUNK);
+    let mut staged: Vec<(u128, u64)> = Vec::with_capacity(STAGE_CHUNK);
     let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
     let mut digest = 0u64;
     while let Some(row) = rows.next().await {
@@ -62,7 +62,7 @@ pub(super) async fn plan(
             )
             .map_err(|e| RunError::Spill(e.to_string()))?;
         digest = digest.wrapping_add(row_digest(&mapped.key, fp));
-        staged.push((mapped.key, fp));
+        staged.push((stored_key_hash(&mapped.key), fp));
         mapped_rows += 1;
         if staged.len() >= STAGE_CHUNK {
             stage(store, &staged).await?;
@@ -83,21 +83,15 @@ pub(super) async fn plan(
 
     // Counts, from the diff alone.
     let duplicate_rows: u64 = diff.duplicates.values().sum();
-    let (mut new_rows, mut changed_rows) = (0u64, 0u64);
-    if diff.all_added {
-        new_rows = mapped_rows - duplicate_rows;
+    let unique_rows = mapped_rows - duplicate_rows;
+    let added_rows = diff.changed.values().filter(|added| **added).count() as u64;
+    let (new_rows, changed_rows) = if diff.all_added {
+        (unique_rows, 0)
+    } else if diff.full_resync {
+        (added_rows, unique_rows - added_rows)
     } else {
-        for (key, added) in &diff.changed {
-            if diff.duplicates.contains_key(key) {
-                continue;
-            }
-            if *added {
-                new_rows += 1;
-            } else {
-                changed_rows += 1;
-            }
-        }
-    }
+        (added_rows, diff.changed.len() as u64 - added_rows)
+    };
     let mut counts = PlanCounts {
         rows_in_model: mapped_rows + rejected_rows,
         unchanged: mapped_rows - duplicate_rows - new_rows - changed_rows,
@@ -119,9 +113,6 @@ pub(super) async fn plan(
             _ => counts.skipped += rows,
         }
     }
-    for key in diff.duplicates.keys().take(REJECTED_SAMPLES) {
-        c.reject(Some(key), "plan", DUPLICATE_KEY);
-    }
     let state = Fingerprints::from_entries(diff.removed.iter().map(|(key, identity)| EntryRef {
         key,
         fingerprint: 0,
@@ -133,12 +124,15 @@ pub(super) async fn plan(
         duplicates: diff
             .duplicates
             .keys()
-            .map(|k| key_hash(k))
+            .map(|h| crate::engine::plan::key_hash_from_stored(*h))
             .collect::<HashSet<_>>(),
         result_fingerprint: format!("{digest:016x}"),
     };
     let decider = Decider::Diff { diff, mode };
     let mut spilled = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    if !plan.duplicates.is_empty() {
+        sample_duplicates(&mut spilled, &plan, c).map_err(|e| RunError::Spill(e.to_string()))?;
+    }
     if options.dry_run {
         preview(&mut spilled, &plan, &decider, options, c).map_err(|e| RunError::Spill(e.to_string()))?;
     }
@@ -151,7 +145,7 @@ pub(super) async fn plan(
     })
 }
 
-async fn stage(store: &mut dyn StateStore, rows: &[(String, u64)]) -> Result<(), RunError> {
+async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {
     match store.pushdown() {
         Some(p) => Ok(p.stage(rows).await?),
         None => Err(RunError::Invalid(
