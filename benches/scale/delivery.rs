@@ -80,6 +80,7 @@ pub async fn bench(admin_url: &str, sink: &Sink) -> Vec<Scenario> {
             database_url: model.url.clone(),
             query: QUERY.to_owned(),
             state_dir: state.path().to_string_lossy().into_owned(),
+            api_server: String::new(),
         })
         .await;
         s.seen = sink.seen();

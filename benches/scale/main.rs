@@ -4,10 +4,12 @@
 //! For each model size (`BACKFLOW_BENCH_ROWS`, a comma-separated list, default `1000000`), a
 //! `customers` table in a PostgreSQL database of its own, then:
 //! 1. COPY baseline;
-//! 2. for each state store (File, Warehouse; ConfigMap needs a Kubernetes API server and is
-//!    not run): plan only on an empty state, then a first run end to end into a local HTTP
-//!    destination that accepts everything (a real `http` Destination; the server runs in
-//!    this parent process and counts the requests);
+//! 2. for each state store (File, Warehouse, ConfigMap): plan only on an empty state, then a
+//!    first run end to end into a local HTTP destination that accepts everything (a real
+//!    `http` Destination; the server runs in this parent process and counts the requests).
+//!    The ConfigMap store talks to the Kubernetes API server double of
+//!    `tests/support/apiserver.rs`, also run by this parent: a real `kube::Client` over HTTP,
+//!    but no etcd, no admission and no network latency, so its figures are a lower bound;
 //! 3. the File store's fingerprints loaded alone: bytes in memory per row;
 //! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
 //!    end.
@@ -22,6 +24,10 @@
 //! once. The aims of issue 6 are printed next to the figures, computed from them. The server
 //! is `BACKFLOW_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
+// The API server double of the integration tests, for the ConfigMap store.
+#[allow(dead_code)]
+#[path = "../../tests/support/apiserver.rs"]
+mod apiserver;
 mod delivery;
 mod model;
 mod phase;
@@ -63,11 +69,12 @@ async fn main() {
     let admin_url = std::env::var("BACKFLOW_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let sink = sink::Sink::start().await;
+    let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
 
     let mut sizes_done = Vec::new();
     for &rows in &sizes {
-        sizes_done.push(bench_size(&admin_url, rows, repeat, &sink).await);
+        sizes_done.push(bench_size(&admin_url, rows, repeat, &sink, api_server.url()).await);
     }
     let delivery = delivery::bench(&admin_url, &sink).await;
 
@@ -75,7 +82,13 @@ async fn main() {
 }
 
 /// Every phase of one model size.
-async fn bench_size(admin_url: &str, rows: u64, repeat: usize, sink: &sink::Sink) -> SizeReport {
+async fn bench_size(
+    admin_url: &str,
+    rows: u64,
+    repeat: usize,
+    sink: &sink::Sink,
+    api_server: &str,
+) -> SizeReport {
     eprintln!("creating a {rows}-row model ...");
     let model = model::Model::create(admin_url, rows).await;
     let state = tempfile::tempdir().expect("temp dir");
@@ -84,6 +97,7 @@ async fn bench_size(admin_url: &str, rows: u64, repeat: usize, sink: &sink::Sink
         database_url: model.url.clone(),
         query: model::QUERY.to_owned(),
         state_dir: state.path().to_string_lossy().into_owned(),
+        api_server: api_server.to_owned(),
     };
     let destination = sink_destination(&sink.url);
     let run = |store: Store, dry_run: bool| {

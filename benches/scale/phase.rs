@@ -12,8 +12,10 @@ use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, SyncRun, run};
 use backflow::state::StateStore;
+use backflow::state::configmap::ConfigMapStore;
 use backflow::state::file::FileStore;
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 
@@ -22,23 +24,26 @@ const NAMESPACE: &str = "bench";
 /// What the fingerprints are about (stands for `namespace/destination/target`).
 const SCOPE: &str = "bench/sink/http";
 
-/// Where a sync keeps its fingerprints (`spec.state.store`). ConfigMap is not benchmarked:
-/// it needs a Kubernetes API server, and its double lives in `tests/support`.
+/// Where a sync keeps its fingerprints (`spec.state.store`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Store {
     /// A local directory (`backflow run -f`).
     File,
     /// Tables in the source database, schema `backflow`.
     Warehouse,
+    /// ConfigMaps, in the API server double of `tests/support/apiserver.rs` that the parent
+    /// process runs: a real `kube::Client` over HTTP on loopback, no etcd, no admission.
+    ConfigMap,
 }
 
 impl Store {
-    pub const ALL: [Store; 2] = [Store::File, Store::Warehouse];
+    pub const ALL: [Store; 3] = [Store::File, Store::Warehouse, Store::ConfigMap];
 
     pub fn name(self) -> &'static str {
         match self {
             Store::File => "File",
             Store::Warehouse => "Warehouse",
+            Store::ConfigMap => "ConfigMap",
         }
     }
 }
@@ -66,6 +71,8 @@ pub struct Phase {
     pub database_url: String,
     pub query: String,
     pub state_dir: String,
+    /// Base URL of the API server double (ConfigMap store).
+    pub api_server: String,
 }
 
 /// What a phase measured.
@@ -167,7 +174,8 @@ async fn copy(phase: &Phase) -> Measured {
 
 /// A run as `backflow run` does it: the destination built from its spec through
 /// `backflow::destination::build` behind the shared delivery layers, the store chosen by
-/// `spec.state` with the File store as home (`state::migrate::choose`), default run options.
+/// `spec.state` with the File store as home (`state::migrate::choose`; the ConfigMap store in
+/// the double for `Store::ConfigMap`, as the operator does), default run options.
 async fn engine_run(
     phase: &Phase,
     store: Store,
@@ -190,7 +198,23 @@ async fn engine_run(
         delivery: Delivery::new(connector, limiter, config),
         scope: SCOPE.to_owned(),
     };
-    let home = Box::new(FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync));
+    let home: Box<dyn StateStore> = match store {
+        Store::ConfigMap => {
+            let url = phase.api_server.parse().expect("the double's URL");
+            let client = kube::Client::try_from(kube::Config::new(url)).expect("a client for the double");
+            let owner = OwnerReference {
+                api_version: "backflow.dev/v1alpha1".to_owned(),
+                kind: "ReverseSync".to_owned(),
+                name: sync.to_owned(),
+                uid: format!("bench-{sync}"),
+                ..OwnerReference::default()
+            };
+            Box::new(ConfigMapStore::new(client, NAMESPACE, sync, owner))
+        }
+        Store::File | Store::Warehouse => {
+            Box::new(FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync))
+        }
+    };
     let mut store = backflow::state::migrate::choose(&spec, NAMESPACE, sync, home, &phase.database_url, None);
     let options = RunOptions {
         dry_run,

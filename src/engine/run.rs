@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, PlanOutcome, Planner, fingerprint};
 
-mod pushdown;
+mod store_diff;
 use super::spill::{SpillReader, SpillWriter};
 use super::value::Document;
 use crate::api::ReverseSyncSpec;
@@ -383,7 +383,7 @@ async fn run_steps(
         &spec.match_fields,
         rows.columns(),
     )?;
-    let pushed = match store.pushdown() {
+    let pushed = match store.store_diff() {
         Some(diff) => diff.begin(&job.scope).await?,
         None => false,
     };
@@ -394,7 +394,7 @@ async fn run_steps(
         decider,
         mut sends,
     } = if pushed {
-        pushdown::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+        store_diff::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     } else {
         plan_in_memory(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     };
@@ -413,7 +413,7 @@ async fn run_steps(
         removed = plan.counts.removed,
         unchanged = plan.counts.unchanged,
         rejected = plan.counts.rejected,
-        pushed_down = pushed,
+        store_diff = pushed,
         "plan ready"
     );
     if options.dry_run {

@@ -111,12 +111,47 @@ pub struct Comparison {
     pub removed: Vec<u128>,
 }
 
-/// Compares this run's pairs with the stored ones, bucket by bucket. `stored: None` means
-/// nothing is stored: only duplicates are looked for, and `changed` stays empty (every key
-/// is new).
+/// Compares this run's pairs with the stored ones, bucket by bucket, the buckets shared out
+/// between the machine's cores. `stored: None` means nothing is stored: only duplicates are
+/// looked for, and `changed` stays empty (every key is new).
 pub fn compare(run: &HashBuckets, stored: Option<&HashBuckets>) -> std::io::Result<Comparison> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 8);
+    let per_thread = BUCKETS.div_ceil(threads);
+    let parts: Vec<std::io::Result<Comparison>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..BUCKETS)
+            .step_by(per_thread)
+            .map(|first| {
+                s.spawn(move || compare_buckets(run, stored, first..(first + per_thread).min(BUCKETS)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a comparing thread panicked")))
+            })
+            .collect()
+    });
     let mut found = Comparison::default();
-    for bucket in 0..BUCKETS {
+    for part in parts {
+        let part = part?;
+        found.changed.extend(part.changed);
+        found.duplicates.extend(part.duplicates);
+        found.removed.extend(part.removed);
+    }
+    Ok(found)
+}
+
+/// [`compare`] over a range of buckets.
+fn compare_buckets(
+    run: &HashBuckets,
+    stored: Option<&HashBuckets>,
+    buckets: std::ops::Range<usize>,
+) -> std::io::Result<Comparison> {
+    let mut found = Comparison::default();
+    for bucket in buckets {
         let run_pairs = run.sorted_bucket(bucket)?;
         let stored_pairs = match stored {
             Some(s) => s.sorted_bucket(bucket)?,

@@ -14,9 +14,7 @@
 use async_trait::async_trait;
 
 use super::warehouse::{WarehouseConfig, WarehouseStore};
-use super::{
-    Fingerprints, PushdownDiff, RejectedRow, RemoteDiff, RunLog, StateChange, StateError, StateStore,
-};
+use super::{Fingerprints, RejectedRow, RemoteDiff, RunLog, StateChange, StateError, StateStore, StoreDiff};
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 
@@ -180,8 +178,8 @@ impl StateStore for Migrating {
         self.current.discard().await
     }
 
-    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
-        if self.current.pushdown().is_some() {
+    fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
+        if self.current.store_diff().is_some() {
             Some(self)
         } else {
             None
@@ -192,9 +190,9 @@ impl StateStore for Migrating {
 /// The current store diffs on its own, unless it holds nothing and the previous store has a
 /// state to import: that run plans in memory against the imported state.
 #[async_trait]
-impl PushdownDiff for Migrating {
+impl StoreDiff for Migrating {
     async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
-        let Some(current) = self.current.pushdown() else {
+        let Some(current) = self.current.store_diff() else {
             return Ok(false);
         };
         if !current.begin(scope).await? {
@@ -216,18 +214,18 @@ impl PushdownDiff for Migrating {
     }
 
     fn holds_state(&mut self, scope: &str) -> bool {
-        self.preloaded.is_some() || self.current.pushdown().is_some_and(|p| p.holds_state(scope))
+        self.preloaded.is_some() || self.current.store_diff().is_some_and(|p| p.holds_state(scope))
     }
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
-        match self.current.pushdown() {
+        match self.current.store_diff() {
             Some(p) => p.stage(rows).await,
             None => Ok(()),
         }
     }
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        match self.current.pushdown() {
+        match self.current.store_diff() {
             Some(p) => p.diff(scope, full_resync).await,
             None => Ok(RemoteDiff {
                 all_added: true,

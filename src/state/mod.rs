@@ -341,10 +341,10 @@ pub trait StateStore: Send {
         Ok(())
     }
 
-    /// The store's own diff, when it can compare fingerprints where they live (the
-    /// Warehouse store, in SQL) instead of loading them all: the engine then holds only the
-    /// changed rows. `None`: load and plan in memory.
-    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
+    /// The store's own diff, when it can compare fingerprints without loading them all into
+    /// memory (the Warehouse store streams them through local disk buckets): the engine then
+    /// holds only the changed rows. `None`: load and plan in memory.
+    fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
         None
     }
 }
@@ -353,7 +353,7 @@ pub trait StateStore: Send {
 /// key hash and fingerprint, the store compares them with what it holds and returns only what
 /// differs.
 #[async_trait]
-pub trait PushdownDiff: Send {
+pub trait StoreDiff: Send {
     /// Opens the diff for `scope`. `Ok(false)` declines it for this run (the engine then
     /// loads the state and plans in memory), e.g. to import another store's state first.
     async fn begin(&mut self, scope: &str) -> Result<bool, StateError>;
@@ -375,7 +375,7 @@ pub fn stored_key_hash(key: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(key.as_bytes())
 }
 
-/// What a pushed-down diff found, by [`stored_key_hash`]. It holds changed keys only, never
+/// What a store's diff found, by [`stored_key_hash`]. It holds changed keys only, never
 /// every row.
 #[derive(Debug, Default)]
 pub struct RemoteDiff {

@@ -42,7 +42,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 mod diff;
 
-use super::{EntryRef, Fingerprints, PushdownDiff, RejectedRow, RunLog, StateChange, StateError, StateStore};
+use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore, StoreDiff};
 use crate::redact::Scrubber;
 
 /// Rows per statement when writing: 1000 rows × 6 parameters stays far below MySQL's 65,535
@@ -93,7 +93,7 @@ pub struct WarehouseStore {
     stored_scope: Option<String>,
     run_id: String,
     scrubber: Scrubber,
-    /// The diff of the run in progress (between `PushdownDiff::begin` and `diff`).
+    /// The diff of the run in progress (between `StoreDiff::begin` and `diff`).
     diffing: Option<diff::Diffing>,
 }
 
@@ -855,7 +855,7 @@ impl StateStore for WarehouseStore {
         self.config.sync_logs && !self.probe
     }
 
-    fn pushdown(&mut self) -> Option<&mut dyn PushdownDiff> {
+    fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
         if self.probe { None } else { Some(self) }
     }
 

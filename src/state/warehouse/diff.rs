@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, compare};
-use crate::state::{PushdownDiff, RemoteDiff, StateError};
+use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
 const PG_LOOKUP_CHUNK: usize = 10_000;
@@ -226,7 +226,7 @@ impl WarehouseStore {
 }
 
 #[async_trait]
-impl PushdownDiff for WarehouseStore {
+impl StoreDiff for WarehouseStore {
     async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
         if !self.open().await? {
             return Ok(false);
@@ -267,6 +267,7 @@ impl PushdownDiff for WarehouseStore {
             return Err(self.not_begun());
         };
         let all_added = !self.holds_state(scope);
+        let waited = std::time::Instant::now();
         let stored = match stored {
             None => None,
             Some(read) => match read.await {
@@ -286,6 +287,8 @@ impl PushdownDiff for WarehouseStore {
                 }
             },
         };
+        let waited_ms = waited.elapsed().as_millis() as u64;
+        let compared_in = std::time::Instant::now();
         let staged = run.len();
         let stored_rows = stored.as_ref().map_or(0, HashBuckets::len);
         let compared = tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
@@ -298,6 +301,7 @@ impl PushdownDiff for WarehouseStore {
                 location: self.location(),
                 reason: format!("failed to read a local temporary file of fingerprints: {e}"),
             })?;
+        let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = self.removed_rows(&compared.removed).await?;
         let mut changed = compared.changed;
         if full_resync {
@@ -319,6 +323,8 @@ impl PushdownDiff for WarehouseStore {
             removed = diff.removed.len(),
             duplicates = diff.duplicates.len(),
             all_added,
+            waited_for_stored_ms = waited_ms,
+            compare_ms,
             "diff computed against the stored fingerprints"
         );
         Ok(diff)

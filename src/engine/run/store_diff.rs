@@ -72,7 +72,11 @@ pub(super) async fn plan(
     }
     stage(store, &staged).await?;
     drop(staged);
-    let diff = match store.pushdown() {
+    tracing::info!(
+        rows = mapped_rows + rejected_rows,
+        "model read; comparing with the stored fingerprints"
+    );
+    let diff = match store.store_diff() {
         Some(p) => p.diff(scope, options.full_resync).await?,
         None => {
             return Err(RunError::Invalid(
@@ -146,7 +150,7 @@ pub(super) async fn plan(
 }
 
 async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {
-    match store.pushdown() {
+    match store.store_diff() {
         Some(p) => Ok(p.stage(rows).await?),
         None => Err(RunError::Invalid(
             "the state store stopped offering its diff".to_owned(),

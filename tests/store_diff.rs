@@ -1,6 +1,7 @@
-//! The Warehouse store's pushed-down diff plans exactly what the in-memory planner plans: the
-//! same model runs side by side through the File store (in memory) and the Warehouse store (in
-//! SQL), on real PostgreSQL and MariaDB, for every mode, with NULL and duplicate keys, NULL
+//! The Warehouse store's own diff (stored fingerprints streamed out and merged through local
+//! disk buckets) plans exactly what the in-memory planner plans: the same model runs side by
+//! side through the File store (in memory) and the Warehouse store, on real PostgreSQL and
+//! MariaDB, for every mode, with NULL and duplicate keys, NULL
 //! values, unicode and large numerics, across data changes, a full resync and a dry run.
 
 mod support;
@@ -37,8 +38,8 @@ mappings:
 
 async fn items(server: Server) -> TestDb {
     let db = match server {
-        Server::Postgres => TestDb::postgres("pushdown").await,
-        Server::Mysql => TestDb::mysql("pushdown").await,
+        Server::Postgres => TestDb::postgres("storediff").await,
+        Server::Mysql => TestDb::mysql("storediff").await,
     };
     db.exec(
         "CREATE TABLE items (code VARCHAR(64) NULL, name VARCHAR(200), amount DECIMAL(38, 10), note TEXT)",
@@ -133,7 +134,7 @@ async fn same_plans(server: Server) {
         };
         let compare = |step: &str, a: &Ran, b: &Ran| {
             assert!(a.0.error.is_none(), "{mode} {step}: in memory: {:?}", a.0.error);
-            assert!(b.0.error.is_none(), "{mode} {step}: pushed down: {:?}", b.0.error);
+            assert!(b.0.error.is_none(), "{mode} {step}: store diff: {:?}", b.0.error);
             assert_eq!(a.0.plan, b.0.plan, "{mode} {step}: counts");
             assert_eq!(a.1, b.1, "{mode} {step}: sent records");
             assert_eq!(
@@ -152,7 +153,7 @@ async fn same_plans(server: Server) {
             if mode == "update" {
                 // In update mode new rows are skipped and never spilled, so the in-memory
                 // planner counts a duplicated new key as rejected without naming it; the
-                // pushed-down diff names it. Everything else must match.
+                // store's diff names it. Everything else must match.
                 kb.retain(|(_, reason)| {
                     !reason.starts_with("duplicate primary key") || ka.iter().any(|(_, r)| r == reason)
                 });
@@ -233,11 +234,11 @@ async fn same_plans(server: Server) {
 }
 
 #[tokio::test]
-async fn the_pushed_down_diff_plans_what_the_in_memory_planner_plans_on_postgres() {
+async fn the_store_diff_plans_what_the_in_memory_planner_plans_on_postgres() {
     same_plans(Server::Postgres).await;
 }
 
 #[tokio::test]
-async fn the_pushed_down_diff_plans_what_the_in_memory_planner_plans_on_mariadb() {
+async fn the_store_diff_plans_what_the_in_memory_planner_plans_on_mariadb() {
     same_plans(Server::Mysql).await;
 }
