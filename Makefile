@@ -33,10 +33,10 @@ $(VENV)/.installed: tests/chart/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/chart/requirements.txt
 	@touch $@
 
-bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File and Warehouse stores, plan and end to end, delivery rate, next to raw COPY (~3 min on 2 cores)
+bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and ConfigMap stores, plan and end to end, delivery rate, next to raw COPY (~4 min on 2 cores)
 	$(CARGO) bench --locked --bench scale
 
-bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~13 min on 2 cores, 6 GB free disk)
+bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 min on 2 cores, 6 GB free disk)
 	BACKFLOW_BENCH_ROWS=1000000,10000000 BACKFLOW_BENCH_REPEAT=1 $(CARGO) bench --locked --bench scale
 
 crds: ## Regenerate crds/ from the Rust types, and their copies in the chart and config/crd
