@@ -2,7 +2,7 @@
 //! for delivery once the plan is complete (a duplicate key found late must still stop its
 //! first row from being sent). It keeps memory flat whatever the number of changed rows.
 
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{BufRead, BufReader, Seek, Write};
 
 use serde::Deserialize;
 
@@ -41,19 +41,48 @@ struct Line<'a> {
     d: &'a serde_json::value::RawValue,
 }
 
-/// Writes planned rows to an anonymous temporary file.
+/// Bytes of rows collected before they are handed to the writing thread.
+const BLOCK: usize = 1 << 20;
+/// Full blocks waiting for the writing thread.
+const BLOCKS_IN_FLIGHT: usize = 4;
+
+/// Writes planned rows to an anonymous temporary file. Rows are formatted into 1 MiB blocks
+/// and a thread of its own writes the blocks, so the copying into the page cache happens off
+/// the thread that reads the model (on a large model, every row is spilled).
 pub struct SpillWriter {
-    out: BufWriter<std::fs::File>,
-    buf: Vec<u8>,
+    /// The block being filled.
+    block: Vec<u8>,
+    /// Full blocks, to the writing thread (`None` once closed).
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Written blocks coming back, to be filled again.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The writing thread; it returns the file.
+    writer: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
     rows: u64,
 }
 
 impl SpillWriter {
     /// A new spill in the system's temporary directory (removed when dropped).
     pub fn new() -> std::io::Result<SpillWriter> {
+        let mut file = tempfile::tempfile()?;
+        let (full, blocks) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
+        let (give_back, spare) = std::sync::mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("spill-writer".to_owned())
+            .spawn(move || {
+                for mut block in blocks {
+                    file.write_all(&block)?;
+                    block.clear();
+                    // The writer may be gone already; the block is then just dropped.
+                    let _ = give_back.send(block);
+                }
+                Ok(file)
+            })?;
         Ok(SpillWriter {
-            out: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
-            buf: Vec::new(),
+            block: Vec::with_capacity(BLOCK + 4096),
+            full: Some(full),
+            spare,
+            writer: Some(writer),
             rows: 0,
         })
     }
@@ -69,8 +98,7 @@ impl SpillWriter {
         identity_json: &[u8],
         fields_json: &[u8],
     ) -> std::io::Result<()> {
-        let b = &mut self.buf;
-        b.clear();
+        let b = &mut self.block;
         b.extend_from_slice(b"{\"o\":\"");
         b.extend_from_slice(operation.as_str().as_bytes());
         b.extend_from_slice(b"\",\"k\":");
@@ -81,7 +109,40 @@ impl SpillWriter {
         b.extend_from_slice(fields_json);
         b.extend_from_slice(b"}\n");
         self.rows += 1;
-        self.out.write_all(b)
+        if self.block.len() >= BLOCK {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the filled block to the writing thread and takes an empty one.
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BLOCK + 4096));
+        let block = std::mem::replace(&mut self.block, next);
+        let sent = match &self.full {
+            Some(full) => full.send(block).is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The thread stopped: its error says why.
+            self.join().map(drop)
+        }
+    }
+
+    /// Closes the channel and waits for the writing thread.
+    fn join(&mut self) -> std::io::Result<std::fs::File> {
+        self.full = None;
+        match self.writer.take() {
+            Some(writer) => writer
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the spill writing thread panicked"))),
+            None => Err(std::io::Error::other("the spill is already closed")),
+        }
     }
 
     /// Rows written.
@@ -90,8 +151,11 @@ impl SpillWriter {
     }
 
     /// Finishes writing and returns a reader from the first row.
-    pub fn into_reader(self) -> std::io::Result<SpillReader> {
-        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+    pub fn into_reader(mut self) -> std::io::Result<SpillReader> {
+        if !self.block.is_empty() {
+            self.hand_over()?;
+        }
+        let mut file = self.join()?;
         file.rewind()?;
         Ok(SpillReader {
             lines: BufReader::with_capacity(1 << 20, file),
