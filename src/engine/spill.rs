@@ -59,6 +59,8 @@ pub struct SpillWriter {
     /// The writing thread; it returns the file.
     writer: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
     rows: u64,
+    /// Bytes handed to the writing thread.
+    handed_over: u64,
 }
 
 impl SpillWriter {
@@ -84,11 +86,13 @@ impl SpillWriter {
             spare,
             writer: Some(writer),
             rows: 0,
+            handed_over: 0,
         })
     }
 
     /// Appends one row; `identity_json` and `fields_json` are the canonical JSON of its
-    /// match fields and of its mapped fields.
+    /// match fields and of its mapped fields. Returns where the row starts in the spill (for
+    /// [`SpillReader::only_rows_at`]).
     pub fn push(
         &mut self,
         operation: Operation,
@@ -97,7 +101,8 @@ impl SpillWriter {
         added: bool,
         identity_json: &[u8],
         fields_json: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
+        let offset = self.handed_over + self.block.len() as u64;
         let b = &mut self.block;
         b.extend_from_slice(b"{\"o\":\"");
         b.extend_from_slice(operation.as_str().as_bytes());
@@ -112,7 +117,7 @@ impl SpillWriter {
         if self.block.len() >= BLOCK {
             self.hand_over()?;
         }
-        Ok(())
+        Ok(offset)
     }
 
     /// Sends the filled block to the writing thread and takes an empty one.
@@ -122,6 +127,7 @@ impl SpillWriter {
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(BLOCK + 4096));
         let block = std::mem::replace(&mut self.block, next);
+        self.handed_over += block.len() as u64;
         let sent = match &self.full {
             Some(full) => full.send(block).is_ok(),
             None => false,
@@ -160,6 +166,7 @@ impl SpillWriter {
         Ok(SpillReader {
             lines: BufReader::with_capacity(1 << 20, file),
             line: String::new(),
+            only: None,
         })
     }
 }
@@ -168,11 +175,49 @@ impl SpillWriter {
 pub struct SpillReader {
     lines: BufReader<std::fs::File>,
     line: String,
+    /// When set, only the rows starting at these offsets (ascending) are read, each with one
+    /// positioned read instead of reading every row in between.
+    only: Option<std::vec::IntoIter<u64>>,
 }
 
 impl SpillReader {
+    /// From now on reads only the rows starting at `offsets` (as [`SpillWriter::push`]
+    /// returned them, ascending): when few rows of a large spill are sent.
+    pub fn only_rows_at(&mut self, offsets: Vec<u64>) {
+        self.only = Some(offsets.into_iter());
+    }
+
+    /// Reads the line starting at `offset` into `self.line`.
+    fn read_line_at(&mut self, offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let file = self.lines.get_ref();
+        let mut bytes = vec![0u8; 1024];
+        let mut filled = 0;
+        loop {
+            let n = file.read_at(&mut bytes[filled..], offset + filled as u64)?;
+            if let Some(end) = bytes[filled..filled + n].iter().position(|b| *b == b'\n') {
+                bytes.truncate(filled + end);
+                break;
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "a spilled row ends without its newline",
+                ));
+            }
+            filled += n;
+            if filled == bytes.len() {
+                bytes.resize(bytes.len() * 2, 0);
+            }
+        }
+        self.line =
+            String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(())
+    }
+
     /// Starts again from the first row.
     pub fn rewind(&mut self) -> std::io::Result<()> {
+        self.only = None;
         self.lines.rewind()
     }
 
@@ -191,7 +236,12 @@ impl SpillReader {
         let invalid = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         loop {
             self.line.clear();
-            if self.lines.read_line(&mut self.line)? == 0 {
+            if let Some(only) = self.only.as_mut() {
+                match only.next() {
+                    Some(offset) => self.read_line_at(offset)?,
+                    None => return Ok(None),
+                }
+            } else if self.lines.read_line(&mut self.line)? == 0 {
                 return Ok(None);
             }
             let l: Line<'_> = serde_json::from_str(self.line.trim_end()).map_err(invalid)?;
@@ -229,6 +279,51 @@ pub fn parse_document(json: &str) -> Result<Document, serde_json::Error> {
 mod tests {
     use super::*;
     use std::str::FromStr;
+
+    #[test]
+    fn only_the_rows_at_the_given_offsets_are_read_back() {
+        let mut w = SpillWriter::new().unwrap();
+        let mut offsets = Vec::new();
+        // Enough rows to cross several 1 MiB blocks, a few longer than one positioned read.
+        for i in 0..30_000u64 {
+            let mut fields = Document::new();
+            let text = if i % 1000 == 7 {
+                "x".repeat(5000)
+            } else {
+                format!("row {i}")
+            };
+            fields.insert("t".into(), Value::Text(text));
+            let body = crate::engine::value::canonical_bytes(&fields);
+            offsets.push(
+                w.push(Operation::Upsert, &format!("k{i}"), i, false, b"{}", &body)
+                    .unwrap(),
+            );
+        }
+        let mut r = w.into_reader().unwrap();
+        let wanted: Vec<u64> = (0..30_000u64).filter(|i| i % 100 == 7).collect();
+        r.only_rows_at(wanted.iter().map(|i| offsets[*i as usize]).collect());
+        let mut got = Vec::new();
+        while let Some(row) = r.next_row().unwrap() {
+            got.push(row.fingerprint);
+            let expected = if row.fingerprint % 1000 == 7 {
+                5000
+            } else {
+                format!("row {}", row.fingerprint).len()
+            };
+            match row.fields.get("t") {
+                Some(Value::Text(t)) => assert_eq!(t.len(), expected),
+                other => panic!("field t: {other:?}"),
+            }
+        }
+        assert_eq!(got, wanted);
+        // Rewinding reads every row again.
+        r.rewind().unwrap();
+        let mut all = 0;
+        while r.next_row().unwrap().is_some() {
+            all += 1;
+        }
+        assert_eq!(all, 30_000);
+    }
 
     #[test]
     fn rows_come_back_with_the_same_canonical_bytes() {

@@ -3,7 +3,7 @@
 //! only the added, changed, removed and duplicated keys. Memory holds those, never the whole
 //! state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::{
     Collector, Decider, Planned, REJECTION_BATCH, RunError, flush_rejections, map_row, sample_duplicates,
@@ -31,6 +31,7 @@ pub(super) async fn plan(
     c: &mut Collector,
 ) -> Result<Planned, RunError> {
     let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut index = RowIndex::new().map_err(|e| RunError::Spill(e.to_string()))?;
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
     let mut staged: Vec<(u128, u64)> = Vec::with_capacity(STAGE_CHUNK);
@@ -51,7 +52,7 @@ pub(super) async fn plan(
         identity_json.clear();
         mapper.write_identity(&mapped.values, &mut identity_json);
         // The operation is decided after the diff; the spill keeps every row until then.
-        spill
+        let offset = spill
             .push(
                 Operation::Upsert,
                 &mapped.key,
@@ -62,7 +63,11 @@ pub(super) async fn plan(
             )
             .map_err(|e| RunError::Spill(e.to_string()))?;
         digest = digest.wrapping_add(row_digest(&mapped.key, fp));
-        staged.push((stored_key_hash(&mapped.key), fp));
+        let hash = stored_key_hash(&mapped.key);
+        index
+            .push(hash, offset)
+            .map_err(|e| RunError::Spill(e.to_string()))?;
+        staged.push((hash, fp));
         mapped_rows += 1;
         if staged.len() >= STAGE_CHUNK {
             stage(store, &staged).await?;
@@ -139,6 +144,15 @@ pub(super) async fn plan(
     }
     if options.dry_run {
         preview(&mut spilled, &plan, &decider, options, c).map_err(|e| RunError::Spill(e.to_string()))?;
+    } else if let Decider::Diff { diff, .. } = &decider
+        && !diff.all_added
+        && !diff.full_resync
+    {
+        // Only the rows the diff named are sent: read those, not the whole spill.
+        let offsets = index
+            .offsets_of(&diff.changed)
+            .map_err(|e| RunError::Spill(e.to_string()))?;
+        spilled.only_rows_at(offsets);
     }
     Ok(Planned {
         state,
@@ -147,6 +161,51 @@ pub(super) async fn plan(
         decider,
         sends,
     })
+}
+
+/// Where each spilled row starts, by key hash: 24 bytes a row in a temporary file, read once
+/// after the diff to find the rows to send without reading every row of the spill back.
+struct RowIndex {
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl RowIndex {
+    fn new() -> std::io::Result<RowIndex> {
+        Ok(RowIndex {
+            out: std::io::BufWriter::with_capacity(1 << 16, tempfile::tempfile()?),
+        })
+    }
+
+    fn push(&mut self, hash: u128, offset: u64) -> std::io::Result<()> {
+        use std::io::Write as _;
+        self.out.write_all(&hash.to_le_bytes())?;
+        self.out.write_all(&offset.to_le_bytes())
+    }
+
+    /// The offsets of the rows whose key hash is in `wanted`, in spill order.
+    fn offsets_of(self, wanted: &HashMap<u128, bool>) -> std::io::Result<Vec<u64>> {
+        use std::io::{Read as _, Seek as _};
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.rewind()?;
+        let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut offsets = Vec::with_capacity(wanted.len());
+        let mut entry = [0u8; 24];
+        loop {
+            match input.read_exact(&mut entry) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+            let (hash, offset) = entry.split_at(16);
+            let hash = u128::from_le_bytes(hash.try_into().map_err(std::io::Error::other)?);
+            if wanted.contains_key(&hash) {
+                offsets.push(u64::from_le_bytes(
+                    offset.try_into().map_err(std::io::Error::other)?,
+                ));
+            }
+        }
+        Ok(offsets)
+    }
 }
 
 async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {
