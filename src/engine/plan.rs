@@ -244,6 +244,11 @@ impl PlanOutcome {
     pub fn is_duplicate(&self, key: &str) -> bool {
         !self.duplicates.is_empty() && self.duplicates.contains(&key_hash(key))
     }
+
+    /// [`Self::is_duplicate`], from the key's [`crate::state::stored_key_hash`].
+    pub fn is_duplicate_stored(&self, stored_hash: u128) -> bool {
+        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash_from_stored(stored_hash))
+    }
 }
 
 fn encode(d: Decision) -> u8 {

@@ -483,13 +483,15 @@ impl Decider {
         operation: Operation,
         added: bool,
     ) -> Option<(Operation, bool)> {
-        if plan.is_duplicate(key) {
-            return None;
-        }
         match self {
-            Decider::Planned => Some((operation, added)),
+            Decider::Planned => (!plan.is_duplicate(key)).then_some((operation, added)),
             Decider::Diff { diff, mode } => {
-                let change = match diff.change(crate::state::stored_key_hash(key))? {
+                // One hash of the key serves both questions.
+                let hash = crate::state::stored_key_hash(key);
+                if plan.is_duplicate_stored(hash) {
+                    return None;
+                }
+                let change = match diff.change(hash)? {
                     true => Change::Added,
                     false => Change::Changed,
                 };

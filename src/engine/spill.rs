@@ -58,7 +58,6 @@ pub struct SpillWriter {
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
     /// The writing thread; it returns the file.
     writer: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
-    rows: u64,
     /// Bytes handed to the writing thread.
     handed_over: u64,
 }
@@ -85,7 +84,6 @@ impl SpillWriter {
             full: Some(full),
             spare,
             writer: Some(writer),
-            rows: 0,
             handed_over: 0,
         })
     }
@@ -113,7 +111,6 @@ impl SpillWriter {
         b.extend_from_slice(b",\"d\":");
         b.extend_from_slice(fields_json);
         b.extend_from_slice(b"}\n");
-        self.rows += 1;
         if self.block.len() >= BLOCK {
             self.hand_over()?;
         }
@@ -149,11 +146,6 @@ impl SpillWriter {
                 .unwrap_or_else(|_| Err(std::io::Error::other("the spill writing thread panicked"))),
             None => Err(std::io::Error::other("the spill is already closed")),
         }
-    }
-
-    /// Rows written.
-    pub fn rows(&self) -> u64 {
-        self.rows
     }
 
     /// Finishes writing and returns a reader from the first row.

@@ -928,43 +928,57 @@ impl StateStore for WarehouseStore {
         if self.conn.is_none() {
             return Ok(());
         }
-        let sync_id = self.config.sync_id.clone();
-        let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
-        let p = if self.is_pg() { "$1" } else { "?" };
-        let result = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                async {
-                    let mut tx = c.begin().await?;
-                    for t in [&state, &syncs] {
-                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
-                            .bind(&sync_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await
-                }
-                .await
-            }
-            Some(Conn::My(c)) => {
-                async {
-                    let mut tx = c.begin().await?;
-                    for t in [&state, &syncs] {
-                        sqlx::query(&format!("DELETE FROM {t} WHERE sync_id = {p}"))
-                            .bind(&sync_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await
-                }
-                .await
-            }
-            None => Ok(()),
-        };
-        result.map_err(|e| self.sql_error("delete the migrated state", e))
+        let result = self.delete_sync_rows().await;
+        result
+            .map(drop)
+            .map_err(|e| self.sql_error("delete the migrated state", e))
     }
 }
 
 impl WarehouseStore {
+    /// Deletes this sync's rows of `backflow_state` and `backflow_syncs` in one transaction;
+    /// returns how many `backflow_state` rows went.
+    async fn delete_sync_rows(&mut self) -> Result<u64, sqlx::Error> {
+        let sync_id = self.config.sync_id.clone();
+        let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
+        let p = if self.is_pg() { "$1" } else { "?" };
+        let (delete_state, delete_syncs) = (
+            format!("DELETE FROM {state} WHERE sync_id = {p}"),
+            format!("DELETE FROM {syncs} WHERE sync_id = {p}"),
+        );
+        match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let mut tx = c.begin().await?;
+                let rows = sqlx::query(&delete_state)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(&delete_syncs)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+            Some(Conn::My(c)) => {
+                let mut tx = c.begin().await?;
+                let rows = sqlx::query(&delete_state)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(&delete_syncs)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+            None => Ok(0),
+        }
+    }
+
     async fn write_run(&mut self, run: &RunLog) -> Result<(), StateError> {
         let table = self.table("backflow_runs");
         let (sync_id, run_id) = (self.config.sync_id.clone(), self.run_id.clone());
@@ -1057,45 +1071,7 @@ pub async fn delete_sync_state(config: &WarehouseConfig) -> Result<u64, StateErr
         store.unlock().await;
         return Ok(0);
     }
-    let sync_id = config.sync_id.clone();
-    let (state, syncs) = (store.table("backflow_state"), store.table("backflow_syncs"));
-    let result = match store.conn.as_mut() {
-        Some(Conn::Pg(c)) => {
-            async {
-                let mut tx = c.begin().await?;
-                let rows = sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = $1"))
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(&format!("DELETE FROM {syncs} WHERE sync_id = $1"))
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok::<u64, sqlx::Error>(rows)
-            }
-            .await
-        }
-        Some(Conn::My(c)) => {
-            async {
-                let mut tx = c.begin().await?;
-                let rows = sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = ?"))
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(&format!("DELETE FROM {syncs} WHERE sync_id = ?"))
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok::<u64, sqlx::Error>(rows)
-            }
-            .await
-        }
-        None => Ok(0),
-    };
+    let result = store.delete_sync_rows().await;
     let deleted = result.map_err(|e| store.sql_error("delete the deleted sync's state", e))?;
     store.unlock().await;
     Ok(deleted)

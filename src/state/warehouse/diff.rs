@@ -168,6 +168,13 @@ impl CopyBinary {
 }
 
 impl WarehouseStore {
+    fn not_begun(&self) -> StateError {
+        StateError::Io {
+            location: self.location(),
+            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
+        }
+    }
+
     fn temp_file_error(&self, e: std::io::Error) -> StateError {
         StateError::Io {
             location: self.location(),
@@ -303,16 +310,10 @@ impl StoreDiff for WarehouseStore {
             })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = self.removed_rows(&compared.removed).await?;
-        let mut changed = compared.changed;
-        if full_resync {
-            // Unchanged keys count as changed (`RemoteDiff::change`); only the added ones are
-            // told apart.
-            changed.retain(|_, added| *added);
-        }
         let diff = RemoteDiff {
             all_added,
             full_resync,
-            changed,
+            changed: compared.changed,
             duplicates: compared.duplicates,
             removed,
         };
@@ -328,15 +329,6 @@ impl StoreDiff for WarehouseStore {
             "diff computed against the stored fingerprints"
         );
         Ok(diff)
-    }
-}
-
-impl WarehouseStore {
-    fn not_begun(&self) -> StateError {
-        StateError::Io {
-            location: self.location(),
-            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
-        }
     }
 }
 
