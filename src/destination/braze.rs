@@ -193,10 +193,7 @@ impl BrazeConnector {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// Mirror deletes: `/users/delete` in chunks of [`MAX_DELETE_IDS`].

@@ -286,10 +286,7 @@ impl HubspotConnector {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     async fn delete(&self, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
@@ -329,10 +326,7 @@ impl HubspotConnector {
                 }
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     fn missing_id(&self) -> RecordOutcome {
@@ -566,10 +560,7 @@ fn read_multi_status(
             }
         }
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-        .collect()
+    RecordOutcome::accepted_unless_set(outcomes)
 }
 
 /// What a batch read said about one id.

@@ -375,10 +375,7 @@ impl MailchimpConnector {
                 outcomes[*i] = Some(outcome);
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     async fn delete(&self, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
@@ -399,10 +396,7 @@ impl MailchimpConnector {
         for ((i, _), outcome) in wanted.iter().zip(read) {
             outcomes[*i] = Some(outcome);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// Archives one member; a member the audience does not have is already gone.

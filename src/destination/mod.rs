@@ -74,6 +74,17 @@ pub enum RecordOutcome {
     Retry(String),
 }
 
+impl RecordOutcome {
+    /// A batch's outcomes where a record with none set was accepted: connectors fill in the
+    /// rejections and retries they found and leave the rest `None`.
+    pub fn accepted_unless_set(outcomes: Vec<Option<RecordOutcome>>) -> Vec<RecordOutcome> {
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
+            .collect()
+    }
+}
+
 /// Why a whole batch failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SendError {

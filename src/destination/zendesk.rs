@@ -415,10 +415,7 @@ impl ZendeskConnector {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     async fn delete(&self, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
@@ -460,10 +457,7 @@ impl ZendeskConnector {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// One outcome per sent object from a finished job. A failed job without results refuses

@@ -172,10 +172,7 @@ impl SalesforceConnector {
         for (index, outcome) in self.ingest(JobKind::Upsert, &header, lines).await? {
             outcomes[index] = Some(outcome);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// Deletes a batch: looks the Ids up by External ID, then deletes them in ingest jobs.
@@ -210,10 +207,7 @@ impl SalesforceConnector {
         for (index, outcome) in self.ingest(JobKind::Delete, &["Id".to_owned()], lines).await? {
             outcomes[index] = Some(outcome);
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// Runs the lines through as few jobs as the upload size allows; one outcome per line.

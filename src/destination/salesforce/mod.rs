@@ -569,10 +569,7 @@ impl SalesforceConnector {
                 outcomes[*i] = Some(self.scrub_outcome(outcome));
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     async fn delete(&self, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
@@ -607,10 +604,7 @@ impl SalesforceConnector {
                 }
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Accepted))
-            .collect())
+        Ok(RecordOutcome::accepted_unless_set(outcomes))
     }
 
     /// The Ids of the records whose External ID is one of `values`, by value.
