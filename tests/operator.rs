@@ -58,6 +58,14 @@ fn config() -> OperatorConfig {
 }
 
 impl Harness {
+    /// Applies a JSON merge patch to the ReverseSync `name`.
+    async fn patch_sync(&self, name: &str, patch: serde_json::Value) {
+        self.syncs()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
     async fn start(rows: usize) -> Harness {
         Harness::start_with(rows, Behaviour::accept_all()).await
     }
@@ -300,10 +308,7 @@ async fn a_sync_runs_reports_on_its_status_and_a_requested_run_sends_nothing_new
 
     // A new requested-at value runs again; nothing changed, so nothing is sent.
     let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "2026-11-25T10:00:00Z"}}});
-    h.syncs()
-        .patch("customers", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    h.patch_sync("customers", patch).await;
     let s = h
         .wait_sync("customers", "the requested run", |s| {
             s.status
@@ -397,14 +402,7 @@ async fn references_to_other_namespaces_invalid_specs_and_suspended_syncs_run_no
     assert_eq!(h.webhook.request_count(), 0, "nothing was sent");
 
     // Resuming runs it.
-    h.syncs()
-        .patch(
-            "paused",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"suspend": false}})),
-        )
-        .await
-        .unwrap();
+    h.patch_sync("paused", json!({"spec": {"suspend": false}})).await;
     h.wait_sync("paused", "a run after resuming", |s| is(s, "Ready", "True"))
         .await;
     assert_eq!(h.webhook.accepted_records().len(), 3);
@@ -813,10 +811,7 @@ async fn with_postgres_one_percent_changed_and_a_request_sends_exactly_those_row
         .await;
     let before = h.webhook.accepted_records().len();
     let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "one-percent"}}});
-    h.syncs()
-        .patch("pg-sync", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    h.patch_sync("pg-sync", patch).await;
     let s = h
         .wait_sync("pg-sync", "the requested run", |s| {
             runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested"))
@@ -967,6 +962,21 @@ async fn state_configmaps(h: &Harness, sync: &str) -> usize {
 }
 
 /// Waits for the end of the run of the sync's generation `generation`.
+/// The last run succeeded with all `rows` unchanged, none added and no request sent.
+fn assert_nothing_resent(s: &ReverseSync, rows: u64) {
+    let run = runs(s).unwrap();
+    assert_eq!(
+        (
+            run.result.as_str(),
+            run.rows_unchanged,
+            run.rows_added,
+            run.requests
+        ),
+        ("Succeeded", rows, 0, 0),
+        "{run:?}"
+    );
+}
+
 async fn wait_generation_run(h: &Harness, name: &str, generation: i64) -> ReverseSync {
     h.wait_sync(name, &format!("the run of generation {generation}"), |s| {
         runs(s).is_some_and(|r| r.generation == Some(generation) && r.end.is_some())
@@ -1001,10 +1011,7 @@ async fn a_warehouse_store_sync_keeps_its_state_in_the_source_database_and_a_req
     assert_eq!(state_configmaps(&h, "wh").await, 0, "no state in ConfigMaps");
 
     let patch = json!({"metadata": {"annotations": {"backflow.dev/requested-at": "again"}}});
-    h.syncs()
-        .patch("wh", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    h.patch_sync("wh", patch).await;
     let s = h
         .wait_sync("wh", "the requested run", |s| {
             runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested") && r.end.is_some())
@@ -1033,22 +1040,9 @@ async fn switching_a_sync_from_configmaps_to_the_warehouse_and_back_sends_nothin
     assert!(state_configmaps(&h, "moving").await > 0);
 
     let to_warehouse = json!({"spec": {"state": {"store": "Warehouse"}}});
-    h.syncs()
-        .patch("moving", &PatchParams::default(), &Patch::Merge(&to_warehouse))
-        .await
-        .unwrap();
+    h.patch_sync("moving", to_warehouse).await;
     let s = wait_generation_run(&h, "moving", 2).await;
-    let run = runs(&s).unwrap();
-    assert_eq!(
-        (
-            run.result.as_str(),
-            run.rows_unchanged,
-            run.rows_added,
-            run.requests
-        ),
-        ("Succeeded", 30, 0, 0),
-        "{run:?}"
-    );
+    assert_nothing_resent(&s, 30);
     assert_eq!(
         warehouse_rows(&pg, "backflow", "backflow_state", "team-a/moving").await,
         30
@@ -1060,22 +1054,9 @@ async fn switching_a_sync_from_configmaps_to_the_warehouse_and_back_sends_nothin
     );
 
     let back = json!({"spec": {"state": null}});
-    h.syncs()
-        .patch("moving", &PatchParams::default(), &Patch::Merge(&back))
-        .await
-        .unwrap();
+    h.patch_sync("moving", back).await;
     let s = wait_generation_run(&h, "moving", 3).await;
-    let run = runs(&s).unwrap();
-    assert_eq!(
-        (
-            run.result.as_str(),
-            run.rows_unchanged,
-            run.rows_added,
-            run.requests
-        ),
-        ("Succeeded", 30, 0, 0),
-        "{run:?}"
-    );
+    assert_nothing_resent(&s, 30);
     assert!(
         state_configmaps(&h, "moving").await > 0,
         "state is back in ConfigMaps"
