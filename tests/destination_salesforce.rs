@@ -508,10 +508,8 @@ async fn a_batch_over_200_records_is_never_sent() {
     assert_eq!(double.records("Contact").len(), 450);
 }
 
-#[tokio::test]
-async fn the_double_refuses_more_than_200_records_as_salesforce_does() {
-    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
-    let client = reqwest::Client::new();
+/// A token from the double's client-credentials flow, asked for directly.
+async fn access_token(client: &reqwest::Client, double: &SalesforceDouble) -> String {
     let token: serde_json::Value = client
         .post(format!("{}/services/oauth2/token", double.url))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -524,6 +522,14 @@ async fn the_double_refuses_more_than_200_records_as_salesforce_does() {
         .json()
         .await
         .unwrap();
+    token["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_double_refuses_more_than_200_records_as_salesforce_does() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let client = reqwest::Client::new();
+    let token = access_token(&client, &double).await;
     let records: Vec<_> = (0..201)
         .map(|i| json!({"attributes": {"type": "Contact"}, "Email__c": format!("u{i}@x.com"), "LastName": "U"}))
         .collect();
@@ -532,7 +538,7 @@ async fn the_double_refuses_more_than_200_records_as_salesforce_does() {
             "{}/services/data/v61.0/composite/sobjects/Contact/Email__c",
             double.url
         ))
-        .bearer_auth(token["access_token"].as_str().unwrap())
+        .bearer_auth(&token)
         .json(&json!({"allOrNone": false, "records": records}))
         .send()
         .await
@@ -1006,19 +1012,7 @@ async fn the_orgs_request_limit_on_a_bulk_job_is_a_throttle_and_an_unfinished_jo
 async fn the_double_keeps_bulk_jobs_to_their_states_as_salesforce_does() {
     let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
     let client = reqwest::Client::new();
-    let token: serde_json::Value = client
-        .post(format!("{}/services/oauth2/token", double.url))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
+    let token = access_token(&client, &double).await;
     let jobs = format!("{}/services/data/v61.0/jobs/ingest", double.url);
     let call = |method: reqwest::Method, url: String, body: Option<(&str, String)>| {
         let mut request = client.request(method, url).bearer_auth(&token);
