@@ -4,15 +4,12 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use backflow::api::ReverseSyncSpec;
 use backflow::destination::SendError;
-use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
 use backflow::state::file::FileStore;
-use support::fake_connector::{BadRecords, FakeConnector};
+use support::fake_connector::{BadRecords, FakeConnector, fast_delivery};
 use support::sqlite::TempSqlite;
 
 const SETUP: &str = "
@@ -56,21 +53,12 @@ impl Harness {
         fake: Arc<FakeConnector>,
         options: RunOptions,
     ) -> RunReport {
-        let config = DeliveryConfig {
-            batch_size: fake.max_batch,
-            max_concurrency: 2,
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(5),
-            requests_per_second: 100_000.0,
-            burst: 100_000,
-        };
         let job = SyncRun {
             namespace: "default",
             name: "customers",
             spec,
             source_url: &self.db.url,
-            delivery: Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config),
+            delivery: fast_delivery(fake, 3),
             scope: "default/fake".into(),
         };
         let mut store = FileStore::new(self.state.path(), "default", "customers");

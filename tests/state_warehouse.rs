@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backflow::api::ReverseSyncSpec;
-use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
 use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
@@ -21,7 +19,7 @@ use sqlx::Connection;
 use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 use support::db::{Server, TestDb};
-use support::fake_connector::{BadRecords, FakeConnector};
+use support::fake_connector::{BadRecords, FakeConnector, fast_delivery};
 
 /// The schema of the state tables: the default on PostgreSQL (each test has its own
 /// database), the test's own database on MariaDB (where a schema is a server-wide database).
@@ -263,21 +261,12 @@ async fn run_with(
     dir: &std::path::Path,
     options: &RunOptions,
 ) -> RunReport {
-    let config = DeliveryConfig {
-        batch_size: fake.max_batch,
-        max_concurrency: 2,
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        requests_per_second: 100_000.0,
-        burst: 100_000,
-    };
     let job = SyncRun {
         namespace: "default",
         name: "customers",
         spec,
         source_url: &db.url,
-        delivery: Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config),
+        delivery: fast_delivery(fake, 3),
         scope: "default/fake".into(),
     };
     let file = Box::new(FileStore::new(dir, "default", "customers"));

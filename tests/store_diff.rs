@@ -7,18 +7,15 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use backflow::api::ReverseSyncSpec;
 use backflow::destination::Operation;
-use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, RunReport, SyncRun, run};
 use backflow::state::StateStore;
 use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use support::db::{Server, TestDb};
-use support::fake_connector::FakeConnector;
+use support::fake_connector::{FakeConnector, fast_delivery};
 
 fn spec(mode: &str) -> ReverseSyncSpec {
     serde_yaml_ng::from_str(&format!(
@@ -67,25 +64,12 @@ async fn run_with(
     options: &RunOptions,
 ) -> (RunReport, Vec<(Operation, String)>) {
     let fake = Arc::new(FakeConnector::new(50));
-    let config = DeliveryConfig {
-        batch_size: 50,
-        max_concurrency: 2,
-        max_attempts: 2,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        requests_per_second: 100_000.0,
-        burst: 100_000,
-    };
     let job = SyncRun {
         namespace: "default",
         name: "items",
         spec,
         source_url: &db.url,
-        delivery: Delivery::new(
-            fake.clone(),
-            Arc::new(RateLimiter::new(100_000.0, 100_000)),
-            config,
-        ),
+        delivery: fast_delivery(fake.clone(), 2),
         scope: "default/fake".into(),
     };
     let report = run(job, store, options).await;

@@ -6,7 +6,7 @@
 //! doubles live in their own modules.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -151,4 +151,24 @@ impl Connector for FakeConnector {
             })
             .collect())
     }
+}
+
+/// Delivery into `fake` at its batch size, with up to `max_attempts` attempts, millisecond
+/// retry waits and a limiter far above what a test sends.
+pub fn fast_delivery(
+    fake: Arc<FakeConnector>,
+    max_attempts: u32,
+) -> backflow::destination::delivery::Delivery {
+    use backflow::destination::delivery::rate_limit::RateLimiter;
+    use backflow::destination::delivery::{Delivery, DeliveryConfig};
+    let config = DeliveryConfig {
+        batch_size: fake.max_batch,
+        max_concurrency: 2,
+        max_attempts,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        requests_per_second: 100_000.0,
+        burst: 100_000,
+    };
+    Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config)
 }
