@@ -1,8 +1,8 @@
-//! The Warehouse store's own diff (stored fingerprints streamed out and merged through local
-//! disk buckets) plans exactly what the in-memory planner plans: the same model runs side by
-//! side through the File store (in memory) and the Warehouse store, on real PostgreSQL and
-//! MariaDB, for every mode, with NULL and duplicate keys, NULL
-//! values, unicode and large numerics, across data changes, a full resync and a dry run.
+//! The stores' own diffs (stored fingerprints streamed out and merged through local disk
+//! buckets) plan exactly what the in-memory planner plans: the same model runs side by side
+//! through the in-memory planner, the File store and the Warehouse store, on real PostgreSQL
+//! and MariaDB, for every mode, with NULL and duplicate keys, NULL values, unicode and large
+//! numerics, across data changes, a full resync and a dry run.
 
 mod support;
 
@@ -16,6 +16,7 @@ use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use support::db::{Server, TestDb};
 use support::fake_connector::{FakeConnector, fast_delivery};
+use support::in_memory_store::InMemory;
 
 fn spec(mode: &str) -> ReverseSyncSpec {
     serde_yaml_ng::from_str(&format!(
@@ -86,18 +87,22 @@ async fn run_with(
 
 type Ran = (RunReport, Vec<(Operation, String)>);
 
-/// Runs one step through the File store and through the Warehouse store.
-async fn step(
-    db: &TestDb,
-    spec: &ReverseSyncSpec,
-    memory: &mut FileStore,
-    config: &WarehouseConfig,
-    options: &RunOptions,
-) -> (Ran, Ran) {
-    let a = run_with(db, spec, memory, options).await;
-    let mut store = WarehouseStore::new(config.clone());
-    let b = run_with(db, spec, &mut store, options).await;
-    (a, b)
+/// One step through the in-memory planner, then through each store's own diff (File,
+/// Warehouse).
+struct Stores {
+    memory: InMemory,
+    file: FileStore,
+    warehouse: WarehouseConfig,
+}
+
+impl Stores {
+    async fn step(&mut self, db: &TestDb, spec: &ReverseSyncSpec, options: &RunOptions) -> (Ran, [Ran; 2]) {
+        let reference = run_with(db, spec, &mut self.memory, options).await;
+        let file = run_with(db, spec, &mut self.file, options).await;
+        let mut store = WarehouseStore::new(self.warehouse.clone());
+        let warehouse = run_with(db, spec, &mut store, options).await;
+        (reference, [file, warehouse])
+    }
 }
 
 async fn same_plans(server: Server) {
@@ -109,14 +114,17 @@ async fn same_plans(server: Server) {
     for mode in ["upsert", "insert", "update", "mirror"] {
         let spec = spec(mode);
         let dir = tempfile::tempdir().unwrap();
-        let mut memory = FileStore::new(dir.path(), "default", mode);
-        let warehouse_config = WarehouseConfig {
-            url: db.url.clone(),
-            schema: schema.clone(),
-            sync_id: format!("default/{mode}"),
-            sync_logs: false,
+        let mut stores = Stores {
+            memory: InMemory(FileStore::new(dir.path(), "memory", mode)),
+            file: FileStore::new(dir.path(), "file", mode),
+            warehouse: WarehouseConfig {
+                url: db.url.clone(),
+                schema: schema.clone(),
+                sync_id: format!("default/{mode}"),
+                sync_logs: false,
+            },
         };
-        let compare = |step: &str, a: &Ran, b: &Ran| {
+        let compare_one = |step: &str, a: &Ran, b: &Ran| {
             assert!(a.0.error.is_none(), "{mode} {step}: in memory: {:?}", a.0.error);
             assert!(b.0.error.is_none(), "{mode} {step}: store diff: {:?}", b.0.error);
             assert_eq!(a.0.plan, b.0.plan, "{mode} {step}: counts");
@@ -144,20 +152,18 @@ async fn same_plans(server: Server) {
             }
             assert_eq!(ka, kb, "{mode} {step}: rejections");
         };
+        let compare = |step: &str, a: &Ran, b: &[Ran; 2]| {
+            compare_one(&format!("{step} (File)"), a, &b[0]);
+            compare_one(&format!("{step} (Warehouse)"), a, &b[1]);
+        };
         let plain = RunOptions::default();
-        let (name, (a, b)) = (
-            "first run",
-            step(&db, &spec, &mut memory, &warehouse_config, &plain).await,
-        );
+        let (name, (a, b)) = ("first run", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
         assert!(
             a.0.plan.rejected >= 3,
             "a NULL key and a duplicated key are rejected"
         );
-        let (name, (a, b)) = (
-            "unchanged",
-            step(&db, &spec, &mut memory, &warehouse_config, &plain).await,
-        );
+        let (name, (a, b)) = ("unchanged", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
         db.exec(
             "UPDATE items SET name = 'renamed' WHERE code IN ('k1', 'k2', 'big');
@@ -166,19 +172,13 @@ async fn same_plans(server: Server) {
              INSERT INTO items VALUES ('new-1', 'n', 0.1, NULL), ('ñew-2', 'n', 1e-10, 'new')",
         )
         .await;
-        let (name, (a, b)) = (
-            "after changes",
-            step(&db, &spec, &mut memory, &warehouse_config, &plain).await,
-        );
+        let (name, (a, b)) = ("after changes", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
         let full = RunOptions {
             full_resync: true,
             ..RunOptions::default()
         };
-        let (name, (a, b)) = (
-            "full resync",
-            step(&db, &spec, &mut memory, &warehouse_config, &full).await,
-        );
+        let (name, (a, b)) = ("full resync", stores.step(&db, &spec, &full).await);
         compare(name, &a, &b);
         db.exec(
             "UPDATE items SET amount = amount + 1 WHERE code = 'k5'; DELETE FROM items WHERE code = 'k6'",
@@ -188,10 +188,7 @@ async fn same_plans(server: Server) {
             dry_run: true,
             ..RunOptions::default()
         };
-        let (name, (a, b)) = (
-            "dry run",
-            step(&db, &spec, &mut memory, &warehouse_config, &dry).await,
-        );
+        let (name, (a, b)) = ("dry run", stores.step(&db, &spec, &dry).await);
         compare(name, &a, &b);
         let ops = |r: &RunReport| {
             let mut v: Vec<_> = r
@@ -202,7 +199,8 @@ async fn same_plans(server: Server) {
             v.sort();
             v
         };
-        assert_eq!(ops(&a.0), ops(&b.0), "{mode}: dry-run samples");
+        assert_eq!(ops(&a.0), ops(&b[0].0), "{mode}: dry-run samples (File)");
+        assert_eq!(ops(&a.0), ops(&b[1].0), "{mode}: dry-run samples (Warehouse)");
         // Undo the dry run's pending change for the next mode's first run to start clean.
         db.exec("UPDATE items SET amount = amount - 1 WHERE code = 'k5'; INSERT INTO items VALUES ('k6', 'item 6', 6.5, NULL)")
             .await;

@@ -10,7 +10,8 @@
 //!    The ConfigMap store talks to the Kubernetes API server double of
 //!    `tests/support/apiserver.rs`, also run by this parent: a real `kube::Client` over HTTP,
 //!    but no etcd, no admission and no network latency, so its figures are a lower bound;
-//! 3. the File store's fingerprints loaded alone: bytes in memory per row;
+//! 3. the File store's state loaded whole into memory (only a migration does that): bytes
+//!    per row;
 //! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
 //!    end.
 //!

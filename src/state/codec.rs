@@ -23,14 +23,23 @@ pub(crate) fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// Strings up to this length are read in one `read_exact`; longer ones (only a damaged
+/// length, in practice) through `take`, so a bad length cannot allocate gigabytes.
+const DIRECT_READ: usize = 1 << 16;
+
 /// Reads a length-prefixed UTF-8 string into `out` (reusing its allocation).
 pub(crate) fn read_string(r: &mut impl Read, out: &mut String) -> std::io::Result<()> {
-    let len = read_u32(r)?;
+    let len = read_u32(r)? as usize;
     let mut bytes = std::mem::take(out).into_bytes();
     bytes.clear();
-    r.take(u64::from(len)).read_to_end(&mut bytes)?;
-    if bytes.len() != len as usize {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    if len <= DIRECT_READ {
+        bytes.resize(len, 0);
+        r.read_exact(&mut bytes)?;
+    } else {
+        r.take(len as u64).read_to_end(&mut bytes)?;
+        if bytes.len() != len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
     }
     *out = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     Ok(())
@@ -58,8 +67,13 @@ pub(crate) fn read_entry(r: &mut impl Read, key: &mut String, identity: &mut Str
 
 /// Appends one change record.
 pub(crate) fn encode_change(c: &StateChange, out: &mut Vec<u8>) {
+    encode_change_ref(c.as_change_ref(), out);
+}
+
+/// Appends one change record, from borrowed parts.
+pub(crate) fn encode_change_ref(c: ChangeRef<'_>, out: &mut Vec<u8>) {
     match c {
-        StateChange::Put {
+        ChangeRef::Put {
             key,
             fingerprint,
             identity,
@@ -69,31 +83,79 @@ pub(crate) fn encode_change(c: &StateChange, out: &mut Vec<u8>) {
             out.extend_from_slice(&fingerprint.to_le_bytes());
             put_str(out, identity);
         }
-        StateChange::Remove { key } => {
+        ChangeRef::Remove { key } => {
             out.push(2);
             put_str(out, key);
         }
     }
 }
 
-/// Decodes one change written by [`encode_change`].
-pub(crate) fn decode_change(r: &mut &[u8]) -> Option<StateChange> {
-    let mut tag = [0u8; 1];
-    r.read_exact(&mut tag).ok()?;
-    let mut key = String::new();
-    read_string(r, &mut key).ok()?;
-    match tag[0] {
+impl StateChange {
+    /// The change with borrowed parts.
+    pub(crate) fn as_change_ref(&self) -> ChangeRef<'_> {
+        match self {
+            StateChange::Put {
+                key,
+                fingerprint,
+                identity,
+            } => ChangeRef::Put {
+                key,
+                fingerprint: *fingerprint,
+                identity,
+            },
+            StateChange::Remove { key } => ChangeRef::Remove { key },
+        }
+    }
+}
+
+/// A change decoded in place from a byte slice (see [`decode_change_ref`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChangeRef<'a> {
+    /// A delivered row.
+    Put {
+        /// Canonical primary key.
+        key: &'a str,
+        /// Fingerprint of the accepted record.
+        fingerprint: u64,
+        /// Match fields as canonical JSON.
+        identity: &'a str,
+    },
+    /// A deleted record.
+    Remove {
+        /// Canonical primary key.
+        key: &'a str,
+    },
+}
+
+fn take_str<'a>(r: &mut &'a [u8]) -> Option<&'a str> {
+    let len = u32::from_le_bytes(r.get(..4)?.try_into().ok()?) as usize;
+    let bytes = r.get(4..4 + len)?;
+    *r = &r[4 + len..];
+    std::str::from_utf8(bytes).ok()
+}
+
+fn take_u64(r: &mut &[u8]) -> Option<u64> {
+    let n = u64::from_le_bytes(r.get(..8)?.try_into().ok()?);
+    *r = &r[8..];
+    Some(n)
+}
+
+/// Decodes one change written by [`encode_change`] without copying, advancing `r` past it.
+pub(crate) fn decode_change_ref<'a>(r: &mut &'a [u8]) -> Option<ChangeRef<'a>> {
+    let (&tag, rest) = r.split_first()?;
+    *r = rest;
+    let key = take_str(r)?;
+    match tag {
         1 => {
-            let fingerprint = read_u64(r).ok()?;
-            let mut identity = String::new();
-            read_string(r, &mut identity).ok()?;
-            Some(StateChange::Put {
+            let fingerprint = take_u64(r)?;
+            let identity = take_str(r)?;
+            Some(ChangeRef::Put {
                 key,
                 fingerprint,
                 identity,
             })
         }
-        2 => Some(StateChange::Remove { key }),
+        2 => Some(ChangeRef::Remove { key }),
         _ => None,
     }
 }
@@ -110,21 +172,21 @@ impl Replay {
     /// (the changes before the bad one are applied).
     pub(crate) fn apply_payload(&mut self, set: &mut Fingerprints, mut payload: &[u8]) -> Result<(), ()> {
         while !payload.is_empty() {
-            match decode_change(&mut payload).ok_or(())? {
-                StateChange::Put {
+            match decode_change_ref(&mut payload).ok_or(())? {
+                ChangeRef::Put {
                     key,
                     fingerprint,
                     identity,
                 } => {
-                    self.removed.remove(&key);
+                    self.removed.remove(key);
                     set.insert(EntryRef {
-                        key: &key,
+                        key,
                         fingerprint,
-                        identity: &identity,
+                        identity,
                     });
                 }
-                StateChange::Remove { key } => {
-                    self.removed.insert(key);
+                ChangeRef::Remove { key } => {
+                    self.removed.insert(key.to_owned());
                 }
             }
         }
@@ -160,8 +222,15 @@ mod tests {
             encode_change(c, &mut bytes);
         }
         let mut p: &[u8] = &bytes;
-        assert_eq!(decode_change(&mut p).as_ref(), Some(&changes[0]));
-        assert_eq!(decode_change(&mut p).as_ref(), Some(&changes[1]));
+        assert_eq!(
+            decode_change_ref(&mut p),
+            Some(ChangeRef::Put {
+                key: "k1",
+                fingerprint: u64::MAX,
+                identity: "{\"id\":1}"
+            })
+        );
+        assert_eq!(decode_change_ref(&mut p), Some(ChangeRef::Remove { key: "k2" }));
         assert!(p.is_empty());
 
         let mut out = Vec::new();

@@ -6,21 +6,27 @@
 //!   catches any other damage.
 //! - `NAME.journal`: checkpoints appended during a run, each record length-prefixed and
 //!   checksummed and fsynced before the run goes on. A torn last record (a crash mid-write) is
-//!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file.
+//!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file;
+//!   the next run folds it first when a crash kept `finish` from running.
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
+//!
+//! A run never loads the state: the store diffs it through disk buckets ([`diff`]) and folds
+//! checkpoints the same way ([`fold`]), so memory does not grow with the rows stored. `load`
+//! (a migration to another store) still reads the whole state into memory.
+
+mod diff;
+mod fold;
+mod format;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use xxhash_rust::xxh3::Xxh3;
 
-use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
-use super::{Fingerprints, StateChange, StateError, StateStore};
-
-const STATE_MAGIC: &[u8; 5] = b"BFST1";
-const JOURNAL_MAGIC: &[u8; 5] = b"BFJR1";
+use super::codec::encode_change;
+use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore, StoreDiff};
+use format::{JournalReader, StateFileReader, io_error, journal_header, journal_record};
 
 /// Fingerprints of one sync in a local directory.
 #[derive(Debug)]
@@ -30,6 +36,7 @@ pub struct FileStore {
     lock_path: PathBuf,
     lock: Option<File>,
     journal: Option<File>,
+    diffing: Option<diff::Diffing>,
 }
 
 impl FileStore {
@@ -42,6 +49,7 @@ impl FileStore {
             lock_path: base.join(format!("{name}.lock")),
             lock: None,
             journal: None,
+            diffing: None,
         }
     }
 
@@ -51,17 +59,7 @@ impl FileStore {
     }
 
     fn io(&self, e: std::io::Error) -> StateError {
-        StateError::Io {
-            location: self.state_path.display().to_string(),
-            reason: e.to_string(),
-        }
-    }
-
-    fn corrupt(&self, path: &Path, reason: impl Into<String>) -> StateError {
-        StateError::Corrupt {
-            location: path.display().to_string(),
-            reason: reason.into(),
-        }
+        io_error(&self.state_path, &e)
     }
 
     fn acquire_lock(&mut self) -> Result<(), StateError> {
@@ -89,111 +87,60 @@ impl FileStore {
         }
     }
 
-    /// Reads the state file and replays the journal on top.
-    fn read_all(&self, scope: &str) -> Result<Fingerprints, StateError> {
-        let mut set = self.read_state_file(scope)?.unwrap_or_default();
-        let mut replay = Replay::default();
-        self.replay_journal(scope, &mut set, &mut replay)?;
-        Ok(replay.finish(set))
+    /// Folds the journal of a run that crashed before `finish` into the state file, under
+    /// that run's scope, as its `finish` would have.
+    async fn recover(&mut self) -> Result<(), StateError> {
+        self.journal = None;
+        let Some(scope) = JournalReader::open(&self.journal_path)?.map(|j| j.scope().to_owned()) else {
+            // No journal, or one torn before its first checkpoint.
+            return match fs::remove_file(&self.journal_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&self.journal_path, &e)),
+                _ => Ok(()),
+            };
+        };
+        tracing::info!(state = %self.state_path.display(), "folding the checkpoints of an interrupted run");
+        self.fold(scope).await
     }
 
-    /// Streams the state file into a set, never holding the file's bytes whole: at a million
-    /// rows the file, a vector of entries and the set together tripled peak memory.
-    fn read_state_file(&self, scope: &str) -> Result<Option<Fingerprints>, StateError> {
-        let file = match File::open(&self.state_path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(e)),
+    /// [`fold::fold`] on a blocking thread.
+    async fn fold(&self, scope: String) -> Result<(), StateError> {
+        let (state, journal) = (self.state_path.clone(), self.journal_path.clone());
+        let rows = tokio::task::spawn_blocking(move || fold::fold(&state, &journal, &scope))
+            .await
+            .map_err(|e| StateError::Io {
+                location: self.state_path.display().to_string(),
+                reason: format!("folding checkpoints stopped: {e}"),
+            })??;
+        tracing::debug!(state = %self.state_path.display(), rows, "checkpoints folded into the state file");
+        Ok(())
+    }
+
+    /// Reads the state file into memory; empty when it belongs to another scope.
+    fn read_state_file(&self, scope: &str) -> Result<Fingerprints, StateError> {
+        let Some(mut reader) = StateFileReader::open(&self.state_path)? else {
+            return Ok(Fingerprints::default());
         };
-        let path = &self.state_path;
-        let len = file.metadata().map_err(|e| self.io(e))?.len();
-        if len < (STATE_MAGIC.len() + 8) as u64 {
-            return Err(self.corrupt(path, "not a Backflow state file"));
+        if reader.scope() != scope {
+            tracing::info!(state = %self.state_path.display(), "state belongs to another destination; every row will be sent");
+            return Ok(Fingerprints::default());
         }
-        let mut hasher = Xxh3::new();
-        let mut body = HashingReader {
-            inner: BufReader::with_capacity(1 << 20, &file).take(len - 8),
-            hasher: &mut hasher,
-        };
-        let truncated = |_| self.corrupt(path, "truncated file");
-        let mut magic = [0u8; STATE_MAGIC.len()];
-        body.read_exact(&mut magic).map_err(truncated)?;
-        if &magic != STATE_MAGIC {
-            return Err(self.corrupt(path, "not a Backflow state file"));
-        }
-        let mut text = String::new();
-        read_string(&mut body, &mut text).map_err(truncated)?;
-        if text != scope {
-            tracing::info!(state = %path.display(), "state belongs to another destination; every row will be sent");
-            return Ok(None);
-        }
-        let count = read_u64(&mut body).map_err(truncated)?;
         // Each entry is 16 bytes of numbers around its key and identity: what is left of the
         // file is, to a few bytes, the arena the set needs.
-        let rows = usize::try_from(count).unwrap_or(0).min(1 << 28);
-        let arena = usize::try_from(len).unwrap_or(0).saturating_sub(rows * 16);
+        let rows = usize::try_from(reader.count()).unwrap_or(0).min(1 << 28);
+        let arena = usize::try_from(reader.len())
+            .unwrap_or(0)
+            .saturating_sub(rows * 16);
         let mut set = Fingerprints::with_capacity(rows, arena);
         let (mut key, mut identity) = (String::new(), String::new());
-        for _ in 0..count {
-            let fingerprint = read_entry(&mut body, &mut key, &mut identity).map_err(truncated)?;
-            set.push_unindexed(super::EntryRef {
+        while let Some(fingerprint) = reader.next(&mut key, &mut identity)? {
+            set.push_unindexed(EntryRef {
                 key: &key,
                 fingerprint,
                 identity: &identity,
             });
         }
         set.build_index();
-        let mut trailer = [0u8; 8];
-        let mut rest = body.inner.into_inner();
-        rest.read_exact(&mut trailer).map_err(truncated)?;
-        if hasher.digest() != u64::from_le_bytes(trailer) {
-            return Err(self.corrupt(path, "checksum mismatch"));
-        }
-        Ok(Some(set))
-    }
-
-    /// Applies the journal's checkpoints to `set`, one record at a time (a first run's journal
-    /// holds every row: collecting it whole doubled peak memory).
-    fn replay_journal(
-        &self,
-        scope: &str,
-        set: &mut Fingerprints,
-        replay: &mut Replay,
-    ) -> Result<(), StateError> {
-        let file = match File::open(&self.journal_path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(self.io(e)),
-        };
-        let mut r = BufReader::with_capacity(1 << 20, file);
-        let mut magic = [0u8; JOURNAL_MAGIC.len()];
-        let mut header_scope = String::new();
-        if r.read_exact(&mut magic).is_err()
-            || &magic != JOURNAL_MAGIC
-            || read_string(&mut r, &mut header_scope).is_err()
-        {
-            return Ok(());
-        }
-        if header_scope != scope {
-            return Ok(());
-        }
-        let mut payload = Vec::new();
-        // Replay whole records; the first short or damaged one is a torn write: stop there.
-        while let (Ok(len), Ok(sum)) = (read_u32(&mut r), read_u64(&mut r)) {
-            payload.clear();
-            if (&mut r).take(u64::from(len)).read_to_end(&mut payload).is_err()
-                || payload.len() != len as usize
-            {
-                break;
-            }
-            if xxhash_rust::xxh3::xxh3_64(&payload) != sum {
-                break;
-            }
-            replay
-                .apply_payload(set, &payload)
-                .map_err(|()| self.corrupt(&self.journal_path, "undecodable checkpoint"))?;
-        }
-        Ok(())
+        Ok(set)
     }
 
     fn open_journal(&mut self, scope: &str) -> Result<&mut File, StateError> {
@@ -203,11 +150,10 @@ impl FileStore {
                 .create(true)
                 .append(true)
                 .open(&self.journal_path)
-                .map_err(|e| self.io(e))?;
+                .map_err(|e| io_error(&self.journal_path, &e))?;
             if fresh {
-                let mut header = JOURNAL_MAGIC.to_vec();
-                put_str(&mut header, scope);
-                file.write_all(&header).map_err(|e| self.io(e))?;
+                file.write_all(&journal_header(scope))
+                    .map_err(|e| io_error(&self.journal_path, &e))?;
             }
             self.journal = Some(file);
         }
@@ -217,45 +163,14 @@ impl FileStore {
             reason: "journal not open".into(),
         })
     }
-
-    fn write_state_file(&self, scope: &str, set: &Fingerprints) -> Result<(), StateError> {
-        let dir = self.state_path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| self.io(e))?;
-        {
-            let mut hasher = Xxh3::new();
-            let mut w = HashingWriter {
-                inner: BufWriter::with_capacity(1 << 20, tmp.as_file_mut()),
-                hasher: &mut hasher,
-            };
-            let mut header = STATE_MAGIC.to_vec();
-            put_str(&mut header, scope);
-            header.extend_from_slice(&(set.len() as u64).to_le_bytes());
-            w.write_all(&header).map_err(|e| self.io(e))?;
-            let mut buf = Vec::with_capacity(256);
-            for e in set.iter() {
-                buf.clear();
-                put_entry(&mut buf, e);
-                w.write_all(&buf).map_err(|e| self.io(e))?;
-            }
-            let sum = w.hasher.digest();
-            w.inner.write_all(&sum.to_le_bytes()).map_err(|e| self.io(e))?;
-            w.inner.flush().map_err(|e| self.io(e))?;
-        }
-        tmp.as_file().sync_all().map_err(|e| self.io(e))?;
-        tmp.persist(&self.state_path).map_err(|e| self.io(e.error))?;
-        // The rename is durable only once the directory entry is.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
 impl StateStore for FileStore {
     async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
         self.acquire_lock()?;
-        self.read_all(scope)
+        self.recover().await?;
+        self.read_state_file(scope)
     }
 
     async fn commit(&mut self, scope: &str, changes: &[StateChange]) -> Result<(), StateError> {
@@ -267,19 +182,13 @@ impl StateStore for FileStore {
         for c in changes {
             encode_change(c, &mut payload);
         }
-        let mut record = Vec::with_capacity(payload.len() + 12);
-        record.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-        record.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-        record.extend_from_slice(&payload);
-        let location = self.journal_path.display().to_string();
+        let record = journal_record(&payload);
+        let path = self.journal_path.clone();
         let journal = self.open_journal(scope)?;
         journal
             .write_all(&record)
             .and_then(|()| journal.sync_data())
-            .map_err(|e| StateError::Io {
-                location,
-                reason: e.to_string(),
-            })
+            .map_err(|e| io_error(&path, &e))
     }
 
     async fn finish(&mut self, scope: &str) -> Result<(), StateError> {
@@ -288,10 +197,7 @@ impl StateStore for FileStore {
         if !self.journal_path.exists() {
             return Ok(());
         }
-        let set = self.read_all(scope)?;
-        self.write_state_file(scope, &set)?;
-        // A crash before this removal only replays the journal again, which is idempotent.
-        fs::remove_file(&self.journal_path).map_err(|e| self.io(e))
+        self.fold(scope.to_owned()).await
     }
 
     async fn discard(&mut self) -> Result<(), StateError> {
@@ -305,34 +211,9 @@ impl StateStore for FileStore {
         }
         Ok(())
     }
-}
 
-struct HashingReader<'a, R: Read> {
-    inner: R,
-    hasher: &'a mut Xxh3,
-}
-
-impl<R: Read> Read for HashingReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-struct HashingWriter<'a, W: Write> {
-    inner: W,
-    hasher: &'a mut Xxh3,
-}
-
-impl<W: Write> Write for HashingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+    fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
+        Some(self)
     }
 }
 
@@ -425,6 +306,183 @@ mod tests {
         store.commit("old", &[put("a", 1)]).await.unwrap();
         store.finish("old").await.unwrap();
         assert!(store.load("new").await.unwrap().is_empty());
+    }
+
+    /// Every entry of the state file, in file order, read without loading it into a set.
+    fn entries_on_disk(dir: &Path) -> (String, Vec<(String, u64, String)>) {
+        let mut reader = StateFileReader::open(&dir.join("ns/s.state")).unwrap().unwrap();
+        let (mut key, mut identity) = (String::new(), String::new());
+        let mut out = Vec::new();
+        while let Some(fp) = reader.next(&mut key, &mut identity).unwrap() {
+            out.push((key.clone(), fp, identity.clone()));
+        }
+        (reader.scope().to_owned(), out)
+    }
+
+    #[tokio::test]
+    async fn finish_applies_checkpoints_in_order_and_writes_entries_in_key_hash_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        store
+            .commit("d", &[put("a", 1), put("b", 2), put("c", 3)])
+            .await
+            .unwrap();
+        store.finish("d").await.unwrap();
+        let remove = |k: &str| StateChange::Remove { key: k.into() };
+        store.commit("d", &[remove("a"), put("d", 4)]).await.unwrap();
+        store
+            .commit(
+                "d",
+                &[
+                    put("a", 5),
+                    remove("b"),
+                    remove("never-stored"),
+                    put("c", 6),
+                    put("c", 7),
+                ],
+            )
+            .await
+            .unwrap();
+        store.finish("d").await.unwrap();
+        assert!(!dir.path().join("ns/s.journal").exists());
+
+        let (scope, entries) = entries_on_disk(dir.path());
+        assert_eq!(scope, "d");
+        let mut expected = vec![
+            ("a".to_owned(), 5, "{\"id\":\"a\"}".to_owned()),
+            ("c".to_owned(), 7, "{\"id\":\"c\"}".to_owned()),
+            ("d".to_owned(), 4, "{\"id\":\"d\"}".to_owned()),
+        ];
+        expected.sort_by_key(|(k, _, _)| crate::state::stored_key_hash(k));
+        assert_eq!(entries, expected);
+    }
+
+    #[tokio::test]
+    async fn a_large_state_folds_through_many_chunks_and_loads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        // 1,200 entries of ~40 bytes per bucket: two 32 KiB chunks each and a tail.
+        let rows = 300_000u64;
+        let first: Vec<StateChange> = (0..rows).map(|i| put(&format!("key-{i}"), i)).collect();
+        store.commit("d", &first).await.unwrap();
+        store.finish("d").await.unwrap();
+        let second: Vec<StateChange> = (0..rows)
+            .step_by(100)
+            .map(|i| match i % 200 {
+                0 => StateChange::Remove {
+                    key: format!("key-{i}"),
+                },
+                _ => put(&format!("key-{i}"), i + 1),
+            })
+            .collect();
+        store.commit("d", &second).await.unwrap();
+        store.finish("d").await.unwrap();
+
+        let set = store.load("d").await.unwrap();
+        assert_eq!(set.len() as u64, rows - rows / 200);
+        for i in [0, 100, 150, 200, 299_900, 299_999] {
+            let found = set
+                .position(&format!("key-{i}"))
+                .map(|p| set.get(p).unwrap().fingerprint);
+            let expected = match (i % 100, i % 200) {
+                (_, 0) => None,
+                (0, _) => Some(i + 1),
+                _ => Some(i),
+            };
+            assert_eq!(found, expected, "key-{i}");
+        }
+    }
+
+    fn pairs(rows: &[(&str, u64)]) -> Vec<(u128, u64)> {
+        rows.iter()
+            .map(|(k, fp)| (crate::state::stored_key_hash(k), *fp))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_diff_finds_added_changed_removed_and_duplicated_keys_with_removed_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        store
+            .commit(
+                "d",
+                &[put("same", 1), put("edited", 2), put("gone", 3), put("twice", 4)],
+            )
+            .await
+            .unwrap();
+        store.finish("d").await.unwrap();
+        drop(store);
+
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        assert!(diff.begin("d").await.unwrap());
+        assert!(diff.holds_state("d"));
+        let run = pairs(&[
+            ("same", 1),
+            ("edited", 20),
+            ("new", 5),
+            ("twice", 4),
+            ("twice", 4),
+        ]);
+        diff.stage(&run[..2]).await.unwrap();
+        diff.stage(&run[2..]).await.unwrap();
+        let found = diff.diff("d", false).await.unwrap();
+        let hash = crate::state::stored_key_hash;
+        assert!(!found.all_added);
+        assert_eq!(found.change(hash("same")), None);
+        assert_eq!(found.change(hash("edited")), Some(false));
+        assert_eq!(found.change(hash("new")), Some(true));
+        assert_eq!(found.duplicates.get(&hash("twice")), Some(&2));
+        assert_eq!(
+            found.removed,
+            vec![("gone".to_owned(), "{\"id\":\"gone\"}".to_owned())]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_next_diff_folds_a_crashed_runs_checkpoints_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        store.commit("d", &[put("a", 1), put("b", 2)]).await.unwrap();
+        drop(store); // a crash before finish
+
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        diff.begin("d").await.unwrap();
+        assert!(!dir.path().join("ns/s.journal").exists());
+        diff.stage(&pairs(&[("a", 1), ("b", 2)])).await.unwrap();
+        let found = diff.diff("d", false).await.unwrap();
+        assert!(found.changed.is_empty() && found.removed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_diff_sees_no_state_of_another_scope_and_fails_on_a_damaged_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("old").await.unwrap();
+        store.commit("old", &[put("a", 1)]).await.unwrap();
+        store.finish("old").await.unwrap();
+        let diff = store.store_diff().unwrap();
+        diff.begin("new").await.unwrap();
+        assert!(!diff.holds_state("new"));
+        diff.stage(&pairs(&[("a", 1)])).await.unwrap();
+        assert!(diff.diff("new", false).await.unwrap().all_added);
+        drop(store);
+
+        let path = dir.path().join("ns/s.state");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 9;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        diff.begin("old").await.unwrap();
+        let err = diff.diff("old", false).await.unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
     }
 
     #[tokio::test]

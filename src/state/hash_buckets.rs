@@ -1,11 +1,12 @@
 //! Key hashes and fingerprints partitioned on local disk, and the merge that compares two
-//! such sets: the diff of the Warehouse store, without holding either side in memory.
+//! such sets: the diff of the Warehouse and File stores, without holding either side in memory.
 //!
-//! Pairs go to one of 256 buckets by the top byte of their 128-bit key hash. Each bucket
-//! collects in a 12 KiB buffer that is appended to one anonymous temporary file when full,
-//! so memory stays at 256 buffers (3 MiB) whatever the row count, and a bucket holds about
-//! 1/256 of the rows: 39,000 at 10 million, 940 KiB. [`compare`] reads one bucket of each
-//! side at a time, sorts both and walks them together.
+//! Pairs go to one of 256 buckets by the top byte of their 128-bit key hash ([`DiskBuckets`],
+//! which the File store's fold also uses for whole records). Each bucket collects in a 12 KiB
+//! buffer that is appended to one anonymous temporary file when full, so memory stays at 256
+//! buffers (3 MiB) whatever the row count, and a bucket holds about 1/256 of the rows: 39,000
+//! at 10 million, 940 KiB. [`compare`] reads one bucket of each side at a time, sorts both
+//! and walks them together.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,19 +17,79 @@ use std::os::unix::fs::FileExt as _;
 const BUCKETS: usize = 256;
 /// Bytes per pair: key hash and fingerprint, big-endian.
 const ENTRY: usize = 24;
-/// Bytes a bucket buffers before they are appended to the file.
+/// Bytes a bucket of pairs buffers before they are appended to the file.
 const CHUNK: usize = ENTRY * 512;
 
-/// A set of (key hash, fingerprint) pairs, partitioned by key hash on local disk.
+/// Byte records partitioned into 256 buckets in one anonymous temporary file: each bucket
+/// collects in a buffer of `chunk` bytes that is appended to the file when full, so memory
+/// stays at 256 buffers whatever the volume, and a bucket's records read back in the order
+/// they were pushed.
 #[derive(Debug)]
-pub struct HashBuckets {
+pub struct DiskBuckets {
     file: File,
     /// Bytes written to `file`.
     end: u64,
+    chunk: usize,
     /// Per bucket, what is not written yet.
     buffers: Vec<Vec<u8>>,
     /// Per bucket, the (offset, length) of its chunks in `file`.
     chunks: Vec<Vec<(u64, usize)>>,
+}
+
+impl DiskBuckets {
+    /// Empty buckets that buffer `chunk` bytes each, backed by an anonymous temporary file
+    /// (deleted when dropped).
+    pub fn new(chunk: usize) -> std::io::Result<DiskBuckets> {
+        Ok(DiskBuckets {
+            file: tempfile::tempfile()?,
+            end: 0,
+            chunk,
+            buffers: vec![Vec::new(); BUCKETS],
+            chunks: vec![Vec::new(); BUCKETS],
+        })
+    }
+
+    /// Appends `record` to `bucket`.
+    pub fn push(&mut self, bucket: u8, record: &[u8]) -> std::io::Result<()> {
+        let bucket = usize::from(bucket);
+        let buffer = &mut self.buffers[bucket];
+        if buffer.capacity() == 0 {
+            buffer.reserve_exact(self.chunk);
+        }
+        buffer.extend_from_slice(record);
+        if buffer.len() >= self.chunk {
+            self.file.write_all(buffer)?;
+            self.chunks[bucket].push((self.end, buffer.len()));
+            self.end += buffer.len() as u64;
+            buffer.clear();
+        }
+        Ok(())
+    }
+
+    /// Appends every byte pushed to `bucket`, in order, to `out`.
+    pub fn read_bucket(&self, bucket: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let bytes: usize =
+            self.chunks[bucket].iter().map(|(_, n)| n).sum::<usize>() + self.buffers[bucket].len();
+        out.reserve(bytes);
+        for &(offset, n) in &self.chunks[bucket] {
+            let start = out.len();
+            out.resize(start + n, 0);
+            self.file.read_exact_at(&mut out[start..], offset)?;
+        }
+        out.extend_from_slice(&self.buffers[bucket]);
+        Ok(())
+    }
+}
+
+/// Buckets a 128-bit key hash belongs to: its top byte.
+pub fn bucket_of(hash: u128) -> u8 {
+    (hash >> 120) as u8
+}
+
+/// A set of (key hash, fingerprint) pairs, partitioned by key hash on local disk.
+#[derive(Debug)]
+pub struct HashBuckets {
+    buckets: DiskBuckets,
     len: u64,
 }
 
@@ -36,31 +97,18 @@ impl HashBuckets {
     /// An empty set backed by an anonymous temporary file (deleted when dropped).
     pub fn new() -> std::io::Result<HashBuckets> {
         Ok(HashBuckets {
-            file: tempfile::tempfile()?,
-            end: 0,
-            buffers: vec![Vec::new(); BUCKETS],
-            chunks: vec![Vec::new(); BUCKETS],
+            buckets: DiskBuckets::new(CHUNK)?,
             len: 0,
         })
     }
 
     /// Adds one pair.
     pub fn push(&mut self, hash: u128, fingerprint: u64) -> std::io::Result<()> {
-        let bucket = (hash >> 120) as usize;
-        let buffer = &mut self.buffers[bucket];
-        if buffer.capacity() == 0 {
-            buffer.reserve_exact(CHUNK);
-        }
-        buffer.extend_from_slice(&hash.to_be_bytes());
-        buffer.extend_from_slice(&fingerprint.to_be_bytes());
+        let mut entry = [0u8; ENTRY];
+        entry[..16].copy_from_slice(&hash.to_be_bytes());
+        entry[16..].copy_from_slice(&fingerprint.to_be_bytes());
         self.len += 1;
-        if buffer.len() >= CHUNK {
-            self.file.write_all(buffer)?;
-            self.chunks[bucket].push((self.end, buffer.len()));
-            self.end += buffer.len() as u64;
-            buffer.clear();
-        }
-        Ok(())
+        self.buckets.push(bucket_of(hash), &entry)
     }
 
     /// Pairs added.
@@ -75,15 +123,10 @@ impl HashBuckets {
 
     /// The pairs of one bucket, sorted by key hash (then fingerprint).
     fn sorted_bucket(&self, bucket: usize) -> std::io::Result<Vec<(u128, u64)>> {
-        let bytes: usize =
-            self.chunks[bucket].iter().map(|(_, n)| n).sum::<usize>() + self.buffers[bucket].len();
-        let mut pairs = Vec::with_capacity(bytes / ENTRY);
-        let mut chunk = vec![0u8; CHUNK];
-        for &(offset, n) in &self.chunks[bucket] {
-            self.file.read_exact_at(&mut chunk[..n], offset)?;
-            decode(&chunk[..n], &mut pairs);
-        }
-        decode(&self.buffers[bucket], &mut pairs);
+        let mut bytes = Vec::new();
+        self.buckets.read_bucket(bucket, &mut bytes)?;
+        let mut pairs = Vec::with_capacity(bytes.len() / ENTRY);
+        decode(&bytes, &mut pairs);
         pairs.sort_unstable();
         Ok(pairs)
     }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fake_connector;
 pub mod http_server;
 pub mod hubspot_double;
+pub mod in_memory_store;
 pub mod intercom_double;
 pub mod mailchimp_double;
 pub mod salesforce_double;

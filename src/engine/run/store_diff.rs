@@ -81,7 +81,7 @@ pub(super) async fn plan(
         rows = mapped_rows + rejected_rows,
         "model read; comparing with the stored fingerprints"
     );
-    let diff = match store.store_diff() {
+    let mut diff = match store.store_diff() {
         Some(p) => p.diff(scope, options.full_resync).await?,
         None => {
             return Err(RunError::Invalid(
@@ -122,6 +122,8 @@ pub(super) async fn plan(
             _ => counts.skipped += rows,
         }
     }
+    // Deletes go out in key order, whatever order the store found them in.
+    diff.removed.sort_unstable();
     let state = Fingerprints::from_entries(diff.removed.iter().map(|(key, identity)| EntryRef {
         key,
         fingerprint: 0,

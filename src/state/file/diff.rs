@@ -1,0 +1,172 @@
+//! The File store's diff, without loading the state into memory: the same disk-bucket merge
+//! as the Warehouse store's ([`crate::state::hash_buckets`]).
+//!
+//! While the engine extracts the model, a blocking task streams the state file's (key hash,
+//! fingerprint) pairs into disk buckets; the engine's rows go into buckets of their own. The
+//! diff merges the two bucket by bucket, then reads the state file once more for the key and
+//! identity of the removed rows, and only when there are some. Memory holds one bucket of
+//! each side and the changed keys, never a row per stored key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::task::JoinHandle;
+
+use super::FileStore;
+use super::format::{StateFileReader, io_error};
+use crate::state::hash_buckets::{HashBuckets, compare};
+use crate::state::{RemoteDiff, StateError, StoreDiff, stored_key_hash};
+
+/// The diff of one run, between `begin` and `diff`.
+#[derive(Debug)]
+pub(super) struct Diffing {
+    /// This run's key hashes and fingerprints.
+    run: HashBuckets,
+    /// The stored ones, being read from the state file (none when nothing is stored for the
+    /// scope).
+    stored: Option<JoinHandle<Result<HashBuckets, StateError>>>,
+    /// The scope the state file holds rows of, if any.
+    holding: Option<String>,
+}
+
+fn temp_file_error(path: &Path, e: &std::io::Error) -> StateError {
+    StateError::Io {
+        location: path.display().to_string(),
+        reason: format!("failed to use a local temporary file of fingerprints: {e}"),
+    }
+}
+
+fn stopped(path: &Path, what: &str, e: &tokio::task::JoinError) -> StateError {
+    StateError::Io {
+        location: path.display().to_string(),
+        reason: format!("{what} stopped: {e}"),
+    }
+}
+
+/// Every (key hash, fingerprint) of the state file at `path`, into disk buckets.
+fn read_stored(path: &Path) -> Result<HashBuckets, StateError> {
+    let mut stored = HashBuckets::new().map_err(|e| temp_file_error(path, &e))?;
+    let Some(mut reader) = StateFileReader::open(path)? else {
+        return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
+    };
+    let (mut key, mut identity) = (String::new(), String::new());
+    while let Some(fingerprint) = reader.next(&mut key, &mut identity)? {
+        stored
+            .push(stored_key_hash(&key), fingerprint)
+            .map_err(|e| temp_file_error(path, &e))?;
+    }
+    Ok(stored)
+}
+
+/// Key and identity of the state file's entries whose key hash is in `hashes`.
+fn removed_rows(path: &Path, hashes: &HashSet<u128>) -> Result<Vec<(String, String)>, StateError> {
+    let mut removed = Vec::with_capacity(hashes.len());
+    let Some(mut reader) = StateFileReader::open(path)? else {
+        return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
+    };
+    let (mut key, mut identity) = (String::new(), String::new());
+    while reader.next(&mut key, &mut identity)?.is_some() {
+        if hashes.contains(&stored_key_hash(&key)) {
+            removed.push((key.clone(), identity.clone()));
+        }
+    }
+    Ok(removed)
+}
+
+impl FileStore {
+    fn not_begun(&self) -> StateError {
+        StateError::Io {
+            location: self.state_path.display().to_string(),
+            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl StoreDiff for FileStore {
+    async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
+        self.acquire_lock()?;
+        self.recover().await?;
+        let stored_rows = match StateFileReader::open(&self.state_path)? {
+            Some(reader) if reader.scope() == scope => reader.count(),
+            _ => 0,
+        };
+        let run = HashBuckets::new().map_err(|e| temp_file_error(&self.state_path, &e))?;
+        let (stored, holding) = if stored_rows > 0 {
+            let path = self.state_path.clone();
+            let read = tokio::task::spawn_blocking(move || read_stored(&path));
+            (Some(read), Some(scope.to_owned()))
+        } else {
+            (None, None)
+        };
+        self.diffing = Some(Diffing { run, stored, holding });
+        Ok(true)
+    }
+
+    fn holds_state(&mut self, scope: &str) -> bool {
+        self.diffing
+            .as_ref()
+            .and_then(|d| d.holding.as_deref())
+            .is_some_and(|held| held == scope)
+    }
+
+    async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
+        let Some(diffing) = self.diffing.as_mut() else {
+            return Err(self.not_begun());
+        };
+        for &(hash, fingerprint) in rows {
+            if let Err(e) = diffing.run.push(hash, fingerprint) {
+                return Err(temp_file_error(&self.state_path, &e));
+            }
+        }
+        Ok(())
+    }
+
+    async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
+        let all_added = !self.holds_state(scope);
+        let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
+            return Err(self.not_begun());
+        };
+        let path: PathBuf = self.state_path.clone();
+        let stored = match stored {
+            Some(read) => Some(
+                read.await
+                    .map_err(|e| stopped(&path, "reading the state file", &e))??,
+            ),
+            None => None,
+        };
+        let (staged, stored_rows) = (run.len(), stored.as_ref().map_or(0, HashBuckets::len));
+        let compare_path = path.clone();
+        let compared = tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
+            .await
+            .map_err(|e| stopped(&path, "comparing fingerprints", &e))?
+            .map_err(|e| temp_file_error(&compare_path, &e))?;
+        let removed = if compared.removed.is_empty() {
+            Vec::new()
+        } else {
+            let hashes: HashSet<u128> = compared.removed.into_iter().collect();
+            let read_path = path.clone();
+            tokio::task::spawn_blocking(move || removed_rows(&read_path, &hashes))
+                .await
+                .map_err(|e| stopped(&path, "reading the removed rows", &e))??
+        };
+        let diff = RemoteDiff {
+            all_added,
+            full_resync,
+            changed: compared.changed,
+            duplicates: compared.duplicates,
+            removed,
+        };
+        tracing::info!(
+            staged,
+            stored = stored_rows,
+            changed = diff.changed.len(),
+            removed = diff.removed.len(),
+            duplicates = diff.duplicates.len(),
+            all_added,
+            "diff computed against the state file"
+        );
+        Ok(diff)
+    }
+}
