@@ -1,8 +1,9 @@
 //! The stores' own diffs (stored fingerprints streamed out and merged through local disk
 //! buckets) plan exactly what the in-memory planner plans: the same model runs side by side
-//! through the in-memory planner, the File store and the Warehouse store, on real PostgreSQL
-//! and MariaDB, for every mode, with NULL and duplicate keys, NULL values, unicode and large
-//! numerics, across data changes, a full resync and a dry run.
+//! through the in-memory planner and the File, Warehouse and ConfigMap stores (the last over
+//! the API server double), on real PostgreSQL and MariaDB, for every mode, with NULL and
+//! duplicate keys, NULL values, unicode and large numerics, across data changes, a full
+//! resync and a dry run.
 
 mod support;
 
@@ -12,8 +13,11 @@ use backflow::api::ReverseSyncSpec;
 use backflow::destination::Operation;
 use backflow::engine::run::{RunOptions, RunReport, SyncRun, run};
 use backflow::state::StateStore;
+use backflow::state::configmap::ConfigMapStore;
 use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use support::apiserver::ApiServer;
 use support::db::{Server, TestDb};
 use support::fake_connector::{FakeConnector, fast_delivery};
 use support::in_memory_store::InMemory;
@@ -88,25 +92,37 @@ async fn run_with(
 type Ran = (RunReport, Vec<(Operation, String)>);
 
 /// One step through the in-memory planner, then through each store's own diff (File,
-/// Warehouse).
+/// Warehouse, ConfigMap).
 struct Stores {
     memory: InMemory,
     file: FileStore,
     warehouse: WarehouseConfig,
+    api_server: kube::Client,
+    sync: String,
 }
 
 impl Stores {
-    async fn step(&mut self, db: &TestDb, spec: &ReverseSyncSpec, options: &RunOptions) -> (Ran, [Ran; 2]) {
+    async fn step(&mut self, db: &TestDb, spec: &ReverseSyncSpec, options: &RunOptions) -> (Ran, [Ran; 3]) {
         let reference = run_with(db, spec, &mut self.memory, options).await;
         let file = run_with(db, spec, &mut self.file, options).await;
         let mut store = WarehouseStore::new(self.warehouse.clone());
         let warehouse = run_with(db, spec, &mut store, options).await;
-        (reference, [file, warehouse])
+        let owner = OwnerReference {
+            api_version: "backflow.dev/v1alpha1".into(),
+            kind: "ReverseSync".into(),
+            name: self.sync.clone(),
+            uid: format!("uid-{}", self.sync),
+            ..OwnerReference::default()
+        };
+        let mut store = ConfigMapStore::new(self.api_server.clone(), "default", &self.sync, owner);
+        let configmap = run_with(db, spec, &mut store, options).await;
+        (reference, [file, warehouse, configmap])
     }
 }
 
 async fn same_plans(server: Server) {
     let db = items(server).await;
+    let api_server = ApiServer::start().await;
     let schema = match server {
         Server::Postgres => "backflow".to_owned(),
         Server::Mysql => db.name.clone(),
@@ -123,6 +139,8 @@ async fn same_plans(server: Server) {
                 sync_id: format!("default/{mode}"),
                 sync_logs: false,
             },
+            api_server: api_server.client(),
+            sync: format!("items-{mode}"),
         };
         let compare_one = |step: &str, a: &Ran, b: &Ran| {
             assert!(a.0.error.is_none(), "{mode} {step}: in memory: {:?}", a.0.error);
@@ -152,9 +170,10 @@ async fn same_plans(server: Server) {
             }
             assert_eq!(ka, kb, "{mode} {step}: rejections");
         };
-        let compare = |step: &str, a: &Ran, b: &[Ran; 2]| {
+        let compare = |step: &str, a: &Ran, b: &[Ran; 3]| {
             compare_one(&format!("{step} (File)"), a, &b[0]);
             compare_one(&format!("{step} (Warehouse)"), a, &b[1]);
+            compare_one(&format!("{step} (ConfigMap)"), a, &b[2]);
         };
         let plain = RunOptions::default();
         let (name, (a, b)) = ("first run", stores.step(&db, &spec, &plain).await);
@@ -201,6 +220,7 @@ async fn same_plans(server: Server) {
         };
         assert_eq!(ops(&a.0), ops(&b[0].0), "{mode}: dry-run samples (File)");
         assert_eq!(ops(&a.0), ops(&b[1].0), "{mode}: dry-run samples (Warehouse)");
+        assert_eq!(ops(&a.0), ops(&b[2].0), "{mode}: dry-run samples (ConfigMap)");
         // Undo the dry run's pending change for the next mode's first run to start clean.
         db.exec("UPDATE items SET amount = amount - 1 WHERE code = 'k5'; INSERT INTO items VALUES ('k6', 'item 6', 6.5, NULL)")
             .await;

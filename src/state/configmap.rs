@@ -28,6 +28,8 @@
 //! its own, journal names are created (never replaced) so two writers cannot share a seq, and
 //! the final switch is guarded too. Whichever check fails reports [`StateError::Locked`].
 
+mod diff;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -40,8 +42,9 @@ use kube::core::PartialObjectMeta;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::change_buckets::ChangeBuckets;
 use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
-use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore};
+use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore, StoreDiff};
 use crate::api::ReverseSync;
 
 /// Label naming the tool that manages an object.
@@ -238,6 +241,7 @@ pub struct ConfigMapStore {
     /// Written into the index when this run claims it, to tell runs apart in `kubectl`.
     writer: String,
     view: Option<View>,
+    diffing: Option<diff::Diffing>,
 }
 
 impl std::fmt::Debug for ConfigMapStore {
@@ -268,6 +272,7 @@ impl ConfigMapStore {
             owner,
             writer: uuid::Uuid::new_v4().to_string(),
             view: None,
+            diffing: None,
         }
     }
 
@@ -448,35 +453,58 @@ impl ConfigMapStore {
         }
     }
 
-    /// The state `view` describes, for `scope`: base shards (when of this scope) with the
-    /// journals of this scope replayed on top.
+    /// The state `view` describes, for `scope`, in memory: base shards (when of this scope)
+    /// with the journals of this scope replayed on top.
     async fn read_state(&self, view: &View, scope: &str) -> Result<Fingerprints, StateError> {
-        let mut set = if view.resource_version.is_none() {
-            Fingerprints::default()
-        } else if view.index.scope != scope {
-            tracing::info!(
-                configmap = %self.location(&self.index_name),
-                "state belongs to another destination; every row will be sent"
-            );
-            Fingerprints::default()
-        } else {
-            self.read_shards(view).await?
-        };
-        let mut replay = Replay::default();
-        for j in &view.journals {
-            self.replay_journal(view, j, scope, &mut set, &mut replay).await?;
-        }
-        Ok(replay.finish(set))
-    }
-
-    /// Streams every base shard into one set: the shards' rows are distinct, so they are
-    /// appended and indexed once at the end. Only one shard's bytes are held at a time.
-    async fn read_shards(&self, view: &View) -> Result<Fingerprints, StateError> {
         let index = &view.index;
         let rows = usize::try_from(index.rows).unwrap_or(0).min(1 << 28);
         let raw: u64 = index.shards.iter().map(|s| s.bytes).sum();
         let arena = usize::try_from(raw).unwrap_or(0).saturating_sub(rows * 16);
-        let mut set = Fingerprints::with_capacity(rows, arena);
+        let mut state = InMemory {
+            set: Fingerprints::with_capacity(rows, arena),
+            replay: Replay::default(),
+        };
+        self.read_into(view, scope, &mut state).await?;
+        Ok(state.replay.finish(state.set))
+    }
+
+    /// The state `view` describes, for `scope`, into disk buckets by key hash: nothing of it
+    /// is held in memory.
+    async fn read_changes(&self, view: &View, scope: &str) -> Result<ChangeBuckets, StateError> {
+        let mut changes = ChangeBuckets::new().map_err(|e| self.temp_file_error(&e))?;
+        self.read_into(view, scope, &mut changes).await?;
+        Ok(changes)
+    }
+
+    fn temp_file_error(&self, e: &std::io::Error) -> StateError {
+        self.io(
+            &self.index_name,
+            format!("failed to use a local temporary file of state: {e}"),
+        )
+    }
+
+    /// Feeds `into` the base shards (when of `scope`), then the journals of `scope` in seq
+    /// order. Only one shard's bytes are held at a time.
+    async fn read_into(&self, view: &View, scope: &str, into: &mut dyn Reading) -> Result<(), StateError> {
+        if view.resource_version.is_some() {
+            if view.index.scope == scope {
+                self.read_shards(view, into).await?;
+            } else {
+                tracing::info!(
+                    configmap = %self.location(&self.index_name),
+                    "state belongs to another destination; every row will be sent"
+                );
+            }
+        }
+        into.shards_read();
+        for j in &view.journals {
+            self.replay_journal(view, j, scope, into).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_shards(&self, view: &View, into: &mut dyn Reading) -> Result<(), StateError> {
+        let index = &view.index;
         for (n, shard) in index.shards.iter().enumerate() {
             let name = &shard.name;
             let Some(cm) = self
@@ -495,8 +523,11 @@ impl ConfigMapStore {
             if checksum(&blob.0) != shard.checksum {
                 return Err(self.corrupt(name, "checksum mismatch"));
             }
-            let decoded = decode_shard(&blob.0, &index.scope, index.generation, n, &mut set)
-                .map_err(|reason| self.corrupt(name, reason))?;
+            let decoded =
+                decode_shard(&blob.0, &index.scope, index.generation, n, into).map_err(|e| match e {
+                    ShardError::Undecodable(reason) => self.corrupt(name, reason),
+                    ShardError::Reading(e) => self.temp_file_error(&e),
+                })?;
             if decoded != shard.rows {
                 return Err(self.corrupt(
                     name,
@@ -504,8 +535,7 @@ impl ConfigMapStore {
                 ));
             }
         }
-        set.build_index();
-        Ok(set)
+        Ok(())
     }
 
     /// Applies one checkpoint ConfigMap. One that is damaged, out of place or of another
@@ -515,8 +545,7 @@ impl ConfigMapStore {
         view: &View,
         j: &Listed,
         scope: &str,
-        set: &mut Fingerprints,
-        replay: &mut Replay,
+        into: &mut dyn Reading,
     ) -> Result<(), StateError> {
         let name = &j.name;
         let Some(cm) = self
@@ -559,9 +588,11 @@ impl ConfigMapStore {
             tracing::debug!(configmap = %self.location(name), "checkpoint of another destination ignored");
             return Ok(());
         }
-        replay
-            .apply_payload(set, &payload[header.len..])
-            .map_err(|()| self.corrupt(name, "undecodable checkpoint"))
+        match into.changes(&payload[header.len..]) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.corrupt(name, "undecodable checkpoint")),
+            Err(e) => Err(self.temp_file_error(&e)),
+        }
     }
 
     /// Claims the index for this run on its first commit, and checks the claim on later ones.
@@ -643,36 +674,42 @@ impl ConfigMapStore {
         Ok(())
     }
 
-    /// Writes `set` as the shards of `generation`.
+    /// Writes the live entries of `changes` as the shards of `generation`, bucket by bucket
+    /// (so in key-hash order); returns the shards and the row count.
     async fn write_shards(
         &self,
         scope: &str,
         generation: u64,
-        set: &Fingerprints,
-    ) -> Result<Vec<ShardRef>, StateError> {
+        changes: &ChangeBuckets,
+    ) -> Result<(Vec<ShardRef>, u64), StateError> {
         let mut shards = Vec::new();
         let mut packer = Packer::default();
         let mut record = Vec::with_capacity(256);
+        let mut rows = 0u64;
         let zstd_error = |e: std::io::Error| self.io(&self.index_name, format!("failed to compress: {e}"));
-        for e in set.iter() {
-            record.clear();
-            put_entry(&mut record, e);
-            if packer.is_full_for(record.len()) {
-                let blob = packer.finish().map_err(zstd_error)?;
-                shards.push(self.write_shard(generation, shards.len(), blob).await?);
+        for n in 0..=u8::MAX {
+            let bucket = changes.bucket(n).map_err(|e| self.temp_file_error(&e))?;
+            for (_, e) in bucket.entries() {
+                record.clear();
+                put_entry(&mut record, e);
+                if packer.is_full_for(record.len()) {
+                    let blob = packer.finish().map_err(zstd_error)?;
+                    shards.push(self.write_shard(generation, shards.len(), blob).await?);
+                }
+                if !packer.is_open() {
+                    packer
+                        .open(&shard_header(scope, generation, shards.len()))
+                        .map_err(zstd_error)?;
+                }
+                packer.push(&record).map_err(zstd_error)?;
+                rows += 1;
             }
-            if !packer.is_open() {
-                packer
-                    .open(&shard_header(scope, generation, shards.len()))
-                    .map_err(zstd_error)?;
-            }
-            packer.push(&record).map_err(zstd_error)?;
         }
         if packer.is_open() {
             let blob = packer.finish().map_err(zstd_error)?;
             shards.push(self.write_shard(generation, shards.len(), blob).await?);
         }
-        Ok(shards)
+        Ok((shards, rows))
     }
 
     async fn write_shard(&self, generation: u64, n: usize, blob: Blob) -> Result<ShardRef, StateError> {
@@ -817,7 +854,7 @@ impl StateStore for ConfigMapStore {
         if view.resource_version != seen {
             return Err(StateError::Locked(self.location(&self.index_name)));
         }
-        let set = self.read_state(&view, scope).await?;
+        let changes = self.read_changes(&view, scope).await?;
         // Past every generation stored, so no name of an orphan or of a concurrent writer's
         // shards is reused.
         let generation = objects
@@ -827,16 +864,15 @@ impl StateStore for ConfigMapStore {
             .max()
             .unwrap_or(0)
             + 1;
-        let shards = self.write_shards(scope, generation, &set).await?;
+        let (shards, rows) = self.write_shards(scope, generation, &changes).await?;
+        drop(changes);
         let index = Index {
             format: FORMAT,
             scope: scope.to_owned(),
             generation,
-            rows: set.len() as u64,
+            rows,
             shards,
         };
-        let rows = set.len();
-        drop(set);
         // The switch: one guarded update. Before it, readers see the old base and journals;
         // after it, the new base alone.
         self.write_index(&index, view.resource_version.as_deref()).await?;
@@ -862,6 +898,10 @@ impl StateStore for ConfigMapStore {
         delete_all(self.api.clone().into_client(), &self.namespace, &self.sync_name).await?;
         self.view = None;
         Ok(())
+    }
+
+    fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
+        Some(self)
     }
 }
 
@@ -947,40 +987,95 @@ fn shard_header(scope: &str, generation: u64, n: usize) -> Vec<u8> {
     h
 }
 
-/// Decodes a shard into `set` (unindexed); returns its row count. The header must say it is
-/// shard `n` of `generation` for `scope`, so an index can never pick up a stray object.
+/// What reading the stored state feeds: a set in memory ([`InMemory`], for `load`) or disk
+/// buckets ([`ChangeBuckets`], for the diff and `finish`).
+trait Reading: Send {
+    /// An entry of a base shard (the shards' keys are distinct).
+    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()>;
+    /// Every base shard has been read.
+    fn shards_read(&mut self) {}
+    /// One checkpoint's change records, in order; `Ok(false)` when they do not decode.
+    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool>;
+}
+
+/// The state in memory.
+struct InMemory {
+    set: Fingerprints,
+    replay: Replay,
+}
+
+impl Reading for InMemory {
+    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
+        self.set.push_unindexed(e);
+        Ok(())
+    }
+
+    fn shards_read(&mut self) {
+        self.set.build_index();
+    }
+
+    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool> {
+        Ok(self.replay.apply_payload(&mut self.set, payload).is_ok())
+    }
+}
+
+impl Reading for ChangeBuckets {
+    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
+        self.push_entry(e)
+    }
+
+    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool> {
+        self.push_payload(payload)
+    }
+}
+
+/// Why a shard was not read.
+#[derive(Debug)]
+enum ShardError {
+    /// The shard is damaged or not the one expected.
+    Undecodable(String),
+    /// What it was read into failed (a local temporary file).
+    Reading(std::io::Error),
+}
+
+/// Decodes a shard into `into`; returns its row count. The header must say it is shard `n`
+/// of `generation` for `scope`, so an index can never pick up a stray object.
 fn decode_shard(
     blob: &[u8],
     scope: &str,
     generation: u64,
     n: usize,
-    set: &mut Fingerprints,
-) -> Result<u64, String> {
-    let decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(|e| e.to_string())?;
+    into: &mut dyn Reading,
+) -> Result<u64, ShardError> {
+    let undecodable = |e: std::io::Error| ShardError::Undecodable(format!("undecodable shard: {e}"));
+    let decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(undecodable)?;
     let mut r = BufReader::with_capacity(64 * 1024, decoder);
-    let bad = |e: std::io::Error| format!("undecodable shard: {e}");
     let mut magic = [0u8; SHARD_MAGIC.len()];
-    r.read_exact(&mut magic).map_err(bad)?;
+    r.read_exact(&mut magic).map_err(undecodable)?;
     if &magic != SHARD_MAGIC {
-        return Err("not a Backflow state shard".into());
+        return Err(ShardError::Undecodable("not a Backflow state shard".into()));
     }
     let mut text = String::new();
-    read_string(&mut r, &mut text).map_err(bad)?;
-    let (g, number) = (read_u64(&mut r).map_err(bad)?, read_u32(&mut r).map_err(bad)?);
+    read_string(&mut r, &mut text).map_err(undecodable)?;
+    let (g, number) = (
+        read_u64(&mut r).map_err(undecodable)?,
+        read_u32(&mut r).map_err(undecodable)?,
+    );
     if text != scope || g != generation || number as usize != n {
-        return Err(format!(
+        return Err(ShardError::Undecodable(format!(
             "its header says shard {number} of generation {g}, not shard {n} of generation {generation}"
-        ));
+        )));
     }
     let (mut key, mut identity) = (String::new(), String::new());
     let mut rows = 0;
-    while !r.fill_buf().map_err(bad)?.is_empty() {
-        let fingerprint = read_entry(&mut r, &mut key, &mut identity).map_err(bad)?;
-        set.push_unindexed(EntryRef {
+    while !r.fill_buf().map_err(undecodable)?.is_empty() {
+        let fingerprint = read_entry(&mut r, &mut key, &mut identity).map_err(undecodable)?;
+        into.entry(EntryRef {
             key: &key,
             fingerprint,
             identity: &identity,
-        });
+        })
+        .map_err(ShardError::Reading)?;
         rows += 1;
     }
     Ok(rows)
@@ -1193,12 +1288,16 @@ mod tests {
         }
         assert_eq!(blobs.iter().map(|b| b.records).sum::<usize>(), rows.len());
 
-        let mut set = Fingerprints::default();
+        let mut state = InMemory {
+            set: Fingerprints::default(),
+            replay: Replay::default(),
+        };
         for (n, b) in blobs.iter().enumerate() {
-            let decoded = decode_shard(&b.bytes, "ns/dest", 4, n, &mut set).unwrap();
+            let decoded = decode_shard(&b.bytes, "ns/dest", 4, n, &mut state).unwrap();
             assert_eq!(decoded as usize, b.records);
         }
-        set.build_index();
+        state.shards_read();
+        let set = state.set;
         assert_eq!(set.len(), rows.len());
         for (key, fingerprint, identity) in rows.iter().step_by(997) {
             let e = set.get(set.position(key).unwrap()).unwrap();
@@ -1210,10 +1309,13 @@ mod tests {
     fn a_shard_is_refused_under_another_name_scope_or_generation() {
         let rows = entries(10, |_| "{}".into());
         let blob = &pack_shards("s", 2, &rows)[0];
-        let mut set = Fingerprints::default();
-        assert!(decode_shard(&blob.bytes, "s", 3, 0, &mut set).is_err());
-        assert!(decode_shard(&blob.bytes, "s", 2, 1, &mut set).is_err());
-        assert!(decode_shard(&blob.bytes, "other", 2, 0, &mut set).is_err());
+        let mut state = InMemory {
+            set: Fingerprints::default(),
+            replay: Replay::default(),
+        };
+        assert!(decode_shard(&blob.bytes, "s", 3, 0, &mut state).is_err());
+        assert!(decode_shard(&blob.bytes, "s", 2, 1, &mut state).is_err());
+        assert!(decode_shard(&blob.bytes, "other", 2, 0, &mut state).is_err());
         let mut garbled = blob.bytes.clone();
         let mid = garbled.len() / 2;
         garbled[mid] ^= 0xff;

@@ -6,6 +6,7 @@
 //! [`migrate::Migrating`] puts one store in front of another so that switching stores
 //! imports the previous state instead of resending every row.
 
+mod change_buckets;
 mod codec;
 pub mod configmap;
 pub mod file;

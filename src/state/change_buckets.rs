@@ -1,0 +1,223 @@
+//! A base state and the checkpoints after it, partitioned by key hash on local disk and
+//! resolved one bucket at a time into the live entries: how the File and ConfigMap stores read
+//! their state for a diff and fold checkpoints into a new base, without holding it in memory.
+//!
+//! Each change goes to one of 256 buckets ([`DiskBuckets`]) by the top byte of its key's
+//! [`stored_key_hash`], with the hash in front. [`ChangeBuckets::bucket`] reads one bucket,
+//! keeps the last change of each key and returns the keys whose last change is a put, sorted
+//! by key hash: memory holds the bucket buffers (8 MiB) and one bucket (1/256 of the rows).
+
+use std::collections::HashMap;
+
+use super::codec::{ChangeRef, decode_change_ref, encode_change_ref};
+use super::hash_buckets::{DiskBuckets, HashBuckets, bucket_of};
+use super::{EntryRef, stored_key_hash};
+
+/// Bytes each of the 256 buckets buffers before writing.
+const CHUNK: usize = 32 * 1024;
+
+/// A base state's entries and later changes, by key hash, on disk.
+#[derive(Debug)]
+pub(crate) struct ChangeBuckets {
+    buckets: DiskBuckets,
+    record: Vec<u8>,
+}
+
+impl ChangeBuckets {
+    /// Empty buckets backed by an anonymous temporary file.
+    pub(crate) fn new() -> std::io::Result<ChangeBuckets> {
+        Ok(ChangeBuckets {
+            buckets: DiskBuckets::new(CHUNK)?,
+            record: Vec::with_capacity(256),
+        })
+    }
+
+    /// Adds a change; a later change of the same key wins over earlier ones.
+    pub(crate) fn push(&mut self, change: ChangeRef<'_>) -> std::io::Result<()> {
+        let (ChangeRef::Put { key, .. } | ChangeRef::Remove { key }) = change;
+        let hash = stored_key_hash(key);
+        self.record.clear();
+        self.record.extend_from_slice(&hash.to_le_bytes());
+        encode_change_ref(change, &mut self.record);
+        self.buckets.push(bucket_of(hash), &self.record)
+    }
+
+    /// Adds an entry of the base state.
+    pub(crate) fn push_entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
+        self.push(ChangeRef::Put {
+            key: e.key,
+            fingerprint: e.fingerprint,
+            identity: e.identity,
+        })
+    }
+
+    /// Adds every change record of a checkpoint's payload, in order. `Ok(false)` when one
+    /// does not decode (the changes before it are added).
+    pub(crate) fn push_payload(&mut self, mut payload: &[u8]) -> std::io::Result<bool> {
+        while !payload.is_empty() {
+            let Some(change) = decode_change_ref(&mut payload) else {
+                return Ok(false);
+            };
+            self.push(change)?;
+        }
+        Ok(true)
+    }
+
+    /// The live entries of bucket `n`.
+    pub(crate) fn bucket(&self, n: u8) -> std::io::Result<LiveBucket> {
+        let mut bytes = Vec::new();
+        self.buckets.read_bucket(usize::from(n), &mut bytes)?;
+        // Per key hash: where its last change starts, and whether it is a put.
+        let mut last: HashMap<u128, (usize, bool)> = HashMap::new();
+        let mut at = 0;
+        while let Some((hash, tail)) = bytes[at..].split_first_chunk::<16>() {
+            let start = at + 16;
+            let mut rest = tail;
+            let change = decode_change_ref(&mut rest).ok_or(std::io::ErrorKind::InvalidData)?;
+            at = bytes.len() - rest.len();
+            last.insert(
+                u128::from_le_bytes(*hash),
+                (start, matches!(change, ChangeRef::Put { .. })),
+            );
+        }
+        let mut live: Vec<(u128, usize)> = last
+            .into_iter()
+            .filter(|(_, (_, put))| *put)
+            .map(|(hash, (start, _))| (hash, start))
+            .collect();
+        live.sort_unstable_by_key(|(hash, _)| *hash);
+        Ok(LiveBucket { bytes, live })
+    }
+
+    /// Every live (key hash, fingerprint), for a diff.
+    pub(crate) fn live_pairs(&self) -> std::io::Result<HashBuckets> {
+        let mut pairs = HashBuckets::new()?;
+        for n in 0..=u8::MAX {
+            for (hash, e) in self.bucket(n)?.entries() {
+                pairs.push(hash, e.fingerprint)?;
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// Key and identity of the live entries whose key hash is in `hashes`, reading only the
+    /// buckets they fall in.
+    pub(crate) fn entries_of(&self, hashes: &[u128]) -> std::io::Result<Vec<(String, String)>> {
+        let wanted: std::collections::HashSet<u128> = hashes.iter().copied().collect();
+        let mut buckets: Vec<u8> = hashes.iter().map(|h| bucket_of(*h)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        let mut found = Vec::with_capacity(hashes.len());
+        for n in buckets {
+            let bucket = self.bucket(n)?;
+            found.extend(
+                bucket
+                    .entries()
+                    .filter(|(hash, _)| wanted.contains(hash))
+                    .map(|(_, e)| (e.key.to_owned(), e.identity.to_owned())),
+            );
+        }
+        Ok(found)
+    }
+}
+
+/// One bucket's live entries, sorted by key hash.
+pub(crate) struct LiveBucket {
+    bytes: Vec<u8>,
+    /// Key hash, and where the entry's put record starts in `bytes`.
+    live: Vec<(u128, usize)>,
+}
+
+impl LiveBucket {
+    /// The entries with their key hashes, in key-hash order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (u128, EntryRef<'_>)> {
+        self.live.iter().filter_map(|&(hash, start)| {
+            // Every record was decoded when the bucket was read, and these are puts.
+            match decode_change_ref(&mut &self.bytes[start..])? {
+                ChangeRef::Put {
+                    key,
+                    fingerprint,
+                    identity,
+                } => Some((
+                    hash,
+                    EntryRef {
+                        key,
+                        fingerprint,
+                        identity,
+                    },
+                )),
+                ChangeRef::Remove { .. } => None,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, fingerprint: u64) -> ChangeRef<'_> {
+        ChangeRef::Put {
+            key,
+            fingerprint,
+            identity: "{}",
+        }
+    }
+
+    #[test]
+    fn the_last_change_of_each_key_wins_and_entries_come_sorted_by_key_hash() {
+        let mut changes = ChangeBuckets::new().unwrap();
+        let keys: Vec<String> = (0..5_000).map(|i| format!("k{i}")).collect();
+        for k in &keys {
+            changes.push(put(k, 1)).unwrap();
+        }
+        changes.push(ChangeRef::Remove { key: "k1" }).unwrap();
+        changes.push(put("k2", 2)).unwrap();
+        changes.push(ChangeRef::Remove { key: "k3" }).unwrap();
+        changes.push(put("k3", 3)).unwrap();
+        changes.push(ChangeRef::Remove { key: "absent" }).unwrap();
+
+        let mut all = Vec::new();
+        for n in 0..=u8::MAX {
+            let bucket = changes.bucket(n).unwrap();
+            let hashes: Vec<u128> = bucket.entries().map(|(h, _)| h).collect();
+            assert!(hashes.windows(2).all(|w| w[0] < w[1]), "bucket {n} sorted");
+            all.extend(bucket.entries().map(|(_, e)| (e.key.to_owned(), e.fingerprint)));
+        }
+        assert_eq!(all.len(), 4_999);
+        let fp = |k: &str| all.iter().find(|(key, _)| key == k).map(|(_, fp)| *fp);
+        assert_eq!(
+            (fp("k0"), fp("k1"), fp("k2"), fp("k3")),
+            (Some(1), None, Some(2), Some(3))
+        );
+
+        assert_eq!(changes.live_pairs().unwrap().len(), 4_999);
+        let wanted = [
+            stored_key_hash("k2"),
+            stored_key_hash("k1"),
+            stored_key_hash("k7"),
+        ];
+        let mut found = changes.entries_of(&wanted).unwrap();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                ("k2".to_owned(), "{}".to_owned()),
+                ("k7".to_owned(), "{}".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_payload_that_does_not_decode_stops_where_it_breaks() {
+        let mut changes = ChangeBuckets::new().unwrap();
+        let mut payload = Vec::new();
+        encode_change_ref(put("a", 1), &mut payload);
+        payload.extend_from_slice(&[9, 9, 9]);
+        assert!(!changes.push_payload(&payload).unwrap());
+        let live: usize = (0..=u8::MAX)
+            .map(|n| changes.bucket(n).unwrap().entries().count())
+            .sum();
+        assert_eq!(live, 1);
+    }
+}
