@@ -140,12 +140,13 @@ fn print_size(size: &SizeReport) {
 }
 
 /// The File store's memory per stored row: what the second-run plan's peak RSS adds over the
-/// plan against an empty state (same rows, same spill, nothing stored), and the second-run
-/// peak over the row count (an upper bound that includes the process itself).
+/// plan against an empty state (same rows, same spill, nothing stored; negative when the
+/// difference is within the allocator's noise), and the second-run peak over the row count
+/// (an upper bound that includes the process itself).
 fn file_bytes_per_row(file: &StoreReport, rows: u64) -> (f64, f64) {
     let rows = rows.max(1) as f64;
     let mib = 1048576.0;
-    let held = (file.plan_second.peak_rss_mib - file.plan_first.peak_rss_mib).max(0.0) * mib / rows;
+    let held = (file.plan_second.peak_rss_mib - file.plan_first.peak_rss_mib) * mib / rows;
     (held, file.plan_second.peak_rss_mib * mib / rows)
 }
 
