@@ -624,3 +624,49 @@ async fn one_lease_manager_holds_the_lease_until_it_releases_it() {
         .unwrap();
     assert_eq!(lease.spec.unwrap().lease_transitions, Some(2));
 }
+
+#[tokio::test]
+async fn metadata_only_gets_and_lists_carry_no_data() {
+    let server = ApiServer::start().await;
+    let api: Api<ConfigMap> = Api::default_namespaced(server.client());
+    api.create(&PostParams::default(), &config_map("a"))
+        .await
+        .unwrap();
+    let listed = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(listed.items[0].metadata.name.as_deref(), Some("a"));
+    assert_eq!(
+        api.get_metadata("a").await.unwrap().metadata.name.as_deref(),
+        Some("a")
+    );
+
+    let http = reqwest::Client::new();
+    for (path, accept, kind) in [
+        (
+            "",
+            "as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+            "PartialObjectMetadataList",
+        ),
+        (
+            "/a",
+            "as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+            "PartialObjectMetadata",
+        ),
+    ] {
+        let body: serde_json::Value = http
+            .get(format!(
+                "{}/api/v1/namespaces/default/configmaps{path}",
+                server.url()
+            ))
+            .header("Accept", format!("application/json;{accept}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["kind"], kind);
+        let text = body.to_string();
+        assert!(text.contains("\"name\":\"a\""), "{text}");
+        assert!(!text.contains("\"data\""), "{text}");
+    }
+}

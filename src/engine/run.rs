@@ -541,7 +541,9 @@ fn map_row(
     Some((mapped, fp))
 }
 
-/// Loads every stored fingerprint and plans in memory, spilling only what is to be sent.
+/// Loads every stored fingerprint and plans in memory, spilling only what is to be sent: for
+/// a store without a diff of its own, or one that declined it (the first run after a switch
+/// of stores plans against the imported state).
 async fn plan_in_memory(
     rows: &mut source::RowStream,
     mapper: &Mapper,

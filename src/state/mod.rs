@@ -5,6 +5,11 @@
 //! records of `codec`, and the [`warehouse`] store (tables in the source database).
 //! [`migrate::Migrating`] puts one store in front of another so that switching stores
 //! imports the previous state instead of resending every row.
+//!
+//! A run never loads a state: each store compares it with the run's rows through disk
+//! buckets ([`hash_buckets`], `change_buckets`), so memory does not grow with the rows
+//! stored. [`Fingerprints`], the compact in-memory set, is what `load` returns: a migration
+//! reads the previous store's state with it.
 
 mod change_buckets;
 mod codec;
@@ -61,10 +66,11 @@ struct Slot {
 /// order rows were added, over one text arena, plus an open-addressing index of 4-byte slot
 /// numbers, instead of a map of strings.
 ///
-/// Insertion order matters for speed: a model usually returns its rows in the same order run
-/// after run, so [`Fingerprints::position_near`] finds most keys in the slot right after the
-/// previous one, without touching the index (whose random probes, like a binary search's,
-/// miss the cache on large sets).
+/// Insertion order can save lookups: when a set was built in the model's order, the
+/// in-memory planner's [`Fingerprints::position_near`] finds most keys in the slot right after
+/// the previous one, without touching the index (whose random probes miss the cache on large
+/// sets). The File and ConfigMap stores write their states in key-hash order, so a set loaded
+/// from them gets no such help; only a migration's first run plans in memory now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fingerprints {
     slots: Vec<Slot>,
@@ -343,7 +349,7 @@ pub trait StateStore: Send {
     }
 
     /// The store's own diff, when it can compare fingerprints without loading them all into
-    /// memory (the Warehouse store streams them through local disk buckets): the engine then
+    /// memory (every store here streams them through local disk buckets): the engine then
     /// holds only the changed rows. `None`: load and plan in memory.
     fn store_diff(&mut self) -> Option<&mut dyn StoreDiff> {
         None

@@ -51,6 +51,9 @@
 //!   than the kept history gets an `ERROR` event with a 410 `Expired` Status. The stream
 //!   closes after `timeoutSeconds`, with a `BOOKMARK` first when `allowWatchBookmarks=true`.
 //! - `dryRun=All`: answered as the write would be, nothing stored.
+//! - Metadata-only gets and lists (`Accept: ...;as=PartialObjectMetadata[List]`): answered
+//!   with `PartialObjectMetadata` items, as kube's `get_metadata`/`list_metadata` expect. A
+//!   watch always sends whole objects.
 //! - Test-side access that bypasses the API: `objects`, `object`, `set_status`, injected
 //!   faults (`fail_next`), the request log and per-verb counts, `compact_history`.
 //!
@@ -746,6 +749,7 @@ async fn handle(
     let header_text =
         |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let content_type = header_text(header::CONTENT_TYPE);
+    let metadata_only = header_text(header::ACCEPT).is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     {
         let mut store = shared.store();
         store.requests.push(RecordedRequest {
@@ -794,8 +798,34 @@ async fn handle(
     };
     shared.notify();
     match result {
+        Ok((code, value)) if metadata_only && req.method == Method::GET => {
+            json_response(code, &partial_object_metadata(value))
+        }
         Ok((code, value)) => json_response(code, &value),
         Err(error) => error.into_response(),
+    }
+}
+
+/// An object or a list as `PartialObjectMetadata(List)`: what a real server answers a get or
+/// list asking for `Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`
+/// (<https://kubernetes.io/docs/reference/using-api/api-concepts/#receiving-resources-as-tables>
+/// describes the `as=` negotiation; kube's `get_metadata`/`list_metadata` send it).
+fn partial_object_metadata(value: Value) -> Value {
+    let partial = |object: &Value| {
+        json!({
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": object.get("metadata").cloned().unwrap_or(Value::Null),
+        })
+    };
+    match value.get("items").and_then(Value::as_array) {
+        Some(items) => json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": value.get("metadata").cloned().unwrap_or(Value::Null),
+            "items": items.iter().map(partial).collect::<Vec<_>>(),
+        }),
+        None => partial(&value),
     }
 }
 

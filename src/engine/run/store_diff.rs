@@ -1,4 +1,4 @@
-//! Planning with the diff left to the store (the Warehouse store): every mapped row is
+//! Planning with the diff left to the store (every store offers one): every mapped row is
 //! spilled to local disk and its key hash and fingerprint handed to the store, which returns
 //! only the added, changed, removed and duplicated keys. Memory holds those, never the whole
 //! state.
