@@ -13,7 +13,7 @@ use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
 use backflow::state::configmap::{ConfigMapStore, delete_all, index_name};
-use backflow::state::{StateChange, StateError, StateStore};
+use backflow::state::{StateChange, StateError, StateStore, stored_key_hash};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, PostParams};
@@ -151,6 +151,66 @@ async fn checkpoints_survive_a_crash_without_finish_and_fold_at_the_next_finish(
         3
     );
     assert_eq!(set.len(), 2);
+}
+
+fn pairs(rows: &[(usize, u64)]) -> Vec<(u128, u64)> {
+    rows.iter()
+        .map(|(i, fp)| (stored_key_hash(&format!("customer-{i}")), *fp))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_diff_reads_a_crashed_runs_checkpoints_and_finish_packs_what_it_read_plus_this_runs() {
+    let server = ApiServer::start().await;
+    let mut s = store(&server, "bucketed");
+    s.load(SCOPE).await.unwrap();
+    s.commit(SCOPE, &(0..10).map(|i| put(i, 1)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    s.finish(SCOPE).await.unwrap();
+
+    // A run that diffs, checkpoints, and crashes before finish.
+    let mut crashed = store(&server, "bucketed");
+    let diff = crashed.store_diff().unwrap();
+    assert!(diff.begin(SCOPE).await.unwrap());
+    assert!(diff.holds_state(SCOPE));
+    diff.stage(&pairs(&[(0, 1), (1, 1)])).await.unwrap();
+    diff.diff(SCOPE, false).await.unwrap();
+    crashed.commit(SCOPE, &[put(10, 1), remove(0)]).await.unwrap();
+    drop(crashed);
+
+    // The next run sees the base with those checkpoints applied.
+    let mut next = store(&server, "bucketed");
+    let diff = next.store_diff().unwrap();
+    diff.begin(SCOPE).await.unwrap();
+    let run: Vec<(usize, u64)> = (1..=10).map(|i| (i, 1)).chain([(11, 1), (5, 1)]).collect();
+    diff.stage(&pairs(&run)).await.unwrap();
+    let found = diff.diff(SCOPE, false).await.unwrap();
+    assert!(!found.all_added);
+    assert_eq!(
+        found.changed.len(),
+        1,
+        "only customer-11 is new: {:?}",
+        found.changed
+    );
+    assert_eq!(found.change(stored_key_hash("customer-11")), Some(true));
+    assert_eq!(found.duplicates.get(&stored_key_hash("customer-5")), Some(&2));
+    assert!(found.removed.is_empty(), "{:?}", found.removed);
+    next.commit(SCOPE, &[put(11, 1), put(3, 7), remove(9)])
+        .await
+        .unwrap();
+    next.finish(SCOPE).await.unwrap();
+    assert!(names(&server, "bucketed", "journal").is_empty());
+
+    let set = store(&server, "bucketed").load(SCOPE).await.unwrap();
+    let mut keys: Vec<(String, u64)> = set.iter().map(|e| (e.key.to_owned(), e.fingerprint)).collect();
+    keys.sort();
+    let mut expected: Vec<(String, u64)> = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11]
+        .iter()
+        .map(|i| (format!("customer-{i}"), if *i == 3 { 7 } else { 1 }))
+        .collect();
+    expected.sort();
+    assert_eq!(keys, expected);
 }
 
 #[tokio::test]

@@ -242,6 +242,9 @@ pub struct ConfigMapStore {
     writer: String,
     view: Option<View>,
     diffing: Option<diff::Diffing>,
+    /// The state this run diffed against, in buckets, with this run's checkpoints added:
+    /// what `finish` packs into new shards without reading the old ones again.
+    folding: Option<ChangeBuckets>,
 }
 
 impl std::fmt::Debug for ConfigMapStore {
@@ -273,6 +276,24 @@ impl ConfigMapStore {
             writer: uuid::Uuid::new_v4().to_string(),
             view: None,
             diffing: None,
+            folding: None,
+        }
+    }
+
+    /// A store for the same sync that shares nothing of this run (no view, no diff): to read
+    /// the state on a task of its own.
+    fn detached(&self) -> ConfigMapStore {
+        ConfigMapStore {
+            api: self.api.clone(),
+            namespace: self.namespace.clone(),
+            sync_name: self.sync_name.clone(),
+            index_name: self.index_name.clone(),
+            label: self.label.clone(),
+            owner: self.owner.clone(),
+            writer: self.writer.clone(),
+            view: None,
+            diffing: None,
+            folding: None,
         }
     }
 
@@ -756,6 +777,7 @@ impl ConfigMapStore {
 #[async_trait]
 impl StateStore for ConfigMapStore {
     async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
+        self.folding = None;
         self.refresh().await?;
         let view = self.view()?;
         let set = self.read_state(view, scope).await?;
@@ -816,6 +838,12 @@ impl StateStore for ConfigMapStore {
                 });
             }
         }
+        if let Some(folding) = self.folding.as_mut()
+            && let Err(e) = changes.iter().try_for_each(|c| folding.push(c.as_change_ref()))
+        {
+            tracing::warn!(error = %e, "failed to keep a checkpoint in local buckets; finish reads the state again");
+            self.folding = None;
+        }
         tracing::debug!(
             configmap = %self.location(&self.index_name),
             changes = changes.len(),
@@ -826,7 +854,9 @@ impl StateStore for ConfigMapStore {
     }
 
     async fn finish(&mut self, scope: &str) -> Result<(), StateError> {
+        let mut folding = self.folding.take();
         if self.view.is_none() {
+            folding = None;
             self.refresh().await?;
         }
         let seen = self.view()?.resource_version.clone();
@@ -847,14 +877,18 @@ impl StateStore for ConfigMapStore {
             self.view = None;
             return Ok(());
         }
-        // Read again what is stored now (every checkpoint, this run's included), as the File
-        // store rereads its files: the engine has dropped its copy by now.
+        // Look again at what is stored now (every checkpoint, this run's included).
         self.refresh().await?;
         let view = self.view()?.clone();
         if view.resource_version != seen {
             return Err(StateError::Locked(self.location(&self.index_name)));
         }
-        let changes = self.read_changes(&view, scope).await?;
+        // What this run diffed against plus its checkpoints is what is stored now: the
+        // resourceVersion shows no other writer claimed the index since.
+        let changes = match folding {
+            Some(changes) => changes,
+            None => self.read_changes(&view, scope).await?,
+        };
         // Past every generation stored, so no name of an orphan or of a concurrent writer's
         // shards is reused.
         let generation = objects

@@ -1,26 +1,35 @@
 //! The ConfigMap store's diff, without loading the state into memory.
 //!
-//! At `begin` the store reads its shards and checkpoints (one ConfigMap at a time, as `load`
-//! does) into [`ChangeBuckets`] on local disk and takes the live (key hash, fingerprint)
-//! pairs from them; the engine's rows go into buckets of their own, and the diff merges the
-//! two bucket by bucket ([`crate::state::hash_buckets`]). The key and identity of removed rows
-//! are read back from the buckets they fall in. Memory holds one bucket of each side and the
-//! changed keys, never a row per stored key.
+//! At `begin` a task reads the shards and checkpoints (one ConfigMap at a time, as `load`
+//! does) into [`ChangeBuckets`] on local disk, while the engine extracts the model, and takes
+//! the live (key hash, fingerprint) pairs from them; the engine's rows go into buckets of
+//! their own, and the diff merges the two bucket by bucket ([`crate::state::hash_buckets`]).
+//! The key and identity of removed rows are read back from the buckets they fall in. Memory
+//! holds one bucket of each side and the changed keys, never a row per stored key.
+//!
+//! The buckets then stay with the store: each checkpoint's changes are added to them, and
+//! `finish` packs the new shards from them instead of reading every shard again.
 
 use async_trait::async_trait;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::ConfigMapStore;
+use super::{ConfigMapStore, View};
 use crate::state::change_buckets::ChangeBuckets;
 use crate::state::hash_buckets::{HashBuckets, compare};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
+
+/// The stored state in buckets, and its live pairs.
+type Stored = (ChangeBuckets, HashBuckets);
 
 /// The diff of one run, between `begin` and `diff`.
 #[derive(Debug)]
 pub(super) struct Diffing {
     /// This run's key hashes and fingerprints.
     run: HashBuckets,
-    /// The stored state and its live pairs; none when nothing is stored for the scope.
-    stored: Option<(ChangeBuckets, HashBuckets)>,
+    /// The stored state, being read. Dropping it stops the read.
+    stored: AbortOnDropHandle<Result<Stored, StateError>>,
+    /// Whether the index says something is stored for the scope.
+    holding: bool,
 }
 
 impl ConfigMapStore {
@@ -30,32 +39,49 @@ impl ConfigMapStore {
             "the diff was used before it began (a bug: please report it)",
         )
     }
+
+    /// Reads the state of `view` for `scope` into buckets and takes its live pairs.
+    async fn read_stored(self, view: View, scope: String) -> Result<Stored, StateError> {
+        let changes = self.read_changes(&view, &scope).await?;
+        let pairs = tokio::task::spawn_blocking(move || changes.live_pairs().map(|pairs| (changes, pairs)))
+            .await
+            .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))?
+            .map_err(|e| self.temp_file_error(&e))?;
+        tracing::debug!(
+            configmap = %self.location(&self.index_name),
+            generation = view.index.generation,
+            shards = view.index.shards.len(),
+            checkpoints = view.journals.len(),
+            rows = pairs.1.len(),
+            "state read into local buckets"
+        );
+        Ok(pairs)
+    }
 }
 
 #[async_trait]
 impl StoreDiff for ConfigMapStore {
     async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
         self.refresh().await?;
+        self.folding = None;
         let view = self.view()?.clone();
-        let changes = self.read_changes(&view, scope).await?;
-        let pairs = changes.live_pairs().map_err(|e| self.temp_file_error(&e))?;
+        // Known before the read ends: a base of this scope with rows, or checkpoints (of a run
+        // that crashed before `finish`; taken to be of this scope).
+        let holding = (view.resource_version.is_some() && view.index.scope == scope && view.index.rows > 0)
+            || !view.journals.is_empty();
+        let read = self.detached().read_stored(view, scope.to_owned());
         let run = HashBuckets::new().map_err(|e| self.temp_file_error(&e))?;
-        tracing::debug!(
-            configmap = %self.location(&self.index_name),
-            generation = view.index.generation,
-            shards = view.index.shards.len(),
-            checkpoints = view.journals.len(),
-            rows = pairs.len(),
-            "state read into local buckets"
-        );
-        let stored = (!pairs.is_empty()).then_some((changes, pairs));
-        self.diffing = Some(Diffing { run, stored });
+        self.diffing = Some(Diffing {
+            run,
+            stored: AbortOnDropHandle::new(tokio::spawn(read)),
+            holding,
+        });
         Ok(true)
     }
 
     fn holds_state(&mut self, _scope: &str) -> bool {
-        // `begin` read the state of its scope only.
-        self.diffing.as_ref().is_some_and(|d| d.stored.is_some())
+        // `begin` looked at the state of its scope only.
+        self.diffing.as_ref().is_some_and(|d| d.holding)
     }
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
@@ -71,25 +97,26 @@ impl StoreDiff for ConfigMapStore {
     }
 
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        let Some(Diffing { run, stored }) = self.diffing.take() else {
+        let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
             return Err(self.not_begun());
         };
-        let all_added = stored.is_none();
-        let (changes, pairs) = match stored {
-            Some((changes, pairs)) => (Some(changes), Some(pairs)),
-            None => (None, None),
-        };
-        let (staged, stored_rows) = (run.len(), pairs.as_ref().map_or(0, HashBuckets::len));
-        let compared = tokio::task::spawn_blocking(move || compare(&run, pairs.as_ref()))
+        let (changes, pairs) = stored
+            .await
+            .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
+        let all_added = pairs.is_empty();
+        let (staged, stored_rows) = (run.len(), pairs.len());
+        let compared = tokio::task::spawn_blocking(move || compare(&run, (!all_added).then_some(&pairs)))
             .await
             .map_err(|e| self.io(&self.index_name, format!("comparing fingerprints stopped: {e}")))?
             .map_err(|e| self.temp_file_error(&e))?;
-        let removed = match changes {
-            Some(changes) if !compared.removed.is_empty() => changes
+        let removed = if compared.removed.is_empty() {
+            Vec::new()
+        } else {
+            changes
                 .entries_of(&compared.removed)
-                .map_err(|e| self.temp_file_error(&e))?,
-            _ => Vec::new(),
+                .map_err(|e| self.temp_file_error(&e))?
         };
+        self.folding = Some(changes);
         let diff = RemoteDiff {
             all_added,
             full_resync,
