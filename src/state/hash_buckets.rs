@@ -111,6 +111,13 @@ impl HashBuckets {
         self.buckets.push(bucket_of(hash), &entry)
     }
 
+    /// Adds pairs in order.
+    pub fn push_all(&mut self, pairs: &[(u128, u64)]) -> std::io::Result<()> {
+        pairs
+            .iter()
+            .try_for_each(|&(hash, fingerprint)| self.push(hash, fingerprint))
+    }
+
     /// Pairs added.
     pub fn len(&self) -> u64 {
         self.len
@@ -152,6 +159,37 @@ pub struct Comparison {
     pub duplicates: HashMap<u128, u64>,
     /// Stored keys that the run does not have.
     pub removed: Vec<u128>,
+}
+
+impl Comparison {
+    /// The store's diff: this comparison with the key and identity of the removed rows,
+    /// logged with how many rows each side had (`against` names the stored side).
+    pub fn into_diff(
+        self,
+        removed: Vec<(String, String)>,
+        all_added: bool,
+        full_resync: bool,
+        (staged, stored): (u64, u64),
+        against: &str,
+    ) -> crate::state::RemoteDiff {
+        let diff = crate::state::RemoteDiff {
+            all_added,
+            full_resync,
+            changed: self.changed,
+            duplicates: self.duplicates,
+            removed,
+        };
+        tracing::info!(
+            staged,
+            stored,
+            changed = diff.changed.len(),
+            removed = diff.removed.len(),
+            duplicates = diff.duplicates.len(),
+            all_added,
+            "diff computed against {against}"
+        );
+        diff
+    }
 }
 
 /// Compares this run's pairs with the stored ones, bucket by bucket, the buckets shared out

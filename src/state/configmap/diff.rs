@@ -88,12 +88,8 @@ impl StoreDiff for ConfigMapStore {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(self.not_begun());
         };
-        for &(hash, fingerprint) in rows {
-            if let Err(e) = diffing.run.push(hash, fingerprint) {
-                return Err(self.temp_file_error(&e));
-            }
-        }
-        Ok(())
+        let pushed = diffing.run.push_all(rows);
+        pushed.map_err(|e| self.temp_file_error(&e))
     }
 
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
@@ -117,22 +113,12 @@ impl StoreDiff for ConfigMapStore {
                 .map_err(|e| self.temp_file_error(&e))?
         };
         self.folding = Some(changes);
-        let diff = RemoteDiff {
+        Ok(compared.into_diff(
+            removed,
             all_added,
             full_resync,
-            changed: compared.changed,
-            duplicates: compared.duplicates,
-            removed,
-        };
-        tracing::info!(
-            staged,
-            stored = stored_rows,
-            changed = diff.changed.len(),
-            removed = diff.removed.len(),
-            duplicates = diff.duplicates.len(),
-            all_added,
-            "diff computed against the state ConfigMaps"
-        );
-        Ok(diff)
+            (staged, stored_rows),
+            "the state ConfigMaps",
+        ))
     }
 }

@@ -115,12 +115,8 @@ impl StoreDiff for FileStore {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(self.not_begun());
         };
-        for &(hash, fingerprint) in rows {
-            if let Err(e) = diffing.run.push(hash, fingerprint) {
-                return Err(temp_file_error(&self.state_path, &e));
-            }
-        }
-        Ok(())
+        let pushed = diffing.run.push_all(rows);
+        pushed.map_err(|e| temp_file_error(&self.state_path, &e))
     }
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
@@ -145,28 +141,18 @@ impl StoreDiff for FileStore {
         let removed = if compared.removed.is_empty() {
             Vec::new()
         } else {
-            let hashes: HashSet<u128> = compared.removed.into_iter().collect();
+            let hashes: HashSet<u128> = compared.removed.iter().copied().collect();
             let read_path = path.clone();
             tokio::task::spawn_blocking(move || removed_rows(&read_path, &hashes))
                 .await
                 .map_err(|e| stopped(&path, "reading the removed rows", &e))??
         };
-        let diff = RemoteDiff {
+        Ok(compared.into_diff(
+            removed,
             all_added,
             full_resync,
-            changed: compared.changed,
-            duplicates: compared.duplicates,
-            removed,
-        };
-        tracing::info!(
-            staged,
-            stored = stored_rows,
-            changed = diff.changed.len(),
-            removed = diff.removed.len(),
-            duplicates = diff.duplicates.len(),
-            all_added,
-            "diff computed against the state file"
-        );
-        Ok(diff)
+            (staged, stored_rows),
+            "the state file",
+        ))
     }
 }

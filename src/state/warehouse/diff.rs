@@ -259,14 +259,8 @@ impl StoreDiff for WarehouseStore {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(self.not_begun());
         };
-        let mut result = Ok(());
-        for &(hash, fingerprint) in rows {
-            result = diffing.run.push(hash, fingerprint);
-            if result.is_err() {
-                break;
-            }
-        }
-        result.map_err(|e| self.temp_file_error(e))
+        let pushed = diffing.run.push_all(rows);
+        pushed.map_err(|e| self.temp_file_error(e))
     }
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
@@ -310,25 +304,18 @@ impl StoreDiff for WarehouseStore {
             })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = self.removed_rows(&compared.removed).await?;
-        let diff = RemoteDiff {
-            all_added,
-            full_resync,
-            changed: compared.changed,
-            duplicates: compared.duplicates,
-            removed,
-        };
-        tracing::info!(
-            staged,
-            stored = stored_rows,
-            changed = diff.changed.len(),
-            removed = diff.removed.len(),
-            duplicates = diff.duplicates.len(),
-            all_added,
+        tracing::debug!(
             waited_for_stored_ms = waited_ms,
             compare_ms,
-            "diff computed against the stored fingerprints"
+            "stored fingerprints read and compared"
         );
-        Ok(diff)
+        Ok(compared.into_diff(
+            removed,
+            all_added,
+            full_resync,
+            (staged, stored_rows),
+            "the stored fingerprints",
+        ))
     }
 }
 
