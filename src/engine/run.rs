@@ -160,6 +160,11 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// A failure of the local spill or of the files beside it.
+    pub(crate) fn spill(e: std::io::Error) -> RunError {
+        RunError::Spill(e.to_string())
+    }
+
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
@@ -513,6 +518,42 @@ impl Decider {
     }
 }
 
+/// What the model's next row became.
+enum NextRow {
+    /// The model has no more rows.
+    End,
+    /// The row could not be mapped; it was rejected with its reason.
+    Rejected,
+    /// The mapped row and its fingerprint; its canonical JSON is in the caller's buffer.
+    Mapped(super::mapping::MappedRow, u64),
+}
+
+/// Reads and maps the model's next row, for both planners: stops a cancelled run, and hands
+/// the rejections collected so far to the store in batches.
+async fn next_row(
+    rows: &mut source::RowStream,
+    mapper: &Mapper,
+    store: &mut dyn StateStore,
+    options: &RunOptions,
+    canonical: &mut Vec<u8>,
+    c: &mut Collector,
+) -> Result<NextRow, RunError> {
+    let Some(row) = rows.next().await else {
+        return Ok(NextRow::End);
+    };
+    if options.cancel.is_cancelled() {
+        return Err(RunError::Cancelled);
+    }
+    let row = row?;
+    if c.rejections.len() >= REJECTION_BATCH {
+        flush_rejections(store, c, false).await;
+    }
+    Ok(match map_row(mapper, row, canonical, c) {
+        Some((mapped, fp)) => NextRow::Mapped(mapped, fp),
+        None => NextRow::Rejected,
+    })
+}
+
 /// Maps one extracted row: its key, mapped values, canonical JSON (in `canonical`) and
 /// fingerprint. A row that cannot be mapped is rejected with its reason; `None`.
 fn map_row(
@@ -560,23 +601,20 @@ async fn plan_in_memory(
         "state loaded"
     );
     let mut planner = Planner::new(&state, mode, options.full_resync);
-    let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut spill = SpillWriter::new().map_err(RunError::spill)?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
     let mut planned = 0u64;
     let mut sends = PlannedSends::default();
-    while let Some(row) = rows.next().await {
-        if options.cancel.is_cancelled() {
-            return Err(RunError::Cancelled);
-        }
-        let row = row?;
-        if c.rejections.len() >= REJECTION_BATCH {
-            flush_rejections(store, c, false).await;
-        }
-        let Some((mapped, fp)) = map_row(mapper, row, &mut canonical, c) else {
-            planner.reject();
-            continue;
+    loop {
+        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
+            NextRow::End => break,
+            NextRow::Rejected => {
+                planner.reject();
+                continue;
+            }
+            NextRow::Mapped(mapped, fp) => (mapped, fp),
         };
         match planner.plan(&mapped.key, fp) {
             Decision::Send(operation, change) => {
@@ -603,7 +641,7 @@ async fn plan_in_memory(
                         &identity_json,
                         &canonical,
                     )
-                    .map_err(|e| RunError::Spill(e.to_string()))?;
+                    .map_err(RunError::spill)?;
             }
             Decision::Duplicate => c.reject(Some(&mapped.key), "plan", DUPLICATE_KEY),
             Decision::Skip(_) => {}
@@ -614,9 +652,9 @@ async fn plan_in_memory(
         }
     }
     let plan = planner.finish();
-    let mut spilled = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
-        sample_duplicates(&mut spilled, &plan, c).map_err(|e| RunError::Spill(e.to_string()))?;
+        sample_duplicates(&mut spilled, &plan, c).map_err(RunError::spill)?;
         c.report.plan_samples.retain(|s| !plan.is_duplicate(&s.key));
     }
     Ok(Planned {
@@ -777,7 +815,7 @@ impl SpillBatches<'_> {
                 None => match self
                     .decider
                     .next_row(self.plan, &mut self.reader)
-                    .map_err(|e| RunError::Spill(e.to_string()))?
+                    .map_err(RunError::spill)?
                 {
                     Some(r) => r,
                     None => return Ok(batch),

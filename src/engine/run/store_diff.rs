@@ -5,9 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{
-    Collector, Decider, Planned, REJECTION_BATCH, RunError, flush_rejections, map_row, sample_duplicates,
-};
+use super::{Collector, Decider, NextRow, Planned, RunError, next_row, sample_duplicates};
 use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
@@ -30,24 +28,21 @@ pub(super) async fn plan(
     options: &RunOptions,
     c: &mut Collector,
 ) -> Result<Planned, RunError> {
-    let mut spill = SpillWriter::new().map_err(|e| RunError::Spill(e.to_string()))?;
-    let mut index = RowIndex::new().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut spill = SpillWriter::new().map_err(RunError::spill)?;
+    let mut index = RowIndex::new().map_err(RunError::spill)?;
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
     let mut staged: Vec<(u128, u64)> = Vec::with_capacity(STAGE_CHUNK);
     let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
     let mut digest = 0u64;
-    while let Some(row) = rows.next().await {
-        if options.cancel.is_cancelled() {
-            return Err(RunError::Cancelled);
-        }
-        let row = row?;
-        if c.rejections.len() >= REJECTION_BATCH {
-            flush_rejections(store, c, false).await;
-        }
-        let Some((mapped, fp)) = map_row(mapper, row, &mut canonical, c) else {
-            rejected_rows += 1;
-            continue;
+    loop {
+        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
+            NextRow::End => break,
+            NextRow::Rejected => {
+                rejected_rows += 1;
+                continue;
+            }
+            NextRow::Mapped(mapped, fp) => (mapped, fp),
         };
         identity_json.clear();
         mapper.write_identity(&mapped.values, &mut identity_json);
@@ -61,12 +56,10 @@ pub(super) async fn plan(
                 &identity_json,
                 &canonical,
             )
-            .map_err(|e| RunError::Spill(e.to_string()))?;
+            .map_err(RunError::spill)?;
         digest = digest.wrapping_add(row_digest(&mapped.key, fp));
         let hash = stored_key_hash(&mapped.key);
-        index
-            .push(hash, offset)
-            .map_err(|e| RunError::Spill(e.to_string()))?;
+        index.push(hash, offset).map_err(RunError::spill)?;
         staged.push((hash, fp));
         mapped_rows += 1;
         if staged.len() >= STAGE_CHUNK {
@@ -140,20 +133,18 @@ pub(super) async fn plan(
         result_fingerprint: format!("{digest:016x}"),
     };
     let decider = Decider::Diff { diff, mode };
-    let mut spilled = spill.into_reader().map_err(|e| RunError::Spill(e.to_string()))?;
+    let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
-        sample_duplicates(&mut spilled, &plan, c).map_err(|e| RunError::Spill(e.to_string()))?;
+        sample_duplicates(&mut spilled, &plan, c).map_err(RunError::spill)?;
     }
     if options.dry_run {
-        preview(&mut spilled, &plan, &decider, options, c).map_err(|e| RunError::Spill(e.to_string()))?;
+        preview(&mut spilled, &plan, &decider, options, c).map_err(RunError::spill)?;
     } else if let Decider::Diff { diff, .. } = &decider
         && !diff.all_added
         && !diff.full_resync
     {
         // Only the rows the diff named are sent: read those, not the whole spill.
-        let offsets = index
-            .offsets_of(&diff.changed)
-            .map_err(|e| RunError::Spill(e.to_string()))?;
+        let offsets = index.offsets_of(&diff.changed).map_err(RunError::spill)?;
         spilled.only_rows_at(offsets);
     }
     Ok(Planned {
