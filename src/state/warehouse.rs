@@ -946,35 +946,26 @@ impl WarehouseStore {
             format!("DELETE FROM {state} WHERE sync_id = {p}"),
             format!("DELETE FROM {syncs} WHERE sync_id = {p}"),
         );
+        // The same statements on either connection type, whose transactions share no trait.
+        macro_rules! in_one_transaction {
+            ($conn:expr) => {{
+                let mut tx = $conn.begin().await?;
+                let rows = sqlx::query(&delete_state)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(&delete_syncs)
+                    .bind(&sync_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(rows)
+            }};
+        }
         match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                let mut tx = c.begin().await?;
-                let rows = sqlx::query(&delete_state)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(&delete_syncs)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(rows)
-            }
-            Some(Conn::My(c)) => {
-                let mut tx = c.begin().await?;
-                let rows = sqlx::query(&delete_state)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(&delete_syncs)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(rows)
-            }
+            Some(Conn::Pg(c)) => in_one_transaction!(c),
+            Some(Conn::My(c)) => in_one_transaction!(c),
             None => Ok(0),
         }
     }
