@@ -45,6 +45,15 @@ pub(crate) fn read_string(r: &mut impl Read, out: &mut String) -> std::io::Resul
     Ok(())
 }
 
+/// Skips a length-prefixed string without decoding it.
+pub(crate) fn skip_string(r: &mut impl Read) -> std::io::Result<()> {
+    let len = u64::from(read_u32(r)?);
+    if std::io::copy(&mut r.take(len), &mut std::io::sink())? != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -245,6 +254,14 @@ mod tests {
         let (mut k, mut i) = (String::new(), String::new());
         assert_eq!(read_entry(&mut &out[..], &mut k, &mut i).unwrap(), 7);
         assert_eq!((k.as_str(), i.as_str()), ("é", "{}"));
+        let mut r = &out[8..];
+        skip_string(&mut r).unwrap();
+        skip_string(&mut r).unwrap();
+        assert!(r.is_empty());
+        assert!(
+            skip_string(&mut &out[8..10]).is_err(),
+            "a short string is an error"
+        );
     }
 
     #[test]

@@ -192,6 +192,14 @@ impl Comparison {
     }
 }
 
+/// [`compare`] on a blocking thread, taking both sides (they are dropped, with their
+/// temporary files, when it is done).
+pub async fn compare_apart(run: HashBuckets, stored: Option<HashBuckets>) -> std::io::Result<Comparison> {
+    tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
+        .await
+        .map_err(|e| std::io::Error::other(format!("comparing fingerprints stopped: {e}")))?
+}
+
 /// Compares this run's pairs with the stored ones, bucket by bucket, the buckets shared out
 /// between the machine's cores. `stored: None` means nothing is stored: only duplicates are
 /// looked for, and `changed` stays empty (every key is new).

@@ -284,6 +284,14 @@ pub enum StateError {
 }
 
 impl StateError {
+    /// A store's diff used before `begin`: a bug in the engine.
+    pub(crate) fn diff_not_begun(location: String) -> StateError {
+        StateError::Io {
+            location,
+            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
+        }
+    }
+
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {

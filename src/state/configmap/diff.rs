@@ -15,7 +15,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{ConfigMapStore, View};
 use crate::state::change_buckets::ChangeBuckets;
-use crate::state::hash_buckets::{HashBuckets, compare};
+use crate::state::hash_buckets::{HashBuckets, compare_apart};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// The stored state in buckets, and its live pairs.
@@ -33,13 +33,6 @@ pub(super) struct Diffing {
 }
 
 impl ConfigMapStore {
-    fn not_begun(&self) -> StateError {
-        self.io(
-            &self.index_name,
-            "the diff was used before it began (a bug: please report it)",
-        )
-    }
-
     /// Reads the state of `view` for `scope` into buckets and takes its live pairs.
     async fn read_stored(self, view: View, scope: String) -> Result<Stored, StateError> {
         let changes = self.read_changes(&view, &scope).await?;
@@ -86,7 +79,7 @@ impl StoreDiff for ConfigMapStore {
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
         let Some(diffing) = self.diffing.as_mut() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.location(&self.index_name)));
         };
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| self.temp_file_error(&e))
@@ -94,16 +87,15 @@ impl StoreDiff for ConfigMapStore {
 
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.location(&self.index_name)));
         };
         let (changes, pairs) = stored
             .await
             .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
         let all_added = pairs.is_empty();
         let (staged, stored_rows) = (run.len(), pairs.len());
-        let compared = tokio::task::spawn_blocking(move || compare(&run, (!all_added).then_some(&pairs)))
+        let compared = compare_apart(run, (!all_added).then_some(pairs))
             .await
-            .map_err(|e| self.io(&self.index_name, format!("comparing fingerprints stopped: {e}")))?
             .map_err(|e| self.temp_file_error(&e))?;
         let removed = if compared.removed.is_empty() {
             Vec::new()

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::FileStore;
 use super::format::{StateFileReader, io_error};
-use crate::state::hash_buckets::{HashBuckets, compare};
+use crate::state::hash_buckets::{HashBuckets, compare_apart};
 use crate::state::{RemoteDiff, StateError, StoreDiff, stored_key_hash};
 
 /// The diff of one run, between `begin` and `diff`.
@@ -50,8 +50,8 @@ fn read_stored(path: &Path) -> Result<HashBuckets, StateError> {
     let Some(mut reader) = StateFileReader::open(path)? else {
         return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
     };
-    let (mut key, mut identity) = (String::new(), String::new());
-    while let Some(fingerprint) = reader.next(&mut key, &mut identity)? {
+    let mut key = String::new();
+    while let Some(fingerprint) = reader.next_key(&mut key)? {
         stored
             .push(stored_key_hash(&key), fingerprint)
             .map_err(|e| temp_file_error(path, &e))?;
@@ -72,15 +72,6 @@ fn removed_rows(path: &Path, hashes: &HashSet<u128>) -> Result<Vec<(String, Stri
         }
     }
     Ok(removed)
-}
-
-impl FileStore {
-    fn not_begun(&self) -> StateError {
-        StateError::Io {
-            location: self.state_path.display().to_string(),
-            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
-        }
-    }
 }
 
 #[async_trait]
@@ -113,7 +104,7 @@ impl StoreDiff for FileStore {
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
         let Some(diffing) = self.diffing.as_mut() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| temp_file_error(&self.state_path, &e))
@@ -122,7 +113,7 @@ impl StoreDiff for FileStore {
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let all_added = !self.holds_state(scope);
         let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
         let path: PathBuf = self.state_path.clone();
         let stored = match stored {
@@ -133,11 +124,9 @@ impl StoreDiff for FileStore {
             None => None,
         };
         let (staged, stored_rows) = (run.len(), stored.as_ref().map_or(0, HashBuckets::len));
-        let compare_path = path.clone();
-        let compared = tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
+        let compared = compare_apart(run, stored)
             .await
-            .map_err(|e| stopped(&path, "comparing fingerprints", &e))?
-            .map_err(|e| temp_file_error(&compare_path, &e))?;
+            .map_err(|e| temp_file_error(&path, &e))?;
         let removed = if compared.removed.is_empty() {
             Vec::new()
         } else {

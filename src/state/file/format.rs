@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::state::StateError;
-use crate::state::codec::{put_str, read_entry, read_string, read_u32, read_u64};
+use crate::state::codec::{put_str, read_string, read_u32, read_u64, skip_string};
 
 const STATE_MAGIC: &[u8; 5] = b"BFST1";
 const JOURNAL_MAGIC: &[u8; 5] = b"BFJR1";
@@ -114,6 +114,20 @@ impl StateFileReader {
         key: &mut String,
         identity: &mut String,
     ) -> Result<Option<u64>, StateError> {
+        self.next_entry(key, Some(identity))
+    }
+
+    /// Like [`StateFileReader::next`], skipping the identity undecoded (a diff needs only
+    /// keys and fingerprints).
+    pub(super) fn next_key(&mut self, key: &mut String) -> Result<Option<u64>, StateError> {
+        self.next_entry(key, None)
+    }
+
+    fn next_entry(
+        &mut self,
+        key: &mut String,
+        identity: Option<&mut String>,
+    ) -> Result<Option<u64>, StateError> {
         if self.read == self.count {
             if !self.checked {
                 self.check_trailer()?;
@@ -121,7 +135,16 @@ impl StateFileReader {
             }
             return Ok(None);
         }
-        let fingerprint = read_entry(&mut self.body, key, identity).map_err(|e| self.undecodable(&e))?;
+        let body = &mut self.body;
+        let entry = read_u64(body).and_then(|fingerprint| {
+            read_string(body, key)?;
+            match identity {
+                Some(identity) => read_string(body, identity)?,
+                None => skip_string(body)?,
+            }
+            Ok(fingerprint)
+        });
+        let fingerprint = entry.map_err(|e| self.undecodable(&e))?;
         self.read += 1;
         Ok(Some(fingerprint))
     }

@@ -19,7 +19,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
-use crate::state::hash_buckets::{HashBuckets, compare};
+use crate::state::hash_buckets::{HashBuckets, compare_apart};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
@@ -168,13 +168,6 @@ impl CopyBinary {
 }
 
 impl WarehouseStore {
-    fn not_begun(&self) -> StateError {
-        StateError::Io {
-            location: self.location(),
-            reason: "the diff was used before it began (a bug: please report it)".to_owned(),
-        }
-    }
-
     fn temp_file_error(&self, e: std::io::Error) -> StateError {
         StateError::Io {
             location: self.location(),
@@ -257,7 +250,7 @@ impl StoreDiff for WarehouseStore {
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
         let Some(diffing) = self.diffing.as_mut() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.location()));
         };
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| self.temp_file_error(e))
@@ -265,7 +258,7 @@ impl StoreDiff for WarehouseStore {
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let Some(Diffing { run, stored }) = self.diffing.take() else {
-            return Err(self.not_begun());
+            return Err(StateError::diff_not_begun(self.location()));
         };
         let all_added = !self.holds_state(scope);
         let waited = std::time::Instant::now();
@@ -292,16 +285,10 @@ impl StoreDiff for WarehouseStore {
         let compared_in = std::time::Instant::now();
         let staged = run.len();
         let stored_rows = stored.as_ref().map_or(0, HashBuckets::len);
-        let compared = tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
-            .await
-            .map_err(|e| StateError::Io {
-                location: self.location(),
-                reason: format!("comparing fingerprints stopped: {e}"),
-            })?
-            .map_err(|e| StateError::Io {
-                location: self.location(),
-                reason: format!("failed to read a local temporary file of fingerprints: {e}"),
-            })?;
+        let compared = compare_apart(run, stored).await.map_err(|e| StateError::Io {
+            location: self.location(),
+            reason: format!("failed to read a local temporary file of fingerprints: {e}"),
+        })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = self.removed_rows(&compared.removed).await?;
         tracing::debug!(
@@ -322,6 +309,7 @@ impl StoreDiff for WarehouseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::hash_buckets::compare;
 
     /// PostgreSQL's binary COPY bytes of the given rows.
     fn copy_bytes(rows: &[(u128, i64)]) -> Vec<u8> {
