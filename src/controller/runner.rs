@@ -42,6 +42,8 @@ pub mod reasons {
     pub const ROWS_REJECTED: &str = "RowsRejected";
     /// The Destination failed its check or is missing.
     pub const DESTINATION_NOT_READY: &str = "DestinationNotReady";
+    /// The delete limit held a run's deletes back.
+    pub const DELETES_HELD_BACK: &str = super::status::DELETES_HELD_BACK;
 }
 
 /// Publishes an Event about `reference`; a failure to publish is logged, never fatal.
@@ -124,7 +126,18 @@ pub async fn execute(
                 let note = format!("{} rows rejected{first}", report.rows_rejected());
                 publish(&env.recorder, &reference, true, reasons::ROWS_REJECTED, &note).await;
             }
-            Outcome::of_run(&report, dry_run)
+            let outcome = Outcome::of_run(&report, dry_run);
+            if report.deletes_held_back() {
+                publish(
+                    &env.recorder,
+                    &reference,
+                    true,
+                    reasons::DELETES_HELD_BACK,
+                    &outcome.message,
+                )
+                .await;
+            }
+            outcome
         }
         Err(error) => {
             let outcome = Outcome::of_setup(&error);
@@ -212,6 +225,7 @@ async fn run_once(
     let options = RunOptions {
         dry_run,
         cancel,
+        approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)
