@@ -1260,10 +1260,16 @@ async fn a_collapsed_model_holds_deletes_back_and_says_why_until_the_annotation_
     .await;
     let s = h
         .wait_sync("mirrored", "the approved run", |s| {
-            is(s, "Ready", "True") && runs(s).is_some_and(|r| r.rows_removed == 30 && r.result == "Succeeded")
+            is(s, "Ready", "True")
+                && s.status.as_ref().is_some_and(|st| st.plan.is_none())
+                && runs(s).is_some_and(|r| {
+                    r.generation == s.metadata.generation && r.rows_removed == 30 && r.end.is_some()
+                })
         })
         .await;
-    assert!(runs(&s).unwrap().deletes_held_back.is_none());
+    let run = runs(&s).unwrap();
+    assert_eq!(run.result, "Succeeded");
+    assert!(run.deletes_held_back.is_none());
     assert!(deletes_sent(&h) > 0);
     let exposition = h.metrics.render();
     assert!(
