@@ -136,13 +136,15 @@ impl Outcome {
                     "RowsRejected".to_owned()
                 },
                 message: format!(
-                    "synced {} rows: {} added, {} changed, {} removed, {} unchanged, {} rejected",
+                    "synced {} rows: {} added, {} changed, {} removed, {} unchanged, {} rejected; the destination accepted {} and deleted {}",
                     p.rows_in_model,
                     p.added,
                     p.changed,
                     p.removed,
                     p.unchanged,
-                    report.rows_rejected()
+                    report.rows_rejected(),
+                    report.accepted,
+                    report.deleted
                 ),
                 failed: false,
                 stalled: false,
