@@ -29,7 +29,11 @@
 //! <https://developer.salesforce.com/docs/atlas.en-us.salesforce_app_limits_cheatsheet.meta/salesforce_app_limits_cheatsheet/salesforce_app_limits_platform_api.htm>.
 //!
 //! Mapped fields become the record's fields as JSON; the sync's match field gives the value of
-//! the External ID field.
+//! the External ID field. Timestamps are written `yyyy-MM-ddTHH:mm:ss.SSSZ` and times
+//! `HH:mm:ss.SSSZ`, the formats Salesforce documents, with the sub-millisecond part dropped
+//! (truncated, so an instant never moves into the next second or day):
+//! <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_valid_date_formats.htm>,
+//! <https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/valid_date_format_in_records__2_0.htm>.
 
 pub mod bulk;
 pub mod csv;
@@ -44,6 +48,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 
+use super::delivery::report;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
 use super::{
@@ -130,6 +135,8 @@ pub struct SalesforceConnector {
     bulk: SalesforceBulk,
     bulk_threshold: u64,
     polling: BulkPolling,
+    /// The wait after `REQUEST_LIMIT_EXCEEDED` when Salesforce names none.
+    request_limit_wait: Duration,
     /// True in the view of a run that sends through Bulk API 2.0.
     use_bulk: bool,
 }
@@ -252,6 +259,7 @@ impl SalesforceConnector {
                 Some(n) => *n,
             },
             polling: BulkPolling::default(),
+            request_limit_wait: REQUEST_LIMIT_WAIT,
             use_bulk: false,
         })
     }
@@ -260,6 +268,13 @@ impl SalesforceConnector {
     /// ones).
     pub fn with_bulk_polling(mut self, polling: BulkPolling) -> Self {
         self.polling = polling;
+        self
+    }
+
+    /// The same connector with another wait after `REQUEST_LIMIT_EXCEEDED` (tests use a short
+    /// one).
+    pub fn with_request_limit_wait(mut self, wait: Duration) -> Self {
+        self.request_limit_wait = wait;
         self
     }
 
@@ -294,6 +309,10 @@ impl SalesforceConnector {
             },
             SendError::BatchRejected(r) => SendError::BatchRejected(self.scrub(&r, token)),
             SendError::Fatal(r) => SendError::Fatal(self.scrub(&r, token)),
+            SendError::TooLarge { limit, reason } => SendError::TooLarge {
+                limit,
+                reason: self.scrub(&reason, token),
+            },
         }
     }
 
@@ -413,6 +432,9 @@ impl SalesforceConnector {
     async fn call(&self, method: Method, path: &str, body: Payload<'_>) -> Result<Vec<u8>, SendError> {
         let mut stale: Option<String> = None;
         loop {
+            // A throttle another batch or job met holds this call back too: the org's
+            // allowance is shared by all of them.
+            report::pause_over().await;
             let token = self.token(stale.as_deref()).await?;
             let base = self.base_override.as_deref().unwrap_or(&token.instance);
             let url = format!("{base}{path}");
@@ -459,6 +481,7 @@ impl SalesforceConnector {
                 && codes.iter().any(|c| c == "INVALID_SESSION_ID")
             {
                 stale = Some(token.access.clone());
+                report::retried();
                 continue;
             }
             let error = self.failure(&label, status, &headers, &bytes);
@@ -481,9 +504,15 @@ impl SalesforceConnector {
         if codes.iter().any(|c| c == "REQUEST_LIMIT_EXCEEDED") {
             return SendError::Retryable {
                 reason: format!("{VENDOR} org API request limit exceeded (HTTP {code}){detail}"),
-                retry_after: Some(retry_after(headers, SystemTime::now()).unwrap_or(REQUEST_LIMIT_WAIT)),
+                retry_after: Some(retry_after(headers, SystemTime::now()).unwrap_or(self.request_limit_wait)),
                 throttled: true,
             };
+        }
+        if code == 400 && codes.iter().any(|c| REQUEST_CODES.contains(&c.as_str())) {
+            return SendError::Fatal(format!(
+                "{VENDOR} refused the request, not a record (HTTP 400){detail}: check \
+                 spec.salesforce.object, spec.salesforce.externalIdField and the sync's mappings"
+            ));
         }
         match code {
             401 | 403 => SendError::Fatal(format!("credentials rejected by {VENDOR} (HTTP {code}){detail}")),
@@ -540,7 +569,7 @@ impl SalesforceConnector {
         out.insert("attributes".to_owned(), json!({"type": self.object}));
         for (name, value) in &record.fields {
             if name != "attributes" {
-                out.insert(name.clone(), value.to_json());
+                out.insert(name.clone(), field_json(value));
             }
         }
         out.insert(self.field.clone(), Json::String(external_id.to_owned()));
@@ -743,6 +772,30 @@ impl Connector for SalesforceConnector {
     }
 }
 
+/// A timestamp as Salesforce documents a dateTime: `yyyy-MM-ddTHH:mm:ss.SSSZ`, in UTC,
+/// milliseconds truncated.
+pub fn date_time_text(ts: &chrono::DateTime<chrono::Utc>) -> String {
+    ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// A time of day as Salesforce documents a time: `HH:mm:ss.SSSZ`, milliseconds truncated.
+pub fn time_text(t: &chrono::NaiveTime) -> String {
+    t.format("%H:%M:%S%.3fZ").to_string()
+}
+
+/// A field value as JSON for a collections call: timestamps and times in Salesforce's
+/// formats (also inside a relationship object or an array), everything else as it is.
+fn field_json(value: &crate::engine::value::Value) -> Json {
+    use crate::engine::value::Value;
+    match value {
+        Value::Timestamp(ts) => Json::String(date_time_text(ts)),
+        Value::Time(t) => Json::String(time_text(t)),
+        Value::Object(doc) => Json::Object(doc.iter().map(|(k, v)| (k.clone(), field_json(v))).collect()),
+        Value::Array(items) => Json::Array(items.iter().map(field_json).collect()),
+        other => other.to_json(),
+    }
+}
+
 /// A SOQL string literal: quoted, with backslashes and quotes escaped.
 fn soql_quote(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
@@ -790,6 +843,15 @@ fn salesforce_message(body: &[u8]) -> String {
         (None, None) => excerpt(body),
     }
 }
+
+/// Error codes of a 400 that name the request, not a record: a field the object does not have
+/// (`INVALID_FIELD`, also an External ID field that is not one), an object the org does not
+/// have (`INVALID_TYPE`), a resource that does not exist (`NOT_FOUND`). Every record of the
+/// sync would meet them, so the run stops rather than splitting the batch down to single
+/// records; a value Salesforce cannot read (`JSON_PARSER_ERROR`) is about one record and is
+/// split as before. <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/errorcodes.htm>
+/// ("400: the JSON or XML body contains an error"), and the API's `StatusCode` list.
+const REQUEST_CODES: &[&str] = &["INVALID_FIELD", "INVALID_TYPE", "NOT_FOUND"];
 
 /// Error codes of a per-record result that are worth trying again.
 const TRANSIENT_CODES: &[&str] = &[
