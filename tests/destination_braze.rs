@@ -714,3 +714,43 @@ async fn the_double_drops_every_nested_update_of_a_request_with_a_null_inside_on
     let body: serde_json::Value = answer.json().await.unwrap();
     assert_eq!(body["message"], "Max Input Length Exceeded");
 }
+
+#[tokio::test]
+async fn a_record_braze_drops_with_an_error_naming_no_index_is_found_and_rejected_not_counted_delivered() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = BrazeDouble::start(API_KEY).await;
+    double.block("c-13");
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!((report.accepted, report.rejected), (29, 1));
+    assert_eq!(report.rejected_samples[0].key, "13");
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "Braze reported an error it did not tie to a record: provided external_id is blacklisted and disallowed"
+    );
+    assert_eq!(double.user_count(), 29);
+
+    // The rejected row is sent again next run, alone.
+    let before = double.requests().len();
+    run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+    let again = &double.requests()[before..];
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].items(), 1);
+}

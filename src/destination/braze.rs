@@ -36,6 +36,11 @@
 //! Exceeded` (<https://www.braze.com/docs/api/errors/>). That refusal answers
 //! [`SendError::TooLarge`] with [`MAU_BATCH_SIZE`]: the delivery sends those records again in
 //! batches of 50 and keeps 50 for the rest of the run.
+//!
+//! A `201` whose `errors` name no record by `index` (like *provided external_id is blacklisted
+//! and disallowed*, same page) dropped some record while the rest landed: the batch is refused
+//! so the delivery splits it until that record stands alone and is rejected, instead of every
+//! record counting as delivered and the dropped one never being sent again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -204,7 +209,20 @@ impl BrazeConnector {
                 .post("/users/track", &json!({ "attributes": attributes }))
                 .await
             {
-                Ok(body) => read_track_errors(&body, sent.len()),
+                Ok(body) => {
+                    // An error that names no record was about one of them all the same: Braze
+                    // dropped it while processing the rest. Refusing the batch lets the
+                    // delivery split it until that record stands alone (resending attributes
+                    // Braze already took sets them to the same values).
+                    let unattributed = unattributed_errors(&body);
+                    if !unattributed.is_empty() {
+                        return Err(self.scrubber.error(SendError::BatchRejected(format!(
+                            "{VENDOR} reported an error it did not tie to a record: {}",
+                            unattributed.join("; ")
+                        ))));
+                    }
+                    read_track_errors(&body, sent.len())
+                }
                 Err(Failure::Refused(body)) if braze_message(&body).contains(TOO_MANY_OBJECTS) => {
                     let reason = format!(
                         "{VENDOR} refused {} objects in one request (HTTP 400): {}",
@@ -480,6 +498,29 @@ fn attribute_errors(json: &Json) -> Vec<(usize, String)> {
                 None => format!("{VENDOR} refused the attributes"),
             };
             Some((usize::try_from(index).ok()?, kind))
+        })
+        .collect()
+}
+
+/// The `type`s of a 2xx answer's attribute errors that name no record (no `index`).
+fn unattributed_errors(body: &[u8]) -> Vec<String> {
+    let Ok(json) = serde_json::from_slice::<Json>(body) else {
+        return Vec::new();
+    };
+    json.get("errors")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e.get("input_array")
+                .and_then(Json::as_str)
+                .is_none_or(|a| a == "attributes")
+                && e.get("index").and_then(Json::as_u64).is_none()
+        })
+        .map(|e| match e.get("type") {
+            Some(Json::String(s)) => excerpt(s.as_bytes()),
+            Some(other) => excerpt(other.to_string().as_bytes()),
+            None => excerpt(e.to_string().as_bytes()),
         })
         .collect()
 }

@@ -14,7 +14,10 @@
 //!   handle invalid nested custom attributes?": when any object's nested custom attribute
 //!   (an object, or an array of objects) holds a null at any depth, every nested custom
 //!   attribute update of the request is dropped, from every object, and the answer is still
-//!   `201 success` ([`BrazeDouble::dropped_nested_updates`] counts them).
+//!   `201 success` ([`BrazeDouble::dropped_nested_updates`] counts them). An object whose
+//!   `external_id` [`BrazeDouble::block`] names is dropped with the minor error `provided
+//!   external_id is blacklisted and disallowed` (the message the same page quotes); Braze does
+//!   not document whether it carries an `index`, and the double gives none.
 //! - <https://www.braze.com/docs/api/errors/>: a request with some invalid objects is still a
 //!   success, `{"message":"success","errors":[{"type":…,"input_array":"attributes",
 //!   "index":i}]}`, and the valid objects land; when none is valid Braze answers `400` with
@@ -83,6 +86,7 @@ impl BrazeRequest {
 
 #[derive(Default)]
 struct Script {
+    blocked: Vec<String>,
     max_attributes: Option<usize>,
     dropped_nested: usize,
     throttle: usize,
@@ -154,6 +158,12 @@ impl BrazeDouble {
     /// Active Users - CY 24-25" pricing do.
     pub fn mau_pricing(&self) {
         lock(&self.shared.script).max_attributes = Some(50);
+    }
+
+    /// Drops objects with this `external_id` as a blocked ("dummy") user, with an error that
+    /// names no index.
+    pub fn block(&self, external_id: &str) {
+        lock(&self.shared.script).blocked.push(external_id.to_owned());
     }
 
     /// How many nested custom attribute updates were dropped because a request held a null
@@ -325,8 +335,19 @@ fn run_track(shared: &Shared, body: &Value) -> (u16, Value) {
             .flat_map(|fields| fields.values())
             .any(|value| is_nested(value) && holds_null(value))
     });
+    let blocked = lock(&shared.script).blocked.clone();
     let mut users = lock(&shared.users);
     for object in &valid {
+        if object["external_id"]
+            .as_str()
+            .is_some_and(|id| blocked.iter().any(|b| b == id))
+        {
+            errors.push(
+                json!({"type": "provided external_id is blacklisted and disallowed",
+                "input_array": "attributes"}),
+            );
+            continue;
+        }
         let mut fields = object.as_object().cloned().unwrap_or_default();
         if poisoned {
             let before = fields.len();
