@@ -465,6 +465,21 @@ mod tests {
     }
 
     #[test]
+    fn run_pods_apply_the_operators_egress_rules() {
+        let defaults = JobDefaults {
+            egress_deny: Some(vec!["169.254.0.0/16".into(), "loopback".into()]),
+            ..JobDefaults::default()
+        };
+        let job = build(&sync("customers"), &Trigger::Schedule, &defaults);
+        let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(args[0], "--egress-deny=169.254.0.0/16,loopback");
+        assert_eq!(args[1], "run", "a global flag, before the subcommand");
+    }
+
+    #[test]
     fn long_names_fit_in_labels_and_job_names() {
         let long = "a".repeat(200);
         let s = sync(&long);
