@@ -544,7 +544,8 @@ fn sync_controller(
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
     let controller = if watch_secrets {
         // A Secret that changed wakes the syncs that read it, directly or through their
-        // Destination. Only metadata is watched: Secret values never enter the watch cache.
+        // Destination. Only metadata is kept: the values the API server sends are dropped as
+        // each Secret is decoded into `PartialObjectMeta`, and never enter a cache.
         controller.watches(
             secrets,
             watcher::Config::default(),

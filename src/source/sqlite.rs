@@ -4,7 +4,7 @@
 //! `PRAGMA query_only = ON` on top, set when the connection opens, before any text of the
 //! query reaches SQLite. A read-only open alone is no sandbox: `VACUUM INTO` and `ATTACH`
 //! write new files from a read-only connection. So the query must also be one statement that
-//! starts with `SELECT`, `WITH` or `VALUES` ([`single_select`]); the probe of declared types,
+//! starts with `SELECT`, `WITH` or `VALUES` ([`one_statement`]); the probe of declared types,
 //! which needs a temporary view, runs on a second, throwaway connection only after that check.
 //! SQLite has no server-side statement timeout, so the
 //! timeout is enforced twice from this side: a progress handler interrupts the SQLite engine
@@ -46,7 +46,7 @@ pub(super) async fn extract(
     query: &str,
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
-    let query = single_select(query)?;
+    let (query, first_word) = one_statement(query)?;
     let probe_options = SqliteConnectOptions::from_str(url)
         .map_err(|e| super::connect_error(url, e))?
         .read_only(true)
@@ -65,6 +65,15 @@ pub(super) async fn extract(
         .map_err(|e| super::connect_error(url, e))?;
 
     let timeout = options.statement_timeout;
+    if !is_select(first_word) {
+        // Preparing runs nothing, and gives a typo its syntax error.
+        let prepared = conn.prepare(query).await.map(|_| ());
+        let _ = conn.close().await;
+        prepared.map_err(|e| query_error(e, timeout))?;
+        return Err(SourceError::ReadOnly(format!(
+            "a model query is one SELECT statement, and this one starts with {first_word:?}"
+        )));
+    }
     let deadline = Instant::now() + timeout;
     let declared_types = declared_types(&probe_options, query).await;
     let columns = match start(&mut conn, query, declared_types, timeout, deadline).await {
@@ -174,7 +183,7 @@ async fn start(
 /// a temporary view and `pragma_table_info` reads the declared types back. A view is a write
 /// (to the connection's private temp schema), which `query_only` forbids, so the probe has a
 /// connection of its own, opened read-only and closed at once; `query` is one SELECT
-/// ([`single_select`]), so the view's text is one statement and nothing else runs there.
+/// ([`one_statement`]), so the view's text is one statement and nothing else runs there.
 async fn declared_types(options: &SqliteConnectOptions, query: &str) -> Option<Vec<String>> {
     let mut conn = SqliteConnection::connect_with(options).await.ok()?;
     let types = probe(&mut conn, query).await;
@@ -312,13 +321,20 @@ fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     Some(naive.and_utc())
 }
 
-/// The query without its trailing `;`, when it is one statement starting with `SELECT`, `WITH`
-/// or `VALUES`. SQLite runs every statement of a text, and a read-only connection still
-/// writes files through `VACUUM INTO` and `ATTACH`: a model query is one SELECT.
+/// True when a statement starting with `word` is a query (`SELECT`, `WITH`, `VALUES`).
+fn is_select(word: &str) -> bool {
+    ["SELECT", "WITH", "VALUES"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// The query without its trailing `;`, and its first word, when it is one statement. SQLite
+/// runs every statement of a text, and a read-only connection still writes files through
+/// `VACUUM INTO` and `ATTACH`: a model query is one SELECT ([`is_select`]).
 ///
 /// Strings (`'…'`), quoted names (`"…"`, `` `…` ``, `[…]`) and comments (`--`, `/* */`) are
 /// skipped when looking for `;`, as SQLite's tokenizer does.
-pub(super) fn single_select(query: &str) -> Result<&str, SourceError> {
+pub(super) fn one_statement(query: &str) -> Result<(&str, &str), SourceError> {
     let more_than_one = || {
         SourceError::Query(
             "the model query holds more than one statement; a model query is one SELECT".to_owned(),
@@ -362,15 +378,8 @@ pub(super) fn single_select(query: &str) -> Result<&str, SourceError> {
         i = next;
     }
     let word = first_word.and_then(|(a, b)| query.get(a..b)).unwrap_or_default();
-    if !["SELECT", "WITH", "VALUES"]
-        .iter()
-        .any(|k| word.eq_ignore_ascii_case(k))
-    {
-        return Err(SourceError::ReadOnly(format!(
-            "a model query is one SELECT statement, and this one starts with {word:?}"
-        )));
-    }
-    Ok(query.get(..end.unwrap_or(query.len())).unwrap_or(query).trim())
+    let body = query.get(..end.unwrap_or(query.len())).unwrap_or(query).trim();
+    Ok((body, word))
 }
 
 /// Sorts a query failure by SQLite's result code.
@@ -413,34 +422,28 @@ mod tests {
     }
 
     #[test]
-    fn a_model_query_is_one_select_whatever_its_strings_and_comments_hold() {
-        for ok in [
-            "SELECT 1",
-            "  select 'a;b' AS \"x;y\", [c;d] FROM t; -- done; really\n",
-            "/* lead; */ WITH n(x) AS (SELECT 1) SELECT x FROM n;",
-            "VALUES (1), (2)",
+    fn a_model_query_is_one_statement_whatever_its_strings_and_comments_hold() {
+        for (ok, word) in [
+            ("SELECT 1", "SELECT"),
+            (
+                "  select 'a;b' AS \"x;y\", [c;d] FROM t; -- done; really\n",
+                "select",
+            ),
+            ("/* lead; */ WITH n(x) AS (SELECT 1) SELECT x FROM n;", "WITH"),
+            ("VACUUM INTO '/tmp/x.db'", "VACUUM"),
         ] {
-            let body = single_select(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            let (body, first) = one_statement(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert!(!body.ends_with(';'), "{body}");
+            assert_eq!(first, word);
         }
         for two in [
             "SELECT 1; VACUUM INTO '/tmp/x.db'",
             "SELECT 1;ATTACH 'x' AS y",
             "SELECT 1; 'text'",
         ] {
-            assert!(matches!(single_select(two), Err(SourceError::Query(_))), "{two}");
+            assert!(matches!(one_statement(two), Err(SourceError::Query(_))), "{two}");
         }
-        for other in [
-            "VACUUM INTO '/tmp/x.db'",
-            "ATTACH 'x.db' AS y",
-            "PRAGMA query_only = OFF",
-            "",
-        ] {
-            assert!(
-                matches!(single_select(other), Err(SourceError::ReadOnly(_))),
-                "{other}"
-            );
-        }
+        assert!(is_select("values") && is_select("With") && !is_select("PRAGMA") && !is_select(""));
     }
 
     #[test]
