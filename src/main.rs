@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let egress = match (&cli.egress_deny, &cli.command) {
-        (Some(rules), _) => backflow::egress::Policy::parse(rules).context("--egress-deny")?,
+        (Some(rules), _) => backflow::egress::Policy::parse(rules).context("failed to read --egress-deny")?,
         (None, Command::Operator(_)) => backflow::egress::Policy::cluster(),
         (None, _) => backflow::egress::Policy::local(),
     };
