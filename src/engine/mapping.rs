@@ -137,9 +137,16 @@ fn to_number(v: Value) -> Result<Value, String> {
             if let Ok(i) = t.parse::<i64>() {
                 Ok(Value::Int(i))
             } else {
-                t.parse::<BigDecimal>()
-                    .map(Value::Decimal)
-                    .map_err(|_| "to_number: the value is not a number".to_owned())
+                let d = t
+                    .parse::<BigDecimal>()
+                    .map_err(|_| "to_number: the value is not a number".to_owned())?;
+                if !crate::engine::value::decimal_in_range(&d) {
+                    return Err(format!(
+                        "to_number: the number's exponent is outside ±{}",
+                        crate::engine::value::MAX_DECIMAL_EXPONENT
+                    ));
+                }
+                Ok(Value::Decimal(d))
             }
         }
         _ => Err("to_number: the value is not text or a number".to_owned()),
@@ -252,9 +259,17 @@ pub struct RowRejection {
     pub reason: String,
 }
 
+/// Largest value a row may hold in one column, about (text, JSON, arrays): a larger one rejects
+/// its row, so that a few wide rows cannot exhaust the operator's memory.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Largest mapped record, as canonical JSON: a larger one rejects its row.
+pub const MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
+
 /// Mappings compiled against the model's columns.
 #[derive(Debug)]
 pub struct Mapper {
+    /// The model's column names, in order (for messages).
+    columns: Vec<String>,
     mappings: Vec<CompiledMapping>,
     key_columns: Vec<(String, usize)>,
     /// The record's fields, sorted as canonical JSON wants them.
@@ -360,11 +375,38 @@ impl Mapper {
             .into_iter()
             .collect();
         Ok(Mapper {
+            columns: columns.iter().map(|c| c.name.clone()).collect(),
             mappings: compiled,
             key_columns,
             shape,
             match_fields,
         })
+    }
+
+    /// Refuses a row with a value over [`MAX_VALUE_BYTES`], or a decimal whose exponent is
+    /// out of range ([`crate::engine::value::decimal_in_range`]), naming the column, never the
+    /// value. Cheap: no value is written out.
+    pub fn check_values(&self, row: &[Value]) -> Result<(), String> {
+        for (i, value) in row.iter().enumerate() {
+            let column = || self.columns.get(i).map_or("?", String::as_str);
+            if let Value::Decimal(d) = value
+                && !crate::engine::value::decimal_in_range(d)
+            {
+                return Err(format!(
+                    "column {:?} holds a decimal whose exponent is outside ±{}",
+                    column(),
+                    crate::engine::value::MAX_DECIMAL_EXPONENT
+                ));
+            }
+            let bytes = value.approx_bytes();
+            if bytes > MAX_VALUE_BYTES {
+                return Err(format!(
+                    "column {:?} holds a value of about {bytes} bytes, over the limit of {MAX_VALUE_BYTES}",
+                    column()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The primary key of a row in canonical text form, or why it has none.

@@ -446,6 +446,7 @@ async fn run_steps(
         plan: &plan,
         decider: &decider,
         batch_size,
+        max_batch_bytes: job.delivery.config().max_batch_bytes,
         carry: None,
     };
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
@@ -562,6 +563,12 @@ fn map_row(
     canonical: &mut Vec<u8>,
     c: &mut Collector,
 ) -> Option<(super::mapping::MappedRow, u64)> {
+    // Sizes and decimal exponents first: writing out the key of a row that fails them would
+    // cost what the check saves.
+    if let Err(reason) = mapper.check_values(&row) {
+        c.reject(None, "plan", &reason);
+        return None;
+    }
     let key = match mapper.key(&row) {
         Ok(k) => k,
         Err(reason) => {
@@ -578,6 +585,15 @@ fn map_row(
     };
     canonical.clear();
     mapper.write_fields(&mapped.values, canonical);
+    if canonical.len() > super::mapping::MAX_ROW_BYTES {
+        let reason = format!(
+            "the mapped record is {} bytes, over the limit of {}",
+            canonical.len(),
+            super::mapping::MAX_ROW_BYTES
+        );
+        c.reject(Some(&mapped.key), "plan", &reason);
+        return None;
+    }
     let fp = fingerprint(canonical);
     Some((mapped, fp))
 }
@@ -799,6 +815,7 @@ struct SpillBatches<'p> {
     plan: &'p super::plan::PlanOutcome,
     decider: &'p Decider,
     batch_size: usize,
+    max_batch_bytes: usize,
     carry: Option<super::spill::SpilledRow>,
 }
 
@@ -809,6 +826,7 @@ impl SpillBatches<'_> {
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
         let mut batch: Option<Batch> = None;
+        let mut bytes = 0usize;
         loop {
             let row = match self.carry.take() {
                 Some(r) => r,
@@ -826,10 +844,14 @@ impl SpillBatches<'_> {
                 records: Vec::with_capacity(self.batch_size),
                 stored: Default::default(),
             });
-            if b.operation != row.operation {
+            // A batch ends at its record count or its byte size, whichever comes first; a row
+            // alone over the byte size still goes, alone.
+            let full = !b.records.is_empty() && bytes.saturating_add(row.bytes) > self.max_batch_bytes;
+            if b.operation != row.operation || full {
                 self.carry = Some(row);
                 return Ok(batch);
             }
+            bytes = bytes.saturating_add(row.bytes);
             b.stored
                 .insert(row.key.clone(), (row.fingerprint, row.identity_json));
             b.records.push(Record {

@@ -48,6 +48,35 @@ pub enum Value {
 }
 
 impl Value {
+    /// About how many bytes the value takes as text (its canonical JSON, give or take quotes
+    /// and escapes): what bounds a value's and a row's size.
+    pub fn approx_bytes(&self) -> usize {
+        fn json_bytes(v: &serde_json::Value) -> usize {
+            match v {
+                serde_json::Value::String(s) => s.len() + 2,
+                serde_json::Value::Array(a) => a.iter().map(|x| json_bytes(x) + 1).sum::<usize>() + 2,
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, x)| k.len() + 4 + json_bytes(x)).sum::<usize>() + 2
+                }
+                _ => 8,
+            }
+        }
+        match self {
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 8,
+            Value::Decimal(d) => d.digits().try_into().unwrap_or(usize::MAX).saturating_add(8),
+            Value::Text(s) => s.len() + 2,
+            Value::Date(_) | Value::Time(_) | Value::Timestamp(_) | Value::Uuid(_) => 40,
+            Value::Json(j) => json_bytes(j),
+            Value::Array(a) => a.iter().map(|x| x.approx_bytes() + 1).sum::<usize>() + 2,
+            Value::Object(o) => {
+                o.iter()
+                    .map(|(k, x)| k.len() + 4 + x.approx_bytes())
+                    .sum::<usize>()
+                    + 2
+            }
+        }
+    }
+
     /// True for SQL NULL (and a JSON null).
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null | Value::Json(serde_json::Value::Null))
@@ -63,8 +92,8 @@ impl Value {
             serde_json::Value::Number(n) => match n.as_i64() {
                 Some(i) => Value::Int(i),
                 None => match n.to_string().parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::Json(serde_json::Value::Number(n)),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::Json(serde_json::Value::Number(n)),
                 },
             },
             other => Value::Json(other),
@@ -98,8 +127,8 @@ impl Value {
             Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
                 Ok(i) => Value::Int(i),
                 Err(_) => match t.parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::from_json(serde_json::from_str(t)?),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::from_json(serde_json::from_str(t)?),
                 },
             },
             _ => Value::from_json(serde_json::from_str(t)?),
@@ -205,6 +234,18 @@ pub fn canonical_bytes(doc: &Document) -> Vec<u8> {
 
 fn itoa_buf(i: i64) -> Vec<u8> {
     i.to_string().into_bytes()
+}
+
+/// Largest decimal exponent, either sign, a value may carry (PostgreSQL's `numeric` keeps at
+/// most 16383 digits after the point). Beyond it a few bytes of text such as `1e300000000`
+/// would expand to hundreds of megabytes of digits when written out: such a value rejects its
+/// row instead.
+pub const MAX_DECIMAL_EXPONENT: u64 = 16_383;
+
+/// True when `d` can be written in plain notation at a bounded cost: its scale (digits after
+/// the point, negative for a positive exponent) is within [`MAX_DECIMAL_EXPONENT`].
+pub fn decimal_in_range(d: &BigDecimal) -> bool {
+    d.fractional_digit_count().unsigned_abs() <= MAX_DECIMAL_EXPONENT
 }
 
 /// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).

@@ -57,7 +57,10 @@ pub(super) async fn extract(
         .map_err(|e| super::connect_error(url, e))?;
 
     let timeout = options.statement_timeout;
-    let deadline = Instant::now() + timeout;
+    // The timeout is bounded by validation; a clock overflow still means "no deadline soon".
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let columns = match start(&mut conn, query, timeout, deadline).await {
         Ok(columns) => columns,
         Err(e) => {
