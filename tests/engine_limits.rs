@@ -15,11 +15,12 @@ use backflow::state::file::FileStore;
 use support::fake_connector::{FakeConnector, fast_delivery};
 use support::sqlite::TempSqlite;
 
-/// Row 1 is ordinary. Row 2 has a 2 MB note; row 3 a DECIMAL column holding `1e300000000`;
+/// Row 1 is ordinary. Row 2 has a 2 MB note; row 3 a decimal column holding `1e300000000` (as
+/// text: a plain `DECIMAL` column would store it as a REAL infinity, `DECIMAL TEXT` keeps it);
 /// row 4 a text that `to_number` would turn into that number; row 5 five 900 kB values, each
 /// under the value limit but together over the record limit.
 const SETUP: &str = "
-CREATE TABLE wide (id INTEGER PRIMARY KEY, note TEXT, amount DECIMAL(20,2), raw TEXT,
+CREATE TABLE wide (id INTEGER PRIMARY KEY, note TEXT, amount DECIMAL TEXT, raw TEXT,
                    a TEXT, b TEXT, c TEXT, d TEXT, e TEXT);
 INSERT INTO wide (id, note, amount, raw) VALUES (1, 'fine', '10.50', '12');
 INSERT INTO wide (id, note, amount, raw) VALUES (2, hex(zeroblob(1000000)), '1', '1');
