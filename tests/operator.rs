@@ -237,6 +237,22 @@ impl Harness {
         );
     }
 
+    /// Polls the Events until one satisfies `check` (30 s at most): a run publishes its
+    /// Events after it writes the status a test waits for.
+    async fn wait_event(&self, what: &str, check: impl Fn(&Event) -> bool) -> Vec<Event> {
+        for _ in 0..300 {
+            let events = self.events().await;
+            if events.iter().any(&check) {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "timed out waiting for the Event {what}: {:?}",
+            self.events().await
+        );
+    }
+
     async fn events(&self) -> Vec<Event> {
         Api::<Event>::namespaced(self.client.clone(), NS)
             .list(&ListParams::default())
@@ -373,12 +389,8 @@ async fn a_missing_secret_stalls_the_sync_until_it_is_created() {
         "{}",
         c.message
     );
-    assert!(
-        h.events()
-            .await
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("SyncFailed"))
-    );
+    h.wait_event("SyncFailed", |e| e.reason.as_deref() == Some("SyncFailed"))
+        .await;
 
     h.apply_secret("not-yet", json!({"url": h.warehouse.url})).await;
     let s = h
@@ -1296,20 +1308,21 @@ async fn a_secret_serves_only_the_objects_it_grants_and_an_ungranted_check_url_s
     let c = condition(&s, "Ready").unwrap();
     assert_eq!(c.reason, "SecretNotGranted");
     assert!(c.message.contains("ReverseSync/customers"), "{}", c.message);
-    let events = h.events().await;
+    let refused_on = |name: &'static str| {
+        move |e: &Event| {
+            e.reason.as_deref() == Some("SecretNotGranted")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        }
+    };
+    h.wait_event("SecretNotGranted on exfil", refused_on("exfil"))
+        .await;
+    let events = h
+        .wait_event("SecretNotGranted on customers", refused_on("customers"))
+        .await;
     let refused: Vec<_> = events
         .iter()
         .filter(|e| e.reason.as_deref() == Some("SecretNotGranted"))
         .collect();
-    assert!(
-        refused
-            .iter()
-            .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("exfil"))
-            && refused
-                .iter()
-                .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("customers")),
-        "{events:?}"
-    );
     assert!(refused.iter().all(|e| {
         e.note
             .as_deref()
@@ -1425,13 +1438,12 @@ async fn a_panicking_connector_fails_its_own_sync_and_destination_and_frees_the_
         runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested") && r.result == "Failed")
     })
     .await;
-    let events = h.events().await;
     for (object, reason) in [("boom", "SyncFailed"), ("panics-on-check", "InternalError")] {
-        assert!(
-            events.iter().any(|e| e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)),
-            "{reason} on {object}: {events:?}"
-        );
+        h.wait_event(reason, |e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+        })
+        .await;
     }
     assert!(h.metrics.render().contains("backflow_sync_runs_in_flight 0"));
     h.stop().await;
