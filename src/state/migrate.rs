@@ -28,8 +28,8 @@ use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 ///
 /// In the warehouse a sync is `cluster/namespace/name` when `cluster` names the operator's
 /// cluster ([`sync_id`]), so that clusters sharing a warehouse keep apart. Rows written before
-/// the cluster was named (`namespace/name`) are imported once when the cluster's own hold
-/// nothing, and left in place.
+/// the cluster was named (`namespace/name`) move to the cluster's key when its own hold
+/// nothing (imported, then deleted like any previous store's).
 pub fn choose(
     spec: &ReverseSyncSpec,
     namespace: &str,
