@@ -106,6 +106,16 @@ pub enum SendError {
     /// stops.
     #[error("{0}")]
     Fatal(String),
+    /// The batch was refused for its size: the destination takes at most `limit` records per
+    /// request. The delivery machinery sends these records again in batches of `limit`, and
+    /// keeps that size for the rest of the run.
+    #[error("{reason}")]
+    TooLarge {
+        /// Records per request the destination takes.
+        limit: usize,
+        /// What the destination said, without secrets.
+        reason: String,
+    },
 }
 
 /// What a connector can do and its default limits.

@@ -440,18 +440,16 @@ async fn run_steps(
     sends.add(Operation::Delete, deletes.len() as u64);
     job.delivery.prepare(&sends);
     let job = &*job;
-    let batch_size = job.delivery.config().batch_size;
     let batches = SpillBatches {
         reader: spilled,
         plan: &plan,
         decider: &decider,
-        batch_size,
-        max_batch_bytes: job.delivery.config().max_batch_bytes,
+        delivery: &job.delivery,
         carry: None,
     };
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
-        let delete_batches = delete_batches(&state, &deletes, batch_size);
+        let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
         deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
     }
     Ok(())
@@ -814,8 +812,8 @@ struct SpillBatches<'p> {
     reader: SpillReader,
     plan: &'p super::plan::PlanOutcome,
     decider: &'p Decider,
-    batch_size: usize,
-    max_batch_bytes: usize,
+    /// Asked for the batch size at each batch: a destination may lower it during the run.
+    delivery: &'p Delivery,
     carry: Option<super::spill::SpilledRow>,
 }
 
@@ -825,6 +823,8 @@ impl SpillBatches<'_> {
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
+        let batch_size = self.delivery.batch_size();
+        let max_batch_bytes = self.delivery.config().max_batch_bytes;
         let mut batch: Option<Batch> = None;
         let mut bytes = 0usize;
         loop {
@@ -841,12 +841,12 @@ impl SpillBatches<'_> {
             };
             let b = batch.get_or_insert_with(|| Batch {
                 operation: row.operation,
-                records: Vec::with_capacity(self.batch_size),
+                records: Vec::with_capacity(batch_size),
                 stored: Default::default(),
             });
             // A batch ends at its record count or its byte size, whichever comes first; a row
             // alone over the byte size still goes, alone.
-            let full = !b.records.is_empty() && bytes.saturating_add(row.bytes) > self.max_batch_bytes;
+            let full = !b.records.is_empty() && bytes.saturating_add(row.bytes) > max_batch_bytes;
             if b.operation != row.operation || full {
                 self.carry = Some(row);
                 return Ok(batch);
@@ -859,7 +859,7 @@ impl SpillBatches<'_> {
                 identity: row.identity,
                 fields: row.fields,
             });
-            if b.records.len() >= self.batch_size {
+            if b.records.len() >= batch_size {
                 return Ok(batch);
             }
         }
