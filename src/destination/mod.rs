@@ -118,6 +118,22 @@ pub enum SendError {
     },
 }
 
+impl From<crate::egress::EgressError> for SendError {
+    /// A refusal of the egress policy needs a person (`Fatal`); a name that did not resolve
+    /// may resolve later (`Retryable`).
+    fn from(e: crate::egress::EgressError) -> SendError {
+        if e.is_denied() {
+            SendError::Fatal(e.to_string())
+        } else {
+            SendError::Retryable {
+                reason: e.to_string(),
+                retry_after: None,
+                throttled: false,
+            }
+        }
+    }
+}
+
 /// What a connector can do and its default limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Capabilities {

@@ -221,6 +221,9 @@ pub struct RunReport {
     pub rejected_samples: Vec<RejectedRow>,
     /// In a dry run, a few rows per operation.
     pub plan_samples: Vec<PlanSample>,
+    /// What the source's login may do beyond reading; `None` when the run stopped before
+    /// the source answered.
+    pub source_privileges: Option<source::Privileges>,
     /// The error that stopped the run, if any.
     pub error: Option<RunError>,
 }
@@ -302,6 +305,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             result_fingerprint: String::new(),
             rejected_samples: Vec::new(),
             plan_samples: Vec::new(),
+            source_privileges: None,
             error: None,
         },
         pending: Vec::new(),
@@ -382,6 +386,18 @@ async fn run_steps(
     };
     // The query starts first so the database works while the state loads.
     let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
+    match rows.privileges() {
+        source::Privileges::Elevated(found) => tracing::warn!(
+            privileges = %found.join(", "),
+            "the source user holds privileges that let a model query write despite the read-only \
+             transaction; connect as a least-privilege role"
+        ),
+        source::Privileges::Unknown(reason) => {
+            tracing::debug!(reason = %reason, "failed to check the source user's privileges");
+        }
+        source::Privileges::Least => {}
+    }
+    c.report.source_privileges = Some(rows.privileges().clone());
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,

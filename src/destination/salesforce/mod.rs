@@ -395,6 +395,15 @@ impl SalesforceConnector {
             let json: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
             let access = json.get("access_token").and_then(Json::as_str);
             let instance = json.get("instance_url").and_then(Json::as_str);
+            if let Some(instance) = instance {
+                // The answer names the host of every later call: an IP literal there never
+                // reaches the resolver that applies the egress policy.
+                let host = Url::parse(instance)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .unwrap_or_default();
+                crate::egress::check_host(&host).map_err(|e| SendError::Fatal(e.to_string()))?;
+            }
             return match (access, instance) {
                 (Some(access), Some(instance)) if !access.is_empty() => Ok(Token {
                     access: access.to_owned(),
