@@ -959,7 +959,11 @@ async fn with_postgres_one_percent_changed_and_a_request_sends_exactly_those_row
         ("True", "PrivilegedSourceUser")
     );
     assert!(privileged.message.contains("superuser"), "{}", privileged.message);
-    let warnings = h.events().await;
+    let warnings = h
+        .wait_event("PrivilegedSourceUser", |e| {
+            e.reason.as_deref() == Some("PrivilegedSourceUser")
+        })
+        .await;
     let warning = warnings
         .iter()
         .find(|e| e.reason.as_deref() == Some("PrivilegedSourceUser"))
