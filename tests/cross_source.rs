@@ -37,6 +37,7 @@ async fn plan(url: &str) -> (String, Vec<PlanSample>) {
     let spec = spec();
     let fake = Arc::new(FakeConnector::new(100));
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: 100,
         max_concurrency: 1,
         max_attempts: 1,

@@ -36,11 +36,12 @@ pub struct ReverseSyncSpec {
     pub mode: SyncMode,
     /// Which columns are sent and under which destination field names. Columns that are not
     /// mapped are not sent.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1000))]
     pub mappings: Vec<Mapping>,
     /// The destination fields that identify a record (for example `email`). Defaults to the
     /// targets of the mappings whose `from` is a primary key column.
     #[serde(rename = "match", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub match_fields: Vec<String>,
     /// When to run: a fixed `interval` or a `cron` expression. Without a schedule the sync runs
     /// when its spec changes or when the `backflow.dev/requested-at` annotation changes.
@@ -103,10 +104,14 @@ pub struct SourceSpec {
     pub query: String,
     /// Columns that identify a row of the model. A row with a NULL or duplicate key is
     /// rejected with a reason; the run goes on.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 16))]
     pub primary_key: Vec<String>,
-    /// Longest time the model query may run, like `10m` (default `10m`).
+    /// Longest time the model query may run, like `10m` (default `10m`, at most `1d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub statement_timeout: Option<String>,
 }
 
@@ -157,6 +162,7 @@ pub struct Mapping {
     /// Transforms applied in order: `lowercase`, `uppercase`, `trim`, `to_string`,
     /// `to_number`, `round(N)`, `format("%Y-%m-%d")`, `default(VALUE)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub transforms: Vec<String>,
 }
 
@@ -168,15 +174,22 @@ pub struct Mapping {
     "message": "set interval or cron, not both"
 }]))]
 pub struct Schedule {
-    /// Run every interval, like `15m` or `1h`.
+    /// Run every interval, like `15m` or `1h` (at least `1s`, at most a year).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub interval: Option<String>,
-    /// Run at the times of a cron expression (5 fields, UTC), like `*/15 * * * *`.
+    /// Run at the times of a cron expression (5 fields, UTC; no seconds field), like
+    /// `*/15 * * * *`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
     pub cron: Option<String>,
     /// Run right after these syncs (same namespace) have all succeeded since this sync's
     /// last run; combines with `interval` or `cron`, or stands alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub after: Vec<String>,
 }
 

@@ -67,6 +67,40 @@ pub fn run_started(
     status.observed_generation = g;
 }
 
+/// Records a reconcile that failed internally (a contained panic): not Ready, not Stalled (it
+/// is retried with backoff), the last run untouched.
+pub fn internal_error(status: &mut ReverseSyncStatus, generation: i64, message: &str, now: DateTime<Utc>) {
+    let g = Some(generation);
+    let c = &mut status.conditions;
+    conditions::set(
+        c,
+        READY,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        message,
+        g,
+        now,
+    );
+    conditions::set(
+        c,
+        RECONCILING,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        message,
+        g,
+        now,
+    );
+    conditions::set(
+        c,
+        STALLED,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        "retrying",
+        g,
+        now,
+    );
+}
+
 /// How a finished run reads on the resource.
 #[derive(Debug)]
 pub struct Outcome {

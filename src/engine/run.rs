@@ -700,7 +700,9 @@ impl SpillBatches<'_> {
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
         let batch_size = self.delivery.batch_size();
+        let max_batch_bytes = self.delivery.config().max_batch_bytes;
         let mut batch: Option<Batch> = None;
+        let mut bytes = 0usize;
         loop {
             let row = match self.carry.take() {
                 Some(r) => r,
@@ -718,10 +720,14 @@ impl SpillBatches<'_> {
                 records: Vec::with_capacity(batch_size),
                 stored: Default::default(),
             });
-            if b.operation != row.operation {
+            // A batch ends at its record count or its byte size, whichever comes first; a row
+            // alone over the byte size still goes, alone.
+            let full = !b.records.is_empty() && bytes.saturating_add(row.bytes) > max_batch_bytes;
+            if b.operation != row.operation || full {
                 self.carry = Some(row);
                 return Ok(batch);
             }
+            bytes = bytes.saturating_add(row.bytes);
             b.stored
                 .insert(row.key.clone(), (row.fingerprint, row.identity_json));
             b.records.push(Record {

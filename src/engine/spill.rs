@@ -26,6 +26,8 @@ pub struct SpilledRow {
     pub identity_json: String,
     /// Mapped fields.
     pub fields: Document,
+    /// Bytes of the row's spilled line: about what it weighs in a request.
+    pub bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +266,7 @@ impl SpillReader {
             } else if self.lines.read_line(&mut self.line)? == 0 {
                 return Ok(None);
             }
+            let bytes = self.line.len();
             let l: Line<'_> = serde_json::from_str(self.line.trim_end()).map_err(invalid)?;
             let operation = match l.o {
                 "insert" => Operation::Insert,
@@ -288,6 +291,7 @@ impl SpillReader {
                     fields
                 },
                 key: l.k.into_owned(),
+                bytes,
             }));
         }
     }

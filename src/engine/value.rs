@@ -48,6 +48,35 @@ pub enum Value {
 }
 
 impl Value {
+    /// About how many bytes the value takes as text (its canonical JSON, give or take quotes
+    /// and escapes): what bounds a value's and a row's size.
+    pub fn approx_bytes(&self) -> usize {
+        fn json_bytes(v: &serde_json::Value) -> usize {
+            match v {
+                serde_json::Value::String(s) => s.len() + 2,
+                serde_json::Value::Array(a) => a.iter().map(|x| json_bytes(x) + 1).sum::<usize>() + 2,
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, x)| k.len() + 4 + json_bytes(x)).sum::<usize>() + 2
+                }
+                _ => 8,
+            }
+        }
+        match self {
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 8,
+            Value::Decimal(d) => d.digits().try_into().unwrap_or(usize::MAX).saturating_add(8),
+            Value::Text(s) => s.len() + 2,
+            Value::Date(_) | Value::Time(_) | Value::Timestamp(_) | Value::Uuid(_) => 40,
+            Value::Json(j) => json_bytes(j),
+            Value::Array(a) => a.iter().map(|x| x.approx_bytes() + 1).sum::<usize>() + 2,
+            Value::Object(o) => {
+                o.iter()
+                    .map(|(k, x)| k.len() + 4 + x.approx_bytes())
+                    .sum::<usize>()
+                    + 2
+            }
+        }
+    }
+
     /// True for SQL NULL (and a JSON null).
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null | Value::Json(serde_json::Value::Null))
@@ -63,8 +92,8 @@ impl Value {
             serde_json::Value::Number(n) => match n.as_i64() {
                 Some(i) => Value::Int(i),
                 None => match n.to_string().parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::Json(serde_json::Value::Number(n)),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::Json(serde_json::Value::Number(n)),
                 },
             },
             other => Value::Json(other),
@@ -103,8 +132,8 @@ impl Value {
             Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
                 Ok(i) => Value::Int(i),
                 Err(_) => match t.parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::from_json(serde_json::from_str(t)?),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::from_json(serde_json::from_str(t)?),
                 },
             },
             _ => Value::from_json(serde_json::from_str(t)?),
@@ -212,19 +241,23 @@ fn itoa_buf(i: i64) -> Vec<u8> {
     i.to_string().into_bytes()
 }
 
-/// The widest exponent a decimal read from text may have: PostgreSQL's `numeric` limits
-/// (131072 digits before the point, 16383 after). Beyond them the plain notation of the
-/// canonical form would take gigabytes (`1e999999999`).
-const DECIMAL_EXPONENT_RANGE: std::ops::RangeInclusive<i64> = -16_383..=131_072;
+/// Largest decimal exponent, either sign, a value may carry (PostgreSQL's `numeric` keeps at
+/// most 16383 digits after the point). Beyond it a few bytes of text such as `1e300000000`
+/// would expand to hundreds of megabytes of digits when written out: such a value rejects its
+/// row instead.
+pub const MAX_DECIMAL_EXPONENT: u64 = 16_383;
+
+/// True when `d` can be written in plain notation at a bounded cost: its scale (digits after
+/// the point, negative for a positive exponent) is within [`MAX_DECIMAL_EXPONENT`].
+pub fn decimal_in_range(d: &BigDecimal) -> bool {
+    d.fractional_digit_count().unsigned_abs() <= MAX_DECIMAL_EXPONENT
+}
 
 /// An exact decimal parsed from text (`12.50`, `1e3`), or `None` when the text is not a
-/// number or its exponent is past [`DECIMAL_EXPONENT_RANGE`].
+/// number or its exponent is out of range ([`decimal_in_range`]).
 pub fn parse_decimal(text: &str) -> Option<BigDecimal> {
     let d: BigDecimal = text.trim().parse().ok()?;
-    let (_, scale) = d.as_bigint_and_exponent();
-    // `scale` counts digits after the point: the integer part has digits - scale digits.
-    let magnitude = i64::try_from(d.digits()).ok()?.checked_sub(scale)?;
-    (DECIMAL_EXPONENT_RANGE.contains(&magnitude) && DECIMAL_EXPONENT_RANGE.contains(&-scale)).then_some(d)
+    decimal_in_range(&d).then_some(d)
 }
 
 /// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).

@@ -14,7 +14,7 @@ use crate::api::{Destination, ReverseSync};
 use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::run::{Progress, RunOptions, RunReport, SyncRun, run};
-use crate::engine::setup::{self, Resolver, SetupError};
+use crate::engine::setup::{self, Resolver, SecretUser, SetupError};
 use crate::state::file::FileStore;
 use manifests::Manifests;
 
@@ -139,10 +139,12 @@ async fn run_one(
     let prepared = setup::prepare(manifests, namespace, sync, limiters, !options.dry_run).await?;
     let name = sync.metadata.name.as_deref().unwrap_or_default();
     let file = Box::new(FileStore::new(&config.state_dir, namespace, name));
+    // Local runs are keyed `namespace/name` in a warehouse: they belong to no cluster.
     let mut store = crate::state::migrate::choose(
         &sync.spec,
         namespace,
         name,
+        None,
         file,
         &prepared.source_url,
         prepared.state_url.as_deref(),
@@ -170,7 +172,14 @@ impl Resolver for Manifests {
             })
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, SetupError> {
+    /// Local runs do not check Secret grants: the person running them owns the manifests
+    /// and the environment the Secrets come from.
+    async fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        _user: &SecretUser,
+    ) -> Result<SecretData, SetupError> {
         secrets::resolve(self, namespace, name)
     }
 }

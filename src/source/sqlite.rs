@@ -73,7 +73,10 @@ pub(super) async fn extract(
             "a model query is one SELECT statement, and this one starts with {first_word:?}"
         )));
     }
-    let deadline = Instant::now() + timeout;
+    // The timeout is bounded by validation; a clock overflow still means "no deadline soon".
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let declared_types = declared_types(&probe_options, query).await;
     let columns = match start(&mut conn, query, declared_types, timeout, deadline).await {
         Ok(columns) => columns,

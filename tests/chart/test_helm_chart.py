@@ -72,6 +72,7 @@ def test_defaults_are_safe():
     assert "--listen=0.0.0.0:8080" in args
     assert not any(a.startswith(("--leader-election", "--watch-namespace")) for a in args)
     assert "--job-service-account=backflow-run" in args
+    assert "--secret-access=granted" in args, "Secrets are used only where they grant it"
     job_resources = next(a for a in args if a.startswith("--job-resources="))
     assert json.loads(job_resources.split("=", 1)[1])["limits"]["memory"] == "1Gi"
     service = one(objects, "Service")

@@ -775,12 +775,17 @@ where
         }
     }
 
-    /// Sorts a driver error and words its reason (still to be scrubbed).
+    /// Sorts a driver error and words its reason (still to be scrubbed). Row values the
+    /// database quotes in its message are dropped ([`drop_quoted_values`]).
     fn describe(error: &sqlx::Error) -> (Failure, String) {
         match error {
             sqlx::Error::Database(db) => (
                 D::classify(db.as_ref()),
-                format!("{} ({})", db.message(), D::code_label(db.as_ref())),
+                format!(
+                    "{} ({})",
+                    drop_quoted_values(db.message()),
+                    D::code_label(db.as_ref())
+                ),
             ),
             sqlx::Error::PoolTimedOut => (
                 Failure::Transient,
@@ -1007,9 +1012,64 @@ pub(crate) fn pool_options<DB: Database>(max_connections: u32) -> sqlx::pool::Po
         .idle_timeout(Some(Duration::from_secs(300)))
 }
 
+/// A database message without the row values it quotes: a quoted text after `: `, `entry ` or
+/// `value ` (`invalid input syntax for type integer: "u1@x.com"`, MySQL's `Duplicate entry
+/// 'a@b' for key 'email'`) becomes `"…"`; quoted names elsewhere (`column "age"`) stay. The
+/// error code beside it says what went wrong.
+pub fn drop_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(['"', '\'']) {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let quote = from.chars().next().unwrap_or('"');
+        let after_open = &from[1..];
+        let is_value = [": ", "entry ", "value ", "Entry ", "Value "]
+            .iter()
+            .any(|p| out.ends_with(p));
+        let Some(close) = after_open.find(quote) else {
+            // An unterminated quote: a value runs to the end.
+            if is_value {
+                out.push(quote);
+                out.push('…');
+            } else {
+                out.push_str(from);
+            }
+            return out;
+        };
+        out.push(quote);
+        out.push_str(if is_value { "…" } else { &after_open[..close] });
+        out.push(quote);
+        rest = &after_open[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_values_quoted_by_the_database_are_dropped_and_names_kept() {
+        assert_eq!(
+            drop_quoted_values(r#"invalid input syntax for type integer: "u1@x.com""#),
+            r#"invalid input syntax for type integer: "…""#
+        );
+        assert_eq!(
+            drop_quoted_values("Incorrect integer value: 'u1@x.com' for column 'age' at row 1"),
+            "Incorrect integer value: '…' for column 'age' at row 1"
+        );
+        assert_eq!(
+            drop_quoted_values("Duplicate entry 'a@b.c' for key 'email'"),
+            "Duplicate entry '…' for key 'email'"
+        );
+        assert_eq!(
+            drop_quoted_values(r#"null value in column "age" of relation "t" violates not-null constraint"#),
+            r#"null value in column "age" of relation "t" violates not-null constraint"#
+        );
+        assert_eq!(drop_quoted_values("unterminated: \"abc"), "unterminated: \"…");
+    }
 
     #[test]
     fn quoting_doubles_embedded_quotes() {

@@ -88,6 +88,13 @@ fn map_row(
     canonical: &mut Vec<u8>,
     c: &mut Collector,
 ) -> Result<(crate::engine::mapping::MappedRow, u64), Option<String>> {
+    // Sizes and decimal exponents first, before anything is written out. The key is still
+    // named (and so kept from a mirror delete) unless a key column is the value at fault.
+    if let Err(fault) = mapper.check_values(&row) {
+        let key = if fault.in_key { None } else { mapper.key(&row).ok() };
+        c.reject(key.as_deref(), "plan", &fault.reason);
+        return Err(key);
+    }
     let key = match mapper.key(&row) {
         Ok(k) => k,
         Err(reason) => {
@@ -104,6 +111,15 @@ fn map_row(
     };
     canonical.clear();
     mapper.write_fields(&mapped.values, canonical);
+    if canonical.len() > crate::engine::mapping::MAX_ROW_BYTES {
+        let reason = format!(
+            "the mapped record is {} bytes, over the limit of {}",
+            canonical.len(),
+            crate::engine::mapping::MAX_ROW_BYTES
+        );
+        c.reject(Some(&mapped.key), "plan", &reason);
+        return Err(Some(mapped.key));
+    }
     let fp = fingerprint_with_json_nulls(fingerprint(canonical), &mapper.json_nulls(&mapped.values));
     Ok((mapped, fp))
 }
