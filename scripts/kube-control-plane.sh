@@ -9,7 +9,8 @@
 #
 # `start` takes its ports from ETCD_PORT, ETCD_PEER_PORT and APISERVER_PORT (defaults 23790,
 # 23800, 26443) and, with OWNER_PID set, stops the control plane when that process exits (the
-# test binaries set it, so a killed test leaves nothing behind). It writes into DIR:
+# test binaries set it, so a killed test leaves nothing behind; DIR goes too unless
+# BACKFLOW_KEEP_E2E is set). It writes into DIR:
 #   admin.kubeconfig     user `admin` in system:masters
 #   operator.kubeconfig  user system:serviceaccount:backflow-system:backflow-operator (config/default's
 #                        operator ServiceAccount), by a static token
@@ -201,8 +202,9 @@ start() {
 
   if [ -n "${OWNER_PID:-}" ]; then
     # Detached from the caller's stdio, so the caller's pipes close when it exits.
-    nohup setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3"' \
-      watchdog "$OWNER_PID" "$0" "$DIR" >/dev/null 2>&1 &
+    # BACKFLOW_KEEP_E2E=1 keeps DIR (logs, etcd data) for a look afterwards.
+    nohup setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"; [ -n "$4" ] || rm -rf "$3"' \
+      watchdog "$OWNER_PID" "$0" "$DIR" "${BACKFLOW_KEEP_E2E:-}" >/dev/null 2>&1 &
   fi
   log "up: https://127.0.0.1:$APISERVER_PORT (etcd 127.0.0.1:$ETCD_PORT), files in $DIR"
 }

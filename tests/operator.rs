@@ -655,9 +655,10 @@ async fn destinations_report_ready_or_why_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_metrics_are_served_on_one_port() {
-    let metrics = Metrics::new().unwrap();
-    let health = Health::default();
+async fn health_and_metrics_are_served_on_one_port_and_readiness_follows_the_caches() {
+    let mut h = Harness::start(1).await;
+    let metrics = h.metrics.clone();
+    let health = h.health.clone();
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -675,12 +676,27 @@ async fn health_and_metrics_are_served_on_one_port() {
         }
     };
     assert_eq!(get("/healthz").await.0, 200);
-    assert_eq!(get("/readyz").await.0, 503);
-    health.set_ready(true);
-    assert_eq!(get("/readyz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 503, "no controller runs yet");
+    // Nothing sets readiness by hand: the controllers' watches reach it.
+    h.run_operator(config());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = get("/readyz").await;
+        if code == 200 {
+            assert!(body.contains("synced"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/healthz").await.0, 200);
     let (code, body) = get("/metrics").await;
     assert_eq!(code, 200);
     assert!(body.contains("backflow_build_info"), "{body}");
+    h.stop_operator().await;
+    let (code, body) = get("/readyz").await;
+    assert_eq!(code, 503, "stopped controllers are not ready: {body}");
+    assert_eq!(get("/healthz").await.0, 200, "a shutdown is no crash");
     stop.cancel();
     server.await.unwrap();
 }
