@@ -441,20 +441,22 @@ async fn a_sync_scheduled_after_another_runs_when_that_one_succeeded() {
     h.run_operator(config());
     h.apply_sync("downstream", json!({"schedule": {"after": ["upstream"]}}))
         .await;
-    // It runs once for its new spec, then waits for the upstream.
-    let first = h
-        .wait_sync("downstream", "its first run", |s| is(s, "Ready", "True"))
+    // A new sync that follows another does not run on creation: it waits for the upstream.
+    let waiting = h
+        .wait_sync("downstream", "WaitingForUpstream", |s| {
+            condition(s, "Reconciling").is_some_and(|c| c.reason == "WaitingForUpstream")
+        })
         .await;
-    let first_start = runs(&first).unwrap().start.clone();
+    assert!(runs(&waiting).is_none(), "ran before its upstream");
     h.apply_sync("upstream", json!({})).await;
     h.wait_sync("upstream", "the upstream run", |s| is(s, "Ready", "True"))
         .await;
     let s = h
         .wait_sync("downstream", "a run after the upstream", |s| {
-            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.start != first_start)
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.end.is_some())
         })
         .await;
-    assert_eq!(runs(&s).unwrap().rows_unchanged, 4);
+    assert_eq!(runs(&s).unwrap().rows_added, 4);
     h.stop().await;
 }
 
@@ -490,6 +492,15 @@ async fn deleting_a_sync_removes_its_state_and_the_finalizer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
     let mut h = Harness::start(2).await;
+    // The run pods' ServiceAccount exists (without it the sync says so and starts no Job).
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(h.client.clone(), NS);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "backflow-run"}})).unwrap(),
+        )
+        .await
+        .unwrap();
     h.run_operator(config());
     h.apply_sync(
         "in-a-job",
