@@ -543,7 +543,7 @@ async fn requested_runs_spec_edits_suspend_dry_run_and_after_drive_runs_from_kub
         "a run after its upstream",
         Duration::from_secs(30),
         &operator,
-        |s| finished_run(s),
+        finished_run,
     )
     .await;
     let run = s.status.as_ref().unwrap().last_run.clone().unwrap();
@@ -966,7 +966,7 @@ async fn configmap_state_of_300_000_rows_fits_real_etcd_and_a_second_run_sends_n
         "the first run",
         Duration::from_secs(300),
         &operator,
-        |s| finished_run(s),
+        finished_run,
     )
     .await;
     assert!(is(&s, "Ready", "True"), "{:?}", s.status);
