@@ -910,7 +910,7 @@ async fn watching_one_namespace_with_namespaced_rbac_only_its_syncs_run() {
         "{untouched:?}"
     );
     assert!(
-        !operator.log_text().contains("forbidden"),
+        !operator.log_text().contains("is forbidden: User"),
         "{}",
         operator.log_text()
     );
@@ -1069,7 +1069,7 @@ async fn with_the_helm_charts_rbac_the_operator_runs_syncs_in_any_namespace_and_
         "rsync/customers",
     ]);
     assert!(
-        !operator.log_text().contains("forbidden"),
+        !operator.log_text().contains("is forbidden: User"),
         "{}",
         operator.log_text()
     );
