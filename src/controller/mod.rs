@@ -4,8 +4,8 @@
 //! ```text
 //!  watch ReverseSync ─┐                        ┌─ InProcess: engine on a bounded pool
 //!  watch Destination ─┤ reconcile ─▶ decide ──▶┤
-//!  watch Secret/Job/  │ (status,    (schedule, └─ Job: batch/v1 Job running
-//!  ConfigMap ─────────┘  events)     after...)     `backflow run --namespace --sync`
+//!  watch Job/ConfigMap│ (status,    (schedule, └─ Job: batch/v1 Job running
+//!  (Secret: opt-in) ──┘  events)     after...)     `backflow run --namespace --sync`
 //! ```
 
 pub mod cluster_run;
@@ -73,6 +73,11 @@ pub struct OperatorConfig {
     pub job: JobDefaults,
     /// Longest wait on shutdown for in-flight runs to reach a checkpoint.
     pub shutdown_grace: Duration,
+    /// Watch Secrets (their metadata), so a changed Secret wakes the syncs and Destinations
+    /// that use it at once. Watching needs `list` and `watch` on Secrets, which lets the
+    /// operator read every Secret in scope; without it the operator only `get`s the Secrets
+    /// that specs name, and a fixed Secret is picked up at the next retry or scheduled run.
+    pub watch_secrets: bool,
 }
 
 /// Why a reconcile failed; the controller retries with backoff.
@@ -444,14 +449,21 @@ pub async fn run_controllers(
     };
     let mut controllers: Vec<ControllerFuture> = Vec::new();
     for scope in scopes {
-        let (dest_ctrl, dest_store) =
-            destination_controller(&client, scope.as_deref(), &ctx, &health, shutdown.clone());
+        let (dest_ctrl, dest_store) = destination_controller(
+            &client,
+            scope.as_deref(),
+            &ctx,
+            &health,
+            config.watch_secrets,
+            shutdown.clone(),
+        );
         let sync_ctrl = sync_controller(
             &client,
             scope.as_deref(),
             &ctx,
             &health,
             dest_store,
+            config.watch_secrets,
             shutdown.clone(),
         );
         let suffix = scope.map(|ns| format!(" in {ns}")).unwrap_or_default();
@@ -561,6 +573,7 @@ fn sync_controller(
     ctx: &Arc<Context>,
     health: &Health,
     destination_store: Store<Destination>,
+    watch_secrets: bool,
     shutdown: CancellationToken,
 ) -> ControllerFuture {
     let name = |kind: &str| watch_name(kind, namespace);
@@ -592,6 +605,38 @@ fn sync_controller(
         .finished()
         .filter(move |k| futures::future::ready(scope.as_ref().is_none_or(|ns| *ns == k.namespace)))
         .map(|k| ObjectRef::new(&k.name).within(&k.namespace));
+    // A Secret that changed wakes the syncs that read it, directly or through their
+    // Destination (with --watch-secrets). Only metadata is kept: the values the API server
+    // sends are dropped as each Secret is decoded into `PartialObjectMeta`.
+    let controller = if watch_secrets {
+        controller.watches_stream(
+            watch::objects(secrets, watch::config(), name("Secret"), health.clone()),
+            move |secret: PartialObjectMeta<Secret>| {
+                let ns = secret.namespace().unwrap_or_default();
+                let name = secret.name_any();
+                let using: Vec<String> = destination_store
+                    .state()
+                    .iter()
+                    .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
+                    .filter(|d| {
+                        d.spec
+                            .credentials_secret_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == name)
+                    })
+                    .map(|d| d.name_any())
+                    .collect();
+                index_for_secrets
+                    .using_secret(&ns, &name, &using)
+                    .into_iter()
+                    .inspect(|k| ctx_for_secrets.poke(k))
+                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
+                    .collect::<Vec<_>>()
+            },
+        )
+    } else {
+        controller
+    };
     let fut = controller
         .owns_stream(watch::objects(
             api_for::<Job>(client, namespace),
@@ -643,34 +688,6 @@ fn sync_controller(
                     .collect::<Vec<_>>()
             },
         )
-        // A Secret that changed wakes the syncs that read it, directly or through their
-        // Destination. Only metadata is watched (kube asks for `PartialObjectMetadata`):
-        // Secret values never reach the operator.
-        .watches_stream(
-            watch::objects(secrets, watch::config(), name("Secret"), health.clone()),
-            move |secret: PartialObjectMeta<Secret>| {
-                let ns = secret.namespace().unwrap_or_default();
-                let name = secret.name_any();
-                let using: Vec<String> = destination_store
-                    .state()
-                    .iter()
-                    .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
-                    .filter(|d| {
-                        d.spec
-                            .credentials_secret_ref
-                            .as_ref()
-                            .is_some_and(|r| r.name == name)
-                    })
-                    .map(|d| d.name_any())
-                    .collect();
-                index_for_secrets
-                    .using_secret(&ns, &name, &using)
-                    .into_iter()
-                    .inspect(|k| ctx_for_secrets.poke(k))
-                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
-                    .collect::<Vec<_>>()
-            },
-        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reverse_sync::reconcile, error_policy, Arc::clone(ctx))
         .for_each(log_result("ReverseSync", ctx.env.metrics.clone()));
@@ -682,6 +699,7 @@ fn destination_controller(
     namespace: Option<&str>,
     ctx: &Arc<Context>,
     health: &Health,
+    watch_secrets: bool,
     shutdown: CancellationToken,
 ) -> (ControllerFuture, Store<Destination>) {
     let name = |kind: &str| watch_name(kind, namespace);
@@ -696,8 +714,11 @@ fn destination_controller(
     let for_secrets = store.clone();
     let ctx_for_secrets = Arc::clone(ctx);
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
-    let fut = controller
-        .watches_stream(
+    // A Secret that changed wakes the Destinations that use it (see `sync_controller`).
+    let controller = if !watch_secrets {
+        controller
+    } else {
+        controller.watches_stream(
             watch::objects(
                 secrets,
                 watch::config(),
@@ -725,6 +746,8 @@ fn destination_controller(
                     .collect::<Vec<_>>()
             },
         )
+    };
+    let fut = controller
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(destination::reconcile, error_policy, Arc::clone(ctx))
         .for_each(log_result("Destination", ctx.env.metrics.clone()));

@@ -389,6 +389,8 @@ impl Process {
             .arg("--listen")
             .arg(&listen)
             .args(["--job-image", "backflow:e2e", "--lease-duration-seconds", "6"])
+            // PostgreSQL listens on loopback here; the operator's default also denies it.
+            .args(["--egress-deny", "link-local"])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", identity)
