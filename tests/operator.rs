@@ -95,6 +95,16 @@ impl Harness {
             stop: CancellationToken::new(),
             operator: None,
         };
+        // The run pods' ServiceAccount, as the install creates it (without it a Job-mode sync
+        // says so and starts no Job).
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(h.client.clone(), NS);
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "backflow-run"}})).unwrap(),
+            )
+            .await
+            .unwrap();
         h.apply_secret("warehouse", json!({"url": h.warehouse.url})).await;
         h.apply_secret("webhook-token", json!({"token": "s3cr3t-token-value"}))
             .await;
@@ -498,15 +508,6 @@ async fn deleting_a_sync_removes_its_state_and_the_finalizer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
     let mut h = Harness::start(2).await;
-    // The run pods' ServiceAccount exists (without it the sync says so and starts no Job).
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(h.client.clone(), NS);
-    accounts
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "backflow-run"}})).unwrap(),
-        )
-        .await
-        .unwrap();
     let mut config = config();
     config.job.allow_placement = true;
     config.job.tmp_size_limit = Some("4Gi".into());
