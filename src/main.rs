@@ -86,6 +86,10 @@ enum Command {
         /// Summary format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
+        /// Let through, once, deletes past a sync's delete limit: the plan id the refused run
+        /// printed (`COUNT-HASH`). A different plan is still held back.
+        #[arg(long, value_name = "PLAN_ID")]
+        approve_deletes: Option<String>,
     },
     /// Run the operator: reconcile ReverseSyncs and Destinations in the cluster.
     Operator(Box<OperatorArgs>),
@@ -181,8 +185,21 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Runs the command; an error is printed as its one-line message and causes, never with the
+/// backtrace `anyhow` would add under `RUST_BACKTRACE=1` (a manifest error is for the user,
+/// not a bug report).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+async fn run() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let egress = match (&cli.egress_deny, &cli.command) {
@@ -247,6 +264,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             sync,
             checkpoint_records,
             output,
+            approve_deletes,
             ..
         } => {
             let cancel = shutdown_token();
@@ -257,6 +275,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 full_resync,
                 only: sync,
                 checkpoint_records,
+                approve_deletes,
             };
             let outcomes = run_local(&config, cancel, output::TerminalProgress::for_sync).await?;
             let failed = outcomes.iter().any(|o| o.failed());

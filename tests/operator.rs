@@ -1332,3 +1332,94 @@ async fn the_job_pod_command_runs_a_warehouse_store_sync() {
     assert_eq!(h.webhook.accepted_records().len(), 7);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapsed_model_holds_deletes_back_and_says_why_until_the_annotation_approves_its_plan() {
+    let mut h = Harness::start(40).await;
+    h.run_operator(config());
+    h.apply_sync("mirrored", json!({"mode": "mirror"})).await;
+    h.wait_sync("mirrored", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    let deletes_sent = |h: &Harness| {
+        h.webhook
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/hook/delete")
+            .count()
+    };
+
+    // 30 of 40 rows vanish upstream; a requested run plans 30 deletes.
+    h.warehouse.exec("DELETE FROM customers WHERE id > 10").await;
+    let request = |at: &str| json!({"metadata": {"annotations": {"backflow.dev/requested-at": at}}});
+    h.patch_sync("mirrored", request("2026-12-01T10:00:00Z")).await;
+    let s = h
+        .wait_sync("mirrored", "the held-back run", |s| {
+            condition(s, "Ready").is_some_and(|c| c.reason == "DeletesHeldBack")
+        })
+        .await;
+    assert!(is(&s, "Ready", "False") && is(&s, "Stalled", "False"));
+    let message = condition(&s, "Ready").unwrap().message.clone();
+    assert!(message.contains("30 of 40 stored records (75%)"), "{message}");
+    let held = runs(&s).unwrap().deletes_held_back.clone().unwrap();
+    assert_eq!((held.deletes, held.stored_records), (30, 40));
+    assert!(
+        message.contains(&format!("backflow.dev/approve-deletes={}", held.plan_id)),
+        "{message}"
+    );
+    assert_eq!(deletes_sent(&h), 0, "nothing was deleted");
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeletesHeldBack")
+                && e.note.as_deref().is_some_and(|n| n.contains("30 of 40"))),
+        "{events:?}"
+    );
+    let exposition = h.metrics.render();
+    assert!(
+        exposition.contains("backflow_sync_deletes_held_back{namespace=\"team-a\",sync=\"mirrored\"} 30"),
+        "{exposition}"
+    );
+
+    // A preview shows the same guard in status.plan.
+    h.patch_sync("mirrored", json!({"spec": {"dryRun": true}})).await;
+    let s = h
+        .wait_sync("mirrored", "the preview", |s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.plan.as_ref())
+                .is_some_and(|p| p.deletes_held_back.is_some())
+        })
+        .await;
+    let preview = s.status.unwrap().plan.unwrap().deletes_held_back.unwrap();
+    assert_eq!(preview.plan_id, held.plan_id);
+
+    // Approving that plan lets exactly its deletes through.
+    h.patch_sync(
+        "mirrored",
+        json!({
+            "spec": {"dryRun": false},
+            "metadata": {"annotations": {"backflow.dev/approve-deletes": held.plan_id}}
+        }),
+    )
+    .await;
+    let s = h
+        .wait_sync("mirrored", "the approved run", |s| {
+            is(s, "Ready", "True")
+                && s.status.as_ref().is_some_and(|st| st.plan.is_none())
+                && runs(s).is_some_and(|r| {
+                    r.generation == s.metadata.generation && r.rows_removed == 30 && r.end.is_some()
+                })
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(run.result, "Succeeded");
+    assert!(run.deletes_held_back.is_none());
+    assert!(deletes_sent(&h) > 0);
+    let exposition = h.metrics.render();
+    assert!(
+        exposition.contains("backflow_sync_deletes_held_back{namespace=\"team-a\",sync=\"mirrored\"} 0"),
+        "{exposition}"
+    );
+    h.stop().await;
+}

@@ -78,6 +78,14 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         errors.add("spec.destinationRef.name", "name the Destination to send rows to");
     }
     validate_mappings(spec, &mut errors);
+    if let Some(limit) = &spec.delete_limit
+        && limit.max_percent.is_some_and(|p| p > 100)
+    {
+        errors.add(
+            "spec.deleteLimit.maxPercent",
+            "a share of the stored records, from 0 to 100 (100 turns the share check off)",
+        );
+    }
     if let Some(state) = &spec.state {
         validate_state(state, &mut errors);
     }
@@ -381,6 +389,20 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
             err.contains("spec.state.syncLogs") && err.contains("spec.state.schema"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_delete_limit_past_one_hundred_percent_names_the_field() {
+        let ok = format!(
+            "{BASE}mode: mirror\ndeleteLimit: {{maxPercent: 20, maxCount: 500, minStoredRecords: 100}}\n"
+        );
+        validate_reverse_sync(&sync(&ok)).unwrap();
+        let err =
+            validate_reverse_sync(&sync(&format!("{BASE}deleteLimit: {{maxPercent: 150}}\n"))).unwrap_err();
+        assert!(err.to_string().contains("spec.deleteLimit.maxPercent"), "{err}");
+        let typo =
+            serde_yaml_ng::from_str::<ReverseSyncSpec>(&format!("{BASE}deleteLimit: {{maxPercnt: 5}}\n"));
+        assert!(typo.is_err(), "unknown fields are refused");
     }
 
     #[test]

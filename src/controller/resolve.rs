@@ -50,7 +50,8 @@ impl Resolver for ApiResolver {
             .ok_or_else(|| SetupError::SecretNotFound {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
-                hint: String::new(),
+                env_prefix: None,
+                keys: Vec::new(),
             })?;
         decode(name, secret)
     }

@@ -42,6 +42,8 @@ pub mod reasons {
     pub const ROWS_REJECTED: &str = "RowsRejected";
     /// The Destination failed its check or is missing.
     pub const DESTINATION_NOT_READY: &str = "DestinationNotReady";
+    /// The delete limit held a run's deletes back.
+    pub const DELETES_HELD_BACK: &str = super::super::status::DELETES_HELD_BACK;
     /// The source's login holds privileges that escape the read-only transaction.
     pub const PRIVILEGED_SOURCE_USER: &str = super::super::status::PRIVILEGED_SOURCE_USER;
 }
@@ -155,7 +157,18 @@ pub async fn execute(
                 let note = format!("{} rows rejected{first}", report.rows_rejected());
                 publish(&env.recorder, &reference, true, reasons::ROWS_REJECTED, &note).await;
             }
-            Outcome::of_run(&report, dry_run)
+            let outcome = Outcome::of_run(&report, dry_run);
+            if report.deletes_held_back() {
+                publish(
+                    &env.recorder,
+                    &reference,
+                    true,
+                    reasons::DELETES_HELD_BACK,
+                    &outcome.message,
+                )
+                .await;
+            }
+            outcome
         }
         Err(error) => {
             let outcome = Outcome::of_setup(&error);
@@ -244,6 +257,7 @@ async fn run_once(
     let options = RunOptions {
         dry_run,
         cancel,
+        approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)

@@ -90,7 +90,8 @@ impl Transform {
     pub fn apply(&self, value: Value) -> Result<Value, String> {
         match (self, value) {
             (Transform::Default(fallback), v) if v.is_null() => Ok(fallback.clone()),
-            (_, v) if v.is_null() => Ok(Value::Null),
+            // NULL stays NULL and a JSON null stays a JSON null.
+            (_, v) if v.is_null() => Ok(v),
             (Transform::Default(_), v) => Ok(v),
             (Transform::Lowercase, Value::Text(s)) => Ok(Value::Text(s.to_lowercase())),
             (Transform::Uppercase, Value::Text(s)) => Ok(Value::Text(s.to_uppercase())),
@@ -137,9 +138,9 @@ fn to_number(v: Value) -> Result<Value, String> {
             if let Ok(i) = t.parse::<i64>() {
                 Ok(Value::Int(i))
             } else {
-                t.parse::<BigDecimal>()
-                    .map(Value::Decimal)
-                    .map_err(|_| "to_number: the value is not a number".to_owned())
+                super::value::parse_decimal(t).map(Value::Decimal).ok_or_else(|| {
+                    "to_number: the value is not a number, or not one a destination can hold".to_owned()
+                })
             }
         }
         _ => Err("to_number: the value is not text or a number".to_owned()),
@@ -429,6 +430,18 @@ impl Mapper {
     /// the bytes [`crate::engine::value::write_document`] writes for the same record.
     pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
         write_shape(&self.shape, values, out);
+    }
+
+    /// The targets whose value is a JSON null (a `jsonb` `'null'`), which canonical JSON
+    /// writes as `null` like SQL NULL: the fingerprint and the spill carry them beside it.
+    /// Empty (and allocation-free) for almost every row.
+    pub fn json_nulls(&self, values: &[Value]) -> Vec<&str> {
+        self.mappings
+            .iter()
+            .zip(values)
+            .filter(|(_, v)| matches!(v, Value::Json(serde_json::Value::Null)))
+            .map(|(m, _)| m.target_text.as_str())
+            .collect()
     }
 
     /// Appends the canonical JSON of the match fields and their values: how the destination

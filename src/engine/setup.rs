@@ -56,14 +56,17 @@ pub enum SetupError {
         reason: String,
     },
     /// A Secret does not exist.
-    #[error("failed to find Secret {name:?} in namespace {namespace:?}{hint}")]
+    #[error("failed to find Secret {name:?} in namespace {namespace:?}{}", secret_hint(env_prefix.as_deref(), keys))]
     SecretNotFound {
         /// Namespace searched.
         namespace: String,
         /// Name.
         name: String,
-        /// How to provide it (local runs), empty in a cluster.
-        hint: String,
+        /// Local runs: the prefix of the environment variables that can stand in for the
+        /// Secret (`BACKFLOW_SECRET_WAREHOUSE_`); `None` in a cluster.
+        env_prefix: Option<String>,
+        /// The keys the sync reads from it, when known (`url` for a connection Secret).
+        keys: Vec<String>,
     },
     /// A Secret lacks a key.
     #[error("failed to read key {key:?} of Secret {name:?}: no such key")]
@@ -93,7 +96,55 @@ pub enum SetupError {
     },
 }
 
+/// The environment variable standing in for key `key` of a Secret in local runs, after the
+/// Secret's prefix (`BACKFLOW_SECRET_WAREHOUSE_`): the key upper case, every other
+/// character than a letter or a digit turned into `_`.
+pub fn secret_env_var(prefix: &str, key: &str) -> String {
+    let key: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}{key}")
+}
+
+/// How to provide a missing Secret in a local run: a manifest or one variable per key.
+fn secret_hint(env_prefix: Option<&str>, keys: &[String]) -> String {
+    let Some(prefix) = env_prefix else {
+        return String::new();
+    };
+    if keys.is_empty() {
+        return format!(": add a Secret manifest or set {prefix}<KEY> for each of its keys");
+    }
+    let vars: Vec<String> = keys.iter().map(|k| secret_env_var(prefix, k)).collect();
+    format!(": add a Secret manifest or set {}", vars.join(" and "))
+}
+
 impl SetupError {
+    /// Says which keys of a missing Secret the caller reads, so the hint names the variables
+    /// that work; other errors pass unchanged.
+    pub fn reading_keys(self, wanted: &[&str]) -> SetupError {
+        match self {
+            SetupError::SecretNotFound {
+                namespace,
+                name,
+                env_prefix,
+                keys: _,
+            } => SetupError::SecretNotFound {
+                namespace,
+                name,
+                env_prefix,
+                keys: wanted.iter().map(|k| (*k).to_owned()).collect(),
+            },
+            other => other,
+        }
+    }
+
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
@@ -264,8 +315,11 @@ async fn connection_url(
     namespace: &str,
     reference: &SecretKeyRef,
 ) -> Result<String, SetupError> {
-    let secret = resolver.secret(namespace, &reference.name).await?;
     let key = reference.key.as_deref().unwrap_or("url");
+    let secret = resolver
+        .secret(namespace, &reference.name)
+        .await
+        .map_err(|e| e.reading_keys(&[key]))?;
     secret
         .get(key)
         .map(str::to_owned)

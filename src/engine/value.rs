@@ -95,6 +95,11 @@ impl Value {
                         .collect::<Result<_, _>>()?,
                 )
             }
+            // Canonical decimals never carry an exponent: a number with one is a large float.
+            Some(b'-' | b'0'..=b'9') if t.contains(['e', 'E']) => match t.parse::<f64>() {
+                Ok(f) if f.is_finite() => Value::Float(f),
+                _ => Value::from_json(serde_json::from_str(t)?),
+            },
             Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
                 Ok(i) => Value::Int(i),
                 Err(_) => match t.parse::<BigDecimal>() {
@@ -207,6 +212,21 @@ fn itoa_buf(i: i64) -> Vec<u8> {
     i.to_string().into_bytes()
 }
 
+/// The widest exponent a decimal read from text may have: PostgreSQL's `numeric` limits
+/// (131072 digits before the point, 16383 after). Beyond them the plain notation of the
+/// canonical form would take gigabytes (`1e999999999`).
+const DECIMAL_EXPONENT_RANGE: std::ops::RangeInclusive<i64> = -16_383..=131_072;
+
+/// An exact decimal parsed from text (`12.50`, `1e3`), or `None` when the text is not a
+/// number or its exponent is past [`DECIMAL_EXPONENT_RANGE`].
+pub fn parse_decimal(text: &str) -> Option<BigDecimal> {
+    let d: BigDecimal = text.trim().parse().ok()?;
+    let (_, scale) = d.as_bigint_and_exponent();
+    // `scale` counts digits after the point: the integer part has digits - scale digits.
+    let magnitude = i64::try_from(d.digits()).ok()?.checked_sub(scale)?;
+    (DECIMAL_EXPONENT_RANGE.contains(&magnitude) && DECIMAL_EXPONENT_RANGE.contains(&-scale)).then_some(d)
+}
+
 /// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).
 pub fn canonical_decimal(d: &BigDecimal) -> String {
     // Trimming the plain text is exact and far cheaper than `normalized()`, which divides.
@@ -221,10 +241,18 @@ pub fn canonical_decimal(d: &BigDecimal) -> String {
     text
 }
 
+/// Floats from this magnitude on are written with an exponent (`1e308`), as JavaScript
+/// writes them: in plain notation 1e308 is a 309-digit integer that destinations read as an
+/// overflowing integer, not as the float it is.
+const FLOAT_EXPONENT_FROM: f64 = 1e21;
+
 fn write_float(f: f64, out: &mut Vec<u8>) {
     if !f.is_finite() {
-        // JSON has no NaN or infinity; send them as strings rather than invalid JSON.
-        write_json_string(&f.to_string(), out);
+        // Sources reject rows holding NaN or an infinity (JSON has neither), so no canonical
+        // value holds one; should one appear, it is written as null, never as invalid JSON.
+        out.extend_from_slice(b"null");
+    } else if f.abs() >= FLOAT_EXPONENT_FROM {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
     } else if f.fract() == 0.0 && f.abs() < 1e15 {
         let _ = write!(StringSink(out), "{}", f as i64);
     } else {
@@ -377,6 +405,28 @@ mod tests {
         let text = r#"{"a":[1,"x",null],"b":{"c":12345678901234567890.123456789,"d":true},"e":-0.5}"#;
         let v = Value::from_json_text(text).unwrap();
         assert_eq!(canon(&v), text);
+    }
+
+    #[test]
+    fn huge_floats_keep_their_exponent_and_read_back_as_floats() {
+        assert_eq!(canon(&Value::Float(1e308)), "1e308");
+        assert_eq!(canon(&Value::Float(-2.5e21)), "-2.5e21");
+        assert_eq!(canon(&Value::Float(1e20)), "100000000000000000000");
+        assert_eq!(Value::from_json_text("1e308").unwrap(), Value::Float(1e308));
+        assert_eq!(Value::Float(1e308).to_json(), serde_json::json!(1e308));
+        assert_eq!(canon(&Value::Float(f64::NAN)), "null");
+    }
+
+    #[test]
+    fn decimals_from_text_refuse_exponents_no_canonical_form_could_hold() {
+        assert_eq!(
+            parse_decimal(" 10.50 "),
+            Some(BigDecimal::from_str("10.5").unwrap())
+        );
+        assert_eq!(parse_decimal("1e3"), Some(BigDecimal::from(1000)));
+        assert_eq!(parse_decimal("1e999999999"), None);
+        assert_eq!(parse_decimal("1e-999999999"), None);
+        assert_eq!(parse_decimal("soon"), None);
     }
 
     #[test]

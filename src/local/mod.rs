@@ -33,6 +33,8 @@ pub struct LocalRunConfig {
     pub only: Vec<String>,
     /// Commit a checkpoint after this many settled records.
     pub checkpoint_records: usize,
+    /// The plan id of deletes past a sync's delete limit to let through once.
+    pub approve_deletes: Option<String>,
 }
 
 /// The outcome of one sync of a local run.
@@ -49,13 +51,14 @@ pub struct SyncOutcome {
 }
 
 impl SyncOutcome {
-    /// True when the sync failed (a setup error, a run error, or rows that failed delivery).
+    /// True when the sync failed (a setup error, a run error, rows that failed delivery, or
+    /// deletes held back by the delete limit, in a dry run too).
     pub fn failed(&self) -> bool {
         self.error.is_some()
             || self
                 .report
                 .as_ref()
-                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed)
+                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed || r.deletes_held_back())
     }
 }
 
@@ -100,6 +103,7 @@ pub async fn run_local(
             checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
             progress: progress(name),
+            approved_deletes: config.approve_deletes.clone(),
             ..RunOptions::default()
         };
         let outcome = match run_one(&manifests, namespace, sync, config, &limiters, &options).await {

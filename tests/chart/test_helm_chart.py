@@ -116,7 +116,8 @@ def test_every_option_on():
     rule = one(objects, "PrometheusRule")
     alerts = {r.get("alert") for r in rule["spec"]["groups"][0]["rules"]}
     assert {"BackflowSyncFailing", "BackflowSyncStale", "BackflowSyncRowsRejected",
-            "BackflowOperatorDown", "BackflowDestinationThrottled"} <= alerts
+            "BackflowSyncDeletesHeldBack", "BackflowOperatorDown",
+            "BackflowDestinationThrottled"} <= alerts
     dashboard = one(objects, "ConfigMap", "backflow-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["namespace"] == "monitoring"

@@ -495,11 +495,56 @@ pub(crate) fn plan<'a, D: Dialect>(target: &Target, operation: Operation, batch:
         }
     }
 
+    if operation != Operation::Delete && matches!(D::BINDING, Binding::JsonRecordset) {
+        statements.extend(json_null_statements::<D>(&table, batch, &outcomes));
+    }
     Plan {
         statements,
         outcomes,
         upsert_keys,
     }
+}
+
+/// PostgreSQL reads rows through `jsonb_populate_recordset`, which turns a JSON `null` into
+/// SQL NULL: records holding a JSON null (a `jsonb` `'null'` of the model) get it written
+/// afterwards, as the literal `'null'` the column's type reads (JSON null in a json/jsonb
+/// column), by their match fields. Rare, so one statement per such record.
+fn json_null_statements<'a, D: Dialect>(
+    table: &str,
+    batch: &'a [Record],
+    outcomes: &[RecordOutcome],
+) -> Vec<Statement<'a>> {
+    let mut statements = Vec::new();
+    for (record, outcome) in batch.iter().zip(outcomes) {
+        let nulls: Vec<&str> = record
+            .fields
+            .iter()
+            .filter(|(_, v)| matches!(v, Value::Json(serde_json::Value::Null)))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if nulls.is_empty() || record.identity.is_empty() || *outcome != RecordOutcome::Accepted {
+            continue;
+        }
+        let sets = nulls
+            .iter()
+            .map(|c| format!("{} = 'null'", D::quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let keys: Vec<&str> = record.identity.keys().map(String::as_str).collect();
+        let mut identity = Vec::new();
+        write_document(&record.identity, &mut identity);
+        statements.push(Statement {
+            sql: format!(
+                "UPDATE {table} AS _bf_target SET {sets} \
+                 FROM jsonb_populate_record(NULL::{table}, {}::jsonb) AS _bf_key WHERE {}",
+                D::placeholder(1),
+                target_matches_key::<D>(&keys)
+            ),
+            params: vec![Param::Json(String::from_utf8_lossy(&identity).into_owned())],
+            must_match: None,
+        });
+    }
+    statements
 }
 
 /// `INSERT` statements (with `conflict` appended: the upsert clause or nothing) for one group
