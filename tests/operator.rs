@@ -99,6 +99,16 @@ impl Harness {
             stop: CancellationToken::new(),
             operator: None,
         };
+        // The run pods' ServiceAccount, as the install creates it (without it a Job-mode sync
+        // says so and starts no Job).
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(h.client.clone(), NS);
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "backflow-run"}})).unwrap(),
+            )
+            .await
+            .unwrap();
         h.apply_secret("warehouse", json!({"url": h.warehouse.url})).await;
         h.apply_secret("webhook-token", json!({"token": "s3cr3t-token-value"}))
             .await;
@@ -485,20 +495,22 @@ async fn a_sync_scheduled_after_another_runs_when_that_one_succeeded() {
     h.run_operator(config());
     h.apply_sync("downstream", json!({"schedule": {"after": ["upstream"]}}))
         .await;
-    // It runs once for its new spec, then waits for the upstream.
-    let first = h
-        .wait_sync("downstream", "its first run", |s| is(s, "Ready", "True"))
+    // A new sync that follows another does not run on creation: it waits for the upstream.
+    let waiting = h
+        .wait_sync("downstream", "WaitingForUpstream", |s| {
+            condition(s, "Reconciling").is_some_and(|c| c.reason == "WaitingForUpstream")
+        })
         .await;
-    let first_start = runs(&first).unwrap().start.clone();
+    assert!(runs(&waiting).is_none(), "ran before its upstream");
     h.apply_sync("upstream", json!({})).await;
     h.wait_sync("upstream", "the upstream run", |s| is(s, "Ready", "True"))
         .await;
     let s = h
         .wait_sync("downstream", "a run after the upstream", |s| {
-            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.start != first_start)
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.end.is_some())
         })
         .await;
-    assert_eq!(runs(&s).unwrap().rows_unchanged, 4);
+    assert_eq!(runs(&s).unwrap().rows_added, 4);
     h.stop().await;
 }
 
@@ -802,9 +814,10 @@ async fn destinations_report_ready_or_why_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_metrics_are_served_on_one_port() {
-    let metrics = Metrics::new().unwrap();
-    let health = Health::default();
+async fn health_and_metrics_are_served_on_one_port_and_readiness_follows_the_caches() {
+    let mut h = Harness::start(1).await;
+    let metrics = h.metrics.clone();
+    let health = h.health.clone();
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -822,12 +835,27 @@ async fn health_and_metrics_are_served_on_one_port() {
         }
     };
     assert_eq!(get("/healthz").await.0, 200);
-    assert_eq!(get("/readyz").await.0, 503);
-    health.set_ready(true);
-    assert_eq!(get("/readyz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 503, "no controller runs yet");
+    // Nothing sets readiness by hand: the controllers' watches reach it.
+    h.run_operator(config());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = get("/readyz").await;
+        if code == 200 {
+            assert!(body.contains("synced"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/healthz").await.0, 200);
     let (code, body) = get("/metrics").await;
     assert_eq!(code, 200);
     assert!(body.contains("backflow_build_info"), "{body}");
+    h.stop_operator().await;
+    let (code, body) = get("/readyz").await;
+    assert_eq!(code, 503, "stopped controllers are not ready: {body}");
+    assert_eq!(get("/healthz").await.0, 200, "a shutdown is no crash");
     stop.cancel();
     server.await.unwrap();
 }

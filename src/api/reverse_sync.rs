@@ -412,7 +412,9 @@ pub struct RunSummary {
     pub rows_failed: u64,
     /// Requests made to the destination.
     pub requests: u64,
-    /// Fingerprint of the whole synced result set (changes when any row changes).
+    /// Fingerprint of the whole synced result set (changes when any row changes); absent
+    /// when the run read no result.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fingerprint: String,
     /// The `metadata.generation` of the spec the run used.
     #[serde(default, skip_serializing_if = "Option::is_none")]

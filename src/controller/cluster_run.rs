@@ -92,5 +92,5 @@ pub async fn run_in_cluster(
     let span =
         tracing::info_span!("run", namespace = %namespace, sync = %name, run_id = %uuid::Uuid::new_v4());
     let run = runner::execute(&env, &sync, &trigger, &how, cancel);
-    Ok(tracing::Instrument::instrument(run, span).await)
+    Ok(tracing::Instrument::instrument(run, span).await.outcome)
 }

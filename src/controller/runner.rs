@@ -111,6 +111,15 @@ pub fn unsupported_store(sync: &ReverseSync) -> Option<&'static str> {
     }
 }
 
+/// A run that ended: how it went, and whether that is on the resource.
+pub struct Executed {
+    /// How the run went.
+    pub outcome: Outcome,
+    /// False when writing the outcome to the status failed (logged): deciding the next run
+    /// from that status would start this one again.
+    pub recorded: bool,
+}
+
 /// Runs `sync` once now and records the outcome on it. `how` says where it runs, for the
 /// `Reconciling` message ("running in the operator", "running in Job x").
 pub async fn execute(
@@ -119,7 +128,8 @@ pub async fn execute(
     trigger: &Trigger,
     how: &str,
     cancel: CancellationToken,
-) -> Outcome {
+) -> Executed {
+    let mut recorded = true;
     let namespace = sync.namespace().unwrap_or_default();
     let name = sync.name_any();
     let generation = sync.metadata.generation.unwrap_or(0);
@@ -147,6 +157,7 @@ pub async fn execute(
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
+                recorded = false;
             }
             if let Some(crate::source::Privileges::Elevated(found)) = &report.source_privileges
                 && !privileged_before
@@ -194,6 +205,7 @@ pub async fn execute(
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
+                recorded = false;
             }
             env.metrics.record_failure(&namespace, &name);
             let reason = match error {
@@ -230,7 +242,7 @@ pub async fn execute(
         )
         .await;
     }
-    outcome
+    Executed { outcome, recorded }
 }
 
 /// Records a run whose task panicked (the panic was caught): a failed run with reason

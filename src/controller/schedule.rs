@@ -1,5 +1,6 @@
 //! When a sync runs next: spec changes, `backflow.dev/requested-at`, `interval` or `cron`,
-//! `after` other syncs, and retries of failed runs with backoff. Pure functions of the
+//! `after` other syncs (a new sync with `after` first runs once they all succeeded), and
+//! retries of failed runs with backoff. Pure functions of the
 //! object and the clock, so every rule is unit-tested.
 
 use std::time::Duration;
@@ -139,7 +140,17 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
         .and_then(|a| a.get(REQUESTED_AT))
         .filter(|v| status.last_handled_requested_at.as_deref() != Some(v.as_str()));
 
-    let run = if last.is_none() || last.and_then(|r| r.generation) != Some(generation) {
+    // A sync that follows others (`schedule.after`) first runs once they have all succeeded,
+    // not on creation: its data would be older than its upstreams' next output. Later spec
+    // changes run at once, like any sync's.
+    let follows_others = schedule.is_some_and(|s| !s.after.is_empty());
+    let run = if last.is_none() && follows_others {
+        if after_due {
+            Some(Trigger::After)
+        } else {
+            requested.map(|value| Trigger::Requested(value.clone()))
+        }
+    } else if last.is_none() || last.and_then(|r| r.generation) != Some(generation) {
         Some(Trigger::SpecChanged)
     } else if let Some(value) = requested {
         Some(Trigger::Requested(value.clone()))
@@ -285,6 +296,26 @@ mod tests {
         assert_eq!(
             decide(&s, &missing, at(300)).waiting_for,
             vec!["other".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_new_sync_that_follows_others_waits_for_their_first_success() {
+        let s = sync("  schedule: {after: [model]}\n");
+        let d = decide(&s, &[("model".to_owned(), None)], at(0));
+        assert_eq!((d.run, d.waiting_for), (None, vec!["model".to_owned()]));
+        let done = [("model".to_owned(), Some(at(-60)))];
+        assert_eq!(
+            decide(&s, &done, at(0)).run,
+            Some(Trigger::After),
+            "an upstream that already succeeded lets it run at once"
+        );
+        let mut s = ran(s, 100, "Succeeded", 0);
+        s.metadata.generation = Some(4);
+        assert_eq!(
+            decide(&s, &[("model".to_owned(), Some(at(50)))], at(200)).run,
+            Some(Trigger::SpecChanged),
+            "a spec change of a sync that ran before runs at once"
         );
     }
 
