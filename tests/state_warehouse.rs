@@ -266,6 +266,7 @@ async fn run_with(
         name: "customers",
         spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: fast_delivery(fake, 3),
         scope: "default/fake".into(),
     };

@@ -11,6 +11,7 @@ use crate::api::{Destination, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
 use crate::destination::{SecretData, SendError};
+use crate::source::Credentials;
 
 /// Finds the objects a sync refers to, in one namespace.
 #[async_trait]
@@ -202,6 +203,8 @@ pub async fn destination(
 pub struct Prepared {
     /// The source connection URL (from its Secret; never logged).
     pub source_url: String,
+    /// The source Secret's other keys (never logged).
+    pub source_credentials: Credentials,
     /// The destination, ready to deliver.
     pub destination: ReadyDestination,
     /// What the fingerprints are about.
@@ -237,7 +240,7 @@ pub async fn prepare(
         .destination(namespace, &spec.destination_ref.name)
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
-    let source_url = connection_url(resolver, namespace, source_ref).await?;
+    let (source_url, source_credentials) = connection(resolver, namespace, source_ref).await?;
     let state_url = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
         Some(state_ref) => {
             check_namespace(
@@ -252,6 +255,7 @@ pub async fn prepare(
     let scope = scope(namespace, &destination.destination);
     Ok(Prepared {
         source_url,
+        source_credentials,
         destination,
         scope,
         state_url,
@@ -264,15 +268,31 @@ async fn connection_url(
     namespace: &str,
     reference: &SecretKeyRef,
 ) -> Result<String, SetupError> {
+    connection(resolver, namespace, reference)
+        .await
+        .map(|(url, _)| url)
+}
+
+/// The connection URL a Secret key holds (key default `url`), and the Secret's other keys
+/// (private keys, client secrets) for the sources that need them; the caller checked the
+/// namespace.
+async fn connection(
+    resolver: &dyn Resolver,
+    namespace: &str,
+    reference: &SecretKeyRef,
+) -> Result<(String, Credentials), SetupError> {
     let secret = resolver.secret(namespace, &reference.name).await?;
     let key = reference.key.as_deref().unwrap_or("url");
-    secret
+    let url = secret
         .get(key)
         .map(str::to_owned)
         .ok_or_else(|| SetupError::SecretKeyMissing {
             name: reference.name.clone(),
             key: key.to_owned(),
-        })
+        })?;
+    let mut others = secret.entries().clone();
+    others.remove(key);
+    Ok((url, Credentials::new(others)))
 }
 
 /// The Warehouse store's connection URL: the one of `spec.state.connectionSecretRef` when set,
