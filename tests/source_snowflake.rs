@@ -255,6 +255,23 @@ async fn throttled_and_unavailable_answers_are_retried() {
     let statuses: Vec<Option<u16>> = double.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses.iter().filter(|s| **s == Some(429)).count(), 2);
     assert_eq!(statuses[0], Some(503));
+    // The resubmitted statement keeps its request id and says it is a retry.
+    let posts: Vec<String> = double
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.query.clone().unwrap_or_default())
+        .collect();
+    let id = |q: &str| {
+        q.split('&')
+            .find(|kv| kv.starts_with("requestId="))
+            .map(str::to_owned)
+    };
+    assert!(
+        !posts[0].contains("retry=true") && posts[1].contains("retry=true"),
+        "{posts:?}"
+    );
+    assert_eq!(id(&posts[0]), id(&posts[1]));
 }
 
 #[tokio::test]

@@ -265,15 +265,18 @@ impl Client {
                 body[field] = json!(v);
             }
         }
-        // The same request id on a resubmission lets Snowflake run the statement once.
+        // A resubmission (after a 503, or with a renewed token) carries the same request id
+        // and `retry=true`, so Snowflake runs the statement once.
         let request_id = uuid::Uuid::new_v4().to_string();
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let url = format!("{}/api/v2/statements", self.base);
         let (_, answer) = self
             .request(|client| {
-                client
-                    .post(&url)
-                    .query(&[("requestId", request_id.as_str()), ("async", "true")])
-                    .json(&body)
+                let mut query = vec![("requestId", request_id.as_str()), ("async", "true")];
+                if sent.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    query.push(("retry", "true"));
+                }
+                client.post(&url).query(&query).json(&body)
             })
             .await?;
         answer
