@@ -227,6 +227,9 @@ pub struct RunReport {
     pub rejected_samples: Vec<RejectedRow>,
     /// In a dry run, a few rows per operation.
     pub plan_samples: Vec<PlanSample>,
+    /// What the source's login may do beyond reading; `None` when the run stopped before
+    /// the source answered.
+    pub source_privileges: Option<source::Privileges>,
     /// The error that stopped the run, if any.
     pub error: Option<RunError>,
 }
@@ -308,6 +311,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             result_fingerprint: String::new(),
             rejected_samples: Vec::new(),
             plan_samples: Vec::new(),
+            source_privileges: None,
             error: None,
         },
         pending: Vec::new(),
@@ -400,6 +404,18 @@ async fn run_steps(
         ) => rows?,
         () = options.cancel.cancelled() => return Err(RunError::Cancelled),
     };
+    match rows.privileges() {
+        source::Privileges::Elevated(found) => tracing::warn!(
+            privileges = %found.join(", "),
+            "the source user holds privileges that let a model query write despite the read-only \
+             transaction; connect as a least-privilege role"
+        ),
+        source::Privileges::Unknown(reason) => {
+            tracing::debug!(reason = %reason, "failed to check the source user's privileges");
+        }
+        source::Privileges::Least => {}
+    }
+    c.report.source_privileges = Some(rows.privileges().clone());
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
@@ -458,17 +474,16 @@ async fn run_steps(
     sends.add(Operation::Delete, deletes.len() as u64);
     job.delivery.prepare(&sends);
     let job = &*job;
-    let batch_size = job.delivery.config().batch_size;
     let batches = SpillBatches {
         reader: spilled,
         plan: &plan,
         decider: &decider,
-        batch_size,
+        delivery: &job.delivery,
         carry: None,
     };
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
-        let delete_batches = delete_batches(&state, &deletes, batch_size);
+        let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
         deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
     }
     Ok(())
@@ -816,7 +831,8 @@ struct SpillBatches<'p> {
     reader: SpillReader,
     plan: &'p super::plan::PlanOutcome,
     decider: &'p Decider,
-    batch_size: usize,
+    /// Asked for the batch size at each batch: a destination may lower it during the run.
+    delivery: &'p Delivery,
     carry: Option<super::spill::SpilledRow>,
 }
 
@@ -826,6 +842,7 @@ impl SpillBatches<'_> {
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
+        let batch_size = self.delivery.batch_size();
         let mut batch: Option<Batch> = None;
         loop {
             let row = match self.carry.take() {
@@ -841,7 +858,7 @@ impl SpillBatches<'_> {
             };
             let b = batch.get_or_insert_with(|| Batch {
                 operation: row.operation,
-                records: Vec::with_capacity(self.batch_size),
+                records: Vec::with_capacity(batch_size),
                 stored: Default::default(),
             });
             if b.operation != row.operation {
@@ -855,7 +872,7 @@ impl SpillBatches<'_> {
                 identity: row.identity,
                 fields: row.fields,
             });
-            if b.records.len() >= self.batch_size {
+            if b.records.len() >= batch_size {
                 return Ok(batch);
             }
         }

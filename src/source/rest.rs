@@ -52,6 +52,8 @@ pub(super) enum HttpError {
     },
     /// A body that was not the JSON expected, or larger than [`MAX_BODY`].
     Body(String),
+    /// The operator's egress policy refused the host's address.
+    Egress(crate::egress::EgressError),
 }
 
 impl HttpError {
@@ -63,7 +65,7 @@ impl HttpError {
                     // Google answers a rate limit with 403 and this reason.
                     || (*status == 403 && body.contains("rateLimitExceeded"))
             }
-            HttpError::Body(_) => false,
+            HttpError::Body(_) | HttpError::Egress(_) => false,
         }
     }
 
@@ -83,6 +85,7 @@ impl std::fmt::Display for HttpError {
             HttpError::Status { status, body, .. } if body.is_empty() => write!(f, "HTTP {status}"),
             HttpError::Status { status, body, .. } => write!(f, "HTTP {status}: {body}"),
             HttpError::Body(reason) => write!(f, "{reason}"),
+            HttpError::Egress(e) => write!(f, "{e}"),
         }
     }
 }
@@ -108,7 +111,8 @@ impl Http {
     /// A client for the source of `connection`, masking its URL's and credentials' secrets.
     pub(super) fn new(connection: Connection<'_>) -> Result<Http, SourceError> {
         let url = connection.url;
-        let client = reqwest::Client::builder()
+        // DNS through the egress policy, as every connector's client.
+        let client = crate::egress::http_client()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             // A redirect could carry the Authorization header to another host.
@@ -147,10 +151,21 @@ impl Http {
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response, HttpError> {
         let attempt = || async {
-            let response = build(&self.client)
-                .send()
-                .await
+            let request = build(&self.client)
+                .build()
                 .map_err(|e| HttpError::Transport(self.transport_reason(e)))?;
+            // A host written as an address never reaches the policy's resolver.
+            if let Some(host) = request.url().host_str() {
+                crate::egress::check_host(host).map_err(HttpError::Egress)?;
+            }
+            let response =
+                self.client
+                    .execute(request)
+                    .await
+                    .map_err(|e| match crate::egress::find_in(&e) {
+                        Some(refused) => HttpError::Egress(refused.clone()),
+                        None => HttpError::Transport(self.transport_reason(e)),
+                    })?;
             if response.status().is_success() {
                 Ok(response)
             } else {

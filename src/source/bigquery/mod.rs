@@ -273,6 +273,7 @@ impl Mint for Auth {
             }
         };
         let (_, answer) = answer.map_err(|e| match e {
+            HttpError::Egress(e) => SourceError::Egress(e),
             HttpError::Transport(reason) => SourceError::Connect {
                 target: self.target.clone(),
                 reason: format!("failed to get a Google token: {reason}"),
@@ -501,6 +502,7 @@ impl Client {
         match e {
             HttpError::Transport(reason) => SourceError::Connect { target, reason },
             HttpError::Body(reason) => SourceError::Query(reason),
+            HttpError::Egress(e) => SourceError::Egress(e),
             HttpError::Status { status, body, .. } => {
                 let answer: ErrorAnswer = serde_json::from_str(&body).unwrap_or_default();
                 let reason_code = answer

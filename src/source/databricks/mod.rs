@@ -224,6 +224,7 @@ impl Mint for Auth {
                     })
                     .await
                     .map_err(|e| match e {
+                        HttpError::Egress(e) => SourceError::Egress(e),
                         HttpError::Transport(reason) => SourceError::Connect {
                             target: self.target.clone(),
                             reason: format!("failed to get an OAuth token: {reason}"),
@@ -481,6 +482,7 @@ impl Client {
                 },
                 HttpError::Transport(reason) => HttpError::Transport(hide(reason)),
                 HttpError::Body(reason) => HttpError::Body(hide(reason)),
+                HttpError::Egress(e) => HttpError::Egress(e),
             })?;
         let body = self.http.read_body(response, rest::MAX_BODY).await?;
         serde_json::from_slice(&body)
@@ -509,6 +511,7 @@ impl Client {
         match e {
             HttpError::Transport(reason) => SourceError::Connect { target, reason },
             HttpError::Body(reason) => SourceError::Query(reason),
+            HttpError::Egress(e) => SourceError::Egress(e),
             HttpError::Status { status, body, .. } => {
                 let error: ServiceError = serde_json::from_str(&body).unwrap_or_default();
                 let reason = if error.message.is_empty() {

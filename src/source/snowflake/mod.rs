@@ -341,6 +341,7 @@ impl Client {
         match e {
             HttpError::Transport(reason) => SourceError::Connect { target, reason },
             HttpError::Body(reason) => SourceError::Query(reason),
+            HttpError::Egress(e) => SourceError::Egress(e),
             HttpError::Status { status, body, .. } => {
                 let failure: Failure = serde_json::from_str(&body).unwrap_or_default();
                 let reason = if failure.message.is_empty() {
