@@ -127,6 +127,17 @@ impl Scrubber {
         self.sorted()
     }
 
+    /// Also masks each of `values` (keys of a source's Secret, tokens minted during a run),
+    /// as written and percent-encoded.
+    pub fn with_values<'a>(mut self, values: impl IntoIterator<Item = &'a str>) -> Self {
+        for value in values {
+            self.needles.push(value.to_owned());
+            self.needles
+                .push(utf8_percent_encode(value, NOT_UNRESERVED).to_string());
+        }
+        self.sorted()
+    }
+
     fn sorted(mut self) -> Self {
         self.needles.retain(|s| s.chars().count() >= MIN_LEN);
         self.needles

@@ -58,6 +58,7 @@ impl Harness {
             name: "customers",
             spec,
             source_url: &self.db.url,
+            source_credentials: Default::default(),
             delivery: fast_delivery(fake, 3),
             scope: "default/fake".into(),
         };

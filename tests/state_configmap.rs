@@ -457,6 +457,7 @@ async fn engine_run(server: &ApiServer, db: &TempSqlite, fake: Arc<FakeConnector
         name: "customers",
         spec: &spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config),
         scope: SCOPE.into(),
     };

@@ -278,6 +278,7 @@ async fn run_as(
         name: "customers",
         spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: fast_delivery(fake, 3),
         scope: "default/fake".into(),
     };

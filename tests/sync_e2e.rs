@@ -52,6 +52,7 @@ async fn run_sync(
         name: "customers",
         spec: &spec,
         source_url: model_url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/d".into(),
     };

@@ -97,7 +97,12 @@ pub struct DeleteLimit {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Secret key (default key `url`) holding the connection URL: `postgres://…`,
-    /// `mysql://…` or `sqlite://…`.
+    /// `mysql://…`, `sqlite://…`, `snowflake://USER@ACCOUNT/DATABASE/SCHEMA?warehouse=…&role=…`,
+    /// `databricks://HOST/sql/1.0/warehouses/ID?catalog=…&schema=…` or
+    /// `bigquery://PROJECT/DATASET?location=…&maximumBytesBilled=…`. Credentials that do not
+    /// fit in a URL come from other keys of the same Secret: `private_key` or `token`
+    /// (Snowflake), `token` or `client_secret` (Databricks), `service_account_json` (BigQuery).
+    /// See docs/sources/.
     pub connection_secret_ref: SecretKeyRef,
     /// The model query. It runs in a read-only transaction; a statement that writes fails.
     #[schemars(length(min = 1))]

@@ -313,6 +313,7 @@ async fn run_once(
         name,
         spec: &sync.spec,
         source_url: &prepared.source_url,
+        source_credentials: prepared.source_credentials,
         delivery: prepared.destination.delivery,
         scope: prepared.scope,
     };

@@ -41,6 +41,8 @@ pub struct SyncRun<'a> {
     pub spec: &'a ReverseSyncSpec,
     /// The source connection URL (from its Secret; never logged).
     pub source_url: &'a str,
+    /// The other keys of the source's Secret (private keys, client secrets; never logged).
+    pub source_credentials: source::Credentials,
     /// The destination behind the shared delivery layers.
     pub delivery: Delivery,
     /// What the fingerprints are about (the destination's identity); a new scope resends all.
@@ -88,6 +90,9 @@ pub struct RunOptions {
     /// `backflow.dev/approve-deletes` annotation, `--approve-deletes`); it lets through only
     /// the plan it names.
     pub approved_deletes: Option<String>,
+    /// Sends the cloud warehouses' requests to this base URL (a local double); set by tests
+    /// only, see [`source::Connection::endpoint_override`].
+    pub source_endpoint_override: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -101,6 +106,7 @@ impl Default for RunOptions {
             cancel: CancellationToken::new(),
             progress: Arc::new(NoProgress),
             approved_deletes: None,
+            source_endpoint_override: None,
         }
     }
 }
@@ -398,8 +404,20 @@ async fn run_steps(
         },
         ..SourceOptions::default()
     };
-    // The query starts first so the database works while the state loads.
-    let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
+    // The query starts first so the database works while the state loads. A cancelled run
+    // drops the extraction, which cancels a warehouse statement still running.
+    let mut rows = tokio::select! {
+        rows = source::extract_from(
+            source::Connection {
+                url: job.source_url,
+                credentials: &job.source_credentials,
+                endpoint_override: options.source_endpoint_override.as_deref(),
+            },
+            &spec.source.query,
+            &source_options,
+        ) => rows?,
+        () = options.cancel.cancelled() => return Err(RunError::Cancelled),
+    };
     match rows.privileges() {
         source::Privileges::Elevated(found) => tracing::warn!(
             privileges = %found.join(", "),

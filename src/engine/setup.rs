@@ -13,6 +13,7 @@ use crate::api::{Destination, DestinationType, ReverseSync, ReverseSyncSpec, Sec
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
 use crate::destination::{Connector, SecretData, SendError};
+use crate::source::Credentials;
 
 /// Finds the objects a sync refers to, in one namespace.
 #[async_trait]
@@ -370,6 +371,8 @@ pub async fn destination(
 pub struct Prepared {
     /// The source connection URL (from its Secret; never logged).
     pub source_url: String,
+    /// The source Secret's other keys (never logged).
+    pub source_credentials: Credentials,
     /// The destination, ready to deliver.
     pub destination: ReadyDestination,
     /// What the fingerprints are about.
@@ -406,7 +409,7 @@ pub async fn prepare(
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
     let user = SecretUser::reverse_sync(sync.metadata.name.as_deref().unwrap_or_default());
-    let source_url = connection_url(resolver, namespace, source_ref, &user).await?;
+    let (source_url, source_credentials) = connection(resolver, namespace, source_ref, &user).await?;
     check_sqlite(resolver, "spec.source.connectionSecretRef", &source_url)?;
     let state_url = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
         Some(state_ref) => {
@@ -424,6 +427,7 @@ pub async fn prepare(
     let scope = scope(namespace, &destination.destination);
     Ok(Prepared {
         source_url,
+        source_credentials,
         destination,
         scope,
         state_url,
@@ -437,18 +441,35 @@ async fn connection_url(
     reference: &SecretKeyRef,
     user: &SecretUser,
 ) -> Result<String, SetupError> {
+    connection(resolver, namespace, reference, user)
+        .await
+        .map(|(url, _)| url)
+}
+
+/// The connection URL a Secret key holds (key default `url`), and the Secret's other keys
+/// (private keys, client secrets) for the sources that need them; the caller checked the
+/// namespace.
+async fn connection(
+    resolver: &dyn Resolver,
+    namespace: &str,
+    reference: &SecretKeyRef,
+    user: &SecretUser,
+) -> Result<(String, Credentials), SetupError> {
     let key = reference.key.as_deref().unwrap_or("url");
     let secret = resolver
         .secret(namespace, &reference.name, user)
         .await
         .map_err(|e| e.reading_keys(&[key]))?;
-    secret
+    let url = secret
         .get(key)
         .map(str::to_owned)
         .ok_or_else(|| SetupError::SecretKeyMissing {
             name: reference.name.clone(),
             key: key.to_owned(),
-        })
+        })?;
+    let mut others = secret.entries().clone();
+    others.remove(key);
+    Ok((url, Credentials::new(others)))
 }
 
 /// The Warehouse store's connection URL: the one of `spec.state.connectionSecretRef` when set,

@@ -154,6 +154,7 @@ async fn run_one(
         name,
         spec: &sync.spec,
         source_url: &prepared.source_url,
+        source_credentials: prepared.source_credentials,
         delivery: prepared.destination.delivery,
         scope: prepared.scope,
     };
@@ -181,5 +182,58 @@ impl Resolver for Manifests {
         _user: &SecretUser,
     ) -> Result<SecretData, SetupError> {
         secrets::resolve(self, namespace, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifests::{Manifests, load_text};
+    use crate::destination::delivery::rate_limit::Limiters;
+    use crate::engine::setup::prepare;
+
+    #[tokio::test]
+    async fn the_source_secret_s_other_keys_reach_the_source_and_its_url_key_does_not() {
+        let mut manifests = Manifests::default();
+        load_text(
+            r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: snowflake}
+stringData:
+  dsn: snowflake://LOADER@acme/DB/SCHEMA?warehouse=WH
+  private_key: "-----BEGIN PRIVATE KEY-----"
+---
+apiVersion: backflow.dev/v1alpha1
+kind: Destination
+metadata: {name: hook}
+spec: {type: http, http: {url: "http://127.0.0.1:1/upsert"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: ReverseSync
+metadata: {name: s}
+spec:
+  source: {connectionSecretRef: {name: snowflake, key: dsn}, query: "SELECT 1 AS id", primaryKey: [id]}
+  destinationRef: {name: hook}
+  mappings: [{from: id, to: id}]
+"#,
+            "test",
+            &mut manifests,
+        )
+        .unwrap();
+        let sync = manifests.syncs.values().next().unwrap().clone();
+        let namespace = manifests.syncs.keys().next().unwrap().0.clone();
+        let prepared = prepare(&manifests, &namespace, &sync, &Limiters::default(), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            prepared.source_url,
+            "snowflake://LOADER@acme/DB/SCHEMA?warehouse=WH"
+        );
+        assert_eq!(
+            prepared.source_credentials.get("private_key"),
+            Some("-----BEGIN PRIVATE KEY-----")
+        );
+        assert_eq!(prepared.source_credentials.get("dsn"), None);
+        assert!(!format!("{:?}", prepared.source_credentials).contains("BEGIN"));
     }
 }

@@ -1,13 +1,24 @@
 //! Sources: run a model query against a warehouse and stream its rows as canonical values.
 //!
-//! The query runs in a read-only transaction with a statement timeout, on a task of its own
-//! that feeds a bounded channel, so rows are streamed and never collected whole.
+//! The query runs read-only with a statement timeout (a read-only transaction for the SQL
+//! databases, a statement-type check for the cloud warehouses), on a task of its own that
+//! feeds a bounded channel, so rows are streamed and never collected whole.
+//!
+//! The connection URL's scheme picks the source. Credentials that do not fit in a URL (a
+//! private key, a service-account key, an OAuth client secret) come from the other keys of the
+//! same Secret, as [`Credentials`].
 
+mod bigquery;
+mod databricks;
 mod mysql;
 mod postgres;
+mod rest;
+mod snowflake;
 mod sqlite;
+mod statement;
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +44,53 @@ impl Default for SourceOptions {
             // Deep enough to keep the database streaming while the state loads.
             buffer_rows: 32_768,
         }
+    }
+}
+
+/// Where a source connects and as whom: the connection URL of its Secret and the Secret's
+/// other keys.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The connection URL (never logged).
+    pub url: &'a str,
+    /// The Secret's other keys.
+    pub credentials: &'a Credentials,
+    /// Sends every request of the cloud warehouses (API, token and metadata endpoints) to
+    /// this base URL instead of the vendor's hosts. Only code sets it (the tests, against
+    /// local doubles): no manifest, Secret or flag maps to it.
+    pub endpoint_override: Option<&'a str>,
+}
+
+/// The keys of the source's Secret besides the connection URL (a PEM private key, a
+/// service-account key, an OAuth client secret). Its `Debug` shows the keys, never a value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    values: BTreeMap<String, String>,
+}
+
+impl Credentials {
+    /// Wraps the decoded keys of a Secret.
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        Credentials { values }
+    }
+
+    /// The value under `key`, when present and not blank.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    /// Every value, to scrub them out of messages.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        self.values.values().map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.values.keys()).finish()
     }
 }
 
@@ -217,9 +275,25 @@ impl RowStream {
 pub enum SourceError {
     /// The URL's scheme is not one Backflow reads.
     #[error(
-        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql:// or sqlite://)"
+        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql://, sqlite://, snowflake://, databricks:// or bigquery://)"
     )]
     UnsupportedUrl(String),
+    /// The connection URL or the Secret's other keys do not describe a usable connection.
+    #[error("failed to configure source {target}: {reason}")]
+    Config {
+        /// The source, without credentials.
+        target: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// The service refused the credentials (wrong, expired, or lacking a grant).
+    #[error("failed to authenticate to source {target}: {reason}")]
+    Auth {
+        /// The source, without credentials.
+        target: String,
+        /// The service's reason.
+        reason: String,
+    },
     /// The database could not be reached or refused the login.
     #[error("failed to connect to source {target}: {reason}")]
     Connect {
@@ -288,7 +362,8 @@ impl SourceError {
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
-            SourceError::UnsupportedUrl(_) => "InvalidSourceURL",
+            SourceError::UnsupportedUrl(_) | SourceError::Config { .. } => "InvalidSourceURL",
+            SourceError::Auth { .. } => "SourceAuthFailed",
             SourceError::Connect { .. } => "SourceUnreachable",
             SourceError::Query(_) | SourceError::ReadOnly(_) | SourceError::NoColumns => "QueryFailed",
             SourceError::Timeout(_) => "QueryTimeout",
@@ -308,13 +383,33 @@ impl SourceError {
     }
 }
 
-/// Starts the model query and returns its row stream.
+/// Starts the model query on the source of `url` (a source that needs no other credential)
+/// and returns its row stream.
 pub async fn extract(url: &str, query: &str, options: &SourceOptions) -> Result<RowStream, SourceError> {
+    let credentials = Credentials::default();
+    let connection = Connection {
+        url,
+        credentials: &credentials,
+        endpoint_override: None,
+    };
+    extract_from(connection, query, options).await
+}
+
+/// Starts the model query on `connection` and returns its row stream.
+pub async fn extract_from(
+    connection: Connection<'_>,
+    query: &str,
+    options: &SourceOptions,
+) -> Result<RowStream, SourceError> {
+    let url = connection.url;
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "postgres" | "postgresql" => postgres::extract(url, query, options).await,
         "mysql" | "mariadb" => mysql::extract(url, query, options).await,
         "sqlite" => sqlite::extract(url, query, options).await,
+        "snowflake" => snowflake::extract(connection, query, options).await,
+        "databricks" => databricks::extract(connection, query, options).await,
+        "bigquery" => bigquery::extract(connection, query, options).await,
         other => Err(SourceError::UnsupportedUrl(other.to_owned())),
     }
 }
@@ -419,14 +514,14 @@ impl RowSink {
 ///
 /// Waiting for the next row also watches the receiver, so a slow query stops as soon as
 /// nobody listens instead of at its next row.
-async fn pump<R, S>(
+async fn pump<R, E, S>(
     rows: S,
     tx: &RowSender,
     mut decode: impl FnMut(&R) -> Result<SourceRow, SourceError>,
-    query_error: impl Fn(sqlx::Error) -> SourceError,
+    query_error: impl Fn(E) -> SourceError,
 ) -> StreamEnd
 where
-    S: Stream<Item = Result<R, sqlx::Error>>,
+    S: Stream<Item = Result<R, E>>,
 {
     let mut rows = std::pin::pin!(rows);
     let mut sink = RowSink::new(tx.clone());

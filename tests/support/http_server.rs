@@ -11,6 +11,7 @@
 //!   `{"results":[{"index":0,"error":null},…]}`, where `reject_records` (or
 //!   `reject_emails_without_at`) puts an error message on the records it refuses; or a fixed
 //!   reply (`always`, `unauthorized`);
+//! - or, for a vendor double, whatever its `handler` answers (routing by method and path);
 //! - optionally a required header (`require_header`, answered 401 when it is absent or
 //!   different) and a delay before every answer (`with_delay`), counted on tokio's clock;
 //! - or an endless body (`endless_body`): the status, then 64 KiB chunks of JSON whitespace
@@ -46,6 +47,9 @@ use tokio::time::Instant;
 /// Decides, per record, whether the double refuses it: `Some(message)` rejects.
 pub type RecordCheck = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
 
+/// Answers a request once the script is used up: how a vendor double routes by path.
+pub type Handler = Arc<dyn Fn(&RecordedRequest) -> Reply + Send + Sync>;
+
 /// One canned HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -79,6 +83,7 @@ impl Reply {
 pub struct Behaviour {
     script: Vec<Reply>,
     steady: Option<Reply>,
+    handler: Option<Handler>,
     reject: Option<RecordCheck>,
     required_header: Option<(String, String)>,
     delay: Duration,
@@ -91,6 +96,7 @@ impl fmt::Debug for Behaviour {
         f.debug_struct("Behaviour")
             .field("script", &self.script)
             .field("steady", &self.steady)
+            .field("handler", &self.handler.is_some())
             .field("rejects", &self.reject.is_some())
             .field("required_header", &self.required_header.as_ref().map(|(n, _)| n))
             .field("delay", &self.delay)
@@ -111,6 +117,7 @@ impl Behaviour {
         Behaviour {
             script: Vec::new(),
             steady: None,
+            handler: None,
             reject: None,
             required_header: None,
             delay: Duration::ZERO,
@@ -140,6 +147,13 @@ impl Behaviour {
     /// Replaces the steady answer given once the script is used up.
     pub fn steady(mut self, reply: Reply) -> Self {
         self.steady = Some(reply);
+        self
+    }
+
+    /// Answers every request (after any script) with what `handler` makes of it: the vendor
+    /// doubles route by method and path here. The request it gets is the recorded one.
+    pub fn handler(mut self, handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static) -> Self {
+        self.handler = Some(Arc::new(handler));
         self
     }
 
@@ -428,7 +442,11 @@ async fn handle(
     if let Some(status) = behaviour.endless {
         return endless(status, Arc::clone(&shared));
     }
-    let (reply, rejections) = decide(behaviour, &shared.scripted, &headers, &records);
+    let recorded = behaviour
+        .handler
+        .as_ref()
+        .and_then(|_| shared.log().get(index).cloned());
+    let (reply, rejections) = decide(behaviour, &shared.scripted, &headers, &records, recorded.as_ref());
     {
         let mut log = shared.log();
         if let Some(request) = log.get_mut(index) {
@@ -445,6 +463,7 @@ fn decide(
     scripted: &AtomicUsize,
     headers: &HeaderMap,
     records: &[Value],
+    recorded: Option<&RecordedRequest>,
 ) -> (Reply, Vec<Option<String>>) {
     if let Some((name, value)) = &behaviour.required_header {
         let given = headers.get(name.as_str()).and_then(|v| v.to_str().ok());
@@ -458,6 +477,9 @@ fn decide(
     }
     if let Some(reply) = &behaviour.steady {
         return (reply.clone(), Vec::new());
+    }
+    if let (Some(handler), Some(request)) = (&behaviour.handler, recorded) {
+        return (handler(request), Vec::new());
     }
     let rejections: Vec<Option<String>> = records
         .iter()
