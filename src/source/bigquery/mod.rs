@@ -33,7 +33,6 @@ use tokio::time::Instant;
 use self::decode::{Field, Kind};
 use super::rest::{self, CallError, Http, HttpError, Mint, Token, Tokens};
 use super::{Column, Connection, Credentials, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
-use crate::engine::value::Value;
 
 /// The API, Google's token endpoint and the metadata server.
 const API: &str = "https://bigquery.googleapis.com";

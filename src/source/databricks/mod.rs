@@ -36,7 +36,6 @@ use tokio::time::Instant;
 use self::decode::{ColumnInfo, Kind};
 use super::rest::{self, CallError, Http, HttpError, Mint, Token, Tokens};
 use super::{Column, Connection, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
-use crate::engine::value::Value;
 
 /// Chunks fetched ahead of the one being read.
 const PREFETCH: usize = 3;

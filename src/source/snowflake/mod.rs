@@ -34,7 +34,6 @@ use self::auth::{Auth, KeyPair};
 use self::decode::{Kind, RowType};
 use super::rest::{self, CallError, Http, HttpError, Tokens};
 use super::{Column, Connection, Credentials, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
-use crate::engine::value::Value;
 
 /// Partitions fetched ahead of the one being read.
 const PREFETCH: usize = 3;
