@@ -57,6 +57,7 @@ async fn run_into(db: &TempSqlite, spec: &ReverseSyncSpec, delivery: Delivery) -
         name: "wide",
         spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery,
         scope: "default/fake".into(),
     };
