@@ -439,6 +439,7 @@ async fn an_emptied_model_deletes_nothing_with_either_planner() {
                     name: "customers",
                     spec: &spec,
                     source_url: &url,
+                    source_credentials: Default::default(),
                     delivery: fast_delivery(fake, 3),
                     scope: "default/fake".into(),
                 };

@@ -199,6 +199,7 @@ async fn run_spec(
         name: "customers",
         spec,
         source_url: model_url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/d".into(),
     };
@@ -400,6 +401,7 @@ async fn run_spec_with(
         name: "customers",
         spec,
         source_url: model_url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/d".into(),
     };
@@ -554,6 +556,7 @@ async fn huge_floats_reach_a_json_destination_as_numbers_and_non_finite_floats_r
         name: "customers",
         spec: &spec,
         source_url: &model.url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/d".into(),
     };
