@@ -19,6 +19,9 @@
 //! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
 //! requests/s against R, retries, rows the server accepted against rows expected.
 //!
+//! Then the ClickHouse source at the smallest size (`clickhouse.rs`): rows/s of the source
+//! next to a raw HTTP read of the same body, in the same run.
+//!
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
 //! report the median time and the highest peak; end-to-end runs change the state and run
@@ -29,6 +32,7 @@
 #[allow(dead_code)]
 #[path = "../../tests/support/apiserver.rs"]
 mod apiserver;
+mod clickhouse;
 mod delivery;
 mod model;
 mod phase;
@@ -78,8 +82,15 @@ async fn main() {
         sizes_done.push(bench_size(&admin_url, rows, repeat, &sink, api_server.url()).await);
     }
     let delivery = delivery::bench(&admin_url, &sink).await;
+    // The ClickHouse source at the smallest size only: the default bench stays short.
+    let state = tempfile::tempdir().expect("temp dir");
+    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+    let clickhouse = clickhouse::bench(smallest, repeat, &state.path().to_string_lossy()).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
+    if let Some(c) = &clickhouse {
+        clickhouse::print(c);
+    }
 }
 
 /// Every phase of one model size.

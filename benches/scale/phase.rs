@@ -62,6 +62,10 @@ pub enum Kind {
     },
     /// Loads a File store's state and measures its fingerprints in memory.
     Fingerprints { sync: String },
+    /// The ClickHouse baseline: the query's RowBinary body read and discarded.
+    ClickHouseRaw { rows: u64 },
+    /// The source alone: every row extracted and decoded, nothing planned.
+    SourceOnly,
 }
 
 /// A phase and everything it needs.
@@ -148,6 +152,8 @@ pub async fn child(json: &str) {
             destination,
         } => engine_run(&phase, *store, sync, *dry_run, destination).await,
         Kind::Fingerprints { sync } => fingerprints(&phase, sync).await,
+        Kind::ClickHouseRaw { rows } => crate::clickhouse::raw_read(&phase, *rows).await,
+        Kind::SourceOnly => crate::clickhouse::source_only(&phase).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
     m.peak_rss_mib = peak_rss_mib();

@@ -66,9 +66,11 @@ pub struct ReverseSyncSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Secret key (default key `url`) holding the connection URL: `postgres://…`,
-    /// `mysql://…` or `sqlite://…`.
+    /// `mysql://…`, `sqlite://…`, `clickhouse://…` (`clickhouses://…` for HTTPS) or
+    /// `redshift://…`.
     pub connection_secret_ref: SecretKeyRef,
-    /// The model query. It runs in a read-only transaction; a statement that writes fails.
+    /// The model query. It runs read-only (a read-only transaction; ClickHouse's `readonly`
+    /// setting); a statement that writes fails.
     #[schemars(length(min = 1))]
     pub query: String,
     /// Columns that identify a row of the model. A row with a NULL or duplicate key is

@@ -3,8 +3,10 @@
 //! The query runs in a read-only transaction with a statement timeout, on a task of its own
 //! that feeds a bounded channel, so rows are streamed and never collected whole.
 
+mod clickhouse;
 mod mysql;
 mod postgres;
+mod redshift;
 mod sqlite;
 
 use std::fmt::Display;
@@ -89,7 +91,7 @@ impl RowStream {
 pub enum SourceError {
     /// The URL's scheme is not one Backflow reads.
     #[error(
-        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql:// or sqlite://)"
+        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql://, sqlite://, clickhouse://, clickhouses:// or redshift://)"
     )]
     UnsupportedUrl(String),
     /// The database could not be reached or refused the login.
@@ -154,6 +156,8 @@ pub async fn extract(url: &str, query: &str, options: &SourceOptions) -> Result<
         "postgres" | "postgresql" => postgres::extract(url, query, options).await,
         "mysql" | "mariadb" => mysql::extract(url, query, options).await,
         "sqlite" => sqlite::extract(url, query, options).await,
+        "clickhouse" | "clickhouses" => clickhouse::extract(url, query, options).await,
+        "redshift" => redshift::extract(url, query, options).await,
         other => Err(SourceError::UnsupportedUrl(other.to_owned())),
     }
 }
@@ -207,14 +211,14 @@ enum StreamEnd {
 ///
 /// Waiting for the next row also watches the receiver, so a slow query stops as soon as
 /// nobody listens instead of at its next row.
-async fn pump<R, S>(
+async fn pump<R, E, S>(
     rows: S,
     tx: &RowSender,
-    mut decode: impl FnMut(&R) -> Result<Vec<Value>, SourceError>,
-    query_error: impl Fn(sqlx::Error) -> SourceError,
+    mut decode: impl FnMut(R) -> Result<Vec<Value>, SourceError>,
+    query_error: impl Fn(E) -> SourceError,
 ) -> StreamEnd
 where
-    S: Stream<Item = Result<R, sqlx::Error>>,
+    S: Stream<Item = Result<R, E>>,
 {
     let mut rows = std::pin::pin!(rows);
     let mut chunk = Vec::with_capacity(CHUNK_ROWS);
@@ -230,7 +234,7 @@ where
                 }
                 return StreamEnd::Finished;
             }
-            Some(Ok(row)) => decode(&row),
+            Some(Ok(row)) => decode(row),
             Some(Err(e)) => Err(query_error(e)),
         };
         match row {
@@ -313,6 +317,14 @@ mod tests {
         spawnable(async {
             let options = SourceOptions::default();
             let _ = sqlite::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = clickhouse::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = redshift::extract("x", "SELECT 1", &options).await;
         });
     }
 

@@ -167,7 +167,7 @@ async fn stream(
     let end = super::pump(
         rows,
         &tx,
-        |row: &MySqlRow| decode_row(row, &columns),
+        |row: MySqlRow| decode_row(&row, &columns),
         |e| query_error(e, timeout),
     )
     .await;

@@ -198,7 +198,7 @@ async fn stream(
     let pumped = super::pump(
         rows,
         &tx,
-        |row: &SqliteRow| decode_row(row, &columns),
+        |row: SqliteRow| decode_row(&row, &columns),
         |e| query_error(e, timeout),
     );
     if tokio::time::timeout_at(deadline, pumped).await.is_err() {

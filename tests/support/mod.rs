@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod braze_double;
+pub mod clickhouse;
 pub mod customerio_double;
 pub mod db;
 pub mod engine;
