@@ -247,6 +247,12 @@ async fn bad_sql_and_errors_after_the_first_rows_report_the_server_message() {
         "{err:?}"
     );
 
+    let err = rows_of(&ch.url(), "SELECT 1 FORMAT Null").await.unwrap_err();
+    assert!(
+        matches!(&err, SourceError::Query(m) if m.contains("no columns")),
+        "{err:?}"
+    );
+
     // The server has sent rows (status 200) when the exception happens: it arrives inside
     // the body, after the last whole block.
     let mut stream = extract(

@@ -278,6 +278,14 @@ impl Server {
             Ok(mut response) => {
                 let mut reader = RowReader::new();
                 let header = loop {
+                    if reader.at_end() {
+                        // A statement without a result, or a `FORMAT Null` clause.
+                        return Err(SourceError::Query(
+                            "it returns no columns (a model is a SELECT whose columns the mappings \
+                             read, without a FORMAT clause)"
+                                .to_owned(),
+                        ));
+                    }
                     if let Some(header) = reader
                         .next_with(rowbinary::read_header)
                         .map_err(|e| self.stream_error(e, timeout))?

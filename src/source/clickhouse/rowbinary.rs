@@ -234,7 +234,9 @@ pub(super) fn read_value(cur: &mut Cursor<'_>, ty: &ChType) -> Result<ValueResul
             };
             match names.get(&n) {
                 Some(name) => Value::Text(name.clone()),
-                None => return Ok(Err(format!("enum value {n} has no name in the column type"))),
+                None => {
+                    return Ok(Err("an enum number without a name in the column type".to_owned()));
+                }
             }
         }
         ChType::Ipv4 => Value::Text(Ipv4Addr::from(u32::from_le_bytes(cur.array()?)).to_string()),
@@ -242,7 +244,7 @@ pub(super) fn read_value(cur: &mut Cursor<'_>, ty: &ChType) -> Result<ValueResul
         ChType::Json => {
             return Ok(serde_json::from_slice(cur.bytes()?)
                 .map(Value::Json)
-                .map_err(|e| format!("the JSON value does not parse: {e}")));
+                .map_err(|_| "JSON that does not parse".to_owned()));
         }
         ChType::Nothing => {
             return Err(Framing::Invalid("a value of type Nothing".to_owned()));
@@ -317,7 +319,7 @@ fn days(n: i64) -> ValueResult {
         .zip(TimeDelta::try_days(n))
         .and_then(|(epoch, delta)| epoch.checked_add_signed(delta))
         .map(Value::Date)
-        .ok_or_else(|| format!("day {n} since 1970-01-01 is out of range"))
+        .ok_or_else(|| "a date outside the years -262143 to 262142".to_owned())
 }
 
 fn instant(seconds: i64, nanos: i64) -> ValueResult {
@@ -326,7 +328,7 @@ fn instant(seconds: i64, nanos: i64) -> ValueResult {
         .ok()
         .and_then(|n| DateTime::from_timestamp(seconds, n))
         .map(Value::Timestamp)
-        .ok_or_else(|| format!("timestamp {seconds} seconds from the epoch is out of range"))
+        .ok_or_else(|| "a timestamp outside the years -262143 to 262142".to_owned())
 }
 
 /// Whether the bytes at a row boundary are where ClickHouse wrote an exception into an
@@ -402,6 +404,11 @@ impl RowReader {
     /// Marks the end of the body.
     pub(super) fn finish(&mut self) {
         self.ended = true;
+    }
+
+    /// Whether the body ended and every byte of it was read.
+    pub(super) fn at_end(&self) -> bool {
+        self.ended && self.pos == self.buf.len()
     }
 
     fn unread(&self) -> &[u8] {
