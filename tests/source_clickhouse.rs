@@ -226,6 +226,16 @@ async fn bad_credentials_and_a_missing_database_are_connect_errors_without_the_p
 }
 
 #[tokio::test]
+async fn a_server_in_a_denied_range_is_refused_before_any_request() {
+    // Local runs deny link-local addresses (cloud metadata endpoints).
+    let err = rows_of("clickhouse://reader:Sup3r-S3cret@169.254.169.254/db", "SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "EgressDenied", "{err:?}");
+    assert!(!err.to_string().contains("Sup3r-S3cret"), "{err}");
+}
+
+#[tokio::test]
 async fn a_login_that_may_not_change_settings_is_told_to_use_readonly_2() {
     let ch = TestClickHouse::new("src_locked").await;
     let err = rows_of(&ch.url_as("backflow_locked", LOCKED_PASSWORD), "SELECT 1")

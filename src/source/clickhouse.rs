@@ -65,6 +65,7 @@ pub(super) async fn extract(
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
     let server = Server::from_url(url)?;
+    crate::egress::check_endpoint(&server.host, server.port).await?;
     let timeout = options.statement_timeout;
     let version = server.version(timeout).await?;
     let settings = settings(version, timeout);
@@ -87,6 +88,9 @@ struct Server {
     client: reqwest::Client,
     /// `http(s)://host:port/`, without credentials.
     base: Url,
+    /// Host and port, for the egress check.
+    host: String,
+    port: u16,
     user: String,
     password: String,
     database: Option<String>,
@@ -125,7 +129,9 @@ impl Server {
             "" => None,
             db => Some(decode(db)),
         };
-        let client = reqwest::Client::builder()
+        // DNS through the egress policy's resolver: a name that resolves into a denied range
+        // is refused as well.
+        let client = crate::egress::http_client()
             .connect_timeout(CONNECT_TIMEOUT)
             // Credentials go with every request: never follow a redirect elsewhere.
             .redirect(reqwest::redirect::Policy::none())
@@ -133,6 +139,8 @@ impl Server {
             .map_err(|e| invalid(&e.to_string()))?;
         Ok(Server {
             client,
+            host: host.to_owned(),
+            port,
             base,
             user,
             password,

@@ -35,6 +35,9 @@ pub(super) struct Flavour {
     pub(super) text_rows: bool,
     /// A server-specific reading of a query failure, before the generic one.
     pub(super) explain: fn(&sqlx::Error, std::time::Duration) -> Option<SourceError>,
+    /// Whether to look for powers beyond reading in PostgreSQL's role catalog (a failed
+    /// query would abort the read-only transaction on a server without it).
+    pub(super) privileges: bool,
 }
 
 /// PostgreSQL itself: `BEGIN READ ONLY; SET LOCAL statement_timeout` in one round trip, rows
@@ -43,6 +46,7 @@ const POSTGRES: Flavour = Flavour {
     setup: |millis| vec![format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}")],
     text_rows: false,
     explain: |_, _| None,
+    privileges: true,
 };
 
 /// Runs `query` on the PostgreSQL database of `url` and streams its rows.
@@ -63,6 +67,9 @@ pub(super) async fn extract_with(
     options: &SourceOptions,
     flavour: &'static Flavour,
 ) -> Result<RowStream, SourceError> {
+    if connect_options.get_socket().is_none() && !connect_options.get_host().starts_with('/') {
+        crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
+    }
     let mut conn = PgConnection::connect_with(connect_options)
         .await
         .map_err(|e| super::connect_error(url, e))?;
@@ -80,6 +87,10 @@ pub(super) async fn extract_with(
         }
     }
 
+    let privileges = match flavour.privileges {
+        true => privileges(&mut conn).await,
+        false => super::Privileges::Unknown("this server has no PostgreSQL role catalog to check".to_owned()),
+    };
     let plan = match describe(&mut conn, query, timeout, flavour).await {
         Ok(plan) => plan,
         Err(e) => {
@@ -91,7 +102,52 @@ pub(super) async fn extract_with(
     let (tx, rx) = super::row_channel(options);
     let columns = plan.iter().map(|c| c.column.clone()).collect();
     tokio::spawn(stream(conn, query.to_owned(), plan, tx, timeout, flavour));
-    Ok(RowStream::new(columns, rx))
+    Ok(RowStream::new(columns, rx).with_privileges(privileges))
+}
+
+/// The predefined roles that read or write the server's files or run programs on it.
+const SERVER_ROLES: [&str; 3] = [
+    "pg_write_server_files",
+    "pg_execute_server_program",
+    "pg_read_server_files",
+];
+
+/// What the login may do beyond reading: superuser, membership in a role of
+/// [`SERVER_ROLES`], or `dblink_exec` (a second connection, outside the read-only
+/// transaction). Runs inside the read-only transaction; a failure is `Unknown`, never an error.
+async fn privileges(conn: &mut PgConnection) -> super::Privileges {
+    let check = sqlx::query_as::<_, (bool, Vec<String>, bool)>(
+        "SELECT r.rolsuper,
+                ARRAY(SELECT g.rolname::text FROM pg_roles g
+                      WHERE g.rolname::text = ANY($1) AND pg_has_role(current_user, g.oid, 'MEMBER')
+                      ORDER BY 1),
+                EXISTS(SELECT 1 FROM pg_proc p
+                       WHERE p.proname = 'dblink_exec' AND has_function_privilege(p.oid, 'EXECUTE'))
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .bind(SERVER_ROLES.to_vec())
+    .fetch_optional(&mut *conn)
+    .await;
+    match check {
+        Ok(Some((superuser, roles, dblink))) => {
+            let mut found = Vec::new();
+            if superuser {
+                found.push("superuser".to_owned());
+            } else {
+                found.extend(roles.into_iter().map(|r| format!("member of {r}")));
+            }
+            if dblink {
+                found.push("may run dblink_exec".to_owned());
+            }
+            if found.is_empty() {
+                super::Privileges::Least
+            } else {
+                super::Privileges::Elevated(found)
+            }
+        }
+        Ok(None) => super::Privileges::Unknown("the current role is not in pg_roles".to_owned()),
+        Err(e) => super::Privileges::Unknown(e.to_string()),
+    }
 }
 
 /// One column of the result and how its values are decoded.
