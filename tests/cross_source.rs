@@ -41,6 +41,7 @@ async fn plan(url: &str) -> (String, Vec<PlanSample>) {
 async fn plan_spec(url: &str, spec: ReverseSyncSpec) -> (String, Vec<PlanSample>) {
     let fake = Arc::new(FakeConnector::new(100));
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: 100,
         max_concurrency: 1,
         max_attempts: 1,

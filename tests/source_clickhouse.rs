@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, Utc};
 use support::clickhouse::{LOCKED_PASSWORD, READER_PASSWORD, TestClickHouse, exec};
@@ -22,12 +22,24 @@ fn options() -> SourceOptions {
     }
 }
 
-async fn collect(mut stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+async fn collect_rows(mut stream: RowStream) -> Result<Vec<SourceRow>, SourceError> {
     let mut rows = Vec::new();
     while let Some(row) = stream.next().await {
         rows.push(row?);
     }
     Ok(rows)
+}
+
+/// The rows of a stream whose values all decode.
+async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+    Ok(collect_rows(stream)
+        .await?
+        .into_iter()
+        .map(|r| {
+            r.decoded()
+                .unwrap_or_else(|bad| panic!("undecodable row: {bad:?}"))
+        })
+        .collect())
 }
 
 async fn rows_of(url: &str, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
@@ -128,18 +140,65 @@ async fn every_supported_type_maps_to_its_canonical_value() {
 }
 
 #[tokio::test]
-async fn text_that_is_not_utf8_is_a_decode_error_naming_the_column() {
+async fn text_that_is_not_utf8_rejects_its_row_naming_the_column_and_the_next_row_reads() {
     let ch = TestClickHouse::new("src_utf8").await;
-    let err = rows_of(&ch.url(), "SELECT 1 AS id, unhex('FFFE') AS payload")
+    let rows = collect_rows(
+        extract(
+            &ch.url(),
+            "SELECT number AS id, if(number = 0, unhex('FFFE'), 'ok') AS payload FROM system.numbers LIMIT 2",
+            &options(),
+        )
         .await
-        .unwrap_err();
-    match err {
-        SourceError::Decode { column, reason } => {
-            assert_eq!(column, "payload");
-            assert!(reason.contains("UTF-8"), "{reason}");
-        }
-        other => panic!("expected Decode, got {other:?}"),
-    }
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let SourceRow::Undecodable(bad) = &rows[0] else {
+        panic!("expected an undecodable row, got {:?}", rows[0])
+    };
+    assert_eq!(bad.column, 1);
+    assert!(bad.reason.contains("UTF-8"), "{}", bad.reason);
+    // The key still reads; the bad value is NULL in its place.
+    assert_eq!(bad.values, vec![Value::Int(0), Value::Null]);
+    assert_eq!(rows[1], SourceRow::Decoded(vec![Value::Int(1), text("ok")]));
+}
+
+#[tokio::test]
+async fn non_finite_floats_reject_their_row() {
+    let ch = TestClickHouse::new("src_nan").await;
+    let rows = collect_rows(
+        extract(
+            &ch.url(),
+            "SELECT 1 AS id, nan AS f UNION ALL SELECT 2 AS id, -inf AS f UNION ALL SELECT 3 AS id, 1.5 AS f",
+            &options(),
+        )
+        .await
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut seen: Vec<(Value, Option<String>)> = rows
+        .iter()
+        .map(|r| match r {
+            SourceRow::Decoded(v) => (v[0].clone(), None),
+            SourceRow::Undecodable(bad) => (bad.values[0].clone(), Some(bad.reason.to_string())),
+        })
+        .collect();
+    seen.sort_by_key(|(id, _)| id.as_text().into_owned());
+    assert_eq!(seen.len(), 3, "{rows:?}");
+    assert!(
+        seen[0].1.as_deref().is_some_and(|r| r.starts_with("float NaN")),
+        "{seen:?}"
+    );
+    assert!(
+        seen[1]
+            .1
+            .as_deref()
+            .is_some_and(|r| r.starts_with("float -Infinity")),
+        "{seen:?}"
+    );
+    assert_eq!(seen[2].1, None, "{seen:?}");
 }
 
 #[tokio::test]
@@ -277,7 +336,7 @@ async fn bad_sql_and_errors_after_the_first_rows_report_the_server_message() {
     let err = loop {
         match stream.next().await {
             Some(Ok(row)) => {
-                assert_eq!(row[0], Value::Int(seen as i64));
+                assert_eq!(row.values()[0], Value::Int(seen as i64));
                 seen += 1;
             }
             Some(Err(e)) => break e,
@@ -342,7 +401,10 @@ async fn two_hundred_thousand_rows_stream_through_a_small_buffer() {
     while let Some(row) = stream.next().await {
         let row = row.unwrap();
         count += 1;
-        assert_eq!(row, vec![Value::Int(count), text(&format!("row {count}"))]);
+        assert_eq!(
+            row,
+            SourceRow::Decoded(vec![Value::Int(count), text(&format!("row {count}"))])
+        );
     }
     assert_eq!(count, 200_000);
 }

@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use support::db::TestDb;
 
 fn options() -> SourceOptions {
@@ -22,12 +22,24 @@ fn redshift_url(db: &TestDb) -> String {
     db.url.replacen("postgres://", "redshift://", 1)
 }
 
-async fn collect(mut stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+async fn collect_rows(mut stream: RowStream) -> Result<Vec<SourceRow>, SourceError> {
     let mut rows = Vec::new();
     while let Some(row) = stream.next().await {
         rows.push(row?);
     }
     Ok(rows)
+}
+
+/// The rows of a stream whose values all decode.
+async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+    Ok(collect_rows(stream)
+        .await?
+        .into_iter()
+        .map(|r| {
+            r.decoded()
+                .unwrap_or_else(|bad| panic!("undecodable row: {bad:?}"))
+        })
+        .collect())
 }
 
 async fn rows_of(url: &str, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
@@ -126,11 +138,46 @@ async fn timeouts_bad_values_and_bad_sql_are_reported_like_the_postgres_source()
     assert!(matches!(err, SourceError::Timeout(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
 
-    let err = rows_of(&url, "SELECT 'NaN'::numeric AS ratio").await.unwrap_err();
-    assert!(
-        matches!(&err, SourceError::Decode { column, .. } if column == "ratio"),
-        "{err:?}"
-    );
+    // A value with no canonical form rejects its row, not the run.
+    let rows = collect_rows(
+        extract(
+            &url,
+            "SELECT 1 AS id, 'NaN'::numeric AS ratio UNION ALL SELECT 2, 0.5",
+            &options(),
+        )
+        .await
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    match &rows[0] {
+        SourceRow::Undecodable(bad) => {
+            assert_eq!((bad.column, bad.values[0].clone()), (1, Value::Int(1)));
+            assert!(bad.reason.contains("NaN"), "{}", bad.reason);
+        }
+        other => panic!("expected an undecodable row, got {other:?}"),
+    }
+    assert!(matches!(&rows[1], SourceRow::Decoded(_)), "{rows:?}");
+    // Infinite dates and timestamps arrive as text the parsers refuse: the row, not the run.
+    let rows = collect_rows(
+        extract(
+            &url,
+            "SELECT 'infinity'::timestamptz AS t, '-infinity'::date AS d, 'NaN'::float8 AS f",
+            &options(),
+        )
+        .await
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    match &rows[..] {
+        [SourceRow::Undecodable(bad)] => {
+            assert_eq!(bad.column, 0);
+            assert_eq!(bad.values, vec![Value::Null, Value::Null, Value::Null]);
+        }
+        other => panic!("expected one undecodable row, got {other:?}"),
+    }
     let err = rows_of(&url, "SELECT * FROM no_such_table").await.unwrap_err();
     assert!(
         matches!(&err, SourceError::Query(m) if m.contains("no_such_table")),
@@ -184,7 +231,7 @@ async fn two_hundred_thousand_rows_stream_through_the_text_path() {
     let mut count = 0_i64;
     while let Some(row) = stream.next().await {
         count += 1;
-        assert_eq!(row.unwrap()[0], Value::Int(count));
+        assert_eq!(row.unwrap().values()[0], Value::Int(count));
     }
     assert_eq!(count, 200_000);
 }

@@ -443,6 +443,7 @@ mappings:
 async fn engine_run(server: &ApiServer, db: &TempSqlite, fake: Arc<FakeConnector>) -> RunReport {
     let spec = spec();
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: fake.max_batch,
         max_concurrency: 2,
         max_attempts: 3,

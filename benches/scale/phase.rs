@@ -221,7 +221,8 @@ async fn engine_run(
             Box::new(FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync))
         }
     };
-    let mut store = backflow::state::migrate::choose(&spec, NAMESPACE, sync, home, &phase.database_url, None);
+    let mut store =
+        backflow::state::migrate::choose(&spec, NAMESPACE, sync, None, home, &phase.database_url, None);
     let options = RunOptions {
         dry_run,
         ..RunOptions::default()

@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::runner::RunPolicy;
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
 use crate::state::configmap::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
@@ -174,8 +175,9 @@ pub fn run_key(sync: &ReverseSync, trigger: &Trigger) -> String {
     }
 }
 
-/// Builds the Job of one run.
-pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> Job {
+/// Builds the Job of one run; its pod runs under the operator's `policy` (passed on as
+/// `--secret-access`, `--allow-sqlite`, `--cluster-name`).
+pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults, policy: &RunPolicy) -> Job {
     let namespace = sync.namespace().unwrap_or_default();
     let sync_name = sync.name_any();
     let overrides = sync
@@ -205,7 +207,14 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
         sync_name.clone(),
         "--trigger".to_owned(),
         trigger.as_str().to_owned(),
+        format!("--secret-access={}", policy.secret_access.as_str()),
     ]);
+    if policy.allow_sqlite {
+        args.push("--allow-sqlite".to_owned());
+    }
+    if let Some(cluster) = &policy.cluster_name {
+        args.push(format!("--cluster-name={cluster}"));
+    }
     let pod_field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.to_owned(),
@@ -374,14 +383,19 @@ mod tests {
             ..JobDefaults::default()
         };
         assert_eq!(check_overrides(&s, &defaults), Ok(()));
-        let job = build(&s, &Trigger::Schedule, &defaults);
-        let again = build(&s, &Trigger::Schedule, &defaults);
+        let job = build(&s, &Trigger::Schedule, &defaults, &RunPolicy::default());
+        let again = build(&s, &Trigger::Schedule, &defaults, &RunPolicy::default());
         assert_eq!(job.metadata.name, again.metadata.name, "deterministic per run");
         assert_ne!(
             job.metadata.name,
-            build(&s, &Trigger::Requested("x".into()), &defaults)
-                .metadata
-                .name
+            build(
+                &s,
+                &Trigger::Requested("x".into()),
+                &defaults,
+                &RunPolicy::default()
+            )
+            .metadata
+            .name
         );
         let name = job.metadata.name.clone().unwrap();
         assert!(name.starts_with("customers-") && name.len() <= 63, "{name}");
@@ -402,7 +416,8 @@ mod tests {
                 "--sync",
                 "customers",
                 "--trigger",
-                "Schedule"
+                "Schedule",
+                "--secret-access=granted"
             ]
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
@@ -437,7 +452,7 @@ mod tests {
             })
         );
         // Without the check, the sync's placement is ignored rather than obeyed.
-        let pod = build(&s, &Trigger::Schedule, &images)
+        let pod = build(&s, &Trigger::Schedule, &images, &RunPolicy::default())
             .spec
             .unwrap()
             .template
@@ -470,7 +485,12 @@ mod tests {
             egress_deny: Some(vec!["169.254.0.0/16".into(), "loopback".into()]),
             ..JobDefaults::default()
         };
-        let job = build(&sync("customers"), &Trigger::Schedule, &defaults);
+        let job = build(
+            &sync("customers"),
+            &Trigger::Schedule,
+            &defaults,
+            &RunPolicy::default(),
+        );
         let args = job.spec.unwrap().template.spec.unwrap().containers[0]
             .args
             .clone()
@@ -483,7 +503,12 @@ mod tests {
     fn long_names_fit_in_labels_and_job_names() {
         let long = "a".repeat(200);
         let s = sync(&long);
-        let job = build(&s, &Trigger::Schedule, &JobDefaults::default());
+        let job = build(
+            &s,
+            &Trigger::Schedule,
+            &JobDefaults::default(),
+            &RunPolicy::default(),
+        );
         assert!(job.metadata.name.unwrap().len() <= 63);
         assert!(job.metadata.labels.unwrap()[SYNC_LABEL].len() <= 63);
     }

@@ -13,6 +13,7 @@ pub mod conditions;
 pub mod destination;
 pub mod job;
 pub mod leader;
+pub mod panics;
 pub mod resolve;
 pub mod reverse_sync;
 pub mod runner;
@@ -71,6 +72,12 @@ pub struct OperatorConfig {
     pub job: JobDefaults,
     /// Longest wait on shutdown for in-flight runs to reach a checkpoint.
     pub shutdown_grace: Duration,
+    /// What runs may do (`--secret-access`, `--allow-sqlite`, `--cluster-name`), in the
+    /// operator and in Job pods.
+    pub policy: runner::RunPolicy,
+    /// Connectors used instead of the Destinations' own; empty in `backflow operator`, set by
+    /// tests that inject faults.
+    pub custom_connectors: crate::engine::setup::CustomConnectors,
     /// Watch Secrets (their metadata), so a changed Secret wakes the syncs and Destinations
     /// that use it at once. Watching needs `list` and `watch` on Secrets, which lets the
     /// operator read every Secret in scope; without it the operator only `get`s the Secrets
@@ -87,6 +94,9 @@ pub enum ReconcileError {
     /// Adding or removing the finalizer failed.
     #[error("{0}")]
     Finalizer(String),
+    /// The reconcile panicked; the panic was contained and logged.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 impl ReconcileError {
@@ -95,6 +105,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Kube(_) => "ApiError",
             ReconcileError::Finalizer(_) => "FinalizerError",
+            ReconcileError::Panicked(_) => panics::INTERNAL_ERROR,
         }
     }
 }
@@ -348,6 +359,24 @@ impl Health {
     }
 }
 
+/// The default name of this cluster in shared warehouse state: the uid of namespace
+/// `kube-system`, which lives as long as the cluster. `None` (with a warning) when it cannot be
+/// read, for instance without RBAC to get namespaces: set `--cluster-name` then.
+pub async fn default_cluster_name(client: &Client) -> Option<String> {
+    use k8s_openapi::api::core::v1::Namespace;
+    match Api::<Namespace>::all(client.clone()).get("kube-system").await {
+        Ok(ns) => ns.metadata.uid,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "failed to read the uid of namespace kube-system to name this cluster in warehouse \
+                 state; set --cluster-name (keys stay namespace/name until then)"
+            );
+            None
+        }
+    }
+}
+
 /// Runs the operator until `shutdown` is cancelled: the HTTP port, leader election when
 /// asked, then the controllers.
 pub async fn run_operator(
@@ -421,6 +450,8 @@ pub async fn run_controllers(
             recorder: Recorder::new(client.clone(), reporter),
             metrics,
             limiters: Arc::new(Limiters::default()),
+            policy: config.policy.clone(),
+            custom_connectors: config.custom_connectors.clone(),
         },
         runs: RunRegistry::default(),
         pool: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),

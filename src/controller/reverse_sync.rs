@@ -12,6 +12,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::job::{self, JobState};
+use super::panics::{self, OnDrop};
 use super::runner::{self, reasons};
 use super::schedule::{self, Trigger};
 use super::status::{self, Outcome};
@@ -27,8 +28,40 @@ pub const FINALIZER: &str = "backflow.dev/cleanup";
 /// Longest wait between two looks at a sync when nothing else wakes the controller.
 const RESYNC: Duration = Duration::from_secs(600);
 
-/// Reconciles one ReverseSync.
+/// Reconciles one ReverseSync. A panic fails this sync alone: `Ready=False` with reason
+/// `InternalError`, a Warning Event, and a retry with backoff.
 pub async fn reconcile(sync: Arc<ReverseSync>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let object = Arc::clone(&sync);
+    match panics::catch(reconcile_unguarded(sync, Arc::clone(&ctx))).await {
+        Ok(result) => result,
+        Err(panicked) => {
+            let key = SyncKey::of(&*object);
+            tracing::error!(namespace = %key.namespace, sync = %key.name, panic = %panicked.0, "reconcile panicked");
+            let message = panicked.public_message("reconcile the ReverseSync");
+            let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
+            let generation = object.metadata.generation.unwrap_or(0);
+            let now = Utc::now();
+            if let Err(e) = write(&api, &key, |s, _| {
+                status::internal_error(s, generation, &message, now)
+            })
+            .await
+            {
+                tracing::warn!(error = %e, "failed to record the internal error");
+            }
+            runner::publish(
+                &ctx.env.recorder,
+                &object.object_ref(&()),
+                true,
+                panics::INTERNAL_ERROR,
+                &message,
+            )
+            .await;
+            Err(ReconcileError::Panicked(message))
+        }
+    }
+}
+
+async fn reconcile_unguarded(sync: Arc<ReverseSync>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let namespace = sync.namespace().unwrap_or_default();
     let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &namespace);
     let span = tracing::info_span!("reconcile", namespace = %namespace, sync = %sync.name_any());
@@ -200,6 +233,11 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
     );
     tokio::spawn(tracing::Instrument::instrument(
         async move {
+            // However the task ends (a panic included), the sync's slot is released.
+            let _slot = OnDrop::new({
+                let key = key.clone();
+                move || runs.finish(&key)
+            });
             let RunHandle { cancel, .. } = handle;
             let permit = tokio::select! {
                 p = pool.acquire_owned() => p.ok(),
@@ -207,10 +245,13 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
             };
             if let Some(_permit) = permit {
                 env.metrics.runs_in_flight.inc();
-                runner::execute(&env, &sync, &trigger, "running in the operator", cancel).await;
-                env.metrics.runs_in_flight.dec();
+                let _in_flight = OnDrop::new(|| env.metrics.runs_in_flight.dec());
+                let started = Utc::now();
+                let run = runner::execute(&env, &sync, &trigger, "running in the operator", cancel);
+                if let Err(panicked) = panics::catch(run).await {
+                    runner::record_panic(&env, &sync, &trigger, &panicked, started).await;
+                }
             }
-            runs.finish(&key);
         },
         span,
     ));
@@ -218,7 +259,7 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
 
 async fn start_job(sync: &ReverseSync, trigger: &Trigger, ctx: &Context) -> Result<(), ReconcileError> {
     let key = SyncKey::of(sync);
-    let job = job::build(sync, trigger, &ctx.job_defaults);
+    let job = job::build(sync, trigger, &ctx.job_defaults, &ctx.env.policy);
     let job_name = job.metadata.name.clone().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
     match jobs.create(&PostParams::default(), &job).await {
@@ -351,14 +392,15 @@ const WAREHOUSE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// failure is logged and never holds the finalizer, leaving the rows for a person to delete.
 async fn delete_warehouse_state(sync: &ReverseSync, key: &SyncKey, ctx: &Context) {
     let state = sync.spec.state.clone().unwrap_or_default();
-    let sync_id = format!("{}/{}", key.namespace, key.name);
+    let sync_id =
+        crate::state::migrate::sync_id(ctx.env.policy.cluster_name.as_deref(), &key.namespace, &key.name);
     let left = format!(
         "its rows stay in schema {:?}: DELETE FROM backflow_state and backflow_syncs WHERE sync_id = '{sync_id}'",
         state.schema_or_default()
     );
-    let resolver = super::resolve::ApiResolver::new(ctx.env.client.clone());
+    let resolver = ctx.env.resolver();
     let work = async {
-        let url = crate::engine::setup::warehouse_state_url(&resolver, &key.namespace, &sync.spec)
+        let url = crate::engine::setup::warehouse_state_url(&resolver, &key.namespace, &key.name, &sync.spec)
             .await
             .map_err(|e| e.to_string())?;
         let config = WarehouseConfig {

@@ -76,7 +76,7 @@ pub fn period(sync: &ReverseSync, now: DateTime<Utc>) -> Option<Duration> {
     if let Some(interval) = &schedule.interval {
         return duration::parse(interval).ok();
     }
-    let cron = schedule.cron.as_ref()?.parse::<croner::Cron>().ok()?;
+    let cron = duration::cron(schedule.cron.as_ref()?).ok()?;
     let first = cron.find_next_occurrence(&now, false).ok()?;
     let second = cron.find_next_occurrence(&first, false).ok()?;
     (second - first).to_std().ok()
@@ -97,9 +97,10 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
     let next_scheduled = schedule.and_then(|s| {
         if let Some(interval) = &s.interval {
             let every = chrono::Duration::from_std(duration::parse(interval).ok()?).ok()?;
-            Some(last_start.map_or(now, |t| t + every))
+            // Checked: the interval is the spec's number (validation bounds it to a year).
+            Some(last_start.map_or(Some(now), |t| t.checked_add_signed(every))?)
         } else if let Some(cron) = &s.cron {
-            let cron = cron.parse::<croner::Cron>().ok()?;
+            let cron = duration::cron(cron).ok()?;
             cron.find_next_occurrence(&last_start.unwrap_or(now), false).ok()
         } else {
             None
@@ -126,7 +127,7 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
         Some(r) if r.result == "Failed" && status.consecutive_failures > 0 => {
             let exp = status.consecutive_failures.saturating_sub(1).min(16);
             let wait = FIRST_RETRY.saturating_mul(1 << exp).min(MAX_RETRY);
-            last_end.map(|t| t + chrono::Duration::from_std(wait).unwrap_or_default())
+            last_end.and_then(|t| t.checked_add_signed(chrono::Duration::from_std(wait).ok()?))
         }
         _ => None,
     };
@@ -220,6 +221,27 @@ mod tests {
         );
         assert_eq!(decide(&s, &[], at(900)).run, Some(Trigger::Schedule));
         assert_eq!(period(&s, at(0)), Some(Duration::from_secs(900)));
+    }
+
+    #[test]
+    fn an_interval_no_clock_can_hold_schedules_nothing_instead_of_overflowing() {
+        for interval in ["300000y", "9y 11months", "99999999999999s"] {
+            let s = ran(
+                sync(&format!("  schedule: {{interval: {interval}}}\n")),
+                0,
+                "Succeeded",
+                0,
+            );
+            let d = decide(&s, &[], at(60));
+            assert_eq!(d.run, None, "{interval}");
+            let _ = period(&s, at(0));
+        }
+        let s = ran(sync("  schedule: {cron: \"*/5 * * * * *\"}\n"), 0, "Succeeded", 0);
+        assert_eq!(
+            decide(&s, &[], at(60)).next_scheduled,
+            None,
+            "a seconds field is refused"
+        );
     }
 
     #[test]

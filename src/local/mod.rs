@@ -14,7 +14,7 @@ use crate::api::{Destination, ReverseSync};
 use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::run::{Progress, RunOptions, RunReport, SyncRun, run};
-use crate::engine::setup::{self, Resolver, SetupError};
+use crate::engine::setup::{self, Resolver, SecretUser, SetupError};
 use crate::state::file::FileStore;
 use manifests::Manifests;
 
@@ -33,6 +33,8 @@ pub struct LocalRunConfig {
     pub only: Vec<String>,
     /// Commit a checkpoint after this many settled records.
     pub checkpoint_records: usize,
+    /// The plan id of deletes past a sync's delete limit to let through once.
+    pub approve_deletes: Option<String>,
 }
 
 /// The outcome of one sync of a local run.
@@ -49,13 +51,14 @@ pub struct SyncOutcome {
 }
 
 impl SyncOutcome {
-    /// True when the sync failed (a setup error, a run error, or rows that failed delivery).
+    /// True when the sync failed (a setup error, a run error, rows that failed delivery, or
+    /// deletes held back by the delete limit, in a dry run too).
     pub fn failed(&self) -> bool {
         self.error.is_some()
             || self
                 .report
                 .as_ref()
-                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed)
+                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed || r.deletes_held_back())
     }
 }
 
@@ -100,6 +103,7 @@ pub async fn run_local(
             checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
             progress: progress(name),
+            approved_deletes: config.approve_deletes.clone(),
             ..RunOptions::default()
         };
         let outcome = match run_one(&manifests, namespace, sync, config, &limiters, &options).await {
@@ -135,10 +139,12 @@ async fn run_one(
     let prepared = setup::prepare(manifests, namespace, sync, limiters, !options.dry_run).await?;
     let name = sync.metadata.name.as_deref().unwrap_or_default();
     let file = Box::new(FileStore::new(&config.state_dir, namespace, name));
+    // Local runs are keyed `namespace/name` in a warehouse: they belong to no cluster.
     let mut store = crate::state::migrate::choose(
         &sync.spec,
         namespace,
         name,
+        None,
         file,
         &prepared.source_url,
         prepared.state_url.as_deref(),
@@ -166,7 +172,14 @@ impl Resolver for Manifests {
             })
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, SetupError> {
+    /// Local runs do not check Secret grants: the person running them owns the manifests
+    /// and the environment the Secrets come from.
+    async fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        _user: &SecretUser,
+    ) -> Result<SecretData, SetupError> {
         secrets::resolve(self, namespace, name)
     }
 }

@@ -23,7 +23,6 @@
 mod rowbinary;
 mod types;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
@@ -32,8 +31,7 @@ use tokio::time::Instant;
 
 use self::rowbinary::{RowReader, Step, StreamError};
 use self::types::ChType;
-use super::{Column, RowSender, RowStream, SourceError, SourceOptions};
-use crate::engine::value::Value;
+use super::{Column, RowSender, RowSink, RowStream, SourceError, SourceOptions};
 
 /// Default HTTP port of `clickhouse://`.
 const HTTP_PORT: u16 = 8123;
@@ -78,8 +76,7 @@ pub(super) async fn extract(
     let (columns, reader, response) = server.start(query, &settings, timeout, deadline).await?;
     let types = plan(&columns, json_as_string(version))?;
     let (tx, rx) = super::row_channel(options);
-    let names: Arc<[Column]> = columns.clone().into();
-    tokio::spawn(stream(response, reader, types, names, tx, deadline, timeout));
+    tokio::spawn(stream(response, reader, types, tx, deadline, timeout));
     Ok(RowStream::new(columns, rx))
 }
 
@@ -431,60 +428,65 @@ fn plan(columns: &[Column], json_as_string: bool) -> Result<Vec<ChType>, SourceE
 }
 
 /// The streaming task: read chunks, cut rows, send them.
+///
+/// A row with a value that has no canonical form travels as
+/// [`SourceRow::Undecodable`](super::SourceRow::Undecodable)
+/// (NULL in the value's place); only a broken body, a server error or the timeout ends the
+/// stream.
 async fn stream(
-    response: reqwest::Response,
-    reader: RowReader,
+    mut response: reqwest::Response,
+    mut reader: RowReader,
     types: Vec<ChType>,
-    columns: Arc<[Column]>,
     tx: RowSender,
     deadline: Instant,
     timeout: Duration,
 ) {
-    let state = Some((response, reader));
-    let rows = futures::stream::unfold(state, |state| async {
-        let (mut response, mut reader) = state?;
-        loop {
-            let step = reader.next_row(&types).map_err(|e| match e {
-                StreamError::Server(text) => classify_mid_stream(&text, timeout),
-                StreamError::Invalid(reason) => {
-                    SourceError::Query(format!("failed to read the result: {reason}"))
+    let mut sink = RowSink::new(tx);
+    let body_error = |e| match e {
+        StreamError::Server(text) => classify_mid_stream(&text, timeout),
+        StreamError::Invalid(reason) => SourceError::Query(format!("failed to read the result: {reason}")),
+    };
+    loop {
+        match reader.next_row(&types) {
+            Ok(Step::Row(row)) => {
+                if !sink.push(row).await {
+                    return;
                 }
-            });
-            match step {
-                Ok(Step::Row(row)) => {
-                    let row = row.map_err(|(i, reason)| SourceError::Decode {
-                        column: columns.get(i).map(|c| c.name.clone()).unwrap_or_default(),
-                        reason,
-                    });
-                    return Some((Ok(row), Some((response, reader))));
-                }
-                Ok(Step::End) => return None,
-                Ok(Step::NeedMore) => {}
-                Err(e) => return Some((Err(e), None)),
+                continue;
             }
-            let more = match tokio::time::timeout_at(deadline, response.chunk()).await {
-                Err(_) => Err(SourceError::Timeout(timeout)),
-                Ok(Ok(Some(chunk))) => reader.push(&chunk).map_err(|e| match e {
-                    StreamError::Server(text) => classify_mid_stream(&text, timeout),
-                    StreamError::Invalid(reason) => {
-                        SourceError::Query(format!("failed to read the result: {reason}"))
-                    }
-                }),
-                Ok(Ok(None)) => {
-                    reader.finish();
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(SourceError::Query(format!(
-                    "failed to read the result: {}",
-                    without_url(&e)
-                ))),
-            };
-            if let Err(e) = more {
-                return Some((Err(e), None));
+            Ok(Step::End) => {
+                sink.finish().await;
+                return;
+            }
+            Ok(Step::NeedMore) => {}
+            Err(e) => {
+                sink.fail(body_error(e)).await;
+                return;
             }
         }
-    });
-    super::pump(rows, &tx, |row: Result<Vec<Value>, SourceError>| row, |e| e).await;
+        // Waiting for the body also watches the receiver, so a slow query is dropped (and,
+        // from 21.1, cancelled) as soon as nobody listens.
+        let chunk = tokio::select! {
+            chunk = tokio::time::timeout_at(deadline, response.chunk()) => chunk,
+            () = sink.closed() => return,
+        };
+        let more = match chunk {
+            Err(_) => Err(SourceError::Timeout(timeout)),
+            Ok(Ok(Some(chunk))) => reader.push(&chunk).map_err(body_error),
+            Ok(Ok(None)) => {
+                reader.finish();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(SourceError::Query(format!(
+                "failed to read the result: {}",
+                without_url(&e)
+            ))),
+        };
+        if let Err(e) = more {
+            sink.fail(e).await;
+            return;
+        }
+    }
 }
 
 /// An exception written into a started body. Logins and databases were checked before the

@@ -12,7 +12,10 @@
 //!   `reject_emails_without_at`) puts an error message on the records it refuses; or a fixed
 //!   reply (`always`, `unauthorized`);
 //! - optionally a required header (`require_header`, answered 401 when it is absent or
-//!   different) and a delay before every answer (`with_delay`), counted on tokio's clock.
+//!   different) and a delay before every answer (`with_delay`), counted on tokio's clock;
+//! - or an endless body (`endless_body`): the status, then 64 KiB chunks of JSON whitespace
+//!   without end and without a `content-length`, counting what it streamed
+//!   (`bytes_streamed`), for tests of bounded reads.
 //!
 //! Records are read from the JSON body at a JSON Pointer (`/records` by default, as in the
 //! `http` connector's default body; `records_at` changes it). Every request is counted and
@@ -35,6 +38,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -79,6 +83,7 @@ pub struct Behaviour {
     required_header: Option<(String, String)>,
     delay: Duration,
     records_pointer: String,
+    endless: Option<u16>,
 }
 
 impl fmt::Debug for Behaviour {
@@ -110,6 +115,15 @@ impl Behaviour {
             required_header: None,
             delay: Duration::ZERO,
             records_pointer: "/records".to_owned(),
+            endless: None,
+        }
+    }
+
+    /// Answers every request with `status` and a body that never ends.
+    pub fn endless_body(status: u16) -> Self {
+        Behaviour {
+            endless: Some(status),
+            ..Behaviour::accept_all()
         }
     }
 
@@ -247,6 +261,7 @@ struct Shared {
     scripted: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    streamed: AtomicUsize,
 }
 
 impl Shared {
@@ -292,6 +307,7 @@ impl HttpDouble {
             scripted: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            streamed: AtomicUsize::new(0),
         });
         let router = Router::new()
             .fallback(handle)
@@ -320,6 +336,11 @@ impl HttpDouble {
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.log().clone()
+    }
+
+    /// Bytes of endless bodies streamed so far (sent into the socket, read or not).
+    pub fn bytes_streamed(&self) -> usize {
+        self.shared.streamed.load(Ordering::SeqCst)
     }
 
     /// How many requests arrived.
@@ -404,6 +425,9 @@ async fn handle(
         tokio::time::sleep(behaviour.delay).await;
     }
 
+    if let Some(status) = behaviour.endless {
+        return endless(status, Arc::clone(&shared));
+    }
     let (reply, rejections) = decide(behaviour, &shared.scripted, &headers, &records);
     {
         let mut log = shared.log();
@@ -448,6 +472,17 @@ fn decide(
         Reply::new(200, json!({ "results": results }).to_string()),
         rejections,
     )
+}
+
+/// `status` with 64 KiB chunks of spaces until the client stops reading.
+fn endless(status: u16, shared: Arc<Shared>) -> Response {
+    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+    let chunks = futures::stream::repeat(chunk).map(move |c| {
+        shared.streamed.fetch_add(c.len(), Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>(c)
+    });
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    (status, axum::body::Body::from_stream(chunks)).into_response()
 }
 
 fn respond(reply: Reply) -> Response {

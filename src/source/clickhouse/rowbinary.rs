@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::types::ChType;
 use crate::engine::value::{Document, Value};
+use crate::source::{SourceRow, UndecodableRow, ValueError};
 
 /// Largest single value (a string) accepted, and the most bytes buffered for one row.
 pub(super) const MAX_ROW_BYTES: usize = 64 << 20;
@@ -148,12 +149,10 @@ fn header_string(cur: &mut Cursor<'_>) -> Result<String, Framing> {
         .map_err(|_| Framing::Invalid("a column name or type is not UTF-8".to_owned()))
 }
 
-/// Reads one row. The inner error names the index of the first column whose value has no
-/// canonical form, and why; the row's bytes are consumed either way.
-pub(super) fn read_row(
-    cur: &mut Cursor<'_>,
-    types: &[ChType],
-) -> Result<Result<Vec<Value>, (usize, String)>, Framing> {
+/// Reads one row. A value with no canonical form becomes NULL and makes the row
+/// [`SourceRow::Undecodable`], naming the first such column and why; the row's bytes are
+/// consumed either way.
+pub(super) fn read_row(cur: &mut Cursor<'_>, types: &[ChType]) -> Result<SourceRow, Framing> {
     let mut values = Vec::with_capacity(types.len());
     let mut first_error = None;
     for (i, ty) in types.iter().enumerate() {
@@ -166,8 +165,12 @@ pub(super) fn read_row(
         }
     }
     Ok(match first_error {
-        Some(e) => Err(e),
-        None => Ok(values),
+        Some((column, reason)) => SourceRow::Undecodable(Box::new(UndecodableRow {
+            values,
+            column,
+            reason: reason.into(),
+        })),
+        None => SourceRow::Decoded(values),
     })
 }
 
@@ -190,8 +193,11 @@ pub(super) fn read_value(cur: &mut Cursor<'_>, ty: &ChType) -> Result<ValueResul
         }
         ChType::UInt(16) => integer(BigInt::from(u128::from_le_bytes(cur.array()?))),
         ChType::UInt(w) => integer(BigInt::from_bytes_le(Sign::Plus, cur.take(*w)?)),
-        ChType::Float32 => Value::Float(crate::source::widen_f32(f32::from_le_bytes(cur.array()?))),
-        ChType::Float64 => Value::Float(f64::from_le_bytes(cur.array()?)),
+        ChType::Float32 => {
+            let f = crate::source::widen_f32(f32::from_le_bytes(cur.array()?));
+            return Ok(canonical(crate::source::float(f)));
+        }
+        ChType::Float64 => return Ok(canonical(crate::source::float(f64::from_le_bytes(cur.array()?)))),
         ChType::Decimal { width, scale } => {
             let digits = match width {
                 4 => BigInt::from(i32::from_le_bytes(cur.array()?)),
@@ -242,9 +248,7 @@ pub(super) fn read_value(cur: &mut Cursor<'_>, ty: &ChType) -> Result<ValueResul
         ChType::Ipv4 => Value::Text(Ipv4Addr::from(u32::from_le_bytes(cur.array()?)).to_string()),
         ChType::Ipv6 => Value::Text(Ipv6Addr::from(cur.array::<16>()?).to_string()),
         ChType::Json => {
-            return Ok(serde_json::from_slice(cur.bytes()?)
-                .map(Value::Json)
-                .map_err(|_| "JSON that does not parse".to_owned()));
+            return Ok(canonical(crate::source::json_value(cur.bytes()?)));
         }
         ChType::Nothing => {
             return Err(Framing::Invalid("a value of type Nothing".to_owned()));
@@ -294,6 +298,14 @@ pub(super) fn read_value(cur: &mut Cursor<'_>, ty: &ChType) -> Result<ValueResul
             }
         }
     }))
+}
+
+/// A value from the source's shared helpers, its reason as this module carries it.
+fn canonical(value: Result<Value, ValueError>) -> ValueResult {
+    value.map_err(|e| match e {
+        ValueError::Undecodable(reason) => reason.into_owned(),
+        ValueError::Fatal(e) => e.to_string(),
+    })
 }
 
 /// An integer as `Int` when it fits 64 bits, else as an exact decimal.
@@ -349,7 +361,7 @@ pub(super) fn looks_like_exception(rest: &[u8]) -> bool {
 #[derive(Debug, PartialEq)]
 pub(super) enum Step {
     /// A row, or the index of the column whose value has no canonical form and why.
-    Row(Result<Vec<Value>, (usize, String)>),
+    Row(SourceRow),
     /// More bytes are needed.
     NeedMore,
     /// The body ended after a whole row.
@@ -523,14 +535,15 @@ mod tests {
         let mut reader = RowReader::new();
         reader.push(&body).unwrap();
         reader.finish();
-        let Step::Row(Err((column, reason))) = reader.next_row(&types).unwrap() else {
+        let Step::Row(SourceRow::Undecodable(bad)) = reader.next_row(&types).unwrap() else {
             panic!("expected a rejected row")
         };
-        assert_eq!(column, 1);
-        assert!(reason.contains("UTF-8"), "{reason}");
+        assert_eq!(bad.column, 1);
+        assert!(bad.reason.contains("UTF-8"), "{}", bad.reason);
+        assert_eq!(bad.values, vec![Value::Int(1), Value::Null]);
         assert_eq!(
             reader.next_row(&types).unwrap(),
-            Step::Row(Ok(vec![Value::Int(2), Value::Text("ok".into())]))
+            Step::Row(SourceRow::Decoded(vec![Value::Int(2), Value::Text("ok".into())]))
         );
         assert_eq!(reader.next_row(&types).unwrap(), Step::End);
     }
@@ -555,7 +568,7 @@ mod tests {
             loop {
                 match reader.next_row(&types).unwrap() {
                     Step::Row(row) => {
-                        let row = row.unwrap();
+                        let row = row.decoded().unwrap();
                         assert_eq!(row[1], Value::Array(vec![Value::Int(rows), Value::Int(-1)]));
                         rows += 1;
                     }
@@ -579,7 +592,10 @@ mod tests {
         );
         let mut reader = RowReader::new();
         reader.push(&body).unwrap();
-        assert!(matches!(reader.next_row(&types).unwrap(), Step::Row(Ok(_))));
+        assert!(matches!(
+            reader.next_row(&types).unwrap(),
+            Step::Row(SourceRow::Decoded(_))
+        ));
         assert_eq!(reader.next_row(&types).unwrap(), Step::NeedMore);
         reader.finish();
         let Err(StreamError::Server(text)) = reader.next_row(&types) else {
