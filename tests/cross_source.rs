@@ -299,6 +299,8 @@ async fn the_same_rows_fingerprint_the_same_in_postgres_and_bigquery() {
     let (fp, samples) = plan_from(&url, spec(), credentials, Some(&double.url)).await;
     assert_eq!(pg_samples, samples);
     assert_eq!(pg_fp, fp);
+}
+
 /// Columns ClickHouse 18.16 has an equivalent for (it has no Bool type: booleans are
 /// UInt8 there, read as integers, so `active` is left out).
 const WIDE_QUERY: &str =
