@@ -293,7 +293,9 @@ fn text_value(text: String, declared: Declared) -> Value {
         Declared::Time => parse_time(&text).map(Value::Time),
         Declared::Timestamp => parse_timestamp(&text).map(Value::Timestamp),
         Declared::Json => serde_json::from_str(&text).ok().map(Value::Json),
-        Declared::Decimal => crate::engine::value::parse_decimal(&text).map(Value::Decimal),
+        // Parsed without the exponent check: an out-of-range decimal stays a decimal, so the
+        // planner rejects its row naming the column instead of sending it as text.
+        Declared::Decimal => text.trim().parse().ok().map(Value::Decimal),
         Declared::Bool | Declared::Other => None,
     };
     refined.unwrap_or(Value::Text(text))
