@@ -24,6 +24,7 @@ fn spec(url: String) -> HttpSpec {
         method: None,
         headers: BTreeMap::new(),
         body: None,
+        record: None,
         delete: None,
         results: None,
         timeout: None,
@@ -329,6 +330,7 @@ async fn deletes_use_the_delete_block_and_send_identities_only() {
         url: double.url_for("/contacts/remove"),
         method: Some("DELETE".into()),
         body: Some(r#"{"remove":{{records}}}"#.into()),
+        record: None,
     });
 
     let outcomes = connector(&spec).send(Operation::Delete, &batch()).await.unwrap();

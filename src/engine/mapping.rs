@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use bigdecimal::{BigDecimal, RoundingMode};
 
 use super::value::Value;
-use crate::api::reverse_sync::Mapping;
+use crate::api::reverse_sync::{Mapping, TemplateType};
 use crate::source::Column;
-use crate::template::Template;
+use crate::template::{Jinja, Limits, Mode};
 
 /// One step applied to a mapped value.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,8 +185,9 @@ fn format_time(v: Value, pattern: &str) -> Result<Value, String> {
 enum FieldSource {
     Column(usize),
     Template {
-        template: Template,
-        columns: BTreeMap<String, usize>,
+        template: Jinja,
+        /// The column of each of the template's variables, in its order.
+        columns: Vec<usize>,
     },
 }
 
@@ -302,18 +303,23 @@ impl Mapper {
             let source = match (&m.from, &m.template) {
                 (Some(col), None) => FieldSource::Column(lookup(format!("{field}.from"), col)?),
                 (None, Some(text)) => {
-                    let template = Template::parse(text).map_err(|e| MappingError::Invalid {
+                    let mode = match m.template_type {
+                        TemplateType::Text => Mode::Text,
+                        TemplateType::Json => Mode::Json,
+                    };
+                    let template = Jinja::compile_with_names(text, mode, Limits::RECORD, |name| {
+                        index.contains_key(name)
+                    })
+                    .map_err(|e| MappingError::Invalid {
                         field: format!("{field}.template"),
                         reason: e.to_string(),
                     })?;
-                    let mut cols = BTreeMap::new();
-                    for var in template.variables() {
-                        cols.insert(var.to_owned(), lookup(format!("{field}.template"), var)?);
-                    }
-                    FieldSource::Template {
-                        template,
-                        columns: cols,
-                    }
+                    let columns = template
+                        .variables()
+                        .iter()
+                        .map(|var| lookup(format!("{field}.template"), var))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    FieldSource::Template { template, columns }
                 }
                 _ => {
                     return Err(MappingError::Invalid {
@@ -394,16 +400,24 @@ impl Mapper {
                     None => Value::Null,
                 },
                 FieldSource::Template { template, columns } => {
-                    let rendered = template.render(|name| {
-                        columns.get(name).map(|idx| match row.get(*idx) {
-                            Some(v) if !v.is_null() => v.as_text(),
-                            _ => std::borrow::Cow::Borrowed(""),
-                        })
-                    });
-                    Value::Text(rendered.map_err(|e| RowRejection {
+                    let reject = |reason: String| RowRejection {
                         key: Some(key.clone()),
-                        reason: format!("mapping to {:?}: {e}", m.target_text),
-                    })?)
+                        reason: format!("mapping to {:?}: {reason}", m.target_text),
+                    };
+                    let rendered = template
+                        .render(|i| row.get(columns[i]).unwrap_or(&Value::Null))
+                        .map_err(|e| reject(e.to_string()))?;
+                    match template.mode() {
+                        Mode::Text => Value::Text(rendered),
+                        // serde_json's message names the place (line, column), not the text.
+                        Mode::Json => Value::from_json_text(&rendered).map_err(|e| {
+                            reject(format!(
+                                "the template did not render valid JSON (line {}, column {})",
+                                e.line(),
+                                e.column()
+                            ))
+                        })?,
+                    }
                 }
             };
             for t in &m.transforms {
@@ -488,7 +502,7 @@ fn mark_movable(mappings: &mut [CompiledMapping]) {
     let mut read_later = std::collections::HashSet::new();
     for m in mappings.iter() {
         if let FieldSource::Template { columns, .. } = &m.source {
-            read_later.extend(columns.values().copied());
+            read_later.extend(columns.iter().copied());
         }
     }
     for m in mappings.iter_mut().rev() {
@@ -543,6 +557,7 @@ mod tests {
         Mapping {
             from: Some(from.into()),
             template: None,
+            template_type: TemplateType::Text,
             to: to.into(),
             transforms: transforms.iter().map(|s| s.to_string()).collect(),
         }
@@ -657,6 +672,7 @@ mod tests {
         maps.push(Mapping {
             from: None,
             template: Some("{{first}} {{last}}".into()),
+            template_type: TemplateType::Text,
             to: "properties.name".into(),
             transforms: vec![],
         });
@@ -690,6 +706,7 @@ mod tests {
             Mapping {
                 from: None,
                 template: Some("<{{email}}>".into()),
+                template_type: TemplateType::Text,
                 to: "b".into(),
                 transforms: vec![],
             },
@@ -744,6 +761,124 @@ mod tests {
         assert_eq!(
             mapper.key(&[Value::Int(1), Value::Text("x".into())]).unwrap(),
             r#"[1,"x"]"#
+        );
+    }
+
+    fn template(text: &str, kind: TemplateType, to: &str) -> Mapping {
+        Mapping {
+            from: None,
+            template: Some(text.into()),
+            template_type: kind,
+            to: to.into(),
+            transforms: vec![],
+        }
+    }
+
+    fn written(mapper: &Mapper, values: &[Value]) -> String {
+        let mut out = Vec::new();
+        mapper.write_fields(values, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn jinja_templates_map_text_and_json_with_exact_numbers() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template(
+                r#"{% if plan == "enterprise" %}customer{% else %}lead{% endif %}"#,
+                TemplateType::Text,
+                "stage",
+            ),
+            template(
+                r#"{"ltv": {{ ltv | round(2) }}, "since": {{ since | date("%Y-%m-%d") }}}"#,
+                TemplateType::Json,
+                "facts",
+            ),
+        ];
+        let columns = [col("id"), col("plan"), col("ltv"), col("since")];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &columns).unwrap();
+        let row = vec![
+            Value::Int(1),
+            Value::Text("enterprise".into()),
+            Value::Decimal(BigDecimal::from_str("98765432109876543.215").unwrap()),
+            Value::Timestamp("2024-05-06T07:08:09Z".parse().unwrap()),
+        ];
+        let mapped = mapper.map("1".into(), row).unwrap();
+        assert_eq!(
+            written(&mapper, &mapped.values),
+            r#"{"facts":{"ltv":98765432109876543.22,"since":"2024-05-06"},"id":1,"stage":"customer"}"#
+        );
+    }
+
+    #[test]
+    fn a_jinja_template_naming_a_missing_column_names_the_mapping() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{ first_name | title }}", TemplateType::Text, "name"),
+        ];
+        let err = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("first")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("spec.mappings[1].template") && text.contains("\"first_name\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_that_does_not_parse_rejects_the_row_naming_the_mapping_not_the_value() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{ note | safe }}", TemplateType::Json, "note"),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("note")]).unwrap();
+        let rejection = mapper
+            .map(
+                "1".into(),
+                vec![Value::Int(1), Value::Text("private words".into())],
+            )
+            .unwrap_err();
+        assert!(
+            rejection
+                .reason
+                .starts_with("mapping to \"note\": the template did not render valid JSON"),
+            "{}",
+            rejection.reason
+        );
+        assert!(!rejection.reason.contains("private"), "{}", rejection.reason);
+    }
+
+    #[test]
+    fn legacy_names_with_dashes_still_mean_their_column() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{first-name}}!", TemplateType::Text, "name"),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("first-name")]).unwrap();
+        let mapped = mapper
+            .map("1".into(), vec![Value::Int(1), Value::Text("Ada".into())])
+            .unwrap();
+        assert_eq!(mapped.values[1], Value::Text("Ada!".into()));
+    }
+
+    #[test]
+    fn a_template_that_runs_out_of_fuel_rejects_only_its_row() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template(
+                "{% for i in range(n) %}{% for j in range(n) %}.{% endfor %}{% endfor %}",
+                TemplateType::Text,
+                "dots",
+            ),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("n")]).unwrap();
+        assert!(mapper.map("1".into(), vec![Value::Int(1), Value::Int(3)]).is_ok());
+        let rejection = mapper
+            .map("2".into(), vec![Value::Int(2), Value::Int(100_000)])
+            .unwrap_err();
+        assert!(
+            rejection.reason.contains("ran out of fuel"),
+            "{}",
+            rejection.reason
         );
     }
 }

@@ -263,6 +263,26 @@ impl Jinja {
         &self.variables
     }
 
+    /// The variables with the attributes read from them (`secret.token`), each once, sorted.
+    pub fn paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = match &self.inner {
+            Inner::Plain(_) => self.variables.to_vec(),
+            Inner::Engine(env) => env
+                .get_template(self.name())
+                .map(|t| t.undeclared_variables(true).into_iter().collect())
+                .unwrap_or_default(),
+        };
+        paths.sort();
+        paths
+    }
+
+    fn name(&self) -> &'static str {
+        match self.mode {
+            Mode::Text => TEXT_NAME,
+            Mode::Json => JSON_NAME,
+        }
+    }
+
     /// True when the plain substituter renders it.
     pub fn is_plain(&self) -> bool {
         matches!(self.inner, Inner::Plain(_))
@@ -324,10 +344,7 @@ impl Jinja {
                 return self.render_plain_bound(&bound);
             }
         };
-        let name = match self.mode {
-            Mode::Text => TEXT_NAME,
-            Mode::Json => JSON_NAME,
-        };
+        let name = self.name();
         let context = JinjaValue::from_object(Vars {
             names: Arc::clone(&self.variables),
             values: bound,
