@@ -19,6 +19,10 @@
 //! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
 //! requests/s against R, retries, rows the server accepted against rows expected.
 //!
+//! Then templates: the per-row cost of the sync's template mapping next to the plain
+//! `{{name}}` substitution of before, and of filter chains (`templates.rs`; alone with
+//! `BACKFLOW_BENCH_ONLY=templates`).
+//!
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
 //! report the median time and the highest peak; end-to-end runs change the state and run
@@ -34,6 +38,7 @@ mod model;
 mod phase;
 mod report;
 mod sink;
+mod templates;
 
 use phase::{Kind, Measured, Phase, Store};
 use report::{SizeReport, StoreReport};
@@ -51,6 +56,12 @@ async fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` asks for benchmark names; this binary has one.
+    }
+    // In this process, before any child or server competes for the CPU.
+    let template_figures = templates::bench();
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("templates") {
+        templates::print(&template_figures);
+        return;
     }
     let sizes: Vec<u64> = std::env::var("BACKFLOW_BENCH_ROWS")
         .unwrap_or_else(|_| "1000000".to_owned())
@@ -80,6 +91,7 @@ async fn main() {
     let delivery = delivery::bench(&admin_url, &sink).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
+    templates::print(&template_figures);
 }
 
 /// Every phase of one model size.

@@ -281,7 +281,8 @@ pub struct HttpSpec {
     pub headers: BTreeMap<String, String>,
     /// Body template: the envelope around the batch (default
     /// `{"operation":"{{operation}}","records":{{records}}}`). Text: its JSON is written as
-    /// it is; `{{ records }}` is the JSON array of the records, `{{ count }}` their number.
+    /// it is; `{{ records }}` is the JSON array of the records, `{{ count }}` their number; a
+    /// body naming `{{ record }}` is sent once per record, as that record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     /// Per-record template: the JSON each record becomes, like

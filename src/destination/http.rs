@@ -345,8 +345,12 @@ fn check_target(
 #[async_trait]
 impl Connector for HttpConnector {
     fn capabilities(&self) -> Capabilities {
+        // A body naming `{{ record }}` is one request per record, each its own rate-limit slot.
+        let per_record = [&self.upsert, &self.update, &self.insert, &self.delete]
+            .iter()
+            .any(|e| e.payload.per_record());
         Capabilities {
-            max_batch_size: MAX_BATCH_SIZE,
+            max_batch_size: if per_record { 1 } else { MAX_BATCH_SIZE },
             operations: vec![
                 Operation::Upsert,
                 Operation::Update,

@@ -6,7 +6,8 @@
 //! JSON that template renders from them. Templates are Jinja (see `docs/templates.md`):
 //! - URL and headers: `{{ operation }}` and `{{ secret.KEY }}`;
 //! - `body`: `{{ operation }}`, `{{ records }}` (the JSON array of the records) and
-//!   `{{ count }}`; text, so its literal JSON is written as it is;
+//!   `{{ count }}`, or `{{ record }}` (one record: a body naming it is sent once per record);
+//!   text, so its literal JSON is written as it is;
 //! - `record`: the record's fields by name (nested objects by attribute, `properties.email`),
 //!   `{{ record }}` (all of them) and `{{ operation }}`; JSON, so each `{{ … }}` writes a
 //!   JSON value. A record whose JSON does not parse is rejected, naming the template.
@@ -38,7 +39,7 @@ pub struct Allowed {
     pub secrets: bool,
     /// `{{ operation }}`.
     pub operation: bool,
-    /// `{{ records }}` and `{{ count }}`.
+    /// `{{ records }}`, `{{ count }}` and `{{ record }}`.
     pub records: bool,
 }
 
@@ -51,6 +52,7 @@ impl Allowed {
         if self.records {
             names.push("{{ records }}");
             names.push("{{ count }}");
+            names.push("{{ record }}");
         }
         if self.secrets {
             names.push("{{ secret.KEY }}");
@@ -61,7 +63,7 @@ impl Allowed {
     fn allows(self, name: &str) -> bool {
         match name {
             OPERATION => self.operation,
-            RECORDS | COUNT => self.records,
+            RECORDS | COUNT | RECORD => self.records,
             SECRET => self.secrets,
             _ => false,
         }
@@ -219,6 +221,11 @@ impl Payload {
         })
     }
 
+    /// True when the body names `{{ record }}`: one record per request.
+    pub fn per_record(&self) -> bool {
+        self.body.variables().iter().any(|v| v == RECORD)
+    }
+
     /// Renders the body of `batch`. A record whose template fails is left out and reported
     /// in `refused`; a template naming a field the records lack, or a body that is not
     /// JSON, fails the batch.
@@ -226,6 +233,8 @@ impl Payload {
         let mut records = Vec::with_capacity(2 + 128 * batch.len());
         let mut sent = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
+        // Where the first record sent lies in `records`, for `{{ record }}`.
+        let mut first = 0..0;
         records.push(b'[');
         for (i, record) in batch.iter().enumerate() {
             let written = match &self.record {
@@ -244,17 +253,36 @@ impl Payload {
                 }),
             };
             match written {
-                Ok(()) => sent.push(i),
+                Ok(()) => {
+                    if sent.is_empty() {
+                        first = 1..records.len();
+                    }
+                    sent.push(i);
+                }
                 Err(Refusal::Record(reason)) => refused.push((i, reason)),
                 Err(Refusal::Batch(error)) => return Err(error),
             }
         }
         records.push(b']');
-        let body = self.envelope(operation, records, sent.len())?;
+        if self.per_record() && sent.len() > 1 {
+            // The connector asks for batches of one when the body names `record`.
+            return Err(SendError::Fatal(format!(
+                "{}: {{{{ record }}}} sends one record per request, but a batch of {} came (a bug)",
+                self.body_field,
+                sent.len()
+            )));
+        }
+        let body = self.envelope(operation, records, first, sent.len())?;
         Ok(Rendered { body, sent, refused })
     }
 
-    fn envelope(&self, operation: Operation, records: Vec<u8>, count: usize) -> Result<Vec<u8>, SendError> {
+    fn envelope(
+        &self,
+        operation: Operation,
+        records: Vec<u8>,
+        first: std::ops::Range<usize>,
+        count: usize,
+    ) -> Result<Vec<u8>, SendError> {
         if let Some(holes) = self.body.as_plain() {
             let mut body = Vec::with_capacity(64 + records.len());
             holes
@@ -271,6 +299,10 @@ impl Payload {
                         out.extend_from_slice(count.to_string().as_bytes());
                         true
                     }
+                    RECORD => {
+                        out.extend_from_slice(&records[first.clone()]);
+                        true
+                    }
                     _ => false,
                 })
                 // Body variables were checked at construction; this only guards that invariant.
@@ -278,6 +310,7 @@ impl Payload {
             return Ok(body);
         }
         // Records are canonical or checked JSON, built from valid UTF-8 pieces.
+        let record = String::from_utf8_lossy(&records[first]).into_owned();
         let records = String::from_utf8_lossy(&records).into_owned();
         let bound = self
             .body
@@ -287,6 +320,7 @@ impl Payload {
                 OPERATION => JinjaValue::from(operation.as_str()),
                 RECORDS => JinjaValue::from_safe_string(records.clone()),
                 COUNT => JinjaValue::from(count),
+                RECORD => JinjaValue::from_safe_string(record.clone()),
                 _ => JinjaValue::UNDEFINED,
             })
             .collect();
@@ -503,6 +537,19 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_body_naming_record_is_that_one_record() {
+        let p = payload("{{ record }}", Some(r#"{"id": {{ id }}}"#));
+        assert!(p.per_record());
+        let rendered = p.render(Operation::Upsert, &[record()]).unwrap();
+        assert_eq!(body_of(&rendered), r#"{"id": 1}"#);
+        assert!(!payload("{{ records }}", None).per_record());
+        assert!(matches!(
+            p.render(Operation::Upsert, &[record(), record()]),
+            Err(SendError::Fatal(_))
+        ));
     }
 
     #[test]
