@@ -114,7 +114,7 @@ impl SyncMode {
     "rule": "has(self.from) != has(self.template)",
     "message": "a mapping needs exactly one of from or template"
 }, {
-    "rule": "!has(self.templateType) || has(self.template)",
+    "rule": "!has(self.templateType) || self.templateType == 'text' || has(self.template)",
     "message": "templateType applies only to a template mapping"
 }]))]
 pub struct Mapping {
