@@ -32,7 +32,7 @@ pub use plain::{Position, Template, TemplateError};
 
 /// Longest template source accepted, in bytes.
 pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
-/// Deepest nesting of blocks and calls at render time.
+/// Deepest recursion at render time (recursive loops; the parser bounds source nesting).
 pub const RECURSION_LIMIT: usize = 32;
 
 /// The name JSON templates are compiled under; its extension selects JSON output.
