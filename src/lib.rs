@@ -14,13 +14,15 @@
 //!
 //! [`api`] holds the custom resources, [`source`] the warehouses, [`destination`] the
 //! connectors and the shared delivery machinery, [`state`] the fingerprint stores, and
-//! [`local`] the `backflow run -f` runner that drives the engine without a cluster.
+//! [`local`] the `backflow run -f` runner that drives the engine without a cluster, and
+//! [`egress`] the address ranges no connection may reach.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod controller;
 pub mod destination;
+pub mod egress;
 pub mod engine;
 pub mod local;
 pub mod metrics;

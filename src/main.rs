@@ -20,6 +20,17 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BACKFLOW_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Address ranges no connection of a sync may reach, checked after DNS resolution:
+    /// CIDRs, addresses, `link-local` and `loopback`, comma-separated (an empty value denies
+    /// nothing). Default: `link-local` for `run`, `link-local,loopback` for `operator`.
+    #[arg(
+        long,
+        global = true,
+        env = "BACKFLOW_EGRESS_DENY",
+        value_delimiter = ',',
+        num_args = 0..
+    )]
+    egress_deny: Option<Vec<String>>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,7 +88,7 @@ enum Command {
         output: OutputFormat,
     },
     /// Run the operator: reconcile ReverseSyncs and Destinations in the cluster.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print the CustomResourceDefinitions generated from the API types.
     Crds,
 }
@@ -119,6 +130,25 @@ struct OperatorArgs {
     /// Service account of Job-mode run pods.
     #[arg(long)]
     job_service_account: Option<String>,
+    /// Images a sync's jobTemplate.image may name besides --job-image (repeatable or
+    /// comma-separated); none by default.
+    #[arg(long, value_delimiter = ',')]
+    job_allowed_images: Vec<String>,
+    /// ServiceAccounts a sync's jobTemplate.serviceAccountName may name besides
+    /// --job-service-account (repeatable or comma-separated); none by default.
+    #[arg(long, value_delimiter = ',')]
+    job_allowed_service_accounts: Vec<String>,
+    /// Honour a sync's jobTemplate.nodeSelector and tolerations (off: a sync that sets them
+    /// is Stalled, and run pods are placed by --job-node-selector and --job-tolerations).
+    #[arg(long)]
+    job_allow_placement: bool,
+    /// Size limit of a run pod's /tmp, where it spills planned rows.
+    #[arg(long, default_value = "4Gi")]
+    job_tmp_size_limit: String,
+    /// Watch Secrets (needs list and watch on Secrets) so a changed Secret wakes the syncs
+    /// using it at once; without it, only the Secrets specs name are read, by name.
+    #[arg(long, env = "BACKFLOW_WATCH_SECRETS")]
+    watch_secrets: bool,
     /// Seconds a finished run Job is kept.
     #[arg(long, default_value_t = 3600)]
     job_ttl_seconds: i32,
@@ -155,6 +185,14 @@ fn init_tracing(format: LogFormat) {
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let egress = match (&cli.egress_deny, &cli.command) {
+        (Some(rules), _) => backflow::egress::Policy::parse(rules).context("failed to read --egress-deny")?,
+        (None, Command::Operator(_)) => backflow::egress::Policy::cluster(),
+        (None, _) => backflow::egress::Policy::local(),
+    };
+    let egress_rules: Vec<String> = egress.rules().iter().map(ToString::to_string).collect();
+    tracing::debug!(deny = %egress_rules.join(","), "egress policy");
+    backflow::egress::install(egress);
     match cli.command {
         Command::Crds => {
             print!(
@@ -165,7 +203,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Operator(args) => {
             let shutdown = shutdown_token();
-            let config = operator_config(args, cli.log_format)?;
+            let config = operator_config(*args, cli.log_format, egress_rules)?;
             let client = kube::Client::try_default()
                 .await
                 .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
@@ -258,6 +296,7 @@ fn shutdown_token() -> CancellationToken {
 fn operator_config(
     args: OperatorArgs,
     log_format: LogFormat,
+    egress_deny: Vec<String>,
 ) -> anyhow::Result<backflow::controller::OperatorConfig> {
     fn json<T: serde::de::DeserializeOwned>(flag: &str, text: Option<String>) -> anyhow::Result<Option<T>> {
         text.map(|t| {
@@ -292,8 +331,15 @@ fn operator_config(
                 LogFormat::Json => "json".to_owned(),
                 LogFormat::Text => "text".to_owned(),
             }),
+            allowed_images: args.job_allowed_images,
+            allowed_service_accounts: args.job_allowed_service_accounts,
+            allow_placement: args.job_allow_placement,
+            tmp_size_limit: Some(args.job_tmp_size_limit),
+            // Run pods apply the operator's own rules.
+            egress_deny: Some(egress_deny),
         },
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+        watch_secrets: args.watch_secrets,
     })
 }
 

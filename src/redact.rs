@@ -95,6 +95,10 @@ impl Scrubber {
             },
             SendError::BatchRejected(reason) => SendError::BatchRejected(self.scrub(&reason)),
             SendError::Fatal(reason) => SendError::Fatal(self.scrub(&reason)),
+            SendError::TooLarge { limit, reason } => SendError::TooLarge {
+                limit,
+                reason: self.scrub(&reason),
+            },
         }
     }
 }

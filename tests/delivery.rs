@@ -141,3 +141,50 @@ async fn a_fatal_answer_stops_delivery() {
     assert!(err.to_string().contains("credentials rejected"));
     assert_eq!(fake.call_count(), 1, "no retry of a fatal error");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_refused_for_its_size_is_resent_at_the_named_limit_which_later_batches_keep() {
+    let fake = Arc::new(FakeConnector::new(100).with_script(vec![Err(SendError::TooLarge {
+        limit: 40,
+        reason: "Max Input Length Exceeded".into(),
+    })]));
+    let d = delivery(fake.clone(), 3);
+    assert_eq!(d.batch_size(), 100);
+
+    let out = d.send_batch(Operation::Upsert, records(100)).await.unwrap();
+
+    assert_eq!(count(&out, |d| *d == Delivered::Accepted), 100);
+    let sizes: Vec<usize> = fake.calls.lock().unwrap().iter().map(|(_, k)| k.len()).collect();
+    assert_eq!(sizes, [100, 40, 40, 20], "cut to the limit, not halved");
+    assert_eq!(
+        d.batch_size(),
+        40,
+        "the run's later batches are formed at the limit"
+    );
+    // A batch formed before the limit was known is cut before it is sent.
+    d.send_batch(Operation::Upsert, records(50)).await.unwrap();
+    let sizes: Vec<usize> = fake.calls.lock().unwrap().iter().map(|(_, k)| k.len()).collect();
+    assert_eq!(&sizes[4..], [40, 10]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejection_reasons_leave_the_delivery_without_the_records_values() {
+    let mut batch = records(1);
+    batch[0].fields.insert(
+        "email".into(),
+        backflow::engine::value::Value::Text("ada.example.com".into()),
+    );
+    let fake = Arc::new(
+        FakeConnector::new(100).with_script(vec![Err(SendError::BatchRejected(
+            "INVALID_EMAIL_ADDRESS: invalid email address: Ada.Example.com".into(),
+        ))]),
+    );
+    let out = delivery(fake, 3)
+        .send_batch(Operation::Upsert, batch)
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0].1,
+        Delivered::Rejected("INVALID_EMAIL_ADDRESS: invalid email address: <value>".into())
+    );
+}

@@ -524,3 +524,233 @@ async fn the_documented_example_is_valid_and_builds_a_connector() {
     assert_eq!(caps.operations.len(), 4);
     assert_eq!(dest.spec.target(), "braze/https://rest.iad-01.braze.com");
 }
+
+// --- what Braze accepts and then drops ----------------------------------------------------
+
+#[tokio::test]
+async fn a_null_under_a_nested_attribute_is_left_out_so_the_other_profiles_nested_updates_land() {
+    let model = TempSqlite::new(MODEL).await;
+    model.exec("UPDATE customers SET ltv = NULL WHERE id = 4").await;
+    let double = BrazeDouble::start(API_KEY).await;
+    double.seed("c-4", json!({"loyalty": {"ltv": 99.0}}));
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.accepted, 30);
+    assert_eq!(
+        double.dropped_nested_updates(),
+        0,
+        "no request carried a null inside a nested attribute"
+    );
+    assert_eq!(
+        double.user("c-5").unwrap()["loyalty"],
+        json!({"ltv": 7.5}),
+        "the other profiles' nested updates landed"
+    );
+    assert_eq!(
+        double.user("c-4").unwrap()["loyalty"],
+        json!(null),
+        "the emptied object is removed the documented way, a top-level null"
+    );
+    let sent = &double.requests()[0].body["attributes"];
+    let four = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["external_id"] == "c-4")
+        .unwrap();
+    assert_eq!(four["loyalty"], json!(null));
+}
+
+#[tokio::test]
+async fn a_nested_attribute_braze_would_drop_rejects_its_record_only() {
+    let double = BrazeDouble::start(API_KEY).await;
+    let connector = connector(&double).await;
+    let mut dotted = user(2, "bob@example.com", "Bob");
+    dotted
+        .fields
+        .insert("prefs".into(), Value::Json(json!({"mail.daily": true})));
+    let mut nested = user(1, "ada@example.com", "Ada");
+    nested
+        .fields
+        .insert("prefs".into(), Value::Json(json!({"daily": true})));
+
+    let outcomes = connector
+        .send(Operation::Upsert, &[nested, dotted])
+        .await
+        .unwrap();
+
+    assert_eq!(outcomes[0], RecordOutcome::Accepted);
+    assert!(
+        matches!(&outcomes[1], RecordOutcome::Rejected(r) if r.contains("nested attribute \"prefs\"")),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(
+        double.requests()[0].items(),
+        1,
+        "the record Braze would drop is not sent"
+    );
+    assert_eq!(double.user("u-1").unwrap()["prefs"], json!({"daily": true}));
+}
+
+#[tokio::test]
+async fn a_workspace_that_takes_50_objects_settles_the_run_on_batches_of_50() {
+    let model = TempSqlite::new(
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, name TEXT, ltv REAL);
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+INSERT INTO customers SELECT i, 'user' || i || '@example.com', 'User ' || i, i * 1.5 FROM n;",
+    )
+    .await;
+    let double = BrazeDouble::start(API_KEY).await;
+    double.mau_pricing();
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, "maxConcurrency: 1"),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!((report.accepted, report.rejected), (1000, 0));
+    assert_eq!(double.user_count(), 1000);
+    let requests = double.requests();
+    let refused: Vec<usize> = requests
+        .iter()
+        .filter(|r| r.status == 400)
+        .map(|r| r.items())
+        .collect();
+    assert_eq!(
+        refused,
+        [75],
+        "refused once, then the run kept to 50: {refused:?}"
+    );
+    let sizes: Vec<usize> = requests
+        .iter()
+        .filter(|r| r.status == 201)
+        .map(|r| r.items())
+        .collect();
+    assert!(sizes.iter().all(|n| *n <= 50), "{sizes:?}");
+    // Only the batches already formed when Braze refused (the engine keeps a few going) are
+    // cut in two; the rest of the run is formed at 50.
+    let cut = sizes.iter().filter(|n| **n < 50).count();
+    assert!(cut <= 6, "{cut} partial requests: {sizes:?}");
+    assert!(
+        sizes.len() <= 1000 / 50 + 6,
+        "{} requests: {sizes:?}",
+        sizes.len()
+    );
+}
+
+#[tokio::test]
+async fn rejection_reasons_name_the_problem_without_the_value() {
+    let model = TempSqlite::new(MODEL).await;
+    model
+        .exec("UPDATE customers SET email = 'user13.example.com' WHERE id = 13")
+        .await;
+    let double = BrazeDouble::start(API_KEY).await;
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert_eq!((report.accepted, report.rejected), (29, 1));
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "'<value>' is not a valid email address"
+    );
+}
+
+#[tokio::test]
+async fn the_double_drops_every_nested_update_of_a_request_with_a_null_inside_one_as_braze_does() {
+    let double = BrazeDouble::start(API_KEY).await;
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{}/users/track", double.url))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+    };
+
+    let answer = post(json!({"attributes": [
+        {"external_id": "a", "first_name": "Ada", "loyalty": {"ltv": 1.5}},
+        {"external_id": "b", "loyalty": {"ltv": null}},
+    ]}))
+    .await
+    .unwrap();
+    assert_eq!(answer.status().as_u16(), 201, "accepted all the same");
+    assert_eq!(double.dropped_nested_updates(), 2);
+    let a = double.user("a").unwrap();
+    assert_eq!(a["first_name"], "Ada", "flat attributes land");
+    assert!(
+        a.get("loyalty").is_none(),
+        "the nested update of another profile is lost"
+    );
+
+    double.mau_pricing();
+    let objects: Vec<serde_json::Value> = (0..51).map(|i| json!({"external_id": format!("m{i}")})).collect();
+    let answer = post(json!({ "attributes": objects })).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["message"], "Max Input Length Exceeded");
+}
+
+#[tokio::test]
+async fn a_record_braze_drops_with_an_error_naming_no_index_is_found_and_rejected_not_counted_delivered() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = BrazeDouble::start(API_KEY).await;
+    double.block("c-13");
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!((report.accepted, report.rejected), (29, 1));
+    assert_eq!(report.rejected_samples[0].key, "13");
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "Braze reported an error it did not tie to a record: provided external_id is blacklisted and disallowed"
+    );
+    assert_eq!(double.user_count(), 29);
+
+    // The rejected row is sent again next run, alone.
+    let before = double.requests().len();
+    run_sync(
+        &model,
+        &destination(&double.url, ""),
+        API_KEY,
+        state.path(),
+        "upsert",
+    )
+    .await;
+    let again = &double.requests()[before..];
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].items(), 1);
+}

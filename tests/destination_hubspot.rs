@@ -480,3 +480,62 @@ async fn the_documented_example_is_valid_and_builds_a_connector() {
     assert_eq!(caps.operations.len(), 4);
     assert_eq!(dest.spec.target(), "hubspot/contacts/email");
 }
+
+// --- errors about the request, not a record ------------------------------------------------
+
+#[tokio::test]
+async fn a_property_hubspot_does_not_have_stops_the_run_after_one_call() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = HubspotDouble::start(TOKEN).await;
+    double.define_properties("contacts", &["email", "firstname"]);
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        TOKEN,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert_eq!(report.result, RunResult::Failed);
+    let error = report.error.as_ref().expect("the run stops").to_string();
+    assert!(
+        error.contains("has no property ltv (PROPERTY_DOESNT_EXIST)"),
+        "{error}"
+    );
+    assert_eq!(report.rejected, 0, "no row is blamed for the mapping");
+    let writes = double
+        .requests()
+        .iter()
+        .filter(|r| r.action() == "upsert")
+        .count();
+    assert_eq!(writes, 1, "not split down to single records");
+    assert!(double.objects("contacts").is_empty());
+}
+
+#[tokio::test]
+async fn rejection_reasons_keep_hubspots_message_but_not_the_value() {
+    let model = TempSqlite::new(MODEL).await;
+    model
+        .exec("UPDATE customers SET email = 'user13.example.com' WHERE id = 13")
+        .await;
+    let double = HubspotDouble::start(TOKEN).await;
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, ""),
+        TOKEN,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert_eq!((report.accepted, report.rejected), (29, 1));
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "Email address <value> is invalid"
+    );
+}

@@ -531,3 +531,34 @@ async fn the_documented_example_is_valid_and_builds_a_connector() {
     assert_eq!(caps.operations.len(), 4);
     assert_eq!(dest.spec.target(), "intercom/user/external_id");
 }
+
+#[tokio::test]
+async fn an_exhausted_window_holds_back_every_sender_of_the_destination() {
+    use backflow::destination::delivery::rate_limit::RateLimiter;
+    use backflow::destination::delivery::{Delivery, DeliveryConfig};
+    let double = IntercomDouble::start(TOKEN).await;
+    let dest = destination(&double.url, "", "");
+    let connector = connector(&double).await;
+    let limiter = Arc::new(RateLimiter::new(1000.0, 1000));
+    let config = DeliveryConfig::resolve(&dest, &connector.capabilities()).unwrap();
+    let delivery = Delivery::new(connector, Arc::clone(&limiter), config);
+    // The last call of the batch uses up the window, which resets 2 s later.
+    double.exhaust_next(2, 2);
+
+    delivery
+        .send_batch(
+            Operation::Upsert,
+            vec![contact(1, "u-1", "ada@example.com", "Ada")],
+        )
+        .await
+        .unwrap();
+
+    // Another sync sharing the Destination's limiter waits for the reset as well.
+    let started = Instant::now();
+    limiter.acquire().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}

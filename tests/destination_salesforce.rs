@@ -278,9 +278,9 @@ async fn a_request_refused_whole_for_one_bad_date_is_split_so_the_good_records_l
     assert_eq!(report.rejected_samples[0].key, "9");
     assert!(
         report.rejected_samples[0].reason.starts_with(
-            "JSON_PARSER_ERROR: Cannot deserialize instance of date from VALUE_STRING value soon"
+            "JSON_PARSER_ERROR: Cannot deserialize instance of date from VALUE_STRING value <value>"
         ),
-        "{}",
+        "Salesforce's code and message, not the row's value: {}",
         report.rejected_samples[0].reason
     );
     assert_eq!(double.records("Contact").len(), 29);
@@ -1077,4 +1077,271 @@ async fn the_double_keeps_bulk_jobs_to_their_states_as_salesforce_does() {
     }
     assert_eq!(states, ["InProgress", "Failed", "Failed"]);
     assert!(double.records("Contact").is_empty());
+}
+
+// --- the documented contract: formats, request errors, counts ------------------------------
+
+fn last_order(email: &str, last_name: &str, stamp: &str) -> Record {
+    let mut record = contact(email, Some(last_name));
+    let stamp = chrono::DateTime::parse_from_rfc3339(stamp)
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    record
+        .fields
+        .insert("Last_Order__c".into(), Value::Timestamp(stamp));
+    record
+}
+
+#[tokio::test]
+async fn timestamps_go_out_in_salesforces_millisecond_format_on_both_paths() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+
+    let outcomes = connector(&double)
+        .await
+        .send(
+            Operation::Upsert,
+            &[last_order(
+                "ada@example.com",
+                "Lovelace",
+                "2024-01-01T00:37:00.362470Z",
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let sent = double.calls().pop().unwrap().json();
+    assert_eq!(sent["records"][0]["Last_Order__c"], "2024-01-01T00:37:00.362Z");
+
+    let view = bulk_view(&bulk_destination(&double.url, "bulk: always"), 1);
+    let outcomes = view
+        .send(
+            Operation::Upsert,
+            &[last_order(
+                "alan@example.com",
+                "Turing",
+                "2024-12-31T23:59:59.999999Z",
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
+    let upload = double
+        .calls()
+        .into_iter()
+        .find(|c| c.bulk_step() == Some("upload"))
+        .unwrap();
+    assert!(
+        upload.body.contains(",2024-12-31T23:59:59.999Z\n"),
+        "truncated, never rounded into the next year: {}",
+        upload.body
+    );
+    for (email, stamp) in [
+        ("ada@example.com", "2024-01-01T00:37:00.362Z"),
+        ("alan@example.com", "2024-12-31T23:59:59.999Z"),
+    ] {
+        let stored = double.find("Contact", "Email__c", email).unwrap();
+        assert_eq!(stored.text("Last_Order__c"), stamp);
+    }
+}
+
+#[tokio::test]
+async fn a_misspelled_field_stops_the_run_after_one_call_instead_of_rejecting_every_row() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = destination(&double.url, "Contact", "");
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = sync_spec("upsert");
+    spec.mappings[3].to = "Phne".into();
+
+    let report =
+        support::engine::run_sync_once(&model.url, &spec, &dest, &secret(CLIENT_SECRET), state.path()).await;
+
+    assert_eq!(report.result, RunResult::Failed);
+    let error = report.error.as_ref().expect("the run stops").to_string();
+    assert!(
+        error.contains("INVALID_FIELD: No such column 'Phne' on sobject of type Contact")
+            && error.contains("spec.salesforce.object"),
+        "{error}"
+    );
+    assert_eq!(report.rejected, 0, "no row is blamed for the mapping");
+    let upserts = double.calls().into_iter().filter(|c| c.is_upsert()).count();
+    assert_eq!(upserts, 1, "not split down to single records");
+    assert!(double.records("Contact").is_empty());
+
+    // An object or an External ID field the org does not have is the request's fault too.
+    for (object, field) in [("Contct", "Email__c"), ("Contact", "Emial__c")] {
+        let dest: DestinationSpec = serde_yaml_ng::from_str(&format!(
+            "type: salesforce\ncredentialsSecretRef: {{name: salesforce}}\nsalesforce: {{object: {object}, externalIdField: {field}, loginUrl: \"{}\"}}\n",
+            double.url
+        ))
+        .unwrap();
+        let connector = destination::build(&dest, Some(&secret(CLIENT_SECRET)))
+            .await
+            .unwrap();
+        let mut record = contact("ada@example.com", Some("Lovelace"));
+        record.identity = Document::from([(field.to_owned(), Value::Text("ada@example.com".into()))]);
+        record.fields.remove("Email__c");
+        let error = connector.send(Operation::Upsert, &[record]).await.unwrap_err();
+        assert!(
+            matches!(&error, SendError::Fatal(m) if m.contains("refused the request, not a record")),
+            "{object}.{field}: {error:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_record_refused_whole_for_a_bad_value_is_still_split_and_the_value_is_not_echoed() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let connector = connector(&double).await;
+    let mut bad = contact("grace@example.com", Some("Hopper"));
+    bad.fields
+        .insert("Last_Order__c".into(), Value::Text("last tuesday at noon".into()));
+    let batch = vec![contact("ada@example.com", Some("Lovelace")), bad];
+    let dest = destination(&double.url, "Contact", "");
+    let config =
+        backflow::destination::delivery::DeliveryConfig::resolve(&dest, &connector.capabilities()).unwrap();
+    let delivery = backflow::destination::delivery::Delivery::new(
+        connector,
+        Arc::new(backflow::destination::delivery::rate_limit::RateLimiter::new(
+            1000.0, 1000,
+        )),
+        config,
+    );
+
+    let mut done = delivery.send_batch(Operation::Upsert, batch).await.unwrap();
+    done.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+
+    assert_eq!(done[0].1, backflow::destination::delivery::Delivered::Accepted);
+    assert_eq!(
+        done[1].1,
+        backflow::destination::delivery::Delivered::Rejected(
+            "JSON_PARSER_ERROR: Cannot deserialize instance of datetime from VALUE_STRING value <value>"
+                .into()
+        ),
+        "the code stays, the echoed value does not"
+    );
+}
+
+#[tokio::test]
+async fn bulk_rejection_reasons_keep_salesforces_code_and_field_but_not_the_value() {
+    let model = TempSqlite::new(
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, name TEXT, last_order TEXT);
+         INSERT INTO customers VALUES (1, 'user1@example.com', 'One', '2024-01-01T10:00:00Z'),
+                                      (2, 'user2@example.com', 'Two', '2024-01-01 10:00');",
+    )
+    .await;
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let state = tempfile::tempdir().unwrap();
+    let spec: ReverseSyncSpec = serde_yaml_ng::from_str(
+        r#"
+source: {connectionSecretRef: {name: wh}, query: "SELECT id, email, name, last_order FROM customers", primaryKey: [id]}
+destinationRef: {name: salesforce}
+mode: upsert
+match: [Email__c]
+mappings:
+  - {from: email, to: Email__c}
+  - {from: name, to: LastName}
+  - {from: last_order, to: Last_Order__c}
+"#,
+    )
+    .unwrap();
+
+    let report = run_fast(&model, &dest, state.path(), &spec).await;
+
+    assert_eq!((report.accepted, report.rejected), (1, 1));
+    assert_eq!(
+        report.rejected_samples[0].reason,
+        "INVALID_TYPE_ON_FIELD_IN_RECORD: Last Order: value not of required type: <value> (Last_Order__c)"
+    );
+}
+
+/// A delivery over `connector` as a run builds it, with a fast limiter.
+fn delivery_over(
+    connector: Arc<dyn Connector>,
+    dest: &DestinationSpec,
+) -> backflow::destination::delivery::Delivery {
+    use backflow::destination::delivery::{Delivery, DeliveryConfig, rate_limit::RateLimiter};
+    let mut config = DeliveryConfig::resolve(dest, &connector.capabilities()).unwrap();
+    config.initial_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(100);
+    Delivery::new(connector, Arc::new(RateLimiter::new(1000.0, 1000)), config)
+}
+
+#[tokio::test]
+async fn a_throttled_poll_and_a_new_token_count_in_the_run_and_the_throttle_pauses_every_job() {
+    let double = SalesforceDouble::start(CLIENT_ID, CLIENT_SECRET).await;
+    let dest = bulk_destination(&double.url, "bulk: always");
+    let wait = Duration::from_millis(400);
+    let mut planned = destination::PlannedSends::default();
+    planned.add(Operation::Upsert, 2);
+    let view = fast_connector(&dest)
+        .with_request_limit_wait(wait)
+        .for_run(&planned)
+        .unwrap();
+    let delivery = delivery_over(view, &dest);
+    double.limit_exceeded_on_polls(1);
+    double.expire_tokens_after(1);
+
+    // Two jobs at once, as a run with two batches in flight sends them; both keep polling
+    // until the jobs are let go.
+    double.hold_jobs(true);
+    let (a, b, ()) = tokio::join!(
+        delivery.send_batch(
+            Operation::Upsert,
+            vec![contact("ada@example.com", Some("Lovelace"))]
+        ),
+        delivery.send_batch(
+            Operation::Upsert,
+            vec![contact("alan@example.com", Some("Turing"))]
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            double.hold_jobs(false);
+        },
+    );
+    assert_eq!(
+        a.unwrap()[0].1,
+        backflow::destination::delivery::Delivered::Accepted
+    );
+    assert_eq!(
+        b.unwrap()[0].1,
+        backflow::destination::delivery::Delivered::Accepted
+    );
+
+    let stats = delivery.stats();
+    use std::sync::atomic::Ordering;
+    assert_eq!(
+        stats.throttled.load(Ordering::Relaxed),
+        1,
+        "the throttled poll counts"
+    );
+    assert!(
+        stats.retries.load(Ordering::Relaxed) >= 2,
+        "the repeated poll and the call repeated with a new token count as retries: {}",
+        stats.retries.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        stats.requests.load(Ordering::Relaxed),
+        2,
+        "a job is still one request"
+    );
+    let calls = double.calls();
+    let throttled = calls
+        .iter()
+        .find(|c| c.status == 403)
+        .expect("a throttled poll")
+        .at;
+    // A call already on its way when the throttle was answered may still arrive just after it.
+    let during: Vec<Duration> = calls
+        .iter()
+        .filter(|c| c.at > throttled)
+        .map(|c| c.at - throttled)
+        .filter(|d| *d > Duration::from_millis(20) && *d < wait - Duration::from_millis(50))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "no job called Salesforce during the pause, yet calls came after {during:?}"
+    );
+    assert_eq!(double.records("Contact").len(), 2);
 }

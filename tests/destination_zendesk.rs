@@ -229,8 +229,8 @@ async fn a_request_refused_whole_with_422_is_split_so_the_good_records_land() {
     assert!(
         report.rejected_samples[0]
             .reason
-            .starts_with("RecordInvalid: Record validation errors: Email: broken"),
-        "{}",
+            .starts_with("RecordInvalid: Record validation errors: Email: <value> is not"),
+        "Zendesk's code and message, not the row's value: {}",
         report.rejected_samples[0].reason
     );
     assert_eq!(double.records("users").len(), 28);
@@ -554,4 +554,31 @@ async fn the_documented_example_is_valid_and_builds_a_connector() {
     );
     assert_eq!(caps.operations.len(), 4);
     assert_eq!(dest.spec.target(), "zendesk/acme/users");
+}
+
+#[tokio::test]
+async fn throttled_job_polls_count_in_the_run_as_throttles_and_retries() {
+    let model = TempSqlite::new(MODEL).await;
+    let double = ZendeskDouble::start(EMAIL, TOKEN).await;
+    double.throttle_polls(2);
+    let state = tempfile::tempdir().unwrap();
+
+    let report = run_sync(
+        &model,
+        &destination(&double.url, "users", ""),
+        TOKEN,
+        state.path(),
+        "upsert",
+    )
+    .await;
+
+    assert!(report.error.is_none(), "{:?}", report.error);
+    let throttled_polls = double
+        .requests()
+        .iter()
+        .filter(|r| r.is_poll() && r.status == 429)
+        .count();
+    assert_eq!(throttled_polls, 2);
+    assert_eq!(report.throttled, 2, "the throttled polls show in the run");
+    assert!(report.retries >= 2, "{}", report.retries);
 }

@@ -54,6 +54,8 @@ fn config() -> OperatorConfig {
             ..JobDefaults::default()
         },
         shutdown_grace: Duration::from_secs(5),
+        // Most tests count on a fixed Secret being picked up at once.
+        watch_secrets: true,
     }
 }
 
@@ -266,6 +268,10 @@ async fn a_sync_runs_reports_on_its_status_and_a_requested_run_sends_nothing_new
     );
     assert_eq!(run.trigger.as_deref(), Some("SpecChanged"));
     assert!(is(&s, "Reconciling", "False") && is(&s, "Stalled", "False"));
+    assert!(
+        is(&s, "SourcePrivileged", "False"),
+        "a read-only SQLite file escapes nothing"
+    );
     let status = s.status.clone().unwrap();
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(status.last_successful_sync_time.is_some());
@@ -490,7 +496,10 @@ async fn deleting_a_sync_removes_its_state_and_the_finalizer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
     let mut h = Harness::start(2).await;
-    h.run_operator(config());
+    let mut config = config();
+    config.job.allow_placement = true;
+    config.job.tmp_size_limit = Some("4Gi".into());
+    h.run_operator(config);
     h.apply_sync(
         "in-a-job",
         json!({"execution": {"mode": "Job", "jobTemplate": {"nodeSelector": {"pool": "etl"}}}}),
@@ -521,6 +530,8 @@ async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
     assert_eq!(pod.containers[0].image.as_deref(), Some("backflow:test"));
     assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
     assert_eq!(pod.node_selector.unwrap()["pool"], "etl");
+    let tmp = pod.volumes.unwrap()[0].empty_dir.clone().unwrap();
+    assert_eq!(tmp.size_limit.unwrap().0, "4Gi", "a bounded /tmp");
     assert_eq!(
         h.webhook.request_count(),
         0,
@@ -547,6 +558,99 @@ async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
         c.message
     );
     assert_eq!(s.status.unwrap().consecutive_failures, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_template_outside_the_operators_allow_lists_stalls_and_creates_no_job() {
+    let mut h = Harness::start(2).await;
+    let mut config = config();
+    config.job.allowed_images = vec!["backflow-tools:1".into()];
+    h.run_operator(config);
+    let cases = [
+        (
+            "own-image",
+            json!({"image": "attacker/miner:latest"}),
+            "JobImageNotAllowed",
+        ),
+        (
+            "admin-sa",
+            json!({"serviceAccountName": "namespace-admin"}),
+            "JobServiceAccountNotAllowed",
+        ),
+        (
+            "on-masters",
+            json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]}),
+            "JobPlacementNotAllowed",
+        ),
+        (
+            "allowed",
+            json!({"image": "backflow-tools:1", "serviceAccountName": "backflow-run"}),
+            "",
+        ),
+    ];
+    for (name, template, _) in &cases {
+        h.apply_sync(
+            name,
+            json!({"execution": {"mode": "Job", "jobTemplate": template}}),
+        )
+        .await;
+    }
+    for (name, _, reason) in &cases {
+        if reason.is_empty() {
+            let s = h
+                .wait_sync(name, "a Job", |s| {
+                    s.status.as_ref().is_some_and(|st| st.active_job.is_some())
+                })
+                .await;
+            let job: Job = Api::namespaced(h.client.clone(), NS)
+                .get(&s.status.unwrap().active_job.unwrap())
+                .await
+                .unwrap();
+            let pod = job.spec.unwrap().template.spec.unwrap();
+            assert_eq!(pod.containers[0].image.as_deref(), Some("backflow-tools:1"));
+            continue;
+        }
+        let s = h.wait_sync(name, "Stalled", |s| is(s, "Stalled", "True")).await;
+        let c = condition(&s, "Stalled").unwrap();
+        assert_eq!(c.reason, *reason, "{}", c.message);
+        assert!(c.message.contains("spec.execution.jobTemplate"), "{}", c.message);
+        assert!(s.status.unwrap().active_job.is_none());
+    }
+    let jobs = Api::<Job>::namespaced(h.client.clone(), NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(jobs.items.len(), 1, "only the allowed template got a Job");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_watching_secrets_the_operator_only_gets_the_secrets_specs_name() {
+    let mut h = Harness::start(3).await;
+    h.apply_secret("unrelated", json!({"password": "not-for-backflow"}))
+        .await;
+    let mut config = config();
+    config.watch_secrets = false;
+    let before = h._server.requests().len();
+    h.run_operator(config);
+    h.apply_sync("customers", json!({})).await;
+    h.wait_sync("customers", "a run", |s| is(s, "Ready", "True"))
+        .await;
+    // Every Secret call from here on is the operator's.
+    let reads: Vec<_> = h._server.requests()[before..]
+        .iter()
+        .filter(|r| r.path.contains("/secrets"))
+        .cloned()
+        .collect();
+    assert!(
+        reads.iter().any(|r| r.verb == "get"),
+        "the sync's Secrets were read"
+    );
+    for call in &reads {
+        assert_eq!(call.verb, "get", "{} {}", call.method, call.path);
+        assert!(!call.path.contains("unrelated"), "{}", call.path);
+    }
     h.stop().await;
 }
 
@@ -805,6 +909,19 @@ async fn with_postgres_one_percent_changed_and_a_request_sends_exactly_those_row
         .wait_sync("pg-sync", "the first run", |s| is(s, "Ready", "True"))
         .await;
     assert_eq!(runs(&s).unwrap().rows_added, 1000);
+    // The test login is the superuser: the run goes on, with a warning.
+    let privileged = condition(&s, "SourcePrivileged").expect("the source login was checked");
+    assert_eq!(
+        (privileged.status.as_str(), privileged.reason.as_str()),
+        ("True", "PrivilegedSourceUser")
+    );
+    assert!(privileged.message.contains("superuser"), "{}", privileged.message);
+    let warnings = h.events().await;
+    let warning = warnings
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("PrivilegedSourceUser"))
+        .expect("a PrivilegedSourceUser event");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
     let first_fingerprint = runs(&s).unwrap().fingerprint.clone();
 
     pg.exec("UPDATE customers SET plan = 'pro' WHERE id % 100 = 0")

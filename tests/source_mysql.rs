@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{Privileges, RowStream, SourceError, SourceOptions, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::Connection;
@@ -332,4 +332,38 @@ async fn dropping_the_stream_early_ends_the_query_on_the_server() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_source_user_with_file_or_super_is_reported_and_a_reader_is_not() {
+    let db = TestDb::mysql("privileges").await;
+    db.exec("CREATE TABLE t (id INT); INSERT INTO t VALUES (1)").await;
+    let reader = format!("{}_r", db.name);
+    let files = format!("{}_f", db.name);
+    db.exec(&format!(
+        "CREATE USER '{reader}'@'%' IDENTIFIED BY 'pw';
+         CREATE USER '{files}'@'%' IDENTIFIED BY 'pw';
+         GRANT SELECT ON `{db}`.* TO '{reader}'@'%';
+         GRANT SELECT ON `{db}`.* TO '{files}'@'%';
+         GRANT FILE ON *.* TO '{files}'@'%'",
+        db = db.name
+    ))
+    .await;
+    let as_user = |user: &str| db.url.replacen("root@", &format!("{user}:pw@"), 1);
+    let privileges = |url: String| async move {
+        let stream = extract(&url, "SELECT id FROM t", &options()).await.unwrap();
+        stream.privileges().clone()
+    };
+    let of_reader = privileges(as_user(&reader)).await;
+    let of_files = privileges(as_user(&files)).await;
+    let of_root = privileges(db.url.clone()).await;
+    db.exec(&format!("DROP USER '{reader}'@'%'; DROP USER '{files}'@'%'"))
+        .await;
+
+    assert_eq!(of_reader, Privileges::Least);
+    assert_eq!(of_files, Privileges::Elevated(vec!["FILE on *.*".into()]));
+    assert!(
+        matches!(&of_root, Privileges::Elevated(found) if found.contains(&"ALL PRIVILEGES on *.*".to_owned())),
+        "{of_root:?}"
+    );
 }

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{Column, RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{Column, Privileges, RowStream, SourceError, SourceOptions, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::Connection;
@@ -350,4 +350,45 @@ async fn dropping_the_stream_early_ends_the_query_on_the_server() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_source_user_that_can_escape_the_read_only_transaction_is_reported_and_a_reader_is_not() {
+    let db = TestDb::postgres("privileges").await;
+    db.exec("CREATE TABLE t (id INT); INSERT INTO t VALUES (1)").await;
+    let reader = format!("{}_reader", db.name);
+    let files = format!("{}_files", db.name);
+    support::db::exec_admin_postgres(&format!(
+        "CREATE ROLE \"{reader}\" LOGIN; CREATE ROLE \"{files}\" LOGIN IN ROLE pg_write_server_files"
+    ))
+    .await;
+    db.exec(&format!("GRANT SELECT ON t TO \"{reader}\", \"{files}\""))
+        .await;
+    let as_role = |role: &str| db.url.replacen("postgres@", &format!("{role}@"), 1);
+    let privileges = |url: String| async move {
+        let stream = extract(&url, "SELECT id FROM t", &options()).await.unwrap();
+        stream.privileges().clone()
+    };
+    let of_reader = privileges(as_role(&reader)).await;
+    let of_files = privileges(as_role(&files)).await;
+    let of_superuser = privileges(db.url.clone()).await;
+    // dblink_exec opens a second connection, outside the read-only transaction.
+    db.exec("CREATE EXTENSION dblink").await;
+    let of_reader_with_dblink = privileges(as_role(&reader)).await;
+    db.exec(&format!("DROP OWNED BY \"{reader}\", \"{files}\"")).await;
+    support::db::exec_admin_postgres(&format!("DROP ROLE \"{reader}\"; DROP ROLE \"{files}\"")).await;
+
+    assert_eq!(of_reader, Privileges::Least);
+    assert_eq!(
+        of_files,
+        Privileges::Elevated(vec!["member of pg_write_server_files".into()])
+    );
+    assert!(
+        matches!(&of_superuser, Privileges::Elevated(found) if found[0] == "superuser"),
+        "{of_superuser:?}"
+    );
+    assert_eq!(
+        of_reader_with_dblink,
+        Privileges::Elevated(vec!["may run dblink_exec".into()])
+    );
 }

@@ -329,3 +329,32 @@ async fn dropping_the_stream_early_stops_without_error() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_second_statement_or_a_vacuum_into_writes_no_file() {
+    let file = TestFile::with("CREATE TABLE t (id INTEGER); INSERT INTO t VALUES (1);").await;
+    let out = tempfile::tempdir().unwrap();
+    let copy = out.path().join("copy.db");
+    let attached = out.path().join("attached.db");
+    for query in [
+        // Before, the type probe ran this whole text on a writable connection.
+        format!("SELECT id FROM t; VACUUM INTO '{}'", copy.display()),
+        format!(
+            "SELECT id FROM t; ATTACH '{}' AS x; CREATE TABLE x.y (a)",
+            attached.display()
+        ),
+        format!("VACUUM INTO '{}'", copy.display()),
+        format!("/* a comment */ vacuum into '{}';", copy.display()),
+    ] {
+        let err = rows_of(&file, &query).await.unwrap_err();
+        assert!(
+            matches!(err, SourceError::Query(_) | SourceError::ReadOnly(_)),
+            "{query}: {err:?}"
+        );
+    }
+    assert!(!copy.exists(), "VACUUM INTO wrote {}", copy.display());
+    assert!(!attached.exists(), "ATTACH created {}", attached.display());
+    // One statement with a trailing semicolon and comment still runs.
+    let rows = rows_of(&file, "SELECT id FROM t; -- the model").await.unwrap();
+    assert_eq!(rows, vec![vec![Value::Int(1)]]);
+}

@@ -194,19 +194,24 @@ pub struct Execution {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobTemplate {
-    /// Container image (default: the operator's `--job-image`).
+    /// Container image (default: the operator's `--job-image`). Any other image must be in
+    /// the operator's `--job-allowed-images`, or the sync is Stalled (`JobImageNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Service account of the run pod.
+    /// Service account of the run pod (default: the operator's `--job-service-account`). Any
+    /// other must be in `--job-allowed-service-accounts`, or the sync is Stalled
+    /// (`JobServiceAccountNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
     /// Compute resources of the run container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
-    /// Node labels the run pod must match.
+    /// Node labels the run pod must match; honoured only when the operator runs with
+    /// `--job-allow-placement` (otherwise the sync is Stalled, `JobPlacementNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<std::collections::BTreeMap<String, String>>,
-    /// Tolerations of the run pod.
+    /// Tolerations of the run pod; honoured only with `--job-allow-placement`, like
+    /// `nodeSelector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
     /// Seconds the Job may run before Kubernetes stops it.
@@ -278,7 +283,7 @@ pub enum StateStoreKind {
 #[serde(rename_all = "camelCase")]
 pub struct ReverseSyncStatus {
     /// kstatus conditions: `Ready`, `Reconciling`, `Stalled`, and `Degraded` when rows were
-    /// rejected.
+    /// rejected; `SourcePrivileged` when the source login can escape the read-only transaction.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.

@@ -1,5 +1,6 @@
 //! kstatus conditions: `Ready`, `Reconciling`, `Stalled` and `Degraded`, so Flux, Argo CD and
-//! `kubectl wait --for=condition=Ready` read Backflow objects like any other.
+//! `kubectl wait --for=condition=Ready` read Backflow objects like any other. One more,
+//! `SourcePrivileged`, warns without touching those four: a risk is not a failure.
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -12,6 +13,9 @@ pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 /// It works, but not fully: the last run rejected rows.
 pub const DEGRADED: &str = "Degraded";
+/// The source's login holds privileges that escape the read-only transaction (superuser,
+/// a server-files role, `FILE`): true until the sync connects as a least-privilege role.
+pub const SOURCE_PRIVILEGED: &str = "SourcePrivileged";
 
 /// A condition's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -37,6 +37,118 @@ pub struct JobDefaults {
     pub tolerations: Option<Vec<Toleration>>,
     /// Extra arguments before `run` (the log format).
     pub log_format: Option<String>,
+    /// Images a sync's `jobTemplate.image` may name besides [`JobDefaults::image`].
+    pub allowed_images: Vec<String>,
+    /// ServiceAccounts a sync's `jobTemplate.serviceAccountName` may name besides
+    /// [`JobDefaults::service_account`].
+    pub allowed_service_accounts: Vec<String>,
+    /// Whether a sync's `jobTemplate.nodeSelector` and `tolerations` are honoured (off: run
+    /// pods go where the operator's own settings place them).
+    pub allow_placement: bool,
+    /// Size limit of the run pod's `/tmp` (an emptyDir), as a quantity such as `4Gi`.
+    pub tmp_size_limit: Option<String>,
+    /// The egress rules the run pod applies (`--egress-deny`); `None` leaves its default.
+    pub egress_deny: Option<Vec<String>>,
+}
+
+/// Why a sync's `jobTemplate` asks for what the operator does not allow. Each is `Stalled`
+/// until the spec or the operator's allow-lists change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobOverrideError {
+    /// An image outside the allow-list.
+    #[error(
+        "spec.execution.jobTemplate.image {image:?} is not allowed: this operator runs Job pods with {allowed} (its --job-image and --job-allowed-images)"
+    )]
+    Image {
+        /// The image asked for.
+        image: String,
+        /// The allowed images, quoted.
+        allowed: String,
+    },
+    /// A ServiceAccount outside the allow-list.
+    #[error(
+        "spec.execution.jobTemplate.serviceAccountName {name:?} is not allowed: this operator runs Job pods as {allowed} (its --job-service-account and --job-allowed-service-accounts)"
+    )]
+    ServiceAccount {
+        /// The ServiceAccount asked for.
+        name: String,
+        /// The allowed ServiceAccounts, quoted.
+        allowed: String,
+    },
+    /// A node selector or tolerations while placement overrides are off.
+    #[error(
+        "spec.execution.jobTemplate.{field} is not allowed: this operator places run pods itself (--job-node-selector, --job-tolerations; --job-allow-placement lets syncs choose)"
+    )]
+    Placement {
+        /// `nodeSelector` or `tolerations`.
+        field: &'static str,
+    },
+}
+
+impl JobOverrideError {
+    /// The condition reason.
+    pub fn category(&self) -> &'static str {
+        match self {
+            JobOverrideError::Image { .. } => "JobImageNotAllowed",
+            JobOverrideError::ServiceAccount { .. } => "JobServiceAccountNotAllowed",
+            JobOverrideError::Placement { .. } => "JobPlacementNotAllowed",
+        }
+    }
+}
+
+/// Refuses a `jobTemplate` that names an image or ServiceAccount outside the operator's
+/// allow-lists, or places pods while placement overrides are off. A sync author could
+/// otherwise run any image under any ServiceAccount of the namespace, on any node.
+pub fn check_overrides(sync: &ReverseSync, defaults: &JobDefaults) -> Result<(), JobOverrideError> {
+    let Some(template) = sync.spec.execution.as_ref().and_then(|e| e.job_template.as_ref()) else {
+        return Ok(());
+    };
+    let quoted = |items: Vec<&String>| {
+        items
+            .iter()
+            .map(|i| format!("{i:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(image) = &template.image {
+        let allowed: Vec<&String> = std::iter::once(&defaults.image)
+            .chain(&defaults.allowed_images)
+            .collect();
+        if !allowed.contains(&image) {
+            return Err(JobOverrideError::Image {
+                image: image.clone(),
+                allowed: quoted(allowed),
+            });
+        }
+    }
+    if let Some(name) = &template.service_account_name {
+        let allowed: Vec<&String> = defaults
+            .service_account
+            .iter()
+            .chain(&defaults.allowed_service_accounts)
+            .collect();
+        if !allowed.contains(&name) {
+            return Err(JobOverrideError::ServiceAccount {
+                name: name.clone(),
+                allowed: if allowed.is_empty() {
+                    "the namespace's default ServiceAccount".to_owned()
+                } else {
+                    quoted(allowed)
+                },
+            });
+        }
+    }
+    if !defaults.allow_placement {
+        if template.node_selector.is_some() {
+            return Err(JobOverrideError::Placement {
+                field: "nodeSelector",
+            });
+        }
+        if template.tolerations.is_some() {
+            return Err(JobOverrideError::Placement { field: "tolerations" });
+        }
+    }
+    Ok(())
 }
 
 /// The deterministic name of the Job of one run: the sync's name (cut to fit) and a hash of
@@ -81,6 +193,9 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
     let mut args = Vec::new();
     if let Some(format) = &defaults.log_format {
         args.extend(["--log-format".to_owned(), format.clone()]);
+    }
+    if let Some(rules) = &defaults.egress_deny {
+        args.push(format!("--egress-deny={}", rules.join(",")));
     }
     args.extend([
         "run".to_owned(),
@@ -153,10 +268,12 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
                     node_selector: overrides
                         .node_selector
                         .clone()
+                        .filter(|_| defaults.allow_placement)
                         .or_else(|| defaults.node_selector.clone()),
                     tolerations: overrides
                         .tolerations
                         .clone()
+                        .filter(|_| defaults.allow_placement)
                         .or_else(|| defaults.tolerations.clone()),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -167,9 +284,17 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
                         ..PodSecurityContext::default()
                     }),
                     // The spill file of planned rows lives in the temp dir.
+                    // Bounded, so a run that spills without end is evicted rather than filling
+                    // the node's disk.
                     volumes: Some(vec![k8s_openapi::api::core::v1::Volume {
                         name: "tmp".to_owned(),
-                        empty_dir: Some(Default::default()),
+                        empty_dir: Some(k8s_openapi::api::core::v1::EmptyDirVolumeSource {
+                            size_limit: defaults
+                                .tmp_size_limit
+                                .clone()
+                                .map(k8s_openapi::apimachinery::pkg::api::resource::Quantity),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }]),
                     containers: vec![Container {
@@ -243,8 +368,12 @@ mod tests {
             image: "backflow:0.1".into(),
             service_account: Some("backflow-run".into()),
             ttl_seconds_after_finished: 3600,
+            allowed_images: vec!["custom:1".into()],
+            allow_placement: true,
+            tmp_size_limit: Some("2Gi".into()),
             ..JobDefaults::default()
         };
+        assert_eq!(check_overrides(&s, &defaults), Ok(()));
         let job = build(&s, &Trigger::Schedule, &defaults);
         let again = build(&s, &Trigger::Schedule, &defaults);
         assert_eq!(job.metadata.name, again.metadata.name, "deterministic per run");
@@ -278,7 +407,76 @@ mod tests {
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
         assert_eq!(pod.node_selector.unwrap()["pool"], "etl");
+        let tmp = pod.volumes.unwrap()[0].empty_dir.clone().unwrap();
+        assert_eq!(tmp.size_limit.unwrap().0, "2Gi");
         assert_eq!(job.metadata.owner_references.unwrap()[0].controller, Some(true));
+    }
+
+    #[test]
+    fn images_service_accounts_and_placement_outside_the_allow_lists_are_refused() {
+        let s = sync("customers");
+        let defaults = JobDefaults {
+            image: "backflow:0.1".into(),
+            service_account: Some("backflow-run".into()),
+            ..JobDefaults::default()
+        };
+        let err = check_overrides(&s, &defaults).unwrap_err();
+        assert_eq!(err.category(), "JobImageNotAllowed");
+        assert!(
+            err.to_string().contains("\"custom:1\"") && err.to_string().contains("\"backflow:0.1\""),
+            "{err}"
+        );
+        let images = JobDefaults {
+            allowed_images: vec!["custom:1".into()],
+            ..defaults.clone()
+        };
+        assert_eq!(
+            check_overrides(&s, &images),
+            Err(JobOverrideError::Placement {
+                field: "nodeSelector"
+            })
+        );
+        // Without the check, the sync's placement is ignored rather than obeyed.
+        let pod = build(&s, &Trigger::Schedule, &images)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.node_selector, None);
+        let mut other_sa = s.clone();
+        other_sa
+            .spec
+            .execution
+            .as_mut()
+            .unwrap()
+            .job_template
+            .as_mut()
+            .unwrap()
+            .service_account_name = Some("admin".into());
+        let all = JobDefaults {
+            allow_placement: true,
+            ..images
+        };
+        assert_eq!(
+            check_overrides(&other_sa, &all).unwrap_err().category(),
+            "JobServiceAccountNotAllowed"
+        );
+    }
+
+    #[test]
+    fn run_pods_apply_the_operators_egress_rules() {
+        let defaults = JobDefaults {
+            egress_deny: Some(vec!["169.254.0.0/16".into(), "loopback".into()]),
+            ..JobDefaults::default()
+        };
+        let job = build(&sync("customers"), &Trigger::Schedule, &defaults);
+        let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(args[0], "--egress-deny=169.254.0.0/16,loopback");
+        assert_eq!(args[1], "run", "a global flag, before the subcommand");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! ```text
 //!  watch ReverseSync ─┐                        ┌─ InProcess: engine on a bounded pool
 //!  watch Destination ─┤ reconcile ─▶ decide ──▶┤
-//!  watch Secret/Job/  │ (status,    (schedule, └─ Job: batch/v1 Job running
-//!  ConfigMap ─────────┘  events)     after...)     `backflow run --namespace --sync`
+//!  watch Job/ConfigMap│ (status,    (schedule, └─ Job: batch/v1 Job running
+//!  (Secret: opt-in) ──┘  events)     after...)     `backflow run --namespace --sync`
 //! ```
 
 pub mod cluster_run;
@@ -71,6 +71,11 @@ pub struct OperatorConfig {
     pub job: JobDefaults,
     /// Longest wait on shutdown for in-flight runs to reach a checkpoint.
     pub shutdown_grace: Duration,
+    /// Watch Secrets (their metadata), so a changed Secret wakes the syncs and Destinations
+    /// that use it at once. Watching needs `list` and `watch` on Secrets, which lets the
+    /// operator read every Secret in scope; without it the operator only `get`s the Secrets
+    /// that specs name, and a fixed Secret is picked up at the next retry or scheduled run.
+    pub watch_secrets: bool,
 }
 
 /// Why a reconcile failed; the controller retries with backoff.
@@ -432,13 +437,19 @@ pub async fn run_controllers(
     let mut controllers = Vec::new();
     let mut stores_ready = Vec::new();
     for scope in scopes {
-        let (dest_ctrl, dest_store) =
-            destination_controller(&client, scope.as_deref(), &ctx, shutdown.clone());
+        let (dest_ctrl, dest_store) = destination_controller(
+            &client,
+            scope.as_deref(),
+            &ctx,
+            config.watch_secrets,
+            shutdown.clone(),
+        );
         let (sync_ctrl, sync_store) = sync_controller(
             &client,
             scope.as_deref(),
             &ctx,
             dest_store.clone(),
+            config.watch_secrets,
             shutdown.clone(),
         );
         controllers.push(sync_ctrl);
@@ -516,6 +527,7 @@ fn sync_controller(
     namespace: Option<&str>,
     ctx: &Arc<Context>,
     destination_store: Store<Destination>,
+    watch_secrets: bool,
     shutdown: CancellationToken,
 ) -> (ControllerFuture, Store<ReverseSync>) {
     let syncs: Api<ReverseSync> = api_for(client, namespace);
@@ -530,6 +542,39 @@ fn sync_controller(
     let ctx_for_secrets = Arc::clone(ctx);
     let destinations: Api<Destination> = api_for(client, namespace);
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
+    let controller = if watch_secrets {
+        // A Secret that changed wakes the syncs that read it, directly or through their
+        // Destination. Only metadata is kept: the values the API server sends are dropped as
+        // each Secret is decoded into `PartialObjectMeta`, and never enter a cache.
+        controller.watches(
+            secrets,
+            watcher::Config::default(),
+            move |secret: PartialObjectMeta<Secret>| {
+                let ns = secret.namespace().unwrap_or_default();
+                let name = secret.name_any();
+                let using: Vec<String> = destination_store
+                    .state()
+                    .iter()
+                    .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
+                    .filter(|d| {
+                        d.spec
+                            .credentials_secret_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == name)
+                    })
+                    .map(|d| d.name_any())
+                    .collect();
+                index_for_secrets
+                    .using_secret(&ns, &name, &using)
+                    .into_iter()
+                    .inspect(|k| ctx_for_secrets.poke(k))
+                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
+                    .collect::<Vec<_>>()
+            },
+        )
+    } else {
+        controller
+    };
     let fut = controller
         .owns(api_for::<Job>(client, namespace), managed.clone())
         // Only the state index: a checkpoint writes a journal ConfigMap, which need not wake
@@ -557,34 +602,6 @@ fn sync_controller(
                 .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
                 .collect::<Vec<_>>()
         })
-        // A Secret that changed wakes the syncs that read it, directly or through their
-        // Destination. Only metadata is watched: Secret values never enter the watch cache.
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |secret: PartialObjectMeta<Secret>| {
-                let ns = secret.namespace().unwrap_or_default();
-                let name = secret.name_any();
-                let using: Vec<String> = destination_store
-                    .state()
-                    .iter()
-                    .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
-                    .filter(|d| {
-                        d.spec
-                            .credentials_secret_ref
-                            .as_ref()
-                            .is_some_and(|r| r.name == name)
-                    })
-                    .map(|d| d.name_any())
-                    .collect();
-                index_for_secrets
-                    .using_secret(&ns, &name, &using)
-                    .into_iter()
-                    .inspect(|k| ctx_for_secrets.poke(k))
-                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
-                    .collect::<Vec<_>>()
-            },
-        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reverse_sync::reconcile, error_policy, Arc::clone(ctx))
         .for_each(log_result("ReverseSync", ctx.env.metrics.clone()));
@@ -595,6 +612,7 @@ fn destination_controller(
     client: &Client,
     namespace: Option<&str>,
     ctx: &Arc<Context>,
+    watch_secrets: bool,
     shutdown: CancellationToken,
 ) -> (ControllerFuture, Store<Destination>) {
     let destinations: Api<Destination> = api_for(client, namespace);
@@ -603,8 +621,11 @@ fn destination_controller(
     let for_secrets = store.clone();
     let ctx_for_secrets = Arc::clone(ctx);
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
-    let fut = controller
-        .watches(
+    // A Secret that changed wakes the Destinations that use it (see `sync_controller`).
+    let controller = if !watch_secrets {
+        controller
+    } else {
+        controller.watches(
             secrets,
             watcher::Config::default(),
             move |secret: PartialObjectMeta<Secret>| {
@@ -628,6 +649,8 @@ fn destination_controller(
                     .collect::<Vec<_>>()
             },
         )
+    };
+    let fut = controller
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(destination::reconcile, error_policy, Arc::clone(ctx))
         .for_each(log_result("Destination", ctx.env.metrics.clone()));

@@ -98,6 +98,16 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
         .await?;
         return Ok(Action::await_change());
     }
+    if sync.spec.execution.as_ref().map(|e| e.mode) == Some(ExecutionMode::Job)
+        && let Err(e) = job::check_overrides(&sync, &ctx.job_defaults)
+    {
+        let message = e.to_string();
+        write(&api, &key, |s, _| {
+            status::stalled(s, generation, e.category(), &message, now)
+        })
+        .await?;
+        return Ok(Action::await_change());
+    }
     if sync.spec.suspend {
         write(&api, &key, |s, _| status::suspended(s, generation, now)).await?;
         return Ok(Action::await_change());

@@ -42,6 +42,8 @@ pub mod reasons {
     pub const ROWS_REJECTED: &str = "RowsRejected";
     /// The Destination failed its check or is missing.
     pub const DESTINATION_NOT_READY: &str = "DestinationNotReady";
+    /// The source's login holds privileges that escape the read-only transaction.
+    pub const PRIVILEGED_SOURCE_USER: &str = super::super::status::PRIVILEGED_SOURCE_USER;
 }
 
 /// Publishes an Event about `reference`; a failure to publish is logged, never fatal.
@@ -94,6 +96,10 @@ pub async fn execute(
     let generation = sync.metadata.generation.unwrap_or(0);
     let api: Api<ReverseSync> = Api::namespaced(env.client.clone(), &namespace);
     let reference = sync.object_ref(&());
+    let privileged_before = sync
+        .status
+        .as_ref()
+        .is_some_and(|s| super::conditions::is_true(&s.conditions, super::conditions::SOURCE_PRIVILEGED));
     let started = Utc::now();
     if let Err(e) = status::update(&api, &name, |s, _| {
         status::run_started(s, generation, trigger, how, started)
@@ -112,6 +118,20 @@ pub async fn execute(
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
+            }
+            if let Some(crate::source::Privileges::Elevated(found)) = &report.source_privileges
+                && !privileged_before
+            {
+                // On the transition only; the condition stays while it holds.
+                let note = status::privileged_message(found);
+                publish(
+                    &env.recorder,
+                    &reference,
+                    true,
+                    reasons::PRIVILEGED_SOURCE_USER,
+                    &note,
+                )
+                .await;
             }
             env.metrics
                 .record_run(&namespace, &name, &sync.spec.destination_ref.name, &report);

@@ -7,12 +7,16 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use kube::api::{Api, PostParams};
 
-use super::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, Status};
+use super::conditions::{self, DEGRADED, READY, RECONCILING, SOURCE_PRIVILEGED, STALLED, Status};
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
 use crate::api::reverse_sync::{PlanPreview, PlanSampleKey, ReverseSyncStatus, RunSummary};
 use crate::engine::run::{RunReport, RunResult};
 use crate::engine::setup::SetupError;
+use crate::source::Privileges;
+
+/// Reason of `SourcePrivileged=True` and of its Warning Event.
+pub const PRIVILEGED_SOURCE_USER: &str = "PrivilegedSourceUser";
 
 /// Formats a time as the status writes it: RFC 3339 in UTC with milliseconds, so that runs
 /// within one second still order (`schedule.after` compares them).
@@ -192,6 +196,49 @@ pub fn run_finished(
         }
     }
     apply_outcome(status, &outcome, report.rows_rejected(), generation, now);
+    if let Some(privileges) = &report.source_privileges {
+        source_privileges(status, privileges, generation, now);
+    }
+}
+
+/// What a privileged source user means, for the condition and the Event.
+pub fn privileged_message(found: &[String]) -> String {
+    format!(
+        "the source user holds {}: a model query can write despite the read-only transaction; \
+         connect as a least-privilege role (operations guide, \"Security model\")",
+        found.join(", ")
+    )
+}
+
+/// Sets `SourcePrivileged` from what the run found about the source's login.
+pub fn source_privileges(
+    status: &mut ReverseSyncStatus,
+    privileges: &Privileges,
+    generation: i64,
+    now: DateTime<Utc>,
+) {
+    let (value, reason, message) = match privileges {
+        Privileges::Elevated(found) => (Status::True, PRIVILEGED_SOURCE_USER, privileged_message(found)),
+        Privileges::Least => (
+            Status::False,
+            "LeastPrivilege",
+            "the source user holds no privilege that escapes the read-only transaction".to_owned(),
+        ),
+        Privileges::Unknown(_) => (
+            Status::Unknown,
+            "CheckFailed",
+            "failed to read the source user's privileges".to_owned(),
+        ),
+    };
+    conditions::set(
+        &mut status.conditions,
+        SOURCE_PRIVILEGED,
+        value,
+        reason,
+        &message,
+        Some(generation),
+        now,
+    );
 }
 
 /// Records a failure that produced no engine report (setup errors, a failed Job).

@@ -17,6 +17,30 @@
 //! Mapped fields are sent as they are: Braze custom attributes may be strings, numbers,
 //! booleans, dates (ISO 8601 text), arrays and nested objects. The record's `external_id`
 //! always comes from its identity (the sync's match field).
+//!
+//! What Braze accepts and then drops is kept out of requests
+//! (<https://www.braze.com/docs/api/endpoints/user_data/post_user_track/>, "How does
+//! `/users/track` handle invalid nested custom attributes?"; and
+//! <https://www.braze.com/docs/user_guide/data/activation/attributes/nested_custom_attribute_support/>):
+//! a null inside a nested custom attribute makes Braze drop *every* nested attribute update of
+//! the request while still answering `201`, so a NULL under a nested object is left out of it
+//! (the object is sent whole, without `_merge_objects`, and replaces the stored one, so the
+//! key is gone from the profile as a null would have removed it), and an object left empty is
+//! sent as a top-level `null`, Braze's documented way to remove an attribute. A nested object
+//! Braze documents as invalid (a key with a space, `.` or `$`, a key or text over 255
+//! characters, an object over 100 KB) is not sent: that record is rejected with the reason,
+//! and the other records' nested updates land.
+//!
+//! Batch size: `/users/track` takes 75 objects a request, but workspaces on Braze's "Monthly
+//! Active Users - CY 24-25" pricing take 50, and Braze refuses more with `400 Max Input Length
+//! Exceeded` (<https://www.braze.com/docs/api/errors/>). That refusal answers
+//! [`SendError::TooLarge`] with [`MAU_BATCH_SIZE`]: the delivery sends those records again in
+//! batches of 50 and keeps 50 for the rest of the run.
+//!
+//! A `201` whose `errors` name no record by `index` (like *provided external_id is blacklisted
+//! and disallowed*, same page) dropped some record while the rest landed: the batch is refused
+//! so the delivery splits it until that record stands alone and is rejected, instead of every
+//! record counting as delivered and the dropped one never being sent again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +62,15 @@ use crate::redact::Scrubber;
 /// Attribute objects per `/users/track` request, Braze's documented limit; also the batch size
 /// of deletes, which are sent in chunks of [`MAX_DELETE_IDS`] within one batch.
 pub const MAX_BATCH_SIZE: usize = 75;
+/// Objects per `/users/track` request in workspaces on Braze's "Monthly Active Users - CY
+/// 24-25" pricing (same page, "Monthly Active Users CY 24-25").
+pub const MAU_BATCH_SIZE: usize = 50;
+/// Braze's message refusing a request with too many objects.
+pub const TOO_MANY_OBJECTS: &str = "Max Input Length Exceeded";
+/// Longest key or text value inside a nested custom attribute.
+pub const MAX_NESTED_CHARS: usize = 255;
+/// Largest nested custom attribute, as JSON.
+pub const MAX_NESTED_BYTES: usize = 100 * 1024;
 /// External ids per `/users/delete` request, Braze's documented limit.
 pub const MAX_DELETE_IDS: usize = 50;
 /// The Secret key holding the REST API key unless `credentialsSecretRef.key` names another.
@@ -161,10 +194,13 @@ impl BrazeConnector {
         let mut attributes = Vec::with_capacity(batch.len());
         for (i, record) in batch.iter().enumerate() {
             match external_id_of(record) {
-                Some(id) => {
-                    attributes.push(attributes_of(record, id, operation == Operation::Update));
-                    sent.push(i);
-                }
+                Some(id) => match attributes_of(record, id, operation == Operation::Update) {
+                    Ok(object) => {
+                        attributes.push(object);
+                        sent.push(i);
+                    }
+                    Err(reason) => outcomes[i] = Some(RecordOutcome::Rejected(reason)),
+                },
                 None => outcomes[i] = Some(missing_id()),
             }
         }
@@ -173,7 +209,35 @@ impl BrazeConnector {
                 .post("/users/track", &json!({ "attributes": attributes }))
                 .await
             {
-                Ok(body) => read_track_errors(&body, sent.len()),
+                Ok(body) => {
+                    // An error that names no record was about one of them all the same: Braze
+                    // dropped it while processing the rest. Refusing the batch lets the
+                    // delivery split it until that record stands alone (resending attributes
+                    // Braze already took sets them to the same values).
+                    let unattributed = unattributed_errors(&body);
+                    if !unattributed.is_empty() {
+                        return Err(self.scrubber.error(SendError::BatchRejected(format!(
+                            "{VENDOR} reported an error it did not tie to a record: {}",
+                            unattributed.join("; ")
+                        ))));
+                    }
+                    read_track_errors(&body, sent.len())
+                }
+                Err(Failure::Refused(body)) if braze_message(&body).contains(TOO_MANY_OBJECTS) => {
+                    let reason = format!(
+                        "{VENDOR} refused {} objects in one request (HTTP 400): {}",
+                        sent.len(),
+                        braze_message(&body)
+                    );
+                    return Err(self.scrubber.error(if sent.len() > MAU_BATCH_SIZE {
+                        SendError::TooLarge {
+                            limit: MAU_BATCH_SIZE,
+                            reason,
+                        }
+                    } else {
+                        SendError::BatchRejected(reason)
+                    }));
+                }
                 Err(Failure::Refused(body)) => {
                     // A 400 naming every record by index refused them one by one; anything
                     // else refused the request as a whole, and splitting finds the culprits.
@@ -311,18 +375,108 @@ fn external_id_of(record: &Record) -> Option<String> {
         .or_else(|| record.fields.get(EXTERNAL_ID).and_then(text))
 }
 
-/// One attribute object: the mapped fields as they are, `external_id` set to the identity.
-fn attributes_of(record: &Record, id: String, update_only: bool) -> Json {
-    let mut out: Map<String, Json> = fields_json(&record.fields);
+/// One attribute object: the mapped fields, `external_id` set to the identity; nested
+/// objects without their nulls. `Err` says why a nested attribute cannot be sent.
+fn attributes_of(record: &Record, id: String, update_only: bool) -> Result<Json, String> {
+    let mut out: Map<String, Json> = fields_json(&record.fields)?;
     out.insert(EXTERNAL_ID.to_owned(), Json::String(id));
     if update_only {
         out.insert(UPDATE_EXISTING_ONLY.to_owned(), Json::Bool(true));
     }
-    Json::Object(out)
+    Ok(Json::Object(out))
 }
 
-fn fields_json(fields: &Document) -> Map<String, Json> {
-    fields.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()
+fn fields_json(fields: &Document) -> Result<Map<String, Json>, String> {
+    let mut out = Map::new();
+    for (name, value) in fields {
+        let json = match value.to_json() {
+            Json::Object(map) => {
+                let nested = Json::Object(without_nulls(map));
+                check_nested(name, &nested)?;
+                // Nothing left: remove the attribute, as a NULL does.
+                if nested.as_object().is_some_and(Map::is_empty) {
+                    Json::Null
+                } else {
+                    nested
+                }
+            }
+            Json::Array(items) if items.iter().any(Json::is_object) => {
+                let nested = Json::Array(nested_array(items));
+                check_nested(name, &nested)?;
+                nested
+            }
+            other => other,
+        };
+        out.insert(name.clone(), json);
+    }
+    Ok(out)
+}
+
+/// A nested object without its null values (at any depth) and without the objects left empty
+/// by removing them.
+fn without_nulls(map: Map<String, Json>) -> Map<String, Json> {
+    map.into_iter()
+        .filter_map(|(key, value)| match value {
+            Json::Null => None,
+            Json::Object(inner) => {
+                let inner = without_nulls(inner);
+                (!inner.is_empty()).then_some((key, Json::Object(inner)))
+            }
+            Json::Array(items) => Some((key, Json::Array(nested_array(items)))),
+            other => Some((key, other)),
+        })
+        .collect()
+}
+
+/// An array inside a nested attribute (or an array of objects) without null items, its
+/// objects without their nulls.
+fn nested_array(items: Vec<Json>) -> Vec<Json> {
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            Json::Null => None,
+            Json::Object(inner) => Some(Json::Object(without_nulls(inner))),
+            Json::Array(inner) => Some(Json::Array(nested_array(inner))),
+            other => Some(other),
+        })
+        .collect()
+}
+
+/// Why Braze would refuse the nested attribute `name` (and with it every nested update of the
+/// request), if it would.
+fn check_nested(name: &str, nested: &Json) -> Result<(), String> {
+    let size = serde_json::to_vec(nested).map_or(0, |b| b.len());
+    if size > MAX_NESTED_BYTES {
+        return Err(format!(
+            "nested attribute {name:?} is {size} bytes as JSON; {VENDOR} takes at most {MAX_NESTED_BYTES}"
+        ));
+    }
+    fn walk(name: &str, json: &Json) -> Result<(), String> {
+        match json {
+            Json::Object(map) => {
+                for (key, value) in map {
+                    if key.contains([' ', '.', '$']) && key != "$time" {
+                        return Err(format!(
+                            "nested attribute {name:?} has a key with a space, '.' or '$', which {VENDOR} does not take"
+                        ));
+                    }
+                    if key.chars().count() > MAX_NESTED_CHARS {
+                        return Err(format!(
+                            "nested attribute {name:?} has a key over {MAX_NESTED_CHARS} characters"
+                        ));
+                    }
+                    walk(name, value)?;
+                }
+                Ok(())
+            }
+            Json::Array(items) => items.iter().try_for_each(|item| walk(name, item)),
+            Json::String(text) if text.chars().count() > MAX_NESTED_CHARS => Err(format!(
+                "nested attribute {name:?} holds a text over {MAX_NESTED_CHARS} characters"
+            )),
+            _ => Ok(()),
+        }
+    }
+    walk(name, nested)
 }
 
 /// The indexed errors of a Braze body about `attributes`, as (index, type).
@@ -344,6 +498,29 @@ fn attribute_errors(json: &Json) -> Vec<(usize, String)> {
                 None => format!("{VENDOR} refused the attributes"),
             };
             Some((usize::try_from(index).ok()?, kind))
+        })
+        .collect()
+}
+
+/// The `type`s of a 2xx answer's attribute errors that name no record (no `index`).
+fn unattributed_errors(body: &[u8]) -> Vec<String> {
+    let Ok(json) = serde_json::from_slice::<Json>(body) else {
+        return Vec::new();
+    };
+    json.get("errors")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e.get("input_array")
+                .and_then(Json::as_str)
+                .is_none_or(|a| a == "attributes")
+                && e.get("index").and_then(Json::as_u64).is_none()
+        })
+        .map(|e| match e.get("type") {
+            Some(Json::String(s)) => excerpt(s.as_bytes()),
+            Some(other) => excerpt(other.to_string().as_bytes()),
+            None => excerpt(e.to_string().as_bytes()),
         })
         .collect()
 }
@@ -472,14 +649,53 @@ mod tests {
         let id = external_id_of(&record).unwrap();
         assert_eq!(id, "7");
         assert_eq!(
-            attributes_of(&record, id.clone(), false),
+            attributes_of(&record, id.clone(), false).unwrap(),
             json!({"external_id": "7", "user_id": 7, "ltv": 12.5, "vip": true, "phone": null,
                 "loyalty": {"tier": "gold"}})
         );
         assert_eq!(
-            attributes_of(&record, id, true)[UPDATE_EXISTING_ONLY],
+            attributes_of(&record, id, true).unwrap()[UPDATE_EXISTING_ONLY],
             json!(true)
         );
+    }
+
+    #[test]
+    fn nulls_never_go_inside_a_nested_attribute_and_invalid_nested_values_reject_the_record() {
+        let inner = Document::from([
+            ("tier".to_owned(), Value::Text("gold".into())),
+            ("lifetime_value".to_owned(), Value::Null),
+        ]);
+        let empty = Document::from([("lifetime_value".to_owned(), Value::Null)]);
+        let record = Record {
+            key: "7".into(),
+            identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Int(7))]),
+            fields: Document::from([
+                ("loyalty".to_owned(), Value::Object(inner)),
+                ("rewards".to_owned(), Value::Object(empty)),
+                (
+                    "orders".to_owned(),
+                    Value::Json(json!([{"id": 1, "coupon": null}, null])),
+                ),
+            ]),
+        };
+        assert_eq!(
+            attributes_of(&record, "7".into(), false).unwrap(),
+            json!({"external_id": "7", "loyalty": {"tier": "gold"}, "rewards": null,
+                "orders": [{"id": 1}]})
+        );
+        let dotted = Record {
+            key: "8".into(),
+            identity: Document::new(),
+            fields: Document::from([("meta".to_owned(), Value::Json(json!({"a.b": 1})))]),
+        };
+        let error = attributes_of(&dotted, "8".into(), false).unwrap_err();
+        assert!(error.contains("nested attribute \"meta\""), "{error}");
+        let long = Record {
+            key: "9".into(),
+            identity: Document::new(),
+            fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))]),
+        };
+        assert!(attributes_of(&long, "9".into(), false).is_err());
     }
 
     #[test]

@@ -85,11 +85,17 @@ fn parse_url(field: &str, rendered: &str, shown: &str) -> Result<Url, Destinatio
     let url = Url::parse(rendered)
         .map_err(|e| DestinationError::Invalid(format!("{field}: {shown:?} is not an absolute URL ({e})")))?;
     match url.scheme() {
-        "http" | "https" => Ok(url),
-        other => Err(DestinationError::Invalid(format!(
-            "{field}: {shown:?} uses scheme {other:?}; use http or https"
-        ))),
+        "http" | "https" => {}
+        other => {
+            return Err(DestinationError::Invalid(format!(
+                "{field}: {shown:?} uses scheme {other:?}; use http or https"
+            )));
+        }
     }
+    // A name is checked when resolved; an IP literal never reaches the resolver.
+    crate::egress::check_host(url.host_str().unwrap_or_default())
+        .map_err(|e| DestinationError::Invalid(format!("{field}: {e}")))?;
+    Ok(url)
 }
 
 /// The unparsed templates of one operation's request.
@@ -239,7 +245,7 @@ impl HttpConnector {
             Some(text) => Some(check_target(text, &upsert, secret, &scrubber)?),
         };
 
-        let client = reqwest::Client::builder()
+        let client = crate::egress::http_client()
             .timeout(timeout)
             .connect_timeout(timeout.min(CONNECT_TIMEOUT))
             .redirect(reqwest::redirect::Policy::none())
@@ -321,6 +327,8 @@ fn check_target(
             let url = base.join(&rendered).map_err(|e| {
                 DestinationError::Invalid(format!("{FIELD}: {shown:?} is not a URL path ({e})"))
             })?;
+            crate::egress::check_host(url.host_str().unwrap_or_default())
+                .map_err(|e| DestinationError::Invalid(format!("{FIELD}: {e}")))?;
             let joined = if shown.starts_with('/') {
                 format!("{origin}{shown}")
             } else {
@@ -611,7 +619,8 @@ pub fn status_error(label: &RequestLabel, status: StatusCode, headers: &HeaderMa
 }
 
 /// The batch error a failed request means: timeouts, refused or lost connections and broken
-/// bodies are retryable; a request that could not even be built is fatal. The URL is dropped
+/// bodies are retryable; a request that could not even be built, or that the egress policy
+/// refused (no retry changes where a name resolves to), is fatal. The URL is dropped
 /// from `reqwest`'s text, which may hold Secret values; pass the result through
 /// [`Scrubber::error`] all the same.
 pub fn transport_error(label: &RequestLabel, error: reqwest::Error, timeout: Duration) -> SendError {
@@ -622,7 +631,9 @@ pub fn transport_error(label: &RequestLabel, error: reqwest::Error, timeout: Dur
         retry_after: None,
         throttled: false,
     };
-    if error.is_timeout() {
+    if let Some(denied) = crate::egress::find_in(&error).filter(|e| e.is_denied()) {
+        SendError::Fatal(denied.to_string())
+    } else if error.is_timeout() {
         retryable(format!(
             "{method} {url} timed out after {}",
             humantime::format_duration(timeout)

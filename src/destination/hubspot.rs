@@ -245,6 +245,12 @@ impl HubspotConnector {
                 retry_after: throttle_wait(headers),
                 throttled: true,
             },
+            400 if !missing_properties(body).is_empty() => SendError::Fatal(format!(
+                "{VENDOR} object type {:?} has no property {} (PROPERTY_DOESNT_EXIST): create it in \
+                 HubSpot or map the sync's fields to existing properties",
+                self.object,
+                missing_properties(body).join(", ")
+            )),
             400 | 409 | 422 => SendError::BatchRejected(if message.is_empty() {
                 format!("{VENDOR} refused the batch (HTTP {code})")
             } else {
@@ -431,6 +437,53 @@ fn throttle_wait(headers: &HeaderMap) -> Option<Duration> {
             .ok()
             .map(Duration::from_millis)
     })
+}
+
+/// The properties a `400` names as not existing (`PROPERTY_DOESNT_EXIST`): an error about the
+/// request, which every record of the sync would meet, so the run stops rather than splitting
+/// the batch. HubSpot embeds the property errors as JSON in `message` (`Property values were
+/// not valid: [{"error":"PROPERTY_DOESNT_EXIST","name":"x",…}]`), and may list them under
+/// `errors` with `subCategory` or `context.propertyName`.
+fn missing_properties(body: &[u8]) -> Vec<String> {
+    const CODE: &str = "PROPERTY_DOESNT_EXIST";
+    let Ok(json) = serde_json::from_slice::<Json>(body) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = Vec::new();
+    let message = json.get("message").and_then(Json::as_str).unwrap_or_default();
+    if let (Some(start), Some(end)) = (message.find('['), message.rfind(']'))
+        && start < end
+        && let Ok(Json::Array(items)) = serde_json::from_str::<Json>(&message[start..=end])
+    {
+        names.extend(
+            items
+                .iter()
+                .filter(|i| i.get("error").and_then(Json::as_str) == Some(CODE))
+                .filter_map(|i| i.get("name").and_then(Json::as_str).map(str::to_owned)),
+        );
+    }
+    for error in json.get("errors").and_then(Json::as_array).into_iter().flatten() {
+        let code = error
+            .get("subCategory")
+            .or_else(|| error.get("code"))
+            .and_then(Json::as_str);
+        if code == Some(CODE) {
+            let name = error
+                .get("context")
+                .and_then(|c| c.get("propertyName"))
+                .and_then(Json::as_array)
+                .and_then(|n| n.first())
+                .and_then(Json::as_str)
+                .unwrap_or("?");
+            names.push(name.to_owned());
+        }
+    }
+    if names.is_empty() && message.contains(CODE) {
+        names.push("?".to_owned());
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// HubSpot's error text from an error body (`category: message`), or an excerpt of the body.

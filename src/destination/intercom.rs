@@ -31,6 +31,7 @@ use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::delivery::report;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
 use super::{
@@ -187,6 +188,8 @@ impl IntercomConnector {
         if remaining(&headers) == Some(0) {
             let wait = reset_wait(&headers, SystemTime::now()).unwrap_or(Duration::ZERO);
             *self.paused_until.lock().await = Some(Instant::now() + wait);
+            // The window is the workspace's: every sync sending to it waits too.
+            report::hold_back(wait);
         }
         Ok((
             label,

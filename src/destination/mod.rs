@@ -106,6 +106,32 @@ pub enum SendError {
     /// stops.
     #[error("{0}")]
     Fatal(String),
+    /// The batch was refused for its size: the destination takes at most `limit` records per
+    /// request. The delivery machinery sends these records again in batches of `limit`, and
+    /// keeps that size for the rest of the run.
+    #[error("{reason}")]
+    TooLarge {
+        /// Records per request the destination takes.
+        limit: usize,
+        /// What the destination said, without secrets.
+        reason: String,
+    },
+}
+
+impl From<crate::egress::EgressError> for SendError {
+    /// A refusal of the egress policy needs a person (`Fatal`); a name that did not resolve
+    /// may resolve later (`Retryable`).
+    fn from(e: crate::egress::EgressError) -> SendError {
+        if e.is_denied() {
+            SendError::Fatal(e.to_string())
+        } else {
+            SendError::Retryable {
+                reason: e.to_string(),
+                retry_after: None,
+                throttled: false,
+            }
+        }
+    }
 }
 
 /// What a connector can do and its default limits.

@@ -318,6 +318,13 @@ impl RedisConnector {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        if let redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } =
+            self.client.get_connection_info().addr()
+        {
+            crate::egress::check_endpoint(host, *port)
+                .await
+                .map_err(SendError::from)?;
+        }
         let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)

@@ -15,7 +15,8 @@ use crate::api::SecretKeyRef;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses `text`, the value of the spec field `field` (like `spec.hubspot.baseUrl`), as an
-/// absolute http or https URL. `hint` is appended to the "not an absolute URL" message (pass
+/// absolute http or https URL whose host, when an IP literal, the egress policy allows (names
+/// are checked when resolved). `hint` is appended to the "not an absolute URL" message (pass
 /// `""` for none).
 pub fn http_url(field: &str, text: &str, hint: &str) -> Result<Url, DestinationError> {
     let url = Url::parse(text).map_err(|e| {
@@ -26,6 +27,8 @@ pub fn http_url(field: &str, text: &str, hint: &str) -> Result<Url, DestinationE
             "{field}: {text:?} must use http or https"
         )));
     }
+    crate::egress::check_host(url.host_str().unwrap_or_default())
+        .map_err(|e| DestinationError::Invalid(format!("{field}: {e}")))?;
     Ok(url)
 }
 
@@ -74,10 +77,10 @@ pub fn sensitive_header(
 }
 
 /// The HTTP client for a vendor: the request `timeout`, [`CONNECT_TIMEOUT`], no redirects
-/// (a redirect would turn a POST or PUT into a GET and lose the body) and the user agent
-/// `backflow/<version>`.
+/// (a redirect would turn a POST or PUT into a GET and lose the body), the user agent
+/// `backflow/<version>`, and DNS through the egress policy.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, DestinationError> {
-    reqwest::Client::builder()
+    crate::egress::http_client()
         .timeout(timeout)
         .connect_timeout(CONNECT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())

@@ -30,6 +30,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 
+use super::delivery::report;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
 use super::{
@@ -346,6 +347,8 @@ impl ZendeskConnector {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(self.polling.max_pause);
+            // A throttle another batch met holds the polls back too: the limit is the account's.
+            report::pause_over().await;
             let body = match self.request(Method::GET, &url, None).await {
                 Ok(body) => body,
                 // A job status expires after a while; the batch is safe to send again.
@@ -366,10 +369,20 @@ impl ZendeskConnector {
                 // The job runs on whatever a poll meets: a throttled or failed poll is tried
                 // again (after `Retry-After` when Zendesk names one) rather than resending
                 // the batch as a new job.
-                Err(SendError::Retryable { retry_after, .. }) => {
+                // It counts in the run's retries, and a throttle also in `throttled`, pausing
+                // every sender of the Destination.
+                Err(SendError::Retryable {
+                    retry_after,
+                    throttled,
+                    ..
+                }) => {
                     if let Some(wait) = retry_after {
                         pause = pause.max(wait);
                     }
+                    if throttled {
+                        report::throttled(pause);
+                    }
+                    report::retried();
                     continue;
                 }
                 Err(fatal) => return Err(fatal),

@@ -221,6 +221,9 @@ pub struct RunReport {
     pub rejected_samples: Vec<RejectedRow>,
     /// In a dry run, a few rows per operation.
     pub plan_samples: Vec<PlanSample>,
+    /// What the source's login may do beyond reading; `None` when the run stopped before
+    /// the source answered.
+    pub source_privileges: Option<source::Privileges>,
     /// The error that stopped the run, if any.
     pub error: Option<RunError>,
 }
@@ -302,6 +305,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             result_fingerprint: String::new(),
             rejected_samples: Vec::new(),
             plan_samples: Vec::new(),
+            source_privileges: None,
             error: None,
         },
         pending: Vec::new(),
@@ -382,6 +386,18 @@ async fn run_steps(
     };
     // The query starts first so the database works while the state loads.
     let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
+    match rows.privileges() {
+        source::Privileges::Elevated(found) => tracing::warn!(
+            privileges = %found.join(", "),
+            "the source user holds privileges that let a model query write despite the read-only \
+             transaction; connect as a least-privilege role"
+        ),
+        source::Privileges::Unknown(reason) => {
+            tracing::debug!(reason = %reason, "failed to check the source user's privileges");
+        }
+        source::Privileges::Least => {}
+    }
+    c.report.source_privileges = Some(rows.privileges().clone());
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
@@ -440,17 +456,16 @@ async fn run_steps(
     sends.add(Operation::Delete, deletes.len() as u64);
     job.delivery.prepare(&sends);
     let job = &*job;
-    let batch_size = job.delivery.config().batch_size;
     let batches = SpillBatches {
         reader: spilled,
         plan: &plan,
         decider: &decider,
-        batch_size,
+        delivery: &job.delivery,
         carry: None,
     };
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
-        let delete_batches = delete_batches(&state, &deletes, batch_size);
+        let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
         deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
     }
     Ok(())
@@ -798,7 +813,8 @@ struct SpillBatches<'p> {
     reader: SpillReader,
     plan: &'p super::plan::PlanOutcome,
     decider: &'p Decider,
-    batch_size: usize,
+    /// Asked for the batch size at each batch: a destination may lower it during the run.
+    delivery: &'p Delivery,
     carry: Option<super::spill::SpilledRow>,
 }
 
@@ -808,6 +824,7 @@ impl SpillBatches<'_> {
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
+        let batch_size = self.delivery.batch_size();
         let mut batch: Option<Batch> = None;
         loop {
             let row = match self.carry.take() {
@@ -823,7 +840,7 @@ impl SpillBatches<'_> {
             };
             let b = batch.get_or_insert_with(|| Batch {
                 operation: row.operation,
-                records: Vec::with_capacity(self.batch_size),
+                records: Vec::with_capacity(batch_size),
                 stored: Default::default(),
             });
             if b.operation != row.operation {
@@ -837,7 +854,7 @@ impl SpillBatches<'_> {
                 identity: row.identity,
                 fields: row.fields,
             });
-            if b.records.len() >= self.batch_size {
+            if b.records.len() >= batch_size {
                 return Ok(batch);
             }
         }

@@ -44,12 +44,28 @@ pub struct Column {
     pub type_name: String,
 }
 
+/// What the source's login may do beyond reading, as a catalog query found when the
+/// extraction started. A read-only transaction stops plain writes, not these: a superuser
+/// writes files with `COPY … TO PROGRAM`, a `FILE` holder with `SELECT … INTO OUTFILE`. The
+/// real guarantee is a least-privilege role (docs/operations.md, "Security model").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Privileges {
+    /// None of the powers that escape a read-only transaction were found.
+    #[default]
+    Least,
+    /// The powers found, in words ("superuser", "FILE on *.*").
+    Elevated(Vec<String>),
+    /// The check could not run (its reason); the extraction went on.
+    Unknown(String),
+}
+
 /// The rows of a running model query.
 #[derive(Debug)]
 pub struct RowStream {
     columns: Arc<[Column]>,
     rows: mpsc::Receiver<RowChunk>,
     pending: std::vec::IntoIter<Vec<Value>>,
+    privileges: Privileges,
 }
 
 impl RowStream {
@@ -62,7 +78,19 @@ impl RowStream {
             columns: columns.into(),
             rows,
             pending: Vec::new().into_iter(),
+            privileges: Privileges::Least,
         }
+    }
+
+    /// The stream with what the source's login may do beyond reading.
+    pub(crate) fn with_privileges(mut self, privileges: Privileges) -> Self {
+        self.privileges = privileges;
+        self
+    }
+
+    /// What the source's login may do beyond reading.
+    pub fn privileges(&self) -> &Privileges {
+        &self.privileges
     }
 
     /// The model's columns, known before the first row.
@@ -127,6 +155,9 @@ pub enum SourceError {
         /// What went wrong.
         reason: String,
     },
+    /// The egress policy refused the database's address (or its name did not resolve).
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
 }
 
 impl SourceError {
@@ -138,12 +169,18 @@ impl SourceError {
             SourceError::Query(_) | SourceError::ReadOnly(_) => "QueryFailed",
             SourceError::Timeout(_) => "QueryTimeout",
             SourceError::UnsupportedType { .. } | SourceError::Decode { .. } => "UnsupportedColumn",
+            SourceError::Egress(e) if e.is_denied() => "EgressDenied",
+            SourceError::Egress(_) => "SourceUnreachable",
         }
     }
 
     /// True when running again unchanged cannot help (the user must fix the query or spec).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, SourceError::Connect { .. } | SourceError::Timeout(_))
+        match self {
+            SourceError::Connect { .. } | SourceError::Timeout(_) => false,
+            SourceError::Egress(e) => e.is_denied(),
+            _ => true,
+        }
     }
 }
 

@@ -46,6 +46,9 @@ pub(super) async fn extract(
         .map_err(|e| super::connect_error(url, e))?
         // Overrides a `timezone` URL parameter: canonical timestamps are UTC.
         .timezone(Some("+00:00".to_owned()));
+    if connect_options.get_socket().is_none() {
+        crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
+    }
     let mut conn = MySqlConnection::connect_with(&connect_options)
         .await
         .map_err(|e| super::connect_error(url, e))?;
@@ -58,9 +61,61 @@ pub(super) async fn extract(
             return Err(e);
         }
     };
+    let privileges = privileges(&mut conn).await;
     let (tx, rx) = super::row_channel(options);
     tokio::spawn(stream(conn, query.to_owned(), prepared.clone(), tx, timeout));
-    Ok(RowStream::new(prepared, rx))
+    Ok(RowStream::new(prepared, rx).with_privileges(privileges))
+}
+
+/// The global privileges that escape a read-only transaction: `FILE` (`SELECT … INTO
+/// OUTFILE`, `LOAD_FILE`) and `SUPER` (and `ALL PRIVILEGES`, which holds both).
+const ESCAPING: [&str; 3] = ["ALL PRIVILEGES", "FILE", "SUPER"];
+
+/// What the login may do beyond reading, from `SHOW GRANTS` (which, unlike
+/// `information_schema.USER_PRIVILEGES`, lists the current role's grants on MariaDB). A
+/// failure is `Unknown`, never an error.
+async fn privileges(conn: &mut MySqlConnection) -> super::Privileges {
+    let rows = match conn.fetch_all("SHOW GRANTS").await {
+        Ok(rows) => rows,
+        Err(e) => return super::Privileges::Unknown(e.to_string()),
+    };
+    let grants: Vec<String> = rows
+        .iter()
+        .filter_map(|row| {
+            let bytes = row.try_get_unchecked::<&[u8], _>(0).ok()?;
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        })
+        .collect();
+    let found = escaping_privileges(&grants);
+    if found.is_empty() {
+        super::Privileges::Least
+    } else {
+        super::Privileges::Elevated(found.into_iter().map(|p| format!("{p} on *.*")).collect())
+    }
+}
+
+/// The [`ESCAPING`] privileges that `SHOW GRANTS` lines give on `*.*`.
+fn escaping_privileges(grants: &[String]) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for line in grants {
+        let Some(rest) = line.strip_prefix("GRANT ") else {
+            continue;
+        };
+        let Some((list, target)) = rest.split_once(" ON ") else {
+            continue;
+        };
+        if !target.trim_start().starts_with("*.*") {
+            continue;
+        }
+        for privilege in list.split(',').map(str::trim) {
+            if let Some(p) = ESCAPING.iter().find(|p| privilege.eq_ignore_ascii_case(p))
+                && !found.contains(p)
+            {
+                found.push(*p);
+            }
+        }
+    }
+    found
 }
 
 /// Sets up the session and the read-only transaction, and learns the columns.
@@ -291,6 +346,37 @@ fn query_error(e: sqlx::Error, timeout: Duration) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_super_and_all_privileges_count_only_on_every_database() {
+        let grants =
+            |lines: &[&str]| escaping_privileges(&lines.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            grants(&[
+                "GRANT SELECT, FILE ON *.* TO `u`@`%`",
+                "GRANT SUPER ON *.* TO `r`"
+            ]),
+            ["FILE", "SUPER"]
+        );
+        assert_eq!(
+            grants(&["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost`"]),
+            ["ALL PRIVILEGES"]
+        );
+        assert!(
+            grants(&[
+                "GRANT ALL PRIVILEGES ON `shop`.* TO `u`@`%`",
+                "GRANT `r` TO `u`@`%`"
+            ])
+            .is_empty()
+        );
+        assert!(
+            grants(&[
+                "GRANT USAGE ON *.* TO `u`@`%`",
+                "GRANT SELECT ON `shop`.* TO `u`@`%`"
+            ])
+            .is_empty()
+        );
+    }
 
     #[test]
     fn binary_and_spatial_types_are_told_apart_from_text() {

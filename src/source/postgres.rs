@@ -29,6 +29,9 @@ pub(super) async fn extract(
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
     let connect_options = PgConnectOptions::from_str(url).map_err(|e| super::connect_error(url, e))?;
+    if connect_options.get_socket().is_none() && !connect_options.get_host().starts_with('/') {
+        crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
+    }
     let mut conn = PgConnection::connect_with(&connect_options)
         .await
         .map_err(|e| super::connect_error(url, e))?;
@@ -44,6 +47,7 @@ pub(super) async fn extract(
         .await
         .map_err(|e| query_error(e, timeout))?;
 
+    let privileges = privileges(&mut conn).await;
     let plan = match describe(&mut conn, query, timeout).await {
         Ok(plan) => plan,
         Err(e) => {
@@ -55,7 +59,52 @@ pub(super) async fn extract(
     let (tx, rx) = super::row_channel(options);
     let columns = plan.iter().map(|c| c.column.clone()).collect();
     tokio::spawn(stream(conn, query.to_owned(), plan, tx, timeout));
-    Ok(RowStream::new(columns, rx))
+    Ok(RowStream::new(columns, rx).with_privileges(privileges))
+}
+
+/// The predefined roles that read or write the server's files or run programs on it.
+const SERVER_ROLES: [&str; 3] = [
+    "pg_write_server_files",
+    "pg_execute_server_program",
+    "pg_read_server_files",
+];
+
+/// What the login may do beyond reading: superuser, membership in a role of
+/// [`SERVER_ROLES`], or `dblink_exec` (a second connection, outside the read-only
+/// transaction). Runs inside the read-only transaction; a failure is `Unknown`, never an error.
+async fn privileges(conn: &mut PgConnection) -> super::Privileges {
+    let check = sqlx::query_as::<_, (bool, Vec<String>, bool)>(
+        "SELECT r.rolsuper,
+                ARRAY(SELECT g.rolname::text FROM pg_roles g
+                      WHERE g.rolname::text = ANY($1) AND pg_has_role(current_user, g.oid, 'MEMBER')
+                      ORDER BY 1),
+                EXISTS(SELECT 1 FROM pg_proc p
+                       WHERE p.proname = 'dblink_exec' AND has_function_privilege(p.oid, 'EXECUTE'))
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .bind(SERVER_ROLES.to_vec())
+    .fetch_optional(&mut *conn)
+    .await;
+    match check {
+        Ok(Some((superuser, roles, dblink))) => {
+            let mut found = Vec::new();
+            if superuser {
+                found.push("superuser".to_owned());
+            } else {
+                found.extend(roles.into_iter().map(|r| format!("member of {r}")));
+            }
+            if dblink {
+                found.push("may run dblink_exec".to_owned());
+            }
+            if found.is_empty() {
+                super::Privileges::Least
+            } else {
+                super::Privileges::Elevated(found)
+            }
+        }
+        Ok(None) => super::Privileges::Unknown("the current role is not in pg_roles".to_owned()),
+        Err(e) => super::Privileges::Unknown(e.to_string()),
+    }
 }
 
 /// One column of the result and how its values are decoded.

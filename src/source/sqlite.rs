@@ -1,7 +1,12 @@
 //! SQLite source: a local database file, `sqlite://path/to/file.db`.
 //!
 //! The file is opened read-only (never created: a missing file is a connection error) with
-//! `PRAGMA query_only = ON` on top. SQLite has no server-side statement timeout, so the
+//! `PRAGMA query_only = ON` on top, set when the connection opens, before any text of the
+//! query reaches SQLite. A read-only open alone is no sandbox: `VACUUM INTO` and `ATTACH`
+//! write new files from a read-only connection. So the query must also be one statement that
+//! starts with `SELECT`, `WITH` or `VALUES` ([`one_statement`]); the probe of declared types,
+//! which needs a temporary view, runs on a second, throwaway connection only after that check.
+//! SQLite has no server-side statement timeout, so the
 //! timeout is enforced twice from this side: a progress handler interrupts the SQLite engine
 //! once the deadline passes (so a runaway query stops using the CPU), and
 //! `tokio::time::timeout` around the streaming task covers time spent waiting, for example on
@@ -41,10 +46,13 @@ pub(super) async fn extract(
     query: &str,
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
-    let connect_options = SqliteConnectOptions::from_str(url)
+    let (query, first_word) = one_statement(query)?;
+    let probe_options = SqliteConnectOptions::from_str(url)
         .map_err(|e| super::connect_error(url, e))?
         .read_only(true)
         .create_if_missing(false);
+    // In force from the first statement of the connection that runs the query.
+    let connect_options = probe_options.clone().pragma("query_only", "ON");
     let path = connect_options.get_filename();
     if !is_in_memory(url, path) && !path.exists() {
         return Err(super::connect_error(
@@ -57,8 +65,18 @@ pub(super) async fn extract(
         .map_err(|e| super::connect_error(url, e))?;
 
     let timeout = options.statement_timeout;
+    if !is_select(first_word) {
+        // Preparing runs nothing, and gives a typo its syntax error.
+        let prepared = conn.prepare(query).await.map(|_| ());
+        let _ = conn.close().await;
+        prepared.map_err(|e| query_error(e, timeout))?;
+        return Err(SourceError::ReadOnly(format!(
+            "a model query is one SELECT statement, and this one starts with {first_word:?}"
+        )));
+    }
     let deadline = Instant::now() + timeout;
-    let columns = match start(&mut conn, query, timeout, deadline).await {
+    let declared_types = declared_types(&probe_options, query).await;
+    let columns = match start(&mut conn, query, declared_types, timeout, deadline).await {
         Ok(columns) => columns,
         Err(e) => {
             let _ = conn.close().await;
@@ -114,10 +132,11 @@ fn declared(type_name: &str) -> Declared {
     }
 }
 
-/// Sets the deadline, learns the columns and their declared types, and locks writes out.
+/// Sets the deadline and learns the columns, with the declared types the probe found.
 async fn start(
     conn: &mut SqliteConnection,
     query: &str,
+    declared_types: Option<Vec<String>>,
     timeout: Duration,
     deadline: Instant,
 ) -> Result<Vec<PlannedColumn>, SourceError> {
@@ -126,11 +145,6 @@ async fn start(
         .await
         .map_err(|e| query_error(e, timeout))?
         .set_progress_handler(PROGRESS_STEPS, move || std::time::Instant::now() < deadline);
-
-    let declared_types = declared_types(conn, query).await;
-    conn.execute("PRAGMA query_only = ON")
-        .await
-        .map_err(|e| query_error(e, timeout))?;
 
     let statement = conn.prepare(query).await.map_err(|e| query_error(e, timeout))?;
     statement
@@ -162,15 +176,23 @@ async fn start(
 }
 
 /// The declared type of each column of `query` ("" for an expression), or `None` when the
-/// query cannot be a view (it is not a single SELECT).
+/// query cannot be a view.
 ///
 /// sqlx exposes a column's declared type only when it maps it to a Rust type, and
 /// `sqlite3_column_decltype` is out of reach without unsafe code, so the query is wrapped in
-/// a temporary view (in the connection's private temp schema; the database file is opened
-/// read-only) and `pragma_table_info` reads the declared types back.
-async fn declared_types(conn: &mut SqliteConnection, query: &str) -> Option<Vec<String>> {
-    let body = query.trim().trim_end_matches(';');
-    let create = format!("CREATE TEMP VIEW {PROBE_VIEW} AS {body}");
+/// a temporary view and `pragma_table_info` reads the declared types back. A view is a write
+/// (to the connection's private temp schema), which `query_only` forbids, so the probe has a
+/// connection of its own, opened read-only and closed at once; `query` is one SELECT
+/// ([`one_statement`]), so the view's text is one statement and nothing else runs there.
+async fn declared_types(options: &SqliteConnectOptions, query: &str) -> Option<Vec<String>> {
+    let mut conn = SqliteConnection::connect_with(options).await.ok()?;
+    let types = probe(&mut conn, query).await;
+    let _ = conn.close().await;
+    types
+}
+
+async fn probe(conn: &mut SqliteConnection, query: &str) -> Option<Vec<String>> {
+    let create = format!("CREATE TEMP VIEW {PROBE_VIEW} AS {query}");
     conn.execute(create.as_str()).await.ok()?;
     let types = sqlx::query_scalar::<_, String>(&format!(
         "SELECT type FROM pragma_table_info('{PROBE_VIEW}') ORDER BY cid"
@@ -299,6 +321,67 @@ fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     Some(naive.and_utc())
 }
 
+/// True when a statement starting with `word` is a query (`SELECT`, `WITH`, `VALUES`).
+fn is_select(word: &str) -> bool {
+    ["SELECT", "WITH", "VALUES"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// The query without its trailing `;`, and its first word, when it is one statement. SQLite
+/// runs every statement of a text, and a read-only connection still writes files through
+/// `VACUUM INTO` and `ATTACH`: a model query is one SELECT ([`is_select`]).
+///
+/// Strings (`'…'`), quoted names (`"…"`, `` `…` ``, `[…]`) and comments (`--`, `/* */`) are
+/// skipped when looking for `;`, as SQLite's tokenizer does.
+pub(super) fn one_statement(query: &str) -> Result<(&str, &str), SourceError> {
+    let more_than_one = || {
+        SourceError::Query(
+            "the model query holds more than one statement; a model query is one SELECT".to_owned(),
+        )
+    };
+    // The index just past the first `closing` at or after `from` (the end when unclosed).
+    let past = |from: usize, closing: &str| {
+        query
+            .get(from..)
+            .and_then(|rest| rest.find(closing))
+            .map_or(query.len(), |at| from + at + closing.len())
+    };
+    let bytes = query.as_bytes();
+    let (mut i, mut end, mut first_word) = (0, None, None);
+    while let Some(&c) = bytes.get(i) {
+        let (next, content) = match c {
+            b'-' if bytes.get(i + 1) == Some(&b'-') => (past(i + 2, "\n"), false),
+            b'/' if bytes.get(i + 1) == Some(&b'*') => (past(i + 2, "*/"), false),
+            b'\'' => (past(i + 1, "'"), true),
+            b'"' => (past(i + 1, "\""), true),
+            b'`' => (past(i + 1, "`"), true),
+            b'[' => (past(i + 1, "]"), true),
+            b';' => {
+                end.get_or_insert(i);
+                (i + 1, false)
+            }
+            c if c.is_ascii_whitespace() => (i + 1, false),
+            _ => {
+                let word = bytes[i..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                    .count()
+                    .max(1);
+                first_word.get_or_insert((i, i + word));
+                (i + word, true)
+            }
+        };
+        if content && end.is_some() {
+            return Err(more_than_one());
+        }
+        i = next;
+    }
+    let word = first_word.and_then(|(a, b)| query.get(a..b)).unwrap_or_default();
+    let body = query.get(..end.unwrap_or(query.len())).unwrap_or(query).trim();
+    Ok((body, word))
+}
+
 /// Sorts a query failure by SQLite's result code.
 fn query_error(e: sqlx::Error, timeout: Duration) -> SourceError {
     let sqlx::Error::Database(db) = &e else {
@@ -336,6 +419,31 @@ mod tests {
         );
         assert_eq!(parse_timestamp("2024-03-01"), Some(utc("2024-03-01T00:00:00Z")));
         assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn a_model_query_is_one_statement_whatever_its_strings_and_comments_hold() {
+        for (ok, word) in [
+            ("SELECT 1", "SELECT"),
+            (
+                "  select 'a;b' AS \"x;y\", [c;d] FROM t; -- done; really\n",
+                "select",
+            ),
+            ("/* lead; */ WITH n(x) AS (SELECT 1) SELECT x FROM n;", "WITH"),
+            ("VACUUM INTO '/tmp/x.db'", "VACUUM"),
+        ] {
+            let (body, first) = one_statement(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(!body.ends_with(';'), "{body}");
+            assert_eq!(first, word);
+        }
+        for two in [
+            "SELECT 1; VACUUM INTO '/tmp/x.db'",
+            "SELECT 1;ATTACH 'x' AS y",
+            "SELECT 1; 'text'",
+        ] {
+            assert!(matches!(one_statement(two), Err(SourceError::Query(_))), "{two}");
+        }
+        assert!(is_select("values") && is_select("With") && !is_select("PRAGMA") && !is_select(""));
     }
 
     #[test]

@@ -202,6 +202,22 @@ impl WarehouseStore {
         }
     }
 
+    /// A refusal of the egress policy is for a person to fix; a name that did not resolve may
+    /// resolve later.
+    fn egress_error(&self, e: crate::egress::EgressError) -> StateError {
+        if e.is_denied() {
+            StateError::Unusable {
+                location: self.location(),
+                reason: e.to_string(),
+            }
+        } else {
+            StateError::Io {
+                location: self.location(),
+                reason: e.to_string(),
+            }
+        }
+    }
+
     async fn connect(&mut self) -> Result<(), StateError> {
         if self.conn.is_none() {
             self.conn = Some(self.new_connection().await?);
@@ -221,6 +237,11 @@ impl WarehouseStore {
         let conn = match scheme {
             "postgres" | "postgresql" => {
                 let options = PgConnectOptions::from_str(url).map_err(|e| io(e.to_string()))?;
+                if options.get_socket().is_none() && !options.get_host().starts_with('/') {
+                    crate::egress::check_endpoint(options.get_host(), options.get_port())
+                        .await
+                        .map_err(|e| self.egress_error(e))?;
+                }
                 let mut conn = PgConnection::connect_with(&options)
                     .await
                     .map_err(|e| io(e.to_string()))?;
@@ -243,6 +264,11 @@ impl WarehouseStore {
                 let options = MySqlConnectOptions::from_str(&normalized)
                     .map_err(|e| io(e.to_string()))?
                     .timezone(Some("+00:00".to_owned()));
+                if options.get_socket().is_none() {
+                    crate::egress::check_endpoint(options.get_host(), options.get_port())
+                        .await
+                        .map_err(|e| self.egress_error(e))?;
+                }
                 let conn = MySqlConnection::connect_with(&options)
                     .await
                     .map_err(|e| io(e.to_string()))?;

@@ -77,9 +77,17 @@ def test_defaults_are_safe():
     service = one(objects, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "http-metrics"
     kinds = {o["kind"] for o in objects}
-    for off in ["PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"]:
+    for off in ["PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "ConfigMap"]:
         assert off not in kinds, f"{off} must be off by default"
     assert not find(objects, "Role", "backflow-leader-election")
+    # Least privilege by default: Secrets by name only, no watch; Job pods as the operator says.
+    secrets = [r for r in one(objects, "ClusterRole", "backflow")["rules"] if r["resources"] == ["secrets"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    assert "--watch-secrets" not in args
+    assert "--egress-deny=169.254.0.0/16,fe80::/10,loopback" in args
+    assert "--job-tmp-size-limit=4Gi" in args
+    assert not any(a.startswith(("--job-allowed-", "--job-allow-placement")) for a in args)
+    assert len(find(objects, "NetworkPolicy")) == 2, 'the operator and the run pods each get a NetworkPolicy'
 
 
 def test_every_option_on():
@@ -91,6 +99,13 @@ def test_every_option_on():
     assert "--job-image=registry.example.com/backflow:0.1.0-ci" in args
     assert any(a.startswith("--job-tolerations=") for a in args)
     assert any(a.startswith("--job-node-selector=") for a in args)
+    assert "--job-allowed-images=registry.example.com/backflow-tools:0.1.0" in args
+    assert "--job-allowed-service-accounts=backflow-run-privileged" in args
+    assert "--job-allow-placement" in args
+    assert "--job-tmp-size-limit=8Gi" in args
+    assert "--watch-secrets" in args
+    secrets = [r for r in one(objects, "ClusterRole", "backflow")["rules"] if r["resources"] == ["secrets"]]
+    assert secrets[0]["verbs"] == ["get", "list", "watch"]
     assert one(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     lease = one(objects, "Role", "backflow-leader-election")
     assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
@@ -107,7 +122,7 @@ def test_every_option_on():
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert json.loads(dashboard["data"]["backflow.json"]) == json.loads(
         (CHART / "files" / "dashboard.json").read_text())
-    assert one(objects, "NetworkPolicy")["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert one(objects, "NetworkPolicy", "backflow")["spec"]["policyTypes"] == ["Ingress", "Egress"]
     run_accounts = {(o["metadata"]["namespace"]) for o in find(objects, "ServiceAccount", "backflow-run")}
     assert run_accounts == {"analytics", "marketing"}
     assert "It was created, with its RBAC, in: analytics, marketing." in notes
@@ -164,6 +179,65 @@ def test_prometheus_rule_matches_the_kustomize_copy():
     assert from_chart == from_kustomize, "config/prometheus/prometheus_rule.yaml must be the chart's rule with default values"
 
 
+def egress_of(policy):
+    """The egress rules of a NetworkPolicy: DNS, the API server, the catch-all, the extra ones."""
+    dns, api, anywhere, *extra = policy["spec"]["egress"]
+    return dns, api, anywhere, extra
+
+
+# The labels src/controller/job.rs puts on run pods.
+RUN_POD_LABELS = {"app.kubernetes.io/name": "backflow", "app.kubernetes.io/component": "sync-run",
+                  "app.kubernetes.io/managed-by": "backflow"}
+
+
+def test_egress_of_the_operator_and_of_job_pods_is_dns_the_api_server_and_anywhere_but_denied_ranges():
+    objects, _ = render()
+    operator = one(objects, "NetworkPolicy", "backflow")
+    run = one(objects, "NetworkPolicy", "backflow-run")
+    assert run["metadata"]["namespace"] == NAMESPACE
+    selector = run["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= RUN_POD_LABELS.items(), "the run policy must select the Job pods"
+    assert run["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in run["spec"]
+    for policy in (operator, run):
+        dns, api, anywhere, extra = egress_of(policy)
+        assert "to" not in dns and {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+        assert [p["port"] for p in api["ports"]] == [443, 6443]
+        assert api["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}]
+        assert "ports" not in anywhere, "every port, outside the denied ranges"
+        assert anywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+                                  {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}}]
+        assert extra == []
+
+
+def test_denied_cluster_ranges_reach_both_the_network_policies_and_the_operators_own_check():
+    objects, _ = render(CASES["all-on"])
+    assert "--egress-deny=169.254.0.0/16,fe80::/10,10.96.0.0/12,fd00:10:96::/112,loopback" in args_of(objects)
+    policies = find(objects, "NetworkPolicy")
+    assert {p["metadata"]["namespace"] for p in policies if p["metadata"]["name"] == "backflow-run"} == {
+        "analytics", "marketing"}
+    for policy in policies:
+        _, _, anywhere, extra = egress_of(policy)
+        assert anywhere["to"][0]["ipBlock"]["except"] == ["169.254.0.0/16", "10.96.0.0/12"]
+        assert anywhere["to"][1]["ipBlock"]["except"] == ["fe80::/10", "fd00:10:96::/112"]
+        assert extra == [{"to": [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "warehouse"}}}]}]
+    objects, _ = render({"egress": {"deniedCIDRs": [], "denyLoopback": False}, "watchNamespaces": ["a"]})
+    assert "--egress-deny=" in args_of(objects)
+    _, _, anywhere, _ = egress_of(one(objects, "NetworkPolicy", "backflow-run"))
+    assert anywhere["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]
+
+
+def test_a_disruption_budget_exists_only_when_a_replica_can_be_evicted():
+    for values in ({}, {"podDisruptionBudget": {"enabled": True}},
+                   {"replicaCount": 2, "podDisruptionBudget": {"enabled": False}}):
+        objects, _ = render(values)
+        assert not find(objects, "PodDisruptionBudget"), f"a budget with {values} would block drains"
+    objects, _ = render({"replicaCount": 3, "podDisruptionBudget": {"minAvailable": 2}})
+    assert one(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    with pytest.raises(Exception, match="minAvailable must be below replicaCount"):
+        render({"replicaCount": 2, "podDisruptionBudget": {"minAvailable": 2}})
+
+
 BAD_VALUES = [
     ({"replicaCount": "two"}, "/replicaCount"),
     ({"replicaCount": 0}, "/replicaCount"),
@@ -172,6 +246,9 @@ BAD_VALUES = [
     ({"watchNamespaces": ["Analytics_Team"]}, "/watchNamespaces/0"),
     ({"replicas": 2}, "replicas"),
     ({"prometheusRule": {"enabled": True, "rejectedRowsWindow": "an hour"}}, "/prometheusRule/rejectedRowsWindow"),
+    ({"egress": {"deniedCIDRs": ["metadata"]}}, "/egress/deniedCIDRs/0"),
+    ({"jobRunner": {"allowedServiceAccounts": ["Admin SA"]}}, "/jobRunner/allowedServiceAccounts/0"),
+    ({"networkPolicy": {"egress": []}}, "egress"),
 ]
 
 

@@ -3,10 +3,21 @@
 //! Reproduced from the published contract:
 //! - <https://www.braze.com/docs/api/endpoints/user_data/post_user_track/>: `POST /users/track`
 //!   with `Authorization: Bearer <REST API key>` and `{"attributes":[…]}`, at most 75 attribute
-//!   objects per request (more is refused with `400`); each object names its profile by
-//!   `external_id` and creates it or updates it (attributes merge into the profile); with
+//!   objects per request, or 50 in a workspace on "Monthly Active Users - CY 24-25" pricing
+//!   ([`BrazeDouble::mau_pricing`]; "Monthly Active Users CY 24-25" on that page); more is
+//!   refused with `400 {"message":"Max Input Length Exceeded"}`
+//!   (<https://www.braze.com/docs/api/errors/>); each object names its profile by
+//!   `external_id` and creates it or updates it (attributes merge into the profile, a nested
+//!   object replaces the stored one whole, as without `_merge_objects`); with
 //!   `"_update_existing_only": true` an unknown profile is skipped, not created; `201
-//!   {"message":"success","attributes_processed":n}`.
+//!   {"message":"success","attributes_processed":n}`. Same page, FAQ "How does `/users/track`
+//!   handle invalid nested custom attributes?": when any object's nested custom attribute
+//!   (an object, or an array of objects) holds a null at any depth, every nested custom
+//!   attribute update of the request is dropped, from every object, and the answer is still
+//!   `201 success` ([`BrazeDouble::dropped_nested_updates`] counts them). An object whose
+//!   `external_id` [`BrazeDouble::block`] names is dropped with the minor error `provided
+//!   external_id is blacklisted and disallowed` (the message the same page quotes); Braze does
+//!   not document whether it carries an `index`, and the double gives none.
 //! - <https://www.braze.com/docs/api/errors/>: a request with some invalid objects is still a
 //!   success, `{"message":"success","errors":[{"type":…,"input_array":"attributes",
 //!   "index":i}]}`, and the valid objects land; when none is valid Braze answers `400` with
@@ -75,6 +86,9 @@ impl BrazeRequest {
 
 #[derive(Default)]
 struct Script {
+    blocked: Vec<String>,
+    max_attributes: Option<usize>,
+    dropped_nested: usize,
     throttle: usize,
     reset_in_secs: u64,
     fail: usize,
@@ -138,6 +152,24 @@ impl BrazeDouble {
             shared,
             server,
         }
+    }
+
+    /// Takes at most 50 objects per `/users/track` request, as workspaces on Braze's "Monthly
+    /// Active Users - CY 24-25" pricing do.
+    pub fn mau_pricing(&self) {
+        lock(&self.shared.script).max_attributes = Some(50);
+    }
+
+    /// Drops objects with this `external_id` as a blocked ("dummy") user, with an error that
+    /// names no index.
+    pub fn block(&self, external_id: &str) {
+        lock(&self.shared.script).blocked.push(external_id.to_owned());
+    }
+
+    /// How many nested custom attribute updates were dropped because a request held a null
+    /// inside a nested attribute.
+    pub fn dropped_nested_updates(&self) -> usize {
+        lock(&self.shared.script).dropped_nested
     }
 
     /// The next `times` requests get `429` with Braze's rate-limit headers, the window
@@ -277,14 +309,9 @@ fn run_track(shared: &Shared, body: &Value) -> (u16, Value) {
     let Some(attributes) = body["attributes"].as_array().filter(|a| !a.is_empty()) else {
         return (400, json!({"message": NO_VALID_DATA}));
     };
-    if attributes.len() > MAX_ATTRIBUTES {
-        return (
-            400,
-            json!({"message": format!(
-                "Too many attributes objects: {} sent, at most {MAX_ATTRIBUTES} allowed per request",
-                attributes.len()
-            )}),
-        );
+    let max = lock(&shared.script).max_attributes.unwrap_or(MAX_ATTRIBUTES);
+    if attributes.len() > max {
+        return (400, json!({"message": "Max Input Length Exceeded"}));
     }
     let mut errors = Vec::new();
     let mut valid = Vec::new();
@@ -300,9 +327,33 @@ fn run_track(shared: &Shared, body: &Value) -> (u16, Value) {
     if valid.is_empty() {
         return (400, json!({"message": NO_VALID_DATA, "errors": errors}));
     }
+    // A null inside any nested attribute drops every nested update of the request.
+    let poisoned = valid.iter().any(|object| {
+        object
+            .as_object()
+            .into_iter()
+            .flat_map(|fields| fields.values())
+            .any(|value| is_nested(value) && holds_null(value))
+    });
+    let blocked = lock(&shared.script).blocked.clone();
     let mut users = lock(&shared.users);
     for object in &valid {
+        if object["external_id"]
+            .as_str()
+            .is_some_and(|id| blocked.iter().any(|b| b == id))
+        {
+            errors.push(
+                json!({"type": "provided external_id is blacklisted and disallowed",
+                "input_array": "attributes"}),
+            );
+            continue;
+        }
         let mut fields = object.as_object().cloned().unwrap_or_default();
+        if poisoned {
+            let before = fields.len();
+            fields.retain(|_, value| !is_nested(value));
+            lock(&shared.script).dropped_nested += before - fields.len();
+        }
         let id = fields
             .remove("external_id")
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -321,6 +372,25 @@ fn run_track(shared: &Shared, body: &Value) -> (u16, Value) {
         answer["errors"] = Value::Array(errors);
     }
     (201, answer)
+}
+
+/// Whether an attribute value is a nested custom attribute: an object or an array of objects.
+fn is_nested(value: &Value) -> bool {
+    match value {
+        Value::Object(_) => true,
+        Value::Array(items) => items.iter().any(Value::is_object),
+        _ => false,
+    }
+}
+
+/// Whether a null sits anywhere inside a value.
+fn holds_null(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Object(map) => map.values().any(holds_null),
+        Value::Array(items) => items.iter().any(holds_null),
+        _ => false,
+    }
 }
 
 fn run_delete(shared: &Shared, body: &Value) -> (u16, Value) {

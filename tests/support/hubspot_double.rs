@@ -15,6 +15,13 @@
 //! - <https://developers.hubspot.com/docs/api/usage-details>: `429` with
 //!   `X-HubSpot-RateLimit-Interval-Milliseconds`, `-Max` and `-Remaining` headers.
 //!
+//! With [`HubspotDouble::define_properties`], an object type has only the properties named: a
+//! batch write naming another is refused whole with `400 VALIDATION_ERROR` and the message
+//! HubSpot gives, `Property values were not valid: [{"isValid":false,"message":"Property
+//! \"x\" does not exist","error":"PROPERTY_DOESNT_EXIST","name":"x",…}]`
+//! (<https://developers.hubspot.com/docs/api/error-handling>; a property must be created
+//! before it is written, <https://developers.hubspot.com/docs/api/crm/properties>).
+//!
 //! Contacts' `email` must hold an `@`: an upsert or update with a bad one gets a per-record
 //! `VALIDATION_ERROR` in a `207` (or, with [`HubspotDouble::whole_batch_400`], the whole batch
 //! is refused with `400 INVALID_EMAIL`); a create with one is refused whole with `400`.
@@ -89,6 +96,7 @@ struct Script {
 struct Shared {
     token: String,
     whole_batch_400: bool,
+    properties: Mutex<BTreeMap<String, Vec<String>>>,
     script: Mutex<Script>,
     store: Mutex<BTreeMap<String, Vec<StoredObject>>>,
     log: Mutex<Vec<HubspotRequest>>,
@@ -124,6 +132,7 @@ impl HubspotDouble {
         let shared = Arc::new(Shared {
             token: token.to_owned(),
             whole_batch_400,
+            properties: Mutex::new(BTreeMap::new()),
             script: Mutex::new(Script::default()),
             store: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
@@ -145,6 +154,13 @@ impl HubspotDouble {
             shared,
             server,
         }
+    }
+
+    /// Gives `object` only the properties named (besides `hs_object_id`): writing another is
+    /// refused with `PROPERTY_DOESNT_EXIST`.
+    pub fn define_properties(&self, object: &str, names: &[&str]) {
+        lock(&self.shared.properties)
+            .insert(object.to_owned(), names.iter().map(|n| (*n).to_owned()).collect());
     }
 
     /// The next `times` requests get `429` with HubSpot's rate-limit headers, the window being
@@ -406,6 +422,22 @@ fn run_batch(shared: &Shared, object: &str, action: &str, body: &Value) -> (u16,
                 ),
             ),
         );
+    }
+    if matches!(action, "upsert" | "update" | "create")
+        && let Some(defined) = lock(&shared.properties).get(object)
+    {
+        let unknown: Vec<String> = inputs
+            .iter()
+            .flat_map(|i| i["properties"].as_object().into_iter().flatten())
+            .map(|(k, _)| k.clone())
+            .filter(|k| k != "hs_object_id" && !defined.contains(k))
+            .collect();
+        if let Some(name) = unknown.first() {
+            let message = format!(
+                "Property values were not valid: [{{\"isValid\":false,\"message\":\"Property \\\"{name}\\\" does not exist\",\"error\":\"PROPERTY_DOESNT_EXIST\",\"name\":\"{name}\",\"localizedErrorMessage\":\"Property \\\"{name}\\\" does not exist\",\"portalId\":12345}}]"
+            );
+            return reply(400, error_body("VALIDATION_ERROR", &message));
+        }
     }
     let mut store = lock(&shared.store);
     let records = store.entry(object.to_owned()).or_default();

@@ -25,9 +25,16 @@
 //!   the External ID field; the answer is one result per record, in order:
 //!   `{"id","success":true,"created":bool,"errors":[]}` or `{"success":false,"errors":
 //!   [{"statusCode":"REQUIRED_FIELD_MISSING","message":…,"fields":["LastName"]}]}` for a new
-//!   Contact without `LastName`; a `Birthdate` that is not `YYYY-MM-DD` refuses the whole
-//!   request with `400 [{"errorCode":"JSON_PARSER_ERROR",…}]`, as Salesforce does for a value
-//!   it cannot deserialize.
+//!   Contact without `LastName`; a `Birthdate` that is not `YYYY-MM-DD`, or a `Last_Order__c`
+//!   (a dateTime field) that is not `yyyy-MM-ddTHH:mm:ss` with an optional three-digit
+//!   `.SSS` and a `Z` or `±HH:mm` offset
+//!   (<https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_valid_date_formats.htm>),
+//!   refuses the whole request with `400 [{"errorCode":"JSON_PARSER_ERROR",…}]`, as
+//!   Salesforce does for a value it cannot deserialize. A record naming a field `Contact`
+//!   does not have (see [`CONTACT_FIELDS`]) refuses the whole request with
+//!   `400 [{"errorCode":"INVALID_FIELD","message":"No such column 'X' on sobject of type
+//!   Contact"}]`, an External ID field it does not have with `400 INVALID_FIELD` too, and an
+//!   unknown object with `400 INVALID_TYPE` (errors about the request, not a record).
 //! - <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/resources_query.htm>:
 //!   `GET /services/data/{v}/query?q=SELECT Id, F FROM O WHERE F IN ('a', 'b')` (only that
 //!   shape; quotes and backslashes escaped with a backslash).
@@ -53,7 +60,11 @@
 //!   CSV is parsed per RFC 4180; a header naming a field `Contact` does not have (see
 //!   [`CONTACT_FIELDS`]; dotted relationship columns are not checked) fails the job with
 //!   `errorMessage: "InvalidBatch : Field name not found : X"`. Per row: an empty cell leaves
-//!   the field as is and `#N/A` sets it to null; upserts match on the External ID column and a
+//!   the field as is and `#N/A` sets it to null; a `Last_Order__c` cell that is not a valid
+//!   dateTime (same rule as above; the Bulk API 2.0 format page,
+//!   <https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/valid_date_format_in_records__2_0.htm>)
+//!   fails the row with `INVALID_TYPE_ON_FIELD_IN_RECORD:Last Order: value not of required
+//!   type: <value>:Last_Order__c --` (Salesforce echoes the value); upserts match on the External ID column and a
 //!   new Contact without `LastName` fails with
 //!   `REQUIRED_FIELD_MISSING:Required fields are missing: [LastName]:LastName --`; deletes
 //!   take an `Id` column and an unknown Id fails with `ENTITY_IS_DELETED:entity is deleted:--`;
@@ -101,7 +112,32 @@ pub const CONTACT_FIELDS: &[&str] = &[
     "LTV__c",
     "Phone",
     "Description",
+    "Last_Order__c",
 ];
+
+/// Whether `text` is a dateTime Salesforce reads: `yyyy-MM-ddTHH:mm:ss`, an optional
+/// three-digit `.SSS`, then `Z` or an offset `±HH:mm`.
+pub fn is_salesforce_date_time(text: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    let Some((date, time)) = text.split_once('T') else {
+        return false;
+    };
+    let date_ok =
+        date.len() == 10 && date.split('-').map(str::len).eq([4, 2, 2]) && digits(&date.replace('-', ""));
+    let (clock, zone) = match time.find(['Z', '+', '-']) {
+        Some(at) => time.split_at(at),
+        None => return false,
+    };
+    let zone_ok =
+        zone == "Z" || (zone.len() == 6 && digits(&zone[1..3]) && &zone[3..4] == ":" && digits(&zone[4..]));
+    let (hms, fraction) = match clock.split_once('.') {
+        Some((hms, f)) => (hms, Some(f)),
+        None => (clock, None),
+    };
+    let hms_ok =
+        hms.len() == 8 && hms.split(':').map(str::len).eq([2, 2, 2]) && digits(&hms.replace(':', ""));
+    date_ok && zone_ok && hms_ok && fraction.is_none_or(|f| f.len() == 3 && digits(f))
+}
 
 /// One stored record.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +176,8 @@ pub struct SalesforceRequest {
     pub body: String,
     /// The status answered.
     pub status: u16,
+    /// When the double received it.
+    pub at: std::time::Instant,
 }
 
 impl SalesforceRequest {
@@ -222,6 +260,7 @@ impl BulkJob {
 #[derive(Default)]
 struct Script {
     limit_exceeded: usize,
+    limit_exceeded_polls: usize,
     fail: usize,
     expire_after: Option<usize>,
     hold_jobs: bool,
@@ -332,6 +371,12 @@ impl SalesforceDouble {
         lock(&self.shared.script).limit_exceeded = times;
     }
 
+    /// The next `times` polls of a bulk job (`GET …/jobs/ingest/{id}`) get `403
+    /// REQUEST_LIMIT_EXCEEDED`: the org's allowance runs out while a job runs.
+    pub fn limit_exceeded_on_polls(&self, times: usize) {
+        lock(&self.shared.script).limit_exceeded_polls = times;
+    }
+
     /// The next `times` data calls (after any limited ones) get `503 SERVER_UNAVAILABLE`.
     pub fn fail_next(&self, times: usize) {
         lock(&self.shared.script).fail = times;
@@ -437,8 +482,10 @@ async fn handle(
         content_type: content_type.as_deref(),
         body: &text,
     };
+    let at = std::time::Instant::now();
     let response = answer(&shared, &request);
     lock(&shared.log).push(SalesforceRequest {
+        at,
         method: method.to_string(),
         path,
         query,
@@ -491,6 +538,15 @@ fn answer(shared: &Shared, request: &Request<'_>) -> Response {
         }
         if script.limit_exceeded > 0 {
             script.limit_exceeded -= 1;
+            return error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.");
+        }
+        let is_poll = method == Method::GET
+            && path
+                .split("/jobs/ingest/")
+                .nth(1)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+        if is_poll && script.limit_exceeded_polls > 0 {
+            script.limit_exceeded_polls -= 1;
             return error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.");
         }
         if script.fail > 0 {
@@ -619,8 +675,46 @@ fn upsert(shared: &Shared, object: &str, field: &str, body: &str) -> Response {
             "record limit reached. cannot submit more than 200 records into this call",
         );
     }
+    if object != "Contact" {
+        return error(
+            400,
+            "INVALID_TYPE",
+            &format!("sObject type '{object}' is not supported."),
+        );
+    }
+    if !CONTACT_FIELDS.contains(&field) {
+        return error(
+            400,
+            "INVALID_FIELD",
+            &format!("Field name provided, {field} is not an External ID or indexed field for {object}"),
+        );
+    }
+    // Fields the object does not have refuse the whole request.
+    for record in records {
+        let unknown = record
+            .as_object()
+            .into_iter()
+            .flat_map(|r| r.keys())
+            .find(|k| *k != "attributes" && !CONTACT_FIELDS.contains(&k.as_str()));
+        if let Some(name) = unknown {
+            return error(
+                400,
+                "INVALID_FIELD",
+                &format!("No such column '{name}' on sobject of type {object}"),
+            );
+        }
+    }
     // Values Salesforce cannot deserialize refuse the whole request.
     for record in records {
+        if let Some(stamp) = record.get("Last_Order__c").and_then(Value::as_str)
+            && !is_salesforce_date_time(stamp)
+        {
+            return error(
+                400,
+                "JSON_PARSER_ERROR",
+                &format!("Cannot deserialize instance of datetime from VALUE_STRING value {stamp}"),
+            );
+        }
         if let Some(date) = record.get("Birthdate").and_then(Value::as_str) {
             let ok = date.len() == 10
                 && date.chars().enumerate().all(|(i, c)| {
@@ -938,6 +1032,19 @@ fn process(shared: &Shared, job: &mut BulkJob) {
                     .failed
                     .push((key, "ENTITY_IS_DELETED:entity is deleted:--".to_owned(), row)),
             }
+            continue;
+        }
+        let bad_stamp = header.iter().zip(&row).find(|(column, cell)| {
+            *column == "Last_Order__c"
+                && !cell.is_empty()
+                && *cell != "#N/A"
+                && !is_salesforce_date_time(cell)
+        });
+        if let Some((_, cell)) = bad_stamp {
+            let error = format!(
+                "INVALID_TYPE_ON_FIELD_IN_RECORD:Last Order: value not of required type: {cell}:Last_Order__c --"
+            );
+            job.failed.push((String::new(), error, row));
             continue;
         }
         // An empty cell leaves the field as it is; `#N/A` clears it.

@@ -92,7 +92,11 @@ watches. Leases are in a separate Role of the release namespace.
   verbs: [get, update, patch]
 - apiGroups: [""]
   resources: [secrets]
+  {{- if .Values.rbac.watchSecrets }}
   verbs: [get, list, watch]
+  {{- else }}
+  verbs: [get]
+  {{- end }}
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, update, patch, delete]
@@ -124,4 +128,56 @@ watches. Leases are in a separate Role of the release namespace.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/* The operator's --egress-deny rules: egress.deniedCIDRs, and loopback when asked. */}}
+{{- define "backflow.egressDeny" -}}
+{{- $rules := .Values.egress.deniedCIDRs }}
+{{- if .Values.egress.denyLoopback }}{{ $rules = append $rules "loopback" }}{{ end }}
+{{- join "," $rules }}
+{{- end }}
+
+{{/*
+Egress rules of the operator and run pods: DNS, the API server, and anywhere outside
+egress.deniedCIDRs (one ipBlock per address family, each denied range in its `except`).
+*/}}
+{{- define "backflow.egressRules" -}}
+{{- $v4 := list }}
+{{- $v6 := list }}
+{{- range .Values.egress.deniedCIDRs }}
+{{- if contains ":" . }}{{ $v6 = append $v6 . }}{{ else }}{{ $v4 = append $v4 . }}{{ end }}
+{{- end }}
+# DNS, wherever the cluster's resolver listens (NodeLocal DNSCache answers on 169.254.20.10).
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- with .Values.networkPolicy.apiServer }}
+# The Kubernetes API server.
+- to:
+    {{- toYaml . | nindent 4 }}
+  ports:
+    {{- range $.Values.networkPolicy.apiServerPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+# Warehouses and destinations: anywhere but the denied ranges.
+- to:
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        {{- with $v4 }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+    - ipBlock:
+        cidr: ::/0
+        {{- with $v6 }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+{{- with .Values.networkPolicy.extraEgress }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}

@@ -4,18 +4,27 @@
 //! 1. concurrency: at most `max_concurrency` requests are out at once (a batch waiting out a
 //!    retry backoff holds no slot; the engine keeps a few more batches going than that);
 //! 2. split: a batch refused as a whole ([`SendError::BatchRejected`]) is halved until the
-//!    records at fault stand alone and are rejected, so the good records still land;
+//!    records at fault stand alone and are rejected, so the good records still land; a batch
+//!    refused for its size ([`SendError::TooLarge`]) is cut to the size the destination named,
+//!    which every later batch of the run keeps ([`Delivery::batch_size`]);
 //! 3. retry: transient failures ([`SendError::Retryable`], [`RecordOutcome::Retry`]) are
 //!    retried with exponential backoff and full jitter, never sooner than `Retry-After`;
 //!    only the records that failed are sent again;
 //! 4. rate limit: each request waits for a token of the Destination's shared bucket; a
 //!    throttling answer pauses every sender of that Destination;
-//! 5. the connector's `send`.
+//! 5. the connector's `send`, which may report retries and throttles it handled itself
+//!    ([`report`]).
+//!
+//! Rejection reasons leave this module without the record's own values ([`values`]): a
+//! vendor's message that echoes what it refused (`invalid email address: a.example.com`)
+//! keeps its code and field names, not the value, in status samples and logs.
 
 pub mod rate_limit;
+pub mod report;
+pub mod values;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -181,6 +190,9 @@ pub struct Delivery {
     /// Requests in flight at the destination: `max_concurrency` permits, held only while a
     /// request is out, not while a batch waits out a retry backoff.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Records per request from now on: the configured batch size, lowered for the rest of the
+    /// run when the destination refuses a batch as too large and names its limit.
+    batch_limit: AtomicUsize,
 }
 
 impl Delivery {
@@ -190,6 +202,7 @@ impl Delivery {
             connector,
             limiter,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1))),
+            batch_limit: AtomicUsize::new(config.batch_size.max(1)),
             config,
             stats: Arc::new(DeliveryStats::default()),
         }
@@ -208,6 +221,7 @@ impl Delivery {
                 "the connector chose another transport for this run"
             );
             self.config.batch_size = batch_size;
+            self.batch_limit.store(batch_size, Ordering::Relaxed);
             self.connector = connector;
         }
     }
@@ -215,6 +229,12 @@ impl Delivery {
     /// The settings in force.
     pub fn config(&self) -> &DeliveryConfig {
         &self.config
+    }
+
+    /// Records per batch from now on: [`DeliveryConfig::batch_size`] until the destination
+    /// refuses a batch as too large ([`SendError::TooLarge`]), its limit after that.
+    pub fn batch_size(&self) -> usize {
+        self.batch_limit.load(Ordering::Relaxed).max(1)
     }
 
     /// The counters of this delivery.
@@ -230,17 +250,31 @@ impl Delivery {
     ) -> Result<Vec<(Record, Delivered)>, FatalDeliveryError> {
         let mut done = Vec::with_capacity(batch.len());
         let mut stack = vec![batch];
-        while let Some(part) = stack.pop() {
+        while let Some(mut part) = stack.pop() {
+            // A batch formed before the destination named a smaller limit is cut to it.
+            let limit = self.batch_size();
+            if part.len() > limit {
+                let mut pieces = Vec::new();
+                while part.len() > limit {
+                    let rest = part.split_off(limit);
+                    pieces.push(std::mem::replace(&mut part, rest));
+                }
+                pieces.push(part);
+                stack.extend(pieces.into_iter().rev());
+                continue;
+            }
             let attempted = self.send_with_retry(operation, part).await?;
             done.extend(attempted.finished);
+            if !attempted.oversize.is_empty() {
+                stack.push(attempted.oversize);
+            }
             if let Some((records, reason)) = attempted.refused {
                 {
                     if records.len() == 1 {
-                        done.extend(
-                            records
-                                .into_iter()
-                                .map(|r| (r, Delivered::Rejected(reason.clone()))),
-                        );
+                        done.extend(records.into_iter().map(|r| {
+                            let reason = values::without_values(&reason, &r);
+                            (r, Delivered::Rejected(reason))
+                        }));
                     } else {
                         let mut first = records;
                         let second = first.split_off(first.len() / 2);
@@ -275,9 +309,21 @@ impl Delivery {
             // The semaphore is never closed, so acquiring only fails if it were; then the
             // request goes out without a permit rather than never.
             let permit = self.in_flight.acquire().await.ok();
+            // The destination may have named a smaller limit while this batch waited its turn.
+            if pending.len() > self.batch_size() {
+                return Ok(Attempted {
+                    finished,
+                    refused: None,
+                    oversize: pending,
+                });
+            }
             self.limiter.acquire().await;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let answer = self.connector.send(operation, &pending).await;
+            let context = report::Context {
+                stats: Arc::clone(&self.stats),
+                limiter: Arc::clone(&self.limiter),
+            };
+            let answer = report::scope(context, self.connector.send(operation, &pending)).await;
             drop(permit);
             let (retry_reason, retry_after) = match answer {
                 Ok(outcomes) => {
@@ -294,9 +340,12 @@ impl Delivery {
                     for (record, outcome) in pending.into_iter().zip(outcomes) {
                         match outcome {
                             RecordOutcome::Accepted => finished.push((record, Delivered::Accepted)),
-                            RecordOutcome::Rejected(r) => finished.push((record, Delivered::Rejected(r))),
+                            RecordOutcome::Rejected(r) => {
+                                let r = values::without_values(&r, &record);
+                                finished.push((record, Delivered::Rejected(r)));
+                            }
                             RecordOutcome::Retry(r) => {
-                                reason = r;
+                                reason = values::without_values(&r, &record);
                                 again.push(record);
                             }
                         }
@@ -305,6 +354,7 @@ impl Delivery {
                         return Ok(Attempted {
                             finished,
                             refused: None,
+                            oversize: Vec::new(),
                         });
                     }
                     pending = again;
@@ -337,6 +387,33 @@ impl Delivery {
                     return Ok(Attempted {
                         finished,
                         refused: Some((pending, reason)),
+                        oversize: Vec::new(),
+                    });
+                }
+                Err(SendError::TooLarge { limit, reason }) => {
+                    self.stats.answered(AnswerClass::Rejected);
+                    if limit == 0 || limit >= pending.len() {
+                        // The limit named does not explain the refusal: find the records at
+                        // fault as for any batch refused whole.
+                        return Ok(Attempted {
+                            finished,
+                            refused: Some((pending, reason)),
+                            oversize: Vec::new(),
+                        });
+                    }
+                    let before = self.batch_limit.fetch_min(limit, Ordering::Relaxed);
+                    if before > limit {
+                        tracing::info!(
+                            batch_size = limit,
+                            was = before,
+                            reason = %reason,
+                            "the destination takes fewer records per request; this run sends smaller batches"
+                        );
+                    }
+                    return Ok(Attempted {
+                        finished,
+                        refused: None,
+                        oversize: pending,
                     });
                 }
                 Err(SendError::Fatal(reason)) => {
@@ -355,14 +432,14 @@ impl Delivery {
                         "{retry_reason} (gave up after {} attempts)",
                         self.config.max_attempts
                     );
-                    finished.extend(
-                        pending
-                            .into_iter()
-                            .map(|r| (r, Delivered::Failed(reason.clone()))),
-                    );
+                    finished.extend(pending.into_iter().map(|r| {
+                        let reason = values::without_values(&reason, &r);
+                        (r, Delivered::Failed(reason))
+                    }));
                     return Ok(Attempted {
                         finished,
                         refused: None,
+                        oversize: Vec::new(),
                     });
                 }
             }
@@ -370,9 +447,11 @@ impl Delivery {
     }
 }
 
-/// What one retried send came to: records with a final outcome, and records the destination
-/// refused as a whole (to be split), with its reason.
+/// What one retried send came to: records with a final outcome, records the destination
+/// refused as a whole (to be split), with its reason, and records of a batch refused for its
+/// size (to be sent again in batches of the lowered size).
 struct Attempted {
     finished: Vec<(Record, Delivered)>,
     refused: Option<(Vec<Record>, String)>,
+    oversize: Vec<Record>,
 }

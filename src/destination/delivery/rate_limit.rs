@@ -37,6 +37,13 @@ impl RateLimiter {
 
     /// Waits until a request may be sent: after any pause, then for a token.
     pub async fn acquire(&self) {
+        self.wait_out_pause().await;
+        self.bucket.until_ready().await;
+    }
+
+    /// Waits until no pause holds senders back, taking no token (a follow-up call of a request
+    /// that already took one, like a poll of a running job).
+    pub async fn wait_out_pause(&self) {
         loop {
             let until = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
             match until {
@@ -44,7 +51,6 @@ impl RateLimiter {
                 _ => break,
             }
         }
-        self.bucket.until_ready().await;
     }
 
     /// Holds every sender back for `delay` (the destination said it is throttling).

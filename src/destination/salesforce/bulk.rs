@@ -27,7 +27,11 @@
 //!
 //! To the shared delivery machinery a job is one request: it takes one token of the rate
 //! limiter, though it makes five or more HTTP calls, which are spread over the job's run time
-//! by the pauses between polls.
+//! by the pauses between polls. What the job meets on the way still counts in the run: a poll
+//! or download repeated counts as a retry, a throttled one (`REQUEST_LIMIT_EXCEEDED`, the
+//! org-wide allowance) as a throttle that pauses every sender of the Destination, and every
+//! call of a job first waits out such a pause, whichever job or batch met the throttle
+//! ([`report`]).
 //!
 //! Docs: <https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/bulk_api_2_0.htm>,
 //! <https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/create_job.htm>,
@@ -54,6 +58,7 @@ use super::{
     GONE_CODES, MAX_BATCH_SIZE, Payload, REQUEST_LIMIT_WAIT, Record, RecordOutcome, SalesforceConnector,
     SendError, TRANSIENT_CODES, VENDOR, is_api_name,
 };
+use crate::destination::delivery::report;
 use crate::destination::http::excerpt;
 
 /// Records a run must send, with `bulk: auto`, for it to use Bulk API 2.0 unless
@@ -129,8 +134,9 @@ struct ResultRow {
 
 /// What a poll or a result download met that was not an answer.
 enum Hitch {
-    /// Try again after at least this long.
-    Wait(Option<Duration>),
+    /// Try again after at least this long; `throttled` when Salesforce said the org's
+    /// allowance is spent.
+    Wait { wait: Option<Duration>, throttled: bool },
     /// Give up with this error.
     Stop(SendError),
 }
@@ -405,10 +411,10 @@ impl SalesforceConnector {
     async fn get_patiently(&self, id: &str, path: &str, started: Instant) -> Result<Vec<u8>, SendError> {
         let mut pause = self.polling.first_pause;
         loop {
-            let wait = match self.call(Method::GET, path, Payload::Empty).await {
+            let (wait, throttled) = match self.call(Method::GET, path, Payload::Empty).await {
                 Ok(body) => return Ok(body),
                 Err(error) => match hitch(error) {
-                    Hitch::Wait(wait) => wait,
+                    Hitch::Wait { wait, throttled } => (wait, throttled),
                     Hitch::Stop(error) => return Err(error),
                 },
             };
@@ -424,7 +430,11 @@ impl SalesforceConnector {
                     throttled: false,
                 });
             }
-            tracing::debug!(job = %id, wait_ms = wait.as_millis() as u64, "bulk job call failed; trying again");
+            tracing::debug!(job = %id, wait_ms = wait.as_millis() as u64, throttled, "bulk job call failed; trying again");
+            if throttled {
+                report::throttled(wait);
+            }
+            report::retried();
             tokio::time::sleep(wait).await;
         }
     }
@@ -450,17 +460,26 @@ fn refused_step(error: SendError, step: &str) -> SendError {
 /// Whether a failed poll or download is worth repeating.
 fn hitch(error: SendError) -> Hitch {
     match error {
-        SendError::Retryable { retry_after, .. } => Hitch::Wait(retry_after),
+        SendError::Retryable {
+            retry_after,
+            throttled,
+            ..
+        } => Hitch::Wait {
+            wait: retry_after,
+            throttled,
+        },
         // Credentials rejected mid-job stop the run, as they do anywhere.
         SendError::Fatal(reason) if reason.starts_with("credentials rejected") => {
             Hitch::Stop(SendError::Fatal(reason))
         }
         // A job Salesforce no longer knows (deleted, expired): the batch is safe to send again.
-        SendError::Fatal(reason) | SendError::BatchRejected(reason) => Hitch::Stop(SendError::Retryable {
-            reason,
-            retry_after: None,
-            throttled: false,
-        }),
+        SendError::Fatal(reason) | SendError::BatchRejected(reason) | SendError::TooLarge { reason, .. } => {
+            Hitch::Stop(SendError::Retryable {
+                reason,
+                retry_after: None,
+                throttled: false,
+            })
+        }
     }
 }
 

@@ -44,7 +44,8 @@ pub fn push_row<'a>(out: &mut String, fields: impl IntoIterator<Item = &'a str>)
 /// The cells of a record: one per field, a nested object (a mapping target like
 /// `Account.Customer_Id__c`, or a JSON object) flattened to dotted column names the way Bulk
 /// API writes relationships; NULL and empty text become [`NULL_CELL`] so they clear the
-/// field, as `null` does in sObject Collections.
+/// field, as `null` does in sObject Collections; timestamps and times in Salesforce's
+/// formats, as on the collections path.
 pub fn cells(fields: &Document) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (name, value) in fields {
@@ -72,6 +73,12 @@ fn flatten(column: &str, value: &Value, out: &mut BTreeMap<String, String>) {
         }
         v if v.is_null() => {
             out.insert(column.to_owned(), NULL_CELL.to_owned());
+        }
+        Value::Timestamp(ts) => {
+            out.insert(column.to_owned(), super::date_time_text(ts));
+        }
+        Value::Time(t) => {
+            out.insert(column.to_owned(), super::time_text(t));
         }
         other => {
             let text = other.as_text();

@@ -29,8 +29,13 @@
 //! <https://developer.salesforce.com/docs/atlas.en-us.salesforce_app_limits_cheatsheet.meta/salesforce_app_limits_cheatsheet/salesforce_app_limits_platform_api.htm>.
 //!
 //! Mapped fields become the record's fields as JSON; the sync's match field gives the value of
-//! the External ID field.
+//! the External ID field. Timestamps are written `yyyy-MM-ddTHH:mm:ss.SSSZ` and times
+//! `HH:mm:ss.SSSZ`, the formats Salesforce documents, with the sub-millisecond part dropped
+//! (truncated, so an instant never moves into the next second or day):
+//! <https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_valid_date_formats.htm>,
+//! <https://developer.salesforce.com/docs/atlas.en-us.api_asynch.meta/api_asynch/valid_date_format_in_records__2_0.htm>.
 
+mod answers;
 pub mod bulk;
 pub mod csv;
 
@@ -44,6 +49,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 
+use super::delivery::report;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
 use super::{
@@ -53,6 +59,7 @@ use super::{
 use crate::api::SecretKeyRef;
 use crate::api::destination::{SalesforceAuth, SalesforceBulk, SalesforceSpec};
 use crate::redact::{MASK, Scrubber};
+use answers::{GONE_CODES, REQUEST_CODES, TRANSIENT_CODES, error_codes, read_results, salesforce_message};
 use bulk::{BULK_JOB_RECORDS, BulkPolling, DEFAULT_BULK_THRESHOLD};
 
 /// Records per sObject Collections call, Salesforce's documented limit.
@@ -130,6 +137,8 @@ pub struct SalesforceConnector {
     bulk: SalesforceBulk,
     bulk_threshold: u64,
     polling: BulkPolling,
+    /// The wait after `REQUEST_LIMIT_EXCEEDED` when Salesforce names none.
+    request_limit_wait: Duration,
     /// True in the view of a run that sends through Bulk API 2.0.
     use_bulk: bool,
 }
@@ -252,6 +261,7 @@ impl SalesforceConnector {
                 Some(n) => *n,
             },
             polling: BulkPolling::default(),
+            request_limit_wait: REQUEST_LIMIT_WAIT,
             use_bulk: false,
         })
     }
@@ -260,6 +270,13 @@ impl SalesforceConnector {
     /// ones).
     pub fn with_bulk_polling(mut self, polling: BulkPolling) -> Self {
         self.polling = polling;
+        self
+    }
+
+    /// The same connector with another wait after `REQUEST_LIMIT_EXCEEDED` (tests use a short
+    /// one).
+    pub fn with_request_limit_wait(mut self, wait: Duration) -> Self {
+        self.request_limit_wait = wait;
         self
     }
 
@@ -294,6 +311,10 @@ impl SalesforceConnector {
             },
             SendError::BatchRejected(r) => SendError::BatchRejected(self.scrub(&r, token)),
             SendError::Fatal(r) => SendError::Fatal(self.scrub(&r, token)),
+            SendError::TooLarge { limit, reason } => SendError::TooLarge {
+                limit,
+                reason: self.scrub(&reason, token),
+            },
         }
     }
 
@@ -374,6 +395,15 @@ impl SalesforceConnector {
             let json: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
             let access = json.get("access_token").and_then(Json::as_str);
             let instance = json.get("instance_url").and_then(Json::as_str);
+            if let Some(instance) = instance {
+                // The answer names the host of every later call: an IP literal there never
+                // reaches the resolver that applies the egress policy.
+                let host = Url::parse(instance)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .unwrap_or_default();
+                crate::egress::check_host(&host).map_err(|e| SendError::Fatal(e.to_string()))?;
+            }
             return match (access, instance) {
                 (Some(access), Some(instance)) if !access.is_empty() => Ok(Token {
                     access: access.to_owned(),
@@ -413,6 +443,9 @@ impl SalesforceConnector {
     async fn call(&self, method: Method, path: &str, body: Payload<'_>) -> Result<Vec<u8>, SendError> {
         let mut stale: Option<String> = None;
         loop {
+            // A throttle another batch or job met holds this call back too: the org's
+            // allowance is shared by all of them.
+            report::pause_over().await;
             let token = self.token(stale.as_deref()).await?;
             let base = self.base_override.as_deref().unwrap_or(&token.instance);
             let url = format!("{base}{path}");
@@ -459,6 +492,7 @@ impl SalesforceConnector {
                 && codes.iter().any(|c| c == "INVALID_SESSION_ID")
             {
                 stale = Some(token.access.clone());
+                report::retried();
                 continue;
             }
             let error = self.failure(&label, status, &headers, &bytes);
@@ -481,9 +515,15 @@ impl SalesforceConnector {
         if codes.iter().any(|c| c == "REQUEST_LIMIT_EXCEEDED") {
             return SendError::Retryable {
                 reason: format!("{VENDOR} org API request limit exceeded (HTTP {code}){detail}"),
-                retry_after: Some(retry_after(headers, SystemTime::now()).unwrap_or(REQUEST_LIMIT_WAIT)),
+                retry_after: Some(retry_after(headers, SystemTime::now()).unwrap_or(self.request_limit_wait)),
                 throttled: true,
             };
+        }
+        if code == 400 && codes.iter().any(|c| REQUEST_CODES.contains(&c.as_str())) {
+            return SendError::Fatal(format!(
+                "{VENDOR} refused the request, not a record (HTTP 400){detail}: check \
+                 spec.salesforce.object, spec.salesforce.externalIdField and the sync's mappings"
+            ));
         }
         match code {
             401 | 403 => SendError::Fatal(format!("credentials rejected by {VENDOR} (HTTP {code}){detail}")),
@@ -540,7 +580,7 @@ impl SalesforceConnector {
         out.insert("attributes".to_owned(), json!({"type": self.object}));
         for (name, value) in &record.fields {
             if name != "attributes" {
-                out.insert(name.clone(), value.to_json());
+                out.insert(name.clone(), field_json(value));
             }
         }
         out.insert(self.field.clone(), Json::String(external_id.to_owned()));
@@ -743,6 +783,30 @@ impl Connector for SalesforceConnector {
     }
 }
 
+/// A timestamp as Salesforce documents a dateTime: `yyyy-MM-ddTHH:mm:ss.SSSZ`, in UTC,
+/// milliseconds truncated.
+pub fn date_time_text(ts: &chrono::DateTime<chrono::Utc>) -> String {
+    ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// A time of day as Salesforce documents a time: `HH:mm:ss.SSSZ`, milliseconds truncated.
+pub fn time_text(t: &chrono::NaiveTime) -> String {
+    t.format("%H:%M:%S%.3fZ").to_string()
+}
+
+/// A field value as JSON for a collections call: timestamps and times in Salesforce's
+/// formats (also inside a relationship object or an array), everything else as it is.
+fn field_json(value: &crate::engine::value::Value) -> Json {
+    use crate::engine::value::Value;
+    match value {
+        Value::Timestamp(ts) => Json::String(date_time_text(ts)),
+        Value::Time(t) => Json::String(time_text(t)),
+        Value::Object(doc) => Json::Object(doc.iter().map(|(k, v)| (k.clone(), field_json(v))).collect()),
+        Value::Array(items) => Json::Array(items.iter().map(field_json).collect()),
+        other => other.to_json(),
+    }
+}
+
 /// A SOQL string literal: quoted, with backslashes and quotes escaped.
 fn soql_quote(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
@@ -761,112 +825,6 @@ fn soql_quote(value: &str) -> String {
     out
 }
 
-/// The `errorCode`s of an error body (`[{"errorCode": …, "message": …}]`).
-fn error_codes(body: &[u8]) -> Vec<String> {
-    let Ok(Json::Array(items)) = serde_json::from_slice::<Json>(body) else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .filter_map(|e| e.get("errorCode").and_then(Json::as_str).map(str::to_owned))
-        .collect()
-}
-
-/// `errorCode: message` of the first error of an error body, else an excerpt of it.
-fn salesforce_message(body: &[u8]) -> String {
-    let Ok(json) = serde_json::from_slice::<Json>(body) else {
-        return excerpt(body);
-    };
-    let first = match &json {
-        Json::Array(items) => items.first(),
-        other => Some(other),
-    };
-    let code = first.and_then(|e| e.get("errorCode")).and_then(Json::as_str);
-    let message = first.and_then(|e| e.get("message")).and_then(Json::as_str);
-    match (code, message) {
-        (Some(c), Some(m)) => excerpt(format!("{c}: {m}").as_bytes()),
-        (Some(c), None) => c.to_owned(),
-        (None, Some(m)) => excerpt(m.as_bytes()),
-        (None, None) => excerpt(body),
-    }
-}
-
-/// Error codes of a per-record result that are worth trying again.
-const TRANSIENT_CODES: &[&str] = &[
-    "UNABLE_TO_LOCK_ROW",
-    "REQUEST_RUNNING_TOO_LONG",
-    "SERVER_UNAVAILABLE",
-];
-/// Error codes of a per-record delete result that mean the record is already gone.
-const GONE_CODES: &[&str] = &["ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY", "NOT_FOUND"];
-
-/// One outcome per sent record from a collections answer (results in request order).
-fn read_results(answer: &[u8], sent: usize, deleting: bool) -> Vec<RecordOutcome> {
-    let results = match serde_json::from_slice::<Json>(answer) {
-        Ok(Json::Array(items)) => items,
-        _ => Vec::new(),
-    };
-    (0..sent)
-        .map(|i| {
-            let Some(result) = results.get(i) else {
-                return RecordOutcome::Retry(format!("{VENDOR} reported no result for the record"));
-            };
-            if result.get("success") == Some(&Json::Bool(true)) {
-                return RecordOutcome::Accepted;
-            }
-            let errors: Vec<&Json> = result
-                .get("errors")
-                .and_then(Json::as_array)
-                .map(|e| e.iter().collect())
-                .unwrap_or_default();
-            let code_of = |e: &Json| {
-                e.get("statusCode")
-                    .and_then(Json::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            if deleting
-                && !errors.is_empty()
-                && errors.iter().all(|e| GONE_CODES.contains(&code_of(e).as_str()))
-            {
-                return RecordOutcome::Accepted;
-            }
-            let reason = errors
-                .iter()
-                .map(|e| {
-                    let message = e.get("message").and_then(Json::as_str).unwrap_or_default();
-                    let fields: Vec<&str> = e
-                        .get("fields")
-                        .and_then(Json::as_array)
-                        .map(|f| f.iter().filter_map(Json::as_str).collect())
-                        .unwrap_or_default();
-                    let fields = if fields.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", fields.join(", "))
-                    };
-                    format!("{}: {message}{fields}", code_of(e))
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            let reason = if reason.is_empty() {
-                format!("{VENDOR} refused the record")
-            } else {
-                excerpt(reason.as_bytes())
-            };
-            if !errors.is_empty()
-                && errors
-                    .iter()
-                    .all(|e| TRANSIENT_CODES.contains(&code_of(e).as_str()))
-            {
-                RecordOutcome::Retry(reason)
-            } else {
-                RecordOutcome::Rejected(reason)
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -874,36 +832,6 @@ mod tests {
     #[test]
     fn soql_literals_escape_quotes_and_backslashes() {
         assert_eq!(soql_quote(r"o'brien\x"), r"'o\'brien\\x'");
-    }
-
-    #[test]
-    fn per_record_results_map_in_order_and_a_missing_record_is_deleted() {
-        let answer = br#"[{"id":"003A","success":true,"created":true,"errors":[]},
-            {"success":false,"errors":[{"statusCode":"REQUIRED_FIELD_MISSING","message":"Required fields are missing: [LastName]","fields":["LastName"]}]},
-            {"success":false,"errors":[{"statusCode":"UNABLE_TO_LOCK_ROW","message":"locked"}]}]"#;
-        assert_eq!(
-            read_results(answer, 4, false),
-            vec![
-                RecordOutcome::Accepted,
-                RecordOutcome::Rejected(
-                    "REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (LastName)".into()
-                ),
-                RecordOutcome::Retry("UNABLE_TO_LOCK_ROW: locked".into()),
-                RecordOutcome::Retry("Salesforce reported no result for the record".into()),
-            ]
-        );
-        let gone = br#"[{"id":"003A","success":false,"errors":[{"statusCode":"ENTITY_IS_DELETED","message":"deleted"}]}]"#;
-        assert_eq!(read_results(gone, 1, true), vec![RecordOutcome::Accepted]);
-    }
-
-    #[test]
-    fn error_bodies_give_the_first_code_and_message() {
-        let body = br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
-        assert_eq!(error_codes(body), vec!["REQUEST_LIMIT_EXCEEDED".to_owned()]);
-        assert_eq!(
-            salesforce_message(body),
-            "REQUEST_LIMIT_EXCEEDED: TotalRequests Limit exceeded."
-        );
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub async fn build(
         location: crate::source::describe_url(url),
         secret_name: secret_ref.name.clone(),
         secret_key: key.to_owned(),
+        endpoint: None,
     };
 
     connector(url, target, conn)
@@ -126,6 +127,9 @@ pub(crate) struct ConnectionInfo {
     pub(crate) secret_name: String,
     /// The key inside that Secret.
     pub(crate) secret_key: String,
+    /// Host and port the pool connects to (none for a file or a Unix socket), checked
+    /// against the egress policy before the first connection.
+    pub(crate) endpoint: Option<(String, u16)>,
 }
 
 impl ConnectionInfo {
@@ -874,6 +878,12 @@ where
     }
 
     async fn check(&self) -> Result<(), SendError> {
+        // Every run that sends checks first, so this guards the pool's later connections too.
+        if let Some((host, port)) = &self.conn.endpoint {
+            crate::egress::check_endpoint(host, *port)
+                .await
+                .map_err(SendError::from)?;
+        }
         let options = self.pool.connect_options();
         let mut conn = match tokio::time::timeout(CHECK_CONNECT_TIMEOUT, options.connect()).await {
             Ok(Ok(conn)) => conn,

@@ -180,10 +180,13 @@ fn classify_error(number: u16, sqlstate: &str) -> Failure {
 pub(crate) fn connector(
     url: &str,
     target: Target,
-    conn: ConnectionInfo,
+    mut conn: ConnectionInfo,
 ) -> Result<Arc<dyn Connector>, DestinationError> {
     conn.expect_scheme(url, "mysql", &["mysql", "mariadb"])?;
     let options = MySqlConnectOptions::from_str(url).map_err(|_| conn.invalid_url("mysql://"))?;
+    if options.get_socket().is_none() {
+        conn.endpoint = Some((options.get_host().to_owned(), options.get_port()));
+    }
     let pool = super::pool_options::<MySql>(super::POOL_SIZE).connect_lazy_with(options);
     Ok(Arc::new(TableConnector::<My>::new(pool, target, conn)))
 }

@@ -115,10 +115,13 @@ fn classify_sqlstate(code: &str) -> Failure {
 pub(crate) fn connector(
     url: &str,
     target: Target,
-    conn: ConnectionInfo,
+    mut conn: ConnectionInfo,
 ) -> Result<Arc<dyn Connector>, DestinationError> {
     conn.expect_scheme(url, "postgres", &["postgres", "postgresql"])?;
     let mut options = PgConnectOptions::from_str(url).map_err(|_| conn.invalid_url("postgres://"))?;
+    if options.get_socket().is_none() && !options.get_host().starts_with('/') {
+        conn.endpoint = Some((options.get_host().to_owned(), options.get_port()));
+    }
     if options.get_application_name().is_none() {
         options = options.application_name("backflow");
     }
