@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-rust test-chart venv bench bench-10m crds lint fmt
+.PHONY: help run test test-rust test-chart kube venv bench bench-10m crds lint fmt
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,8 +19,11 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 
 test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
 
-test-rust: ## Run the Rust tests
+test-rust: kube $(VENV)/.installed ## Run the Rust tests (tests/cluster.rs on a real control plane: see `make kube`; its chart test renders with .venv)
 	$(CARGO) test --locked --lib --bins --tests
+
+kube: ## Build etcd, kube-apiserver, kube-controller-manager and kubectl 1.20 once (~6-10 min, cached in /var/cache/backflow)
+	scripts/kube-control-plane.sh build
 
 test-chart: $(VENV)/.installed ## Check the Helm chart, kustomize config, samples and Argo CD health checks (tests/chart/)
 	@command -v lua5.4 >/dev/null || echo "make test-chart: lua5.4 is missing (apt-get install lua5.4; .ci/run does it): the Argo CD check will fail"

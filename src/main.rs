@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use backflow::controller::resolve::SecretAccess;
 use backflow::local::{LocalRunConfig, output, run_local};
 
 /// Planning allocates a few small values per row; mimalloc halves what glibc's malloc cost in
@@ -67,6 +68,17 @@ enum Command {
         /// What started this run (set by the operator on Job-mode runs).
         #[arg(long, default_value = "SpecChanged", requires = "namespace")]
         trigger: String,
+        /// Which Secrets the sync may use in the cluster: `granted` (those whose
+        /// `backflow.dev/allowed-references` annotation names the object) or `namespace` (any
+        /// of its namespace). Local runs (`-f`) do not check grants.
+        #[arg(long, value_enum, default_value_t = SecretAccess::Granted, env = "BACKFLOW_SECRET_ACCESS")]
+        secret_access: SecretAccess,
+        /// Allow `sqlite://` sources and destinations in a cluster run (development only).
+        #[arg(long, requires = "namespace")]
+        allow_sqlite: bool,
+        /// The cluster's name in warehouse state (set by the operator on Job-mode runs).
+        #[arg(long, requires = "namespace", env = "BACKFLOW_CLUSTER_NAME")]
+        cluster_name: Option<String>,
         /// Plan and print what would be sent; send nothing and keep state as it is.
         #[arg(long)]
         dry_run: bool,
@@ -86,6 +98,10 @@ enum Command {
         /// Summary format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
+        /// Let through, once, deletes past a sync's delete limit: the plan id the refused run
+        /// printed (`COUNT-HASH`). A different plan is still held back.
+        #[arg(long, value_name = "PLAN_ID")]
+        approve_deletes: Option<String>,
     },
     /// Run the operator: reconcile ReverseSyncs and Destinations in the cluster.
     Operator(Box<OperatorArgs>),
@@ -167,6 +183,19 @@ struct OperatorArgs {
     /// Seconds to wait on SIGTERM for runs in flight to reach a checkpoint.
     #[arg(long, default_value_t = 25)]
     shutdown_grace_seconds: u64,
+    /// Which Secrets Destinations and ReverseSyncs may use: `granted` (only Secrets whose
+    /// `backflow.dev/allowed-references` annotation names the object) or `namespace` (any
+    /// Secret of their namespace: whoever edits Backflow objects there reads its Secrets).
+    #[arg(long, value_enum, default_value_t = SecretAccess::Granted, env = "BACKFLOW_SECRET_ACCESS")]
+    secret_access: SecretAccess,
+    /// Allow `sqlite://` sources and destinations: files inside the operator's pod, lost on
+    /// restart and shared by every tenant. For development clusters only; refused otherwise.
+    #[arg(long)]
+    allow_sqlite: bool,
+    /// This cluster's name in warehouse state, so that clusters sharing a warehouse keep their
+    /// syncs apart (default: the uid of namespace kube-system, when readable).
+    #[arg(long, env = "BACKFLOW_CLUSTER_NAME")]
+    cluster_name: Option<String>,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -181,8 +210,21 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Runs the command; an error is printed as its one-line message and causes, never with the
+/// backtrace `anyhow` would add under `RUST_BACKTRACE=1` (a manifest error is for the user,
+/// not a bug report).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+async fn run() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let egress = match (&cli.egress_deny, &cli.command) {
@@ -203,10 +245,13 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Operator(args) => {
             let shutdown = shutdown_token();
-            let config = operator_config(*args, cli.log_format, egress_rules)?;
+            let mut config = operator_config(*args, cli.log_format, egress_rules)?;
             let client = kube::Client::try_default()
                 .await
                 .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+            if config.policy.cluster_name.is_none() {
+                config.policy.cluster_name = backflow::controller::default_cluster_name(&client).await;
+            }
             backflow::controller::run_operator(client, config, shutdown).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -214,6 +259,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             namespace: Some(namespace),
             sync,
             trigger,
+            secret_access,
+            allow_sqlite,
+            cluster_name,
             ..
         } => {
             let [name] = sync.as_slice() else {
@@ -229,6 +277,11 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 name,
                 backflow::controller::cluster_run::parse_trigger(&trigger),
                 &identity,
+                backflow::controller::runner::RunPolicy {
+                    secret_access,
+                    allow_sqlite,
+                    cluster_name: cluster_name.filter(|c| !c.is_empty()),
+                },
                 shutdown_token(),
             )
             .await?;
@@ -247,6 +300,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             sync,
             checkpoint_records,
             output,
+            approve_deletes,
             ..
         } => {
             let cancel = shutdown_token();
@@ -257,6 +311,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 full_resync,
                 only: sync,
                 checkpoint_records,
+                approve_deletes,
             };
             let outcomes = run_local(&config, cancel, output::TerminalProgress::for_sync).await?;
             let failed = outcomes.iter().any(|o| o.failed());
@@ -339,6 +394,12 @@ fn operator_config(
             egress_deny: Some(egress_deny),
         },
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+        policy: backflow::controller::runner::RunPolicy {
+            secret_access: args.secret_access,
+            allow_sqlite: args.allow_sqlite,
+            cluster_name: args.cluster_name.filter(|c| !c.is_empty()),
+        },
+        custom_connectors: backflow::engine::setup::CustomConnectors::default(),
         watch_secrets: args.watch_secrets,
     })
 }

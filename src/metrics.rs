@@ -29,6 +29,8 @@ pub struct Metrics {
     pub sync_schedule_period: GaugeVec,
     /// 1 while the sync's `Ready` condition is True.
     pub sync_ready: IntGaugeVec,
+    /// Deletes the delete limit held back in the sync's last run (0 when none were).
+    pub sync_deletes_held_back: IntGaugeVec,
     /// Runs in flight.
     pub runs_in_flight: IntGauge,
     /// Requests to destinations by answer class.
@@ -121,6 +123,11 @@ impl Metrics {
                 "1 while the sync's Ready condition is True.",
                 SYNC,
             )?,
+            sync_deletes_held_back: int_gauge(
+                "backflow_sync_deletes_held_back",
+                "Deletes the delete limit held back in the sync's last run (0 when none were); the records are still in the destination.",
+                SYNC,
+            )?,
             runs_in_flight,
             destination_requests: counter(
                 "backflow_destination_requests_total",
@@ -189,6 +196,14 @@ impl Metrics {
                 .with_label_values(&[namespace, destination])
                 .inc_by(report.throttled);
         }
+        let held_back = report
+            .delete_check
+            .as_ref()
+            .filter(|c| c.held_back())
+            .map_or(0, |c| i64::try_from(c.deletes).unwrap_or(i64::MAX));
+        self.sync_deletes_held_back
+            .with_label_values(&[namespace, sync])
+            .set(held_back);
         let failures = self
             .sync_consecutive_failures
             .with_label_values(&[namespace, sync]);
@@ -234,12 +249,13 @@ impl Metrics {
         let _ = self.sync_schedule_period.remove_label_values(&labels);
         let _ = self.sync_consecutive_failures.remove_label_values(&labels);
         let _ = self.sync_ready.remove_label_values(&labels);
+        let _ = self.sync_deletes_held_back.remove_label_values(&labels);
     }
 
     /// The names of every registered metric family, whether or not it has series yet (what
     /// alert rules and dashboards may query).
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 13] = [
+        let collectors: [&dyn prometheus::core::Collector; 14] = [
             &self.sync_runs,
             &self.sync_rows,
             &self.sync_duration,
@@ -247,6 +263,7 @@ impl Metrics {
             &self.sync_consecutive_failures,
             &self.sync_schedule_period,
             &self.sync_ready,
+            &self.sync_deletes_held_back,
             &self.runs_in_flight,
             &self.destination_requests,
             &self.destination_throttled,
@@ -285,6 +302,7 @@ mod tests {
             "backflow_destination_requests_total",
             "backflow_destination_throttled_total",
             "backflow_reconcile_errors_total",
+            "backflow_sync_deletes_held_back",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }

@@ -2,9 +2,13 @@
 //! a status or a summary passes through it first.
 //!
 //! It masks connection URLs whole, their passwords as written and percent-decoded, and every
-//! value of a Secret as written and percent-encoded (as it appears inside a URL).
+//! value of a Secret as written and in each form it takes inside a URL or a header: percent-
+//! encoded strictly (either hex case) or minimally (a query keeps `/+=&`), form-encoded (`+`
+//! for a space), and the base64 of Basic credentials (`user:password` of a URL, any two
+//! values of a Secret).
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use base64::Engine as _;
+use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::destination::{SecretData, SendError};
 
@@ -21,6 +25,57 @@ const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
+
+/// What a URL encodes at least (the WHATWG query set): a value in a `Location` or a query
+/// may keep `/`, `+`, `=` and `&` as they are.
+const MINIMAL: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`');
+
+/// Secrets with more values than this get no pairwise Basic forms (the count grows with the
+/// square of the values).
+const MAX_PAIRED_VALUES: usize = 16;
+
+/// `value` as written and in the encodings a URL or a form gives it.
+fn encodings(value: &str) -> Vec<String> {
+    let strict = utf8_percent_encode(value, NOT_UNRESERVED).to_string();
+    let lower = lower_hex(&strict);
+    vec![
+        value.to_owned(),
+        strict.replace("%20", "+"),
+        lower.replace("%20", "+"),
+        utf8_percent_encode(value, MINIMAL).to_string(),
+        lower,
+        strict,
+    ]
+}
+
+/// Percent-escapes with lower-case hex digits.
+fn lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut escape = 0;
+    for c in encoded.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The base64 of `user:password`, as an `Authorization: Basic` header carries it.
+fn basic(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
 
 /// Masks known secrets in text.
 #[derive(Clone, Default)]
@@ -44,9 +99,13 @@ impl Scrubber {
                 && let Some((_, password)) = userinfo.split_once(':')
             {
                 self.needles.push(userinfo.to_owned());
-                self.needles.push(password.to_owned());
-                self.needles
-                    .push(percent_decode_str(password).decode_utf8_lossy().into_owned());
+                let decoded = percent_decode_str(password).decode_utf8_lossy().into_owned();
+                self.needles.extend(encodings(password));
+                self.needles.extend(encodings(&decoded));
+                if let Some((user, _)) = userinfo.split_once(':') {
+                    let user = percent_decode_str(user).decode_utf8_lossy();
+                    self.needles.push(basic(&user, &decoded));
+                }
             }
         }
         self.sorted()
@@ -54,7 +113,24 @@ impl Scrubber {
 
     /// Also masks every value of a Secret, as written and percent-encoded.
     pub fn with_secret(mut self, secret: Option<&SecretData>) -> Self {
-        for value in secret.into_iter().flat_map(SecretData::values) {
+        let values: Vec<&str> = secret.into_iter().flat_map(SecretData::values).collect();
+        for value in &values {
+            self.needles.extend(encodings(value));
+        }
+        if values.len() <= MAX_PAIRED_VALUES {
+            for user in &values {
+                for password in &values {
+                    self.needles.push(basic(user, password));
+                }
+            }
+        }
+        self.sorted()
+    }
+
+    /// Also masks each of `values` (keys of a source's Secret, tokens minted during a run),
+    /// as written and percent-encoded.
+    pub fn with_values<'a>(mut self, values: impl IntoIterator<Item = &'a str>) -> Self {
+        for value in values {
             self.needles.push(value.to_owned());
             self.needles
                 .push(utf8_percent_encode(value, NOT_UNRESERVED).to_string());
@@ -147,5 +223,30 @@ mod tests {
             "sent *** to https://x/?t=***"
         );
         assert_eq!(Scrubber::new().with_secret(None).scrub("plain"), "plain");
+    }
+
+    #[test]
+    fn url_encoded_forms_and_basic_credentials_are_masked_too() {
+        let token = "t0k en/+=&x";
+        let data = SecretData::new(BTreeMap::from([
+            ("token".to_owned(), token.to_owned()),
+            ("user".to_owned(), "site-42".to_owned()),
+        ]));
+        let s = Scrubber::new().with_secret(Some(&data));
+        for leaked in [
+            "t0k%20en/+=&x",
+            "t0k+en%2F%2B%3D%26x",
+            "t0k%20en%2f%2b%3d%26x",
+            &basic("site-42", token),
+        ] {
+            let text = format!("redirected to https://x/cb?t={leaked} (Location)");
+            assert_eq!(
+                s.scrub(&text),
+                "redirected to https://x/cb?t=*** (Location)",
+                "{leaked}"
+            );
+        }
+        let u = Scrubber::new().with_url("https://app:p%40ss@api.example.com/");
+        assert_eq!(u.scrub(&format!("echoed {}", basic("app", "p@ss"))), "echoed ***");
     }
 }

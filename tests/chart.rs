@@ -130,12 +130,14 @@ fn alerts_and_dashboard_query_only_registered_metrics() {
     ] {
         assert!(dashboard.contains(needle), "the dashboard lacks {needle:?}");
     }
-    // What the alerts must cover: failing, stale for 3 schedule periods, rows rejected, down.
+    // What the alerts must cover: failing, stale for 3 schedule periods, rows rejected, deletes
+    // held back by the delete limit, down.
     let rule = std::fs::read_to_string(root().join("config/prometheus/prometheus_rule.yaml")).unwrap();
     for needle in [
         "backflow_sync_consecutive_failures",
         "3 * max by (namespace, sync) (backflow_sync_schedule_period_seconds)",
         "outcome=\"rejected\"",
+        "backflow_sync_deletes_held_back) > 0",
         "absent(backflow_build_info",
     ] {
         assert!(rule.contains(needle), "the PrometheusRule lacks {needle:?}");

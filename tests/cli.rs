@@ -240,7 +240,10 @@ async fn a_missing_secret_is_named_and_nothing_runs() {
     assert_fails_cleanly(
         &s,
         &s.write(&text),
-        &["failed to find Secret \"nowhere\"", "BACKFLOW_SECRET_NOWHERE_KEY"],
+        &[
+            "failed to find Secret \"nowhere\"",
+            "or set BACKFLOW_SECRET_NOWHERE_URL\n",
+        ],
     )
     .await;
 }
@@ -380,4 +383,100 @@ async fn a_template_that_does_not_compile_is_named_with_its_field_before_anythin
         &["spec.mappings[2].template", "unknown filter", "upcase"],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_summary_shows_what_was_accepted_and_lists_a_duplicated_key_once_with_its_rows() {
+    let s = Setup::new().await;
+    let text = manifests(
+        &s.warehouse.url,
+        &s.crm.url,
+        "SELECT id, email, plan FROM customers UNION ALL SELECT 3, 'x@example.com', 'p' UNION ALL SELECT 3, 'y@example.com', 'q'",
+    );
+    let out = s.run(&s.write(&text), &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("default/customers: PartiallySucceeded: 302 rows, added 299, changed 0, removed 0, unchanged 0, rejected 3; sent: accepted 299, deleted 0, failed 0"),
+        "{stdout}"
+    );
+    let duplicates: Vec<_> = stdout
+        .lines()
+        .filter(|l| l.contains("duplicate primary key"))
+        .collect();
+    assert_eq!(duplicates.len(), 1, "{stdout}");
+    assert!(
+        duplicates[0].contains("rejected 3 (plan)") && duplicates[0].contains("3 times"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_error_is_one_line_even_with_rust_backtrace_set() {
+    let s = Setup::new().await;
+    let file = s.write("apiVersion: v1\nkind: Secret\nmetadata: {name: a}\n---\nspec: [unclosed\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_backflow"))
+        .args(["run", "-f"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .env_remove("BACKFLOW_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("Error: ") && stderr.contains("sync.yaml (document 2)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_plain_delete_model_says_it_tried_to_write_and_deletes_nothing() {
+    let s = Setup::new().await;
+    let text = manifests(&s.warehouse.url, &s.crm.url, "DELETE FROM customers");
+    assert_fails_cleanly(&s, &s.write(&text), &["it tried to write"]).await;
+    assert_eq!(s.warehouse.scalar("SELECT count(*) FROM customers").await, 300);
+}
+
+#[tokio::test]
+async fn deletes_past_the_limit_exit_non_zero_with_the_counts_until_the_plan_is_approved() {
+    let s = Setup::new().await;
+    let good = s.good();
+    assert!(s.run(&good, &[]).status.success());
+    s.warehouse.exec("DELETE FROM customers WHERE id > 100").await;
+
+    let preview = s.run(&good, &["--dry-run"]);
+    let text = String::from_utf8_lossy(&preview.stdout).into_owned();
+    assert!(
+        !preview.status.success(),
+        "a preview that would be held back fails CI: {text}"
+    );
+    assert!(
+        text.contains("deletes would be held back: the run would delete 200 of 300 stored records (66%)"),
+        "{text}"
+    );
+
+    let out = s.run(&good, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("deletes held back: nothing was deleted"), "{text}");
+    assert!(text.contains("accepted 0, deleted 0"), "{text}");
+    assert_eq!(s.crm.scalar("SELECT count(*) FROM contacts").await, 300);
+    let plan_id = text
+        .split("--approve-deletes ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no plan id in {text}"))
+        .to_owned();
+    assert!(plan_id.starts_with("200-"), "{plan_id}");
+
+    let (ok, json, stderr) = s.run_json(&good, &["--approve-deletes", &plan_id]);
+    assert!(ok, "{json}\n{stderr}");
+    assert_eq!(json[0]["deleted"], 200);
+    assert!(json[0].get("deletesHeldBack").is_none(), "{json}");
+    assert_eq!(s.crm.scalar("SELECT count(*) FROM contacts").await, 100);
 }

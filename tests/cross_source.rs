@@ -1,6 +1,7 @@
 //! The same model in PostgreSQL, MariaDB and SQLite plans to the same fingerprints: the
 //! canonical form hides each database's types (NUMERIC vs DECIMAL vs REAL, TIMESTAMPTZ vs
-//! DATETIME, BOOLEAN vs TINYINT).
+//! DATETIME, BOOLEAN vs TINYINT), and so do the cloud warehouses' doubles, serving the same
+//! rows in their wire formats.
 
 mod support;
 
@@ -10,9 +11,13 @@ use backflow::api::ReverseSyncSpec;
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{PlanSample, RunOptions, SyncRun, run};
+use backflow::source::Credentials;
 use backflow::state::file::FileStore;
+use support::bigquery_double::{self, BigQueryDouble, BqResult};
+use support::databricks_double::{self, DatabricksDouble, DbResult};
 use support::db::TestDb;
 use support::fake_connector::FakeConnector;
+use support::snowflake_double::{self, SfResult, SnowflakeDouble};
 use support::sqlite::TempSqlite;
 
 const QUERY: &str = "SELECT id, email, amount, active, signed_up FROM customers ORDER BY id";
@@ -34,9 +39,15 @@ mappings:
 }
 
 async fn plan(url: &str) -> (String, Vec<PlanSample>) {
+    plan_from(url, Credentials::default(), None).await
+}
+
+/// Plans from a source that needs credentials, or a local double in place of the vendor.
+async fn plan_from(url: &str, credentials: Credentials, endpoint: Option<&str>) -> (String, Vec<PlanSample>) {
     let spec = spec();
     let fake = Arc::new(FakeConnector::new(100));
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: 100,
         max_concurrency: 1,
         max_attempts: 1,
@@ -51,6 +62,7 @@ async fn plan(url: &str) -> (String, Vec<PlanSample>) {
         name: "x",
         spec: &spec,
         source_url: url,
+        source_credentials: credentials,
         delivery: Delivery::new(fake, Arc::new(RateLimiter::new(1000.0, 1000)), config),
         scope: "s".into(),
     };
@@ -61,6 +73,7 @@ async fn plan(url: &str) -> (String, Vec<PlanSample>) {
         &RunOptions {
             dry_run: true,
             sample_size: 10,
+            source_endpoint_override: endpoint.map(str::to_owned),
             ..RunOptions::default()
         },
     )
@@ -111,4 +124,170 @@ async fn the_same_rows_fingerprint_the_same_in_postgres_mariadb_and_sqlite() {
     );
     assert_eq!(pg_fp, my_fp);
     assert_eq!(pg_fp, lite_fp);
+}
+
+/// The rows of `ROWS` in PostgreSQL, loaded the way the PostgreSQL test above loads them.
+async fn postgres_plan() -> (String, Vec<PlanSample>, TestDb) {
+    let pg = TestDb::postgres("xsrc_cloud").await;
+    pg.exec(&format!(
+        "CREATE TABLE customers (id bigint PRIMARY KEY, email text, amount numeric(12,2), active boolean, signed_up timestamptz);
+         INSERT INTO customers VALUES {}",
+        ROWS.replace("'2024-01-02 03:04:05'", "'2024-01-02 03:04:05+00'")
+            .replace("'2024-06-30 23:59:59'", "'2024-06-30 23:59:59+00'")
+            .replace("'2023-12-31 00:00:00'", "'2023-12-31 00:00:00+00'")
+    ))
+    .await;
+    let (fp, samples) = plan(&pg.url).await;
+    (fp, samples, pg)
+}
+
+#[tokio::test]
+async fn the_same_rows_fingerprint_the_same_in_postgres_and_snowflake() {
+    let (pg_fp, pg_samples, _pg) = postgres_plan().await;
+    let double = SnowflakeDouble::start().await;
+    // Lower-case names, as `SELECT id AS "id"` would return; TIMESTAMP_TZ in its wire form
+    // (UTC epoch seconds, then the offset in minutes plus 1440: here +01:00 and +02:00).
+    let col = |name: &str, kind: &str, scale: u32| serde_json::json!({"name": name, "type": kind, "scale": scale, "precision": 38, "nullable": true});
+    double.serve(
+        QUERY,
+        SfResult::rows(
+            vec![
+                col("id", "fixed", 0),
+                col("email", "text", 0),
+                col("amount", "fixed", 2),
+                col("active", "boolean", 0),
+                col("signed_up", "timestamp_tz", 9),
+            ],
+            vec![
+                vec![
+                    Some("1"),
+                    Some("a@example.com"),
+                    Some("10.50"),
+                    Some("true"),
+                    Some("1704164645.000000000 1500"),
+                ],
+                vec![
+                    Some("2"),
+                    Some("é@example.com"),
+                    Some("0.10"),
+                    Some("false"),
+                    Some("1719791999.000000000 1560"),
+                ],
+                vec![
+                    Some("3"),
+                    Some("c@example.com"),
+                    Some("12345.00"),
+                    Some("true"),
+                    Some("1703980800.000000000 1440"),
+                ],
+            ],
+        )
+        .partitioned(2),
+    );
+    let credentials =
+        Credentials::new([("private_key".to_owned(), snowflake_double::PRIVATE_KEY.to_owned())].into());
+    let (sf_fp, sf_samples) = plan_from(&double.source_url(), credentials, Some(&double.url)).await;
+    assert_eq!(pg_samples, sf_samples);
+    assert_eq!(pg_fp, sf_fp);
+}
+
+#[tokio::test]
+async fn the_same_rows_fingerprint_the_same_in_postgres_and_databricks() {
+    let (pg_fp, pg_samples, _pg) = postgres_plan().await;
+    let double = DatabricksDouble::start().await;
+    let col = |name: &str, kind: &str| serde_json::json!({"name": name, "type_name": kind});
+    double.serve(
+        QUERY,
+        DbResult::rows(
+            vec![
+                col("id", "LONG"),
+                col("email", "STRING"),
+                col("amount", "DECIMAL"),
+                col("active", "BOOLEAN"),
+                col("signed_up", "TIMESTAMP"),
+            ],
+            vec![
+                vec![
+                    Some("1"),
+                    Some("a@example.com"),
+                    Some("10.50"),
+                    Some("true"),
+                    Some("2024-01-02T04:04:05.000+01:00"),
+                ],
+                vec![
+                    Some("2"),
+                    Some("é@example.com"),
+                    Some("0.10"),
+                    Some("false"),
+                    Some("2024-06-30T23:59:59.000Z"),
+                ],
+                vec![
+                    Some("3"),
+                    Some("c@example.com"),
+                    Some("12345.00"),
+                    Some("true"),
+                    Some("2023-12-31T00:00:00.000Z"),
+                ],
+            ],
+        )
+        .chunked(2),
+    );
+    let credentials = Credentials::new([("token".to_owned(), databricks_double::PAT.to_owned())].into());
+    let (fp, samples) = plan_from(&double.source_url(), credentials, Some(&double.url)).await;
+    assert_eq!(pg_samples, samples);
+    assert_eq!(pg_fp, fp);
+}
+
+#[tokio::test]
+async fn the_same_rows_fingerprint_the_same_in_postgres_and_bigquery() {
+    let (pg_fp, pg_samples, _pg) = postgres_plan().await;
+    let double = BigQueryDouble::start().await;
+    let field = |name: &str, kind: &str| serde_json::json!({"name": name, "type": kind, "mode": "NULLABLE"});
+    let v = |s: &str| serde_json::json!(s);
+    double.serve(
+        QUERY,
+        BqResult::rows(
+            vec![
+                field("id", "INTEGER"),
+                field("email", "STRING"),
+                field("amount", "NUMERIC"),
+                field("active", "BOOLEAN"),
+                field("signed_up", "TIMESTAMP"),
+            ],
+            vec![
+                vec![
+                    v("1"),
+                    v("a@example.com"),
+                    v("10.5"),
+                    v("true"),
+                    v("1704164645000000"),
+                ],
+                vec![
+                    v("2"),
+                    v("é@example.com"),
+                    v("0.1"),
+                    v("false"),
+                    v("1719791999000000"),
+                ],
+                vec![
+                    v("3"),
+                    v("c@example.com"),
+                    v("12345"),
+                    v("true"),
+                    v("1703980800000000"),
+                ],
+            ],
+        ),
+    );
+    let credentials = Credentials::new(
+        [(
+            "service_account_json".to_owned(),
+            bigquery_double::service_account_json(),
+        )]
+        .into(),
+    );
+    let url = double.source_url();
+    let (fp, samples) = plan_from(&url, credentials, Some(&double.url)).await;
+    assert_eq!(pg_samples, samples);
+    assert_eq!(pg_fp, fp);
 }

@@ -25,6 +25,7 @@ fn records(n: usize) -> Vec<Record> {
 fn config(max_attempts: u32) -> DeliveryConfig {
     DeliveryConfig {
         batch_size: 100,
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         max_concurrency: 1,
         max_attempts,
         initial_backoff: Duration::from_millis(100),

@@ -410,12 +410,12 @@ async fn mirror_deletes_remove_people_and_one_already_gone_counts_as_deleted() {
         [
             (
                 "DELETE".to_owned(),
-                "/api/v1/customers/user2%2Bcio%40example.com".to_owned(),
+                "/api/v1/customers/user2%2Bcio%40example%2Ecom".to_owned(),
                 200
             ),
             (
                 "DELETE".to_owned(),
-                "/api/v1/customers/user5%2Bcio%40example.com".to_owned(),
+                "/api/v1/customers/user5%2Bcio%40example%2Ecom".to_owned(),
                 404
             ),
         ]

@@ -677,3 +677,36 @@ async fn secrets_are_refused_in_record_templates_when_the_connector_is_built() {
     );
     assert!(!error.to_string().contains(TOKEN));
 }
+
+#[tokio::test]
+async fn a_success_without_results_is_not_read_and_a_body_past_the_cap_is_refused() {
+    let double = HttpDouble::start(Behaviour::endless_body(200)).await;
+    // No results block: the 2xx is all the connector needs; the endless body is not read.
+    let c = connector(&spec(double.url_for("/sync")));
+    let sent = tokio::time::timeout(Duration::from_secs(10), c.send(Operation::Upsert, &batch()))
+        .await
+        .expect("the answer's body is not read to its end");
+    assert_eq!(sent.unwrap(), vec![RecordOutcome::Accepted; 2]);
+
+    // With a results block the body is read, up to the cap, then refused as retryable.
+    let mut with_results = spec(double.url_for("/sync"));
+    with_results.results = Some(HttpResultsSpec {
+        path: "/results".into(),
+        error_field: "error".into(),
+    });
+    let c = connector(&with_results);
+    let err = tokio::time::timeout(Duration::from_secs(20), c.send(Operation::Upsert, &batch()))
+        .await
+        .expect("reading stops at the cap")
+        .unwrap_err();
+    assert!(
+        matches!(&err, SendError::Retryable { reason, .. } if reason.contains("larger than")),
+        "{err:?}"
+    );
+    let cap = backflow::destination::vendor::MAX_RESPONSE_BYTES;
+    assert!(
+        double.bytes_streamed() < 2 * cap,
+        "{} bytes streamed",
+        double.bytes_streamed()
+    );
+}

@@ -562,3 +562,35 @@ async fn an_exhausted_window_holds_back_every_sender_of_the_destination() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_endless_answer_is_read_up_to_the_cap_and_refused_as_retryable() {
+    let endless =
+        support::http_server::HttpDouble::start(support::http_server::Behaviour::endless_body(200)).await;
+    let c = destination::build(&destination(&endless.url, "", ""), Some(&secret(TOKEN)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.send(Operation::Upsert, &[contact(1, "u1", "u1@example.com", "Ann")]),
+    )
+    .await
+    .expect("the body is not read to the request timeout");
+    let reason = match answer {
+        Err(SendError::Retryable { reason, .. }) => reason,
+        Ok(outcomes) => match &outcomes[..] {
+            [RecordOutcome::Retry(reason)] => reason.clone(),
+            other => panic!("expected a retry, got {other:?}"),
+        },
+        Err(other) => panic!("expected a retryable error, got {other:?}"),
+    };
+    assert!(reason.contains("larger than"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let cap = backflow::destination::vendor::MAX_RESPONSE_BYTES;
+    assert!(
+        endless.bytes_streamed() < 2 * cap,
+        "{} bytes",
+        endless.bytes_streamed()
+    );
+}

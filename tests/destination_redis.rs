@@ -556,6 +556,7 @@ mappings:
         name: "customers",
         spec: &spec,
         source_url: &warehouse.url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/redis".into(),
     };

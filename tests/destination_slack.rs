@@ -105,6 +105,7 @@ async fn run_sync(
         name: "accounts",
         spec: &spec,
         source_url: &model.url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: "default/slack".into(),
     };

@@ -615,3 +615,18 @@ async fn build_needs_credentials_and_a_postgres_url() {
         .to_string();
     assert!(err.contains("postgres://") && !err.contains("pw-1234"), "{err}");
 }
+
+#[tokio::test]
+async fn a_value_the_column_refuses_is_not_quoted_back_in_the_reason() {
+    let db = TestDb::postgres("tbl_novalue").await;
+    db.exec(CONTACTS).await;
+    let c = connector(&db.url, "contacts", None).await;
+    let mut bad = contact("someone@x.io", "Ann", 1);
+    bad.fields.insert("visits".into(), text("u1@x.com"));
+    let err = c.send(Operation::Upsert, &[bad]).await.unwrap_err();
+    let SendError::BatchRejected(reason) = &err else {
+        panic!("expected BatchRejected, got {err:?}");
+    };
+    assert!(reason.contains("invalid input syntax"), "{reason}");
+    assert!(!reason.contains("u1@x.com"), "the row value stays out: {reason}");
+}

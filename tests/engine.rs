@@ -58,6 +58,7 @@ impl Harness {
             name: "customers",
             spec,
             source_url: &self.db.url,
+            source_credentials: Default::default(),
             delivery: fast_delivery(fake, 3),
             scope: "default/fake".into(),
         };
@@ -618,4 +619,187 @@ fn dates_times_timestamps_and_uuids_now_print_without_the_json_quotes_of_before(
             assert_eq!(new, format!("since {text}"));
         }
     }
+}
+
+fn deletes_sent(fake: &FakeConnector) -> usize {
+    fake.calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(op, _)| *op == backflow::destination::Operation::Delete)
+        .map(|(_, keys)| keys.len())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_collapsed_model_holds_its_deletes_back_sends_the_rest_and_plans_them_again() {
+    let h = Harness::new().await;
+    h.run(&all("mirror"), Arc::new(FakeConnector::new(100))).await;
+    // A broken upstream: 200 of 250 rows gone, and one real change.
+    h.db.exec("DELETE FROM customers WHERE id > 50; UPDATE customers SET plan = 'pro' WHERE id = 1")
+        .await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&all("mirror"), fake.clone()).await;
+    assert!(report.deletes_held_back());
+    assert_eq!(report.result, RunResult::Failed, "the plan was not carried out");
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(
+        (report.plan.removed, report.deleted, deletes_sent(&fake)),
+        (200, 0, 0)
+    );
+    assert_eq!(
+        (report.plan.changed, report.accepted),
+        (1, 1),
+        "the update still went out"
+    );
+    let check = report.delete_check.clone().unwrap();
+    assert_eq!((check.deletes, check.stored_records), (200, 250));
+    assert!(
+        check
+            .exceeded
+            .as_deref()
+            .unwrap()
+            .contains("200 of 250 stored records (80%)"),
+        "{check:?}"
+    );
+
+    // The held-back rows stay in the state: the next run plans the same deletes again.
+    let fake = Arc::new(FakeConnector::new(100));
+    let again = h.run(&all("mirror"), fake.clone()).await;
+    assert_eq!((again.plan.removed, deletes_sent(&fake)), (200, 0));
+    assert_eq!(
+        again.delete_check.as_ref().unwrap().plan_id,
+        check.plan_id,
+        "same plan, same id"
+    );
+
+    // An approval of another plan does not let this one through.
+    h.db.exec("DELETE FROM customers WHERE id = 50").await;
+    let fake = Arc::new(FakeConnector::new(100));
+    let approve_old = RunOptions {
+        approved_deletes: Some(check.plan_id.clone()),
+        ..RunOptions::default()
+    };
+    let other = h.run_with(&all("mirror"), fake.clone(), approve_old).await;
+    assert!(other.deletes_held_back());
+    assert_eq!(deletes_sent(&fake), 0);
+
+    // Approving the plan it printed lets exactly those deletes through.
+    let plan_id = other.delete_check.unwrap().plan_id;
+    assert!(plan_id.starts_with("201-"), "{plan_id}");
+    let fake = Arc::new(FakeConnector::new(100));
+    let approved = RunOptions {
+        approved_deletes: Some(plan_id),
+        ..RunOptions::default()
+    };
+    let done = h.run_with(&all("mirror"), fake.clone(), approved).await;
+    assert!(!done.deletes_held_back());
+    assert_eq!(
+        (done.result, done.deleted, deletes_sent(&fake)),
+        (RunResult::Succeeded, 201, 201)
+    );
+}
+
+#[tokio::test]
+async fn an_emptied_model_deletes_nothing_with_either_planner() {
+    for in_memory in [false, true] {
+        let h = Harness::new().await;
+        let spec_of = |q: &str| spec("mirror", q);
+        let store = |h: &Harness| -> Box<dyn backflow::state::StateStore> {
+            let file = FileStore::new(h.state.path(), "default", "customers");
+            if in_memory {
+                Box::new(support::in_memory_store::InMemory(file))
+            } else {
+                Box::new(file)
+            }
+        };
+        let run_on = |spec: ReverseSyncSpec, fake: Arc<FakeConnector>, dry_run: bool| {
+            let mut store = store(&h);
+            let url = h.db.url.clone();
+            async move {
+                let job = SyncRun {
+                    namespace: "default",
+                    name: "customers",
+                    spec: &spec,
+                    source_url: &url,
+                    source_credentials: Default::default(),
+                    delivery: fast_delivery(fake, 3),
+                    scope: "default/fake".into(),
+                };
+                let options = RunOptions {
+                    dry_run,
+                    ..RunOptions::default()
+                };
+                run(job, store.as_mut(), &options).await
+            }
+        };
+        run_on(all("mirror"), Arc::new(FakeConnector::new(100)), false).await;
+        let empty = spec_of("SELECT id, email, plan, score FROM customers WHERE 0");
+        // A dry run shows the guard before anything is sent.
+        let preview = run_on(empty.clone(), Arc::new(FakeConnector::new(100)), true).await;
+        assert!(preview.deletes_held_back(), "in memory: {in_memory}");
+        assert_eq!(
+            preview.result,
+            RunResult::Succeeded,
+            "a preview is not a failed run"
+        );
+        let fake = Arc::new(FakeConnector::new(100));
+        let report = run_on(empty, fake.clone(), false).await;
+        assert!(report.deletes_held_back(), "in memory: {in_memory}");
+        let check = report.delete_check.unwrap();
+        assert_eq!(
+            (check.deletes, check.stored_records),
+            (250, 250),
+            "in memory: {in_memory}"
+        );
+        assert!(
+            check
+                .exceeded
+                .unwrap()
+                .contains("every one of the 250 stored records")
+        );
+        assert_eq!(deletes_sent(&fake), 0);
+    }
+}
+
+#[tokio::test]
+async fn ordinary_churn_and_tiny_syncs_pass_the_default_limit_and_a_sync_sets_its_own() {
+    let h = Harness::new().await;
+    h.run(&all("mirror"), Arc::new(FakeConnector::new(100))).await;
+    h.db.exec("DELETE FROM customers WHERE id > 200").await;
+    let report = h.run(&all("mirror"), Arc::new(FakeConnector::new(100))).await;
+    assert_eq!(
+        (report.deleted, report.result),
+        (50, RunResult::Succeeded),
+        "20% is churn"
+    );
+
+    // A tighter limit of the sync's own.
+    let mut strict = all("mirror");
+    strict.delete_limit = Some(backflow::api::reverse_sync::DeleteLimit {
+        max_count: Some(5),
+        ..Default::default()
+    });
+    h.db.exec("DELETE FROM customers WHERE id > 190").await;
+    let report = h.run(&strict, Arc::new(FakeConnector::new(100))).await;
+    assert!(report.deletes_held_back());
+    assert!(
+        report
+            .delete_check
+            .unwrap()
+            .exceeded
+            .unwrap()
+            .contains("maxCount of 5")
+    );
+
+    // Below the floor of stored records, the share is not checked.
+    let tiny = Harness::new().await;
+    let query = "SELECT id, email, plan, score FROM customers WHERE id <= 5";
+    tiny.run(&spec("mirror", query), Arc::new(FakeConnector::new(100)))
+        .await;
+    tiny.db.exec("DELETE FROM customers WHERE id IN (1, 2, 3)").await;
+    let report = tiny
+        .run(&spec("mirror", query), Arc::new(FakeConnector::new(100)))
+        .await;
+    assert_eq!((report.deleted, report.result), (3, RunResult::Succeeded));
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use backflow::api::{Destination, ReverseSync};
 use backflow::controller::job::JobDefaults;
+use backflow::controller::resolve::SecretAccess;
 use backflow::controller::{Health, OperatorConfig, run_controllers};
 use backflow::metrics::Metrics;
 use support::apiserver::ApiServer;
@@ -54,6 +55,9 @@ fn config() -> OperatorConfig {
             ..JobDefaults::default()
         },
         shutdown_grace: Duration::from_secs(5),
+        // The harness's warehouse is SQLite; one test turns SQLite off.
+        policy: sqlite_policy(),
+        custom_connectors: Default::default(),
         // Most tests count on a fixed Secret being picked up at once.
         watch_secrets: true,
     }
@@ -95,6 +99,16 @@ impl Harness {
             stop: CancellationToken::new(),
             operator: None,
         };
+        // The run pods' ServiceAccount, as the install creates it (without it a Job-mode sync
+        // says so and starts no Job).
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(h.client.clone(), NS);
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "backflow-run"}})).unwrap(),
+            )
+            .await
+            .unwrap();
         h.apply_secret("warehouse", json!({"url": h.warehouse.url})).await;
         h.apply_secret("webhook-token", json!({"token": "s3cr3t-token-value"}))
             .await;
@@ -138,11 +152,23 @@ impl Harness {
         }
     }
 
+    /// Creates or replaces a Secret that grants its use to every Destination and ReverseSync,
+    /// as the shipped samples do.
     async fn apply_secret(&self, name: &str, string_data: serde_json::Value) {
+        self.apply_secret_granting(name, string_data, Some("Destination/*, ReverseSync/*"))
+            .await;
+    }
+
+    /// Creates or replaces a Secret with `grant` as its `backflow.dev/allowed-references`.
+    async fn apply_secret_granting(&self, name: &str, string_data: serde_json::Value, grant: Option<&str>) {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let annotations = match grant {
+            Some(g) => json!({"backflow.dev/allowed-references": g}),
+            None => json!({}),
+        };
         let secret: Secret = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": NS, "annotations": annotations},
             // The API server turns stringData into data; the double stores what it is given.
             "data": string_data.as_object().unwrap().iter()
                 .map(|(k, v)| (k.clone(), json!(base64(v.as_str().unwrap()))))
@@ -223,12 +249,38 @@ impl Harness {
         );
     }
 
+    /// Polls the Events until one satisfies `check` (30 s at most): a run publishes its
+    /// Events after it writes the status a test waits for.
+    async fn wait_event(&self, what: &str, check: impl Fn(&Event) -> bool) -> Vec<Event> {
+        for _ in 0..300 {
+            let events = self.events().await;
+            if events.iter().any(&check) {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "timed out waiting for the Event {what}: {:?}",
+            self.events().await
+        );
+    }
+
     async fn events(&self) -> Vec<Event> {
         Api::<Event>::namespaced(self.client.clone(), NS)
             .list(&ListParams::default())
             .await
             .unwrap()
             .items
+    }
+}
+
+/// What the Job pods of [`config`] run with: grants checked, SQLite allowed (the harness's
+/// warehouse), no cluster name.
+fn sqlite_policy() -> backflow::controller::runner::RunPolicy {
+    backflow::controller::runner::RunPolicy {
+        secret_access: SecretAccess::Granted,
+        allow_sqlite: true,
+        cluster_name: None,
     }
 }
 
@@ -353,12 +405,8 @@ async fn a_missing_secret_stalls_the_sync_until_it_is_created() {
         "{}",
         c.message
     );
-    assert!(
-        h.events()
-            .await
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("SyncFailed"))
-    );
+    h.wait_event("SyncFailed", |e| e.reason.as_deref() == Some("SyncFailed"))
+        .await;
 
     h.apply_secret("not-yet", json!({"url": h.warehouse.url})).await;
     let s = h
@@ -447,20 +495,22 @@ async fn a_sync_scheduled_after_another_runs_when_that_one_succeeded() {
     h.run_operator(config());
     h.apply_sync("downstream", json!({"schedule": {"after": ["upstream"]}}))
         .await;
-    // It runs once for its new spec, then waits for the upstream.
-    let first = h
-        .wait_sync("downstream", "its first run", |s| is(s, "Ready", "True"))
+    // A new sync that follows another does not run on creation: it waits for the upstream.
+    let waiting = h
+        .wait_sync("downstream", "WaitingForUpstream", |s| {
+            condition(s, "Reconciling").is_some_and(|c| c.reason == "WaitingForUpstream")
+        })
         .await;
-    let first_start = runs(&first).unwrap().start.clone();
+    assert!(runs(&waiting).is_none(), "ran before its upstream");
     h.apply_sync("upstream", json!({})).await;
     h.wait_sync("upstream", "the upstream run", |s| is(s, "Ready", "True"))
         .await;
     let s = h
         .wait_sync("downstream", "a run after the upstream", |s| {
-            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.start != first_start)
+            runs(s).is_some_and(|r| r.trigger.as_deref() == Some("After") && r.end.is_some())
         })
         .await;
-    assert_eq!(runs(&s).unwrap().rows_unchanged, 4);
+    assert_eq!(runs(&s).unwrap().rows_added, 4);
     h.stop().await;
 }
 
@@ -524,7 +574,9 @@ async fn job_mode_creates_a_run_job_and_reflects_its_failure() {
             "--sync",
             "in-a-job",
             "--trigger",
-            "SpecChanged"
+            "SpecChanged",
+            "--secret-access=granted",
+            "--allow-sqlite"
         ]
     );
     assert_eq!(pod.containers[0].image.as_deref(), Some("backflow:test"));
@@ -665,6 +717,7 @@ async fn the_job_pod_command_runs_the_sync_and_writes_status_and_state() {
         "customers",
         backflow::controller::schedule::Trigger::Schedule,
         "pod-1",
+        sqlite_policy(),
         CancellationToken::new(),
     )
     .await
@@ -683,6 +736,7 @@ async fn the_job_pod_command_runs_the_sync_and_writes_status_and_state() {
         "customers",
         backflow::controller::schedule::Trigger::Schedule,
         "pod-2",
+        sqlite_policy(),
         CancellationToken::new(),
     )
     .await
@@ -701,6 +755,7 @@ async fn the_job_pod_command_runs_the_sync_and_writes_status_and_state() {
         "nope",
         backflow::controller::schedule::Trigger::Schedule,
         "pod-3",
+        sqlite_policy(),
         CancellationToken::new(),
     )
     .await;
@@ -759,9 +814,10 @@ async fn destinations_report_ready_or_why_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_metrics_are_served_on_one_port() {
-    let metrics = Metrics::new().unwrap();
-    let health = Health::default();
+async fn health_and_metrics_are_served_on_one_port_and_readiness_follows_the_caches() {
+    let mut h = Harness::start(1).await;
+    let metrics = h.metrics.clone();
+    let health = h.health.clone();
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -779,12 +835,27 @@ async fn health_and_metrics_are_served_on_one_port() {
         }
     };
     assert_eq!(get("/healthz").await.0, 200);
-    assert_eq!(get("/readyz").await.0, 503);
-    health.set_ready(true);
-    assert_eq!(get("/readyz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 503, "no controller runs yet");
+    // Nothing sets readiness by hand: the controllers' watches reach it.
+    h.run_operator(config());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = get("/readyz").await;
+        if code == 200 {
+            assert!(body.contains("synced"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/healthz").await.0, 200);
     let (code, body) = get("/metrics").await;
     assert_eq!(code, 200);
     assert!(body.contains("backflow_build_info"), "{body}");
+    h.stop_operator().await;
+    let (code, body) = get("/readyz").await;
+    assert_eq!(code, 503, "stopped controllers are not ready: {body}");
+    assert_eq!(get("/healthz").await.0, 200, "a shutdown is no crash");
     stop.cancel();
     server.await.unwrap();
 }
@@ -916,7 +987,11 @@ async fn with_postgres_one_percent_changed_and_a_request_sends_exactly_those_row
         ("True", "PrivilegedSourceUser")
     );
     assert!(privileged.message.contains("superuser"), "{}", privileged.message);
-    let warnings = h.events().await;
+    let warnings = h
+        .wait_event("PrivilegedSourceUser", |e| {
+            e.reason.as_deref() == Some("PrivilegedSourceUser")
+        })
+        .await;
     let warning = warnings
         .iter()
         .find(|e| e.reason.as_deref() == Some("PrivilegedSourceUser"))
@@ -1282,6 +1357,7 @@ async fn the_job_pod_command_runs_a_warehouse_store_sync() {
             "in-pod",
             backflow::controller::schedule::Trigger::Schedule,
             pod,
+            sqlite_policy(),
             CancellationToken::new(),
         )
     };
@@ -1302,5 +1378,350 @@ async fn the_job_pod_command_runs_a_warehouse_store_sync() {
     let run = runs(&h.syncs().get("in-pod").await.unwrap()).unwrap().clone();
     assert_eq!((run.rows_unchanged, run.requests), (7, 0));
     assert_eq!(h.webhook.accepted_records().len(), 7);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapsed_model_holds_deletes_back_and_says_why_until_the_annotation_approves_its_plan() {
+    let mut h = Harness::start(40).await;
+    h.run_operator(config());
+    h.apply_sync("mirrored", json!({"mode": "mirror"})).await;
+    h.wait_sync("mirrored", "the first run", |s| is(s, "Ready", "True"))
+        .await;
+    let deletes_sent = |h: &Harness| {
+        h.webhook
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/hook/delete")
+            .count()
+    };
+
+    // 30 of 40 rows vanish upstream; a requested run plans 30 deletes.
+    h.warehouse.exec("DELETE FROM customers WHERE id > 10").await;
+    let request = |at: &str| json!({"metadata": {"annotations": {"backflow.dev/requested-at": at}}});
+    h.patch_sync("mirrored", request("2026-12-01T10:00:00Z")).await;
+    let s = h
+        .wait_sync("mirrored", "the held-back run", |s| {
+            condition(s, "Ready").is_some_and(|c| c.reason == "DeletesHeldBack")
+        })
+        .await;
+    assert!(is(&s, "Ready", "False") && is(&s, "Stalled", "False"));
+    let message = condition(&s, "Ready").unwrap().message.clone();
+    assert!(message.contains("30 of 40 stored records (75%)"), "{message}");
+    let held = runs(&s).unwrap().deletes_held_back.clone().unwrap();
+    assert_eq!((held.deletes, held.stored_records), (30, 40));
+    assert!(
+        message.contains(&format!("backflow.dev/approve-deletes={}", held.plan_id)),
+        "{message}"
+    );
+    assert_eq!(deletes_sent(&h), 0, "nothing was deleted");
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DeletesHeldBack")
+                && e.note.as_deref().is_some_and(|n| n.contains("30 of 40"))),
+        "{events:?}"
+    );
+    let exposition = h.metrics.render();
+    assert!(
+        exposition.contains("backflow_sync_deletes_held_back{namespace=\"team-a\",sync=\"mirrored\"} 30"),
+        "{exposition}"
+    );
+
+    // A preview shows the same guard in status.plan.
+    h.patch_sync("mirrored", json!({"spec": {"dryRun": true}})).await;
+    let s = h
+        .wait_sync("mirrored", "the preview", |s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.plan.as_ref())
+                .is_some_and(|p| p.deletes_held_back.is_some())
+        })
+        .await;
+    let preview = s.status.unwrap().plan.unwrap().deletes_held_back.unwrap();
+    assert_eq!(preview.plan_id, held.plan_id);
+
+    // Approving that plan lets exactly its deletes through.
+    h.patch_sync(
+        "mirrored",
+        json!({
+            "spec": {"dryRun": false},
+            "metadata": {"annotations": {"backflow.dev/approve-deletes": held.plan_id}}
+        }),
+    )
+    .await;
+    let s = h
+        .wait_sync("mirrored", "the approved run", |s| {
+            is(s, "Ready", "True")
+                && s.status.as_ref().is_some_and(|st| st.plan.is_none())
+                && runs(s).is_some_and(|r| {
+                    r.generation == s.metadata.generation && r.rows_removed == 30 && r.end.is_some()
+                })
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(run.result, "Succeeded");
+    assert!(run.deletes_held_back.is_none());
+    assert!(deletes_sent(&h) > 0);
+    let exposition = h.metrics.render();
+    assert!(
+        exposition.contains("backflow_sync_deletes_held_back{namespace=\"team-a\",sync=\"mirrored\"} 0"),
+        "{exposition}"
+    );
+    h.stop().await;
+}
+
+/// The Destination `name`'s condition `type_`, once it has one with `status`.
+async fn wait_destination(h: &Harness, name: &str, type_: &str, status: &str) -> Destination {
+    let api: Api<Destination> = Api::namespaced(h.client.clone(), NS);
+    for _ in 0..300 {
+        let d = api.get(name).await.unwrap();
+        let found = d
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+            .is_some_and(|c| c.status == status);
+        if found {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for Destination {name} {type_}={status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_serves_only_the_objects_it_grants_and_an_ungranted_check_url_sends_nothing() {
+    let mut h = Harness::start(3).await;
+    // The reported attack: a Destination's checkUrl carrying a key of a Secret it was not given.
+    h.apply_secret_granting("payments-db", json!({"password": "hunter2-payments"}), None)
+        .await;
+    let collector = HttpDouble::start(Behaviour::accept_all()).await;
+    h.apply_destination(
+        "exfil",
+        json!({
+            "type": "http",
+            "credentialsSecretRef": {"name": "payments-db"},
+            "http": {
+                "url": collector.url_for("/x"),
+                "checkUrl": collector.url_for("/collect?d={{secret.password}}")
+            }
+        }),
+    )
+    .await;
+    // A sync whose source Secret grants another sync only.
+    h.apply_secret_granting(
+        "shared-warehouse",
+        json!({"url": h.warehouse.url}),
+        Some("ReverseSync/someone-else"),
+    )
+    .await;
+    h.apply_sync(
+        "customers",
+        json!({"source": {"connectionSecretRef": {"name": "shared-warehouse"}}}),
+    )
+    .await;
+    h.run_operator(config());
+
+    let d = wait_destination(&h, "exfil", "Stalled", "True").await;
+    let c = d
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "SecretNotGranted")
+    );
+    for needle in [
+        "\"payments-db\"",
+        "backflow.dev/allowed-references",
+        "Destination/exfil",
+    ] {
+        assert!(c.message.contains(needle), "{needle} in {}", c.message);
+    }
+    let s = h
+        .wait_sync("customers", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.reason, "SecretNotGranted");
+    assert!(c.message.contains("ReverseSync/customers"), "{}", c.message);
+    let refused_on = |name: &'static str| {
+        move |e: &Event| {
+            e.reason.as_deref() == Some("SecretNotGranted")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        }
+    };
+    h.wait_event("SecretNotGranted on exfil", refused_on("exfil"))
+        .await;
+    let events = h
+        .wait_event("SecretNotGranted on customers", refused_on("customers"))
+        .await;
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("SecretNotGranted"))
+        .collect();
+    assert!(refused.iter().all(|e| {
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("allowed-references"))
+    }));
+    assert_eq!(collector.request_count(), 0, "the checkUrl was never fetched");
+    assert_eq!(h.webhook.request_count(), 0);
+    let everything = format!("{:?}{events:?}", s.status);
+    assert!(!everything.contains("hunter2-payments"));
+
+    // Granting the sync lets it run.
+    h.apply_secret_granting(
+        "shared-warehouse",
+        json!({"url": h.warehouse.url}),
+        Some("ReverseSync/someone-else, ReverseSync/customers"),
+    )
+    .await;
+    h.wait_sync("customers", "a run once granted", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(h.webhook.accepted_records().len(), 3);
+    assert_eq!(collector.request_count(), 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_namespace_secret_access_a_secret_without_a_grant_is_used() {
+    let mut h = Harness::start(2).await;
+    h.apply_secret_granting("plain", json!({"url": h.warehouse.url}), None)
+        .await;
+    h.apply_sync(
+        "customers",
+        json!({"source": {"connectionSecretRef": {"name": "plain"}}}),
+    )
+    .await;
+    h.run_operator(OperatorConfig {
+        policy: backflow::controller::runner::RunPolicy {
+            secret_access: SecretAccess::Namespace,
+            ..sqlite_policy()
+        },
+        ..config()
+    });
+    h.wait_sync("customers", "a run", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(h.webhook.accepted_records().len(), 2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_connector_fails_its_own_sync_and_destination_and_frees_the_only_run_slot() {
+    use backflow::engine::setup::CustomConnectors;
+    use support::fake_connector::Panicking;
+    let mut h = Harness::start(4).await;
+    for name in ["panics-on-check", "panics-on-send"] {
+        h.apply_destination(
+            name,
+            json!({"type": "http", "credentialsSecretRef": {"name": "webhook-token"},
+                   "http": {"url": h.webhook.url_for("/never")}}),
+        )
+        .await;
+    }
+    h.apply_sync("boom", json!({"destinationRef": {"name": "panics-on-send"}}))
+        .await;
+    h.run_operator(OperatorConfig {
+        max_concurrent_runs: 1,
+        custom_connectors: CustomConnectors::new(|d| {
+            let panicking = match d.metadata.name.as_deref() {
+                Some("panics-on-check") => Panicking::InCheck,
+                Some("panics-on-send") => Panicking::InSend,
+                _ => return None,
+            };
+            Some(std::sync::Arc::new(panicking))
+        }),
+        ..config()
+    });
+
+    let s = h
+        .wait_sync("boom", "the panicked run recorded", |s| {
+            condition(s, "Ready").is_some_and(|c| c.reason == "InternalError")
+        })
+        .await;
+    let run = runs(&s).unwrap();
+    assert_eq!(run.result, "Failed");
+    assert!(
+        run.error.as_deref().unwrap().contains("internal error"),
+        "{run:?}"
+    );
+    assert!(
+        !condition(&s, "Ready").unwrap().message.contains("panics in send"),
+        "the panic's text stays in the log"
+    );
+    let d = wait_destination(&h, "panics-on-check", "Ready", "False").await;
+    let ready = d
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "InternalError");
+
+    // The one run slot was released: another sync runs, and the operator serves it.
+    h.apply_sync("fine", json!({})).await;
+    h.wait_sync("fine", "a run after the panic", |s| is(s, "Ready", "True"))
+        .await;
+    assert_eq!(h.webhook.accepted_records().len(), 4);
+    // The panicked sync's own slot is free too: a requested run starts.
+    h.patch_sync(
+        "boom",
+        json!({"metadata": {"annotations": {"backflow.dev/requested-at": "again"}}}),
+    )
+    .await;
+    h.wait_sync("boom", "a second run", |s| {
+        runs(s).is_some_and(|r| r.trigger.as_deref() == Some("Requested") && r.result == "Failed")
+    })
+    .await;
+    for (object, reason) in [("boom", "SyncFailed"), ("panics-on-check", "InternalError")] {
+        h.wait_event(reason, |e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+        })
+        .await;
+    }
+    assert!(h.metrics.render().contains("backflow_sync_runs_in_flight 0"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_sources_and_destinations_are_refused_in_the_cluster() {
+    let mut h = Harness::start(2).await;
+    h.apply_destination(
+        "file-crm",
+        json!({"type": "sqlite", "credentialsSecretRef": {"name": "warehouse"},
+               "sqlite": {"table": "contacts"}}),
+    )
+    .await;
+    h.apply_sync("from-sqlite", json!({})).await;
+    h.run_operator(OperatorConfig {
+        policy: backflow::controller::runner::RunPolicy {
+            allow_sqlite: false,
+            ..sqlite_policy()
+        },
+        ..config()
+    });
+    let s = h
+        .wait_sync("from-sqlite", "Stalled", |s| is(s, "Stalled", "True"))
+        .await;
+    let c = condition(&s, "Ready").unwrap();
+    assert_eq!(c.reason, "InvalidSpec");
+    assert!(c.message.contains("sqlite://"), "{}", c.message);
+    let d = wait_destination(&h, "file-crm", "Stalled", "True").await;
+    let c = d
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(c.reason, "InvalidDestination");
+    assert!(c.message.contains("type sqlite"), "{}", c.message);
+    assert_eq!(h.webhook.request_count(), 0);
     h.stop().await;
 }

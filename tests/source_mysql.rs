@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{Privileges, RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{Privileges, RowStream, SourceError, SourceOptions, SourceRow, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::Connection;
@@ -20,12 +20,39 @@ fn options() -> SourceOptions {
     }
 }
 
-async fn collect(mut stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+async fn collect_rows(mut stream: RowStream) -> Result<Vec<SourceRow>, SourceError> {
     let mut rows = Vec::new();
     while let Some(row) = stream.next().await {
         rows.push(row?);
     }
     Ok(rows)
+}
+
+/// The rows of a stream whose values all decode.
+async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+    Ok(collect_rows(stream)
+        .await?
+        .into_iter()
+        .map(|r| {
+            r.decoded()
+                .unwrap_or_else(|bad| panic!("undecodable row: {bad:?}"))
+        })
+        .collect())
+}
+
+/// Every row of `query`, decodable or not.
+async fn source_rows_of(db: &TestDb, query: &str) -> Result<Vec<SourceRow>, SourceError> {
+    collect_rows(extract(&db.url, query, &options()).await?).await
+}
+
+/// The undecodable column and reason of each row (`None` for a row that decoded).
+fn undecodable(rows: &[SourceRow]) -> Vec<Option<(usize, String)>> {
+    rows.iter()
+        .map(|r| match r {
+            SourceRow::Decoded(_) => None,
+            SourceRow::Undecodable(bad) => Some((bad.column, bad.reason.to_string())),
+        })
+        .collect()
 }
 
 async fn rows_of(db: &TestDb, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
@@ -180,12 +207,54 @@ async fn an_unsupported_column_type_names_the_column() {
         matches!(&err, SourceError::UnsupportedType { column, .. } if column == "place"),
         "{err:?}"
     );
-    // Binary data is only told from binary-collated text by its bytes: at the first value.
-    let err = rows_of(&db, "SELECT id, payload FROM shapes").await.unwrap_err();
-    assert!(
-        matches!(&err, SourceError::UnsupportedType { column, type_name } if column == "payload" && type_name == "VARBINARY"),
-        "{err:?}"
+}
+
+#[tokio::test]
+async fn a_value_without_a_canonical_form_rejects_only_its_row_and_never_shows_the_value() {
+    let db = TestDb::mysql("src_undecodable").await;
+    db.exec(
+        "SET SESSION sql_mode = '';
+         CREATE TABLE odd (id INT, d DATE, dt DATETIME, t TIME, b VARBINARY(16));
+         INSERT INTO odd VALUES
+           (1, '2024-01-01', '2024-01-01 10:00:00', '10:00:00', 'plain'),
+           (2, '0000-00-00', NULL, NULL, NULL),
+           (3, NULL, '0000-00-00 00:00:00', NULL, NULL),
+           (4, '2024-00-10', NULL, NULL, NULL),
+           (5, NULL, '2024-02-00 00:00:00', NULL, NULL),
+           (6, NULL, NULL, '838:59:59', NULL),
+           (7, NULL, NULL, '-01:00:00', NULL),
+           (8, NULL, NULL, NULL, UNHEX('FF00FE')),
+           (9, '2024-01-02', NULL, NULL, NULL);",
+    )
+    .await;
+    let rows = source_rows_of(&db, "SELECT id, d, dt, t, b FROM odd ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 9, "the stream goes on past every bad value");
+    let ids: Vec<Value> = rows.iter().map(|r| r.values()[0].clone()).collect();
+    assert_eq!(
+        ids,
+        (1..=9).map(Value::Int).collect::<Vec<_>>(),
+        "the key still decodes"
     );
+    assert_eq!(rows[0].values()[4], text("plain"));
+    let bad = undecodable(&rows);
+    assert_eq!((bad[0].clone(), bad[8].clone()), (None, None));
+    let expect = [
+        (1, 1, "zero date"),
+        (2, 2, "zero date"),
+        (3, 1, "zero month or day"),
+        (4, 2, "zero month or day"),
+        (5, 3, "past 24 hours"),
+        (6, 3, "negative"),
+        (7, 4, "not UTF-8"),
+    ];
+    for (row, column, kind) in expect {
+        let (c, reason) = bad[row].clone().unwrap_or_else(|| panic!("row {row} decoded"));
+        assert_eq!(c, column, "row {row}: {reason}");
+        assert!(reason.contains(kind), "row {row}: {reason}");
+        assert!(!reason.contains("838") && !reason.contains("2024"), "{reason}");
+    }
 }
 
 #[tokio::test]
@@ -202,6 +271,7 @@ async fn writes_are_refused_and_leave_the_table_unchanged() {
         "UPDATE accounts SET name = 'changed'",
         "INSERT INTO accounts VALUES (2, 'b')",
         "SELECT add_account() AS added",
+        "DELETE FROM accounts",
     ] {
         let err = rows_of(&db, write).await.unwrap_err();
         assert!(matches!(err, SourceError::ReadOnly(_)), "{write}: {err:?}");
@@ -294,7 +364,7 @@ async fn two_hundred_thousand_rows_stream_through_a_small_buffer() {
     while let Some(row) = stream.next().await {
         let row = row.unwrap();
         count += 1;
-        if let Value::Int(n) = row[0] {
+        if let Value::Int(n) = row.values()[0] {
             sum += n;
         }
     }

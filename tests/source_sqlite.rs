@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use backflow::engine::value::Value;
-use backflow::source::{RowStream, SourceError, SourceOptions, extract};
+use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{Connection, Executor};
@@ -49,12 +49,39 @@ fn options() -> SourceOptions {
     }
 }
 
-async fn collect(mut stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+async fn collect_rows(mut stream: RowStream) -> Result<Vec<SourceRow>, SourceError> {
     let mut rows = Vec::new();
     while let Some(row) = stream.next().await {
         rows.push(row?);
     }
     Ok(rows)
+}
+
+/// The rows of a stream whose values all decode.
+async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
+    Ok(collect_rows(stream)
+        .await?
+        .into_iter()
+        .map(|r| {
+            r.decoded()
+                .unwrap_or_else(|bad| panic!("undecodable row: {bad:?}"))
+        })
+        .collect())
+}
+
+/// Every row of `query`, decodable or not.
+async fn source_rows_of(file: &TestFile, query: &str) -> Result<Vec<SourceRow>, SourceError> {
+    collect_rows(extract(&file.url, query, &options()).await?).await
+}
+
+/// The undecodable column and reason of each row (`None` for a row that decoded).
+fn undecodable(rows: &[SourceRow]) -> Vec<Option<(usize, String)>> {
+    rows.iter()
+        .map(|r| match r {
+            SourceRow::Decoded(_) => None,
+            SourceRow::Undecodable(bad) => Some((bad.column, bad.reason.to_string())),
+        })
+        .collect()
 }
 
 async fn rows_of(file: &TestFile, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
@@ -172,23 +199,31 @@ async fn numbers_come_back_exactly_as_sqlite_stored_them() {
 }
 
 #[tokio::test]
-async fn an_unsupported_column_type_names_the_column() {
+async fn a_value_that_is_not_text_rejects_only_its_row() {
     let file = TestFile::with(
-        "CREATE TABLE files (id INTEGER, payload BLOB, loose);
-         INSERT INTO files VALUES (1, x'00ff', x'cafe');",
+        "CREATE TABLE files (id INTEGER, payload BLOB, loose, name TEXT);
+         INSERT INTO files VALUES (1, CAST('utf8' AS BLOB), 'x', 'ok'), (2, x'00ff', NULL, NULL),
+           (3, NULL, x'cafe', NULL), (4, NULL, NULL, CAST(x'ff' AS TEXT)), (5, NULL, NULL, 'fine');",
     )
     .await;
-    // SQLite types values, not columns: a blob is refused at its first value, whatever the
-    // column was declared as.
-    for (query, column) in [
-        ("SELECT id, payload FROM files", "payload"),
-        ("SELECT id, loose FROM files", "loose"),
+    // SQLite types values, not columns: a blob can sit in any column, and TEXT can hold any
+    // bytes. A blob of UTF-8 is text; anything else rejects its row, whatever the column.
+    let rows = source_rows_of(&file, "SELECT id, payload, loose, name FROM files ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0].values()[1], text("utf8"));
+    let bad = undecodable(&rows);
+    assert_eq!((bad[0].clone(), bad[4].clone()), (None, None));
+    for (row, column, kind) in [
+        (1, 1, "blob that is not UTF-8"),
+        (2, 2, "blob that is not UTF-8"),
+        (3, 3, "text that is not valid UTF-8"),
     ] {
-        let err = rows_of(&file, query).await.unwrap_err();
-        assert!(
-            matches!(&err, SourceError::UnsupportedType { column: c, type_name } if c == column && type_name == "BLOB"),
-            "{err:?}"
-        );
+        let (c, reason) = bad[row].clone().unwrap_or_else(|| panic!("row {row} decoded"));
+        assert_eq!(c, column, "row {row}: {reason}");
+        assert!(reason.contains(kind), "row {row}: {reason}");
+        assert_eq!(rows[row].values()[0], Value::Int(row as i64 + 1));
     }
 }
 
@@ -303,7 +338,7 @@ async fn two_hundred_thousand_rows_stream_through_a_small_buffer() {
     while let Some(row) = stream.next().await {
         let row = row.unwrap();
         count += 1;
-        assert_eq!(row[0], Value::Int(count));
+        assert_eq!(row.values()[0], Value::Int(count));
     }
     assert_eq!(count, 200_000);
 }
@@ -319,7 +354,10 @@ async fn dropping_the_stream_early_stops_without_error() {
     .await
     .unwrap();
     for expected in 1..=10 {
-        assert_eq!(stream.next().await.unwrap().unwrap(), vec![Value::Int(expected)]);
+        assert_eq!(
+            stream.next().await.unwrap().unwrap(),
+            SourceRow::Decoded(vec![Value::Int(expected)])
+        );
     }
     drop(stream);
     // The file is free again: a writer can take the lock right away.

@@ -443,6 +443,7 @@ mappings:
 async fn engine_run(server: &ApiServer, db: &TempSqlite, fake: Arc<FakeConnector>) -> RunReport {
     let spec = spec();
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: fake.max_batch,
         max_concurrency: 2,
         max_attempts: 3,
@@ -456,6 +457,7 @@ async fn engine_run(server: &ApiServer, db: &TempSqlite, fake: Arc<FakeConnector
         name: "customers",
         spec: &spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config),
         scope: SCOPE.into(),
     };

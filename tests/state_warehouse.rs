@@ -261,16 +261,29 @@ async fn run_with(
     dir: &std::path::Path,
     options: &RunOptions,
 ) -> RunReport {
+    run_as(db, spec, fake, dir, options, None).await
+}
+
+/// [`run_with`] as the operator of cluster `cluster` runs it (`None`: a local run).
+async fn run_as(
+    db: &TestDb,
+    spec: &ReverseSyncSpec,
+    fake: Arc<FakeConnector>,
+    dir: &std::path::Path,
+    options: &RunOptions,
+    cluster: Option<&str>,
+) -> RunReport {
     let job = SyncRun {
         namespace: "default",
         name: "customers",
         spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: fast_delivery(fake, 3),
         scope: "default/fake".into(),
     };
     let file = Box::new(FileStore::new(dir, "default", "customers"));
-    let mut store = migrate::choose(spec, "default", "customers", file, &db.url, None);
+    let mut store = migrate::choose(spec, "default", "customers", cluster, file, &db.url, None);
     run(job, store.as_mut(), options).await
 }
 
@@ -842,4 +855,49 @@ async fn a_second_concurrent_engine_run_fails_fast_with_run_in_progress_while_th
 async fn a_second_concurrent_engine_run_fails_fast_with_run_in_progress_while_the_first_completes_on_mariadb()
 {
     concurrent_engine_runs(Server::Mysql).await;
+}
+
+#[tokio::test]
+async fn clusters_sharing_a_warehouse_keep_their_state_apart_and_the_first_adopts_unnamed_rows() {
+    let db = customers(Server::Postgres, 50).await;
+    let s = spec(
+        "upsert",
+        MODEL,
+        &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
+    );
+    let run = |cluster: Option<&'static str>| {
+        let (db, s) = (&db, &s);
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let fake = Arc::new(FakeConnector::new(100));
+            let report = run_as(db, s, fake.clone(), dir.path(), &RunOptions::default(), cluster).await;
+            assert!(report.error.is_none(), "{:?}", report.error);
+            fake.sent_keys().len()
+        }
+    };
+    // Written before the cluster had a name (or by a local run): `default/customers`.
+    assert_eq!(run(None).await, 50);
+    // Cluster A adopts those rows: nothing is sent again, and its own rows now exist.
+    assert_eq!(run(Some("cluster-a")).await, 0);
+    assert_eq!(run(Some("cluster-a")).await, 0);
+    db.exec("UPDATE customers SET plan = 'pro' WHERE id <= 5").await;
+    assert_eq!(run(Some("cluster-a")).await, 5);
+    // Cluster B has state of its own: the unnamed rows moved to A, so B starts empty.
+    assert_eq!(run(Some("cluster-b")).await, 50);
+    assert_eq!(run(Some("cluster-b")).await, 0);
+    assert_eq!(run(Some("cluster-a")).await, 0, "B's runs left A's state alone");
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let ids: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT sync_id FROM {}.backflow_syncs ORDER BY sync_id",
+        schema(&db)
+    ))
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(
+        ids,
+        ["cluster-a/default/customers", "cluster-b/default/customers"]
+    );
 }

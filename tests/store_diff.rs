@@ -74,6 +74,7 @@ async fn run_with(
         name: "items",
         spec,
         source_url: &db.url,
+        source_credentials: Default::default(),
         delivery: fast_delivery(fake.clone(), 2),
         scope: "default/fake".into(),
     };

@@ -23,6 +23,9 @@
 //! `{{name}}` substitution of before, and of filter chains (`templates.rs`; alone with
 //! `BACKFLOW_BENCH_ONLY=templates`).
 //!
+//! Then the cloud warehouse sources (Snowflake, Databricks, BigQuery) against their contract doubles,
+//! next to the doubles' own serving speed (`cloud.rs`).
+//!
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
 //! report the median time and the highest peak; end-to-end runs change the state and run
@@ -33,12 +36,28 @@
 #[allow(dead_code)]
 #[path = "../../tests/support/apiserver.rs"]
 mod apiserver;
+mod cloud;
 mod delivery;
 mod model;
 mod phase;
 mod report;
 mod sink;
 mod templates;
+
+// The cloud warehouse doubles of the integration tests, run by the parent for the cloud phases
+// (at the crate root, where they find each other as `super::…`).
+#[allow(dead_code)]
+#[path = "../../tests/support/bigquery_double.rs"]
+mod bigquery_double;
+#[allow(dead_code)]
+#[path = "../../tests/support/databricks_double.rs"]
+mod databricks_double;
+#[allow(dead_code)]
+#[path = "../../tests/support/http_server.rs"]
+mod http_server;
+#[allow(dead_code)]
+#[path = "../../tests/support/snowflake_double.rs"]
+mod snowflake_double;
 
 use phase::{Kind, Measured, Phase, Store};
 use report::{SizeReport, StoreReport};
@@ -80,6 +99,11 @@ async fn main() {
         .max(1);
     let admin_url = std::env::var("BACKFLOW_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("cloud") {
+        // `BACKFLOW_BENCH_ONLY=cloud make bench`: the cloud sources alone, a minute or so.
+        cloud::print(&cloud::bench().await);
+        return;
+    }
     let sink = sink::Sink::start().await;
     let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
@@ -89,8 +113,11 @@ async fn main() {
         sizes_done.push(bench_size(&admin_url, rows, repeat, &sink, api_server.url()).await);
     }
     let delivery = delivery::bench(&admin_url, &sink).await;
+    eprintln!("cloud warehouse sources ...");
+    let cloud = cloud::bench().await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
+    cloud::print(&cloud);
     templates::print(&template_figures);
 }
 

@@ -62,6 +62,13 @@ pub enum Kind {
     },
     /// Loads a File store's state and measures its fingerprints in memory.
     Fingerprints { sync: String },
+    /// A cloud warehouse source against its double at `endpoint` (`database_url` is the
+    /// source URL): the extraction, or with `raw` the same requests without the source.
+    Cloud {
+        source: crate::cloud::Source,
+        endpoint: String,
+        raw: bool,
+    },
 }
 
 /// A phase and everything it needs.
@@ -148,6 +155,11 @@ pub async fn child(json: &str) {
             destination,
         } => engine_run(&phase, *store, sync, *dry_run, destination).await,
         Kind::Fingerprints { sync } => fingerprints(&phase, sync).await,
+        Kind::Cloud {
+            source,
+            endpoint,
+            raw,
+        } => crate::cloud::child(&phase, *source, endpoint, *raw).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
     m.peak_rss_mib = peak_rss_mib();
@@ -195,6 +207,7 @@ async fn engine_run(
         name: sync,
         spec: &spec,
         source_url: &phase.database_url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
         scope: SCOPE.to_owned(),
     };
@@ -215,7 +228,8 @@ async fn engine_run(
             Box::new(FileStore::new(Path::new(&phase.state_dir), NAMESPACE, sync))
         }
     };
-    let mut store = backflow::state::migrate::choose(&spec, NAMESPACE, sync, home, &phase.database_url, None);
+    let mut store =
+        backflow::state::migrate::choose(&spec, NAMESPACE, sync, None, home, &phase.database_url, None);
     let options = RunOptions {
         dry_run,
         ..RunOptions::default()

@@ -57,9 +57,9 @@ pub struct DestinationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub batch_size: Option<u32>,
-    /// Requests in flight at once per sync run.
+    /// Requests in flight at once per sync run (at most 64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 64))]
     pub max_concurrency: Option<u32>,
     /// Retries of transient failures (429, 5xx, timeouts, lost connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,11 +253,19 @@ pub struct RetrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_attempts: Option<u32>,
-    /// Wait before the first retry, like `500ms` (default `500ms`).
+    /// Wait before the first retry, like `500ms` (default `500ms`, at most `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub initial_backoff: Option<String>,
-    /// Longest wait between retries, like `30s` (default `30s`).
+    /// Longest wait between retries, like `30s` (default `30s`, at most `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub max_backoff: Option<String>,
 }
 
@@ -299,8 +307,12 @@ pub struct HttpSpec {
     /// whole batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<HttpResultsSpec>,
-    /// Request timeout, like `30s` (default `30s`).
+    /// Request timeout, like `30s` (default `30s`, at most `1d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub timeout: Option<String>,
     /// Path of a connection check (GET, relative to the URL's origin or absolute; may use
     /// `{{secret.KEY}}`). Without it the check only resolves templates and the URL.
@@ -410,8 +422,13 @@ pub struct RedisSpec {
     #[schemars(length(min = 1))]
     pub key: String,
     /// Expiry set on a hash each time it is written, like `30d`; without it hashes never
-    /// expire. Unchanged rows are not rewritten, so their TTL is not refreshed.
+    /// expire (at most ten years). Unchanged rows are not rewritten, so their TTL is not
+    /// refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub ttl: Option<String>,
 }
 

@@ -5,6 +5,7 @@
 pub mod crds;
 pub mod destination;
 pub mod duration;
+pub mod limits;
 pub mod reverse_sync;
 pub mod validation;
 

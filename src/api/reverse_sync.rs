@@ -36,11 +36,12 @@ pub struct ReverseSyncSpec {
     pub mode: SyncMode,
     /// Which columns are sent and under which destination field names. Columns that are not
     /// mapped are not sent.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 1000))]
     pub mappings: Vec<Mapping>,
     /// The destination fields that identify a record (for example `email`). Defaults to the
     /// targets of the mappings whose `from` is a primary key column.
     #[serde(rename = "match", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub match_fields: Vec<String>,
     /// When to run: a fixed `interval` or a `cron` expression. Without a schedule the sync runs
     /// when its spec changes or when the `backflow.dev/requested-at` annotation changes.
@@ -59,6 +60,36 @@ pub struct ReverseSyncSpec {
     /// counts and a few sample keys to `status.plan`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The mass-delete guard (mirror mode): how much one run may delete. A run that would
+    /// delete more sends its adds and updates but holds every delete back, until the model
+    /// recovers or the plan is approved once with the `backflow.dev/approve-deletes`
+    /// annotation. On by default: above 50% of the stored records (from 10 stored records
+    /// on), and always when every stored record would go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_limit: Option<DeleteLimit>,
+}
+
+/// How much one run may delete before its deletes are held back.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteLimit {
+    /// Largest share of the stored records one run may delete, in percent (default 50);
+    /// 100 turns the share check off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_percent: Option<u32>,
+    /// Largest number of records one run may delete (no limit by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u64>,
+    /// Below this many stored records the share is not checked, so ordinary churn in a tiny
+    /// sync is not held back (default 10). An emptied model is held back whatever the size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_stored_records: Option<u64>,
+    /// Let a run delete every stored record (a model that returns no rows, or none of the
+    /// keys synced before). Off by default: that is what a broken model or a revoked grant
+    /// looks like.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_delete_all: bool,
 }
 
 /// The model: a SQL query over a warehouse connection.
@@ -66,17 +97,26 @@ pub struct ReverseSyncSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Secret key (default key `url`) holding the connection URL: `postgres://…`,
-    /// `mysql://…` or `sqlite://…`.
+    /// `mysql://…`, `sqlite://…`, `snowflake://USER@ACCOUNT/DATABASE/SCHEMA?warehouse=…&role=…`,
+    /// `databricks://HOST/sql/1.0/warehouses/ID?catalog=…&schema=…` or
+    /// `bigquery://PROJECT/DATASET?location=…&maximumBytesBilled=…`. Credentials that do not
+    /// fit in a URL come from other keys of the same Secret: `private_key` or `token`
+    /// (Snowflake), `token` or `client_secret` (Databricks), `service_account_json` (BigQuery).
+    /// See docs/sources/.
     pub connection_secret_ref: SecretKeyRef,
     /// The model query. It runs in a read-only transaction; a statement that writes fails.
     #[schemars(length(min = 1))]
     pub query: String,
     /// Columns that identify a row of the model. A row with a NULL or duplicate key is
     /// rejected with a reason; the run goes on.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 16))]
     pub primary_key: Vec<String>,
-    /// Longest time the model query may run, like `10m` (default `10m`).
+    /// Longest time the model query may run, like `10m` (default `10m`, at most `1d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub statement_timeout: Option<String>,
 }
 
@@ -136,6 +176,7 @@ pub struct Mapping {
     /// Transforms applied in order: `lowercase`, `uppercase`, `trim`, `to_string`,
     /// `to_number`, `round(N)`, `format("%Y-%m-%d")`, `default(VALUE)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub transforms: Vec<String>,
 }
 
@@ -165,15 +206,22 @@ impl TemplateType {
     "message": "set interval or cron, not both"
 }]))]
 pub struct Schedule {
-    /// Run every interval, like `15m` or `1h`.
+    /// Run every interval, like `15m` or `1h` (at least `1s`, at most a year).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
     pub interval: Option<String>,
-    /// Run at the times of a cron expression (5 fields, UTC), like `*/15 * * * *`.
+    /// Run at the times of a cron expression (5 fields, UTC; no seconds field), like
+    /// `*/15 * * * *`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
     pub cron: Option<String>,
     /// Run right after these syncs (same namespace) have all succeeded since this sync's
     /// last run; combines with `interval` or `cron`, or stands alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub after: Vec<String>,
 }
 
@@ -339,6 +387,24 @@ pub struct PlanPreview {
     /// A few keys per operation (keys only, never payload values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<PlanSampleKey>,
+    /// Set when the deletes would pass the delete limit and be held back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletes_held_back: Option<DeletesHeldBack>,
+}
+
+/// Deletes the mass-delete guard held back (or would, in a preview).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletesHeldBack {
+    /// Records the plan would delete.
+    pub deletes: u64,
+    /// Records synced before (stored fingerprints).
+    pub stored_records: u64,
+    /// Which limit the plan passes, in words.
+    pub reason: String,
+    /// The plan's identity: the delete count and a hash of the deleted keys. Setting the
+    /// `backflow.dev/approve-deletes` annotation to it lets exactly these deletes through.
+    pub plan_id: String,
 }
 
 /// One sample of a preview.
@@ -378,7 +444,9 @@ pub struct RunSummary {
     pub rows_failed: u64,
     /// Requests made to the destination.
     pub requests: u64,
-    /// Fingerprint of the whole synced result set (changes when any row changes).
+    /// Fingerprint of the whole synced result set (changes when any row changes); absent
+    /// when the run read no result.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fingerprint: String,
     /// The `metadata.generation` of the spec the run used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -389,6 +457,9 @@ pub struct RunSummary {
     /// Why the run failed, when it did (never a secret value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the mass-delete guard held the run's deletes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletes_held_back: Option<DeletesHeldBack>,
 }
 
 /// A rejected row: its key, the operation and the reason. Never payload values.

@@ -1,11 +1,11 @@
 //! Checks of a spec that the schema cannot express, with messages that name the field.
 //! Pure: no I/O. The controller and the local runner call these before anything runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::duration;
 use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
+use super::{duration, limits};
 use crate::engine::mapping::{Transform, effective_match_fields};
 use crate::template::{Jinja, Limits, Mode, Template};
 
@@ -54,6 +54,23 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
             "name at least one column that identifies a row",
         );
     }
+    for (field, len, max) in [
+        (
+            "spec.source.primaryKey",
+            source.primary_key.len(),
+            limits::MAX_KEY_COLUMNS,
+        ),
+        ("spec.match", spec.match_fields.len(), limits::MAX_KEY_COLUMNS),
+        (
+            "spec.schedule.after",
+            spec.schedule.as_ref().map_or(0, |s| s.after.len()),
+            limits::MAX_AFTER,
+        ),
+    ] {
+        if len > max {
+            errors.add(field, format!("at most {max} items"));
+        }
+    }
     let mut seen = BTreeSet::new();
     for (i, col) in source.primary_key.iter().enumerate() {
         if col.trim().is_empty() {
@@ -66,7 +83,12 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         }
     }
     if let Some(t) = &source.statement_timeout {
-        check_duration(&mut errors, "spec.source.statementTimeout", t);
+        check_duration(
+            &mut errors,
+            "spec.source.statementTimeout",
+            t,
+            duration::MAX_TIMEOUT,
+        );
     }
     if source.connection_secret_ref.name.trim().is_empty() {
         errors.add(
@@ -78,6 +100,14 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         errors.add("spec.destinationRef.name", "name the Destination to send rows to");
     }
     validate_mappings(spec, &mut errors);
+    if let Some(limit) = &spec.delete_limit
+        && limit.max_percent.is_some_and(|p| p > 100)
+    {
+        errors.add(
+            "spec.deleteLimit.maxPercent",
+            "a share of the stored records, from 0 to 100 (100 turns the share check off)",
+        );
+    }
     if let Some(state) = &spec.state {
         validate_state(state, &mut errors);
     }
@@ -89,7 +119,7 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
                 "set interval (like 15m), cron (like \"*/15 * * * *\") or after (syncs to follow)",
             ),
             (None, None) => {}
-            (Some(interval), None) => match duration::parse(interval) {
+            (Some(interval), None) => match duration::parse_at_most(interval, duration::MAX_INTERVAL) {
                 Ok(d) if d.as_secs() < 1 => {
                     errors.add("spec.schedule.interval", "the interval must be at least 1s")
                 }
@@ -97,11 +127,8 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
                 Err(e) => errors.add("spec.schedule.interval", e),
             },
             (None, Some(cron)) => {
-                if let Err(e) = cron.parse::<croner::Cron>() {
-                    errors.add(
-                        "spec.schedule.cron",
-                        format!("{cron:?} is not a cron expression ({e})"),
-                    );
+                if let Err(e) = duration::cron(cron) {
+                    errors.add("spec.schedule.cron", e);
                 }
             }
         }
@@ -171,7 +198,18 @@ fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
             "map at least one column; unmapped columns are not sent",
         );
     }
-    let mut targets: Vec<&str> = Vec::new();
+    if spec.mappings.len() > limits::MAX_MAPPINGS {
+        errors.add(
+            "spec.mappings",
+            format!("at most {} mappings", limits::MAX_MAPPINGS),
+        );
+        return;
+    }
+    // Targets by name, and every proper dotted prefix of a target (`a` and `a.b` of `a.b.c`)
+    // with the first mapping that has it: checking a mapping costs its own depth, so the whole
+    // check is linear in the number of mappings.
+    let mut targets: HashMap<&str, usize> = HashMap::new();
+    let mut prefixes: HashMap<&str, usize> = HashMap::new();
     for (i, m) in spec.mappings.iter().enumerate() {
         let field = format!("spec.mappings[{i}]");
         match (&m.from, &m.template) {
@@ -201,24 +239,33 @@ fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
                 format!("{field}.to"),
                 "the target field is empty or has an empty part between dots",
             );
-        } else if let Some(j) = targets.iter().position(|t| *t == m.to) {
+        } else if let Some(j) = targets.get(m.to.as_str()) {
             errors.add(
                 format!("{field}.to"),
                 format!("{:?} is already the target of spec.mappings[{j}]", m.to),
             );
-        } else if let Some(j) = targets
-            .iter()
-            .position(|t| m.to.starts_with(&format!("{t}.")) || t.starts_with(&format!("{}.", m.to)))
+        } else if let Some(j) = dotted_prefixes(&m.to)
+            .find_map(|p| targets.get(p))
+            .or_else(|| prefixes.get(m.to.as_str()))
         {
             errors.add(
                 format!("{field}.to"),
                 format!(
                     "{:?} overlaps spec.mappings[{j}] ({:?}): a field cannot be both a value and an object",
-                    m.to, targets[j]
+                    m.to, spec.mappings[*j].to
                 ),
             );
         }
-        targets.push(&m.to);
+        targets.entry(&m.to).or_insert(i);
+        for p in dotted_prefixes(&m.to) {
+            prefixes.entry(p).or_insert(i);
+        }
+        if m.transforms.len() > limits::MAX_TRANSFORMS {
+            errors.add(
+                format!("{field}.transforms"),
+                format!("at most {} transforms", limits::MAX_TRANSFORMS),
+            );
+        }
         for (j, t) in m.transforms.iter().enumerate() {
             if let Err(e) = Transform::parse(t) {
                 errors.add(format!("{field}.transforms[{j}]"), e);
@@ -230,6 +277,11 @@ fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
     {
         errors.add("spec.match", e);
     }
+}
+
+/// The proper dotted prefixes of a field path: `a` and `a.b` of `a.b.c`.
+fn dotted_prefixes(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('.').map(move |(at, _)| &path[..at])
 }
 
 /// Validates a Destination spec.
@@ -269,18 +321,23 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
     if spec.batch_size == Some(0) {
         errors.add("spec.batchSize", "must be at least 1");
     }
-    if spec.max_concurrency == Some(0) {
-        errors.add("spec.maxConcurrency", "must be at least 1");
+    match spec.max_concurrency {
+        Some(0) => errors.add("spec.maxConcurrency", "must be at least 1"),
+        Some(n) if n > limits::MAX_CONCURRENCY => errors.add(
+            "spec.maxConcurrency",
+            format!("must be at most {}", limits::MAX_CONCURRENCY),
+        ),
+        _ => {}
     }
     if let Some(retry) = &spec.retry {
         if retry.max_attempts == Some(0) {
             errors.add("spec.retry.maxAttempts", "must be at least 1");
         }
         if let Some(d) = &retry.initial_backoff {
-            check_duration(&mut errors, "spec.retry.initialBackoff", d);
+            check_duration(&mut errors, "spec.retry.initialBackoff", d, duration::MAX_BACKOFF);
         }
         if let Some(d) = &retry.max_backoff {
-            check_duration(&mut errors, "spec.retry.maxBackoff", d);
+            check_duration(&mut errors, "spec.retry.maxBackoff", d, duration::MAX_BACKOFF);
         }
     }
     if let Some(slack) = &spec.slack {
@@ -296,7 +353,7 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
     if let Some(http) = &spec.http {
         validate_http_templates(http, &mut errors);
         if let Some(t) = &http.timeout {
-            check_duration(&mut errors, "spec.http.timeout", t);
+            check_duration(&mut errors, "spec.http.timeout", t, duration::MAX_TIMEOUT);
         }
         if let Some(m) = &http.method
             && !matches!(
@@ -315,7 +372,7 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
             errors.add("spec.redis.key", e.to_string());
         }
         if let Some(t) = &redis.ttl {
-            check_duration(&mut errors, "spec.redis.ttl", t);
+            check_duration(&mut errors, "spec.redis.ttl", t, duration::LONGEST);
         }
     }
     if let Some(braze) = &spec.braze {
@@ -402,8 +459,8 @@ fn validate_http_templates(http: &super::destination::HttpSpec, errors: &mut Err
     }
 }
 
-fn check_duration(errors: &mut Errors, field: &str, text: &str) {
-    if let Err(e) = duration::parse(text) {
+fn check_duration(errors: &mut Errors, field: &str, text: &str, max: std::time::Duration) {
+    if let Err(e) = duration::parse_at_most(text, max) {
         errors.add(field, e);
     }
 }
@@ -411,6 +468,7 @@ fn check_duration(errors: &mut Errors, field: &str, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::reverse_sync::Mapping;
 
     fn sync(yaml: &str) -> ReverseSyncSpec {
         serde_yaml_ng::from_str(yaml).unwrap()
@@ -441,6 +499,20 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
     }
 
     #[test]
+    fn a_delete_limit_past_one_hundred_percent_names_the_field() {
+        let ok = format!(
+            "{BASE}mode: mirror\ndeleteLimit: {{maxPercent: 20, maxCount: 500, minStoredRecords: 100}}\n"
+        );
+        validate_reverse_sync(&sync(&ok)).unwrap();
+        let err =
+            validate_reverse_sync(&sync(&format!("{BASE}deleteLimit: {{maxPercent: 150}}\n"))).unwrap_err();
+        assert!(err.to_string().contains("spec.deleteLimit.maxPercent"), "{err}");
+        let typo =
+            serde_yaml_ng::from_str::<ReverseSyncSpec>(&format!("{BASE}deleteLimit: {{maxPercnt: 5}}\n"));
+        assert!(typo.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
     fn a_complete_spec_is_valid() {
         validate_reverse_sync(&sync(BASE)).unwrap();
     }
@@ -456,6 +528,71 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
         let err =
             validate_reverse_sync(&sync(&BASE.replace("primaryKey: [id]", "primaryKey: []"))).unwrap_err();
         assert!(err.to_string().contains("spec.source.primaryKey"), "{err}");
+    }
+
+    #[test]
+    fn durations_counts_and_cron_seconds_past_their_bounds_are_refused() {
+        for (extra, field) in [
+            ("schedule: {interval: 300000y}\n", "spec.schedule.interval"),
+            ("schedule: {interval: 400d}\n", "spec.schedule.interval"),
+            ("schedule: {cron: \"*/5 * * * * *\"}\n", "spec.schedule.cron"),
+        ] {
+            let err = validate_reverse_sync(&sync(&format!("{BASE}{extra}"))).unwrap_err();
+            assert!(err.to_string().contains(field), "{extra}: {err}");
+        }
+        let mut s = sync(BASE);
+        s.source.statement_timeout = Some("2d".into());
+        assert!(
+            validate_reverse_sync(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("statementTimeout")
+        );
+        let mut d: DestinationSpec = serde_yaml_ng::from_str(
+            "type: http\nhttp: {url: \"https://x\", timeout: 1000000000000y}\nmaxConcurrency: 65\nretry: {maxBackoff: 2h}\n",
+        )
+        .unwrap();
+        let err = validate_destination(&d).unwrap_err().to_string();
+        for field in [
+            "spec.http.timeout",
+            "spec.maxConcurrency",
+            "spec.retry.maxBackoff",
+        ] {
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        d.max_concurrency = Some(64);
+        d.retry = None;
+        d.http.as_mut().unwrap().timeout = Some("1h".into());
+        validate_destination(&d).unwrap();
+    }
+
+    #[test]
+    fn twenty_thousand_mappings_are_refused_and_a_thousand_checked_with_overlaps_found() {
+        let mut s = sync(BASE);
+        s.mappings = (0..20_000)
+            .map(|i| Mapping {
+                from: Some(format!("c{i}")),
+                template: None,
+                template_type: TemplateType::Text,
+                to: format!("f{i}"),
+                transforms: Vec::new(),
+            })
+            .collect();
+        let err = validate_reverse_sync(&s).unwrap_err().to_string();
+        assert!(err.contains("at most 1000 mappings"), "{err}");
+        s.mappings.truncate(999);
+        s.mappings.push(Mapping {
+            from: Some("c0".into()),
+            template: None,
+            template_type: TemplateType::Text,
+            to: "f998.deep.field".into(),
+            transforms: Vec::new(),
+        });
+        let err = validate_reverse_sync(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.mappings[999].to") && err.contains("overlaps spec.mappings[998]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::runner::{self, RunEnv};
+use super::runner::{self, RunEnv, RunPolicy};
 use super::schedule::Trigger;
 use super::status::Outcome;
 use crate::api::ReverseSync;
@@ -50,13 +50,15 @@ pub fn parse_trigger(text: &str) -> Trigger {
     }
 }
 
-/// Runs `namespace/name` once and records the outcome on the resource.
+/// Runs `namespace/name` once under `policy` (the operator's, passed on in the Job's
+/// arguments) and records the outcome on the resource.
 pub async fn run_in_cluster(
     client: Client,
     namespace: &str,
     name: &str,
     trigger: Trigger,
     identity: &str,
+    policy: RunPolicy,
     cancel: CancellationToken,
 ) -> Result<Outcome, ClusterRunError> {
     let api: Api<ReverseSync> = Api::namespaced(client.clone(), namespace);
@@ -83,10 +85,12 @@ pub async fn run_in_cluster(
         client,
         metrics: Metrics::new()?,
         limiters: std::sync::Arc::new(Limiters::default()),
+        policy,
+        custom_connectors: crate::engine::setup::CustomConnectors::default(),
     };
     let how = format!("running in pod {identity}");
     let span =
         tracing::info_span!("run", namespace = %namespace, sync = %name, run_id = %uuid::Uuid::new_v4());
     let run = runner::execute(&env, &sync, &trigger, &how, cancel);
-    Ok(tracing::Instrument::instrument(run, span).await)
+    Ok(tracing::Instrument::instrument(run, span).await.outcome)
 }

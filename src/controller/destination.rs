@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
 use super::conditions::{self, READY, RECONCILING, STALLED, Status};
-use super::resolve::ApiResolver;
+use super::panics;
 use super::runner::{self, reasons};
 use super::status::rfc3339;
 use super::{Context, ReconcileError, SyncKey};
@@ -22,8 +22,65 @@ const RECHECK: Duration = Duration::from_secs(300);
 /// First wait before checking a failing destination again; doubles up to [`RECHECK`].
 const FIRST_RETRY: Duration = Duration::from_secs(15);
 
-/// Reconciles one Destination.
+/// Reconciles one Destination. A panic (in a connector's check, say) fails this Destination
+/// alone: `Ready=False` with reason `InternalError`, a Warning Event, a retry with backoff.
 pub async fn reconcile(destination: Arc<Destination>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let object = Arc::clone(&destination);
+    match panics::catch(reconcile_unguarded(destination, Arc::clone(&ctx))).await {
+        Ok(result) => result,
+        Err(panicked) => {
+            let key = SyncKey::of(&*object);
+            tracing::error!(namespace = %key.namespace, destination = %key.name, panic = %panicked.0, "reconcile panicked");
+            let message = panicked.public_message("check the Destination");
+            let generation = object.metadata.generation.unwrap_or(0);
+            let now = Utc::now();
+            let mut next = object.status.clone().unwrap_or_default();
+            let (g, c) = (Some(generation), &mut next.conditions);
+            conditions::set(c, READY, Status::False, panics::INTERNAL_ERROR, &message, g, now);
+            conditions::set(
+                c,
+                RECONCILING,
+                Status::False,
+                panics::INTERNAL_ERROR,
+                &message,
+                g,
+                now,
+            );
+            conditions::set(
+                c,
+                STALLED,
+                Status::False,
+                panics::INTERNAL_ERROR,
+                "retrying",
+                g,
+                now,
+            );
+            let mut updated = (*object).clone();
+            updated.status = Some(next);
+            let api: Api<Destination> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
+            if let Err(e) = api
+                .replace_status(&object.name_any(), &PostParams::default(), &updated)
+                .await
+            {
+                tracing::warn!(error = %e, "failed to record the internal error");
+            }
+            runner::publish(
+                &ctx.env.recorder,
+                &object.object_ref(&()),
+                true,
+                panics::INTERNAL_ERROR,
+                &message,
+            )
+            .await;
+            Err(ReconcileError::Panicked(message))
+        }
+    }
+}
+
+async fn reconcile_unguarded(
+    destination: Arc<Destination>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let key = SyncKey::of(&*destination);
     let generation = destination.metadata.generation.unwrap_or(0);
     let now = Utc::now();
@@ -50,7 +107,7 @@ pub async fn reconcile(destination: Arc<Destination>, ctx: Arc<Context>) -> Resu
         return Ok(Action::requeue(left + Duration::from_millis(50)));
     }
 
-    let resolver = ApiResolver::new(ctx.env.client.clone());
+    let resolver = ctx.env.resolver();
     let checked = setup::destination(
         &resolver,
         &key.namespace,
@@ -114,11 +171,15 @@ pub async fn reconcile(destination: Arc<Destination>, ctx: Arc<Context>) -> Resu
     if let Err(e) = &checked {
         tracing::warn!(namespace = %key.namespace, destination = %key.name, reason = e.category(), error = %e, "destination not ready");
         if ready_before || previous.conditions.is_empty() || poked {
+            let reason = match e {
+                setup::SetupError::SecretNotGranted { .. } => reasons::SECRET_NOT_GRANTED,
+                _ => reasons::DESTINATION_NOT_READY,
+            };
             runner::publish(
                 &ctx.env.recorder,
                 &destination.object_ref(&()),
                 true,
-                reasons::DESTINATION_NOT_READY,
+                reason,
                 &e.to_string(),
             )
             .await;

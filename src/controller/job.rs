@@ -6,13 +6,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+    Capabilities, Container, EnvVar, EnvVarSource, Event as CoreEvent, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccount, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::api::ListParams;
+use kube::{Api, Client, Resource, ResourceExt};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::runner::RunPolicy;
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
 use crate::state::configmap::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
@@ -174,8 +177,9 @@ pub fn run_key(sync: &ReverseSync, trigger: &Trigger) -> String {
     }
 }
 
-/// Builds the Job of one run.
-pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> Job {
+/// Builds the Job of one run; its pod runs under the operator's `policy` (passed on as
+/// `--secret-access`, `--allow-sqlite`, `--cluster-name`).
+pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults, policy: &RunPolicy) -> Job {
     let namespace = sync.namespace().unwrap_or_default();
     let sync_name = sync.name_any();
     let overrides = sync
@@ -205,7 +209,14 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults) -> J
         sync_name.clone(),
         "--trigger".to_owned(),
         trigger.as_str().to_owned(),
+        format!("--secret-access={}", policy.secret_access.as_str()),
     ]);
+    if policy.allow_sqlite {
+        args.push("--allow-sqlite".to_owned());
+    }
+    if let Some(cluster) = &policy.cluster_name {
+        args.push(format!("--cluster-name={cluster}"));
+    }
     let pod_field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.to_owned(),
@@ -347,6 +358,114 @@ pub fn state(job: &Job) -> JobState {
     JobState::Running
 }
 
+/// Why a Job-mode run cannot go on, for the sync's condition and Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The condition and Event reason.
+    pub reason: &'static str,
+    /// What is wrong.
+    pub cause: String,
+    /// What fixes it.
+    pub fix: String,
+}
+
+impl Blocked {
+    /// The condition and Event message: the cause, then the fix.
+    pub fn message(&self) -> String {
+        format!("{}; {}", self.cause, self.fix)
+    }
+}
+
+/// Reason when the run pods' ServiceAccount does not exist.
+pub const RUN_SERVICE_ACCOUNT_MISSING: &str = "RunServiceAccountMissing";
+/// Reason when the Job controller cannot create the run pod.
+pub const RUN_POD_NOT_CREATED: &str = "RunPodNotCreated";
+
+fn service_account_fix(namespace: &str, account: &str) -> String {
+    format!(
+        "create ServiceAccount {account} in namespace {namespace} and bind it to ClusterRole \
+         backflow-run with a RoleBinding (see docs/operations.md, \"Job mode\"), or set \
+         spec.execution.jobTemplate.serviceAccountName to an account that exists"
+    )
+}
+
+/// The ServiceAccount of `job`'s pod, when it is missing: without it the Job controller can
+/// create no pod. `None` when it exists, or when the check itself fails (logged; the Job's
+/// own `FailedCreate` Events are read later anyway).
+pub async fn check_service_account(client: &Client, job: &Job) -> Option<Blocked> {
+    let namespace = job.namespace().unwrap_or_default();
+    let account = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    match accounts.get_opt(&account).await {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Blocked {
+            reason: RUN_SERVICE_ACCOUNT_MISSING,
+            cause: format!(
+                "the run pods' ServiceAccount {namespace}/{account} does not exist, so the run Job could create no pod"
+            ),
+            fix: service_account_fix(&namespace, &account),
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, account = %account, "failed to check the run ServiceAccount");
+            None
+        }
+    }
+}
+
+/// True while a Job has no pod running, finished or failed.
+pub fn has_no_pod(job: &Job) -> bool {
+    let status = job.status.clone().unwrap_or_default();
+    status.active.unwrap_or(0) == 0 && status.succeeded.unwrap_or(0) == 0 && status.failed.unwrap_or(0) == 0
+}
+
+/// The latest `FailedCreate` Event of `job` (the Job controller could not create its pod),
+/// if any.
+pub async fn pod_creation_failure(client: &Client, job: &Job) -> Option<Blocked> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), &namespace);
+    let params = ListParams::default().fields(&format!("involvedObject.kind=Job,involvedObject.name={name}"));
+    let list = match events.list(&params).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::debug!(error = %e, job = %name, "failed to read the run Job's Events");
+            return None;
+        }
+    };
+    let failed = list
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+        .max_by_key(|e| e.last_timestamp.clone().map(|t| t.0))?;
+    let text = failed.message.unwrap_or_default();
+    let account = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let fix = if text.contains("service account") {
+        service_account_fix(&namespace, &account)
+    } else {
+        "fix the cause; the Job controller keeps trying until the Job's deadline \
+         (spec.execution.jobTemplate.activeDeadlineSeconds)"
+            .to_owned()
+    };
+    Some(Blocked {
+        reason: RUN_POD_NOT_CREATED,
+        cause: format!(
+            "run Job {name} cannot create its pod: {}",
+            text.chars().take(400).collect::<String>()
+        ),
+        fix,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,14 +493,19 @@ mod tests {
             ..JobDefaults::default()
         };
         assert_eq!(check_overrides(&s, &defaults), Ok(()));
-        let job = build(&s, &Trigger::Schedule, &defaults);
-        let again = build(&s, &Trigger::Schedule, &defaults);
+        let job = build(&s, &Trigger::Schedule, &defaults, &RunPolicy::default());
+        let again = build(&s, &Trigger::Schedule, &defaults, &RunPolicy::default());
         assert_eq!(job.metadata.name, again.metadata.name, "deterministic per run");
         assert_ne!(
             job.metadata.name,
-            build(&s, &Trigger::Requested("x".into()), &defaults)
-                .metadata
-                .name
+            build(
+                &s,
+                &Trigger::Requested("x".into()),
+                &defaults,
+                &RunPolicy::default()
+            )
+            .metadata
+            .name
         );
         let name = job.metadata.name.clone().unwrap();
         assert!(name.starts_with("customers-") && name.len() <= 63, "{name}");
@@ -402,7 +526,8 @@ mod tests {
                 "--sync",
                 "customers",
                 "--trigger",
-                "Schedule"
+                "Schedule",
+                "--secret-access=granted"
             ]
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("backflow-run"));
@@ -437,7 +562,7 @@ mod tests {
             })
         );
         // Without the check, the sync's placement is ignored rather than obeyed.
-        let pod = build(&s, &Trigger::Schedule, &images)
+        let pod = build(&s, &Trigger::Schedule, &images, &RunPolicy::default())
             .spec
             .unwrap()
             .template
@@ -470,7 +595,12 @@ mod tests {
             egress_deny: Some(vec!["169.254.0.0/16".into(), "loopback".into()]),
             ..JobDefaults::default()
         };
-        let job = build(&sync("customers"), &Trigger::Schedule, &defaults);
+        let job = build(
+            &sync("customers"),
+            &Trigger::Schedule,
+            &defaults,
+            &RunPolicy::default(),
+        );
         let args = job.spec.unwrap().template.spec.unwrap().containers[0]
             .args
             .clone()
@@ -483,7 +613,12 @@ mod tests {
     fn long_names_fit_in_labels_and_job_names() {
         let long = "a".repeat(200);
         let s = sync(&long);
-        let job = build(&s, &Trigger::Schedule, &JobDefaults::default());
+        let job = build(
+            &s,
+            &Trigger::Schedule,
+            &JobDefaults::default(),
+            &RunPolicy::default(),
+        );
         assert!(job.metadata.name.unwrap().len() <= 63);
         assert!(job.metadata.labels.unwrap()[SYNC_LABEL].len() <= 63);
     }

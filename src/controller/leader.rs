@@ -40,7 +40,7 @@ impl Leadership {
             .await
             .map_err(|e| OperatorError::Leader(e.to_string()))?;
         let (mut holding, task) = manager.watch().await;
-        health.set_ready(true);
+        health.set_standby(true);
         tracing::info!(lease = %config.lease_name, namespace = %config.lease_namespace, identity = %config.identity, "waiting for the leader lease");
         while !*holding.borrow_and_update() {
             tokio::select! {
@@ -62,7 +62,7 @@ impl Leadership {
                 }
             }
         }
-        health.set_ready(false);
+        health.set_standby(false);
         tracing::info!(lease = %config.lease_name, "holding the leader lease");
         Ok(Some(Leadership {
             holding,

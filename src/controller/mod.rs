@@ -11,18 +11,20 @@
 pub mod cluster_run;
 pub mod conditions;
 pub mod destination;
+pub mod health;
 pub mod job;
 pub mod leader;
+pub mod panics;
 pub mod resolve;
 pub mod reverse_sync;
 pub mod runner;
 pub mod schedule;
 pub mod server;
 pub mod status;
+pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,10 +32,10 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{Destination, ReverseSync};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::metrics::Metrics;
+pub use health::Health;
 use job::JobDefaults;
 use runner::RunEnv;
 
@@ -71,6 +74,12 @@ pub struct OperatorConfig {
     pub job: JobDefaults,
     /// Longest wait on shutdown for in-flight runs to reach a checkpoint.
     pub shutdown_grace: Duration,
+    /// What runs may do (`--secret-access`, `--allow-sqlite`, `--cluster-name`), in the
+    /// operator and in Job pods.
+    pub policy: runner::RunPolicy,
+    /// Connectors used instead of the Destinations' own; empty in `backflow operator`, set by
+    /// tests that inject faults.
+    pub custom_connectors: crate::engine::setup::CustomConnectors,
     /// Watch Secrets (their metadata), so a changed Secret wakes the syncs and Destinations
     /// that use it at once. Watching needs `list` and `watch` on Secrets, which lets the
     /// operator read every Secret in scope; without it the operator only `get`s the Secrets
@@ -87,6 +96,9 @@ pub enum ReconcileError {
     /// Adding or removing the finalizer failed.
     #[error("{0}")]
     Finalizer(String),
+    /// The reconcile panicked; the panic was contained and logged.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 impl ReconcileError {
@@ -95,6 +107,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Kube(_) => "ApiError",
             ReconcileError::Finalizer(_) => "FinalizerError",
+            ReconcileError::Panicked(_) => panics::INTERNAL_ERROR,
         }
     }
 }
@@ -150,9 +163,19 @@ pub struct RunHandle {
 type RunEntry = (CancellationToken, Arc<tokio::sync::Notify>);
 
 /// The runs in flight, one per sync at most.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RunRegistry {
     inner: Arc<Mutex<HashMap<SyncKey, RunEntry>>>,
+    finished: tokio::sync::broadcast::Sender<SyncKey>,
+}
+
+impl Default for RunRegistry {
+    fn default() -> Self {
+        RunRegistry {
+            inner: Arc::default(),
+            finished: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl RunRegistry {
@@ -175,11 +198,31 @@ impl RunRegistry {
         Some(RunHandle { cancel })
     }
 
-    /// Marks the run of `key` as over.
-    pub fn finish(&self, key: &SyncKey) {
+    /// Marks the run of `key` as over, and with `wake` wakes its reconcile: the one its final
+    /// status write woke may have come while the run was still registered, and deciding the
+    /// next run must not wait for the resync.
+    pub fn finish(&self, key: &SyncKey, wake: bool) {
         if let Some((_, done)) = self.lock().remove(key) {
             done.notify_waiters();
         }
+        if wake {
+            // No receiver (no controller running) is not an error.
+            let _ = self.finished.send(key.clone());
+        }
+    }
+
+    /// The syncs whose runs end from now on.
+    pub fn finished(&self) -> impl futures::Stream<Item = SyncKey> + Send + 'static {
+        futures::stream::unfold(self.finished.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(key) => return Some((key, rx)),
+                    // A lagging receiver missed some ends; the resync catches those.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
     }
 
     /// Cancels the run of `key` and waits up to `grace` for it to commit and stop.
@@ -330,21 +373,21 @@ impl Context {
     }
 }
 
-/// Liveness and readiness, for `/healthz` and `/readyz`.
-#[derive(Clone, Default)]
-pub struct Health {
-    ready: Arc<AtomicBool>,
-}
-
-impl Health {
-    /// Marks the operator ready (or not).
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-
-    /// True when ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+/// The default name of this cluster in shared warehouse state: the uid of namespace
+/// `kube-system`, which lives as long as the cluster. `None` (with a warning) when it cannot be
+/// read, for instance without RBAC to get namespaces: set `--cluster-name` then.
+pub async fn default_cluster_name(client: &Client) -> Option<String> {
+    use k8s_openapi::api::core::v1::Namespace;
+    match Api::<Namespace>::all(client.clone()).get("kube-system").await {
+        Ok(ns) => ns.metadata.uid,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "failed to read the uid of namespace kube-system to name this cluster in warehouse \
+                 state; set --cluster-name (keys stay namespace/name until then)"
+            );
+            None
+        }
     }
 }
 
@@ -389,7 +432,6 @@ pub async fn run_operator(
         l.watch_loss(work.clone());
     }
     run_controllers(client, &config, metrics, health.clone(), work.clone()).await;
-    health.set_ready(false);
     let result = match &lease {
         Some(l) if l.was_lost() => Err(OperatorError::LostLease(config.lease_name.clone())),
         _ => Ok(()),
@@ -421,6 +463,8 @@ pub async fn run_controllers(
             recorder: Recorder::new(client.clone(), reporter),
             metrics,
             limiters: Arc::new(Limiters::default()),
+            policy: config.policy.clone(),
+            custom_connectors: config.custom_connectors.clone(),
         },
         runs: RunRegistry::default(),
         pool: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
@@ -434,41 +478,65 @@ pub async fn run_controllers(
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut controllers = Vec::new();
-    let mut stores_ready = Vec::new();
+    let mut controllers: Vec<ControllerFuture> = Vec::new();
     for scope in scopes {
         let (dest_ctrl, dest_store) = destination_controller(
             &client,
             scope.as_deref(),
             &ctx,
+            &health,
             config.watch_secrets,
             shutdown.clone(),
         );
-        let (sync_ctrl, sync_store) = sync_controller(
+        let sync_ctrl = sync_controller(
             &client,
             scope.as_deref(),
             &ctx,
-            dest_store.clone(),
+            &health,
+            dest_store,
             config.watch_secrets,
             shutdown.clone(),
         );
-        controllers.push(sync_ctrl);
-        controllers.push(dest_ctrl);
-        stores_ready.push((sync_store, dest_store));
+        let suffix = scope.map(|ns| format!(" in {ns}")).unwrap_or_default();
+        for (kind, fut) in [("ReverseSync", sync_ctrl), ("Destination", dest_ctrl)] {
+            let name = format!("{kind} controller{suffix}");
+            let health = health.clone();
+            let shutdown = shutdown.clone();
+            controllers.push(Box::pin(async move {
+                fut.await;
+                // Loops end on shutdown and on a lost lease (which cancels `shutdown` too);
+                // any other end is a crash /healthz reports.
+                if !shutdown.is_cancelled() {
+                    tracing::error!(controller = %name, "a controller loop stopped");
+                    health.controller_stopped(&name);
+                }
+            }));
+        }
     }
+    // Not ready from the moment stopping begins, while runs reach their checkpoints.
+    tokio::spawn({
+        let health = health.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_stopping();
+        }
+    });
     let readiness = {
         let health = health.clone();
+        let shutdown = shutdown.clone();
         async move {
-            for (s, d) in stores_ready {
-                let _ = s.wait_until_ready().await;
-                let _ = d.wait_until_ready().await;
+            while !health.is_ready() && !shutdown.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            health.set_ready(true);
-            tracing::info!("caches synced; reconciling");
+            if health.is_ready() {
+                tracing::info!("caches synced; reconciling");
+            }
         }
     };
     tokio::spawn(readiness);
     futures::future::join_all(controllers).await;
+    health.set_stopping();
     tracing::info!(
         runs = ctx.runs.len(),
         "controllers stopped; letting runs in flight reach a checkpoint"
@@ -522,19 +590,39 @@ fn error_policy<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action
 
 type ControllerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// The name of a watch in logs and `/readyz`: its kind and, in watch-namespace mode, namespace.
+fn watch_name(kind: &str, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{kind} in {ns}"),
+        None => kind.to_owned(),
+    }
+}
+
 fn sync_controller(
     client: &Client,
     namespace: Option<&str>,
     ctx: &Arc<Context>,
+    health: &Health,
     destination_store: Store<Destination>,
     watch_secrets: bool,
     shutdown: CancellationToken,
-) -> (ControllerFuture, Store<ReverseSync>) {
+) -> ControllerFuture {
+    let name = |kind: &str| watch_name(kind, namespace);
     let syncs: Api<ReverseSync> = api_for(client, namespace);
-    let controller = Controller::new(syncs.clone(), watcher::Config::default());
-    let store = controller.store();
-    ctx.syncs.add(store.clone());
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=backflow");
+    let (store, writer) = reflector::store();
+    let main = reflector::reflector(
+        writer,
+        watch::events(
+            syncs.clone(),
+            watch::config(),
+            name("ReverseSync"),
+            health.clone(),
+        ),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(main, store.clone());
+    ctx.syncs.add(store);
+    let managed = watch::config().labels("app.kubernetes.io/managed-by=backflow");
     let index = ctx.syncs.clone();
     let index_for_destinations = ctx.syncs.clone();
     let index_for_secrets = ctx.syncs.clone();
@@ -542,13 +630,18 @@ fn sync_controller(
     let ctx_for_secrets = Arc::clone(ctx);
     let destinations: Api<Destination> = api_for(client, namespace);
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
+    let scope = namespace.map(str::to_owned);
+    let finished = ctx
+        .runs
+        .finished()
+        .filter(move |k| futures::future::ready(scope.as_ref().is_none_or(|ns| *ns == k.namespace)))
+        .map(|k| ObjectRef::new(&k.name).within(&k.namespace));
+    // A Secret that changed wakes the syncs that read it, directly or through their
+    // Destination (with --watch-secrets). Only metadata is kept: the values the API server
+    // sends are dropped as each Secret is decoded into `PartialObjectMeta`.
     let controller = if watch_secrets {
-        // A Secret that changed wakes the syncs that read it, directly or through their
-        // Destination. Only metadata is kept: the values the API server sends are dropped as
-        // each Secret is decoded into `PartialObjectMeta`, and never enter a cache.
-        controller.watches(
-            secrets,
-            watcher::Config::default(),
+        controller.watches_stream(
+            watch::objects(secrets, watch::config(), name("Secret"), health.clone()),
             move |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.namespace().unwrap_or_default();
                 let name = secret.name_any();
@@ -576,48 +669,79 @@ fn sync_controller(
         controller
     };
     let fut = controller
-        .owns(api_for::<Job>(client, namespace), managed.clone())
+        .owns_stream(watch::objects(
+            api_for::<Job>(client, namespace),
+            managed,
+            name("Job"),
+            health.clone(),
+        ))
         // Only the state index: a checkpoint writes a journal ConfigMap, which need not wake
         // the sync; a changed or deleted index should.
-        .owns(
+        .owns_stream(watch::objects(
             api_for::<ConfigMap>(client, namespace),
-            watcher::Config::default()
-                .labels("app.kubernetes.io/managed-by=backflow,backflow.dev/state=index"),
-        )
+            watch::config().labels("app.kubernetes.io/managed-by=backflow,backflow.dev/state=index"),
+            name("ConfigMap"),
+            health.clone(),
+        ))
+        // A run that ended decides the next one at once.
+        .reconcile_on(finished)
         // A sync that finished wakes the syncs that run after it.
-        .watches(syncs, watcher::Config::default(), move |s: ReverseSync| {
-            let ns = s.namespace().unwrap_or_default();
-            index
-                .downstream_of(&ns, &s.name_any())
-                .into_iter()
-                .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
-        })
+        .watches_stream(
+            watch::objects(
+                syncs,
+                watch::config(),
+                name("ReverseSync upstream"),
+                health.clone(),
+            ),
+            move |s: ReverseSync| {
+                let ns = s.namespace().unwrap_or_default();
+                index
+                    .downstream_of(&ns, &s.name_any())
+                    .into_iter()
+                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
+            },
+        )
         // A Destination that changed wakes the syncs that send to it.
-        .watches(destinations, watcher::Config::default(), move |d: Destination| {
-            let ns = d.namespace().unwrap_or_default();
-            index_for_destinations
-                .using_destination(&ns, &d.name_any())
-                .into_iter()
-                .inspect(|k| ctx_for_destinations.poke(k))
-                .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(
+            watch::objects(
+                destinations,
+                watch::config(),
+                name("Destination of syncs"),
+                health.clone(),
+            ),
+            move |d: Destination| {
+                let ns = d.namespace().unwrap_or_default();
+                index_for_destinations
+                    .using_destination(&ns, &d.name_any())
+                    .into_iter()
+                    .inspect(|k| ctx_for_destinations.poke(k))
+                    .map(|k| ObjectRef::new(&k.name).within(&k.namespace))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reverse_sync::reconcile, error_policy, Arc::clone(ctx))
         .for_each(log_result("ReverseSync", ctx.env.metrics.clone()));
-    (Box::pin(fut), store)
+    Box::pin(fut)
 }
 
 fn destination_controller(
     client: &Client,
     namespace: Option<&str>,
     ctx: &Arc<Context>,
+    health: &Health,
     watch_secrets: bool,
     shutdown: CancellationToken,
 ) -> (ControllerFuture, Store<Destination>) {
+    let name = |kind: &str| watch_name(kind, namespace);
     let destinations: Api<Destination> = api_for(client, namespace);
-    let controller = Controller::new(destinations, watcher::Config::default());
-    let store = controller.store();
+    let (store, writer) = reflector::store();
+    let main = reflector::reflector(
+        writer,
+        watch::events(destinations, watch::config(), name("Destination"), health.clone()),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(main, store.clone());
     let for_secrets = store.clone();
     let ctx_for_secrets = Arc::clone(ctx);
     let secrets = api_for::<PartialObjectMeta<Secret>>(client, namespace);
@@ -625,9 +749,13 @@ fn destination_controller(
     let controller = if !watch_secrets {
         controller
     } else {
-        controller.watches(
-            secrets,
-            watcher::Config::default(),
+        controller.watches_stream(
+            watch::objects(
+                secrets,
+                watch::config(),
+                name("Secret of destinations"),
+                health.clone(),
+            ),
             move |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.namespace().unwrap_or_default();
                 let name = secret.name_any();

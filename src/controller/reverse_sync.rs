@@ -2,6 +2,7 @@
 //! Jobs), keeps the status honest between runs, and cleans up on deletion.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -12,6 +13,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
 use super::job::{self, JobState};
+use super::panics::{self, OnDrop};
 use super::runner::{self, reasons};
 use super::schedule::{self, Trigger};
 use super::status::{self, Outcome};
@@ -27,8 +29,40 @@ pub const FINALIZER: &str = "backflow.dev/cleanup";
 /// Longest wait between two looks at a sync when nothing else wakes the controller.
 const RESYNC: Duration = Duration::from_secs(600);
 
-/// Reconciles one ReverseSync.
+/// Reconciles one ReverseSync. A panic fails this sync alone: `Ready=False` with reason
+/// `InternalError`, a Warning Event, and a retry with backoff.
 pub async fn reconcile(sync: Arc<ReverseSync>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let object = Arc::clone(&sync);
+    match panics::catch(reconcile_unguarded(sync, Arc::clone(&ctx))).await {
+        Ok(result) => result,
+        Err(panicked) => {
+            let key = SyncKey::of(&*object);
+            tracing::error!(namespace = %key.namespace, sync = %key.name, panic = %panicked.0, "reconcile panicked");
+            let message = panicked.public_message("reconcile the ReverseSync");
+            let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
+            let generation = object.metadata.generation.unwrap_or(0);
+            let now = Utc::now();
+            if let Err(e) = write(&api, &key, |s, _| {
+                status::internal_error(s, generation, &message, now)
+            })
+            .await
+            {
+                tracing::warn!(error = %e, "failed to record the internal error");
+            }
+            runner::publish(
+                &ctx.env.recorder,
+                &object.object_ref(&()),
+                true,
+                panics::INTERNAL_ERROR,
+                &message,
+            )
+            .await;
+            Err(ReconcileError::Panicked(message))
+        }
+    }
+}
+
+async fn reconcile_unguarded(sync: Arc<ReverseSync>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let namespace = sync.namespace().unwrap_or_default();
     let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &namespace);
     let span = tracing::info_span!("reconcile", namespace = %namespace, sync = %sync.name_any());
@@ -127,16 +161,21 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
             .and_then(|t| schedule::parse_time(&t));
         upstream.push((name.clone(), succeeded));
     }
-    let mut decision = schedule::decide(&sync, &upstream, now);
-    if decision.run.is_none() && poked && sync.status.as_ref().is_some_and(|s| s.consecutive_failures > 0) {
-        // A Destination or Secret it uses changed: the failure may be fixed.
-        decision.run = Some(Trigger::Retry);
-    }
+    let decide = |sync: &ReverseSync| {
+        let mut decision = schedule::decide(sync, &upstream, now);
+        if decision.run.is_none() && poked && sync.status.as_ref().is_some_and(|s| s.consecutive_failures > 0)
+        {
+            // A Destination or Secret it uses changed: the failure may be fixed.
+            decision.run = Some(Trigger::Retry);
+        }
+        decision
+    };
+    let decision = decide(&sync);
     let next = decision.next_scheduled.map(status::rfc3339);
     let waiting = decision.waiting_for.clone();
     write(&api, &key, |s, _| {
         s.next_sync_time = next.clone();
-        if !waiting.is_empty() && s.last_run.is_some() {
+        if !waiting.is_empty() {
             super::conditions::set(
                 &mut s.conditions,
                 super::conditions::RECONCILING,
@@ -150,15 +189,33 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
     })
     .await?;
 
-    let Some(trigger) = decision.run else {
-        let wait = decision
-            .wake_at
-            .and_then(|t| (t - now).to_std().ok())
-            .map_or(RESYNC, |d| d.min(RESYNC) + Duration::from_millis(50));
-        return Ok(Action::requeue(wait));
+    if decision.run.is_none() {
+        return Ok(requeue_for(&decision, now));
+    }
+    // The cache can lag behind this operator's own status writes (the end of the run that
+    // woke this, or its start): decide again on a fresh read, so no run starts twice.
+    let sync = Arc::new(
+        api.get(&key.name)
+            .await
+            .map_err(|e| ReconcileError::Kube(format!("failed to read ReverseSync {}: {e}", key.name)))?,
+    );
+    let again = decide(&sync);
+    let Some(trigger) = again.run.clone() else {
+        return Ok(requeue_for(&again, now));
     };
-    start(sync, trigger, ctx).await?;
+    if let Some(action) = start(sync, trigger, ctx).await? {
+        return Ok(action);
+    }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Look again when the schedule or a retry is due, at the latest after [`RESYNC`].
+fn requeue_for(decision: &schedule::Decision, now: chrono::DateTime<Utc>) -> Action {
+    let wait = decision
+        .wake_at
+        .and_then(|t| (t - now).to_std().ok())
+        .map_or(RESYNC, |d| d.min(RESYNC) + Duration::from_millis(50));
+    Action::requeue(wait)
 }
 
 /// Writes a status change; a sync deleted meanwhile is not an error.
@@ -173,15 +230,73 @@ async fn write(
         .map_err(|e| ReconcileError::Kube(e.to_string()))
 }
 
-async fn start(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) -> Result<(), ReconcileError> {
+/// Starts a run. `Some(action)` when it cannot start yet (the cause is on the status).
+async fn start(
+    sync: Arc<ReverseSync>,
+    trigger: Trigger,
+    ctx: &Context,
+) -> Result<Option<Action>, ReconcileError> {
     let mode = sync.spec.execution.as_ref().map(|e| e.mode).unwrap_or_default();
     match mode {
         ExecutionMode::InProcess => {
             start_in_process(sync, trigger, ctx);
-            Ok(())
+            Ok(None)
         }
         ExecutionMode::Job => start_job(&sync, &trigger, ctx).await,
     }
+}
+
+/// How often a Job-mode sync blocked by its environment (a missing ServiceAccount, a Job
+/// without a pod) looks again: nothing the operator watches says when that is fixed.
+const JOB_BLOCKED_RECHECK: Duration = Duration::from_secs(15);
+
+/// Says on the sync, once per new cause, why its Job-mode run cannot go on: a condition
+/// (`Ready=False`, with `Stalled=True` when the run did not start) and a Warning Event.
+async fn report_job_blocked(
+    sync: &ReverseSync,
+    blocked: &job::Blocked,
+    started: bool,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let key = SyncKey::of(sync);
+    let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let now = Utc::now();
+    let message = blocked.message();
+    let already = sync
+        .status
+        .as_ref()
+        .and_then(|s| super::conditions::get(&s.conditions, super::conditions::READY))
+        .is_some_and(|c| c.reason == blocked.reason && c.message == message);
+    if already {
+        return Ok(());
+    }
+    tracing::warn!(reason = blocked.reason, error = %message, "the Job-mode run is blocked");
+    write(&api, &key, |s, _| {
+        if started {
+            super::conditions::set(
+                &mut s.conditions,
+                super::conditions::READY,
+                super::conditions::Status::False,
+                blocked.reason,
+                &message,
+                Some(generation),
+                now,
+            );
+        } else {
+            status::stalled(s, generation, blocked.reason, &message, now);
+        }
+    })
+    .await?;
+    runner::publish(
+        &ctx.env.recorder,
+        &sync.object_ref(&()),
+        true,
+        blocked.reason,
+        &message,
+    )
+    .await;
+    Ok(())
 }
 
 fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
@@ -200,6 +315,15 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
     );
     tokio::spawn(tracing::Instrument::instrument(
         async move {
+            // However the task ends (a panic included), the sync's slot is released. An end
+            // that is not on the status would read as "never ran": then the next decision is
+            // left to the resync rather than starting the same run again at once.
+            let recorded = Arc::new(AtomicBool::new(true));
+            let _slot = OnDrop::new({
+                let key = key.clone();
+                let recorded = Arc::clone(&recorded);
+                move || runs.finish(&key, recorded.load(Ordering::SeqCst))
+            });
             let RunHandle { cancel, .. } = handle;
             let permit = tokio::select! {
                 p = pool.acquire_owned() => p.ok(),
@@ -207,19 +331,33 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
             };
             if let Some(_permit) = permit {
                 env.metrics.runs_in_flight.inc();
-                runner::execute(&env, &sync, &trigger, "running in the operator", cancel).await;
-                env.metrics.runs_in_flight.dec();
+                let _in_flight = OnDrop::new(|| env.metrics.runs_in_flight.dec());
+                let started = Utc::now();
+                let run = runner::execute(&env, &sync, &trigger, "running in the operator", cancel);
+                match panics::catch(run).await {
+                    Ok(executed) => recorded.store(executed.recorded, Ordering::SeqCst),
+                    Err(panicked) => {
+                        runner::record_panic(&env, &sync, &trigger, &panicked, started).await;
+                    }
+                }
             }
-            runs.finish(&key);
         },
         span,
     ));
 }
 
-async fn start_job(sync: &ReverseSync, trigger: &Trigger, ctx: &Context) -> Result<(), ReconcileError> {
+async fn start_job(
+    sync: &ReverseSync,
+    trigger: &Trigger,
+    ctx: &Context,
+) -> Result<Option<Action>, ReconcileError> {
     let key = SyncKey::of(sync);
-    let job = job::build(sync, trigger, &ctx.job_defaults);
+    let job = job::build(sync, trigger, &ctx.job_defaults, &ctx.env.policy);
     let job_name = job.metadata.name.clone().unwrap_or_default();
+    if let Some(blocked) = job::check_service_account(&ctx.env.client, &job).await {
+        report_job_blocked(sync, &blocked, false, ctx).await?;
+        return Ok(Some(Action::requeue(JOB_BLOCKED_RECHECK)));
+    }
     let jobs: Api<Job> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
     match jobs.create(&PostParams::default(), &job).await {
         Ok(_) => tracing::info!(job = %job_name, trigger = trigger.as_str(), "run Job created"),
@@ -239,8 +377,23 @@ async fn start_job(sync: &ReverseSync, trigger: &Trigger, ctx: &Context) -> Resu
     write(&api, &key, |s, _| {
         status::run_started(s, generation, trigger, &how, now);
         s.active_job = Some(job_name.clone());
+        // The ServiceAccount that was missing exists now.
+        let was_blocked = super::conditions::get(&s.conditions, super::conditions::STALLED)
+            .is_some_and(|c| c.status == "True" && c.reason == job::RUN_SERVICE_ACCOUNT_MISSING);
+        if was_blocked {
+            super::conditions::set(
+                &mut s.conditions,
+                super::conditions::STALLED,
+                super::conditions::Status::False,
+                "Running",
+                &how,
+                Some(generation),
+                now,
+            );
+        }
     })
-    .await
+    .await?;
+    Ok(None)
 }
 
 /// Follows the Job of the run in flight. `Some(action)` while it runs; `None` once it is
@@ -264,6 +417,15 @@ async fn follow_job(
         ),
     };
     if state == JobState::Running {
+        // A Job whose pod cannot be created (a ServiceAccount deleted since, a quota, an
+        // admission policy) stays "running" without a pod until its deadline; its status
+        // does not change, so look again soon.
+        if let Some(j) = found.as_ref().filter(|j| job::has_no_pod(j)) {
+            if let Some(blocked) = job::pod_creation_failure(&ctx.env.client, j).await {
+                report_job_blocked(sync, &blocked, true, ctx).await?;
+            }
+            return Ok(Some(Action::requeue(JOB_BLOCKED_RECHECK)));
+        }
         return Ok(Some(Action::requeue(RESYNC)));
     }
     let api: Api<ReverseSync> = Api::namespaced(ctx.env.client.clone(), &key.namespace);
@@ -351,14 +513,15 @@ const WAREHOUSE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// failure is logged and never holds the finalizer, leaving the rows for a person to delete.
 async fn delete_warehouse_state(sync: &ReverseSync, key: &SyncKey, ctx: &Context) {
     let state = sync.spec.state.clone().unwrap_or_default();
-    let sync_id = format!("{}/{}", key.namespace, key.name);
+    let sync_id =
+        crate::state::migrate::sync_id(ctx.env.policy.cluster_name.as_deref(), &key.namespace, &key.name);
     let left = format!(
         "its rows stay in schema {:?}: DELETE FROM backflow_state and backflow_syncs WHERE sync_id = '{sync_id}'",
         state.schema_or_default()
     );
-    let resolver = super::resolve::ApiResolver::new(ctx.env.client.clone());
+    let resolver = ctx.env.resolver();
     let work = async {
-        let url = crate::engine::setup::warehouse_state_url(&resolver, &key.namespace, &sync.spec)
+        let url = crate::engine::setup::warehouse_state_url(&resolver, &key.namespace, &key.name, &sync.spec)
             .await
             .map_err(|e| e.to_string())?;
         let config = WarehouseConfig {

@@ -8,14 +8,14 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use super::resolve::ApiResolver;
+use super::resolve::{ApiResolver, SecretAccess};
 use super::schedule::Trigger;
 use super::status::{self, Outcome};
 use crate::api::ReverseSync;
 use crate::api::reverse_sync::StateStoreKind;
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::run::{RunOptions, SyncRun, run};
-use crate::engine::setup::{self, SetupError};
+use crate::engine::setup::{self, CustomConnectors, SetupError};
 use crate::metrics::Metrics;
 use crate::state::configmap::{self, ConfigMapStore};
 
@@ -30,6 +30,31 @@ pub struct RunEnv {
     pub metrics: Metrics,
     /// Rate limiters shared by every sync of a Destination in this process.
     pub limiters: std::sync::Arc<Limiters>,
+    /// What the operator's flags allow runs.
+    pub policy: RunPolicy,
+    /// Connectors supplied instead of the Destinations' own (tests); empty otherwise.
+    pub custom_connectors: CustomConnectors,
+}
+
+/// What the operator's flags allow every run, in the operator and in Job pods alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunPolicy {
+    /// Which Secrets runs may read (`--secret-access`).
+    pub secret_access: SecretAccess,
+    /// Allow `sqlite://` sources and destinations (`--allow-sqlite`).
+    pub allow_sqlite: bool,
+    /// The cluster's name in shared warehouse state (`--cluster-name`); `None` keeps the
+    /// `namespace/name` keys of unnamed clusters.
+    pub cluster_name: Option<String>,
+}
+
+impl RunEnv {
+    /// The resolver runs and checks in this environment read objects through.
+    pub fn resolver(&self) -> ApiResolver {
+        ApiResolver::new(self.client.clone(), self.policy.secret_access)
+            .with_custom_connectors(self.custom_connectors.clone())
+            .allowing_sqlite(self.policy.allow_sqlite)
+    }
 }
 
 /// Reasons of the Events a run publishes.
@@ -42,6 +67,10 @@ pub mod reasons {
     pub const ROWS_REJECTED: &str = "RowsRejected";
     /// The Destination failed its check or is missing.
     pub const DESTINATION_NOT_READY: &str = "DestinationNotReady";
+    /// The delete limit held a run's deletes back.
+    pub const DELETES_HELD_BACK: &str = super::super::status::DELETES_HELD_BACK;
+    /// A Secret named in a spec does not grant its use to the object naming it.
+    pub const SECRET_NOT_GRANTED: &str = "SecretNotGranted";
     /// The source's login holds privileges that escape the read-only transaction.
     pub const PRIVILEGED_SOURCE_USER: &str = super::super::status::PRIVILEGED_SOURCE_USER;
 }
@@ -82,6 +111,15 @@ pub fn unsupported_store(sync: &ReverseSync) -> Option<&'static str> {
     }
 }
 
+/// A run that ended: how it went, and whether that is on the resource.
+pub struct Executed {
+    /// How the run went.
+    pub outcome: Outcome,
+    /// False when writing the outcome to the status failed (logged): deciding the next run
+    /// from that status would start this one again.
+    pub recorded: bool,
+}
+
 /// Runs `sync` once now and records the outcome on it. `how` says where it runs, for the
 /// `Reconciling` message ("running in the operator", "running in Job x").
 pub async fn execute(
@@ -90,7 +128,8 @@ pub async fn execute(
     trigger: &Trigger,
     how: &str,
     cancel: CancellationToken,
-) -> Outcome {
+) -> Executed {
+    let mut recorded = true;
     let namespace = sync.namespace().unwrap_or_default();
     let name = sync.name_any();
     let generation = sync.metadata.generation.unwrap_or(0);
@@ -118,6 +157,7 @@ pub async fn execute(
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
+                recorded = false;
             }
             if let Some(crate::source::Privileges::Elevated(found)) = &report.source_privileges
                 && !privileged_before
@@ -144,7 +184,18 @@ pub async fn execute(
                 let note = format!("{} rows rejected{first}", report.rows_rejected());
                 publish(&env.recorder, &reference, true, reasons::ROWS_REJECTED, &note).await;
             }
-            Outcome::of_run(&report, dry_run)
+            let outcome = Outcome::of_run(&report, dry_run);
+            if report.deletes_held_back() {
+                publish(
+                    &env.recorder,
+                    &reference,
+                    true,
+                    reasons::DELETES_HELD_BACK,
+                    &outcome.message,
+                )
+                .await;
+            }
+            outcome
         }
         Err(error) => {
             let outcome = Outcome::of_setup(&error);
@@ -154,21 +205,18 @@ pub async fn execute(
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
+                recorded = false;
             }
             env.metrics.record_failure(&namespace, &name);
-            if matches!(
-                error,
-                SetupError::DestinationNotReady { .. } | SetupError::DestinationNotFound { .. }
-            ) {
-                let note = error.to_string();
-                publish(
-                    &env.recorder,
-                    &reference,
-                    true,
-                    reasons::DESTINATION_NOT_READY,
-                    &note,
-                )
-                .await;
+            let reason = match error {
+                SetupError::DestinationNotReady { .. } | SetupError::DestinationNotFound { .. } => {
+                    Some(reasons::DESTINATION_NOT_READY)
+                }
+                SetupError::SecretNotGranted { .. } => Some(reasons::SECRET_NOT_GRANTED),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                publish(&env.recorder, &reference, true, reason, &error.to_string()).await;
             }
             outcome
         }
@@ -194,7 +242,45 @@ pub async fn execute(
         )
         .await;
     }
-    outcome
+    Executed { outcome, recorded }
+}
+
+/// Records a run whose task panicked (the panic was caught): a failed run with reason
+/// `InternalError` and a Warning Event; the panic's text goes to the log only.
+pub async fn record_panic(
+    env: &RunEnv,
+    sync: &ReverseSync,
+    trigger: &Trigger,
+    panicked: &super::panics::Panicked,
+    started: chrono::DateTime<Utc>,
+) {
+    let namespace = sync.namespace().unwrap_or_default();
+    let name = sync.name_any();
+    tracing::error!(panic = %panicked.0, "run panicked");
+    let outcome = Outcome {
+        reason: super::panics::INTERNAL_ERROR.to_owned(),
+        message: panicked.public_message("run the sync"),
+        failed: true,
+        stalled: false,
+    };
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let api: Api<ReverseSync> = Api::namespaced(env.client.clone(), &namespace);
+    let now = Utc::now();
+    let written = status::update(&api, &name, |s, _| {
+        status::run_failed_before_report(s, generation, trigger, &outcome, started, now);
+    });
+    if let Err(e) = written.await {
+        tracing::error!(error = %e, "failed to record the run");
+    }
+    env.metrics.record_failure(&namespace, &name);
+    publish(
+        &env.recorder,
+        &sync.object_ref(&()),
+        true,
+        reasons::SYNC_FAILED,
+        &outcome.message,
+    )
+    .await;
 }
 
 async fn run_once(
@@ -207,7 +293,7 @@ async fn run_once(
     if let Some(reason) = unsupported_store(sync) {
         return Err(SetupError::InvalidSync(reason.to_owned()));
     }
-    let resolver = ApiResolver::new(env.client.clone());
+    let resolver = env.resolver();
     let dry_run = sync.spec.dry_run;
     let prepared = setup::prepare(&resolver, namespace, sync, &env.limiters, !dry_run).await?;
     let owner = configmap::owner_reference(sync)
@@ -217,6 +303,7 @@ async fn run_once(
         &sync.spec,
         namespace,
         name,
+        env.policy.cluster_name.as_deref(),
         configmaps,
         &prepared.source_url,
         prepared.state_url.as_deref(),
@@ -226,12 +313,14 @@ async fn run_once(
         name,
         spec: &sync.spec,
         source_url: &prepared.source_url,
+        source_credentials: prepared.source_credentials,
         delivery: prepared.destination.delivery,
         scope: prepared.scope,
     };
     let options = RunOptions {
         dry_run,
         cancel,
+        approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)

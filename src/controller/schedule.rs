@@ -1,5 +1,6 @@
 //! When a sync runs next: spec changes, `backflow.dev/requested-at`, `interval` or `cron`,
-//! `after` other syncs, and retries of failed runs with backoff. Pure functions of the
+//! `after` other syncs (a new sync with `after` first runs once they all succeeded), and
+//! retries of failed runs with backoff. Pure functions of the
 //! object and the clock, so every rule is unit-tested.
 
 use std::time::Duration;
@@ -76,7 +77,7 @@ pub fn period(sync: &ReverseSync, now: DateTime<Utc>) -> Option<Duration> {
     if let Some(interval) = &schedule.interval {
         return duration::parse(interval).ok();
     }
-    let cron = schedule.cron.as_ref()?.parse::<croner::Cron>().ok()?;
+    let cron = duration::cron(schedule.cron.as_ref()?).ok()?;
     let first = cron.find_next_occurrence(&now, false).ok()?;
     let second = cron.find_next_occurrence(&first, false).ok()?;
     (second - first).to_std().ok()
@@ -97,9 +98,10 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
     let next_scheduled = schedule.and_then(|s| {
         if let Some(interval) = &s.interval {
             let every = chrono::Duration::from_std(duration::parse(interval).ok()?).ok()?;
-            Some(last_start.map_or(now, |t| t + every))
+            // Checked: the interval is the spec's number (validation bounds it to a year).
+            Some(last_start.map_or(Some(now), |t| t.checked_add_signed(every))?)
         } else if let Some(cron) = &s.cron {
-            let cron = cron.parse::<croner::Cron>().ok()?;
+            let cron = duration::cron(cron).ok()?;
             cron.find_next_occurrence(&last_start.unwrap_or(now), false).ok()
         } else {
             None
@@ -126,7 +128,7 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
         Some(r) if r.result == "Failed" && status.consecutive_failures > 0 => {
             let exp = status.consecutive_failures.saturating_sub(1).min(16);
             let wait = FIRST_RETRY.saturating_mul(1 << exp).min(MAX_RETRY);
-            last_end.map(|t| t + chrono::Duration::from_std(wait).unwrap_or_default())
+            last_end.and_then(|t| t.checked_add_signed(chrono::Duration::from_std(wait).ok()?))
         }
         _ => None,
     };
@@ -138,7 +140,17 @@ pub fn decide(sync: &ReverseSync, upstream: &[Upstream], now: DateTime<Utc>) -> 
         .and_then(|a| a.get(REQUESTED_AT))
         .filter(|v| status.last_handled_requested_at.as_deref() != Some(v.as_str()));
 
-    let run = if last.is_none() || last.and_then(|r| r.generation) != Some(generation) {
+    // A sync that follows others (`schedule.after`) first runs once they have all succeeded,
+    // not on creation: its data would be older than its upstreams' next output. Later spec
+    // changes run at once, like any sync's.
+    let follows_others = schedule.is_some_and(|s| !s.after.is_empty());
+    let run = if last.is_none() && follows_others {
+        if after_due {
+            Some(Trigger::After)
+        } else {
+            requested.map(|value| Trigger::Requested(value.clone()))
+        }
+    } else if last.is_none() || last.and_then(|r| r.generation) != Some(generation) {
         Some(Trigger::SpecChanged)
     } else if let Some(value) = requested {
         Some(Trigger::Requested(value.clone()))
@@ -223,6 +235,27 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_no_clock_can_hold_schedules_nothing_instead_of_overflowing() {
+        for interval in ["300000y", "9y 11months", "99999999999999s"] {
+            let s = ran(
+                sync(&format!("  schedule: {{interval: {interval}}}\n")),
+                0,
+                "Succeeded",
+                0,
+            );
+            let d = decide(&s, &[], at(60));
+            assert_eq!(d.run, None, "{interval}");
+            let _ = period(&s, at(0));
+        }
+        let s = ran(sync("  schedule: {cron: \"*/5 * * * * *\"}\n"), 0, "Succeeded", 0);
+        assert_eq!(
+            decide(&s, &[], at(60)).next_scheduled,
+            None,
+            "a seconds field is refused"
+        );
+    }
+
+    #[test]
     fn cron_runs_at_its_next_time() {
         let s = ran(sync("  schedule: {cron: \"0 * * * *\"}\n"), 0, "Succeeded", 0);
         let d = decide(&s, &[], at(60));
@@ -263,6 +296,26 @@ mod tests {
         assert_eq!(
             decide(&s, &missing, at(300)).waiting_for,
             vec!["other".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_new_sync_that_follows_others_waits_for_their_first_success() {
+        let s = sync("  schedule: {after: [model]}\n");
+        let d = decide(&s, &[("model".to_owned(), None)], at(0));
+        assert_eq!((d.run, d.waiting_for), (None, vec!["model".to_owned()]));
+        let done = [("model".to_owned(), Some(at(-60)))];
+        assert_eq!(
+            decide(&s, &done, at(0)).run,
+            Some(Trigger::After),
+            "an upstream that already succeeded lets it run at once"
+        );
+        let mut s = ran(s, 100, "Succeeded", 0);
+        s.metadata.generation = Some(4);
+        assert_eq!(
+            decide(&s, &[("model".to_owned(), Some(at(50)))], at(200)).run,
+            Some(Trigger::SpecChanged),
+            "a spec change of a sync that ran before runs at once"
         );
     }
 

@@ -1,4 +1,5 @@
-//! The operator's one HTTP port: `/metrics`, `/healthz`, `/readyz`.
+//! The operator's one HTTP port: `/metrics`, `/healthz` (liveness), `/readyz` (readiness);
+//! what they answer comes from [`Health`](super::health).
 
 use axum::Router;
 use axum::extract::State;
@@ -21,7 +22,7 @@ struct Shared {
 pub fn router(metrics: Metrics, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Shared { metrics, health })
 }
@@ -44,13 +45,18 @@ async fn metrics_text(State(s): State<Shared>) -> impl IntoResponse {
     )
 }
 
+/// 200 while the controller loops run and no watch has failed for minutes on end.
+async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
+    match s.health.liveness() {
+        Ok(message) => (StatusCode::OK, message),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// 200 once every watch has listed (or while waiting for the lease as a standby).
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: caches are syncing or this replica waits for the lease",
-        )
+    match s.health.readiness() {
+        Ok(message) => (StatusCode::OK, message),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

@@ -18,6 +18,12 @@ use crate::source::Privileges;
 /// Reason of `SourcePrivileged=True` and of its Warning Event.
 pub const PRIVILEGED_SOURCE_USER: &str = "PrivilegedSourceUser";
 
+/// The condition reason (and Event reason) of a run whose deletes the delete limit held back.
+pub const DELETES_HELD_BACK: &str = "DeletesHeldBack";
+
+/// The annotation approving one plan's deletes past the delete limit, by its plan id.
+pub const APPROVE_DELETES: &str = "backflow.dev/approve-deletes";
+
 /// Formats a time as the status writes it: RFC 3339 in UTC with milliseconds, so that runs
 /// within one second still order (`schedule.after` compares them).
 pub fn rfc3339(at: DateTime<Utc>) -> String {
@@ -61,6 +67,40 @@ pub fn run_started(
     status.observed_generation = g;
 }
 
+/// Records a reconcile that failed internally (a contained panic): not Ready, not Stalled (it
+/// is retried with backoff), the last run untouched.
+pub fn internal_error(status: &mut ReverseSyncStatus, generation: i64, message: &str, now: DateTime<Utc>) {
+    let g = Some(generation);
+    let c = &mut status.conditions;
+    conditions::set(
+        c,
+        READY,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        message,
+        g,
+        now,
+    );
+    conditions::set(
+        c,
+        RECONCILING,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        message,
+        g,
+        now,
+    );
+    conditions::set(
+        c,
+        STALLED,
+        Status::False,
+        super::panics::INTERNAL_ERROR,
+        "retrying",
+        g,
+        now,
+    );
+}
+
 /// How a finished run reads on the resource.
 #[derive(Debug)]
 pub struct Outcome {
@@ -85,6 +125,30 @@ impl Outcome {
                 failed: true,
                 stalled: e.is_permanent(),
             },
+            (None, _) if report.deletes_held_back() => {
+                let check = report.delete_check.as_ref();
+                let reason = check.and_then(|c| c.exceeded.clone()).unwrap_or_default();
+                let plan_id = check.map(|c| c.plan_id.as_str()).unwrap_or_default();
+                let head = if dry_run {
+                    format!(
+                        "dry run: would add {}, change {}; the {} deletes would be held back",
+                        p.added, p.changed, p.removed
+                    )
+                } else {
+                    format!(
+                        "deletes held back, nothing was deleted ({} added, {} changed went out)",
+                        p.added, p.changed
+                    )
+                };
+                Outcome {
+                    reason: DELETES_HELD_BACK.to_owned(),
+                    message: format!(
+                        "{head}: {reason}. If these deletes are intended, approve this plan once: kubectl annotate reversesync <name> {APPROVE_DELETES}={plan_id} --overwrite"
+                    ),
+                    failed: !dry_run,
+                    stalled: false,
+                }
+            }
             (None, RunResult::Failed) => Outcome {
                 reason: "DeliveryFailed".to_owned(),
                 message: format!(
@@ -110,13 +174,15 @@ impl Outcome {
                     "RowsRejected".to_owned()
                 },
                 message: format!(
-                    "synced {} rows: {} added, {} changed, {} removed, {} unchanged, {} rejected",
+                    "synced {} rows: {} added, {} changed, {} removed, {} unchanged, {} rejected; the destination accepted {} and deleted {}",
                     p.rows_in_model,
                     p.added,
                     p.changed,
                     p.removed,
                     p.unchanged,
-                    report.rows_rejected()
+                    report.rows_rejected(),
+                    report.accepted,
+                    report.deleted
                 ),
                 failed: false,
                 stalled: false,
@@ -163,6 +229,7 @@ pub fn run_finished(
         generation: g,
         trigger: Some(trigger.as_str().to_owned()),
         error: report.error.as_ref().map(ToString::to_string),
+        deletes_held_back: report.delete_check.as_ref().and_then(|c| c.status()),
     });
     status.rejected_samples = report.rejected_samples.clone();
     status.observed_generation = g;
@@ -183,6 +250,7 @@ pub fn run_finished(
                     key: s.key.clone(),
                 })
                 .collect(),
+            deletes_held_back: report.delete_check.as_ref().and_then(|c| c.status()),
         });
     } else if !dry_run {
         status.plan = None;

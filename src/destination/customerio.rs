@@ -66,12 +66,9 @@ const RECORD_REFUSED: &[u16] = &[400, 413, 422];
 /// Match fields tried, in order, for the identifier.
 const IDENTIFIER_FIELDS: &[&str] = &["id", "email", "cio_id"];
 /// Everything but RFC 3986's unreserved characters is encoded in a path segment (`@`, `+`,
-/// `/` and `%` in identifiers must reach Customer.io as written).
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+/// `/` and `%` in identifiers must reach Customer.io as written), and `.` too, so that no
+/// identifier reads as a `..` segment climbing out of `/customers/`.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
 
 /// People in a Customer.io workspace, through the Track API.
 pub struct CustomerioConnector {
@@ -168,10 +165,9 @@ impl CustomerioConnector {
             .map_err(|e| self.scrubber.error(transport_error(label, e, TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let bytes = super::vendor::read_body(response, super::vendor::MAX_RESPONSE_BYTES, label, TIMEOUT)
             .await
-            .map_err(|e| self.scrubber.error(transport_error(label, e, TIMEOUT)))?;
+            .map_err(|e| self.scrubber.error(e))?;
         if status.is_success() || read.contains(&status.as_u16()) {
             Ok((status, bytes.to_vec()))
         } else {
@@ -302,6 +298,13 @@ fn identifier_of(record: &Record) -> Result<String, String> {
             "the record has no identifier; map an id or email field and list it in the sync's match"
                 .to_owned()
         })?;
+    // URL parsers read `%2E%2E` as `..` too (WHATWG URL): a dot segment cannot be a path
+    // segment however it is encoded.
+    if identifier == "." || identifier == ".." {
+        return Err(format!(
+            "the identifier {identifier:?} cannot name a person in a URL path"
+        ));
+    }
     if identifier.len() > MAX_IDENTIFIER_BYTES {
         return Err(format!(
             "the identifier takes {} bytes, over {VENDOR}'s {MAX_IDENTIFIER_BYTES}-byte limit",
@@ -482,8 +485,18 @@ mod tests {
         let c = connector(&[("siteId", "site1"), ("apiKey", "key1")], None).unwrap();
         assert_eq!(
             c.person_url("ada+x@example.com"),
-            "https://track-eu.customer.io/api/v1/customers/ada%2Bx%40example.com"
+            "https://track-eu.customer.io/api/v1/customers/ada%2Bx%40example%2Ecom"
         );
+        assert_eq!(
+            c.person_url("a.b"),
+            "https://track-eu.customer.io/api/v1/customers/a%2Eb"
+        );
+        let dots = Record {
+            key: "1".into(),
+            identity: Document::from([("id".to_owned(), Value::Text("..".into()))]),
+            fields: Document::new(),
+        };
+        assert!(identifier_of(&dots).unwrap_err().contains("cannot name a person"));
         assert_eq!(
             c.person_url("a/b c"),
             "https://track-eu.customer.io/api/v1/customers/a%2Fb%20c"

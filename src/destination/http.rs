@@ -391,7 +391,14 @@ impl Connector for HttpConnector {
             return Ok(());
         }
         let response_headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = super::vendor::read_body(
+            response,
+            super::vendor::MAX_ERROR_BODY_BYTES,
+            &check.label,
+            self.timeout,
+        )
+        .await
+        .unwrap_or_default();
         let error = match status_error(&check.label, status, &response_headers, &body) {
             // A refused check request says nothing about batches; nothing to split.
             SendError::BatchRejected(reason) => SendError::Fatal(reason),
@@ -425,14 +432,21 @@ impl Connector for HttpConnector {
         };
         let status = response.status();
         let headers = response.headers().clone();
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            // Without a results block a 2xx is all we need; the body is not read.
-            Err(_) if status.is_success() && self.results.is_none() => Default::default(),
-            Err(e) => {
-                return Err(self
-                    .scrubber
-                    .error(transport_error(&endpoint.label, e, self.timeout)));
+        // Without a results block a 2xx is all we need: the body is not read at all. Other
+        // bodies are read up to a cap, an error's only for its excerpt.
+        let body = if status.is_success() && self.results.is_none() {
+            Vec::new()
+        } else {
+            let limit = if status.is_success() {
+                super::vendor::MAX_RESPONSE_BYTES
+            } else {
+                super::vendor::MAX_ERROR_BODY_BYTES
+            };
+            match super::vendor::read_body(response, limit, &endpoint.label, self.timeout).await {
+                Ok(body) => body,
+                // A failure's answer is only quoted: a cut or lost body still reports the status.
+                Err(_) if !status.is_success() => Vec::new(),
+                Err(e) => return Err(self.scrubber.error(e)),
             }
         };
         if classify_status(status) == StatusClass::Success {

@@ -210,10 +210,9 @@ impl HubspotConnector {
             .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let bytes = super::vendor::read_body(response, super::vendor::MAX_RESPONSE_BYTES, &label, TIMEOUT)
             .await
-            .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
+            .map_err(|e| self.scrubber.error(e))?;
         if status.is_success() {
             Ok((status, bytes.to_vec()))
         } else {
@@ -383,7 +382,9 @@ impl Connector for HubspotConnector {
             return Ok(());
         }
         let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = super::vendor::read_body(response, super::vendor::MAX_ERROR_BODY_BYTES, &label, TIMEOUT)
+            .await
+            .unwrap_or_default();
         let error = match self.failure(&label, status, &headers, &body) {
             // A refused check request says nothing about batches; nothing to split.
             SendError::BatchRejected(reason) => SendError::Fatal(reason),

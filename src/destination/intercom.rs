@@ -181,13 +181,12 @@ impl IntercomConnector {
             .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let bytes = super::vendor::read_body(response, super::vendor::MAX_RESPONSE_BYTES, &label, TIMEOUT)
             .await
-            .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
+            .map_err(|e| self.scrubber.error(e))?;
         if remaining(&headers) == Some(0) {
             let wait = reset_wait(&headers, SystemTime::now()).unwrap_or(Duration::ZERO);
-            *self.paused_until.lock().await = Some(Instant::now() + wait);
+            *self.paused_until.lock().await = Instant::now().checked_add(wait);
             // The window is the workspace's: every sync sending to it waits too.
             report::hold_back(wait);
         }
@@ -436,7 +435,10 @@ fn remaining(headers: &HeaderMap) -> Option<u64> {
 /// the past means no wait.
 fn reset_wait(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let reset: u64 = headers.get(RESET_HEADER)?.to_str().ok()?.trim().parse().ok()?;
-    let at = UNIX_EPOCH + Duration::from_secs(reset);
+    // The header is the vendor's number: a reset past what a clock can hold waits the longest.
+    let Some(at) = UNIX_EPOCH.checked_add(Duration::from_secs(reset)) else {
+        return Some(MAX_RESET_WAIT);
+    };
     Some(
         at.duration_since(now)
             .unwrap_or(Duration::ZERO)
@@ -513,6 +515,9 @@ mod tests {
         headers.insert(RESET_HEADER, HeaderValue::from_static("999999"));
         assert_eq!(reset_wait(&headers, now), Some(MAX_RESET_WAIT));
         assert_eq!(reset_wait(&HeaderMap::new(), now), None);
+        // A reset no clock can hold waits the longest instead of overflowing.
+        headers.insert(RESET_HEADER, HeaderValue::from_static("18446744073709551615"));
+        assert_eq!(reset_wait(&headers, now), Some(MAX_RESET_WAIT));
     }
 
     #[test]

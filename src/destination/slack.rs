@@ -157,7 +157,8 @@ impl SlackConnector {
         if channel.is_empty() {
             return Err("spec.slack.channel rendered empty for this record".to_owned());
         }
-        let text = render("spec.slack.text", &self.text, &record.fields)?;
+        // Values from rows are escaped: a row holding `<!channel>` must not ping a channel.
+        let text = render_escaped("spec.slack.text", &self.text, &record.fields)?;
         let body = serde_json::json!({ "channel": channel, "text": text });
         serde_json::to_vec(&body).map_err(|e| format!("failed to encode the message: {e}"))
     }
@@ -181,10 +182,14 @@ impl SlackConnector {
             .map_err(|e| self.scrubber.error(transport_error(label, e, DEFAULT_TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.scrubber.error(transport_error(label, e, DEFAULT_TIMEOUT)))?;
+        let body = super::vendor::read_body(
+            response,
+            super::vendor::MAX_RESPONSE_BYTES,
+            label,
+            DEFAULT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| self.scrubber.error(e))?;
         match classify_status(status) {
             StatusClass::Success => {}
             StatusClass::CredentialsRejected => {
@@ -254,14 +259,38 @@ fn read_ok(json: &serde_json::Value) -> Option<String> {
 /// Renders a template over a record's fields. A field the record lacks is an error naming it;
 /// NULL renders empty.
 fn render(field: &str, template: &Template, fields: &Document) -> Result<String, String> {
-    if let Some(missing) = template.variables().find(|name| lookup(fields, name).is_none()) {
-        return Err(format!(
-            "{field} uses {{{{{missing}}}}}, which this record does not have (check the mappings)"
-        ));
-    }
+    check_variables(field, template, fields)?;
     template
         .render(|name| lookup(fields, name))
         .map_err(|e| format!("{field}: {e}"))
+}
+
+/// Like [`render`], with every value escaped as Slack asks of text from elsewhere
+/// (<https://api.slack.com/reference/surfaces/formatting#escaping>): `&`, `<` and `>` become
+/// `&amp;`, `&lt;` and `&gt;`, so a value cannot mention `<!channel>`, a user or a link. The
+/// template's own text is sent as written.
+fn render_escaped(field: &str, template: &Template, fields: &Document) -> Result<String, String> {
+    check_variables(field, template, fields)?;
+    template
+        .render(|name| lookup(fields, name).map(|text| escape(&text)))
+        .map_err(|e| format!("{field}: {e}"))
+}
+
+/// A variable of `template` the record lacks is an error naming it.
+fn check_variables(field: &str, template: &Template, fields: &Document) -> Result<(), String> {
+    match template.variables().find(|name| lookup(fields, name).is_none()) {
+        Some(missing) => Err(format!(
+            "{field} uses {{{{{missing}}}}}, which this record does not have (check the mappings)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Slack's three control characters, escaped.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A field's text: the exact name first, then a dotted path through nested objects and JSON.
@@ -378,6 +407,16 @@ mod tests {
                 Value::Json(serde_json::json!({"plan": {"tier": "gold"}, "seats": 12})),
             ),
         ])
+    }
+
+    #[test]
+    fn values_from_rows_are_escaped_so_they_cannot_mention_or_link() {
+        let template = Template::parse("<!here> score of {{name}}").unwrap();
+        let fields = Document::from([("name".to_owned(), Value::Text("<!channel> & <@U123|x> >".into()))]);
+        assert_eq!(
+            render_escaped("spec.slack.text", &template, &fields).unwrap(),
+            "<!here> score of &lt;!channel&gt; &amp; &lt;@U123|x&gt; &gt;"
+        );
     }
 
     #[test]

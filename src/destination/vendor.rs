@@ -1,14 +1,15 @@
-//! Pieces every HTTP vendor connector's constructor needs: checking a configured URL, reading a
-//! credential from the Secret, marking an `Authorization` header sensitive and building the
-//! HTTP client. Each returns the same errors, with the same messages, the connectors wrote
-//! themselves before.
+//! Pieces every HTTP connector needs: checking a configured URL, reading a credential from the
+//! Secret, marking an `Authorization` header sensitive, building the HTTP client, and reading
+//! an answer's body with a cap. Each returns the same errors, with the same messages, the
+//! connectors wrote themselves before.
 
 use std::time::Duration;
 
 use reqwest::Url;
 use reqwest::header::HeaderValue;
 
-use super::{DestinationError, SecretData};
+use super::http::{RequestLabel, transport_error};
+use super::{DestinationError, SecretData, SendError};
 use crate::api::SecretKeyRef;
 
 /// How long to wait for a connection to a vendor.
@@ -87,6 +88,52 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, DestinationError> {
         .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| DestinationError::Invalid(format!("failed to build the HTTP client: {e}")))
+}
+
+/// Largest answer body read from a destination. Vendors answer a batch in kilobytes (a
+/// Salesforce Bulk result of 10,000 records is about 1 MB); a bigger answer is not buffered.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Largest body read from an answer only quoted in an error message (a refused connection
+/// check): the excerpt shows a few hundred characters of it.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads at most `limit` bytes of `response`'s body, chunk by chunk. A body announced or found
+/// larger is not read further: a retryable error naming the request (the connection is
+/// dropped, not drained). A transport failure reads as [`transport_error`] says. The result
+/// still goes through the connector's `Scrubber`.
+pub async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+    label: &RequestLabel,
+    timeout: Duration,
+) -> Result<Vec<u8>, SendError> {
+    let too_large = || SendError::Retryable {
+        reason: format!(
+            "failed to read the answer to {} {}: it is larger than {limit} bytes",
+            label.method, label.url
+        ),
+        retry_after: None,
+        throttled: false,
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(label, e, timeout))?
+    {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// `": <message>"` to append to an error's text, or `""` when the vendor said nothing.

@@ -267,10 +267,9 @@ impl ZendeskConnector {
             .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let bytes = super::vendor::read_body(response, super::vendor::MAX_RESPONSE_BYTES, &label, TIMEOUT)
             .await
-            .map_err(|e| self.scrubber.error(transport_error(&label, e, TIMEOUT)))?;
+            .map_err(|e| self.scrubber.error(e))?;
         if status.is_success() {
             Ok(bytes.to_vec())
         } else {

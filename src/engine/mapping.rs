@@ -85,9 +85,27 @@ pub struct RowRejection {
     pub reason: String,
 }
 
+/// Largest value a row may hold in one column, about (text, JSON, arrays): a larger one rejects
+/// its row, so that a few wide rows cannot exhaust the operator's memory.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Largest mapped record, as canonical JSON: a larger one rejects its row.
+pub const MAX_ROW_BYTES: usize = 4 * 1024 * 1024;
+
+/// A value a row may not carry (too large, or a decimal out of range): why, and whether it is
+/// in a primary key column (then the row's key cannot be named either).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueFault {
+    /// The reason, naming the column, never the value.
+    pub reason: String,
+    /// The value at fault is in a primary key column.
+    pub in_key: bool,
+}
+
 /// Mappings compiled against the model's columns.
 #[derive(Debug)]
 pub struct Mapper {
+    /// The model's column names, in order (for messages).
+    columns: Vec<String>,
     mappings: Vec<CompiledMapping>,
     key_columns: Vec<(String, usize)>,
     /// The record's fields, sorted as canonical JSON wants them.
@@ -198,11 +216,42 @@ impl Mapper {
             .into_iter()
             .collect();
         Ok(Mapper {
+            columns: columns.iter().map(|c| c.name.clone()).collect(),
             mappings: compiled,
             key_columns,
             shape,
             match_fields,
         })
+    }
+
+    /// Refuses a row with a value over [`MAX_VALUE_BYTES`], or a decimal whose exponent is
+    /// out of range ([`crate::engine::value::decimal_in_range`]), naming the column, never the
+    /// value. Cheap: no value is written out.
+    pub fn check_values(&self, row: &[Value]) -> Result<(), ValueFault> {
+        for (i, value) in row.iter().enumerate() {
+            let column = || self.columns.get(i).map_or("?", String::as_str);
+            let reason = if let Value::Decimal(d) = value
+                && !crate::engine::value::decimal_in_range(d)
+            {
+                format!(
+                    "column {:?} holds a decimal whose exponent is outside ±{}",
+                    column(),
+                    crate::engine::value::MAX_DECIMAL_EXPONENT
+                )
+            } else {
+                let bytes = value.approx_bytes();
+                if bytes <= MAX_VALUE_BYTES {
+                    continue;
+                }
+                format!(
+                    "column {:?} holds a value of about {bytes} bytes, over the limit of {MAX_VALUE_BYTES}",
+                    column()
+                )
+            };
+            let in_key = self.key_columns.iter().any(|(_, idx)| *idx == i);
+            return Err(ValueFault { reason, in_key });
+        }
+        Ok(())
     }
 
     /// The primary key of a row in canonical text form, or why it has none.
@@ -275,6 +324,18 @@ impl Mapper {
     /// the bytes [`crate::engine::value::write_document`] writes for the same record.
     pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
         write_shape(&self.shape, values, out);
+    }
+
+    /// The targets whose value is a JSON null (a `jsonb` `'null'`), which canonical JSON
+    /// writes as `null` like SQL NULL: the fingerprint and the spill carry them beside it.
+    /// Empty (and allocation-free) for almost every row.
+    pub fn json_nulls(&self, values: &[Value]) -> Vec<&str> {
+        self.mappings
+            .iter()
+            .zip(values)
+            .filter(|(_, v)| matches!(v, Value::Json(serde_json::Value::Null)))
+            .map(|(m, _)| m.target_text.as_str())
+            .collect()
     }
 
     /// Appends the canonical JSON of the match fields and their values: how the destination

@@ -2,7 +2,7 @@
 //! to send. Pure and streaming: rows go in one at a time; the planner keeps one byte per
 //! stored row and one hash per new key, never the rows themselves.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
 
@@ -65,8 +65,8 @@ pub struct Planner<'a> {
     /// are found once, by sorting, when the plan finishes: a hash map of a million keys cost
     /// more time and memory than the rest of the planner.
     new_keys: Vec<u128>,
-    /// Keys found more than once (hashes with the low byte cleared).
-    duplicates: HashSet<u128>,
+    /// Keys found more than once (hashes with the low byte cleared), with their rows.
+    duplicates: HashMap<u128, u64>,
     counts: PlanCounts,
     result_fingerprint: u64,
     /// The stored slot after the previous row's: where the next row most likely is.
@@ -96,6 +96,23 @@ pub fn fingerprint(canonical: &[u8]) -> u64 {
     xxh3_64(canonical)
 }
 
+/// The fingerprint of a record holding JSON nulls in `json_nulls` (targets, in mapping
+/// order), from its canonical JSON's: canonical JSON writes a JSON null and SQL NULL alike,
+/// so the targets are folded in. A record without JSON nulls keeps [`fingerprint`], so
+/// stored fingerprints stay valid.
+pub fn fingerprint_with_json_nulls(canonical_fingerprint: u64, json_nulls: &[&str]) -> u64 {
+    if json_nulls.is_empty() {
+        return canonical_fingerprint;
+    }
+    let mut marked = Vec::with_capacity(64);
+    marked.extend_from_slice(b"json null:");
+    for target in json_nulls {
+        marked.extend_from_slice(target.as_bytes());
+        marked.push(0);
+    }
+    xxh3_64_with_seed(&marked, canonical_fingerprint)
+}
+
 /// The 128-bit hash of a key, used to spot duplicates; its low byte is left free (zero).
 pub fn key_hash(key: &str) -> u128 {
     key_hash_from_stored(xxh3_128(key.as_bytes()))
@@ -123,10 +140,22 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Counts a row rejected before planning (NULL key, failed transform).
-    pub fn reject(&mut self) {
+    /// Counts a row rejected before planning (undecodable value, NULL key, failed
+    /// transform). A stored key is marked seen, so mirror mode does not delete its record
+    /// for a row that is still in the model; a later row of the same key is a duplicate.
+    pub fn reject(&mut self, key: Option<&str>) {
         self.counts.rows_in_model += 1;
         self.counts.rejected += 1;
+        let Some(key) = key else { return };
+        let Some(p) = self.state.position_near(key, self.hint) else {
+            return;
+        };
+        self.hint = p + 1;
+        if self.seen_stored[p] == UNSEEN {
+            self.seen_stored[p] = encode(Decision::Duplicate);
+        } else {
+            self.repeated_stored_key(key, self.seen_stored[p]);
+        }
     }
 
     /// Decides for one row.
@@ -139,11 +168,7 @@ impl<'a> Planner<'a> {
         if let Some(p) = position {
             let previous = self.seen_stored[p];
             if previous != UNSEEN {
-                if self.duplicates.insert(key_hash(key)) {
-                    // The first occurrence was counted as planned: move it to rejected too.
-                    self.uncount(decode(previous));
-                    self.counts.rejected += 1;
-                }
+                self.repeated_stored_key(key, previous);
                 self.counts.rejected += 1;
                 return Decision::Duplicate;
             }
@@ -163,6 +188,20 @@ impl<'a> Planner<'a> {
             None => self.new_keys.push(key_hash(key) | u128::from(code)),
         }
         decision
+    }
+
+    /// Counts another row of a stored key seen before (whose first row was decided
+    /// `previous`); the caller counts the row itself.
+    fn repeated_stored_key(&mut self, key: &str, previous: u8) {
+        match self.duplicates.entry(key_hash(key)) {
+            std::collections::hash_map::Entry::Occupied(mut rows) => *rows.get_mut() += 1,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(2);
+                // The first occurrence was counted as planned: move it to rejected too.
+                self.uncount(decode(previous));
+                self.counts.rejected += 1;
+            }
+        }
     }
 
     fn count(&mut self, d: Decision) {
@@ -200,7 +239,7 @@ impl<'a> Planner<'a> {
                 j += 1;
             }
             if j - i > 1 {
-                self.duplicates.insert(hash);
+                self.duplicates.insert(hash, (j - i) as u64);
                 for k in i..j {
                     self.uncount(decode((self.new_keys[k] & 0xFF) as u8));
                     self.counts.rejected += 1;
@@ -233,8 +272,8 @@ pub struct PlanOutcome {
     pub counts: PlanCounts,
     /// Positions in the stored fingerprints of rows gone from the model.
     pub removed: Vec<usize>,
-    /// Hashes of duplicated keys.
-    pub duplicates: std::collections::HashSet<u128>,
+    /// Hashes of duplicated keys, with the number of rows of each.
+    pub duplicates: HashMap<u128, u64>,
     /// Order-independent fingerprint of the model's keys and fingerprints.
     pub result_fingerprint: String,
 }
@@ -242,12 +281,17 @@ pub struct PlanOutcome {
 impl PlanOutcome {
     /// True when the key was found more than once.
     pub fn is_duplicate(&self, key: &str) -> bool {
-        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash(key))
+        !self.duplicates.is_empty() && self.duplicates.contains_key(&key_hash(key))
+    }
+
+    /// How many rows the model returned for a duplicated key (0 for a key that is not).
+    pub fn duplicate_rows(&self, key: &str) -> u64 {
+        self.duplicates.get(&key_hash(key)).copied().unwrap_or(0)
     }
 
     /// [`Self::is_duplicate`], from the key's [`crate::state::stored_key_hash`].
     pub fn is_duplicate_stored(&self, stored_hash: u128) -> bool {
-        !self.duplicates.is_empty() && self.duplicates.contains(&key_hash_from_stored(stored_hash))
+        !self.duplicates.is_empty() && self.duplicates.contains_key(&key_hash_from_stored(stored_hash))
     }
 }
 
@@ -374,11 +418,48 @@ mod tests {
         let out = p.finish();
         assert!(out.is_duplicate("new") && out.is_duplicate("same"));
         assert!(!out.is_duplicate("edited") && !out.is_duplicate("other"));
+        assert_eq!((out.duplicate_rows("new"), out.duplicate_rows("same")), (3, 2));
         assert_eq!(out.counts.rejected, 5);
         assert_eq!((out.counts.added, out.counts.unchanged), (1, 0));
         assert_eq!(out.counts.rows_in_model, 6);
         // "same" was seen, so it is not removed even though it was rejected.
         assert_eq!(out.counts.removed, 2);
+    }
+
+    #[test]
+    fn a_rejected_row_of_a_stored_key_keeps_its_record_from_deletion() {
+        let s = state();
+        let mut p = Planner::new(&s, SyncMode::Mirror, false);
+        p.plan("same", 1);
+        p.reject(Some("edited"));
+        p.reject(None);
+        let out = p.finish();
+        assert_eq!(out.counts.removed, 1, "only \"gone\" is removed");
+        assert_eq!((out.counts.rejected, out.counts.rows_in_model), (2, 3));
+    }
+
+    #[test]
+    fn a_key_both_rejected_and_planned_is_a_duplicate() {
+        let s = state();
+        let mut p = Planner::new(&s, SyncMode::Upsert, false);
+        p.reject(Some("edited"));
+        assert_eq!(p.plan("edited", 5), Decision::Duplicate);
+        p.plan("same", 1);
+        p.reject(Some("same"));
+        let out = p.finish();
+        assert!(out.is_duplicate("edited") && out.is_duplicate("same"));
+        assert_eq!(out.counts.rejected, 4);
+        assert_eq!(out.counts.unchanged, 0);
+    }
+
+    #[test]
+    fn json_nulls_change_the_fingerprint_only_of_records_that_hold_them() {
+        let canonical = fingerprint(br#"{"j":null}"#);
+        // Stored fingerprints of records without a JSON null stay valid.
+        assert_eq!(fingerprint_with_json_nulls(canonical, &[]), canonical);
+        let json_null = fingerprint_with_json_nulls(canonical, &["j"]);
+        assert_ne!(json_null, canonical);
+        assert_ne!(fingerprint_with_json_nulls(canonical, &["k"]), json_null);
     }
 
     #[test]

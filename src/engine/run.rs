@@ -8,11 +8,14 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::delete_guard::{self, DeleteCheck, KeySetHash};
 use super::mapping::{Mapper, MappingError};
-use super::plan::{Change, Decision, PlanCounts, PlanOutcome, Planner, fingerprint};
+use super::plan::{Change, Decision, PlanCounts, PlanOutcome};
 
+mod in_memory;
+mod rows;
 mod store_diff;
-use super::spill::{SpillReader, SpillWriter};
+use super::spill::SpillReader;
 use super::value::Document;
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::RejectedRow;
@@ -21,9 +24,6 @@ use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDelive
 use crate::destination::{Operation, PlannedSends, Record};
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
-
-/// Why every row of a repeated key is rejected.
-const DUPLICATE_KEY: &str = "duplicate primary key: the model returned this key more than once";
 
 /// Rejected rows kept as samples in a report.
 const REJECTED_SAMPLES: usize = 10;
@@ -41,6 +41,8 @@ pub struct SyncRun<'a> {
     pub spec: &'a ReverseSyncSpec,
     /// The source connection URL (from its Secret; never logged).
     pub source_url: &'a str,
+    /// The other keys of the source's Secret (private keys, client secrets; never logged).
+    pub source_credentials: source::Credentials,
     /// The destination behind the shared delivery layers.
     pub delivery: Delivery,
     /// What the fingerprints are about (the destination's identity); a new scope resends all.
@@ -84,6 +86,13 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// Progress receiver.
     pub progress: Arc<dyn Progress>,
+    /// The plan id of deletes past the delete limit that a person approved (the
+    /// `backflow.dev/approve-deletes` annotation, `--approve-deletes`); it lets through only
+    /// the plan it names.
+    pub approved_deletes: Option<String>,
+    /// Sends the cloud warehouses' requests to this base URL (a local double); set by tests
+    /// only, see [`source::Connection::endpoint_override`].
+    pub source_endpoint_override: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -96,6 +105,8 @@ impl Default for RunOptions {
             checkpoint_interval: Duration::from_secs(5),
             cancel: CancellationToken::new(),
             progress: Arc::new(NoProgress),
+            approved_deletes: None,
+            source_endpoint_override: None,
         }
     }
 }
@@ -226,9 +237,16 @@ pub struct RunReport {
     pub source_privileges: Option<source::Privileges>,
     /// The error that stopped the run, if any.
     pub error: Option<RunError>,
+    /// The mass-delete guard's finding, when the plan deleted anything (mirror mode).
+    pub delete_check: Option<DeleteCheck>,
 }
 
 impl RunReport {
+    /// True when the delete limit held this run's deletes back (or would, in a dry run).
+    pub fn deletes_held_back(&self) -> bool {
+        self.delete_check.as_ref().is_some_and(DeleteCheck::held_back)
+    }
+
     /// Seconds the run took.
     pub fn seconds(&self) -> f64 {
         (self.finished - self.started).num_milliseconds() as f64 / 1000.0
@@ -307,6 +325,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             plan_samples: Vec::new(),
             source_privileges: None,
             error: None,
+            delete_check: None,
         },
         pending: Vec::new(),
         last_commit: Instant::now(),
@@ -338,7 +357,8 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
         c.report.error = Some(e);
     }
     let r = &mut c.report;
-    r.result = if r.error.is_some() || r.failed > 0 {
+    // Held-back deletes fail a real run: the plan was not carried out and a person must look.
+    r.result = if r.error.is_some() || r.failed > 0 || (!options.dry_run && r.deletes_held_back()) {
         RunResult::Failed
     } else if r.rows_rejected() > 0 {
         RunResult::PartiallySucceeded
@@ -384,8 +404,20 @@ async fn run_steps(
         },
         ..SourceOptions::default()
     };
-    // The query starts first so the database works while the state loads.
-    let mut rows = source::extract(job.source_url, &spec.source.query, &source_options).await?;
+    // The query starts first so the database works while the state loads. A cancelled run
+    // drops the extraction, which cancels a warehouse statement still running.
+    let mut rows = tokio::select! {
+        rows = source::extract_from(
+            source::Connection {
+                url: job.source_url,
+                credentials: &job.source_credentials,
+                endpoint_override: options.source_endpoint_override.as_deref(),
+            },
+            &spec.source.query,
+            &source_options,
+        ) => rows?,
+        () = options.cancel.cancelled() => return Err(RunError::Cancelled),
+    };
     match rows.privileges() {
         source::Privileges::Elevated(found) => tracing::warn!(
             privileges = %found.join(", "),
@@ -410,6 +442,7 @@ async fn run_steps(
     };
     let Planned {
         state,
+        stored_records,
         plan,
         spilled,
         decider,
@@ -417,16 +450,39 @@ async fn run_steps(
     } = if pushed {
         store_diff::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     } else {
-        plan_in_memory(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+        in_memory::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     };
     c.report.plan = plan.counts;
     c.report.result_fingerprint = plan.result_fingerprint.clone();
     options.progress.planned(plan.counts.rows_in_model);
-    let deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
+    let mut deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
         plan.removed.clone()
     } else {
         Vec::new()
     };
+    if !deletes.is_empty() {
+        let mut keys = KeySetHash::default();
+        for e in deletes.iter().filter_map(|&pos| state.get(pos)) {
+            keys.add(e.key);
+        }
+        let check = delete_guard::check(
+            &delete_guard::Limits::of(spec.delete_limit.as_ref()),
+            stored_records,
+            deletes.len() as u64,
+            keys,
+            options.approved_deletes.as_deref(),
+        );
+        if let Some(reason) = &check.exceeded {
+            if check.approved {
+                tracing::warn!(plan_id = %check.plan_id, reason, "deletes past the delete limit go out: this plan was approved");
+            } else {
+                tracing::warn!(plan_id = %check.plan_id, reason, "deletes held back by the delete limit; adds and updates still go out");
+                // The deleted rows stay in the state, so the next run plans them again.
+                deletes.clear();
+            }
+        }
+        c.report.delete_check = Some(check);
+    }
     tracing::info!(
         rows = plan.counts.rows_in_model,
         added = plan.counts.added,
@@ -472,9 +528,11 @@ async fn run_steps(
 }
 
 /// A finished plan: the stored rows it refers to (all of them in memory, only the removed
-/// ones when the store diffed), the outcome, the spilled rows and how to read them.
+/// ones when the store diffed), how many rows were stored, the outcome, the spilled rows and
+/// how to read them.
 struct Planned {
     state: Fingerprints,
+    stored_records: u64,
     plan: PlanOutcome,
     spilled: SpillReader,
     decider: Decider,
@@ -531,171 +589,6 @@ impl Decider {
     ) -> std::io::Result<Option<super::spill::SpilledRow>> {
         reader.next_row_where(|key, operation, added| self.choose(plan, key, operation, added))
     }
-}
-
-/// What the model's next row became.
-enum NextRow {
-    /// The model has no more rows.
-    End,
-    /// The row could not be mapped; it was rejected with its reason.
-    Rejected,
-    /// The mapped row and its fingerprint; its canonical JSON is in the caller's buffer.
-    Mapped(super::mapping::MappedRow, u64),
-}
-
-/// Reads and maps the model's next row, for both planners: stops a cancelled run, and hands
-/// the rejections collected so far to the store in batches.
-async fn next_row(
-    rows: &mut source::RowStream,
-    mapper: &Mapper,
-    store: &mut dyn StateStore,
-    options: &RunOptions,
-    canonical: &mut Vec<u8>,
-    c: &mut Collector,
-) -> Result<NextRow, RunError> {
-    let Some(row) = rows.next().await else {
-        return Ok(NextRow::End);
-    };
-    if options.cancel.is_cancelled() {
-        return Err(RunError::Cancelled);
-    }
-    let row = row?;
-    if c.rejections.len() >= REJECTION_BATCH {
-        flush_rejections(store, c, false).await;
-    }
-    Ok(match map_row(mapper, row, canonical, c) {
-        Some((mapped, fp)) => NextRow::Mapped(mapped, fp),
-        None => NextRow::Rejected,
-    })
-}
-
-/// Maps one extracted row: its key, mapped values, canonical JSON (in `canonical`) and
-/// fingerprint. A row that cannot be mapped is rejected with its reason; `None`.
-fn map_row(
-    mapper: &Mapper,
-    row: Vec<super::value::Value>,
-    canonical: &mut Vec<u8>,
-    c: &mut Collector,
-) -> Option<(super::mapping::MappedRow, u64)> {
-    let key = match mapper.key(&row) {
-        Ok(k) => k,
-        Err(reason) => {
-            c.reject(None, "plan", &reason);
-            return None;
-        }
-    };
-    let mapped = match mapper.map(key, row) {
-        Ok(m) => m,
-        Err(rejection) => {
-            c.reject(rejection.key.as_deref(), "plan", &rejection.reason);
-            return None;
-        }
-    };
-    canonical.clear();
-    mapper.write_fields(&mapped.values, canonical);
-    let fp = fingerprint(canonical);
-    Some((mapped, fp))
-}
-
-/// Loads every stored fingerprint and plans in memory, spilling only what is to be sent: for
-/// a store without a diff of its own, or one that declined it (the first run after a switch
-/// of stores plans against the imported state).
-async fn plan_in_memory(
-    rows: &mut source::RowStream,
-    mapper: &Mapper,
-    store: &mut dyn StateStore,
-    scope: &str,
-    mode: SyncMode,
-    options: &RunOptions,
-    c: &mut Collector,
-) -> Result<Planned, RunError> {
-    let state = store.load(scope).await?;
-    tracing::info!(
-        stored_rows = state.len(),
-        state_bytes = state.memory_bytes(),
-        "state loaded"
-    );
-    let mut planner = Planner::new(&state, mode, options.full_resync);
-    let mut spill = SpillWriter::new().map_err(RunError::spill)?;
-    let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
-    let mut canonical = Vec::with_capacity(512);
-    let mut identity_json = Vec::with_capacity(64);
-    let mut planned = 0u64;
-    let mut sends = PlannedSends::default();
-    loop {
-        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
-            NextRow::End => break,
-            NextRow::Rejected => {
-                planner.reject();
-                continue;
-            }
-            NextRow::Mapped(mapped, fp) => (mapped, fp),
-        };
-        match planner.plan(&mapped.key, fp) {
-            Decision::Send(operation, change) => {
-                sends.add(operation, 1);
-                identity_json.clear();
-                mapper.write_identity(&mapped.values, &mut identity_json);
-                if options.dry_run {
-                    let n = samples_per_op.entry(operation).or_default();
-                    if *n < options.sample_size {
-                        *n += 1;
-                        c.report.plan_samples.push(PlanSample {
-                            operation: operation.as_str().to_owned(),
-                            key: mapped.key.clone(),
-                            record: String::from_utf8_lossy(&canonical).into_owned(),
-                        });
-                    }
-                }
-                spill
-                    .push(
-                        operation,
-                        &mapped.key,
-                        fp,
-                        change == Change::Added,
-                        &identity_json,
-                        &canonical,
-                    )
-                    .map_err(RunError::spill)?;
-            }
-            Decision::Duplicate => c.reject(Some(&mapped.key), "plan", DUPLICATE_KEY),
-            Decision::Skip(_) => {}
-        }
-        planned += 1;
-        if planned.is_multiple_of(10_000) {
-            options.progress.planned(planned);
-        }
-    }
-    let plan = planner.finish();
-    let mut spilled = spill.into_reader().map_err(RunError::spill)?;
-    if !plan.duplicates.is_empty() {
-        sample_duplicates(&mut spilled, &plan, c).map_err(RunError::spill)?;
-        c.report.plan_samples.retain(|s| !plan.is_duplicate(&s.key));
-    }
-    Ok(Planned {
-        state,
-        plan,
-        spilled,
-        decider: Decider::Planned,
-        sends,
-    })
-}
-
-/// Reports a few rows of keys the model returned more than once (found when the plan
-/// finished), then rewinds the spill for delivery.
-fn sample_duplicates(
-    spilled: &mut SpillReader,
-    plan: &PlanOutcome,
-    c: &mut Collector,
-) -> std::io::Result<()> {
-    let mut seen = std::collections::HashSet::new();
-    while c.report.rejected_samples.len() < REJECTED_SAMPLES {
-        let Some(row) = spilled.next_row()? else { break };
-        if plan.is_duplicate(&row.key) && seen.insert(row.key.clone()) {
-            c.reject(Some(&row.key), "plan", DUPLICATE_KEY);
-        }
-    }
-    spilled.rewind()
 }
 
 /// A batch ready to send: the operation, the records, and per record what to store once it
@@ -825,7 +718,9 @@ impl SpillBatches<'_> {
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
         let batch_size = self.delivery.batch_size();
+        let max_batch_bytes = self.delivery.config().max_batch_bytes;
         let mut batch: Option<Batch> = None;
+        let mut bytes = 0usize;
         loop {
             let row = match self.carry.take() {
                 Some(r) => r,
@@ -843,10 +738,14 @@ impl SpillBatches<'_> {
                 records: Vec::with_capacity(batch_size),
                 stored: Default::default(),
             });
-            if b.operation != row.operation {
+            // A batch ends at its record count or its byte size, whichever comes first; a row
+            // alone over the byte size still goes, alone.
+            let full = !b.records.is_empty() && bytes.saturating_add(row.bytes) > max_batch_bytes;
+            if b.operation != row.operation || full {
                 self.carry = Some(row);
                 return Ok(batch);
             }
+            bytes = bytes.saturating_add(row.bytes);
             b.stored
                 .insert(row.key.clone(), (row.fingerprint, row.identity_json));
             b.records.push(Record {

@@ -4,21 +4,111 @@
 //! Where objects come from is the caller's business ([`Resolver`]): manifests for local runs,
 //! the API server for the operator and Job-mode runs.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::api::validation::{validate_destination, validate_reverse_sync};
-use crate::api::{Destination, ReverseSync, ReverseSyncSpec, SecretKeyRef};
+use crate::api::{Destination, DestinationType, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
-use crate::destination::{SecretData, SendError};
+use crate::destination::{Connector, SecretData, SendError};
+use crate::source::Credentials;
 
 /// Finds the objects a sync refers to, in one namespace.
 #[async_trait]
 pub trait Resolver: Send + Sync {
     /// The Destination `name` of `namespace`.
     async fn destination(&self, namespace: &str, name: &str) -> Result<Destination, SetupError>;
-    /// The decoded Secret `name` of `namespace`.
-    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, SetupError>;
+    /// The decoded Secret `name` of `namespace`, read on behalf of `user` (the object whose
+    /// spec names it): a cluster resolver refuses a Secret that does not grant `user` its use.
+    async fn secret(&self, namespace: &str, name: &str, user: &SecretUser) -> Result<SecretData, SetupError>;
+    /// A connector to use for `destination` instead of the one its type builds; `None` (the
+    /// default) builds it from its spec.
+    fn custom_connector(&self, _destination: &Destination) -> Option<Arc<dyn Connector>> {
+        None
+    }
+    /// False where `sqlite://` files would live in a shared process (the operator's pod): a
+    /// SQLite source, state connection or destination is then refused.
+    fn allows_sqlite(&self) -> bool {
+        true
+    }
+}
+
+/// Refuses a `sqlite://` URL of `field` where the resolver does not allow SQLite.
+fn check_sqlite(resolver: &dyn Resolver, field: &str, url: &str) -> Result<(), SetupError> {
+    if !resolver.allows_sqlite() && url.trim_start().to_ascii_lowercase().starts_with("sqlite:") {
+        return Err(SetupError::InvalidSync(format!(
+            "{field}: sqlite:// databases are files inside the operator's pod and are refused in a \
+             cluster; use them with `backflow run -f`"
+        )));
+    }
+    Ok(())
+}
+
+/// The function behind [`CustomConnectors`].
+type ConnectorFor = dyn Fn(&Destination) -> Option<Arc<dyn Connector>> + Send + Sync;
+
+/// Connectors an embedder of the operator supplies for some Destinations instead of the ones
+/// their type builds: the integration tests inject faulty connectors through it (one that
+/// panics, say). Empty by default; `backflow operator` never sets it.
+#[derive(Clone, Default)]
+pub struct CustomConnectors(Option<Arc<ConnectorFor>>);
+
+impl CustomConnectors {
+    /// Connectors chosen by `pick`: `Some` replaces the Destination's own connector.
+    pub fn new(pick: impl Fn(&Destination) -> Option<Arc<dyn Connector>> + Send + Sync + 'static) -> Self {
+        CustomConnectors(Some(Arc::new(pick)))
+    }
+
+    /// The connector supplied for `destination`, if any.
+    pub fn get(&self, destination: &Destination) -> Option<Arc<dyn Connector>> {
+        self.0.as_ref().and_then(|pick| pick(destination))
+    }
+}
+
+impl std::fmt::Debug for CustomConnectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CustomConnectors(set)"
+        } else {
+            "CustomConnectors(none)"
+        })
+    }
+}
+
+/// The object on whose behalf a Secret is read: the Destination of `credentialsSecretRef`, the
+/// ReverseSync of `source.connectionSecretRef` and `state.connectionSecretRef`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretUser {
+    /// `Destination` or `ReverseSync`.
+    pub kind: &'static str,
+    /// Its name (same namespace as the Secret).
+    pub name: String,
+}
+
+impl SecretUser {
+    /// The Destination `name`.
+    pub fn destination(name: &str) -> SecretUser {
+        SecretUser {
+            kind: "Destination",
+            name: name.to_owned(),
+        }
+    }
+
+    /// The ReverseSync `name`.
+    pub fn reverse_sync(name: &str) -> SecretUser {
+        SecretUser {
+            kind: "ReverseSync",
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for SecretUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
 }
 
 /// Why a sync cannot start. Messages name objects and keys, never values.
@@ -56,14 +146,17 @@ pub enum SetupError {
         reason: String,
     },
     /// A Secret does not exist.
-    #[error("failed to find Secret {name:?} in namespace {namespace:?}{hint}")]
+    #[error("failed to find Secret {name:?} in namespace {namespace:?}{}", secret_hint(env_prefix.as_deref(), keys))]
     SecretNotFound {
         /// Namespace searched.
         namespace: String,
         /// Name.
         name: String,
-        /// How to provide it (local runs), empty in a cluster.
-        hint: String,
+        /// Local runs: the prefix of the environment variables that can stand in for the
+        /// Secret (`BACKFLOW_SECRET_WAREHOUSE_`); `None` in a cluster.
+        env_prefix: Option<String>,
+        /// The keys the sync reads from it, when known (`url` for a connection Secret).
+        keys: Vec<String>,
     },
     /// A Secret lacks a key.
     #[error("failed to read key {key:?} of Secret {name:?}: no such key")]
@@ -72,6 +165,21 @@ pub enum SetupError {
         name: String,
         /// Missing key.
         key: String,
+    },
+    /// The Secret exists but does not grant its use to the object that names it.
+    #[error(
+        "failed to use Secret {name:?} of namespace {namespace:?} for {user}: the Secret does not grant it; \
+         add the annotation {annotation}: \"{user}\" to the Secret (a comma-separated list of Kind/name, name may be *)"
+    )]
+    SecretNotGranted {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+        /// Who asked (`Destination/webhook`).
+        user: String,
+        /// The annotation that grants use.
+        annotation: String,
     },
     /// The Destination's connection check failed.
     #[error("Destination {name:?} is not ready: {reason}")]
@@ -93,7 +201,55 @@ pub enum SetupError {
     },
 }
 
+/// The environment variable standing in for key `key` of a Secret in local runs, after the
+/// Secret's prefix (`BACKFLOW_SECRET_WAREHOUSE_`): the key upper case, every other
+/// character than a letter or a digit turned into `_`.
+pub fn secret_env_var(prefix: &str, key: &str) -> String {
+    let key: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}{key}")
+}
+
+/// How to provide a missing Secret in a local run: a manifest or one variable per key.
+fn secret_hint(env_prefix: Option<&str>, keys: &[String]) -> String {
+    let Some(prefix) = env_prefix else {
+        return String::new();
+    };
+    if keys.is_empty() {
+        return format!(": add a Secret manifest or set {prefix}<KEY> for each of its keys");
+    }
+    let vars: Vec<String> = keys.iter().map(|k| secret_env_var(prefix, k)).collect();
+    format!(": add a Secret manifest or set {}", vars.join(" and "))
+}
+
 impl SetupError {
+    /// Says which keys of a missing Secret the caller reads, so the hint names the variables
+    /// that work; other errors pass unchanged.
+    pub fn reading_keys(self, wanted: &[&str]) -> SetupError {
+        match self {
+            SetupError::SecretNotFound {
+                namespace,
+                name,
+                env_prefix,
+                keys: _,
+            } => SetupError::SecretNotFound {
+                namespace,
+                name,
+                env_prefix,
+                keys: wanted.iter().map(|k| (*k).to_owned()).collect(),
+            },
+            other => other,
+        }
+    }
+
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
@@ -103,6 +259,7 @@ impl SetupError {
             SetupError::InvalidDestination { .. } => "InvalidDestination",
             SetupError::SecretNotFound { .. } => "SecretNotFound",
             SetupError::SecretKeyMissing { .. } => "SecretInvalid",
+            SetupError::SecretNotGranted { .. } => "SecretNotGranted",
             SetupError::DestinationNotReady { .. } => "DestinationNotReady",
             SetupError::Unavailable { .. } => "ApiUnavailable",
         }
@@ -153,6 +310,14 @@ pub async fn destination(
         name: name.clone(),
         reason: e.to_string(),
     })?;
+    if !resolver.allows_sqlite() && destination.spec.destination_type == DestinationType::Sqlite {
+        return Err(SetupError::InvalidDestination {
+            name,
+            reason: "type sqlite writes a file inside the operator's pod and is refused in a cluster; \
+                     use it with `backflow run -f`"
+                .to_owned(),
+        });
+    }
     let secret = match &destination.spec.credentials_secret_ref {
         Some(r) => {
             check_namespace(
@@ -160,16 +325,20 @@ pub async fn destination(
                 r.namespace.as_deref(),
                 namespace,
             )?;
-            Some(resolver.secret(namespace, &r.name).await?)
+            let user = SecretUser::destination(&name);
+            Some(resolver.secret(namespace, &r.name, &user).await?)
         }
         None => None,
     };
-    let connector = crate::destination::build(&destination.spec, secret.as_ref())
-        .await
-        .map_err(|e| SetupError::InvalidDestination {
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
+    let connector = match resolver.custom_connector(&destination) {
+        Some(custom) => custom,
+        None => crate::destination::build(&destination.spec, secret.as_ref())
+            .await
+            .map_err(|e| SetupError::InvalidDestination {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?,
+    };
     let caps = connector.capabilities();
     let config = DeliveryConfig::resolve(&destination.spec, &caps).map_err(|reason| {
         SetupError::InvalidDestination {
@@ -202,6 +371,8 @@ pub async fn destination(
 pub struct Prepared {
     /// The source connection URL (from its Secret; never logged).
     pub source_url: String,
+    /// The source Secret's other keys (never logged).
+    pub source_credentials: Credentials,
     /// The destination, ready to deliver.
     pub destination: ReadyDestination,
     /// What the fingerprints are about.
@@ -237,7 +408,9 @@ pub async fn prepare(
         .destination(namespace, &spec.destination_ref.name)
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
-    let source_url = connection_url(resolver, namespace, source_ref).await?;
+    let user = SecretUser::reverse_sync(sync.metadata.name.as_deref().unwrap_or_default());
+    let (source_url, source_credentials) = connection(resolver, namespace, source_ref, &user).await?;
+    check_sqlite(resolver, "spec.source.connectionSecretRef", &source_url)?;
     let state_url = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
         Some(state_ref) => {
             check_namespace(
@@ -245,13 +418,16 @@ pub async fn prepare(
                 state_ref.namespace.as_deref(),
                 namespace,
             )?;
-            Some(connection_url(resolver, namespace, state_ref).await?)
+            let url = connection_url(resolver, namespace, state_ref, &user).await?;
+            check_sqlite(resolver, "spec.state.connectionSecretRef", &url)?;
+            Some(url)
         }
         None => None,
     };
     let scope = scope(namespace, &destination.destination);
     Ok(Prepared {
         source_url,
+        source_credentials,
         destination,
         scope,
         state_url,
@@ -263,16 +439,37 @@ async fn connection_url(
     resolver: &dyn Resolver,
     namespace: &str,
     reference: &SecretKeyRef,
+    user: &SecretUser,
 ) -> Result<String, SetupError> {
-    let secret = resolver.secret(namespace, &reference.name).await?;
+    connection(resolver, namespace, reference, user)
+        .await
+        .map(|(url, _)| url)
+}
+
+/// The connection URL a Secret key holds (key default `url`), and the Secret's other keys
+/// (private keys, client secrets) for the sources that need them; the caller checked the
+/// namespace.
+async fn connection(
+    resolver: &dyn Resolver,
+    namespace: &str,
+    reference: &SecretKeyRef,
+    user: &SecretUser,
+) -> Result<(String, Credentials), SetupError> {
     let key = reference.key.as_deref().unwrap_or("url");
-    secret
+    let secret = resolver
+        .secret(namespace, &reference.name, user)
+        .await
+        .map_err(|e| e.reading_keys(&[key]))?;
+    let url = secret
         .get(key)
         .map(str::to_owned)
         .ok_or_else(|| SetupError::SecretKeyMissing {
             name: reference.name.clone(),
             key: key.to_owned(),
-        })
+        })?;
+    let mut others = secret.entries().clone();
+    others.remove(key);
+    Ok((url, Credentials::new(others)))
 }
 
 /// The Warehouse store's connection URL: the one of `spec.state.connectionSecretRef` when set,
@@ -281,6 +478,7 @@ async fn connection_url(
 pub async fn warehouse_state_url(
     resolver: &dyn Resolver,
     namespace: &str,
+    name: &str,
     spec: &ReverseSyncSpec,
 ) -> Result<String, SetupError> {
     let (field, reference) = match spec.state.as_ref().and_then(|s| s.connection_secret_ref.as_ref()) {
@@ -291,7 +489,7 @@ pub async fn warehouse_state_url(
         ),
     };
     check_namespace(field, reference.namespace.as_deref(), namespace)?;
-    connection_url(resolver, namespace, reference).await
+    connection_url(resolver, namespace, reference, &SecretUser::reverse_sync(name)).await
 }
 
 /// What a sync's fingerprints are about: the destination's name and target.

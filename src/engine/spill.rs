@@ -26,6 +26,8 @@ pub struct SpilledRow {
     pub identity_json: String,
     /// Mapped fields.
     pub fields: Document,
+    /// Bytes of the row's spilled line: about what it weighs in a request.
+    pub bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -37,8 +39,22 @@ struct Line<'a> {
     a: bool,
     #[serde(borrow)]
     i: &'a serde_json::value::RawValue,
+    /// Fields holding a JSON null (absent when none): `null` in `d` is SQL NULL otherwise.
+    #[serde(borrow, default)]
+    n: Vec<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     d: &'a serde_json::value::RawValue,
+}
+
+/// A planned row's canonical JSON, as the spill keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct RowJson<'a> {
+    /// The match fields.
+    pub identity: &'a [u8],
+    /// The mapped fields.
+    pub fields: &'a [u8],
+    /// The fields holding a JSON null, which `fields` writes as `null` like SQL NULL.
+    pub json_nulls: &'a [&'a str],
 }
 
 /// Bytes of rows collected before they are handed to the writing thread.
@@ -97,9 +113,13 @@ impl SpillWriter {
         key: &str,
         fingerprint: u64,
         added: bool,
-        identity_json: &[u8],
-        fields_json: &[u8],
+        json: RowJson<'_>,
     ) -> std::io::Result<u64> {
+        let RowJson {
+            identity: identity_json,
+            fields: fields_json,
+            json_nulls,
+        } = json;
         let offset = self.handed_over + self.block.len() as u64;
         let b = &mut self.block;
         b.extend_from_slice(b"{\"o\":\"");
@@ -108,6 +128,16 @@ impl SpillWriter {
         write_json_string(key, b);
         write!(b, ",\"f\":{fingerprint},\"a\":{added},\"i\":")?;
         b.extend_from_slice(identity_json);
+        if !json_nulls.is_empty() {
+            b.extend_from_slice(b",\"n\":[");
+            for (i, target) in json_nulls.iter().enumerate() {
+                if i > 0 {
+                    b.push(b',');
+                }
+                write_json_string(target, b);
+            }
+            b.push(b']');
+        }
         b.extend_from_slice(b",\"d\":");
         b.extend_from_slice(fields_json);
         b.extend_from_slice(b"}\n");
@@ -236,6 +266,7 @@ impl SpillReader {
             } else if self.lines.read_line(&mut self.line)? == 0 {
                 return Ok(None);
             }
+            let bytes = self.line.len();
             let l: Line<'_> = serde_json::from_str(self.line.trim_end()).map_err(invalid)?;
             let operation = match l.o {
                 "insert" => Operation::Insert,
@@ -252,10 +283,31 @@ impl SpillReader {
                 added,
                 identity: parse_document(l.i.get()).map_err(invalid)?,
                 identity_json: l.i.get().to_owned(),
-                fields: parse_document(l.d.get()).map_err(invalid)?,
+                fields: {
+                    let mut fields = parse_document(l.d.get()).map_err(invalid)?;
+                    for target in &l.n {
+                        set_json_null(&mut fields, target);
+                    }
+                    fields
+                },
                 key: l.k.into_owned(),
+                bytes,
             }));
         }
+    }
+}
+
+/// Puts a JSON null at the dotted `target` of a document read back from canonical JSON, where
+/// it reads as SQL NULL.
+fn set_json_null(doc: &mut Document, target: &str) {
+    let (head, rest) = match target.split_once('.') {
+        Some((head, rest)) => (head, Some(rest)),
+        None => (target, None),
+    };
+    match (doc.get_mut(head), rest) {
+        (Some(slot), None) => *slot = Value::Json(serde_json::Value::Null),
+        (Some(Value::Object(inner)), Some(rest)) => set_json_null(inner, rest),
+        _ => {}
     }
 }
 
@@ -270,6 +322,14 @@ pub fn parse_document(json: &str) -> Result<Document, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn json<'a>(identity: &'a [u8], json_nulls: &'a [&'a str], fields: &'a [u8]) -> RowJson<'a> {
+        RowJson {
+            identity,
+            fields,
+            json_nulls,
+        }
+    }
     use std::str::FromStr;
 
     #[test]
@@ -287,8 +347,14 @@ mod tests {
             fields.insert("t".into(), Value::Text(text));
             let body = crate::engine::value::canonical_bytes(&fields);
             offsets.push(
-                w.push(Operation::Upsert, &format!("k{i}"), i, false, b"{}", &body)
-                    .unwrap(),
+                w.push(
+                    Operation::Upsert,
+                    &format!("k{i}"),
+                    i,
+                    false,
+                    json(b"{}", &[], &body),
+                )
+                .unwrap(),
             );
         }
         let mut r = w.into_reader().unwrap();
@@ -336,8 +402,11 @@ mod tests {
             "k\"1",
             42,
             true,
-            &crate::engine::value::canonical_bytes(&identity),
-            &crate::engine::value::canonical_bytes(&fields),
+            json(
+                &crate::engine::value::canonical_bytes(&identity),
+                &[],
+                &crate::engine::value::canonical_bytes(&fields),
+            ),
         )
         .unwrap();
         let mut r = w.into_reader().unwrap();
@@ -349,5 +418,31 @@ mod tests {
         );
         assert_eq!(row.identity_json, "{\"s\":\"é\\n\\\"\"}");
         assert!(r.next_row().unwrap().is_none());
+    }
+
+    #[test]
+    fn json_nulls_come_back_as_json_nulls_and_sql_nulls_as_sql_nulls() {
+        let mut nested = Document::new();
+        nested.insert("j".into(), Value::Json(serde_json::Value::Null));
+        let mut fields = Document::new();
+        fields.insert("a".into(), Value::Json(serde_json::Value::Null));
+        fields.insert("b".into(), Value::Null);
+        fields.insert("p".into(), Value::Object(nested));
+        let mut w = SpillWriter::new().unwrap();
+        let body = crate::engine::value::canonical_bytes(&fields);
+        w.push(
+            Operation::Upsert,
+            "k",
+            1,
+            false,
+            json(b"{}", &["a", "p.j"], &body),
+        )
+        .unwrap();
+        w.push(Operation::Upsert, "k2", 2, false, json(b"{}", &[], &body))
+            .unwrap();
+        let mut r = w.into_reader().unwrap();
+        assert_eq!(r.next_row().unwrap().unwrap().fields, fields);
+        let plain = r.next_row().unwrap().unwrap().fields;
+        assert_eq!(plain["a"], Value::Null);
     }
 }

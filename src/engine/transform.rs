@@ -82,7 +82,8 @@ impl Transform {
     pub fn apply(&self, value: Value) -> Result<Value, String> {
         match (self, value) {
             (Transform::Default(fallback), v) if v.is_null() => Ok(fallback.clone()),
-            (_, v) if v.is_null() => Ok(Value::Null),
+            // NULL stays NULL and a JSON null stays a JSON null.
+            (_, v) if v.is_null() => Ok(v),
             (Transform::Default(_), v) => Ok(v),
             (Transform::Lowercase, Value::Text(s)) => Ok(Value::Text(s.to_lowercase())),
             (Transform::Uppercase, Value::Text(s)) => Ok(Value::Text(s.to_uppercase())),
@@ -129,9 +130,16 @@ fn to_number(v: Value) -> Result<Value, String> {
             if let Ok(i) = t.parse::<i64>() {
                 Ok(Value::Int(i))
             } else {
-                t.parse::<BigDecimal>()
-                    .map(Value::Decimal)
-                    .map_err(|_| "to_number: the value is not a number".to_owned())
+                let d = t
+                    .parse::<BigDecimal>()
+                    .map_err(|_| "to_number: the value is not a number".to_owned())?;
+                if !crate::engine::value::decimal_in_range(&d) {
+                    return Err(format!(
+                        "to_number: the number's exponent is outside ±{}",
+                        crate::engine::value::MAX_DECIMAL_EXPONENT
+                    ));
+                }
+                Ok(Value::Decimal(d))
             }
         }
         _ => Err("to_number: the value is not text or a number".to_owned()),

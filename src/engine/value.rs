@@ -48,6 +48,35 @@ pub enum Value {
 }
 
 impl Value {
+    /// About how many bytes the value takes as text (its canonical JSON, give or take quotes
+    /// and escapes): what bounds a value's and a row's size.
+    pub fn approx_bytes(&self) -> usize {
+        fn json_bytes(v: &serde_json::Value) -> usize {
+            match v {
+                serde_json::Value::String(s) => s.len() + 2,
+                serde_json::Value::Array(a) => a.iter().map(|x| json_bytes(x) + 1).sum::<usize>() + 2,
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, x)| k.len() + 4 + json_bytes(x)).sum::<usize>() + 2
+                }
+                _ => 8,
+            }
+        }
+        match self {
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 8,
+            Value::Decimal(d) => d.digits().try_into().unwrap_or(usize::MAX).saturating_add(8),
+            Value::Text(s) => s.len() + 2,
+            Value::Date(_) | Value::Time(_) | Value::Timestamp(_) | Value::Uuid(_) => 40,
+            Value::Json(j) => json_bytes(j),
+            Value::Array(a) => a.iter().map(|x| x.approx_bytes() + 1).sum::<usize>() + 2,
+            Value::Object(o) => {
+                o.iter()
+                    .map(|(k, x)| k.len() + 4 + x.approx_bytes())
+                    .sum::<usize>()
+                    + 2
+            }
+        }
+    }
+
     /// True for SQL NULL (and a JSON null).
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null | Value::Json(serde_json::Value::Null))
@@ -63,8 +92,8 @@ impl Value {
             serde_json::Value::Number(n) => match n.as_i64() {
                 Some(i) => Value::Int(i),
                 None => match n.to_string().parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::Json(serde_json::Value::Number(n)),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::Json(serde_json::Value::Number(n)),
                 },
             },
             other => Value::Json(other),
@@ -95,11 +124,16 @@ impl Value {
                         .collect::<Result<_, _>>()?,
                 )
             }
+            // Canonical decimals never carry an exponent: a number with one is a large float.
+            Some(b'-' | b'0'..=b'9') if t.contains(['e', 'E']) => match t.parse::<f64>() {
+                Ok(f) if f.is_finite() => Value::Float(f),
+                _ => Value::from_json(serde_json::from_str(t)?),
+            },
             Some(b'-' | b'0'..=b'9') => match t.parse::<i64>() {
                 Ok(i) => Value::Int(i),
                 Err(_) => match t.parse::<BigDecimal>() {
-                    Ok(d) => Value::Decimal(d),
-                    Err(_) => Value::from_json(serde_json::from_str(t)?),
+                    Ok(d) if decimal_in_range(&d) => Value::Decimal(d),
+                    _ => Value::from_json(serde_json::from_str(t)?),
                 },
             },
             _ => Value::from_json(serde_json::from_str(t)?),
@@ -207,6 +241,25 @@ fn itoa_buf(i: i64) -> Vec<u8> {
     i.to_string().into_bytes()
 }
 
+/// Largest decimal exponent, either sign, a value may carry (PostgreSQL's `numeric` keeps at
+/// most 16383 digits after the point). Beyond it a few bytes of text such as `1e300000000`
+/// would expand to hundreds of megabytes of digits when written out: such a value rejects its
+/// row instead.
+pub const MAX_DECIMAL_EXPONENT: u64 = 16_383;
+
+/// True when `d` can be written in plain notation at a bounded cost: its scale (digits after
+/// the point, negative for a positive exponent) is within [`MAX_DECIMAL_EXPONENT`].
+pub fn decimal_in_range(d: &BigDecimal) -> bool {
+    d.fractional_digit_count().unsigned_abs() <= MAX_DECIMAL_EXPONENT
+}
+
+/// An exact decimal parsed from text (`12.50`, `1e3`), or `None` when the text is not a
+/// number or its exponent is out of range ([`decimal_in_range`]).
+pub fn parse_decimal(text: &str) -> Option<BigDecimal> {
+    let d: BigDecimal = text.trim().parse().ok()?;
+    decimal_in_range(&d).then_some(d)
+}
+
 /// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).
 pub fn canonical_decimal(d: &BigDecimal) -> String {
     // Trimming the plain text is exact and far cheaper than `normalized()`, which divides.
@@ -221,10 +274,18 @@ pub fn canonical_decimal(d: &BigDecimal) -> String {
     text
 }
 
+/// Floats from this magnitude on are written with an exponent (`1e308`), as JavaScript
+/// writes them: in plain notation 1e308 is a 309-digit integer that destinations read as an
+/// overflowing integer, not as the float it is.
+const FLOAT_EXPONENT_FROM: f64 = 1e21;
+
 fn write_float(f: f64, out: &mut Vec<u8>) {
     if !f.is_finite() {
-        // JSON has no NaN or infinity; send them as strings rather than invalid JSON.
-        write_json_string(&f.to_string(), out);
+        // Sources reject rows holding NaN or an infinity (JSON has neither), so no canonical
+        // value holds one; should one appear, it is written as null, never as invalid JSON.
+        out.extend_from_slice(b"null");
+    } else if f.abs() >= FLOAT_EXPONENT_FROM {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
     } else if f.fract() == 0.0 && f.abs() < 1e15 {
         let _ = write!(StringSink(out), "{}", f as i64);
     } else {
@@ -377,6 +438,28 @@ mod tests {
         let text = r#"{"a":[1,"x",null],"b":{"c":12345678901234567890.123456789,"d":true},"e":-0.5}"#;
         let v = Value::from_json_text(text).unwrap();
         assert_eq!(canon(&v), text);
+    }
+
+    #[test]
+    fn huge_floats_keep_their_exponent_and_read_back_as_floats() {
+        assert_eq!(canon(&Value::Float(1e308)), "1e308");
+        assert_eq!(canon(&Value::Float(-2.5e21)), "-2.5e21");
+        assert_eq!(canon(&Value::Float(1e20)), "100000000000000000000");
+        assert_eq!(Value::from_json_text("1e308").unwrap(), Value::Float(1e308));
+        assert_eq!(Value::Float(1e308).to_json(), serde_json::json!(1e308));
+        assert_eq!(canon(&Value::Float(f64::NAN)), "null");
+    }
+
+    #[test]
+    fn decimals_from_text_refuse_exponents_no_canonical_form_could_hold() {
+        assert_eq!(
+            parse_decimal(" 10.50 "),
+            Some(BigDecimal::from_str("10.5").unwrap())
+        );
+        assert_eq!(parse_decimal("1e3"), Some(BigDecimal::from(1000)));
+        assert_eq!(parse_decimal("1e999999999"), None);
+        assert_eq!(parse_decimal("1e-999999999"), None);
+        assert_eq!(parse_decimal("soon"), None);
     }
 
     #[test]

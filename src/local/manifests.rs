@@ -253,12 +253,46 @@ fn object_key(
             location: location.to_owned(),
             reason: "metadata.name is required".to_owned(),
         })?;
-    Ok((
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
-        name,
-    ))
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+    // Names become file names under --state-dir: only what Kubernetes accepts, so that no
+    // name (`../../x`) reaches outside it.
+    if !is_dns_subdomain(&name) {
+        return Err(ManifestError::Invalid {
+            location: location.to_owned(),
+            reason: format!(
+                "metadata.name {name:?} is not a valid name: lower-case letters, digits, '-' and '.', \
+                 starting and ending with a letter or digit, at most 253 characters"
+            ),
+        });
+    }
+    if !is_dns_label(&namespace) {
+        return Err(ManifestError::Invalid {
+            location: location.to_owned(),
+            reason: format!(
+                "metadata.namespace {namespace:?} is not a valid namespace: lower-case letters, digits \
+                 and '-', starting and ending with a letter or digit, at most 63 characters"
+            ),
+        });
+    }
+    Ok((namespace, name))
+}
+
+/// An RFC 1123 label, as Kubernetes requires of namespaces.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain, as Kubernetes requires of most object names.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn insert<T>(
@@ -285,6 +319,23 @@ fn insert<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_would_reach_outside_the_state_directory_are_refused() {
+        for meta in [
+            "{name: ../../x}",
+            "{name: x, namespace: ../..}",
+            "{name: a/b}",
+            "{name: ..}",
+            "{name: Upper}",
+        ] {
+            let doc = format!(
+                "apiVersion: backflow.dev/v1alpha1\nkind: ReverseSync\nmetadata: {meta}\nspec:\n  source: {{connectionSecretRef: {{name: a}}, query: q, primaryKey: [id]}}\n  destinationRef: {{name: d}}\n  mappings: [{{from: id, to: id}}]\n"
+            );
+            let err = load_text(&doc, "f.yaml", &mut Manifests::default()).unwrap_err();
+            assert!(err.to_string().contains("is not a valid"), "{meta}: {err}");
+        }
+    }
 
     #[test]
     fn secrets_decode_data_and_string_data() {

@@ -14,7 +14,7 @@ use crate::api::{Destination, ReverseSync};
 use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::run::{Progress, RunOptions, RunReport, SyncRun, run};
-use crate::engine::setup::{self, Resolver, SetupError};
+use crate::engine::setup::{self, Resolver, SecretUser, SetupError};
 use crate::state::file::FileStore;
 use manifests::Manifests;
 
@@ -33,6 +33,8 @@ pub struct LocalRunConfig {
     pub only: Vec<String>,
     /// Commit a checkpoint after this many settled records.
     pub checkpoint_records: usize,
+    /// The plan id of deletes past a sync's delete limit to let through once.
+    pub approve_deletes: Option<String>,
 }
 
 /// The outcome of one sync of a local run.
@@ -49,13 +51,14 @@ pub struct SyncOutcome {
 }
 
 impl SyncOutcome {
-    /// True when the sync failed (a setup error, a run error, or rows that failed delivery).
+    /// True when the sync failed (a setup error, a run error, rows that failed delivery, or
+    /// deletes held back by the delete limit, in a dry run too).
     pub fn failed(&self) -> bool {
         self.error.is_some()
             || self
                 .report
                 .as_ref()
-                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed)
+                .is_some_and(|r| r.result == crate::engine::run::RunResult::Failed || r.deletes_held_back())
     }
 }
 
@@ -100,6 +103,7 @@ pub async fn run_local(
             checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
             progress: progress(name),
+            approved_deletes: config.approve_deletes.clone(),
             ..RunOptions::default()
         };
         let outcome = match run_one(&manifests, namespace, sync, config, &limiters, &options).await {
@@ -135,10 +139,12 @@ async fn run_one(
     let prepared = setup::prepare(manifests, namespace, sync, limiters, !options.dry_run).await?;
     let name = sync.metadata.name.as_deref().unwrap_or_default();
     let file = Box::new(FileStore::new(&config.state_dir, namespace, name));
+    // Local runs are keyed `namespace/name` in a warehouse: they belong to no cluster.
     let mut store = crate::state::migrate::choose(
         &sync.spec,
         namespace,
         name,
+        None,
         file,
         &prepared.source_url,
         prepared.state_url.as_deref(),
@@ -148,6 +154,7 @@ async fn run_one(
         name,
         spec: &sync.spec,
         source_url: &prepared.source_url,
+        source_credentials: prepared.source_credentials,
         delivery: prepared.destination.delivery,
         scope: prepared.scope,
     };
@@ -166,7 +173,67 @@ impl Resolver for Manifests {
             })
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<SecretData, SetupError> {
+    /// Local runs do not check Secret grants: the person running them owns the manifests
+    /// and the environment the Secrets come from.
+    async fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        _user: &SecretUser,
+    ) -> Result<SecretData, SetupError> {
         secrets::resolve(self, namespace, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifests::{Manifests, load_text};
+    use crate::destination::delivery::rate_limit::Limiters;
+    use crate::engine::setup::prepare;
+
+    #[tokio::test]
+    async fn the_source_secret_s_other_keys_reach_the_source_and_its_url_key_does_not() {
+        let mut manifests = Manifests::default();
+        load_text(
+            r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: snowflake}
+stringData:
+  dsn: snowflake://LOADER@acme/DB/SCHEMA?warehouse=WH
+  private_key: "-----BEGIN PRIVATE KEY-----"
+---
+apiVersion: backflow.dev/v1alpha1
+kind: Destination
+metadata: {name: hook}
+spec: {type: http, http: {url: "http://127.0.0.1:1/upsert"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: ReverseSync
+metadata: {name: s}
+spec:
+  source: {connectionSecretRef: {name: snowflake, key: dsn}, query: "SELECT 1 AS id", primaryKey: [id]}
+  destinationRef: {name: hook}
+  mappings: [{from: id, to: id}]
+"#,
+            "test",
+            &mut manifests,
+        )
+        .unwrap();
+        let sync = manifests.syncs.values().next().unwrap().clone();
+        let namespace = manifests.syncs.keys().next().unwrap().0.clone();
+        let prepared = prepare(&manifests, &namespace, &sync, &Limiters::default(), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            prepared.source_url,
+            "snowflake://LOADER@acme/DB/SCHEMA?warehouse=WH"
+        );
+        assert_eq!(
+            prepared.source_credentials.get("private_key"),
+            Some("-----BEGIN PRIVATE KEY-----")
+        );
+        assert_eq!(prepared.source_credentials.get("dsn"), None);
+        assert!(!format!("{:?}", prepared.source_credentials).contains("BEGIN"));
     }
 }

@@ -90,6 +90,9 @@ pub fn summary_json(o: &SyncOutcome) -> serde_json::Value {
         if !r.plan_samples.is_empty() {
             v["planSamples"] = json!(r.plan_samples);
         }
+        if let Some(held) = r.delete_check.as_ref().and_then(|c| c.status()) {
+            v["deletesHeldBack"] = json!(held);
+        }
     }
     v
 }
@@ -102,21 +105,44 @@ pub fn summary_text(o: &SyncOutcome, dry_run: bool) -> String {
         Some(r) => {
             let verb = if dry_run { "plan" } else { r.result.as_str() };
             out.push_str(&format!(
-                "{head}: {verb}: {} rows, added {}, changed {}, removed {}, unchanged {}, rejected {}, failed {}, requests {}, {:.2}s\n",
+                "{head}: {verb}: {} rows, added {}, changed {}, removed {}, unchanged {}, rejected {}",
                 r.plan.rows_in_model,
                 r.plan.added,
                 r.plan.changed,
                 r.plan.removed,
                 r.plan.unchanged,
                 r.rows_rejected(),
-                r.failed,
-                r.requests,
-                r.seconds()
             ));
+            if dry_run {
+                out.push_str(&format!(", {:.2}s\n", r.seconds()));
+            } else {
+                // What arrived, next to what was planned: rejected and failed records are
+                // planned but not accepted.
+                out.push_str(&format!(
+                    "; sent: accepted {}, deleted {}, failed {}, requests {}, {:.2}s\n",
+                    r.accepted,
+                    r.deleted,
+                    r.failed,
+                    r.requests,
+                    r.seconds()
+                ));
+            }
             if r.plan.skipped > 0 {
                 out.push_str(&format!(
                     "  skipped {} rows the mode does not send\n",
                     r.plan.skipped
+                ));
+            }
+            if let Some(check) = r.delete_check.as_ref().filter(|c| c.held_back()) {
+                let reason = check.exceeded.as_deref().unwrap_or_default();
+                let held = if dry_run {
+                    "would be held back"
+                } else {
+                    "held back: nothing was deleted"
+                };
+                out.push_str(&format!(
+                    "  deletes {held}: {reason}\n  if these {} deletes are intended, run again with --approve-deletes {}\n",
+                    check.deletes, check.plan_id
                 ));
             }
             for s in &r.plan_samples {

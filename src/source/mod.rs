@@ -1,12 +1,24 @@
 //! Sources: run a model query against a warehouse and stream its rows as canonical values.
 //!
-//! The query runs in a read-only transaction with a statement timeout, on a task of its own
-//! that feeds a bounded channel, so rows are streamed and never collected whole.
+//! The query runs read-only with a statement timeout (a read-only transaction for the SQL
+//! databases, a statement-type check for the cloud warehouses), on a task of its own that
+//! feeds a bounded channel, so rows are streamed and never collected whole.
+//!
+//! The connection URL's scheme picks the source. Credentials that do not fit in a URL (a
+//! private key, a service-account key, an OAuth client secret) come from the other keys of the
+//! same Secret, as [`Credentials`].
 
+mod bigquery;
+mod databricks;
 mod mysql;
 mod postgres;
+mod rest;
+mod snowflake;
 mod sqlite;
+mod statement;
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +47,53 @@ impl Default for SourceOptions {
     }
 }
 
+/// Where a source connects and as whom: the connection URL of its Secret and the Secret's
+/// other keys.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The connection URL (never logged).
+    pub url: &'a str,
+    /// The Secret's other keys.
+    pub credentials: &'a Credentials,
+    /// Sends every request of the cloud warehouses (API, token and metadata endpoints) to
+    /// this base URL instead of the vendor's hosts. Only code sets it (the tests, against
+    /// local doubles): no manifest, Secret or flag maps to it.
+    pub endpoint_override: Option<&'a str>,
+}
+
+/// The keys of the source's Secret besides the connection URL (a PEM private key, a
+/// service-account key, an OAuth client secret). Its `Debug` shows the keys, never a value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    values: BTreeMap<String, String>,
+}
+
+impl Credentials {
+    /// Wraps the decoded keys of a Secret.
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        Credentials { values }
+    }
+
+    /// The value under `key`, when present and not blank.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    /// Every value, to scrub them out of messages.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        self.values.values().map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.values.keys()).finish()
+    }
+}
+
 /// A column of the model: its name and the database's name for its type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
@@ -42,6 +101,108 @@ pub struct Column {
     pub name: String,
     /// The database's type name (`INT8`, `DECIMAL`, `TEXT`, …).
     pub type_name: String,
+}
+
+/// One row of the model as the source read it.
+///
+/// A value that cannot become a canonical value (a numeric `NaN`, an infinite timestamp, a
+/// zero date, bytes that are not UTF-8) does not end the stream: its row arrives as
+/// [`SourceRow::Undecodable`], the planner rejects that row with its key and the run goes on.
+/// Rows that decode whole cost nothing more than their values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceRow {
+    /// Every value decoded.
+    Decoded(Vec<Value>),
+    /// At least one value could not be decoded (boxed: the rare case pays for itself).
+    Undecodable(Box<UndecodableRow>),
+}
+
+impl SourceRow {
+    /// The row's values; an undecodable value reads as NULL.
+    pub fn values(&self) -> &[Value] {
+        match self {
+            SourceRow::Decoded(values) => values,
+            SourceRow::Undecodable(row) => &row.values,
+        }
+    }
+
+    /// The values of a row that decoded whole, or what could not be decoded.
+    pub fn decoded(self) -> Result<Vec<Value>, Box<UndecodableRow>> {
+        match self {
+            SourceRow::Decoded(values) => Ok(values),
+            SourceRow::Undecodable(row) => Err(row),
+        }
+    }
+}
+
+impl From<Vec<Value>> for SourceRow {
+    fn from(values: Vec<Value>) -> Self {
+        SourceRow::Decoded(values)
+    }
+}
+
+/// A row with a value that could not be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UndecodableRow {
+    /// The row's values, NULL in place of each value that could not be decoded (so the key
+    /// can still be read when the key columns decoded).
+    pub values: Vec<Value>,
+    /// Index of the first column whose value could not be decoded.
+    pub column: usize,
+    /// What kind of value it was and why it has no canonical form; never the value itself.
+    pub reason: Cow<'static, str>,
+}
+
+/// Why one value could not be decoded.
+#[derive(Debug)]
+pub enum ValueError {
+    /// The value has no canonical form: its row is rejected, the run goes on. The text says
+    /// what kind of value it is (`numeric NaN`), never the value.
+    Undecodable(Cow<'static, str>),
+    /// The run cannot go on (for example a column type found unsupported at its first value).
+    Fatal(SourceError),
+}
+
+impl ValueError {
+    /// An undecodable value of the kind `reason` describes.
+    pub fn undecodable(reason: impl Into<Cow<'static, str>>) -> ValueError {
+        ValueError::Undecodable(reason.into())
+    }
+}
+
+impl From<SourceError> for ValueError {
+    fn from(e: SourceError) -> Self {
+        ValueError::Fatal(e)
+    }
+}
+
+/// Decodes a row of `width` columns value by value with `value(i)`: a value that cannot be
+/// decoded becomes NULL and marks the row undecodable (the first such column is reported);
+/// a fatal error ends the row and the stream. Every source builds its rows through this.
+pub fn decode_row(
+    width: usize,
+    mut value: impl FnMut(usize) -> Result<Value, ValueError>,
+) -> Result<SourceRow, SourceError> {
+    let mut values = Vec::with_capacity(width);
+    let mut undecodable: Option<(usize, Cow<'static, str>)> = None;
+    for i in 0..width {
+        match value(i) {
+            Ok(v) => values.push(v),
+            Err(ValueError::Undecodable(reason)) => {
+                undecodable.get_or_insert((i, reason));
+                values.push(Value::Null);
+            }
+            Err(ValueError::Fatal(e)) => return Err(e),
+        }
+    }
+    Ok(match undecodable {
+        None => SourceRow::Decoded(values),
+        Some((column, reason)) => SourceRow::Undecodable(Box::new(UndecodableRow {
+            values,
+            column,
+            reason,
+        })),
+    })
 }
 
 /// What the source's login may do beyond reading, as a catalog query found when the
@@ -64,16 +225,13 @@ pub enum Privileges {
 pub struct RowStream {
     columns: Arc<[Column]>,
     rows: mpsc::Receiver<RowChunk>,
-    pending: std::vec::IntoIter<Vec<Value>>,
+    pending: std::vec::IntoIter<SourceRow>,
     privileges: Privileges,
 }
 
 impl RowStream {
     /// Builds a stream from its columns and the receiving end of the row channel.
-    pub(crate) fn new(
-        columns: Vec<Column>,
-        rows: mpsc::Receiver<Result<Vec<Vec<Value>>, SourceError>>,
-    ) -> Self {
+    pub(crate) fn new(columns: Vec<Column>, rows: mpsc::Receiver<RowChunk>) -> Self {
         RowStream {
             columns: columns.into(),
             rows,
@@ -99,7 +257,7 @@ impl RowStream {
     }
 
     /// The next row, an error that ends the stream, or `None` at the end.
-    pub async fn next(&mut self) -> Option<Result<Vec<Value>, SourceError>> {
+    pub async fn next(&mut self) -> Option<Result<SourceRow, SourceError>> {
         loop {
             if let Some(row) = self.pending.next() {
                 return Some(Ok(row));
@@ -117,9 +275,25 @@ impl RowStream {
 pub enum SourceError {
     /// The URL's scheme is not one Backflow reads.
     #[error(
-        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql:// or sqlite://)"
+        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql://, sqlite://, snowflake://, databricks:// or bigquery://)"
     )]
     UnsupportedUrl(String),
+    /// The connection URL or the Secret's other keys do not describe a usable connection.
+    #[error("failed to configure source {target}: {reason}")]
+    Config {
+        /// The source, without credentials.
+        target: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// The service refused the credentials (wrong, expired, or lacking a grant).
+    #[error("failed to authenticate to source {target}: {reason}")]
+    Auth {
+        /// The source, without credentials.
+        target: String,
+        /// The service's reason.
+        reason: String,
+    },
     /// The database could not be reached or refused the login.
     #[error("failed to connect to source {target}: {reason}")]
     Connect {
@@ -134,12 +308,18 @@ pub enum SourceError {
     /// The query tried to write.
     #[error("failed to run model query: it tried to write, and model queries run read-only ({0})")]
     ReadOnly(String),
+    /// The query returns no columns and did not try to write (`SELECT FROM t`, `SET ...`).
+    #[error(
+        "failed to run model query: it returns no columns (a model is a SELECT, or a statement with RETURNING, whose columns the mappings read)"
+    )]
+    NoColumns,
     /// The query ran past the statement timeout.
     #[error("failed to run model query: it ran longer than the statement timeout of {0:?}")]
     Timeout(Duration),
     /// A column has a type with no canonical mapping.
     #[error(
-        "failed to read column {column:?}: its type {type_name} is not supported (cast it in the query, for example to text)"
+        "failed to read column {column:?}: its type {type_name} is not supported (cast it in the query: {})",
+        cast_hint(column, type_name)
     )]
     UnsupportedType {
         /// Column name.
@@ -147,7 +327,7 @@ pub enum SourceError {
         /// Database type name.
         type_name: String,
     },
-    /// A value could not be decoded.
+    /// The driver could not read a column of a row at all (not one value: the row itself).
     #[error("failed to decode column {column:?}: {reason}")]
     Decode {
         /// Column name.
@@ -160,13 +340,32 @@ pub enum SourceError {
     Egress(#[from] crate::egress::EgressError),
 }
 
+/// The cast that turns a column of an unsupported type into one Backflow reads.
+fn cast_hint(column: &str, type_name: &str) -> String {
+    let upper = type_name.to_ascii_uppercase();
+    match upper.as_str() {
+        "BYTEA" => format!("encode({column}, 'base64') AS {column}"),
+        "INTERVAL" => format!("EXTRACT(EPOCH FROM {column}) AS {column} for seconds, or {column}::text"),
+        "BIT" | "VARBIT" => {
+            format!("{column}::text on PostgreSQL, CAST({column} AS UNSIGNED) AS {column} on MySQL")
+        }
+        "GEOMETRY" | "POINT" | "LINESTRING" | "POLYGON" | "GEOGRAPHY" => {
+            format!("ST_AsText({column}) AS {column}")
+        }
+        _ => format!(
+            "{column}::text on PostgreSQL, CAST({column} AS CHAR) AS {column} on MySQL, or another type it can become"
+        ),
+    }
+}
+
 impl SourceError {
     /// A stable short label for metrics, condition and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
-            SourceError::UnsupportedUrl(_) => "InvalidSourceURL",
+            SourceError::UnsupportedUrl(_) | SourceError::Config { .. } => "InvalidSourceURL",
+            SourceError::Auth { .. } => "SourceAuthFailed",
             SourceError::Connect { .. } => "SourceUnreachable",
-            SourceError::Query(_) | SourceError::ReadOnly(_) => "QueryFailed",
+            SourceError::Query(_) | SourceError::ReadOnly(_) | SourceError::NoColumns => "QueryFailed",
             SourceError::Timeout(_) => "QueryTimeout",
             SourceError::UnsupportedType { .. } | SourceError::Decode { .. } => "UnsupportedColumn",
             SourceError::Egress(e) if e.is_denied() => "EgressDenied",
@@ -184,13 +383,33 @@ impl SourceError {
     }
 }
 
-/// Starts the model query and returns its row stream.
+/// Starts the model query on the source of `url` (a source that needs no other credential)
+/// and returns its row stream.
 pub async fn extract(url: &str, query: &str, options: &SourceOptions) -> Result<RowStream, SourceError> {
+    let credentials = Credentials::default();
+    let connection = Connection {
+        url,
+        credentials: &credentials,
+        endpoint_override: None,
+    };
+    extract_from(connection, query, options).await
+}
+
+/// Starts the model query on `connection` and returns its row stream.
+pub async fn extract_from(
+    connection: Connection<'_>,
+    query: &str,
+    options: &SourceOptions,
+) -> Result<RowStream, SourceError> {
+    let url = connection.url;
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
     match scheme {
         "postgres" | "postgresql" => postgres::extract(url, query, options).await,
         "mysql" | "mariadb" => mysql::extract(url, query, options).await,
         "sqlite" => sqlite::extract(url, query, options).await,
+        "snowflake" => snowflake::extract(connection, query, options).await,
+        "databricks" => databricks::extract(connection, query, options).await,
+        "bigquery" => bigquery::extract(connection, query, options).await,
         other => Err(SourceError::UnsupportedUrl(other.to_owned())),
     }
 }
@@ -212,7 +431,7 @@ pub fn describe_url(url: &str) -> String {
 const CHUNK_ROWS: usize = 256;
 
 /// What travels over the row channel: a chunk of rows, or the error that ends the stream.
-type RowChunk = Result<Vec<Vec<Value>>, SourceError>;
+type RowChunk = Result<Vec<SourceRow>, SourceError>;
 
 /// The sending end of a row channel, held by the task that runs the query.
 type RowSender = mpsc::Sender<RowChunk>;
@@ -239,55 +458,90 @@ enum StreamEnd {
     Failed,
 }
 
+/// The sending side of a row stream: gathers rows into chunks and hands them over, for
+/// sources that do not read through [`pump`] (HTTP warehouses page by page).
+struct RowSink {
+    tx: RowSender,
+    chunk: Vec<SourceRow>,
+}
+
+impl RowSink {
+    /// A sink feeding `tx`.
+    fn new(tx: RowSender) -> RowSink {
+        RowSink {
+            tx,
+            chunk: Vec::with_capacity(CHUNK_ROWS),
+        }
+    }
+
+    /// Queues a row; false once the receiver is gone (stop reading).
+    async fn push(&mut self, row: SourceRow) -> bool {
+        self.chunk.push(row);
+        if self.chunk.len() < CHUNK_ROWS {
+            return true;
+        }
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_ROWS));
+        self.tx.send(Ok(full)).await.is_ok()
+    }
+
+    /// Hands over the last rows: the stream ends cleanly.
+    async fn finish(mut self) -> StreamEnd {
+        if !self.chunk.is_empty() && self.tx.send(Ok(std::mem::take(&mut self.chunk))).await.is_err() {
+            return StreamEnd::ReceiverGone;
+        }
+        StreamEnd::Finished
+    }
+
+    /// Hands over the rows read so far, then `error`, which ends the stream.
+    async fn fail(mut self, error: SourceError) -> StreamEnd {
+        if !self.chunk.is_empty() && self.tx.send(Ok(std::mem::take(&mut self.chunk))).await.is_err() {
+            return StreamEnd::ReceiverGone;
+        }
+        let _ = self.tx.send(Err(error)).await;
+        StreamEnd::Failed
+    }
+
+    /// Resolves once nobody reads the stream any more.
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
 /// Decodes the rows of `rows` and sends them into `tx` until the result ends, an error
-/// occurs (sent as the last item) or the receiver is dropped.
+/// occurs (sent as the last item) or the receiver is dropped. A row with an undecodable
+/// value is sent like any other (as [`SourceRow::Undecodable`]): only errors of the query or
+/// the row itself end the stream.
 ///
 /// Waiting for the next row also watches the receiver, so a slow query stops as soon as
 /// nobody listens instead of at its next row.
-async fn pump<R, S>(
+async fn pump<R, E, S>(
     rows: S,
     tx: &RowSender,
-    mut decode: impl FnMut(&R) -> Result<Vec<Value>, SourceError>,
-    query_error: impl Fn(sqlx::Error) -> SourceError,
+    mut decode: impl FnMut(&R) -> Result<SourceRow, SourceError>,
+    query_error: impl Fn(E) -> SourceError,
 ) -> StreamEnd
 where
-    S: Stream<Item = Result<R, sqlx::Error>>,
+    S: Stream<Item = Result<R, E>>,
 {
     let mut rows = std::pin::pin!(rows);
-    let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+    let mut sink = RowSink::new(tx.clone());
     loop {
         let next = tokio::select! {
             next = rows.next() => next,
-            () = tx.closed() => return StreamEnd::ReceiverGone,
+            () = sink.closed() => return StreamEnd::ReceiverGone,
         };
         let row = match next {
-            None => {
-                if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
-                    return StreamEnd::ReceiverGone;
-                }
-                return StreamEnd::Finished;
-            }
+            None => return sink.finish().await,
             Some(Ok(row)) => decode(&row),
             Some(Err(e)) => Err(query_error(e)),
         };
         match row {
-            Ok(values) => {
-                chunk.push(values);
-                if chunk.len() >= CHUNK_ROWS {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
-                    if tx.send(Ok(full)).await.is_err() {
-                        return StreamEnd::ReceiverGone;
-                    }
-                }
-            }
-            Err(e) => {
-                // Rows before the error are delivered first, then the error ends the stream.
-                if !chunk.is_empty() && tx.send(Ok(std::mem::take(&mut chunk))).await.is_err() {
+            Ok(row) => {
+                if !sink.push(row).await {
                     return StreamEnd::ReceiverGone;
                 }
-                let _ = tx.send(Err(e)).await;
-                return StreamEnd::Failed;
             }
+            Err(e) => return sink.fail(e).await,
         }
     }
 }
@@ -299,6 +553,37 @@ fn connect_error(url: &str, reason: impl Display) -> SourceError {
         reason: crate::redact::Scrubber::new()
             .with_url(url)
             .scrub(&reason.to_string()),
+    }
+}
+
+/// Why a JSON value has no canonical form (serde_json reads numbers as `f64`, so a number
+/// past its range, valid in a `jsonb`, does not parse).
+const JSON_UNREADABLE: &str = "JSON that does not parse or holds a number beyond the range of a double";
+
+/// A JSON document from its text.
+fn json_value(bytes: &[u8]) -> Result<Value, ValueError> {
+    serde_json::from_slice(bytes)
+        .map(Value::Json)
+        .map_err(|_| ValueError::undecodable(JSON_UNREADABLE))
+}
+
+/// A float, or why it has no canonical form: JSON has no NaN or infinity, and sending one as
+/// a string or as NULL would change its meaning at the destination, so its row is rejected.
+fn float(f: f64) -> Result<Value, ValueError> {
+    if f.is_finite() {
+        Ok(Value::Float(f))
+    } else if f.is_nan() {
+        Err(ValueError::undecodable(
+            "float NaN, which is not a number any destination can hold",
+        ))
+    } else if f > 0.0 {
+        Err(ValueError::undecodable(
+            "float Infinity, which is not a number any destination can hold",
+        ))
+    } else {
+        Err(ValueError::undecodable(
+            "float -Infinity, which is not a number any destination can hold",
+        ))
     }
 }
 
@@ -328,6 +613,45 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_floats_are_undecodable_and_name_their_kind() {
+        assert_eq!(float(1.5).unwrap(), Value::Float(1.5));
+        for (f, kind) in [
+            (f64::NAN, "float NaN"),
+            (f64::INFINITY, "float Infinity"),
+            (f64::NEG_INFINITY, "float -Infinity"),
+        ] {
+            match float(f) {
+                Err(ValueError::Undecodable(reason)) => assert!(reason.starts_with(kind), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_keeps_decoding_past_an_undecodable_value_and_reports_the_first() {
+        let row = decode_row(4, |i| match i {
+            1 => Err(ValueError::undecodable("first")),
+            2 => Err(ValueError::undecodable("second")),
+            _ => Ok(Value::Int(i as i64)),
+        })
+        .unwrap();
+        let SourceRow::Undecodable(bad) = row else {
+            panic!("{row:?}")
+        };
+        assert_eq!((bad.column, bad.reason.as_ref()), (1, "first"));
+        assert_eq!(
+            bad.values,
+            vec![Value::Int(0), Value::Null, Value::Null, Value::Int(3)]
+        );
+        assert_eq!(
+            decode_row(2, |i| Ok(Value::Int(i as i64))).unwrap(),
+            SourceRow::Decoded(vec![Value::Int(0), Value::Int(1)])
+        );
+        let fatal = decode_row(2, |_| Err(ValueError::Fatal(SourceError::Query("x".into()))));
+        assert!(matches!(fatal, Err(SourceError::Query(_))));
+    }
+
+    #[test]
     fn single_precision_floats_widen_to_their_shortest_form() {
         assert_eq!(widen_f32(0.1), 0.1);
         assert_eq!(widen_f32(-2.5), -2.5);
@@ -351,6 +675,24 @@ mod tests {
             let options = SourceOptions::default();
             let _ = sqlite::extract("x", "SELECT 1", &options).await;
         });
+    }
+
+    #[test]
+    fn an_unsupported_type_names_the_column_and_the_cast() {
+        let err = SourceError::UnsupportedType {
+            column: "payload".into(),
+            type_name: "BYTEA".into(),
+        };
+        assert!(
+            err.to_string()
+                .ends_with("(cast it in the query: encode(payload, 'base64') AS payload)"),
+            "{err}"
+        );
+        let err = SourceError::UnsupportedType {
+            column: "span".into(),
+            type_name: "INTERVAL".into(),
+        };
+        assert!(err.to_string().contains("EXTRACT(EPOCH FROM span)"), "{err}");
     }
 
     #[test]

@@ -9,19 +9,19 @@
 //! sqlx does not expose a column's character set, only its BINARY flag, which MySQL also sets
 //! for text with a binary collation (`utf8mb4_bin`, MariaDB's JSON columns, a `CONCAT` over
 //! such a column). Binary-flagged strings are therefore read as text when their bytes are
-//! UTF-8 and refused as an unsupported type otherwise: real binary data (a BLOB, a
-//! `BINARY(16)` UUID) fails at its first value rather than reaching a destination as garbage,
-//! though a binary column whose values all happen to be valid UTF-8 reads as text.
+//! UTF-8; a value that is not (real binary data: a BLOB, a `BINARY(16)` UUID) rejects its
+//! row rather than reaching a destination as garbage, though a binary column whose values
+//! all happen to be valid UTF-8 reads as text.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use bigdecimal::BigDecimal;
-use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
+use chrono::NaiveDateTime;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlRow};
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 
-use super::{Column, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
+use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError};
 use crate::engine::value::Value;
 
 /// ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION.
@@ -149,6 +149,14 @@ async fn start(
     }
 
     let statement = conn.prepare(query).await.map_err(setup_error)?;
+    if statement.columns().is_empty() {
+        // No result columns: no model. Run in the read-only transaction, a plain DELETE or
+        // UPDATE is refused by the server (it tried to write) and changes nothing.
+        return Err(match conn.execute(query).await {
+            Ok(_) => SourceError::NoColumns,
+            Err(e) => setup_error(e),
+        });
+    }
     statement
         .columns()
         .iter()
@@ -234,87 +242,100 @@ async fn stream(
     let _ = conn.close().await;
 }
 
-fn decode_row(row: &MySqlRow, columns: &[Column]) -> Result<Vec<Value>, SourceError> {
-    columns
-        .iter()
-        .enumerate()
-        .map(|(i, column)| decode_value(row, i, column))
-        .collect()
+fn decode_row(row: &MySqlRow, columns: &[Column]) -> Result<SourceRow, SourceError> {
+    super::decode_row(columns.len(), |i| decode_value(row, i, &columns[i]))
 }
 
-fn decode_value(row: &MySqlRow, i: usize, column: &Column) -> Result<Value, SourceError> {
-    let decode_error = |reason: String| SourceError::Decode {
+fn decode_value(row: &MySqlRow, i: usize, column: &Column) -> Result<Value, ValueError> {
+    let raw = row.try_get_raw(i).map_err(|e| SourceError::Decode {
         column: column.name.clone(),
-        reason,
-    };
-    let raw = row.try_get_raw(i).map_err(|e| decode_error(e.to_string()))?;
-    if raw.is_null() {
-        return Ok(Value::Null);
-    }
+        reason: e.to_string(),
+    })?;
     // The executed statement's metadata can differ from the prepared one (a wider integer, a
     // different string type); the value's own type decides, so an unsigned byte is never
     // read as signed.
-    let type_name = raw.type_info().name().to_owned();
-    let unsupported = || SourceError::UnsupportedType {
+    let type_info = raw.type_info();
+    let type_name = type_info.name();
+    let kind = kind_of(type_name);
+    // sqlx calls a zero date NULL: it must be told apart first, or it would arrive as NULL.
+    if matches!(kind, Some(Kind::Date | Kind::Datetime)) {
+        reject_zero_date(row, i)?;
+    }
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = kind.ok_or_else(|| SourceError::UnsupportedType {
         column: column.name.clone(),
-        type_name: type_name.clone(),
-    };
-    let kind = kind_of(&type_name).ok_or_else(unsupported)?;
-    let get_error = |e: sqlx::Error| decode_error(decode_reason(&e));
+        type_name: type_name.to_owned(),
+    })?;
+    // The driver's messages quote the value ("invalid date: 2024/0/10"), so only the kind of
+    // value is reported.
+    fn get<'r, T: sqlx::Decode<'r, sqlx::MySql>>(
+        row: &'r MySqlRow,
+        i: usize,
+        what: &'static str,
+    ) -> Result<T, ValueError> {
+        row.try_get_unchecked::<T, _>(i)
+            .map_err(|_| ValueError::undecodable(what))
+    }
     Ok(match kind {
         Kind::Null => Value::Null,
-        Kind::Bool => Value::Bool(row.try_get_unchecked::<bool, _>(i).map_err(get_error)?),
-        Kind::Signed => Value::Int(row.try_get_unchecked::<i64, _>(i).map_err(get_error)?),
+        Kind::Bool => Value::Bool(get(row, i, "a malformed boolean")?),
+        Kind::Signed => Value::Int(get(row, i, "a malformed integer")?),
         Kind::Unsigned => {
-            let n = row.try_get_unchecked::<u64, _>(i).map_err(get_error)?;
+            let n: u64 = get(row, i, "a malformed unsigned integer")?;
             match i64::try_from(n) {
                 Ok(n) => Value::Int(n),
                 Err(_) => Value::Decimal(BigDecimal::from(n)),
             }
         }
-        Kind::Float => Value::Float(super::widen_f32(
-            row.try_get_unchecked::<f32, _>(i).map_err(get_error)?,
-        )),
-        Kind::Double => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(get_error)?),
-        Kind::Decimal => Value::Decimal(row.try_get_unchecked::<BigDecimal, _>(i).map_err(get_error)?),
-        Kind::Text => Value::Text(row.try_get_unchecked::<String, _>(i).map_err(get_error)?),
+        Kind::Float => super::float(super::widen_f32(get(row, i, "a malformed FLOAT")?))?,
+        Kind::Double => super::float(get(row, i, "a malformed DOUBLE")?)?,
+        Kind::Decimal => Value::Decimal(get(row, i, "a malformed DECIMAL")?),
+        Kind::Text => Value::Text(get(row, i, "text that is not valid UTF-8")?),
         Kind::MaybeText => {
-            let bytes = row.try_get_unchecked::<&[u8], _>(i).map_err(get_error)?;
+            let bytes: &[u8] = get(row, i, "a malformed binary string")?;
             match std::str::from_utf8(bytes) {
                 Ok(text) => Value::Text(text.to_owned()),
-                Err(_) => return Err(unsupported()),
+                Err(_) => {
+                    return Err(ValueError::undecodable(
+                        "binary data that is not UTF-8 text (send it as HEX() or TO_BASE64() in the query)",
+                    ));
+                }
             }
         }
-        Kind::Date => {
-            reject_zero_date(row, i).map_err(decode_error)?;
-            Value::Date(row.try_get_unchecked::<NaiveDate, _>(i).map_err(get_error)?)
+        Kind::Date => Value::Date(get(row, i, INVALID_DATE)?),
+        Kind::Time => {
+            // sqlx drops the sign of a negative TIME (`-01:00:00` would read as 01:00).
+            let bytes: &[u8] = get(row, i, DURATION)?;
+            if matches!(bytes, [len, 1, ..] if *len >= 8) {
+                return Err(ValueError::undecodable(DURATION));
+            }
+            Value::Time(get(row, i, DURATION)?)
         }
-        Kind::Time => Value::Time(row.try_get_unchecked::<NaiveTime, _>(i).map_err(get_error)?),
         Kind::Datetime => {
-            reject_zero_date(row, i).map_err(decode_error)?;
             // The session time zone is UTC, so both DATETIME and TIMESTAMP are UTC here.
-            Value::Timestamp(
-                row.try_get_unchecked::<NaiveDateTime, _>(i)
-                    .map_err(get_error)?
-                    .and_utc(),
-            )
+            Value::Timestamp(get::<NaiveDateTime>(row, i, INVALID_DATE)?.and_utc())
         }
-        Kind::Json => Value::Json(
-            row.try_get_unchecked::<sqlx::types::Json<serde_json::Value>, _>(i)
-                .map_err(get_error)?
-                .0,
-        ),
+        Kind::Json => {
+            Value::Json(get::<sqlx::types::Json<serde_json::Value>>(row, i, super::JSON_UNREADABLE)?.0)
+        }
     })
 }
 
-/// MySQL's zero date (`0000-00-00`) travels as an empty binary value; sqlx would call it an
-/// unexpected NULL, which misleads.
-fn reject_zero_date(row: &MySqlRow, i: usize) -> Result<(), String> {
+/// Why a TIME is no time of day.
+const DURATION: &str = "a TIME that is negative or past 24 hours, which is a duration and not a time of day (cast it to a number of seconds with TIME_TO_SEC in the query)";
+
+/// A date MySQL accepts but the calendar does not (with `NO_ZERO_IN_DATE` off).
+const INVALID_DATE: &str = "a date with a zero month or day, which is not a calendar date (turn it into NULL in the query with NULLIF)";
+
+/// MySQL's zero date (`0000-00-00`) travels as an empty binary value, which sqlx reads as
+/// NULL: a zero date would become NULL without a word.
+fn reject_zero_date(row: &MySqlRow, i: usize) -> Result<(), ValueError> {
     match row.try_get_unchecked::<&[u8], _>(i) {
-        Ok([0, ..]) => Err(
-            "the zero date 0000-00-00 is not a calendar date (turn it into NULL in the query with NULLIF)"
-                .to_owned(),
-        ),
+        Ok([0, ..]) => Err(ValueError::undecodable(
+            "the zero date 0000-00-00, which is not a calendar date (turn it into NULL in the query with NULLIF)",
+        )),
         _ => Ok(()),
     }
 }

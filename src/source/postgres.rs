@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgTypeInfo, PgTypeKi
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 use uuid::Uuid;
 
-use super::{Column, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
+use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError};
 use crate::engine::value::Value;
 
 /// SQLSTATE `read_only_sql_transaction`: the query tried to write.
@@ -49,6 +49,17 @@ pub(super) async fn extract(
 
     let privileges = privileges(&mut conn).await;
     let plan = match describe(&mut conn, query, timeout).await {
+        // A statement without result columns is no model; a plain DELETE or UPDATE is one
+        // that writes. Running it in the read-only transaction says which, in the server's
+        // words, and cannot change anything.
+        Ok(plan) if plan.is_empty() => {
+            let refused = match conn.execute(query).await {
+                Ok(_) => SourceError::NoColumns,
+                Err(e) => query_error(e, timeout),
+            };
+            let _ = conn.close().await;
+            return Err(refused);
+        }
         Ok(plan) => plan,
         Err(e) => {
             // The connection is ours alone: closing it ends the transaction as well.
@@ -240,72 +251,93 @@ async fn stream(
     let _ = conn.close().await;
 }
 
-fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<Vec<Value>, SourceError> {
-    plan.iter()
-        .enumerate()
-        .map(|(i, c)| {
-            decode_value(row, i, c.decoder).map_err(|reason| SourceError::Decode {
-                column: c.column.name.clone(),
-                reason,
-            })
-        })
-        .collect()
+fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<SourceRow, SourceError> {
+    super::decode_row(plan.len(), |i| {
+        let c = &plan[i];
+        let raw = row.try_get_raw(i).map_err(|e| SourceError::Decode {
+            column: c.column.name.clone(),
+            reason: e.to_string(),
+        })?;
+        if raw.is_null() {
+            return Ok(Value::Null);
+        }
+        match c.decoder {
+            Decoder::Scalar(kind) => decode_scalar(row, i, kind),
+            Decoder::Array(kind) => decode_array(row, i, kind),
+        }
+    })
 }
 
-type DecodeResult = Result<Value, String>;
+type DecodeResult = Result<Value, ValueError>;
 
-fn decode_value(row: &PgRow, i: usize, decoder: Decoder) -> DecodeResult {
-    let raw = row.try_get_raw(i).map_err(|e| e.to_string())?;
-    if raw.is_null() {
-        return Ok(Value::Null);
-    }
-    match decoder {
-        Decoder::Scalar(kind) => decode_scalar(row, i, kind),
-        Decoder::Array(kind) => decode_array(row, i, kind),
-    }
+/// The raw bytes of a non-NULL value.
+fn bytes(row: &PgRow, i: usize) -> Result<&[u8], ValueError> {
+    row.try_get_raw(i)
+        .and_then(|raw| raw.as_bytes().map_err(sqlx::Error::Decode))
+        .map_err(|_| ValueError::undecodable("a value the driver could not read"))
 }
 
 /// A JSON or JSONB value from its bytes, so that a domain over jsonb works too (sqlx strips
 /// the jsonb version byte only for the jsonb type itself).
 fn json(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
-    let raw = row.try_get_raw(i).map_err(|e| e.to_string())?;
-    let mut bytes = raw.as_bytes().map_err(|e| e.to_string())?;
+    let mut bytes = bytes(row, i)?;
     if kind == Kind::Jsonb {
         bytes = match bytes.split_first() {
             Some((1, rest)) => rest,
-            _ => return Err("unknown jsonb binary format version".to_owned()),
+            _ => {
+                return Err(ValueError::undecodable(
+                    "jsonb in an unknown binary format version",
+                ));
+            }
         };
     }
-    serde_json::from_slice(bytes)
-        .map(Value::Json)
-        .map_err(|e| e.to_string())
+    super::json_value(bytes)
 }
 
-fn get<'r, T>(row: &'r PgRow, i: usize) -> Result<T, String>
+fn get<'r, T>(row: &'r PgRow, i: usize, what: &'static str) -> Result<T, ValueError>
 where
     T: sqlx::Decode<'r, sqlx::Postgres>,
 {
     // The type was checked when the column was planned; sqlx's own check would refuse
-    // enums, domains and citext read as text.
-    row.try_get_unchecked::<T, _>(i).map_err(|e| decode_reason(&e))
+    // enums, domains and citext read as text. The driver's message may quote the value, so
+    // only the kind of value is reported.
+    row.try_get_unchecked::<T, _>(i)
+        .map_err(|_| ValueError::undecodable(what))
+}
+
+/// The special values of a numeric, from the sign field of its binary form (sqlx reads NaN
+/// as an error and the infinities, valid since PostgreSQL 14, as an internal error).
+fn numeric_special(bytes: &[u8]) -> Option<&'static str> {
+    match bytes.get(4..6).map(|s| u16::from_be_bytes([s[0], s[1]])) {
+        Some(0xC000) => Some("numeric NaN has no exact decimal form"),
+        Some(0xD000) => Some("numeric Infinity has no exact decimal form"),
+        Some(0xF000) => Some("numeric -Infinity has no exact decimal form"),
+        _ => None,
+    }
 }
 
 fn decode_scalar(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
+    const NOT_UTF8: &str = "text that is not valid UTF-8";
     Ok(match kind {
-        Kind::Bool => Value::Bool(get(row, i)?),
-        Kind::Int2 => Value::Int(get::<i16>(row, i)?.into()),
-        Kind::Int4 => Value::Int(get::<i32>(row, i)?.into()),
-        Kind::Int8 => Value::Int(get(row, i)?),
-        Kind::Oid => Value::Int(get::<Oid>(row, i)?.0.into()),
-        Kind::Float4 => Value::Float(super::widen_f32(get(row, i)?)),
-        Kind::Float8 => Value::Float(get(row, i)?),
-        Kind::Numeric => Value::Decimal(get::<BigDecimal>(row, i)?),
-        Kind::Text => Value::Text(get(row, i)?),
-        Kind::Date => date(get(row, i)?)?,
-        Kind::Time => Value::Time(get::<NaiveTime>(row, i)?),
-        Kind::Timestamp => timestamp(get(row, i)?)?,
+        Kind::Bool => Value::Bool(get(row, i, "a malformed bool")?),
+        Kind::Int2 => Value::Int(get::<i16>(row, i, "a malformed int2")?.into()),
+        Kind::Int4 => Value::Int(get::<i32>(row, i, "a malformed int4")?.into()),
+        Kind::Int8 => Value::Int(get(row, i, "a malformed int8")?),
+        Kind::Oid => Value::Int(get::<Oid>(row, i, "a malformed oid")?.0.into()),
+        Kind::Float4 => super::float(super::widen_f32(get(row, i, "a malformed float4")?))?,
+        Kind::Float8 => super::float(get(row, i, "a malformed float8")?)?,
+        Kind::Numeric => {
+            if let Some(reason) = numeric_special(bytes(row, i)?) {
+                return Err(ValueError::undecodable(reason));
+            }
+            Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?)
+        }
+        Kind::Text => Value::Text(get(row, i, NOT_UTF8)?),
+        Kind::Date => date(get(row, i, "a malformed date")?)?,
+        Kind::Time => Value::Time(get::<NaiveTime>(row, i, "a malformed time")?),
+        Kind::Timestamp => timestamp(get(row, i, "a malformed timestamp")?)?,
         Kind::Json | Kind::Jsonb => json(row, i, kind)?,
-        Kind::Uuid => Value::Uuid(get::<Uuid>(row, i)?),
+        Kind::Uuid => Value::Uuid(get::<Uuid>(row, i, "a malformed uuid")?),
         Kind::Void => Value::Null,
     })
 }
@@ -318,23 +350,36 @@ fn decode_array(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
             .collect::<Result<_, _>>()
             .map(Value::Array)
     }
+    const MALFORMED: &str = "a malformed array";
     match kind {
-        Kind::Bool => items(get(row, i)?, |v| Ok(Value::Bool(v))),
-        Kind::Int2 => items(get(row, i)?, |v: i16| Ok(Value::Int(v.into()))),
-        Kind::Int4 => items(get(row, i)?, |v: i32| Ok(Value::Int(v.into()))),
-        Kind::Int8 => items(get(row, i)?, |v| Ok(Value::Int(v))),
-        Kind::Oid => items(get(row, i)?, |v: Oid| Ok(Value::Int(v.0.into()))),
-        Kind::Float4 => items(get(row, i)?, |v| Ok(Value::Float(super::widen_f32(v)))),
-        Kind::Float8 => items(get(row, i)?, |v| Ok(Value::Float(v))),
-        Kind::Numeric => items(get(row, i)?, |v| Ok(Value::Decimal(v))),
-        Kind::Text => items(get(row, i)?, |v| Ok(Value::Text(v))),
-        Kind::Date => items(get(row, i)?, date),
-        Kind::Time => items(get(row, i)?, |v| Ok(Value::Time(v))),
-        Kind::Timestamp => items(get(row, i)?, timestamp),
-        Kind::Json | Kind::Jsonb => items(get(row, i)?, |v: sqlx::types::Json<serde_json::Value>| {
-            Ok(Value::Json(v.0))
-        }),
-        Kind::Uuid => items(get(row, i)?, |v| Ok(Value::Uuid(v))),
+        Kind::Bool => items(get(row, i, MALFORMED)?, |v| Ok(Value::Bool(v))),
+        Kind::Int2 => items(get(row, i, MALFORMED)?, |v: i16| Ok(Value::Int(v.into()))),
+        Kind::Int4 => items(get(row, i, MALFORMED)?, |v: i32| Ok(Value::Int(v.into()))),
+        Kind::Int8 => items(get(row, i, MALFORMED)?, |v| Ok(Value::Int(v))),
+        Kind::Oid => items(get(row, i, MALFORMED)?, |v: Oid| Ok(Value::Int(v.0.into()))),
+        Kind::Float4 => items(get(row, i, MALFORMED)?, |v| super::float(super::widen_f32(v))),
+        Kind::Float8 => items(get(row, i, MALFORMED)?, super::float),
+        // sqlx refuses the whole array when an element is NaN or infinite.
+        Kind::Numeric => items(
+            get(
+                row,
+                i,
+                "a numeric array holding NaN or Infinity, which have no exact decimal form",
+            )?,
+            |v| Ok(Value::Decimal(v)),
+        ),
+        Kind::Text => items(
+            get(row, i, "a text array with text that is not valid UTF-8")?,
+            |v| Ok(Value::Text(v)),
+        ),
+        Kind::Date => items(get(row, i, MALFORMED)?, date),
+        Kind::Time => items(get(row, i, MALFORMED)?, |v| Ok(Value::Time(v))),
+        Kind::Timestamp => items(get(row, i, MALFORMED)?, timestamp),
+        Kind::Json | Kind::Jsonb => items(
+            get(row, i, super::JSON_UNREADABLE)?,
+            |v: sqlx::types::Json<serde_json::Value>| Ok(Value::Json(v.0)),
+        ),
+        Kind::Uuid => items(get(row, i, MALFORMED)?, |v| Ok(Value::Uuid(v))),
         // There are no arrays of void.
         Kind::Void => Ok(Value::Null),
     }
@@ -348,7 +393,7 @@ fn date(days: i32) -> DecodeResult {
         .zip(TimeDelta::try_days(days.into()))
         .and_then(|(epoch, delta)| epoch.checked_add_signed(delta))
         .map(Value::Date)
-        .ok_or_else(|| format!("date {} is out of range", infinity_name(days.into())))
+        .ok_or_else(|| ValueError::undecodable(out_of_range("date", days.into(), 0x7fff_ffff, -0x8000_0000)))
 }
 
 /// A TIMESTAMP or TIMESTAMPTZ from its wire form, microseconds since 2000-01-01 00:00 UTC.
@@ -359,20 +404,24 @@ fn timestamp(micros: i64) -> DecodeResult {
     DateTime::<Utc>::from_timestamp(946_684_800, 0)
         .and_then(|epoch| epoch.checked_add_signed(TimeDelta::microseconds(micros)))
         .map(Value::Timestamp)
-        .ok_or_else(|| format!("timestamp {} is out of range", infinity_name(micros)))
+        .ok_or_else(|| ValueError::undecodable(out_of_range("timestamp", micros, i64::MAX, i64::MIN)))
 }
 
-fn infinity_name(raw: i64) -> String {
-    match raw {
-        i64::MAX | 0x7fff_ffff => "infinity".to_owned(),
-        i64::MIN | -0x8000_0000 => "-infinity".to_owned(),
-        other => other.to_string(),
+/// Why a date or timestamp has no canonical form: an infinity, or a year past what a
+/// destination can hold (the canonical range is years -262143 to 262142).
+fn out_of_range(what: &str, raw: i64, infinity: i64, minus_infinity: i64) -> String {
+    if raw == infinity {
+        format!("{what} infinity is not a point in time")
+    } else if raw == minus_infinity {
+        format!("{what} -infinity is not a point in time")
+    } else {
+        format!("a {what} outside the years -262143 to 262142")
     }
 }
 
 fn decode_reason(e: &sqlx::Error) -> String {
     match e {
-        // The inner error is the useful part ("BigDecimal does not support NaN values").
+        // The inner error is the useful part.
         sqlx::Error::ColumnDecode { source, .. } => source.to_string(),
         other => other.to_string(),
     }
@@ -395,10 +444,18 @@ fn query_error(e: sqlx::Error, timeout: std::time::Duration) -> SourceError {
 mod tests {
     use super::*;
 
+    fn reason(r: DecodeResult) -> String {
+        match r {
+            Err(ValueError::Undecodable(reason)) => reason.into_owned(),
+            other => panic!("expected an undecodable value, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn infinite_dates_and_timestamps_are_errors_not_panics() {
-        assert!(date(i32::MAX).unwrap_err().contains("infinity"));
-        assert!(timestamp(i64::MIN).unwrap_err().contains("-infinity"));
+    fn infinite_dates_and_timestamps_are_undecodable_values_not_panics() {
+        assert!(reason(date(i32::MAX)).contains("date infinity"));
+        assert!(reason(timestamp(i64::MIN)).contains("timestamp -infinity"));
+        assert!(reason(date(i32::MAX - 1)).contains("outside the years"));
         assert_eq!(
             date(0).unwrap(),
             Value::Date(NaiveDate::from_ymd_opt(2000, 1, 1).unwrap())
@@ -411,5 +468,25 @@ mod tests {
                     .with_timezone(&Utc)
             )
         );
+    }
+
+    #[test]
+    fn numeric_specials_are_read_from_the_sign_field() {
+        assert!(
+            numeric_special(&[0, 0, 0, 0, 0xC0, 0, 0, 0])
+                .unwrap()
+                .contains("NaN")
+        );
+        assert!(
+            numeric_special(&[0, 0, 0, 0, 0xD0, 0, 0, 0])
+                .unwrap()
+                .contains("Infinity")
+        );
+        assert!(
+            numeric_special(&[0, 0, 0, 0, 0xF0, 0, 0, 0])
+                .unwrap()
+                .contains("-Infinity")
+        );
+        assert_eq!(numeric_special(&[0, 1, 0, 0, 0x40, 0, 0, 0]), None);
     }
 }

@@ -22,13 +22,12 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteRow};
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 use tokio::time::Instant;
 
-use super::{Column, RowSender, RowStream, SourceError, SourceOptions};
+use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, ValueError};
 use crate::engine::value::Value;
 
 /// SQLITE_READONLY: a write to a read-only database (extended codes share the low byte).
@@ -74,7 +73,10 @@ pub(super) async fn extract(
             "a model query is one SELECT statement, and this one starts with {first_word:?}"
         )));
     }
-    let deadline = Instant::now() + timeout;
+    // The timeout is bounded by validation; a clock overflow still means "no deadline soon".
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let declared_types = declared_types(&probe_options, query).await;
     let columns = match start(&mut conn, query, declared_types, timeout, deadline).await {
         Ok(columns) => columns,
@@ -147,6 +149,13 @@ async fn start(
         .set_progress_handler(PROGRESS_STEPS, move || std::time::Instant::now() < deadline);
 
     let statement = conn.prepare(query).await.map_err(|e| query_error(e, timeout))?;
+    if statement.columns().is_empty() {
+        // No result columns past the SELECT check: a `WITH … DELETE` (or `UPDATE`, `INSERT`).
+        // Refused without running, like any statement that is not a SELECT.
+        return Err(SourceError::ReadOnly(
+            "the statement returns no columns: a model query is one SELECT statement".to_owned(),
+        ));
+    }
     statement
         .columns()
         .iter()
@@ -168,7 +177,7 @@ async fn start(
             };
             // A BLOB declaration is no refusal up front: through a view SQLite also calls a
             // column declared without a type BLOB, and such a column may hold anything. A
-            // blob is refused at its first value.
+            // blob that is not UTF-8 text rejects its row.
             let declared = declared(&column.type_name);
             Ok(PlannedColumn { column, declared })
         })
@@ -231,42 +240,48 @@ async fn stream(
     let _ = conn.close().await;
 }
 
-fn decode_row(row: &SqliteRow, columns: &[PlannedColumn]) -> Result<Vec<Value>, SourceError> {
-    columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| decode_value(row, i, c))
-        .collect()
+fn decode_row(row: &SqliteRow, columns: &[PlannedColumn]) -> Result<SourceRow, SourceError> {
+    super::decode_row(columns.len(), |i| decode_value(row, i, &columns[i]))
 }
 
-fn decode_value(row: &SqliteRow, i: usize, planned: &PlannedColumn) -> Result<Value, SourceError> {
-    let decode_error = |e: sqlx::Error| SourceError::Decode {
+/// Why text cannot be read: SQLite stores whatever bytes it is given as TEXT.
+const NOT_UTF8: &str = "text that is not valid UTF-8";
+
+fn decode_value(row: &SqliteRow, i: usize, planned: &PlannedColumn) -> Result<Value, ValueError> {
+    let raw = row.try_get_raw(i).map_err(|e| SourceError::Decode {
         column: planned.column.name.clone(),
         reason: e.to_string(),
-    };
-    let raw = row.try_get_raw(i).map_err(decode_error)?;
+    })?;
     if raw.is_null() {
         return Ok(Value::Null);
     }
-    let storage = raw.type_info().name().to_owned();
-    Ok(match storage.as_str() {
+    let malformed = |_| ValueError::undecodable("a value the driver could not read");
+    Ok(match raw.type_info().name() {
         "INTEGER" => {
-            let n = row.try_get_unchecked::<i64, _>(i).map_err(decode_error)?;
+            let n = row.try_get_unchecked::<i64, _>(i).map_err(malformed)?;
             match planned.declared {
                 Declared::Bool => Value::Bool(n != 0),
                 _ => Value::Int(n),
             }
         }
-        "REAL" => Value::Float(row.try_get_unchecked::<f64, _>(i).map_err(decode_error)?),
-        "TEXT" => text_value(
-            row.try_get_unchecked::<String, _>(i).map_err(decode_error)?,
-            planned.declared,
-        ),
+        "REAL" => super::float(row.try_get_unchecked::<f64, _>(i).map_err(malformed)?)?,
+        "TEXT" => {
+            let bytes = row.try_get_unchecked::<&[u8], _>(i).map_err(malformed)?;
+            let text = std::str::from_utf8(bytes).map_err(|_| ValueError::undecodable(NOT_UTF8))?;
+            text_value(text.to_owned(), planned.declared)
+        }
+        // SQLite types values, not columns: a blob can sit in any column. Like a MySQL
+        // binary string, it is text when its bytes are UTF-8.
         _ => {
-            return Err(SourceError::UnsupportedType {
-                column: planned.column.name.clone(),
-                type_name: storage,
-            });
+            let bytes = row.try_get_unchecked::<&[u8], _>(i).map_err(malformed)?;
+            match std::str::from_utf8(bytes) {
+                Ok(text) => text_value(text.to_owned(), planned.declared),
+                Err(_) => {
+                    return Err(ValueError::undecodable(
+                        "a blob that is not UTF-8 text (send it as hex(column) in the query)",
+                    ));
+                }
+            }
         }
     })
 }
@@ -278,7 +293,7 @@ fn text_value(text: String, declared: Declared) -> Value {
         Declared::Time => parse_time(&text).map(Value::Time),
         Declared::Timestamp => parse_timestamp(&text).map(Value::Timestamp),
         Declared::Json => serde_json::from_str(&text).ok().map(Value::Json),
-        Declared::Decimal => BigDecimal::from_str(text.trim()).ok().map(Value::Decimal),
+        Declared::Decimal => crate::engine::value::parse_decimal(&text).map(Value::Decimal),
         Declared::Bool | Declared::Other => None,
     };
     refined.unwrap_or(Value::Text(text))
@@ -398,6 +413,7 @@ fn query_error(e: sqlx::Error, timeout: Duration) -> SourceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bigdecimal::BigDecimal;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

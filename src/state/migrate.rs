@@ -25,25 +25,51 @@ use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 /// - otherwise `home`, importing from the warehouse tables of the default schema (read with
 ///   the source's URL) when `home` holds nothing and the source is PostgreSQL or MySQL: the
 ///   way back after `state.store: Warehouse` was removed. Failing to read them is a warning.
+///
+/// In the warehouse a sync is `cluster/namespace/name` when `cluster` names the operator's
+/// cluster ([`sync_id`]), so that clusters sharing a warehouse keep apart. Rows written before
+/// the cluster was named (`namespace/name`) move to the cluster's key when its own hold
+/// nothing (imported, then deleted like any previous store's).
 pub fn choose(
     spec: &ReverseSyncSpec,
     namespace: &str,
     name: &str,
+    cluster: Option<&str>,
     home: Box<dyn StateStore>,
     source_url: &str,
     state_url: Option<&str>,
 ) -> Box<dyn StateStore> {
-    let sync_id = format!("{namespace}/{name}");
+    let id = sync_id(cluster, namespace, name);
+    let legacy = sync_id(None, namespace, name);
     let state = spec.state.clone().unwrap_or_default();
     if state.store == StateStoreKind::Warehouse {
         let config = WarehouseConfig {
             url: state_url.unwrap_or(source_url).to_owned(),
             schema: state.schema_or_default().to_owned(),
-            sync_id,
+            sync_id: id.clone(),
             sync_logs: state.sync_logs,
         };
-        return Box::new(Migrating::new(Box::new(WarehouseStore::new(config)), home, false));
+        let previous: Box<dyn StateStore> = if id == legacy {
+            home
+        } else {
+            let unnamed = WarehouseConfig {
+                sync_id: legacy,
+                sync_logs: false,
+                ..config.clone()
+            };
+            Box::new(Migrating::new(
+                Box::new(WarehouseStore::probe(unnamed)),
+                home,
+                false,
+            ))
+        };
+        return Box::new(Migrating::new(
+            Box::new(WarehouseStore::new(config)),
+            previous,
+            false,
+        ));
     }
+    let sync_id = id;
     let scheme = source_url.split_once("://").map(|(s, _)| s).unwrap_or("");
     if matches!(scheme, "postgres" | "postgresql" | "mysql" | "mariadb") {
         let config = WarehouseConfig {
@@ -59,6 +85,15 @@ pub fn choose(
         ));
     }
     home
+}
+
+/// A sync's key in the warehouse tables: `cluster/namespace/name`, or `namespace/name` without
+/// a cluster name (local runs, and clusters before they were named).
+pub fn sync_id(cluster: Option<&str>, namespace: &str, name: &str) -> String {
+    match cluster.filter(|c| !c.is_empty()) {
+        Some(cluster) => format!("{cluster}/{namespace}/{name}"),
+        None => format!("{namespace}/{name}"),
+    }
 }
 
 /// A store that imports the state of a previous store when it has none.

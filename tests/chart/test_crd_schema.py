@@ -122,3 +122,52 @@ def test_the_schema_check_refuses_mistakes():
     for bad in (typo, wrong_type, bad_enum):
         with pytest.raises(AssertionError):
             check("mutated sample", bad)
+
+
+GRANT = "backflow.dev/allowed-references"
+
+
+def grants(annotation, kind, name):
+    """The operator's rule (src/controller/resolve.rs): `Kind/name` entries separated by commas
+    or spaces, kind case-insensitive, either may be `*`."""
+    for entry in re.split(r"[,\s]+", annotation or ""):
+        if "/" not in entry:
+            continue
+        k, n = entry.split("/", 1)
+        if (k == "*" or k.lower() == kind.lower()) and (n == "*" or n == name):
+            return True
+    return False
+
+
+def manifest_sets():
+    """Manifests shipped together: config/samples, the quick start, each docs page."""
+    yield "config/samples", [d for _, d in sample_documents()]
+    quickstart = ROOT / "examples" / "quickstart"
+    yield "examples/quickstart", [d for p in sorted(quickstart.glob("*.yaml")) for d in load_yaml_docs(p.read_text())]
+    for path in sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]:
+        docs = []
+        for block in re.finditer(r"^```ya?ml\n(.*?)^```", path.read_text(), re.S | re.M):
+            docs += [d for d in load_yaml_docs(block.group(1)) if isinstance(d, dict)]
+        yield str(path.relative_to(ROOT)), docs
+
+
+def test_every_shipped_secret_grants_the_objects_that_use_it():
+    checked = 0
+    for where, docs in manifest_sets():
+        secrets = {d["metadata"]["name"]: (d["metadata"].get("annotations") or {}).get(GRANT)
+                   for d in docs if d.get("kind") == "Secret"}
+        for d in docs:
+            spec, name = d.get("spec") or {}, d.get("metadata", {}).get("name")
+            refs = []
+            if d.get("kind") == "Destination":
+                refs = [("Destination", spec.get("credentialsSecretRef"))]
+            elif d.get("kind") == "ReverseSync":
+                refs = [("ReverseSync", (spec.get("source") or {}).get("connectionSecretRef")),
+                        ("ReverseSync", (spec.get("state") or {}).get("connectionSecretRef"))]
+            for kind, ref in refs:
+                if not ref or ref["name"] not in secrets:
+                    continue
+                checked += 1
+                assert grants(secrets[ref["name"]], kind, name), (
+                    f"{where}: Secret {ref['name']} does not grant {kind}/{name} ({GRANT})")
+    assert checked >= 10, f"only {checked} Secret references checked"

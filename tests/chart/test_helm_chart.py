@@ -72,6 +72,7 @@ def test_defaults_are_safe():
     assert "--listen=0.0.0.0:8080" in args
     assert not any(a.startswith(("--leader-election", "--watch-namespace")) for a in args)
     assert "--job-service-account=backflow-run" in args
+    assert "--secret-access=granted" in args, "Secrets are used only where they grant it"
     job_resources = next(a for a in args if a.startswith("--job-resources="))
     assert json.loads(job_resources.split("=", 1)[1])["limits"]["memory"] == "1Gi"
     service = one(objects, "Service")
@@ -116,7 +117,8 @@ def test_every_option_on():
     rule = one(objects, "PrometheusRule")
     alerts = {r.get("alert") for r in rule["spec"]["groups"][0]["rules"]}
     assert {"BackflowSyncFailing", "BackflowSyncStale", "BackflowSyncRowsRejected",
-            "BackflowOperatorDown", "BackflowDestinationThrottled"} <= alerts
+            "BackflowSyncDeletesHeldBack", "BackflowOperatorDown",
+            "BackflowDestinationThrottled"} <= alerts
     dashboard = one(objects, "ConfigMap", "backflow-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["namespace"] == "monitoring"

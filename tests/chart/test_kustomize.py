@@ -28,6 +28,7 @@ def test_default_composes_crds_rbac_and_the_operator(kustomized):
     [container] = pod["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert "--job-service-account=backflow-run" in container["args"]
+    assert "--secret-access=granted" in container["args"]
     for o in objects:
         assert o["metadata"].get("namespace") in (None, "backflow-system"), o["metadata"]
         assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "backflow"

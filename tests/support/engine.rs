@@ -42,6 +42,7 @@ pub async fn run_with_connector(
         name: "customers",
         spec,
         source_url,
+        source_credentials: Default::default(),
         delivery: Delivery::new(connector, Arc::new(RateLimiter::new(1000.0, 1000)), config),
         scope: "default/destination".into(),
     };

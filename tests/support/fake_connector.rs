@@ -162,6 +162,7 @@ pub fn fast_delivery(
     use backflow::destination::delivery::rate_limit::RateLimiter;
     use backflow::destination::delivery::{Delivery, DeliveryConfig};
     let config = DeliveryConfig {
+        max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
         batch_size: fake.max_batch,
         max_concurrency: 2,
         max_attempts,
@@ -171,4 +172,34 @@ pub fn fast_delivery(
         burst: 100_000,
     };
     Delivery::new(fake, Arc::new(RateLimiter::new(100_000.0, 100_000)), config)
+}
+
+/// A connector that panics, for tests of panic containment: in its connection check or in
+/// its sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Panicking {
+    /// `check` panics (a Destination's reconcile, a run's setup).
+    InCheck,
+    /// `send` panics (inside a run).
+    InSend,
+}
+
+#[async_trait]
+impl Connector for Panicking {
+    fn capabilities(&self) -> Capabilities {
+        FakeConnector::new(100).capabilities()
+    }
+
+    async fn check(&self) -> Result<(), SendError> {
+        if *self == Panicking::InCheck {
+            // What an unchecked addition of a vendor's reset header used to do.
+            let reset: u64 = "18446744073709551615".parse().unwrap();
+            let _ = std::time::UNIX_EPOCH + Duration::from_secs(reset);
+        }
+        Ok(())
+    }
+
+    async fn send(&self, _operation: Operation, _batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
+        panic!("the test connector panics in send");
+    }
 }

@@ -11,8 +11,12 @@
 //!   `{"results":[{"index":0,"error":null},…]}`, where `reject_records` (or
 //!   `reject_emails_without_at`) puts an error message on the records it refuses; or a fixed
 //!   reply (`always`, `unauthorized`);
+//! - or, for a vendor double, whatever its `handler` answers (routing by method and path);
 //! - optionally a required header (`require_header`, answered 401 when it is absent or
-//!   different) and a delay before every answer (`with_delay`), counted on tokio's clock.
+//!   different) and a delay before every answer (`with_delay`), counted on tokio's clock;
+//! - or an endless body (`endless_body`): the status, then 64 KiB chunks of JSON whitespace
+//!   without end and without a `content-length`, counting what it streamed
+//!   (`bytes_streamed`), for tests of bounded reads.
 //!
 //! Records are read from the JSON body at a JSON Pointer (`/records` by default, as in the
 //! `http` connector's default body; `records_at` changes it). Every request is counted and
@@ -35,12 +39,16 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Decides, per record, whether the double refuses it: `Some(message)` rejects.
 pub type RecordCheck = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
+
+/// Answers a request once the script is used up: how a vendor double routes by path.
+pub type Handler = Arc<dyn Fn(&RecordedRequest) -> Reply + Send + Sync>;
 
 /// One canned HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,10 +83,12 @@ impl Reply {
 pub struct Behaviour {
     script: Vec<Reply>,
     steady: Option<Reply>,
+    handler: Option<Handler>,
     reject: Option<RecordCheck>,
     required_header: Option<(String, String)>,
     delay: Duration,
     records_pointer: String,
+    endless: Option<u16>,
 }
 
 impl fmt::Debug for Behaviour {
@@ -86,6 +96,7 @@ impl fmt::Debug for Behaviour {
         f.debug_struct("Behaviour")
             .field("script", &self.script)
             .field("steady", &self.steady)
+            .field("handler", &self.handler.is_some())
             .field("rejects", &self.reject.is_some())
             .field("required_header", &self.required_header.as_ref().map(|(n, _)| n))
             .field("delay", &self.delay)
@@ -106,10 +117,20 @@ impl Behaviour {
         Behaviour {
             script: Vec::new(),
             steady: None,
+            handler: None,
             reject: None,
             required_header: None,
             delay: Duration::ZERO,
             records_pointer: "/records".to_owned(),
+            endless: None,
+        }
+    }
+
+    /// Answers every request with `status` and a body that never ends.
+    pub fn endless_body(status: u16) -> Self {
+        Behaviour {
+            endless: Some(status),
+            ..Behaviour::accept_all()
         }
     }
 
@@ -126,6 +147,13 @@ impl Behaviour {
     /// Replaces the steady answer given once the script is used up.
     pub fn steady(mut self, reply: Reply) -> Self {
         self.steady = Some(reply);
+        self
+    }
+
+    /// Answers every request (after any script) with what `handler` makes of it: the vendor
+    /// doubles route by method and path here. The request it gets is the recorded one.
+    pub fn handler(mut self, handler: impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static) -> Self {
+        self.handler = Some(Arc::new(handler));
         self
     }
 
@@ -247,6 +275,7 @@ struct Shared {
     scripted: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    streamed: AtomicUsize,
 }
 
 impl Shared {
@@ -292,6 +321,7 @@ impl HttpDouble {
             scripted: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            streamed: AtomicUsize::new(0),
         });
         let router = Router::new()
             .fallback(handle)
@@ -320,6 +350,11 @@ impl HttpDouble {
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.log().clone()
+    }
+
+    /// Bytes of endless bodies streamed so far (sent into the socket, read or not).
+    pub fn bytes_streamed(&self) -> usize {
+        self.shared.streamed.load(Ordering::SeqCst)
     }
 
     /// How many requests arrived.
@@ -404,7 +439,14 @@ async fn handle(
         tokio::time::sleep(behaviour.delay).await;
     }
 
-    let (reply, rejections) = decide(behaviour, &shared.scripted, &headers, &records);
+    if let Some(status) = behaviour.endless {
+        return endless(status, Arc::clone(&shared));
+    }
+    let recorded = behaviour
+        .handler
+        .as_ref()
+        .and_then(|_| shared.log().get(index).cloned());
+    let (reply, rejections) = decide(behaviour, &shared.scripted, &headers, &records, recorded.as_ref());
     {
         let mut log = shared.log();
         if let Some(request) = log.get_mut(index) {
@@ -421,6 +463,7 @@ fn decide(
     scripted: &AtomicUsize,
     headers: &HeaderMap,
     records: &[Value],
+    recorded: Option<&RecordedRequest>,
 ) -> (Reply, Vec<Option<String>>) {
     if let Some((name, value)) = &behaviour.required_header {
         let given = headers.get(name.as_str()).and_then(|v| v.to_str().ok());
@@ -435,6 +478,9 @@ fn decide(
     if let Some(reply) = &behaviour.steady {
         return (reply.clone(), Vec::new());
     }
+    if let (Some(handler), Some(request)) = (&behaviour.handler, recorded) {
+        return (handler(request), Vec::new());
+    }
     let rejections: Vec<Option<String>> = records
         .iter()
         .map(|record| behaviour.reject.as_ref().and_then(|check| check(record)))
@@ -448,6 +494,17 @@ fn decide(
         Reply::new(200, json!({ "results": results }).to_string()),
         rejections,
     )
+}
+
+/// `status` with 64 KiB chunks of spaces until the client stops reading.
+fn endless(status: u16, shared: Arc<Shared>) -> Response {
+    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+    let chunks = futures::stream::repeat(chunk).map(move |c| {
+        shared.streamed.fetch_add(c.len(), Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>(c)
+    });
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    (status, axum::body::Body::from_stream(chunks)).into_response()
 }
 
 fn respond(reply: Reply) -> Response {

@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod bigquery_double;
 pub mod braze_double;
+pub mod cluster;
 pub mod customerio_double;
+pub mod databricks_double;
 pub mod db;
 pub mod engine;
 pub mod fake_connector;
@@ -16,5 +19,6 @@ pub mod intercom_double;
 pub mod mailchimp_double;
 pub mod salesforce_double;
 pub mod slack_double;
+pub mod snowflake_double;
 pub mod sqlite;
 pub mod zendesk_double;

@@ -38,4 +38,14 @@ impl TempSqlite {
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
         c.close().await.unwrap();
     }
+
+    /// The first column of the first row of `sql`, as an integer.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let mut c = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&self.path))
+            .await
+            .unwrap();
+        let n = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+        c.close().await.unwrap();
+        n
+    }
 }

@@ -106,6 +106,14 @@ watches. Leases are in a separate Role of the release namespace.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
+# Job mode: say on the sync when the run ServiceAccount is missing or the Job cannot
+# create its pod (the Job controller's FailedCreate Events).
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
 {{- end }}
 
 {{/* Rules of a run pod: one sync, its Destination, their Secrets, the state ConfigMaps. */}}

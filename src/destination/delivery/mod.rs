@@ -37,11 +37,19 @@ use rate_limit::RateLimiter;
 /// Longest `Retry-After` honoured as given; a longer one is capped so a run cannot hang.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
+/// Bytes of mapped records per request when nothing says otherwise: below every supported
+/// vendor's payload limit (HubSpot's and Salesforce's are 10 MB or more), and small enough that
+/// the batches in flight of many syncs fit in the operator's memory.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 /// Batching, concurrency and retry settings of one Destination, defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeliveryConfig {
     /// Records per request.
     pub batch_size: usize,
+    /// Bytes of mapped records per request, about (a batch is cut at whichever of
+    /// `batch_size` and this comes first; a single record larger goes alone).
+    pub max_batch_bytes: usize,
     /// Batches in flight at once.
     pub max_concurrency: usize,
     /// Attempts per request, the first included.
@@ -83,6 +91,7 @@ impl DeliveryConfig {
                 .batch_size
                 .map_or(caps.max_batch_size, |b| b as usize)
                 .clamp(1, caps.max_batch_size.max(1)),
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_concurrency: spec
                 .max_concurrency
                 .map_or(caps.default_concurrency, |c| c as usize)

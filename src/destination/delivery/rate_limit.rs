@@ -9,6 +9,9 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::time::Instant;
 
+/// Longest pause a throttling answer imposes (the retry layer caps `Retry-After` lower still).
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
 /// A destination's rate limit: `governor`'s GCRA token bucket plus a shared pause.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -55,7 +58,11 @@ impl RateLimiter {
 
     /// Holds every sender back for `delay` (the destination said it is throttling).
     pub fn pause_for(&self, delay: Duration) {
-        let until = Instant::now() + delay;
+        // The delay comes from a vendor's answer; one past what a clock holds is capped.
+        let delay = delay.min(MAX_PAUSE);
+        let Some(until) = Instant::now().checked_add(delay) else {
+            return;
+        };
         let mut guard = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none_or(|t| t < until) {
             *guard = Some(until);
@@ -133,5 +140,14 @@ mod tests {
         let start = Instant::now();
         limiter.acquire().await;
         assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_no_clock_can_hold_pauses_for_the_cap_without_overflowing() {
+        let limiter = RateLimiter::new(1000.0, 100);
+        limiter.pause_for(Duration::MAX);
+        let start = Instant::now();
+        limiter.acquire().await;
+        assert_eq!(start.elapsed().as_secs(), MAX_PAUSE.as_secs());
     }
 }

@@ -374,7 +374,7 @@ impl SalesforceConnector {
         let mut pause = self.polling.first_pause;
         loop {
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(self.polling.max_pause);
+            pause = pause.saturating_mul(2).min(self.polling.max_pause);
             let body = self.get_patiently(id, job_path, started).await?;
             let job: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
             match job.get("state").and_then(Json::as_str) {
@@ -419,8 +419,9 @@ impl SalesforceConnector {
                 },
             };
             let wait = wait.map_or(pause, |w| w.max(pause));
-            pause = (pause * 2).min(self.polling.max_pause);
-            if started.elapsed() + wait > self.polling.timeout {
+            pause = pause.saturating_mul(2).min(self.polling.max_pause);
+            // `wait` may be a vendor's `Retry-After`: added without overflowing.
+            if started.elapsed().saturating_add(wait) > self.polling.timeout {
                 return Err(SendError::Retryable {
                     reason: format!(
                         "{VENDOR} did not answer about bulk job {id} within {}s",

@@ -52,6 +52,7 @@ use tokio::sync::Mutex;
 use super::delivery::report;
 use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::{MAX_RESPONSE_BYTES, read_body};
 use super::{
     Capabilities, Connector, DestinationError, Operation, PlannedSends, Record, RecordOutcome, SecretData,
     SendError,
@@ -387,10 +388,9 @@ impl SalesforceConnector {
             .map_err(|e| self.scrub_error(transport_error(&label, e, TIMEOUT), None))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
+        let bytes = read_body(response, MAX_RESPONSE_BYTES, &label, TIMEOUT)
             .await
-            .map_err(|e| self.scrub_error(transport_error(&label, e, TIMEOUT), None))?;
+            .map_err(|e| self.scrub_error(e, None))?;
         if status.is_success() {
             let json: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
             let access = json.get("access_token").and_then(Json::as_str);
@@ -479,10 +479,9 @@ impl SalesforceConnector {
                 .map_err(|e| self.scrub_error(transport_error(&label, e, TIMEOUT), Some(&token)))?;
             let status = response.status();
             let headers = response.headers().clone();
-            let bytes = response
-                .bytes()
+            let bytes = read_body(response, MAX_RESPONSE_BYTES, &label, TIMEOUT)
                 .await
-                .map_err(|e| self.scrub_error(transport_error(&label, e, TIMEOUT), Some(&token)))?;
+                .map_err(|e| self.scrub_error(e, Some(&token)))?;
             if status.is_success() {
                 return Ok(bytes.to_vec());
             }

@@ -495,11 +495,56 @@ pub(crate) fn plan<'a, D: Dialect>(target: &Target, operation: Operation, batch:
         }
     }
 
+    if operation != Operation::Delete && matches!(D::BINDING, Binding::JsonRecordset) {
+        statements.extend(json_null_statements::<D>(&table, batch, &outcomes));
+    }
     Plan {
         statements,
         outcomes,
         upsert_keys,
     }
+}
+
+/// PostgreSQL reads rows through `jsonb_populate_recordset`, which turns a JSON `null` into
+/// SQL NULL: records holding a JSON null (a `jsonb` `'null'` of the model) get it written
+/// afterwards, as the literal `'null'` the column's type reads (JSON null in a json/jsonb
+/// column), by their match fields. Rare, so one statement per such record.
+fn json_null_statements<'a, D: Dialect>(
+    table: &str,
+    batch: &'a [Record],
+    outcomes: &[RecordOutcome],
+) -> Vec<Statement<'a>> {
+    let mut statements = Vec::new();
+    for (record, outcome) in batch.iter().zip(outcomes) {
+        let nulls: Vec<&str> = record
+            .fields
+            .iter()
+            .filter(|(_, v)| matches!(v, Value::Json(serde_json::Value::Null)))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if nulls.is_empty() || record.identity.is_empty() || *outcome != RecordOutcome::Accepted {
+            continue;
+        }
+        let sets = nulls
+            .iter()
+            .map(|c| format!("{} = 'null'", D::quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let keys: Vec<&str> = record.identity.keys().map(String::as_str).collect();
+        let mut identity = Vec::new();
+        write_document(&record.identity, &mut identity);
+        statements.push(Statement {
+            sql: format!(
+                "UPDATE {table} AS _bf_target SET {sets} \
+                 FROM jsonb_populate_record(NULL::{table}, {}::jsonb) AS _bf_key WHERE {}",
+                D::placeholder(1),
+                target_matches_key::<D>(&keys)
+            ),
+            params: vec![Param::Json(String::from_utf8_lossy(&identity).into_owned())],
+            must_match: None,
+        });
+    }
+    statements
 }
 
 /// `INSERT` statements (with `conflict` appended: the upsert clause or nothing) for one group
@@ -730,12 +775,17 @@ where
         }
     }
 
-    /// Sorts a driver error and words its reason (still to be scrubbed).
+    /// Sorts a driver error and words its reason (still to be scrubbed). Row values the
+    /// database quotes in its message are dropped ([`drop_quoted_values`]).
     fn describe(error: &sqlx::Error) -> (Failure, String) {
         match error {
             sqlx::Error::Database(db) => (
                 D::classify(db.as_ref()),
-                format!("{} ({})", db.message(), D::code_label(db.as_ref())),
+                format!(
+                    "{} ({})",
+                    drop_quoted_values(db.message()),
+                    D::code_label(db.as_ref())
+                ),
             ),
             sqlx::Error::PoolTimedOut => (
                 Failure::Transient,
@@ -962,9 +1012,64 @@ pub(crate) fn pool_options<DB: Database>(max_connections: u32) -> sqlx::pool::Po
         .idle_timeout(Some(Duration::from_secs(300)))
 }
 
+/// A database message without the row values it quotes: a quoted text after `: `, `entry ` or
+/// `value ` (`invalid input syntax for type integer: "u1@x.com"`, MySQL's `Duplicate entry
+/// 'a@b' for key 'email'`) becomes `"…"`; quoted names elsewhere (`column "age"`) stay. The
+/// error code beside it says what went wrong.
+pub fn drop_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(['"', '\'']) {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let quote = from.chars().next().unwrap_or('"');
+        let after_open = &from[1..];
+        let is_value = [": ", "entry ", "value ", "Entry ", "Value "]
+            .iter()
+            .any(|p| out.ends_with(p));
+        let Some(close) = after_open.find(quote) else {
+            // An unterminated quote: a value runs to the end.
+            if is_value {
+                out.push(quote);
+                out.push('…');
+            } else {
+                out.push_str(from);
+            }
+            return out;
+        };
+        out.push(quote);
+        out.push_str(if is_value { "…" } else { &after_open[..close] });
+        out.push(quote);
+        rest = &after_open[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_values_quoted_by_the_database_are_dropped_and_names_kept() {
+        assert_eq!(
+            drop_quoted_values(r#"invalid input syntax for type integer: "u1@x.com""#),
+            r#"invalid input syntax for type integer: "…""#
+        );
+        assert_eq!(
+            drop_quoted_values("Incorrect integer value: 'u1@x.com' for column 'age' at row 1"),
+            "Incorrect integer value: '…' for column 'age' at row 1"
+        );
+        assert_eq!(
+            drop_quoted_values("Duplicate entry 'a@b.c' for key 'email'"),
+            "Duplicate entry '…' for key 'email'"
+        );
+        assert_eq!(
+            drop_quoted_values(r#"null value in column "age" of relation "t" violates not-null constraint"#),
+            r#"null value in column "age" of relation "t" violates not-null constraint"#
+        );
+        assert_eq!(drop_quoted_values("unterminated: \"abc"), "unterminated: \"…");
+    }
 
     #[test]
     fn quoting_doubles_embedded_quotes() {

@@ -47,6 +47,8 @@ impl Dialect for Pg {
         match param {
             Param::Json(text) => query.bind(text.clone()),
             // The planner sends PostgreSQL only JSON; text is the input every type accepts.
+            // A JSON null is a value: `null` as JSON text, not SQL NULL.
+            Param::Value(Value::Json(serde_json::Value::Null)) => query.bind("null".to_owned()),
             Param::Value(v) if v.is_null() => query.bind(None::<String>),
             Param::Value(Value::Text(s)) => query.bind(s.clone()),
             Param::Value(v) => query.bind(json_text(v)),

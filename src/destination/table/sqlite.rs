@@ -62,6 +62,8 @@ impl Dialect for Lite {
             Param::Value(value) => *value,
         };
         match value {
+            // A JSON null is a value: `null` as JSON text, not SQL NULL.
+            Value::Json(serde_json::Value::Null) => query.bind("null".to_owned()),
             v if v.is_null() => query.bind(None::<String>),
             Value::Bool(b) => query.bind(*b),
             Value::Int(i) => query.bind(*i),

@@ -3,17 +3,22 @@
 //! only the added, changed, removed and duplicated keys. Memory holds those, never the whole
 //! state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use super::{Collector, Decider, NextRow, Planned, RunError, next_row, sample_duplicates};
+use super::rows::{NextRow, next_row, report_duplicates};
+use super::{Collector, Decider, Planned, RunError};
 use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
 use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, row_digest};
 use crate::engine::run::{PlanSample, RunOptions};
-use crate::engine::spill::SpillWriter;
+use crate::engine::spill::{RowJson, SpillWriter};
 use crate::source::RowStream;
 use crate::state::{EntryRef, Fingerprints, StateStore, stored_key_hash};
+
+/// The fingerprint staged for a rejected row's key: whatever the store compares it with, the
+/// key is dropped from the diff's changes afterwards.
+const REJECTED_FINGERPRINT: u64 = 0;
 
 /// Key hashes and fingerprints handed to the store per call.
 const STAGE_CHUNK: usize = 10_000;
@@ -35,11 +40,19 @@ pub(super) async fn plan(
     let mut staged: Vec<(u128, u64)> = Vec::with_capacity(STAGE_CHUNK);
     let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
     let mut digest = 0u64;
+    let mut rejected_keys = HashMap::new();
     loop {
         let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
             NextRow::End => break,
-            NextRow::Rejected => {
+            NextRow::Rejected(key) => {
                 rejected_rows += 1;
+                // Staged so the store does not call its record removed (mirror would delete
+                // it); taken out of the diff's changes below, so it is never sent either.
+                if let Some(key) = key {
+                    let hash = stored_key_hash(&key);
+                    *rejected_keys.entry(hash).or_insert(0u64) += 1;
+                    staged.push((hash, REJECTED_FINGERPRINT));
+                }
                 continue;
             }
             NextRow::Mapped(mapped, fp) => (mapped, fp),
@@ -53,8 +66,11 @@ pub(super) async fn plan(
                 &mapped.key,
                 fp,
                 false,
-                &identity_json,
-                &canonical,
+                RowJson {
+                    identity: &identity_json,
+                    fields: &canonical,
+                    json_nulls: &mapper.json_nulls(&mapped.values),
+                },
             )
             .map_err(RunError::spill)?;
         digest = digest.wrapping_add(row_digest(&mapped.key, fp));
@@ -83,8 +99,16 @@ pub(super) async fn plan(
         }
     };
 
-    // Counts, from the diff alone.
-    let duplicate_rows: u64 = diff.duplicates.values().sum();
+    for hash in rejected_keys.keys() {
+        diff.changed.remove(hash);
+    }
+    // Counts, from the diff alone. A duplicated key's staged rows include its rejected
+    // ones, which are counted as rejected already.
+    let duplicate_rows: u64 = diff
+        .duplicates
+        .iter()
+        .map(|(hash, n)| n.saturating_sub(rejected_keys.get(hash).copied().unwrap_or(0)))
+        .sum();
     let unique_rows = mapped_rows - duplicate_rows;
     let added_rows = diff.changed.values().filter(|added| **added).count() as u64;
     let (new_rows, changed_rows) = if diff.all_added {
@@ -127,15 +151,15 @@ pub(super) async fn plan(
         removed: (0..state.len()).collect(),
         duplicates: diff
             .duplicates
-            .keys()
-            .map(|h| crate::engine::plan::key_hash_from_stored(*h))
-            .collect::<HashSet<_>>(),
+            .iter()
+            .map(|(h, rows)| (crate::engine::plan::key_hash_from_stored(*h), *rows))
+            .collect(),
         result_fingerprint: format!("{digest:016x}"),
     };
     let decider = Decider::Diff { diff, mode };
     let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
-        sample_duplicates(&mut spilled, &plan, c).map_err(RunError::spill)?;
+        report_duplicates(&mut spilled, &plan, Default::default(), c).map_err(RunError::spill)?;
     }
     if options.dry_run {
         preview(&mut spilled, &plan, &decider, options, c).map_err(RunError::spill)?;
@@ -148,6 +172,11 @@ pub(super) async fn plan(
         spilled.only_rows_at(offsets);
     }
     Ok(Planned {
+        // Stored keys the model returned, plus those it did not; a rejected row's stored key
+        // is not counted, which errs towards holding deletes back.
+        stored_records: unique_rows
+            .saturating_sub(new_rows)
+            .saturating_add(counts.removed),
         state,
         plan,
         spilled,

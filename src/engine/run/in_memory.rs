@@ -1,0 +1,105 @@
+//! Planning in memory: every stored fingerprint is loaded and the planner decides row by
+//! row, for a store without a diff of its own.
+
+use super::rows::{NextRow, next_row, report_duplicates};
+use super::{Collector, Decider, PlanSample, Planned, RunError, RunOptions};
+use crate::api::SyncMode;
+use crate::destination::{Operation, PlannedSends};
+use crate::engine::mapping::Mapper;
+use crate::engine::plan::{Change, Decision, Planner};
+use crate::engine::spill::{RowJson, SpillWriter};
+use crate::source;
+use crate::state::StateStore;
+
+/// Loads every stored fingerprint and plans in memory, spilling only what is to be sent: for
+/// a store without a diff of its own, or one that declined it (the first run after a switch
+/// of stores plans against the imported state).
+pub(super) async fn plan(
+    rows: &mut source::RowStream,
+    mapper: &Mapper,
+    store: &mut dyn StateStore,
+    scope: &str,
+    mode: SyncMode,
+    options: &RunOptions,
+    c: &mut Collector,
+) -> Result<Planned, RunError> {
+    let state = store.load(scope).await?;
+    tracing::info!(
+        stored_rows = state.len(),
+        state_bytes = state.memory_bytes(),
+        "state loaded"
+    );
+    let mut planner = Planner::new(&state, mode, options.full_resync);
+    let mut spill = SpillWriter::new().map_err(RunError::spill)?;
+    let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
+    let mut canonical = Vec::with_capacity(512);
+    let mut identity_json = Vec::with_capacity(64);
+    let mut planned = 0u64;
+    let mut sends = PlannedSends::default();
+    let mut stored_duplicates = std::collections::BTreeSet::new();
+    loop {
+        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
+            NextRow::End => break,
+            NextRow::Rejected(key) => {
+                // A rejected row keeps its stored record: it is neither sent nor deleted.
+                planner.reject(key.as_deref());
+                continue;
+            }
+            NextRow::Mapped(mapped, fp) => (mapped, fp),
+        };
+        match planner.plan(&mapped.key, fp) {
+            Decision::Send(operation, change) => {
+                sends.add(operation, 1);
+                identity_json.clear();
+                mapper.write_identity(&mapped.values, &mut identity_json);
+                if options.dry_run {
+                    let n = samples_per_op.entry(operation).or_default();
+                    if *n < options.sample_size {
+                        *n += 1;
+                        c.report.plan_samples.push(PlanSample {
+                            operation: operation.as_str().to_owned(),
+                            key: mapped.key.clone(),
+                            record: String::from_utf8_lossy(&canonical).into_owned(),
+                        });
+                    }
+                }
+                spill
+                    .push(
+                        operation,
+                        &mapped.key,
+                        fp,
+                        change == Change::Added,
+                        RowJson {
+                            identity: &identity_json,
+                            fields: &canonical,
+                            json_nulls: &mapper.json_nulls(&mapped.values),
+                        },
+                    )
+                    .map_err(RunError::spill)?;
+            }
+            // Reported once per key when the plan is complete and its rows are counted.
+            Decision::Duplicate => {
+                stored_duplicates.insert(mapped.key);
+            }
+            Decision::Skip(_) => {}
+        }
+        planned += 1;
+        if planned.is_multiple_of(10_000) {
+            options.progress.planned(planned);
+        }
+    }
+    let plan = planner.finish();
+    let mut spilled = spill.into_reader().map_err(RunError::spill)?;
+    if !plan.duplicates.is_empty() {
+        report_duplicates(&mut spilled, &plan, stored_duplicates, c).map_err(RunError::spill)?;
+        c.report.plan_samples.retain(|s| !plan.is_duplicate(&s.key));
+    }
+    Ok(Planned {
+        stored_records: state.len() as u64,
+        state,
+        plan,
+        spilled,
+        decider: Decider::Planned,
+        sends,
+    })
+}
