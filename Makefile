@@ -17,7 +17,7 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	@test -f $(QUICKSTART_DIR)/crm.db || cp examples/quickstart/crm.db $(QUICKSTART_DIR)/crm.db
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
 
-test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB and Redis on 127.0.0.1; .ci/run starts them)
+test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB, Redis and ClickHouse on 127.0.0.1; .ci/run starts them)
 
 test-rust: kube $(VENV)/.installed ## Run the Rust tests (tests/cluster.rs on a real control plane: see `make kube`; its chart test renders with .venv)
 	$(CARGO) test --locked --lib --bins --tests
@@ -36,7 +36,7 @@ $(VENV)/.installed: tests/chart/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/chart/requirements.txt
 	@touch $@
 
-bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and ConfigMap stores, plan and end to end, delivery rate, next to raw COPY (~4 min on 2 cores)
+bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and ConfigMap stores, plan and end to end, delivery rate, next to raw COPY; the ClickHouse source next to a raw HTTP read (~4 min on 2 cores)
 	$(CARGO) bench --locked --bench scale
 
 bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 min on 2 cores, 6 GB free disk)

@@ -60,7 +60,10 @@ fn manifests(namespace: &str, db: &TestDb, sync: &str, extra: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Secret
-metadata: {{name: warehouse, namespace: {namespace}}}
+metadata:
+  name: warehouse
+  namespace: {namespace}
+  annotations: {{backflow.dev/allowed-references: "Destination/*, ReverseSync/*"}}
 stringData: {{url: "{url}"}}
 ---
 apiVersion: backflow.dev/v1alpha1
@@ -519,7 +522,7 @@ async fn requested_runs_spec_edits_suspend_dry_run_and_after_drive_runs_from_kub
     apply(
         plane,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: warehouse, namespace: {ns}}}\nstringData: {{url: \"{}\"}}\n---\n{}",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: warehouse, namespace: {ns}, annotations: {{backflow.dev/allowed-references: \"Destination/*, ReverseSync/*\"}}}}\nstringData: {{url: \"{}\"}}\n---\n{}",
             db.url,
             sync_manifest(&ns, "downstream", "  schedule: {after: [upstream]}\n")
         ),

@@ -1,7 +1,7 @@
-//! The same model in PostgreSQL, MariaDB and SQLite plans to the same fingerprints: the
-//! canonical form hides each database's types (NUMERIC vs DECIMAL vs REAL, TIMESTAMPTZ vs
-//! DATETIME, BOOLEAN vs TINYINT), and so do the cloud warehouses' doubles, serving the same
-//! rows in their wire formats.
+//! The same model in PostgreSQL, MariaDB, SQLite and ClickHouse plans to the same
+//! fingerprints: the canonical form hides each database's types (NUMERIC vs DECIMAL vs REAL,
+//! TIMESTAMPTZ vs DATETIME, BOOLEAN vs TINYINT, UInt64 vs NUMERIC, text[] vs Array(String)),
+//! and so do the cloud warehouses' doubles, serving the same rows in their wire formats.
 
 mod support;
 
@@ -14,6 +14,7 @@ use backflow::engine::run::{PlanSample, RunOptions, SyncRun, run};
 use backflow::source::Credentials;
 use backflow::state::file::FileStore;
 use support::bigquery_double::{self, BigQueryDouble, BqResult};
+use support::clickhouse::TestClickHouse;
 use support::databricks_double::{self, DatabricksDouble, DbResult};
 use support::db::TestDb;
 use support::fake_connector::FakeConnector;
@@ -39,12 +40,20 @@ mappings:
 }
 
 async fn plan(url: &str) -> (String, Vec<PlanSample>) {
-    plan_from(url, Credentials::default(), None).await
+    plan_from(url, spec(), Credentials::default(), None).await
+}
+
+async fn plan_spec(url: &str, spec: ReverseSyncSpec) -> (String, Vec<PlanSample>) {
+    plan_from(url, spec, Credentials::default(), None).await
 }
 
 /// Plans from a source that needs credentials, or a local double in place of the vendor.
-async fn plan_from(url: &str, credentials: Credentials, endpoint: Option<&str>) -> (String, Vec<PlanSample>) {
-    let spec = spec();
+async fn plan_from(
+    url: &str,
+    spec: ReverseSyncSpec,
+    credentials: Credentials,
+    endpoint: Option<&str>,
+) -> (String, Vec<PlanSample>) {
     let fake = Arc::new(FakeConnector::new(100));
     let config = DeliveryConfig {
         max_batch_bytes: backflow::destination::delivery::DEFAULT_MAX_BATCH_BYTES,
@@ -186,7 +195,7 @@ async fn the_same_rows_fingerprint_the_same_in_postgres_and_snowflake() {
     );
     let credentials =
         Credentials::new([("private_key".to_owned(), snowflake_double::PRIVATE_KEY.to_owned())].into());
-    let (sf_fp, sf_samples) = plan_from(&double.source_url(), credentials, Some(&double.url)).await;
+    let (sf_fp, sf_samples) = plan_from(&double.source_url(), spec(), credentials, Some(&double.url)).await;
     assert_eq!(pg_samples, sf_samples);
     assert_eq!(pg_fp, sf_fp);
 }
@@ -233,7 +242,7 @@ async fn the_same_rows_fingerprint_the_same_in_postgres_and_databricks() {
         .chunked(2),
     );
     let credentials = Credentials::new([("token".to_owned(), databricks_double::PAT.to_owned())].into());
-    let (fp, samples) = plan_from(&double.source_url(), credentials, Some(&double.url)).await;
+    let (fp, samples) = plan_from(&double.source_url(), spec(), credentials, Some(&double.url)).await;
     assert_eq!(pg_samples, samples);
     assert_eq!(pg_fp, fp);
 }
@@ -287,7 +296,74 @@ async fn the_same_rows_fingerprint_the_same_in_postgres_and_bigquery() {
         .into(),
     );
     let url = double.source_url();
-    let (fp, samples) = plan_from(&url, credentials, Some(&double.url)).await;
+    let (fp, samples) = plan_from(&url, spec(), credentials, Some(&double.url)).await;
     assert_eq!(pg_samples, samples);
     assert_eq!(pg_fp, fp);
+}
+
+/// Columns ClickHouse 18.16 has an equivalent for (it has no Bool type: booleans are
+/// UInt8 there, read as integers, so `active` is left out).
+const WIDE_QUERY: &str =
+    "SELECT id, email, amount, signed_up, big, uid, tags, score, day FROM customers ORDER BY id";
+
+fn wide_spec() -> ReverseSyncSpec {
+    serde_yaml_ng::from_str(&format!(
+        r#"
+source: {{connectionSecretRef: {{name: wh}}, query: "{WIDE_QUERY}", primaryKey: [id]}}
+destinationRef: {{name: fake}}
+mappings:
+  - {{from: id, to: id}}
+  - {{from: email, to: email}}
+  - {{from: amount, to: amount}}
+  - {{from: signed_up, to: signed_up}}
+  - {{from: big, to: big}}
+  - {{from: uid, to: uid}}
+  - {{from: tags, to: tags}}
+  - {{from: score, to: score}}
+  - {{from: day, to: day}}
+"#
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_same_rows_fingerprint_the_same_in_postgres_and_clickhouse() {
+    let pg = TestDb::postgres("xsrc_ch").await;
+    pg.exec(
+        "SET TIME ZONE 'Europe/Paris';
+         CREATE TABLE customers (id bigint PRIMARY KEY, email text, amount numeric(12,2),
+           signed_up timestamptz, big numeric(20,0), uid uuid, tags text[], score float8, day date);
+         INSERT INTO customers VALUES
+           (1, 'a@example.com', 10.50, '2024-10-27 02:30:00+02', 18446744073709551615,
+            'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', ARRAY['vip', 'say \"hi\"'], 0.1, '2024-02-29'),
+           (2, 'é@example.com', 0.10, '2024-10-27 02:30:00+01', 0,
+            '00000000-0000-0000-0000-000000000000', '{}', NULL, '1970-01-01'),
+           (3, 'c@example.com', 12345.00, '2023-12-31 00:00:00+00', 9223372036854775808,
+            'ffffffff-ffff-ffff-ffff-ffffffffffff', ARRAY[''], -2.5e-7, '2099-12-31')",
+    )
+    .await;
+    let ch = TestClickHouse::new("xsrc").await;
+    // DateTime('Europe/Paris') holds the instant; rows 1 and 2 are the two 02:30 of the
+    // night the clocks went back.
+    ch.exec(
+        "CREATE TABLE customers (id Int64, email String, amount Decimal(12, 2),
+           signed_up DateTime('Europe/Paris'), big UInt64, uid UUID, tags Array(String),
+           score Nullable(Float64), day Date) ENGINE = MergeTree ORDER BY id;
+         INSERT INTO customers VALUES
+           (1, 'a@example.com', 10.50, 1729989000, 18446744073709551615,
+            'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', ['vip', 'say \"hi\"'], 0.1, '2024-02-29'),
+           (2, 'é@example.com', 0.10, 1729992600, 0,
+            '00000000-0000-0000-0000-000000000000', [], NULL, '1970-01-01'),
+           (3, 'c@example.com', 12345.00, 1703980800, 9223372036854775808,
+            'ffffffff-ffff-ffff-ffff-ffffffffffff', [''], -2.5e-7, '2099-12-31')",
+    )
+    .await;
+    let (pg_fp, pg_samples) = plan_spec(&pg.url, wide_spec()).await;
+    let (ch_fp, ch_samples) = plan_spec(&ch.url(), wide_spec()).await;
+    assert_eq!(pg_samples, ch_samples);
+    assert_eq!(
+        pg_samples[0].record,
+        r#"{"amount":10.5,"big":18446744073709551615,"day":"2024-02-29","email":"a@example.com","id":1,"score":0.1,"signed_up":"2024-10-27T00:30:00Z","tags":["vip","say \"hi\""],"uid":"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}"#
+    );
+    assert_eq!(pg_fp, ch_fp);
 }

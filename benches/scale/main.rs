@@ -25,6 +25,8 @@
 //!
 //! Then the cloud warehouse sources (Snowflake, Databricks, BigQuery) against their contract doubles,
 //! next to the doubles' own serving speed (`cloud.rs`).
+//! Then the ClickHouse source at the smallest size (`clickhouse.rs`): rows/s of the source
+//! next to a raw HTTP read of the same body, in the same run.
 //!
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
@@ -36,6 +38,7 @@
 #[allow(dead_code)]
 #[path = "../../tests/support/apiserver.rs"]
 mod apiserver;
+mod clickhouse;
 mod cloud;
 mod delivery;
 mod model;
@@ -115,9 +118,16 @@ async fn main() {
     let delivery = delivery::bench(&admin_url, &sink).await;
     eprintln!("cloud warehouse sources ...");
     let cloud = cloud::bench().await;
+    // The ClickHouse source at the smallest size only: the default bench stays short.
+    let state = tempfile::tempdir().expect("temp dir");
+    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+    let clickhouse = clickhouse::bench(smallest, repeat, &state.path().to_string_lossy()).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
     cloud::print(&cloud);
+    if let Some(c) = &clickhouse {
+        clickhouse::print(c);
+    }
     templates::print(&template_figures);
 }
 

@@ -69,6 +69,10 @@ pub enum Kind {
         endpoint: String,
         raw: bool,
     },
+    /// The ClickHouse baseline: the query's RowBinary body read and discarded.
+    ClickHouseRaw { rows: u64 },
+    /// The source alone: every row extracted and decoded, nothing planned.
+    SourceOnly,
 }
 
 /// A phase and everything it needs.
@@ -160,6 +164,8 @@ pub async fn child(json: &str) {
             endpoint,
             raw,
         } => crate::cloud::child(&phase, *source, endpoint, *raw).await,
+        Kind::ClickHouseRaw { rows } => crate::clickhouse::raw_read(&phase, *rows).await,
+        Kind::SourceOnly => crate::clickhouse::source_only(&phase).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
     m.peak_rss_mib = peak_rss_mib();

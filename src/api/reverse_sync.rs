@@ -97,14 +97,16 @@ pub struct DeleteLimit {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Secret key (default key `url`) holding the connection URL: `postgres://…`,
-    /// `mysql://…`, `sqlite://…`, `snowflake://USER@ACCOUNT/DATABASE/SCHEMA?warehouse=…&role=…`,
+    /// `mysql://…`, `sqlite://…`, `clickhouse://…` (`clickhouses://…` for HTTPS),
+    /// `redshift://…`, `snowflake://USER@ACCOUNT/DATABASE/SCHEMA?warehouse=…&role=…`,
     /// `databricks://HOST/sql/1.0/warehouses/ID?catalog=…&schema=…` or
     /// `bigquery://PROJECT/DATASET?location=…&maximumBytesBilled=…`. Credentials that do not
     /// fit in a URL come from other keys of the same Secret: `private_key` or `token`
     /// (Snowflake), `token` or `client_secret` (Databricks), `service_account_json` (BigQuery).
     /// See docs/sources/.
     pub connection_secret_ref: SecretKeyRef,
-    /// The model query. It runs in a read-only transaction; a statement that writes fails.
+    /// The model query. It runs read-only (a read-only transaction; ClickHouse's `readonly`
+    /// setting); a statement that writes fails.
     #[schemars(length(min = 1))]
     pub query: String,
     /// Columns that identify a row of the model. A row with a NULL or duplicate key is

@@ -9,9 +9,11 @@
 //! same Secret, as [`Credentials`].
 
 mod bigquery;
+mod clickhouse;
 mod databricks;
 mod mysql;
 mod postgres;
+mod redshift;
 mod rest;
 mod snowflake;
 mod sqlite;
@@ -275,7 +277,7 @@ impl RowStream {
 pub enum SourceError {
     /// The URL's scheme is not one Backflow reads.
     #[error(
-        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql://, sqlite://, snowflake://, databricks:// or bigquery://)"
+        "failed to read source: unsupported connection URL scheme {0:?} (use postgres://, mysql://, sqlite://, clickhouse://, clickhouses://, redshift://, snowflake://, databricks:// or bigquery://)"
     )]
     UnsupportedUrl(String),
     /// The connection URL or the Secret's other keys do not describe a usable connection.
@@ -407,6 +409,8 @@ pub async fn extract_from(
         "postgres" | "postgresql" => postgres::extract(url, query, options).await,
         "mysql" | "mariadb" => mysql::extract(url, query, options).await,
         "sqlite" => sqlite::extract(url, query, options).await,
+        "clickhouse" | "clickhouses" => clickhouse::extract(url, query, options).await,
+        "redshift" => redshift::extract(url, query, options).await,
         "snowflake" => snowflake::extract(connection, query, options).await,
         "databricks" => databricks::extract(connection, query, options).await,
         "bigquery" => bigquery::extract(connection, query, options).await,
@@ -674,6 +678,14 @@ mod tests {
         spawnable(async {
             let options = SourceOptions::default();
             let _ = sqlite::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = clickhouse::extract("x", "SELECT 1", &options).await;
+        });
+        spawnable(async {
+            let options = SourceOptions::default();
+            let _ = redshift::extract("x", "SELECT 1", &options).await;
         });
     }
 

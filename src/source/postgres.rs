@@ -1,16 +1,18 @@
-//! PostgreSQL source (and the databases that speak its protocol: Redshift, CockroachDB, …).
+//! PostgreSQL source (and the databases that speak its protocol: CockroachDB, AlloyDB, …;
+//! Redshift through its [`Flavour`] in `redshift.rs`).
 //!
 //! One connection per extraction, in a `READ ONLY` transaction with `SET LOCAL
 //! statement_timeout`. The query is prepared first so its columns are known (and unsupported
 //! types refused) before any row is read; rows then arrive in the binary format of the
-//! extended protocol and are decoded by the kind decided for their column.
+//! extended protocol (or, for a flavour with `text_rows`, the text format of the simple
+//! protocol) and are decoded by the kind decided for their column.
 
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
-use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
 use sqlx::postgres::types::Oid;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgTypeInfo, PgTypeKind};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgTypeInfo, PgTypeKind, PgValueFormat};
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 use uuid::Uuid;
 
@@ -22,6 +24,31 @@ const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 /// SQLSTATE `query_canceled`: raised when `statement_timeout` expires.
 const QUERY_CANCELED: &str = "57014";
 
+/// What differs between the servers that speak the PostgreSQL protocol.
+#[derive(Debug)]
+pub(super) struct Flavour {
+    /// Statements that open the read-only transaction with the statement timeout (in
+    /// milliseconds), run in order through the simple protocol.
+    pub(super) setup: fn(u64) -> Vec<String>,
+    /// Rows travel in the text format of the simple query protocol instead of the binary
+    /// format of the extended one.
+    pub(super) text_rows: bool,
+    /// A server-specific reading of a query failure, before the generic one.
+    pub(super) explain: fn(&sqlx::Error, std::time::Duration) -> Option<SourceError>,
+    /// Whether to look for powers beyond reading in PostgreSQL's role catalog (a failed
+    /// query would abort the read-only transaction on a server without it).
+    pub(super) privileges: bool,
+}
+
+/// PostgreSQL itself: `BEGIN READ ONLY; SET LOCAL statement_timeout` in one round trip, rows
+/// in binary.
+const POSTGRES: Flavour = Flavour {
+    setup: |millis| vec![format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}")],
+    text_rows: false,
+    explain: |_, _| None,
+    privileges: true,
+};
+
 /// Runs `query` on the PostgreSQL database of `url` and streams its rows.
 pub(super) async fn extract(
     url: &str,
@@ -29,33 +56,49 @@ pub(super) async fn extract(
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
     let connect_options = PgConnectOptions::from_str(url).map_err(|e| super::connect_error(url, e))?;
+    extract_with(url, &connect_options, query, options, &POSTGRES).await
+}
+
+/// Runs `query` with `connect_options` on a server of `flavour`; `url` names it in messages.
+pub(super) async fn extract_with(
+    url: &str,
+    connect_options: &PgConnectOptions,
+    query: &str,
+    options: &SourceOptions,
+    flavour: &'static Flavour,
+) -> Result<RowStream, SourceError> {
     if connect_options.get_socket().is_none() && !connect_options.get_host().starts_with('/') {
         crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
     }
-    let mut conn = PgConnection::connect_with(&connect_options)
+    let mut conn = PgConnection::connect_with(connect_options)
         .await
         .map_err(|e| super::connect_error(url, e))?;
 
     let timeout = options.statement_timeout;
     // statement_timeout is an int4 of milliseconds on the server.
     let millis = super::timeout_millis(timeout).min(i32::MAX as u64);
-    let setup = format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}");
-    // A plain string runs through the simple protocol, which takes both statements at once.
-    // (`sqlx::raw_sql` would too, but its future is not `Send` for every lifetime, so a
-    // caller could not spawn `extract`.)
-    conn.execute(setup.as_str())
-        .await
-        .map_err(|e| query_error(e, timeout))?;
+    for statement in (flavour.setup)(millis) {
+        // A plain string runs through the simple protocol, which takes several statements
+        // at once. (`sqlx::raw_sql` would too, but its future is not `Send` for every
+        // lifetime, so a caller could not spawn `extract`.)
+        if let Err(e) = conn.execute(statement.as_str()).await {
+            let _ = conn.close().await;
+            return Err(query_error(e, timeout, flavour));
+        }
+    }
 
-    let privileges = privileges(&mut conn).await;
-    let plan = match describe(&mut conn, query, timeout).await {
+    let privileges = match flavour.privileges {
+        true => privileges(&mut conn).await,
+        false => super::Privileges::Unknown("this server has no PostgreSQL role catalog to check".to_owned()),
+    };
+    let plan = match describe(&mut conn, query, timeout, flavour).await {
         // A statement without result columns is no model; a plain DELETE or UPDATE is one
         // that writes. Running it in the read-only transaction says which, in the server's
         // words, and cannot change anything.
         Ok(plan) if plan.is_empty() => {
             let refused = match conn.execute(query).await {
                 Ok(_) => SourceError::NoColumns,
-                Err(e) => query_error(e, timeout),
+                Err(e) => query_error(e, timeout, flavour),
             };
             let _ = conn.close().await;
             return Err(refused);
@@ -69,7 +112,7 @@ pub(super) async fn extract(
     };
     let (tx, rx) = super::row_channel(options);
     let columns = plan.iter().map(|c| c.column.clone()).collect();
-    tokio::spawn(stream(conn, query.to_owned(), plan, tx, timeout));
+    tokio::spawn(stream(conn, query.to_owned(), plan, tx, timeout, flavour));
     Ok(RowStream::new(columns, rx).with_privileges(privileges))
 }
 
@@ -148,6 +191,7 @@ enum Kind {
     Date,
     Time,
     Timestamp,
+    TimestampTz,
     Json,
     Jsonb,
     Uuid,
@@ -160,10 +204,14 @@ async fn describe(
     conn: &mut PgConnection,
     query: &str,
     timeout: std::time::Duration,
+    flavour: &'static Flavour,
 ) -> Result<Vec<PlannedColumn>, SourceError> {
     // Preparing (rather than `describe`) skips sqlx's nullability probing, and the prepared
     // statement is cached, so the `fetch` in `stream` reuses it.
-    let statement = conn.prepare(query).await.map_err(|e| query_error(e, timeout))?;
+    let statement = conn
+        .prepare(query)
+        .await
+        .map_err(|e| query_error(e, timeout, flavour))?;
     statement
         .columns()
         .iter()
@@ -215,7 +263,8 @@ fn scalar_kind(type_info: &PgTypeInfo) -> Option<Kind> {
         Some(25 | 1043 | 1042 | 19 | 18 | 705) => Kind::Text,
         Some(1082) => Kind::Date,
         Some(1083) => Kind::Time,
-        Some(1114 | 1184) => Kind::Timestamp,
+        Some(1114) => Kind::Timestamp,
+        Some(1184) => Kind::TimestampTz,
         Some(114) => Kind::Json,
         Some(3802) => Kind::Jsonb,
         Some(2950) => Kind::Uuid,
@@ -233,15 +282,15 @@ async fn stream(
     plan: Vec<PlannedColumn>,
     tx: RowSender,
     timeout: std::time::Duration,
+    flavour: &'static Flavour,
 ) {
-    let rows = sqlx::query(&query).fetch(&mut conn);
-    let end = super::pump(
-        rows,
-        &tx,
-        |row: &PgRow| decode_row(row, &plan),
-        |e| query_error(e, timeout),
-    )
-    .await;
+    let decode = |row: &PgRow| decode_row(row, &plan);
+    let error = |e| query_error(e, timeout, flavour);
+    let end = if flavour.text_rows {
+        super::pump(sqlx::raw_sql(&query).fetch(&mut conn), &tx, decode, error).await
+    } else {
+        super::pump(sqlx::query(&query).fetch(&mut conn), &tx, decode, error).await
+    };
     if end != StreamEnd::ReceiverGone {
         // Nothing was written (the transaction is read-only); roll back to leave politely.
         let _ = conn.execute("ROLLBACK").await;
@@ -261,9 +310,10 @@ fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<SourceRow, SourceEr
         if raw.is_null() {
             return Ok(Value::Null);
         }
+        let text = raw.format() == PgValueFormat::Text;
         match c.decoder {
-            Decoder::Scalar(kind) => decode_scalar(row, i, kind),
-            Decoder::Array(kind) => decode_array(row, i, kind),
+            Decoder::Scalar(kind) => decode_scalar(row, i, kind, text),
+            Decoder::Array(kind) => decode_array(row, i, kind, text),
         }
     })
 }
@@ -279,9 +329,10 @@ fn bytes(row: &PgRow, i: usize) -> Result<&[u8], ValueError> {
 
 /// A JSON or JSONB value from its bytes, so that a domain over jsonb works too (sqlx strips
 /// the jsonb version byte only for the jsonb type itself).
-fn json(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
+fn json(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
     let mut bytes = bytes(row, i)?;
-    if kind == Kind::Jsonb {
+    // The version byte is part of the binary format only.
+    if kind == Kind::Jsonb && !text {
         bytes = match bytes.split_first() {
             Some((1, rest)) => rest,
             _ => {
@@ -316,7 +367,20 @@ fn numeric_special(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
-fn decode_scalar(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
+/// The special values of a numeric in the text format.
+fn numeric_special_text(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        b"NaN" => Some("numeric NaN has no exact decimal form"),
+        b"Infinity" => Some("numeric Infinity has no exact decimal form"),
+        b"-Infinity" => Some("numeric -Infinity has no exact decimal form"),
+        _ => None,
+    }
+}
+
+/// A scalar value, from the binary format or (`text`) the text format, where dates and
+/// timestamps are read by sqlx's text parsers instead of from their day and microsecond
+/// counts.
+fn decode_scalar(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
     const NOT_UTF8: &str = "text that is not valid UTF-8";
     Ok(match kind {
         Kind::Bool => Value::Bool(get(row, i, "a malformed bool")?),
@@ -327,22 +391,34 @@ fn decode_scalar(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
         Kind::Float4 => super::float(super::widen_f32(get(row, i, "a malformed float4")?))?,
         Kind::Float8 => super::float(get(row, i, "a malformed float8")?)?,
         Kind::Numeric => {
-            if let Some(reason) = numeric_special(bytes(row, i)?) {
+            let bytes = bytes(row, i)?;
+            let special = match text {
+                true => numeric_special_text(bytes),
+                false => numeric_special(bytes),
+            };
+            if let Some(reason) = special {
                 return Err(ValueError::undecodable(reason));
             }
             Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?)
         }
         Kind::Text => Value::Text(get(row, i, NOT_UTF8)?),
+        Kind::Date if text => Value::Date(get(row, i, "a date that is not a point in time")?),
         Kind::Date => date(get(row, i, "a malformed date")?)?,
         Kind::Time => Value::Time(get::<NaiveTime>(row, i, "a malformed time")?),
-        Kind::Timestamp => timestamp(get(row, i, "a malformed timestamp")?)?,
-        Kind::Json | Kind::Jsonb => json(row, i, kind)?,
+        Kind::Timestamp if text => Value::Timestamp(
+            get::<NaiveDateTime>(row, i, "a timestamp that is not a point in time")?.and_utc(),
+        ),
+        Kind::TimestampTz if text => {
+            Value::Timestamp(get(row, i, "a timestamptz that is not a point in time")?)
+        }
+        Kind::Timestamp | Kind::TimestampTz => timestamp(get(row, i, "a malformed timestamp")?)?,
+        Kind::Json | Kind::Jsonb => json(row, i, kind, text)?,
         Kind::Uuid => Value::Uuid(get::<Uuid>(row, i, "a malformed uuid")?),
         Kind::Void => Value::Null,
     })
 }
 
-fn decode_array(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
+fn decode_array(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
     fn items<T>(values: Vec<Option<T>>, f: impl Fn(T) -> DecodeResult) -> DecodeResult {
         values
             .into_iter()
@@ -372,9 +448,14 @@ fn decode_array(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
             get(row, i, "a text array with text that is not valid UTF-8")?,
             |v| Ok(Value::Text(v)),
         ),
+        Kind::Date if text => items(get(row, i, MALFORMED)?, |v| Ok(Value::Date(v))),
         Kind::Date => items(get(row, i, MALFORMED)?, date),
         Kind::Time => items(get(row, i, MALFORMED)?, |v| Ok(Value::Time(v))),
-        Kind::Timestamp => items(get(row, i, MALFORMED)?, timestamp),
+        Kind::Timestamp if text => items(get(row, i, MALFORMED)?, |v: NaiveDateTime| {
+            Ok(Value::Timestamp(v.and_utc()))
+        }),
+        Kind::TimestampTz if text => items(get(row, i, MALFORMED)?, |v| Ok(Value::Timestamp(v))),
+        Kind::Timestamp | Kind::TimestampTz => items(get(row, i, MALFORMED)?, timestamp),
         Kind::Json | Kind::Jsonb => items(
             get(row, i, super::JSON_UNREADABLE)?,
             |v: sqlx::types::Json<serde_json::Value>| Ok(Value::Json(v.0)),
@@ -428,7 +509,10 @@ fn decode_reason(e: &sqlx::Error) -> String {
 }
 
 /// Sorts a query failure by SQLSTATE.
-fn query_error(e: sqlx::Error, timeout: std::time::Duration) -> SourceError {
+fn query_error(e: sqlx::Error, timeout: std::time::Duration, flavour: &Flavour) -> SourceError {
+    if let Some(explained) = (flavour.explain)(&e, timeout) {
+        return explained;
+    }
     match &e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some(READ_ONLY_SQL_TRANSACTION) => SourceError::ReadOnly(db.message().to_owned()),

@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod bigquery_double;
 pub mod braze_double;
+pub mod clickhouse;
 pub mod cluster;
 pub mod customerio_double;
 pub mod databricks_double;
