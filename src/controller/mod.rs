@@ -380,6 +380,14 @@ pub async fn default_cluster_name(client: &Client) -> Option<String> {
     use k8s_openapi::api::core::v1::Namespace;
     match Api::<Namespace>::all(client.clone()).get("kube-system").await {
         Ok(ns) => ns.metadata.uid,
+        // The usual case with namespaced RBAC, and no RBAC gap: say what to set instead.
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            tracing::warn!(
+                "this operator may not read namespace kube-system, whose uid names the cluster \
+                 in warehouse state; set --cluster-name (keys stay namespace/name until then)"
+            );
+            None
+        }
         Err(e) => {
             tracing::warn!(
                 error = %e,
