@@ -366,6 +366,26 @@ spec:
 }
 
 #[tokio::test]
+async fn a_template_that_does_not_compile_is_named_with_its_field_before_anything_runs() {
+    let s = Setup::new().await;
+    let text = manifests(
+        &s.warehouse.url,
+        &s.crm.url,
+        "SELECT id, email, plan FROM customers",
+    )
+    .replace(
+        "- {from: plan, to: plan, transforms: [uppercase]}",
+        "- {template: \"{% if plan %}{{ plan | upcase }}{% endif %}\", to: plan}",
+    );
+    assert_fails_cleanly(
+        &s,
+        &s.write(&text),
+        &["spec.mappings[2].template", "unknown filter", "upcase"],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_summary_shows_what_was_accepted_and_lists_a_duplicated_key_once_with_its_rows() {
     let s = Setup::new().await;
     let text = manifests(

@@ -24,6 +24,7 @@ fn spec(url: String) -> HttpSpec {
         method: None,
         headers: BTreeMap::new(),
         body: None,
+        record: None,
         delete: None,
         results: None,
         timeout: None,
@@ -329,6 +330,7 @@ async fn deletes_use_the_delete_block_and_send_identities_only() {
         url: double.url_for("/contacts/remove"),
         method: Some("DELETE".into()),
         body: Some(r#"{"remove":{{records}}}"#.into()),
+        record: None,
     });
 
     let outcomes = connector(&spec).send(Operation::Delete, &batch()).await.unwrap();
@@ -515,6 +517,165 @@ async fn the_double_counts_concurrent_requests() {
 async fn closed_port() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn a_record_template_inside_a_json_api_envelope_shapes_each_record() {
+    let double = HttpDouble::start(Behaviour::accept_all().records_at("/data")).await;
+    let mut spec = authorized(double.url_for("/people"));
+    spec.headers
+        .insert("Content-Type".into(), "application/vnd.api+json".into());
+    spec.body = Some(r#"{"data": {{ records }}}"#.into());
+    spec.record = Some(
+        r#"{"type": "people", "id": {{ id | string }}, "attributes": {"email": {{ email }}, "name": {{ name | upper }}}}"#
+            .into(),
+    );
+
+    let outcomes = connector(&spec).send(Operation::Upsert, &batch()).await.unwrap();
+
+    assert_eq!(outcomes, vec![RecordOutcome::Accepted; 2]);
+    let request = &double.requests()[0];
+    assert_eq!(request.header("content-type"), Some("application/vnd.api+json"));
+    assert_eq!(request.header("authorization"), Some("Bearer tok-5ecret-123"));
+    assert_eq!(
+        request.body_text(),
+        r#"{"data": [{"type": "people", "id": "1", "attributes": {"email": "ada@example.com", "name": "ADA"}},{"type": "people", "id": "2", "attributes": {"email": "grace@example.com", "name": "GRACE"}}]}"#
+    );
+}
+
+#[tokio::test]
+async fn an_array_of_objects_and_one_object_per_request_are_plain_bodies() {
+    let double = HttpDouble::start(Behaviour::always(200, "{}")).await;
+    let mut spec = spec(double.url_for("/hook/{{ operation }}"));
+    spec.body = Some("{{ records }}".into());
+    spec.record = Some(r#"{"who": {{ name }}, "op": {{ operation }}}"#.into());
+    connector(&spec).send(Operation::Insert, &batch()).await.unwrap();
+
+    spec.body = Some("{{ record }}".into());
+    let one = connector(&spec);
+    assert_eq!(one.capabilities().max_batch_size, 1, "one record per request");
+    for record in batch() {
+        one.send(Operation::Upsert, std::slice::from_ref(&record))
+            .await
+            .unwrap();
+    }
+
+    let bodies: Vec<(String, String)> = double
+        .requests()
+        .iter()
+        .map(|r| (r.path.clone(), r.body_text()))
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            (
+                "/hook/insert".to_owned(),
+                r#"[{"who": "Ada", "op": "insert"},{"who": "Grace", "op": "insert"}]"#.to_owned()
+            ),
+            (
+                "/hook/upsert".to_owned(),
+                r#"{"who": "Ada", "op": "upsert"}"#.to_owned()
+            ),
+            (
+                "/hook/upsert".to_owned(),
+                r#"{"who": "Grace", "op": "upsert"}"#.to_owned()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_record_whose_template_fails_is_rejected_alone_and_the_others_are_sent() {
+    let double = HttpDouble::start(Behaviour::accept_all()).await;
+    let mut spec = spec(double.url_for("/contacts"));
+    spec.results = Some(HttpResultsSpec {
+        path: "/results".into(),
+        error_field: "error".into(),
+    });
+    // Grace's record prints her name raw (`safe`): not JSON, so it is refused before sending.
+    spec.record = Some(
+        r#"{"email": {{ email }}, "name": {% if id == 2 %}{{ name | safe }}{% else %}{{ name }}{% endif %}}"#
+            .into(),
+    );
+    let records = vec![
+        record(1, "ada@example.com", "Ada"),
+        record(2, "grace@example.com", "Grace"),
+        record(3, "linus@example.com", "Linus"),
+    ];
+
+    let outcomes = connector(&spec).send(Operation::Upsert, &records).await.unwrap();
+
+    assert_eq!(outcomes[0], RecordOutcome::Accepted);
+    assert_eq!(outcomes[2], RecordOutcome::Accepted);
+    let RecordOutcome::Rejected(reason) = &outcomes[1] else {
+        panic!("Grace's record is rejected: {outcomes:?}");
+    };
+    assert!(
+        reason.starts_with("spec.http.record: the record template did not render valid JSON"),
+        "{reason}"
+    );
+    assert!(!reason.contains("Grace"), "{reason}");
+    let sent: Vec<_> = double
+        .received_records()
+        .iter()
+        .map(|r| r["email"].clone())
+        .collect();
+    assert_eq!(sent, [json!("ada@example.com"), json!("linus@example.com")]);
+}
+
+#[tokio::test]
+async fn deletes_are_shaped_by_the_delete_record_template_from_match_fields() {
+    let double = HttpDouble::start(Behaviour::accept_all()).await;
+    let mut spec = spec(double.url_for("/contacts"));
+    spec.record = Some(r#"{"never": {{ name }}}"#.into());
+    spec.delete = Some(HttpDeleteSpec {
+        url: double.url_for("/contacts/remove"),
+        method: None,
+        body: None,
+        record: Some(r#"{"email": {{ email }}, "gone": true}"#.into()),
+    });
+
+    connector(&spec).send(Operation::Delete, &batch()).await.unwrap();
+
+    assert_eq!(
+        double.requests()[0].body_text(),
+        r#"{"operation":"delete","records":[{"email": "ada@example.com", "gone": true},{"email": "grace@example.com", "gone": true}]}"#
+    );
+}
+
+#[tokio::test]
+async fn a_record_template_naming_a_field_the_records_lack_fails_the_batch_naming_it() {
+    let double = HttpDouble::start(Behaviour::accept_all()).await;
+    let mut spec = spec(double.url_for("/contacts"));
+    spec.record = Some(r#"{"email": {{ emial }}}"#.into());
+
+    let error = connector(&spec)
+        .send(Operation::Upsert, &batch())
+        .await
+        .unwrap_err();
+
+    let SendError::Fatal(message) = &error else {
+        panic!("a fatal error: {error:?}");
+    };
+    assert!(
+        message.contains("spec.http.record: {{ emial }} is not a field"),
+        "{message}"
+    );
+    assert_eq!(double.request_count(), 0);
+}
+
+#[tokio::test]
+async fn secrets_are_refused_in_record_templates_when_the_connector_is_built() {
+    let mut spec = spec("https://api.example.com/x".into());
+    spec.record = Some(r#"{"token": {{ secret.token }}}"#.into());
+    let error = HttpConnector::new(&spec, Some(&secret())).err().expect("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("spec.http.record: {{ secret.KEY }} is available only in the URL and headers"),
+        "{error}"
+    );
+    assert!(!error.to_string().contains(TOKEN));
 }
 
 #[tokio::test]

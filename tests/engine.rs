@@ -338,6 +338,289 @@ async fn a_mapping_that_names_a_missing_column_fails_before_sending() {
     assert_eq!(fake.call_count(), 0);
 }
 
+fn templated(query: &str, mappings: &str) -> ReverseSyncSpec {
+    serde_yaml_ng::from_str(&format!(
+        r#"
+source: {{connectionSecretRef: {{name: wh}}, query: "{query}", primaryKey: [id]}}
+destinationRef: {{name: fake}}
+mappings:
+  - {{from: id, to: id}}
+{mappings}
+"#
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jinja_mappings_shape_text_and_json_fields_end_to_end() {
+    let h = Harness::new().await;
+    let spec = templated(
+        "SELECT id, email, plan, score FROM customers",
+        r#"  - template: "{{ email | upper }}"
+    to: properties.email
+  - template: "{% if plan == 'enterprise' %}customer{% else %}lead{% endif %}"
+    to: properties.lifecyclestage
+  - template: '{"score": {{ score | round(0) }}, "tier": {{ plan | default("none") }}}'
+    templateType: json
+    to: facts
+"#,
+    );
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&spec, fake.clone()).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.accepted, 250);
+    assert_eq!(
+        fake.store.lock().unwrap()["7"],
+        r#"{"facts":{"score":11,"tier":"free"},"id":7,"properties":{"email":"USER7@EXAMPLE.COM","lifecyclestage":"lead"}}"#
+    );
+}
+
+#[tokio::test]
+async fn a_jinja_template_naming_a_missing_column_fails_before_sending_naming_the_mapping() {
+    let h = Harness::new().await;
+    let spec = templated(
+        "SELECT id, email FROM customers",
+        "  - {template: \"{{ first_name | title }}\", to: name}\n",
+    );
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&spec, fake.clone()).await;
+    let err = report.error.unwrap().to_string();
+    assert!(
+        err.contains("spec.mappings[1].template") && err.contains("first_name"),
+        "{err}"
+    );
+    assert_eq!(fake.call_count(), 0);
+}
+
+#[tokio::test]
+async fn a_row_whose_template_fails_is_rejected_naming_the_mapping_and_the_run_goes_on() {
+    let h = Harness::new().await;
+    let spec = templated(
+        "SELECT id, email FROM customers WHERE id <= 10",
+        r#"  - template: '{% if id == 7 %}{{ email | safe }}{% else %}{{ email }}{% endif %}'
+    templateType: json
+    to: email
+"#,
+    );
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&spec, fake.clone()).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!((report.plan.rejected, report.accepted), (1, 9));
+    let reason = &report.rejected_samples[0].reason;
+    assert!(
+        reason.contains("mapping to \"email\": the template did not render valid JSON"),
+        "{reason}"
+    );
+    assert!(!reason.contains("user7"), "{reason}");
+}
+
+/// Every `{{name}}` template in the repository's examples, samples, charts and docs, as
+/// (file, field, text).
+fn repository_templates() -> Vec<(String, String, String)> {
+    fn walk(value: &serde_yaml_ng::Value, path: &str, file: &str, out: &mut Vec<(String, String, String)>) {
+        use serde_yaml_ng::Value as Y;
+        match value {
+            Y::Mapping(map) => {
+                for (k, v) in map {
+                    let key = k.as_str().unwrap_or_default();
+                    let here = format!("{path}.{key}");
+                    let templated = key == "template"
+                        || (path.ends_with(".http") || path.ends_with(".http.delete"))
+                            && matches!(key, "url" | "body" | "record" | "checkUrl")
+                        || path.ends_with(".http.headers");
+                    match v.as_str() {
+                        Some(text) if templated => out.push((file.to_owned(), here, text.to_owned())),
+                        _ => walk(v, &here, file, out),
+                    }
+                }
+            }
+            Y::Sequence(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), file, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn yaml_documents(text: &str, file: &str, out: &mut Vec<(String, String, String)>) {
+        use serde::Deserialize;
+        for document in serde_yaml_ng::Deserializer::from_str(text) {
+            // Helm templates and other non-YAML files hold no Backflow template; the
+            // documents after a syntax error cannot be read either.
+            match serde_yaml_ng::Value::deserialize(document) {
+                Ok(value) => walk(&value, "", file, out),
+                Err(_) => break,
+            }
+        }
+    }
+    fn visit(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<(String, String, String)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                visit(&path, root, out);
+                continue;
+            }
+            let file = path.strip_prefix(root).unwrap().display().to_string();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("yaml" | "yml") => yaml_documents(&text, &file, out),
+                Some("md") => {
+                    for block in text.split("```yaml").skip(1) {
+                        let block = block.split("```").next().unwrap_or_default();
+                        yaml_documents(block, &file, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    for dir in ["examples", "config/samples", "charts", "docs"] {
+        visit(&root.join(dir), root, &mut out);
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for block in readme.split("```yaml").skip(1) {
+        yaml_documents(
+            block.split("```").next().unwrap_or_default(),
+            "README.md",
+            &mut out,
+        );
+    }
+    out
+}
+
+/// How the engine before Jinja rendered a `{{name}}` template: each name's value as text
+/// (`Value::as_text`), NULL empty.
+fn render_old(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Value) -> String {
+    backflow::template::Template::parse(text)
+        .unwrap()
+        .render(|name| {
+            let value = value_of(name);
+            Some(if value.is_null() {
+                String::new()
+            } else {
+                value.as_text().into_owned()
+            })
+        })
+        .unwrap()
+}
+
+/// The same template through the new engine: its default path (plain holes) and, with a
+/// trailing comment that keeps it off that path, the Jinja machine.
+fn render_new(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Value) -> [String; 2] {
+    use backflow::engine::value::{Document, Value};
+    use backflow::template::{Jinja, Limits, Mode};
+    [text.to_owned(), format!("{text}{{# through the machine #}}")].map(|source| {
+        let template = Jinja::compile(&source, Mode::Text, Limits::RECORD).unwrap();
+        // `{{secret.KEY}}` is an attribute of the `secret` map in Jinja.
+        let secret: Document = backflow::template::Template::parse(text)
+            .unwrap()
+            .variables()
+            .filter_map(|name| name.strip_prefix("secret."))
+            .map(|key| (key.to_owned(), value_of(&format!("secret.{key}"))))
+            .collect();
+        let bound: Vec<Value> = template
+            .variables()
+            .iter()
+            .map(|name| match name.as_str() {
+                "secret" => Value::Object(secret.clone()),
+                other => value_of(other),
+            })
+            .collect();
+        template.render(|i| &bound[i]).unwrap()
+    })
+}
+
+#[test]
+fn every_template_in_the_repository_renders_as_before() {
+    use backflow::engine::value::Value;
+    use bigdecimal::BigDecimal;
+    use std::str::FromStr;
+    let templates = repository_templates();
+    let legacy: Vec<_> = templates
+        .iter()
+        // Templates the old engine accepted; `{%` and `{#` were literal text to it, and
+        // start Jinja tags now (docs/templates.md says so).
+        .filter(|(_, _, text)| {
+            backflow::template::Template::parse(text).is_ok() && !text.contains("{%") && !text.contains("{#")
+        })
+        .collect();
+    let texts: Vec<&str> = legacy.iter().map(|(_, _, t)| t.as_str()).collect();
+    for expected in [
+        "{{first_name}} {{last_name}}",
+        "https://hooks.example.com/customers/{{operation}}",
+        "Bearer {{secret.token}}",
+    ] {
+        assert!(texts.contains(&expected), "{expected:?} not found in {texts:?}");
+    }
+    let samples = [
+        Value::Null,
+        Value::Text("Ada".into()),
+        Value::Text("Zoë \"Z\" O'Neil\n\t{{not a hole}}".into()),
+        Value::Text(String::new()),
+        Value::Bool(true),
+        Value::Int(-7),
+        Value::Int(i64::MAX),
+        Value::Decimal(BigDecimal::from_str("10.50").unwrap()),
+        Value::Decimal(BigDecimal::from_str("12345678901234567890.123456789").unwrap()),
+        Value::Float(2.675),
+        Value::Float(1e21),
+        Value::Json(serde_json::json!({"b": [1, 2.5, null], "a": "x"})),
+        Value::Json(serde_json::json!("json text")),
+        Value::Array(vec![Value::Int(1), Value::Text("a".into())]),
+    ];
+    let records = Value::Text(r#"[{"email":"a@b.c","id":1}]"#.into());
+    for (file, field, text) in &legacy {
+        for sample in &samples {
+            let value_of = |name: &str| match name {
+                "operation" => Value::Text("upsert".into()),
+                "records" => records.clone(),
+                _ => sample.clone(),
+            };
+            let old = render_old(text, value_of);
+            for new in render_new(text, value_of) {
+                assert_eq!(new, old, "{file} {field} {text:?} with {sample:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dates_times_timestamps_and_uuids_now_print_without_the_json_quotes_of_before() {
+    use backflow::engine::value::Value;
+    let cases = [
+        (
+            Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 1, 2).unwrap()),
+            "2024-01-02",
+        ),
+        (
+            Value::Time(chrono::NaiveTime::from_hms_opt(7, 8, 9).unwrap()),
+            "07:08:09",
+        ),
+        (
+            Value::Timestamp("2024-05-06T07:08:09Z".parse().unwrap()),
+            "2024-05-06T07:08:09Z",
+        ),
+        (
+            Value::Uuid(uuid::Uuid::from_u128(1)),
+            "00000000-0000-0000-0000-000000000001",
+        ),
+    ];
+    for (value, text) in cases {
+        let old = render_old("since {{d}}", |_| value.clone());
+        assert_eq!(old, format!("since \"{text}\""));
+        for new in render_new("since {{d}}", |_| value.clone()) {
+            assert_eq!(new, format!("since {text}"));
+        }
+    }
+}
+
 fn deletes_sent(fake: &FakeConnector) -> usize {
     fake.calls
         .lock()

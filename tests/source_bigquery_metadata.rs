@@ -43,7 +43,10 @@ fn workload_identity_reads_with_the_metadata_servers_token_when_allowed() {
         )
         .await
         .unwrap();
-        assert_eq!(stream.next().await.unwrap().unwrap().decoded().unwrap(), vec![Value::Int(1)]);
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().decoded().unwrap(),
+            vec![Value::Int(1)]
+        );
         let metadata: Vec<_> = double
             .requests()
             .into_iter()

@@ -19,6 +19,10 @@
 //! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
 //! requests/s against R, retries, rows the server accepted against rows expected.
 //!
+//! Then templates: the per-row cost of the sync's template mapping next to the plain
+//! `{{name}}` substitution of before, and of filter chains (`templates.rs`; alone with
+//! `BACKFLOW_BENCH_ONLY=templates`).
+//!
 //! Then the cloud warehouse sources (Snowflake, Databricks, BigQuery) against their contract doubles,
 //! next to the doubles' own serving speed (`cloud.rs`).
 //! Then the ClickHouse source at the smallest size (`clickhouse.rs`): rows/s of the source
@@ -41,6 +45,7 @@ mod model;
 mod phase;
 mod report;
 mod sink;
+mod templates;
 
 // The cloud warehouse doubles of the integration tests, run by the parent for the cloud phases
 // (at the crate root, where they find each other as `super::…`).
@@ -73,6 +78,12 @@ async fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` asks for benchmark names; this binary has one.
+    }
+    // In this process, before any child or server competes for the CPU.
+    let template_figures = templates::bench();
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("templates") {
+        templates::print(&template_figures);
+        return;
     }
     let sizes: Vec<u64> = std::env::var("BACKFLOW_BENCH_ROWS")
         .unwrap_or_else(|_| "1000000".to_owned())
@@ -117,6 +128,7 @@ async fn main() {
     if let Some(c) = &clickhouse {
         clickhouse::print(c);
     }
+    templates::print(&template_figures);
 }
 
 /// Every phase of one model size.

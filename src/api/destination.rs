@@ -271,9 +271,10 @@ pub struct RetrySpec {
 
 /// A generic JSON-over-HTTP destination (REST API or webhook).
 ///
-/// Templates use `{{name}}`: `{{secret.KEY}}` is a key of the credentials Secret (headers and
-/// URL only), `{{operation}}` is `upsert`, `update`, `insert` or `delete`, and `{{records}}`
-/// (body only) is the JSON array of the batch's records.
+/// Templates are Jinja (docs/templates.md): `{{ secret.KEY }}` is a key of the credentials
+/// Secret (headers and URL only), `{{ operation }}` is `upsert`, `update`, `insert` or
+/// `delete`, `{{ records }}` (body only) is the JSON array of the batch's records, each its
+/// mapped fields or what the `record` template renders from them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpSpec {
@@ -286,9 +287,18 @@ pub struct HttpSpec {
     /// Header templates, like `Authorization: "Bearer {{secret.token}}"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// Body template (default `{"operation":"{{operation}}","records":{{records}}}`).
+    /// Body template: the envelope around the batch (default
+    /// `{"operation":"{{operation}}","records":{{records}}}`). Text: its JSON is written as
+    /// it is; `{{ records }}` is the JSON array of the records, `{{ count }}` their number; a
+    /// body naming `{{ record }}` is sent once per record, as that record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// Per-record template: the JSON each record becomes, like
+    /// `{"email": {{ email }}, "name": {{ first ~ " " ~ last }}}`. Each `{{ … }}` writes a
+    /// JSON value; variables are the record's fields, `record` and `operation`. Without it a
+    /// record is its mapped fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
     /// How deletes are sent (mirror mode). Without it, deletes go to `url` with the same
     /// method and `{{operation}}` = `delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,9 +330,15 @@ pub struct HttpDeleteSpec {
     /// HTTP method for deletes (default `POST`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// Body template for deletes; `{{records}}` holds only the match fields.
+    /// Body template for deletes (default: `spec.http.body`); `{{records}}` holds only the
+    /// match fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// Per-record template for deletes: the JSON each deleted record becomes, from its match
+    /// fields (dotted ones nested: `{{ properties.email }}`). Without it a record is its
+    /// match fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
 }
 
 /// Per-record outcomes in a response body.

@@ -155,14 +155,23 @@ impl SyncMode {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.from) != has(self.template)",
     "message": "a mapping needs exactly one of from or template"
+}, {
+    "rule": "!has(self.templateType) || self.templateType == 'text' || has(self.template)",
+    "message": "templateType applies only to a template mapping"
 }]))]
 pub struct Mapping {
     /// Source column to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    /// A string built from columns instead of `from`, like `"{{first_name}} {{last_name}}"`.
+    /// A Jinja template over the row's columns instead of `from`, like
+    /// `"{{ first_name | title }} {{ last_name | title }}"` (see docs/templates.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// What `template` produces: `text` (default; NULL columns print empty) or `json` (each
+    /// `{{ … }}` writes a JSON value and the result is parsed as JSON: an object, a list, a
+    /// number…).
+    #[serde(default, skip_serializing_if = "TemplateType::is_text")]
+    pub template_type: TemplateType,
     /// Destination field. Dots make nested objects: `properties.email`.
     #[schemars(length(min = 1))]
     pub to: String,
@@ -171,6 +180,24 @@ pub struct Mapping {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub transforms: Vec<String>,
+}
+
+/// The type of a template mapping's result.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateType {
+    /// The rendered text.
+    #[default]
+    Text,
+    /// The rendered text parsed as JSON (numbers kept exact).
+    Json,
+}
+
+impl TemplateType {
+    /// True for [`TemplateType::Text`], the default.
+    pub fn is_text(&self) -> bool {
+        *self == TemplateType::Text
+    }
 }
 
 /// When a sync runs.

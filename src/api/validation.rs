@@ -4,10 +4,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind};
+use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
 use super::{duration, limits};
 use crate::engine::mapping::{Transform, effective_match_fields};
-use crate::template::Template;
+use crate::template::{Jinja, Limits, Mode, Template};
 
 /// One problem in a spec: the field path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,11 +218,21 @@ fn validate_mappings(spec: &ReverseSyncSpec, errors: &mut Errors) {
                 errors.add(format!("{field}.from"), "column name is empty")
             }
             (None, Some(t)) => {
-                if let Err(e) = Template::parse(t) {
+                let mode = match m.template_type {
+                    TemplateType::Text => Mode::Text,
+                    TemplateType::Json => Mode::Json,
+                };
+                if let Err(e) = Jinja::compile(t, mode, Limits::RECORD) {
                     errors.add(format!("{field}.template"), e.to_string());
                 }
             }
             _ => {}
+        }
+        if m.template.is_none() && m.template_type != TemplateType::Text {
+            errors.add(
+                format!("{field}.templateType"),
+                "applies only to a template mapping",
+            );
         }
         if m.to.is_empty() || m.to.split('.').any(str::is_empty) {
             errors.add(
@@ -341,16 +351,7 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
         }
     }
     if let Some(http) = &spec.http {
-        for (field, text) in [
-            ("spec.http.url", Some(&http.url)),
-            ("spec.http.body", http.body.as_ref()),
-        ] {
-            if let Some(text) = text
-                && let Err(e) = Template::parse(text)
-            {
-                errors.add(field, e.to_string());
-            }
-        }
+        validate_http_templates(http, &mut errors);
         if let Some(t) = &http.timeout {
             check_duration(&mut errors, "spec.http.timeout", t, duration::MAX_TIMEOUT);
         }
@@ -400,6 +401,62 @@ pub fn validate_destination(spec: &DestinationSpec) -> Result<(), InvalidSpec> {
         }
     }
     errors.finish()
+}
+
+/// Compiles every template of an `http` block: syntax, filters, limits, and no Secret
+/// outside the URL and headers. Secret keys and record fields are checked when the
+/// connector is built, where the Secret and the records are known.
+fn validate_http_templates(http: &super::destination::HttpSpec, errors: &mut Errors) {
+    let delete = http.delete.as_ref();
+    let mut templates = vec![
+        ("spec.http.url".to_owned(), Some(&http.url), Mode::Text, true),
+        ("spec.http.body".to_owned(), http.body.as_ref(), Mode::Text, false),
+        (
+            "spec.http.record".to_owned(),
+            http.record.as_ref(),
+            Mode::Json,
+            false,
+        ),
+        (
+            "spec.http.checkUrl".to_owned(),
+            http.check_url.as_ref(),
+            Mode::Text,
+            true,
+        ),
+        (
+            "spec.http.delete.url".to_owned(),
+            delete.map(|d| &d.url),
+            Mode::Text,
+            true,
+        ),
+        (
+            "spec.http.delete.body".to_owned(),
+            delete.and_then(|d| d.body.as_ref()),
+            Mode::Text,
+            false,
+        ),
+        (
+            "spec.http.delete.record".to_owned(),
+            delete.and_then(|d| d.record.as_ref()),
+            Mode::Json,
+            false,
+        ),
+    ];
+    for (name, text) in &http.headers {
+        templates.push((format!("spec.http.headers.{name}"), Some(text), Mode::Text, true));
+    }
+    for (field, text, mode, secrets) in templates {
+        let Some(text) = text else { continue };
+        match Jinja::compile(text, mode, Limits::RECORD) {
+            Err(e) => errors.add(field, e.to_string()),
+            Ok(t) if !secrets && t.variables().iter().any(|v| v == "secret") => errors.add(
+                field,
+                "{{ secret.KEY }} is available only in the URL and headers, so that no Secret value is \
+                 ever sent in a body",
+            ),
+            Ok(_) => {}
+        }
+    }
 }
 
 fn check_duration(errors: &mut Errors, field: &str, text: &str, max: std::time::Duration) {
@@ -516,6 +573,7 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
             .map(|i| Mapping {
                 from: Some(format!("c{i}")),
                 template: None,
+                template_type: TemplateType::Text,
                 to: format!("f{i}"),
                 transforms: Vec::new(),
             })
@@ -526,6 +584,7 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
         s.mappings.push(Mapping {
             from: Some("c0".into()),
             template: None,
+            template_type: TemplateType::Text,
             to: "f998.deep.field".into(),
             transforms: Vec::new(),
         });
@@ -612,6 +671,73 @@ redis: {key: \"c:{{id}}\", ttl: 30d}\n",
         )
         .unwrap();
         validate_destination(&ok).unwrap();
+    }
+
+    #[test]
+    fn mapping_templates_compile_at_validation_and_errors_name_the_field() {
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{template: \"{% if plan %}x\", to: email}",
+        ));
+        let err = validate_reverse_sync(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.mappings[1].template: failed to compile template"),
+            "{err}"
+        );
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{template: \"{{ email | shout }}\", to: email}",
+        ));
+        let err = validate_reverse_sync(&spec).unwrap_err().to_string();
+        assert!(err.contains("unknown filter \"shout\""), "{err}");
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{template: '{\"a\": \"{{ email }}\"}', templateType: json, to: email}",
+        ));
+        let err = validate_reverse_sync(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.mappings[1].template") && err.contains("inside a JSON string"),
+            "{err}"
+        );
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{from: email, templateType: json, to: email}",
+        ));
+        let err = validate_reverse_sync(&spec).unwrap_err().to_string();
+        assert!(err.contains("spec.mappings[1].templateType"), "{err}");
+        let spec = sync(&BASE.replace(
+            "{from: email, to: email}",
+            "{template: \"{{ first | title }} {% if plan == 'enterprise' %}VIP{% endif %}\", to: email}",
+        ));
+        validate_reverse_sync(&spec).unwrap();
+    }
+
+    #[test]
+    fn a_secret_in_a_body_or_record_template_is_refused_at_validation() {
+        for block in [
+            r#"{url: "https://x.example.com", body: '{"t": "{{ secret.token }}", "r": {{records}}}'}"#,
+            r#"{url: "https://x.example.com", record: '{"t": {{ secret.token }}}'}"#,
+            r#"{url: "https://x.example.com", delete: {url: "https://x.example.com/d", record: '{"t": {{ secret.token }}}'}}"#,
+        ] {
+            let spec: DestinationSpec =
+                serde_yaml_ng::from_str(&format!("type: http\nhttp: {block}\n")).unwrap();
+            let err = validate_destination(&spec).unwrap_err().to_string();
+            assert!(err.contains("is available only in the URL and headers"), "{err}");
+        }
+        let ok: DestinationSpec = serde_yaml_ng::from_str(
+            "type: http\nhttp: {url: \"https://x.example.com/{{ operation }}\", headers: {Authorization: \"Bearer {{ secret.token }}\"}, record: '{\"e\": {{ email }}}', body: '{\"data\": {{ records }}}'}\n",
+        )
+        .unwrap();
+        validate_destination(&ok).unwrap();
+        let bad: DestinationSpec = serde_yaml_ng::from_str(
+            "type: http\nhttp: {url: \"https://x.example.com\", headers: {X: \"{{ a | nope }}\"}}\n",
+        )
+        .unwrap();
+        let err = validate_destination(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.http.headers.X: failed to compile template"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The generic `http` destination: each batch is one JSON request to a templated REST
 //! endpoint or webhook.
 //!
-//! Everything templated is parsed, checked and (for URLs and headers) rendered once, when the
-//! connector is built, so a typo or a missing Secret key fails before any request is sent.
-//! Per request only the body is rendered, straight into a byte buffer.
+//! Everything templated is compiled, checked and (for URLs and headers) rendered once, when
+//! the connector is built, so a typo or a missing Secret key fails before any request is sent.
+//! Per request only the body is rendered ([`payload`]).
 //!
 //! The response helpers ([`classify_status`], [`status_error`], [`transport_error`],
 //! [`retry_after`], [`excerpt`], [`Scrubber`]) are public because every HTTP-based vendor
@@ -24,9 +24,12 @@ use super::{
     Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
 };
 use crate::api::destination::{HttpResultsSpec, HttpSpec};
-use crate::engine::value::write_document;
 use crate::redact::Scrubber;
-use crate::template::Template;
+use crate::template::{Jinja, Limits};
+
+mod payload;
+
+use payload::{CHECK_URL_VARIABLES, Payload, SECRET, URL_VARIABLES, compile, render_fixed};
 
 /// The body sent when the spec has none.
 pub const DEFAULT_BODY: &str = r#"{"operation":"{{operation}}","records":{{records}}}"#;
@@ -38,7 +41,6 @@ pub const EXCERPT_CHARS: usize = 300;
 /// `url::ParseError`, named through `reqwest`'s re-exported `Url` (no direct `url` dependency).
 type UrlParseError = <Url as std::str::FromStr>::Err;
 
-const SECRET_PREFIX: &str = "secret.";
 /// Records per request unless `spec.batchSize` lowers it.
 const MAX_BATCH_SIZE: usize = 100;
 /// Longest wait to open a connection, within the request timeout.
@@ -62,115 +64,13 @@ struct Endpoint {
     url: Url,
     label: RequestLabel,
     headers: HeaderMap,
-    body: Template,
+    payload: Payload,
 }
 
 /// The connection check request.
 struct CheckTarget {
     url: Url,
     label: RequestLabel,
-}
-
-/// Which variables a template may use.
-#[derive(Clone, Copy)]
-struct Allowed {
-    secrets: bool,
-    operation: bool,
-    records: bool,
-}
-
-impl Allowed {
-    fn describe(self) -> String {
-        let mut names = Vec::new();
-        if self.operation {
-            names.push("{{operation}}");
-        }
-        if self.records {
-            names.push("{{records}}");
-        }
-        if self.secrets {
-            names.push("{{secret.KEY}}");
-        }
-        names.join(", ")
-    }
-}
-
-const URL_VARIABLES: Allowed = Allowed {
-    secrets: true,
-    operation: true,
-    records: false,
-};
-const HEADER_VARIABLES: Allowed = URL_VARIABLES;
-const BODY_VARIABLES: Allowed = Allowed {
-    secrets: false,
-    operation: true,
-    records: true,
-};
-const CHECK_URL_VARIABLES: Allowed = Allowed {
-    secrets: true,
-    operation: false,
-    records: false,
-};
-
-/// Parses a template and checks its variables: known names only, and every Secret key present.
-fn parse_template(
-    field: &str,
-    text: &str,
-    allowed: Allowed,
-    secret: Option<&SecretData>,
-) -> Result<Template, DestinationError> {
-    let template = Template::parse(text).map_err(|e| DestinationError::Invalid(format!("{field}: {e}")))?;
-    for name in template.variables() {
-        let ok = match name {
-            "operation" => allowed.operation,
-            "records" => allowed.records,
-            _ => match name.strip_prefix(SECRET_PREFIX) {
-                Some(key) if allowed.secrets => {
-                    let data = secret.ok_or(DestinationError::MissingCredentials("http"))?;
-                    if data.get(key).is_none() {
-                        return Err(DestinationError::MissingSecretKey {
-                            secret: data.name().to_owned(),
-                            key: key.to_owned(),
-                        });
-                    }
-                    true
-                }
-                _ => false,
-            },
-        };
-        if !ok {
-            return Err(DestinationError::Invalid(format!(
-                "{field}: {{{{{name}}}}} is not available here; use {}",
-                allowed.describe()
-            )));
-        }
-    }
-    Ok(template)
-}
-
-/// Renders a URL or header template for one operation. With `mask`, secrets are shown as
-/// their `{{secret.KEY}}` placeholder instead of their value (for messages).
-fn render_fixed(
-    field: &str,
-    template: &Template,
-    operation: Operation,
-    secret: Option<&SecretData>,
-    mask: bool,
-) -> Result<String, DestinationError> {
-    template
-        .render(|name| -> Option<std::borrow::Cow<'_, str>> {
-            if name == "operation" {
-                return Some(operation.as_str().into());
-            }
-            let key = name.strip_prefix(SECRET_PREFIX)?;
-            if mask {
-                Some(format!("{{{{{name}}}}}").into())
-            } else {
-                secret.and_then(|s| s.get(key)).map(Into::into)
-            }
-        })
-        // Variables were checked by `parse_template`; this only guards that invariant.
-        .map_err(|e| DestinationError::Invalid(format!("{field}: {e}")))
 }
 
 fn parse_method(field: &str, method: Option<&str>) -> Result<Method, DestinationError> {
@@ -204,27 +104,28 @@ struct EndpointSpec<'a> {
     url: &'a str,
     method: Option<&'a str>,
     body: Option<&'a str>,
+    /// The per-record template and its field.
+    record: Option<(&'static str, &'a str)>,
 }
 
 struct Builder<'a> {
     secret: Option<&'a SecretData>,
     scrubber: &'a Scrubber,
-    headers: Vec<(HeaderName, Template, bool)>,
+    headers: Vec<(HeaderName, Jinja, bool)>,
 }
 
 impl Builder<'_> {
     fn endpoint(&self, spec: &EndpointSpec<'_>, operation: Operation) -> Result<Endpoint, DestinationError> {
         let url_field = format!("{}.url", spec.field);
-        let url_template = parse_template(&url_field, spec.url, URL_VARIABLES, self.secret)?;
+        let url_template = compile(&url_field, spec.url, URL_VARIABLES, Limits::RECORD, self.secret)?;
         let shown = render_fixed(&url_field, &url_template, operation, self.secret, true)?;
         let rendered = render_fixed(&url_field, &url_template, operation, self.secret, false)?;
         let url = parse_url(&url_field, &rendered, &shown)?;
         let method = parse_method(&format!("{}.method", spec.field), spec.method)?;
-        let body_field = format!("{}.body", spec.field);
-        let body = parse_template(
-            &body_field,
+        let payload = Payload::new(
+            format!("{}.body", spec.field),
             spec.body.unwrap_or(DEFAULT_BODY),
-            BODY_VARIABLES,
+            spec.record.map(|(field, text)| (field.to_owned(), text)),
             self.secret,
         )?;
 
@@ -251,7 +152,7 @@ impl Builder<'_> {
             url,
             label,
             headers,
-            body,
+            payload,
         })
     }
 }
@@ -265,6 +166,7 @@ impl HttpConnector {
             method,
             headers,
             body,
+            record,
             delete,
             results,
             timeout,
@@ -288,8 +190,8 @@ impl HttpConnector {
             let field = format!("spec.http.headers.{name}");
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| DestinationError::Invalid(format!("{field}: {name:?} is not a header name")))?;
-            let template = parse_template(&field, text, HEADER_VARIABLES, secret)?;
-            let has_secret = template.variables().any(|v| v.starts_with(SECRET_PREFIX));
+            let template = compile(&field, text, URL_VARIABLES, Limits::RECORD, secret)?;
+            let has_secret = template.variables().iter().any(|v| v == SECRET);
             header_templates.push((header, template, has_secret));
         }
 
@@ -313,19 +215,24 @@ impl HttpConnector {
             url,
             method: method.as_deref(),
             body: body.as_deref(),
+            record: record.as_deref().map(|r| ("spec.http.record", r)),
         };
+        // Deletes carry only the match fields, so the record template of writes does not
+        // apply to them: `delete.record` shapes them.
         let deletes = match delete {
             Some(d) => EndpointSpec {
                 field: "spec.http.delete",
                 url: &d.url,
                 method: d.method.as_deref(),
                 body: d.body.as_deref().or(body.as_deref()),
+                record: d.record.as_deref().map(|r| ("spec.http.delete.record", r)),
             },
             None => EndpointSpec {
                 field: "spec.http",
                 url,
                 method: method.as_deref(),
                 body: body.as_deref(),
+                record: None,
             },
         };
         let upsert = builder.endpoint(&writes, Operation::Upsert)?;
@@ -407,7 +314,7 @@ fn check_target(
     scrubber: &Scrubber,
 ) -> Result<CheckTarget, DestinationError> {
     const FIELD: &str = "spec.http.checkUrl";
-    let template = parse_template(FIELD, text, CHECK_URL_VARIABLES, secret)?;
+    let template = compile(FIELD, text, CHECK_URL_VARIABLES, Limits::RECORD, secret)?;
     let rendered = render_fixed(FIELD, &template, Operation::Upsert, secret, false)?;
     let shown = render_fixed(FIELD, &template, Operation::Upsert, secret, true)?;
     let (url, shown) = match Url::parse(&rendered) {
@@ -443,28 +350,15 @@ fn check_target(
     Ok(CheckTarget { url, label })
 }
 
-/// Writes the batch as a JSON array: each record's canonical fields, or its identity for
-/// deletes.
-fn write_records(operation: Operation, batch: &[Record], out: &mut Vec<u8>) {
-    out.push(b'[');
-    for (i, record) in batch.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let document = match operation {
-            Operation::Delete => &record.identity,
-            Operation::Upsert | Operation::Update | Operation::Insert => &record.fields,
-        };
-        write_document(document, out);
-    }
-    out.push(b']');
-}
-
 #[async_trait]
 impl Connector for HttpConnector {
     fn capabilities(&self) -> Capabilities {
+        // A body naming `{{ record }}` is one request per record, each its own rate-limit slot.
+        let per_record = [&self.upsert, &self.update, &self.insert, &self.delete]
+            .iter()
+            .any(|e| e.payload.per_record());
         Capabilities {
-            max_batch_size: MAX_BATCH_SIZE,
+            max_batch_size: if per_record { 1 } else { MAX_BATCH_SIZE },
             operations: vec![
                 Operation::Upsert,
                 Operation::Update,
@@ -518,23 +412,11 @@ impl Connector for HttpConnector {
             return Ok(Vec::new());
         }
         let endpoint = self.endpoint(operation);
-        let mut body = Vec::with_capacity(64 + 128 * batch.len());
-        endpoint
-            .body
-            .write_into(&mut body, |name, out| match name {
-                "operation" => {
-                    out.extend_from_slice(operation.as_str().as_bytes());
-                    true
-                }
-                "records" => {
-                    write_records(operation, batch, out);
-                    true
-                }
-                _ => false,
-            })
-            // Body variables were checked at construction; this only guards that invariant.
-            .map_err(|e| SendError::Fatal(e.to_string()))?;
-
+        let rendered = endpoint.payload.render(operation, batch)?;
+        if rendered.sent.is_empty() {
+            return Ok(outcomes_around(batch.len(), rendered.refused, &[], Vec::new()));
+        }
+        let body = rendered.body;
         let request = self
             .client
             .request(endpoint.label.method.clone(), endpoint.url.clone())
@@ -568,13 +450,37 @@ impl Connector for HttpConnector {
             }
         };
         if classify_status(status) == StatusClass::Success {
-            self.outcomes(&endpoint.label, &body, batch.len())
+            let sent = self.outcomes(&endpoint.label, &body, rendered.sent.len())?;
+            Ok(outcomes_around(
+                batch.len(),
+                rendered.refused,
+                &rendered.sent,
+                sent,
+            ))
         } else {
             Err(self
                 .scrubber
                 .error(status_error(&endpoint.label, status, &headers, &body)))
         }
     }
+}
+
+/// The batch's outcomes: those of the records sent, at their places, and the refusals of
+/// the records whose template did not render.
+fn outcomes_around(
+    count: usize,
+    refused: Vec<(usize, String)>,
+    sent: &[usize],
+    outcomes: Vec<RecordOutcome>,
+) -> Vec<RecordOutcome> {
+    let mut all = vec![None; count];
+    for (at, reason) in refused {
+        all[at] = Some(RecordOutcome::Rejected(reason));
+    }
+    for (at, outcome) in sent.iter().zip(outcomes) {
+        all[*at] = Some(outcome);
+    }
+    RecordOutcome::accepted_unless_set(all)
 }
 
 /// Reads the results array at `path` (a JSON Pointer) of a 2xx body: one entry per record, in
@@ -821,6 +727,7 @@ mod tests {
             method: None,
             headers: BTreeMap::new(),
             body: None,
+            record: None,
             delete: None,
             results: None,
             timeout: None,
@@ -972,16 +879,19 @@ mod tests {
     fn variables_are_checked_where_they_are_used() {
         let mut s = spec("https://api.example.com/{{records}}");
         assert!(
-            invalid(HttpConnector::new(&s, None)).contains("spec.http.url: {{records}} is not available")
+            invalid(HttpConnector::new(&s, None)).contains("spec.http.url: {{ records }} is not available")
         );
         s.url = "https://api.example.com/{{nope}}".into();
-        assert!(invalid(HttpConnector::new(&s, None)).contains("{{nope}}"));
+        assert!(invalid(HttpConnector::new(&s, None)).contains("{{ nope }}"));
         s.url = "https://api.example.com/".into();
         s.body = Some(r#"{"token":"{{secret.token}}"}"#.into());
         let data = secret(&[("token", "t")]);
-        assert!(invalid(HttpConnector::new(&s, Some(&data))).contains("spec.http.body: {{secret.token}}"));
+        assert!(
+            invalid(HttpConnector::new(&s, Some(&data)))
+                .contains("spec.http.body: {{ secret.KEY }} is available only in the URL and headers")
+        );
         s.body = Some("{{records".into());
-        assert!(invalid(HttpConnector::new(&s, None)).contains("spec.http.body: failed to parse template"));
+        assert!(invalid(HttpConnector::new(&s, None)).contains("spec.http.body: failed to compile template"));
     }
 
     #[test]
@@ -1031,6 +941,7 @@ mod tests {
             url: "https://api.example.com/remove".into(),
             method: Some("DELETE".into()),
             body: None,
+            record: None,
         });
         s.check_url = Some("/health?key={{secret.key}}".into());
         let connector = HttpConnector::new(&s, Some(&data)).unwrap();

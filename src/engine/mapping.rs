@@ -6,195 +6,20 @@
 
 use std::collections::BTreeMap;
 
-use bigdecimal::{BigDecimal, RoundingMode};
-
+pub use super::transform::Transform;
 use super::value::Value;
-use crate::api::reverse_sync::Mapping;
+use crate::api::reverse_sync::{Mapping, TemplateType};
 use crate::source::Column;
-use crate::template::Template;
-
-/// One step applied to a mapped value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Transform {
-    /// Text to lower case.
-    Lowercase,
-    /// Text to upper case.
-    Uppercase,
-    /// Strip leading and trailing whitespace.
-    Trim,
-    /// Any value to its text form.
-    ToString,
-    /// Text holding a number to an exact number.
-    ToNumber,
-    /// Round a number to N decimal places (half away from zero).
-    Round(u32),
-    /// Format a date, time or timestamp with a `strftime` pattern.
-    Format(String),
-    /// Replace NULL with a value.
-    Default(Value),
-}
-
-impl Transform {
-    /// Parses `lowercase`, `round(2)`, `format("%Y-%m-%d")`, `default("free")`, `default(0)`.
-    pub fn parse(text: &str) -> Result<Transform, String> {
-        let text = text.trim();
-        let (name, arg) = match text.split_once('(') {
-            Some((name, rest)) => {
-                let arg = rest
-                    .strip_suffix(')')
-                    .ok_or_else(|| format!("transform {text:?} is missing its closing parenthesis"))?;
-                (name.trim(), Some(arg.trim()))
-            }
-            None => (text, None),
-        };
-        let no_arg = |t: Transform| match arg {
-            None => Ok(t),
-            Some(_) => Err(format!("transform {name} takes no argument")),
-        };
-        match name {
-            "lowercase" => no_arg(Transform::Lowercase),
-            "uppercase" => no_arg(Transform::Uppercase),
-            "trim" => no_arg(Transform::Trim),
-            "to_string" => no_arg(Transform::ToString),
-            "to_number" => no_arg(Transform::ToNumber),
-            "round" => {
-                let digits = arg
-                    .and_then(|a| a.parse::<u32>().ok())
-                    .filter(|d| *d <= 30)
-                    .ok_or_else(|| {
-                        "round needs a number of decimal places from 0 to 30, like round(2)".to_owned()
-                    })?;
-                Ok(Transform::Round(digits))
-            }
-            "format" => {
-                let pattern = arg
-                    .map(unquote)
-                    .filter(|p| !p.is_empty())
-                    .ok_or_else(|| "format needs a pattern, like format(\"%Y-%m-%d\")".to_owned())?;
-                check_format_pattern(&pattern)?;
-                Ok(Transform::Format(pattern))
-            }
-            "default" => {
-                let arg = arg.ok_or_else(|| {
-                    "default needs a value, like default(\"unknown\") or default(0)".to_owned()
-                })?;
-                Ok(Transform::Default(parse_literal(arg)))
-            }
-            other => Err(format!(
-                "unknown transform {other:?} (known: lowercase, uppercase, trim, to_string, to_number, round(N), format(PATTERN), default(VALUE))"
-            )),
-        }
-    }
-
-    /// Applies the transform to one value.
-    pub fn apply(&self, value: Value) -> Result<Value, String> {
-        match (self, value) {
-            (Transform::Default(fallback), v) if v.is_null() => Ok(fallback.clone()),
-            // NULL stays NULL and a JSON null stays a JSON null.
-            (_, v) if v.is_null() => Ok(v),
-            (Transform::Default(_), v) => Ok(v),
-            (Transform::Lowercase, Value::Text(s)) => Ok(Value::Text(s.to_lowercase())),
-            (Transform::Uppercase, Value::Text(s)) => Ok(Value::Text(s.to_uppercase())),
-            (Transform::Trim, Value::Text(s)) => Ok(Value::Text(s.trim().to_owned())),
-            (Transform::Lowercase | Transform::Uppercase | Transform::Trim, v) => Ok(v),
-            (Transform::ToString, v) => Ok(Value::Text(v.to_text())),
-            (Transform::ToNumber, v) => to_number(v),
-            (Transform::Round(digits), v) => round(v, *digits),
-            (Transform::Format(pattern), v) => format_time(v, pattern),
-        }
-    }
-}
-
-fn unquote(arg: &str) -> String {
-    match serde_json::from_str::<String>(arg) {
-        Ok(s) => s,
-        Err(_) => arg.trim_matches('\'').to_owned(),
-    }
-}
-
-fn parse_literal(arg: &str) -> Value {
-    match serde_json::from_str::<serde_json::Value>(arg) {
-        Ok(v) => Value::from_json(v),
-        Err(_) => Value::Text(arg.trim_matches('\'').to_owned()),
-    }
-}
-
-fn check_format_pattern(pattern: &str) -> Result<(), String> {
-    use chrono::format::{Item, StrftimeItems};
-    if StrftimeItems::new(pattern).any(|item| matches!(item, Item::Error)) {
-        return Err(format!(
-            "format pattern {pattern:?} is not a valid strftime pattern"
-        ));
-    }
-    Ok(())
-}
-
-fn to_number(v: Value) -> Result<Value, String> {
-    match v {
-        Value::Int(_) | Value::Decimal(_) | Value::Float(_) => Ok(v),
-        Value::Bool(b) => Ok(Value::Int(i64::from(b))),
-        Value::Text(s) => {
-            let t = s.trim();
-            if let Ok(i) = t.parse::<i64>() {
-                Ok(Value::Int(i))
-            } else {
-                let d = t
-                    .parse::<BigDecimal>()
-                    .map_err(|_| "to_number: the value is not a number".to_owned())?;
-                if !crate::engine::value::decimal_in_range(&d) {
-                    return Err(format!(
-                        "to_number: the number's exponent is outside ±{}",
-                        crate::engine::value::MAX_DECIMAL_EXPONENT
-                    ));
-                }
-                Ok(Value::Decimal(d))
-            }
-        }
-        _ => Err("to_number: the value is not text or a number".to_owned()),
-    }
-}
-
-fn round(v: Value, digits: u32) -> Result<Value, String> {
-    match v {
-        Value::Int(_) => Ok(v),
-        Value::Decimal(d) => Ok(Value::Decimal(
-            d.with_scale_round(i64::from(digits), RoundingMode::HalfUp),
-        )),
-        Value::Float(f) => {
-            // Round through an exact decimal so 2.675 rounds as written, not as stored.
-            let d: BigDecimal = ryu::Buffer::new()
-                .format(f)
-                .parse()
-                .map_err(|_| "round: the value is not a finite number".to_owned())?;
-            Ok(Value::Decimal(
-                d.with_scale_round(i64::from(digits), RoundingMode::HalfUp),
-            ))
-        }
-        _ => Err("round: the value is not a number".to_owned()),
-    }
-}
-
-fn format_time(v: Value, pattern: &str) -> Result<Value, String> {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let written = match &v {
-        Value::Timestamp(t) => write!(out, "{}", t.format(pattern)),
-        Value::Date(d) => write!(out, "{}", d.format(pattern)),
-        Value::Time(t) => write!(out, "{}", t.format(pattern)),
-        _ => return Err("format: the value is not a date, time or timestamp".to_owned()),
-    };
-    // chrono reports a field the value lacks (an hour of a date) as a formatting error.
-    written.map_err(|_| format!("format: pattern {pattern:?} asks for a field this value does not have"))?;
-    Ok(Value::Text(out))
-}
+use crate::template::{Jinja, Limits, Mode};
 
 /// Where a mapped value comes from.
 #[derive(Debug)]
 enum FieldSource {
     Column(usize),
     Template {
-        template: Template,
-        columns: BTreeMap<String, usize>,
+        template: Jinja,
+        /// The column of each of the template's variables, in its order.
+        columns: Vec<usize>,
     },
 }
 
@@ -328,18 +153,23 @@ impl Mapper {
             let source = match (&m.from, &m.template) {
                 (Some(col), None) => FieldSource::Column(lookup(format!("{field}.from"), col)?),
                 (None, Some(text)) => {
-                    let template = Template::parse(text).map_err(|e| MappingError::Invalid {
+                    let mode = match m.template_type {
+                        TemplateType::Text => Mode::Text,
+                        TemplateType::Json => Mode::Json,
+                    };
+                    let template = Jinja::compile_with_names(text, mode, Limits::RECORD, |name| {
+                        index.contains_key(name)
+                    })
+                    .map_err(|e| MappingError::Invalid {
                         field: format!("{field}.template"),
                         reason: e.to_string(),
                     })?;
-                    let mut cols = BTreeMap::new();
-                    for var in template.variables() {
-                        cols.insert(var.to_owned(), lookup(format!("{field}.template"), var)?);
-                    }
-                    FieldSource::Template {
-                        template,
-                        columns: cols,
-                    }
+                    let columns = template
+                        .variables()
+                        .iter()
+                        .map(|var| lookup(format!("{field}.template"), var))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    FieldSource::Template { template, columns }
                 }
                 _ => {
                     return Err(MappingError::Invalid {
@@ -451,16 +281,24 @@ impl Mapper {
                     None => Value::Null,
                 },
                 FieldSource::Template { template, columns } => {
-                    let rendered = template.render(|name| {
-                        columns.get(name).map(|idx| match row.get(*idx) {
-                            Some(v) if !v.is_null() => v.as_text(),
-                            _ => std::borrow::Cow::Borrowed(""),
-                        })
-                    });
-                    Value::Text(rendered.map_err(|e| RowRejection {
+                    let reject = |reason: String| RowRejection {
                         key: Some(key.clone()),
-                        reason: format!("mapping to {:?}: {e}", m.target_text),
-                    })?)
+                        reason: format!("mapping to {:?}: {reason}", m.target_text),
+                    };
+                    let rendered = template
+                        .render(|i| row.get(columns[i]).unwrap_or(&Value::Null))
+                        .map_err(|e| reject(e.to_string()))?;
+                    match template.mode() {
+                        Mode::Text => Value::Text(rendered),
+                        // serde_json's message names the place (line, column), not the text.
+                        Mode::Json => Value::from_json_text(&rendered).map_err(|e| {
+                            reject(format!(
+                                "the template did not render valid JSON (line {}, column {})",
+                                e.line(),
+                                e.column()
+                            ))
+                        })?,
+                    }
                 }
             };
             for t in &m.transforms {
@@ -557,7 +395,7 @@ fn mark_movable(mappings: &mut [CompiledMapping]) {
     let mut read_later = std::collections::HashSet::new();
     for m in mappings.iter() {
         if let FieldSource::Template { columns, .. } = &m.source {
-            read_later.extend(columns.values().copied());
+            read_later.extend(columns.iter().copied());
         }
     }
     for m in mappings.iter_mut().rev() {
@@ -599,6 +437,7 @@ pub fn effective_match_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bigdecimal::BigDecimal;
     use std::str::FromStr;
 
     fn col(name: &str) -> Column {
@@ -612,102 +451,10 @@ mod tests {
         Mapping {
             from: Some(from.into()),
             template: None,
+            template_type: TemplateType::Text,
             to: to.into(),
             transforms: transforms.iter().map(|s| s.to_string()).collect(),
         }
-    }
-
-    #[test]
-    fn transforms_parse_with_and_without_arguments() {
-        assert_eq!(Transform::parse("lowercase").unwrap(), Transform::Lowercase);
-        assert_eq!(Transform::parse(" round(2) ").unwrap(), Transform::Round(2));
-        assert_eq!(
-            Transform::parse("format(\"%Y-%m-%d\")").unwrap(),
-            Transform::Format("%Y-%m-%d".into())
-        );
-        assert_eq!(
-            Transform::parse("default(\"free\")").unwrap(),
-            Transform::Default(Value::Text("free".into()))
-        );
-        assert_eq!(
-            Transform::parse("default(0)").unwrap(),
-            Transform::Default(Value::Int(0))
-        );
-        assert!(
-            Transform::parse("shout")
-                .unwrap_err()
-                .contains("unknown transform")
-        );
-        assert!(Transform::parse("round(x)").is_err());
-        assert!(Transform::parse("lowercase(1)").is_err());
-        assert!(Transform::parse("format(\"%Q\")").is_err());
-    }
-
-    #[test]
-    fn text_transforms_change_text_and_keep_nulls() {
-        assert_eq!(
-            Transform::Lowercase.apply(Value::Text("A@B.COM".into())).unwrap(),
-            Value::Text("a@b.com".into())
-        );
-        assert_eq!(
-            Transform::Uppercase.apply(Value::Text("gold".into())).unwrap(),
-            Value::Text("GOLD".into())
-        );
-        assert_eq!(
-            Transform::Trim.apply(Value::Text("  x ".into())).unwrap(),
-            Value::Text("x".into())
-        );
-        assert_eq!(Transform::Trim.apply(Value::Null).unwrap(), Value::Null);
-        assert_eq!(
-            Transform::ToString.apply(Value::Int(7)).unwrap(),
-            Value::Text("7".into())
-        );
-    }
-
-    #[test]
-    fn numbers_convert_and_round_exactly() {
-        assert_eq!(
-            Transform::ToNumber.apply(Value::Text(" 42 ".into())).unwrap(),
-            Value::Int(42)
-        );
-        assert_eq!(
-            Transform::ToNumber.apply(Value::Text("1.50".into())).unwrap(),
-            Value::Decimal(BigDecimal::from_str("1.50").unwrap())
-        );
-        assert!(Transform::ToNumber.apply(Value::Text("abc".into())).is_err());
-        assert_eq!(
-            Transform::Round(2).apply(Value::Float(2.675)).unwrap(),
-            Value::Decimal(BigDecimal::from_str("2.68").unwrap())
-        );
-        assert_eq!(
-            Transform::Round(0)
-                .apply(Value::Decimal(BigDecimal::from_str("-2.5").unwrap()))
-                .unwrap(),
-            Value::Decimal(BigDecimal::from_str("-3").unwrap())
-        );
-    }
-
-    #[test]
-    fn dates_format_and_defaults_fill_nulls() {
-        let ts = chrono::DateTime::parse_from_rfc3339("2024-05-06T07:08:09Z")
-            .unwrap()
-            .to_utc();
-        assert_eq!(
-            Transform::Format("%d/%m/%Y".into())
-                .apply(Value::Timestamp(ts))
-                .unwrap(),
-            Value::Text("06/05/2024".into())
-        );
-        let d = chrono::NaiveDate::from_ymd_opt(2024, 1, 2).unwrap();
-        assert!(Transform::Format("%H".into()).apply(Value::Date(d)).is_err());
-        assert_eq!(
-            Transform::Default(Value::Int(0)).apply(Value::Null).unwrap(),
-            Value::Int(0)
-        );
-        assert_eq!(
-            Transform::Default(Value::Int(0)).apply(Value::Int(5)).unwrap(),
-            Value::Int(5)
-        );
     }
 
     #[test]
@@ -726,6 +473,7 @@ mod tests {
         maps.push(Mapping {
             from: None,
             template: Some("{{first}} {{last}}".into()),
+            template_type: TemplateType::Text,
             to: "properties.name".into(),
             transforms: vec![],
         });
@@ -759,6 +507,7 @@ mod tests {
             Mapping {
                 from: None,
                 template: Some("<{{email}}>".into()),
+                template_type: TemplateType::Text,
                 to: "b".into(),
                 transforms: vec![],
             },
@@ -813,6 +562,124 @@ mod tests {
         assert_eq!(
             mapper.key(&[Value::Int(1), Value::Text("x".into())]).unwrap(),
             r#"[1,"x"]"#
+        );
+    }
+
+    fn template(text: &str, kind: TemplateType, to: &str) -> Mapping {
+        Mapping {
+            from: None,
+            template: Some(text.into()),
+            template_type: kind,
+            to: to.into(),
+            transforms: vec![],
+        }
+    }
+
+    fn written(mapper: &Mapper, values: &[Value]) -> String {
+        let mut out = Vec::new();
+        mapper.write_fields(values, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn jinja_templates_map_text_and_json_with_exact_numbers() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template(
+                r#"{% if plan == "enterprise" %}customer{% else %}lead{% endif %}"#,
+                TemplateType::Text,
+                "stage",
+            ),
+            template(
+                r#"{"ltv": {{ ltv | round(2) }}, "since": {{ since | date("%Y-%m-%d") }}}"#,
+                TemplateType::Json,
+                "facts",
+            ),
+        ];
+        let columns = [col("id"), col("plan"), col("ltv"), col("since")];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &columns).unwrap();
+        let row = vec![
+            Value::Int(1),
+            Value::Text("enterprise".into()),
+            Value::Decimal(BigDecimal::from_str("98765432109876543.215").unwrap()),
+            Value::Timestamp("2024-05-06T07:08:09Z".parse().unwrap()),
+        ];
+        let mapped = mapper.map("1".into(), row).unwrap();
+        assert_eq!(
+            written(&mapper, &mapped.values),
+            r#"{"facts":{"ltv":98765432109876543.22,"since":"2024-05-06"},"id":1,"stage":"customer"}"#
+        );
+    }
+
+    #[test]
+    fn a_jinja_template_naming_a_missing_column_names_the_mapping() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{ first_name | title }}", TemplateType::Text, "name"),
+        ];
+        let err = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("first")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("spec.mappings[1].template") && text.contains("\"first_name\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_that_does_not_parse_rejects_the_row_naming_the_mapping_not_the_value() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{ note | safe }}", TemplateType::Json, "note"),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("note")]).unwrap();
+        let rejection = mapper
+            .map(
+                "1".into(),
+                vec![Value::Int(1), Value::Text("private words".into())],
+            )
+            .unwrap_err();
+        assert!(
+            rejection
+                .reason
+                .starts_with("mapping to \"note\": the template did not render valid JSON"),
+            "{}",
+            rejection.reason
+        );
+        assert!(!rejection.reason.contains("private"), "{}", rejection.reason);
+    }
+
+    #[test]
+    fn legacy_names_with_dashes_still_mean_their_column() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template("{{first-name}}!", TemplateType::Text, "name"),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("first-name")]).unwrap();
+        let mapped = mapper
+            .map("1".into(), vec![Value::Int(1), Value::Text("Ada".into())])
+            .unwrap();
+        assert_eq!(mapped.values[1], Value::Text("Ada!".into()));
+    }
+
+    #[test]
+    fn a_template_that_runs_out_of_fuel_rejects_only_its_row() {
+        let maps = vec![
+            mapping("id", "id", &[]),
+            template(
+                "{% for i in range(n) %}{% for j in range(n) %}.{% endfor %}{% endfor %}",
+                TemplateType::Text,
+                "dots",
+            ),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("n")]).unwrap();
+        assert!(mapper.map("1".into(), vec![Value::Int(1), Value::Int(3)]).is_ok());
+        let rejection = mapper
+            .map("2".into(), vec![Value::Int(2), Value::Int(100_000)])
+            .unwrap_err();
+        assert!(
+            rejection.reason.contains("ran out of fuel"),
+            "{}",
+            rejection.reason
         );
     }
 }

@@ -6,4 +6,5 @@ pub mod plan;
 pub mod run;
 pub mod setup;
 pub mod spill;
+pub mod transform;
 pub mod value;

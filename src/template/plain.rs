@@ -1,7 +1,7 @@
 //! `{{name}}` templates: text with named holes, parsed once and rendered many times.
 //!
-//! Used by the HTTP destination (URL, header and body templates) and by mappings
-//! (`"{{first_name}} {{last_name}}"`). The syntax is deliberately tiny: `{{ name }}` with
+//! Used by the Slack and Redis destinations, and as the fast path of [`super::Jinja`] for
+//! templates that are only holes (`"{{first_name}} {{last_name}}"`). The syntax is deliberately tiny: `{{ name }}` with
 //! optional spaces or tabs around a name made of letters, digits, `_`, `.` and `-`. There is
 //! no escaping and no logic; the caller decides what each name means.
 //!
@@ -25,6 +25,15 @@ pub struct Template {
 enum Part {
     Literal(Range<usize>),
     Variable(Range<usize>),
+}
+
+/// A piece of a template, as [`Template::parts`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Text written as it is.
+    Literal(&'a str),
+    /// A variable's name.
+    Variable(&'a str),
 }
 
 /// Why a template could not be parsed or rendered.
@@ -153,6 +162,14 @@ impl Template {
     /// The text the template was parsed from.
     pub fn as_str(&self) -> &str {
         &self.source
+    }
+
+    /// The literal text and variable names, in order.
+    pub fn parts(&self) -> impl Iterator<Item = Piece<'_>> + '_ {
+        self.parts.iter().map(|part| match part {
+            Part::Literal(range) => Piece::Literal(&self.source[range.clone()]),
+            Part::Variable(range) => Piece::Variable(&self.source[range.clone()]),
+        })
     }
 
     /// The variable names, in order of appearance (a name used twice appears twice). Use it to
