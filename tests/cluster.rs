@@ -249,7 +249,7 @@ async fn applied_with_kubectl_a_sync_goes_ready_sends_its_rows_and_the_operator_
     let plane = control_plane();
     let ns = plane.namespace("apply");
     let db = warehouse(50).await;
-    // Every namespace, no leader election, the RBAC of config/rbac: the setup.
+    // Every namespace, no leader election, the RBAC of config/rbac: the setup a new user starts from.
     let operator = Process::operator(&plane.operator_kubeconfig(), "apply", &[]);
     operator.wait_for("/readyz", 200, Duration::from_secs(30)).await;
     let (_, body) = operator.get("/readyz").await;
