@@ -143,7 +143,7 @@ impl Outcome {
                 Outcome {
                     reason: DELETES_HELD_BACK.to_owned(),
                     message: format!(
-                        "{head}: {reason}. If these deletes are intended, approve this plan once: kubectl annotate reversesync <name> {APPROVE_DELETES}={plan_id} --overwrite"
+                        "{head}: {reason}. If these deletes are intended, approve this plan once by annotating this ReverseSync with {APPROVE_DELETES}={plan_id}"
                     ),
                     failed: !dry_run,
                     stalled: false,
