@@ -207,6 +207,28 @@ pub fn decode_row(
     })
 }
 
+/// Decodes one result row of a REST warehouse against its planned columns: a row of another
+/// width ends the stream (the answer is malformed); a value `value` cannot decode rejects its
+/// row, naming only the column's type, since a decoder's own reason may quote the value.
+fn decode_planned_row<K>(
+    width: usize,
+    plan: &[(Column, K)],
+    mut value: impl FnMut(usize, &K) -> Result<Value, String>,
+) -> Result<SourceRow, SourceError> {
+    if width != plan.len() {
+        return Err(SourceError::Query(format!(
+            "a result row has {width} values for {} columns",
+            plan.len()
+        )));
+    }
+    decode_row(width, |i| {
+        let (column, kind) = &plan[i];
+        value(i, kind).map_err(|_| {
+            ValueError::undecodable(format!("a {} value with no canonical form", column.type_name))
+        })
+    })
+}
+
 /// What the source's login may do beyond reading, as a catalog query found when the
 /// extraction started. A read-only transaction stops plain writes, not these: a superuser
 /// writes files with `COPY … TO PROGRAM`, a `FILE` holder with `SELECT … INTO OUTFILE`. The

@@ -18,6 +18,7 @@ pub mod hubspot_double;
 pub mod in_memory_store;
 pub mod intercom_double;
 pub mod mailchimp_double;
+pub mod rows;
 pub mod salesforce_double;
 pub mod slack_double;
 pub mod snowflake_double;

@@ -593,18 +593,5 @@ async fn stream(client: Arc<Client>, job: String, first: Page, plan: Vec<(Column
 }
 
 fn decode_row(row: &Row, plan: &[(Column, Kind)]) -> Result<super::SourceRow, SourceError> {
-    if row.f.len() != plan.len() {
-        return Err(SourceError::Query(format!(
-            "a result row has {} values for {} columns",
-            row.f.len(),
-            plan.len()
-        )));
-    }
-    // The decoder's reason may quote the value: the row's reason names the column's type only.
-    super::decode_row(plan.len(), |i| {
-        let (column, kind) = &plan[i];
-        decode::value(kind, &row.f[i].v).map_err(|_| {
-            super::ValueError::undecodable(format!("a {} value with no canonical form", column.type_name))
-        })
-    })
+    super::decode_planned_row(row.f.len(), plan, |i, kind| decode::value(kind, &row.f[i].v))
 }

@@ -449,20 +449,7 @@ async fn stream(
 }
 
 fn decode_row(row: &[Option<String>], plan: &[(Column, Kind)]) -> Result<super::SourceRow, SourceError> {
-    if row.len() != plan.len() {
-        return Err(SourceError::Query(format!(
-            "a result row has {} values for {} columns",
-            row.len(),
-            plan.len()
-        )));
-    }
-    // The decoder's reason may quote the value: the row's reason names the column's type only.
-    super::decode_row(plan.len(), |i| {
-        let (column, kind) = &plan[i];
-        decode::value(*kind, row[i].as_deref()).map_err(|_| {
-            super::ValueError::undecodable(format!("a {} value with no canonical form", column.type_name))
-        })
-    })
+    super::decode_planned_row(row.len(), plan, |i, kind| decode::value(*kind, row[i].as_deref()))
 }
 
 #[cfg(test)]
