@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use backflow::controller::resolve::SecretAccess;
@@ -107,6 +107,15 @@ enum Command {
     Operator(Box<OperatorArgs>),
     /// Print the CustomResourceDefinitions generated from the API types.
     Crds,
+    #[command(flatten)]
+    Cluster(backflow::cli::ClusterCommand),
+    /// Print a shell completion script: `source <(backflow completion bash)`; see docs/cli.md
+    /// for zsh and fish.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: backflow::cli::completion::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -225,7 +234,7 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn run() -> anyhow::Result<std::process::ExitCode> {
-    let cli = Cli::parse();
+    let cli = parse();
     init_tracing(cli.log_format);
     let egress = match (&cli.egress_deny, &cli.command) {
         (Some(rules), _) => backflow::egress::Policy::parse(rules).context("failed to read --egress-deny")?,
@@ -236,6 +245,13 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
     tracing::debug!(deny = %egress_rules.join(","), "egress policy");
     backflow::egress::install(egress);
     match cli.command {
+        Command::Cluster(command) => Ok(exit_code(backflow::cli::run(command).await?)),
+        Command::Completion { shell } => {
+            let mut command = Cli::command();
+            let name = command.get_bin_name().unwrap_or("backflow").to_owned();
+            backflow::cli::completion::write(shell, &mut command, &name, &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Crds => {
             print!(
                 "{}",
@@ -332,6 +348,28 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 std::process::ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// Parses the command line; started as `kubectl-backflow` (a kubectl plugin), usage and help
+/// say `kubectl backflow`.
+fn parse() -> Cli {
+    let plugin = std::env::args_os()
+        .next()
+        .is_some_and(|argv0| backflow::cli::completion::invoked_as_kubectl_plugin(&argv0));
+    let mut command = Cli::command();
+    if plugin {
+        command = command.bin_name("kubectl backflow");
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn exit_code(succeeded: bool) -> std::process::ExitCode {
+    if succeeded {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 

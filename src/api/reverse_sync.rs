@@ -366,6 +366,38 @@ pub struct ReverseSyncStatus {
     /// Name of the ConfigMap indexing the sync's fingerprints (ConfigMap store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_ref: Option<String>,
+    /// How far the run in flight has got; absent when no run is in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RunProgress>,
+}
+
+/// How far a run in flight has got, refreshed every few seconds while it runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunProgress {
+    /// When the run started (RFC 3339).
+    pub started_at: String,
+    /// When this progress was written (RFC 3339).
+    pub updated_at: String,
+    /// What the run is doing: `Reading`, `Planning`, `Delivering` or `Committing`.
+    pub phase: String,
+    /// Rows read from the model so far.
+    pub rows_read: u64,
+    /// Rows planned so far (compared with the stored fingerprints).
+    pub rows_planned: u64,
+    /// Records the plan will send.
+    pub records_to_send: u64,
+    /// Records sent to the destination so far.
+    pub records_sent: u64,
+    /// Records the destination accepted so far.
+    pub records_accepted: u64,
+    /// Records the destination rejected so far.
+    pub records_rejected: u64,
+    /// Seconds spent waiting on the destination's rate limit so far.
+    pub throttled_seconds: f64,
+    /// Estimated seconds until the run ends, once the rate so far allows an estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds_left: Option<u64>,
 }
 
 /// What a dry run would send: counts per operation and a few sample keys.
@@ -392,6 +424,14 @@ pub struct PlanPreview {
     /// Set when the deletes would pass the delete limit and be held back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletes_held_back: Option<DeletesHeldBack>,
+    /// The `backflow.dev/preview-requested-at` value this preview answers; absent for the
+    /// previews of `spec.dryRun` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    /// Why the requested preview could not be computed (never a secret value); the counts
+    /// are then zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Deletes the mass-delete guard held back (or would, in a preview).
@@ -453,9 +493,17 @@ pub struct RunSummary {
     /// The `metadata.generation` of the spec the run used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
-    /// What started the run: `Schedule`, `SpecChanged`, `Requested` or `After`.
+    /// What started the run: `Schedule`, `SpecChanged`, `Requested`, `After` or `Retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// The `backflow.dev/requested-at` value this run answered (trigger `Requested`), so a
+    /// client that set it knows the run it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    /// True when the run ignored the stored fingerprints and sent every row (the
+    /// `backflow.dev/full-resync` annotation).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_resync: bool,
     /// Why the run failed, when it did (never a secret value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -50,6 +50,21 @@ pub fn parse_trigger(text: &str) -> Trigger {
     }
 }
 
+/// A Job's `--trigger Requested` carries no value: the request it answers is the one the
+/// operator marked handled when it created the Job (no other run starts while the Job runs),
+/// which says whether the run is a full resync and which request its summary answers.
+pub fn requested_value(trigger: Trigger, sync: &ReverseSync) -> Trigger {
+    match trigger {
+        Trigger::Requested(v) if v.is_empty() => Trigger::Requested(
+            sync.status
+                .as_ref()
+                .and_then(|s| s.last_handled_requested_at.clone())
+                .unwrap_or_default(),
+        ),
+        other => other,
+    }
+}
+
 /// Runs `namespace/name` once under `policy` (the operator's, passed on in the Job's
 /// arguments) and records the outcome on the resource.
 pub async fn run_in_cluster(
@@ -88,6 +103,7 @@ pub async fn run_in_cluster(
         policy,
         custom_connectors: crate::engine::setup::CustomConnectors::default(),
     };
+    let trigger = requested_value(trigger, &sync);
     let how = format!("running in pod {identity}");
     let span =
         tracing::info_span!("run", namespace = %namespace, sync = %name, run_id = %uuid::Uuid::new_v4());

@@ -166,6 +166,14 @@ pub fn name(sync: &ReverseSync, run_key: &str) -> String {
     format!("{}-{:010x}", cut.trim_end_matches('-'), hash & 0xff_ffff_ffff)
 }
 
+/// The `--trigger` argument of a run Job's container.
+pub fn trigger_arg(job: &Job) -> Option<&str> {
+    let pod = job.spec.as_ref()?.template.spec.as_ref()?;
+    let args = pod.containers.first()?.args.as_ref()?;
+    let at = args.iter().position(|a| a == "--trigger")?;
+    args.get(at + 1).map(String::as_str)
+}
+
 /// The key of a run: the same trigger at the same moment gives the same key.
 pub fn run_key(sync: &ReverseSync, trigger: &Trigger) -> String {
     let generation = sync.metadata.generation.unwrap_or(0);

@@ -117,6 +117,17 @@ async fn apply(sync: Arc<ReverseSync>, ctx: &Context) -> Result<Action, Reconcil
     {
         return Ok(action);
     }
+    if schedule::preview_requested(&sync).is_some() {
+        // Read fresh: the cache can still miss the plan of the preview that just ended.
+        let fresh = api
+            .get(&key.name)
+            .await
+            .map_err(|e| ReconcileError::Kube(format!("failed to read ReverseSync {}: {e}", key.name)))?;
+        if let Some(requested) = schedule::preview_requested(&fresh) {
+            start_in_process(Arc::new(fresh), Work::Preview(requested), ctx);
+            return Ok(Action::requeue(RESYNC));
+        }
+    }
     if let Err(e) = validate_reverse_sync(&sync.spec) {
         let message = e.to_string();
         write(&api, &key, |s, _| {
@@ -239,7 +250,7 @@ async fn start(
     let mode = sync.spec.execution.as_ref().map(|e| e.mode).unwrap_or_default();
     match mode {
         ExecutionMode::InProcess => {
-            start_in_process(sync, trigger, ctx);
+            start_in_process(sync, Work::Run(trigger), ctx);
             Ok(None)
         }
         ExecutionMode::Job => start_job(&sync, &trigger, ctx).await,
@@ -299,7 +310,16 @@ async fn report_job_blocked(
     Ok(())
 }
 
-fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
+/// What a task on the operator's pool does for a sync.
+enum Work {
+    /// A run, recorded on the status.
+    Run(Trigger),
+    /// A requested preview (the annotation's value), written to `status.plan` only. Previews
+    /// run in the operator whatever the execution mode: they send nothing and keep no state.
+    Preview(String),
+}
+
+fn start_in_process(sync: Arc<ReverseSync>, work: Work, ctx: &Context) {
     let key = SyncKey::of(&*sync);
     let Some(handle) = ctx.runs.register(&key, &ctx.shutdown) else {
         return;
@@ -329,15 +349,28 @@ fn start_in_process(sync: Arc<ReverseSync>, trigger: Trigger, ctx: &Context) {
                 p = pool.acquire_owned() => p.ok(),
                 _ = cancel.cancelled() => None,
             };
-            if let Some(_permit) = permit {
-                env.metrics.runs_in_flight.inc();
-                let _in_flight = OnDrop::new(|| env.metrics.runs_in_flight.dec());
-                let started = Utc::now();
-                let run = runner::execute(&env, &sync, &trigger, "running in the operator", cancel);
-                match panics::catch(run).await {
-                    Ok(executed) => recorded.store(executed.recorded, Ordering::SeqCst),
-                    Err(panicked) => {
-                        runner::record_panic(&env, &sync, &trigger, &panicked, started).await;
+            let Some(_permit) = permit else { return };
+            match work {
+                Work::Run(trigger) => {
+                    env.metrics.runs_in_flight.inc();
+                    let _in_flight = OnDrop::new(|| env.metrics.runs_in_flight.dec());
+                    let started = Utc::now();
+                    let run = runner::execute(&env, &sync, &trigger, "running in the operator", cancel);
+                    match panics::catch(run).await {
+                        Ok(executed) => recorded.store(executed.recorded, Ordering::SeqCst),
+                        Err(panicked) => {
+                            runner::record_panic(&env, &sync, &trigger, &panicked, started).await;
+                        }
+                    }
+                }
+                Work::Preview(requested) => {
+                    let preview = runner::preview(&env, &sync, &requested, cancel);
+                    match panics::catch(preview).await {
+                        Ok(written) => recorded.store(written, Ordering::SeqCst),
+                        Err(panicked) => {
+                            tracing::error!(panic = %panicked.0, "preview panicked");
+                            recorded.store(false, Ordering::SeqCst);
+                        }
                     }
                 }
             }
@@ -448,7 +481,14 @@ async fn follow_job(
                 failed: true,
                 stalled: false,
             };
-            let trigger = Trigger::Retry;
+            // A requested run that failed this way still answers its request, so the client
+            // that asked for it sees its end.
+            let trigger = match found.as_ref().and_then(job::trigger_arg) {
+                Some("Requested") => {
+                    super::cluster_run::requested_value(Trigger::Requested(String::new()), sync)
+                }
+                _ => Trigger::Retry,
+            };
             let started = created
                 .and_then(chrono::DateTime::from_timestamp_millis)
                 .unwrap_or(now);

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::resolve::{ApiResolver, SecretAccess};
 use super::schedule::Trigger;
-use super::status::{self, Outcome};
+use super::status::{self, Outcome, RunFlags};
 use crate::api::ReverseSync;
 use crate::api::reverse_sync::StateStoreKind;
 use crate::destination::delivery::rate_limit::Limiters;
@@ -147,13 +147,21 @@ pub async fn execute(
     {
         tracing::warn!(error = %e, "failed to mark the run as started");
     }
-    tracing::info!(trigger = trigger.as_str(), "run started");
-    let outcome = match run_once(env, sync, &namespace, &name, cancel).await {
+    let flags = RunFlags {
+        dry_run: sync.spec.dry_run,
+        full_resync: super::schedule::full_resync(sync, trigger),
+    };
+    tracing::info!(
+        trigger = trigger.as_str(),
+        full_resync = flags.full_resync,
+        "run started"
+    );
+    let outcome = match run_once(env, sync, &namespace, &name, flags, cancel).await {
         Ok(report) => {
-            let dry_run = sync.spec.dry_run;
+            let dry_run = flags.dry_run;
             let now = Utc::now();
             let written = status::update(&api, &name, |s, _| {
-                status::run_finished(s, generation, trigger, &report, dry_run, now);
+                status::run_finished(s, generation, trigger, &report, flags, now);
             });
             if let Err(e) = written.await {
                 tracing::error!(error = %e, "failed to record the run");
@@ -283,18 +291,66 @@ pub async fn record_panic(
     .await;
 }
 
+/// Answers a requested preview (`backflow.dev/preview-requested-at`): plans the sync as it
+/// stands without sending anything or changing state, and writes the plan, with `requested`
+/// echoed, to `status.plan`. Returns false when that write failed (logged).
+pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: CancellationToken) -> bool {
+    let namespace = sync.namespace().unwrap_or_default();
+    let name = sync.name_any();
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let api: Api<ReverseSync> = Api::namespaced(env.client.clone(), &namespace);
+    tracing::info!(requested, "preview started");
+    let flags = RunFlags {
+        dry_run: true,
+        full_resync: false,
+    };
+    // `setup::prepare` validates the spec first: an invalid one is answered with the reason.
+    let result = run_once(env, sync, &namespace, &name, flags, cancel).await;
+    let now = Utc::now();
+    let written = match &result {
+        Ok(report) => {
+            tracing::info!(
+                add = report.plan.added,
+                change = report.plan.changed,
+                remove = report.plan.removed,
+                "preview computed"
+            );
+            status::update(&api, &name, |s, _| {
+                status::preview_finished(s, generation, requested, report, now);
+            })
+            .await
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "preview failed");
+            let message = error.to_string();
+            status::update(&api, &name, |s, _| {
+                status::preview_failed(s, generation, requested, &message, now);
+            })
+            .await
+        }
+    };
+    match written {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to record the preview");
+            false
+        }
+    }
+}
+
 async fn run_once(
     env: &RunEnv,
     sync: &ReverseSync,
     namespace: &str,
     name: &str,
+    flags: RunFlags,
     cancel: CancellationToken,
 ) -> Result<crate::engine::run::RunReport, SetupError> {
     if let Some(reason) = unsupported_store(sync) {
         return Err(SetupError::InvalidSync(reason.to_owned()));
     }
     let resolver = env.resolver();
-    let dry_run = sync.spec.dry_run;
+    let dry_run = flags.dry_run;
     let prepared = setup::prepare(&resolver, namespace, sync, &env.limiters, !dry_run).await?;
     let owner = configmap::owner_reference(sync)
         .ok_or_else(|| SetupError::InvalidSync("the ReverseSync has no uid yet".to_owned()))?;
@@ -319,6 +375,7 @@ async fn run_once(
     };
     let options = RunOptions {
         dry_run,
+        full_resync: flags.full_resync,
         cancel,
         approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         ..RunOptions::default()

@@ -14,6 +14,16 @@ use crate::api::duration;
 /// `reconcile.fluxcd.io/requestedAt` habit).
 pub const REQUESTED_AT: &str = "backflow.dev/requested-at";
 
+/// The annotation that makes the requested run a full resync (stored fingerprints ignored,
+/// every row sent). It applies only while its value equals [`REQUESTED_AT`]'s, so it is
+/// one-shot: the next request with another value is an ordinary run.
+pub const FULL_RESYNC: &str = "backflow.dev/full-resync";
+
+/// The annotation that asks for a preview (a dry run of the sync as it stands, written to
+/// `status.plan` with this value echoed): any new value computes one. It leaves the spec
+/// alone, so GitOps tools see no drift.
+pub const PREVIEW_REQUESTED_AT: &str = "backflow.dev/preview-requested-at";
+
 /// First wait before retrying a failed run; it doubles per failure in a row.
 const FIRST_RETRY: Duration = Duration::from_secs(10);
 /// Longest wait before retrying a failed run.
@@ -45,6 +55,33 @@ impl Trigger {
             Trigger::Retry => "Retry",
         }
     }
+}
+
+/// True when `trigger` answers a request whose value [`FULL_RESYNC`] names too.
+pub fn full_resync(sync: &ReverseSync, trigger: &Trigger) -> bool {
+    let Trigger::Requested(value) = trigger else {
+        return false;
+    };
+    !value.is_empty() && annotation(sync, FULL_RESYNC) == Some(value.as_str())
+}
+
+/// The [`PREVIEW_REQUESTED_AT`] value not answered yet in `status.plan`, if any.
+pub fn preview_requested(sync: &ReverseSync) -> Option<String> {
+    let value = annotation(sync, PREVIEW_REQUESTED_AT).filter(|v| !v.is_empty())?;
+    let answered = sync
+        .status
+        .as_ref()
+        .and_then(|s| s.plan.as_ref())
+        .and_then(|p| p.requested_at.as_deref());
+    (answered != Some(value)).then(|| value.to_owned())
+}
+
+fn annotation<'a>(sync: &'a ReverseSync, key: &str) -> Option<&'a str> {
+    sync.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
 }
 
 /// What to do now.
@@ -276,6 +313,43 @@ mod tests {
         );
         s.status.as_mut().unwrap().last_handled_requested_at = Some("now-1".into());
         assert_eq!(decide(&s, &[], at(10)).run, None);
+    }
+
+    #[test]
+    fn a_full_resync_applies_only_to_the_request_it_names() {
+        let mut s = ran(sync(""), 0, "Succeeded", 0);
+        s.metadata.annotations = Some(
+            [
+                (REQUESTED_AT.to_owned(), "now-2".to_owned()),
+                (FULL_RESYNC.to_owned(), "now-1".to_owned()),
+            ]
+            .into(),
+        );
+        assert!(
+            !full_resync(&s, &Trigger::Requested("now-2".into())),
+            "an older request's"
+        );
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(FULL_RESYNC.to_owned(), "now-2".to_owned());
+        assert!(full_resync(&s, &Trigger::Requested("now-2".into())));
+        assert!(!full_resync(&s, &Trigger::Schedule), "only a requested run");
+        assert!(!full_resync(&s, &Trigger::Requested(String::new())));
+    }
+
+    #[test]
+    fn a_preview_is_requested_until_the_plan_echoes_its_value() {
+        let mut s = ran(sync(""), 0, "Succeeded", 0);
+        assert_eq!(preview_requested(&s), None);
+        s.metadata.annotations = Some([(PREVIEW_REQUESTED_AT.to_owned(), "p-1".to_owned())].into());
+        assert_eq!(preview_requested(&s), Some("p-1".to_owned()));
+        s.status.as_mut().unwrap().plan = Some(crate::api::reverse_sync::PlanPreview {
+            requested_at: Some("p-1".into()),
+            ..Default::default()
+        });
+        assert_eq!(preview_requested(&s), None);
     }
 
     #[test]

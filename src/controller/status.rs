@@ -207,9 +207,10 @@ pub fn run_finished(
     generation: i64,
     trigger: &Trigger,
     report: &RunReport,
-    dry_run: bool,
+    flags: RunFlags,
     now: DateTime<Utc>,
 ) {
+    let dry_run = flags.dry_run;
     let outcome = Outcome::of_run(report, dry_run);
     let p = &report.plan;
     let g = Some(generation);
@@ -228,30 +229,15 @@ pub fn run_finished(
         fingerprint: report.result_fingerprint.clone(),
         generation: g,
         trigger: Some(trigger.as_str().to_owned()),
+        requested_at: requested_value(trigger),
+        full_resync: flags.full_resync,
         error: report.error.as_ref().map(ToString::to_string),
         deletes_held_back: report.delete_check.as_ref().and_then(|c| c.status()),
     });
     status.rejected_samples = report.rejected_samples.clone();
     status.observed_generation = g;
     if dry_run && report.error.is_none() {
-        status.plan = Some(PlanPreview {
-            computed_at: rfc3339(now),
-            generation,
-            add: p.added,
-            change: p.changed,
-            remove: p.removed,
-            unchanged: p.unchanged,
-            rejected: p.rejected,
-            samples: report
-                .plan_samples
-                .iter()
-                .map(|s| PlanSampleKey {
-                    operation: s.operation.clone(),
-                    key: s.key.clone(),
-                })
-                .collect(),
-            deletes_held_back: report.delete_check.as_ref().and_then(|c| c.status()),
-        });
+        status.plan = Some(plan_preview(report, generation, now));
     } else if !dry_run {
         status.plan = None;
     }
@@ -267,6 +253,80 @@ pub fn run_finished(
     if let Some(privileges) = &report.source_privileges {
         source_privileges(status, privileges, generation, now);
     }
+}
+
+/// How a run goes besides its trigger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunFlags {
+    /// Plan only (`spec.dryRun`): send nothing, keep state.
+    pub dry_run: bool,
+    /// Ignore the stored fingerprints and send every row (`backflow.dev/full-resync`).
+    pub full_resync: bool,
+}
+
+/// The request value a run answers, for `lastRun.requestedAt`.
+fn requested_value(trigger: &Trigger) -> Option<String> {
+    match trigger {
+        Trigger::Requested(v) if !v.is_empty() => Some(v.clone()),
+        _ => None,
+    }
+}
+
+/// What a dry run's report would send, as `status.plan` says it.
+fn plan_preview(report: &RunReport, generation: i64, now: DateTime<Utc>) -> PlanPreview {
+    let p = &report.plan;
+    PlanPreview {
+        computed_at: rfc3339(now),
+        generation,
+        add: p.added,
+        change: p.changed,
+        remove: p.removed,
+        unchanged: p.unchanged,
+        rejected: p.rejected,
+        samples: report
+            .plan_samples
+            .iter()
+            .map(|s| PlanSampleKey {
+                operation: s.operation.clone(),
+                key: s.key.clone(),
+            })
+            .collect(),
+        deletes_held_back: report.delete_check.as_ref().and_then(|c| c.status()),
+        requested_at: None,
+        error: None,
+    }
+}
+
+/// Answers a requested preview (`backflow.dev/preview-requested-at`): `status.plan` only; the
+/// last run, conditions and failure count are left as they are.
+pub fn preview_finished(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    requested: &str,
+    report: &RunReport,
+    now: DateTime<Utc>,
+) {
+    let mut plan = plan_preview(report, generation, now);
+    plan.requested_at = Some(requested.to_owned());
+    plan.error = report.error.as_ref().map(ToString::to_string);
+    status.plan = Some(plan);
+}
+
+/// Answers a requested preview that could not be computed, with the reason.
+pub fn preview_failed(
+    status: &mut ReverseSyncStatus,
+    generation: i64,
+    requested: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) {
+    status.plan = Some(PlanPreview {
+        computed_at: rfc3339(now),
+        generation,
+        requested_at: Some(requested.to_owned()),
+        error: Some(message.to_owned()),
+        ..PlanPreview::default()
+    });
 }
 
 /// What a privileged source user means, for the condition and the Event.
@@ -324,6 +384,7 @@ pub fn run_failed_before_report(
         result: RunResult::Failed.as_str().to_owned(),
         generation: Some(generation),
         trigger: Some(trigger.as_str().to_owned()),
+        requested_at: requested_value(trigger),
         error: Some(outcome.message.clone()),
         ..RunSummary::default()
     });
