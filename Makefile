@@ -4,9 +4,11 @@ QUICKSTART_DIR := .backflow/quickstart
 PYTHON ?= python3
 # The chart checks' Python tools (helm-python-sdk, kubernetes-validate, jsonschema, pytest).
 VENV ?= .venv
+# Where `make install` puts the binaries.
+PREFIX ?= /usr/local
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-rust test-chart kube venv bench bench-10m crds lint fmt
+.PHONY: help run install test test-rust test-chart kube venv bench bench-10m crds lint fmt
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,6 +18,12 @@ run: ## Run the quick-start sync (SQLite warehouse -> SQLite CRM table); run it 
 	@test -f $(QUICKSTART_DIR)/warehouse.db || cp examples/quickstart/warehouse.db $(QUICKSTART_DIR)/warehouse.db
 	@test -f $(QUICKSTART_DIR)/crm.db || cp examples/quickstart/crm.db $(QUICKSTART_DIR)/crm.db
 	$(CARGO) run --quiet -- run -f examples/quickstart/sync.yaml --state-dir .backflow/state
+
+install: ## Build the release binary; install backflow and its kubectl plugin link kubectl-backflow in $(PREFIX)/bin
+	$(CARGO) build --release --locked --bin backflow
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $${CARGO_TARGET_DIR:-target}/release/backflow $(DESTDIR)$(PREFIX)/bin/backflow
+	ln -sf backflow $(DESTDIR)$(PREFIX)/bin/kubectl-backflow
 
 test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB, Redis and ClickHouse on 127.0.0.1; .ci/run starts them)
 

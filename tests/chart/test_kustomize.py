@@ -21,7 +21,7 @@ def test_default_composes_crds_rbac_and_the_operator(kustomized):
     objects = kustomized("config/default")
     assert {o["metadata"]["name"] for o in find(objects, "CustomResourceDefinition")} == {
         "destinations.backflow.dev", "reversesyncs.backflow.dev"}
-    assert {o["metadata"]["name"] for o in find(objects, "ClusterRole")} == {"backflow-operator", "backflow-run"}
+    assert {o["metadata"]["name"] for o in find(objects, "ClusterRole")} == {"backflow-operator", "backflow-run", "backflow-data-team"}
     deployment = one(objects, "Deployment", "backflow-operator")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "backflow-operator"
