@@ -249,7 +249,11 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Completion { shell } => {
             let mut command = Cli::command();
             let name = command.get_bin_name().unwrap_or("backflow").to_owned();
-            backflow::cli::completion::write(shell, &mut command, &name, &mut std::io::stdout());
+            match backflow::cli::completion::write(shell, &mut command, &name, &mut std::io::stdout()) {
+                // `backflow completion bash | head`: the reader has what it wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other.context("failed to write the completion script")?,
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Crds => {

@@ -261,6 +261,32 @@ async fn get_lists_syncs_and_destinations_of_the_contexts_namespace_within_the_d
             && all.stderr.contains("forbidden"),
         "{all}"
     );
+    // As a kubectl plugin: a `kubectl-backflow` link on PATH, run by kubectl itself.
+    let plugins = std::env::temp_dir().join(format!("backflow-plugin-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_backflow"), plugins.join("kubectl-backflow")).unwrap();
+    let plane = control_plane();
+    let out = tokio::process::Command::new(plane.bin.join("kubectl"))
+        .args(["backflow", "get", "syncs"])
+        .env_clear()
+        .env("KUBECONFIG", &t.kubeconfig)
+        .env("PATH", format!("{}:/usr/bin:/bin", plugins.display()))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.lines().nth(1).is_some_and(|l| l.starts_with("customers ")),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let help = std::process::Command::new(plugins.join("kubectl-backflow"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: kubectl backflow [OPTIONS] <COMMAND>"));
+    std::fs::remove_dir_all(&plugins).unwrap();
+
     let missing = backflow(&t.kubeconfig, &["trigger", "nope"]).await;
     assert!(
         !missing.ok

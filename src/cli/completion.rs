@@ -14,14 +14,24 @@ pub enum Shell {
     Fish,
 }
 
-/// Writes the completion script of `command`, installed under `bin_name`.
-pub fn write(shell: Shell, command: &mut clap::Command, bin_name: &str, out: &mut dyn Write) {
+/// Writes the completion script of `command`, installed under `bin_name`. The script is
+/// built in memory first: `clap_complete` panics on a failed write (a closed pipe), this
+/// returns the error.
+pub fn write(
+    shell: Shell,
+    command: &mut clap::Command,
+    bin_name: &str,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let generator = match shell {
         Shell::Bash => clap_complete::Shell::Bash,
         Shell::Zsh => clap_complete::Shell::Zsh,
         Shell::Fish => clap_complete::Shell::Fish,
     };
-    clap_complete::generate(generator, command, bin_name, out);
+    let mut script = Vec::new();
+    clap_complete::generate(generator, command, bin_name, &mut script);
+    out.write_all(&script)?;
+    out.flush()
 }
 
 /// The name a kubectl plugin binary has: `kubectl backflow …` runs `kubectl-backflow`.
@@ -39,6 +49,30 @@ pub fn invoked_as_kubectl_plugin(argv0: &std::ffi::OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_shell_gets_a_script_naming_the_commands() {
+        let mut command = clap::Command::new("backflow").subcommand(
+            clap::Command::new("trigger").arg(
+                clap::Arg::new("wait")
+                    .long("wait")
+                    .action(clap::ArgAction::SetTrue),
+            ),
+        );
+        for (shell, marker) in [
+            (Shell::Bash, "_backflow()"),
+            (Shell::Zsh, "#compdef backflow"),
+            (Shell::Fish, "complete -c backflow"),
+        ] {
+            let mut out = Vec::new();
+            write(shell, &mut command, "backflow", &mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains(marker) && text.contains("trigger") && text.contains("wait"),
+                "{shell:?}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn the_plugin_name_is_recognised_whatever_the_directory() {
