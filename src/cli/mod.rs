@@ -42,11 +42,12 @@ pub enum ClusterCommand {
     Describe(describe::DescribeArgs),
 }
 
-/// Why a cluster command failed.
+/// Why a cluster command failed. The cause of a variant is its `#[source]`, printed after the
+/// message by the binary (`{:#}`), not repeated in it.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// No usable kubeconfig or in-cluster configuration.
-    #[error("failed to configure the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster): {source}")]
+    #[error("failed to configure the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")]
     Config {
         /// The cause.
         #[source]
@@ -63,7 +64,7 @@ pub enum CliError {
         name: String,
     },
     /// The API server refused or failed a request.
-    #[error("failed to {action}: {source}")]
+    #[error("failed to {action}")]
     Api {
         /// What was attempted, naming the object.
         action: String,

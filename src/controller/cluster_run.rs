@@ -110,3 +110,32 @@ pub async fn run_in_cluster(
     let run = runner::execute(&env, &sync, &trigger, &how, cancel);
     Ok(tracing::Instrument::instrument(run, span).await.outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_pods_requested_run_answers_the_request_the_operator_marked_handled() {
+        let mut sync: ReverseSync = serde_yaml_ng::from_str(
+            "apiVersion: backflow.dev/v1alpha1\nkind: ReverseSync\nmetadata: {name: s, namespace: ns}\n\
+             spec:\n  source: {connectionSecretRef: {name: w}, query: q, primaryKey: [id]}\n  \
+             destinationRef: {name: d}\n  mappings: [{from: id, to: id}]\n\
+             status: {lastHandledRequestedAt: \"t-2\"}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            requested_value(parse_trigger("Requested"), &sync),
+            Trigger::Requested("t-2".into())
+        );
+        assert_eq!(
+            requested_value(parse_trigger("Schedule"), &sync),
+            Trigger::Schedule
+        );
+        sync.status = None;
+        assert_eq!(
+            requested_value(parse_trigger("Requested"), &sync),
+            Trigger::Requested(String::new())
+        );
+    }
+}
