@@ -368,8 +368,9 @@ fn start_in_process(sync: Arc<ReverseSync>, work: Work, ctx: &Context) {
                     match panics::catch(preview).await {
                         Ok(written) => recorded.store(written, Ordering::SeqCst),
                         Err(panicked) => {
-                            tracing::error!(panic = %panicked.0, "preview panicked");
-                            recorded.store(false, Ordering::SeqCst);
+                            let written =
+                                runner::record_preview_panic(&env, &sync, &requested, &panicked).await;
+                            recorded.store(written, Ordering::SeqCst);
                         }
                     }
                 }

@@ -338,6 +338,33 @@ pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: 
     }
 }
 
+/// Answers a requested preview whose task panicked (the panic was caught) with a failed
+/// preview, so the client waiting for it gets an answer; the panic's text goes to the log.
+/// False when that write failed.
+pub async fn record_preview_panic(
+    env: &RunEnv,
+    sync: &ReverseSync,
+    requested: &str,
+    panicked: &super::panics::Panicked,
+) -> bool {
+    tracing::error!(panic = %panicked.0, "preview panicked");
+    let api: Api<ReverseSync> = Api::namespaced(env.client.clone(), &sync.namespace().unwrap_or_default());
+    let generation = sync.metadata.generation.unwrap_or(0);
+    let message = panicked.public_message("preview the sync");
+    let now = Utc::now();
+    let name = sync.name_any();
+    let written = status::update(&api, &name, |s, _| {
+        status::preview_failed(s, generation, requested, &message, now);
+    });
+    match written.await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to record the preview");
+            false
+        }
+    }
+}
+
 async fn run_once(
     env: &RunEnv,
     sync: &ReverseSync,
