@@ -476,6 +476,13 @@ fn unavailable(e: &kube::Error) -> bool {
     }
 }
 
+/// True for 401 and 403. A kube-apiserver that has just started answers them for a few
+/// seconds, until its authenticator and RBAC caches are filled, so a write that met the server
+/// down retries them too; otherwise they are final.
+fn refused(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if matches!(status.code, 401 | 403))
+}
+
 /// A pause of 10–60 ms growing with `attempt`, spread so that two writers that met once do
 /// not meet again at the same moment.
 fn conflict_pause(attempt: u32) -> Duration {
@@ -485,7 +492,8 @@ fn conflict_pause(attempt: u32) -> Duration {
 
 /// Reads the latest object, applies `change` to its status and writes it back, retrying on
 /// conflicts (another writer changed the object between the read and the write) and, for
-/// [`UNAVAILABLE_FOR`], on an API server that is unreachable or overloaded. Writes nothing
+/// [`UNAVAILABLE_FOR`], on an API server that is unreachable or overloaded (and then on the
+/// refusals of one that is starting again, see [`refused`]). Writes nothing
 /// when `change` leaves the status as it was. Returns the new status.
 pub async fn update(
     api: &Api<ReverseSync>,
@@ -500,6 +508,7 @@ pub async fn update(
     let first_try = Instant::now();
     let mut conflicts = 0;
     let mut pause = Duration::from_millis(250);
+    let mut was_unavailable = false;
     loop {
         let result = match api.get_opt(name).await {
             Ok(None) => return Ok(None),
@@ -523,7 +532,11 @@ pub async fn update(
                 conflicts += 1;
                 tokio::time::sleep(conflict_pause(conflicts)).await;
             }
-            Err(e) if unavailable(&e) && first_try.elapsed() < UNAVAILABLE_FOR => {
+            Err(e)
+                if (unavailable(&e) || (was_unavailable && refused(&e)))
+                    && first_try.elapsed() < UNAVAILABLE_FOR =>
+            {
+                was_unavailable = true;
                 tracing::debug!(error = %e, retry_in = ?pause, "the API server is unavailable; retrying the status write");
                 tokio::time::sleep(pause).await;
                 pause = pause.saturating_mul(2).min(UNAVAILABLE_PAUSE);
