@@ -27,7 +27,7 @@ install: ## Build the release binary; install backflow and its kubectl plugin li
 
 test: test-rust test-chart ## Run every test (needs PostgreSQL, MariaDB, Redis and ClickHouse on 127.0.0.1; .ci/run starts them)
 
-test-rust: kube $(VENV)/.installed ## Run the Rust tests (tests/cluster.rs on a real control plane: see `make kube`; its chart test renders with .venv)
+test-rust: kube $(VENV)/.installed ## Run the Rust tests (tests/cluster/ on a real control plane: see `make kube`; its chart test renders with .venv)
 	$(CARGO) test --locked --lib --bins --tests
 
 kube: ## Build etcd, kube-apiserver, kube-controller-manager and kubectl 1.20 once (~6-10 min, cached in /var/cache/backflow)

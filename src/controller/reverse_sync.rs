@@ -410,6 +410,7 @@ async fn start_job(
     let how = format!("running in Job {job_name}");
     write(&api, &key, |s, _| {
         status::run_started(s, generation, trigger, &how, now);
+        status::request_handled(s, trigger);
         s.active_job = Some(job_name.clone());
         // The ServiceAccount that was missing exists now.
         let was_blocked = super::conditions::get(&s.conditions, super::conditions::STALLED)

@@ -4,6 +4,8 @@
 //! did not fail, `Stalled` when a person must act (invalid spec, missing Secret, bad SQL,
 //! credentials rejected), `Degraded` when the last run rejected rows.
 
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use kube::api::{Api, PostParams};
 
@@ -59,12 +61,19 @@ pub fn run_started(
             now,
         );
     }
+    status.observed_generation = g;
+}
+
+/// Marks the `backflow.dev/requested-at` value that `trigger` acts on as handled. An
+/// in-operator run does so when it ends, so a run cut short (the operator killed, its lease
+/// taken over) is started again by the next leader; a Job-mode run when its Job is created,
+/// since the Job itself survives the operator.
+pub fn request_handled(status: &mut ReverseSyncStatus, trigger: &Trigger) {
     if let Trigger::Requested(value) = trigger
         && !value.is_empty()
     {
         status.last_handled_requested_at = Some(value.clone());
     }
-    status.observed_generation = g;
 }
 
 /// Records a reconcile that failed internally (a contained panic): not Ready, not Stalled (it
@@ -214,6 +223,7 @@ pub fn run_finished(
     let outcome = Outcome::of_run(report, dry_run);
     let p = &report.plan;
     let g = Some(generation);
+    request_handled(status, trigger);
     status.last_run = Some(RunSummary {
         start: rfc3339(report.started),
         end: Some(rfc3339(report.finished)),
@@ -378,6 +388,7 @@ pub fn run_failed_before_report(
     started: DateTime<Utc>,
     now: DateTime<Utc>,
 ) {
+    request_handled(status, trigger);
     status.last_run = Some(RunSummary {
         start: rfc3339(started),
         end: Some(rfc3339(now)),
@@ -505,8 +516,46 @@ pub struct StatusError {
     source: kube::Error,
 }
 
+/// Conflicts in a row a status write retries before it gives up: another client that keeps
+/// writing the status wins a few rounds, not every one.
+const CONFLICT_ATTEMPTS: u32 = 20;
+
+/// How long a status write keeps retrying an API server that does not answer or answers
+/// 429/5xx: a restart or an upgrade of the control plane. A run's outcome written after that
+/// is lost to the status (the next decision runs it again).
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(90);
+
+/// Longest pause between two tries at an unavailable API server.
+const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(5);
+
+/// True for failures a later try may not meet: no connection, 429 and 5xx.
+fn unavailable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// True for 401 and 403. A kube-apiserver that has just started answers them for a few
+/// seconds, until its authenticator and RBAC caches are filled, so a write that met the server
+/// down retries them too; otherwise they are final.
+fn refused(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if matches!(status.code, 401 | 403))
+}
+
+/// A pause of 10–60 ms growing with `attempt`, spread so that two writers that met once do
+/// not meet again at the same moment.
+fn conflict_pause(attempt: u32) -> Duration {
+    let spread = u64::from(uuid::Uuid::new_v4().as_fields().0 % 20);
+    Duration::from_millis(10 + u64::from(attempt.min(4)) * 10 + spread)
+}
+
 /// Reads the latest object, applies `change` to its status and writes it back, retrying on
-/// conflicts. Writes nothing when `change` leaves the status as it was. Returns the new status.
+/// conflicts (another writer changed the object between the read and the write) and, for
+/// [`UNAVAILABLE_FOR`], on an API server that is unreachable or overloaded (and then on the
+/// refusals of one that is starting again, see [`refused`]). Writes nothing
+/// when `change` leaves the status as it was. Returns the new status.
 pub async fn update(
     api: &Api<ReverseSync>,
     name: &str,
@@ -517,23 +566,68 @@ pub async fn update(
         name: name.to_owned(),
         source,
     };
-    let mut attempt = 0;
+    let first_try = Instant::now();
+    let mut conflicts = 0;
+    let mut pause = Duration::from_millis(250);
+    let mut was_unavailable = false;
     loop {
-        attempt += 1;
-        let Some(mut current) = api.get_opt(name).await.map_err(err)? else {
-            return Ok(None);
+        let result = match api.get_opt(name).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(mut current)) => {
+                let before = current.status.clone().unwrap_or_default();
+                let mut next = before.clone();
+                change(&mut next, &current);
+                if next == before {
+                    return Ok(Some(next));
+                }
+                current.status = Some(next.clone());
+                api.replace_status(name, &PostParams::default(), &current)
+                    .await
+                    .map(|_| next)
+            }
+            Err(e) => Err(e),
         };
-        let before = current.status.clone().unwrap_or_default();
-        let mut next = before.clone();
-        change(&mut next, &current);
-        if next == before {
-            return Ok(Some(next));
-        }
-        current.status = Some(next.clone());
-        match api.replace_status(name, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(Some(next)),
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => continue,
+        match result {
+            Ok(next) => return Ok(Some(next)),
+            Err(kube::Error::Api(e)) if e.code == 409 && conflicts < CONFLICT_ATTEMPTS => {
+                conflicts += 1;
+                tokio::time::sleep(conflict_pause(conflicts)).await;
+            }
+            Err(e)
+                if (unavailable(&e) || (was_unavailable && refused(&e)))
+                    && first_try.elapsed() < UNAVAILABLE_FOR =>
+            {
+                was_unavailable = true;
+                tracing::debug!(error = %e, retry_in = ?pause, "the API server is unavailable; retrying the status write");
+                tokio::time::sleep(pause).await;
+                pause = pause.saturating_mul(2).min(UNAVAILABLE_PAUSE);
+            }
             Err(e) => return Err(err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requested_run_is_handled_when_it_ends_so_a_run_cut_short_starts_again() {
+        let mut status = ReverseSyncStatus::default();
+        let trigger = Trigger::Requested("now-1".to_owned());
+        let now = Utc::now();
+        run_started(&mut status, 1, &trigger, "running in the operator", now);
+        assert_eq!(status.last_handled_requested_at, None);
+        let outcome = Outcome {
+            reason: "SourceUnavailable".to_owned(),
+            message: "failed to connect".to_owned(),
+            failed: true,
+            stalled: false,
+        };
+        run_failed_before_report(&mut status, 1, &trigger, &outcome, now, now);
+        assert_eq!(status.last_handled_requested_at.as_deref(), Some("now-1"));
+        // The run pod of Job mode knows no value: the operator marked it at the Job's creation.
+        request_handled(&mut status, &Trigger::Requested(String::new()));
+        assert_eq!(status.last_handled_requested_at.as_deref(), Some("now-1"));
     }
 }

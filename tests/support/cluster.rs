@@ -5,8 +5,9 @@
 //! What it gives: RBAC (`--authorization-mode=RBAC`), token authentication (an `admin` in
 //! `system:masters`; the operator ServiceAccount `backflow-system/backflow-operator` by a static
 //! token; every other ServiceAccount by the token Secret the controller manager writes), the
-//! garbage collector, namespace and Job controllers, the CRDs of `crds/` installed as a user
-//! installs them, and the RBAC of `config/rbac` (what `config/default` installs).
+//! garbage collector, namespace and Job controllers, and everything `config/default` renders
+//! (CRDs, namespace, ServiceAccounts, RBAC, the Deployment and its Service) installed as a user
+//! installs it.
 //!
 //! What it does not have: a kubelet and a scheduler, so no pod ever runs. Job-mode tests play
 //! the kubelet themselves ([`ControlPlane::run_job_like_a_kubelet`]). Kubernetes 1.20 does not
@@ -109,16 +110,25 @@ impl ControlPlane {
         plane
     }
 
-    /// Installs as a user does: the CRDs of `crds/` (with `kubectl create --validate=false`:
-    /// 1.20 refuses `x-kubernetes-validations` otherwise), waits until they are Established,
-    /// then the namespace and RBAC of `config/rbac`.
+    /// Installs as a user does, everything `config/default` renders (`kubectl kustomize`):
+    /// its CRDs with `kubectl create --validate=false` (1.20 refuses `x-kubernetes-validations`
+    /// otherwise), waited on until Established; then the namespace, ServiceAccounts, RBAC,
+    /// Deployment and Service with `kubectl apply`.
     fn install(&self) {
-        self.kubectl(&[
-            "create",
-            "--validate=false",
-            "-f",
-            &repo().join("crds").to_string_lossy(),
-        ]);
+        // kubectl 1.20's kustomize is too old for config/; render with the machine's kubectl
+        // (what `make test-chart` uses) and apply with 1.20's.
+        let rendered = run(Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo().join("config/default")));
+        std::fs::write(self.dir.join("config-default.yaml"), &rendered)
+            .expect("write the rendered config/default");
+        let (crds, rest): (Vec<serde_json::Value>, Vec<serde_json::Value>) = self
+            .config_default()
+            .into_iter()
+            .partition(|o| o["kind"] == "CustomResourceDefinition");
+        let list =
+            |items| serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+        self.kubectl_stdin(&["create", "--validate=false", "-f", "-"], &list(crds));
         self.kubectl(&[
             "wait",
             "--for=condition=Established",
@@ -126,13 +136,16 @@ impl ControlPlane {
             "crd/reversesyncs.backflow.dev",
             "crd/destinations.backflow.dev",
         ]);
-        self.kubectl(&["create", "namespace", "backflow-system"]);
-        // kubectl 1.20's kustomize is too old for config/; render with the machine's kubectl
-        // (what `make test-chart` uses) and apply with 1.20's.
-        let rbac = run(Command::new("kubectl")
-            .arg("kustomize")
-            .arg(repo().join("config/rbac")));
-        self.kubectl_stdin(&["apply", "-f", "-"], &rbac);
+        self.kubectl_stdin(&["apply", "-f", "-"], &list(rest));
+    }
+
+    /// The objects `config/default` renders to (what this control plane installed at start).
+    pub fn config_default(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("config-default.yaml"))
+            .expect("the rendered config/default");
+        serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| <serde_json::Value as serde::Deserialize>::deserialize(doc).expect("a YAML object"))
+            .collect()
     }
 
     /// The admin kubeconfig.
@@ -380,22 +393,39 @@ pub struct Process {
 impl Process {
     /// Starts `backflow operator ARGS` with `kubeconfig`, listening on a free port.
     pub fn operator(kubeconfig: &Path, identity: &str, args: &[&str]) -> Process {
-        let plane = control_plane();
         let listen = format!("127.0.0.1:{}", free_port());
+        let all: Vec<String> = ["operator", "--listen", &listen]
+            .iter()
+            .chain(&["--job-image", "backflow:e2e", "--lease-duration-seconds", "6"])
+            // PostgreSQL listens on loopback here; the operator's default also denies it.
+            .chain(&["--egress-deny", "link-local"])
+            .chain(args)
+            .map(|a| (*a).to_owned())
+            .collect();
+        let env = [
+            ("POD_NAME".to_owned(), identity.to_owned()),
+            ("POD_NAMESPACE".to_owned(), "backflow-system".to_owned()),
+            ("BACKFLOW_LOG".to_owned(), "warn,backflow=debug".to_owned()),
+        ];
+        Process::command(kubeconfig, identity, &all, &env, listen)
+    }
+
+    /// Starts `backflow ARGS` with exactly these arguments and environment, and `kubeconfig`
+    /// (as a pod's container runs them); `listen` is the address its `--listen` gives.
+    pub fn command(
+        kubeconfig: &Path,
+        identity: &str,
+        args: &[String],
+        env: &[(String, String)],
+        listen: String,
+    ) -> Process {
+        let plane = control_plane();
         let log = plane.dir.join(format!("operator-{identity}.log"));
         let file = std::fs::File::create(&log).expect("the operator's log");
         let child = Command::new(env!("CARGO_BIN_EXE_backflow"))
-            .arg("operator")
-            .arg("--listen")
-            .arg(&listen)
-            .args(["--job-image", "backflow:e2e", "--lease-duration-seconds", "6"])
-            // PostgreSQL listens on loopback here; the operator's default also denies it.
-            .args(["--egress-deny", "link-local"])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", identity)
-            .env("POD_NAMESPACE", "backflow-system")
-            .env("BACKFLOW_LOG", "warn,backflow=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)

@@ -8,6 +8,7 @@ pub mod bigquery_double;
 pub mod braze_double;
 pub mod clickhouse;
 pub mod cluster;
+pub mod cluster_manifests;
 pub mod customerio_double;
 pub mod databricks_double;
 pub mod db;
