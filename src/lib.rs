@@ -30,3 +30,4 @@ pub mod redact;
 pub mod source;
 pub mod state;
 pub mod template;
+pub mod validate;

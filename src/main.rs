@@ -107,6 +107,26 @@ enum Command {
     Operator(Box<OperatorArgs>),
     /// Print the CustomResourceDefinitions generated from the API types.
     Crds,
+    /// Check manifests offline, as the API server and the operator would: CRD schemas and
+    /// their CEL rules, the field checks of `run`, and references between the objects given.
+    /// Exits 1 when any error is found (warnings alone exit 0).
+    Validate {
+        /// Manifest files or directories (searched for .yaml and .yml files).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// A Secret named but absent from the files is an error (by default a warning, since
+        /// Secrets usually come from a secrets manager).
+        #[arg(long)]
+        require_secrets: bool,
+        /// How the target cluster's operator checks Secret grants: `granted` (a Secret that does
+        /// not name its user in `backflow.dev/allowed-references` is an error) or `namespace`
+        /// (grants not checked).
+        #[arg(long, value_enum, default_value_t = SecretAccess::Granted)]
+        secret_access: SecretAccess,
+        /// Report format: `text` (one `file:line:column:` line per finding) or `json`.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(clap::Args)]
@@ -242,6 +262,30 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 backflow::api::crds::render().context("failed to render CRDs")?
             );
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Validate {
+            files,
+            require_secrets,
+            secret_access,
+            output,
+        } => {
+            let options = backflow::validate::Options {
+                require_secrets,
+                secret_access,
+            };
+            let report = backflow::validate::validate(&files, &options);
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&backflow::validate::output::json(&report))?
+                ),
+                OutputFormat::Text => print!("{}", backflow::validate::output::text(&report)),
+            }
+            Ok(if report.is_valid() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
         Command::Operator(args) => {
             let shutdown = shutdown_token();
