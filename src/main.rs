@@ -107,9 +107,12 @@ enum Command {
     Operator(Box<OperatorArgs>),
     /// Print the CustomResourceDefinitions generated from the API types.
     Crds,
-    /// Check manifests offline, as the API server and the operator would: CRD schemas and
-    /// their CEL rules, the field checks of `run`, and references between the objects given.
-    /// Exits 1 when any error is found (warnings alone exit 0).
+    /// Check manifests offline (no cluster, database or network), for a pull request.
+    ///
+    /// Checks what the API server and the operator would: the CRD schemas and their CEL rules,
+    /// the field checks of `run`, and references between the objects given (a sync's
+    /// Destination, the Secrets named and their grants). Exits 1 when any error is found;
+    /// warnings alone exit 0.
     Validate {
         /// Manifest files or directories (searched for .yaml and .yml files).
         #[arg(short = 'f', long = "file", required = true)]

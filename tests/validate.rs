@@ -195,6 +195,20 @@ fn a_missing_destination_is_an_error_and_a_missing_secret_a_warning_unless_requi
     let report = check("errors/references.yaml", &required);
     let f = at(&report, Check::Reference, "spec.credentialsSecretRef.name");
     assert_eq!(f.severity, Severity::Error);
+    let f = at(&report, Check::Reference, "spec.source.connectionSecretRef.key");
+    assert_eq!(
+        (f.severity, f.line, f.column),
+        (Severity::Error, Some(35), Some(44))
+    );
+    assert_eq!(
+        f.message,
+        "Secret default/warehouse has no key \"password\" (keys: url)"
+    );
+    let f = at(&report, Check::Reference, "spec.destinationRef.namespace");
+    assert_eq!(
+        place(f),
+        (Some(4), "ReverseSync/someone-else".into(), Some(38), Some(31))
+    );
     let report = check("warnings", &Options::default());
     assert_eq!(
         (report.count(Severity::Error), report.count(Severity::Warning)),
@@ -249,6 +263,23 @@ fn unknown_backflow_kinds_and_versions_are_errors_and_broken_yaml_names_its_line
     };
     assert_eq!((f.check, f.document, f.line), (Check::Yaml, Some(2), Some(8)));
     assert_eq!(report.documents, 1, "the document before the error is still read");
+}
+
+#[test]
+fn an_object_defined_twice_across_files_is_named_at_its_second_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let destination = "apiVersion: backflow.dev/v1alpha1\nkind: Destination\nmetadata:\n  name: crm\nspec: {type: sqlite, sqlite: {table: t}}\n";
+    std::fs::write(dir.path().join("a.yaml"), destination).unwrap();
+    std::fs::write(
+        dir.path().join("b.yml"),
+        format!("# the same again\n{destination}"),
+    )
+    .unwrap();
+    let report = validate(&[dir.path().to_path_buf()], &Options::default());
+    let f = at(&report, Check::Field, "metadata.name");
+    assert!(f.file.ends_with("b.yml"), "{f:?}");
+    assert_eq!((f.line, f.column), (Some(5), Some(3)));
+    assert_eq!(f.message, "Destination default/crm is defined twice in the set");
 }
 
 fn backflow(args: &[&str]) -> (i32, String) {

@@ -187,7 +187,7 @@ impl Schemas {
                 by_kind
                     .entry(kind.clone())
                     .or_default()
-                    .push((version.name, schema));
+                    .push((version.name, schema::with_object_fields(schema)));
             }
         }
         Schemas(by_kind)

@@ -26,7 +26,11 @@ struct SecretInfo {
 
 enum Target {
     Destination,
-    Secret { key: Option<String>, user: SecretUser },
+    /// A Secret, the key named explicitly and the finding to report against that key.
+    Secret {
+        key: Option<Box<(String, Finding)>>,
+        user: SecretUser,
+    },
 }
 
 /// One reference, and the finding to report against the field that holds it.
@@ -109,7 +113,11 @@ impl Index {
         let key = lookup(json, field)
             .and_then(|r| r.get("key"))
             .and_then(Json::as_str)
-            .map(str::to_owned);
+            .map(|k| {
+                let path = format!("{field}.key");
+                let at = place.finding(Severity::Error, Check::Reference, &path, String::new());
+                Box::new((k.to_owned(), at))
+            });
         let at = place.finding(
             Severity::Error,
             Check::Reference,
@@ -194,10 +202,9 @@ impl Index {
                             );
                             out.push(f);
                         }
-                        if let Some(k) = secret_key
+                        if let Some((k, mut finding)) = secret_key.map(|b| *b)
                             && !secret.keys.contains(&k)
                         {
-                            finding.path = finding.path.map(|p| p.replace(".name", ".key"));
                             finding.message = format!(
                                 "Secret {}/{} has no key {k:?} (keys: {})",
                                 u.namespace,

@@ -49,13 +49,10 @@ impl Issue {
     }
 }
 
-/// Checks `value` (a whole object) against `schema`, the `openAPIV3Schema` of its CRD version.
-/// Returns the object as the API server would store it (nulls pruned, defaults filled, unknown
-/// fields dropped) and every issue found.
-pub fn check(schema: &Json, mut value: Json, rules: &mut Rules) -> (Json, Vec<Issue>) {
-    // The API server's own fields of every object, which CRD schemas leave out.
-    let mut root = schema.clone();
-    if let Some(props) = root.get_mut("properties").and_then(Json::as_object_mut) {
+/// The `openAPIV3Schema` of a CRD version with the API server's own fields of every object
+/// (`apiVersion`, `kind`, `metadata`), which CRD schemas leave out. Done once per schema.
+pub fn with_object_fields(mut schema: Json) -> Json {
+    if let Some(props) = schema.get_mut("properties").and_then(Json::as_object_mut) {
         for (name, field) in [
             ("apiVersion", serde_json::json!({"type": "string"})),
             ("kind", serde_json::json!({"type": "string"})),
@@ -67,12 +64,19 @@ pub fn check(schema: &Json, mut value: Json, rules: &mut Rules) -> (Json, Vec<Is
             props.entry(name).or_insert(field);
         }
     }
+    schema
+}
+
+/// Checks `value` (a whole object) against `schema`, the `openAPIV3Schema` of its CRD version
+/// as [`with_object_fields`] returns it. Returns the object as the API server would store it
+/// (nulls pruned, defaults filled, unknown fields dropped) and every issue found.
+pub fn check(schema: &Json, mut value: Json, rules: &mut Rules) -> (Json, Vec<Issue>) {
     let mut walk = Walk {
         rules,
         patterns: HashMap::new(),
         issues: Vec::new(),
     };
-    walk.node(&root, &mut value, "");
+    walk.node(schema, &mut value, "");
     (value, walk.issues)
 }
 
@@ -389,7 +393,7 @@ mod tests {
     use serde_json::json;
 
     fn issues(schema: Json, value: Json) -> (Json, Vec<(String, String)>) {
-        let (v, issues) = check(&schema, value, &mut Rules::new());
+        let (v, issues) = check(&with_object_fields(schema), value, &mut Rules::new());
         (v, issues.into_iter().map(|i| (i.path, i.message)).collect())
     }
 
