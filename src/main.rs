@@ -114,7 +114,8 @@ enum Command {
     /// Destination, the Secrets named and their grants). Exits 1 when any error is found;
     /// warnings alone exit 0.
     Validate {
-        /// Manifest files or directories (searched for .yaml and .yml files).
+        /// Manifest files or directories (searched for .yaml and .yml files); `-` reads
+        /// standard input, like the output of `kustomize build`.
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
         /// A Secret named but absent from the files is an error (by default a warning, since

@@ -358,6 +358,22 @@ fn the_binary_exits_1_on_errors_only_and_prints_lines_for_people_and_json_for_bo
                 .count() as u64
         )
     );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backflow"))
+        .args(["validate", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rendered = std::fs::read(fixture("errors/schema.yaml")).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &rendered).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .starts_with("<stdin>:6:3: error: Destination/crm (document 1) spec.batchSize:"),
+        "standard input, as from kustomize build, is read with its lines"
+    );
     let (code, out) = backflow(&["-f", "tests/fixtures/validate/no-such-dir"]);
     assert_eq!(code, 1);
     assert!(out.contains("no-such-dir: error: failed to read"), "{out}");

@@ -199,7 +199,9 @@ pub fn validate(paths: &[PathBuf], options: &Options) -> Report {
     let mut report = Report::default();
     let mut files = Vec::new();
     for path in paths {
-        if let Err(e) = manifests::collect_files(path, &mut files) {
+        if path.as_os_str() == STDIN {
+            files.push(path.clone());
+        } else if let Err(e) = manifests::collect_files(path, &mut files) {
             report
                 .findings
                 .push(file_finding(&path.display().to_string(), e.to_string()));
@@ -210,7 +212,11 @@ pub fn validate(paths: &[PathBuf], options: &Options) -> Report {
     let mut manifests = Manifests::default();
     let mut index = references::Index::default();
     for file in &files {
-        let name = file.display().to_string();
+        let name = if file.as_os_str() == STDIN {
+            "<stdin>".to_owned()
+        } else {
+            file.display().to_string()
+        };
         let text = match read(file) {
             Ok(t) => t,
             Err(message) => {
@@ -257,7 +263,25 @@ pub fn validate(paths: &[PathBuf], options: &Options) -> Report {
     report
 }
 
+/// The path that stands for standard input (`kustomize build | backflow validate -f -`).
+pub const STDIN: &str = "-";
+
 fn read(file: &std::path::Path) -> Result<String, String> {
+    if file.as_os_str() == STDIN {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::io::stdin()
+            .lock()
+            .take(MAX_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("failed to read standard input: {e}"))?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(format!(
+                "failed to read standard input: more than the {MAX_FILE_BYTES} bytes a manifest may have"
+            ));
+        }
+        return Ok(text);
+    }
     let size = std::fs::metadata(file)
         .map_err(|e| format!("failed to read the file: {e}"))?
         .len();
@@ -435,10 +459,13 @@ impl Document<'_> {
             Err(e) => e,
         };
         let (path, message) = match error {
-            ManifestError::Invalid { field, reason, .. } if quiet && field.is_none() => {
-                (String::new(), reason)
+            // A type error the schema already explained; the loader's own checks of the
+            // metadata (names, namespaces) are still reported.
+            ManifestError::Invalid { field, .. }
+                if quiet && !field.as_deref().is_some_and(|f| f.starts_with("metadata.")) =>
+            {
+                return false;
             }
-            ManifestError::Invalid { .. } if quiet => return false,
             ManifestError::Invalid { field, reason, .. } => (field.unwrap_or_default(), reason),
             ManifestError::Duplicate {
                 kind,
@@ -451,9 +478,6 @@ impl Document<'_> {
             ),
             other => (String::new(), other.to_string()),
         };
-        if quiet && path.is_empty() {
-            return false;
-        }
         self.report
             .findings
             .push(place.finding(Severity::Error, Check::Field, &path, message));
