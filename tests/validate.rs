@@ -57,6 +57,53 @@ fn every_example_sample_and_valid_fixture_passes_without_a_finding() {
     );
 }
 
+/// The Markdown files of the documentation.
+fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            markdown_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "md") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_backflow_object_in_a_yaml_block_of_the_docs_passes_all_but_reference_checks() {
+    let mut pages = vec![root().join("README.md")];
+    markdown_files(&root().join("docs"), &mut pages);
+    let dir = tempfile::tempdir().unwrap();
+    let mut blocks = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("```yaml\n") {
+            let body = &rest[start + "```yaml\n".len()..];
+            let end = body.find("```").unwrap_or(body.len());
+            rest = &body[end..];
+            if !body[..end].contains("apiVersion: backflow.dev/") {
+                continue;
+            }
+            blocks += 1;
+            // One file per block: blocks are fragments, and several reuse a name.
+            let name = page.strip_prefix(root()).unwrap().display().to_string();
+            let file = dir.path().join(format!("{blocks}.yaml"));
+            std::fs::write(&file, &body[..end]).unwrap();
+            let report = validate(&[file], &Options::default());
+            let wrong: Vec<String> = report
+                .findings
+                .iter()
+                .filter(|f| !matches!(f.check, Check::Reference | Check::SecretGrant))
+                .map(backflow::validate::output::line)
+                .collect();
+            assert!(wrong.is_empty(), "a block of {name}: {wrong:#?}");
+            assert!(report.objects > 0, "a block of {name} holds no Backflow object");
+        }
+    }
+    assert!(blocks >= 10, "found {blocks} blocks");
+}
+
 #[test]
 fn schema_type_errors_missing_required_fields_enums_and_unknown_fields_name_their_line() {
     let report = check("errors/schema.yaml", &Options::default());
