@@ -83,7 +83,12 @@ pub fn documents(text: &str) -> (Vec<Document>, Option<SyntaxError>) {
     let mut positions = positions(text).into_iter();
     let mut docs = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        match serde_yaml_ng::Value::deserialize(doc) {
+        // Merge keys (`<<: *defaults`) are applied, as kubectl applies them before sending.
+        let parsed = serde_yaml_ng::Value::deserialize(doc).and_then(|mut value| {
+            value.apply_merge()?;
+            Ok(value)
+        });
+        match parsed {
             Ok(value) => docs.push(Document {
                 value,
                 positions: positions.next().unwrap_or_default(),
@@ -222,6 +227,17 @@ mod tests {
             p.find("spec.mappings[1].transforms[0]"),
             Some(Position { line: 10, column: 7 }),
             "a missing field points at its nearest written ancestor, the item's mapping"
+        );
+    }
+
+    #[test]
+    fn merge_keys_are_applied_as_kubectl_applies_them() {
+        let (docs, err) = documents("base: &b {type: http}\nspec:\n  <<: *b\n  batchSize: 5\n");
+        assert_eq!(err, None);
+        let spec = &docs[0].value["spec"];
+        assert_eq!(
+            (spec["type"].as_str(), spec["batchSize"].as_u64()),
+            (Some("http"), Some(5))
         );
     }
 
