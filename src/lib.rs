@@ -31,3 +31,4 @@ pub mod redact;
 pub mod source;
 pub mod state;
 pub mod template;
+pub mod validate;

@@ -116,6 +116,30 @@ enum Command {
         #[arg(value_enum)]
         shell: backflow::cli::completion::Shell,
     },
+    /// Check manifests offline (no cluster, database or network), for a pull request.
+    ///
+    /// Checks what the API server and the operator would: the CRD schemas and their CEL rules,
+    /// the field checks of `run`, and references between the objects given (a sync's
+    /// Destination, the Secrets named and their grants). Exits 1 when any error is found;
+    /// warnings alone exit 0.
+    Validate {
+        /// Manifest files or directories (searched for .yaml and .yml files); `-` reads
+        /// standard input, like the output of `kustomize build`.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// A Secret named but absent from the files is an error (by default a warning, since
+        /// Secrets usually come from a secrets manager).
+        #[arg(long)]
+        require_secrets: bool,
+        /// How the target cluster's operator checks Secret grants: `granted` (a Secret that does
+        /// not name its user in `backflow.dev/allowed-references` is an error) or `namespace`
+        /// (grants not checked).
+        #[arg(long, value_enum, default_value_t = SecretAccess::Granted)]
+        secret_access: SecretAccess,
+        /// Report format: `text` (one `file:line:column:` line per finding) or `json`.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(clap::Args)]
@@ -262,6 +286,30 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 backflow::api::crds::render().context("failed to render CRDs")?
             );
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Validate {
+            files,
+            require_secrets,
+            secret_access,
+            output,
+        } => {
+            let options = backflow::validate::Options {
+                require_secrets,
+                secret_access,
+            };
+            let report = backflow::validate::validate(&files, &options);
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&backflow::validate::output::json(&report))?
+                ),
+                OutputFormat::Text => print!("{}", backflow::validate::output::text(&report)),
+            }
+            Ok(if report.is_valid() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
         Command::Operator(args) => {
             let shutdown = shutdown_token();

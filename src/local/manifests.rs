@@ -32,11 +32,13 @@ pub enum ManifestError {
         reason: String,
     },
     /// A document is not valid YAML or does not match its kind's schema.
-    #[error("failed to load {location}: {reason}")]
+    #[error("failed to load {location}: {}{reason}", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
     Invalid {
         /// File and document number.
         location: String,
-        /// What is wrong (field path included where known).
+        /// Path of the field at fault, like `spec.mode`, when known.
+        field: Option<String>,
+        /// What is wrong.
         reason: String,
     },
     /// A kind Backflow does not read.
@@ -122,7 +124,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Manifests, ManifestError> {
     Ok(manifests)
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+/// Adds `path` to `out` if it is a file, or every `.yaml`/`.yml` file under it (recursively, in
+/// name order) if it is a directory.
+pub fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
     let read_err = |e: std::io::Error| ManifestError::Read {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -152,72 +156,88 @@ pub fn load_text(text: &str, origin: &str, manifests: &mut Manifests) -> Result<
         let location = format!("{origin} (document {})", i + 1);
         let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| ManifestError::Invalid {
             location: location.clone(),
+            field: None,
             reason: e.to_string(),
         })?;
-        if value.is_null() {
-            continue;
-        }
-        let meta: TypeMeta =
-            serde_yaml_ng::from_value(value.clone()).map_err(|e| ManifestError::Invalid {
-                location: location.clone(),
-                reason: e.to_string(),
-            })?;
-        match (meta.api_version.as_str(), meta.kind.as_str()) {
-            ("v1", "Secret") => {
-                let s: SecretManifest = typed(value, &location)?;
-                let ns = s
-                    .metadata
-                    .namespace
-                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-                let mut values = BTreeMap::new();
-                for (k, v) in s.data {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(v.trim())
-                        .map_err(|_| ManifestError::Invalid {
-                            location: location.clone(),
-                            reason: format!("data.{k} is not valid base64"),
-                        })?;
-                    let text = String::from_utf8(bytes).map_err(|_| ManifestError::Invalid {
+        load_document(value, &location, manifests)?;
+    }
+    Ok(())
+}
+
+/// Loads one document into `manifests`: a Secret, a Destination or a ReverseSync, checked
+/// against its type, its name and the objects already loaded. `location` names the document
+/// in errors. An empty document is skipped; any other kind is refused.
+pub fn load_document(
+    value: serde_yaml_ng::Value,
+    location: &str,
+    manifests: &mut Manifests,
+) -> Result<(), ManifestError> {
+    let location = location.to_owned();
+    if value.is_null() {
+        return Ok(());
+    }
+    let meta: TypeMeta = serde_yaml_ng::from_value(value.clone()).map_err(|e| ManifestError::Invalid {
+        location: location.clone(),
+        field: None,
+        reason: e.to_string(),
+    })?;
+    match (meta.api_version.as_str(), meta.kind.as_str()) {
+        ("v1", "Secret") => {
+            let s: SecretManifest = typed(value, &location)?;
+            let ns = s
+                .metadata
+                .namespace
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let mut values = BTreeMap::new();
+            for (k, v) in s.data {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(v.trim())
+                    .map_err(|_| ManifestError::Invalid {
                         location: location.clone(),
-                        reason: format!("data.{k} is not UTF-8 text"),
+                        field: Some(format!("data.{k}")),
+                        reason: "is not valid base64".to_owned(),
                     })?;
-                    values.insert(k, text);
-                }
-                values.extend(s.string_data);
-                let data = SecretData::new(values).with_name(&s.metadata.name);
-                insert(
-                    &mut manifests.secrets,
-                    &location,
-                    "Secret",
-                    ns,
-                    s.metadata.name,
-                    data,
-                )?;
+                let text = String::from_utf8(bytes).map_err(|_| ManifestError::Invalid {
+                    location: location.clone(),
+                    field: Some(format!("data.{k}")),
+                    reason: "is not UTF-8 text".to_owned(),
+                })?;
+                values.insert(k, text);
             }
-            (API_VERSION, "Destination") => {
-                let d: Destination = typed(value, &location)?;
-                let key = object_key(&d.metadata, &location)?;
-                insert(
-                    &mut manifests.destinations,
-                    &location,
-                    "Destination",
-                    key.0,
-                    key.1,
-                    d,
-                )?;
-            }
-            (API_VERSION, "ReverseSync") => {
-                let s: ReverseSync = typed(value, &location)?;
-                let key = object_key(&s.metadata, &location)?;
-                insert(&mut manifests.syncs, &location, "ReverseSync", key.0, key.1, s)?;
-            }
-            (api_version, kind) => {
-                return Err(ManifestError::UnsupportedKind {
-                    location,
-                    api_version: api_version.to_owned(),
-                    kind: kind.to_owned(),
-                });
-            }
+            values.extend(s.string_data);
+            let data = SecretData::new(values).with_name(&s.metadata.name);
+            insert(
+                &mut manifests.secrets,
+                &location,
+                "Secret",
+                ns,
+                s.metadata.name,
+                data,
+            )?;
+        }
+        (API_VERSION, "Destination") => {
+            let d: Destination = typed(value, &location)?;
+            let key = object_key(&d.metadata, &location)?;
+            insert(
+                &mut manifests.destinations,
+                &location,
+                "Destination",
+                key.0,
+                key.1,
+                d,
+            )?;
+        }
+        (API_VERSION, "ReverseSync") => {
+            let s: ReverseSync = typed(value, &location)?;
+            let key = object_key(&s.metadata, &location)?;
+            insert(&mut manifests.syncs, &location, "ReverseSync", key.0, key.1, s)?;
+        }
+        (api_version, kind) => {
+            return Err(ManifestError::UnsupportedKind {
+                location,
+                api_version: api_version.to_owned(),
+                kind: kind.to_owned(),
+            });
         }
     }
     Ok(())
@@ -232,11 +252,8 @@ fn typed<T: serde::de::DeserializeOwned>(
         let reason = e.into_inner().to_string();
         ManifestError::Invalid {
             location: location.to_owned(),
-            reason: if path == "." {
-                reason
-            } else {
-                format!("{path}: {reason}")
-            },
+            field: (path != ".").then_some(path),
+            reason,
         }
     })
 }
@@ -251,7 +268,8 @@ fn object_key(
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ManifestError::Invalid {
             location: location.to_owned(),
-            reason: "metadata.name is required".to_owned(),
+            field: Some("metadata.name".to_owned()),
+            reason: "is required".to_owned(),
         })?;
     let namespace = meta
         .namespace
@@ -262,8 +280,9 @@ fn object_key(
     if !is_dns_subdomain(&name) {
         return Err(ManifestError::Invalid {
             location: location.to_owned(),
+            field: Some("metadata.name".to_owned()),
             reason: format!(
-                "metadata.name {name:?} is not a valid name: lower-case letters, digits, '-' and '.', \
+                "{name:?} is not a valid name: lower-case letters, digits, '-' and '.', \
                  starting and ending with a letter or digit, at most 253 characters"
             ),
         });
@@ -271,8 +290,9 @@ fn object_key(
     if !is_dns_label(&namespace) {
         return Err(ManifestError::Invalid {
             location: location.to_owned(),
+            field: Some("metadata.namespace".to_owned()),
             reason: format!(
-                "metadata.namespace {namespace:?} is not a valid namespace: lower-case letters, digits \
+                "{namespace:?} is not a valid namespace: lower-case letters, digits \
                  and '-', starting and ending with a letter or digit, at most 63 characters"
             ),
         });
