@@ -313,7 +313,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 checkpoint_records,
                 approve_deletes,
             };
-            let outcomes = run_local(&config, cancel, output::TerminalProgress::for_sync).await?;
+            let outcomes = run_local(&config, cancel, output::ProgressView::for_sync).await?;
             let failed = outcomes.iter().any(|o| o.failed());
             match output {
                 OutputFormat::Json => {
