@@ -1841,13 +1841,19 @@ async fn a_run_in_flight_reports_its_progress_and_live_metrics_until_its_end_tak
     let status = s.status.clone().unwrap();
     assert_eq!(status.progress, None);
     assert_eq!(runs(&s).unwrap().rows_added, ROWS);
-    let exposition = h.metrics.render();
-    assert!(
-        exposition.contains(&format!(
-            "backflow_sync_rows_total{{namespace=\"{NS}\",op=\"write\",outcome=\"sent\",sync=\"watched\"}} {ROWS}\n"
-        )),
-        "{exposition}"
+    // The run records its metrics just after its status: give it a moment.
+    let written = format!(
+        "backflow_sync_rows_total{{namespace=\"{NS}\",op=\"write\",outcome=\"sent\",sync=\"watched\"}} {ROWS}\n"
     );
+    let mut exposition = h.metrics.render();
+    for _ in 0..50 {
+        if exposition.contains(&written) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        exposition = h.metrics.render();
+    }
+    assert!(exposition.contains(&written), "{exposition}");
     assert!(exposition.contains(&format!(
         "backflow_sync_rows_read_total{{namespace=\"{NS}\",sync=\"watched\"}} {ROWS}\n"
     )));
