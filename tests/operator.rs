@@ -1862,7 +1862,8 @@ async fn a_run_in_flight_reports_its_progress_and_live_metrics_until_its_end_tak
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_job_pod_command_reports_progress_on_the_status_and_removes_it_at_the_end() {
+async fn the_job_pod_command_reports_progress_on_the_status_through_failed_writes_and_removes_it_at_the_end()
+{
     const ROWS: u64 = 25;
     let h = Harness::start_with(
         ROWS as usize,
@@ -1892,8 +1893,19 @@ async fn the_job_pod_command_reports_progress_on_the_status_and_removes_it_at_th
         .await
         .unwrap()
     });
+    // Once the run has started, its first progress writes fail: the run goes on regardless.
+    h.wait_sync("job-watched", "the run started", |s| is(s, "Reconciling", "True"))
+        .await;
+    for _ in 0..3 {
+        h._server.fail_next(
+            "PUT",
+            &format!("/apis/backflow.dev/v1alpha1/namespaces/{NS}/reversesyncs/job-watched/status"),
+            500,
+        );
+    }
     let (seen, s) = watch_progress(&h, "job-watched").await;
     assert!(!pod.await.unwrap().failed);
+    assert!(is(&s, "Ready", "True"));
     assert_progress_moved(&seen, ROWS);
     assert_eq!(s.status.unwrap().progress, None);
     h.stop().await;
