@@ -369,8 +369,14 @@ async fn report_progress(
         last_write = tokio::time::Instant::now();
         let now = Utc::now();
         let written = status::update(api, key.name, |s, _| status::progress(s, &snapshot, now));
-        if let Err(e) = written.await {
-            tracing::warn!(error = %e, "failed to write the run's progress; the run goes on");
+        // A slow API server never holds the run's end back: the write is dropped then. If it
+        // still lands, it lands before the end's write reads the object (which then removes
+        // the progress) or carries an older resourceVersion and is refused.
+        tokio::select! {
+            result = written => if let Err(e) = result {
+                tracing::warn!(error = %e, "failed to write the run's progress; the run goes on");
+            },
+            () = stop.cancelled() => return published,
         }
     }
 }
