@@ -118,7 +118,10 @@ pub fn progress_line(s: &Snapshot, elapsed: Duration) -> String {
         ),
         Phase::Planning => format!("planning: {} rows read, {} planned", s.rows_read, s.rows_planned),
         Phase::Delivering => {
-            let mut line = format!("ok {}, rejected {}", s.records_accepted(), s.rejected);
+            let mut line = format!("ok {}", s.records_accepted());
+            if s.rejected > 0 {
+                line.push_str(&format!(", rejected {}", s.rejected));
+            }
             if s.failed > 0 {
                 line.push_str(&format!(", failed {}", s.failed));
             }
@@ -258,6 +261,9 @@ mod tests {
         // 50 records in 10 s: 50 more take 10 s.
         let line = progress_line(&p.snapshot(), Duration::from_secs(12));
         assert_eq!(line, "ok 40, rejected 10, ~10s left");
+        p.delivered(50, 0, 0, 0);
+        let line = progress_line(&p.snapshot(), Duration::from_secs(12));
+        assert_eq!(line, "ok 50, ~10s left", "no rejections, no word of them");
         p.set_phase(Phase::Committing);
         assert_eq!(
             progress_line(&p.snapshot(), Duration::from_secs(20)),
