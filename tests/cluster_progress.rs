@@ -92,6 +92,7 @@ spec:
     let throttled = format!(r#"backflow_sync_throttled_seconds_total{{namespace="{ns}",sync="paced"}}"#);
     let mut seen: Vec<RunProgress> = Vec::new();
     let mut metrics_mid_run = Vec::new();
+    let mut wide = None;
     let deadline = Instant::now() + Duration::from_secs(90);
     let end = loop {
         let s = api.get("paced").await.unwrap();
@@ -100,6 +101,12 @@ spec:
             break s;
         }
         if let Some(p) = status.progress {
+            if p.phase == "Delivering" && wide.is_none() {
+                let table = plane.kubectl(&["get", "rsync", "-n", &ns, "-o", "wide"]);
+                if table.contains("Delivering") {
+                    wide = Some(table);
+                }
+            }
             let (_, exposition) = operator.get("/metrics").await;
             if let Some(n) = value(&exposition, &written) {
                 metrics_mid_run.push(n);
@@ -135,6 +142,14 @@ spec:
         metrics_mid_run.iter().any(|n| *n > 0.0 && *n < ROWS as f64),
         "/metrics moved mid-run: {metrics_mid_run:?}"
     );
+
+    let wide = wide.expect("kubectl get -o wide showed the run delivering");
+    let header = wide.lines().next().unwrap_or_default();
+    for column in ["PHASE", "SENT", "TO SEND"] {
+        assert!(header.contains(column), "{wide}");
+    }
+    let row = wide.lines().find(|l| l.starts_with("paced")).unwrap_or_default();
+    assert!(row.contains(&ROWS.to_string()), "{wide}");
 
     let status = end.status.unwrap();
     assert_eq!(status.progress, None, "the summary takes over");

@@ -22,6 +22,9 @@ use super::{LocalObjectRef, SecretKeyRef};
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Last Sync","type":"date","jsonPath":".status.lastSuccessfulSyncTime"}"#,
     printcolumn = r#"{"name":"Rows","type":"integer","jsonPath":".status.lastRun.rowsInModel"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","priority":1,"jsonPath":".status.progress.phase"}"#,
+    printcolumn = r#"{"name":"Sent","type":"integer","priority":1,"jsonPath":".status.progress.recordsSent"}"#,
+    printcolumn = r#"{"name":"To Send","type":"integer","priority":1,"jsonPath":".status.progress.recordsToSend"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
