@@ -79,6 +79,10 @@ enum Command {
         /// The cluster's name in warehouse state (set by the operator on Job-mode runs).
         #[arg(long, requires = "namespace", env = "BACKFLOW_CLUSTER_NAME")]
         cluster_name: Option<String>,
+        /// Seconds between writes of the run's progress to the sync's status (set by the
+        /// operator on Job-mode runs).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..), requires = "namespace")]
+        progress_interval_seconds: u64,
         /// Plan and print what would be sent; send nothing and keep state as it is.
         #[arg(long)]
         dry_run: bool,
@@ -229,6 +233,10 @@ struct OperatorArgs {
     /// syncs apart (default: the uid of namespace kube-system, when readable).
     #[arg(long, env = "BACKFLOW_CLUSTER_NAME")]
     cluster_name: Option<String>,
+    /// Seconds between writes of a run's progress to its sync's status (`status.progress`)
+    /// while the run goes on; live metrics move every second regardless.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..), env = "BACKFLOW_PROGRESS_INTERVAL_SECONDS")]
+    progress_interval_seconds: u64,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -330,6 +338,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
             secret_access,
             allow_sqlite,
             cluster_name,
+            progress_interval_seconds,
             ..
         } => {
             let [name] = sync.as_slice() else {
@@ -349,6 +358,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                     secret_access,
                     allow_sqlite,
                     cluster_name: cluster_name.filter(|c| !c.is_empty()),
+                    progress_interval: std::time::Duration::from_secs(progress_interval_seconds),
                 },
                 shutdown_token(),
             )
@@ -381,7 +391,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 checkpoint_records,
                 approve_deletes,
             };
-            let outcomes = run_local(&config, cancel, output::TerminalProgress::for_sync).await?;
+            let outcomes = run_local(&config, cancel, output::ProgressView::for_sync).await?;
             let failed = outcomes.iter().any(|o| o.failed());
             match output {
                 OutputFormat::Json => {
@@ -488,6 +498,7 @@ fn operator_config(
             secret_access: args.secret_access,
             allow_sqlite: args.allow_sqlite,
             cluster_name: args.cluster_name.filter(|c| !c.is_empty()),
+            progress_interval: std::time::Duration::from_secs(args.progress_interval_seconds),
         },
         custom_connectors: backflow::engine::setup::CustomConnectors::default(),
         watch_secrets: args.watch_secrets,

@@ -4,10 +4,12 @@
 //! query only these (a test checks it).
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
+use crate::destination::delivery::AnswerClass;
+use crate::engine::progress::Snapshot;
 use crate::engine::run::{RunReport, RunResult};
 
 /// Every metric the operator exports.
@@ -18,6 +20,12 @@ pub struct Metrics {
     pub sync_runs: IntCounterVec,
     /// Rows by operation and outcome.
     pub sync_rows: IntCounterVec,
+    /// Rows read from the model.
+    pub sync_rows_read: IntCounterVec,
+    /// Seconds delivery was held back by the rate limit or throttling answers.
+    pub sync_throttled_seconds: CounterVec,
+    /// The share of the run in flight's records that are settled (absent when no run is).
+    pub sync_run_progress: GaugeVec,
     /// Run duration.
     pub sync_duration: HistogramVec,
     /// Unix time of the last run that did not fail.
@@ -77,6 +85,11 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let float_counter = |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, MetricsError> {
+            let c = CounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let int_gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, MetricsError> {
             let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(g.clone()))?;
@@ -101,6 +114,21 @@ impl Metrics {
                 "backflow_sync_rows_total",
                 "Rows by operation (write, delete, unchanged, any) and outcome (sent, skipped, rejected, failed).",
                 &["namespace", "sync", "op", "outcome"],
+            )?,
+            sync_rows_read: counter(
+                "backflow_sync_rows_read_total",
+                "Rows read from the sync's model, counted while runs read them.",
+                SYNC,
+            )?,
+            sync_throttled_seconds: float_counter(
+                "backflow_sync_throttled_seconds_total",
+                "Seconds the sync's deliveries were held back by the Destination's rate limit or throttling answers.",
+                SYNC,
+            )?,
+            sync_run_progress: gauge(
+                "backflow_sync_run_progress_ratio",
+                "Share (0 to 1) of the records the run in flight sends that the destination has settled; absent when no run is in flight.",
+                SYNC,
             )?,
             sync_duration,
             sync_last_success: gauge(
@@ -163,39 +191,68 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Records a finished run of `namespace/sync` to `destination`.
-    pub fn record_run(&self, namespace: &str, sync: &str, destination: &str, report: &RunReport) {
+    /// Publishes how far a run in flight of `namespace/sync` to `destination` has got: the
+    /// run's counters move by what it did since its last publication (`published`), and the
+    /// progress gauge is set.
+    pub fn record_progress(
+        &self,
+        namespace: &str,
+        sync: &str,
+        destination: &str,
+        snapshot: &Snapshot,
+        published: &mut Published,
+    ) {
+        let totals = RunTotals {
+            rows_read: snapshot.rows_read,
+            rows: [
+                snapshot.rows_unchanged,
+                snapshot.rows_rejected.saturating_add(snapshot.rejected),
+                snapshot.failed,
+                snapshot.accepted,
+                snapshot.deleted,
+            ],
+            answers: answer_array(&snapshot.answers),
+            throttled: snapshot.throttled_answers,
+            throttled_seconds: snapshot.throttled_time.as_secs_f64(),
+        };
+        self.advance(namespace, sync, destination, &totals, published);
+        self.sync_run_progress
+            .with_label_values(&[namespace, sync])
+            .set(snapshot.ratio());
+    }
+
+    /// Records a finished run of `namespace/sync` to `destination`; `published` is what
+    /// [`Metrics::record_progress`] added while it ran (the default when nothing was), so
+    /// that the counters end at the run's totals, counted once. The progress gauge goes.
+    pub fn record_run(
+        &self,
+        namespace: &str,
+        sync: &str,
+        destination: &str,
+        report: &RunReport,
+        published: &mut Published,
+    ) {
         self.sync_runs
             .with_label_values(&[namespace, sync, report.result.as_str()])
             .inc();
         self.sync_duration
             .with_label_values(&[namespace, sync])
             .observe(report.seconds().max(0.0));
-        let rows = |op: &str, outcome: &str, n: u64| {
-            if n > 0 {
-                self.sync_rows
-                    .with_label_values(&[namespace, sync, op, outcome])
-                    .inc_by(n);
-            }
+        let totals = RunTotals {
+            rows_read: report.plan.rows_in_model,
+            rows: [
+                report.plan.unchanged,
+                report.rows_rejected(),
+                report.failed,
+                report.accepted,
+                report.deleted,
+            ],
+            answers: answer_array(&report.answers),
+            throttled: report.throttled,
+            throttled_seconds: report.throttled_time.as_secs_f64(),
         };
-        let [unchanged, rejected, failed, sent, removed] = ROW_SERIES;
-        rows(unchanged.0, unchanged.1, report.plan.unchanged);
-        rows(rejected.0, rejected.1, report.rows_rejected());
-        rows(failed.0, failed.1, report.failed);
-        rows(sent.0, sent.1, report.accepted);
-        rows(removed.0, removed.1, report.deleted);
-        for (class, n) in &report.answers {
-            if *n > 0 {
-                self.destination_requests
-                    .with_label_values(&[namespace, destination, class.as_str()])
-                    .inc_by(*n);
-            }
-        }
-        if report.throttled > 0 {
-            self.destination_throttled
-                .with_label_values(&[namespace, destination])
-                .inc_by(report.throttled);
-        }
+        self.advance(namespace, sync, destination, &totals, published);
+        self.run_ended(namespace, sync);
         let held_back = report
             .delete_check
             .as_ref()
@@ -217,8 +274,72 @@ impl Metrics {
         }
     }
 
+    /// Moves the run's counters up to `totals` from what was `published` before (never
+    /// down: a counter that got ahead of a report stays).
+    fn advance(
+        &self,
+        namespace: &str,
+        sync: &str,
+        destination: &str,
+        totals: &RunTotals,
+        published: &mut Published,
+    ) {
+        let up = |published: &mut u64, total: u64| {
+            let delta = total.saturating_sub(*published);
+            *published = (*published).max(total);
+            delta
+        };
+        let delta = up(&mut published.rows_read, totals.rows_read);
+        if delta > 0 {
+            self.sync_rows_read
+                .with_label_values(&[namespace, sync])
+                .inc_by(delta);
+        }
+        for ((op, outcome), (done, total)) in
+            ROW_SERIES.iter().zip(published.rows.iter_mut().zip(totals.rows))
+        {
+            let delta = up(done, total);
+            if delta > 0 {
+                self.sync_rows
+                    .with_label_values(&[namespace, sync, op, outcome])
+                    .inc_by(delta);
+            }
+        }
+        for ((class, done), total) in AnswerClass::ALL
+            .iter()
+            .zip(published.answers.iter_mut())
+            .zip(totals.answers)
+        {
+            let delta = up(done, total);
+            if delta > 0 {
+                self.destination_requests
+                    .with_label_values(&[namespace, destination, class.as_str()])
+                    .inc_by(delta);
+            }
+        }
+        let delta = up(&mut published.throttled, totals.throttled);
+        if delta > 0 {
+            self.destination_throttled
+                .with_label_values(&[namespace, destination])
+                .inc_by(delta);
+        }
+        let delta = totals.throttled_seconds - published.throttled_seconds;
+        if delta > 0.0 {
+            self.sync_throttled_seconds
+                .with_label_values(&[namespace, sync])
+                .inc_by(delta);
+            published.throttled_seconds = totals.throttled_seconds;
+        }
+    }
+
+    /// No run of `namespace/sync` is in flight any more: its progress gauge goes.
+    pub fn run_ended(&self, namespace: &str, sync: &str) {
+        let _ = self.sync_run_progress.remove_label_values(&[namespace, sync]);
+    }
+
     /// Records a run that failed before the engine ran (a missing Secret, a failed Job).
     pub fn record_failure(&self, namespace: &str, sync: &str) {
+        self.run_ended(namespace, sync);
         self.sync_runs
             .with_label_values(&[namespace, sync, RunResult::Failed.as_str()])
             .inc();
@@ -244,6 +365,9 @@ impl Metrics {
                 .sync_rows
                 .remove_label_values(&[namespace, sync, op, outcome]);
         }
+        let _ = self.sync_rows_read.remove_label_values(&labels);
+        let _ = self.sync_throttled_seconds.remove_label_values(&labels);
+        let _ = self.sync_run_progress.remove_label_values(&labels);
         let _ = self.sync_duration.remove_label_values(&labels);
         let _ = self.sync_last_success.remove_label_values(&labels);
         let _ = self.sync_schedule_period.remove_label_values(&labels);
@@ -255,9 +379,12 @@ impl Metrics {
     /// The names of every registered metric family, whether or not it has series yet (what
     /// alert rules and dashboards may query).
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 14] = [
+        let collectors: [&dyn prometheus::core::Collector; 17] = [
             &self.sync_runs,
             &self.sync_rows,
+            &self.sync_rows_read,
+            &self.sync_throttled_seconds,
+            &self.sync_run_progress,
             &self.sync_duration,
             &self.sync_last_success,
             &self.sync_consecutive_failures,
@@ -286,6 +413,36 @@ impl Metrics {
     }
 }
 
+/// What one run has added to its counters so far ([`Metrics::record_progress`]), so that
+/// what it publishes while it runs and at its end adds up to its totals exactly once.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Published {
+    rows_read: u64,
+    /// In [`ROW_SERIES`] order.
+    rows: [u64; ROW_SERIES.len()],
+    /// In [`AnswerClass::ALL`] order.
+    answers: [u64; AnswerClass::ALL.len()],
+    throttled: u64,
+    throttled_seconds: f64,
+}
+
+/// A run's counts as a snapshot or its report gives them, in [`Published`]'s shape.
+struct RunTotals {
+    rows_read: u64,
+    rows: [u64; ROW_SERIES.len()],
+    answers: [u64; AnswerClass::ALL.len()],
+    throttled: u64,
+    throttled_seconds: f64,
+}
+
+fn answer_array(answers: &[(AnswerClass, u64)]) -> [u64; AnswerClass::ALL.len()] {
+    let mut out = [0; AnswerClass::ALL.len()];
+    for (class, n) in answers {
+        out[*class as usize] = *n;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +464,91 @@ mod tests {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }
         assert!(m.render().contains("backflow_build_info{version="));
+    }
+
+    fn series(m: &Metrics, line_start: &str) -> Option<f64> {
+        m.render()
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_move_while_a_run_goes_on_and_end_at_its_totals_counted_once() {
+        use crate::engine::plan::PlanCounts;
+        use crate::engine::progress::Progress;
+        let m = Metrics::new().unwrap();
+        let written = r#"backflow_sync_rows_total{namespace="ns",op="write",outcome="sent",sync="s"}"#;
+        let read = r#"backflow_sync_rows_read_total{namespace="ns",sync="s"}"#;
+        let ratio = r#"backflow_sync_run_progress_ratio{namespace="ns",sync="s"}"#;
+        let progress = Progress::new();
+        let mut published = Published::default();
+        for _ in 0..10 {
+            progress.row_read();
+        }
+        m.record_progress("ns", "s", "crm", &progress.snapshot(), &mut published);
+        assert_eq!(series(&m, read), Some(10.0));
+        assert_eq!(series(&m, ratio), Some(0.0));
+        progress.delivering(8);
+        progress.delivered(4, 0, 0, 0);
+        m.record_progress("ns", "s", "crm", &progress.snapshot(), &mut published);
+        // The same snapshot again adds nothing.
+        m.record_progress("ns", "s", "crm", &progress.snapshot(), &mut published);
+        assert_eq!(series(&m, written), Some(4.0));
+        assert_eq!(series(&m, ratio), Some(0.5));
+
+        let now = chrono::Utc::now();
+        let report = RunReport {
+            started: now,
+            finished: now,
+            result: RunResult::PartiallySucceeded,
+            plan: PlanCounts {
+                rows_in_model: 10,
+                added: 8,
+                unchanged: 2,
+                ..PlanCounts::default()
+            },
+            accepted: 7,
+            deleted: 0,
+            rejected: 1,
+            failed: 0,
+            requests: 2,
+            throttled: 1,
+            throttled_time: std::time::Duration::from_millis(1500),
+            retries: 1,
+            answers: vec![(AnswerClass::Success, 2), (AnswerClass::Throttled, 1)],
+            result_fingerprint: String::new(),
+            rejected_samples: Vec::new(),
+            plan_samples: Vec::new(),
+            source_privileges: None,
+            error: None,
+            delete_check: None,
+        };
+        m.record_run("ns", "s", "crm", &report, &mut published);
+        assert_eq!(series(&m, read), Some(10.0));
+        assert_eq!(series(&m, written), Some(7.0));
+        assert_eq!(
+            series(
+                &m,
+                r#"backflow_sync_rows_total{namespace="ns",op="any",outcome="rejected",sync="s"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            series(
+                &m,
+                r#"backflow_sync_throttled_seconds_total{namespace="ns",sync="s"}"#
+            ),
+            Some(1.5)
+        );
+        assert_eq!(
+            series(
+                &m,
+                r#"backflow_destination_requests_total{destination="crm",namespace="ns",status_class="throttled"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(series(&m, ratio), None, "no run in flight");
     }
 }

@@ -71,6 +71,28 @@ async fn a_throttled_batch_waits_at_least_retry_after_then_lands() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn time_waiting_out_a_throttle_counts_as_throttled_and_a_transient_failures_backoff_does_not() {
+    let fake = Arc::new(FakeConnector::new(100).with_script(vec![
+        Err(SendError::Retryable {
+            reason: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(7)),
+            throttled: true,
+        }),
+        Err(SendError::Retryable {
+            reason: "HTTP 503".into(),
+            retry_after: Some(Duration::from_secs(2)),
+            throttled: false,
+        }),
+    ]));
+    let d = delivery(fake.clone(), 5);
+    let start = tokio::time::Instant::now();
+    let out = d.send_batch(Operation::Upsert, records(10)).await.unwrap();
+    assert_eq!(count(&out, |d| *d == Delivered::Accepted), 10);
+    assert!(start.elapsed() >= Duration::from_secs(9));
+    assert_eq!(d.stats().throttled_time.total(), Duration::from_secs(7));
+}
+
+#[tokio::test(start_paused = true)]
 async fn transient_failures_back_off_and_give_up_after_max_attempts() {
     let err = || {
         Err(SendError::Retryable {

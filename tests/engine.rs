@@ -803,3 +803,64 @@ async fn ordinary_churn_and_tiny_syncs_pass_the_default_limit_and_a_sync_sets_it
         .await;
     assert_eq!((report.deleted, report.result), (3, RunResult::Succeeded));
 }
+
+#[tokio::test]
+async fn a_runs_counters_move_through_its_phases_while_it_goes_on() {
+    use backflow::engine::progress::{Phase, Progress};
+    let h = Harness::new().await;
+    let mut fake = FakeConnector::new(10);
+    fake.delay = std::time::Duration::from_millis(40);
+    let fake = Arc::new(fake.with_bad(&["3"], BadRecords::RejectEach));
+    let progress = Arc::new(Progress::new());
+    let options = RunOptions {
+        progress: Arc::clone(&progress),
+        ..RunOptions::default()
+    };
+    let done = tokio_util::sync::CancellationToken::new();
+    let watch = async {
+        let mut seen = Vec::new();
+        while !done.is_cancelled() {
+            seen.push(progress.snapshot());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        seen
+    };
+    let run = async {
+        let report = h.run_with(&all("upsert"), fake.clone(), options).await;
+        done.cancel();
+        report
+    };
+    let (report, seen) = tokio::join!(run, watch);
+    assert_eq!(report.result, RunResult::PartiallySucceeded);
+
+    let phases: Vec<Phase> = seen.iter().map(|s| s.phase).collect();
+    let order = |p: Phase| phases.iter().position(|q| *q == p);
+    assert!(order(Phase::Delivering).is_some(), "{phases:?}");
+    assert!(
+        phases.windows(2).all(|w| order(w[0]) <= order(w[1])),
+        "phases only move forward: {phases:?}"
+    );
+    let sent: Vec<u64> = seen
+        .iter()
+        .filter(|s| s.phase == Phase::Delivering)
+        .map(|s| s.records_sent())
+        .collect();
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "{sent:?}");
+    assert!(
+        sent.iter().any(|n| (1..250).contains(n)),
+        "watched delivery half-way: {sent:?}"
+    );
+
+    let end = progress.snapshot();
+    assert_eq!(end.phase, Phase::Committing);
+    assert_eq!(
+        (end.rows_read, end.rows_planned, end.records_to_send),
+        (250, 250, 250)
+    );
+    assert_eq!(
+        (end.records_sent(), end.records_accepted(), end.rejected),
+        (250, 249, 1)
+    );
+    assert_eq!(end.estimated_seconds_left(), Some(0));
+    assert_eq!(end.ratio(), 1.0);
+}

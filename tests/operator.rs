@@ -281,6 +281,7 @@ fn sqlite_policy() -> backflow::controller::runner::RunPolicy {
         secret_access: SecretAccess::Granted,
         allow_sqlite: true,
         cluster_name: None,
+        ..Default::default()
     }
 }
 
@@ -1723,5 +1724,189 @@ async fn sqlite_sources_and_destinations_are_refused_in_the_cluster() {
     assert_eq!(c.reason, "InvalidDestination");
     assert!(c.message.contains("type sqlite"), "{}", c.message);
     assert_eq!(h.webhook.request_count(), 0);
+    h.stop().await;
+}
+
+/// A Destination answering each one-record request after `delay`: a run of `rows` rows takes
+/// about `rows × delay` to deliver, long enough to watch.
+async fn slow_destination(h: &Harness, name: &str) {
+    h.apply_destination(
+        name,
+        json!({
+            "type": "http",
+            "credentialsSecretRef": {"name": "webhook-token"},
+            "batchSize": 1,
+            "maxConcurrency": 1,
+            "http": {"url": h.webhook.url_for("/slow/{{operation}}")}
+        }),
+    )
+    .await;
+}
+
+/// What a watcher of the sync saw of its run in flight: each progress it read, with the
+/// records the metrics counted as written at that moment, until the run recorded its end.
+async fn watch_progress(
+    h: &Harness,
+    name: &str,
+) -> (
+    Vec<(backflow::api::reverse_sync::RunProgress, Option<f64>)>,
+    ReverseSync,
+) {
+    let written = format!(
+        "backflow_sync_rows_total{{namespace=\"{NS}\",op=\"write\",outcome=\"sent\",sync=\"{name}\"}}"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..600 {
+        let s = h.syncs().get(name).await.unwrap();
+        if runs(&s).is_some() {
+            return (seen, s);
+        }
+        let metric = h
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(&written))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if let Some(p) = s.status.and_then(|s| s.progress) {
+            seen.push((p, metric));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the run of {name} did not end in 30 s");
+}
+
+/// Checks what a watcher saw of a run of `rows` rows: progress moving through delivery, counts
+/// that only grow, an estimate once the rate is known.
+fn assert_progress_moved(seen: &[(backflow::api::reverse_sync::RunProgress, Option<f64>)], rows: u64) {
+    let delivering: Vec<_> = seen
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.phase == "Delivering")
+        .collect();
+    let sent: Vec<u64> = delivering.iter().map(|p| p.records_sent).collect();
+    assert!(
+        sent.windows(2).all(|w| w[0] <= w[1]),
+        "records sent only grow: {sent:?}"
+    );
+    let distinct: std::collections::BTreeSet<_> = sent.iter().filter(|n| (1..rows).contains(*n)).collect();
+    assert!(distinct.len() >= 2, "watched the count move mid-run: {sent:?}");
+    for p in &delivering {
+        assert_eq!(
+            (p.rows_read, p.rows_planned, p.records_to_send),
+            (rows, rows, rows)
+        );
+        assert_eq!(p.records_accepted + p.records_rejected, p.records_sent, "{p:?}");
+        assert!(p.started_at <= p.updated_at, "{p:?}");
+    }
+    assert!(
+        delivering
+            .iter()
+            .any(|p| p.estimated_seconds_left.is_some_and(|s| s > 0)),
+        "an estimate once the rate is known: {delivering:?}"
+    );
+    let updates: std::collections::BTreeSet<_> = delivering.iter().map(|p| &p.updated_at).collect();
+    assert!(updates.len() >= 2, "written again and again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_flight_reports_its_progress_and_live_metrics_until_its_end_takes_over() {
+    const ROWS: u64 = 30;
+    let mut h = Harness::start_with(
+        ROWS as usize,
+        Behaviour::accept_all().with_delay(Duration::from_millis(120)),
+    )
+    .await;
+    slow_destination(&h, "slow").await;
+    h.apply_sync("watched", json!({"destinationRef": {"name": "slow"}}))
+        .await;
+    h.run_operator(OperatorConfig {
+        policy: backflow::controller::runner::RunPolicy {
+            progress_interval: Duration::from_millis(200),
+            ..sqlite_policy()
+        },
+        ..config()
+    });
+
+    let (seen, s) = watch_progress(&h, "watched").await;
+    assert_progress_moved(&seen, ROWS);
+    // The metrics moved during the run, not in one jump at its end.
+    let mid_run: Vec<f64> = seen
+        .iter()
+        .filter_map(|(_, m)| *m)
+        .filter(|m| *m > 0.0 && *m < ROWS as f64)
+        .collect();
+    assert!(!mid_run.is_empty(), "records counted mid-run: {seen:?}");
+
+    // The end takes over: no progress, the summary, and each record counted once.
+    let status = s.status.clone().unwrap();
+    assert_eq!(status.progress, None);
+    assert_eq!(runs(&s).unwrap().rows_added, ROWS);
+    // The run records its metrics just after its status: give it a moment.
+    let written = format!(
+        "backflow_sync_rows_total{{namespace=\"{NS}\",op=\"write\",outcome=\"sent\",sync=\"watched\"}} {ROWS}\n"
+    );
+    let mut exposition = h.metrics.render();
+    for _ in 0..50 {
+        if exposition.contains(&written) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        exposition = h.metrics.render();
+    }
+    assert!(exposition.contains(&written), "{exposition}");
+    assert!(exposition.contains(&format!(
+        "backflow_sync_rows_read_total{{namespace=\"{NS}\",sync=\"watched\"}} {ROWS}\n"
+    )));
+    assert!(!exposition.contains("backflow_sync_run_progress_ratio{"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_pod_command_reports_progress_on_the_status_through_failed_writes_and_removes_it_at_the_end()
+{
+    const ROWS: u64 = 25;
+    let h = Harness::start_with(
+        ROWS as usize,
+        Behaviour::accept_all().with_delay(Duration::from_millis(120)),
+    )
+    .await;
+    slow_destination(&h, "slow").await;
+    h.apply_sync(
+        "job-watched",
+        json!({"destinationRef": {"name": "slow"}, "execution": {"mode": "Job"}}),
+    )
+    .await;
+    let client = h.client.clone();
+    let pod = tokio::spawn(async move {
+        backflow::controller::cluster_run::run_in_cluster(
+            client,
+            NS,
+            "job-watched",
+            backflow::controller::schedule::Trigger::Schedule,
+            "pod-1",
+            backflow::controller::runner::RunPolicy {
+                progress_interval: Duration::from_millis(200),
+                ..sqlite_policy()
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
+    });
+    // Once the run has started, its first progress writes fail: the run goes on regardless.
+    h.wait_sync("job-watched", "the run started", |s| is(s, "Reconciling", "True"))
+        .await;
+    for _ in 0..3 {
+        h._server.fail_next(
+            "PUT",
+            &format!("/apis/backflow.dev/v1alpha1/namespaces/{NS}/reversesyncs/job-watched/status"),
+            500,
+        );
+    }
+    let (seen, s) = watch_progress(&h, "job-watched").await;
+    assert!(!pod.await.unwrap().failed);
+    assert!(is(&s, "Ready", "True"));
+    assert_progress_moved(&seen, ROWS);
+    assert_eq!(s.status.unwrap().progress, None);
     h.stop().await;
 }

@@ -22,6 +22,9 @@ use super::{LocalObjectRef, SecretKeyRef};
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Last Sync","type":"date","jsonPath":".status.lastSuccessfulSyncTime"}"#,
     printcolumn = r#"{"name":"Rows","type":"integer","jsonPath":".status.lastRun.rowsInModel"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","priority":1,"jsonPath":".status.progress.phase"}"#,
+    printcolumn = r#"{"name":"Sent","type":"integer","priority":1,"jsonPath":".status.progress.recordsSent"}"#,
+    printcolumn = r#"{"name":"To Send","type":"integer","priority":1,"jsonPath":".status.progress.recordsToSend"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -366,36 +369,52 @@ pub struct ReverseSyncStatus {
     /// Name of the ConfigMap indexing the sync's fingerprints (ConfigMap store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_ref: Option<String>,
-    /// How far the run in flight has got; absent when no run is in flight.
+    /// How far the run in flight has got: written every few seconds while a run goes on
+    /// (the operator's `--progress-interval`), removed when it ends, when `lastRun` takes
+    /// over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<RunProgress>,
 }
 
-/// How far a run in flight has got, refreshed every few seconds while it runs.
+/// How far the run in flight has got.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunProgress {
     /// When the run started (RFC 3339).
     pub started_at: String,
-    /// When this progress was written (RFC 3339).
+    /// When this progress was written (RFC 3339); it moves every few seconds while the run
+    /// is alive.
     pub updated_at: String,
-    /// What the run is doing: `Reading`, `Planning`, `Delivering` or `Committing`.
+    /// The step the run is in: `Reading` (the model's rows), `Planning` (comparing them with
+    /// the stored fingerprints), `Delivering` (sending records), `Committing` (the last
+    /// checkpoint of state).
     pub phase: String,
     /// Rows read from the model so far.
+    #[serde(default)]
     pub rows_read: u64,
-    /// Rows planned so far (compared with the stored fingerprints).
+    /// Rows the plan has decided so far (when the state store compares fingerprints itself,
+    /// all of them at once when it answers).
+    #[serde(default)]
     pub rows_planned: u64,
-    /// Records the plan will send.
+    /// Records the plan sends (writes and deletes); 0 until the plan is complete.
+    #[serde(default)]
     pub records_to_send: u64,
-    /// Records sent to the destination so far.
+    /// Records sent that the destination has answered for: accepted, rejected, or failed
+    /// after every retry.
+    #[serde(default)]
     pub records_sent: u64,
-    /// Records the destination accepted so far.
+    /// Records the destination accepted (written or deleted).
+    #[serde(default)]
     pub records_accepted: u64,
-    /// Records the destination rejected so far.
+    /// Records the destination rejected (they are sent again next run).
+    #[serde(default)]
     pub records_rejected: u64,
-    /// Seconds spent waiting on the destination's rate limit so far.
+    /// Seconds delivery was held back by the Destination's rate limit or by its throttling
+    /// answers (429 and the like); waits that overlap count once.
+    #[serde(default)]
     pub throttled_seconds: f64,
-    /// Estimated seconds until the run ends, once the rate so far allows an estimate.
+    /// Seconds until every record is sent at the rate seen so far; absent until it can be
+    /// told (before delivery, or in its first second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_seconds_left: Option<u64>,
 }

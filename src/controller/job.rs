@@ -186,7 +186,7 @@ pub fn run_key(sync: &ReverseSync, trigger: &Trigger) -> String {
 }
 
 /// Builds the Job of one run; its pod runs under the operator's `policy` (passed on as
-/// `--secret-access`, `--allow-sqlite`, `--cluster-name`).
+/// `--secret-access`, `--allow-sqlite`, `--cluster-name`, `--progress-interval-seconds`).
 pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults, policy: &RunPolicy) -> Job {
     let namespace = sync.namespace().unwrap_or_default();
     let sync_name = sync.name_any();
@@ -224,6 +224,11 @@ pub fn build(sync: &ReverseSync, trigger: &Trigger, defaults: &JobDefaults, poli
     }
     if let Some(cluster) = &policy.cluster_name {
         args.push(format!("--cluster-name={cluster}"));
+    }
+    if policy.progress_interval != super::runner::DEFAULT_PROGRESS_INTERVAL {
+        // Whole seconds, as the flag takes them (at least one).
+        let seconds = policy.progress_interval.as_secs().max(1);
+        args.push(format!("--progress-interval-seconds={seconds}"));
     }
     let pod_field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
@@ -615,6 +620,34 @@ mod tests {
             .unwrap();
         assert_eq!(args[0], "--egress-deny=169.254.0.0/16,loopback");
         assert_eq!(args[1], "run", "a global flag, before the subcommand");
+    }
+
+    #[test]
+    fn run_pods_write_progress_at_the_operators_interval() {
+        let args = |policy: &RunPolicy| {
+            build(
+                &sync("customers"),
+                &Trigger::Schedule,
+                &JobDefaults::default(),
+                policy,
+            )
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let default = args(&RunPolicy::default());
+        assert!(!default.iter().any(|a| a.starts_with("--progress-interval")));
+        let slower = args(&RunPolicy {
+            progress_interval: std::time::Duration::from_secs(30),
+            ..RunPolicy::default()
+        });
+        assert_eq!(slower.last().unwrap(), "--progress-interval-seconds=30");
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! (`backflow run --namespace NS --sync NAME`). Both record the outcome the same way: status,
 //! Events and metrics.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use chrono::Utc;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -14,9 +17,10 @@ use super::status::{self, Outcome, RunFlags};
 use crate::api::ReverseSync;
 use crate::api::reverse_sync::StateStoreKind;
 use crate::destination::delivery::rate_limit::Limiters;
+use crate::engine::progress::Progress;
 use crate::engine::run::{RunOptions, SyncRun, run};
 use crate::engine::setup::{self, CustomConnectors, SetupError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Published};
 use crate::state::configmap::{self, ConfigMapStore};
 
 /// What a run in the cluster needs besides the sync.
@@ -36,8 +40,16 @@ pub struct RunEnv {
     pub custom_connectors: CustomConnectors,
 }
 
+/// How often a run in flight writes its progress to the status unless a flag says otherwise
+/// (`--progress-interval-seconds`): often enough to follow, rare enough for the API server.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the live metrics of a run in flight move (at most; a shorter progress interval
+/// moves them as often).
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the operator's flags allow every run, in the operator and in Job pods alike.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPolicy {
     /// Which Secrets runs may read (`--secret-access`).
     pub secret_access: SecretAccess,
@@ -46,6 +58,19 @@ pub struct RunPolicy {
     /// The cluster's name in shared warehouse state (`--cluster-name`); `None` keeps the
     /// `namespace/name` keys of unnamed clusters.
     pub cluster_name: Option<String>,
+    /// How often a run in flight writes `status.progress` (`--progress-interval-seconds`).
+    pub progress_interval: Duration,
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        RunPolicy {
+            secret_access: SecretAccess::default(),
+            allow_sqlite: false,
+            cluster_name: None,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+        }
+    }
 }
 
 impl RunEnv {
@@ -156,7 +181,28 @@ pub async fn execute(
         full_resync = flags.full_resync,
         "run started"
     );
-    let outcome = match run_once(env, sync, &namespace, &name, flags, cancel).await {
+    let destination = &sync.spec.destination_ref.name;
+    let progress = Arc::new(Progress::new());
+    let stop_reporting = CancellationToken::new();
+    let running = async {
+        let result = run_once(env, sync, &namespace, &name, flags, cancel, Arc::clone(&progress)).await;
+        stop_reporting.cancel();
+        result
+    };
+    let reporting = report_progress(
+        env,
+        &api,
+        RunKey {
+            namespace: &namespace,
+            name: &name,
+            destination,
+        },
+        &progress,
+        stop_reporting.clone(),
+    );
+    // The reporter has stopped before the run's end is written: no progress comes after it.
+    let (result, mut published) = tokio::join!(running, reporting);
+    let outcome = match result {
         Ok(report) => {
             let dry_run = flags.dry_run;
             let now = Utc::now();
@@ -182,7 +228,7 @@ pub async fn execute(
                 .await;
             }
             env.metrics
-                .record_run(&namespace, &name, &sync.spec.destination_ref.name, &report);
+                .record_run(&namespace, &name, destination, &report, &mut published);
             if report.rows_rejected() > 0 {
                 let first = report
                     .rejected_samples
@@ -305,7 +351,17 @@ pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: 
         full_resync: false,
     };
     // `setup::prepare` validates the spec first: an invalid one is answered with the reason.
-    let result = run_once(env, sync, &namespace, &name, flags, cancel).await;
+    // A preview's progress is not reported: it writes no run.
+    let result = run_once(
+        env,
+        sync,
+        &namespace,
+        &name,
+        flags,
+        cancel,
+        Arc::new(Progress::new()),
+    )
+    .await;
     let now = Utc::now();
     let written = match &result {
         Ok(report) => {
@@ -365,6 +421,58 @@ pub async fn record_preview_panic(
     }
 }
 
+/// Which run a progress report is about (metric labels, the object written).
+struct RunKey<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    destination: &'a str,
+}
+
+/// Publishes the progress of the run in flight until `stop`: live metrics every second (or
+/// the progress interval when shorter), `status.progress` every progress interval. A failed
+/// write is logged and the run goes on. Returns what the metrics got, for the run's end.
+async fn report_progress(
+    env: &RunEnv,
+    api: &Api<ReverseSync>,
+    key: RunKey<'_>,
+    progress: &Progress,
+    stop: CancellationToken,
+) -> Published {
+    let interval = env.policy.progress_interval.max(Duration::from_millis(10));
+    let tick = interval.min(METRICS_INTERVAL);
+    let mut published = Published::default();
+    let mut last_write = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return published,
+            () = tokio::time::sleep(tick) => {}
+        }
+        let snapshot = progress.snapshot();
+        env.metrics.record_progress(
+            key.namespace,
+            key.name,
+            key.destination,
+            &snapshot,
+            &mut published,
+        );
+        if last_write.elapsed() + tick / 2 < interval {
+            continue;
+        }
+        last_write = tokio::time::Instant::now();
+        let now = Utc::now();
+        let written = status::update(api, key.name, |s, _| status::progress(s, &snapshot, now));
+        // A slow API server never holds the run's end back: the write is dropped then. If it
+        // still lands, it lands before the end's write reads the object (which then removes
+        // the progress) or carries an older resourceVersion and is refused.
+        tokio::select! {
+            result = written => if let Err(e) = result {
+                tracing::warn!(error = %e, "failed to write the run's progress; the run goes on");
+            },
+            () = stop.cancelled() => return published,
+        }
+    }
+}
+
 async fn run_once(
     env: &RunEnv,
     sync: &ReverseSync,
@@ -372,6 +480,7 @@ async fn run_once(
     name: &str,
     flags: RunFlags,
     cancel: CancellationToken,
+    progress: Arc<Progress>,
 ) -> Result<crate::engine::run::RunReport, SetupError> {
     if let Some(reason) = unsupported_store(sync) {
         return Err(SetupError::InvalidSync(reason.to_owned()));
@@ -404,6 +513,7 @@ async fn run_once(
         dry_run,
         full_resync: flags.full_resync,
         cancel,
+        progress,
         approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         ..RunOptions::default()
     };

@@ -12,7 +12,8 @@ use kube::api::{Api, PostParams};
 use super::conditions::{self, DEGRADED, READY, RECONCILING, SOURCE_PRIVILEGED, STALLED, Status};
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
-use crate::api::reverse_sync::{PlanPreview, PlanSampleKey, ReverseSyncStatus, RunSummary};
+use crate::api::reverse_sync::{PlanPreview, PlanSampleKey, ReverseSyncStatus, RunProgress, RunSummary};
+use crate::engine::progress::Snapshot;
 use crate::engine::run::{RunReport, RunResult};
 use crate::engine::setup::SetupError;
 use crate::source::Privileges;
@@ -61,6 +62,8 @@ pub fn run_started(
             now,
         );
     }
+    // A run that ended without saying so (a crashed pod) may have left its progress behind.
+    status.progress = None;
     status.observed_generation = g;
 }
 
@@ -74,6 +77,28 @@ pub fn request_handled(status: &mut ReverseSyncStatus, trigger: &Trigger) {
     {
         status.last_handled_requested_at = Some(value.clone());
     }
+}
+
+/// Records how far the run in flight has got. Only while `Reconciling` says a run is in
+/// flight: a late write after the run recorded its end changes nothing.
+pub fn progress(status: &mut ReverseSyncStatus, snapshot: &Snapshot, now: DateTime<Utc>) {
+    if !conditions::is_true(&status.conditions, RECONCILING) {
+        return;
+    }
+    status.progress = Some(RunProgress {
+        started_at: rfc3339(snapshot.started),
+        updated_at: rfc3339(now),
+        phase: snapshot.phase.as_str().to_owned(),
+        rows_read: snapshot.rows_read,
+        rows_planned: snapshot.rows_planned,
+        records_to_send: snapshot.records_to_send,
+        records_sent: snapshot.records_sent(),
+        records_accepted: snapshot.records_accepted(),
+        records_rejected: snapshot.rejected,
+        // Tenths of a second: finer says nothing to a reader.
+        throttled_seconds: (snapshot.throttled_time.as_secs_f64() * 10.0).round() / 10.0,
+        estimated_seconds_left: snapshot.estimated_seconds_left(),
+    });
 }
 
 /// Records a reconcile that failed internally (a contained panic): not Ready, not Stalled (it
@@ -412,6 +437,8 @@ fn apply_outcome(
     now: DateTime<Utc>,
 ) {
     let g = Some(generation);
+    // The run summary takes over from the progress of the run.
+    status.progress = None;
     let c = &mut status.conditions;
     conditions::set(c, RECONCILING, Status::False, "Idle", "no run in flight", g, now);
     if outcome.failed {
@@ -610,6 +637,7 @@ pub async fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::progress::{Phase, Progress};
 
     #[test]
     fn a_requested_run_is_handled_when_it_ends_so_a_run_cut_short_starts_again() {
@@ -629,5 +657,65 @@ mod tests {
         // The run pod of Job mode knows no value: the operator marked it at the Job's creation.
         request_handled(&mut status, &Trigger::Requested(String::new()));
         assert_eq!(status.last_handled_requested_at.as_deref(), Some("now-1"));
+    }
+
+    fn delivering() -> Snapshot {
+        let p = Progress::new();
+        for _ in 0..3 {
+            p.row_read();
+        }
+        p.delivering(3);
+        p.delivered(1, 0, 1, 0);
+        p.snapshot()
+    }
+
+    #[test]
+    fn progress_is_written_only_while_a_run_is_in_flight_and_goes_when_it_ends() {
+        let mut status = ReverseSyncStatus::default();
+        let now = Utc::now();
+        progress(&mut status, &delivering(), now);
+        assert_eq!(status.progress, None, "no run in flight");
+
+        run_started(&mut status, 1, &Trigger::Schedule, "running in the operator", now);
+        progress(&mut status, &delivering(), now);
+        let written = status.progress.clone().unwrap();
+        assert_eq!(written.phase, Phase::Delivering.as_str());
+        assert_eq!(
+            (
+                written.rows_read,
+                written.records_to_send,
+                written.records_sent,
+                written.records_accepted,
+                written.records_rejected
+            ),
+            (3, 3, 2, 1, 1)
+        );
+        assert_eq!(written.updated_at, rfc3339(now));
+        assert_eq!(written.estimated_seconds_left, None, "too early to tell");
+
+        let outcome = Outcome {
+            reason: "Succeeded".to_owned(),
+            message: "done".to_owned(),
+            failed: false,
+            stalled: false,
+        };
+        run_failed_before_report(&mut status, 1, &Trigger::Schedule, &outcome, now, now);
+        assert_eq!(status.progress, None, "the run's end takes over");
+        progress(&mut status, &delivering(), now);
+        assert_eq!(
+            status.progress, None,
+            "a late write after the end changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_new_run_clears_the_progress_a_crashed_one_left() {
+        let mut status = ReverseSyncStatus::default();
+        let now = Utc::now();
+        run_started(&mut status, 1, &Trigger::Schedule, "running in Job a", now);
+        progress(&mut status, &delivering(), now);
+        assert!(status.progress.is_some());
+        run_started(&mut status, 1, &Trigger::Retry, "running in Job b", now);
+        assert_eq!(status.progress, None);
     }
 }

@@ -3,6 +3,7 @@
 pub mod delete_guard;
 pub mod mapping;
 pub mod plan;
+pub mod progress;
 pub mod run;
 pub mod setup;
 pub mod spill;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::delete_guard::{self, DeleteCheck, KeySetHash};
 use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, PlanOutcome};
+use super::progress::{Phase, Progress};
 
 mod in_memory;
 mod rows;
@@ -49,26 +50,6 @@ pub struct SyncRun<'a> {
     pub scope: String,
 }
 
-/// Receives progress while a run goes on (a terminal progress bar, logs).
-pub trait Progress: Send + Sync {
-    /// Rows planned so far.
-    fn planned(&self, rows: u64);
-    /// Delivery started with this many records to send.
-    fn delivering(&self, records: u64);
-    /// Records settled so far.
-    fn delivered(&self, accepted: u64, rejected: u64, failed: u64);
-}
-
-/// A [`Progress`] that ignores everything.
-#[derive(Debug, Default)]
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn planned(&self, _: u64) {}
-    fn delivering(&self, _: u64) {}
-    fn delivered(&self, _: u64, _: u64, _: u64) {}
-}
-
 /// How to run.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -84,8 +65,8 @@ pub struct RunOptions {
     pub checkpoint_interval: Duration,
     /// Stops taking new batches; in-flight batches finish and are committed.
     pub cancel: CancellationToken,
-    /// Progress receiver.
-    pub progress: Arc<dyn Progress>,
+    /// The run's live counters, for whoever shows its progress.
+    pub progress: Arc<Progress>,
     /// The plan id of deletes past the delete limit that a person approved (the
     /// `backflow.dev/approve-deletes` annotation, `--approve-deletes`); it lets through only
     /// the plan it names.
@@ -104,7 +85,7 @@ impl Default for RunOptions {
             checkpoint_records: 10_000,
             checkpoint_interval: Duration::from_secs(5),
             cancel: CancellationToken::new(),
-            progress: Arc::new(NoProgress),
+            progress: Arc::new(Progress::new()),
             approved_deletes: None,
             source_endpoint_override: None,
         }
@@ -222,6 +203,8 @@ pub struct RunReport {
     pub requests: u64,
     /// Throttling answers received.
     pub throttled: u64,
+    /// Time the delivery was held back by the rate limit or throttling answers.
+    pub throttled_time: Duration,
     /// Requests sent again.
     pub retries: u64,
     /// The destination's answers by class.
@@ -318,6 +301,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             failed: 0,
             requests: 0,
             throttled: 0,
+            throttled_time: Duration::ZERO,
             retries: 0,
             answers: Vec::new(),
             result_fingerprint: String::new(),
@@ -332,14 +316,17 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
         log_rejections: !options.dry_run && store.logs_rejections(),
         rejections: Vec::new(),
     };
+    options.progress.attach_delivery(job.delivery.shared_stats());
     let outcome = run_steps(&mut job, store, options, &mut c).await;
     let stats = job.delivery.stats();
     c.report.requests = stats.requests.load(Ordering::Relaxed);
     c.report.throttled = stats.throttled.load(Ordering::Relaxed);
+    c.report.throttled_time = stats.throttled_time.total();
     c.report.retries = stats.retries.load(Ordering::Relaxed);
     c.report.answers = stats.answer_counts();
     // Whatever happened, what the destination accepted is committed.
     if !options.dry_run {
+        options.progress.set_phase(Phase::Committing);
         let committed = commit(store, &job.scope, &mut c).await;
         let finished = match committed {
             Ok(()) => store.finish(&job.scope).await,
@@ -454,7 +441,7 @@ async fn run_steps(
     };
     c.report.plan = plan.counts;
     c.report.result_fingerprint = plan.result_fingerprint.clone();
-    options.progress.planned(plan.counts.rows_in_model);
+    options.progress.planned(&plan.counts);
     let mut deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
         plan.removed.clone()
     } else {
@@ -673,7 +660,7 @@ async fn deliver(
             let r = &c.report;
             options
                 .progress
-                .delivered(r.accepted + r.deleted, r.rejected, r.failed);
+                .delivered(r.accepted, r.deleted, r.rejected, r.failed);
             if c.pending.len() >= options.checkpoint_records
                 || c.last_commit.elapsed() >= options.checkpoint_interval
             {

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{Destination, ReverseSync};
 use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
-use crate::engine::run::{Progress, RunOptions, RunReport, SyncRun, run};
+use crate::engine::progress::Progress;
+use crate::engine::run::{RunOptions, RunReport, SyncRun, run};
 use crate::engine::setup::{self, Resolver, SecretUser, SetupError};
 use crate::state::file::FileStore;
 use manifests::Manifests;
@@ -73,11 +74,12 @@ pub enum LocalRunError {
     UnknownSync(String),
 }
 
-/// Runs every sync of the manifests once, in name order.
-pub async fn run_local(
+/// Runs every sync of the manifests once, in name order; `show` displays each sync's
+/// progress while its run lives (the view is dropped when the run ends).
+pub async fn run_local<V>(
     config: &LocalRunConfig,
     cancel: CancellationToken,
-    progress: impl Fn(&str) -> Arc<dyn Progress>,
+    show: impl Fn(&str, Arc<Progress>) -> V,
 ) -> Result<Vec<SyncOutcome>, LocalRunError> {
     let manifests = manifests::load(&config.paths)?;
     for only in &config.only {
@@ -97,16 +99,20 @@ pub async fn run_local(
         let span =
             tracing::info_span!("sync", namespace = %namespace, sync = %name, run_id = %uuid::Uuid::new_v4());
         let _entered = span.enter();
+        let progress = Arc::new(Progress::new());
+        let view = show(name, Arc::clone(&progress));
         let options = RunOptions {
             dry_run: config.dry_run,
             full_resync: config.full_resync,
             checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
-            progress: progress(name),
+            progress,
             approved_deletes: config.approve_deletes.clone(),
             ..RunOptions::default()
         };
-        let outcome = match run_one(&manifests, namespace, sync, config, &limiters, &options).await {
+        let ran = run_one(&manifests, namespace, sync, config, &limiters, &options).await;
+        drop(view);
+        let outcome = match ran {
             Ok(report) => SyncOutcome {
                 namespace: namespace.clone(),
                 name: name.clone(),

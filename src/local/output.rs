@@ -7,57 +7,137 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::SyncOutcome;
-use crate::engine::run::Progress;
+use crate::engine::progress::{Phase, Progress, Snapshot};
 
-/// A progress bar on standard error, shown only when it is a terminal.
-pub struct TerminalProgress {
-    bar: ProgressBar,
+/// How often the terminal bar reads the run's counters.
+const BAR_REFRESH: Duration = Duration::from_millis(200);
+
+/// How often a run whose standard error is not a terminal logs its progress.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Shows one sync's progress while it is alive: a bar on standard error when it is a
+/// terminal, an info log line every ten seconds otherwise. Dropping it stops it and clears
+/// the bar.
+pub struct ProgressView {
+    bar: Option<ProgressBar>,
+    stop: CancellationToken,
 }
 
-impl TerminalProgress {
-    /// A progress receiver for one sync: a spinner on a terminal, nothing otherwise.
-    pub fn for_sync(name: &str) -> Arc<dyn Progress> {
+impl ProgressView {
+    /// Starts showing the progress of sync `name`.
+    pub fn for_sync(name: &str, progress: Arc<Progress>) -> ProgressView {
+        let stop = CancellationToken::new();
+        let span = tracing::Span::current();
         if !std::io::stderr().is_terminal() {
-            return Arc::new(crate::engine::run::NoProgress);
+            let task = log_lines(progress, stop.clone());
+            tokio::spawn(tracing::Instrument::instrument(task, span));
+            return ProgressView { bar: None, stop };
         }
         let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
+        bar.set_style(spinner_style());
         bar.set_prefix(name.to_owned());
         bar.enable_steady_tick(Duration::from_millis(120));
-        Arc::new(TerminalProgress { bar })
+        tokio::spawn(draw(bar.clone(), progress, stop.clone()));
+        ProgressView { bar: Some(bar), stop }
     }
 }
 
-impl Progress for TerminalProgress {
-    fn planned(&self, rows: u64) {
-        self.bar.set_message(format!(
-            "planned {rows} rows ({:.0} rows/s)",
-            rows as f64 / self.bar.elapsed().as_secs_f64().max(0.001)
-        ));
-    }
-    fn delivering(&self, records: u64) {
-        self.bar.set_length(records);
-        self.bar.set_position(0);
-        self.bar.set_message(format!("sending {records} records"));
-    }
-    fn delivered(&self, accepted: u64, rejected: u64, failed: u64) {
-        let done = accepted + rejected + failed;
-        self.bar.set_position(done);
-        self.bar.set_message(format!(
-            "sent {done}/{} (ok {accepted}, rejected {rejected}, failed {failed})",
-            self.bar.length().unwrap_or(0)
-        ));
-    }
-}
-
-impl Drop for TerminalProgress {
+impl Drop for ProgressView {
     fn drop(&mut self) {
-        self.bar.finish_and_clear();
+        self.stop.cancel();
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed}]")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Redraws the bar from the run's counters until `stop`.
+async fn draw(bar: ProgressBar, progress: Arc<Progress>, stop: CancellationToken) {
+    let mut delivering = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(BAR_REFRESH) => {}
+        }
+        let s = progress.snapshot();
+        if s.phase == Phase::Delivering && !delivering {
+            delivering = true;
+            bar.set_style(bar_style());
+            bar.set_length(s.records_to_send);
+        }
+        if delivering {
+            bar.set_position(s.records_sent());
+        }
+        bar.set_message(progress_line(&s, bar.elapsed()));
+    }
+}
+
+/// Logs the run's counters every [`LOG_EVERY`] until `stop`.
+async fn log_lines(progress: Arc<Progress>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LOG_EVERY) => {}
+        }
+        let s = progress.snapshot();
+        tracing::info!(
+            phase = s.phase.as_str(),
+            rows_read = s.rows_read,
+            rows_planned = s.rows_planned,
+            records_to_send = s.records_to_send,
+            records_sent = s.records_sent(),
+            records_accepted = s.records_accepted(),
+            records_rejected = s.rejected,
+            throttled_seconds = s.throttled_time.as_secs(),
+            estimated_seconds_left = s.estimated_seconds_left(),
+            "progress"
+        );
+    }
+}
+
+/// One line of progress for a terminal, `elapsed` since the run started.
+pub fn progress_line(s: &Snapshot, elapsed: Duration) -> String {
+    match s.phase {
+        Phase::Reading => format!(
+            "reading: {} rows ({:.0} rows/s)",
+            s.rows_read,
+            s.rows_read as f64 / elapsed.as_secs_f64().max(0.001)
+        ),
+        Phase::Planning => format!("planning: {} rows read, {} planned", s.rows_read, s.rows_planned),
+        Phase::Delivering => {
+            let mut line = format!("ok {}", s.records_accepted());
+            if s.rejected > 0 {
+                line.push_str(&format!(", rejected {}", s.rejected));
+            }
+            if s.failed > 0 {
+                line.push_str(&format!(", failed {}", s.failed));
+            }
+            let throttled = s.throttled_time.as_secs();
+            if throttled > 0 {
+                line.push_str(&format!(", throttled {throttled}s"));
+            }
+            if let Some(left) = s.estimated_seconds_left() {
+                line.push_str(&format!(
+                    ", ~{} left",
+                    humantime::format_duration(Duration::from_secs(left))
+                ));
+            }
+            line
+        }
+        Phase::Committing => "committing the last checkpoint".to_owned(),
     }
 }
 
@@ -161,4 +241,33 @@ pub fn summary_text(o: &SyncOutcome, dry_run: bool) -> String {
         )),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_terminal_line_says_the_phase_and_while_delivering_the_outcomes_and_the_time_left() {
+        let p = Progress::new();
+        for _ in 0..500 {
+            p.row_read();
+        }
+        let line = progress_line(&p.snapshot(), Duration::from_secs(2));
+        assert_eq!(line, "reading: 500 rows (250 rows/s)");
+        p.delivering(100);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        p.delivered(40, 0, 10, 0);
+        // 50 records in 10 s: 50 more take 10 s.
+        let line = progress_line(&p.snapshot(), Duration::from_secs(12));
+        assert_eq!(line, "ok 40, rejected 10, ~10s left");
+        p.delivered(50, 0, 0, 0);
+        let line = progress_line(&p.snapshot(), Duration::from_secs(12));
+        assert_eq!(line, "ok 50, ~10s left", "no rejections, no word of them");
+        p.set_phase(Phase::Committing);
+        assert_eq!(
+            progress_line(&p.snapshot(), Duration::from_secs(20)),
+            "committing the last checkpoint"
+        );
+    }
 }

@@ -22,6 +22,7 @@
 pub mod rate_limit;
 pub mod report;
 pub mod values;
+pub mod wait_clock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -136,6 +137,8 @@ pub struct DeliveryStats {
     pub retries: AtomicU64,
     /// Answers by class, indexed by [`AnswerClass`].
     pub answers: [AtomicU64; AnswerClass::ALL.len()],
+    /// Time requests were held back by the rate limit or by throttling answers.
+    pub throttled_time: wait_clock::WaitClock,
 }
 
 impl DeliveryStats {
@@ -251,6 +254,11 @@ impl Delivery {
         &self.stats
     }
 
+    /// The counters of this delivery, to read while it sends (run progress).
+    pub fn shared_stats(&self) -> Arc<DeliveryStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Sends a batch through split, retry and rate limit; one outcome per record (in no particular order).
     pub async fn send_batch(
         &self,
@@ -326,7 +334,7 @@ impl Delivery {
                     oversize: pending,
                 });
             }
-            self.limiter.acquire().await;
+            self.stats.throttled_time.time(self.limiter.acquire()).await;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let context = report::Context {
                 stats: Arc::clone(&self.stats),
@@ -334,7 +342,9 @@ impl Delivery {
             };
             let answer = report::scope(context, self.connector.send(operation, &pending)).await;
             drop(permit);
-            let (retry_reason, retry_after) = match answer {
+            // With the reason and wait of a retry, whether the answer said the destination is
+            // throttling: waiting before the next attempt is then time spent throttled.
+            let (retry_reason, retry_after, throttled_answer) = match answer {
                 Ok(outcomes) => {
                     self.stats.answered(AnswerClass::Success);
                     if outcomes.len() != pending.len() {
@@ -367,7 +377,7 @@ impl Delivery {
                         });
                     }
                     pending = again;
-                    (reason, None)
+                    (reason, None, false)
                 }
                 Err(SendError::Retryable {
                     reason,
@@ -387,7 +397,7 @@ impl Delivery {
                                 .min(MAX_RETRY_AFTER),
                         );
                     }
-                    (reason, retry_after)
+                    (reason, retry_after, throttled)
                 }
                 Err(SendError::BatchRejected(reason)) => {
                     self.stats.answered(AnswerClass::Rejected);
@@ -434,7 +444,11 @@ impl Delivery {
                 Some(delay) => {
                     let wait = retry_after.map_or(delay, |ra| ra.min(MAX_RETRY_AFTER).max(delay));
                     tracing::debug!(records = pending.len(), wait_ms = wait.as_millis() as u64, reason = %retry_reason, "retrying");
-                    tokio::time::sleep(wait).await;
+                    if throttled_answer {
+                        self.stats.throttled_time.time(tokio::time::sleep(wait)).await;
+                    } else {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 None => {
                     let reason = format!(

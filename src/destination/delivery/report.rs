@@ -58,9 +58,9 @@ pub fn hold_back(wait: Duration) {
 
 /// Waits out a pause a throttle imposed on the Destination (takes no token).
 pub async fn pause_over() {
-    let limiter = CONTEXT.try_with(|c| Arc::clone(&c.limiter)).ok();
-    if let Some(limiter) = limiter {
-        limiter.wait_out_pause().await;
+    let context = CONTEXT.try_with(Clone::clone).ok();
+    if let Some(c) = context {
+        c.stats.throttled_time.time(c.limiter.wait_out_pause()).await;
     }
 }
 

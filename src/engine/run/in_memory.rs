@@ -7,6 +7,7 @@ use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
 use crate::engine::plan::{Change, Decision, Planner};
+use crate::engine::progress::Phase;
 use crate::engine::spill::{RowJson, SpillWriter};
 use crate::source;
 use crate::state::StateStore;
@@ -34,7 +35,6 @@ pub(super) async fn plan(
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
     let mut canonical = Vec::with_capacity(512);
     let mut identity_json = Vec::with_capacity(64);
-    let mut planned = 0u64;
     let mut sends = PlannedSends::default();
     let mut stored_duplicates = std::collections::BTreeSet::new();
     loop {
@@ -43,6 +43,8 @@ pub(super) async fn plan(
             NextRow::Rejected(key) => {
                 // A rejected row keeps its stored record: it is neither sent nor deleted.
                 planner.reject(key.as_deref());
+                options.progress.row_rejected();
+                options.progress.row_planned();
                 continue;
             }
             NextRow::Mapped(mapped, fp) => (mapped, fp),
@@ -83,11 +85,9 @@ pub(super) async fn plan(
             }
             Decision::Skip(_) => {}
         }
-        planned += 1;
-        if planned.is_multiple_of(10_000) {
-            options.progress.planned(planned);
-        }
+        options.progress.row_planned();
     }
+    options.progress.set_phase(Phase::Planning);
     let plan = planner.finish();
     let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {

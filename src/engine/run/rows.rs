@@ -41,6 +41,7 @@ pub(super) async fn next_row(
         return Err(RunError::Cancelled);
     }
     let row = row?;
+    options.progress.row_read();
     if c.rejections.len() >= REJECTION_BATCH {
         flush_rejections(store, c, false).await;
     }

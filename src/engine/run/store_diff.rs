@@ -11,6 +11,7 @@ use crate::api::SyncMode;
 use crate::destination::{Operation, PlannedSends};
 use crate::engine::mapping::Mapper;
 use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, row_digest};
+use crate::engine::progress::Phase;
 use crate::engine::run::{PlanSample, RunOptions};
 use crate::engine::spill::{RowJson, SpillWriter};
 use crate::source::RowStream;
@@ -46,6 +47,7 @@ pub(super) async fn plan(
             NextRow::End => break,
             NextRow::Rejected(key) => {
                 rejected_rows += 1;
+                options.progress.row_rejected();
                 // Staged so the store does not call its record removed (mirror would delete
                 // it); taken out of the diff's changes below, so it is never sent either.
                 if let Some(key) = key {
@@ -81,9 +83,9 @@ pub(super) async fn plan(
         if staged.len() >= STAGE_CHUNK {
             stage(store, &staged).await?;
             staged.clear();
-            options.progress.planned(mapped_rows + rejected_rows);
         }
     }
+    options.progress.set_phase(Phase::Planning);
     stage(store, &staged).await?;
     drop(staged);
     tracing::info!(
