@@ -26,6 +26,7 @@ pub mod egress;
 pub mod engine;
 pub mod local;
 pub mod metrics;
+pub mod model;
 pub mod redact;
 pub mod source;
 pub mod state;

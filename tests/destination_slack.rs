@@ -12,12 +12,12 @@ use backflow::api::{DestinationSpec, ReverseSyncSpec};
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::destination::slack::DELETE_REJECTED;
-use backflow::destination::{
-    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
-use backflow::engine::value::{Document, Value};
 use backflow::local::manifests::{Manifests, load_text};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 use backflow::state::file::FileStore;
 use backflow::template::Template;
 use support::slack_double::SlackDouble;

@@ -11,10 +11,10 @@ use sqlx::Connection;
 use tempfile::TempDir;
 
 use backflow::api::DestinationSpec;
-use backflow::destination::{
-    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
-use backflow::engine::value::{Document, Value};
+use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 
 fn doc(pairs: &[(&str, Value)]) -> Document {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()

@@ -20,10 +20,10 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::destination::{HttpResultsSpec, HttpSpec};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
 use crate::redact::Scrubber;
 use crate::template::{Jinja, Limits};
 

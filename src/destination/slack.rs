@@ -23,11 +23,11 @@ use super::http::{
     transport_error,
 };
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::destination::SlackSpec;
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 use crate::template::Template;
 

@@ -9,8 +9,9 @@ use reqwest::Url;
 use reqwest::header::HeaderValue;
 
 use super::http::{RequestLabel, transport_error};
-use super::{DestinationError, SecretData, SendError};
+use super::{DestinationError, SendError};
 use crate::api::SecretKeyRef;
+use crate::model::secret::SecretData;
 
 /// How long to wait for a connection to a vendor.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,5 +6,3 @@ pub mod plan;
 pub mod run;
 pub mod setup;
 pub mod spill;
-pub mod transform;
-pub mod value;

@@ -12,7 +12,8 @@ use crate::api::validation::{validate_destination, validate_reverse_sync};
 use crate::api::{Destination, DestinationType, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
-use crate::destination::{Connector, SecretData, SendError};
+use crate::destination::{Connector, SendError};
+use crate::model::secret::SecretData;
 use crate::source::Credentials;
 
 /// Finds the objects a sync refers to, in one namespace.

@@ -46,16 +46,10 @@ use super::change_buckets::ChangeBuckets;
 use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
 use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore, StoreDiff};
 use crate::api::ReverseSync;
+use crate::model::labels::{
+    MANAGED_BY, MANAGED_BY_LABEL, STATE_LABEL, SYNC_LABEL, shorten, sync_label_value,
+};
 
-/// Label naming the tool that manages an object.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`] on every state ConfigMap.
-pub const MANAGED_BY: &str = "backflow";
-/// Label holding the sync's name ([`sync_label_value`]) on every state ConfigMap.
-pub const SYNC_LABEL: &str = "backflow.dev/sync";
-/// Label telling what a state ConfigMap holds: `index`, `shard` or `journal`. A controller
-/// watching ConfigMaps can leave these out with `!backflow.dev/state`.
-pub const STATE_LABEL: &str = "backflow.dev/state";
 const GENERATION_LABEL: &str = "backflow.dev/generation";
 const SEQ_LABEL: &str = "backflow.dev/seq";
 const SYNC_NAME_ANNOTATION: &str = "backflow.dev/sync-name";
@@ -85,7 +79,6 @@ const ZSTD_PENDING: usize = 129 * 1024;
 const BLOB_LIMIT: usize = 700 * 1024;
 
 const MAX_NAME: usize = 253;
-const MAX_LABEL: usize = 63;
 /// The longest suffix added to the index name: `-GEN-jSEQ` with two 20-digit numbers.
 const LONGEST_SUFFIX: usize = 1 + 20 + 2 + 20;
 
@@ -97,32 +90,6 @@ pub fn index_name(sync_name: &str) -> String {
         "{}-state",
         shorten(sync_name, MAX_NAME - "-state".len() - LONGEST_SUFFIX)
     )
-}
-
-/// Value of [`SYNC_LABEL`] for a sync: its name, or a cut name and a hash when longer than a
-/// label value may be (63 characters).
-pub fn sync_label_value(sync_name: &str) -> String {
-    shorten(sync_name, MAX_LABEL)
-}
-
-/// `name` itself when it fits in `max` bytes; otherwise its head and a 16-digit hash of all
-/// of it. The head is cut back to an alphanumeric character, so the result stays a valid DNS
-/// subdomain or label value when `name` was one.
-fn shorten(name: &str, max: usize) -> String {
-    if name.len() <= max {
-        return name.to_owned();
-    }
-    let hash = format!("{:016x}", xxh3_64(name.as_bytes()));
-    let mut end = max.saturating_sub(hash.len() + 1);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    let head = name[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
-    if head.is_empty() {
-        hash
-    } else {
-        format!("{head}-{hash}")
-    }
 }
 
 fn shard_name(index: &str, generation: u64, n: usize) -> String {

@@ -29,9 +29,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use super::{Capabilities, Connector, Operation, PlannedSends, Record, RecordOutcome, SendError};
+use super::{Capabilities, Connector, PlannedSends, RecordOutcome, SendError};
 use crate::api::DestinationSpec;
 use crate::api::duration;
+use crate::model::record::{Operation, Record};
 use rate_limit::RateLimiter;
 
 /// Longest `Retry-After` honoured as given; a longer one is capped so a run cannot hang.

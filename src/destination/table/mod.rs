@@ -33,11 +33,11 @@ use sqlx::pool::Pool;
 use sqlx::query::Query;
 use sqlx::{ConnectOptions, Connection, Database, Executor, IntoArguments};
 
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::{DestinationSpec, DestinationType};
-use crate::engine::value::{Document, Value, canonical_bytes, write_document};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value, canonical_bytes, write_document};
 
 /// Most records in one batch. Far below every database's bind-parameter limit for tables
 /// of ordinary width; wider rows are split into several statements by parameter count.
@@ -105,7 +105,7 @@ pub async fn build(
         })?;
     let conn = ConnectionInfo {
         scrubber: Scrubber::new().with_url(url).with_secret(secret),
-        location: crate::source::describe_url(url),
+        location: crate::redact::describe_url(url),
         secret_name: secret_ref.name.clone(),
         secret_key: key.to_owned(),
         endpoint: None,

@@ -17,7 +17,7 @@ use sqlx::query::Query;
 use super::{Binding, ConnectionInfo, Dialect, Failure, Param, TableConnector, Target, json_text};
 use crate::api::DestinationType;
 use crate::destination::{Connector, DestinationError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// The PostgreSQL dialect.
 pub(crate) struct Pg;
@@ -135,8 +135,8 @@ pub(crate) fn connector(
 mod tests {
     use super::*;
     use crate::destination::table::{Plan, plan};
-    use crate::destination::{Operation, Record};
-    use crate::engine::value::Document;
+    use crate::model::record::{Operation, Record};
+    use crate::model::value::Document;
 
     fn record(identity: &[(&str, Value)], fields: &[(&str, Value)]) -> Record {
         let doc = |pairs: &[(&str, Value)]| -> Document {

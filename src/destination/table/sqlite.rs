@@ -23,7 +23,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, Sql
 use super::{Binding, ConnectionInfo, Dialect, Failure, Param, TableConnector, Target, json_text};
 use crate::api::DestinationType;
 use crate::destination::{Connector, DestinationError};
-use crate::engine::value::{Value, canonical_decimal};
+use crate::model::value::{Value, canonical_decimal};
 
 /// How long a write waits for another writer to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
