@@ -10,8 +10,7 @@ use std::time::Duration;
 use backflow::api::validation::{validate_destination, validate_reverse_sync};
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
 use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::slack::DELETE_REJECTED;
+use backflow::destination::delivery::{Delivered, Delivery, DeliveryConfig};
 use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
 use backflow::local::manifests::{Manifests, load_text};
@@ -326,26 +325,29 @@ async fn check_posts_auth_test_with_the_token() {
 }
 
 #[tokio::test]
-async fn deletes_are_rejected_with_the_documented_reason_and_send_nothing() {
+async fn deletes_are_rejected_by_the_shared_delivery_and_send_nothing() {
     let double = SlackDouble::builder(TOKEN).start().await;
-    let slack = connector(&destination(&double.base_url, ""), TOKEN).await;
+    let dest = destination(&double.base_url, "");
+    let slack = connector(&dest, TOKEN).await;
+    assert!(!slack.capabilities().operations.contains(&Operation::Delete));
+    let config = DeliveryConfig::resolve(&dest, &slack.capabilities()).unwrap();
+    let limiter = Arc::new(RateLimiter::new(config.requests_per_second, config.burst));
+    let delivery = Delivery::new(slack, limiter, config);
+    assert!(!delivery.supports(Operation::Delete));
 
-    let outcomes = slack
-        .send(Operation::Delete, &[record(1, "Acme", 92, "#alerts")])
+    let delivered = delivery
+        .send_batch(Operation::Delete, vec![record(1, "Acme", 92, "#alerts")])
         .await
         .unwrap();
 
+    assert_eq!(delivered.len(), 1);
     assert_eq!(
-        outcomes,
-        vec![RecordOutcome::Rejected(
-            "Slack messages cannot be deleted by Backflow; use mode upsert".into()
-        )]
+        delivered[0].1,
+        Delivered::Rejected(
+            "this destination cannot delete records (it supports upsert, update, insert); use mode upsert"
+                .into()
+        )
     );
-    assert_eq!(
-        DELETE_REJECTED,
-        "Slack messages cannot be deleted by Backflow; use mode upsert"
-    );
-    assert!(!slack.capabilities().operations.contains(&Operation::Delete));
     assert_eq!(double.requests().len(), 0);
 }
 

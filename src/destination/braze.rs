@@ -49,8 +49,8 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::BrazeSpec;

@@ -24,8 +24,10 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
-use super::http::{EXCERPT_CHARS, RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{
+    EXCERPT_CHARS, RequestLabel, excerpt, retry_after, status_error, transport_error,
+};
 use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::HubspotSpec;

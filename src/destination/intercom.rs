@@ -32,8 +32,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{IntercomIdentifier, IntercomRole, IntercomSpec};

@@ -31,8 +31,8 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{ZendeskObject, ZendeskSpec};

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::api::reverse_sync::SyncMode;
 use crate::api::validation::{validate_destination, validate_reverse_sync};
 use crate::api::{Destination, DestinationType, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
 use crate::destination::{Connector, SendError};
+use crate::model::record::Operation;
 use crate::model::secret::SecretData;
 use crate::source::Credentials;
 
@@ -409,6 +411,14 @@ pub async fn prepare(
         .destination(namespace, &spec.destination_ref.name)
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
+    if spec.mode == SyncMode::Mirror && !destination.delivery.supports(Operation::Delete) {
+        let ready = &destination.destination;
+        return Err(SetupError::InvalidSync(format!(
+            "spec.mode: mirror deletes records, and Destination {:?} (type {}) cannot delete; use mode upsert",
+            ready.metadata.name.as_deref().unwrap_or_default(),
+            ready.spec.destination_type.as_str()
+        )));
+    }
     let user = SecretUser::reverse_sync(sync.metadata.name.as_deref().unwrap_or_default());
     let (source_url, source_credentials) = connection(resolver, namespace, source_ref, &user).await?;
     check_sqlite(resolver, "spec.source.connectionSecretRef", &source_url)?;

@@ -50,8 +50,8 @@ use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor::{MAX_RESPONSE_BYTES, read_body};
 use super::{Capabilities, Connector, DestinationError, PlannedSends, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
