@@ -547,3 +547,30 @@ async fn a_refused_login_is_fatal_without_the_password() {
         other => panic!("expected Fatal, got {other:?}"),
     }
 }
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn check_match_names_a_missing_unique_index_before_any_upsert() {
+    let db = TestDb::mysql("tbl_checkmatch").await;
+    db.exec(
+        "CREATE TABLE people (email VARCHAR(100), name TEXT, org INT, dept INT, PRIMARY KEY (org, dept))",
+    )
+    .await;
+    let c = connector(&db.url, "people", None).await;
+
+    let Err(SendError::Fatal(reason)) = c.check_match(&fields(&["email"])).await else {
+        panic!("a missing unique index is fatal");
+    };
+    assert!(
+        reason.contains("create a unique index on (email) of table people"),
+        "{reason}"
+    );
+    c.check_match(&fields(&["dept", "org"])).await.unwrap();
+
+    db.exec("CREATE UNIQUE INDEX people_email ON people (email)")
+        .await;
+    c.check_match(&fields(&["email"])).await.unwrap();
+}

@@ -632,3 +632,32 @@ async fn a_value_the_column_refuses_is_not_quoted_back_in_the_reason() {
     assert!(reason.contains("invalid input syntax"), "{reason}");
     assert!(!reason.contains("u1@x.com"), "the row value stays out: {reason}");
 }
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn check_match_names_a_missing_unique_index_before_any_upsert() {
+    let db = TestDb::postgres("tbl_checkmatch").await;
+    db.exec("CREATE TABLE people (email text, name text, org int, dept int, PRIMARY KEY (org, dept))")
+        .await;
+    db.exec("CREATE UNIQUE INDEX people_name_partial ON people (name) WHERE name <> ''")
+        .await;
+    let c = connector(&db.url, "people", None).await;
+
+    let Err(SendError::Fatal(reason)) = c.check_match(&fields(&["email"])).await else {
+        panic!("a missing unique index is fatal");
+    };
+    assert!(
+        reason.contains("create a unique index on (email) of table people"),
+        "{reason}"
+    );
+    // A partial index cannot serve ON CONFLICT; the primary key can, in any column order.
+    assert!(c.check_match(&fields(&["name"])).await.is_err());
+    c.check_match(&fields(&["dept", "org"])).await.unwrap();
+
+    db.exec("CREATE UNIQUE INDEX people_email ON people (email)")
+        .await;
+    c.check_match(&fields(&["email"])).await.unwrap();
+}

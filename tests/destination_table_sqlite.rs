@@ -549,3 +549,100 @@ async fn build_needs_a_secret_reference_and_key() {
         "{err:?}"
     );
 }
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn check_match_names_a_missing_unique_index_before_any_upsert() {
+    let f = TestFile::new();
+    f.exec("CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT, name TEXT)")
+        .await;
+    f.exec("CREATE UNIQUE INDEX people_name_partial ON people (name) WHERE name <> ''")
+        .await;
+    let c = f.connector("people", None).await;
+
+    let Err(SendError::Fatal(reason)) = c.check_match(&fields(&["email"])).await else {
+        panic!("a missing unique index is fatal");
+    };
+    assert!(
+        reason.contains("create a unique index on (email) of table people"),
+        "{reason}"
+    );
+    // A partial index cannot serve ON CONFLICT; an INTEGER PRIMARY KEY can, without an index.
+    assert!(c.check_match(&fields(&["name"])).await.is_err());
+    c.check_match(&fields(&["ID"])).await.unwrap();
+
+    f.exec("CREATE UNIQUE INDEX people_email ON people (email)").await;
+    c.check_match(&fields(&["email"])).await.unwrap();
+}
+
+/// A sync in upsert mode to a table without a unique index on its match field is refused when
+/// it is prepared, with the reason its ReverseSync shows, before any row is read.
+#[tokio::test]
+async fn a_sync_to_a_table_without_a_unique_index_on_its_match_fields_is_not_prepared() {
+    use backflow::destination::delivery::rate_limit::Limiters;
+    use backflow::engine::setup::prepare;
+    use backflow::local::manifests::{Manifests, load_text};
+
+    let f = TestFile::new();
+    f.exec("CREATE TABLE contacts (email TEXT, name TEXT)").await;
+    let manifests_text = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: crm}}
+stringData: {{url: "{url}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: warehouse}}
+stringData: {{url: "{url}"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: Destination
+metadata: {{name: crm}}
+spec:
+  type: sqlite
+  credentialsSecretRef: {{name: crm}}
+  sqlite: {{table: contacts}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: ReverseSync
+metadata: {{name: people}}
+spec:
+  source:
+    connectionSecretRef: {{name: warehouse}}
+    query: SELECT email, name FROM contacts
+    primaryKey: [email]
+  destinationRef: {{name: crm}}
+  mappings:
+    - {{from: email, to: email}}
+    - {{from: name, to: name}}
+"#,
+        url = f.url()
+    );
+    let mut manifests = Manifests::default();
+    load_text(&manifests_text, "people.yaml", &mut manifests).unwrap();
+    let sync = manifests.syncs.values().next().unwrap().clone();
+    let limiters = Limiters::default();
+
+    let Err(error) = prepare(&manifests, "default", &sync, &limiters, true).await else {
+        panic!("a sync without a unique index on its match field was prepared");
+    };
+    assert_eq!(error.category(), "MatchIndexMissing");
+    assert!(error.is_permanent());
+    let message = error.to_string();
+    assert!(
+        message.contains("Destination \"crm\"")
+            && message.contains("create a unique index on (email) of table contacts"),
+        "{message}"
+    );
+
+    f.exec("CREATE UNIQUE INDEX contacts_email ON contacts (email)")
+        .await;
+    prepare(&manifests, "default", &sync, &limiters, true)
+        .await
+        .unwrap();
+}

@@ -3,7 +3,7 @@
 //!
 //! Everything templated is compiled, checked and (for URLs and headers) rendered once, when
 //! the connector is built, so a typo or a missing Secret key fails before any request is sent.
-//! Per request only the body is rendered ([`payload`]).
+//! Per request only the body is rendered (`payload`).
 //!
 //! Its answers are read by the rules every HTTP connector shares
 //! ([`answer`](super::vendor::answer)); redirects are

@@ -183,6 +183,13 @@ pub trait Connector: Send + Sync {
     /// Checks that the destination answers and the credentials work.
     async fn check(&self) -> Result<(), SendError>;
 
+    /// Checks, before a sync runs, that the destination can find records by the sync's match
+    /// fields when it upserts (a table needs a unique index on those columns). `Fatal` names
+    /// what to create; the default has nothing to check.
+    async fn check_match(&self, _match_fields: &[String]) -> Result<(), SendError> {
+        Ok(())
+    }
+
     /// Sends one batch (at most `max_batch_size` records) and returns one outcome per record,
     /// in order.
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError>;

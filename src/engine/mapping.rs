@@ -58,8 +58,8 @@ pub enum MappingError {
 }
 
 /// A row mapped to its destination record: one value per mapping, in spec order. The
-/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON) or built
-/// by [`Mapper::fields`]; planning needs only the bytes, so no map is built per row.
+/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON);
+/// planning needs only the bytes, so no map is built per row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MappedRow {
     /// The primary key in canonical text form.

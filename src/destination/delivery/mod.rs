@@ -268,6 +268,11 @@ impl Delivery {
         self.batch_limit.load(Ordering::Relaxed).max(1)
     }
 
+    /// The connector's [`Connector::check_match`]: can it find records by `match_fields`?
+    pub async fn check_match(&self, match_fields: &[String]) -> Result<(), SendError> {
+        self.connector.check_match(match_fields).await
+    }
+
     /// True when the connector can carry out `operation` (its capabilities list it).
     pub fn supports(&self, operation: Operation) -> bool {
         self.operations.contains(&operation)

@@ -8,7 +8,7 @@
 //! Everything that is the same across databases lives here, once: reading the connection URL,
 //! planning a batch into statements, running them in one transaction, turning per-statement
 //! row counts into per-record outcomes, and turning driver errors into [`SendError`]s. Each
-//! database's file is a [`Dialect`]: identifier quoting, the upsert clause, value binding and
+//! database's file is a `Dialect`: identifier quoting, the upsert clause, value binding and
 //! error classification.
 //!
 //! Records of a batch that carry different field sets are not padded with NULLs (that would
@@ -964,6 +964,11 @@ where
         // Closing politely is a courtesy; the check's answer does not depend on it.
         let _ = conn.close().await;
         result
+    }
+
+    /// Upserts conflict on the match columns, so the table needs a unique index on them.
+    async fn check_match(&self, match_fields: &[String]) -> Result<(), SendError> {
+        self.verify_upsert_keys(&[match_fields.to_vec()]).await
     }
 
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
