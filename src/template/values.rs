@@ -135,7 +135,7 @@ fn push_canonical(value: &Value, out: &mut String) {
 pub enum WriteError {
     /// Functions, macros and other values that have no text or JSON form.
     Unwritable(ValueKind),
-    /// Lists or maps nested deeper than [`MAX_DEPTH`].
+    /// Lists or maps nested deeper than `MAX_DEPTH`.
     TooDeep,
 }
 

@@ -38,12 +38,12 @@ pub(super) fn journal_name(index: &str, generation: u64, seq: u64) -> String {
     format!("{index}-{generation}-j{seq}")
 }
 
-/// The owner reference to give [`ConfigMapStore::new`] for a sync: `controller: false`,
+/// The owner reference to give [`ConfigMapStore::new`](super::ConfigMapStore::new) for a sync: `controller: false`,
 /// since the state is data the sync keeps, not objects its controller reconciles (a
 /// controller reference would also claim the one controller slot of the object), and no
 /// `blockOwnerDeletion`, which needs update rights on `reversesyncs/finalizers` that a
 /// Job-mode run's service account has no reason to hold. Garbage collection deletes
-/// dependents of a deleted owner either way; the finalizer's [`delete_all`] does it first.
+/// dependents of a deleted owner either way; the finalizer's [`delete_all`](super::gc::delete_all) does it first.
 /// `None` when the sync has no uid yet (it was never stored).
 pub fn owner_reference(sync: &ReverseSync) -> Option<OwnerReference> {
     use kube::Resource;
