@@ -2,7 +2,9 @@
 //! connector from a `Destination` spec.
 //!
 //! A connector says how to send one batch of records and how to read per-record outcomes;
-//! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
+//! batching, rate limiting, retries, splitting, concurrency and the check that a connector
+//! supports an operation live once in [`delivery`]; what every HTTP connector shares (the
+//! rules for reading an answer among it) lives in [`vendor`], never in a sibling connector.
 
 pub mod braze;
 pub mod customerio;

@@ -1,5 +1,7 @@
 //! The `ConfigMap` state store: a sync's fingerprints in ConfigMaps beside it, owned by the
-//! ReverseSync so garbage collection deletes them with it.
+//! ReverseSync so garbage collection deletes them with it. This file is the store; the objects'
+//! names and labels are in [`names`], their bytes (index JSON, zstd shards and checkpoints) in
+//! `blob`, listing and deleting them in [`gc`], and the diff against the stored state in `diff`.
 //!
 //! Objects of sync `S` (all labelled `app.kubernetes.io/managed-by: backflow`,
 //! `backflow.dev/sync: S` and `backflow.dev/state: index|shard|journal`, annotated with the
