@@ -11,6 +11,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::json;
 use sqlx::Connection;
 use support::db::TestDb;
+use support::table_suite::{TableFixture, table_suite};
 
 use backflow::api::DestinationSpec;
 use backflow::destination::{self, Connector, RecordOutcome, SendError};
@@ -91,39 +92,31 @@ fn contact(email: &str, name: &str, visits: i64) -> Record {
     )
 }
 
-#[tokio::test]
-async fn upsert_creates_rows_then_updates_exactly_the_changed_ones() {
-    let db = TestDb::mysql("tbl_upsert").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.check().await.unwrap();
+/// MySQL/MariaDB for the shared table suite.
+struct My(TestDb);
 
-    let first = vec![
-        contact("a@x.io", "Ann", 1),
-        contact("b@x.io", "Bob", 2),
-        contact("c@x.io", "Cy", 3),
-    ];
-    assert_eq!(
-        c.send(Operation::Upsert, &first).await.unwrap(),
-        vec![RecordOutcome::Accepted; 3]
-    );
+impl TableFixture for My {
+    const CONTACTS: &'static str = CONTACTS;
+    const DUPLICATE_KEY: &'static str = "error 1062";
 
-    let second = vec![contact("b@x.io", "Bobby", 20), contact("d@x.io", "Di", 4)];
-    assert_eq!(
-        c.send(Operation::Upsert, &second).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
+    async fn create(name: &str) -> Self {
+        My(TestDb::mysql(name).await)
+    }
 
-    assert_eq!(
-        contacts(&db).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Bobby".into(), 20),
-            ("c@x.io".into(), "Cy".into(), 3),
-            ("d@x.io".into(), "Di".into(), 4),
-        ]
-    );
+    async fn exec(&self, sql: &str) {
+        self.0.exec(sql).await;
+    }
+
+    async fn connector(&self, table: &str) -> Arc<dyn Connector> {
+        connector(&self.0.url, table, None).await
+    }
+
+    async fn contacts(&self) -> Vec<(String, String, i64)> {
+        contacts(&self.0).await
+    }
 }
+
+table_suite!(My);
 
 /// id, amount as text, seen_at, logged_at, ref, payload as text, active, born, opens, ratio.
 type FactRow = (
@@ -216,102 +209,6 @@ async fn typed_columns_receive_exact_values() {
     assert_eq!(row.7, NaiveDate::from_ymd_opt(1990, 12, 31).unwrap());
     assert_eq!(row.8, opens);
     assert_eq!(row.9, 0.1);
-}
-
-#[tokio::test]
-async fn inserting_a_duplicate_rejects_the_batch() {
-    let db = TestDb::mysql("tbl_dup").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(Operation::Insert, &[contact("a@x.io", "Ann", 1)])
-        .await
-        .unwrap();
-
-    let err = c
-        .send(
-            Operation::Insert,
-            &[contact("b@x.io", "Bob", 2), contact("a@x.io", "Ann again", 1)],
-        )
-        .await
-        .unwrap_err();
-    match err {
-        SendError::BatchRejected(reason) => assert!(reason.contains("error 1062"), "{reason}"),
-        other => panic!("expected BatchRejected, got {other:?}"),
-    }
-    assert_eq!(contacts(&db).await, vec![("a@x.io".into(), "Ann".into(), 1)]);
-}
-
-#[tokio::test]
-async fn updating_a_missing_record_rejects_only_that_record() {
-    let db = TestDb::mysql("tbl_update").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[contact("a@x.io", "Ann", 1), contact("b@x.io", "Bob", 2)],
-    )
-    .await
-    .unwrap();
-
-    // Ann's update changes nothing: MySQL still counts her row as matched (found rows).
-    let outcomes = c
-        .send(
-            Operation::Update,
-            &[
-                contact("a@x.io", "Ann", 1),
-                contact("ghost@x.io", "Nobody", 9),
-                contact("b@x.io", "Rob", 5),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes,
-        vec![
-            RecordOutcome::Accepted,
-            RecordOutcome::Rejected("no existing record matches the match fields".into()),
-            RecordOutcome::Accepted,
-        ]
-    );
-    assert_eq!(
-        contacts(&db).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Rob".into(), 5)
-        ]
-    );
-}
-
-#[tokio::test]
-async fn delete_removes_rows_and_is_idempotent() {
-    let db = TestDb::mysql("tbl_delete").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[
-            contact("a@x.io", "Ann", 1),
-            contact("b@x.io", "Bob", 2),
-            contact("c@x.io", "Cy", 3),
-        ],
-    )
-    .await
-    .unwrap();
-
-    let gone = vec![
-        key_only(&[("email", text("a@x.io"))]),
-        key_only(&[("email", text("c@x.io"))]),
-    ];
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&db).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&db).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The SQLite table destination on temporary database files.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use backflow::destination::{self, Connector, DestinationError, RecordOutcome, Se
 use backflow::model::record::{Operation, Record};
 use backflow::model::secret::SecretData;
 use backflow::model::value::{Document, Value};
+use support::table_suite::{TableFixture, table_suite};
 
 fn doc(pairs: &[(&str, Value)]) -> Document {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
@@ -115,6 +118,30 @@ fn contact(email: &str, name: &str, visits: i64) -> Record {
     )
 }
 
+/// SQLite for the shared table suite.
+impl TableFixture for TestFile {
+    const CONTACTS: &'static str = CONTACTS;
+    const DUPLICATE_KEY: &'static str = "UNIQUE";
+
+    async fn create(_name: &str) -> Self {
+        TestFile::new()
+    }
+
+    async fn exec(&self, sql: &str) {
+        TestFile::exec(self, sql).await;
+    }
+
+    async fn connector(&self, table: &str) -> Arc<dyn Connector> {
+        TestFile::connector(self, table, None).await
+    }
+
+    async fn contacts(&self) -> Vec<(String, String, i64)> {
+        contacts(self).await
+    }
+}
+
+table_suite!(TestFile);
+
 #[tokio::test]
 async fn the_database_file_is_created_in_wal_mode_when_missing() {
     let f = TestFile::new();
@@ -133,38 +160,6 @@ async fn the_database_file_is_created_in_wal_mode_when_missing() {
     let caps = c.capabilities();
     assert_eq!(caps.default_concurrency, 1);
     assert_eq!(caps.operations.len(), 4);
-}
-
-#[tokio::test]
-async fn upsert_creates_rows_then_updates_exactly_the_changed_ones() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-
-    let first = vec![
-        contact("a@x.io", "Ann", 1),
-        contact("b@x.io", "Bob", 2),
-        contact("c@x.io", "Cy", 3),
-    ];
-    assert_eq!(
-        c.send(Operation::Upsert, &first).await.unwrap(),
-        vec![RecordOutcome::Accepted; 3]
-    );
-    let second = vec![contact("b@x.io", "Bobby", 20), contact("d@x.io", "Di", 4)];
-    assert_eq!(
-        c.send(Operation::Upsert, &second).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-
-    assert_eq!(
-        contacts(&f).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Bobby".into(), 20),
-            ("c@x.io".into(), "Cy".into(), 3),
-            ("d@x.io".into(), "Di".into(), 4),
-        ]
-    );
 }
 
 /// id, amount, seen_at, ref, payload, active, born, ratio — as SQLite stores them.
@@ -244,98 +239,6 @@ async fn typed_values_are_stored_exactly() {
         .await
         .unwrap();
     assert_eq!(epoch, at.timestamp());
-}
-
-#[tokio::test]
-async fn inserting_a_duplicate_rejects_the_batch() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(Operation::Insert, &[contact("a@x.io", "Ann", 1)])
-        .await
-        .unwrap();
-    let err = c
-        .send(
-            Operation::Insert,
-            &[contact("b@x.io", "Bob", 2), contact("a@x.io", "Ann again", 1)],
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("UNIQUE")),
-        "{err:?}"
-    );
-    assert_eq!(contacts(&f).await, vec![("a@x.io".into(), "Ann".into(), 1)]);
-}
-
-#[tokio::test]
-async fn updating_a_missing_record_rejects_only_that_record() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[contact("a@x.io", "Ann", 1), contact("b@x.io", "Bob", 2)],
-    )
-    .await
-    .unwrap();
-    let outcomes = c
-        .send(
-            Operation::Update,
-            &[
-                contact("a@x.io", "Ann", 1),
-                contact("ghost@x.io", "Nobody", 9),
-                contact("b@x.io", "Rob", 5),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes,
-        vec![
-            RecordOutcome::Accepted,
-            RecordOutcome::Rejected("no existing record matches the match fields".into()),
-            RecordOutcome::Accepted,
-        ]
-    );
-    assert_eq!(
-        contacts(&f).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Rob".into(), 5)
-        ]
-    );
-}
-
-#[tokio::test]
-async fn delete_removes_rows_and_is_idempotent() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[
-            contact("a@x.io", "Ann", 1),
-            contact("b@x.io", "Bob", 2),
-            contact("c@x.io", "Cy", 3),
-        ],
-    )
-    .await
-    .unwrap();
-    let gone = vec![
-        key_only(&[("email", text("a@x.io"))]),
-        key_only(&[("email", text("c@x.io"))]),
-    ];
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
 }
 
 #[tokio::test]
