@@ -97,6 +97,7 @@ struct My(TestDb);
 
 impl TableFixture for My {
     const CONTACTS: &'static str = CONTACTS;
+    const NOT_NULL: &'static str = "error 1048";
     const DUPLICATE_KEY: &'static str = "error 1062";
 
     async fn create(name: &str) -> Self {
@@ -263,27 +264,6 @@ async fn check_fails_fatally_naming_a_missing_table() {
         matches!(err, SendError::Fatal(ref r) if r.contains("does not exist")),
         "{err:?}"
     );
-}
-
-#[tokio::test]
-async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
-    let db = TestDb::mysql("tbl_notnull").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    let mut batch: Vec<Record> = (0..10)
-        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
-        .collect();
-    batch[6].fields.insert("name".into(), Value::Null);
-
-    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("error 1048")),
-        "{err:?}"
-    );
-    assert!(contacts(&db).await.is_empty());
-
-    let err = c.send(Operation::Upsert, &batch[6..7]).await.unwrap_err();
-    assert!(matches!(err, SendError::BatchRejected(_)), "{err:?}");
 }
 
 #[tokio::test]

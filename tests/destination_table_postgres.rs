@@ -97,6 +97,7 @@ struct Pg(TestDb);
 
 impl TableFixture for Pg {
     const CONTACTS: &'static str = CONTACTS;
+    const NOT_NULL: &'static str = "not-null";
     const DUPLICATE_KEY: &'static str = "duplicate key";
 
     async fn create(name: &str) -> Self {
@@ -281,28 +282,6 @@ async fn a_field_without_a_column_is_fatal_naming_the_column() {
         matches!(err, SendError::Fatal(ref r) if r.contains("nickname")),
         "{err:?}"
     );
-}
-
-#[tokio::test]
-async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
-    let db = TestDb::postgres("tbl_notnull").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    let mut batch: Vec<Record> = (0..10)
-        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
-        .collect();
-    batch[6].fields.insert("name".into(), Value::Null);
-
-    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("not-null")),
-        "{err:?}"
-    );
-    assert!(contacts(&db).await.is_empty());
-
-    // The machinery splits down to the record at fault; alone, it is rejected the same way.
-    let err = c.send(Operation::Upsert, &batch[6..7]).await.unwrap_err();
-    assert!(matches!(err, SendError::BatchRejected(_)), "{err:?}");
 }
 
 #[tokio::test]

@@ -107,20 +107,10 @@ const CONTACTS: &str = "CREATE TABLE contacts (
     visits INTEGER NOT NULL DEFAULT 0
 )";
 
-fn contact(email: &str, name: &str, visits: i64) -> Record {
-    record(
-        &["email"],
-        &[
-            ("email", text(email)),
-            ("name", text(name)),
-            ("visits", Value::Int(visits)),
-        ],
-    )
-}
-
 /// SQLite for the shared table suite.
 impl TableFixture for TestFile {
     const CONTACTS: &'static str = CONTACTS;
+    const NOT_NULL: &'static str = "NOT NULL";
     const DUPLICATE_KEY: &'static str = "UNIQUE";
 
     async fn create(_name: &str) -> Self {
@@ -276,23 +266,6 @@ async fn check_fails_fatally_naming_a_missing_table() {
         SendError::Fatal(reason) => assert!(reason.contains("table nowhere does not exist"), "{reason}"),
         other => panic!("expected Fatal, got {other:?}"),
     }
-}
-
-#[tokio::test]
-async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    let mut batch: Vec<Record> = (0..10)
-        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
-        .collect();
-    batch[6].fields.insert("name".into(), Value::Null);
-    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("NOT NULL")),
-        "{err:?}"
-    );
-    assert!(contacts(&f).await.is_empty());
 }
 
 #[tokio::test]

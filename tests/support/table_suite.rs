@@ -17,6 +17,8 @@ pub trait TableFixture: Sized {
     const CONTACTS: &'static str;
     /// Words of the dialect's duplicate key error (`duplicate key`, `error 1062`, `UNIQUE`).
     const DUPLICATE_KEY: &'static str;
+    /// Words of the dialect's not-null error (`not-null`, `error 1048`, `NOT NULL`).
+    const NOT_NULL: &'static str;
     /// A fresh, empty database; `name` tells the tests' databases apart.
     async fn create(name: &str) -> Self;
     /// Runs SQL statements on it.
@@ -184,6 +186,28 @@ pub async fn delete_removes_rows_and_is_idempotent<F: TableFixture>() {
 }
 
 /// Declares the suite's tests for a [`TableFixture`]: `table_suite!(Pg);`.
+/// Run against every dialect by [`table_suite!`].
+pub async fn a_not_null_violation_rejects_the_batch_and_writes_nothing<F: TableFixture>() {
+    let db = F::create("tbl_notnull").await;
+    db.exec(F::CONTACTS).await;
+    let c = db.connector("contacts").await;
+    let mut batch: Vec<Record> = (0..10)
+        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
+        .collect();
+    batch[6].fields.insert("name".into(), Value::Null);
+
+    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
+    assert!(
+        matches!(err, SendError::BatchRejected(ref r) if r.contains(F::NOT_NULL)),
+        "{err:?}"
+    );
+    assert!(db.contacts().await.is_empty());
+
+    // The machinery splits down to the record at fault; alone, it is rejected the same way.
+    let err = c.send(Operation::Upsert, &batch[6..7]).await.unwrap_err();
+    assert!(matches!(err, SendError::BatchRejected(_)), "{err:?}");
+}
+
 // Each test binary compiles `support`; only the table destination tests expand this.
 #[allow(unused_macros)]
 macro_rules! table_suite {
@@ -204,6 +228,11 @@ macro_rules! table_suite {
         #[tokio::test]
         async fn delete_removes_rows_and_is_idempotent() {
             support::table_suite::delete_removes_rows_and_is_idempotent::<$fixture>().await;
+        }
+        #[tokio::test]
+        async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
+            support::table_suite::a_not_null_violation_rejects_the_batch_and_writes_nothing::<$fixture>()
+                .await;
         }
     };
 }
