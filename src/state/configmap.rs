@@ -47,9 +47,15 @@ use super::change_buckets::ChangeBuckets;
 use super::codec::{Replay, encode_change, put_entry};
 use super::{Fingerprints, StateChange, StateError, StateStore, StoreDiff};
 use crate::model::labels::{MANAGED_BY, MANAGED_BY_LABEL, STATE_LABEL, SYNC_LABEL, sync_label_value};
-use blob::*;
+use blob::{
+    BLOB_LIMIT, Blob, FORMAT, InMemory, Index, Packer, Reading, ShardError, ShardRef, checksum,
+    decode_journal, decode_shard, journal_header, shard_header,
+};
 use gc::{Kind, Listed, delete_all, list_objects};
-use names::*;
+use names::{
+    CHECKSUM_ANNOTATION, GENERATION_LABEL, INDEX_KEY, JOURNAL_KEY, SEQ_LABEL, SHARD_KEY,
+    SYNC_NAME_ANNOTATION, WRITER_ANNOTATION, index_name, journal_name, shard_name,
+};
 
 /// What a run knows of the stored state since its last look at the index.
 #[derive(Debug, Clone)]
@@ -93,7 +99,7 @@ impl std::fmt::Debug for ConfigMapStore {
 
 impl ConfigMapStore {
     /// The store of sync `sync_name` in `namespace`; every object it writes carries `owner`
-    /// (see [`owner_reference`]). Nothing is read until `load`.
+    /// (see [`owner_reference`](names::owner_reference)). Nothing is read until `load`.
     pub fn new(
         client: kube::Client,
         namespace: &str,
