@@ -8,7 +8,7 @@ VENV ?= .venv
 PREFIX ?= /usr/local
 
 .DEFAULT_GOAL := help
-.PHONY: help run install test test-rust test-chart kube venv bench bench-10m crds lint fmt
+.PHONY: help run install test test-rust test-chart kube venv bench bench-10m crds lint doc fmt
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ crds: ## Regenerate crds/ from the Rust types, and their copies in the chart and
 lint: ## rustfmt and clippy, warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+doc: ## Build the API documentation (cargo doc --no-deps), warnings as errors
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -10,7 +10,7 @@
 use base64::Engine as _;
 use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
-use crate::destination::{SecretData, SendError};
+use crate::model::secret::SecretData;
 
 /// What replaces a secret in a message.
 pub const MASK: &str = "***";
@@ -158,25 +158,16 @@ impl Scrubber {
     }
 
     /// `error` with every secret masked in its message.
-    pub fn error(&self, error: SendError) -> SendError {
-        match error {
-            SendError::Retryable {
-                reason,
-                retry_after,
-                throttled,
-            } => SendError::Retryable {
-                reason: self.scrub(&reason),
-                retry_after,
-                throttled,
-            },
-            SendError::BatchRejected(reason) => SendError::BatchRejected(self.scrub(&reason)),
-            SendError::Fatal(reason) => SendError::Fatal(self.scrub(&reason)),
-            SendError::TooLarge { limit, reason } => SendError::TooLarge {
-                limit,
-                reason: self.scrub(&reason),
-            },
-        }
+    pub fn error<E: Scrub>(&self, error: E) -> E {
+        error.scrubbed(self)
     }
+}
+
+/// An error whose messages a [`Scrubber`] can mask (implemented beside the error type, so
+/// this module needs to know none of them).
+pub trait Scrub {
+    /// The same error with every secret in its messages masked.
+    fn scrubbed(self, scrubber: &Scrubber) -> Self;
 }
 
 impl std::fmt::Debug for Scrubber {
@@ -184,6 +175,18 @@ impl std::fmt::Debug for Scrubber {
         f.debug_struct("Scrubber")
             .field("values", &self.needles.len())
             .finish()
+    }
+}
+
+/// Host, port and database of a connection URL, without user or password, for messages.
+pub fn describe_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let after_credentials = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+            let without_query = after_credentials.split('?').next().unwrap_or("");
+            format!("{scheme}://{without_query}")
+        }
+        None => "<invalid URL>".to_owned(),
     }
 }
 

@@ -6,10 +6,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backflow::destination::SendError;
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivered, Delivery, DeliveryConfig};
-use backflow::destination::{Operation, Record, SendError};
-use backflow::engine::value::Document;
+use backflow::model::record::{Operation, Record};
+use backflow::model::value::Document;
 use support::fake_connector::{BadRecords, FakeConnector};
 
 fn records(n: usize) -> Vec<Record> {
@@ -195,7 +196,7 @@ async fn rejection_reasons_leave_the_delivery_without_the_records_values() {
     let mut batch = records(1);
     batch[0].fields.insert(
         "email".into(),
-        backflow::engine::value::Value::Text("ada.example.com".into()),
+        backflow::model::value::Value::Text("ada.example.com".into()),
     );
     let fake = Arc::new(
         FakeConnector::new(100).with_script(vec![Err(SendError::BatchRejected(

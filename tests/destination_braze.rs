@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use backflow::api::validation::{validate_destination, validate_reverse_sync};
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
-use backflow::destination::{self, Connector, Operation, Record, RecordOutcome, SecretData, SendError};
+use backflow::destination::{self, Connector, RecordOutcome, SendError};
 use backflow::engine::run::{RunReport, RunResult};
-use backflow::engine::value::{Document, Value};
 use backflow::local::manifests::{Manifests, load_text};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 use serde_json::json;
 use support::braze_double::{BrazeDouble, NO_VALID_DATA};
 use support::sqlite::TempSqlite;

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use backflow::api::destination::{HttpDeleteSpec, HttpResultsSpec, HttpSpec};
 use backflow::destination::http::HttpConnector;
-use backflow::destination::{
-    Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
-use backflow::engine::value::{Document, Value};
+use backflow::destination::{Connector, DestinationError, RecordOutcome, SendError};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 use bigdecimal::BigDecimal;
 use serde_json::json;
 use support::http_server::{Behaviour, HttpDouble, Reply};

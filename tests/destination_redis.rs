@@ -15,11 +15,11 @@ use serde_json::json;
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::{
-    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
-use backflow::engine::value::{Document, Value};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 use backflow::state::file::FileStore;
 use support::sqlite::TempSqlite;
 

@@ -7,17 +7,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backflow::api::reverse_sync::SyncMode;
 use backflow::api::validation::{validate_destination, validate_reverse_sync};
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
-use backflow::destination::delivery::rate_limit::RateLimiter;
-use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::slack::DELETE_REJECTED;
-use backflow::destination::{
-    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use backflow::destination::delivery::rate_limit::{Limiters, RateLimiter};
+use backflow::destination::delivery::{Delivered, Delivery, DeliveryConfig};
+use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
-use backflow::engine::value::{Document, Value};
+use backflow::engine::setup::{SetupError, prepare};
 use backflow::local::manifests::{Manifests, load_text};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 use backflow::state::file::FileStore;
 use backflow::template::Template;
 use support::slack_double::SlackDouble;
@@ -326,26 +327,29 @@ async fn check_posts_auth_test_with_the_token() {
 }
 
 #[tokio::test]
-async fn deletes_are_rejected_with_the_documented_reason_and_send_nothing() {
+async fn deletes_are_rejected_by_the_shared_delivery_and_send_nothing() {
     let double = SlackDouble::builder(TOKEN).start().await;
-    let slack = connector(&destination(&double.base_url, ""), TOKEN).await;
+    let dest = destination(&double.base_url, "");
+    let slack = connector(&dest, TOKEN).await;
+    assert!(!slack.capabilities().operations.contains(&Operation::Delete));
+    let config = DeliveryConfig::resolve(&dest, &slack.capabilities()).unwrap();
+    let limiter = Arc::new(RateLimiter::new(config.requests_per_second, config.burst));
+    let delivery = Delivery::new(slack, limiter, config);
+    assert!(!delivery.supports(Operation::Delete));
 
-    let outcomes = slack
-        .send(Operation::Delete, &[record(1, "Acme", 92, "#alerts")])
+    let delivered = delivery
+        .send_batch(Operation::Delete, vec![record(1, "Acme", 92, "#alerts")])
         .await
         .unwrap();
 
+    assert_eq!(delivered.len(), 1);
     assert_eq!(
-        outcomes,
-        vec![RecordOutcome::Rejected(
-            "Slack messages cannot be deleted by Backflow; use mode upsert".into()
-        )]
+        delivered[0].1,
+        Delivered::Rejected(
+            "this destination cannot delete records (it supports upsert, update, insert); use mode upsert"
+                .into()
+        )
     );
-    assert_eq!(
-        DELETE_REJECTED,
-        "Slack messages cannot be deleted by Backflow; use mode upsert"
-    );
-    assert!(!slack.capabilities().operations.contains(&Operation::Delete));
     assert_eq!(double.requests().len(), 0);
 }
 
@@ -439,4 +443,47 @@ fn the_documented_example_is_valid() {
             assert!(mapped.contains(&name), "{{{{{name}}}}} is not a mapped field");
         }
     }
+}
+
+#[tokio::test]
+async fn a_mirror_sync_to_slack_is_refused_before_it_runs() {
+    let page = include_str!("../docs/destinations/slack.md");
+    let example = page
+        .split("## Example")
+        .nth(1)
+        .and_then(|rest| rest.split("```yaml").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("docs/destinations/slack.md has a yaml block under ## Example");
+    let warehouse = r#"
+apiVersion: v1
+kind: Secret
+metadata:
+  name: warehouse
+  annotations:
+    backflow.dev/allowed-references: "ReverseSync/score-alerts"
+stringData:
+  url: postgres://reader@127.0.0.1:5432/analytics
+"#;
+    let mut manifests = Manifests::default();
+    load_text(example, "docs/destinations/slack.md", &mut manifests).unwrap();
+    load_text(warehouse, "warehouse.yaml", &mut manifests).unwrap();
+    let mut sync = manifests.syncs.values().next().expect("a ReverseSync").clone();
+    let limiters = Limiters::default();
+
+    // The documented upsert sync prepares; the same sync in mirror mode would delete messages.
+    assert!(
+        prepare(&manifests, "default", &sync, &limiters, false)
+            .await
+            .is_ok()
+    );
+    sync.spec.mode = SyncMode::Mirror;
+    let Err(error) = prepare(&manifests, "default", &sync, &limiters, false).await else {
+        panic!("a mirror sync to Slack was prepared");
+    };
+    assert!(matches!(error, SetupError::InvalidSync(_)), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("mirror") && message.contains("\"slack\"") && message.contains("cannot delete"),
+        "{message}"
+    );
 }

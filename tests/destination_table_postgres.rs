@@ -11,10 +11,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 use sqlx::Connection;
 use support::db::TestDb;
+use support::table_suite::{TableFixture, table_suite};
 
 use backflow::api::DestinationSpec;
-use backflow::destination::{self, Connector, Operation, Record, RecordOutcome, SecretData, SendError};
-use backflow::engine::value::{Document, Value};
+use backflow::destination::{self, Connector, RecordOutcome, SendError};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
 
 fn doc(pairs: &[(&str, Value)]) -> Document {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
@@ -89,35 +92,32 @@ fn contact(email: &str, name: &str, visits: i64) -> Record {
     )
 }
 
-#[tokio::test]
-async fn upsert_creates_rows_then_updates_exactly_the_changed_ones() {
-    let db = TestDb::postgres("tbl_upsert").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.check().await.unwrap();
+/// PostgreSQL for the shared table suite.
+struct Pg(TestDb);
 
-    let first = vec![
-        contact("a@x.io", "Ann", 1),
-        contact("b@x.io", "Bob", 2),
-        contact("c@x.io", "Cy", 3),
-    ];
-    let outcomes = c.send(Operation::Upsert, &first).await.unwrap();
-    assert_eq!(outcomes, vec![RecordOutcome::Accepted; 3]);
+impl TableFixture for Pg {
+    const CONTACTS: &'static str = CONTACTS;
+    const NOT_NULL: &'static str = "not-null";
+    const DUPLICATE_KEY: &'static str = "duplicate key";
 
-    let second = vec![contact("b@x.io", "Bobby", 20), contact("d@x.io", "Di", 4)];
-    let outcomes = c.send(Operation::Upsert, &second).await.unwrap();
-    assert_eq!(outcomes, vec![RecordOutcome::Accepted; 2]);
+    async fn create(name: &str) -> Self {
+        Pg(TestDb::postgres(name).await)
+    }
 
-    assert_eq!(
-        contacts(&db).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Bobby".into(), 20),
-            ("c@x.io".into(), "Cy".into(), 3),
-            ("d@x.io".into(), "Di".into(), 4),
-        ]
-    );
+    async fn exec(&self, sql: &str) {
+        self.0.exec(sql).await;
+    }
+
+    async fn connector(&self, table: &str) -> Arc<dyn Connector> {
+        connector(&self.0.url, table, None).await
+    }
+
+    async fn contacts(&self) -> Vec<(String, String, i64)> {
+        contacts(&self.0).await
+    }
 }
+
+table_suite!(Pg);
 
 /// id, amount as text, seen_at, ref, payload as text, doc as text, active, born, tags, ratio.
 type FactRow = (
@@ -216,103 +216,6 @@ async fn typed_columns_receive_exact_values() {
 }
 
 #[tokio::test]
-async fn inserting_a_duplicate_rejects_the_batch() {
-    let db = TestDb::postgres("tbl_dup").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(Operation::Insert, &[contact("a@x.io", "Ann", 1)])
-        .await
-        .unwrap();
-
-    let err = c
-        .send(
-            Operation::Insert,
-            &[contact("b@x.io", "Bob", 2), contact("a@x.io", "Ann again", 1)],
-        )
-        .await
-        .unwrap_err();
-    match err {
-        SendError::BatchRejected(reason) => assert!(reason.contains("duplicate key"), "{reason}"),
-        other => panic!("expected BatchRejected, got {other:?}"),
-    }
-    // The transaction rolled back: Bob was not written either.
-    assert_eq!(contacts(&db).await, vec![("a@x.io".into(), "Ann".into(), 1)]);
-}
-
-#[tokio::test]
-async fn updating_a_missing_record_rejects_only_that_record() {
-    let db = TestDb::postgres("tbl_update").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[contact("a@x.io", "Ann", 1), contact("b@x.io", "Bob", 2)],
-    )
-    .await
-    .unwrap();
-
-    let outcomes = c
-        .send(
-            Operation::Update,
-            &[
-                contact("a@x.io", "Ann", 1),
-                contact("ghost@x.io", "Nobody", 9),
-                contact("b@x.io", "Rob", 5),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes,
-        vec![
-            RecordOutcome::Accepted,
-            RecordOutcome::Rejected("no existing record matches the match fields".into()),
-            RecordOutcome::Accepted,
-        ]
-    );
-    assert_eq!(
-        contacts(&db).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Rob".into(), 5)
-        ]
-    );
-}
-
-#[tokio::test]
-async fn delete_removes_rows_and_is_idempotent() {
-    let db = TestDb::postgres("tbl_delete").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[
-            contact("a@x.io", "Ann", 1),
-            contact("b@x.io", "Bob", 2),
-            contact("c@x.io", "Cy", 3),
-        ],
-    )
-    .await
-    .unwrap();
-
-    let gone = vec![
-        key_only(&[("email", text("a@x.io"))]),
-        key_only(&[("email", text("c@x.io"))]),
-    ];
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&db).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&db).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-}
-
-#[tokio::test]
 async fn upsert_without_a_unique_index_is_fatal_with_a_hint() {
     let db = TestDb::postgres("tbl_noindex").await;
     db.exec("CREATE TABLE people (email text, name text)").await;
@@ -379,28 +282,6 @@ async fn a_field_without_a_column_is_fatal_naming_the_column() {
         matches!(err, SendError::Fatal(ref r) if r.contains("nickname")),
         "{err:?}"
     );
-}
-
-#[tokio::test]
-async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
-    let db = TestDb::postgres("tbl_notnull").await;
-    db.exec(CONTACTS).await;
-    let c = connector(&db.url, "contacts", None).await;
-    let mut batch: Vec<Record> = (0..10)
-        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
-        .collect();
-    batch[6].fields.insert("name".into(), Value::Null);
-
-    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("not-null")),
-        "{err:?}"
-    );
-    assert!(contacts(&db).await.is_empty());
-
-    // The machinery splits down to the record at fault; alone, it is rejected the same way.
-    let err = c.send(Operation::Upsert, &batch[6..7]).await.unwrap_err();
-    assert!(matches!(err, SendError::BatchRejected(_)), "{err:?}");
 }
 
 #[tokio::test]
@@ -629,4 +510,33 @@ async fn a_value_the_column_refuses_is_not_quoted_back_in_the_reason() {
     };
     assert!(reason.contains("invalid input syntax"), "{reason}");
     assert!(!reason.contains("u1@x.com"), "the row value stays out: {reason}");
+}
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn check_match_names_a_missing_unique_index_before_any_upsert() {
+    let db = TestDb::postgres("tbl_checkmatch").await;
+    db.exec("CREATE TABLE people (email text, name text, org int, dept int, PRIMARY KEY (org, dept))")
+        .await;
+    db.exec("CREATE UNIQUE INDEX people_name_partial ON people (name) WHERE name <> ''")
+        .await;
+    let c = connector(&db.url, "people", None).await;
+
+    let Err(SendError::Fatal(reason)) = c.check_match(&fields(&["email"])).await else {
+        panic!("a missing unique index is fatal");
+    };
+    assert!(
+        reason.contains("create a unique index on (email) of table people"),
+        "{reason}"
+    );
+    // A partial index cannot serve ON CONFLICT; the primary key can, in any column order.
+    assert!(c.check_match(&fields(&["name"])).await.is_err());
+    c.check_match(&fields(&["dept", "org"])).await.unwrap();
+
+    db.exec("CREATE UNIQUE INDEX people_email ON people (email)")
+        .await;
+    c.check_match(&fields(&["email"])).await.unwrap();
 }

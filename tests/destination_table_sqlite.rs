@@ -1,5 +1,7 @@
 //! The SQLite table destination on temporary database files.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -11,10 +13,11 @@ use sqlx::Connection;
 use tempfile::TempDir;
 
 use backflow::api::DestinationSpec;
-use backflow::destination::{
-    self, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
-use backflow::engine::value::{Document, Value};
+use backflow::destination::{self, Connector, DestinationError, RecordOutcome, SendError};
+use backflow::model::record::{Operation, Record};
+use backflow::model::secret::SecretData;
+use backflow::model::value::{Document, Value};
+use support::table_suite::{TableFixture, table_suite};
 
 fn doc(pairs: &[(&str, Value)]) -> Document {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
@@ -104,16 +107,30 @@ const CONTACTS: &str = "CREATE TABLE contacts (
     visits INTEGER NOT NULL DEFAULT 0
 )";
 
-fn contact(email: &str, name: &str, visits: i64) -> Record {
-    record(
-        &["email"],
-        &[
-            ("email", text(email)),
-            ("name", text(name)),
-            ("visits", Value::Int(visits)),
-        ],
-    )
+/// SQLite for the shared table suite.
+impl TableFixture for TestFile {
+    const CONTACTS: &'static str = CONTACTS;
+    const NOT_NULL: &'static str = "NOT NULL";
+    const DUPLICATE_KEY: &'static str = "UNIQUE";
+
+    async fn create(_name: &str) -> Self {
+        TestFile::new()
+    }
+
+    async fn exec(&self, sql: &str) {
+        TestFile::exec(self, sql).await;
+    }
+
+    async fn connector(&self, table: &str) -> Arc<dyn Connector> {
+        TestFile::connector(self, table, None).await
+    }
+
+    async fn contacts(&self) -> Vec<(String, String, i64)> {
+        contacts(self).await
+    }
 }
+
+table_suite!(TestFile);
 
 #[tokio::test]
 async fn the_database_file_is_created_in_wal_mode_when_missing() {
@@ -133,38 +150,6 @@ async fn the_database_file_is_created_in_wal_mode_when_missing() {
     let caps = c.capabilities();
     assert_eq!(caps.default_concurrency, 1);
     assert_eq!(caps.operations.len(), 4);
-}
-
-#[tokio::test]
-async fn upsert_creates_rows_then_updates_exactly_the_changed_ones() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-
-    let first = vec![
-        contact("a@x.io", "Ann", 1),
-        contact("b@x.io", "Bob", 2),
-        contact("c@x.io", "Cy", 3),
-    ];
-    assert_eq!(
-        c.send(Operation::Upsert, &first).await.unwrap(),
-        vec![RecordOutcome::Accepted; 3]
-    );
-    let second = vec![contact("b@x.io", "Bobby", 20), contact("d@x.io", "Di", 4)];
-    assert_eq!(
-        c.send(Operation::Upsert, &second).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-
-    assert_eq!(
-        contacts(&f).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Bobby".into(), 20),
-            ("c@x.io".into(), "Cy".into(), 3),
-            ("d@x.io".into(), "Di".into(), 4),
-        ]
-    );
 }
 
 /// id, amount, seen_at, ref, payload, active, born, ratio — as SQLite stores them.
@@ -247,98 +232,6 @@ async fn typed_values_are_stored_exactly() {
 }
 
 #[tokio::test]
-async fn inserting_a_duplicate_rejects_the_batch() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(Operation::Insert, &[contact("a@x.io", "Ann", 1)])
-        .await
-        .unwrap();
-    let err = c
-        .send(
-            Operation::Insert,
-            &[contact("b@x.io", "Bob", 2), contact("a@x.io", "Ann again", 1)],
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("UNIQUE")),
-        "{err:?}"
-    );
-    assert_eq!(contacts(&f).await, vec![("a@x.io".into(), "Ann".into(), 1)]);
-}
-
-#[tokio::test]
-async fn updating_a_missing_record_rejects_only_that_record() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[contact("a@x.io", "Ann", 1), contact("b@x.io", "Bob", 2)],
-    )
-    .await
-    .unwrap();
-    let outcomes = c
-        .send(
-            Operation::Update,
-            &[
-                contact("a@x.io", "Ann", 1),
-                contact("ghost@x.io", "Nobody", 9),
-                contact("b@x.io", "Rob", 5),
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        outcomes,
-        vec![
-            RecordOutcome::Accepted,
-            RecordOutcome::Rejected("no existing record matches the match fields".into()),
-            RecordOutcome::Accepted,
-        ]
-    );
-    assert_eq!(
-        contacts(&f).await,
-        vec![
-            ("a@x.io".into(), "Ann".into(), 1),
-            ("b@x.io".into(), "Rob".into(), 5)
-        ]
-    );
-}
-
-#[tokio::test]
-async fn delete_removes_rows_and_is_idempotent() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    c.send(
-        Operation::Upsert,
-        &[
-            contact("a@x.io", "Ann", 1),
-            contact("b@x.io", "Bob", 2),
-            contact("c@x.io", "Cy", 3),
-        ],
-    )
-    .await
-    .unwrap();
-    let gone = vec![
-        key_only(&[("email", text("a@x.io"))]),
-        key_only(&[("email", text("c@x.io"))]),
-    ];
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-    assert_eq!(
-        c.send(Operation::Delete, &gone).await.unwrap(),
-        vec![RecordOutcome::Accepted; 2]
-    );
-    assert_eq!(contacts(&f).await, vec![("b@x.io".into(), "Bob".into(), 2)]);
-}
-
-#[tokio::test]
 async fn upsert_without_a_unique_index_is_fatal_with_a_hint() {
     let f = TestFile::new();
     f.exec("CREATE TABLE people (email TEXT, name TEXT)").await;
@@ -373,23 +266,6 @@ async fn check_fails_fatally_naming_a_missing_table() {
         SendError::Fatal(reason) => assert!(reason.contains("table nowhere does not exist"), "{reason}"),
         other => panic!("expected Fatal, got {other:?}"),
     }
-}
-
-#[tokio::test]
-async fn a_not_null_violation_rejects_the_batch_and_writes_nothing() {
-    let f = TestFile::new();
-    f.exec(CONTACTS).await;
-    let c = f.connector("contacts", None).await;
-    let mut batch: Vec<Record> = (0..10)
-        .map(|i| contact(&format!("{i}@x.io"), "Someone", i))
-        .collect();
-    batch[6].fields.insert("name".into(), Value::Null);
-    let err = c.send(Operation::Upsert, &batch).await.unwrap_err();
-    assert!(
-        matches!(err, SendError::BatchRejected(ref r) if r.contains("NOT NULL")),
-        "{err:?}"
-    );
-    assert!(contacts(&f).await.is_empty());
 }
 
 #[tokio::test]
@@ -548,4 +424,101 @@ async fn build_needs_a_secret_reference_and_key() {
         matches!(err, DestinationError::MissingSecretKey { ref secret, ref key } if secret == "local" && key == "url"),
         "{err:?}"
     );
+}
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn check_match_names_a_missing_unique_index_before_any_upsert() {
+    let f = TestFile::new();
+    f.exec("CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT, name TEXT)")
+        .await;
+    f.exec("CREATE UNIQUE INDEX people_name_partial ON people (name) WHERE name <> ''")
+        .await;
+    let c = f.connector("people", None).await;
+
+    let Err(SendError::Fatal(reason)) = c.check_match(&fields(&["email"])).await else {
+        panic!("a missing unique index is fatal");
+    };
+    assert!(
+        reason.contains("create a unique index on (email) of table people"),
+        "{reason}"
+    );
+    // A partial index cannot serve ON CONFLICT; an INTEGER PRIMARY KEY can, without an index.
+    assert!(c.check_match(&fields(&["name"])).await.is_err());
+    c.check_match(&fields(&["ID"])).await.unwrap();
+
+    f.exec("CREATE UNIQUE INDEX people_email ON people (email)").await;
+    c.check_match(&fields(&["email"])).await.unwrap();
+}
+
+/// A sync in upsert mode to a table without a unique index on its match field is refused when
+/// it is prepared, with the reason its ReverseSync shows, before any row is read.
+#[tokio::test]
+async fn a_sync_to_a_table_without_a_unique_index_on_its_match_fields_is_not_prepared() {
+    use backflow::destination::delivery::rate_limit::Limiters;
+    use backflow::engine::setup::prepare;
+    use backflow::local::manifests::{Manifests, load_text};
+
+    let f = TestFile::new();
+    f.exec("CREATE TABLE contacts (email TEXT, name TEXT)").await;
+    let manifests_text = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: crm}}
+stringData: {{url: "{url}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: warehouse}}
+stringData: {{url: "{url}"}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: Destination
+metadata: {{name: crm}}
+spec:
+  type: sqlite
+  credentialsSecretRef: {{name: crm}}
+  sqlite: {{table: contacts}}
+---
+apiVersion: backflow.dev/v1alpha1
+kind: ReverseSync
+metadata: {{name: people}}
+spec:
+  source:
+    connectionSecretRef: {{name: warehouse}}
+    query: SELECT email, name FROM contacts
+    primaryKey: [email]
+  destinationRef: {{name: crm}}
+  mappings:
+    - {{from: email, to: email}}
+    - {{from: name, to: name}}
+"#,
+        url = f.url()
+    );
+    let mut manifests = Manifests::default();
+    load_text(&manifests_text, "people.yaml", &mut manifests).unwrap();
+    let sync = manifests.syncs.values().next().unwrap().clone();
+    let limiters = Limiters::default();
+
+    let Err(error) = prepare(&manifests, "default", &sync, &limiters, true).await else {
+        panic!("a sync without a unique index on its match field was prepared");
+    };
+    assert_eq!(error.category(), "MatchIndexMissing");
+    assert!(error.is_permanent());
+    let message = error.to_string();
+    assert!(
+        message.contains("Destination \"crm\"")
+            && message.contains("create a unique index on (email) of table contacts"),
+        "{message}"
+    );
+
+    f.exec("CREATE UNIQUE INDEX contacts_email ON contacts (email)")
+        .await;
+    prepare(&manifests, "default", &sync, &limiters, true)
+        .await
+        .unwrap();
 }

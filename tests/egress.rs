@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
-use backflow::destination::{self, DestinationError, SecretData, SendError};
+use backflow::destination::{self, DestinationError, SendError};
 use backflow::egress::{self, EgressError, Policy};
 use backflow::engine::run::RunError;
+use backflow::model::secret::SecretData;
 use backflow::source::{SourceError, SourceOptions, extract};
 use serde_json::json;
 use tokio::net::TcpListener;

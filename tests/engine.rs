@@ -104,7 +104,7 @@ async fn first_run_sends_every_row_and_second_run_without_changes_sends_nothing(
 
 #[tokio::test]
 async fn the_connector_hears_what_a_run_will_send_before_the_first_batch_but_not_in_a_dry_run() {
-    use backflow::destination::Operation;
+    use backflow::model::record::Operation;
     let h = Harness::new().await;
     let fake = Arc::new(FakeConnector::new(100));
     h.run(&all("mirror"), fake.clone()).await;
@@ -153,7 +153,7 @@ async fn mirror_deletes_rows_that_left_the_model_and_other_modes_do_not() {
     assert_eq!((report.plan.removed, report.deleted), (2, 2));
     let calls = fake.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].0, backflow::destination::Operation::Delete);
+    assert_eq!(calls[0].0, backflow::model::record::Operation::Delete);
     // Deleted records are forgotten: a third run sends nothing.
     let third = Arc::new(FakeConnector::new(100));
     let report = h.run(&all("mirror"), third.clone()).await;
@@ -178,7 +178,7 @@ async fn insert_mode_sends_new_rows_only_and_update_mode_changed_rows_only() {
     assert_eq!(fake.call_count(), 1);
     assert_eq!(
         fake.calls.lock().unwrap()[0].0,
-        backflow::destination::Operation::Insert
+        backflow::model::record::Operation::Insert
     );
 
     h.db.exec("UPDATE customers SET plan = 'pro' WHERE id IN (1, 20)")
@@ -193,7 +193,7 @@ async fn insert_mode_sends_new_rows_only_and_update_mode_changed_rows_only() {
     assert_eq!(fake.sent_keys(), vec!["1"]);
     assert_eq!(
         fake.calls.lock().unwrap()[0].0,
-        backflow::destination::Operation::Update
+        backflow::model::record::Operation::Update
     );
     assert_eq!(report.plan.skipped, 20);
 }
@@ -497,7 +497,7 @@ fn repository_templates() -> Vec<(String, String, String)> {
 
 /// How the engine before Jinja rendered a `{{name}}` template: each name's value as text
 /// (`Value::as_text`), NULL empty.
-fn render_old(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Value) -> String {
+fn render_old(text: &str, value_of: impl Fn(&str) -> backflow::model::value::Value) -> String {
     backflow::template::Template::parse(text)
         .unwrap()
         .render(|name| {
@@ -513,8 +513,8 @@ fn render_old(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Va
 
 /// The same template through the new engine: its default path (plain holes) and, with a
 /// trailing comment that keeps it off that path, the Jinja machine.
-fn render_new(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Value) -> [String; 2] {
-    use backflow::engine::value::{Document, Value};
+fn render_new(text: &str, value_of: impl Fn(&str) -> backflow::model::value::Value) -> [String; 2] {
+    use backflow::model::value::{Document, Value};
     use backflow::template::{Jinja, Limits, Mode};
     [text.to_owned(), format!("{text}{{# through the machine #}}")].map(|source| {
         let template = Jinja::compile(&source, Mode::Text, Limits::RECORD).unwrap();
@@ -539,7 +539,7 @@ fn render_new(text: &str, value_of: impl Fn(&str) -> backflow::engine::value::Va
 
 #[test]
 fn every_template_in_the_repository_renders_as_before() {
-    use backflow::engine::value::Value;
+    use backflow::model::value::Value;
     use bigdecimal::BigDecimal;
     use std::str::FromStr;
     let templates = repository_templates();
@@ -593,7 +593,7 @@ fn every_template_in_the_repository_renders_as_before() {
 
 #[test]
 fn dates_times_timestamps_and_uuids_now_print_without_the_json_quotes_of_before() {
-    use backflow::engine::value::Value;
+    use backflow::model::value::Value;
     let cases = [
         (
             Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 1, 2).unwrap()),
@@ -626,7 +626,7 @@ fn deletes_sent(fake: &FakeConnector) -> usize {
         .lock()
         .unwrap()
         .iter()
-        .filter(|(op, _)| *op == backflow::destination::Operation::Delete)
+        .filter(|(op, _)| *op == backflow::model::record::Operation::Delete)
         .map(|(_, keys)| keys.len())
         .sum()
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use backflow::engine::value::{Document, Value};
+use backflow::model::value::{Document, Value};
 use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{Connection, Credentials, SourceOptions, extract_from};
 use serde_json::json;
 use support::bigquery_double::{BigQueryDouble, BqResult};

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -490,10 +490,10 @@ async fn types_newer_than_the_test_server_decode_from_a_current_engines_bytes() 
     assert_eq!(types[5], "Decimal(76, 9)");
     let rows = collect(stream).await.unwrap();
     assert_eq!(rows.len(), 2);
-    let mut map = backflow::engine::value::Document::new();
+    let mut map = backflow::model::value::Document::new();
     map.insert("a".into(), Value::Int(1));
     map.insert("b".into(), Value::Int(2));
-    let mut nested = backflow::engine::value::Document::new();
+    let mut nested = backflow::model::value::Document::new();
     nested.insert("k".into(), Value::Array(vec![Value::Int(1), Value::Null]));
     assert_eq!(
         rows[0],

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, Utc};

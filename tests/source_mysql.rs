@@ -6,7 +6,7 @@ mod support;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{Privileges, RowStream, SourceError, SourceOptions, SourceRow, extract};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};

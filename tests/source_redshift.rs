@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use support::db::TestDb;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use backflow::api::ReverseSyncSpec;
 use backflow::engine::run::{RunOptions, SyncRun, run};
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
 use backflow::state::file::FileStore;
 use bigdecimal::BigDecimal;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{RowStream, SourceError, SourceOptions, SourceRow, extract};
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};

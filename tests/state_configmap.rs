@@ -12,7 +12,9 @@ use backflow::api::ReverseSyncSpec;
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
-use backflow::state::configmap::{ConfigMapStore, delete_all, index_name};
+use backflow::state::configmap::ConfigMapStore;
+use backflow::state::configmap::gc::delete_all;
+use backflow::state::configmap::names::index_name;
 use backflow::state::{StateChange, StateError, StateStore, stored_key_hash};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -507,7 +509,7 @@ async fn deleting_the_sync_deletes_its_state_through_the_owner_references() {
         .create(&PostParams::default(), &ReverseSync::new("owned", spec()))
         .await
         .unwrap();
-    let owner = backflow::state::configmap::owner_reference(&sync).unwrap();
+    let owner = backflow::state::configmap::names::owner_reference(&sync).unwrap();
     assert_eq!(owner.controller, Some(false));
     let mut s = ConfigMapStore::new(server.client(), NS, "owned", owner);
     s.load(SCOPE).await.unwrap();

@@ -10,8 +10,8 @@ mod support;
 use std::sync::Arc;
 
 use backflow::api::ReverseSyncSpec;
-use backflow::destination::Operation;
 use backflow::engine::run::{RunOptions, RunReport, SyncRun, run};
+use backflow::model::record::Operation;
 use backflow::state::StateStore;
 use backflow::state::configmap::ConfigMapStore;
 use backflow::state::file::FileStore;

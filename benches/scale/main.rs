@@ -31,7 +31,7 @@
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
 //! report the median time and the highest peak; end-to-end runs change the state and run
-//! once. The aims of issue 6 are printed next to the figures, computed from them. The server
+//! once. The scale targets are printed next to the figures, computed from them. The server
 //! is `BACKFLOW_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 // The API server double of the integration tests, for the ConfigMap store.

@@ -1,5 +1,5 @@
 //! Printing: one table per model size, the File store's memory per row, delivery throughput,
-//! and issue 6's aims with whether this run met them (computed, never assumed).
+//! and the scale targets with whether this run met them (computed, never assumed).
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use crate::delivery::{self, Scenario};
 use crate::phase::{Measured, Store};
 use crate::sink::Seen;
 
-/// The size issue 6 states its aims for.
+/// The size the scale targets are stated for.
 const AIM_ROWS: u64 = 10_000_000;
 /// Warehouse store, second-run plan: at most this many times the COPY time...
 const AIM_WAREHOUSE_VS_COPY: f64 = 3.0;
@@ -210,7 +210,7 @@ fn print_delivery(scenarios: &[Scenario]) {
 }
 
 fn print_aims(sizes: &[SizeReport], scenarios: &[Scenario]) {
-    println!("\n== aims (issue 6; stated for {} rows) ==", thousands(AIM_ROWS));
+    println!("\n== targets (stated for {} rows) ==", thousands(AIM_ROWS));
     for size in sizes {
         let at = format!(" [at {} rows]", thousands(size.rows));
         if let Some(w) = size.store(Store::Warehouse) {

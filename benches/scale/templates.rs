@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::str::FromStr;
 use std::time::Instant;
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::template::{Jinja, Limits, Mode, Template};
 use bigdecimal::BigDecimal;
 

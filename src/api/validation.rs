@@ -4,9 +4,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
+use super::reverse_sync::{Mapping, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
 use super::{duration, limits};
-use crate::engine::mapping::{Transform, effective_match_fields};
+use crate::model::transform::Transform;
 use crate::template::{Jinja, Limits, Mode, Template};
 
 /// One problem in a spec: the field path and what is wrong.
@@ -463,6 +463,35 @@ fn check_duration(errors: &mut Errors, field: &str, text: &str, max: std::time::
     if let Err(e) = duration::parse_at_most(text, max) {
         errors.add(field, e);
     }
+}
+
+/// The match fields of a sync: `spec.match`, or the targets of the primary key columns.
+pub fn effective_match_fields(
+    mappings: &[Mapping],
+    primary_key: &[String],
+    match_fields: &[String],
+) -> Result<Vec<String>, String> {
+    if !match_fields.is_empty() {
+        for f in match_fields {
+            if !mappings.iter().any(|m| &m.to == f) {
+                return Err(format!("match field {f:?} is not the target (to) of any mapping"));
+            }
+        }
+        return Ok(match_fields.to_vec());
+    }
+    let targets: Vec<String> = primary_key
+        .iter()
+        .filter_map(|pk| {
+            mappings
+                .iter()
+                .find(|m| m.from.as_deref() == Some(pk.as_str()))
+                .map(|m| m.to.clone())
+        })
+        .collect();
+    if targets.len() != primary_key.len() {
+        return Err("set spec.match to the destination field(s) that identify a record, or map every primary key column".to_owned());
+    }
+    Ok(targets)
 }
 
 #[cfg(test)]

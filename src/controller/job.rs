@@ -18,7 +18,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::runner::RunPolicy;
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
-use crate::state::configmap::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
+use crate::model::labels::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
 
 /// Operator-wide defaults of run Jobs (flags of `backflow operator`).
 #[derive(Debug, Clone, Default, PartialEq)]

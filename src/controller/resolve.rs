@@ -14,8 +14,8 @@ use kube::{Api, Client};
 
 use crate::api::Destination;
 use crate::destination::Connector;
-use crate::destination::SecretData;
 use crate::engine::setup::{CustomConnectors, Resolver, SecretUser, SetupError};
+use crate::model::secret::SecretData;
 
 /// The annotation by which a Secret names the objects that may use it.
 pub const ALLOWED_REFERENCES: &str = "backflow.dev/allowed-references";

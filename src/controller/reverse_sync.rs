@@ -535,7 +535,7 @@ async fn cleanup(sync: Arc<ReverseSync>, ctx: &Context) -> Action {
         }
     }
     if let Err(e) =
-        crate::state::configmap::delete_all(ctx.env.client.clone(), &key.namespace, &key.name).await
+        crate::state::configmap::gc::delete_all(ctx.env.client.clone(), &key.namespace, &key.name).await
     {
         tracing::warn!(error = %e, "failed to delete the sync's state; its ConfigMaps are owned by the sync and garbage-collected");
     }

@@ -488,7 +488,7 @@ async fn run_once(
     let resolver = env.resolver();
     let dry_run = flags.dry_run;
     let prepared = setup::prepare(&resolver, namespace, sync, &env.limiters, !dry_run).await?;
-    let owner = configmap::owner_reference(sync)
+    let owner = configmap::names::owner_reference(sync)
         .ok_or_else(|| SetupError::InvalidSync("the ReverseSync has no uid yet".to_owned()))?;
     let configmaps = Box::new(ConfigMapStore::new(env.client.clone(), namespace, name, owner));
     let mut store = crate::state::migrate::choose(

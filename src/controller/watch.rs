@@ -35,7 +35,7 @@ pub fn config() -> watcher::Config {
     watcher::Config::default().list_semantic(ListSemantic::MostRecent)
 }
 
-/// Exponential backoff with jitter from [`FIRST_RETRY`] to [`MAX_RETRY`], reset by any
+/// Exponential backoff with jitter from `FIRST_RETRY` to `MAX_RETRY`, reset by any
 /// successful event.
 pub struct WatchBackoff {
     builder: backon::ExponentialBuilder,

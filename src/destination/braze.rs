@@ -49,14 +49,14 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::BrazeSpec;
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 
 /// Attribute objects per `/users/track` request, Braze's documented limit; also the batch size

@@ -28,14 +28,14 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json};
 
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{CustomerioRegion, CustomerioSpec};
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 
 /// The Track API host of US workspaces.

@@ -24,14 +24,16 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
-use super::http::{EXCERPT_CHARS, RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
+use super::vendor::answer::{
+    EXCERPT_CHARS, RequestLabel, excerpt, retry_after, status_error, transport_error,
 };
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::HubspotSpec;
-use crate::engine::value::Value;
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::Value;
 use crate::redact::Scrubber;
 
 /// HubSpot's API host unless `baseUrl` says otherwise.
@@ -149,7 +151,7 @@ impl HubspotConnector {
     /// `idProperty` or `properties.idProperty`, or its only match field; else from its fields.
     fn id_of(&self, record: &Record) -> Option<String> {
         let nested = format!("properties.{}", self.id_property);
-        let lookup = |doc: &crate::engine::value::Document| -> Option<String> {
+        let lookup = |doc: &crate::model::value::Document| -> Option<String> {
             let value = doc
                 .get(&self.id_property)
                 .or_else(|| doc.get(&nested))
@@ -670,7 +672,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::engine::value::Document;
+    use crate::model::value::Document;
     use reqwest::header::HeaderValue;
 
     fn connector(object: &str, id_property: &str) -> Result<HubspotConnector, DestinationError> {

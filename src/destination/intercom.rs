@@ -32,14 +32,14 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{IntercomIdentifier, IntercomRole, IntercomSpec};
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 
 /// Intercom's US-hosted API unless `baseUrl` says otherwise.

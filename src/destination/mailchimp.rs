@@ -34,14 +34,14 @@ use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value as Json, json};
 
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{MailchimpSpec, MailchimpStatus};
-use crate::engine::value::Value;
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::Value;
 use crate::redact::Scrubber;
 
 /// Members per batch subscribe call, Mailchimp's documented limit.
@@ -238,7 +238,7 @@ impl MailchimpConnector {
     /// The record's email address: from its identity (`email_address`, `email`, or its only
     /// match field), else from its fields.
     fn email_of(record: &Record) -> Option<String> {
-        let lookup = |doc: &crate::engine::value::Document| -> Option<String> {
+        let lookup = |doc: &crate::model::value::Document| -> Option<String> {
             let value = doc.get("email_address").or_else(|| doc.get("email"))?;
             (!value.is_null()).then(|| value.to_text())
         };
@@ -587,7 +587,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::engine::value::Document;
+    use crate::model::value::Document;
 
     fn connector(key: &str, base_url: Option<&str>) -> Result<MailchimpConnector, DestinationError> {
         let secret = SecretData::new(BTreeMap::from([("apiKey".to_owned(), key.to_owned())]));

@@ -2,7 +2,9 @@
 //! connector from a `Destination` spec.
 //!
 //! A connector says how to send one batch of records and how to read per-record outcomes;
-//! batching, rate limiting, retries, splitting and concurrency live once in [`delivery`].
+//! batching, rate limiting, retries, splitting, concurrency and the check that a connector
+//! supports an operation live once in [`delivery`]; what every HTTP connector shares (the
+//! rules for reading an answer among it) lives in [`vendor`], never in a sibling connector.
 
 pub mod braze;
 pub mod customerio;
@@ -18,50 +20,15 @@ pub mod table;
 pub mod vendor;
 pub mod zendesk;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::api::{DestinationSpec, DestinationType};
-use crate::engine::value::Document;
-
-/// What a batch asks the destination to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    /// Create the record, or update it if it exists.
-    Upsert,
-    /// Update an existing record.
-    Update,
-    /// Create a new record.
-    Insert,
-    /// Delete the record (mirror mode).
-    Delete,
-}
-
-impl Operation {
-    /// The name used in templates, logs and status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Upsert => "upsert",
-            Operation::Update => "update",
-            Operation::Insert => "insert",
-            Operation::Delete => "delete",
-        }
-    }
-}
-
-/// One record to send.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    /// The row's primary key in canonical text form (for outcomes and logs; never a payload).
-    pub key: String,
-    /// The match fields and their values: how the destination identifies the record.
-    pub identity: Document,
-    /// The mapped fields to write (empty for deletes).
-    pub fields: Document,
-}
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::redact::{Scrub, Scrubber};
 
 /// The outcome of one record in a batch the destination answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +101,28 @@ impl From<crate::egress::EgressError> for SendError {
     }
 }
 
+impl Scrub for SendError {
+    fn scrubbed(self, scrubber: &Scrubber) -> SendError {
+        match self {
+            SendError::Retryable {
+                reason,
+                retry_after,
+                throttled,
+            } => SendError::Retryable {
+                reason: scrubber.scrub(&reason),
+                retry_after,
+                throttled,
+            },
+            SendError::BatchRejected(reason) => SendError::BatchRejected(scrubber.scrub(&reason)),
+            SendError::Fatal(reason) => SendError::Fatal(scrubber.scrub(&reason)),
+            SendError::TooLarge { limit, reason } => SendError::TooLarge {
+                limit,
+                reason: scrubber.scrub(&reason),
+            },
+        }
+    }
+}
+
 /// What a connector can do and its default limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Capabilities {
@@ -196,58 +185,16 @@ pub trait Connector: Send + Sync {
     /// Checks that the destination answers and the credentials work.
     async fn check(&self) -> Result<(), SendError>;
 
+    /// Checks, before a sync runs, that the destination can find records by the sync's match
+    /// fields when it upserts (a table needs a unique index on those columns). `Fatal` names
+    /// what to create; the default has nothing to check.
+    async fn check_match(&self, _match_fields: &[String]) -> Result<(), SendError> {
+        Ok(())
+    }
+
     /// Sends one batch (at most `max_batch_size` records) and returns one outcome per record,
     /// in order.
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError>;
-}
-
-/// The keys and values of a Secret, decoded, and its name. Its `Debug` never shows values.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct SecretData {
-    name: String,
-    values: BTreeMap<String, String>,
-}
-
-impl SecretData {
-    /// Wraps decoded Secret data.
-    pub fn new(values: BTreeMap<String, String>) -> Self {
-        SecretData {
-            name: String::new(),
-            values,
-        }
-    }
-
-    /// The same data, with the Secret's name (used in messages about missing keys).
-    pub fn with_name(mut self, name: &str) -> Self {
-        self.name = name.to_owned();
-        self
-    }
-
-    /// The Secret's name, empty when unknown.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The value under `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.values.get(key).map(String::as_str)
-    }
-
-    /// Every key and value (for templates).
-    pub fn entries(&self) -> &BTreeMap<String, String> {
-        &self.values
-    }
-
-    /// Every value, to scrub them out of error messages.
-    pub fn values(&self) -> impl Iterator<Item = &str> {
-        self.values.values().map(String::as_str)
-    }
-}
-
-impl std::fmt::Debug for SecretData {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.values.keys()).finish()
-    }
 }
 
 /// Failures building a connector from a spec.

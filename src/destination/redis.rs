@@ -21,11 +21,11 @@ use ::redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorK
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::DestinationSpec;
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 use crate::template::Template;
 
@@ -154,7 +154,7 @@ pub fn build(
         key,
         ttl_millis: ttl.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         scrubber: Scrubber::new().with_url(url).with_secret(secret),
-        location: crate::source::describe_url(url),
+        location: crate::redact::describe_url(url),
         credentials_hint: format!("key {secret_key:?} of Secret {:?}", secret_ref.name),
     }))
 }

@@ -8,26 +8,25 @@
 //! `Retry-After` (chat.postMessage allows about one message per second per channel,
 //! <https://api.slack.com/docs/rate-limits>) and 5xx go through the shared HTTP helpers.
 //!
-//! Messages cannot be taken back by Backflow, so deletes (mirror mode) reject every record
-//! with [`DELETE_REJECTED`] instead of being sent.
+//! Messages cannot be taken back by Backflow: the connector does not list deletes among its
+//! operations, so a mirror sync to Slack is refused before it runs.
 
 use std::borrow::Cow;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, Url};
 
-use super::http::{
-    DEFAULT_TIMEOUT, RequestLabel, StatusClass, classify_status, excerpt, retry_after, status_error,
-    transport_error,
-};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
+use super::vendor::answer::{
+    RequestLabel, StatusClass, classify_status, excerpt, retry_after, status_error, transport_error,
 };
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::destination::SlackSpec;
-use crate::engine::value::{Document, Value};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value};
 use crate::redact::Scrubber;
 use crate::template::Template;
 
@@ -35,8 +34,8 @@ use crate::template::Template;
 pub const DEFAULT_BASE_URL: &str = "https://slack.com/api";
 /// The Secret key holding the bot token when `credentialsSecretRef.key` is not set.
 pub const DEFAULT_TOKEN_KEY: &str = "token";
-/// The reason every record of a delete gets.
-pub const DELETE_REJECTED: &str = "Slack messages cannot be deleted by Backflow; use mode upsert";
+/// Longest wait for one API call.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Slack error codes that mean the token is wrong, gone or lacks a scope: nothing passes
 /// until a person fixes the Secret or the app.
@@ -135,7 +134,7 @@ impl SlackConnector {
         headers.insert(AUTHORIZATION, authorization);
 
         // A redirect would turn the POST into a GET and lose the message.
-        let client = vendor::client(DEFAULT_TIMEOUT)?;
+        let client = vendor::client(TIMEOUT)?;
 
         Ok(SlackConnector {
             client,
@@ -179,17 +178,12 @@ impl SlackConnector {
         let response = request
             .send()
             .await
-            .map_err(|e| self.scrubber.error(transport_error(label, e, DEFAULT_TIMEOUT)))?;
+            .map_err(|e| self.scrubber.error(transport_error(label, e, TIMEOUT)))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = super::vendor::read_body(
-            response,
-            super::vendor::MAX_RESPONSE_BYTES,
-            label,
-            DEFAULT_TIMEOUT,
-        )
-        .await
-        .map_err(|e| self.scrubber.error(e))?;
+        let body = super::vendor::read_body(response, super::vendor::MAX_RESPONSE_BYTES, label, TIMEOUT)
+            .await
+            .map_err(|e| self.scrubber.error(e))?;
         match classify_status(status) {
             StatusClass::Success => {}
             StatusClass::CredentialsRejected => {
@@ -336,7 +330,7 @@ impl Connector for SlackConnector {
         Capabilities {
             // chat.postMessage posts one message per call.
             max_batch_size: 1,
-            // Deletes are not supported: see [`DELETE_REJECTED`].
+            // Messages cannot be taken back, so no deletes.
             operations: vec![Operation::Upsert, Operation::Update, Operation::Insert],
             // chat.postMessage: about one message per second per channel.
             default_requests_per_second: 1.0,
@@ -356,13 +350,7 @@ impl Connector for SlackConnector {
         }
     }
 
-    async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
-        if operation == Operation::Delete {
-            return Ok(vec![
-                RecordOutcome::Rejected(DELETE_REJECTED.to_owned());
-                batch.len()
-            ]);
-        }
+    async fn send(&self, _operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for record in batch {
             let body = match self.message(record) {

@@ -1,16 +1,19 @@
-//! Pieces every HTTP connector needs: checking a configured URL, reading a credential from the
+//! Pieces every HTTP connector needs: the rules for reading an answer ([`answer`]), checking a configured URL, reading a credential from the
 //! Secret, marking an `Authorization` header sensitive, building the HTTP client, and reading
 //! an answer's body with a cap. Each returns the same errors, with the same messages, the
 //! connectors wrote themselves before.
+
+pub mod answer;
 
 use std::time::Duration;
 
 use reqwest::Url;
 use reqwest::header::HeaderValue;
 
-use super::http::{RequestLabel, transport_error};
-use super::{DestinationError, SecretData, SendError};
+use super::{DestinationError, SendError};
 use crate::api::SecretKeyRef;
+use crate::model::secret::SecretData;
+use answer::{RequestLabel, transport_error};
 
 /// How long to wait for a connection to a vendor.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -31,14 +31,14 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value as Json, json};
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{ZendeskObject, ZendeskSpec};
-use crate::engine::value::Value;
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::Value;
 use crate::redact::Scrubber;
 
 /// Objects per `create_or_update_many` or `destroy_many` call, Zendesk's documented limit.
@@ -664,7 +664,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::engine::value::Document;
+    use crate::model::value::Document;
 
     fn connector(object: ZendeskObject) -> Result<ZendeskConnector, DestinationError> {
         let secret = SecretData::new(BTreeMap::from([

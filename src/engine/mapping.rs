@@ -6,9 +6,10 @@
 
 use std::collections::BTreeMap;
 
-pub use super::transform::Transform;
-use super::value::Value;
 use crate::api::reverse_sync::{Mapping, TemplateType};
+use crate::api::validation::effective_match_fields;
+use crate::model::transform::Transform;
+use crate::model::value::Value;
 use crate::source::Column;
 use crate::template::{Jinja, Limits, Mode};
 
@@ -57,8 +58,8 @@ pub enum MappingError {
 }
 
 /// A row mapped to its destination record: one value per mapping, in spec order. The
-/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON) or built
-/// by [`Mapper::fields`]; planning needs only the bytes, so no map is built per row.
+/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON);
+/// planning needs only the bytes, so no map is built per row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MappedRow {
     /// The primary key in canonical text form.
@@ -225,18 +226,18 @@ impl Mapper {
     }
 
     /// Refuses a row with a value over [`MAX_VALUE_BYTES`], or a decimal whose exponent is
-    /// out of range ([`crate::engine::value::decimal_in_range`]), naming the column, never the
+    /// out of range ([`crate::model::value::decimal_in_range`]), naming the column, never the
     /// value. Cheap: no value is written out.
     pub fn check_values(&self, row: &[Value]) -> Result<(), ValueFault> {
         for (i, value) in row.iter().enumerate() {
             let column = || self.columns.get(i).map_or("?", String::as_str);
             let reason = if let Value::Decimal(d) = value
-                && !crate::engine::value::decimal_in_range(d)
+                && !crate::model::value::decimal_in_range(d)
             {
                 format!(
                     "column {:?} holds a decimal whose exponent is outside ±{}",
                     column(),
-                    crate::engine::value::MAX_DECIMAL_EXPONENT
+                    crate::model::value::MAX_DECIMAL_EXPONENT
                 )
             } else {
                 let bytes = value.approx_bytes();
@@ -321,7 +322,7 @@ impl Mapper {
     }
 
     /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`:
-    /// the bytes [`crate::engine::value::write_document`] writes for the same record.
+    /// the bytes [`crate::model::value::write_document`] writes for the same record.
     pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
         write_shape(&self.shape, values, out);
     }
@@ -403,35 +404,6 @@ fn mark_movable(mappings: &mut [CompiledMapping]) {
             m.take = read_later.insert(idx);
         }
     }
-}
-
-/// The match fields of a sync: `spec.match`, or the targets of the primary key columns.
-pub fn effective_match_fields(
-    mappings: &[Mapping],
-    primary_key: &[String],
-    match_fields: &[String],
-) -> Result<Vec<String>, String> {
-    if !match_fields.is_empty() {
-        for f in match_fields {
-            if !mappings.iter().any(|m| &m.to == f) {
-                return Err(format!("match field {f:?} is not the target (to) of any mapping"));
-            }
-        }
-        return Ok(match_fields.to_vec());
-    }
-    let targets: Vec<String> = primary_key
-        .iter()
-        .filter_map(|pk| {
-            mappings
-                .iter()
-                .find(|m| m.from.as_deref() == Some(pk.as_str()))
-                .map(|m| m.to.clone())
-        })
-        .collect();
-    if targets.len() != primary_key.len() {
-        return Err("set spec.match to the destination field(s) that identify a record, or map every primary key column".to_owned());
-    }
-    Ok(targets)
 }
 
 #[cfg(test)]

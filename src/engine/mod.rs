@@ -1,4 +1,6 @@
-//! The sync engine: extract → plan → deliver → commit. Knows nothing of Kubernetes.
+//! The sync engine: extract → plan → deliver → commit. Knows nothing of Kubernetes: it
+//! drives a [`source`](crate::source), a [`state`](crate::state) store and a
+//! [`destination`](crate::destination), speaking the shared [`model`](crate::model).
 
 pub mod delete_guard;
 pub mod mapping;
@@ -7,5 +9,3 @@ pub mod progress;
 pub mod run;
 pub mod setup;
 pub mod spill;
-pub mod transform;
-pub mod value;

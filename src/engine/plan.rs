@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
 
 use crate::api::SyncMode;
-use crate::destination::Operation;
+use crate::model::record::Operation;
 use crate::state::Fingerprints;
 
 /// How a row compares with what was last delivered.

@@ -17,12 +17,13 @@ mod in_memory;
 mod rows;
 mod store_diff;
 use super::spill::SpillReader;
-use super::value::Document;
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
+use crate::destination::PlannedSends;
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
-use crate::destination::{Operation, PlannedSends, Record};
+use crate::model::record::{Operation, Record};
+use crate::model::value::Document;
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
 

@@ -1,4 +1,4 @@
-//! Turning a `ReverseSync` into a ready-to-run [`SyncRun`]: validate, find its Destination and
+//! Turning a `ReverseSync` into a ready-to-run [`SyncRun`](crate::engine::run::SyncRun): validate, find its Destination and
 //! Secrets (same namespace only), build the connector behind the shared delivery layers.
 //!
 //! Where objects come from is the caller's business ([`Resolver`]): manifests for local runs,
@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::api::validation::{validate_destination, validate_reverse_sync};
+use crate::api::reverse_sync::SyncMode;
+use crate::api::validation::{effective_match_fields, validate_destination, validate_reverse_sync};
 use crate::api::{Destination, DestinationType, ReverseSync, ReverseSyncSpec, SecretKeyRef};
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::destination::delivery::{Delivery, DeliveryConfig};
-use crate::destination::{Connector, SecretData, SendError};
+use crate::destination::{Connector, SendError};
+use crate::model::record::Operation;
+use crate::model::secret::SecretData;
 use crate::source::Credentials;
 
 /// Finds the objects a sync refers to, in one namespace.
@@ -191,6 +194,19 @@ pub enum SetupError {
         /// True when retrying cannot help (credentials rejected, bad configuration).
         permanent: bool,
     },
+    /// The Destination cannot find records by the sync's match fields (a table without a
+    /// unique index on them).
+    #[error("Destination {name:?} cannot upsert by the match fields ({fields}): {reason}")]
+    MatchNotUnique {
+        /// Name of the Destination.
+        name: String,
+        /// The sync's match fields, comma-separated.
+        fields: String,
+        /// What the destination lacks and what to create.
+        reason: String,
+        /// True when retrying unchanged cannot help (the index is missing, not unreadable).
+        permanent: bool,
+    },
     /// Reading objects failed for a reason that may pass (API server unavailable).
     #[error("failed to read {what}: {reason}")]
     Unavailable {
@@ -261,6 +277,7 @@ impl SetupError {
             SetupError::SecretKeyMissing { .. } => "SecretInvalid",
             SetupError::SecretNotGranted { .. } => "SecretNotGranted",
             SetupError::DestinationNotReady { .. } => "DestinationNotReady",
+            SetupError::MatchNotUnique { .. } => "MatchIndexMissing",
             SetupError::Unavailable { .. } => "ApiUnavailable",
         }
     }
@@ -269,7 +286,8 @@ impl SetupError {
     /// A missing object is permanent until it is created, which a watch notices.
     pub fn is_permanent(&self) -> bool {
         match self {
-            SetupError::DestinationNotReady { permanent, .. } => *permanent,
+            SetupError::DestinationNotReady { permanent, .. }
+            | SetupError::MatchNotUnique { permanent, .. } => *permanent,
             SetupError::Unavailable { .. } => false,
             _ => true,
         }
@@ -408,6 +426,29 @@ pub async fn prepare(
         .destination(namespace, &spec.destination_ref.name)
         .await?;
     let destination = destination(resolver, namespace, found, limiters, check).await?;
+    if spec.mode == SyncMode::Mirror && !destination.delivery.supports(Operation::Delete) {
+        let ready = &destination.destination;
+        return Err(SetupError::InvalidSync(format!(
+            "spec.mode: mirror deletes records, and Destination {:?} (type {}) cannot delete; use mode upsert",
+            ready.metadata.name.as_deref().unwrap_or_default(),
+            ready.spec.destination_type.as_str()
+        )));
+    }
+    if check && matches!(spec.mode, SyncMode::Upsert | SyncMode::Mirror) {
+        // Validation above accepted the match fields, so they resolve.
+        let fields = effective_match_fields(&spec.mappings, &spec.source.primary_key, &spec.match_fields)
+            .map_err(SetupError::InvalidSync)?;
+        destination
+            .delivery
+            .check_match(&fields)
+            .await
+            .map_err(|e| SetupError::MatchNotUnique {
+                name: spec.destination_ref.name.clone(),
+                fields: fields.join(", "),
+                permanent: matches!(e, SendError::Fatal(_)),
+                reason: e.to_string(),
+            })?;
+    }
     let user = SecretUser::reverse_sync(sync.metadata.name.as_deref().unwrap_or_default());
     let (source_url, source_credentials) = connection(resolver, namespace, source_ref, &user).await?;
     check_sqlite(resolver, "spec.source.connectionSecretRef", &source_url)?;

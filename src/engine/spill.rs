@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader, Seek, Write};
 
 use serde::Deserialize;
 
-use super::value::{Document, Value, write_json_string};
-use crate::destination::Operation;
+use crate::model::record::Operation;
+use crate::model::value::{Document, Value, write_json_string};
 
 /// One planned row, as read back.
 #[derive(Debug)]
@@ -345,7 +345,7 @@ mod tests {
                 format!("row {i}")
             };
             fields.insert("t".into(), Value::Text(text));
-            let body = crate::engine::value::canonical_bytes(&fields);
+            let body = crate::model::value::canonical_bytes(&fields);
             offsets.push(
                 w.push(
                     Operation::Upsert,
@@ -403,9 +403,9 @@ mod tests {
             42,
             true,
             json(
-                &crate::engine::value::canonical_bytes(&identity),
+                &crate::model::value::canonical_bytes(&identity),
                 &[],
-                &crate::engine::value::canonical_bytes(&fields),
+                &crate::model::value::canonical_bytes(&fields),
             ),
         )
         .unwrap();
@@ -413,8 +413,8 @@ mod tests {
         let row = r.next_row().unwrap().unwrap();
         assert_eq!((row.key.as_str(), row.fingerprint, row.added), ("k\"1", 42, true));
         assert_eq!(
-            crate::engine::value::canonical_bytes(&row.fields),
-            crate::engine::value::canonical_bytes(&fields)
+            crate::model::value::canonical_bytes(&row.fields),
+            crate::model::value::canonical_bytes(&fields)
         );
         assert_eq!(row.identity_json, "{\"s\":\"é\\n\\\"\"}");
         assert!(r.next_row().unwrap().is_none());
@@ -429,7 +429,7 @@ mod tests {
         fields.insert("b".into(), Value::Null);
         fields.insert("p".into(), Value::Object(nested));
         let mut w = SpillWriter::new().unwrap();
-        let body = crate::engine::value::canonical_bytes(&fields);
+        let body = crate::model::value::canonical_bytes(&fields);
         w.push(
             Operation::Upsert,
             "k",

@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::api::{API_VERSION, Destination, ReverseSync};
-use crate::destination::SecretData;
+use crate::model::secret::SecretData;
 
 /// Everything read from the manifests, keyed by (namespace, name).
 #[derive(Debug, Default)]

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Destination, ReverseSync};
-use crate::destination::SecretData;
 use crate::destination::delivery::rate_limit::Limiters;
 use crate::engine::progress::Progress;
 use crate::engine::run::{RunOptions, RunReport, SyncRun, run};
 use crate::engine::setup::{self, Resolver, SecretUser, SetupError};
+use crate::model::secret::SecretData;
 use crate::state::file::FileStore;
 use manifests::Manifests;
 

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::manifests::Manifests;
-use crate::destination::SecretData;
 use crate::engine::setup::{SetupError, secret_env_var};
+use crate::model::secret::SecretData;
 
 /// The environment variable holding key `key` of Secret `name` when no manifest defines it:
 /// `BACKFLOW_SECRET_<NAME>_<KEY>`, upper case, every other character than a letter or a

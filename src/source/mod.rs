@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// Settings of one extraction.
 #[derive(Debug, Clone)]
@@ -440,18 +440,6 @@ pub async fn extract_from(
     }
 }
 
-/// Host, port and database of a connection URL, without user or password, for messages.
-pub fn describe_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let after_credentials = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
-            let without_query = after_credentials.split('?').next().unwrap_or("");
-            format!("{scheme}://{without_query}")
-        }
-        None => "<invalid URL>".to_owned(),
-    }
-}
-
 /// Rows handed over at once: one hand-over per row costs a thread wake-up per row, which
 /// dominated planning time in `make bench`.
 const CHUNK_ROWS: usize = 256;
@@ -575,7 +563,7 @@ where
 /// A `Connect` error for `url` whose reason never shows the URL's password.
 fn connect_error(url: &str, reason: impl Display) -> SourceError {
     SourceError::Connect {
-        target: describe_url(url),
+        target: crate::redact::describe_url(url),
         reason: crate::redact::Scrubber::new()
             .with_url(url)
             .scrub(&reason.to_string()),

@@ -22,7 +22,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySq
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 
 use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION.
 const ER_READ_ONLY_TRANSACTION: u16 = 1792;

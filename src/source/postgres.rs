@@ -17,7 +17,7 @@ use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef
 use uuid::Uuid;
 
 use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// SQLSTATE `read_only_sql_transaction`: the query tried to write.
 const READ_ONLY_SQL_TRANSACTION: &str = "25006";

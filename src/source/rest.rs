@@ -120,7 +120,7 @@ impl Http {
             .user_agent(concat!("backflow/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| SourceError::Config {
-                target: super::describe_url(url),
+                target: crate::redact::describe_url(url),
                 reason: format!("failed to build the HTTP client: {e}"),
             })?;
         Ok(Http {

@@ -28,7 +28,7 @@ use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef
 use tokio::time::Instant;
 
 use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, ValueError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// SQLITE_READONLY: a write to a read-only database (extended codes share the low byte).
 const SQLITE_READONLY: i64 = 8;

@@ -1,5 +1,7 @@
 //! The `ConfigMap` state store: a sync's fingerprints in ConfigMaps beside it, owned by the
-//! ReverseSync so garbage collection deletes them with it.
+//! ReverseSync so garbage collection deletes them with it. This file is the store; the objects'
+//! names and labels are in [`names`], their bytes (index JSON, zstd shards and checkpoints) in
+//! `blob`, listing and deleting them in [`gc`], and the diff against the stored state in `diff`.
 //!
 //! Objects of sync `S` (all labelled `app.kubernetes.io/managed-by: backflow`,
 //! `backflow.dev/sync: S` and `backflow.dev/state: index|shard|journal`, annotated with the
@@ -28,194 +30,32 @@
 //! its own, journal names are created (never replaced) so two writers cannot share a seq, and
 //! the final switch is guarded too. Whichever check fails reports [`StateError::Locked`].
 
+mod blob;
 mod diff;
+pub mod gc;
+pub mod names;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 
 use async_trait::async_trait;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::core::PartialObjectMeta;
-use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
+use kube::api::{Api, PostParams};
 
 use super::change_buckets::ChangeBuckets;
-use super::codec::{Replay, encode_change, put_entry, put_str, read_entry, read_string, read_u32, read_u64};
-use super::{EntryRef, Fingerprints, StateChange, StateError, StateStore, StoreDiff};
-use crate::api::ReverseSync;
-
-/// Label naming the tool that manages an object.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`] on every state ConfigMap.
-pub const MANAGED_BY: &str = "backflow";
-/// Label holding the sync's name ([`sync_label_value`]) on every state ConfigMap.
-pub const SYNC_LABEL: &str = "backflow.dev/sync";
-/// Label telling what a state ConfigMap holds: `index`, `shard` or `journal`. A controller
-/// watching ConfigMaps can leave these out with `!backflow.dev/state`.
-pub const STATE_LABEL: &str = "backflow.dev/state";
-const GENERATION_LABEL: &str = "backflow.dev/generation";
-const SEQ_LABEL: &str = "backflow.dev/seq";
-const SYNC_NAME_ANNOTATION: &str = "backflow.dev/sync-name";
-const CHECKSUM_ANNOTATION: &str = "backflow.dev/checksum";
-const WRITER_ANNOTATION: &str = "backflow.dev/writer";
-
-const INDEX_KEY: &str = "index.json";
-const SHARD_KEY: &str = "entries.zst";
-const JOURNAL_KEY: &str = "changes.zst";
-
-/// Version of the index and shard layout; a newer one is refused, not misread.
-const FORMAT: u32 = 1;
-const SHARD_MAGIC: &[u8; 5] = b"BFSH1";
-const JOURNAL_MAGIC: &[u8; 5] = b"BFCK1";
-
-/// zstd's default level. Measured on 100k entries (integer keys, email identities, 5.8 MB):
-/// zstd 3 packs 4.6x at ~350 MB/s and unpacks in 9 ms; flate2 (miniz) packs 3.3x at level 1
-/// (290 MB/s) and 3.8x at level 6 (26 MB/s). With UUID keys: 2.86x against 2.69x.
-const ZSTD_LEVEL: i32 = 3;
-/// Target compressed size of one shard or journal. base64 makes 640 KiB about 853 KiB of
-/// JSON, well under the 1 MiB object limit with the metadata.
-const BLOB_BUDGET: usize = 640 * 1024;
-/// Input zstd may hold before it emits a block (one 128 KiB block, plus slack): the most a
-/// blob can still grow by when it is finished.
-const ZSTD_PENDING: usize = 129 * 1024;
-/// Compressed size no blob may exceed (only one row with a huge key or identity can).
-const BLOB_LIMIT: usize = 700 * 1024;
-
-const MAX_NAME: usize = 253;
-const MAX_LABEL: usize = 63;
-/// The longest suffix added to the index name: `-GEN-jSEQ` with two 20-digit numbers.
-const LONGEST_SUFFIX: usize = 1 + 20 + 2 + 20;
-
-/// Name of a sync's index ConfigMap, `<sync>-state`; the names of its shards and journals
-/// add a suffix to it. A sync name too long for the longest of them (253 characters) is cut
-/// and ends with a hash of the whole name, so two long names never share objects.
-pub fn index_name(sync_name: &str) -> String {
-    format!(
-        "{}-state",
-        shorten(sync_name, MAX_NAME - "-state".len() - LONGEST_SUFFIX)
-    )
-}
-
-/// Value of [`SYNC_LABEL`] for a sync: its name, or a cut name and a hash when longer than a
-/// label value may be (63 characters).
-pub fn sync_label_value(sync_name: &str) -> String {
-    shorten(sync_name, MAX_LABEL)
-}
-
-/// `name` itself when it fits in `max` bytes; otherwise its head and a 16-digit hash of all
-/// of it. The head is cut back to an alphanumeric character, so the result stays a valid DNS
-/// subdomain or label value when `name` was one.
-fn shorten(name: &str, max: usize) -> String {
-    if name.len() <= max {
-        return name.to_owned();
-    }
-    let hash = format!("{:016x}", xxh3_64(name.as_bytes()));
-    let mut end = max.saturating_sub(hash.len() + 1);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    let head = name[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
-    if head.is_empty() {
-        hash
-    } else {
-        format!("{head}-{hash}")
-    }
-}
-
-fn shard_name(index: &str, generation: u64, n: usize) -> String {
-    format!("{index}-{generation}-{n}")
-}
-
-fn journal_name(index: &str, generation: u64, seq: u64) -> String {
-    format!("{index}-{generation}-j{seq}")
-}
-
-fn checksum(bytes: &[u8]) -> String {
-    format!("{:016x}", xxh3_64(bytes))
-}
-
-/// The owner reference to give [`ConfigMapStore::new`] for a sync: `controller: false`,
-/// since the state is data the sync keeps, not objects its controller reconciles (a
-/// controller reference would also claim the one controller slot of the object), and no
-/// `blockOwnerDeletion`, which needs update rights on `reversesyncs/finalizers` that a
-/// Job-mode run's service account has no reason to hold. Garbage collection deletes
-/// dependents of a deleted owner either way; the finalizer's [`delete_all`] does it first.
-/// `None` when the sync has no uid yet (it was never stored).
-pub fn owner_reference(sync: &ReverseSync) -> Option<OwnerReference> {
-    use kube::Resource;
-    Some(OwnerReference {
-        api_version: ReverseSync::api_version(&()).into_owned(),
-        kind: ReverseSync::kind(&()).into_owned(),
-        name: sync.metadata.name.clone()?,
-        uid: sync.metadata.uid.clone()?,
-        controller: Some(false),
-        block_owner_deletion: None,
-    })
-}
-
-/// Deletes every state ConfigMap of a sync (the finalizer's cleanup); returns how many.
-pub async fn delete_all(client: kube::Client, namespace: &str, sync_name: &str) -> Result<usize, StateError> {
-    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-    let location = format!("configmap {namespace}/{}", index_name(sync_name));
-    let objects = list_objects(&api, sync_name, None)
-        .await
-        .map_err(|e| api_error(location.clone(), &e))?;
-    let mut deleted = 0;
-    for o in &objects {
-        match api.delete(&o.name, &DeleteParams::default()).await {
-            Ok(_) => deleted += 1,
-            Err(e) if status_code(&e) == Some(404) => {}
-            Err(e) => return Err(api_error(format!("configmap {namespace}/{}", o.name), &e)),
-        }
-    }
-    tracing::info!(namespace, sync = sync_name, deleted, "sync state deleted");
-    Ok(deleted)
-}
-
-/// The index: what a reader of the state trusts.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-struct Index {
-    format: u32,
-    /// What the base shards were delivered to.
-    scope: String,
-    /// Generation of the base shards; 0 before the first `finish` (no shards).
-    generation: u64,
-    /// Rows in the base shards.
-    rows: u64,
-    shards: Vec<ShardRef>,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-struct ShardRef {
-    name: String,
-    /// xxh3 of the compressed bytes, 16 hex digits.
-    checksum: String,
-    rows: u64,
-    /// Size before compression.
-    bytes: u64,
-}
-
-/// Which state object a listed ConfigMap is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Index,
-    Shard,
-    Journal,
-}
-
-/// A state ConfigMap as listed (metadata only).
-#[derive(Debug, Clone)]
-struct Listed {
-    name: String,
-    kind: Option<Kind>,
-    generation: Option<u64>,
-    seq: Option<u64>,
-}
+use super::codec::{Replay, encode_change, put_entry};
+use super::{Fingerprints, StateChange, StateError, StateStore, StoreDiff};
+use crate::model::labels::{MANAGED_BY, MANAGED_BY_LABEL, STATE_LABEL, SYNC_LABEL, sync_label_value};
+use blob::{
+    BLOB_LIMIT, Blob, FORMAT, InMemory, Index, Packer, Reading, ShardError, ShardRef, checksum,
+    decode_journal, decode_shard, journal_header, shard_header,
+};
+use gc::{Kind, Listed, delete_all, list_objects};
+use names::{
+    CHECKSUM_ANNOTATION, GENERATION_LABEL, INDEX_KEY, JOURNAL_KEY, SEQ_LABEL, SHARD_KEY,
+    SYNC_NAME_ANNOTATION, WRITER_ANNOTATION, index_name, journal_name, shard_name,
+};
 
 /// What a run knows of the stored state since its last look at the index.
 #[derive(Debug, Clone)]
@@ -259,7 +99,7 @@ impl std::fmt::Debug for ConfigMapStore {
 
 impl ConfigMapStore {
     /// The store of sync `sync_name` in `namespace`; every object it writes carries `owner`
-    /// (see [`owner_reference`]). Nothing is read until `load`.
+    /// (see [`owner_reference`](names::owner_reference)). Nothing is read until `load`.
     pub fn new(
         client: kube::Client,
         namespace: &str,
@@ -748,30 +588,6 @@ impl ConfigMapStore {
             bytes: blob.raw as u64,
         })
     }
-
-    /// Deletes shards and journals of generations before `below` that `keep` does not list.
-    /// Nothing can switch the index back to an older generation, so they are unreachable;
-    /// newer ones may be another writer's work in progress and are left alone. A failure
-    /// only leaves leftovers for the next `finish`.
-    async fn delete_stale(&self, objects: &[Listed], below: u64, keep: &Index) {
-        for o in objects {
-            let stale = matches!(o.kind, Some(Kind::Shard | Kind::Journal))
-                && o.generation.is_none_or(|g| g < below)
-                && !keep.shards.iter().any(|s| s.name == o.name);
-            if !stale {
-                continue;
-            }
-            match self.api.delete(&o.name, &DeleteParams::default()).await {
-                Ok(_) => tracing::debug!(configmap = %self.location(&o.name), "stale state deleted"),
-                Err(e) if status_code(&e) == Some(404) => {}
-                Err(e) => tracing::warn!(
-                    configmap = %self.location(&o.name),
-                    error = %describe(&e),
-                    "failed to delete stale state; the next run retries"
-                ),
-            }
-        }
-    }
 }
 
 #[async_trait]
@@ -939,53 +755,6 @@ impl StateStore for ConfigMapStore {
     }
 }
 
-/// Lists the state ConfigMaps of a sync (metadata only: their data is fetched one at a time),
-/// optionally narrowed by more label requirements.
-async fn list_objects(
-    api: &Api<ConfigMap>,
-    sync_name: &str,
-    extra: Option<&str>,
-) -> Result<Vec<Listed>, kube::Error> {
-    let mut selector = format!(
-        "{MANAGED_BY_LABEL}={MANAGED_BY},{SYNC_LABEL}={}",
-        sync_label_value(sync_name)
-    );
-    if let Some(extra) = extra {
-        selector.push(',');
-        selector.push_str(extra);
-    }
-    let list = api
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|o: &PartialObjectMeta<ConfigMap>| {
-            // A cut label may be shared by two long names; the annotation tells them apart.
-            o.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SYNC_NAME_ANNOTATION))
-                .is_some_and(|n| n == sync_name)
-        })
-        .map(|o| {
-            let labels = o.metadata.labels.unwrap_or_default();
-            let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
-            Listed {
-                name: o.metadata.name.unwrap_or_default(),
-                kind: match labels.get(STATE_LABEL).map(String::as_str) {
-                    Some("index") => Some(Kind::Index),
-                    Some("shard") => Some(Kind::Shard),
-                    Some("journal") => Some(Kind::Journal),
-                    _ => None,
-                },
-                generation: number(GENERATION_LABEL),
-                seq: number(SEQ_LABEL),
-            }
-        })
-        .collect())
-}
-
 fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
@@ -1013,385 +782,9 @@ fn api_error(location: String, e: &kube::Error) -> StateError {
     }
 }
 
-fn shard_header(scope: &str, generation: u64, n: usize) -> Vec<u8> {
-    let mut h = SHARD_MAGIC.to_vec();
-    put_str(&mut h, scope);
-    h.extend_from_slice(&generation.to_le_bytes());
-    h.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
-    h
-}
-
-/// What reading the stored state feeds: a set in memory ([`InMemory`], for `load`) or disk
-/// buckets ([`ChangeBuckets`], for the diff and `finish`).
-trait Reading: Send {
-    /// An entry of a base shard (the shards' keys are distinct).
-    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()>;
-    /// Every base shard has been read.
-    fn shards_read(&mut self) {}
-    /// One checkpoint's change records, in order; `Ok(false)` when they do not decode.
-    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool>;
-}
-
-/// The state in memory.
-struct InMemory {
-    set: Fingerprints,
-    replay: Replay,
-}
-
-impl Reading for InMemory {
-    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
-        self.set.push_unindexed(e);
-        Ok(())
-    }
-
-    fn shards_read(&mut self) {
-        self.set.build_index();
-    }
-
-    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool> {
-        Ok(self.replay.apply_payload(&mut self.set, payload).is_ok())
-    }
-}
-
-impl Reading for ChangeBuckets {
-    fn entry(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
-        self.push_entry(e)
-    }
-
-    fn changes(&mut self, payload: &[u8]) -> std::io::Result<bool> {
-        self.push_payload(payload)
-    }
-}
-
-/// Why a shard was not read.
-#[derive(Debug)]
-enum ShardError {
-    /// The shard is damaged or not the one expected.
-    Undecodable(String),
-    /// What it was read into failed (a local temporary file).
-    Reading(std::io::Error),
-}
-
-/// Decodes a shard into `into`; returns its row count. The header must say it is shard `n`
-/// of `generation` for `scope`, so an index can never pick up a stray object.
-fn decode_shard(
-    blob: &[u8],
-    scope: &str,
-    generation: u64,
-    n: usize,
-    into: &mut dyn Reading,
-) -> Result<u64, ShardError> {
-    let undecodable = |e: std::io::Error| ShardError::Undecodable(format!("undecodable shard: {e}"));
-    let decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(undecodable)?;
-    let mut r = BufReader::with_capacity(64 * 1024, decoder);
-    let mut magic = [0u8; SHARD_MAGIC.len()];
-    r.read_exact(&mut magic).map_err(undecodable)?;
-    if &magic != SHARD_MAGIC {
-        return Err(ShardError::Undecodable("not a Backflow state shard".into()));
-    }
-    let mut text = String::new();
-    read_string(&mut r, &mut text).map_err(undecodable)?;
-    let (g, number) = (
-        read_u64(&mut r).map_err(undecodable)?,
-        read_u32(&mut r).map_err(undecodable)?,
-    );
-    if text != scope || g != generation || number as usize != n {
-        return Err(ShardError::Undecodable(format!(
-            "its header says shard {number} of generation {g}, not shard {n} of generation {generation}"
-        )));
-    }
-    let (mut key, mut identity) = (String::new(), String::new());
-    let mut rows = 0;
-    while !r.fill_buf().map_err(undecodable)?.is_empty() {
-        let fingerprint = read_entry(&mut r, &mut key, &mut identity).map_err(undecodable)?;
-        into.entry(EntryRef {
-            key: &key,
-            fingerprint,
-            identity: &identity,
-        })
-        .map_err(ShardError::Reading)?;
-        rows += 1;
-    }
-    Ok(rows)
-}
-
-fn journal_header(scope: &str, generation: u64, seq: u64) -> Vec<u8> {
-    let mut h = JOURNAL_MAGIC.to_vec();
-    put_str(&mut h, scope);
-    h.extend_from_slice(&generation.to_le_bytes());
-    h.extend_from_slice(&seq.to_le_bytes());
-    h
-}
-
-/// What a checkpoint says it is; `len` is where its changes start in the decoded bytes.
-#[derive(Debug, PartialEq, Eq)]
-struct JournalHeader {
-    scope: String,
-    generation: u64,
-    seq: u64,
-    len: usize,
-}
-
-/// Decompresses a checkpoint (small: one checkpoint's changes) and reads its header.
-fn decode_journal(blob: &[u8]) -> Result<(JournalHeader, Vec<u8>), String> {
-    let bytes = zstd::stream::decode_all(blob).map_err(|e| format!("undecodable checkpoint: {e}"))?;
-    let mut r: &[u8] = &bytes;
-    let bad = |e: std::io::Error| format!("undecodable checkpoint: {e}");
-    let mut magic = [0u8; JOURNAL_MAGIC.len()];
-    r.read_exact(&mut magic).map_err(bad)?;
-    if &magic != JOURNAL_MAGIC {
-        return Err("not a Backflow checkpoint".into());
-    }
-    let mut scope = String::new();
-    read_string(&mut r, &mut scope).map_err(bad)?;
-    let generation = read_u64(&mut r).map_err(bad)?;
-    let seq = read_u64(&mut r).map_err(bad)?;
-    let len = bytes.len() - r.len();
-    let header = JournalHeader {
-        scope,
-        generation,
-        seq,
-        len,
-    };
-    Ok((header, bytes))
-}
-
-/// One compressed shard or checkpoint.
-#[derive(Debug)]
-struct Blob {
-    bytes: Vec<u8>,
-    /// Size before compression.
-    raw: usize,
-    records: usize,
-}
-
-/// Packs records into zstd blobs that each stay under [`BLOB_BUDGET`]: a blob is closed
-/// before a record that could carry it past, counting what zstd still holds unemitted.
-#[derive(Default)]
-struct Packer {
-    encoder: Option<zstd::stream::write::Encoder<'static, Vec<u8>>>,
-    raw: usize,
-    records: usize,
-}
-
-impl Packer {
-    fn is_open(&self) -> bool {
-        self.encoder.is_some()
-    }
-
-    /// True when the open blob holds records and one of `len` bytes could overflow it.
-    fn is_full_for(&self, len: usize) -> bool {
-        self.records > 0
-            && self
-                .encoder
-                .as_ref()
-                .is_some_and(|e| e.get_ref().len() + ZSTD_PENDING + len > BLOB_BUDGET)
-    }
-
-    fn open(&mut self, header: &[u8]) -> std::io::Result<()> {
-        let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(BLOB_BUDGET), ZSTD_LEVEL)?;
-        encoder.write_all(header)?;
-        self.encoder = Some(encoder);
-        self.raw = header.len();
-        self.records = 0;
-        Ok(())
-    }
-
-    fn push(&mut self, record: &[u8]) -> std::io::Result<()> {
-        if let Some(e) = self.encoder.as_mut() {
-            e.write_all(record)?;
-            self.raw += record.len();
-            self.records += 1;
-        }
-        Ok(())
-    }
-
-    /// Closes the open blob (an empty one when none is open).
-    fn finish(&mut self) -> std::io::Result<Blob> {
-        let bytes = match self.encoder.take() {
-            Some(e) => e.finish()?,
-            None => Vec::new(),
-        };
-        let blob = Blob {
-            bytes,
-            raw: self.raw,
-            records: self.records,
-        };
-        self.raw = 0;
-        self.records = 0;
-        Ok(blob)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn is_dns_subdomain(s: &str) -> bool {
-        s.len() <= 253
-            && s.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && label.as_bytes()[0].is_ascii_alphanumeric()
-                    && label.as_bytes()[label.len() - 1].is_ascii_alphanumeric()
-            })
-    }
-
-    #[test]
-    fn short_names_are_kept_and_long_ones_cut_with_a_hash_into_valid_names() {
-        assert_eq!(index_name("customers"), "customers-state");
-        assert_eq!(sync_label_value("customers"), "customers");
-
-        let long = format!("{}.b-{}", "a".repeat(200), "c".repeat(45));
-        let other = format!("{}.b-{}", "a".repeat(200), "d".repeat(45));
-        let index = index_name(&long);
-        assert_ne!(index, index_name(&other));
-        let longest = journal_name(&index, u64::MAX, u64::MAX);
-        assert_eq!(longest.len(), 253, "{longest}");
-        for name in [&index, &longest, &shard_name(&index, u64::MAX, 99)] {
-            assert!(is_dns_subdomain(name), "{name}");
-        }
-
-        // A cut that would end on a dot or a dash backs up to an alphanumeric character.
-        let dotted = format!("{}.{}", "x".repeat(45), "y".repeat(30));
-        let label = sync_label_value(&dotted);
-        assert!(label.len() <= 63, "{label}");
-        assert!(
-            label.starts_with(&"x".repeat(45)) && !label.contains('.'),
-            "{label}"
-        );
-        assert_ne!(
-            label,
-            sync_label_value(&format!("{}.{}", "x".repeat(45), "z".repeat(30)))
-        );
-    }
-
-    fn entries(n: usize, identity: impl Fn(usize) -> String) -> Vec<(String, u64, String)> {
-        (0..n)
-            .map(|i| {
-                (
-                    format!("{}", 1_000_000 + i),
-                    xxh3_64(&i.to_le_bytes()),
-                    identity(i),
-                )
-            })
-            .collect()
-    }
-
-    fn pack_shards(scope: &str, generation: u64, rows: &[(String, u64, String)]) -> Vec<Blob> {
-        let mut blobs = Vec::new();
-        let mut packer = Packer::default();
-        let mut record = Vec::new();
-        for (key, fingerprint, identity) in rows {
-            record.clear();
-            put_entry(
-                &mut record,
-                EntryRef {
-                    key,
-                    fingerprint: *fingerprint,
-                    identity,
-                },
-            );
-            if packer.is_full_for(record.len()) {
-                blobs.push(packer.finish().unwrap());
-            }
-            if !packer.is_open() {
-                packer
-                    .open(&shard_header(scope, generation, blobs.len()))
-                    .unwrap();
-            }
-            packer.push(&record).unwrap();
-        }
-        blobs.push(packer.finish().unwrap());
-        blobs
-    }
-
-    #[test]
-    fn shards_stay_under_the_budget_even_for_incompressible_rows_and_decode_back() {
-        // Identities of random hex compress badly: the worst case for the budget.
-        let rows = entries(60_000, |i| {
-            let (a, b) = (xxh3_64(&i.to_le_bytes()), xxh3_64(&(i + (1 << 32)).to_le_bytes()));
-            format!("{{\"h\":\"{a:016x}{b:016x}\"}}")
-        });
-        let blobs = pack_shards("ns/dest", 4, &rows);
-        assert!(blobs.len() >= 3, "{} shards", blobs.len());
-        for b in &blobs {
-            assert!(b.bytes.len() <= BLOB_BUDGET, "{} bytes", b.bytes.len());
-        }
-        assert_eq!(blobs.iter().map(|b| b.records).sum::<usize>(), rows.len());
-
-        let mut state = InMemory {
-            set: Fingerprints::default(),
-            replay: Replay::default(),
-        };
-        for (n, b) in blobs.iter().enumerate() {
-            let decoded = decode_shard(&b.bytes, "ns/dest", 4, n, &mut state).unwrap();
-            assert_eq!(decoded as usize, b.records);
-        }
-        state.shards_read();
-        let set = state.set;
-        assert_eq!(set.len(), rows.len());
-        for (key, fingerprint, identity) in rows.iter().step_by(997) {
-            let e = set.get(set.position(key).unwrap()).unwrap();
-            assert_eq!((e.fingerprint, e.identity), (*fingerprint, identity.as_str()));
-        }
-    }
-
-    #[test]
-    fn a_shard_is_refused_under_another_name_scope_or_generation() {
-        let rows = entries(10, |_| "{}".into());
-        let blob = &pack_shards("s", 2, &rows)[0];
-        let mut state = InMemory {
-            set: Fingerprints::default(),
-            replay: Replay::default(),
-        };
-        assert!(decode_shard(&blob.bytes, "s", 3, 0, &mut state).is_err());
-        assert!(decode_shard(&blob.bytes, "s", 2, 1, &mut state).is_err());
-        assert!(decode_shard(&blob.bytes, "other", 2, 0, &mut state).is_err());
-        let mut garbled = blob.bytes.clone();
-        let mid = garbled.len() / 2;
-        garbled[mid] ^= 0xff;
-        // zstd may decode a flipped byte to other rows: the index's checksum is what catches it.
-        assert_ne!(checksum(&garbled), checksum(&blob.bytes));
-    }
-
-    #[test]
-    fn a_checkpoint_says_its_scope_generation_and_seq() {
-        let mut packer = Packer::default();
-        packer.open(&journal_header("ns/d", 7, 12)).unwrap();
-        let mut record = Vec::new();
-        encode_change(&StateChange::Remove { key: "k".into() }, &mut record);
-        packer.push(&record).unwrap();
-        let blob = packer.finish().unwrap();
-        let (header, bytes) = decode_journal(&blob.bytes).unwrap();
-        assert_eq!(
-            (header.scope.as_str(), header.generation, header.seq),
-            ("ns/d", 7, 12)
-        );
-        assert_eq!(&bytes[header.len..], &record[..]);
-        assert!(decode_journal(&blob.bytes[..blob.bytes.len() - 2]).is_err());
-    }
-
-    #[test]
-    fn the_index_round_trips_through_json() {
-        let index = Index {
-            format: FORMAT,
-            scope: "default/crm".into(),
-            generation: 3,
-            rows: 2,
-            shards: vec![ShardRef {
-                name: "s-state-3-0".into(),
-                checksum: checksum(b"x"),
-                rows: 2,
-                bytes: 40,
-            }],
-        };
-        let text = serde_json::to_string(&index).unwrap();
-        assert!(text.contains("\"generation\":3"), "{text}");
-        assert_eq!(serde_json::from_str::<Index>(&text).unwrap(), index);
-    }
 
     #[test]
     fn conflicts_read_as_another_writer_and_other_errors_name_the_configmap() {

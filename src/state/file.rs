@@ -10,8 +10,8 @@
 //!   the next run folds it first when a crash kept `finish` from running.
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
 //!
-//! A run never loads the state: the store diffs it through disk buckets ([`diff`]) and folds
-//! checkpoints the same way ([`fold`]), so memory does not grow with the rows stored. `load`
+//! A run never loads the state: the store diffs it through disk buckets (`diff`) and folds
+//! checkpoints the same way (`fold`), so memory does not grow with the rows stored. `load`
 //! (a migration to another store) still reads the whole state into memory.
 
 mod diff;

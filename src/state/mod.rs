@@ -1,6 +1,6 @@
 //! State stores: where a sync keeps the fingerprint of every row it delivered.
 //!
-//! One engine, several homes implementing the same [`StateStore`] trait: the [`file`] store
+//! One engine, several homes implementing the same [`StateStore`] trait: the [`file`](mod@file) store
 //! (local runs) and the [`configmap`] store (in the cluster), which both write the binary
 //! records of `codec`, and the [`warehouse`] store (tables in the source database).
 //! [`migrate::Migrating`] puts one store in front of another so that switching stores

@@ -69,7 +69,7 @@ pub struct WarehouseConfig {
 impl std::fmt::Debug for WarehouseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WarehouseConfig")
-            .field("database", &crate::source::describe_url(&self.url))
+            .field("database", &crate::redact::describe_url(&self.url))
             .field("schema", &self.schema)
             .field("sync_id", &self.sync_id)
             .field("sync_logs", &self.sync_logs)
@@ -153,7 +153,7 @@ impl WarehouseStore {
     fn location(&self) -> String {
         format!(
             "{} schema {:?} table backflow_state (sync {})",
-            crate::source::describe_url(&self.config.url),
+            crate::redact::describe_url(&self.config.url),
             self.config.schema,
             self.config.sync_id
         )

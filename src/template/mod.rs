@@ -27,7 +27,7 @@ use std::sync::{Arc, LazyLock};
 use minijinja::value::{Enumerator, Object, Value as JinjaValue};
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior};
 
-use crate::engine::value::Value;
+use crate::model::value::Value;
 pub use plain::{Position, Template, TemplateError};
 
 /// Longest template source accepted, in bytes.

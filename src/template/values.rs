@@ -20,7 +20,7 @@ use bigdecimal::{BigDecimal, ToPrimitive};
 use chrono::SecondsFormat;
 use minijinja::value::{Object, ObjectRepr, Value as Jinja, ValueKind};
 
-use crate::engine::value::{Value, canonical_decimal, write_json_string};
+use crate::model::value::{Value, canonical_decimal, write_json_string};
 
 /// Deepest nesting of lists and maps written as JSON; deeper values are refused.
 const MAX_DEPTH: usize = 64;
@@ -135,7 +135,7 @@ fn push_canonical(value: &Value, out: &mut String) {
 pub enum WriteError {
     /// Functions, macros and other values that have no text or JSON form.
     Unwritable(ValueKind),
-    /// Lists or maps nested deeper than [`MAX_DEPTH`].
+    /// Lists or maps nested deeper than `MAX_DEPTH`.
     TooDeep,
 }
 
@@ -267,7 +267,7 @@ pub(crate) mod tests {
         let ts = chrono::DateTime::parse_from_rfc3339("2024-05-06T07:08:09.120Z")
             .unwrap()
             .to_utc();
-        let mut doc = crate::engine::value::Document::new();
+        let mut doc = crate::model::value::Document::new();
         doc.insert("b".into(), Value::Float(0.5));
         doc.insert("a".into(), Value::Text("x\"y".into()));
         vec![

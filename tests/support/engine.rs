@@ -9,8 +9,9 @@ use std::time::Duration;
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::{self, Connector, SecretData};
+use backflow::destination::{self, Connector};
 use backflow::engine::run::{RunOptions, RunReport, SyncRun, run};
+use backflow::model::secret::SecretData;
 use backflow::state::file::FileStore;
 
 /// Runs `spec` once from `source_url` into the destination, keeping state under `state`.

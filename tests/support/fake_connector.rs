@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backflow::destination::{
-    Capabilities, Connector, Operation, PlannedSends, Record, RecordOutcome, SendError,
-};
+use backflow::destination::{Capabilities, Connector, PlannedSends, RecordOutcome, SendError};
+use backflow::model::record::{Operation, Record};
 
 /// How the fake treats records whose key is in the bad set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +142,7 @@ impl Connector for FakeConnector {
                     }
                     _ => {
                         let body =
-                            String::from_utf8(backflow::engine::value::canonical_bytes(&r.fields)).unwrap();
+                            String::from_utf8(backflow::model::value::canonical_bytes(&r.fields)).unwrap();
                         store.insert(r.key.clone(), body);
                     }
                 }

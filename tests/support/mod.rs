@@ -24,4 +24,5 @@ pub mod salesforce_double;
 pub mod slack_double;
 pub mod snowflake_double;
 pub mod sqlite;
+pub mod table_suite;
 pub mod zendesk_double;

@@ -1,6 +1,6 @@
 //! Reading a source's row stream in tests.
 
-use backflow::engine::value::Value;
+use backflow::model::value::Value;
 use backflow::source::{RowStream, SourceError};
 
 /// Every row of the stream; a row with a value that cannot be decoded (which the planner would

@@ -30,9 +30,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use super::{Capabilities, Connector, Operation, PlannedSends, Record, RecordOutcome, SendError};
+use super::{Capabilities, Connector, PlannedSends, RecordOutcome, SendError};
 use crate::api::DestinationSpec;
 use crate::api::duration;
+use crate::model::record::{Operation, Record};
 use rate_limit::RateLimiter;
 
 /// Longest `Retry-After` honoured as given; a longer one is capped so a run cannot hang.
@@ -121,6 +122,21 @@ pub enum Delivered {
     Failed(String),
 }
 
+/// Why every record of an operation the connector does not support is rejected.
+fn unsupported(operation: Operation, supported: &[Operation]) -> String {
+    let names: Vec<&str> = supported.iter().map(|o| o.as_str()).collect();
+    let hint = if operation == Operation::Delete {
+        "; use mode upsert"
+    } else {
+        ""
+    };
+    format!(
+        "this destination cannot {} records (it supports {}){hint}",
+        operation.as_str(),
+        names.join(", ")
+    )
+}
+
 /// A failure that stops the whole run (credentials rejected, table missing).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("failed to deliver: {0}")]
@@ -205,12 +221,16 @@ pub struct Delivery {
     /// Records per request from now on: the configured batch size, lowered for the rest of the
     /// run when the destination refuses a batch as too large and names its limit.
     batch_limit: AtomicUsize,
+    /// The operations the connector supports, read once from its capabilities: a batch of
+    /// any other is rejected here, never sent.
+    operations: Vec<Operation>,
 }
 
 impl Delivery {
     /// Wraps a connector with its Destination's limiter and settings.
     pub fn new(connector: Arc<dyn Connector>, limiter: Arc<RateLimiter>, config: DeliveryConfig) -> Delivery {
         Delivery {
+            operations: connector.capabilities().operations,
             connector,
             limiter,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1))),
@@ -226,7 +246,8 @@ impl Delivery {
     /// concurrency and retry settings stay.
     pub fn prepare(&mut self, planned: &PlannedSends) {
         if let Some(connector) = self.connector.for_run(planned) {
-            let batch_size = connector.capabilities().max_batch_size.max(1);
+            let capabilities = connector.capabilities();
+            let batch_size = capabilities.max_batch_size.max(1);
             tracing::debug!(
                 records = planned.total(),
                 batch_size,
@@ -234,6 +255,7 @@ impl Delivery {
             );
             self.config.batch_size = batch_size;
             self.batch_limit.store(batch_size, Ordering::Relaxed);
+            self.operations = capabilities.operations;
             self.connector = connector;
         }
     }
@@ -247,6 +269,16 @@ impl Delivery {
     /// refuses a batch as too large ([`SendError::TooLarge`]), its limit after that.
     pub fn batch_size(&self) -> usize {
         self.batch_limit.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The connector's [`Connector::check_match`]: can it find records by `match_fields`?
+    pub async fn check_match(&self, match_fields: &[String]) -> Result<(), SendError> {
+        self.connector.check_match(match_fields).await
+    }
+
+    /// True when the connector can carry out `operation` (its capabilities list it).
+    pub fn supports(&self, operation: Operation) -> bool {
+        self.operations.contains(&operation)
     }
 
     /// The counters of this delivery.
@@ -265,6 +297,13 @@ impl Delivery {
         operation: Operation,
         batch: Vec<Record>,
     ) -> Result<Vec<(Record, Delivered)>, FatalDeliveryError> {
+        if !self.supports(operation) {
+            let reason = unsupported(operation, &self.operations);
+            return Ok(batch
+                .into_iter()
+                .map(|r| (r, Delivered::Rejected(reason.clone())))
+                .collect());
+        }
         let mut done = Vec::with_capacity(batch.len());
         let mut stack = vec![batch];
         while let Some(mut part) = stack.pop() {

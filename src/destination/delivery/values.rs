@@ -11,8 +11,8 @@
 //! text) and values of fewer characters, which mask too much of a message when short (`1`,
 //! `yes`).
 
-use crate::destination::Record;
-use crate::engine::value::Value;
+use crate::model::record::Record;
+use crate::model::value::Value;
 
 /// What stands in for a masked value.
 pub const VALUE_MASK: &str = "<value>";
@@ -131,7 +131,7 @@ fn prefix_len_ignoring_case(text: &str, lower_needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::value::Document;
+    use crate::model::value::Document;
 
     fn record() -> Record {
         Record {

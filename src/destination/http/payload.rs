@@ -20,8 +20,10 @@ use std::collections::BTreeMap;
 
 use minijinja::value::Value as JinjaValue;
 
-use crate::destination::{DestinationError, Operation, Record, SecretData, SendError};
-use crate::engine::value::{Document, Value, write_document};
+use crate::destination::{DestinationError, SendError};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value, write_document};
 use crate::template::values::to_jinja;
 use crate::template::{Jinja, Limits, Mode};
 

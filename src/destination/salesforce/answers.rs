@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 
 use super::VENDOR;
 use crate::destination::RecordOutcome;
-use crate::destination::http::excerpt;
+use crate::destination::vendor::answer::excerpt;
 
 /// The `errorCode`s of an error body (`[{"errorCode": …, "message": …}]`).
 pub(super) fn error_codes(body: &[u8]) -> Vec<String> {

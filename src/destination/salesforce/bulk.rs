@@ -59,7 +59,7 @@ use super::{
     SendError, TRANSIENT_CODES, VENDOR, is_api_name,
 };
 use crate::destination::delivery::report;
-use crate::destination::http::excerpt;
+use crate::destination::vendor::answer::excerpt;
 
 /// Records a run must send, with `bulk: auto`, for it to use Bulk API 2.0 unless
 /// `bulkThreshold` says otherwise. Below it, sObject Collections cost at most 50 calls and

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
 
-use crate::engine::value::{Document, Value};
+use crate::model::value::{Document, Value};
 
 /// The cell that sets a field to null; an empty cell leaves the field as it is.
 pub const NULL_CELL: &str = "#N/A";

@@ -50,15 +50,14 @@ use serde_json::{Map, Value as Json, json};
 use tokio::sync::Mutex;
 
 use super::delivery::report;
-use super::http::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor;
+use super::vendor::answer::{RequestLabel, excerpt, retry_after, status_error, transport_error};
 use super::vendor::{MAX_RESPONSE_BYTES, read_body};
-use super::{
-    Capabilities, Connector, DestinationError, Operation, PlannedSends, Record, RecordOutcome, SecretData,
-    SendError,
-};
+use super::{Capabilities, Connector, DestinationError, PlannedSends, RecordOutcome, SendError};
 use crate::api::SecretKeyRef;
 use crate::api::destination::{SalesforceAuth, SalesforceBulk, SalesforceSpec};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
 use crate::redact::{MASK, Scrubber};
 use answers::{GONE_CODES, REQUEST_CODES, TRANSIENT_CODES, error_codes, read_results, salesforce_message};
 use bulk::{BULK_JOB_RECORDS, BulkPolling, DEFAULT_BULK_THRESHOLD};
@@ -795,8 +794,8 @@ pub fn time_text(t: &chrono::NaiveTime) -> String {
 
 /// A field value as JSON for a collections call: timestamps and times in Salesforce's
 /// formats (also inside a relationship object or an array), everything else as it is.
-fn field_json(value: &crate::engine::value::Value) -> Json {
-    use crate::engine::value::Value;
+fn field_json(value: &crate::model::value::Value) -> Json {
+    use crate::model::value::Value;
     match value {
         Value::Timestamp(ts) => Json::String(date_time_text(ts)),
         Value::Time(t) => Json::String(time_text(t)),

@@ -8,7 +8,7 @@
 //! Everything that is the same across databases lives here, once: reading the connection URL,
 //! planning a batch into statements, running them in one transaction, turning per-statement
 //! row counts into per-record outcomes, and turning driver errors into [`SendError`]s. Each
-//! database's file is a [`Dialect`]: identifier quoting, the upsert clause, value binding and
+//! database's file is a `Dialect`: identifier quoting, the upsert clause, value binding and
 //! error classification.
 //!
 //! Records of a batch that carry different field sets are not padded with NULLs (that would
@@ -33,11 +33,11 @@ use sqlx::pool::Pool;
 use sqlx::query::Query;
 use sqlx::{ConnectOptions, Connection, Database, Executor, IntoArguments};
 
-use super::{
-    Capabilities, Connector, DestinationError, Operation, Record, RecordOutcome, SecretData, SendError,
-};
+use super::{Capabilities, Connector, DestinationError, RecordOutcome, SendError};
 use crate::api::{DestinationSpec, DestinationType};
-use crate::engine::value::{Document, Value, canonical_bytes, write_document};
+use crate::model::record::{Operation, Record};
+use crate::model::secret::SecretData;
+use crate::model::value::{Document, Value, canonical_bytes, write_document};
 
 /// Most records in one batch. Far below every database's bind-parameter limit for tables
 /// of ordinary width; wider rows are split into several statements by parameter count.
@@ -105,7 +105,7 @@ pub async fn build(
         })?;
     let conn = ConnectionInfo {
         scrubber: Scrubber::new().with_url(url).with_secret(secret),
-        location: crate::source::describe_url(url),
+        location: crate::redact::describe_url(url),
         secret_name: secret_ref.name.clone(),
         secret_key: key.to_owned(),
         endpoint: None,
@@ -964,6 +964,11 @@ where
         // Closing politely is a courtesy; the check's answer does not depend on it.
         let _ = conn.close().await;
         result
+    }
+
+    /// Upserts conflict on the match columns, so the table needs a unique index on them.
+    async fn check_match(&self, match_fields: &[String]) -> Result<(), SendError> {
+        self.verify_upsert_keys(&[match_fields.to_vec()]).await
     }
 
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError> {

@@ -22,7 +22,7 @@ use sqlx::query::Query;
 use super::{Binding, ConnectionInfo, Dialect, Failure, Param, TableConnector, Target, json_text};
 use crate::api::DestinationType;
 use crate::destination::{Connector, DestinationError};
-use crate::engine::value::{Value, canonical_decimal};
+use crate::model::value::{Value, canonical_decimal};
 
 /// The MySQL/MariaDB dialect.
 pub(crate) struct My;
@@ -197,8 +197,8 @@ pub(crate) fn connector(
 mod tests {
     use super::*;
     use crate::destination::table::plan;
-    use crate::destination::{Operation, Record};
-    use crate::engine::value::Document;
+    use crate::model::record::{Operation, Record};
+    use crate::model::value::Document;
 
     fn record(identity: &[(&str, Value)], fields: &[(&str, Value)]) -> Record {
         let doc = |pairs: &[(&str, Value)]| -> Document {

@@ -6,18 +6,19 @@
 //! `jsonb`, `date` and array columns all receive correctly typed values without the
 //! connector knowing the column types, and a batch needs one bind parameter whatever its size.
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::Postgres;
 use sqlx::error::DatabaseError;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgQueryResult};
 use sqlx::query::Query;
+use sqlx::{Pool, Postgres};
 
 use super::{Binding, ConnectionInfo, Dialect, Failure, Param, TableConnector, Target, json_text};
 use crate::api::DestinationType;
 use crate::destination::{Connector, DestinationError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// The PostgreSQL dialect.
 pub(crate) struct Pg;
@@ -69,6 +70,39 @@ impl Dialect for Pg {
             Some(code) => format!("SQLSTATE {code}"),
             None => "no SQLSTATE".to_owned(),
         }
+    }
+
+    async fn has_unique_index(
+        pool: &Pool<Postgres>,
+        target: &Target,
+        cols: &[String],
+    ) -> Result<Option<bool>, sqlx::Error> {
+        // The key columns of each unique index without a predicate or an expression (the
+        // primary key is one): what `ON CONFLICT (cols)` can use.
+        let indexes: Vec<Vec<String>> = sqlx::query_scalar(
+            "SELECT array_agg(a.attname::text) FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid \
+              AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1]) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisunique \
+              AND i.indpred IS NULL AND i.indexprs IS NULL \
+             GROUP BY i.indexrelid",
+        )
+        .bind(target.sql::<Self>())
+        .fetch_all(pool)
+        .await?;
+        let wanted: BTreeSet<&str> = cols.iter().map(String::as_str).collect();
+        if indexes
+            .iter()
+            .any(|index| index.iter().map(String::as_str).collect::<BTreeSet<_>>() == wanted)
+        {
+            return Ok(Some(true));
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(target.sql::<Self>())
+            .fetch_one(pool)
+            .await?;
+        // A missing table is reported by the check's probe and the upsert, with their own message.
+        Ok(exists.then_some(false))
     }
 
     async fn check_writable(conn: &mut PgConnection, target: &Target) -> Result<Option<String>, sqlx::Error> {
@@ -135,8 +169,8 @@ pub(crate) fn connector(
 mod tests {
     use super::*;
     use crate::destination::table::{Plan, plan};
-    use crate::destination::{Operation, Record};
-    use crate::engine::value::Document;
+    use crate::model::record::{Operation, Record};
+    use crate::model::value::Document;
 
     fn record(identity: &[(&str, Value)], fields: &[(&str, Value)]) -> Record {
         let doc = |pairs: &[(&str, Value)]| -> Document {

@@ -10,20 +10,21 @@
 //! ISO 8601 text (`2024-03-01T10:00:00Z`), which SQLite's date functions read; JSON, objects
 //! and arrays as JSON text.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::SecondsFormat;
-use sqlx::Sqlite;
 use sqlx::error::DatabaseError;
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqliteQueryResult};
+use sqlx::{Pool, Sqlite};
 
 use super::{Binding, ConnectionInfo, Dialect, Failure, Param, TableConnector, Target, json_text};
 use crate::api::DestinationType;
 use crate::destination::{Connector, DestinationError};
-use crate::engine::value::{Value, canonical_decimal};
+use crate::model::value::{Value, canonical_decimal};
 
 /// How long a write waits for another writer to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +94,54 @@ impl Dialect for Lite {
             Some(code) => format!("SQLite code {code}"),
             None => "no SQLite code".to_owned(),
         }
+    }
+
+    async fn has_unique_index(
+        pool: &Pool<Sqlite>,
+        target: &Target,
+        cols: &[String],
+    ) -> Result<Option<bool>, sqlx::Error> {
+        let schema = target.schema.as_deref().unwrap_or("main");
+        let columns: Vec<(String, i64)> = sqlx::query_as("SELECT name, pk FROM pragma_table_info(?1, ?2)")
+            .bind(&target.table)
+            .bind(schema)
+            .fetch_all(pool)
+            .await?;
+        if columns.is_empty() {
+            // A missing table is reported by the check's probe and the upsert themselves.
+            return Ok(None);
+        }
+        // Column names are case-insensitive in SQLite.
+        let wanted: BTreeSet<String> = cols.iter().map(|c| c.to_lowercase()).collect();
+        // The primary key, listed here because an INTEGER PRIMARY KEY has no index of its own.
+        let primary_key: BTreeSet<String> = columns
+            .iter()
+            .filter(|(_, pk)| *pk > 0)
+            .map(|(name, _)| name.to_lowercase())
+            .collect();
+        if primary_key == wanted {
+            return Ok(Some(true));
+        }
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT il.name, ii.name FROM pragma_index_list(?1, ?2) AS il, pragma_index_info(il.name, ?2) AS ii \
+             WHERE il.\"unique\" = 1 AND il.partial = 0",
+        )
+        .bind(&target.table)
+        .bind(schema)
+        .fetch_all(pool)
+        .await?;
+        // An expression column (no name) keeps its index from ever matching.
+        let mut indexes: BTreeMap<String, Option<BTreeSet<String>>> = BTreeMap::new();
+        for (index, column) in rows {
+            let entry = indexes.entry(index).or_insert_with(|| Some(BTreeSet::new()));
+            match (entry.as_mut(), column) {
+                (Some(set), Some(column)) => {
+                    set.insert(column.to_lowercase());
+                }
+                _ => *entry = None,
+            }
+        }
+        Ok(Some(indexes.values().flatten().any(|set| *set == wanted)))
     }
 }
 

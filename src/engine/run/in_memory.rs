@@ -4,11 +4,12 @@
 use super::rows::{NextRow, next_row, report_duplicates};
 use super::{Collector, Decider, PlanSample, Planned, RunError, RunOptions};
 use crate::api::SyncMode;
-use crate::destination::{Operation, PlannedSends};
+use crate::destination::PlannedSends;
 use crate::engine::mapping::Mapper;
 use crate::engine::plan::{Change, Decision, Planner};
 use crate::engine::progress::Phase;
 use crate::engine::spill::{RowJson, SpillWriter};
+use crate::model::record::Operation;
 use crate::source;
 use crate::state::StateStore;
 

@@ -85,7 +85,7 @@ fn reject_undecodable(
 /// when it has one.
 fn map_row(
     mapper: &Mapper,
-    row: Vec<crate::engine::value::Value>,
+    row: Vec<crate::model::value::Value>,
     canonical: &mut Vec<u8>,
     c: &mut Collector,
 ) -> Result<(crate::engine::mapping::MappedRow, u64), Option<String>> {

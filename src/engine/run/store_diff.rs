@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use super::rows::{NextRow, next_row, report_duplicates};
 use super::{Collector, Decider, Planned, RunError};
 use crate::api::SyncMode;
-use crate::destination::{Operation, PlannedSends};
+use crate::destination::PlannedSends;
 use crate::engine::mapping::Mapper;
 use crate::engine::plan::{Change, Decision, PlanCounts, PlanOutcome, decide, row_digest};
 use crate::engine::progress::Phase;
 use crate::engine::run::{PlanSample, RunOptions};
 use crate::engine::spill::{RowJson, SpillWriter};
+use crate::model::record::Operation;
 use crate::source::RowStream;
 use crate::state::{EntryRef, Fingerprints, StateStore, stored_key_hash};
 
@@ -259,7 +260,7 @@ fn preview(
         };
         found += 1;
         let mut record = Vec::new();
-        crate::engine::value::write_document(&row.fields, &mut record);
+        crate::model::value::write_document(&row.fields, &mut record);
         c.report.plan_samples.push(PlanSample {
             operation: row.operation.as_str().to_owned(),
             key: row.key,

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use super::super::{Column, SourceError};
-use crate::engine::value::{Document, Value};
+use crate::model::value::{Document, Value};
 
 /// One field of the result schema.
 #[derive(Debug, Clone, Deserialize)]

@@ -22,7 +22,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta};
 use uuid::Uuid;
 
 use super::types::ChType;
-use crate::engine::value::{Document, Value};
+use crate::model::value::{Document, Value};
 use crate::source::{SourceRow, UndecodableRow, ValueError};
 
 /// Largest single value (a string) accepted, and the most bytes buffered for one row.

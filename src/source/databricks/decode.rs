@@ -15,7 +15,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::Deserialize;
 
 use super::super::{Column, SourceError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// One column of `manifest.schema.columns`.
 #[derive(Debug, Clone, Deserialize)]

@@ -55,7 +55,7 @@ pub(super) async fn extract(
     query: &str,
     options: &SourceOptions,
 ) -> Result<RowStream, SourceError> {
-    let target = super::describe_url(connection.url);
+    let target = crate::redact::describe_url(connection.url);
     let (config, auth) =
         Config::parse(connection.url, connection.credentials).map_err(|reason| SourceError::Config {
             target: target.clone(),

@@ -17,7 +17,7 @@ use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
 use serde::Deserialize;
 
 use super::super::{Column, SourceError};
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// One entry of `resultSetMetaData.rowType`.
 #[derive(Debug, Clone, Deserialize)]

@@ -133,10 +133,10 @@ fn to_number(v: Value) -> Result<Value, String> {
                 let d = t
                     .parse::<BigDecimal>()
                     .map_err(|_| "to_number: the value is not a number".to_owned())?;
-                if !crate::engine::value::decimal_in_range(&d) {
+                if !crate::model::value::decimal_in_range(&d) {
                     return Err(format!(
                         "to_number: the number's exponent is outside ±{}",
-                        crate::engine::value::MAX_DECIMAL_EXPONENT
+                        crate::model::value::MAX_DECIMAL_EXPONENT
                     ));
                 }
                 Ok(Value::Decimal(d))
