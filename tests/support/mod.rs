@@ -23,4 +23,6 @@ pub mod salesforce_double;
 pub mod slack_double;
 pub mod snowflake_double;
 pub mod sqlite;
+pub mod statement_double;
+pub mod warehouse;
 pub mod zendesk_double;
