@@ -44,7 +44,7 @@ $(VENV)/.installed: tests/chart/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/chart/requirements.txt
 	@touch $@
 
-bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and ConfigMap stores, plan and end to end, delivery rate, next to raw COPY; the ClickHouse source next to a raw HTTP read (~4 min on 2 cores)
+bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and ConfigMap stores, plan and end to end, delivery rate, next to raw COPY; the warehouse sources at 100k and 1M rows next to their servers' own speed (BACKFLOW_BENCH_ONLY=sources for those alone)
 	$(CARGO) bench --locked --bench scale
 
 bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 min on 2 cores, 6 GB free disk)

@@ -1,35 +1,26 @@
 //! The BigQuery source against the REST API double: service-account JWTs, the dry run's
-//! statement type and byte guard, `jobComplete: false` polling and `pageToken` paging, types
+//! statement type and byte guard, `jobComplete: false` polling, paging by `startIndex` ahead (or by `pageToken`), types
 //! (exact NUMERIC/BIGNUMERIC, TIMESTAMP, DATETIME, ARRAY, STRUCT, JSON), retries, token
 //! renewal, errors without secrets, cancellation.
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use backflow::model::value::{Document, Value};
-use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
+use backflow::source::{Credentials, RowStream, SourceError};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde_json::{Value as Json, json};
 use support::bigquery_double::{self as bq, BigQueryDouble, BqResult};
 use support::http_server::Behaviour;
+use support::warehouse::{credentials, extract_via};
 
 const QUERY: &str = "SELECT * FROM marts.customers ORDER BY id";
 
 fn key() -> Credentials {
     credentials(&[("service_account_json", &bq::service_account_json())])
-}
-
-fn credentials(pairs: &[(&str, &str)]) -> Credentials {
-    Credentials::new(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
-    )
 }
 
 async fn open_with(
@@ -39,19 +30,7 @@ async fn open_with(
     query: &str,
     timeout: Duration,
 ) -> Result<RowStream, SourceError> {
-    extract_from(
-        Connection {
-            url,
-            credentials,
-            endpoint_override: Some(&double.url),
-        },
-        query,
-        &SourceOptions {
-            statement_timeout: timeout,
-            buffer_rows: 4,
-        },
-    )
-    .await
+    extract_via(&double.url, url, credentials, query, timeout).await
 }
 
 async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
@@ -173,12 +152,21 @@ async fn a_running_job_is_polled_and_its_pages_arrive_in_order() {
             .enumerate()
             .all(|(i, r)| r[0] == Value::Int(i as i64 + 1))
     );
-    let pages = double
+    let pages: Vec<String> = double
         .requests()
         .iter()
-        .filter(|r| r.query.as_deref().is_some_and(|q| q.contains("pageToken")))
-        .count();
-    assert_eq!(pages, 2, "10,000 rows a page: two more pages after the first");
+        .filter_map(|r| r.query.clone())
+        .filter(|q| q.contains("startIndex"))
+        .collect();
+    assert_eq!(
+        pages.len(),
+        2,
+        "10,000 rows a page: two more pages after the first, by row offset: {pages:?}"
+    );
+    for start in ["startIndex=10000", "startIndex=20000"] {
+        assert!(pages.iter().any(|q| q.contains(start)), "{start} in {pages:?}");
+    }
+    assert!(pages.iter().all(|q| !q.contains("pageToken")));
     // The dry run came first.
     assert!(
         double
@@ -191,6 +179,47 @@ async fn a_running_job_is_polled_and_its_pages_arrive_in_order() {
             .unwrap()["configuration"]["dryRun"]
             == json!(true)
     );
+}
+
+#[tokio::test]
+async fn pages_cut_short_are_completed_and_answers_without_a_row_count_page_by_token() {
+    let double = BigQueryDouble::start().await;
+    double.serve(QUERY, ids(25_005));
+    // BigQuery cuts pages at about 10 MB: every window is fetched in several requests.
+    double.page_cap(3_000);
+    let rows = rows_of(&double, &double.source_url()).await.unwrap();
+    assert_eq!(rows.len(), 25_005);
+    assert!(
+        rows.iter()
+            .enumerate()
+            .all(|(i, r)| r[0] == Value::Int(i as i64 + 1))
+    );
+    let by_offset = double
+        .requests()
+        .iter()
+        .filter(|r| r.query.as_deref().is_some_and(|q| q.contains("startIndex")))
+        .count();
+    assert_eq!(
+        by_offset, 9,
+        "rows 3,000 to 25,005 in windows of 10,000, each in pages of at most 3,000"
+    );
+
+    let double = BigQueryDouble::start().await;
+    double.serve(QUERY, ids(25_005));
+    double.without_total_rows();
+    let rows = rows_of(&double, &double.source_url()).await.unwrap();
+    assert_eq!(rows.len(), 25_005);
+    assert!(
+        rows.iter()
+            .enumerate()
+            .all(|(i, r)| r[0] == Value::Int(i as i64 + 1))
+    );
+    let by_token = double
+        .requests()
+        .iter()
+        .filter(|r| r.query.as_deref().is_some_and(|q| q.contains("pageToken")))
+        .count();
+    assert_eq!(by_token, 2, "without totalRows, the pages follow their tokens");
 }
 
 #[tokio::test]

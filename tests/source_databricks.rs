@@ -4,31 +4,22 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use backflow::model::value::Value;
-use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
+use backflow::source::{Credentials, RowStream, SourceError};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Value as Json, json};
 use support::databricks_double::{self as db, DatabricksDouble, DbResult};
 use support::http_server::Behaviour;
+use support::warehouse::{credentials, extract_via};
 
 const QUERY: &str = "SELECT * FROM main.marts.customers ORDER BY id";
 
 fn pat() -> Credentials {
     credentials(&[("token", db::PAT)])
-}
-
-fn credentials(pairs: &[(&str, &str)]) -> Credentials {
-    Credentials::new(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
-    )
 }
 
 async fn open_with(
@@ -38,19 +29,7 @@ async fn open_with(
     query: &str,
     timeout: Duration,
 ) -> Result<RowStream, SourceError> {
-    extract_from(
-        Connection {
-            url,
-            credentials,
-            endpoint_override: Some(&double.url),
-        },
-        query,
-        &SourceOptions {
-            statement_timeout: timeout,
-            buffer_rows: 4,
-        },
-    )
-    .await
+    extract_via(&double.url, url, credentials, query, timeout).await
 }
 
 async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {

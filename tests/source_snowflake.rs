@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use backflow::api::ReverseSyncSpec;
 use backflow::engine::run::{RunOptions, SyncRun, run};
 use backflow::model::value::Value;
-use backflow::source::{Connection, Credentials, RowStream, SourceError, SourceOptions, extract_from};
+use backflow::source::{Credentials, RowStream, SourceError};
 use backflow::state::file::FileStore;
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
@@ -20,27 +19,12 @@ use serde_json::{Value as Json, json};
 use support::fake_connector::{FakeConnector, fast_delivery};
 use support::http_server::Behaviour;
 use support::snowflake_double::{self as sf, SfResult, SnowflakeDouble};
+use support::warehouse::{credentials, extract_via};
 
 const QUERY: &str = "SELECT * FROM customers ORDER BY id";
 
 fn key_pair() -> Credentials {
     credentials(&[("private_key", sf::PRIVATE_KEY)])
-}
-
-fn credentials(pairs: &[(&str, &str)]) -> Credentials {
-    Credentials::new(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
-    )
-}
-
-fn options() -> SourceOptions {
-    SourceOptions {
-        statement_timeout: Duration::from_secs(30),
-        buffer_rows: 4,
-    }
 }
 
 async fn open(
@@ -49,16 +33,7 @@ async fn open(
     credentials: &Credentials,
     query: &str,
 ) -> Result<RowStream, SourceError> {
-    extract_from(
-        Connection {
-            url,
-            credentials,
-            endpoint_override: Some(&double.url),
-        },
-        query,
-        &options(),
-    )
-    .await
+    extract_via(&double.url, url, credentials, query, Duration::from_secs(30)).await
 }
 
 async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {

@@ -1,12 +1,14 @@
 //! The ClickHouse source at scale, next to ClickHouse's own serving speed of the same query
 //! measured in the same run.
 //!
-//! The same `customers` model in a ClickHouse database of its own (the server of
+//! For each size (`BACKFLOW_BENCH_SOURCE_ROWS`, default `100000,1000000`), the same
+//! `customers` model in a ClickHouse database of its own (the server of
 //! `BACKFLOW_TEST_CLICKHOUSE_URL`, default `http://127.0.0.1:8123`, user `default`), then,
-//! each in a child process for its own peak RSS: a raw HTTP read of the query's body in the
-//! format the source reads (the baseline: the server producing it, the client discarding
-//! it), the source alone (`backflow::source::extract`, every row decoded and counted), and a
-//! plan-only run with the File store. Skipped with a note when no server answers.
+//! each in a child process for its own peak RSS (VmHWM): a raw HTTP read of the query's body
+//! in the format the source reads (the baseline: the server producing it, the client
+//! discarding it), the source alone (`backflow::source::extract`, every row decoded and
+//! counted), and a plan-only run with the File store. Two sizes show whether the source's
+//! peak memory grows with the rows. Skipped with a note when no server answers.
 
 use std::time::Duration;
 
@@ -37,12 +39,31 @@ async fn exec(sql: &str) -> Result<String, String> {
     if ok { Ok(text) } else { Err(text) }
 }
 
-/// Creates the model, measures, drops the model; `None` when no ClickHouse answers.
-pub async fn bench(rows: u64, repeat: usize, state_dir: &str) -> Option<ClickHouseReport> {
+/// Sizes from `BACKFLOW_BENCH_SOURCE_ROWS`.
+pub fn sizes() -> Vec<u64> {
+    std::env::var("BACKFLOW_BENCH_SOURCE_ROWS")
+        .unwrap_or_else(|_| "100000,1000000".to_owned())
+        .split(',')
+        .filter_map(|s| s.trim().replace('_', "").parse().ok())
+        .collect()
+}
+
+/// Every size in turn; empty when no ClickHouse answers.
+pub async fn bench(repeat: usize) -> Vec<ClickHouseReport> {
     if exec("SELECT 1").await.is_err() {
         eprintln!("no ClickHouse at {}: skipping the ClickHouse source", http_url());
-        return None;
+        return Vec::new();
     }
+    let state = tempfile::tempdir().expect("temp dir");
+    let mut reports = Vec::new();
+    for rows in sizes() {
+        reports.push(bench_size(rows, repeat, &state.path().to_string_lossy()).await);
+    }
+    reports
+}
+
+/// Creates the model, measures, drops the model.
+async fn bench_size(rows: u64, repeat: usize, state_dir: &str) -> ClickHouseReport {
     let db = format!("bf_bench_{}_{rows}", std::process::id());
     eprintln!("creating a {rows}-row ClickHouse model ...");
     exec(&format!("CREATE DATABASE {db}"))
@@ -87,12 +108,13 @@ pub async fn bench(rows: u64, repeat: usize, state_dir: &str) -> Option<ClickHou
     )
     .await;
     let _ = exec(&format!("DROP DATABASE {db}")).await;
-    Some(ClickHouseReport {
+    assert_eq!(source.rows, rows, "ClickHouse source rows");
+    ClickHouseReport {
         rows,
         raw,
         source,
         plan,
-    })
+    }
 }
 
 /// The baseline: the query's body in RowBinary read and discarded, as fast as the server
@@ -150,29 +172,41 @@ pub async fn source_only(phase: &Phase) -> Measured {
     }
 }
 
-/// Prints the section.
-pub fn print(report: &ClickHouseReport) {
+/// Prints the section: one table for every size, then the source's peak memory across them.
+pub fn print(reports: &[ClickHouseReport]) {
+    let Some(first) = reports.first() else {
+        return;
+    };
+    println!("\n== ClickHouse source (server {}) ==", http_url());
     println!(
-        "\n== ClickHouse source, {} rows (server {}) ==",
-        crate::report::thousands(report.rows),
-        http_url()
+        "{:<48} {:>10} {:>8} {:>11} {:>9} {:>8}",
+        "phase", "rows", "seconds", "rows/s", "peak MiB", "vs raw"
     );
-    println!(
-        "{:<48} {:>8} {:>11} {:>9} {:>10}",
-        "phase", "seconds", "rows/s", "peak MiB", "vs raw"
-    );
-    let raw = report.raw.seconds;
-    for (name, m) in [
-        ("raw HTTP read of the same RowBinary body", &report.raw),
-        ("ClickHouse source: extract, decode every row", &report.source),
-        ("File store plan only (empty state)", &report.plan),
-    ] {
+    for report in reports {
+        let raw = report.raw.seconds;
+        for (name, m) in [
+            ("raw HTTP read of the same RowBinary body", &report.raw),
+            ("ClickHouse source: extract, decode every row", &report.source),
+            ("File store plan only (empty state)", &report.plan),
+        ] {
+            println!(
+                "{name:<48} {:>10} {:>8.2} {:>11} {:>9.1} {:>7.2}x",
+                crate::report::thousands(report.rows),
+                m.seconds,
+                crate::report::thousands((m.rows as f64 / m.seconds.max(1e-9)) as u64),
+                m.peak_rss_mib,
+                m.seconds / raw.max(1e-9)
+            );
+        }
+    }
+    if let Some(last) = reports.last().filter(|l| l.rows != first.rows) {
         println!(
-            "{name:<48} {:>8.2} {:>11} {:>9.1} {:>9.2}x",
-            m.seconds,
-            crate::report::thousands((m.rows as f64 / m.seconds.max(1e-9)) as u64),
-            m.peak_rss_mib,
-            m.seconds / raw.max(1e-9)
+            "source peak RSS (VmHWM of its own process): {:.1} MiB at {} rows, {:.1} MiB at {} rows ({:+.1} MiB)",
+            first.source.peak_rss_mib,
+            crate::report::thousands(first.rows),
+            last.source.peak_rss_mib,
+            crate::report::thousands(last.rows),
+            last.source.peak_rss_mib - first.source.peak_rss_mib
         );
     }
 }

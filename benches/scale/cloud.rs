@@ -2,7 +2,7 @@
 //! extraction (`backflow::source::extract_from`, every row decoded to canonical values) next to
 //! the double's own serving speed (the same requests from a bare HTTP client, partitions or
 //! chunks fetched as far ahead, bodies counted but not decoded; BigQuery's pages are parsed
-//! for their `pageToken`), at two result sizes so a flat peak shows memory does not
+//! for their rows, fetched by `startIndex` as far ahead), at two result sizes so a flat peak shows memory does not
 //! grow with the rows.
 //!
 //! The doubles run in the parent process; each measurement is a child process (peak RSS its
@@ -25,8 +25,10 @@ use crate::snowflake_double::{self as sf, SfResult, SnowflakeDouble};
 const QUERY: &str = "SELECT id, email, plan, mrr, signed_up_at FROM customers";
 /// The OAuth token the raw Snowflake client sends.
 const RAW_TOKEN: &str = "bench-raw-token";
-/// Partitions or chunks fetched at once by the raw client (the sources fetch 3 ahead).
+/// Partitions, chunks or pages fetched at once by the raw client (the sources fetch 3 ahead).
 const RAW_AHEAD: usize = 3;
+/// Rows of a BigQuery page, as the source asks.
+const PAGE_ROWS: u32 = 10_000;
 
 /// Which source a phase measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,8 +380,8 @@ pub fn print(lines: &[CloudLine]) {
     }
 }
 
-/// BigQuery's requests without the source: a token, the query, then every page in turn
-/// (`pageToken` paging cannot be fetched ahead).
+/// BigQuery's requests without the source: a token, the query, then the other pages by
+/// `startIndex`, as many at once as the source fetches ahead.
 async fn raw_bigquery(endpoint: &str) -> u64 {
     let client = reqwest::Client::new();
     let token: serde_json::Value = client
@@ -395,8 +397,8 @@ async fn raw_bigquery(endpoint: &str) -> u64 {
         .expect("token answer");
     let token = token["access_token"].as_str().expect("a token").to_owned();
     let base = format!("{endpoint}/bigquery/v2/projects/{}", bq::PROJECT);
-    let body = json!({"query": QUERY, "useLegacySql": false, "maxResults": 10_000, "formatOptions": {"useInt64Timestamp": true}});
-    let mut page: serde_json::Value = client
+    let body = json!({"query": QUERY, "useLegacySql": false, "maxResults": PAGE_ROWS, "formatOptions": {"useInt64Timestamp": true}});
+    let first: serde_json::Value = client
         .post(format!("{base}/queries"))
         .bearer_auth(&token)
         .json(&body)
@@ -406,27 +408,35 @@ async fn raw_bigquery(endpoint: &str) -> u64 {
         .json()
         .await
         .expect("first page");
-    let job = page["jobReference"]["jobId"].as_str().expect("a job").to_owned();
-    let mut rows = 0u64;
-    loop {
-        rows += page["rows"].as_array().map_or(0, Vec::len) as u64;
-        let Some(next) = page["pageToken"].as_str().map(str::to_owned) else {
-            break;
-        };
-        page = client
-            .get(format!("{base}/queries/{job}"))
-            .query(&[
-                ("pageToken", next.as_str()),
-                ("maxResults", "10000"),
-                ("formatOptions.useInt64Timestamp", "true"),
-            ])
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("page")
-            .json()
-            .await
-            .expect("page answer");
-    }
-    rows
+    let job = first["jobReference"]["jobId"].as_str().expect("a job").to_owned();
+    let total: u64 = first["totalRows"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("totalRows");
+    let read = first["rows"].as_array().map_or(0, Vec::len) as u64;
+    let pages = stream::iter((read..total).step_by(PAGE_ROWS as usize))
+        .map(|start| {
+            let request = client
+                .get(format!("{base}/queries/{job}"))
+                .query(&[
+                    ("startIndex", start.to_string()),
+                    ("maxResults", PAGE_ROWS.to_string()),
+                    ("formatOptions.useInt64Timestamp", "true".to_owned()),
+                ])
+                .bearer_auth(&token);
+            async move {
+                let page: serde_json::Value = request
+                    .send()
+                    .await
+                    .expect("page")
+                    .json()
+                    .await
+                    .expect("page answer");
+                page["rows"].as_array().map_or(0, Vec::len) as u64
+            }
+        })
+        .buffered(RAW_AHEAD)
+        .collect::<Vec<u64>>()
+        .await;
+    read + pages.iter().sum::<u64>()
 }

@@ -23,10 +23,11 @@
 //! `{{name}}` substitution of before, and of filter chains (`templates.rs`; alone with
 //! `BACKFLOW_BENCH_ONLY=templates`).
 //!
-//! Then the cloud warehouse sources (Snowflake, Databricks, BigQuery) against their contract doubles,
-//! next to the doubles' own serving speed (`cloud.rs`).
-//! Then the ClickHouse source at the smallest size (`clickhouse.rs`): rows/s of the source
-//! next to a raw HTTP read of the same body, in the same run.
+//! Then the warehouse sources, at 100,000 and 1,000,000 rows so their peak memory can be
+//! compared: the cloud ones (Snowflake, Databricks, BigQuery) against their contract doubles,
+//! next to the doubles' own serving speed (`cloud.rs`), and ClickHouse (`clickhouse.rs`):
+//! rows/s of the source next to a raw HTTP read of the same body, in the same run. Alone, in
+//! a few minutes, with `BACKFLOW_BENCH_ONLY=sources` (or `cloud` for the cloud ones only).
 //!
 //! Every phase runs in a child process of this binary (`--phase JSON`) so its peak RSS
 //! (VmHWM) is its own. COPY and plan-only phases run `BACKFLOW_BENCH_REPEAT` times (3) and
@@ -61,6 +62,9 @@ mod http_server;
 #[allow(dead_code)]
 #[path = "../../tests/support/snowflake_double.rs"]
 mod snowflake_double;
+#[allow(dead_code)]
+#[path = "../../tests/support/statement_double.rs"]
+mod statement_double;
 
 use phase::{Kind, Measured, Phase, Store};
 use report::{SizeReport, StoreReport};
@@ -102,10 +106,22 @@ async fn main() {
         .max(1);
     let admin_url = std::env::var("BACKFLOW_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("cloud") {
+    match std::env::var("BACKFLOW_BENCH_ONLY").as_deref() {
         // `BACKFLOW_BENCH_ONLY=cloud make bench`: the cloud sources alone, a minute or so.
-        cloud::print(&cloud::bench().await);
-        return;
+        Ok("cloud") => {
+            cloud::print(&cloud::bench().await);
+            return;
+        }
+        // `BACKFLOW_BENCH_ONLY=sources make bench`: every warehouse source, a few minutes.
+        Ok("sources") => {
+            eprintln!("cloud warehouse sources ...");
+            let cloud = cloud::bench().await;
+            let clickhouse = clickhouse::bench(repeat).await;
+            cloud::print(&cloud);
+            clickhouse::print(&clickhouse);
+            return;
+        }
+        _ => {}
     }
     let sink = sink::Sink::start().await;
     let api_server = apiserver::ApiServer::start().await;
@@ -118,16 +134,11 @@ async fn main() {
     let delivery = delivery::bench(&admin_url, &sink).await;
     eprintln!("cloud warehouse sources ...");
     let cloud = cloud::bench().await;
-    // The ClickHouse source at the smallest size only: the default bench stays short.
-    let state = tempfile::tempdir().expect("temp dir");
-    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
-    let clickhouse = clickhouse::bench(smallest, repeat, &state.path().to_string_lossy()).await;
+    let clickhouse = clickhouse::bench(repeat).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
     cloud::print(&cloud);
-    if let Some(c) = &clickhouse {
-        clickhouse::print(c);
-    }
+    clickhouse::print(&clickhouse);
     templates::print(&template_figures);
 }
 

@@ -209,7 +209,9 @@ pub fn decode_row(
 
 /// Decodes one result row of a REST warehouse against its planned columns: a row of another
 /// width ends the stream (the answer is malformed); a value `value` cannot decode rejects its
-/// row, naming only the column's type, since a decoder's own reason may quote the value.
+/// row, naming only the column's type, since a decoder's own reason may quote the value; so
+/// does a float NaN or infinity (the warehouses send them as `"NaN"`, `"inf"`), alone or in
+/// an array, as for every other source.
 fn decode_planned_row<K>(
     width: usize,
     plan: &[(Column, K)],
@@ -223,10 +225,27 @@ fn decode_planned_row<K>(
     }
     decode_row(width, |i| {
         let (column, kind) = &plan[i];
-        value(i, kind).map_err(|_| {
-            ValueError::undecodable(format!("a {} value with no canonical form", column.type_name))
-        })
+        match value(i, kind) {
+            Ok(v) => finite(v),
+            Err(_) => Err(ValueError::undecodable(format!(
+                "a {} value with no canonical form",
+                column.type_name
+            ))),
+        }
     })
+}
+
+/// `value`, unless it is or holds a float NaN or infinity.
+fn finite(value: Value) -> Result<Value, ValueError> {
+    match value {
+        Value::Float(f) => float(f),
+        Value::Array(items) => items
+            .into_iter()
+            .map(finite)
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
+        other => Ok(other),
+    }
 }
 
 /// What the source's login may do beyond reading, as a catalog query found when the
@@ -364,12 +383,38 @@ pub enum SourceError {
     Egress(#[from] crate::egress::EgressError),
 }
 
-/// The cast that turns a column of an unsupported type into one Backflow reads.
+/// The cast that turns a column of an unsupported type into one Backflow reads, in the
+/// dialect the type name shows where it shows one.
 fn cast_hint(column: &str, type_name: &str) -> String {
     let upper = type_name.to_ascii_uppercase();
+    // ClickHouse names its types in CamelCase: `Tuple(UInt8, String)`, `IPv4`, `Map(…)`.
+    const CLICKHOUSE: &[&str] = &[
+        "Tuple(",
+        "Map(",
+        "Nested(",
+        "IPv4",
+        "IPv6",
+        "AggregateFunction(",
+        "SimpleAggregateFunction(",
+        "Variant(",
+        "Dynamic",
+        "Object(",
+        "Point",
+        "Ring",
+        "Polygon",
+        "MultiPolygon",
+        "Interval",
+    ];
+    if CLICKHOUSE.iter().any(|prefix| type_name.starts_with(prefix)) {
+        return format!("toString({column}) AS {column}");
+    }
     match upper.as_str() {
         "BYTEA" => format!("encode({column}, 'base64') AS {column}"),
-        "INTERVAL" => format!("EXTRACT(EPOCH FROM {column}) AS {column} for seconds, or {column}::text"),
+        "INTERVAL" => format!(
+            "EXTRACT(EPOCH FROM {column}) AS {column} for seconds, or {column}::text; on BigQuery CAST({column} AS STRING) AS {column}"
+        ),
+        // Databricks spells its intervals out: `INTERVAL DAY TO SECOND`.
+        u if u.starts_with("INTERVAL ") => format!("CAST({column} AS STRING) AS {column}"),
         "BIT" | "VARBIT" => {
             format!("{column}::text on PostgreSQL, CAST({column} AS UNSIGNED) AS {column} on MySQL")
         }
@@ -377,7 +422,7 @@ fn cast_hint(column: &str, type_name: &str) -> String {
             format!("ST_AsText({column}) AS {column}")
         }
         _ => format!(
-            "{column}::text on PostgreSQL, CAST({column} AS CHAR) AS {column} on MySQL, or another type it can become"
+            "{column}::text on PostgreSQL, CAST({column} AS CHAR) AS {column} on MySQL, CAST({column} AS STRING) AS {column} on BigQuery or Databricks, TO_VARCHAR({column}) AS {column} on Snowflake, or another type it can become"
         ),
     }
 }
@@ -715,6 +760,17 @@ mod tests {
             type_name: "INTERVAL".into(),
         };
         assert!(err.to_string().contains("EXTRACT(EPOCH FROM span)"), "{err}");
+        let hint = |type_name: &str| {
+            SourceError::UnsupportedType {
+                column: "c".into(),
+                type_name: type_name.into(),
+            }
+            .to_string()
+        };
+        assert!(hint("Tuple(UInt8, String)").contains("toString(c) AS c"));
+        assert!(hint("INTERVAL DAY TO SECOND").contains("(cast it in the query: CAST(c AS STRING) AS c)"));
+        assert!(hint("GEOGRAPHY").contains("ST_AsText(c) AS c"));
+        assert!(hint("RANGE<DATE>").contains("CAST(c AS STRING) AS c on BigQuery"));
     }
 
     #[test]

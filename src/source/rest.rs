@@ -1,6 +1,7 @@
 //! What the cloud warehouses' REST sources share: one HTTP client with bounded reads, the
 //! retry of throttled and unavailable answers, cached bearer tokens refreshed once on a `401`,
-//! the test-only endpoint override, and the scrubbing of credentials from every message.
+//! the polling of a running statement or job ([`poll`]), the test-only endpoint override, and
+//! the scrubbing of credentials from every message.
 //!
 //! Retries follow the engine's delivery policy in shape (exponential with jitter through
 //! `backon`), honour a `Retry-After` of seconds, and cover `429`, `500`, `502`, `503`, `504`,
@@ -32,6 +33,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(20);
 pub(super) const MAX_BODY: usize = 512 * 1024 * 1024;
 /// Largest error body kept for a message.
 const MAX_ERROR_BODY: usize = 2048;
+/// First and longest wait between two polls of a running statement or job.
+const FIRST_POLL: Duration = Duration::from_millis(100);
+const MAX_POLL: Duration = Duration::from_secs(2);
 /// A token is renewed this long before it expires, so no request carries one that expires
 /// in flight.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
@@ -384,6 +388,41 @@ pub(super) async fn json_authorized<T: DeserializeOwned>(
     let value = serde_json::from_slice(&body)
         .map_err(|e| CallError::Http(HttpError::Body(format!("failed to parse the answer: {e}"))))?;
     Ok((status, value))
+}
+
+/// Where a polled statement or job stands, as one answer tells.
+pub(super) enum Progress<T> {
+    /// It ended, with this result.
+    Done(T),
+    /// It is still running.
+    Running,
+}
+
+/// Polls a statement or job from its first `answer` until it ends: `progress` reads each
+/// answer (its error ends the polling), `next` asks again after a pause that grows by half
+/// from 100 ms to 2 s. Past `deadline`, the statement timeout `timeout` is reported.
+pub(super) async fn poll<A, T, F>(
+    mut answer: A,
+    deadline: Instant,
+    timeout: Duration,
+    mut progress: impl FnMut(A) -> Result<Progress<T>, SourceError>,
+    mut next: impl FnMut() -> F,
+) -> Result<T, SourceError>
+where
+    F: std::future::Future<Output = Result<A, SourceError>>,
+{
+    let mut pause = FIRST_POLL;
+    loop {
+        if let Progress::Done(done) = progress(answer)? {
+            return Ok(done);
+        }
+        if Instant::now() >= deadline {
+            return Err(SourceError::Timeout(timeout));
+        }
+        tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+        pause = (pause * 3 / 2).min(MAX_POLL);
+        answer = next().await?;
+    }
 }
 
 /// Seconds from now as an [`Instant`], saturating on absurd values from a response.

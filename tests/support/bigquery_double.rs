@@ -1,6 +1,7 @@
 //! A stand-in for BigQuery's REST API v2, Google's OAuth token endpoint and the GKE metadata
-//! server, built on [`HttpDouble`] (its request log and scripted `429`/`503`s), serving
-//! results the test registers per query text.
+//! server, built on the shared [`StatementDouble`] (results registered per query text,
+//! polling, cancellation, scripted token expiry and throttling) over `HttpDouble` (its
+//! request log and scripted `429`/`503`s).
 //!
 //! Reproduced from the published contract:
 //! - <https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/insert> with
@@ -9,7 +10,9 @@
 //! - <https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/query> and
 //!   <https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/getQueryResults>:
 //!   `jobComplete: false` with a `jobReference` until the job is done, then `schema`, `rows`
-//!   as `{"f":[{"v":…}]}` and a `pageToken` while rows remain; `maxResults`;
+//!   as `{"f":[{"v":…}]}`, `totalRows`, and a `pageToken` while rows remain; `maxResults`;
+//!   `startIndex` (a page from that row on, instead of a `pageToken`); a page cut short as
+//!   BigQuery cuts one at about 10 MB (scripted by rows: `page_cap`);
 //!   `formatOptions.useInt64Timestamp`; `maximumBytesBilled` (over it, the job fails with
 //!   `bytesBilledLimitExceeded`); `defaultDataset` (an unknown one is `404 notFound`).
 //! - <https://cloud.google.com/bigquery/docs/reference/rest/v2/jobs/cancel>.
@@ -23,17 +26,18 @@
 //!
 //! Not reproduced: SQL (queries are looked up by exact text; the statement type of an
 //! unknown one is its first word), locations and multi-region routing, job retries by
-//! `requestId`, page size limits in bytes, `startIndex`, the Storage Read API, and Google's
+//! `requestId`, page size limits in bytes (a cap in rows stands for them), the Storage Read API, and Google's
 //! exact messages.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use super::http_server::{Behaviour, HttpDouble, RecordedRequest, Reply};
+use super::http_server::{Behaviour, RecordedRequest, Reply};
+use super::statement_double::{Outcome, Poll, ResultRows, Service, StatementDouble, lock};
 
 /// The project jobs run in.
 pub const PROJECT: &str = "acme-analytics";
@@ -61,24 +65,23 @@ pub fn service_account_json() -> String {
 pub struct BqResult {
     /// `schema.fields`, like `{"name":"id","type":"INTEGER","mode":"NULLABLE"}`.
     pub fields: Vec<Value>,
-    /// Rows as the API sends them: `{"f":[{"v":…}]}`.
-    rows: Arc<dyn Fn(u64) -> Value + Send + Sync>,
-    count: u64,
+    /// Rows as the API sends them: `{"f":[{"v":…}]}` (pages are cut by `maxResults`).
+    rows: ResultRows<Value>,
     /// Bytes the dry run reports.
     pub bytes: u64,
+}
+
+/// A row as the API sends it.
+fn row(cells: Vec<Value>) -> Value {
+    json!({"f": cells.into_iter().map(|v| json!({"v": v})).collect::<Vec<_>>()})
 }
 
 impl BqResult {
     /// A result holding these rows, each a list of cell values (`v`).
     pub fn rows(fields: Vec<Value>, rows: Vec<Vec<Value>>) -> Self {
-        let rows = Arc::new(rows);
-        let count = rows.len() as u64;
         BqResult {
             fields,
-            rows: Arc::new(
-                move |i| json!({"f": rows[i as usize].iter().map(|v| json!({"v": v})).collect::<Vec<_>>()}),
-            ),
-            count,
+            rows: ResultRows::fixed(rows.into_iter().map(row).collect(), 10_000),
             bytes: 1024,
         }
     }
@@ -91,10 +94,7 @@ impl BqResult {
     ) -> Self {
         BqResult {
             fields,
-            rows: Arc::new(
-                move |i| json!({"f": make(i).into_iter().map(|v| json!({"v": v})).collect::<Vec<_>>()}),
-            ),
-            count,
+            rows: ResultRows::made(count, Arc::new(move |i| row(make(i))), 10_000),
             bytes: 1024,
         }
     }
@@ -106,52 +106,37 @@ impl BqResult {
     }
 }
 
-struct Job {
-    query: String,
-    polls_left: usize,
-    cancelled: bool,
-    max_bytes: Option<u64>,
-}
-
+/// What the double keeps besides its jobs.
 #[derive(Default)]
-struct State {
-    results: BTreeMap<String, BqResult>,
-    jobs: BTreeMap<String, Job>,
-    running_polls: usize,
-    run_forever: bool,
+pub struct BigQuery {
     tokens: BTreeSet<String>,
-    expire_next: usize,
-    throttle_pages: usize,
-    cancelled: Vec<String>,
+    issued: usize,
+    page_cap: Option<u64>,
+    without_total_rows: bool,
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// The query's `maximumBytesBilled`, kept per job.
+pub type MaxBytes = Option<u64>;
 
-/// A running BigQuery double.
-pub struct BigQueryDouble {
-    /// Its base URL: the endpoint override the tests give the source.
-    pub url: String,
-    http: HttpDouble,
-    state: Arc<Mutex<State>>,
+type State = Service<BqResult, MaxBytes, BigQuery>;
+
+/// A running BigQuery double: the shared statement double (`url`, `serve`, `running_polls`,
+/// `run_forever`, `expire_tokens`, `cancelled`, `requests`) and what is BigQuery's own.
+/// Expired tokens are all tokens issued so far.
+pub struct BigQueryDouble(StatementDouble<BqResult, MaxBytes, BigQuery>);
+
+impl Deref for BigQueryDouble {
+    type Target = StatementDouble<BqResult, MaxBytes, BigQuery>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl BigQueryDouble {
     /// Starts a double; `behaviour` may script failures of the first requests.
     pub async fn start_with(behaviour: Behaviour) -> BigQueryDouble {
-        let state = Arc::new(Mutex::new(State {
-            running_polls: 1,
-            ..State::default()
-        }));
-        let handler_state = state.clone();
-        let next = Arc::new(AtomicUsize::new(1));
-        let http = HttpDouble::start(behaviour.handler(move |r| answer(&handler_state, &next, r))).await;
-        BigQueryDouble {
-            url: http.url.clone(),
-            http,
-            state,
-        }
+        BigQueryDouble(StatementDouble::start(behaviour, BigQuery::default(), answer).await)
     }
 
     /// Starts a double without scripted failures.
@@ -164,39 +149,20 @@ impl BigQueryDouble {
         format!("bigquery://{PROJECT}/{DATASET}?location=EU")
     }
 
-    /// Serves `result` for `query`.
-    pub fn serve(&self, query: &str, result: BqResult) {
-        lock(&self.state).results.insert(query.to_owned(), result);
-    }
-
-    /// Answers `jobComplete: false` this many times before a job completes.
-    pub fn running_polls(&self, polls: usize) {
-        lock(&self.state).running_polls = polls;
-    }
-
-    /// Jobs never complete (until cancelled).
-    pub fn run_forever(&self) {
-        lock(&self.state).run_forever = true;
-    }
-
-    /// The next `times` API requests get `401`, and every token issued so far stops working.
-    pub fn expire_tokens(&self, times: usize) {
-        lock(&self.state).expire_next = times;
-    }
-
     /// The next `times` page requests get `403 rateLimitExceeded`.
     pub fn throttle_pages(&self, times: usize) {
-        lock(&self.state).throttle_pages = times;
+        self.throttle_fetches(times);
     }
 
-    /// The ids of the jobs cancelled so far.
-    pub fn cancelled(&self) -> Vec<String> {
-        lock(&self.state).cancelled.clone()
+    /// No page holds more than `rows` rows, whatever `maxResults` asks (BigQuery cuts a page
+    /// at about 10 MB).
+    pub fn page_cap(&self, rows: u64) {
+        self.state().own.page_cap = Some(rows.max(1));
     }
 
-    /// Every request received.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.http.requests()
+    /// Answers leave out `totalRows` (the source then pages by `pageToken`).
+    pub fn without_total_rows(&self) {
+        self.state().own.without_total_rows = true;
     }
 }
 
@@ -207,7 +173,7 @@ fn error(status: u16, reason: &str, message: &str) -> Reply {
     )
 }
 
-fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn answer(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     let path = request.path.clone();
     if path == "/token" {
         return token(state, request);
@@ -235,14 +201,10 @@ fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -
         .collect();
     match (request.method.as_str(), parts.as_slice()) {
         ("POST", ["jobs"]) => dry_run(state, request),
-        ("POST", ["queries"]) => query(state, next, request),
+        ("POST", ["queries"]) => query(state, request),
         ("GET", ["queries", job]) => results(state, job, &params),
         ("POST", ["jobs", job, "cancel"]) => {
-            let mut guard = lock(state);
-            if let Some(j) = guard.jobs.get_mut(*job) {
-                j.cancelled = true;
-                guard.cancelled.push((*job).to_owned());
-            }
+            lock(state).statements.cancel(job);
             Reply::new(
                 200,
                 json!({"kind": "bigquery#jobCancelResponse", "job": {"jobReference": {"jobId": job}}})
@@ -299,11 +261,10 @@ fn token(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
 
 fn issue(state: &Mutex<State>) -> Reply {
     let mut guard = lock(state);
-    let value = format!(
-        "ya29.test-{}",
-        guard.tokens.len() + guard.cancelled.len() * 1000 + 1
-    );
-    guard.tokens.insert(value.clone());
+    // Numbered by issue, so a token issued after an expiry never repeats an expired one.
+    guard.own.issued += 1;
+    let value = format!("ya29.test-{}", guard.own.issued);
+    guard.own.tokens.insert(value.clone());
     Reply::new(
         200,
         json!({"access_token": value, "expires_in": 3599, "token_type": "Bearer"}).to_string(),
@@ -316,16 +277,15 @@ fn authenticate(state: &Mutex<State>, request: &RecordedRequest) -> Result<(), R
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or_default();
     let mut guard = lock(state);
-    if guard.expire_next > 0 {
-        guard.expire_next -= 1;
-        guard.tokens.clear();
+    if guard.statements.take_expiry() {
+        guard.own.tokens.clear();
         return Err(error(
             401,
             "authError",
             "Request had invalid authentication credentials. Expected OAuth 2 access token.",
         ));
     }
-    if guard.tokens.contains(token) {
+    if guard.own.tokens.contains(token) {
         Ok(())
     } else {
         Err(error(
@@ -358,8 +318,9 @@ fn dry_run(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     }
     let text = query["query"].as_str().unwrap_or_default();
     let guard = lock(state);
-    let (statement_type, bytes) = match guard.results.get(text) {
-        Some(result) => ("SELECT".to_owned(), result.bytes),
+    let (statement_type, bytes) = match guard.statements.registered(text) {
+        Some(Outcome::Rows(result)) => ("SELECT".to_owned(), result.bytes),
+        Some(Outcome::Fail { .. }) => ("SELECT".to_owned(), 0),
         None => {
             let first = text.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
             if first == "SELECT" {
@@ -384,37 +345,26 @@ fn dry_run(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     )
 }
 
-fn query(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn query(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     let body = request.json.clone().unwrap_or(Value::Null);
     if let Some(reply) = dataset_error(&body) {
         return reply;
     }
-    let text = body["query"].as_str().unwrap_or_default().to_owned();
-    let job = format!("job_{:06}", next.fetch_add(1, Ordering::SeqCst));
-    {
+    let text = body["query"].as_str().unwrap_or_default();
+    let job = {
         let mut guard = lock(state);
-        if !guard.results.contains_key(&text) {
+        let Some(outcome) = guard.statements.registered(text) else {
             return error(
                 400,
                 "invalidQuery",
                 "Syntax error: Unexpected identifier at [1:1]",
             );
-        }
-        let polls_left = if guard.run_forever {
-            usize::MAX
-        } else {
-            guard.running_polls
         };
-        guard.jobs.insert(
-            job.clone(),
-            Job {
-                query: text,
-                polls_left,
-                cancelled: false,
-                max_bytes: body["maximumBytesBilled"].as_str().and_then(|b| b.parse().ok()),
-            },
-        );
-    }
+        let job = format!("job_{:06}", guard.statements.next_number());
+        let max_bytes = body["maximumBytesBilled"].as_str().and_then(|b| b.parse().ok());
+        guard.statements.insert(job.clone(), outcome, max_bytes);
+        job
+    };
     let max = body["maxResults"].as_u64().unwrap_or(10_000);
     page(state, &job, None, max)
 }
@@ -425,8 +375,9 @@ fn results(state: &Mutex<State>, job: &str, params: &BTreeMap<String, String>) -
     }
     {
         let mut guard = lock(state);
-        if params.contains_key("pageToken") && guard.throttle_pages > 0 {
-            guard.throttle_pages -= 1;
+        if (params.contains_key("pageToken") || params.contains_key("startIndex"))
+            && guard.statements.take_throttle()
+        {
             return error(
                 403,
                 "rateLimitExceeded",
@@ -434,10 +385,16 @@ fn results(state: &Mutex<State>, job: &str, params: &BTreeMap<String, String>) -
             );
         }
     }
-    let start = params
-        .get("pageToken")
-        .and_then(|t| t.strip_prefix("tok"))
-        .and_then(|n| n.parse().ok());
+    let start = match params.get("startIndex") {
+        Some(index) => match index.parse() {
+            Ok(index) => Some(index),
+            Err(_) => return error(400, "invalid", "Invalid value for startIndex"),
+        },
+        None => params
+            .get("pageToken")
+            .and_then(|t| t.strip_prefix("tok"))
+            .and_then(|n| n.parse().ok()),
+    };
     let max = params
         .get("maxResults")
         .and_then(|m| m.parse().ok())
@@ -447,24 +404,24 @@ fn results(state: &Mutex<State>, job: &str, params: &BTreeMap<String, String>) -
 
 fn page(state: &Mutex<State>, job: &str, start: Option<u64>, max: u64) -> Reply {
     let mut guard = lock(state);
-    let shared = &mut *guard;
-    let Some(j) = shared.jobs.get_mut(job) else {
-        return error(404, "notFound", &format!("Not found: Job {PROJECT}:EU.{job}"));
-    };
     let reference = json!({"projectId": PROJECT, "jobId": job, "location": "EU"});
-    if j.cancelled {
-        return Reply::new(200, json!({"jobReference": reference, "jobComplete": true, "errors": [{"reason": "stopped", "message": "Job execution was cancelled: User requested cancellation"}]}).to_string());
-    }
-    if j.polls_left > 0 {
-        j.polls_left -= 1;
-        return Reply::new(
-            200,
-            json!({"kind": "bigquery#queryResponse", "jobReference": reference, "jobComplete": false})
-                .to_string(),
-        );
-    }
-    let result = shared.results.get(&j.query).cloned().expect("a served query");
-    if let Some(max_bytes) = j.max_bytes
+    let result = match guard.statements.poll(job) {
+        Poll::Unknown => return error(404, "notFound", &format!("Not found: Job {PROJECT}:EU.{job}")),
+        Poll::Cancelled => {
+            return Reply::new(200, json!({"jobReference": reference, "jobComplete": true, "errors": [{"reason": "stopped", "message": "Job execution was cancelled: User requested cancellation"}]}).to_string());
+        }
+        Poll::Running => {
+            return Reply::new(
+                200,
+                json!({"kind": "bigquery#queryResponse", "jobReference": reference, "jobComplete": false})
+                    .to_string(),
+            );
+        }
+        Poll::Done(Outcome::Fail { code, message }) => return error(400, &code, &message),
+        Poll::Done(Outcome::Rows(result)) => result,
+    };
+    let max_bytes = guard.statements.get(job).and_then(|j| j.details);
+    if let Some(max_bytes) = max_bytes
         && result.bytes > max_bytes
     {
         return error(
@@ -476,20 +433,26 @@ fn page(state: &Mutex<State>, job: &str, start: Option<u64>, max: u64) -> Reply 
             ),
         );
     }
+    let max = guard.own.page_cap.map_or(max, |cap| max.min(cap));
+    let without_total_rows = guard.own.without_total_rows;
     drop(guard);
-    let start = start.unwrap_or(0).min(result.count);
-    let end = (start + max.max(1)).min(result.count);
-    let rows: Vec<Value> = (start..end).map(|i| (result.rows)(i)).collect();
+    let count = result.rows.len();
+    let start = start.unwrap_or(0).min(count);
+    let end = (start + max.max(1)).min(count);
+    let rows = result.rows.range(start, end);
     let mut body = json!({
         "kind": "bigquery#getQueryResultsResponse",
         "jobReference": reference,
         "jobComplete": true,
         "schema": {"fields": result.fields},
-        "totalRows": result.count.to_string(),
+        "totalRows": count.to_string(),
         "rows": rows,
     });
-    if end < result.count {
+    if end < count {
         body["pageToken"] = json!(format!("tok{end}"));
+    }
+    if without_total_rows {
+        body.as_object_mut().map(|o| o.remove("totalRows"));
     }
     Reply::new(200, body.to_string())
 }

@@ -1,6 +1,7 @@
 //! A stand-in for the Databricks SQL Statement Execution API 2.0 and the cloud storage behind
-//! its external links, built on [`HttpDouble`] (its request log and scripted `429`/`503`s),
-//! serving results the test registers per statement text.
+//! its external links, built on the shared [`StatementDouble`] (results registered per
+//! statement text, polling, cancellation, scripted token expiry and throttling) over
+//! `HttpDouble` (its request log and scripted `429`/`503`s).
 //!
 //! Reproduced from the published contract:
 //! - <https://docs.databricks.com/api/workspace/statementexecution>: `POST
@@ -25,14 +26,15 @@
 //! inline cap, parameters, real link expiry times (expiry is scripted), warehouse start-up,
 //! and the exact wording of Databricks' messages.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::collections::BTreeSet;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::http_server::{Behaviour, HttpDouble, RecordedRequest, Reply};
+use super::http_server::{Behaviour, RecordedRequest, Reply};
+use super::statement_double::{Outcome, Poll, ResultRows, Service, StatementDouble, lock};
 
 /// The workspace host in the source URL (requests go to the double through the override).
 pub const HOST: &str = "dbc-a1b2c3d4-e5f6.cloud.databricks.com";
@@ -53,19 +55,11 @@ pub type RowMaker = Arc<dyn Fn(u64) -> Vec<Option<String>> + Send + Sync>;
 pub struct DbResult {
     /// `manifest.schema.columns` entries, like `{"name":"id","type_name":"LONG"}`.
     pub columns: Vec<Value>,
-    rows: Rows,
-    /// Rows per chunk.
-    pub chunk_rows: usize,
-}
-
-#[derive(Clone)]
-enum Rows {
-    Fixed(Arc<Vec<Vec<Option<String>>>>),
-    Made(u64, RowMaker),
+    rows: ResultRows<Vec<Option<String>>>,
 }
 
 impl DbResult {
-    /// A result holding these rows (values in their `JSON_ARRAY` string forms).
+    /// A result holding these rows (values in their `JSON_ARRAY` string forms), two a chunk.
     pub fn rows(columns: Vec<Value>, rows: Vec<Vec<Option<&str>>>) -> Self {
         let rows = rows
             .into_iter()
@@ -73,8 +67,7 @@ impl DbResult {
             .collect();
         DbResult {
             columns,
-            rows: Rows::Fixed(Arc::new(rows)),
-            chunk_rows: 2,
+            rows: ResultRows::fixed(rows, 2),
         }
     }
 
@@ -82,105 +75,54 @@ impl DbResult {
     pub fn generated(columns: Vec<Value>, count: u64, make: RowMaker) -> Self {
         DbResult {
             columns,
-            rows: Rows::Made(count, make),
-            chunk_rows: 10_000,
+            rows: ResultRows::made(count, make, 10_000),
         }
     }
 
     /// Sets the rows per chunk.
     pub fn chunked(mut self, rows: usize) -> Self {
-        self.chunk_rows = rows.max(1);
+        self.rows.part_rows = rows.max(1);
         self
     }
-
-    fn len(&self) -> u64 {
-        match &self.rows {
-            Rows::Fixed(rows) => rows.len() as u64,
-            Rows::Made(count, _) => *count,
-        }
-    }
-
-    fn chunks(&self) -> usize {
-        (self.len() as usize).div_ceil(self.chunk_rows).max(1)
-    }
-
-    fn chunk_range(&self, index: usize) -> (u64, u64) {
-        let start = (index * self.chunk_rows) as u64;
-        (
-            start.min(self.len()),
-            (start + self.chunk_rows as u64).min(self.len()),
-        )
-    }
-
-    fn chunk(&self, index: usize) -> Vec<Vec<Option<String>>> {
-        let (start, end) = self.chunk_range(index);
-        match &self.rows {
-            Rows::Fixed(rows) => rows[start as usize..end as usize].to_vec(),
-            Rows::Made(_, make) => (start..end).map(|i| make(i)).collect(),
-        }
-    }
 }
 
-#[derive(Clone)]
-enum Outcome {
-    Rows(DbResult),
-    Fail { code: String, message: String },
-}
-
-struct Statement {
-    outcome: Outcome,
-    polls_left: usize,
-    cancelled: bool,
-    forever: bool,
-    inline: bool,
-}
-
-#[derive(Default)]
-struct State {
-    base: OnceLock<String>,
-    results: BTreeMap<String, Outcome>,
-    statements: BTreeMap<String, Statement>,
-    running_polls: usize,
-    run_forever: bool,
+/// What the double keeps besides its statements.
+pub struct Databricks {
     tokens: BTreeSet<String>,
-    expire_next: usize,
+    issued: usize,
     expire_links: usize,
-    throttle_chunks: usize,
     token_lifetime: u64,
-    cancelled: Vec<String>,
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Whether a statement's result is inline (`INLINE`) rather than behind links.
+pub type Inline = bool;
 
-/// A running Databricks double.
-pub struct DatabricksDouble {
-    /// Its base URL: the endpoint override the tests give the source.
-    pub url: String,
-    http: HttpDouble,
-    state: Arc<Mutex<State>>,
+type State = Service<DbResult, Inline, Databricks>;
+
+/// A running Databricks double: the shared statement double (`url`, `serve`, `fail`,
+/// `running_polls`, `run_forever`, `expire_tokens`, `cancelled`, `requests`) and what is
+/// Databricks' own. Expired tokens are all OAuth tokens issued so far (the personal access
+/// token too, for the scripted requests only).
+pub struct DatabricksDouble(StatementDouble<DbResult, Inline, Databricks>);
+
+impl Deref for DatabricksDouble {
+    type Target = StatementDouble<DbResult, Inline, Databricks>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl DatabricksDouble {
     /// Starts a double; `behaviour` may script failures of the first requests.
     pub async fn start_with(behaviour: Behaviour) -> DatabricksDouble {
-        let state = Arc::new(Mutex::new(State {
-            running_polls: 1,
-            token_lifetime: 3600,
+        let own = Databricks {
             tokens: BTreeSet::from([PAT.to_owned()]),
-            ..State::default()
-        }));
-        let handler_state = state.clone();
-        let next = Arc::new(AtomicUsize::new(1));
-        let http =
-            HttpDouble::start(behaviour.handler(move |request| answer(&handler_state, &next, request))).await;
-        let _ = lock(&state).base.set(http.url.clone());
-        DatabricksDouble {
-            url: http.url.clone(),
-            http,
-            state,
-        }
+            issued: 0,
+            expire_links: 0,
+            token_lifetime: 3600,
+        };
+        DatabricksDouble(StatementDouble::start(behaviour, own, answer).await)
     }
 
     /// Starts a double without scripted failures.
@@ -193,58 +135,14 @@ impl DatabricksDouble {
         format!("databricks://{HOST}/sql/1.0/warehouses/{WAREHOUSE_ID}?catalog=main&schema=marts")
     }
 
-    /// Serves `result` for the statement `query`.
-    pub fn serve(&self, query: &str, result: DbResult) {
-        lock(&self.state)
-            .results
-            .insert(query.to_owned(), Outcome::Rows(result));
-    }
-
-    /// Fails the statement `query` with this error code and message.
-    pub fn fail(&self, query: &str, code: &str, message: &str) {
-        lock(&self.state).results.insert(
-            query.to_owned(),
-            Outcome::Fail {
-                code: code.to_owned(),
-                message: message.to_owned(),
-            },
-        );
-    }
-
-    /// Answers `RUNNING` to this many polls before a statement ends.
-    pub fn running_polls(&self, polls: usize) {
-        lock(&self.state).running_polls = polls;
-    }
-
-    /// Statements never end (until cancelled).
-    pub fn run_forever(&self) {
-        lock(&self.state).run_forever = true;
-    }
-
-    /// The next `times` authenticated requests get `401`, and every token issued so far
-    /// stops working (the personal access token too, for `times` requests only).
-    pub fn expire_tokens(&self, times: usize) {
-        lock(&self.state).expire_next = times;
-    }
-
     /// The next `times` downloads of an external link get `403` (the link expired).
     pub fn expire_links(&self, times: usize) {
-        lock(&self.state).expire_links = times;
+        self.state().own.expire_links = times;
     }
 
     /// The next `times` chunk requests get `429`.
     pub fn throttle_chunks(&self, times: usize) {
-        lock(&self.state).throttle_chunks = times;
-    }
-
-    /// The ids of the statements cancelled so far.
-    pub fn cancelled(&self) -> Vec<String> {
-        lock(&self.state).cancelled.clone()
-    }
-
-    /// Every request received.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.http.requests()
+        self.throttle_fetches(times);
     }
 
     /// The requests to the cloud storage behind the external links.
@@ -269,7 +167,7 @@ fn error(status: u16, code: &str, message: &str) -> Reply {
     )
 }
 
-fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn answer(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     let path = request.path.clone();
     if path == "/oidc/v1/token" {
         return token(state, request);
@@ -285,15 +183,11 @@ fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -
     };
     let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
     match (request.method.as_str(), parts.as_slice()) {
-        ("POST", [""]) => submit(state, next, request),
+        ("POST", [""]) => submit(state, request),
         ("GET", [id]) => status(state, id),
         ("GET", [id, "result", "chunks", index]) => chunk(state, id, index.parse().unwrap_or(usize::MAX)),
         ("POST", [id, "cancel"]) => {
-            let mut guard = lock(state);
-            if let Some(statement) = guard.statements.get_mut(*id) {
-                statement.cancelled = true;
-                guard.cancelled.push((*id).to_owned());
-            }
+            lock(state).statements.cancel(id);
             Reply::new(200, "{}")
         }
         _ => error(404, "ENDPOINT_NOT_FOUND", "No API found"),
@@ -316,11 +210,13 @@ fn token(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
         return Reply::new(400, r#"{"error":"invalid_request"}"#);
     }
     let mut guard = lock(state);
-    let value = format!("oauth-token-{}", guard.tokens.len());
-    guard.tokens.insert(value.clone());
+    // Numbered by issue, so a token issued after an expiry never repeats an expired one.
+    guard.own.issued += 1;
+    let value = format!("oauth-token-{}", guard.own.issued);
+    guard.own.tokens.insert(value.clone());
     Reply::new(
         200,
-        json!({"access_token": value, "token_type": "Bearer", "expires_in": guard.token_lifetime, "scope": "all-apis"}).to_string(),
+        json!({"access_token": value, "token_type": "Bearer", "expires_in": guard.own.token_lifetime, "scope": "all-apis"}).to_string(),
     )
 }
 
@@ -330,19 +226,18 @@ fn authenticate(state: &Mutex<State>, request: &RecordedRequest) -> Result<(), R
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or_default();
     let mut guard = lock(state);
-    if guard.expire_next > 0 {
-        guard.expire_next -= 1;
-        guard.tokens.retain(|t| t == PAT);
+    if guard.statements.take_expiry() {
+        guard.own.tokens.retain(|t| t == PAT);
         return Err(error(401, "UNAUTHENTICATED", "Token is expired."));
     }
-    if guard.tokens.contains(token) {
+    if guard.own.tokens.contains(token) {
         Ok(())
     } else {
         Err(error(401, "UNAUTHENTICATED", "Invalid access token."))
     }
 }
 
-fn submit(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn submit(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     let body = request.json.clone().unwrap_or(Value::Null);
     if body["warehouse_id"] != json!(WAREHOUSE_ID) {
         return error(
@@ -363,63 +258,54 @@ fn submit(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -
             "wait_timeout must be 0 or between 5s and 50s",
         );
     }
-    let text = body["statement"].as_str().unwrap_or_default().to_owned();
-    let id = format!("01ef-{:08}", next.fetch_add(1, Ordering::SeqCst));
-    {
+    let text = body["statement"].as_str().unwrap_or_default();
+    let id = {
         let mut guard = lock(state);
+        let id = format!("01ef-{:08}", guard.statements.next_number());
         let outcome = guard
-            .results
-            .get(&text)
-            .cloned()
+            .statements
+            .registered(text)
             .unwrap_or_else(|| Outcome::Fail {
                 code: "BAD_REQUEST".to_owned(),
                 message: "[TABLE_OR_VIEW_NOT_FOUND] The table or view cannot be found.".to_owned(),
             });
-        let statement = Statement {
-            outcome,
-            polls_left: guard.running_polls,
-            cancelled: false,
-            forever: guard.run_forever,
-            inline: body["disposition"] == json!("INLINE"),
-        };
-        guard.statements.insert(id.clone(), statement);
-    }
+        let inline = body["disposition"] == json!("INLINE");
+        guard.statements.insert(id.clone(), outcome, inline);
+        id
+    };
     status(state, &id)
 }
 
 fn status(state: &Mutex<State>, id: &str) -> Reply {
     let mut guard = lock(state);
-    let base = guard.base.get().cloned().unwrap_or_default();
-    let Some(statement) = guard.statements.get_mut(id) else {
-        return error(404, "RESOURCE_DOES_NOT_EXIST", "Statement not found");
-    };
-    if statement.cancelled {
-        return Reply::new(
-            200,
-            json!({"statement_id": id, "status": {"state": "CANCELED"}}).to_string(),
-        );
-    }
-    if statement.forever || statement.polls_left > 0 {
-        statement.polls_left = statement.polls_left.saturating_sub(1);
-        return Reply::new(
-            200,
-            json!({"statement_id": id, "status": {"state": "RUNNING"}}).to_string(),
-        );
-    }
-    let result = match &statement.outcome {
-        Outcome::Fail { code, message } => {
+    let base = guard.base.clone();
+    let result = match guard.statements.poll(id) {
+        Poll::Unknown => return error(404, "RESOURCE_DOES_NOT_EXIST", "Statement not found"),
+        Poll::Cancelled => {
+            return Reply::new(
+                200,
+                json!({"statement_id": id, "status": {"state": "CANCELED"}}).to_string(),
+            );
+        }
+        Poll::Running => {
+            return Reply::new(
+                200,
+                json!({"statement_id": id, "status": {"state": "RUNNING"}}).to_string(),
+            );
+        }
+        Poll::Done(Outcome::Fail { code, message }) => {
             return Reply::new(
                 200,
                 json!({"statement_id": id, "status": {"state": "FAILED", "error": {"error_code": code, "message": message}}}).to_string(),
             );
         }
-        Outcome::Rows(result) => result.clone(),
+        Poll::Done(Outcome::Rows(result)) => result,
     };
-    let inline = statement.inline;
+    let inline = guard.statements.get(id).is_some_and(|s| s.details);
     drop(guard);
-    let chunks: Vec<Value> = (0..result.chunks())
+    let chunks: Vec<Value> = (0..result.rows.parts())
         .map(|i| {
-            let (start, end) = result.chunk_range(i);
+            let (start, end) = result.rows.part_range(i);
             json!({"chunk_index": i, "row_offset": start, "row_count": end - start})
         })
         .collect();
@@ -429,9 +315,9 @@ fn status(state: &Mutex<State>, id: &str) -> Reply {
         "manifest": {
             "format": "JSON_ARRAY",
             "schema": {"column_count": result.columns.len(), "columns": result.columns},
-            "total_chunk_count": result.chunks(),
+            "total_chunk_count": result.rows.parts(),
             "chunks": chunks,
-            "total_row_count": result.len(),
+            "total_row_count": result.rows.len(),
             "truncated": false,
         },
         "result": chunk_body(&base, id, &result, 0, inline),
@@ -440,10 +326,10 @@ fn status(state: &Mutex<State>, id: &str) -> Reply {
 }
 
 fn chunk_body(base: &str, id: &str, result: &DbResult, index: usize, inline: bool) -> Value {
-    let (start, end) = result.chunk_range(index);
+    let (start, end) = result.rows.part_range(index);
     let mut body = json!({"chunk_index": index, "row_offset": start, "row_count": end - start});
     if inline {
-        body["data_array"] = json!(result.chunk(index));
+        body["data_array"] = json!(result.rows.part(index));
     } else {
         body["external_links"] = json!([{
             "chunk_index": index,
@@ -454,7 +340,7 @@ fn chunk_body(base: &str, id: &str, result: &DbResult, index: usize, inline: boo
             "http_headers": {"x-amz-server-side-encryption-customer-algorithm": "AES256"},
         }]);
     }
-    if index + 1 < result.chunks() {
+    if index + 1 < result.rows.parts() {
         body["next_chunk_index"] = json!(index + 1);
         body["next_chunk_internal_link"] = json!(format!(
             "/api/2.0/sql/statements/{id}/result/chunks/{}",
@@ -466,23 +352,20 @@ fn chunk_body(base: &str, id: &str, result: &DbResult, index: usize, inline: boo
 
 fn chunk(state: &Mutex<State>, id: &str, index: usize) -> Reply {
     let mut guard = lock(state);
-    if guard.throttle_chunks > 0 {
-        guard.throttle_chunks -= 1;
+    if guard.statements.take_throttle() {
         return error(429, "TOO_MANY_REQUESTS", "Too many requests").header("retry-after", "0");
     }
-    let base = guard.base.get().cloned().unwrap_or_default();
-    let Some(Statement {
-        outcome: Outcome::Rows(result),
-        inline,
-        ..
-    }) = guard.statements.get(id)
+    let base = guard.base.clone();
+    let Some((Outcome::Rows(result), inline)) =
+        guard.statements.get(id).map(|s| (s.outcome.clone(), s.details))
     else {
         return error(404, "RESOURCE_DOES_NOT_EXIST", "Statement not found");
     };
-    if index >= result.chunks() {
+    drop(guard);
+    if index >= result.rows.parts() {
         return error(400, "INVALID_PARAMETER_VALUE", "chunk index out of range");
     }
-    Reply::new(200, chunk_body(&base, id, result, index, *inline).to_string())
+    Reply::new(200, chunk_body(&base, id, &result, index, inline).to_string())
 }
 
 fn download(state: &Mutex<State>, rest: &str, request: &RecordedRequest) -> Reply {
@@ -494,8 +377,8 @@ fn download(state: &Mutex<State>, rest: &str, request: &RecordedRequest) -> Repl
         .header("content-type", "application/xml");
     }
     let mut guard = lock(state);
-    if guard.expire_links > 0 {
-        guard.expire_links -= 1;
+    if guard.own.expire_links > 0 {
+        guard.own.expire_links -= 1;
         return Reply::new(
             403,
             "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
@@ -503,21 +386,16 @@ fn download(state: &Mutex<State>, rest: &str, request: &RecordedRequest) -> Repl
         .header("content-type", "application/xml");
     }
     let (id, index) = rest.split_once('/').unwrap_or((rest, "x"));
-    let Some(Statement {
-        outcome: Outcome::Rows(result),
-        ..
-    }) = guard.statements.get(id)
-    else {
+    let Some(Outcome::Rows(result)) = guard.statements.get(id).map(|s| s.outcome.clone()) else {
         return Reply::new(404, "<Error><Code>NoSuchKey</Code></Error>");
     };
-    let result = result.clone();
     drop(guard);
     let index: usize = index.parse().unwrap_or(usize::MAX);
-    if index >= result.chunks() {
+    if index >= result.rows.parts() {
         return Reply::new(404, "<Error><Code>NoSuchKey</Code></Error>");
     }
     Reply::new(
         200,
-        serde_json::to_string(&result.chunk(index)).unwrap_or_default(),
+        serde_json::to_string(&result.rows.part(index)).unwrap_or_default(),
     )
 }

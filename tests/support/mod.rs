@@ -25,4 +25,6 @@ pub mod slack_double;
 pub mod snowflake_double;
 pub mod sqlite;
 pub mod table_suite;
+pub mod statement_double;
+pub mod warehouse;
 pub mod zendesk_double;

@@ -1,5 +1,6 @@
-//! A stand-in for Snowflake's SQL API v2, built on [`HttpDouble`] (its request log and
-//! scripted `429`/`503` failures), serving results the test registers per statement text.
+//! A stand-in for Snowflake's SQL API v2, built on the shared [`StatementDouble`] (results
+//! registered per statement text, polling, cancellation, scripted token expiry and
+//! throttling) over `HttpDouble` (its request log and scripted `429`/`503` failures).
 //!
 //! Reproduced from the published contract:
 //! - <https://docs.snowflake.com/en/developer-guide/sql-api/reference>: `POST
@@ -26,14 +27,14 @@
 //! de-duplication, real time limits (a timeout is scripted per statement) and the exact
 //! wording of Snowflake's messages.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use super::http_server::{Behaviour, HttpDouble, RecordedRequest, Reply};
+use super::http_server::{Behaviour, RecordedRequest, Reply};
+use super::statement_double::{Outcome, Poll, ResultRows, Service, StatementDouble, lock};
 
 /// The account and user the double serves.
 pub const ACCOUNT: &str = "myorg-acct";
@@ -60,19 +61,11 @@ pub type RowMaker = Arc<dyn Fn(u64) -> Vec<Option<String>> + Send + Sync>;
 pub struct SfResult {
     /// `rowType` entries, like `{"name":"ID","type":"fixed","scale":0,"precision":38}`.
     pub row_type: Vec<Value>,
-    rows: Rows,
-    /// Rows per partition.
-    pub partition_rows: usize,
-}
-
-#[derive(Clone)]
-enum Rows {
-    Fixed(Arc<Vec<Vec<Option<String>>>>),
-    Made(u64, RowMaker),
+    rows: ResultRows<Vec<Option<String>>>,
 }
 
 impl SfResult {
-    /// A result holding these rows (values in the SQL API's string forms).
+    /// A result holding these rows (values in the SQL API's string forms), two a partition.
     pub fn rows(row_type: Vec<Value>, rows: Vec<Vec<Option<&str>>>) -> Self {
         let rows = rows
             .into_iter()
@@ -80,8 +73,7 @@ impl SfResult {
             .collect();
         SfResult {
             row_type,
-            rows: Rows::Fixed(Arc::new(rows)),
-            partition_rows: 2,
+            rows: ResultRows::fixed(rows, 2),
         }
     }
 
@@ -89,99 +81,42 @@ impl SfResult {
     pub fn generated(row_type: Vec<Value>, count: u64, make: RowMaker) -> Self {
         SfResult {
             row_type,
-            rows: Rows::Made(count, make),
-            partition_rows: 10_000,
+            rows: ResultRows::made(count, make, 10_000),
         }
     }
 
     /// Sets the rows per partition.
     pub fn partitioned(mut self, rows: usize) -> Self {
-        self.partition_rows = rows.max(1);
+        self.rows.part_rows = rows.max(1);
         self
     }
-
-    fn len(&self) -> u64 {
-        match &self.rows {
-            Rows::Fixed(rows) => rows.len() as u64,
-            Rows::Made(count, _) => *count,
-        }
-    }
-
-    fn partitions(&self) -> usize {
-        (self.len() as usize).div_ceil(self.partition_rows).max(1)
-    }
-
-    fn partition_len(&self, index: usize) -> u64 {
-        let start = (index * self.partition_rows) as u64;
-        (start + self.partition_rows as u64)
-            .min(self.len())
-            .saturating_sub(start)
-    }
-
-    fn partition(&self, index: usize) -> Vec<Vec<Option<String>>> {
-        let start = (index * self.partition_rows) as u64;
-        let end = (start + self.partition_rows as u64).min(self.len());
-        match &self.rows {
-            Rows::Fixed(rows) => rows[start as usize..end as usize].to_vec(),
-            Rows::Made(_, make) => (start..end).map(|i| make(i)).collect(),
-        }
-    }
 }
 
-/// What happens to a statement.
-#[derive(Clone)]
-enum Outcome {
-    Rows(SfResult),
-    Fail { code: String, message: String },
-}
-
-struct Statement {
-    outcome: Outcome,
-    polls_left: usize,
-    cancelled: bool,
-    forever: bool,
-}
-
+/// What the double keeps besides its statements.
 #[derive(Default)]
-struct State {
-    results: BTreeMap<String, Outcome>,
-    statements: BTreeMap<String, Statement>,
-    running_polls: usize,
-    run_forever: bool,
-    expire_next: usize,
-    throttle_partitions: usize,
+pub struct Snowflake {
     oauth_token: Option<String>,
-    cancelled: Vec<String>,
 }
 
-/// A running Snowflake double.
-pub struct SnowflakeDouble {
-    /// Its base URL: the endpoint override the tests give the source.
-    pub url: String,
-    http: HttpDouble,
-    state: Arc<Mutex<State>>,
-}
+type State = Service<SfResult, (), Snowflake>;
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
+/// A running Snowflake double: the shared statement double (`url`, `serve`, `fail`,
+/// `running_polls`, `run_forever`, `expire_tokens`, `cancelled`, `requests`) and what is
+/// Snowflake's own.
+pub struct SnowflakeDouble(StatementDouble<SfResult, (), Snowflake>);
+
+impl Deref for SnowflakeDouble {
+    type Target = StatementDouble<SfResult, (), Snowflake>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl SnowflakeDouble {
     /// Starts a double; `behaviour` may script failures of the first requests.
     pub async fn start_with(behaviour: Behaviour) -> SnowflakeDouble {
-        let state = Arc::new(Mutex::new(State {
-            running_polls: 1,
-            ..State::default()
-        }));
-        let handler_state = state.clone();
-        let next = Arc::new(AtomicUsize::new(1));
-        let http =
-            HttpDouble::start(behaviour.handler(move |request| answer(&handler_state, &next, request))).await;
-        SnowflakeDouble {
-            url: http.url.clone(),
-            http,
-            state,
-        }
+        SnowflakeDouble(StatementDouble::start(behaviour, Snowflake::default(), answer).await)
     }
 
     /// Starts a double without scripted failures.
@@ -194,57 +129,14 @@ impl SnowflakeDouble {
         format!("snowflake://{USER}@{ACCOUNT}/ANALYTICS/MARTS?warehouse={WAREHOUSE}&role={ROLE}")
     }
 
-    /// Serves `result` for the statement `query`.
-    pub fn serve(&self, query: &str, result: SfResult) {
-        lock(&self.state)
-            .results
-            .insert(query.to_owned(), Outcome::Rows(result));
-    }
-
-    /// Fails the statement `query` with a `422` of this code and message.
-    pub fn fail(&self, query: &str, code: &str, message: &str) {
-        lock(&self.state).results.insert(
-            query.to_owned(),
-            Outcome::Fail {
-                code: code.to_owned(),
-                message: message.to_owned(),
-            },
-        );
-    }
-
-    /// Answers this many `202`s to status polls before a statement ends.
-    pub fn running_polls(&self, polls: usize) {
-        lock(&self.state).running_polls = polls;
-    }
-
-    /// Statements never end (until cancelled).
-    pub fn run_forever(&self) {
-        lock(&self.state).run_forever = true;
-    }
-
-    /// The next `times` authenticated requests get `401` "token expired".
-    pub fn expire_tokens(&self, times: usize) {
-        lock(&self.state).expire_next = times;
-    }
-
     /// The next `times` partition fetches get `429`.
     pub fn throttle_partitions(&self, times: usize) {
-        lock(&self.state).throttle_partitions = times;
+        self.throttle_fetches(times);
     }
 
     /// Accepts this OAuth access token.
     pub fn accept_oauth(&self, token: &str) {
-        lock(&self.state).oauth_token = Some(token.to_owned());
-    }
-
-    /// The handles of the statements cancelled so far.
-    pub fn cancelled(&self) -> Vec<String> {
-        lock(&self.state).cancelled.clone()
-    }
-
-    /// Every request received.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.http.requests()
+        self.state().own.oauth_token = Some(token.to_owned());
     }
 
     /// The bodies of the statements submitted.
@@ -264,7 +156,7 @@ fn failure(status: u16, code: &str, message: &str, handle: Option<&str>) -> Repl
     )
 }
 
-fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn answer(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     if let Err(reply) = authenticate(state, request) {
         return reply;
     }
@@ -273,20 +165,20 @@ fn answer(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -
         return Reply::new(404, r#"{"message":"not found"}"#);
     };
     match (request.method.as_str(), rest) {
-        ("POST", "") => submit(state, next, request),
+        ("POST", "") => submit(state, request),
         ("POST", tail) if tail.ends_with("/cancel") => {
             let handle = tail
                 .trim_start_matches('/')
                 .trim_end_matches("/cancel")
                 .to_owned();
-            let mut state = lock(state);
-            match state.statements.get_mut(&handle) {
-                Some(statement) => {
-                    statement.cancelled = true;
-                    state.cancelled.push(handle.clone());
-                    Reply::new(200, json!({"code": "000604", "message": "successfully canceled", "statementHandle": handle}).to_string())
-                }
-                None => failure(404, "000709", "Statement not found", Some(&handle)),
+            if lock(state).statements.cancel(&handle) {
+                Reply::new(
+                    200,
+                    json!({"code": "000604", "message": "successfully canceled", "statementHandle": handle})
+                        .to_string(),
+                )
+            } else {
+                failure(404, "000709", "Statement not found", Some(&handle))
             }
         }
         ("GET", tail) => {
@@ -312,13 +204,12 @@ fn authenticate(state: &Mutex<State>, request: &RecordedRequest) -> Result<(), R
         .header("x-snowflake-authorization-token-type")
         .unwrap_or("");
     let mut state = lock(state);
-    if state.expire_next > 0 {
-        state.expire_next -= 1;
+    if state.statements.take_expiry() {
         return Err(unauthorized("390318", "The JWT token has expired."));
     }
     match token_type {
         "KEYPAIR_JWT" => check_jwt(token).map_err(|m| unauthorized("390144", &m)),
-        "OAUTH" if state.oauth_token.as_deref() == Some(token) => Ok(()),
+        "OAUTH" if state.own.oauth_token.as_deref() == Some(token) => Ok(()),
         "OAUTH" => Err(unauthorized("390303", "Invalid OAuth access token.")),
         _ => Err(unauthorized("390101", "Unknown token type")),
     }
@@ -347,7 +238,7 @@ fn check_jwt(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn submit(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -> Reply {
+fn submit(state: &Mutex<State>, request: &RecordedRequest) -> Reply {
     let body = request.json.clone().unwrap_or(Value::Null);
     let async_mode = request.query.as_deref().is_some_and(|q| q.contains("async=true"));
     if body["parameters"]["MULTI_STATEMENT_COUNT"] != json!("1") {
@@ -374,29 +265,20 @@ fn submit(state: &Mutex<State>, next: &AtomicUsize, request: &RecordedRequest) -
             None,
         );
     }
-    let text = body["statement"].as_str().unwrap_or_default().to_owned();
-    let handle = format!(
-        "01b2c3d4-0000-0000-0000-{:012}",
-        next.fetch_add(1, Ordering::SeqCst)
-    );
-    {
+    let text = body["statement"].as_str().unwrap_or_default();
+    let handle = {
         let mut guard = lock(state);
+        let handle = format!("01b2c3d4-0000-0000-0000-{:012}", guard.statements.next_number());
         let outcome = guard
-            .results
-            .get(&text)
-            .cloned()
+            .statements
+            .registered(text)
             .unwrap_or_else(|| Outcome::Fail {
                 code: "002003".to_owned(),
                 message: "SQL compilation error:\nObject does not exist or not authorized.".to_owned(),
             });
-        let statement = Statement {
-            outcome,
-            polls_left: guard.running_polls,
-            cancelled: false,
-            forever: guard.run_forever,
-        };
-        guard.statements.insert(handle.clone(), statement);
-    }
+        guard.statements.insert(handle.clone(), outcome, ());
+        handle
+    };
     if async_mode {
         Reply::new(202, running(&handle))
     } else {
@@ -416,34 +298,30 @@ fn running(handle: &str) -> String {
 
 fn status(state: &Mutex<State>, handle: &str, partition: Option<usize>) -> Reply {
     let mut guard = lock(state);
-    let throttle = partition.is_some() && guard.throttle_partitions > 0;
-    if throttle {
-        guard.throttle_partitions -= 1;
+    if partition.is_some() && guard.statements.take_throttle() {
         return Reply::new(429, r#"{"message":"Too many requests"}"#).header("retry-after", "0");
     }
-    let Some(statement) = guard.statements.get_mut(handle) else {
-        return failure(404, "000709", "Statement not found", Some(handle));
-    };
-    if statement.cancelled {
-        return failure(422, "000604", "SQL execution canceled", Some(handle));
-    }
-    if statement.forever || statement.polls_left > 0 {
-        statement.polls_left = statement.polls_left.saturating_sub(1);
-        return Reply::new(202, running(handle));
-    }
-    let result = match &statement.outcome {
-        Outcome::Fail { code, message } => return failure(422, code, message, Some(handle)),
-        Outcome::Rows(result) => result.clone(),
+    let result = match guard.statements.poll(handle) {
+        Poll::Unknown => return failure(404, "000709", "Statement not found", Some(handle)),
+        Poll::Cancelled => return failure(422, "000604", "SQL execution canceled", Some(handle)),
+        Poll::Running => return Reply::new(202, running(handle)),
+        Poll::Done(Outcome::Fail { code, message }) => {
+            return failure(422, &code, &message, Some(handle));
+        }
+        Poll::Done(Outcome::Rows(result)) => result,
     };
     drop(guard);
     match partition {
         None => {
-            let partition_info: Vec<Value> = (0..result.partitions())
-                .map(|i| json!({"rowCount": result.partition_len(i), "uncompressedSize": 0}))
+            let partition_info: Vec<Value> = (0..result.rows.parts())
+                .map(|i| {
+                    let (start, end) = result.rows.part_range(i);
+                    json!({"rowCount": end - start, "uncompressedSize": 0})
+                })
                 .collect();
             let head = json!({
                 "resultSetMetaData": {
-                    "numRows": result.len(),
+                    "numRows": result.rows.len(),
                     "format": "jsonv2",
                     "rowType": result.row_type,
                     "partitionInfo": partition_info,
@@ -452,10 +330,10 @@ fn status(state: &Mutex<State>, handle: &str, partition: Option<usize>) -> Reply
                 "statementHandle": handle,
                 "message": "Statement executed successfully.",
             });
-            Reply::new(200, with_data(head, &result.partition(0)))
+            Reply::new(200, with_data(head, &result.rows.part(0)))
         }
-        Some(index) if index < result.partitions() => {
-            Reply::new(200, with_data(json!({}), &result.partition(index)))
+        Some(index) if index < result.rows.parts() => {
+            Reply::new(200, with_data(json!({}), &result.rows.part(index)))
         }
         _ => failure(422, "000709", "Partition index out of range", Some(handle)),
     }

@@ -6,8 +6,12 @@
 //!   `maximumBytesBilled`, `location`, the default dataset, a `requestId` and
 //!   `formatOptions.useInt64Timestamp`.
 //! - `GET /bigquery/v2/projects/{project}/queries/{jobId}` (`jobs.getQueryResults`) is polled
-//!   while `jobComplete` is false, then pages through the result by `pageToken`; the next
-//!   page is fetched while the planner reads the current one.
+//!   while `jobComplete` is false. Its `startIndex` parameter ("zero-based index of the
+//!   starting row") lets the pages after the first be asked for by row offset rather than
+//!   by the `pageToken` of the page before, so they are fetched [`PREFETCH`] ahead in
+//!   parallel, in order, against the `totalRows` of the first page. A page BigQuery cuts
+//!   short (it caps pages at about 10 MB) is completed from where it stopped. An answer
+//!   without `totalRows` falls back to `pageToken` chaining, one page ahead.
 //! - `POST /bigquery/v2/projects/{project}/jobs/{jobId}/cancel` when the run stops first.
 //! - Tokens: a service-account key's JWT exchanged at `https://oauth2.googleapis.com/token`,
 //!   or, where the operator allows it, the GKE metadata server (Workload Identity).
@@ -24,6 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Url;
 use serde::Deserialize;
@@ -31,7 +37,7 @@ use serde_json::{Value as Json, json};
 use tokio::time::Instant;
 
 use self::decode::{Field, Kind};
-use super::rest::{self, CallError, Http, HttpError, Mint, Token, Tokens};
+use super::rest::{self, CallError, Http, HttpError, Mint, Progress, Token, Tokens};
 use super::{Column, Connection, Credentials, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
 
 /// The API, Google's token endpoint and the metadata server.
@@ -42,6 +48,8 @@ const METADATA: &str = "http://metadata.google.internal";
 const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
 /// Rows asked for per page (BigQuery also caps a page at about 10 MB).
 const PAGE_ROWS: u32 = 10_000;
+/// Pages fetched ahead of the one being read.
+const PREFETCH: usize = 3;
 /// How long one `jobs.query`/`getQueryResults` call waits for the job.
 const WAIT_MS: u64 = 10_000;
 /// Secret key of a service-account key file (JSON).
@@ -313,6 +321,9 @@ struct Page {
     rows: Vec<Row>,
     #[serde(default)]
     page_token: Option<String>,
+    /// Rows in the whole result (a decimal string).
+    #[serde(default)]
+    total_rows: Option<String>,
     #[serde(default)]
     errors: Vec<ErrorProto>,
 }
@@ -439,9 +450,13 @@ impl Client {
     }
 
     fn page_params(&self, page_token: Option<&str>, wait: bool) -> Vec<(&'static str, String)> {
+        self.params(PAGE_ROWS.into(), page_token, wait)
+    }
+
+    fn params(&self, max_results: u64, page_token: Option<&str>, wait: bool) -> Vec<(&'static str, String)> {
         let mut params = vec![
             ("formatOptions.useInt64Timestamp", "true".to_owned()),
-            ("maxResults", PAGE_ROWS.to_string()),
+            ("maxResults", max_results.to_string()),
         ];
         if wait {
             params.push(("timeoutMs", WAIT_MS.to_string()));
@@ -455,25 +470,23 @@ impl Client {
         params
     }
 
-    /// Polls until the job is complete; returns its first page.
-    async fn wait(&self, mut page: Page, job: &str, deadline: Instant) -> Result<Page, SourceError> {
+    /// Polls until the job is complete; returns its first page. BigQuery itself waits up to
+    /// `timeoutMs` per call; the pause spares a service that answers at once.
+    async fn wait(&self, page: Page, job: &str, deadline: Instant) -> Result<Page, SourceError> {
         let url = format!("{}/queries/{job}", self.base);
-        let mut pause = Duration::from_millis(100);
-        loop {
+        let params = self.page_params(None, true);
+        let progress = |page: Page| {
             check_errors(&page)?;
-            if page.job_complete == Some(true) {
-                return Ok(page);
-            }
-            if Instant::now() >= deadline {
-                return Err(SourceError::Timeout(self.timeout));
-            }
-            // BigQuery itself waits up to `timeoutMs` per call; the pause spares a service
-            // that answers at once.
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-            let params = self.page_params(None, true);
-            page = self.request(|client| client.get(&url).query(&params)).await?;
-        }
+            Ok(if page.job_complete == Some(true) {
+                Progress::Done(page)
+            } else {
+                Progress::Running
+            })
+        };
+        rest::poll(page, deadline, self.timeout, progress, || {
+            self.request(|client| client.get(&url).query(&params))
+        })
+        .await
     }
 
     async fn page(&self, job: &str, token: &str) -> Result<Page, SourceError> {
@@ -482,6 +495,34 @@ impl Client {
         let page: Page = self.request(|client| client.get(&url).query(&params)).await?;
         check_errors(&page)?;
         Ok(page)
+    }
+
+    /// Rows `start..end` of the result, by `startIndex`: as many pages as BigQuery needs to
+    /// send them (it cuts a page at about 10 MB).
+    async fn rows_at(&self, job: &str, start: u64, end: u64) -> Result<Vec<Row>, SourceError> {
+        let url = format!("{}/queries/{job}", self.base);
+        let mut rows = Vec::new();
+        let mut at = start;
+        while at < end {
+            let mut params = self.params(end - at, None, false);
+            params.push(("startIndex", at.to_string()));
+            let page: Page = self.request(|client| client.get(&url).query(&params)).await?;
+            check_errors(&page)?;
+            let got = page.rows.len() as u64;
+            if got == 0 || got > end - at {
+                return Err(SourceError::Query(format!(
+                    "BigQuery sent {got} rows from row {at} where {} were asked for; the result changed while it was read",
+                    end - at
+                )));
+            }
+            at += got;
+            if rows.is_empty() {
+                rows = page.rows;
+            } else {
+                rows.extend(page.rows);
+            }
+        }
+        Ok(rows)
     }
 
     async fn cancel(&self, job: &str) {
@@ -563,32 +604,79 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The streaming task: the first page, then the next ones by `pageToken`, each fetched while
-/// the rows of the one before wait in the channel.
+/// The streaming task: the first page, then the others by row offset, [`PREFETCH`] ahead in
+/// parallel and in order (or by `pageToken`, one ahead, when the answer gave no row count).
 async fn stream(client: Arc<Client>, job: String, first: Page, plan: Vec<(Column, Kind)>, tx: RowSender) {
-    let pages = futures::stream::unfold(Some(Ok(first)), move |state| {
-        let client = client.clone();
-        let job = job.clone();
-        async move {
-            let page: Result<Page, SourceError> = state?;
-            match page {
-                Err(e) => Some((Err(e), None)),
-                Ok(page) => {
-                    let next = match page.page_token.as_deref().filter(|t| !t.is_empty()) {
-                        Some(token) => Some(client.page(&job, token).await),
-                        None => None,
-                    };
-                    Some((Ok(page.rows), next))
-                }
-            }
+    let more = first.page_token.as_deref().is_some_and(|t| !t.is_empty());
+    let total = first.total_rows.as_deref().and_then(|t| t.parse::<u64>().ok());
+    let read = first.rows.len() as u64;
+    let rest: BoxStream<'static, Result<Vec<Row>, SourceError>> = match (more, total) {
+        (false, _) => stream::empty().boxed(),
+        (true, Some(total)) => {
+            let client = client.clone();
+            let job = job.clone();
+            // Windows of PAGE_ROWS rows after the first page; `step_by` needs a usize step.
+            stream::iter((read..total).step_by(PAGE_ROWS as usize))
+                .map(move |start| {
+                    let client = client.clone();
+                    let job = job.clone();
+                    async move {
+                        let end = start.saturating_add(PAGE_ROWS.into()).min(total);
+                        client.rows_at(&job, start, end).await
+                    }
+                })
+                .buffered(PREFETCH)
+                .boxed()
         }
-    });
-    let rows = futures::TryStreamExt::try_flatten(futures::TryStreamExt::map_ok(pages, |rows: Vec<Row>| {
-        futures::stream::iter(rows.into_iter().map(Ok::<_, SourceError>))
-    }));
+        (true, None) => by_token(client, job.clone(), first.page_token.clone()).boxed(),
+    };
+    let pages = stream::once(async { Ok(first.rows) }).chain(rest);
+    let rows = pages
+        .map_ok(|rows| stream::iter(rows.into_iter().map(Ok::<_, SourceError>)))
+        .try_flatten();
     let end = super::pump(rows, &tx, |row: &Row| decode_row(row, &plan), |e| e).await;
     if end == StreamEnd::ReceiverGone {
-        tracing::debug!("the run stopped reading the BigQuery result");
+        tracing::debug!(job, "the run stopped reading the BigQuery result");
+    }
+}
+
+/// The pages after the first by `pageToken`, each asked for as soon as the one before
+/// arrived (a task of its own), so the next page is on its way while the current one is
+/// decoded.
+fn by_token(
+    client: Arc<Client>,
+    job: String,
+    token: Option<String>,
+) -> impl futures::Stream<Item = Result<Vec<Row>, SourceError>> + Send + 'static {
+    let fetch = move |token: String| {
+        let client = client.clone();
+        let job = job.clone();
+        Ahead(tokio::spawn(async move { client.page(&job, &token).await }))
+    };
+    let first = token.filter(|t| !t.is_empty()).map(&fetch);
+    stream::unfold((first, fetch), |(pending, fetch)| async move {
+        let mut pending = pending?;
+        let page = (&mut pending.0).await.unwrap_or_else(|e| {
+            Err(SourceError::Query(format!(
+                "failed to fetch a BigQuery result page: {e}"
+            )))
+        });
+        match page {
+            Err(e) => Some((Err(e), (None, fetch))),
+            Ok(page) => {
+                let next = page.page_token.clone().filter(|t| !t.is_empty()).map(&fetch);
+                Some((Ok(page.rows), (next, fetch)))
+            }
+        }
+    })
+}
+
+/// A page fetch running ahead, stopped when the stream is dropped.
+struct Ahead(tokio::task::JoinHandle<Result<Page, SourceError>>);
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

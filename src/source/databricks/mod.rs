@@ -34,16 +34,13 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use self::decode::{ColumnInfo, Kind};
-use super::rest::{self, CallError, Http, HttpError, Mint, Token, Tokens};
+use super::rest::{self, CallError, Http, HttpError, Mint, Progress, Token, Tokens};
 use super::{Column, Connection, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
 
 /// Chunks fetched ahead of the one being read.
 const PREFETCH: usize = 3;
 /// How long the submission waits for a quick statement (Databricks takes 5 to 50 seconds).
 const WAIT_TIMEOUT: &str = "10s";
-/// First and longest wait between two polls of a running statement.
-const FIRST_POLL: Duration = Duration::from_millis(100);
-const MAX_POLL: Duration = Duration::from_secs(2);
 /// Secret keys read besides the URL.
 const TOKEN: &str = "token";
 const CLIENT_ID: &str = "client_id";
@@ -374,33 +371,26 @@ impl Client {
     }
 
     /// Polls until the statement leaves `PENDING`/`RUNNING`; its answer when it succeeded.
-    async fn wait(&self, mut answer: Answer, id: &str, deadline: Instant) -> Result<Answer, SourceError> {
+    async fn wait(&self, answer: Answer, id: &str, deadline: Instant) -> Result<Answer, SourceError> {
         let url = format!("{}/api/2.0/sql/statements/{id}", self.base);
-        let mut pause = FIRST_POLL;
-        loop {
-            match answer.status.state.as_str() {
-                "SUCCEEDED" => return Ok(answer),
-                "PENDING" | "RUNNING" => {}
-                "FAILED" => {
-                    let error = answer.status.error.unwrap_or_default();
-                    return Err(SourceError::Query(
-                        self.http
-                            .scrub(&format!("{} ({})", error.message, error.error_code)),
-                    ));
-                }
-                other => {
-                    return Err(SourceError::Query(format!(
-                        "the statement ended in state {other}"
-                    )));
-                }
+        let progress = |answer: Answer| match answer.status.state.as_str() {
+            "SUCCEEDED" => Ok(Progress::Done(answer)),
+            "PENDING" | "RUNNING" => Ok(Progress::Running),
+            "FAILED" => {
+                let error = answer.status.error.unwrap_or_default();
+                Err(SourceError::Query(
+                    self.http
+                        .scrub(&format!("{} ({})", error.message, error.error_code)),
+                ))
             }
-            if Instant::now() >= deadline {
-                return Err(SourceError::Timeout(self.timeout));
-            }
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            pause = (pause * 3 / 2).min(MAX_POLL);
-            answer = self.request(|client| client.get(&url)).await?;
-        }
+            other => Err(SourceError::Query(format!(
+                "the statement ended in state {other}"
+            ))),
+        };
+        rest::poll(answer, deadline, self.timeout, progress, || {
+            self.request(|client| client.get(&url))
+        })
+        .await
     }
 
     /// The rows of chunk `index`: `first` for chunk 0, the chunk endpoint for the others.

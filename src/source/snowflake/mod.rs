@@ -32,14 +32,11 @@ use tokio::time::Instant;
 
 use self::auth::{Auth, KeyPair};
 use self::decode::{Kind, RowType};
-use super::rest::{self, CallError, Http, HttpError, Tokens};
+use super::rest::{self, CallError, Http, HttpError, Progress, Tokens};
 use super::{Column, Connection, Credentials, RowSender, RowStream, SourceError, SourceOptions, StreamEnd};
 
 /// Partitions fetched ahead of the one being read.
 const PREFETCH: usize = 3;
-/// First and longest wait between two polls of a running statement.
-const FIRST_POLL: Duration = Duration::from_millis(100);
-const MAX_POLL: Duration = Duration::from_secs(2);
 /// How long past the statement timeout the client waits before giving up on its own.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(60);
 /// Snowflake's error codes for a statement stopped by its timeout.
@@ -287,18 +284,18 @@ impl Client {
     /// Polls the statement until it ends; returns its first result set.
     async fn wait(&self, handle: &str, deadline: Instant) -> Result<Answer, SourceError> {
         let url = self.statement_url(handle)?;
-        let mut pause = FIRST_POLL;
-        loop {
-            let (status, answer) = self.request(|client| client.get(&url)).await?;
-            if status != reqwest::StatusCode::ACCEPTED {
-                return Ok(answer);
-            }
-            if Instant::now() >= deadline {
-                return Err(SourceError::Timeout(self.timeout));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3 / 2).min(MAX_POLL);
-        }
+        let first = self.request(|client| client.get(&url)).await?;
+        let progress = |(status, answer): (reqwest::StatusCode, Answer)| {
+            Ok(if status == reqwest::StatusCode::ACCEPTED {
+                Progress::Running
+            } else {
+                Progress::Done(answer)
+            })
+        };
+        rest::poll(first, deadline, self.timeout, progress, || {
+            self.request(|client| client.get(&url))
+        })
+        .await
     }
 
     /// Partition `index` of a finished statement.
