@@ -83,6 +83,39 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
         ],
     ),
+    (
+        "cli",
+        &[
+            "model",
+            "egress",
+            "redact",
+            "template",
+            "api",
+            "source",
+            "state",
+            "destination",
+            "engine",
+            "metrics",
+            "controller",
+        ],
+    ),
+    (
+        "validate",
+        &[
+            "model",
+            "egress",
+            "redact",
+            "template",
+            "api",
+            "source",
+            "state",
+            "destination",
+            "engine",
+            "metrics",
+            "controller",
+            "local",
+        ],
+    ),
 ];
 
 /// Files at the root that wire the modules together rather than sit in a layer.

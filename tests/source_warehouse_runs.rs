@@ -13,10 +13,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use backflow::api::{DestinationSpec, ReverseSyncSpec};
+use backflow::destination;
 use backflow::destination::delivery::rate_limit::RateLimiter;
 use backflow::destination::delivery::{Delivery, DeliveryConfig};
-use backflow::destination::{self, SecretData};
 use backflow::engine::run::{RunOptions, RunReport, RunResult, SyncRun, run};
+use backflow::model::secret::SecretData;
 use backflow::source::Credentials;
 use backflow::state::file::FileStore;
 use serde_json::json;

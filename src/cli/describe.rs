@@ -16,7 +16,7 @@ use super::text::{age, plan, progress_line, run_summary, until};
 use crate::api::ReverseSync;
 use crate::api::reverse_sync::{ExecutionMode, StateStoreKind};
 use crate::controller::job::{self, JobState};
-use crate::state::configmap::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
+use crate::model::labels::{MANAGED_BY, MANAGED_BY_LABEL, SYNC_LABEL, sync_label_value};
 
 /// Arguments of `backflow describe`.
 #[derive(clap::Args)]

@@ -24,7 +24,7 @@ pub mod salesforce_double;
 pub mod slack_double;
 pub mod snowflake_double;
 pub mod sqlite;
-pub mod table_suite;
 pub mod statement_double;
+pub mod table_suite;
 pub mod warehouse;
 pub mod zendesk_double;
