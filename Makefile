@@ -8,7 +8,7 @@ VENV ?= .venv
 PREFIX ?= /usr/local
 
 .DEFAULT_GOAL := help
-.PHONY: help run install test test-rust test-chart kube venv bench bench-10m crds lint doc fmt
+.PHONY: help run install test test-rust test-chart kube venv bench bench-10m bench-100m crds lint doc fmt
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and Config
 
 bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 min on 2 cores, 6 GB free disk)
 	BACKFLOW_BENCH_ROWS=1000000,10000000 BACKFLOW_BENCH_REPEAT=1 $(CARGO) bench --locked --bench scale
+
+bench-100m: ## 100,000,000 rows, then 1% changed, File store, one process per run: peak RSS, peak /tmp and plan against COPY (not in CI; hours on 2 cores, ~25 GB free disk for PostgreSQL; BACKFLOW_BENCH_ROWS sets another size)
+	BACKFLOW_BENCH_ONLY=huge BACKFLOW_BENCH_ROWS=$${BACKFLOW_BENCH_ROWS:-100000000} $(CARGO) bench --locked --bench scale
 
 crds: ## Regenerate crds/ from the Rust types, and their copies in the chart and config/crd
 	$(CARGO) run --quiet -- crds > /dev/null

@@ -39,14 +39,17 @@
 #[allow(dead_code)]
 #[path = "../../tests/support/apiserver.rs"]
 mod apiserver;
+mod ceiling;
 mod clickhouse;
 mod cloud;
 mod delivery;
+mod huge;
 mod model;
 mod phase;
 mod report;
 mod sink;
 mod templates;
+mod tmpwatch;
 
 // The cloud warehouse doubles of the integration tests, run by the parent for the cloud phases
 // (at the crate root, where they find each other as `super::…`).
@@ -124,6 +127,11 @@ async fn main() {
         _ => {}
     }
     let sink = sink::Sink::start().await;
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("huge") {
+        // `make bench-100m`: one large model, File store, first and 1%-changed runs.
+        huge::bench(&admin_url, &sink).await;
+        return;
+    }
     let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
 
@@ -187,6 +195,21 @@ async fn bench_size(
             sink_second: sink::Seen::default(),
         });
     }
+    // The sink's own ceiling, right after the first runs: a bare client posting as many
+    // requests as the File store's first run sent, at the same batch size and concurrency.
+    let concurrency = default_concurrency(&destination).await;
+    sink.reset(0, false);
+    let ceiling = phase::spawn(&phase(Kind::SinkCeiling {
+        url: format!("{}/upsert", sink.url),
+        requests: stores.first().map_or(rows / 100, |s| s.run_first.requests.max(1)),
+        concurrency,
+    }))
+    .await;
+    let ceiling = report::Ceiling {
+        measured: ceiling,
+        seen: sink.seen(),
+        concurrency,
+    };
     let fingerprints = phase::spawn(&phase(Kind::Fingerprints {
         sync: format!("customers-{}", Store::File.name().to_lowercase()),
     }))
@@ -209,12 +232,23 @@ async fn bench_size(
         copy_second,
         stores,
         fingerprints,
+        ceiling,
     }
+}
+
+/// The `maxConcurrency` a destination gets when its spec sets none (its connector's default).
+async fn default_concurrency(destination: &backflow::api::DestinationSpec) -> usize {
+    let connector = backflow::destination::build(destination, None)
+        .await
+        .expect("build the http destination");
+    backflow::destination::delivery::DeliveryConfig::resolve(destination, &connector.capabilities())
+        .expect("destination settings")
+        .max_concurrency
 }
 
 /// The Destination of the end-to-end runs: the generic `http` connector at its largest batch,
 /// with a limit far above what the sink can take, so the engine is what is measured.
-fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
+pub fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
     serde_yaml_ng::from_str(&format!(
         "type: http\nhttp: {{url: \"{url}/upsert\"}}\nbatchSize: 100\nrateLimit: {{requestsPerSecond: 1000000}}\n"
     ))

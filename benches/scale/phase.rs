@@ -73,6 +73,13 @@ pub enum Kind {
     ClickHouseRaw { rows: u64 },
     /// The source alone: every row extracted and decoded, nothing planned.
     SourceOnly,
+    /// The sink's own ceiling: `requests` bodies of 100 records posted to `url` by a bare
+    /// client, `concurrency` at a time (`ceiling.rs`).
+    SinkCeiling {
+        url: String,
+        requests: u64,
+        concurrency: usize,
+    },
 }
 
 /// A phase and everything it needs.
@@ -105,6 +112,12 @@ pub struct Measured {
     pub fingerprint_bytes: u64,
     /// Keys and identities as text, summed over the entries (fingerprints phase).
     pub text_bytes: u64,
+    /// CPU time of the process, user and system.
+    pub cpu_seconds: f64,
+    /// Peak bytes of the temporary files the process held (spill, index, diff buckets).
+    pub peak_tmp_bytes: u64,
+    /// Bytes of the run's spill file alone.
+    pub spill_bytes: u64,
 }
 
 /// The sync of every run: 9 columns, 8 mappings with a template, a transform and nested
@@ -149,6 +162,8 @@ pub async fn spawn(phase: &Phase) -> Measured {
 /// The child's side: runs the phase given as JSON and prints what it measured.
 pub async fn child(json: &str) {
     let phase: Phase = serde_json::from_str(json).expect("phase JSON");
+    let except = (!phase.state_dir.is_empty()).then(|| std::path::PathBuf::from(&phase.state_dir));
+    let watch = crate::tmpwatch::TmpWatch::start(except);
     let start = Instant::now();
     let mut m = match &phase.kind {
         Kind::Copy => copy(&phase).await,
@@ -166,9 +181,16 @@ pub async fn child(json: &str) {
         } => crate::cloud::child(&phase, *source, endpoint, *raw).await,
         Kind::ClickHouseRaw { rows } => crate::clickhouse::raw_read(&phase, *rows).await,
         Kind::SourceOnly => crate::clickhouse::source_only(&phase).await,
+        Kind::SinkCeiling {
+            url,
+            requests,
+            concurrency,
+        } => crate::ceiling::run(url, *requests, *concurrency).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
+    m.peak_tmp_bytes = watch.stop();
     m.peak_rss_mib = peak_rss_mib();
+    m.cpu_seconds = cpu_seconds();
     println!("{}", serde_json::to_string(&m).expect("serialise"));
 }
 
@@ -253,6 +275,7 @@ async fn engine_run(
         rejected: report.rows_rejected(),
         added: report.plan.added,
         changed: report.plan.changed,
+        spill_bytes: report.spill_bytes,
         ..Measured::default()
     }
 }
@@ -267,6 +290,22 @@ async fn fingerprints(phase: &Phase, sync: &str) -> Measured {
         text_bytes: text as u64,
         ..Measured::default()
     }
+}
+
+/// User and system CPU seconds of this process so far (`/proc/self/stat`, in clock ticks of
+/// 1/100 s, the value of `CLK_TCK` on Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which ends with the last ')': utime and stime are the
+    // 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
 }
 
 fn peak_rss_mib() -> f64 {

@@ -19,6 +19,27 @@ const AIM_FILE_BYTES_PER_ROW: f64 = 64.0;
 const AIM_RATE_SHARE: f64 = 0.95;
 /// The bench's earlier aim: File store plan only within this many times COPY.
 const AIM_FILE_PLAN_VS_COPY: f64 = 2.0;
+/// Plan only within this many times COPY (first and second run).
+const AIM_PLAN_VS_COPY: f64 = 1.5;
+/// CPU of a first run end to end, per model row (0.45 s for 100,000 rows).
+const AIM_CPU_MICROS_PER_ROW: f64 = 4.5;
+/// Spill bytes per model row.
+const AIM_SPILL_BYTES_PER_ROW: f64 = 100.0;
+/// Delivery against the sink's own ceiling.
+const AIM_SINK_SHARE: f64 = 0.90;
+
+/// The sink's own ceiling, measured in the same run.
+pub struct Ceiling {
+    pub measured: Measured,
+    pub seen: Seen,
+    /// Requests in flight, the destination's default `maxConcurrency`.
+    pub concurrency: usize,
+}
+
+/// Requests per second the sink saw between its first and its last request.
+fn sink_rate(seen: &Seen) -> f64 {
+    seen.requests.saturating_sub(1) as f64 / seen.span_seconds.max(1e-9)
+}
 
 /// The figures of one store at one size.
 pub struct StoreReport {
@@ -40,6 +61,8 @@ pub struct SizeReport {
     /// The File store's state loaded whole into memory (as a migration does), after the
     /// first run.
     pub fingerprints: Measured,
+    /// The sink's own ceiling.
+    pub ceiling: Ceiling,
 }
 
 impl SizeReport {
@@ -68,10 +91,19 @@ pub fn print(sizes: &[SizeReport], scenarios: &[Scenario], repeat: usize, wall: 
 fn print_size(size: &SizeReport) {
     println!("\n== {} rows ==", thousands(size.rows));
     println!(
-        "{:<48} {:>8} {:>11} {:>9} {:>9} {:>10} {:>8}",
-        "phase", "seconds", "rows/s", "peak MiB", "requests", "rows sent", "vs COPY"
+        "{:<48} {:>8} {:>11} {:>9} {:>9} {:>10} {:>8} {:>7} {:>10} {:>11}",
+        "phase",
+        "seconds",
+        "rows/s",
+        "peak MiB",
+        "requests",
+        "rows sent",
+        "vs COPY",
+        "CPU s",
+        "/tmp B/row",
+        "spill B/row"
     );
-    let copy_line = |m: &Measured| line("COPY (query) TO STDOUT", m, None, m.seconds);
+    let copy_line = |m: &Measured| line("COPY (query) TO STDOUT", m, None, m.seconds, size.rows);
     copy_line(&size.copy_first);
     for s in &size.stores {
         let name = s.store.name();
@@ -80,12 +112,14 @@ fn print_size(size: &SizeReport) {
             &s.plan_first,
             None,
             size.copy_first.seconds,
+            size.rows,
         );
         line(
             &format!("{name:<9} end to end, first run"),
             &s.run_first,
             Some(&s.sink_first),
             size.copy_first.seconds,
+            size.rows,
         );
     }
     println!("-- 1% of rows changed --");
@@ -97,12 +131,27 @@ fn print_size(size: &SizeReport) {
             &s.plan_second,
             None,
             size.copy_second.seconds,
+            size.rows,
         );
         line(
             &format!("{name:<9} end to end, second run"),
             &s.run_second,
             Some(&s.sink_second),
             size.copy_second.seconds,
+            size.rows,
+        );
+    }
+    let c = &size.ceiling;
+    if let Some(file) = size.store(Store::File) {
+        let engine = sink_rate(&file.sink_first);
+        let ceiling = sink_rate(&c.seen);
+        println!(
+            "delivery: File first run reached {engine:.0} requests/s at the sink; the sink's own ceiling, a bare client \
+             posting {} bodies of 100 records {} at a time: {ceiling:.0} requests/s ({:.2} CPU s) = {:.0}%",
+            thousands(c.measured.requests),
+            c.concurrency,
+            c.measured.cpu_seconds,
+            100.0 * engine / ceiling.max(1e-9)
         );
     }
     let f = &size.fingerprints;
@@ -151,7 +200,7 @@ fn file_bytes_per_row(file: &StoreReport, rows: u64) -> (f64, f64) {
 }
 
 /// One table line; end-to-end lines also check the sink saw the requests the engine counted.
-fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64) {
+fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64, rows: u64) {
     let requests = match sink {
         Some(seen) if seen.requests != m.requests => {
             format!("{}≠{}", m.requests, seen.requests)
@@ -160,12 +209,16 @@ fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64) {
         None => "-".to_owned(),
     };
     let sent = sink.map_or("-".to_owned(), |_| m.accepted.to_string());
+    let per_row = |bytes: u64| bytes as f64 / rows.max(1) as f64;
     println!(
-        "{name:<48} {:>8.2} {:>11} {:>9.1} {requests:>9} {sent:>10} {:>7.2}x",
+        "{name:<48} {:>8.2} {:>11} {:>9.1} {requests:>9} {sent:>10} {:>7.2}x {:>7.2} {:>10.1} {:>11.1}",
         m.seconds,
         thousands((m.rows as f64 / m.seconds.max(1e-9)) as u64),
         m.peak_rss_mib,
-        m.seconds / copy_seconds.max(1e-9)
+        m.seconds / copy_seconds.max(1e-9),
+        m.cpu_seconds,
+        per_row(m.peak_tmp_bytes),
+        per_row(m.spill_bytes)
     );
 }
 
@@ -245,6 +298,44 @@ fn print_aims(sizes: &[SizeReport], scenarios: &[Scenario]) {
                 verdict(first <= AIM_FILE_PLAN_VS_COPY && second <= AIM_FILE_PLAN_VS_COPY)
             );
         }
+    }
+    println!("-- per-row cost --");
+    for size in sizes {
+        let at = format!(" [at {} rows]", thousands(size.rows));
+        let Some(file) = size.store(Store::File) else {
+            continue;
+        };
+        let rows = size.rows.max(1) as f64;
+        let cpu = file.run_first.cpu_seconds * 1e6 / rows;
+        println!(
+            "CPU of a first run end to end (File store) at most {AIM_CPU_MICROS_PER_ROW} µs per row: {cpu:.2} µs/row = \
+             {:.2} s per 100,000 rows ({}){at}",
+            cpu / 10.0,
+            verdict(cpu <= AIM_CPU_MICROS_PER_ROW)
+        );
+        for s in &size.stores {
+            let first = s.plan_first.seconds / size.copy_first.seconds.max(1e-9);
+            let second = s.plan_second.seconds / size.copy_second.seconds.max(1e-9);
+            println!(
+                "{} store plan only within {AIM_PLAN_VS_COPY}x of COPY: first run {first:.2}x, second run {second:.2}x ({}){at}",
+                s.store.name(),
+                verdict(first <= AIM_PLAN_VS_COPY && second <= AIM_PLAN_VS_COPY)
+            );
+        }
+        let spill = file.plan_first.spill_bytes as f64 / rows;
+        println!(
+            "spill at most {AIM_SPILL_BYTES_PER_ROW} B per model row (File store, every row spilled): {spill:.1} B/row ({}); \
+             all of /tmp at its peak (spill, row index, both sides of the diff): {:.1} B/row{at}",
+            verdict(spill <= AIM_SPILL_BYTES_PER_ROW),
+            file.plan_second.peak_tmp_bytes as f64 / rows,
+        );
+        let share = sink_rate(&file.sink_first) / sink_rate(&size.ceiling.seen).max(1e-9);
+        println!(
+            "delivery at default concurrency at least {:.0}% of the sink's own ceiling: {:.0}% ({}){at}",
+            AIM_SINK_SHARE * 100.0,
+            share * 100.0,
+            verdict(share >= AIM_SINK_SHARE)
+        );
     }
     for s in scenarios {
         let share = s.sustained_rate() / delivery::RATE;

@@ -223,6 +223,8 @@ pub struct RunReport {
     pub error: Option<RunError>,
     /// The mass-delete guard's finding, when the plan deleted anything (mirror mode).
     pub delete_check: Option<DeleteCheck>,
+    /// Bytes the planned rows took on local disk (the spill, compressed).
+    pub spill_bytes: u64,
 }
 
 impl RunReport {
@@ -311,6 +313,7 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             source_privileges: None,
             error: None,
             delete_check: None,
+            spill_bytes: 0,
         },
         pending: Vec::new(),
         last_commit: Instant::now(),
@@ -441,6 +444,7 @@ async fn run_steps(
         in_memory::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     };
     c.report.plan = plan.counts;
+    c.report.spill_bytes = spilled.bytes();
     c.report.result_fingerprint = plan.result_fingerprint.clone();
     options.progress.planned(&plan.counts);
     let mut deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
@@ -500,13 +504,7 @@ async fn run_steps(
     sends.add(Operation::Delete, deletes.len() as u64);
     job.delivery.prepare(&sends);
     let job = &*job;
-    let batches = SpillBatches {
-        reader: spilled,
-        plan: &plan,
-        decider: &decider,
-        delivery: &job.delivery,
-        carry: None,
-    };
+    let batches = SpillBatches::start(spilled, plan, decider, &job.delivery)?;
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
         let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
@@ -689,19 +687,83 @@ async fn commit(store: &mut dyn StateStore, scope: &str, c: &mut Collector) -> R
     Ok(())
 }
 
-/// Reads the spill back as batches of one operation, skipping duplicated keys.
+/// Spilled rows decoded ahead per message from the reading thread.
+const ROWS_AHEAD_CHUNK: usize = 256;
+/// Chunks the reading thread may have decoded ahead.
+const CHUNKS_AHEAD: usize = 8;
+
+/// Reads the spill back as batches of one operation, skipping duplicated keys. A thread of
+/// its own reads, decompresses and decodes the rows ahead of the batches, so that work runs
+/// beside the requests and the checkpoints.
 struct SpillBatches<'p> {
-    reader: SpillReader,
-    plan: &'p super::plan::PlanOutcome,
-    decider: &'p Decider,
+    rows: std::sync::mpsc::Receiver<std::io::Result<Vec<super::spill::SpilledRow>>>,
+    /// Rows received and not yet batched, in spill order.
+    ready: std::vec::IntoIter<super::spill::SpilledRow>,
     /// Asked for the batch size at each batch: a destination may lower it during the run.
     delivery: &'p Delivery,
     carry: Option<super::spill::SpilledRow>,
 }
 
-impl SpillBatches<'_> {
+impl<'p> SpillBatches<'p> {
+    /// Starts the reading thread over `reader`; `plan` and `decider` choose the rows sent.
+    fn start(
+        mut reader: SpillReader,
+        plan: PlanOutcome,
+        decider: Decider,
+        delivery: &'p Delivery,
+    ) -> Result<SpillBatches<'p>, RunError> {
+        let (send, rows) = std::sync::mpsc::sync_channel(CHUNKS_AHEAD);
+        std::thread::Builder::new()
+            .name("spill-reader".to_owned())
+            .spawn(move || {
+                loop {
+                    let mut chunk = Vec::with_capacity(ROWS_AHEAD_CHUNK);
+                    let mut end = false;
+                    while chunk.len() < ROWS_AHEAD_CHUNK {
+                        match decider.next_row(&plan, &mut reader) {
+                            Ok(Some(row)) => chunk.push(row),
+                            Ok(None) => {
+                                end = true;
+                                break;
+                            }
+                            Err(e) => {
+                                // The batches end at the error; a closed channel means the
+                                // run stopped reading.
+                                let _ = send.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    if (!chunk.is_empty() && send.send(Ok(chunk)).is_err()) || end {
+                        return;
+                    }
+                }
+            })
+            .map_err(RunError::spill)?;
+        Ok(SpillBatches {
+            rows,
+            ready: Vec::new().into_iter(),
+            delivery,
+            carry: None,
+        })
+    }
+
     fn into_iter_batches(mut self) -> impl Iterator<Item = Result<Batch, RunError>> {
         std::iter::from_fn(move || self.next_batch().transpose())
+    }
+
+    /// The next row to send, `None` after the last.
+    fn next_row(&mut self) -> Result<Option<super::spill::SpilledRow>, RunError> {
+        loop {
+            if let Some(row) = self.ready.next() {
+                return Ok(Some(row));
+            }
+            match self.rows.recv() {
+                Ok(chunk) => self.ready = chunk.map_err(RunError::spill)?.into_iter(),
+                // The thread ended after sending its last rows.
+                Err(_) => return Ok(None),
+            }
+        }
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>, RunError> {
@@ -712,11 +774,7 @@ impl SpillBatches<'_> {
         loop {
             let row = match self.carry.take() {
                 Some(r) => r,
-                None => match self
-                    .decider
-                    .next_row(self.plan, &mut self.reader)
-                    .map_err(RunError::spill)?
-                {
+                None => match self.next_row()? {
                     Some(r) => r,
                     None => return Ok(batch),
                 },

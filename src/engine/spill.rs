@@ -1,13 +1,19 @@
 //! The spill file: rows planned for sending, written while the model streams and read back
 //! for delivery once the plan is complete (a duplicate key found late must still stop its
 //! first row from being sent). It keeps memory flat whatever the number of changed rows.
+//!
+//! Rows are packed in a small binary framing (operation, key, the canonical JSON of the match
+//! fields and of the record) into blocks of [`BLOCK`] bytes, and each block is compressed with
+//! zstd as a frame of its own by the writing thread, off the thread that reads the model. A
+//! row's position is its block's number and its offset in the block, so the rows a diff names
+//! are read back by decompressing only the blocks that hold them. The fingerprint is not
+//! stored: it is the hash of the record's bytes, computed again when the row is read.
 
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 
-use serde::Deserialize;
-
+use crate::model::value::{Document, Value};
 use crate::model::record::Operation;
-use crate::model::value::{Document, Value, write_json_string};
 
 /// One planned row, as read back.
 #[derive(Debug)]
@@ -26,24 +32,8 @@ pub struct SpilledRow {
     pub identity_json: String,
     /// Mapped fields.
     pub fields: Document,
-    /// Bytes of the row's spilled line: about what it weighs in a request.
+    /// Bytes of the row's key, match fields and record: about what it weighs in a request.
     pub bytes: usize,
-}
-
-#[derive(Deserialize)]
-struct Line<'a> {
-    o: &'a str,
-    #[serde(borrow)]
-    k: std::borrow::Cow<'a, str>,
-    f: u64,
-    a: bool,
-    #[serde(borrow)]
-    i: &'a serde_json::value::RawValue,
-    /// Fields holding a JSON null (absent when none): `null` in `d` is SQL NULL otherwise.
-    #[serde(borrow, default)]
-    n: Vec<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    d: &'a serde_json::value::RawValue,
 }
 
 /// A planned row's canonical JSON, as the spill keeps it.
@@ -57,14 +47,33 @@ pub struct RowJson<'a> {
     pub json_nulls: &'a [&'a str],
 }
 
-/// Bytes of rows collected before they are handed to the writing thread.
-const BLOCK: usize = 1 << 20;
+/// Uncompressed bytes of rows per block. Measured on the 8-field rows of the scale
+/// benchmark (zstd level 1): 64 KiB blocks keep a row's positioned read to one 64 KiB
+/// decompression while packing nearly as tight as larger ones.
+const BLOCK: usize = 64 * 1024;
 /// Full blocks waiting for the writing thread.
-const BLOCKS_IN_FLIGHT: usize = 4;
+const BLOCKS_IN_FLIGHT: usize = 8;
+/// zstd level of the blocks: level 1 packs these rows about as tight as level 3 at about
+/// twice the speed, and the writing thread must keep up with the model.
+const LEVEL: i32 = 1;
+/// Bytes before each block in the file: its compressed and uncompressed lengths.
+const BLOCK_HEADER: usize = 8;
 
-/// Writes planned rows to an anonymous temporary file. Rows are formatted into 1 MiB blocks
-/// and a thread of its own writes the blocks, so the copying into the page cache happens off
-/// the thread that reads the model (on a large model, every row is spilled).
+/// Where a compressed block lies in the file.
+#[derive(Debug, Clone, Copy)]
+struct BlockAt {
+    offset: u64,
+    compressed: u32,
+    raw: u32,
+}
+
+/// What the writing thread returns: the file and where each block is.
+type Written = std::io::Result<(std::fs::File, Vec<BlockAt>)>;
+
+/// Writes planned rows to an anonymous temporary file. Rows are packed into blocks and a
+/// thread of its own compresses and writes the blocks, so the compression and the copying
+/// into the page cache happen off the thread that reads the model (on a large model, every
+/// row is spilled).
 pub struct SpillWriter {
     /// The block being filled.
     block: Vec<u8>,
@@ -72,40 +81,38 @@ pub struct SpillWriter {
     full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     /// Written blocks coming back, to be filled again.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// The writing thread; it returns the file.
-    writer: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
-    /// Bytes handed to the writing thread.
-    handed_over: u64,
+    /// The writing thread.
+    writer: Option<std::thread::JoinHandle<Written>>,
+    /// Blocks handed to the writing thread.
+    blocks: u64,
+    /// Compressed bytes written, shared with the writing thread.
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SpillWriter {
     /// A new spill in the system's temporary directory (removed when dropped).
     pub fn new() -> std::io::Result<SpillWriter> {
-        let mut file = tempfile::tempfile()?;
+        let file = tempfile::tempfile()?;
         let (full, blocks) = std::sync::mpsc::sync_channel::<Vec<u8>>(BLOCKS_IN_FLIGHT);
         let (give_back, spare) = std::sync::mpsc::channel();
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = written.clone();
         let writer = std::thread::Builder::new()
             .name("spill-writer".to_owned())
-            .spawn(move || {
-                for mut block in blocks {
-                    file.write_all(&block)?;
-                    block.clear();
-                    // The writer may be gone already; the block is then just dropped.
-                    let _ = give_back.send(block);
-                }
-                Ok(file)
-            })?;
+            .spawn(move || write_blocks(file, &blocks, &give_back, &counter))?;
         Ok(SpillWriter {
             block: Vec::with_capacity(BLOCK + 4096),
             full: Some(full),
             spare,
             writer: Some(writer),
-            handed_over: 0,
+            blocks: 0,
+            written,
         })
     }
 
-    /// Appends one row; `identity_json` and `fields_json` are the canonical JSON of its
-    /// match fields and of its mapped fields. Returns where the row starts in the spill (for
+    /// Appends one row; `json` holds the canonical JSON of its match fields and of its
+    /// mapped fields. `fingerprint` must be what [`row_fingerprint`] gives for them (it is
+    /// computed again on reading, not stored). Returns the row's position in the spill (for
     /// [`SpillReader::only_rows_at`]).
     pub fn push(
         &mut self,
@@ -115,36 +122,29 @@ impl SpillWriter {
         added: bool,
         json: RowJson<'_>,
     ) -> std::io::Result<u64> {
-        let RowJson {
-            identity: identity_json,
-            fields: fields_json,
-            json_nulls,
-        } = json;
-        let offset = self.handed_over + self.block.len() as u64;
+        debug_assert_eq!(fingerprint, row_fingerprint(json.fields, json.json_nulls));
+        let in_block = u32::try_from(self.block.len())
+            .map_err(|_| std::io::Error::other("a spill block grew over 4 GiB"))?;
+        let position = (self.blocks << 32) | u64::from(in_block);
         let b = &mut self.block;
-        b.extend_from_slice(b"{\"o\":\"");
-        b.extend_from_slice(operation.as_str().as_bytes());
-        b.extend_from_slice(b"\",\"k\":");
-        write_json_string(key, b);
-        write!(b, ",\"f\":{fingerprint},\"a\":{added},\"i\":")?;
-        b.extend_from_slice(identity_json);
-        if !json_nulls.is_empty() {
-            b.extend_from_slice(b",\"n\":[");
-            for (i, target) in json_nulls.iter().enumerate() {
-                if i > 0 {
-                    b.push(b',');
-                }
-                write_json_string(target, b);
-            }
-            b.push(b']');
+        b.push(operation_code(operation) | if added { ADDED } else { 0 });
+        put_bytes(b, key.as_bytes());
+        put_bytes(b, json.identity);
+        put_varint(b, json.json_nulls.len() as u64);
+        for target in json.json_nulls {
+            put_bytes(b, target.as_bytes());
         }
-        b.extend_from_slice(b",\"d\":");
-        b.extend_from_slice(fields_json);
-        b.extend_from_slice(b"}\n");
+        put_bytes(b, json.fields);
         if self.block.len() >= BLOCK {
             self.hand_over()?;
         }
-        Ok(offset)
+        Ok(position)
+    }
+
+    /// Compressed bytes written to the file so far (blocks still being compressed are not
+    /// counted).
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends the filled block to the writing thread and takes an empty one.
@@ -154,7 +154,7 @@ impl SpillWriter {
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(BLOCK + 4096));
         let block = std::mem::replace(&mut self.block, next);
-        self.handed_over += block.len() as u64;
+        self.blocks += 1;
         let sent = match &self.full {
             Some(full) => full.send(block).is_ok(),
             None => false,
@@ -168,7 +168,7 @@ impl SpillWriter {
     }
 
     /// Closes the channel and waits for the writing thread.
-    fn join(&mut self) -> std::io::Result<std::fs::File> {
+    fn join(&mut self) -> Written {
         self.full = None;
         match self.writer.take() {
             Some(writer) => writer
@@ -183,64 +183,235 @@ impl SpillWriter {
         if !self.block.is_empty() {
             self.hand_over()?;
         }
-        let mut file = self.join()?;
-        file.rewind()?;
+        let (file, blocks) = self.join()?;
+        let bytes = self.bytes_written();
         Ok(SpillReader {
-            lines: BufReader::with_capacity(1 << 20, file),
-            line: String::new(),
+            file,
+            blocks,
+            bytes,
+            decompressor: zstd::bulk::Decompressor::new()?,
+            compressed: Vec::new(),
+            raw: Vec::new(),
+            current: None,
+            at: 0,
             only: None,
         })
     }
 }
 
+/// The writing thread: compresses each block as a zstd frame and appends it, after its
+/// lengths, to the file.
+fn write_blocks(
+    file: std::fs::File,
+    blocks: &std::sync::mpsc::Receiver<Vec<u8>>,
+    give_back: &std::sync::mpsc::Sender<Vec<u8>>,
+    written: &std::sync::atomic::AtomicU64,
+) -> Written {
+    let mut compressor = zstd::bulk::Compressor::new(LEVEL)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut compressed = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK + 4096));
+    let mut at = Vec::new();
+    let mut offset = 0u64;
+    for mut block in blocks {
+        compressed.clear();
+        compressed.reserve(zstd::zstd_safe::compress_bound(block.len()));
+        compressor.compress_to_buffer(&block, &mut compressed)?;
+        let too_large = || std::io::Error::other("a spill block grew over 4 GiB");
+        let entry = BlockAt {
+            offset,
+            compressed: u32::try_from(compressed.len()).map_err(|_| too_large())?,
+            raw: u32::try_from(block.len()).map_err(|_| too_large())?,
+        };
+        out.write_all(&entry.compressed.to_le_bytes())?;
+        out.write_all(&entry.raw.to_le_bytes())?;
+        out.write_all(&compressed)?;
+        let length = (BLOCK_HEADER + compressed.len()) as u64;
+        offset += length;
+        written.fetch_add(length, std::sync::atomic::Ordering::Relaxed);
+        at.push(entry);
+        block.clear();
+        // The writer may be gone already; the block is then just dropped.
+        let _ = give_back.send(block);
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    Ok((file, at))
+}
+
+/// The fingerprint of a spilled record: the planner's, from its canonical JSON and the
+/// targets holding a JSON null.
+pub fn row_fingerprint(fields: &[u8], json_nulls: &[&str]) -> u64 {
+    use super::plan::{fingerprint, fingerprint_with_json_nulls};
+    fingerprint_with_json_nulls(fingerprint(fields), json_nulls)
+}
+
+const ADDED: u8 = 0x10;
+
+fn operation_code(operation: Operation) -> u8 {
+    match operation {
+        Operation::Upsert => 0,
+        Operation::Insert => 1,
+        Operation::Update => 2,
+        Operation::Delete => 3,
+    }
+}
+
+fn operation_of(code: u8) -> Operation {
+    match code & 0x0F {
+        1 => Operation::Insert,
+        2 => Operation::Update,
+        3 => Operation::Delete,
+        _ => Operation::Upsert,
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("the spill is damaged: {what}"),
+    )
+}
+
+/// Reads one row's fields from a block, from `at`.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> std::io::Result<u8> {
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| invalid("a row is cut short"))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> std::io::Result<u64> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            n |= u64::from(b & 0x7F) << shift;
+            if b < 0x80 {
+                return Ok(n);
+            }
+        }
+        Err(invalid("a length is too long"))
+    }
+
+    fn bytes(&mut self) -> std::io::Result<&'a [u8]> {
+        let len = usize::try_from(self.varint()?).map_err(|_| invalid("a length is too long"))?;
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| invalid("a row is cut short"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn text(&mut self) -> std::io::Result<&'a str> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| invalid("text is not UTF-8"))
+    }
+}
+
 /// Reads planned rows back in order.
 pub struct SpillReader {
-    lines: BufReader<std::fs::File>,
-    line: String,
-    /// When set, only the rows starting at these offsets (ascending) are read, each with one
-    /// positioned read instead of reading every row in between.
+    file: std::fs::File,
+    blocks: Vec<BlockAt>,
+    /// Compressed bytes of the file.
+    bytes: u64,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    compressed: Vec<u8>,
+    /// The block in `current`, uncompressed.
+    raw: Vec<u8>,
+    current: Option<usize>,
+    /// The next row's offset in `raw` when reading every row.
+    at: usize,
+    /// When set, only the rows at these positions (ascending) are read, decompressing only
+    /// the blocks that hold them.
     only: Option<std::vec::IntoIter<u64>>,
 }
 
 impl SpillReader {
-    /// From now on reads only the rows starting at `offsets` (as [`SpillWriter::push`]
-    /// returned them, ascending): when few rows of a large spill are sent.
-    pub fn only_rows_at(&mut self, offsets: Vec<u64>) {
-        self.only = Some(offsets.into_iter());
+    /// From now on reads only the rows at `positions` (as [`SpillWriter::push`] returned
+    /// them, ascending): when few rows of a large spill are sent.
+    pub fn only_rows_at(&mut self, positions: Vec<u64>) {
+        self.only = Some(positions.into_iter());
     }
 
-    /// Reads the line starting at `offset` into `self.line`.
-    fn read_line_at(&mut self, offset: u64) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt as _;
-        let file = self.lines.get_ref();
-        let mut bytes = vec![0u8; 1024];
-        let mut filled = 0;
-        loop {
-            let n = file.read_at(&mut bytes[filled..], offset + filled as u64)?;
-            if let Some(end) = bytes[filled..filled + n].iter().position(|b| *b == b'\n') {
-                bytes.truncate(filled + end);
-                break;
-            }
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "a spilled row ends without its newline",
-                ));
-            }
-            filled += n;
-            if filled == bytes.len() {
-                bytes.resize(bytes.len() * 2, 0);
-            }
-        }
-        self.line =
-            String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        Ok(())
+    /// Bytes the spill takes on disk, compressed.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Starts again from the first row.
     pub fn rewind(&mut self) -> std::io::Result<()> {
         self.only = None;
-        self.lines.rewind()
+        self.current = None;
+        self.at = 0;
+        Ok(())
+    }
+
+    /// Decompresses block `n` into `raw`, unless it is there already.
+    fn load(&mut self, n: usize) -> std::io::Result<()> {
+        if self.current == Some(n) {
+            return Ok(());
+        }
+        let block = *self
+            .blocks
+            .get(n)
+            .ok_or_else(|| invalid("a row's block is missing"))?;
+        self.compressed.resize(block.compressed as usize, 0);
+        self.file
+            .read_exact_at(&mut self.compressed, block.offset + BLOCK_HEADER as u64)?;
+        self.raw.clear();
+        self.raw.reserve(block.raw as usize);
+        let n_raw = self
+            .decompressor
+            .decompress_to_buffer(&self.compressed, &mut self.raw)?;
+        if n_raw != block.raw as usize {
+            return Err(invalid("a block decompressed to another length"));
+        }
+        self.current = Some(n);
+        Ok(())
+    }
+
+    /// The offset in `raw` of the next row to read, its block loaded; `None` at the end.
+    fn next_offset(&mut self) -> std::io::Result<Option<usize>> {
+        if let Some(only) = self.only.as_mut() {
+            let Some(position) = only.next() else {
+                return Ok(None);
+            };
+            self.load((position >> 32) as usize)?;
+            return Ok(Some((position & 0xFFFF_FFFF) as usize));
+        }
+        loop {
+            let block = match self.current {
+                Some(_) if self.at < self.raw.len() => return Ok(Some(self.at)),
+                Some(n) => n + 1,
+                None => 0,
+            };
+            if block >= self.blocks.len() {
+                return Ok(None);
+            }
+            self.load(block)?;
+            self.at = 0;
+        }
     }
 
     /// The next row, or `None` at the end.
@@ -255,43 +426,44 @@ impl SpillReader {
         &mut self,
         mut choose: impl FnMut(&str, Operation, bool) -> Option<(Operation, bool)>,
     ) -> std::io::Result<Option<SpilledRow>> {
-        let invalid = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let as_io = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         loop {
-            self.line.clear();
-            if let Some(only) = self.only.as_mut() {
-                match only.next() {
-                    Some(offset) => self.read_line_at(offset)?,
-                    None => return Ok(None),
-                }
-            } else if self.lines.read_line(&mut self.line)? == 0 {
+            let Some(start) = self.next_offset()? else {
                 return Ok(None);
-            }
-            let bytes = self.line.len();
-            let l: Line<'_> = serde_json::from_str(self.line.trim_end()).map_err(invalid)?;
-            let operation = match l.o {
-                "insert" => Operation::Insert,
-                "update" => Operation::Update,
-                "delete" => Operation::Delete,
-                _ => Operation::Upsert,
             };
-            let Some((operation, added)) = choose(&l.k, operation, l.a) else {
+            let mut row = Cursor {
+                bytes: &self.raw,
+                at: start,
+            };
+            let tag = row.byte()?;
+            let key = row.text()?;
+            let identity = row.bytes()?;
+            let nulls = row.varint()?;
+            let mut json_nulls = Vec::new();
+            for _ in 0..nulls {
+                json_nulls.push(row.text()?);
+            }
+            let fields = row.bytes()?;
+            self.at = row.at;
+            let Some((operation, added)) = choose(key, operation_of(tag), tag & ADDED != 0) else {
                 continue;
             };
+            let identity_json =
+                String::from_utf8(identity.to_vec()).map_err(|_| invalid("text is not UTF-8"))?;
+            let fields_text = std::str::from_utf8(fields).map_err(|_| invalid("text is not UTF-8"))?;
+            let mut document = parse_document(fields_text).map_err(as_io)?;
+            for target in &json_nulls {
+                set_json_null(&mut document, target);
+            }
             return Ok(Some(SpilledRow {
                 operation,
-                fingerprint: l.f,
+                key: key.to_owned(),
+                fingerprint: row_fingerprint(fields, &json_nulls),
                 added,
-                identity: parse_document(l.i.get()).map_err(invalid)?,
-                identity_json: l.i.get().to_owned(),
-                fields: {
-                    let mut fields = parse_document(l.d.get()).map_err(invalid)?;
-                    for target in &l.n {
-                        set_json_null(&mut fields, target);
-                    }
-                    fields
-                },
-                key: l.k.into_owned(),
-                bytes,
+                identity: parse_document(&identity_json).map_err(as_io)?,
+                identity_json,
+                fields: document,
+                bytes: key.len() + identity.len() + fields.len(),
             }));
         }
     }
@@ -350,7 +522,7 @@ mod tests {
                 w.push(
                     Operation::Upsert,
                     &format!("k{i}"),
-                    i,
+                    row_fingerprint(&body, &[]),
                     false,
                     json(b"{}", &[], &body),
                 )
@@ -362,12 +534,17 @@ mod tests {
         r.only_rows_at(wanted.iter().map(|i| offsets[*i as usize]).collect());
         let mut got = Vec::new();
         while let Some(row) = r.next_row().unwrap() {
-            got.push(row.fingerprint);
-            let expected = if row.fingerprint % 1000 == 7 {
+            let i: u64 = row.key[1..].parse().unwrap();
+            got.push(i);
+            let expected = if i % 1000 == 7 {
                 5000
             } else {
-                format!("row {}", row.fingerprint).len()
+                format!("row {i}").len()
             };
+            assert_eq!(
+                row.fingerprint,
+                row_fingerprint(&crate::model::value::canonical_bytes(&row.fields), &[])
+            );
             match row.fields.get("t") {
                 Some(Value::Text(t)) => assert_eq!(t.len(), expected),
                 other => panic!("field t: {other:?}"),
@@ -397,21 +574,23 @@ mod tests {
         let mut identity = Document::new();
         identity.insert("s".into(), Value::Text("é\n\"".into()));
         let mut w = SpillWriter::new().unwrap();
+        let body = crate::model::value::canonical_bytes(&fields);
+        let fingerprint = row_fingerprint(&body, &[]);
         w.push(
-            Operation::Upsert,
+            Operation::Insert,
             "k\"1",
-            42,
+            fingerprint,
             true,
-            json(
-                &crate::model::value::canonical_bytes(&identity),
-                &[],
-                &crate::model::value::canonical_bytes(&fields),
-            ),
+            json(&crate::model::value::canonical_bytes(&identity), &[], &body),
         )
         .unwrap();
         let mut r = w.into_reader().unwrap();
+        assert!(r.bytes() > 0);
         let row = r.next_row().unwrap().unwrap();
-        assert_eq!((row.key.as_str(), row.fingerprint, row.added), ("k\"1", 42, true));
+        assert_eq!(
+            (row.key.as_str(), row.fingerprint, row.added, row.operation),
+            ("k\"1", fingerprint, true, Operation::Insert)
+        );
         assert_eq!(
             crate::model::value::canonical_bytes(&row.fields),
             crate::model::value::canonical_bytes(&fields)
@@ -430,16 +609,23 @@ mod tests {
         fields.insert("p".into(), Value::Object(nested));
         let mut w = SpillWriter::new().unwrap();
         let body = crate::model::value::canonical_bytes(&fields);
+        let nulls = ["a", "p.j"];
         w.push(
             Operation::Upsert,
             "k",
-            1,
+            row_fingerprint(&body, &nulls),
             false,
-            json(b"{}", &["a", "p.j"], &body),
+            json(b"{}", &nulls, &body),
         )
         .unwrap();
-        w.push(Operation::Upsert, "k2", 2, false, json(b"{}", &[], &body))
-            .unwrap();
+        w.push(
+            Operation::Upsert,
+            "k2",
+            row_fingerprint(&body, &[]),
+            false,
+            json(b"{}", &[], &body),
+        )
+        .unwrap();
         let mut r = w.into_reader().unwrap();
         assert_eq!(r.next_row().unwrap().unwrap().fields, fields);
         let plain = r.next_row().unwrap().unwrap().fields;

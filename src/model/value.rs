@@ -106,17 +106,27 @@ impl Value {
     pub fn from_json_text(text: &str) -> Result<Value, serde_json::Error> {
         use serde_json::value::RawValue;
         let t = text.trim();
+        if matches!(t.as_bytes().first(), Some(b'{' | b'['))
+            && let Some(value) = Scanner::parse(t)
+        {
+            return Ok(value);
+        }
         Ok(match t.as_bytes().first() {
             Some(b'{') => {
-                let map: BTreeMap<String, Box<RawValue>> = serde_json::from_str(t)?;
+                // Borrowed entries: no key or value is copied before it is converted.
+                let entries: Entries<'_> = serde_json::from_str(t)?;
                 let mut doc = Document::new();
-                for (k, v) in map {
-                    doc.insert(k, Value::from_json_text(v.get())?);
+                for (k, v) in entries.0 {
+                    doc.insert(k.into_owned(), Value::from_json_text(v.get())?);
                 }
                 Value::Object(doc)
             }
+            Some(b'"') if plain_string(t) => Value::Text(t[1..t.len() - 1].to_owned()),
+            Some(b't') if t == "true" => Value::Bool(true),
+            Some(b'f') if t == "false" => Value::Bool(false),
+            Some(b'n') if t == "null" => Value::Null,
             Some(b'[') => {
-                let items: Vec<Box<RawValue>> = serde_json::from_str(t)?;
+                let items: Vec<&RawValue> = serde_json::from_str(t)?;
                 Value::Array(
                     items
                         .iter()
@@ -150,6 +160,7 @@ impl Value {
         match self {
             Value::Text(s) => std::borrow::Cow::Borrowed(s),
             Value::Json(serde_json::Value::String(s)) => std::borrow::Cow::Borrowed(s),
+            Value::Int(i) => std::borrow::Cow::Owned(i.to_string()),
             other => {
                 let mut out = Vec::new();
                 other.write_canonical(&mut out);
@@ -171,8 +182,7 @@ impl Value {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             Value::Int(i) => {
-                let mut buf = itoa_buf(*i);
-                out.append(&mut buf);
+                let _ = write!(StringSink(out), "{i}");
             }
             Value::Decimal(d) => out.extend_from_slice(canonical_decimal(d).as_bytes()),
             Value::Float(f) => write_float(*f, out),
@@ -216,6 +226,198 @@ impl Value {
     }
 }
 
+/// A single pass over JSON text in the form this module writes (the spill reads every sent
+/// row back through it): objects, arrays, strings, literals, and numbers handed to
+/// [`Value::from_json_text`]. Anything it does not expect makes it give up (`None`), and the
+/// caller parses with serde_json instead, which also words the error.
+struct Scanner<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn parse(text: &'a str) -> Option<Value> {
+        let mut s = Scanner { text, at: 0 };
+        let value = s.value()?;
+        s.skip_space();
+        (s.at == text.len()).then_some(value)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn skip_space(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.skip_space();
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    fn value(&mut self) -> Option<Value> {
+        self.skip_space();
+        match self.peek()? {
+            b'{' => {
+                self.at += 1;
+                let mut doc = Document::new();
+                self.skip_space();
+                if self.peek()? == b'}' {
+                    self.at += 1;
+                    return Some(Value::Object(doc));
+                }
+                loop {
+                    self.skip_space();
+                    let key = self.string()?;
+                    self.eat(b':')?;
+                    let value = self.value()?;
+                    doc.insert(key, value);
+                    self.skip_space();
+                    match self.peek()? {
+                        b',' => self.at += 1,
+                        b'}' => {
+                            self.at += 1;
+                            return Some(Value::Object(doc));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                self.at += 1;
+                let mut items = Vec::new();
+                self.skip_space();
+                if self.peek()? == b']' {
+                    self.at += 1;
+                    return Some(Value::Array(items));
+                }
+                loop {
+                    items.push(self.value()?);
+                    self.skip_space();
+                    match self.peek()? {
+                        b',' => self.at += 1,
+                        b']' => {
+                            self.at += 1;
+                            return Some(Value::Array(items));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'"' => self.string().map(Value::Text),
+            b'-' | b'0'..=b'9' => {
+                let start = self.at;
+                while matches!(self.peek(), Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')) {
+                    self.at += 1;
+                }
+                Value::from_json_text(&self.text[start..self.at]).ok()
+            }
+            _ => {
+                for (word, value) in [
+                    ("true", Value::Bool(true)),
+                    ("false", Value::Bool(false)),
+                    ("null", Value::Null),
+                ] {
+                    if self.text[self.at..].starts_with(word) {
+                        self.at += word.len();
+                        return Some(value);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// A string literal at the cursor: its bytes when it holds no escape, else serde_json's
+    /// reading of it.
+    fn string(&mut self) -> Option<String> {
+        let bytes = self.text.as_bytes();
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.at;
+        let mut i = start + 1;
+        let mut escaped = false;
+        loop {
+            match *bytes.get(i)? {
+                b'"' => break,
+                b'\\' => {
+                    escaped = true;
+                    i += 2;
+                }
+                b if b < 0x20 => return None,
+                _ => i += 1,
+            }
+        }
+        self.at = i + 1;
+        if escaped {
+            serde_json::from_str(&self.text[start..self.at]).ok()
+        } else {
+            Some(self.text[start + 1..i].to_owned())
+        }
+    }
+}
+
+/// The entries of a JSON object, borrowed from its text, in order.
+struct Entries<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+/// True for a JSON string literal without escapes: its text is the bytes between the quotes.
+fn plain_string(t: &str) -> bool {
+    t.len() >= 2
+        && t.ends_with('"')
+        && !t.as_bytes()[1..t.len() - 1]
+            .iter()
+            .any(|b| *b == b'"' || *b == b'\\' || *b < 0x20)
+}
+
+/// An object key, borrowed from the text unless it holds escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de serde_json::value::RawValue>()? {
+                    entries.push((entry.0.0, entry.1));
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
 /// Appends the canonical JSON form of a document (keys sorted) to `out`.
 pub fn write_document(doc: &Document, out: &mut Vec<u8>) {
     out.push(b'{');
@@ -235,10 +437,6 @@ pub fn canonical_bytes(doc: &Document) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     write_document(doc, &mut out);
     out
-}
-
-fn itoa_buf(i: i64) -> Vec<u8> {
-    i.to_string().into_bytes()
 }
 
 /// Largest decimal exponent, either sign, a value may carry (PostgreSQL's `numeric` keeps at
@@ -438,6 +636,42 @@ mod tests {
         let text = r#"{"a":[1,"x",null],"b":{"c":12345678901234567890.123456789,"d":true},"e":-0.5}"#;
         let v = Value::from_json_text(text).unwrap();
         assert_eq!(canon(&v), text);
+    }
+
+    #[test]
+    fn the_single_pass_reader_agrees_with_serde_json_and_leaves_bad_text_to_it() {
+        let texts = [
+            r#"{"k\"ey":"é\n\"x\u0001","n":[{"a":[]},{},-1.25e30,0],"s":"plain","t":false}"#,
+            r#" { "spaced" : [ 1 , 2 ] } "#,
+            r#"[1.5,"a",[null,true]]"#,
+        ];
+        for text in texts {
+            let fast = Scanner::parse(text.trim()).expect("the scanner reads it");
+            assert_eq!(Value::from_json_text(text).unwrap(), fast);
+            let mut out = Vec::new();
+            fast.write_canonical(&mut out);
+            let again = Value::from_json_text(std::str::from_utf8(&out).unwrap()).unwrap();
+            assert_eq!(again, fast);
+        }
+        assert_eq!(
+            Scanner::parse(r#"{"a":"x\"y"}"#),
+            Some(Value::Object(Document::from([(
+                "a".to_owned(),
+                Value::Text("x\"y".to_owned())
+            )])))
+        );
+        // Text the scanner does not take goes to serde_json, which refuses it with its error.
+        for bad in [
+            r#"{"a":1"#,
+            r#"{"a" 1}"#,
+            r#"{"a":"raw
+newline"}"#,
+            r#"[1,]"#,
+            "{} x",
+        ] {
+            assert_eq!(Scanner::parse(bad), None, "{bad}");
+            assert!(Value::from_json_text(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -171,8 +171,8 @@ pub(super) async fn plan(
         && !diff.full_resync
     {
         // Only the rows the diff named are sent: read those, not the whole spill.
-        let offsets = index.offsets_of(&diff.changed).map_err(RunError::spill)?;
-        spilled.only_rows_at(offsets);
+        let positions = index.positions_of(&diff.changed).map_err(RunError::spill)?;
+        spilled.only_rows_at(positions);
     }
     Ok(Planned {
         // Stored keys the model returned, plus those it did not; a rejected row's stored key
@@ -188,11 +188,16 @@ pub(super) async fn plan(
     })
 }
 
-/// Where each spilled row starts, by key hash: 24 bytes a row in a temporary file, read once
-/// after the diff to find the rows to send without reading every row of the spill back.
+/// Where each spilled row is, by key hash: 12 bytes a row in a temporary file (32 bits of
+/// the key hash and the row's spill position), read once after the diff to find the rows to
+/// send without reading every row of the spill back. A row whose 32 bits match a changed key
+/// by chance is read and then dropped: the delivery asks the diff about each row's whole key.
 struct RowIndex {
     out: std::io::BufWriter<std::fs::File>,
 }
+
+/// Bytes per entry of the row index.
+const INDEX_ENTRY: usize = 12;
 
 impl RowIndex {
     fn new() -> std::io::Result<RowIndex> {
@@ -201,35 +206,38 @@ impl RowIndex {
         })
     }
 
-    fn push(&mut self, hash: u128, offset: u64) -> std::io::Result<()> {
+    fn push(&mut self, hash: u128, position: u64) -> std::io::Result<()> {
         use std::io::Write as _;
-        self.out.write_all(&hash.to_le_bytes())?;
-        self.out.write_all(&offset.to_le_bytes())
+        let mut entry = [0u8; INDEX_ENTRY];
+        entry[..4].copy_from_slice(&(hash as u32).to_le_bytes());
+        entry[4..].copy_from_slice(&position.to_le_bytes());
+        self.out.write_all(&entry)
     }
 
-    /// The offsets of the rows whose key hash is in `wanted`, in spill order.
-    fn offsets_of(self, wanted: &HashMap<u128, bool>) -> std::io::Result<Vec<u64>> {
+    /// The positions of the rows whose key hash may be in `wanted`, in spill order.
+    fn positions_of(self, wanted: &HashMap<u128, bool>) -> std::io::Result<Vec<u64>> {
         use std::io::{Read as _, Seek as _};
+        let short: std::collections::HashSet<u32> = wanted.keys().map(|h| *h as u32).collect();
         let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.rewind()?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut offsets = Vec::with_capacity(wanted.len());
-        let mut entry = [0u8; 24];
+        let mut positions = Vec::with_capacity(wanted.len());
+        let mut entry = [0u8; INDEX_ENTRY];
         loop {
             match input.read_exact(&mut entry) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(e),
             }
-            let (hash, offset) = entry.split_at(16);
-            let hash = u128::from_le_bytes(hash.try_into().map_err(std::io::Error::other)?);
-            if wanted.contains_key(&hash) {
-                offsets.push(u64::from_le_bytes(
-                    offset.try_into().map_err(std::io::Error::other)?,
+            let (hash, position) = entry.split_at(4);
+            let hash = u32::from_le_bytes(hash.try_into().map_err(std::io::Error::other)?);
+            if short.contains(&hash) {
+                positions.push(u64::from_le_bytes(
+                    position.try_into().map_err(std::io::Error::other)?,
                 ));
             }
         }
-        Ok(offsets)
+        Ok(positions)
     }
 }
 
