@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::reverse_sync::{ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
+use super::reverse_sync::{CursorSpec, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
 use super::{duration, limits};
 use crate::engine::mapping::{Transform, effective_match_fields};
 use crate::template::{Jinja, Limits, Mode, Template};
@@ -111,6 +111,9 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
     if let Some(state) = &spec.state {
         validate_state(state, &mut errors);
     }
+    if let Some(cursor) = &spec.cursor {
+        validate_cursor(cursor, &mut errors);
+    }
     if let Some(schedule) = &spec.schedule {
         match (&schedule.interval, &schedule.cron) {
             (Some(_), Some(_)) => errors.add("spec.schedule", "set interval or cron, not both"),
@@ -148,6 +151,38 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         }
     }
     errors.finish()
+}
+
+fn validate_cursor(cursor: &CursorSpec, errors: &mut Errors) {
+    if !is_plain_identifier(&cursor.column) {
+        errors.add(
+            "spec.cursor.column",
+            format!(
+                "{:?} is not a plain identifier: use letters, digits and underscores, starting \
+                 with a letter or underscore, at most 63 characters (alias the column in the query)",
+                cursor.column
+            ),
+        );
+    }
+    let Some(full) = &cursor.full_diff else {
+        return;
+    };
+    match (&full.interval, &full.cron) {
+        (Some(interval), None) => match duration::parse_at_most(interval, duration::MAX_INTERVAL) {
+            Ok(d) if d.as_secs() < 1 => errors.add(
+                "spec.cursor.fullDiff.interval",
+                "the interval must be at least 1s",
+            ),
+            Ok(_) => {}
+            Err(e) => errors.add("spec.cursor.fullDiff.interval", e),
+        },
+        (None, Some(cron)) => {
+            if let Err(e) = duration::cron(cron) {
+                errors.add("spec.cursor.fullDiff.cron", e);
+            }
+        }
+        _ => errors.add("spec.cursor.fullDiff", "set interval or cron, exactly one"),
+    }
 }
 
 fn validate_state(state: &StateSpec, errors: &mut Errors) {

@@ -148,7 +148,7 @@ pub async fn execute(
         tracing::warn!(error = %e, "failed to mark the run as started");
     }
     tracing::info!(trigger = trigger.as_str(), "run started");
-    let outcome = match run_once(env, sync, &namespace, &name, cancel).await {
+    let outcome = match run_once(env, sync, &namespace, &name, trigger, cancel).await {
         Ok(report) => {
             let dry_run = sync.spec.dry_run;
             let now = Utc::now();
@@ -288,6 +288,7 @@ async fn run_once(
     sync: &ReverseSync,
     namespace: &str,
     name: &str,
+    trigger: &Trigger,
     cancel: CancellationToken,
 ) -> Result<crate::engine::run::RunReport, SetupError> {
     if let Some(reason) = unsupported_store(sync) {
@@ -321,6 +322,8 @@ async fn run_once(
         dry_run,
         cancel,
         approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
+        // A run a person asked for (`backflow.dev/requested-at`) reads the whole model.
+        full_diff: matches!(trigger, Trigger::Requested(_)),
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)

@@ -1,5 +1,6 @@
 //! The sync engine: extract → plan → deliver → commit. Knows nothing of Kubernetes.
 
+pub mod cursor;
 pub mod delete_guard;
 pub mod mapping;
 pub mod plan;

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::SyncOutcome;
-use crate::engine::run::Progress;
+use crate::engine::run::{CursorRead, Progress};
 
 /// A progress bar on standard error, shown only when it is a terminal.
 pub struct TerminalProgress {
@@ -93,6 +93,14 @@ pub fn summary_json(o: &SyncOutcome) -> serde_json::Value {
         if let Some(held) = r.delete_check.as_ref().and_then(|c| c.status()) {
             v["deletesHeldBack"] = json!(held);
         }
+        match &r.cursor {
+            Some(CursorRead::FullDiff(why)) => v["cursor"] = json!({"read": "fullDiff", "reason": why}),
+            Some(CursorRead::PastMark(mark)) => {
+                v["cursor"] =
+                    json!({"read": "pastMark", "mark": serde_json::from_str::<serde_json::Value>(mark).ok()})
+            }
+            None => {}
+        }
     }
     v
 }
@@ -126,6 +134,13 @@ pub fn summary_text(o: &SyncOutcome, dry_run: bool) -> String {
                     r.requests,
                     r.seconds()
                 ));
+            }
+            match &r.cursor {
+                Some(CursorRead::FullDiff(why)) => out.push_str(&format!("  cursor: full diff ({why})\n")),
+                Some(CursorRead::PastMark(mark)) => {
+                    out.push_str(&format!("  cursor: read only the rows at or past {mark}\n"))
+                }
+                None => {}
             }
             if r.plan.skipped > 0 {
                 out.push_str(&format!(

@@ -10,6 +10,7 @@
 
 mod bigquery;
 mod clickhouse;
+pub mod cursor;
 mod databricks;
 mod mysql;
 mod postgres;
@@ -251,6 +252,8 @@ pub struct RowStream {
     rows: mpsc::Receiver<RowChunk>,
     pending: std::vec::IntoIter<SourceRow>,
     privileges: Privileges,
+    /// The cursor column followed as rows pass (cursor mode).
+    watch: Option<cursor::Watch>,
 }
 
 impl RowStream {
@@ -261,6 +264,22 @@ impl RowStream {
             rows,
             pending: Vec::new().into_iter(),
             privileges: Privileges::Least,
+            watch: None,
+        }
+    }
+
+    /// Follows the largest value of the column at `index` from here on (cursor mode): see
+    /// [`RowStream::cursor_max`].
+    pub fn watch_cursor(&mut self, index: usize) {
+        self.watch = Some(cursor::Watch::new(index));
+    }
+
+    /// The largest value of the watched cursor column among the rows read so far (`None`
+    /// when no row had one), or the kind of value that column cannot order by.
+    pub fn cursor_max(&self) -> Result<Option<&cursor::Mark>, &str> {
+        match &self.watch {
+            Some(w) => w.result(),
+            None => Ok(None),
         }
     }
 
@@ -284,6 +303,9 @@ impl RowStream {
     pub async fn next(&mut self) -> Option<Result<SourceRow, SourceError>> {
         loop {
             if let Some(row) = self.pending.next() {
+                if let Some(watch) = &mut self.watch {
+                    watch.see(row.values());
+                }
                 return Some(Ok(row));
             }
             match self.rows.recv().await? {

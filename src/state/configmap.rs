@@ -187,6 +187,18 @@ struct Index {
     /// Rows in the base shards.
     rows: u64,
     shards: Vec<ShardRef>,
+    /// Cursor mode's record, with the scope it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursor: Option<CursorEntry>,
+}
+
+/// Cursor mode's record in the index: written after a run's last checkpoint, in one guarded
+/// update like every change of the index.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+struct CursorEntry {
+    scope: String,
+    record: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
@@ -906,6 +918,7 @@ impl StateStore for ConfigMapStore {
             generation,
             rows,
             shards,
+            cursor: view.index.cursor.clone(),
         };
         // The switch: one guarded update. Before it, readers see the old base and journals;
         // after it, the new base alone.
@@ -925,6 +938,36 @@ impl StateStore for ConfigMapStore {
                 tracing::warn!(error = %describe(&e), "failed to list stale state; the next run retries")
             }
         }
+        Ok(())
+    }
+
+    async fn cursor(&mut self, scope: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .read_index()
+            .await?
+            .and_then(|(index, _)| index.cursor)
+            .filter(|c| c.scope == scope)
+            .map(|c| c.record))
+    }
+
+    async fn commit_cursor(&mut self, scope: &str, record: &str) -> Result<(), StateError> {
+        let (mut index, rv) = match self.read_index().await? {
+            Some((index, rv)) => (index, Some(rv)),
+            None => (
+                Index {
+                    format: FORMAT,
+                    scope: scope.to_owned(),
+                    ..Index::default()
+                },
+                None,
+            ),
+        };
+        index.cursor = Some(CursorEntry {
+            scope: scope.to_owned(),
+            record: record.to_owned(),
+        });
+        self.write_index(&index, rv.as_deref()).await?;
+        self.view = None;
         Ok(())
     }
 
@@ -1387,6 +1430,10 @@ mod tests {
                 rows: 2,
                 bytes: 40,
             }],
+            cursor: Some(CursorEntry {
+                scope: "default/crm".into(),
+                record: "{\"mark\":1}".into(),
+            }),
         };
         let text = serde_json::to_string(&index).unwrap();
         assert!(text.contains("\"generation\":3"), "{text}");
