@@ -429,6 +429,16 @@ impl SourceError {
     }
 }
 
+/// The statement logging of a connection that reads a model. sqlx warns of any statement
+/// over a second, but a model read lasts as long as its rows take to stream (a million rows,
+/// a few seconds), bounded by the statement timeout: it is not a slow statement, so sqlx
+/// reports it at debug level only, with the statements themselves.
+pub(crate) fn model_read_logging<O: sqlx::ConnectOptions>(options: O) -> O {
+    options
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
+}
+
 /// Starts the model query on the source of `url` (a source that needs no other credential)
 /// and returns its row stream.
 pub async fn extract(url: &str, query: &str, options: &SourceOptions) -> Result<RowStream, SourceError> {
