@@ -15,6 +15,10 @@
 //! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
 //!    end.
 //!
+//! Then cursor mode at the smallest size (`cursor.rs`): the 1%-changed run reading past the
+//! high-water mark next to the same change found by a full diff, and COPY (alone with
+//! `BACKFLOW_BENCH_ONLY=cursor`).
+//!
 //! Then delivery throughput: 50,000 rows to a destination limited at R = 50 requests/s
 //! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
 //! requests/s against R, retries, rows the server accepted against rows expected.
@@ -40,6 +44,7 @@
 mod apiserver;
 mod clickhouse;
 mod cloud;
+mod cursor;
 mod delivery;
 mod model;
 mod phase;
@@ -110,20 +115,28 @@ async fn main() {
     let sink = sink::Sink::start().await;
     let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("cursor") {
+        // `BACKFLOW_BENCH_ONLY=cursor make bench`: cursor mode alone, at the smallest size.
+        let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+        cursor::print(&cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await);
+        return;
+    }
 
     let mut sizes_done = Vec::new();
     for &rows in &sizes {
         sizes_done.push(bench_size(&admin_url, rows, repeat, &sink, api_server.url()).await);
     }
+    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+    let cursor = cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await;
     let delivery = delivery::bench(&admin_url, &sink).await;
     eprintln!("cloud warehouse sources ...");
     let cloud = cloud::bench().await;
     // The ClickHouse source at the smallest size only: the default bench stays short.
     let state = tempfile::tempdir().expect("temp dir");
-    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
     let clickhouse = clickhouse::bench(smallest, repeat, &state.path().to_string_lossy()).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
+    cursor::print(&cursor);
     cloud::print(&cloud);
     if let Some(c) = &clickhouse {
         clickhouse::print(c);
@@ -203,7 +216,7 @@ async fn bench_size(
 
 /// The Destination of the end-to-end runs: the generic `http` connector at its largest batch,
 /// with a limit far above what the sink can take, so the engine is what is measured.
-fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
+pub(crate) fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
     serde_yaml_ng::from_str(&format!(
         "type: http\nhttp: {{url: \"{url}/upsert\"}}\nbatchSize: 100\nrateLimit: {{requestsPerSecond: 1000000}}\n"
     ))
@@ -212,7 +225,7 @@ fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
 
 /// Runs a phase that changes nothing `repeat` times: the median time and the highest peak
 /// RSS (these machines are shared, and one run can be a third off).
-async fn median(phase: &Phase, repeat: usize) -> Measured {
+pub(crate) async fn median(phase: &Phase, repeat: usize) -> Measured {
     let mut runs = Vec::with_capacity(repeat);
     for _ in 0..repeat {
         runs.push(phase::spawn(phase).await);

@@ -73,6 +73,13 @@ pub enum Kind {
     ClickHouseRaw { rows: u64 },
     /// The source alone: every row extracted and decoded, nothing planned.
     SourceOnly,
+    /// An end-to-end File-store run of the sync with `cursor: {column: updated_at}`: past
+    /// the mark, or a full diff.
+    CursorRun {
+        sync: String,
+        full_diff: bool,
+        destination: Box<DestinationSpec>,
+    },
 }
 
 /// A phase and everything it needs.
@@ -166,6 +173,11 @@ pub async fn child(json: &str) {
         } => crate::cloud::child(&phase, *source, endpoint, *raw).await,
         Kind::ClickHouseRaw { rows } => crate::clickhouse::raw_read(&phase, *rows).await,
         Kind::SourceOnly => crate::clickhouse::source_only(&phase).await,
+        Kind::CursorRun {
+            sync,
+            full_diff,
+            destination,
+        } => crate::cursor::child(&phase, sync, *full_diff, destination).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
     m.peak_rss_mib = peak_rss_mib();
@@ -202,6 +214,22 @@ async fn engine_run(
     destination: &DestinationSpec,
 ) -> Measured {
     let spec = sync_spec(&phase.query, store);
+    let options = RunOptions {
+        dry_run,
+        ..RunOptions::default()
+    };
+    run_spec(phase, &spec, store, sync, destination, &options).await
+}
+
+/// One engine run of `spec`, as [`engine_run`] describes, with `options`.
+pub async fn run_spec(
+    phase: &Phase,
+    spec: &ReverseSyncSpec,
+    store: Store,
+    sync: &str,
+    destination: &DestinationSpec,
+    options: &RunOptions,
+) -> Measured {
     let connector = backflow::destination::build(destination, None)
         .await
         .expect("build the http destination");
@@ -211,7 +239,7 @@ async fn engine_run(
     let job = SyncRun {
         namespace: NAMESPACE,
         name: sync,
-        spec: &spec,
+        spec,
         source_url: &phase.database_url,
         source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
@@ -235,12 +263,8 @@ async fn engine_run(
         }
     };
     let mut store =
-        backflow::state::migrate::choose(&spec, NAMESPACE, sync, None, home, &phase.database_url, None);
-    let options = RunOptions {
-        dry_run,
-        ..RunOptions::default()
-    };
-    let report = run(job, store.as_mut(), &options).await;
+        backflow::state::migrate::choose(spec, NAMESPACE, sync, None, home, &phase.database_url, None);
+    let report = run(job, store.as_mut(), options).await;
     if let Some(e) = report.error {
         panic!("bench run failed: {e}");
     }
