@@ -548,6 +548,33 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
     }
 
     #[test]
+    fn a_cursor_needs_a_plain_column_and_at_most_one_full_diff_schedule() {
+        let with = |cursor: &str| validate_reverse_sync(&sync(&format!("{BASE}cursor: {cursor}\n")));
+        with("{column: updated_at}").unwrap();
+        with("{column: updated_at, fullDiff: {interval: 6h}}").unwrap();
+        with("{column: updated_at, fullDiff: {cron: \"0 3 * * *\"}}").unwrap();
+        for (cursor, field) in [
+            ("{column: \"updated at\"}", "spec.cursor.column"),
+            ("{column: x, fullDiff: {}}", "spec.cursor.fullDiff"),
+            (
+                "{column: x, fullDiff: {interval: 1h, cron: \"0 3 * * *\"}}",
+                "spec.cursor.fullDiff",
+            ),
+            (
+                "{column: x, fullDiff: {interval: soon}}",
+                "spec.cursor.fullDiff.interval",
+            ),
+            (
+                "{column: x, fullDiff: {cron: \"every day\"}}",
+                "spec.cursor.fullDiff.cron",
+            ),
+        ] {
+            let err = with(cursor).unwrap_err().to_string();
+            assert!(err.contains(field), "{cursor}: {err}");
+        }
+    }
+
+    #[test]
     fn a_complete_spec_is_valid() {
         validate_reverse_sync(&sync(BASE)).unwrap();
     }
