@@ -513,7 +513,13 @@ async fn run_steps(
         rows.columns(),
     )?;
     let pushed = match store.store_diff() {
-        Some(diff) => diff.begin(&job.scope).await?,
+        Some(diff) => {
+            let pushed = diff.begin(&job.scope).await?;
+            if pushed && cursor.as_ref().is_some_and(CursorRun::past_mark) {
+                diff.read_partially();
+            }
+            pushed
+        }
         None => false,
     };
     let Planned {

@@ -269,6 +269,12 @@ impl StoreDiff for Migrating {
         }
     }
 
+    fn read_partially(&mut self) {
+        if let Some(current) = self.current.store_diff() {
+            current.read_partially();
+        }
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         match self.current.store_diff() {
             Some(p) => p.diff(scope, full_resync).await,

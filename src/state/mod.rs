@@ -397,6 +397,11 @@ pub trait StoreDiff: Send {
     /// Hands over a chunk of this run's rows: [`stored_key_hash`] of the key, and fingerprint.
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError>;
 
+    /// Before `diff`: this run read only part of the model (cursor mode), so the stored keys
+    /// it did not stage were not removed: the diff leaves `removed` empty and does not look
+    /// them up. A store that ignores it still diffs correctly; the engine drops `removed`.
+    fn read_partially(&mut self) {}
+
     /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
     /// counts as changed (or added when not stored).
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError>;
