@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The backflow image: one static (musl) binary on distroless/static, running as non-root
+# The backflow image: one static (musl) binary, stripped of debug info by the release profile
+# (`strip = "debuginfo"` in Cargo.toml), on distroless/static, running as non-root
 # (uid 65532). ENTRYPOINT is the binary; the chart passes `operator …`, run Jobs pass
 # `run --namespace NS --sync NAME`.
 #   docker build -t REGISTRY/backflow:TAG .

@@ -92,6 +92,10 @@ enum Command {
         /// Ignore stored fingerprints for this run and send every row.
         #[arg(long)]
         full_resync: bool,
+        /// Syncs with a cursor: read the whole model and diff it (deletes too) instead of
+        /// reading only the rows past the high-water mark.
+        #[arg(long)]
+        full_diff: bool,
         /// Run only this sync (repeatable); all syncs when absent.
         #[arg(long = "sync")]
         sync: Vec<String>,
@@ -375,6 +379,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
             dry_run,
             state_dir,
             full_resync,
+            full_diff,
             sync,
             checkpoint_records,
             output,
@@ -387,6 +392,7 @@ async fn run() -> anyhow::Result<std::process::ExitCode> {
                 state_dir,
                 dry_run,
                 full_resync,
+                full_diff,
                 only: sync,
                 checkpoint_records,
                 approve_deletes,

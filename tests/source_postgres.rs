@@ -461,3 +461,35 @@ async fn a_source_user_that_can_escape_the_read_only_transaction_is_reported_and
         Privileges::Elevated(vec!["may run dblink_exec".into()])
     );
 }
+
+#[tokio::test]
+async fn a_model_read_longer_than_a_second_is_not_warned_of_as_a_slow_statement() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let db = TestDb::postgres("src_slow").await;
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's runtime has one thread: the source's task logs through this subscriber too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rows = rows_of(&db, "SELECT pg_sleep(1.3) AS slept, 1 AS x")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    assert!(!log.contains("slow statement"), "{log}");
+}

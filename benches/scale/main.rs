@@ -15,6 +15,10 @@
 //! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
 //!    end.
 //!
+//! Then cursor mode at the smallest size (`cursor.rs`): the 1%-changed run reading past the
+//! high-water mark next to the same change found by a full diff, and COPY (alone with
+//! `BACKFLOW_BENCH_ONLY=cursor`).
+//!
 //! Then delivery throughput: 50,000 rows to a destination limited at R = 50 requests/s
 //! (batches of 100), all accepted, then with every 10th request failing with 503: achieved
 //! requests/s against R, retries, rows the server accepted against rows expected.
@@ -42,6 +46,7 @@ mod apiserver;
 mod ceiling;
 mod clickhouse;
 mod cloud;
+mod cursor;
 mod delivery;
 mod huge;
 mod model;
@@ -134,17 +139,26 @@ async fn main() {
     }
     let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("cursor") {
+        // `BACKFLOW_BENCH_ONLY=cursor make bench`: cursor mode alone, at the smallest size.
+        let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+        cursor::print(&cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await);
+        return;
+    }
 
     let mut sizes_done = Vec::new();
     for &rows in &sizes {
         sizes_done.push(bench_size(&admin_url, rows, repeat, &sink, api_server.url()).await);
     }
+    let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
+    let cursor = cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await;
     let delivery = delivery::bench(&admin_url, &sink).await;
     eprintln!("cloud warehouse sources ...");
     let cloud = cloud::bench().await;
     let clickhouse = clickhouse::bench(repeat).await;
 
     report::print(&sizes_done, &delivery, repeat, started.elapsed());
+    cursor::print(&cursor);
     cloud::print(&cloud);
     clickhouse::print(&clickhouse);
     templates::print(&template_figures);
@@ -257,7 +271,7 @@ pub fn sink_destination(url: &str) -> backflow::api::DestinationSpec {
 
 /// Runs a phase that changes nothing `repeat` times: the median time and the highest peak
 /// RSS (these machines are shared, and one run can be a third off).
-async fn median(phase: &Phase, repeat: usize) -> Measured {
+pub(crate) async fn median(phase: &Phase, repeat: usize) -> Measured {
     let mut runs = Vec::with_capacity(repeat);
     for _ in 0..repeat {
         runs.push(phase::spawn(phase).await);

@@ -52,6 +52,12 @@ impl Model {
         self.vacuum().await;
     }
 
+    /// Runs statements in the model's database, then vacuums.
+    pub async fn exec(&self, sql: &str) {
+        execute(&self.url, sql).await;
+        self.vacuum().await;
+    }
+
     async fn vacuum(&self) {
         // VACUUM refuses any transaction, even the implicit one of a simple-protocol string.
         let mut c = sqlx::PgConnection::connect(&self.url)

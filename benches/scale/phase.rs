@@ -80,6 +80,13 @@ pub enum Kind {
         requests: u64,
         concurrency: usize,
     },
+    /// An end-to-end File-store run of the sync with `cursor: {column: updated_at}`: past
+    /// the mark, or a full diff.
+    CursorRun {
+        sync: String,
+        full_diff: bool,
+        destination: Box<DestinationSpec>,
+    },
 }
 
 /// A phase and everything it needs.
@@ -186,6 +193,11 @@ pub async fn child(json: &str) {
             requests,
             concurrency,
         } => crate::ceiling::run(url, *requests, *concurrency).await,
+        Kind::CursorRun {
+            sync,
+            full_diff,
+            destination,
+        } => crate::cursor::child(&phase, sync, *full_diff, destination).await,
     };
     m.seconds = start.elapsed().as_secs_f64();
     m.peak_tmp_bytes = watch.stop();
@@ -224,6 +236,22 @@ async fn engine_run(
     destination: &DestinationSpec,
 ) -> Measured {
     let spec = sync_spec(&phase.query, store);
+    let options = RunOptions {
+        dry_run,
+        ..RunOptions::default()
+    };
+    run_spec(phase, &spec, store, sync, destination, &options).await
+}
+
+/// One engine run of `spec`, as [`engine_run`] describes, with `options`.
+pub async fn run_spec(
+    phase: &Phase,
+    spec: &ReverseSyncSpec,
+    store: Store,
+    sync: &str,
+    destination: &DestinationSpec,
+    options: &RunOptions,
+) -> Measured {
     let connector = backflow::destination::build(destination, None)
         .await
         .expect("build the http destination");
@@ -233,7 +261,7 @@ async fn engine_run(
     let job = SyncRun {
         namespace: NAMESPACE,
         name: sync,
-        spec: &spec,
+        spec,
         source_url: &phase.database_url,
         source_credentials: Default::default(),
         delivery: Delivery::new(connector, limiter, config),
@@ -257,12 +285,8 @@ async fn engine_run(
         }
     };
     let mut store =
-        backflow::state::migrate::choose(&spec, NAMESPACE, sync, None, home, &phase.database_url, None);
-    let options = RunOptions {
-        dry_run,
-        ..RunOptions::default()
-    };
-    let report = run(job, store.as_mut(), &options).await;
+        backflow::state::migrate::choose(spec, NAMESPACE, sync, None, home, &phase.database_url, None);
+    let report = run(job, store.as_mut(), options).await;
     if let Some(e) = report.error {
         panic!("bench run failed: {e}");
     }

@@ -70,6 +70,53 @@ pub struct ReverseSyncSpec {
     /// on), and always when every stored record would go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_limit: Option<DeleteLimit>,
+    /// Read only the rows past a high-water mark of a column that grows whenever a row
+    /// changes (like `updated_at`), and run a full diff on its own schedule to catch deletes
+    /// and changes that did not move the column. Without it every run reads the whole model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<CursorSpec>,
+}
+
+/// Cursor mode: runs read only the rows whose cursor column reached the stored high-water
+/// mark; a full diff on its own schedule keeps deletes and unmoved changes in sync.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CursorSpec {
+    /// A column of the model that never goes down when a row changes: an integer, decimal,
+    /// date or timestamp (timestamps compare in UTC), like `updated_at`. A run reads the rows
+    /// where it is at or past the mark (`>=`: rows at the mark are read again and those
+    /// delivered already are skipped by their fingerprint); rows where it is NULL are read
+    /// by full diffs only.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub column: String,
+    /// When a run reads the whole model instead (a full diff, which also deletes in mirror
+    /// mode): every `interval` or at the times of a `cron` expression, counted from the last
+    /// full diff (default: every `24h`). A run asked for by the `backflow.dev/requested-at`
+    /// annotation or a changed spec is a full diff too, as is `backflow run --full-diff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_diff: Option<FullDiffSchedule>,
+}
+
+/// When cursor mode reads the whole model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.interval) != has(self.cron)",
+    "message": "set interval or cron, exactly one"
+}]))]
+pub struct FullDiffSchedule {
+    /// A full diff once this long has passed since the last one, like `6h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^[0-9]+ ?[a-zA-Zµ]+( ?[0-9]+ ?[a-zA-Zµ]+)*$")
+    )]
+    pub interval: Option<String>,
+    /// A full diff at the first run after each time of this cron expression (5 fields, UTC)
+    /// since the last one, like `0 3 * * *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub cron: Option<String>,
 }
 
 /// How much one run may delete before its deletes are held back.

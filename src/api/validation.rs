@@ -4,7 +4,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::reverse_sync::{Mapping, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
+use super::reverse_sync::{
+    CursorSpec, Mapping, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType,
+};
 use super::{duration, limits};
 use crate::model::transform::Transform;
 use crate::template::{Jinja, Limits, Mode, Template};
@@ -111,6 +113,9 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
     if let Some(state) = &spec.state {
         validate_state(state, &mut errors);
     }
+    if let Some(cursor) = &spec.cursor {
+        validate_cursor(cursor, &mut errors);
+    }
     if let Some(schedule) = &spec.schedule {
         match (&schedule.interval, &schedule.cron) {
             (Some(_), Some(_)) => errors.add("spec.schedule", "set interval or cron, not both"),
@@ -148,6 +153,38 @@ pub fn validate_reverse_sync(spec: &ReverseSyncSpec) -> Result<(), InvalidSpec> 
         }
     }
     errors.finish()
+}
+
+fn validate_cursor(cursor: &CursorSpec, errors: &mut Errors) {
+    if !is_plain_identifier(&cursor.column) {
+        errors.add(
+            "spec.cursor.column",
+            format!(
+                "{:?} is not a plain identifier: use letters, digits and underscores, starting \
+                 with a letter or underscore, at most 63 characters (alias the column in the query)",
+                cursor.column
+            ),
+        );
+    }
+    let Some(full) = &cursor.full_diff else {
+        return;
+    };
+    match (&full.interval, &full.cron) {
+        (Some(interval), None) => match duration::parse_at_most(interval, duration::MAX_INTERVAL) {
+            Ok(d) if d.as_secs() < 1 => errors.add(
+                "spec.cursor.fullDiff.interval",
+                "the interval must be at least 1s",
+            ),
+            Ok(_) => {}
+            Err(e) => errors.add("spec.cursor.fullDiff.interval", e),
+        },
+        (None, Some(cron)) => {
+            if let Err(e) = duration::cron(cron) {
+                errors.add("spec.cursor.fullDiff.cron", e);
+            }
+        }
+        _ => errors.add("spec.cursor.fullDiff", "set interval or cron, exactly one"),
+    }
 }
 
 fn validate_state(state: &StateSpec, errors: &mut Errors) {
@@ -539,6 +576,33 @@ mappings: [{from: id, to: id}, {from: email, to: email}]
         let typo =
             serde_yaml_ng::from_str::<ReverseSyncSpec>(&format!("{BASE}deleteLimit: {{maxPercnt: 5}}\n"));
         assert!(typo.is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn a_cursor_needs_a_plain_column_and_at_most_one_full_diff_schedule() {
+        let with = |cursor: &str| validate_reverse_sync(&sync(&format!("{BASE}cursor: {cursor}\n")));
+        with("{column: updated_at}").unwrap();
+        with("{column: updated_at, fullDiff: {interval: 6h}}").unwrap();
+        with("{column: updated_at, fullDiff: {cron: \"0 3 * * *\"}}").unwrap();
+        for (cursor, field) in [
+            ("{column: \"updated at\"}", "spec.cursor.column"),
+            ("{column: x, fullDiff: {}}", "spec.cursor.fullDiff"),
+            (
+                "{column: x, fullDiff: {interval: 1h, cron: \"0 3 * * *\"}}",
+                "spec.cursor.fullDiff",
+            ),
+            (
+                "{column: x, fullDiff: {interval: soon}}",
+                "spec.cursor.fullDiff.interval",
+            ),
+            (
+                "{column: x, fullDiff: {cron: \"every day\"}}",
+                "spec.cursor.fullDiff.cron",
+            ),
+        ] {
+            let err = with(cursor).unwrap_err().to_string();
+            assert!(err.contains(field), "{cursor}: {err}");
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub async fn execute(
     let progress = Arc::new(Progress::new());
     let stop_reporting = CancellationToken::new();
     let running = async {
-        let result = run_once(env, sync, &namespace, &name, flags, cancel, Arc::clone(&progress)).await;
+        let result = run_once(env, sync, &namespace, &name, flags, trigger, cancel, Arc::clone(&progress)).await;
         stop_reporting.cancel();
         result
     };
@@ -358,6 +358,8 @@ pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: 
         &namespace,
         &name,
         flags,
+        // As the next scheduled run would read the model (cursor mode: past the mark).
+        &Trigger::Schedule,
         cancel,
         Arc::new(Progress::new()),
     )
@@ -479,6 +481,7 @@ async fn run_once(
     namespace: &str,
     name: &str,
     flags: RunFlags,
+    trigger: &Trigger,
     cancel: CancellationToken,
     progress: Arc<Progress>,
 ) -> Result<crate::engine::run::RunReport, SetupError> {
@@ -515,6 +518,8 @@ async fn run_once(
         cancel,
         progress,
         approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
+        // A run a person asked for (`backflow.dev/requested-at`) reads the whole model.
+        full_diff: matches!(trigger, Trigger::Requested(_)),
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)

@@ -2,6 +2,7 @@
 //! drives a [`source`](crate::source), a [`state`](crate::state) store and a
 //! [`destination`](crate::destination), speaking the shared [`model`](crate::model).
 
+pub mod cursor;
 pub mod delete_guard;
 pub mod mapping;
 pub mod plan;

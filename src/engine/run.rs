@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::cursor::{CursorRun, Read};
 use super::delete_guard::{self, DeleteCheck, KeySetHash};
 use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, PlanOutcome};
@@ -58,6 +59,9 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Ignore stored fingerprints for this run: send every row.
     pub full_resync: bool,
+    /// Cursor mode: read the whole model and diff it (deletes too) instead of reading past
+    /// the high-water mark (`backflow run --full-diff`, a requested run in the cluster).
+    pub full_diff: bool,
     /// Rows shown per operation in a dry run.
     pub sample_size: usize,
     /// Commit a checkpoint after this many settled records...
@@ -82,6 +86,7 @@ impl Default for RunOptions {
         RunOptions {
             dry_run: false,
             full_resync: false,
+            full_diff: false,
             sample_size: 5,
             checkpoint_records: 10_000,
             checkpoint_interval: Duration::from_secs(5),
@@ -225,6 +230,17 @@ pub struct RunReport {
     pub delete_check: Option<DeleteCheck>,
     /// Bytes the planned rows took on local disk (the spill, compressed).
     pub spill_bytes: u64,
+    /// Cursor mode: how the run read the model.
+    pub cursor: Option<CursorRead>,
+}
+
+/// How a run of a sync with a cursor read the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorRead {
+    /// The whole model, with deletes, and why.
+    FullDiff(&'static str),
+    /// Only the rows whose cursor column is at or past this mark (its JSON).
+    PastMark(String),
 }
 
 impl RunReport {
@@ -247,6 +263,8 @@ impl RunReport {
 struct Collector {
     report: RunReport,
     pending: Vec<StateChange>,
+    /// Cursor mode: the record to store once the run's last checkpoint is committed.
+    cursor_record: Option<String>,
     last_commit: Instant,
     /// Whether the store logs every rejection (sync logs).
     log_rejections: bool,
@@ -314,8 +332,10 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
             error: None,
             delete_check: None,
             spill_bytes: 0,
+            cursor: None,
         },
         pending: Vec::new(),
+        cursor_record: None,
         last_commit: Instant::now(),
         log_rejections: !options.dry_run && store.logs_rejections(),
         rejections: Vec::new(),
@@ -357,6 +377,18 @@ pub async fn run(mut job: SyncRun<'_>, store: &mut dyn StateStore, options: &Run
         RunResult::Succeeded
     };
     r.finished = Utc::now();
+    if !options.dry_run
+        && r.result != RunResult::Failed
+        && let Some(record) = c.cursor_record.take()
+    {
+        // After the last checkpoint and `finish`: the mark never gets ahead of the state.
+        match store.commit_cursor(&job.scope, &record).await {
+            Ok(()) => tracing::debug!("cursor high-water mark committed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to store the cursor's high-water mark; the next run reads from the previous one")
+            }
+        }
+    }
     flush_rejections(store, &mut c, true).await;
     let r = &c.report;
     let log = RunLog {
@@ -395,6 +427,42 @@ async fn run_steps(
         },
         ..SourceOptions::default()
     };
+    let cursor = match &spec.cursor {
+        Some(cursor) => {
+            let stored = store.cursor(&job.scope).await?;
+            let run = CursorRun::decide(
+                spec,
+                cursor,
+                stored.as_deref(),
+                options.full_diff,
+                c.report.started,
+            )?;
+            c.report.cursor = Some(match &run.read {
+                Read::FullDiff(why) => CursorRead::FullDiff(why),
+                Read::PastMark { mark, .. } => {
+                    CursorRead::PastMark(serde_json::to_string(mark).unwrap_or_default())
+                }
+            });
+            Some(run)
+        }
+        None => None,
+    };
+    let query = match cursor.as_ref().map(|c| &c.read) {
+        Some(Read::PastMark { column, mark }) => {
+            tracing::info!(column = %column, mark = ?mark, "cursor: reading only the rows at or past the high-water mark");
+            std::borrow::Cow::Owned(source::cursor::wrap_query(
+                job.source_url,
+                &spec.source.query,
+                column,
+                mark,
+            )?)
+        }
+        Some(Read::FullDiff(why)) => {
+            tracing::info!(reason = why, "cursor: full diff of the whole model");
+            std::borrow::Cow::Borrowed(spec.source.query.as_str())
+        }
+        None => std::borrow::Cow::Borrowed(spec.source.query.as_str()),
+    };
     // The query starts first so the database works while the state loads. A cancelled run
     // drops the extraction, which cancels a warehouse statement still running.
     let mut rows = tokio::select! {
@@ -404,7 +472,7 @@ async fn run_steps(
                 credentials: &job.source_credentials,
                 endpoint_override: options.source_endpoint_override.as_deref(),
             },
-            &spec.source.query,
+            &query,
             &source_options,
         ) => rows?,
         () = options.cancel.cancelled() => return Err(RunError::Cancelled),
@@ -421,6 +489,14 @@ async fn run_steps(
         source::Privileges::Least => {}
     }
     c.report.source_privileges = Some(rows.privileges().clone());
+    let cursor_column = match &spec.cursor {
+        Some(cursor) => {
+            let i = super::cursor::column_index(rows.columns(), &cursor.column)?;
+            rows.watch_cursor(i);
+            rows.columns()[i].name.clone()
+        }
+        None => String::new(),
+    };
     let mapper = Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
@@ -428,13 +504,19 @@ async fn run_steps(
         rows.columns(),
     )?;
     let pushed = match store.store_diff() {
-        Some(diff) => diff.begin(&job.scope).await?,
+        Some(diff) => {
+            let pushed = diff.begin(&job.scope).await?;
+            if pushed && cursor.as_ref().is_some_and(CursorRun::past_mark) {
+                diff.read_partially();
+            }
+            pushed
+        }
         None => false,
     };
     let Planned {
         state,
         stored_records,
-        plan,
+        mut plan,
         spilled,
         decider,
         mut sends,
@@ -443,6 +525,21 @@ async fn run_steps(
     } else {
         in_memory::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
     };
+    if let Some(cursor) = &cursor {
+        let read_max = rows.cursor_max().map_err(|kind| {
+            RunError::Invalid(format!(
+                "spec.cursor.column: column {cursor_column:?} holds {kind} values; a cursor needs \
+                 an integer, decimal, date or timestamp column"
+            ))
+        })?;
+        let record = cursor.next_record(&cursor_column, read_max, c.report.started);
+        c.cursor_record = Some(serde_json::to_string(&record).map_err(|e| RunError::Invalid(e.to_string()))?);
+        if cursor.past_mark() {
+            // Rows not read were not removed: only a full diff deletes.
+            plan.removed.clear();
+            plan.counts.removed = 0;
+        }
+    }
     c.report.plan = plan.counts;
     c.report.spill_bytes = spilled.bytes();
     c.report.result_fingerprint = plan.result_fingerprint.clone();

@@ -30,6 +30,8 @@ pub struct LocalRunConfig {
     pub dry_run: bool,
     /// Ignore stored fingerprints for this run.
     pub full_resync: bool,
+    /// Syncs with a cursor: read the whole model and diff it.
+    pub full_diff: bool,
     /// Run only the syncs with these names (all when empty).
     pub only: Vec<String>,
     /// Commit a checkpoint after this many settled records.
@@ -104,6 +106,7 @@ pub async fn run_local<V>(
         let options = RunOptions {
             dry_run: config.dry_run,
             full_resync: config.full_resync,
+            full_diff: config.full_diff,
             checkpoint_records: config.checkpoint_records.max(1),
             cancel: cancel.clone(),
             progress,

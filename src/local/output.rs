@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SyncOutcome;
 use crate::engine::progress::{Phase, Progress, Snapshot};
+use crate::engine::run::CursorRead;
 
 /// How often the terminal bar reads the run's counters.
 const BAR_REFRESH: Duration = Duration::from_millis(200);
@@ -173,6 +174,14 @@ pub fn summary_json(o: &SyncOutcome) -> serde_json::Value {
         if let Some(held) = r.delete_check.as_ref().and_then(|c| c.status()) {
             v["deletesHeldBack"] = json!(held);
         }
+        match &r.cursor {
+            Some(CursorRead::FullDiff(why)) => v["cursor"] = json!({"read": "fullDiff", "reason": why}),
+            Some(CursorRead::PastMark(mark)) => {
+                v["cursor"] =
+                    json!({"read": "pastMark", "mark": serde_json::from_str::<serde_json::Value>(mark).ok()})
+            }
+            None => {}
+        }
     }
     v
 }
@@ -206,6 +215,13 @@ pub fn summary_text(o: &SyncOutcome, dry_run: bool) -> String {
                     r.requests,
                     r.seconds()
                 ));
+            }
+            match &r.cursor {
+                Some(CursorRead::FullDiff(why)) => out.push_str(&format!("  cursor: full diff ({why})\n")),
+                Some(CursorRead::PastMark(mark)) => {
+                    out.push_str(&format!("  cursor: read only the rows at or past {mark}\n"))
+                }
+                None => {}
             }
             if r.plan.skipped > 0 {
                 out.push_str(&format!(

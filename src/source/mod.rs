@@ -10,6 +10,7 @@
 
 mod bigquery;
 mod clickhouse;
+pub mod cursor;
 mod databricks;
 mod mysql;
 mod postgres;
@@ -270,6 +271,8 @@ pub struct RowStream {
     rows: mpsc::Receiver<RowChunk>,
     pending: std::vec::IntoIter<SourceRow>,
     privileges: Privileges,
+    /// The cursor column followed as rows pass (cursor mode).
+    watch: Option<cursor::Watch>,
 }
 
 impl RowStream {
@@ -280,6 +283,22 @@ impl RowStream {
             rows,
             pending: Vec::new().into_iter(),
             privileges: Privileges::Least,
+            watch: None,
+        }
+    }
+
+    /// Follows the largest value of the column at `index` from here on (cursor mode): see
+    /// [`RowStream::cursor_max`].
+    pub fn watch_cursor(&mut self, index: usize) {
+        self.watch = Some(cursor::Watch::new(index));
+    }
+
+    /// The largest value of the watched cursor column among the rows read so far (`None`
+    /// when no row had one), or the kind of value that column cannot order by.
+    pub fn cursor_max(&self) -> Result<Option<&cursor::Mark>, &str> {
+        match &self.watch {
+            Some(w) => w.result(),
+            None => Ok(None),
         }
     }
 
@@ -303,6 +322,9 @@ impl RowStream {
     pub async fn next(&mut self) -> Option<Result<SourceRow, SourceError>> {
         loop {
             if let Some(row) = self.pending.next() {
+                if let Some(watch) = &mut self.watch {
+                    watch.see(row.values());
+                }
                 return Some(Ok(row));
             }
             match self.rows.recv().await? {
@@ -450,6 +472,16 @@ impl SourceError {
             _ => true,
         }
     }
+}
+
+/// The statement logging of a connection that reads a model. sqlx warns of any statement
+/// over a second, but a model read lasts as long as its rows take to stream (a million rows,
+/// a few seconds), bounded by the statement timeout: it is not a slow statement, so sqlx
+/// reports it at debug level only, with the statements themselves.
+pub(crate) fn model_read_logging<O: sqlx::ConnectOptions>(options: O) -> O {
+    options
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
 }
 
 /// Starts the model query on the source of `url` (a source that needs no other credential)

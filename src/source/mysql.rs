@@ -46,6 +46,7 @@ pub(super) async fn extract(
         .map_err(|e| super::connect_error(url, e))?
         // Overrides a `timezone` URL parameter: canonical timestamps are UTC.
         .timezone(Some("+00:00".to_owned()));
+    let connect_options = super::model_read_logging(connect_options);
     if connect_options.get_socket().is_none() {
         crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
     }

@@ -70,7 +70,8 @@ pub(super) async fn extract_with(
     if connect_options.get_socket().is_none() && !connect_options.get_host().starts_with('/') {
         crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
     }
-    let mut conn = PgConnection::connect_with(connect_options)
+    let connect_options = super::model_read_logging(connect_options.clone());
+    let mut conn = PgConnection::connect_with(&connect_options)
         .await
         .map_err(|e| super::connect_error(url, e))?;
 

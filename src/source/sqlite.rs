@@ -51,7 +51,7 @@ pub(super) async fn extract(
         .read_only(true)
         .create_if_missing(false);
     // In force from the first statement of the connection that runs the query.
-    let connect_options = probe_options.clone().pragma("query_only", "ON");
+    let connect_options = super::model_read_logging(probe_options.clone().pragma("query_only", "ON"));
     let path = connect_options.get_filename();
     if !is_in_memory(url, path) && !path.exists() {
         return Err(super::connect_error(

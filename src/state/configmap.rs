@@ -48,7 +48,7 @@ use super::codec::{Replay, encode_change, put_entry};
 use super::{Fingerprints, StateChange, StateError, StateStore, StoreDiff};
 use crate::model::labels::{MANAGED_BY, MANAGED_BY_LABEL, STATE_LABEL, SYNC_LABEL, sync_label_value};
 use blob::{
-    BLOB_LIMIT, Blob, FORMAT, InMemory, Index, Packer, Reading, ShardError, ShardRef, checksum,
+    BLOB_LIMIT, Blob, CursorEntry, FORMAT, InMemory, Index, Packer, Reading, ShardError, ShardRef, checksum,
     decode_journal, decode_shard, journal_header, shard_header,
 };
 use gc::{Kind, Listed, delete_all, list_objects};
@@ -722,6 +722,7 @@ impl StateStore for ConfigMapStore {
             generation,
             rows,
             shards,
+            cursor: view.index.cursor.clone(),
         };
         // The switch: one guarded update. Before it, readers see the old base and journals;
         // after it, the new base alone.
@@ -741,6 +742,36 @@ impl StateStore for ConfigMapStore {
                 tracing::warn!(error = %describe(&e), "failed to list stale state; the next run retries")
             }
         }
+        Ok(())
+    }
+
+    async fn cursor(&mut self, scope: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .read_index()
+            .await?
+            .and_then(|(index, _)| index.cursor)
+            .filter(|c| c.scope == scope)
+            .map(|c| c.record))
+    }
+
+    async fn commit_cursor(&mut self, scope: &str, record: &str) -> Result<(), StateError> {
+        let (mut index, rv) = match self.read_index().await? {
+            Some((index, rv)) => (index, Some(rv)),
+            None => (
+                Index {
+                    format: FORMAT,
+                    scope: scope.to_owned(),
+                    ..Index::default()
+                },
+                None,
+            ),
+        };
+        index.cursor = Some(CursorEntry {
+            scope: scope.to_owned(),
+            record: record.to_owned(),
+        });
+        self.write_index(&index, rv.as_deref()).await?;
+        self.view = None;
         Ok(())
     }
 

@@ -9,6 +9,8 @@
 //!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file;
 //!   the next run folds it first when a crash kept `finish` from running.
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
+//! - `NAME.cursor`: cursor mode's record (scope and high-water mark), replaced atomically
+//!   like the state file once a run's last checkpoint is in the journal.
 //!
 //! A run never loads the state: the store diffs it through disk buckets (`diff`) and folds
 //! checkpoints the same way (`fold`), so memory does not grow with the rows stored. `load`
@@ -34,6 +36,7 @@ pub struct FileStore {
     state_path: PathBuf,
     journal_path: PathBuf,
     lock_path: PathBuf,
+    cursor_path: PathBuf,
     lock: Option<File>,
     journal: Option<File>,
     diffing: Option<diff::Diffing>,
@@ -47,6 +50,7 @@ impl FileStore {
             state_path: base.join(format!("{name}.state")),
             journal_path: base.join(format!("{name}.journal")),
             lock_path: base.join(format!("{name}.lock")),
+            cursor_path: base.join(format!("{name}.cursor")),
             lock: None,
             journal: None,
             diffing: None,
@@ -165,6 +169,13 @@ impl FileStore {
     }
 }
 
+/// What `NAME.cursor` holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CursorFile {
+    scope: String,
+    record: String,
+}
+
 #[async_trait]
 impl StateStore for FileStore {
     async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
@@ -200,9 +211,35 @@ impl StateStore for FileStore {
         self.fold(scope.to_owned()).await
     }
 
+    async fn cursor(&mut self, scope: &str) -> Result<Option<String>, StateError> {
+        self.acquire_lock()?;
+        let text = match fs::read(&self.cursor_path) {
+            Ok(bytes) if bytes.len() <= 2 * super::MAX_CURSOR_RECORD => bytes,
+            Ok(_) => return Err(format::corrupt(&self.cursor_path, "the cursor file is too large")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&self.cursor_path, &e)),
+        };
+        let file: CursorFile = serde_json::from_slice(&text).map_err(|e| {
+            format::corrupt(&self.cursor_path, format!("the cursor file does not parse: {e}"))
+        })?;
+        Ok((file.scope == scope).then_some(file.record))
+    }
+
+    async fn commit_cursor(&mut self, scope: &str, record: &str) -> Result<(), StateError> {
+        self.acquire_lock()?;
+        let file = CursorFile {
+            scope: scope.to_owned(),
+            record: record.to_owned(),
+        };
+        let bytes =
+            serde_json::to_vec(&file).map_err(|e| io_error(&self.cursor_path, &std::io::Error::other(e)))?;
+        format::replace_file(&self.cursor_path, &bytes)
+    }
+
     async fn discard(&mut self) -> Result<(), StateError> {
         self.journal = None;
-        for path in [&self.journal_path, &self.state_path] {
+        // The mark first: it must never outlive the fingerprints it is the mark of.
+        for path in [&self.cursor_path, &self.journal_path, &self.state_path] {
             match fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -194,6 +194,16 @@ impl StateStore for Migrating {
         self.current.logs_rejections()
     }
 
+    async fn cursor(&mut self, scope: &str) -> Result<Option<String>, StateError> {
+        // A mark is not imported: the first run in a new store reads the whole model.
+        self.current.cursor(scope).await
+    }
+
+    async fn commit_cursor(&mut self, scope: &str, record: &str) -> Result<(), StateError> {
+        self.write_pending(scope).await?;
+        self.current.commit_cursor(scope, record).await
+    }
+
     async fn record_rejections(&mut self, rejections: &[RejectedRow]) -> Result<(), StateError> {
         self.current.record_rejections(rejections).await
     }
@@ -256,6 +266,12 @@ impl StoreDiff for Migrating {
         match self.current.store_diff() {
             Some(p) => p.stage(rows).await,
             None => Ok(()),
+        }
+    }
+
+    fn read_partially(&mut self) {
+        if let Some(current) = self.current.store_diff() {
+            current.read_partially();
         }
     }
 

@@ -356,6 +356,24 @@ pub trait StateStore: Send {
         Ok(())
     }
 
+    /// The cursor record committed for `scope` (cursor mode: the high-water mark and when the
+    /// last full diff ran, as the engine wrote it), if any. Called after the run's first
+    /// store call, so the store's lock is held.
+    async fn cursor(&mut self, _scope: &str) -> Result<Option<String>, StateError> {
+        Ok(None)
+    }
+
+    /// Durably replaces the cursor record of `scope` (at most [`MAX_CURSOR_RECORD`] bytes).
+    /// The engine calls it only once the run's last checkpoint is committed, so the mark
+    /// never gets ahead of the fingerprints: a crash before it leaves the previous mark.
+    async fn commit_cursor(&mut self, _scope: &str, _record: &str) -> Result<(), StateError> {
+        Err(StateError::Unusable {
+            location: "this state store".to_owned(),
+            reason: "it keeps no cursor: remove spec.cursor or use the File, ConfigMap or Warehouse store"
+                .to_owned(),
+        })
+    }
+
     /// The store's own diff, when it can compare fingerprints without loading them all into
     /// memory (every store here streams them through local disk buckets): the engine then
     /// holds only the changed rows. `None`: load and plan in memory.
@@ -379,10 +397,18 @@ pub trait StoreDiff: Send {
     /// Hands over a chunk of this run's rows: [`stored_key_hash`] of the key, and fingerprint.
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError>;
 
+    /// Before `diff`: this run read only part of the model (cursor mode), so the stored keys
+    /// it did not stage were not removed: the diff leaves `removed` empty and does not look
+    /// them up. A store that ignores it still diffs correctly; the engine drops `removed`.
+    fn read_partially(&mut self) {}
+
     /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
     /// counts as changed (or added when not stored).
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError>;
 }
+
+/// Largest cursor record a store keeps (the engine's records are a few hundred bytes).
+pub const MAX_CURSOR_RECORD: usize = 4096;
 
 /// The 128-bit hash that identifies a key in a state store's diff and in the Warehouse
 /// store's table (xxh3-128 of the key's bytes).

@@ -40,6 +40,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor, QueryBuilder, Row};
 use xxhash_rust::xxh3::xxh3_64;
 
+mod cursor;
 mod diff;
 
 use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore, StoreDiff};
@@ -950,6 +951,17 @@ impl StateStore for WarehouseStore {
         logged
     }
 
+    async fn cursor(&mut self, scope: &str) -> Result<Option<String>, StateError> {
+        if self.probe {
+            return Ok(None);
+        }
+        self.read_cursor(scope).await
+    }
+
+    async fn commit_cursor(&mut self, scope: &str, record: &str) -> Result<(), StateError> {
+        self.write_cursor(scope, record).await
+    }
+
     async fn discard(&mut self) -> Result<(), StateError> {
         if self.conn.is_none() {
             return Ok(());
@@ -989,6 +1001,9 @@ impl WarehouseStore {
                 Ok(rows)
             }};
         }
+        // The mark goes first: a mark outliving its fingerprints would let the next run read
+        // only recent rows against an empty state, while a mark gone only makes it read all.
+        self.delete_cursor().await?;
         match self.conn.as_mut() {
             Some(Conn::Pg(c)) => in_one_transaction!(c),
             Some(Conn::My(c)) => in_one_transaction!(c),

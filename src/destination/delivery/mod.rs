@@ -434,6 +434,7 @@ impl Delivery {
                             retry_after
                                 .unwrap_or(self.config.initial_backoff)
                                 .min(MAX_RETRY_AFTER),
+                            rate_limit::PauseCause::Throttled,
                         );
                     }
                     (reason, retry_after, throttled)

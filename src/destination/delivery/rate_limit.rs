@@ -12,6 +12,25 @@ use tokio::time::Instant;
 /// Longest pause a throttling answer imposes (the retry layer caps `Retry-After` lower still).
 const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
+/// Why senders pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// A throttling answer (429 and the like), with or without `Retry-After`.
+    Throttled,
+    /// The destination said its rate-limit window is used up, refusing nothing yet.
+    WindowUsedUp,
+}
+
+impl PauseCause {
+    /// The name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseCause::Throttled => "throttled",
+            PauseCause::WindowUsedUp => "window_used_up",
+        }
+    }
+}
+
 /// A destination's rate limit: `governor`'s GCRA token bucket plus a shared pause.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -56,16 +75,28 @@ impl RateLimiter {
         }
     }
 
-    /// Holds every sender back for `delay` (the destination said it is throttling).
-    pub fn pause_for(&self, delay: Duration) {
+    /// Holds every sender back for `delay` because of `cause` (the destination said it is
+    /// throttling, or that its window is used up). A pause that begins is logged at info, once:
+    /// answers that extend a pause in effect are not.
+    pub fn pause_for(&self, delay: Duration, cause: PauseCause) {
         // The delay comes from a vendor's answer; one past what a clock holds is capped.
         let delay = delay.min(MAX_PAUSE);
-        let Some(until) = Instant::now().checked_add(delay) else {
+        let now = Instant::now();
+        let Some(until) = now.checked_add(delay) else {
             return;
         };
         let mut guard = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        let in_effect = guard.is_some_and(|t| t > now);
         if guard.is_none_or(|t| t < until) {
             *guard = Some(until);
+        }
+        drop(guard);
+        if !in_effect {
+            tracing::info!(
+                wait_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                cause = cause.as_str(),
+                "destination rate limit: every sender to it pauses"
+            );
         }
     }
 
@@ -136,16 +167,60 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_sender_back() {
         let limiter = RateLimiter::new(1000.0, 100);
-        limiter.pause_for(Duration::from_secs(3));
+        limiter.pause_for(Duration::from_secs(3), PauseCause::Throttled);
         let start = Instant::now();
         limiter.acquire().await;
         assert!(start.elapsed() >= Duration::from_secs(3));
     }
 
+    /// Log lines written while `f` runs, at info and above.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_is_logged_once_at_info_with_its_wait_and_answers_that_extend_it_are_not() {
+        let limiter = RateLimiter::new(1000.0, 100);
+        let log = logged(|| {
+            limiter.pause_for(Duration::from_secs(2), PauseCause::Throttled);
+            limiter.pause_for(Duration::from_secs(3), PauseCause::Throttled);
+        });
+        assert_eq!(log.matches("every sender to it pauses").count(), 1, "{log}");
+        assert!(
+            log.contains("INFO") && log.contains("wait_ms=2000") && log.contains("cause=\"throttled\""),
+            "{log}"
+        );
+        limiter.acquire().await;
+        let log = logged(|| limiter.pause_for(Duration::from_millis(500), PauseCause::WindowUsedUp));
+        assert!(
+            log.contains("wait_ms=500") && log.contains("window_used_up"),
+            "a new pause after the last: {log}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_wait_no_clock_can_hold_pauses_for_the_cap_without_overflowing() {
         let limiter = RateLimiter::new(1000.0, 100);
-        limiter.pause_for(Duration::MAX);
+        limiter.pause_for(Duration::MAX, PauseCause::Throttled);
         let start = Instant::now();
         limiter.acquire().await;
         assert_eq!(start.elapsed().as_secs(), MAX_PAUSE.as_secs());

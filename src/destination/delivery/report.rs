@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::rate_limit::RateLimiter;
+use super::rate_limit::{PauseCause, RateLimiter};
 use super::{AnswerClass, DeliveryStats, MAX_RETRY_AFTER};
 
 /// The counters and the limiter of the delivery a `send` runs under.
@@ -45,7 +45,8 @@ pub fn throttled(wait: Duration) {
     let _ = CONTEXT.try_with(|c| {
         c.stats.throttled.fetch_add(1, Ordering::Relaxed);
         c.stats.answered(AnswerClass::Throttled);
-        c.limiter.pause_for(wait.min(MAX_RETRY_AFTER));
+        c.limiter
+            .pause_for(wait.min(MAX_RETRY_AFTER), PauseCause::Throttled);
     });
 }
 
@@ -53,7 +54,10 @@ pub fn throttled(wait: Duration) {
 /// refusing anything yet: every sender of the Destination is held back for `wait` (at most
 /// five minutes), nothing is counted.
 pub fn hold_back(wait: Duration) {
-    let _ = CONTEXT.try_with(|c| c.limiter.pause_for(wait.min(MAX_RETRY_AFTER)));
+    let _ = CONTEXT.try_with(|c| {
+        c.limiter
+            .pause_for(wait.min(MAX_RETRY_AFTER), PauseCause::WindowUsedUp)
+    });
 }
 
 /// Waits out a pause a throttle imposed on the Destination (takes no token).

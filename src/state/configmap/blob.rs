@@ -44,6 +44,18 @@ pub(super) struct Index {
     /// Rows in the base shards.
     pub(super) rows: u64,
     pub(super) shards: Vec<ShardRef>,
+    /// Cursor mode's record, with the scope it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) cursor: Option<CursorEntry>,
+}
+
+/// Cursor mode's record in the index: written after a run's last checkpoint, in one guarded
+/// update like every change of the index.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct CursorEntry {
+    pub(super) scope: String,
+    pub(super) record: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
@@ -392,6 +404,10 @@ mod tests {
                 rows: 2,
                 bytes: 40,
             }],
+            cursor: Some(CursorEntry {
+                scope: "default/crm".into(),
+                record: "{\"mark\":1}".into(),
+            }),
         };
         let text = serde_json::to_string(&index).unwrap();
         assert!(text.contains("\"generation\":3"), "{text}");

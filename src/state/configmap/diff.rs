@@ -30,6 +30,8 @@ pub(super) struct Diffing {
     stored: AbortOnDropHandle<Result<Stored, StateError>>,
     /// Whether the index says something is stored for the scope.
     holding: bool,
+    /// The run read only part of the model: no removed rows.
+    partial: bool,
 }
 
 impl ConfigMapStore {
@@ -68,6 +70,7 @@ impl StoreDiff for ConfigMapStore {
             run,
             stored: AbortOnDropHandle::new(tokio::spawn(read)),
             holding,
+            partial: false,
         });
         Ok(true)
     }
@@ -85,8 +88,17 @@ impl StoreDiff for ConfigMapStore {
         pushed.map_err(|e| self.temp_file_error(&e))
     }
 
+    fn read_partially(&mut self) {
+        if let Some(d) = self.diffing.as_mut() {
+            d.partial = true;
+        }
+    }
+
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
+        let Some(Diffing {
+            run, stored, partial, ..
+        }) = self.diffing.take()
+        else {
             return Err(StateError::diff_not_begun(self.location(&self.index_name)));
         };
         let (changes, pairs) = stored
@@ -97,7 +109,7 @@ impl StoreDiff for ConfigMapStore {
         let compared = compare_apart(run, (!all_added).then_some(pairs))
             .await
             .map_err(|e| self.temp_file_error(&e))?;
-        let removed = if compared.removed.is_empty() {
+        let removed = if partial || compared.removed.is_empty() {
             Vec::new()
         } else {
             changes

@@ -28,6 +28,8 @@ pub(super) struct Diffing {
     stored: Option<JoinHandle<Result<HashBuckets, StateError>>>,
     /// The scope the state file holds rows of, if any.
     holding: Option<String>,
+    /// The run read only part of the model: no removed rows.
+    partial: bool,
 }
 
 fn temp_file_error(path: &Path, e: &std::io::Error) -> StateError {
@@ -91,7 +93,12 @@ impl StoreDiff for FileStore {
         } else {
             (None, None)
         };
-        self.diffing = Some(Diffing { run, stored, holding });
+        self.diffing = Some(Diffing {
+            run,
+            stored,
+            holding,
+            partial: false,
+        });
         Ok(true)
     }
 
@@ -110,9 +117,18 @@ impl StoreDiff for FileStore {
         pushed.map_err(|e| temp_file_error(&self.state_path, &e))
     }
 
+    fn read_partially(&mut self) {
+        if let Some(d) = self.diffing.as_mut() {
+            d.partial = true;
+        }
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let all_added = !self.holds_state(scope);
-        let Some(Diffing { run, stored, .. }) = self.diffing.take() else {
+        let Some(Diffing {
+            run, stored, partial, ..
+        }) = self.diffing.take()
+        else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
         let path: PathBuf = self.state_path.clone();
@@ -127,7 +143,7 @@ impl StoreDiff for FileStore {
         let compared = compare_apart(run, stored)
             .await
             .map_err(|e| temp_file_error(&path, &e))?;
-        let removed = if compared.removed.is_empty() {
+        let removed = if partial || compared.removed.is_empty() {
             Vec::new()
         } else {
             let hashes: HashSet<u128> = compared.removed.iter().copied().collect();

@@ -235,6 +235,22 @@ impl StateFileWriter {
     }
 }
 
+/// Replaces a small file atomically: a temporary file beside it, fsynced, renamed over it,
+/// and the directory fsynced.
+pub(super) fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_error(dir, &e))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(|e| io_error(path, &e))?;
+    temp.persist(path).map_err(|e| io_error(path, &e.error))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// The header a new journal starts with.
 pub(super) fn journal_header(scope: &str) -> Vec<u8> {
     let mut header = JOURNAL_MAGIC.to_vec();

@@ -32,6 +32,8 @@ pub(super) struct Diffing {
     /// The stored ones, being read by a second connection (none when nothing is stored for
     /// the scope). Dropping it stops the read.
     stored: Option<AbortOnDropHandle<Result<HashBuckets, ReadError>>>,
+    /// The run read only part of the model: no removed rows.
+    partial: bool,
 }
 
 /// Why reading the stored fingerprints failed.
@@ -240,7 +242,11 @@ impl StoreDiff for WarehouseStore {
         } else {
             None
         };
-        self.diffing = Some(Diffing { run, stored });
+        self.diffing = Some(Diffing {
+            run,
+            stored,
+            partial: false,
+        });
         Ok(true)
     }
 
@@ -256,8 +262,14 @@ impl StoreDiff for WarehouseStore {
         pushed.map_err(|e| self.temp_file_error(e))
     }
 
+    fn read_partially(&mut self) {
+        if let Some(d) = self.diffing.as_mut() {
+            d.partial = true;
+        }
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        let Some(Diffing { run, stored }) = self.diffing.take() else {
+        let Some(Diffing { run, stored, partial }) = self.diffing.take() else {
             return Err(StateError::diff_not_begun(self.location()));
         };
         let all_added = !self.holds_state(scope);
@@ -290,7 +302,11 @@ impl StoreDiff for WarehouseStore {
             reason: format!("failed to read a local temporary file of fingerprints: {e}"),
         })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
-        let removed = self.removed_rows(&compared.removed).await?;
+        let removed = if partial {
+            Vec::new()
+        } else {
+            self.removed_rows(&compared.removed).await?
+        };
         tracing::debug!(
             waited_for_stored_ms = waited_ms,
             compare_ms,
