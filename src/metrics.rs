@@ -524,6 +524,8 @@ mod tests {
             source_privileges: None,
             error: None,
             delete_check: None,
+            spill_bytes: 0,
+            cursor: None,
         };
         m.record_run("ns", "s", "crm", &report, &mut published);
         assert_eq!(series(&m, read), Some(10.0));

@@ -4,9 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::destination::{DestinationSpec, DestinationType};
-use super::reverse_sync::{
-    CursorSpec, Mapping, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType,
-};
+use super::reverse_sync::{CursorSpec, Mapping, ReverseSyncSpec, StateSpec, StateStoreKind, TemplateType};
 use super::{duration, limits};
 use crate::model::transform::Transform;
 use crate::template::{Jinja, Limits, Mode, Template};

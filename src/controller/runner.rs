@@ -185,7 +185,17 @@ pub async fn execute(
     let progress = Arc::new(Progress::new());
     let stop_reporting = CancellationToken::new();
     let running = async {
-        let result = run_once(env, sync, &namespace, &name, flags, trigger, cancel, Arc::clone(&progress)).await;
+        let result = run_once(
+            env,
+            sync,
+            &namespace,
+            &name,
+            flags,
+            trigger,
+            cancel,
+            Arc::clone(&progress),
+        )
+        .await;
         stop_reporting.cancel();
         result
     };

@@ -12,8 +12,8 @@
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 
-use crate::model::value::{Document, Value};
 use crate::model::record::Operation;
+use crate::model::value::{Document, Value};
 
 /// One planned row, as read back.
 #[derive(Debug)]

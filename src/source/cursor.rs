@@ -14,7 +14,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::SourceError;
-use crate::engine::value::Value;
+use crate::model::value::Value;
 
 /// A cursor column's high-water mark: the largest value a run read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
