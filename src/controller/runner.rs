@@ -175,6 +175,7 @@ pub async fn execute(
     let flags = RunFlags {
         dry_run: sync.spec.dry_run,
         full_resync: super::schedule::full_resync(sync, trigger),
+        full_diff: matches!(trigger, Trigger::Requested(_)),
     };
     tracing::info!(
         trigger = trigger.as_str(),
@@ -185,17 +186,7 @@ pub async fn execute(
     let progress = Arc::new(Progress::new());
     let stop_reporting = CancellationToken::new();
     let running = async {
-        let result = run_once(
-            env,
-            sync,
-            &namespace,
-            &name,
-            flags,
-            trigger,
-            cancel,
-            Arc::clone(&progress),
-        )
-        .await;
+        let result = run_once(env, sync, &namespace, &name, flags, cancel, Arc::clone(&progress)).await;
         stop_reporting.cancel();
         result
     };
@@ -359,6 +350,8 @@ pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: 
     let flags = RunFlags {
         dry_run: true,
         full_resync: false,
+        // As the next scheduled run would read the model (cursor mode: past the mark).
+        full_diff: false,
     };
     // `setup::prepare` validates the spec first: an invalid one is answered with the reason.
     // A preview's progress is not reported: it writes no run.
@@ -368,8 +361,6 @@ pub async fn preview(env: &RunEnv, sync: &ReverseSync, requested: &str, cancel: 
         &namespace,
         &name,
         flags,
-        // As the next scheduled run would read the model (cursor mode: past the mark).
-        &Trigger::Schedule,
         cancel,
         Arc::new(Progress::new()),
     )
@@ -491,7 +482,6 @@ async fn run_once(
     namespace: &str,
     name: &str,
     flags: RunFlags,
-    trigger: &Trigger,
     cancel: CancellationToken,
     progress: Arc<Progress>,
 ) -> Result<crate::engine::run::RunReport, SetupError> {
@@ -529,7 +519,7 @@ async fn run_once(
         progress,
         approved_deletes: sync.annotations().get(status::APPROVE_DELETES).cloned(),
         // A run a person asked for (`backflow.dev/requested-at`) reads the whole model.
-        full_diff: matches!(trigger, Trigger::Requested(_)),
+        full_diff: flags.full_diff,
         ..RunOptions::default()
     };
     Ok(run(job, store.as_mut(), &options).await)

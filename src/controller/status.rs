@@ -297,6 +297,9 @@ pub struct RunFlags {
     pub dry_run: bool,
     /// Ignore the stored fingerprints and send every row (`backflow.dev/full-resync`).
     pub full_resync: bool,
+    /// Cursor mode: read and diff the whole model, not only the rows past the mark (a run a
+    /// person asked for with `backflow.dev/requested-at`).
+    pub full_diff: bool,
 }
 
 /// The request value a run answers, for `lastRun.requestedAt`.
