@@ -18,62 +18,17 @@ use serde_json::json;
 
 use backflow::api::ReverseSync;
 use support::cluster::{ControlPlane, Process, control_plane};
+use support::cluster_manifests::{Manifests, count, customers_warehouse};
 use support::db::TestDb;
 
 /// A PostgreSQL database with `rows` customers and an empty `crm` table to sync them into.
 async fn warehouse(rows: u32) -> TestDb {
-    let db = TestDb::postgres("cli").await;
-    db.exec(&format!(
-        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
-         INSERT INTO customers SELECT g, 'user' || g || '@example.com', 'free' FROM generate_series(1, {rows}) g;
-         CREATE TABLE crm (id INT PRIMARY KEY, email TEXT, plan TEXT);"
-    ))
-    .await;
-    db
-}
-
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .unwrap();
-    sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    customers_warehouse("cli", rows).await
 }
 
 /// The Secret, Destination and ReverseSync `sync`; `extra` is appended to its spec.
 fn manifests(namespace: &str, url: &str, sync: &str, extra: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata:
-  name: warehouse
-  namespace: {namespace}
-  annotations: {{backflow.dev/allowed-references: "Destination/*, ReverseSync/*"}}
-stringData: {{url: "{url}"}}
----
-apiVersion: backflow.dev/v1alpha1
-kind: Destination
-metadata: {{name: crm, namespace: {namespace}}}
-spec:
-  type: postgres
-  credentialsSecretRef: {{name: warehouse}}
-  postgres: {{table: crm}}
----
-apiVersion: backflow.dev/v1alpha1
-kind: ReverseSync
-metadata: {{name: {sync}, namespace: {namespace}}}
-spec:
-  source:
-    connectionSecretRef: {{name: warehouse}}
-    query: SELECT id, email, plan FROM customers
-    primaryKey: [id]
-  destinationRef: {{name: crm}}
-  mappings:
-    - {{from: id, to: id}}
-    - {{from: email, to: email}}
-    - {{from: plan, to: plan}}
-  match: [id]
-{extra}"#
-    )
+    Manifests::all(namespace, url, sync, extra).yaml()
 }
 
 fn apply(plane: &ControlPlane, yaml: &str) {

@@ -36,7 +36,7 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use backflow::api::ReverseSync;
 use support::cluster::{ControlPlane, Process};
-use support::cluster_manifests::{Manifests, tail, wait_until};
+use support::cluster_manifests::{Manifests, count, customers_warehouse, tail, wait_until};
 use support::db::TestDb;
 
 static LOCK: RwLock<()> = RwLock::const_new(());
@@ -53,22 +53,7 @@ async fn exclusive() -> RwLockWriteGuard<'static, ()> {
 
 /// A PostgreSQL database with `rows` customers and an empty `crm` table to sync them into.
 async fn warehouse(rows: u32) -> TestDb {
-    let db = TestDb::postgres("e2e").await;
-    db.exec(&format!(
-        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
-         INSERT INTO customers SELECT g, 'user' || g || '@example.com', 'free' FROM generate_series(1, {rows}) g;
-         CREATE TABLE crm (id INT PRIMARY KEY, email TEXT, plan TEXT);"
-    ))
-    .await;
-    db
-}
-
-/// One number from the database.
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .unwrap();
-    sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    customers_warehouse("e2e", rows).await
 }
 
 /// The Secret, Destination and ReverseSync `sync` of [`Manifests::all`], as one YAML stream.

@@ -5,8 +5,31 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use super::db::TestDb;
+
 /// The query every test sync reads (the `customers` table of the test warehouses).
 pub const CUSTOMERS_QUERY: &str = "SELECT id, email, plan FROM customers";
+
+/// A PostgreSQL database (named after `prefix`) with `rows` customers and an empty `crm`
+/// table to sync them into: what [`Manifests`] point at.
+pub async fn customers_warehouse(prefix: &str, rows: u32) -> TestDb {
+    let db = TestDb::postgres(prefix).await;
+    db.exec(&format!(
+        "CREATE TABLE customers (id INT PRIMARY KEY, email TEXT, plan TEXT);
+         INSERT INTO customers SELECT g, 'user' || g || '@example.com', 'free' FROM generate_series(1, {rows}) g;
+         CREATE TABLE crm (id INT PRIMARY KEY, email TEXT, plan TEXT);"
+    ))
+    .await;
+    db
+}
+
+/// One number from the database (`SELECT count(*) …`).
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+}
 
 /// A YAML stream of the objects a user applies for syncs from a PostgreSQL warehouse into a
 /// PostgreSQL table `crm`: the `warehouse` Secret (granted to every Destination and
