@@ -246,8 +246,10 @@ struct OperatorArgs {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,backflow=info"));
+    // Colour only for a person at a terminal: piped logs (kubectl logs, CI) stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),

@@ -173,6 +173,10 @@ async fn a_text_summary_names_the_sync_and_its_counts() {
         stdout.starts_with("default/customers: Succeeded: 300 rows, added 300"),
         "{stdout}"
     );
+    // Standard error is a pipe here, not a terminal: its log lines carry no colour codes.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plan ready"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
 
 #[tokio::test]
