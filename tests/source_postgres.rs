@@ -3,65 +3,14 @@
 
 mod support;
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use backflow::model::value::Value;
-use backflow::source::{Column, Privileges, RowStream, SourceError, SourceOptions, SourceRow, extract};
-use bigdecimal::BigDecimal;
+use backflow::source::{Column, Privileges, SourceError, SourceOptions, extract};
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::Connection;
 use support::db::TestDb;
-
-fn options() -> SourceOptions {
-    SourceOptions {
-        statement_timeout: Duration::from_secs(30),
-        buffer_rows: 64,
-    }
-}
-
-async fn collect_rows(mut stream: RowStream) -> Result<Vec<SourceRow>, SourceError> {
-    let mut rows = Vec::new();
-    while let Some(row) = stream.next().await {
-        rows.push(row?);
-    }
-    Ok(rows)
-}
-
-/// The rows of a stream whose values all decode.
-async fn collect(stream: RowStream) -> Result<Vec<Vec<Value>>, SourceError> {
-    Ok(collect_rows(stream)
-        .await?
-        .into_iter()
-        .map(|r| {
-            r.decoded()
-                .unwrap_or_else(|bad| panic!("undecodable row: {bad:?}"))
-        })
-        .collect())
-}
-
-/// Every row of `query`, decodable or not.
-async fn source_rows_of(db: &TestDb, query: &str) -> Result<Vec<SourceRow>, SourceError> {
-    collect_rows(extract(&db.url, query, &options()).await?).await
-}
-
-/// The undecodable column and reason of each row (`None` for a row that decoded).
-fn undecodable(rows: &[SourceRow]) -> Vec<Option<(usize, String)>> {
-    rows.iter()
-        .map(|r| match r {
-            SourceRow::Decoded(_) => None,
-            SourceRow::Undecodable(bad) => Some((bad.column, bad.reason.to_string())),
-        })
-        .collect()
-}
-
-async fn rows_of(db: &TestDb, query: &str) -> Result<Vec<Vec<Value>>, SourceError> {
-    collect(extract(&db.url, query, &options()).await?).await
-}
-
-fn dec(s: &str) -> Value {
-    Value::Decimal(BigDecimal::from_str(s).unwrap())
-}
+use support::rows::{collect, dec, options, rows_of, source_rows_of, undecodable};
 
 fn ts(s: &str) -> Value {
     Value::Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
