@@ -26,7 +26,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use crate::model::value::Value;
@@ -596,6 +596,22 @@ impl RowSink {
     async fn closed(&self) {
         self.tx.closed().await;
     }
+}
+
+/// [`pump`] for results that arrive in parts (Snowflake partitions, Databricks chunks,
+/// BigQuery pages): each part's rows in order, a failed part ends the stream with its error.
+async fn pump_parts<R, S>(
+    parts: S,
+    tx: &RowSender,
+    decode: impl FnMut(&R) -> Result<SourceRow, SourceError>,
+) -> StreamEnd
+where
+    S: Stream<Item = Result<Vec<R>, SourceError>>,
+{
+    let rows = parts
+        .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok::<_, SourceError>)))
+        .try_flatten();
+    pump(rows, tx, decode, |e| e).await
 }
 
 /// Decodes the rows of `rows` and sends them into `tx` until the result ends, an error

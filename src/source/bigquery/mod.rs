@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::stream::{self, BoxStream};
-use futures::{StreamExt, TryStreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Url;
 use serde::Deserialize;
@@ -631,10 +631,7 @@ async fn stream(client: Arc<Client>, job: String, first: Page, plan: Vec<(Column
         (true, None) => by_token(client, job.clone(), first.page_token.clone()).boxed(),
     };
     let pages = stream::once(async { Ok(first.rows) }).chain(rest);
-    let rows = pages
-        .map_ok(|rows| stream::iter(rows.into_iter().map(Ok::<_, SourceError>)))
-        .try_flatten();
-    let end = super::pump(rows, &tx, |row: &Row| decode_row(row, &plan), |e| e).await;
+    let end = super::pump_parts(pages, &tx, |row: &Row| decode_row(row, &plan)).await;
     if end == StreamEnd::ReceiverGone {
         tracing::debug!(job, "the run stopped reading the BigQuery result");
     }

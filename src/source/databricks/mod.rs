@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, stream};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::json;
@@ -593,16 +593,7 @@ async fn stream(
             })
             .buffered(PREFETCH)
     };
-    let rows = fetches
-        .map_ok(|rows| stream::iter(rows.into_iter().map(Ok::<_, SourceError>)))
-        .try_flatten();
-    let end = super::pump(
-        rows,
-        &tx,
-        |row: &Vec<Option<String>>| decode_row(row, &plan),
-        |e| e,
-    )
-    .await;
+    let end = super::pump_parts(fetches, &tx, |row: &Vec<Option<String>>| decode_row(row, &plan)).await;
     if end == StreamEnd::ReceiverGone {
         tracing::debug!(statement = %id, "the run stopped reading the Databricks result");
     }

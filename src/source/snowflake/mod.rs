@@ -24,7 +24,7 @@ mod decode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, stream};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::json;
@@ -430,15 +430,9 @@ async fn stream(
             .buffered(PREFETCH)
     };
     let partitions = stream::once(async { Ok(first) }).chain(rest);
-    let rows = partitions
-        .map_ok(|rows| stream::iter(rows.into_iter().map(Ok::<_, SourceError>)))
-        .try_flatten();
-    let end = super::pump(
-        rows,
-        &tx,
-        |row: &Vec<Option<String>>| decode_row(row, &plan),
-        |e| e,
-    )
+    let end = super::pump_parts(partitions, &tx, |row: &Vec<Option<String>>| {
+        decode_row(row, &plan)
+    })
     .await;
     if end == StreamEnd::ReceiverGone {
         tracing::debug!(statement = %handle, "the run stopped reading the Snowflake result");
