@@ -2,7 +2,8 @@
 //! with the mark are read again and skipped by fingerprint, full diffs (scheduled or asked
 //! for) catch deletes and changes that did not move the cursor, and the mark only advances
 //! with a run that committed. On SQLite (timestamps as text, integers), PostgreSQL
-//! (timestamptz) and MariaDB (DATETIME), with the File, ConfigMap and Warehouse stores.
+//! (timestamptz), MariaDB (DATETIME) and ClickHouse (DateTime, Decimal, on the real server),
+//! with the File, ConfigMap and Warehouse stores.
 
 mod support;
 
@@ -18,6 +19,7 @@ use backflow::state::file::FileStore;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use support::apiserver::ApiServer;
+use support::clickhouse::TestClickHouse;
 use support::db::TestDb;
 use support::fake_connector::{FakeConnector, fast_delivery};
 use support::sqlite::TempSqlite;
@@ -59,6 +61,8 @@ enum Warehouse {
     Sqlite(String),
     Postgres(String),
     Mysql(String),
+    /// The database's name.
+    ClickHouse(String),
 }
 
 impl Harness {
@@ -106,8 +110,67 @@ impl Harness {
                 let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
                 sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
             }
+            Warehouse::ClickHouse(database) => {
+                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    let response = reqwest::Client::new()
+                        .post(format!(
+                            "{}/?database={database}",
+                            support::clickhouse::http_url()
+                        ))
+                        .body(clickhouse_statement(statement))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status();
+                    assert!(
+                        status.is_success(),
+                        "{statement}: {}",
+                        response.text().await.unwrap()
+                    );
+                    wait_for_mutations(database).await;
+                }
+            }
         }
     }
+}
+
+/// A statement of the scenario in ClickHouse's words: `UPDATE` and `DELETE` are mutations
+/// (`ALTER TABLE … UPDATE|DELETE`), a mutation assigns a timestamp to a `DateTime` column
+/// only from a `DateTime`, and an `INSERT` names its columns (`amount` takes its default).
+fn clickhouse_statement(statement: &str) -> String {
+    if let Some(rest) = statement.strip_prefix("INSERT INTO customers VALUES ") {
+        return format!("INSERT INTO customers (id, email, plan, updated_at, version) VALUES {rest}");
+    }
+    if let Some(rest) = statement.strip_prefix("DELETE FROM customers WHERE ") {
+        return format!("ALTER TABLE customers DELETE WHERE {rest}");
+    }
+    let Some(rest) = statement.strip_prefix("UPDATE customers SET ") else {
+        return statement.to_owned();
+    };
+    let mut rest = rest.to_owned();
+    let assignment = "updated_at = '";
+    if let Some(start) = rest.find(assignment) {
+        let from = start + assignment.len();
+        let end = from + rest[from..].find('\'').unwrap();
+        let at = rest[from..end].to_owned();
+        rest.replace_range(start..=end, &format!("updated_at = toDateTime('{at}', 'UTC')"));
+    }
+    format!("ALTER TABLE customers UPDATE {rest}")
+}
+
+/// Waits until the mutations of `database` are applied (they run in the background).
+async fn wait_for_mutations(database: &str) {
+    for _ in 0..200 {
+        let pending = support::clickhouse::exec(&format!(
+            "SELECT count() FROM system.mutations WHERE database = '{database}' AND is_done = 0"
+        ))
+        .await;
+        if pending.trim() == "0" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the mutations of {database} did not finish in 10 s");
 }
 
 fn keys(fake: &FakeConnector, from_call: usize) -> BTreeSet<String> {
@@ -442,4 +505,64 @@ async fn a_mark_belongs_to_its_scope_and_goes_with_the_state() {
     assert_eq!(wh.cursor("b").await.unwrap(), None);
     wh.discard().await.unwrap();
     assert_eq!(wh.cursor("a").await.unwrap(), None);
+}
+
+/// The scenario's table on the real ClickHouse server: `DateTime('UTC')`, which every
+/// server version has (18.16 has no `DateTime64`), so the marks are whole seconds.
+async fn clickhouse_harness(db: &TestClickHouse, dir: &tempfile::TempDir) -> Harness {
+    db.exec(
+        "CREATE TABLE customers (id UInt64, email String, plan String, updated_at DateTime('UTC'), \
+           version UInt64, amount Decimal(12, 2)) ENGINE = MergeTree ORDER BY id;
+         INSERT INTO customers SELECT number + 1, concat('user', toString(number + 1), '@example.com'), 'free',
+           if(number + 1 >= 99, toDateTime('2026-01-01 00:00:05', 'UTC'), toDateTime('2026-01-01 00:00:00', 'UTC')),
+           intDiv(number + 1, 99), toDecimal64(number + 1, 2) / 100 FROM system.numbers LIMIT 100",
+    )
+    .await;
+    let state = dir.path().to_owned();
+    Harness {
+        source_url: db.url(),
+        store: Box::new(move || Box::new(FileStore::new(&state, "default", "customers"))),
+        warehouse: Warehouse::ClickHouse(db.name.clone()),
+    }
+}
+
+#[tokio::test]
+async fn on_clickhouse_datetime_runs_read_only_past_the_mark_and_ties_at_it() {
+    let db = TestClickHouse::new("cursor").await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = clickhouse_harness(&db, &dir).await;
+    scenario(&h, "updated_at").await;
+}
+
+#[tokio::test]
+async fn on_clickhouse_a_decimal_cursor_reads_from_its_mark() {
+    let db = TestClickHouse::new("cursor_dec").await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = clickhouse_harness(&db, &dir).await;
+    let mut spec = spec("upsert", "amount", "");
+    spec.source.query = "SELECT id, email, plan, amount FROM customers".into();
+    let fake = fake_ok();
+    let first = h.run(&spec, &fake, RunOptions::default()).await;
+    ok(&first);
+    assert_eq!(first.plan.rows_in_model, 100);
+    // Row 100 holds the mark, 1.00; row 7 moves past it, row 8 below it.
+    h.exec(
+        "UPDATE customers SET plan = 'pro', amount = toDecimal64('2.50', 2) WHERE id = 7;
+         UPDATE customers SET plan = 'pro' WHERE id = 8",
+    )
+    .await;
+    let calls = fake.call_count();
+    let r = h.run(&spec, &fake, RunOptions::default()).await;
+    ok(&r);
+    assert_eq!(
+        r.cursor,
+        Some(CursorRead::PastMark(
+            r#"{"type":"decimal","value":"1.00"}"#.into()
+        ))
+    );
+    assert_eq!(
+        (r.plan.rows_in_model, r.plan.changed, r.plan.unchanged),
+        (2, 1, 1)
+    );
+    assert_eq!(keys(&fake, calls), set(&[7]));
 }

@@ -72,10 +72,7 @@ impl Mark {
             Mark::Decimal(d) => {
                 let plain = d.to_plain_string();
                 match dialect {
-                    Dialect::ClickHouse => {
-                        let scale = plain.split_once('.').map_or(0, |(_, f)| f.len());
-                        format!("toDecimal256('{plain}', {scale})")
-                    }
+                    Dialect::ClickHouse => clickhouse_decimal(&plain),
                     Dialect::BigQuery => format!("BIGNUMERIC '{plain}'"),
                     _ => plain,
                 }
@@ -102,6 +99,12 @@ impl Mark {
                     // SQLite keeps timestamps as text in several shapes: compare instants,
                     // from 1 ms early (julianday's precision is about 20 µs).
                     Dialect::Sqlite => format!("julianday('{text}') - 1.0 / 86400000.0"),
+                    // `DateTime64` is newer than some servers in use (18.16 has none): a
+                    // mark on a whole second, all a `DateTime` column can hold, is written as
+                    // a `DateTime`, which newer servers compare with `DateTime64` columns too.
+                    Dialect::ClickHouse if t.timestamp_subsec_micros() == 0 => {
+                        format!("toDateTime('{}', 'UTC')", t.format("%Y-%m-%d %H:%M:%S"))
+                    }
                     Dialect::ClickHouse => format!("toDateTime64('{text}', 6, 'UTC')"),
                     Dialect::Snowflake => format!("'{text} +00:00'::TIMESTAMP_TZ"),
                     Dialect::Databricks => format!("TIMESTAMP '{text}+00:00'"),
@@ -110,6 +113,22 @@ impl Mark {
             }
         }
     }
+}
+
+/// A decimal mark (digits, an optional `-` and `.`) as a ClickHouse literal that every
+/// server version reads exactly: bare digits for an integer within 64 bits (a larger integer
+/// literal is read as a float), else the narrowest decimal type that holds it (`Decimal256`,
+/// newer than some servers, only past 38 digits). Newer servers refuse to compare a
+/// 128- or 256-bit integer column holding values past the decimal's range with it: such a
+/// cursor column needs a cast to `Decimal` in the model.
+fn clickhouse_decimal(plain: &str) -> String {
+    let scale = plain.split_once('.').map_or(0, |(_, f)| f.len());
+    if scale == 0 && (plain.parse::<i64>().is_ok() || plain.parse::<u64>().is_ok()) {
+        return plain.to_owned();
+    }
+    let digits = plain.chars().filter(char::is_ascii_digit).count();
+    let width = if digits <= 38 { 128 } else { 256 };
+    format!("toDecimal{width}('{plain}', {scale})")
 }
 
 /// The SQL dialects of the sources.
@@ -240,6 +259,13 @@ mod tests {
             "julianday(backflow_model.\"updated_at\") >= julianday('2026-01-02 03:04:05.123456') - 1.0 / 86400000.0"
         ));
         assert!(q("clickhouse://h/db").ends_with("toDateTime64('2026-01-02 03:04:05.123456', 6, 'UTC')"));
+        let whole = ts("2026-01-02T03:04:05Z");
+        assert!(
+            wrap_query("clickhouse://h/db", "SELECT 1", "updated_at", &whole)
+                .unwrap()
+                .ends_with(">= toDateTime('2026-01-02 03:04:05', 'UTC')"),
+            "a whole second reads on servers without DateTime64"
+        );
         assert!(q("snowflake://u@a/d/s").ends_with("'2026-01-02 03:04:05.123456 +00:00'::TIMESTAMP_TZ"));
         assert!(q("databricks://h/w").ends_with("TIMESTAMP '2026-01-02 03:04:05.123456+00:00'"));
         assert!(q("bigquery://p/d").ends_with("`updated_at` >= TIMESTAMP '2026-01-02 03:04:05.123456+00'"));
@@ -265,10 +291,23 @@ mod tests {
                 .unwrap()
                 .ends_with(">= 18446744073709551615.50")
         );
+        let clickhouse = |mark: &str| {
+            wrap_query(
+                "clickhouse://h",
+                "SELECT 1",
+                "v",
+                &Mark::Decimal(mark.parse().unwrap()),
+            )
+            .unwrap()
+        };
         assert!(
-            wrap_query("clickhouse://h", "SELECT 1", "v", &dec)
-                .unwrap()
-                .ends_with(">= toDecimal256('18446744073709551615.50', 2)")
+            clickhouse("18446744073709551615.50").ends_with(">= toDecimal128('18446744073709551615.50', 2)")
+        );
+        assert!(clickhouse("18446744073709551615").ends_with(">= 18446744073709551615"));
+        assert!(clickhouse("-18446744073709551616").ends_with(">= toDecimal128('-18446744073709551616', 0)"));
+        assert!(
+            clickhouse(&format!("1{}", "0".repeat(40)))
+                .ends_with(&format!(">= toDecimal256('1{}', 0)", "0".repeat(40)))
         );
         assert!(
             wrap_query("bigquery://p/d", "SELECT 1", "v", &day)
