@@ -193,9 +193,15 @@ impl Comparison {
 }
 
 /// [`compare`] on a blocking thread, taking both sides (they are dropped, with their
-/// temporary files, when it is done).
-pub async fn compare_apart(run: HashBuckets, stored: Option<HashBuckets>) -> std::io::Result<Comparison> {
-    tokio::task::spawn_blocking(move || compare(&run, stored.as_ref()))
+/// temporary files, when it is done). With `partial` (the run read part of the model: cursor
+/// mode), the stored keys it lacks were not removed and are not listed: at 1% read, that list
+/// would hold 99% of the stored keys, 16 bytes each.
+pub async fn compare_apart(
+    run: HashBuckets,
+    stored: Option<HashBuckets>,
+    partial: bool,
+) -> std::io::Result<Comparison> {
+    tokio::task::spawn_blocking(move || compare_listing(&run, stored.as_ref(), !partial))
         .await
         .map_err(|e| std::io::Error::other(format!("comparing fingerprints stopped: {e}")))?
 }
@@ -204,6 +210,15 @@ pub async fn compare_apart(run: HashBuckets, stored: Option<HashBuckets>) -> std
 /// between the machine's cores. `stored: None` means nothing is stored: only duplicates are
 /// looked for, and `changed` stays empty (every key is new).
 pub fn compare(run: &HashBuckets, stored: Option<&HashBuckets>) -> std::io::Result<Comparison> {
+    compare_listing(run, stored, true)
+}
+
+/// [`compare`], listing the removed keys only when `list_removed`.
+fn compare_listing(
+    run: &HashBuckets,
+    stored: Option<&HashBuckets>,
+    list_removed: bool,
+) -> std::io::Result<Comparison> {
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .clamp(1, 8);
@@ -212,7 +227,14 @@ pub fn compare(run: &HashBuckets, stored: Option<&HashBuckets>) -> std::io::Resu
         let handles: Vec<_> = (0..BUCKETS)
             .step_by(per_thread)
             .map(|first| {
-                s.spawn(move || compare_buckets(run, stored, first..(first + per_thread).min(BUCKETS)))
+                s.spawn(move || {
+                    compare_buckets(
+                        run,
+                        stored,
+                        first..(first + per_thread).min(BUCKETS),
+                        list_removed,
+                    )
+                })
             })
             .collect();
         handles
@@ -238,6 +260,7 @@ fn compare_buckets(
     run: &HashBuckets,
     stored: Option<&HashBuckets>,
     buckets: std::ops::Range<usize>,
+    list_removed: bool,
 ) -> std::io::Result<Comparison> {
     let mut found = Comparison::default();
     for bucket in buckets {
@@ -246,13 +269,25 @@ fn compare_buckets(
             Some(s) => s.sorted_bucket(bucket)?,
             None => Vec::new(),
         };
-        merge_bucket(&run_pairs, &stored_pairs, stored.is_some(), &mut found);
+        merge_bucket(
+            &run_pairs,
+            &stored_pairs,
+            stored.is_some(),
+            list_removed,
+            &mut found,
+        );
     }
     Ok(found)
 }
 
 /// Walks one bucket of each side, both sorted by key hash.
-fn merge_bucket(run: &[(u128, u64)], stored: &[(u128, u64)], diff: bool, out: &mut Comparison) {
+fn merge_bucket(
+    run: &[(u128, u64)],
+    stored: &[(u128, u64)],
+    diff: bool,
+    list_removed: bool,
+    out: &mut Comparison,
+) {
     let (mut i, mut j) = (0, 0);
     while i < run.len() {
         let (hash, fingerprint) = run[i];
@@ -263,7 +298,9 @@ fn merge_bucket(run: &[(u128, u64)], stored: &[(u128, u64)], diff: bool, out: &m
         let copies = (k - i) as u64;
         i = k;
         while j < stored.len() && stored[j].0 < hash {
-            out.removed.push(stored[j].0);
+            if list_removed {
+                out.removed.push(stored[j].0);
+            }
             j += 1;
         }
         let stored_fp = match stored.get(j) {
@@ -287,7 +324,9 @@ fn merge_bucket(run: &[(u128, u64)], stored: &[(u128, u64)], diff: bool, out: &m
             }
         }
     }
-    out.removed.extend(stored[j..].iter().map(|(h, _)| *h));
+    if list_removed {
+        out.removed.extend(stored[j..].iter().map(|(h, _)| *h));
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +365,12 @@ mod tests {
         let mut removed = found.removed;
         removed.sort_unstable();
         assert_eq!(removed, vec![1, top(255)]);
+
+        // A run that read part of the model finds the same changes and lists no removed key.
+        let partial = compare_listing(&run, Some(&stored), false).unwrap();
+        assert_eq!(partial.changed, found.changed);
+        assert_eq!(partial.duplicates, found.duplicates);
+        assert!(partial.removed.is_empty());
     }
 
     #[test]

@@ -106,7 +106,7 @@ impl StoreDiff for ConfigMapStore {
             .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
         let all_added = pairs.is_empty();
         let (staged, stored_rows) = (run.len(), pairs.len());
-        let compared = compare_apart(run, (!all_added).then_some(pairs))
+        let compared = compare_apart(run, (!all_added).then_some(pairs), partial)
             .await
             .map_err(|e| self.temp_file_error(&e))?;
         let removed = if partial || compared.removed.is_empty() {

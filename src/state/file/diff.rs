@@ -140,7 +140,7 @@ impl StoreDiff for FileStore {
             None => None,
         };
         let (staged, stored_rows) = (run.len(), stored.as_ref().map_or(0, HashBuckets::len));
-        let compared = compare_apart(run, stored)
+        let compared = compare_apart(run, stored, partial)
             .await
             .map_err(|e| temp_file_error(&path, &e))?;
         let removed = if partial || compared.removed.is_empty() {

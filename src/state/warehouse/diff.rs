@@ -297,10 +297,12 @@ impl StoreDiff for WarehouseStore {
         let compared_in = std::time::Instant::now();
         let staged = run.len();
         let stored_rows = stored.as_ref().map_or(0, HashBuckets::len);
-        let compared = compare_apart(run, stored).await.map_err(|e| StateError::Io {
-            location: self.location(),
-            reason: format!("failed to read a local temporary file of fingerprints: {e}"),
-        })?;
+        let compared = compare_apart(run, stored, partial)
+            .await
+            .map_err(|e| StateError::Io {
+                location: self.location(),
+                reason: format!("failed to read a local temporary file of fingerprints: {e}"),
+            })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = if partial {
             Vec::new()
