@@ -2,8 +2,8 @@
 //! with the mark are read again and skipped by fingerprint, full diffs (scheduled or asked
 //! for) catch deletes and changes that did not move the cursor, and the mark only advances
 //! with a run that committed. On SQLite (timestamps as text, integers), PostgreSQL
-//! (timestamptz), MariaDB (DATETIME) and ClickHouse (DateTime, Decimal, on the real server),
-//! with the File, ConfigMap and Warehouse stores.
+//! (timestamptz, also through the Redshift flavour), MariaDB (DATETIME) and ClickHouse
+//! (DateTime, Decimal, on the real server), with the File, ConfigMap and Warehouse stores.
 
 mod support;
 
@@ -565,4 +565,16 @@ async fn on_clickhouse_a_decimal_cursor_reads_from_its_mark() {
         (2, 1, 1)
     );
     assert_eq!(keys(&fake, calls), set(&[7]));
+}
+
+#[tokio::test]
+async fn through_the_redshift_flavour_of_the_postgresql_source() {
+    // Redshift's text-format rows and login, on PostgreSQL (no Redshift cluster runs here).
+    let db = TestDb::postgres("cursor_rs").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = postgres_harness(&db).await;
+    h.source_url = db.url.replacen("postgres://", "redshift://", 1);
+    let state = dir.path().to_owned();
+    h.store = Box::new(move || Box::new(FileStore::new(&state, "default", "customers")));
+    scenario(&h, "updated_at").await;
 }
