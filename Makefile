@@ -4,11 +4,13 @@ QUICKSTART_DIR := .backflow/quickstart
 PYTHON ?= python3
 # The chart checks' Python tools (helm-python-sdk, kubernetes-validate, jsonschema, pytest).
 VENV ?= .venv
+# dlt's cursor run of `make bench-dlt` (benches/dlt/requirements.txt).
+DLT_VENV ?= benches/dlt/.venv
 # Where `make install` puts the binaries.
 PREFIX ?= /usr/local
 
 .DEFAULT_GOAL := help
-.PHONY: help run install test test-rust test-chart kube venv bench bench-10m bench-100m crds lint doc fmt
+.PHONY: help run install test test-rust test-chart kube venv bench bench-10m bench-100m bench-dlt crds lint doc fmt
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +54,14 @@ bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 
 
 bench-100m: ## 100,000,000 rows, then 1% changed, File store, one process per run: peak RSS, peak /tmp and plan against COPY (not in CI; hours on 2 cores, ~25 GB free disk for PostgreSQL; BACKFLOW_BENCH_ROWS sets another size)
 	BACKFLOW_BENCH_ONLY=huge BACKFLOW_BENCH_ROWS=$${BACKFLOW_BENCH_ROWS:-100000000} $(CARGO) bench --locked --bench scale
+
+bench-dlt: $(DLT_VENV)/.installed ## Cursor mode at 1,000,000 rows next to dlt 1.31's cursor run (sql_database, incremental on updated_at) to the same sink, medians of 3 (not in CI; creates benches/dlt/.venv)
+	BACKFLOW_BENCH_ONLY=cursor $(CARGO) bench --locked --bench scale
+
+$(DLT_VENV)/.installed: benches/dlt/requirements.txt
+	$(PYTHON) -m venv $(DLT_VENV)
+	$(DLT_VENV)/bin/pip install --quiet --disable-pip-version-check -r benches/dlt/requirements.txt
+	@touch $@
 
 crds: ## Regenerate crds/ from the Rust types, and their copies in the chart and config/crd
 	$(CARGO) run --quiet -- crds > /dev/null
