@@ -15,6 +15,9 @@
 //! 4. 1% of rows changed, COPY again, and for each store plan only and a second run end to
 //!    end.
 //!
+//! `BACKFLOW_BENCH_ONLY=plan` runs only COPY, the source alone and the plan-only phases
+//! (`plan.rs`), a few minutes at 1,000,000 rows.
+//!
 //! Then cursor mode at the smallest size (`cursor.rs`): the 1%-changed run reading past the
 //! high-water mark next to the same change found by a full diff, and COPY (alone with
 //! `BACKFLOW_BENCH_ONLY=cursor`).
@@ -51,6 +54,7 @@ mod delivery;
 mod huge;
 mod model;
 mod phase;
+mod plan;
 mod report;
 mod sink;
 mod templates;
@@ -143,6 +147,12 @@ async fn main() {
         // `BACKFLOW_BENCH_ONLY=cursor make bench`: cursor mode alone, at the smallest size.
         let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
         cursor::print(&cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await);
+        return;
+    }
+
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("plan") {
+        // `BACKFLOW_BENCH_ONLY=plan make bench`: COPY, the source alone and plan-only phases.
+        plan::bench(&admin_url, &sizes, repeat, &sink, api_server.url()).await;
         return;
     }
 

@@ -57,17 +57,6 @@ pub enum MappingError {
     },
 }
 
-/// A row mapped to its destination record: one value per mapping, in spec order. The
-/// record itself is written from them by [`Mapper::write_fields`] (canonical JSON);
-/// planning needs only the bytes, so no map is built per row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MappedRow {
-    /// The primary key in canonical text form.
-    pub key: String,
-    /// The value of each mapping, after transforms.
-    pub values: Vec<Value>,
-}
-
 /// The destination record's shape: field names, sorted, down to the mapping of each leaf.
 #[derive(Debug)]
 enum Shape {
@@ -257,23 +246,51 @@ impl Mapper {
 
     /// The primary key of a row in canonical text form, or why it has none.
     pub fn key(&self, row: &[Value]) -> Result<String, String> {
+        let mut out = Vec::new();
+        self.write_key(row, &mut out)?;
+        // The key is written from valid UTF-8 pieces only (text values and canonical JSON).
+        String::from_utf8(out).map_err(|_| "the primary key is not valid UTF-8".to_owned())
+    }
+
+    /// Appends the primary key of a row in canonical text form to `out` (what [`Self::key`]
+    /// returns), or says why it has none: a text key as is, any other value, and a key of
+    /// several columns as a whole, in canonical JSON.
+    pub fn write_key(&self, row: &[Value], out: &mut Vec<u8>) -> Result<(), String> {
         for (name, idx) in &self.key_columns {
             if row.get(*idx).is_none_or(Value::is_null) {
                 return Err(format!("primary key column {name:?} is NULL"));
             }
         }
         match self.key_columns.as_slice() {
-            [(_, idx)] => Ok(row[*idx].to_text()),
+            [(_, idx)] => match &row[*idx] {
+                Value::Text(s) | Value::Json(serde_json::Value::String(s)) => {
+                    out.extend_from_slice(s.as_bytes());
+                }
+                other => other.write_canonical(out),
+            },
             cols => {
-                let parts = Value::Array(cols.iter().map(|(_, idx)| row[*idx].clone()).collect());
-                Ok(parts.to_text())
+                out.push(b'[');
+                for (n, (_, idx)) in cols.iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    row[*idx].write_canonical(out);
+                }
+                out.push(b']');
             }
         }
+        Ok(())
     }
 
-    /// Maps a row whose key is already known, moving values out of it where it can.
-    pub fn map(&self, key: String, mut row: Vec<Value>) -> Result<MappedRow, RowRejection> {
-        let mut values = Vec::with_capacity(self.mappings.len());
+    /// Maps a row whose key is already known into `values` (cleared first: one value per
+    /// mapping, in spec order), moving values out of the row where it can.
+    pub fn map_into(
+        &self,
+        key: &str,
+        mut row: Vec<Value>,
+        values: &mut Vec<Value>,
+    ) -> Result<(), RowRejection> {
+        values.clear();
         for m in &self.mappings {
             let mut value = match &m.source {
                 FieldSource::Column(idx) => match row.get_mut(*idx) {
@@ -283,7 +300,7 @@ impl Mapper {
                 },
                 FieldSource::Template { template, columns } => {
                     let reject = |reason: String| RowRejection {
-                        key: Some(key.clone()),
+                        key: Some(key.to_owned()),
                         reason: format!("mapping to {:?}: {reason}", m.target_text),
                     };
                     let rendered = template
@@ -304,7 +321,7 @@ impl Mapper {
             };
             for t in &m.transforms {
                 value = t.apply(value).map_err(|reason| RowRejection {
-                    key: Some(key.clone()),
+                    key: Some(key.to_owned()),
                     reason: format!("mapping to {:?}: {reason}", m.target_text),
                 })?;
             }
@@ -313,12 +330,12 @@ impl Mapper {
         for (field, i) in &self.match_fields {
             if values[*i].is_null() {
                 return Err(RowRejection {
-                    key: Some(key),
+                    key: Some(key.to_owned()),
                     reason: format!("match field {field:?} is NULL, so the record cannot be identified"),
                 });
             }
         }
-        Ok(MappedRow { key, values })
+        Ok(())
     }
 
     /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`:
@@ -327,15 +344,25 @@ impl Mapper {
         write_shape(&self.shape, values, out);
     }
 
-    /// The targets whose value is a JSON null (a `jsonb` `'null'`), which canonical JSON
-    /// writes as `null` like SQL NULL: the fingerprint and the spill carry them beside it.
-    /// Empty (and allocation-free) for almost every row.
-    pub fn json_nulls(&self, values: &[Value]) -> Vec<&str> {
-        self.mappings
+    /// The mappings whose value is a JSON null (a `jsonb` `'null'`), which canonical JSON
+    /// writes as `null` like SQL NULL: the fingerprint and the spill carry their targets
+    /// ([`Self::json_null_targets`]) beside it. Empty (and allocation-free) for almost every
+    /// row.
+    pub fn json_null_mappings(&self, values: &[Value]) -> Vec<usize> {
+        values
             .iter()
-            .zip(values)
+            .enumerate()
             .filter(|(_, v)| matches!(v, Value::Json(serde_json::Value::Null)))
-            .map(|(m, _)| m.target_text.as_str())
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The targets of `mappings` (indexes from [`Self::json_null_mappings`]), in order.
+    pub fn json_null_targets(&self, mappings: &[usize]) -> Vec<&str> {
+        mappings
+            .iter()
+            .filter_map(|&i| self.mappings.get(i))
+            .map(|m| m.target_text.as_str())
             .collect()
     }
 
@@ -412,6 +439,12 @@ mod tests {
     use bigdecimal::BigDecimal;
     use std::str::FromStr;
 
+    /// The values `mapper` maps `row` to.
+    fn map(mapper: &Mapper, key: &str, row: Vec<Value>) -> Result<Vec<Value>, RowRejection> {
+        let mut values = Vec::new();
+        mapper.map_into(key, row, &mut values).map(|()| values)
+    }
+
     fn col(name: &str) -> Column {
         Column {
             name: name.into(),
@@ -458,14 +491,14 @@ mod tests {
             Value::Int(99),
         ];
         let key = mapper.key(&row).unwrap();
-        let mapped = mapper.map(key, row).unwrap();
-        assert_eq!(mapped.key, "1");
+        assert_eq!(key, "1");
+        let mapped = map(&mapper, &key, row).unwrap();
         let expected = r#"{"id":1,"properties":{"email":"ada@example.com","name":"Ada Lovelace"}}"#;
         let mut written = Vec::new();
-        mapper.write_fields(&mapped.values, &mut written);
+        mapper.write_fields(&mapped, &mut written);
         assert_eq!(String::from_utf8(written).unwrap(), expected);
         let mut identity = Vec::new();
-        mapper.write_identity(&mapped.values, &mut identity);
+        mapper.write_identity(&mapped, &mut identity);
         assert_eq!(
             String::from_utf8(identity).unwrap(),
             r#"{"properties.email":"ada@example.com"}"#
@@ -487,13 +520,11 @@ mod tests {
             mapping("id", "id", &[]),
         ];
         let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("email")]).unwrap();
-        let mapped = mapper
-            .map("1".into(), vec![Value::Int(1), Value::Text("x@y".into())])
-            .unwrap();
+        let mapped = map(&mapper, "1", vec![Value::Int(1), Value::Text("x@y".into())]).unwrap();
         assert_eq!(
             {
                 let mut out = Vec::new();
-                mapper.write_fields(&mapped.values, &mut out);
+                mapper.write_fields(&mapped, &mut out);
                 String::from_utf8(out).unwrap()
             },
             r#"{"a":"x@y","b":"<x@y>","c":"X@Y","id":1}"#
@@ -576,9 +607,9 @@ mod tests {
             Value::Decimal(BigDecimal::from_str("98765432109876543.215").unwrap()),
             Value::Timestamp("2024-05-06T07:08:09Z".parse().unwrap()),
         ];
-        let mapped = mapper.map("1".into(), row).unwrap();
+        let mapped = map(&mapper, "1", row).unwrap();
         assert_eq!(
-            written(&mapper, &mapped.values),
+            written(&mapper, &mapped),
             r#"{"facts":{"ltv":98765432109876543.22,"since":"2024-05-06"},"id":1,"stage":"customer"}"#
         );
     }
@@ -604,12 +635,12 @@ mod tests {
             template("{{ note | safe }}", TemplateType::Json, "note"),
         ];
         let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("note")]).unwrap();
-        let rejection = mapper
-            .map(
-                "1".into(),
-                vec![Value::Int(1), Value::Text("private words".into())],
-            )
-            .unwrap_err();
+        let rejection = map(
+            &mapper,
+            "1",
+            vec![Value::Int(1), Value::Text("private words".into())],
+        )
+        .unwrap_err();
         assert!(
             rejection
                 .reason
@@ -627,10 +658,8 @@ mod tests {
             template("{{first-name}}!", TemplateType::Text, "name"),
         ];
         let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("first-name")]).unwrap();
-        let mapped = mapper
-            .map("1".into(), vec![Value::Int(1), Value::Text("Ada".into())])
-            .unwrap();
-        assert_eq!(mapped.values[1], Value::Text("Ada!".into()));
+        let mapped = map(&mapper, "1", vec![Value::Int(1), Value::Text("Ada".into())]).unwrap();
+        assert_eq!(mapped[1], Value::Text("Ada!".into()));
     }
 
     #[test]
@@ -644,10 +673,8 @@ mod tests {
             ),
         ];
         let mapper = Mapper::new(&maps, &["id".into()], &[], &[col("id"), col("n")]).unwrap();
-        assert!(mapper.map("1".into(), vec![Value::Int(1), Value::Int(3)]).is_ok());
-        let rejection = mapper
-            .map("2".into(), vec![Value::Int(2), Value::Int(100_000)])
-            .unwrap_err();
+        assert!(map(&mapper, "1", vec![Value::Int(1), Value::Int(3)]).is_ok());
+        let rejection = map(&mapper, "2", vec![Value::Int(2), Value::Int(100_000)]).unwrap_err();
         assert!(
             rejection.reason.contains("ran out of fuel"),
             "{}",

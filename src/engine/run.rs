@@ -497,12 +497,12 @@ async fn run_steps(
         }
         None => String::new(),
     };
-    let mapper = Mapper::new(
+    let mapper = Arc::new(Mapper::new(
         &spec.mappings,
         &spec.source.primary_key,
         &spec.match_fields,
         rows.columns(),
-    )?;
+    )?);
     let pushed = match store.store_diff() {
         Some(diff) => {
             let pushed = diff.begin(&job.scope).await?;
@@ -521,9 +521,9 @@ async fn run_steps(
         decider,
         mut sends,
     } = if pushed {
-        store_diff::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+        store_diff::plan(&mut rows, mapper, store, &job.scope, spec.mode, options, c).await?
     } else {
-        in_memory::plan(&mut rows, &mapper, store, &job.scope, spec.mode, options, c).await?
+        in_memory::plan(&mut rows, mapper, store, &job.scope, spec.mode, options, c).await?
     };
     if let Some(cursor) = &cursor {
         let read_max = rows.cursor_max().map_err(|kind| {

@@ -189,7 +189,7 @@ impl Value {
             Value::Text(s) => write_json_string(s, out),
             Value::Date(d) => write_json_string(&d.format("%Y-%m-%d").to_string(), out),
             Value::Time(t) => write_json_string(&t.format("%H:%M:%S%.f").to_string(), out),
-            Value::Timestamp(ts) => write_json_string(&ts.to_rfc3339_opts(SecondsFormat::AutoSi, true), out),
+            Value::Timestamp(ts) => write_timestamp(ts, out),
             Value::Json(j) => write_json(j, out),
             Value::Uuid(u) => write_json_string(&u.hyphenated().to_string(), out),
             Value::Array(items) => {
@@ -501,6 +501,53 @@ fn write_float(f: f64, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends an instant as a JSON string, RFC 3339 in UTC with a `Z` and the fewest of 0, 3, 6
+/// or 9 fraction digits that hold it exactly: what chrono's `to_rfc3339_opts(AutoSi, true)`
+/// writes, without its allocation and format machinery (every timestamp of every row comes
+/// through here). Years outside 0–9999 and leap seconds go through chrono.
+fn write_timestamp(ts: &DateTime<Utc>, out: &mut Vec<u8>) {
+    use chrono::{Datelike as _, Timelike as _};
+    let (year, nanos) = (ts.year(), ts.nanosecond());
+    let Ok(year) = u32::try_from(year) else {
+        write_json_string(&ts.to_rfc3339_opts(SecondsFormat::AutoSi, true), out);
+        return;
+    };
+    if year > 9999 || nanos >= 1_000_000_000 {
+        write_json_string(&ts.to_rfc3339_opts(SecondsFormat::AutoSi, true), out);
+        return;
+    }
+    fn digits(out: &mut Vec<u8>, value: u32, width: u32) {
+        for p in (0..width).rev() {
+            // A digit, 0–9: the cast cannot truncate.
+            out.push(b'0' + (value / 10u32.pow(p) % 10) as u8);
+        }
+    }
+    out.reserve(32);
+    out.push(b'"');
+    digits(out, year, 4);
+    out.push(b'-');
+    digits(out, ts.month(), 2);
+    out.push(b'-');
+    digits(out, ts.day(), 2);
+    out.push(b'T');
+    digits(out, ts.hour(), 2);
+    out.push(b':');
+    digits(out, ts.minute(), 2);
+    out.push(b':');
+    digits(out, ts.second(), 2);
+    if nanos != 0 {
+        out.push(b'.');
+        if nanos % 1_000_000 == 0 {
+            digits(out, nanos / 1_000_000, 3);
+        } else if nanos % 1_000 == 0 {
+            digits(out, nanos / 1_000, 6);
+        } else {
+            digits(out, nanos, 9);
+        }
+    }
+    out.extend_from_slice(b"Z\"");
+}
+
 fn write_json(j: &serde_json::Value, out: &mut Vec<u8>) {
     match j {
         serde_json::Value::Object(map) => {
@@ -566,6 +613,41 @@ mod tests {
         let mut out = Vec::new();
         v.write_canonical(&mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        let cases = [
+            "2024-03-01T12:00:00Z",
+            "2024-03-01T12:00:00.5Z",
+            "1999-12-31T23:59:59.999999Z",
+            "0001-01-01T00:00:00.000000001Z",
+            "2021-01-01T00:01:00.120Z",
+            "9999-12-31T23:59:59.123456789Z",
+            "0000-01-01T00:00:00Z",
+            "-0001-06-01T00:00:00Z",
+            "+10000-01-01T00:00:00.25Z",
+        ];
+        for text in cases {
+            let ts = match DateTime::parse_from_rfc3339(text) {
+                Ok(ts) => ts.with_timezone(&Utc),
+                // Years beyond four digits: built from their parts.
+                Err(_) => {
+                    let (year, nanos) = if text.starts_with('-') {
+                        (-1, 0)
+                    } else {
+                        (10_000, 250_000_000)
+                    };
+                    NaiveDate::from_ymd_opt(year, 1, 1)
+                        .unwrap()
+                        .and_hms_nano_opt(0, 0, 0, nanos)
+                        .unwrap()
+                        .and_utc()
+                }
+            };
+            let expected = format!("\"{}\"", ts.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+            assert_eq!(canon(&Value::Timestamp(ts)), expected, "{text}");
+        }
     }
 
     #[test]

@@ -333,6 +333,29 @@ impl RowStream {
             }
         }
     }
+
+    /// The next rows in order, as many as arrived together (a few hundred): an empty
+    /// chunk never; an error that ends the stream; `None` at the end. Rows handed out one at
+    /// a time by [`RowStream::next`] and not yet taken come first.
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<SourceRow>, SourceError>> {
+        let chunk = if !self.pending.as_slice().is_empty() {
+            std::mem::take(&mut self.pending).collect()
+        } else {
+            loop {
+                match self.rows.recv().await? {
+                    Ok(chunk) if chunk.is_empty() => continue,
+                    Ok(chunk) => break chunk,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        };
+        if let Some(watch) = &mut self.watch {
+            for row in &chunk {
+                watch.see(row.values());
+            }
+        }
+        Some(Ok(chunk))
+    }
 }
 
 /// Failures of a source. Messages never contain the connection URL or its password.

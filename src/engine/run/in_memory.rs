@@ -1,7 +1,7 @@
 //! Planning in memory: every stored fingerprint is loaded and the planner decides row by
 //! row, for a store without a diff of its own.
 
-use super::rows::{NextRow, next_row, report_duplicates};
+use super::rows::{MappedRows, NextRow, report_duplicates};
 use super::{Collector, Decider, PlanSample, Planned, RunError, RunOptions};
 use crate::api::SyncMode;
 use crate::destination::PlannedSends;
@@ -18,7 +18,7 @@ use crate::state::StateStore;
 /// of stores plans against the imported state).
 pub(super) async fn plan(
     rows: &mut source::RowStream,
-    mapper: &Mapper,
+    mapper: std::sync::Arc<Mapper>,
     store: &mut dyn StateStore,
     scope: &str,
     mode: SyncMode,
@@ -34,12 +34,11 @@ pub(super) async fn plan(
     let mut planner = Planner::new(&state, mode, options.full_resync);
     let mut spill = SpillWriter::new().map_err(RunError::spill)?;
     let mut samples_per_op = std::collections::HashMap::<Operation, usize>::new();
-    let mut canonical = Vec::with_capacity(512);
-    let mut identity_json = Vec::with_capacity(64);
+    let mut rows = MappedRows::new(rows, mapper);
     let mut sends = PlannedSends::default();
     let mut stored_duplicates = std::collections::BTreeSet::new();
     loop {
-        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
+        let mapped = match rows.next(store, options, c).await? {
             NextRow::End => break,
             NextRow::Rejected(key) => {
                 // A rejected row keeps its stored record: it is neither sent nor deleted.
@@ -48,41 +47,39 @@ pub(super) async fn plan(
                 options.progress.row_planned();
                 continue;
             }
-            NextRow::Mapped(mapped, fp) => (mapped, fp),
+            NextRow::Mapped(mapped) => mapped,
         };
-        match planner.plan(&mapped.key, fp) {
+        match planner.plan(mapped.key, mapped.fingerprint) {
             Decision::Send(operation, change) => {
                 sends.add(operation, 1);
-                identity_json.clear();
-                mapper.write_identity(&mapped.values, &mut identity_json);
                 if options.dry_run {
                     let n = samples_per_op.entry(operation).or_default();
                     if *n < options.sample_size {
                         *n += 1;
                         c.report.plan_samples.push(PlanSample {
                             operation: operation.as_str().to_owned(),
-                            key: mapped.key.clone(),
-                            record: String::from_utf8_lossy(&canonical).into_owned(),
+                            key: mapped.key.to_owned(),
+                            record: String::from_utf8_lossy(mapped.fields).into_owned(),
                         });
                     }
                 }
                 spill
                     .push(
                         operation,
-                        &mapped.key,
-                        fp,
+                        mapped.key,
+                        mapped.fingerprint,
                         change == Change::Added,
                         RowJson {
-                            identity: &identity_json,
-                            fields: &canonical,
-                            json_nulls: &mapper.json_nulls(&mapped.values),
+                            identity: mapped.identity,
+                            fields: mapped.fields,
+                            json_nulls: &mapped.json_nulls,
                         },
                     )
                     .map_err(RunError::spill)?;
             }
             // Reported once per key when the plan is complete and its rows are counted.
             Decision::Duplicate => {
-                stored_duplicates.insert(mapped.key);
+                stored_duplicates.insert(mapped.key.to_owned());
             }
             Decision::Skip(_) => {}
         }

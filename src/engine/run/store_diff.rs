@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::rows::{NextRow, next_row, report_duplicates};
+use super::rows::{MappedRows, NextRow, report_duplicates};
 use super::{Collector, Decider, Planned, RunError};
 use crate::api::SyncMode;
 use crate::destination::PlannedSends;
@@ -28,7 +28,7 @@ const STAGE_CHUNK: usize = 10_000;
 /// Streams the model, hands key hashes and fingerprints to the store, and asks it for the diff.
 pub(super) async fn plan(
     rows: &mut RowStream,
-    mapper: &Mapper,
+    mapper: std::sync::Arc<Mapper>,
     store: &mut dyn StateStore,
     scope: &str,
     mode: SyncMode,
@@ -37,14 +37,13 @@ pub(super) async fn plan(
 ) -> Result<Planned, RunError> {
     let mut spill = SpillWriter::new().map_err(RunError::spill)?;
     let mut index = RowIndex::new().map_err(RunError::spill)?;
-    let mut canonical = Vec::with_capacity(512);
-    let mut identity_json = Vec::with_capacity(64);
+    let mut rows = MappedRows::new(rows, mapper);
     let mut staged: Vec<(u128, u64)> = Vec::with_capacity(STAGE_CHUNK);
     let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
     let mut digest = 0u64;
     let mut rejected_keys = HashMap::new();
     loop {
-        let (mapped, fp) = match next_row(rows, mapper, store, options, &mut canonical, c).await? {
+        let mapped = match rows.next(store, options, c).await? {
             NextRow::End => break,
             NextRow::Rejected(key) => {
                 rejected_rows += 1;
@@ -58,26 +57,25 @@ pub(super) async fn plan(
                 }
                 continue;
             }
-            NextRow::Mapped(mapped, fp) => (mapped, fp),
+            NextRow::Mapped(mapped) => mapped,
         };
-        identity_json.clear();
-        mapper.write_identity(&mapped.values, &mut identity_json);
+        let fp = mapped.fingerprint;
         // The operation is decided after the diff; the spill keeps every row until then.
         let offset = spill
             .push(
                 Operation::Upsert,
-                &mapped.key,
+                mapped.key,
                 fp,
                 false,
                 RowJson {
-                    identity: &identity_json,
-                    fields: &canonical,
-                    json_nulls: &mapper.json_nulls(&mapped.values),
+                    identity: mapped.identity,
+                    fields: mapped.fields,
+                    json_nulls: &mapped.json_nulls,
                 },
             )
             .map_err(RunError::spill)?;
-        digest = digest.wrapping_add(row_digest(&mapped.key, fp));
-        let hash = stored_key_hash(&mapped.key);
+        digest = digest.wrapping_add(row_digest(mapped.key, fp));
+        let hash = mapped.key_hash;
         index.push(hash, offset).map_err(RunError::spill)?;
         staged.push((hash, fp));
         mapped_rows += 1;
