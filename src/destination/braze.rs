@@ -643,7 +643,8 @@ mod tests {
                 ("vip".to_owned(), Value::Bool(true)),
                 ("phone".to_owned(), Value::Null),
                 ("loyalty".to_owned(), Value::Object(nested)),
-            ]).into(),
+            ])
+            .into(),
         };
         let id = external_id_of(&record).unwrap();
         assert_eq!(id, "7");
@@ -675,7 +676,8 @@ mod tests {
                     "orders".to_owned(),
                     Value::Json(json!([{"id": 1, "coupon": null}, null])),
                 ),
-            ]).into(),
+            ])
+            .into(),
         };
         assert_eq!(
             attributes_of(&record, "7".into(), false).unwrap(),
@@ -692,7 +694,8 @@ mod tests {
         let long = Record {
             key: "9".into(),
             identity: Document::new(),
-            fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))]).into(),
+            fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))])
+                .into(),
         };
         assert!(attributes_of(&long, "9".into(), false).is_err());
     }

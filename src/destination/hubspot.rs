@@ -709,7 +709,8 @@ mod tests {
                 ("vip".to_owned(), Value::Bool(true)),
                 ("phone".to_owned(), Value::Null),
                 ("properties".to_owned(), Value::Object(nested)),
-            ]).into(),
+            ])
+            .into(),
         };
         let id = c.id_of(&record).unwrap();
         assert_eq!(id, "a@x.io");

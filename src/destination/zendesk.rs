@@ -699,7 +699,8 @@ mod tests {
                 ("user_fields".to_owned(), Value::Object(nested)),
                 ("user_fields.ltv".to_owned(), Value::Int(12)),
                 ("phone".to_owned(), Value::Null),
-            ]).into(),
+            ])
+            .into(),
         };
         let (name, value) = c.identity_of(&record).unwrap();
         assert_eq!(name, "external_id");

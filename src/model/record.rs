@@ -228,7 +228,10 @@ mod tests {
         let mut built = Vec::new();
         Fields::from(document()).write_json(&mut built);
         assert_eq!(through, built);
-        assert_eq!(fields.canonical_json(), Some(std::str::from_utf8(&built).unwrap()));
+        assert_eq!(
+            fields.canonical_json(),
+            Some(std::str::from_utf8(&built).unwrap())
+        );
         assert_eq!(fields, document());
         assert_eq!(fields["p"], document()["p"]);
         assert_eq!((&fields).into_iter().count(), 3);
