@@ -18,7 +18,7 @@ fn records(n: usize) -> Vec<Record> {
         .map(|i| Record {
             key: format!("k{i:03}"),
             identity: Document::new(),
-            fields: Document::new(),
+            fields: Document::new().into(),
         })
         .collect()
 }

@@ -47,7 +47,7 @@ fn user(key: i64, email: &str, first: &str) -> Record {
     Record {
         key: key.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 
@@ -364,7 +364,7 @@ async fn mirror_deletes_remove_profiles_by_external_id() {
     let gone = Record {
         key: "5".into(),
         identity: Document::from([("external_id".to_owned(), Value::Text("c-5".into()))]),
-        fields: Document::new(),
+        fields: Document::new().into(),
     };
     connector(&double)
         .await

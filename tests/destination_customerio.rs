@@ -50,7 +50,7 @@ fn person(match_field: &str, identifier: Value, name: &str) -> Record {
     Record {
         key: "1".into(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

@@ -55,7 +55,7 @@ fn record(id: i64, email: &str, name: &str) -> Record {
     Record {
         key: id.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

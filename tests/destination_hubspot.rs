@@ -45,7 +45,7 @@ fn contact(key: i64, email: &str, first: &str) -> Record {
     Record {
         key: key.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

@@ -51,7 +51,7 @@ fn contact(key: i64, external_id: &str, email: &str, name: &str) -> Record {
     Record {
         key: key.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 
@@ -166,7 +166,7 @@ async fn leads_found_by_email_are_created_with_the_lead_role() {
     let record = Record {
         key: "1".into(),
         identity: Document::from([("email".to_owned(), Value::Text("lead@example.com".into()))]),
-        fields: Document::from([("plan".to_owned(), Value::Text("trial".into()))]),
+        fields: Document::from([("plan".to_owned(), Value::Text("trial".into()))]).into(),
     };
 
     let outcomes = connector.send(Operation::Upsert, &[record]).await.unwrap();

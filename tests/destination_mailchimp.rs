@@ -47,7 +47,7 @@ fn member(key: i64, email: &str, first: &str) -> Record {
     Record {
         key: key.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

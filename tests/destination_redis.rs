@@ -177,7 +177,7 @@ fn record(id: i64, fields: &[(&str, Value)]) -> Record {
     Record {
         key: id.to_string(),
         identity: doc(&[("id", Value::Int(id))]),
-        fields,
+        fields: fields.into(),
     }
 }
 
@@ -185,7 +185,7 @@ fn key_only(id: i64) -> Record {
     Record {
         key: id.to_string(),
         identity: doc(&[("id", Value::Int(id))]),
-        fields: Document::new(),
+        fields: Document::new().into(),
     }
 }
 

@@ -99,7 +99,7 @@ fn contact(email: &str, last_name: Option<&str>) -> Record {
     Record {
         key: email.to_owned(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

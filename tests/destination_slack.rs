@@ -70,7 +70,7 @@ fn record(id: i64, name: &str, score: i64, channel: &str) -> Record {
     Record {
         key: id.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

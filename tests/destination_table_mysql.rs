@@ -33,7 +33,7 @@ fn record(match_fields: &[&str], fields: &[(&str, Value)]) -> Record {
     Record {
         key: format!("{identity:?}"),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 
@@ -41,7 +41,7 @@ fn key_only(pairs: &[(&str, Value)]) -> Record {
     Record {
         key: format!("{pairs:?}"),
         identity: doc(pairs),
-        fields: Document::new(),
+        fields: Document::new().into(),
     }
 }
 

@@ -52,7 +52,7 @@ fn user(key: i64, email: &str, name: &str) -> Record {
     Record {
         key: key.to_string(),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 
@@ -405,7 +405,7 @@ async fn mirror_deletes_destroy_users_by_external_id_and_an_unknown_one_counts_a
         let record = Record {
             key: "5".into(),
             identity: Document::from([("external_id".to_owned(), Value::Text("5".into()))]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         let outcomes = connector.send(Operation::Delete, &[record]).await.unwrap();
         assert_eq!(outcomes, vec![RecordOutcome::Accepted]);
@@ -436,7 +436,7 @@ async fn deletes_of_records_matched_on_email_are_rejected_with_the_reason() {
     let record = Record {
         key: "1".into(),
         identity: Document::from([("email".to_owned(), Value::Text("ada@example.com".into()))]),
-        fields: Document::new(),
+        fields: Document::new().into(),
     };
 
     let outcomes = connector.send(Operation::Delete, &[record]).await.unwrap();
@@ -462,7 +462,7 @@ async fn organizations_are_upserted_by_name_with_their_organization_fields() {
         Record {
             key: name.to_owned(),
             identity,
-            fields,
+            fields: fields.into(),
         }
     };
 

@@ -98,3 +98,97 @@ fn scenario(label: &'static str, fail_every: u64, concurrency: u32) -> Scenario 
         seen: Seen::default(),
     }
 }
+
+/// One pair of figures of [`against_ceiling`].
+pub struct Pair {
+    /// The File store's first run end to end.
+    pub run: Measured,
+    /// What the sink saw of it.
+    pub seen: Seen,
+    /// The bare client's run, and what the sink saw of it.
+    pub ceiling: Measured,
+    pub ceiling_seen: Seen,
+}
+
+/// `BACKFLOW_BENCH_ONLY=ceiling`: a `rows`-row model, then `repeat` times a File-store first
+/// run end to end into the sink at the destination's default concurrency, each followed by the
+/// sink's own ceiling at the same number of requests, the same concurrency and the same
+/// bodies (a fresh state each time).
+pub async fn against_ceiling(admin_url: &str, rows: u64, repeat: usize, sink: &Sink) -> Vec<Pair> {
+    eprintln!("delivery against the sink's ceiling: {rows} rows, {repeat} times ...");
+    let model = Model::create(admin_url, rows).await;
+    let destination = crate::sink_destination(&sink.url);
+    let concurrency = crate::default_concurrency(&destination).await;
+    let mut pairs = Vec::new();
+    for i in 0..repeat {
+        let state = tempfile::tempdir().expect("temp dir");
+        let phase = |kind: Kind| Phase {
+            kind,
+            database_url: model.url.clone(),
+            query: QUERY.to_owned(),
+            state_dir: state.path().to_string_lossy().into_owned(),
+            api_server: String::new(),
+        };
+        sink.reset(0, false);
+        let run = phase::spawn(&phase(Kind::Run {
+            store: Store::File,
+            sync: format!("ceiling-{i}"),
+            dry_run: false,
+            destination: Box::new(destination.clone()),
+        }))
+        .await;
+        let seen = sink.seen();
+        sink.reset(0, false);
+        let ceiling = phase::spawn(&phase(Kind::SinkCeiling {
+            url: format!("{}/upsert", sink.url),
+            requests: run.requests.max(1),
+            concurrency,
+        }))
+        .await;
+        pairs.push(Pair {
+            run,
+            seen,
+            ceiling,
+            ceiling_seen: sink.seen(),
+        });
+    }
+    model.drop_database().await;
+    pairs
+}
+
+/// Prints [`against_ceiling`]'s pairs.
+pub fn print_against_ceiling(rows: u64, pairs: &[Pair]) {
+    let rate = |s: &Seen| s.requests.saturating_sub(1) as f64 / s.span_seconds.max(1e-9);
+    println!(
+        "\n== delivery against the sink's own ceiling: {rows} rows, File store, first run, default concurrency; \
+         the sink reads and parses every body; the ceiling posts the bodies the engine sent =="
+    );
+    println!(
+        "{:>4} {:>9} {:>7} {:>9} {:>12} {:>12} {:>13} {:>8} {:>8}",
+        "run",
+        "seconds",
+        "CPU s",
+        "requests",
+        "engine rq/s",
+        "ceiling rq/s",
+        "ceiling CPU s",
+        "share",
+        "non-JSON"
+    );
+    for (i, p) in pairs.iter().enumerate() {
+        let engine = rate(&p.seen);
+        let ceiling = rate(&p.ceiling_seen);
+        println!(
+            "{:>4} {:>9.2} {:>7.2} {:>9} {:>12.0} {:>12.0} {:>13.2} {:>7.0}% {:>8}",
+            i + 1,
+            p.run.seconds,
+            p.run.cpu_seconds,
+            p.seen.requests,
+            engine,
+            ceiling,
+            p.ceiling.cpu_seconds,
+            100.0 * engine / ceiling.max(1e-9),
+            p.seen.not_json
+        );
+    }
+}

@@ -141,6 +141,14 @@ async fn main() {
         huge::bench(&admin_url, &sink).await;
         return;
     }
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("ceiling") {
+        // `BACKFLOW_BENCH_ONLY=ceiling`: File-store first runs against the sink's own ceiling.
+        for &rows in &sizes {
+            let pairs = delivery::against_ceiling(&admin_url, rows, repeat, &sink).await;
+            delivery::print_against_ceiling(rows, &pairs);
+        }
+        return;
+    }
     let api_server = apiserver::ApiServer::start().await;
     let started = std::time::Instant::now();
     if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("cursor") {
@@ -261,7 +269,7 @@ async fn bench_size(
 }
 
 /// The `maxConcurrency` a destination gets when its spec sets none (its connector's default).
-async fn default_concurrency(destination: &backflow::api::DestinationSpec) -> usize {
+pub(crate) async fn default_concurrency(destination: &backflow::api::DestinationSpec) -> usize {
     let connector = backflow::destination::build(destination, None)
         .await
         .expect("build the http destination");

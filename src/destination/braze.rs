@@ -643,7 +643,8 @@ mod tests {
                 ("vip".to_owned(), Value::Bool(true)),
                 ("phone".to_owned(), Value::Null),
                 ("loyalty".to_owned(), Value::Object(nested)),
-            ]),
+            ])
+            .into(),
         };
         let id = external_id_of(&record).unwrap();
         assert_eq!(id, "7");
@@ -675,7 +676,8 @@ mod tests {
                     "orders".to_owned(),
                     Value::Json(json!([{"id": 1, "coupon": null}, null])),
                 ),
-            ]),
+            ])
+            .into(),
         };
         assert_eq!(
             attributes_of(&record, "7".into(), false).unwrap(),
@@ -685,14 +687,15 @@ mod tests {
         let dotted = Record {
             key: "8".into(),
             identity: Document::new(),
-            fields: Document::from([("meta".to_owned(), Value::Json(json!({"a.b": 1})))]),
+            fields: Document::from([("meta".to_owned(), Value::Json(json!({"a.b": 1})))]).into(),
         };
         let error = attributes_of(&dotted, "8".into(), false).unwrap_err();
         assert!(error.contains("nested attribute \"meta\""), "{error}");
         let long = Record {
             key: "9".into(),
             identity: Document::new(),
-            fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))]),
+            fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))])
+                .into(),
         };
         assert!(attributes_of(&long, "9".into(), false).is_err());
     }
@@ -702,13 +705,13 @@ mod tests {
         let record = Record {
             key: "1".into(),
             identity: Document::from([("a".to_owned(), Value::Int(1)), ("b".to_owned(), Value::Null)]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         assert_eq!(external_id_of(&record), None);
         let record = Record {
             key: "1".into(),
             identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Null)]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         assert_eq!(external_id_of(&record), None);
     }

@@ -419,7 +419,7 @@ mod tests {
         Record {
             key: "1".into(),
             identity: doc(identity),
-            fields: doc(fields),
+            fields: doc(fields).into(),
         }
     }
 
@@ -494,7 +494,7 @@ mod tests {
         let dots = Record {
             key: "1".into(),
             identity: Document::from([("id".to_owned(), Value::Text("..".into()))]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         assert!(identifier_of(&dots).unwrap_err().contains("cannot name a person"));
         assert_eq!(

@@ -366,6 +366,14 @@ impl Connector for HttpConnector {
         }
     }
 
+    /// Without a record template, the records' fields are written into the body as their
+    /// canonical JSON (deletes carry their match fields, not their fields).
+    fn reads_fields(&self) -> bool {
+        [&self.upsert, &self.update, &self.insert]
+            .iter()
+            .any(|e| e.payload.has_record_template())
+    }
+
     /// GETs `checkUrl` with the configured headers when it is set; otherwise succeeds, since
     /// templates, Secret keys and URLs were all resolved when the connector was built.
     async fn check(&self) -> Result<(), SendError> {

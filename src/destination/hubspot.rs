@@ -709,7 +709,8 @@ mod tests {
                 ("vip".to_owned(), Value::Bool(true)),
                 ("phone".to_owned(), Value::Null),
                 ("properties".to_owned(), Value::Object(nested)),
-            ]),
+            ])
+            .into(),
         };
         let id = c.id_of(&record).unwrap();
         assert_eq!(id, "a@x.io");
@@ -729,7 +730,7 @@ mod tests {
         let record = Record {
             key: "1".into(),
             identity: Document::from([("properties.email".to_owned(), Value::Text("b@x.io".into()))]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         assert_eq!(c.id_of(&record).as_deref(), Some("b@x.io"));
     }

@@ -650,7 +650,8 @@ mod tests {
                 ("PHONE".to_owned(), Value::Null),
                 ("tags".to_owned(), Value::Text("vip, beta,".into())),
                 ("vip".to_owned(), Value::Bool(true)),
-            ]),
+            ])
+            .into(),
         };
         let email = MailchimpConnector::email_of(&record).unwrap();
         assert_eq!(

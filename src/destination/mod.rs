@@ -192,6 +192,15 @@ pub trait Connector: Send + Sync {
         Ok(())
     }
 
+    /// False when the connector sends each record's fields as they are, as their canonical
+    /// JSON ([`Fields::write_json`](crate::model::record::Fields::write_json)), so the engine
+    /// builds no document for the records it reads back; true (the default) when it reads the
+    /// fields one by one, so the engine builds each record's document ahead, beside the
+    /// requests.
+    fn reads_fields(&self) -> bool {
+        true
+    }
+
     /// Sends one batch (at most `max_batch_size` records) and returns one outcome per record,
     /// in order.
     async fn send(&self, operation: Operation, batch: &[Record]) -> Result<Vec<RecordOutcome>, SendError>;

@@ -554,7 +554,8 @@ mod tests {
             fields: doc(&[(
                 "properties",
                 Value::Object(doc(&[("plan", Value::Text("pro".into()))])),
-            )]),
+            )])
+            .into(),
         };
         assert_eq!(lookup(&record, "id").as_deref(), Some("1"));
         assert_eq!(lookup(&record, "properties.plan").as_deref(), Some("pro"));

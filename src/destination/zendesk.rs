@@ -699,7 +699,8 @@ mod tests {
                 ("user_fields".to_owned(), Value::Object(nested)),
                 ("user_fields.ltv".to_owned(), Value::Int(12)),
                 ("phone".to_owned(), Value::Null),
-            ]),
+            ])
+            .into(),
         };
         let (name, value) = c.identity_of(&record).unwrap();
         assert_eq!(name, "external_id");
@@ -716,7 +717,7 @@ mod tests {
         let record = Record {
             key: "1".into(),
             identity: Document::from([("name".to_owned(), Value::Text("Acme".into()))]),
-            fields: Document::new(),
+            fields: Document::new().into(),
         };
         assert_eq!(org.identity_of(&record).unwrap().0, "name");
         let users = connector(ZendeskObject::Users).unwrap();

@@ -23,7 +23,7 @@ use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
 use crate::destination::PlannedSends;
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
-use crate::model::record::{Operation, Record};
+use crate::model::record::{Fields, Operation, Record};
 use crate::model::value::Document;
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
@@ -803,12 +803,14 @@ struct SpillBatches<'p> {
 
 impl<'p> SpillBatches<'p> {
     /// Starts the reading thread over `reader`; `plan` and `decider` choose the rows sent.
+    /// When the connector reads the records' fields, the thread also builds their documents.
     fn start(
         mut reader: SpillReader,
         plan: PlanOutcome,
         decider: Decider,
         delivery: &'p Delivery,
     ) -> Result<SpillBatches<'p>, RunError> {
+        let documents = delivery.reads_fields();
         let (send, rows) = std::sync::mpsc::sync_channel(CHUNKS_AHEAD);
         std::thread::Builder::new()
             .name("spill-reader".to_owned())
@@ -817,7 +819,15 @@ impl<'p> SpillBatches<'p> {
                     let mut chunk = Vec::with_capacity(ROWS_AHEAD_CHUNK);
                     let mut end = false;
                     while chunk.len() < ROWS_AHEAD_CHUNK {
-                        match decider.next_row(&plan, &mut reader) {
+                        let row = decider.next_row(&plan, &mut reader).and_then(|row| match row {
+                            Some(row) if documents => row
+                                .fields
+                                .parse_now()
+                                .map(|()| Some(row))
+                                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+                            other => Ok(other),
+                        });
+                        match row {
                             Ok(Some(row)) => chunk.push(row),
                             Ok(None) => {
                                 end = true;
@@ -914,7 +924,7 @@ fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) ->
                 .map(|e| Record {
                     key: e.key.to_owned(),
                     identity: identity_document(e.identity),
-                    fields: Document::new(),
+                    fields: Fields::default(),
                 })
                 .collect(),
             stored: Default::default(),
@@ -924,5 +934,5 @@ fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) ->
 
 fn identity_document(json: &str) -> Document {
     // The state only holds identities this engine wrote as canonical JSON.
-    super::spill::parse_document(json).unwrap_or_default()
+    crate::model::record::parse_document(json).unwrap_or_default()
 }

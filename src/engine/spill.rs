@@ -12,8 +12,8 @@
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 
-use crate::model::record::Operation;
-use crate::model::value::{Document, Value};
+use crate::model::record::{Fields, Operation, parse_document};
+use crate::model::value::Document;
 
 /// One planned row, as read back.
 #[derive(Debug)]
@@ -30,8 +30,8 @@ pub struct SpilledRow {
     pub identity: Document,
     /// Canonical JSON of the match fields (what the state stores).
     pub identity_json: String,
-    /// Mapped fields.
-    pub fields: Document,
+    /// Mapped fields: their canonical JSON as spilled, parsed only when asked for.
+    pub fields: Fields,
     /// Bytes of the row's key, match fields and record: about what it weighs in a request.
     pub bytes: usize,
 }
@@ -451,10 +451,6 @@ impl SpillReader {
             let identity_json =
                 String::from_utf8(identity.to_vec()).map_err(|_| invalid("text is not UTF-8"))?;
             let fields_text = std::str::from_utf8(fields).map_err(|_| invalid("text is not UTF-8"))?;
-            let mut document = parse_document(fields_text).map_err(as_io)?;
-            for target in &json_nulls {
-                set_json_null(&mut document, target);
-            }
             return Ok(Some(SpilledRow {
                 operation,
                 key: key.to_owned(),
@@ -462,38 +458,20 @@ impl SpillReader {
                 added,
                 identity: parse_document(&identity_json).map_err(as_io)?,
                 identity_json,
-                fields: document,
+                fields: Fields::from_canonical_json(
+                    fields_text.into(),
+                    json_nulls.iter().map(|t| (*t).into()).collect(),
+                ),
                 bytes: key.len() + identity.len() + fields.len(),
             }));
         }
     }
 }
 
-/// Puts a JSON null at the dotted `target` of a document read back from canonical JSON, where
-/// it reads as SQL NULL.
-fn set_json_null(doc: &mut Document, target: &str) {
-    let (head, rest) = match target.split_once('.') {
-        Some((head, rest)) => (head, Some(rest)),
-        None => (target, None),
-    };
-    match (doc.get_mut(head), rest) {
-        (Some(slot), None) => *slot = Value::Json(serde_json::Value::Null),
-        (Some(Value::Object(inner)), Some(rest)) => set_json_null(inner, rest),
-        _ => {}
-    }
-}
-
-/// A document from the canonical JSON of an object, numbers kept exact.
-pub fn parse_document(json: &str) -> Result<Document, serde_json::Error> {
-    match Value::from_json_text(json)? {
-        Value::Object(doc) => Ok(doc),
-        _ => Ok(Document::new()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::value::Value;
 
     fn json<'a>(identity: &'a [u8], json_nulls: &'a [&'a str], fields: &'a [u8]) -> RowJson<'a> {
         RowJson {

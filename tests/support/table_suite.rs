@@ -37,7 +37,7 @@ fn key_only(pairs: &[(&str, Value)]) -> Record {
     Record {
         key: format!("{pairs:?}"),
         identity: pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
-        fields: Document::new(),
+        fields: Document::new().into(),
     }
 }
 
@@ -54,7 +54,7 @@ fn contact(email: &str, name: &str, visits: i64) -> Record {
     Record {
         key: format!("{identity:?}"),
         identity,
-        fields,
+        fields: fields.into(),
     }
 }
 

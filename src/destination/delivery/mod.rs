@@ -276,6 +276,12 @@ impl Delivery {
         self.connector.check_match(match_fields).await
     }
 
+    /// The connector's [`Connector::reads_fields`]: does it look inside the records' fields,
+    /// or send them as their canonical JSON?
+    pub fn reads_fields(&self) -> bool {
+        self.connector.reads_fields()
+    }
+
     /// True when the connector can carry out `operation` (its capabilities list it).
     pub fn supports(&self, operation: Operation) -> bool {
         self.operations.contains(&operation)

@@ -146,7 +146,8 @@ mod tests {
                     "Meta".to_owned(),
                     Value::Json(serde_json::json!({"city": "Zürich"})),
                 ),
-            ]),
+            ])
+            .into(),
         }
     }
 

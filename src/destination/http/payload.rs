@@ -223,6 +223,12 @@ impl Payload {
         })
     }
 
+    /// True when a record template shapes each record: it reads the records' fields one by
+    /// one, where without one they are written as their canonical JSON.
+    pub fn has_record_template(&self) -> bool {
+        self.record.is_some()
+    }
+
     /// True when the body names `{{ record }}`: one record per request.
     pub fn per_record(&self) -> bool {
         self.body.variables().iter().any(|v| v == RECORD)
@@ -244,7 +250,13 @@ impl Payload {
                     if !sent.is_empty() {
                         records.push(b',');
                     }
-                    write_document(document_of(operation, record), &mut records);
+                    match operation {
+                        Operation::Delete => write_document(&record.identity, &mut records),
+                        // Read back from the spill, the fields are written as their bytes.
+                        Operation::Upsert | Operation::Update | Operation::Insert => {
+                            record.fields.write_json(&mut records)
+                        }
+                    }
                     Ok(())
                 }
                 Some(shape) => shape.render(operation, record).map(|json| {
@@ -359,7 +371,7 @@ impl RecordTemplate {
                 nested = nest(&record.identity);
                 &nested
             }
-            Operation::Upsert | Operation::Update | Operation::Insert => &record.fields,
+            Operation::Upsert | Operation::Update | Operation::Insert => &*record.fields,
         };
         let mut bound = Vec::with_capacity(self.template.variables().len());
         for name in self.template.variables() {
@@ -393,14 +405,6 @@ impl RecordTemplate {
             ))
         })?;
         Ok(json)
-    }
-}
-
-/// The document a record is sent as without a record template.
-fn document_of(operation: Operation, record: &Record) -> &Document {
-    match operation {
-        Operation::Delete => &record.identity,
-        Operation::Upsert | Operation::Update | Operation::Insert => &record.fields,
     }
 }
 
@@ -444,7 +448,7 @@ mod tests {
         Record {
             key: "1".into(),
             identity,
-            fields,
+            fields: fields.into(),
         }
     }
 

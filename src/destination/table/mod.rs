@@ -339,9 +339,9 @@ pub(crate) struct Plan<'a> {
 /// A record as written: its fields, plus any identity value its fields lack.
 fn row_of(record: &Record) -> Cow<'_, Document> {
     if record.identity.keys().all(|k| record.fields.contains_key(k)) {
-        Cow::Borrowed(&record.fields)
+        Cow::Borrowed(&*record.fields)
     } else {
-        let mut doc = record.fields.clone();
+        let mut doc = (*record.fields).clone();
         for (k, v) in &record.identity {
             doc.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -644,7 +644,7 @@ fn update_statement<'a, D: Dialect>(
                 .join(", ");
             let cond = target_matches_key::<D>(keys);
             let mut fields = Vec::new();
-            write_document(&record.fields, &mut fields);
+            record.fields.write_json(&mut fields);
             let mut identity = Vec::new();
             write_document(&record.identity, &mut identity);
             Statement {

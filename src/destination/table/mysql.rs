@@ -207,7 +207,7 @@ mod tests {
         Record {
             key: "k".into(),
             identity: doc(identity),
-            fields: doc(fields),
+            fields: doc(fields).into(),
         }
     }
 
