@@ -523,6 +523,68 @@ async fn a_state_user_without_rights_gets_an_error_naming_the_schema_but_never_t
     support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 }
 
+#[tokio::test]
+async fn a_state_user_who_may_not_create_temporary_tables_still_writes_whole_checkpoints() {
+    let db = TestDb::postgres("whnotemp").await;
+    // The tables exist (created by an administrator's run); the writer has the four rights on
+    // them and no TEMP right on the database, so checkpoints go as array upserts.
+    let mut admin = WarehouseStore::new(config(&db, "default/customers"));
+    admin.load("s").await.unwrap();
+    admin.end_run(&end(true)).await.unwrap();
+    drop(admin);
+    let role = format!("{}_notemp", db.name);
+    db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN; REVOKE TEMPORARY ON DATABASE \"{name}\" FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA backflow TO \"{role}\"; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{role}\"",
+        name = db.name
+    ))
+    .await;
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    let may: bool = sqlx::query_scalar("SELECT has_database_privilege(current_database(), 'TEMPORARY')")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert!(!may, "the role should not have the TEMP right");
+    drop(c);
+
+    let writer = WarehouseConfig {
+        url,
+        ..config(&db, "default/customers")
+    };
+    let mut store = WarehouseStore::new(writer.clone());
+    assert!(load_after_drop(&mut store, "s").await.is_empty());
+    let first: Vec<StateChange> = (0..3000).map(|i| put(&format!("k{i}"), i, "{}")).collect();
+    store.commit("s", &first).await.unwrap();
+    store
+        .commit(
+            "s",
+            &[
+                put("k1", 99, "{\"id\":1}"),
+                StateChange::Remove { key: "k2".into() },
+            ],
+        )
+        .await
+        .unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+
+    let mut again = WarehouseStore::new(writer);
+    let loaded = load_after_drop(&mut again, "s").await;
+    assert_eq!(loaded.len(), 2999);
+    let k1 = loaded.get(loaded.position("k1").unwrap()).unwrap();
+    assert_eq!((k1.fingerprint, k1.identity), (99, "{\"id\":1}"));
+    assert!(loaded.position("k2").is_none());
+    again.end_run(&end(true)).await.unwrap();
+    drop(again);
+    drop(db);
+    support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
+}
+
 /// Holds, in an open transaction on its own connection, an uncommitted row of `backflow_state`
 /// with the key hash of `key`: a checkpoint writing that key waits for it, in the middle of its
 /// transaction, until [`Blocker::release`].

@@ -17,15 +17,17 @@
 //!   rejected row: key, operation, reason, time).
 //!
 //! Tables are created on first use (`CREATE … IF NOT EXISTS`, serialised on PostgreSQL by a
-//! transaction-level advisory lock); when they already exist no DDL runs, so a DBA may create
-//! them and grant only `SELECT, INSERT, UPDATE, DELETE`.
+//! transaction-level advisory lock); when they already exist no DDL runs on the schema, so a
+//! DBA may create them and grant only `SELECT, INSERT, UPDATE, DELETE`.
 //!
-//! Each `commit` is one transaction (upserts and deletes), durable when it returns. Two runs
-//! of one sync never interleave: the store holds a session-level lock on its own connection
-//! for the whole run (`pg_try_advisory_lock`, `GET_LOCK(name, 0)`) and a second run fails at
-//! once with [`StateError::Locked`]. The lock goes with the connection, so a run that dies
-//! frees it when the server notices the connection is gone (on PostgreSQL the session asks
-//! for TCP keepalives after 60 s idle, so a vanished pod frees it within about two minutes).
+//! Each `commit` is one transaction (upserts and deletes), durable when it returns; on
+//! PostgreSQL its rows go by binary `COPY` into a temporary table of the session and one
+//! statement merges them (see `write`). Two runs of one sync never interleave: the store
+//! holds a session-level lock on its own connection for the whole run
+//! (`pg_try_advisory_lock`, `GET_LOCK(name, 0)`) and a second run fails at once with
+//! [`StateError::Locked`]. The lock goes with the connection, so a run that dies frees it
+//! when the server notices the connection is gone (on PostgreSQL the session asks for TCP
+//! keepalives after 60 s idle, so a vanished pod frees it within about two minutes).
 //!
 //! Messages name the database (host, port, database), schema and table, never the URL's
 //! credentials.
@@ -42,14 +44,14 @@ use xxhash_rust::xxh3::xxh3_64;
 
 mod cursor;
 mod diff;
+mod write;
 
 use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore, StoreDiff};
 use crate::redact::Scrubber;
 
-/// Rows per statement when writing: 1000 rows × 6 parameters stays far below MySQL's 65,535
-/// placeholders; PostgreSQL binds whole arrays, so its chunks are larger.
+/// Rows per statement on MySQL/MariaDB: 1000 rows × 5 placeholders stays far below its
+/// 65,535.
 const MYSQL_CHUNK: usize = 1000;
-const PG_CHUNK: usize = 20_000;
 
 /// Key of the transaction-level advisory lock that serialises table creation on PostgreSQL.
 const PG_DDL_LOCK: i64 = 0x6266_6464_6c00_0001;
@@ -96,6 +98,9 @@ pub struct WarehouseStore {
     scrubber: Scrubber,
     /// The diff of the run in progress (between `StoreDiff::begin` and `diff`).
     diffing: Option<diff::Diffing>,
+    /// PostgreSQL: whether the connection has its checkpoint staging table (`None`: not
+    /// created yet).
+    staging: Option<bool>,
 }
 
 impl std::fmt::Debug for WarehouseStore {
@@ -134,6 +139,7 @@ impl WarehouseStore {
             run_id: uuid::Uuid::new_v4().to_string(),
             scrubber,
             diffing: None,
+            staging: None,
         }
     }
 
@@ -222,6 +228,7 @@ impl WarehouseStore {
     async fn connect(&mut self) -> Result<(), StateError> {
         if self.conn.is_none() {
             self.conn = Some(self.new_connection().await?);
+            self.staging = None;
         }
         Ok(())
     }
@@ -643,17 +650,43 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         removes: &[&str],
     ) -> Result<(), StateError> {
         let new_scope = self.stored_scope.as_deref() != Some(scope);
-        let sync_id = self.config.sync_id.clone();
-        let syncs = self.table("backflow_syncs");
-        let state = self.table("backflow_state");
+        let staging = self.pg_staging().await?;
+        let (syncs, state) = (self.table("backflow_syncs"), self.table("backflow_state"));
+        let target = write::Target {
+            syncs: &syncs,
+            state: &state,
+            sync_id: &self.config.sync_id,
+            scope,
+            new_scope,
+        };
         let result = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => pg_write(c, &syncs, &state, &sync_id, scope, new_scope, puts, removes).await,
-            Some(Conn::My(c)) => my_write(c, &syncs, &state, &sync_id, scope, new_scope, puts, removes).await,
+            Some(Conn::Pg(c)) => write::pg_write(c, &target, staging, puts, removes).await,
+            Some(Conn::My(c)) => write::my_write(c, &target, puts, removes).await,
             None => Ok(()),
         };
         result.map_err(|e| self.sql_error("write a checkpoint", e))?;
         self.stored_scope = Some(scope.to_owned());
         Ok(())
+    }
+
+    /// PostgreSQL: creates the connection's checkpoint staging table once; false where the
+    /// user may not create temporary tables (and on MySQL/MariaDB).
+    async fn pg_staging(&mut self) -> Result<bool, StateError> {
+        if let Some(ready) = self.staging {
+            return Ok(ready);
+        }
+        let Some(Conn::Pg(c)) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        let created = write::pg_create_staging(c).await;
+        let ready = created.map_err(|e| self.sql_error("create the checkpoint staging table", e))?;
+        if !ready {
+            tracing::info!(
+                "the state user may not create temporary tables: checkpoints are written as array upserts"
+            );
+        }
+        self.staging = Some(ready);
+        Ok(ready)
     }
 
     async fn ensure_open_for_write(&mut self) -> Result<(), StateError> {
@@ -669,146 +702,6 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         }
         Ok(())
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn pg_write(
-    c: &mut PgConnection,
-    syncs: &str,
-    state: &str,
-    sync_id: &str,
-    scope: &str,
-    new_scope: bool,
-    puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
-    removes: &[&str],
-) -> Result<(), sqlx::Error> {
-    let mut tx = c.begin().await?;
-    if new_scope {
-        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = $1"))
-            .bind(sync_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (sync_id) DO UPDATE SET scope = EXCLUDED.scope, updated_at = now()"
-        ))
-        .bind(sync_id)
-        .bind(scope)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let upsert = format!(
-        "INSERT INTO {state} (sync_id, key_hash, key, fingerprint, identity, updated_at) \
-         SELECT $1, h, k, f, i, now() FROM UNNEST($2::bytea[], $3::text[], $4::int8[], $5::text[]) AS u(h, k, f, i) \
-         ON CONFLICT (sync_id, key_hash) DO UPDATE SET key = EXCLUDED.key, \
-         fingerprint = EXCLUDED.fingerprint, identity = EXCLUDED.identity, updated_at = EXCLUDED.updated_at"
-    );
-    let (mut hashes, mut keys, mut fps, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    loop {
-        let next = puts.next();
-        if let Some(e) = next {
-            hashes.push(key_hash(e.key));
-            keys.push(e.key.to_owned());
-            fps.push(e.fingerprint as i64);
-            ids.push(e.identity.to_owned());
-        }
-        if !hashes.is_empty() && (next.is_none() || hashes.len() >= PG_CHUNK) {
-            sqlx::query(&upsert)
-                .bind(sync_id)
-                .bind(&hashes)
-                .bind(&keys)
-                .bind(&fps)
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-            hashes.clear();
-            keys.clear();
-            fps.clear();
-            ids.clear();
-        }
-        if next.is_none() {
-            break;
-        }
-    }
-    for chunk in removes.chunks(PG_CHUNK) {
-        let hashes: Vec<Vec<u8>> = chunk.iter().map(|k| key_hash(k)).collect();
-        sqlx::query(&format!(
-            "DELETE FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2::bytea[])"
-        ))
-        .bind(sync_id)
-        .bind(&hashes)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn my_write(
-    c: &mut MySqlConnection,
-    syncs: &str,
-    state: &str,
-    sync_id: &str,
-    scope: &str,
-    new_scope: bool,
-    puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
-    removes: &[&str],
-) -> Result<(), sqlx::Error> {
-    let mut tx = c.begin().await?;
-    if new_scope {
-        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = ?"))
-            .bind(sync_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
-             ON DUPLICATE KEY UPDATE scope = VALUES(scope), updated_at = VALUES(updated_at)"
-        ))
-        .bind(sync_id)
-        .bind(scope)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let mut chunk: Vec<EntryRef<'_>> = Vec::with_capacity(MYSQL_CHUNK);
-    loop {
-        let next = puts.next();
-        if let Some(e) = next {
-            chunk.push(e);
-        }
-        if !chunk.is_empty() && (next.is_none() || chunk.len() >= MYSQL_CHUNK) {
-            let mut q = QueryBuilder::new(format!(
-                "INSERT INTO {state} (sync_id, key_hash, `key`, fingerprint, identity, updated_at) "
-            ));
-            q.push_values(chunk.iter(), |mut b, e| {
-                b.push_bind(sync_id)
-                    .push_bind(key_hash(e.key))
-                    .push_bind(e.key)
-                    .push_bind(e.fingerprint as i64)
-                    .push_bind(e.identity)
-                    .push("UTC_TIMESTAMP(6)");
-            });
-            q.push(
-                " ON DUPLICATE KEY UPDATE `key` = VALUES(`key`), fingerprint = VALUES(fingerprint), \
-                 identity = VALUES(identity), updated_at = VALUES(updated_at)",
-            );
-            q.build().execute(&mut *tx).await?;
-            chunk.clear();
-        }
-        if next.is_none() {
-            break;
-        }
-    }
-    for keys in removes.chunks(MYSQL_CHUNK) {
-        let mut q = QueryBuilder::new(format!("DELETE FROM {state} WHERE sync_id = "));
-        q.push_bind(sync_id).push(" AND key_hash IN (");
-        let mut sep = q.separated(", ");
-        for k in keys {
-            sep.push_bind(key_hash(k));
-        }
-        q.push(")");
-        q.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await
 }
 
 /// The last change of each key in a checkpoint: puts and removes to apply.
