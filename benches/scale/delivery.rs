@@ -12,8 +12,8 @@
 //! left to send, a fixed cost that a longer run makes smaller. The aim is checked on the
 //! sustained rate; both are printed.
 
-use crate::model::{Model, QUERY};
-use crate::phase::{self, Kind, Measured, Phase, Store};
+use crate::model::Model;
+use crate::phase::{self, Kind, Measured, Store};
 use crate::sink::{Seen, Sink};
 
 /// The limit, in requests per second.
@@ -70,19 +70,13 @@ pub async fn bench(admin_url: &str, sink: &Sink) -> Vec<Scenario> {
         ))
         .expect("destination parses");
         sink.reset(s.fail_every, true);
-        s.measured = phase::spawn(&Phase {
-            kind: Kind::Run {
-                store: Store::File,
-                sync: format!("delivery-{i}"),
-                dry_run: false,
-                destination: Box::new(destination),
-            },
-            database_url: model.url.clone(),
-            query: QUERY.to_owned(),
-            state_dir: state.path().to_string_lossy().into_owned(),
-            api_server: String::new(),
-        })
-        .await;
+        let kind = Kind::Run {
+            store: Store::File,
+            sync: format!("delivery-{i}"),
+            dry_run: false,
+            destination: Box::new(destination),
+        };
+        s.measured = phase::spawn(&model.phase(kind, state.path(), "")).await;
         s.seen = sink.seen();
     }
     model.drop_database().await;
@@ -122,13 +116,7 @@ pub async fn against_ceiling(admin_url: &str, rows: u64, repeat: usize, sink: &S
     let mut pairs = Vec::new();
     for i in 0..repeat {
         let state = tempfile::tempdir().expect("temp dir");
-        let phase = |kind: Kind| Phase {
-            kind,
-            database_url: model.url.clone(),
-            query: QUERY.to_owned(),
-            state_dir: state.path().to_string_lossy().into_owned(),
-            api_server: String::new(),
-        };
+        let phase = |kind: Kind| model.phase(kind, state.path(), "");
         sink.reset(0, false);
         let run = phase::spawn(&phase(Kind::Run {
             store: Store::File,

@@ -4,8 +4,8 @@
 //! run end to end builds the state; then 1% of rows change and the second run is planned and
 //! run end to end. Prints each phase next to COPY with its peak RSS and its peak of local disk.
 
-use crate::model::{self, Model};
-use crate::phase::{self, Kind, Measured, Phase, Store};
+use crate::model::Model;
+use crate::phase::{self, Kind, Measured, Store};
 use crate::report::thousands;
 use crate::sink::Sink;
 
@@ -24,13 +24,7 @@ pub async fn bench(admin_url: &str, sink: &Sink) {
     eprintln!("creating a {rows}-row model ...");
     let model = Model::create(admin_url, rows).await;
     let state = tempfile::tempdir().expect("temp dir");
-    let phase = |kind: Kind| Phase {
-        kind,
-        database_url: model.url.clone(),
-        query: model::QUERY.to_owned(),
-        state_dir: state.path().to_string_lossy().into_owned(),
-        api_server: String::new(),
-    };
+    let phase = |kind: Kind| model.phase(kind, state.path(), "");
     let destination = crate::sink_destination(&sink.url);
     let run = |dry_run: bool| {
         phase(Kind::Run {

@@ -193,22 +193,9 @@ async fn bench_size(
     eprintln!("creating a {rows}-row model ...");
     let model = model::Model::create(admin_url, rows).await;
     let state = tempfile::tempdir().expect("temp dir");
-    let phase = |kind: Kind| Phase {
-        kind,
-        database_url: model.url.clone(),
-        query: model::QUERY.to_owned(),
-        state_dir: state.path().to_string_lossy().into_owned(),
-        api_server: api_server.to_owned(),
-    };
+    let phase = |kind: Kind| model.phase(kind, state.path(), api_server);
     let destination = sink_destination(&sink.url);
-    let run = |store: Store, dry_run: bool| {
-        phase(Kind::Run {
-            store,
-            sync: format!("customers-{}", store.name().to_lowercase()),
-            dry_run,
-            destination: Box::new(destination.clone()),
-        })
-    };
+    let run = |store: Store, dry_run: bool| phase(Kind::store_run(store, dry_run, &destination));
 
     eprintln!("  COPY, first runs ...");
     let copy_first = median(&phase(Kind::Copy), repeat).await;

@@ -69,6 +69,23 @@ impl Model {
             .expect("vacuum");
     }
 
+    /// A phase of `kind` on this model's query, with its state in `state_dir` (and the API
+    /// server double at `api_server` for the ConfigMap store, or empty).
+    pub fn phase(
+        &self,
+        kind: crate::phase::Kind,
+        state_dir: &std::path::Path,
+        api_server: &str,
+    ) -> crate::phase::Phase {
+        crate::phase::Phase {
+            kind,
+            database_url: self.url.clone(),
+            query: QUERY.to_owned(),
+            state_dir: state_dir.to_string_lossy().into_owned(),
+            api_server: api_server.to_owned(),
+        }
+    }
+
     pub async fn drop_database(self) {
         execute(
             &self.admin_url,

@@ -36,6 +36,19 @@ pub enum Store {
     ConfigMap,
 }
 
+impl Kind {
+    /// A run of `store` (plan only with `dry_run`) as the sync `customers-<store>`, into
+    /// `destination`.
+    pub fn store_run(store: Store, dry_run: bool, destination: &DestinationSpec) -> Kind {
+        Kind::Run {
+            store,
+            sync: format!("customers-{}", store.name().to_lowercase()),
+            dry_run,
+            destination: Box::new(destination.clone()),
+        }
+    }
+}
+
 impl Store {
     pub const ALL: [Store; 3] = [Store::File, Store::Warehouse, Store::ConfigMap];
 

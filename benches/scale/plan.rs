@@ -5,7 +5,7 @@
 //! store's plan only against that state. COPY, source and plan phases run
 //! `BACKFLOW_BENCH_REPEAT` times (median time, highest peak).
 
-use crate::phase::{self, Kind, Measured, Phase, Store};
+use crate::phase::{self, Kind, Measured, Store};
 
 /// One line of the table: its name, what it measured, and the COPY it is set against.
 struct Line {
@@ -25,22 +25,9 @@ async fn bench_size(
     eprintln!("creating a {rows}-row model ...");
     let model = crate::model::Model::create(admin_url, rows).await;
     let state = tempfile::tempdir().expect("temp dir");
-    let phase = |kind: Kind| Phase {
-        kind,
-        database_url: model.url.clone(),
-        query: crate::model::QUERY.to_owned(),
-        state_dir: state.path().to_string_lossy().into_owned(),
-        api_server: api_server.to_owned(),
-    };
+    let phase = |kind: Kind| model.phase(kind, state.path(), api_server);
     let destination = crate::sink_destination(&sink.url);
-    let run = |store: Store, dry_run: bool| {
-        phase(Kind::Run {
-            store,
-            sync: format!("customers-{}", store.name().to_lowercase()),
-            dry_run,
-            destination: Box::new(destination.clone()),
-        })
-    };
+    let run = |store: Store, dry_run: bool| phase(Kind::store_run(store, dry_run, &destination));
     let mut lines = Vec::new();
     eprintln!("  COPY, source alone, plan only ...");
     let copy = crate::median(&phase(Kind::Copy), repeat).await;
