@@ -14,6 +14,7 @@ use super::mapping::{Mapper, MappingError};
 use super::plan::{Change, Decision, PlanCounts, PlanOutcome};
 use super::progress::{Phase, Progress};
 
+mod checkpoints;
 mod in_memory;
 mod rows;
 mod store_diff;
@@ -27,6 +28,7 @@ use crate::model::record::{Fields, Operation, Record};
 use crate::model::value::Document;
 use crate::source::{self, SourceError, SourceOptions};
 use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
+use checkpoints::Checkpoints;
 
 /// Rejected rows kept as samples in a report.
 const REJECTED_SAMPLES: usize = 10;
@@ -696,7 +698,8 @@ async fn deliver(
     let concurrency = delivery.config().max_concurrency;
     let batches_in_progress = concurrency.saturating_mul(2).max(concurrency + 4);
     let mut read_error = None;
-    {
+    let mut checkpoints = Checkpoints::new(store);
+    let outcome = {
         let batches = futures::stream::iter(batches)
             .take_until(options.cancel.cancelled())
             .filter_map(|b| {
@@ -722,48 +725,49 @@ async fn deliver(
             })
             .buffer_unordered(batches_in_progress);
         futures::pin_mut!(batches);
-        while let Some(result) = batches.next().await {
-            let (operation, outcomes, mut stored) = result?;
-            for (record, delivered) in outcomes {
-                match delivered {
-                    Delivered::Accepted => {
-                        if operation == Operation::Delete {
-                            c.report.deleted += 1;
-                            c.pending.push(StateChange::Remove { key: record.key });
-                        } else if let Some((fingerprint, identity)) = stored.remove(&record.key) {
-                            c.report.accepted += 1;
-                            c.pending.push(StateChange::Put {
-                                key: record.key,
-                                fingerprint,
-                                identity,
-                            });
-                        }
+        loop {
+            // While a checkpoint commits, the batches go on until the next checkpoint is full;
+            // then they wait for the commit, so the changes held stay within two checkpoints.
+            let may_send = !checkpoints.is_committing() || c.pending.len() < options.checkpoint_records;
+            tokio::select! {
+                biased;
+                settled = checkpoints.settle(), if checkpoints.is_committing() => {
+                    if let Err(failed) = settled {
+                        c.pending.splice(0..0, failed.changes);
+                        break Err(RunError::from(failed.error));
                     }
-                    Delivered::Rejected(reason) => {
-                        c.report.rejected += 1;
-                        c.reject(Some(&record.key), operation.as_str(), &reason);
-                    }
-                    Delivered::Failed(reason) => {
-                        c.report.failed += 1;
-                        if c.report.failed <= REJECTED_SAMPLES as u64 {
-                            tracing::warn!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
-                        } else {
-                            tracing::debug!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
-                        }
+                }
+                next = batches.next(), if may_send => {
+                    let Some(result) = next else {
+                        break Ok(());
+                    };
+                    let (operation, outcomes, stored) = match result {
+                        Ok(sent) => sent,
+                        Err(e) => break Err(RunError::from(e)),
+                    };
+                    settle_outcomes(c, operation, outcomes, stored);
+                    let r = &c.report;
+                    options
+                        .progress
+                        .delivered(r.accepted, r.deleted, r.rejected, r.failed);
+                    let due = c.pending.len() >= options.checkpoint_records
+                        || c.last_commit.elapsed() >= options.checkpoint_interval;
+                    if due && !checkpoints.is_committing() {
+                        start_checkpoint(&mut checkpoints, &job.scope, c);
                     }
                 }
             }
-            let r = &c.report;
-            options
-                .progress
-                .delivered(r.accepted, r.deleted, r.rejected, r.failed);
-            if c.pending.len() >= options.checkpoint_records
-                || c.last_commit.elapsed() >= options.checkpoint_interval
-            {
-                commit(store, &job.scope, c).await?;
-            }
         }
+    };
+    // Whatever happened, the checkpoint under way ends before the run goes on: its changes
+    // are accepted rows, committed once more at the end of the run if this commit failed.
+    let settled = checkpoints.settle().await;
+    if let Err(failed) = settled {
+        c.pending.splice(0..0, failed.changes);
+        outcome?;
+        return Err(failed.error.into());
     }
+    outcome?;
     if let Some(e) = read_error {
         return Err(e);
     }
@@ -771,6 +775,64 @@ async fn deliver(
         return Err(RunError::Cancelled);
     }
     Ok(())
+}
+
+/// Counts a sent batch's outcomes and queues the accepted records' state changes.
+fn settle_outcomes(
+    c: &mut Collector,
+    operation: Operation,
+    outcomes: Vec<(Record, Delivered)>,
+    mut stored: std::collections::HashMap<String, (u64, String)>,
+) {
+    for (record, delivered) in outcomes {
+        match delivered {
+            Delivered::Accepted => {
+                if operation == Operation::Delete {
+                    c.report.deleted += 1;
+                    c.pending.push(StateChange::Remove { key: record.key });
+                } else if let Some((fingerprint, identity)) = stored.remove(&record.key) {
+                    c.report.accepted += 1;
+                    c.pending.push(StateChange::Put {
+                        key: record.key,
+                        fingerprint,
+                        identity,
+                    });
+                }
+            }
+            Delivered::Rejected(reason) => {
+                c.report.rejected += 1;
+                c.reject(Some(&record.key), operation.as_str(), &reason);
+            }
+            Delivered::Failed(reason) => {
+                c.report.failed += 1;
+                if c.report.failed <= REJECTED_SAMPLES as u64 {
+                    tracing::warn!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                } else {
+                    tracing::debug!(key = %record.key, operation = operation.as_str(), reason, "record failed after retries");
+                }
+            }
+        }
+    }
+}
+
+/// Hands the pending changes (and a full batch of rejections for the sync log) to a commit
+/// that runs beside the requests.
+fn start_checkpoint(checkpoints: &mut Checkpoints<'_>, scope: &str, c: &mut Collector) {
+    let rejections = match c.rejections.len() >= REJECTION_BATCH {
+        true => std::mem::take(&mut c.rejections),
+        false => Vec::new(),
+    };
+    if c.pending.is_empty() && rejections.is_empty() {
+        c.last_commit = Instant::now();
+        return;
+    }
+    let changes = std::mem::take(&mut c.pending);
+    if let Err((changes, rejections)) = checkpoints.start(scope.to_owned(), changes, rejections) {
+        // Only called with no commit under way; kept for the next checkpoint all the same.
+        c.pending = changes;
+        c.rejections.extend(rejections);
+    }
+    c.last_commit = Instant::now();
 }
 
 async fn commit(store: &mut dyn StateStore, scope: &str, c: &mut Collector) -> Result<(), StateError> {

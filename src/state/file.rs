@@ -195,11 +195,19 @@ impl StateStore for FileStore {
         }
         let record = journal_record(&payload);
         let path = self.journal_path.clone();
-        let journal = self.open_journal(scope)?;
-        journal
-            .write_all(&record)
-            .and_then(|()| journal.sync_data())
-            .map_err(|e| io_error(&path, &e))
+        self.open_journal(scope)?;
+        let Some(mut journal) = self.journal.take() else {
+            return Err(io_error(&path, &std::io::Error::other("the journal is not open")));
+        };
+        // The write and its fsync run off the async threads, so that requests go on meanwhile.
+        let (journal, written) = tokio::task::spawn_blocking(move || {
+            let written = journal.write_all(&record).and_then(|()| journal.sync_data());
+            (journal, written)
+        })
+        .await
+        .map_err(|e| io_error(&path, &std::io::Error::other(e.to_string())))?;
+        self.journal = Some(journal);
+        written.map_err(|e| io_error(&path, &e))
     }
 
     async fn finish(&mut self, scope: &str) -> Result<(), StateError> {
