@@ -12,6 +12,7 @@
 //! left to send, a fixed cost that a longer run makes smaller. The aim is checked on the
 //! sustained rate; both are printed.
 
+use crate::cpus::Split;
 use crate::model::Model;
 use crate::phase::{self, Kind, Measured, Store};
 use crate::sink::{Seen, Sink};
@@ -104,35 +105,42 @@ pub struct Pair {
     pub ceiling_seen: Seen,
 }
 
-/// `BACKFLOW_BENCH_ONLY=ceiling`: a `rows`-row model, then `repeat` times a File-store first
-/// run end to end into the sink at the destination's default concurrency, each followed by the
-/// sink's own ceiling at the same number of requests, the same concurrency and the same
-/// bodies (a fresh state each time).
-pub async fn against_ceiling(admin_url: &str, rows: u64, repeat: usize, sink: &Sink) -> Vec<Pair> {
-    eprintln!("delivery against the sink's ceiling: {rows} rows, {repeat} times ...");
-    let model = Model::create(admin_url, rows).await;
+/// `repeat` times a File-store first run end to end of `model` into the sink at the
+/// destination's default concurrency, each followed by the sink's own ceiling at the same
+/// number of requests, the same concurrency and the same bodies (a fresh state each time).
+/// With `split`, the sink and its client each run on CPUs of their own ([`crate::cpus`]).
+pub async fn against_ceiling(model: &Model, repeat: usize, sink: &Sink, split: Option<&Split>) -> Vec<Pair> {
     let destination = crate::sink_destination(&sink.url);
     let concurrency = crate::default_concurrency(&destination).await;
+    let client = split.map(|s| s.client.as_str());
     let mut pairs = Vec::new();
     for i in 0..repeat {
         let state = tempfile::tempdir().expect("temp dir");
         let phase = |kind: Kind| model.phase(kind, state.path(), "");
+        let pinned = split.map(Split::pin_sink);
         sink.reset(0, false);
-        let run = phase::spawn(&phase(Kind::Run {
-            store: Store::File,
-            sync: format!("ceiling-{i}"),
-            dry_run: false,
-            destination: Box::new(destination.clone()),
-        }))
+        let run = phase::spawn_on(
+            &phase(Kind::Run {
+                store: Store::File,
+                sync: format!("ceiling-{i}"),
+                dry_run: false,
+                destination: Box::new(destination.clone()),
+            }),
+            client,
+        )
         .await;
         let seen = sink.seen();
         sink.reset(0, false);
-        let ceiling = phase::spawn(&phase(Kind::SinkCeiling {
-            url: format!("{}/upsert", sink.url),
-            requests: run.requests.max(1),
-            concurrency,
-        }))
+        let ceiling = phase::spawn_on(
+            &phase(Kind::SinkCeiling {
+                url: format!("{}/upsert", sink.url),
+                requests: run.requests.max(1),
+                concurrency,
+            }),
+            client,
+        )
         .await;
+        drop(pinned);
         pairs.push(Pair {
             run,
             seen,
@@ -140,16 +148,45 @@ pub async fn against_ceiling(admin_url: &str, rows: u64, repeat: usize, sink: &S
             ceiling_seen: sink.seen(),
         });
     }
-    model.drop_database().await;
     pairs
 }
 
+/// `BACKFLOW_BENCH_ONLY=ceiling`: a `rows`-row model, then [`against_ceiling`] `repeat` times
+/// with the sink and the client sharing the machine's CPUs, and `repeat` times with CPUs of
+/// their own (when the machine has two or more).
+pub async fn ceiling_mode(admin_url: &str, rows: u64, repeat: usize, sink: &Sink) {
+    eprintln!(
+        "delivery against the sink's ceiling: {rows} rows, {repeat} times shared, {repeat} times split ..."
+    );
+    let model = Model::create(admin_url, rows).await;
+    let shared = against_ceiling(&model, repeat, sink, None).await;
+    let split = Split::new();
+    let own = match &split {
+        Some(split) => against_ceiling(&model, repeat, sink, Some(split)).await,
+        None => Vec::new(),
+    };
+    model.drop_database().await;
+    print_against_ceiling(rows, &shared, None);
+    if let Some(split) = &split {
+        print_against_ceiling(rows, &own, Some(split));
+    }
+}
+
+/// The engine's requests per second against the ceiling's, at the sink.
+pub fn share(pair: &Pair) -> f64 {
+    rate(&pair.seen) / rate(&pair.ceiling_seen).max(1e-9)
+}
+
+fn rate(s: &Seen) -> f64 {
+    s.requests.saturating_sub(1) as f64 / s.span_seconds.max(1e-9)
+}
+
 /// Prints [`against_ceiling`]'s pairs.
-pub fn print_against_ceiling(rows: u64, pairs: &[Pair]) {
-    let rate = |s: &Seen| s.requests.saturating_sub(1) as f64 / s.span_seconds.max(1e-9);
+pub fn print_against_ceiling(rows: u64, pairs: &[Pair], split: Option<&Split>) {
+    let cpus = split.map_or_else(|| "sink and client share every CPU".to_owned(), Split::describe);
     println!(
         "\n== delivery against the sink's own ceiling: {rows} rows, File store, first run, default concurrency; \
-         the sink reads and parses every body; the ceiling posts the bodies the engine sent =="
+         the sink reads and parses every body; the ceiling posts the bodies the engine sent; {cpus} =="
     );
     println!(
         "{:>4} {:>9} {:>7} {:>9} {:>12} {:>12} {:>13} {:>8} {:>8}",
@@ -175,7 +212,7 @@ pub fn print_against_ceiling(rows: u64, pairs: &[Pair]) {
             engine,
             ceiling,
             p.ceiling.cpu_seconds,
-            100.0 * engine / ceiling.max(1e-9),
+            100.0 * share(p),
             p.seen.not_json
         );
     }

@@ -49,6 +49,7 @@ mod apiserver;
 mod ceiling;
 mod clickhouse;
 mod cloud;
+mod cpus;
 mod cursor;
 mod delivery;
 mod huge;
@@ -144,8 +145,7 @@ async fn main() {
     if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("ceiling") {
         // `BACKFLOW_BENCH_ONLY=ceiling`: File-store first runs against the sink's own ceiling.
         for &rows in &sizes {
-            let pairs = delivery::against_ceiling(&admin_url, rows, repeat, &sink).await;
-            delivery::print_against_ceiling(rows, &pairs);
+            delivery::ceiling_mode(&admin_url, rows, repeat, &sink).await;
         }
         return;
     }
@@ -229,6 +229,14 @@ async fn bench_size(
         seen: sink.seen(),
         concurrency,
     };
+    // The same pair with the sink and its client each on CPUs of their own: the aim's measure.
+    let split = match cpus::Split::new() {
+        Some(split) => delivery::against_ceiling(&model, 1, sink, Some(&split))
+            .await
+            .pop()
+            .map(|pair| (pair, split.describe())),
+        None => None,
+    };
     let fingerprints = phase::spawn(&phase(Kind::Fingerprints {
         sync: format!("customers-{}", Store::File.name().to_lowercase()),
     }))
@@ -252,6 +260,7 @@ async fn bench_size(
         stores,
         fingerprints,
         ceiling,
+        split,
     }
 }
 

@@ -165,9 +165,22 @@ mappings:
 
 /// Runs `phase` in a child process and returns what it measured.
 pub async fn spawn(phase: &Phase) -> Measured {
+    spawn_on(phase, None).await
+}
+
+/// [`spawn`], with the child confined to `cpus` (a `taskset` CPU list) when given.
+pub async fn spawn_on(phase: &Phase, cpus: Option<&str>) -> Measured {
     let exe = std::env::current_exe().expect("own path");
     let json = serde_json::to_string(phase).expect("phase serialises");
-    let out = tokio::process::Command::new(exe)
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut c = tokio::process::Command::new("taskset");
+            c.args(["-c", cpus]).arg(exe);
+            c
+        }
+        None => tokio::process::Command::new(exe),
+    };
+    let out = command
         .args(["--phase", &json])
         .stderr(Stdio::inherit())
         .output()
