@@ -17,7 +17,7 @@ fn records(n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| Record {
             key: format!("k{i:03}"),
-            identity: Document::new(),
+            identity: Document::new().into(),
             fields: Document::new().into(),
         })
         .collect()

@@ -46,7 +46,7 @@ fn user(key: i64, email: &str, first: &str) -> Record {
     fields.insert("score".into(), Value::Int(key * 10));
     Record {
         key: key.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }
@@ -363,7 +363,7 @@ async fn mirror_deletes_remove_profiles_by_external_id() {
     model.exec("DELETE FROM customers WHERE id IN (2, 5)").await;
     let gone = Record {
         key: "5".into(),
-        identity: Document::from([("external_id".to_owned(), Value::Text("c-5".into()))]),
+        identity: Document::from([("external_id".to_owned(), Value::Text("c-5".into()))]).into(),
         fields: Document::new().into(),
     };
     connector(&double)

@@ -49,7 +49,7 @@ fn person(match_field: &str, identifier: Value, name: &str) -> Record {
     fields.insert("seats".into(), Value::Int(3));
     Record {
         key: "1".into(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }

@@ -54,7 +54,7 @@ fn record(id: i64, email: &str, name: &str) -> Record {
     fields.insert("id".into(), Value::Int(id));
     Record {
         key: id.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }

@@ -44,7 +44,7 @@ fn contact(key: i64, email: &str, first: &str) -> Record {
     fields.insert("score".into(), Value::Int(key * 10));
     Record {
         key: key.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }

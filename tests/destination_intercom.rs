@@ -50,7 +50,7 @@ fn contact(key: i64, external_id: &str, email: &str, name: &str) -> Record {
     fields.insert("score".into(), Value::Int(key * 10));
     Record {
         key: key.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }
@@ -165,7 +165,7 @@ async fn leads_found_by_email_are_created_with_the_lead_role() {
     let connector = connector_with(&double, "identifyBy: email, role: lead, ").await;
     let record = Record {
         key: "1".into(),
-        identity: Document::from([("email".to_owned(), Value::Text("lead@example.com".into()))]),
+        identity: Document::from([("email".to_owned(), Value::Text("lead@example.com".into()))]).into(),
         fields: Document::from([("plan".to_owned(), Value::Text("trial".into()))]).into(),
     };
 

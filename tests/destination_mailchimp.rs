@@ -46,7 +46,7 @@ fn member(key: i64, email: &str, first: &str) -> Record {
     fields.insert("tags".into(), Value::Array(vec![Value::Text("customer".into())]));
     Record {
         key: key.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }

@@ -176,7 +176,7 @@ fn record(id: i64, fields: &[(&str, Value)]) -> Record {
     fields.insert("id".to_owned(), Value::Int(id));
     Record {
         key: id.to_string(),
-        identity: doc(&[("id", Value::Int(id))]),
+        identity: doc(&[("id", Value::Int(id))]).into(),
         fields: fields.into(),
     }
 }
@@ -184,7 +184,7 @@ fn record(id: i64, fields: &[(&str, Value)]) -> Record {
 fn key_only(id: i64) -> Record {
     Record {
         key: id.to_string(),
-        identity: doc(&[("id", Value::Int(id))]),
+        identity: doc(&[("id", Value::Int(id))]).into(),
         fields: Document::new().into(),
     }
 }

@@ -98,7 +98,7 @@ fn contact(email: &str, last_name: Option<&str>) -> Record {
     fields.insert("LTV__c".into(), Value::Float(12.5));
     Record {
         key: email.to_owned(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }
@@ -1181,7 +1181,7 @@ async fn a_misspelled_field_stops_the_run_after_one_call_instead_of_rejecting_ev
             .await
             .unwrap();
         let mut record = contact("ada@example.com", Some("Lovelace"));
-        record.identity = Document::from([(field.to_owned(), Value::Text("ada@example.com".into()))]);
+        record.identity = Document::from([(field.to_owned(), Value::Text("ada@example.com".into()))]).into();
         record.fields.remove("Email__c");
         let error = connector.send(Operation::Upsert, &[record]).await.unwrap_err();
         assert!(

@@ -69,7 +69,7 @@ fn record(id: i64, name: &str, score: i64, channel: &str) -> Record {
     fields.insert("channel".into(), Value::Text(channel.to_owned()));
     Record {
         key: id.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }

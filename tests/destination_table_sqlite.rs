@@ -40,7 +40,7 @@ fn record(match_fields: &[&str], fields: &[(&str, Value)]) -> Record {
 fn key_only(pairs: &[(&str, Value)]) -> Record {
     Record {
         key: format!("{pairs:?}"),
-        identity: doc(pairs),
+        identity: doc(pairs).into(),
         fields: Document::new().into(),
     }
 }

@@ -51,7 +51,7 @@ fn user(key: i64, email: &str, name: &str) -> Record {
     fields.insert("user_fields.score".into(), Value::Int(key * 10));
     Record {
         key: key.to_string(),
-        identity,
+        identity: identity.into(),
         fields: fields.into(),
     }
 }
@@ -404,7 +404,7 @@ async fn mirror_deletes_destroy_users_by_external_id_and_an_unknown_one_counts_a
         let connector = connector(&double, "users").await;
         let record = Record {
             key: "5".into(),
-            identity: Document::from([("external_id".to_owned(), Value::Text("5".into()))]),
+            identity: Document::from([("external_id".to_owned(), Value::Text("5".into()))]).into(),
             fields: Document::new().into(),
         };
         let outcomes = connector.send(Operation::Delete, &[record]).await.unwrap();
@@ -435,7 +435,7 @@ async fn deletes_of_records_matched_on_email_are_rejected_with_the_reason() {
     let connector = connector(&double, "users").await;
     let record = Record {
         key: "1".into(),
-        identity: Document::from([("email".to_owned(), Value::Text("ada@example.com".into()))]),
+        identity: Document::from([("email".to_owned(), Value::Text("ada@example.com".into()))]).into(),
         fields: Document::new().into(),
     };
 
@@ -461,7 +461,7 @@ async fn organizations_are_upserted_by_name_with_their_organization_fields() {
         fields.insert("organization_fields".into(), Value::Object(custom));
         Record {
             key: name.to_owned(),
-            identity,
+            identity: identity.into(),
             fields: fields.into(),
         }
     };

@@ -636,7 +636,7 @@ mod tests {
         let nested = Document::from([("tier".to_owned(), Value::Text("gold".into()))]);
         let record = Record {
             key: "7".into(),
-            identity: Document::from([("user_id".to_owned(), Value::Int(7))]),
+            identity: Document::from([("user_id".to_owned(), Value::Int(7))]).into(),
             fields: Document::from([
                 ("user_id".to_owned(), Value::Int(7)),
                 ("ltv".to_owned(), Value::Float(12.5)),
@@ -668,7 +668,7 @@ mod tests {
         let empty = Document::from([("lifetime_value".to_owned(), Value::Null)]);
         let record = Record {
             key: "7".into(),
-            identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Int(7))]),
+            identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Int(7))]).into(),
             fields: Document::from([
                 ("loyalty".to_owned(), Value::Object(inner)),
                 ("rewards".to_owned(), Value::Object(empty)),
@@ -686,14 +686,14 @@ mod tests {
         );
         let dotted = Record {
             key: "8".into(),
-            identity: Document::new(),
+            identity: Document::new().into(),
             fields: Document::from([("meta".to_owned(), Value::Json(json!({"a.b": 1})))]).into(),
         };
         let error = attributes_of(&dotted, "8".into(), false).unwrap_err();
         assert!(error.contains("nested attribute \"meta\""), "{error}");
         let long = Record {
             key: "9".into(),
-            identity: Document::new(),
+            identity: Document::new().into(),
             fields: Document::from([("meta".to_owned(), Value::Json(json!({"note": "x".repeat(256)})))])
                 .into(),
         };
@@ -704,13 +704,13 @@ mod tests {
     fn a_record_without_an_external_id_has_none() {
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("a".to_owned(), Value::Int(1)), ("b".to_owned(), Value::Null)]),
+            identity: Document::from([("a".to_owned(), Value::Int(1)), ("b".to_owned(), Value::Null)]).into(),
             fields: Document::new().into(),
         };
         assert_eq!(external_id_of(&record), None);
         let record = Record {
             key: "1".into(),
-            identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Null)]),
+            identity: Document::from([(EXTERNAL_ID.to_owned(), Value::Null)]).into(),
             fields: Document::new().into(),
         };
         assert_eq!(external_id_of(&record), None);

@@ -418,7 +418,7 @@ mod tests {
         };
         Record {
             key: "1".into(),
-            identity: doc(identity),
+            identity: doc(identity).into(),
             fields: doc(fields).into(),
         }
     }
@@ -493,7 +493,7 @@ mod tests {
         );
         let dots = Record {
             key: "1".into(),
-            identity: Document::from([("id".to_owned(), Value::Text("..".into()))]),
+            identity: Document::from([("id".to_owned(), Value::Text("..".into()))]).into(),
             fields: Document::new().into(),
         };
         assert!(identifier_of(&dots).unwrap_err().contains("cannot name a person"));

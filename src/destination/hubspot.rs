@@ -702,7 +702,7 @@ mod tests {
         nested.insert("lifecyclestage".into(), Value::Text("customer".into()));
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("email".to_owned(), Value::Text("a@x.io".into()))]),
+            identity: Document::from([("email".to_owned(), Value::Text("a@x.io".into()))]).into(),
             fields: Document::from([
                 ("email".to_owned(), Value::Text("a@x.io".into())),
                 ("ltv".to_owned(), Value::Int(12)),
@@ -729,7 +729,7 @@ mod tests {
         let c = connector("contacts", "email").unwrap();
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("properties.email".to_owned(), Value::Text("b@x.io".into()))]),
+            identity: Document::from([("properties.email".to_owned(), Value::Text("b@x.io".into()))]).into(),
             fields: Document::new().into(),
         };
         assert_eq!(c.id_of(&record).as_deref(), Some("b@x.io"));

@@ -641,7 +641,7 @@ mod tests {
         nested.insert("LNAME".into(), Value::Text("Lovelace".into()));
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("email_address".to_owned(), Value::Text("Ada@X.io".into()))]),
+            identity: Document::from([("email_address".to_owned(), Value::Text("Ada@X.io".into()))]).into(),
             fields: Document::from([
                 ("email_address".to_owned(), Value::Text("Ada@X.io".into())),
                 ("FNAME".to_owned(), Value::Text("Ada".into())),

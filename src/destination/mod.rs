@@ -194,9 +194,9 @@ pub trait Connector: Send + Sync {
 
     /// False when the connector sends each record's fields as they are, as their canonical
     /// JSON ([`Fields::write_json`](crate::model::record::Fields::write_json)), so the engine
-    /// builds no document for the records it reads back; true (the default) when it reads the
-    /// fields one by one, so the engine builds each record's document ahead, beside the
-    /// requests.
+    /// builds no document for the records it reads back (their match fields are built only if
+    /// the connector looks at them); true (the default) when it reads the fields one by one, so
+    /// the engine builds each record's documents ahead, beside the requests.
     fn reads_fields(&self) -> bool {
         true
     }

@@ -550,7 +550,7 @@ mod tests {
     fn key_variables_come_from_identity_fields_and_dotted_paths() {
         let record = Record {
             key: "1".into(),
-            identity: doc(&[("id", Value::Int(1))]),
+            identity: doc(&[("id", Value::Int(1))]).into(),
             fields: doc(&[(
                 "properties",
                 Value::Object(doc(&[("plan", Value::Text("pro".into()))])),

@@ -693,7 +693,7 @@ mod tests {
         nested.insert("plan".into(), Value::Text("pro".into()));
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("external_id".to_owned(), Value::Int(42))]),
+            identity: Document::from([("external_id".to_owned(), Value::Int(42))]).into(),
             fields: Document::from([
                 ("name".to_owned(), Value::Text("Ada".into())),
                 ("user_fields".to_owned(), Value::Object(nested)),
@@ -716,7 +716,7 @@ mod tests {
         let org = connector(ZendeskObject::Organizations).unwrap();
         let record = Record {
             key: "1".into(),
-            identity: Document::from([("name".to_owned(), Value::Text("Acme".into()))]),
+            identity: Document::from([("name".to_owned(), Value::Text("Acme".into()))]).into(),
             fields: Document::new().into(),
         };
         assert_eq!(org.identity_of(&record).unwrap().0, "name");

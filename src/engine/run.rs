@@ -865,7 +865,8 @@ struct SpillBatches<'p> {
 
 impl<'p> SpillBatches<'p> {
     /// Starts the reading thread over `reader`; `plan` and `decider` choose the rows sent.
-    /// When the connector reads the records' fields, the thread also builds their documents.
+    /// When the connector reads the records' fields, the thread also builds their documents
+    /// (mapped fields and match fields).
     fn start(
         mut reader: SpillReader,
         plan: PlanOutcome,
@@ -885,6 +886,7 @@ impl<'p> SpillBatches<'p> {
                             Some(row) if documents => row
                                 .fields
                                 .parse_now()
+                                .and_then(|()| row.identity.parse_now())
                                 .map(|()| Some(row))
                                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
                             other => Ok(other),
@@ -985,7 +987,7 @@ fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) ->
                 .filter_map(|&pos| state.get(pos))
                 .map(|e| Record {
                     key: e.key.to_owned(),
-                    identity: identity_document(e.identity),
+                    identity: identity_document(e.identity).into(),
                     fields: Fields::default(),
                 })
                 .collect(),

@@ -12,8 +12,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 
-use crate::model::record::{Fields, Operation, parse_document};
-use crate::model::value::Document;
+use crate::model::record::{Fields, Operation};
 
 /// One planned row, as read back.
 #[derive(Debug)]
@@ -26,8 +25,8 @@ pub struct SpilledRow {
     pub fingerprint: u64,
     /// True for a row never delivered before.
     pub added: bool,
-    /// Match fields.
-    pub identity: Document,
+    /// Match fields: their canonical JSON as spilled, parsed only when asked for.
+    pub identity: Fields,
     /// Canonical JSON of the match fields (what the state stores).
     pub identity_json: String,
     /// Mapped fields: their canonical JSON as spilled, parsed only when asked for.
@@ -426,7 +425,6 @@ impl SpillReader {
         &mut self,
         mut choose: impl FnMut(&str, Operation, bool) -> Option<(Operation, bool)>,
     ) -> std::io::Result<Option<SpilledRow>> {
-        let as_io = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         loop {
             let Some(start) = self.next_offset()? else {
                 return Ok(None);
@@ -456,7 +454,7 @@ impl SpillReader {
                 key: key.to_owned(),
                 fingerprint: row_fingerprint(fields, &json_nulls),
                 added,
-                identity: parse_document(&identity_json).map_err(as_io)?,
+                identity: Fields::from_canonical_json(identity_json.as_str().into(), Vec::new()),
                 identity_json,
                 fields: Fields::from_canonical_json(
                     fields_text.into(),
@@ -471,7 +469,7 @@ impl SpillReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::value::Value;
+    use crate::model::value::{Document, Value};
 
     fn json<'a>(identity: &'a [u8], json_nulls: &'a [&'a str], fields: &'a [u8]) -> RowJson<'a> {
         RowJson {

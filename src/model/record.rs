@@ -35,14 +35,15 @@ impl Operation {
 pub struct Record {
     /// The row's primary key in canonical text form (for outcomes and logs; never a payload).
     pub key: String,
-    /// The match fields and their values: how the destination identifies the record.
-    pub identity: Document,
+    /// The match fields and their values: how the destination identifies the record (read
+    /// back from the spill, built only when a connector looks at them).
+    pub identity: Fields,
     /// The mapped fields to write (empty for deletes).
     pub fields: Fields,
 }
 
-/// A record's mapped fields: a [`Document`] (through `Deref`), and, for a record read back
-/// from the canonical JSON the engine spilled, those bytes. A connector that sends the fields
+/// A record's mapped fields or match fields: a [`Document`] (through `Deref`), and, for a
+/// record read back from the canonical JSON the engine spilled, those bytes. A connector that sends the fields
 /// as they are writes the bytes through ([`Fields::write_json`]) and the document is never
 /// built; one that looks inside builds it on first use (or the engine builds it ahead,
 /// [`Fields::parse_now`]). Changing the fields (`DerefMut`) drops the bytes.
@@ -146,6 +147,12 @@ impl From<Document> for Fields {
             json_nulls: Vec::new(),
             document: OnceLock::from(document),
         }
+    }
+}
+
+impl FromIterator<(String, Value)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (String, Value)>>(items: I) -> Fields {
+        Fields::from(items.into_iter().collect::<Document>())
     }
 }
 

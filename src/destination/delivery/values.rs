@@ -136,7 +136,7 @@ mod tests {
     fn record() -> Record {
         Record {
             key: "13".into(),
-            identity: Document::from([("Email".to_owned(), Value::Text("User13.example.com".into()))]),
+            identity: Document::from([("Email".to_owned(), Value::Text("User13.example.com".into()))]).into(),
             fields: Document::from([
                 ("Email".to_owned(), Value::Text("User13.example.com".into())),
                 ("Tier".to_owned(), Value::Text("vip".into())),

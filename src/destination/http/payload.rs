@@ -447,7 +447,7 @@ mod tests {
         ]);
         Record {
             key: "1".into(),
-            identity,
+            identity: identity.into(),
             fields: fields.into(),
         }
     }

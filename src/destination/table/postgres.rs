@@ -178,7 +178,7 @@ mod tests {
         };
         Record {
             key: "k".into(),
-            identity: doc(identity),
+            identity: doc(identity).into(),
             fields: doc(fields).into(),
         }
     }
