@@ -181,9 +181,7 @@ impl Value {
         match self {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Value::Int(i) => {
-                let _ = write!(StringSink(out), "{i}");
-            }
+            Value::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
             Value::Decimal(d) => out.extend_from_slice(canonical_decimal(d).as_bytes()),
             Value::Float(f) => write_float(*f, out),
             Value::Text(s) => write_json_string(s, out),
