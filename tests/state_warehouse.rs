@@ -1,7 +1,9 @@
 //! The Warehouse state store on the real PostgreSQL and MariaDB servers: round trips,
 //! checkpoint durability, scopes, the run lock, full engine runs, sync logs, migration from
 //! and back to the File store, errors that never show a password, checkpoints killed or
-//! failing mid-commit (all or nothing), and concurrent engine runs of one sync.
+//! failing mid-commit (all or nothing), concurrent engine runs of one sync, and the journal:
+//! folded before the next run reads the state after a crash, the last change of a key
+//! winning, a failing fold applying nothing, and tables of an older release without it.
 
 mod support;
 
@@ -585,27 +587,27 @@ async fn a_state_user_who_may_not_create_temporary_tables_still_writes_whole_che
     support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 }
 
-/// Holds, in an open transaction on its own connection, an uncommitted row of `backflow_state`
-/// with the key hash of `key`: a checkpoint writing that key waits for it, in the middle of its
-/// transaction, until [`Blocker::release`].
+/// Holds a checkpoint in the middle of its transaction: a trigger on `backflow_journal` makes
+/// the append of `key` wait for a lock that the blocker's own connection holds until
+/// [`Blocker::release`], so the rows before it are written but not committed.
 enum Blocker {
     Pg(PgConnection),
-    My(MySqlConnection, u64),
+    My(MySqlConnection, u64, String),
 }
 
 impl Blocker {
-    async fn hold(db: &TestDb, sync_id: &str, key: &str) -> Blocker {
-        let hash = xxhash_rust::xxh3::xxh3_128(key.as_bytes()).to_be_bytes().to_vec();
-        let table = format!("{}.backflow_state", schema(db));
+    async fn hold(db: &TestDb, key: &str) -> Blocker {
+        let schema = schema(db);
         match db.server {
             Server::Postgres => {
                 let mut c = PgConnection::connect(&db.url).await.unwrap();
-                sqlx::raw_sql("BEGIN").execute(&mut c).await.unwrap();
-                sqlx::query(&format!(
-                    "INSERT INTO {table} (sync_id, key_hash, key, fingerprint, identity) VALUES ($1, $2, 'blocker', 0, '{{}}')"
+                // Advisory locks are per database: no other test shares this one.
+                sqlx::raw_sql(&format!(
+                    "SELECT pg_advisory_lock(4242);
+CREATE FUNCTION {schema}.hold() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.key = '{key}' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$;
+CREATE TRIGGER hold BEFORE INSERT ON {schema}.backflow_journal FOR EACH ROW EXECUTE FUNCTION {schema}.hold()"
                 ))
-                .bind(sync_id)
-                .bind(hash)
                 .execute(&mut c)
                 .await
                 .unwrap();
@@ -617,17 +619,21 @@ impl Blocker {
                     .fetch_one(&mut c)
                     .await
                     .unwrap();
-                sqlx::raw_sql("BEGIN").execute(&mut c).await.unwrap();
-                sqlx::query(&format!(
-                    "INSERT INTO {table} (sync_id, key_hash, `key`, fingerprint, identity, updated_at) \
-                     VALUES (?, ?, 'blocker', 0, '{{}}', UTC_TIMESTAMP(6))"
+                // Named locks are server-wide: the database's name keeps this one apart.
+                let lock = format!("{}:hold", db.name);
+                sqlx::query("SELECT GET_LOCK(?, 0)")
+                    .bind(&lock)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(&format!(
+                    "CREATE TRIGGER `{schema}`.hold BEFORE INSERT ON `{schema}`.backflow_journal FOR EACH ROW \
+                     BEGIN IF NEW.`key` = '{key}' THEN SET @held = GET_LOCK('{lock}', 60); END IF; END"
                 ))
-                .bind(sync_id)
-                .bind(hash)
                 .execute(&mut c)
                 .await
                 .unwrap();
-                Blocker::My(c, id)
+                Blocker::My(c, id, schema)
             }
         }
     }
@@ -636,14 +642,24 @@ impl Blocker {
     fn id(&self) -> u64 {
         match self {
             Blocker::Pg(_) => 0,
-            Blocker::My(_, id) => *id,
+            Blocker::My(_, id, _) => *id,
         }
     }
 
     async fn release(self) {
         match self {
-            Blocker::Pg(mut c) => sqlx::raw_sql("ROLLBACK").execute(&mut c).await.map(drop),
-            Blocker::My(mut c, _) => sqlx::raw_sql("ROLLBACK").execute(&mut c).await.map(drop),
+            Blocker::Pg(mut c) => sqlx::raw_sql(
+                "SELECT pg_advisory_unlock(4242); DROP TRIGGER hold ON backflow.backflow_journal",
+            )
+            .execute(&mut c)
+            .await
+            .map(drop),
+            Blocker::My(mut c, _, schema) => sqlx::raw_sql(&format!(
+                "SELECT RELEASE_ALL_LOCKS(); DROP TRIGGER `{schema}`.hold"
+            ))
+            .execute(&mut c)
+            .await
+            .map(drop),
         }
         .unwrap();
     }
@@ -652,7 +668,7 @@ impl Blocker {
 /// Kills the state connection while it is in the middle of writing a checkpoint: on
 /// PostgreSQL the `backflow-state` session of `db` whose transaction has written
 /// (`backend_xid` set), on MariaDB the connection to `db` (other than `spare`) running an
-/// insert into `backflow_state`. Returns false when it found none within 30 seconds.
+/// insert into `backflow_journal`. Returns false when it found none within 30 seconds.
 async fn kill_state_connection_mid_write(db: &TestDb, spare: u64) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     match db.server {
@@ -689,7 +705,7 @@ async fn kill_state_connection_mid_write(db: &TestDb, spare: u64) -> bool {
                 // MariaDB 10.11: look for the statement instead.
                 let id: Option<u64> = sqlx::query_scalar(
                     "SELECT CAST(ID AS UNSIGNED) FROM information_schema.PROCESSLIST \
-                     WHERE DB = ? AND ID <> ? AND INFO LIKE 'INSERT INTO%backflow_state%'",
+                     WHERE DB = ? AND ID <> ? AND INFO LIKE 'INSERT INTO%backflow_journal%'",
                 )
                 .bind(&db.name)
                 .bind(spare)
@@ -726,7 +742,7 @@ async fn killed_mid_checkpoint(db: TestDb, rows: u64) {
     // The checkpoint's last row waits for another transaction: the checkpoint is then
     // certainly in flight, its earlier rows written but not committed, when it is killed.
     let last_key = format!("new-{}", rows - 1);
-    let blocker = Blocker::hold(&db, "ns/crash", &last_key).await;
+    let blocker = Blocker::hold(&db, &last_key).await;
     let spare = blocker.id();
     let kill = async {
         let killed = kill_state_connection_mid_write(&db, spare).await;
@@ -792,7 +808,7 @@ async fn failing_checkpoint(server: Server) {
         &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
     );
     // Create the tables, then make the checkpoint holding row 3500 fail midway: the rows before
-    // it in the same transaction are written when the trigger fires.
+    // it in the same transaction are appended to the journal when the trigger fires.
     let mut store = WarehouseStore::new(config(&db, "default/customers"));
     store.load("default/fake").await.unwrap();
     store.end_run(&end(true)).await.unwrap();
@@ -803,13 +819,13 @@ async fn failing_checkpoint(server: Server) {
             db.exec(
                 "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN IF NEW.key = '3500' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_journal FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
             )
             .await
         }
         Server::Mysql => {
             db.exec(&format!(
-                "CREATE TRIGGER `{schema}`.poison BEFORE INSERT ON `{schema}`.backflow_state FOR EACH ROW \
+                "CREATE TRIGGER `{schema}`.poison BEFORE INSERT ON `{schema}`.backflow_journal FOR EACH ROW \
                  BEGIN IF NEW.`key` = '3500' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
             ))
             .await
@@ -833,7 +849,7 @@ CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXEC
     );
 
     match server {
-        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_state").await,
+        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_journal").await,
         Server::Mysql => db.exec(&format!("DROP TRIGGER `{schema}`.poison")).await,
     }
     let fake = Arc::new(FakeConnector::new(100));
@@ -962,4 +978,430 @@ async fn clusters_sharing_a_warehouse_keep_their_state_apart_and_the_first_adopt
         ids,
         ["cluster-a/default/customers", "cluster-b/default/customers"]
     );
+}
+
+/// Rows of `sync_id` in one of the state tables (`None`: the table does not exist).
+async fn rows_in(db: &TestDb, table: &str, sync_id: &str) -> Option<i64> {
+    let schema = schema(db);
+    match db.server {
+        Server::Postgres => {
+            let mut c = PgConnection::connect(&db.url).await.unwrap();
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(format!("{schema}.{table}"))
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            if !exists {
+                return None;
+            }
+            let sql = format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1");
+            Some(
+                sqlx::query_scalar(&sql)
+                    .bind(sync_id)
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap(),
+            )
+        }
+        Server::Mysql => {
+            let mut c = MySqlConnection::connect(&db.url).await.unwrap();
+            let exists: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            )
+            .bind(&schema)
+            .bind(table)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            if exists == 0 {
+                return None;
+            }
+            let sql = format!("SELECT count(*) FROM `{schema}`.`{table}` WHERE sync_id = ?");
+            Some(
+                sqlx::query_scalar(&sql)
+                    .bind(sync_id)
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap(),
+            )
+        }
+    }
+}
+
+fn hash(key: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+async fn crash_before_the_fold(db: TestDb) {
+    let mut store = WarehouseStore::new(config(&db, "ns/j"));
+    store.load("s").await.unwrap();
+    store
+        .commit(
+            "s",
+            &[
+                put("k1", 1, "{\"id\":1}"),
+                put("k2", 2, "{\"id\":2}"),
+                put("k3", 3, "{\"id\":3}"),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .commit(
+            "s",
+            &[
+                put("k1", 10, "{\"id\":1}"),
+                StateChange::Remove { key: "k2".into() },
+            ],
+        )
+        .await
+        .unwrap();
+    // A crash between the checkpoints and the fold: no finish, no end_run.
+    drop(store);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/j").await, Some(5));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/j").await, Some(0));
+
+    // The next run's diff sees both checkpoints: k1 at 10, k2 gone, k3 stored.
+    let mut next = WarehouseStore::new(config(&db, "ns/j"));
+    let diff = loop {
+        match next.store_diff().unwrap().begin("s").await {
+            Err(StateError::Locked(_)) => tokio::time::sleep(Duration::from_millis(40)).await,
+            other => break other.unwrap(),
+        }
+    };
+    assert!(diff, "the store diffs on its own");
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/j").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/j").await, Some(2));
+    let d = next.store_diff().unwrap();
+    assert!(d.holds_state("s"));
+    d.stage(&[(hash("k1"), 10), (hash("k4"), 4)]).await.unwrap();
+    let found = d.diff("s", false).await.unwrap();
+    assert_eq!(
+        found.change(hash("k1")),
+        None,
+        "k1 is stored at its last fingerprint"
+    );
+    assert_eq!(found.change(hash("k4")), Some(true));
+    assert_eq!(found.removed, vec![("k3".to_owned(), "{\"id\":3}".to_owned())]);
+    next.end_run(&end(true)).await.unwrap();
+    drop(next);
+
+    // And so does load, after another crash.
+    let mut again = WarehouseStore::new(config(&db, "ns/j"));
+    load_after_drop(&mut again, "s").await;
+    again.commit("s", &[put("k5", 5, "{}")]).await.unwrap();
+    drop(again);
+    let mut last = WarehouseStore::new(config(&db, "ns/j"));
+    assert_eq!(
+        entries(&load_after_drop(&mut last, "s").await),
+        vec![
+            ("k1".to_owned(), 10, "{\"id\":1}".to_owned()),
+            ("k3".to_owned(), 3, "{\"id\":3}".to_owned()),
+            ("k5".to_owned(), 5, "{}".to_owned()),
+        ]
+    );
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/j").await, Some(0));
+
+    // Deleting the sync's state takes its journal rows too.
+    last.commit("s", &[put("k6", 6, "{}")]).await.unwrap();
+    drop(last);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/j").await, Some(1));
+    let deleted = backflow::state::warehouse::delete_sync_state(&config(&db, "ns/j"))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/j").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/j").await, Some(0));
+}
+
+#[tokio::test]
+async fn checkpoints_journaled_before_a_crash_are_folded_before_the_next_diff_or_load_on_postgres() {
+    crash_before_the_fold(TestDb::postgres("whjcrash").await).await;
+}
+
+#[tokio::test]
+async fn checkpoints_journaled_before_a_crash_are_folded_before_the_next_diff_or_load_on_mariadb() {
+    crash_before_the_fold(TestDb::mysql("whjcrash").await).await;
+}
+
+async fn fold_order(db: TestDb) {
+    let mut store = WarehouseStore::new(config(&db, "ns/o"));
+    store.load("s").await.unwrap();
+    store
+        .commit(
+            "s",
+            &[put("kept", 1, "{}"), put("gone", 1, "{}"), put("back", 1, "{}")],
+        )
+        .await
+        .unwrap();
+    store.finish("s").await.unwrap();
+    // One checkpoint each: the journal holds every change, the fold keeps the last.
+    store.commit("s", &[put("kept", 2, "{\"v\":2}")]).await.unwrap();
+    store.commit("s", &[put("kept", 3, "{\"v\":3}")]).await.unwrap();
+    store.commit("s", &[put("new", 1, "{}")]).await.unwrap();
+    store
+        .commit("s", &[StateChange::Remove { key: "new".into() }])
+        .await
+        .unwrap();
+    store
+        .commit("s", &[StateChange::Remove { key: "gone".into() }])
+        .await
+        .unwrap();
+    store
+        .commit("s", &[StateChange::Remove { key: "back".into() }])
+        .await
+        .unwrap();
+    store.commit("s", &[put("back", 4, "{\"v\":4}")]).await.unwrap();
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/o").await, Some(7));
+    store.finish("s").await.unwrap();
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/o").await, Some(0));
+    store.end_run(&end(false)).await.unwrap();
+    let mut again = WarehouseStore::new(config(&db, "ns/o"));
+    assert_eq!(
+        entries(&load_after_drop(&mut again, "s").await),
+        vec![
+            ("back".to_owned(), 4, "{\"v\":4}".to_owned()),
+            ("kept".to_owned(), 3, "{\"v\":3}".to_owned()),
+        ]
+    );
+    again.end_run(&end(true)).await.unwrap();
+    drop(again);
+
+    // The order is seq's, not the order rows lie in the table: a later seq written first
+    // still wins.
+    let (schema, h) = (schema(&db), hash("late").to_be_bytes().to_vec());
+    match db.server {
+        Server::Postgres => {
+            let mut c = PgConnection::connect(&db.url).await.unwrap();
+            for (seq, fp) in [(1_000_000i64, 7i64), (999_999, 6)] {
+                sqlx::query(&format!(
+                    "INSERT INTO {schema}.backflow_journal (sync_id, seq, key_hash, key, fingerprint, identity, removed) \
+                     OVERRIDING SYSTEM VALUE VALUES ('ns/o', $1, $2, 'late', $3, '{{}}', false)"
+                ))
+                .bind(seq)
+                .bind(&h)
+                .bind(fp)
+                .execute(&mut c)
+                .await
+                .unwrap();
+            }
+        }
+        Server::Mysql => {
+            let mut c = MySqlConnection::connect(&db.url).await.unwrap();
+            for (seq, fp) in [(1_000_000i64, 7i64), (999_999, 6)] {
+                sqlx::query(&format!(
+                    "INSERT INTO `{schema}`.backflow_journal (sync_id, seq, key_hash, `key`, fingerprint, identity, removed) \
+                     VALUES ('ns/o', ?, ?, 'late', ?, '{{}}', false)"
+                ))
+                .bind(seq)
+                .bind(&h)
+                .bind(fp)
+                .execute(&mut c)
+                .await
+                .unwrap();
+            }
+        }
+    }
+    let mut last = WarehouseStore::new(config(&db, "ns/o"));
+    let loaded = load_after_drop(&mut last, "s").await;
+    let late = loaded.get(loaded.position("late").unwrap()).unwrap();
+    assert_eq!(late.fingerprint, 7);
+    assert_eq!(loaded.len(), 3);
+}
+
+#[tokio::test]
+async fn the_fold_keeps_the_last_change_of_each_key_and_a_put_then_remove_folds_to_absent_on_postgres() {
+    fold_order(TestDb::postgres("whjorder").await).await;
+}
+
+#[tokio::test]
+async fn the_fold_keeps_the_last_change_of_each_key_and_a_put_then_remove_folds_to_absent_on_mariadb() {
+    fold_order(TestDb::mysql("whjorder").await).await;
+}
+
+/// Tables of an older release: all but the journal, created by an administrator; the state
+/// user has `SELECT, INSERT, UPDATE, DELETE` and may not create tables.
+async fn without_journal(db: TestDb) {
+    let mut admin = WarehouseStore::new(config(&db, "ns/old"));
+    admin.load("s").await.unwrap();
+    admin.end_run(&end(true)).await.unwrap();
+    drop(admin);
+    let user = format!("{}_dml", db.name);
+    let schema = schema(&db);
+    let url = match db.server {
+        Server::Postgres => {
+            db.exec(&format!(
+                "DROP TABLE backflow.backflow_journal; CREATE ROLE \"{user}\" LOGIN; \
+                 GRANT USAGE ON SCHEMA backflow TO \"{user}\"; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{user}\""
+            ))
+            .await;
+            db.url
+                .replacen("postgres://postgres@", &format!("postgres://{user}@"), 1)
+        }
+        Server::Mysql => {
+            db.exec(&format!(
+                "DROP TABLE `{schema}`.backflow_journal; CREATE USER '{user}'@'%'; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON `{schema}`.* TO '{user}'@'%'"
+            ))
+            .await;
+            db.url.replacen("mysql://root@", &format!("mysql://{user}@"), 1)
+        }
+    };
+    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    let writer = WarehouseConfig {
+        url,
+        ..config(&db, "ns/old")
+    };
+    let mut store = WarehouseStore::new(writer.clone());
+    assert!(load_after_drop(&mut store, "s").await.is_empty());
+    let first: Vec<StateChange> = (0..1500).map(|i| put(&format!("k{i}"), i, "{}")).collect();
+    store.commit("s", &first).await.unwrap();
+    // Written straight into backflow_state, checkpoint by checkpoint: no finish needed.
+    assert_eq!(rows_in(&db, "backflow_state", "ns/old").await, Some(1500));
+    store
+        .commit(
+            "s",
+            &[
+                put("k1", 99, "{\"id\":1}"),
+                StateChange::Remove { key: "k2".into() },
+            ],
+        )
+        .await
+        .unwrap();
+    store.finish("s").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    assert_eq!(
+        rows_in(&db, "backflow_journal", "ns/old").await,
+        None,
+        "nothing was created"
+    );
+
+    let mut again = WarehouseStore::new(writer);
+    let loaded = load_after_drop(&mut again, "s").await;
+    assert_eq!(loaded.len(), 1499);
+    let k1 = loaded.get(loaded.position("k1").unwrap()).unwrap();
+    assert_eq!((k1.fingerprint, k1.identity), (99, "{\"id\":1}"));
+    assert!(loaded.position("k2").is_none());
+    again.end_run(&end(true)).await.unwrap();
+    drop(again);
+    match db.server {
+        Server::Postgres => {
+            drop(db);
+            support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{user}\"")).await;
+        }
+        Server::Mysql => db.exec(&format!("DROP USER IF EXISTS '{user}'@'%'")).await,
+    }
+}
+
+#[tokio::test]
+async fn tables_without_the_journal_and_no_right_to_create_it_keep_the_direct_upserts_on_postgres() {
+    without_journal(TestDb::postgres("whjold").await).await;
+}
+
+#[tokio::test]
+async fn tables_without_the_journal_and_no_right_to_create_it_keep_the_direct_upserts_on_mariadb() {
+    without_journal(TestDb::mysql("whjold").await).await;
+}
+
+/// The fingerprint stored in `backflow_state` for `key` of `sync_id`, read with SQL.
+async fn stored_fingerprint(db: &TestDb, sync_id: &str, key: &str) -> Option<i64> {
+    let (schema, h) = (schema(db), hash(key).to_be_bytes().to_vec());
+    match db.server {
+        Server::Postgres => {
+            let mut c = PgConnection::connect(&db.url).await.unwrap();
+            let sql = format!(
+                "SELECT fingerprint FROM {schema}.backflow_state WHERE sync_id = $1 AND key_hash = $2"
+            );
+            sqlx::query_scalar(&sql)
+                .bind(sync_id)
+                .bind(h)
+                .fetch_optional(&mut c)
+                .await
+                .unwrap()
+        }
+        Server::Mysql => {
+            let mut c = MySqlConnection::connect(&db.url).await.unwrap();
+            let sql = format!(
+                "SELECT fingerprint FROM `{schema}`.backflow_state WHERE sync_id = ? AND key_hash = ?"
+            );
+            sqlx::query_scalar(&sql)
+                .bind(sync_id)
+                .bind(h)
+                .fetch_optional(&mut c)
+                .await
+                .unwrap()
+        }
+    }
+}
+
+async fn failing_fold(db: TestDb) {
+    let mut store = WarehouseStore::new(config(&db, "ns/f"));
+    store.load("s").await.unwrap();
+    let first: Vec<StateChange> = (0..1000).map(|i| put(&format!("f{i}"), i, "{}")).collect();
+    store.commit("s", &first).await.unwrap();
+    store.finish("s").await.unwrap();
+    let mut second: Vec<StateChange> = (0..1000).map(|i| put(&format!("g{i}"), i, "{}")).collect();
+    second.push(put("f0", 77, "{}"));
+    second.push(StateChange::Remove { key: "f1".into() });
+    store.commit("s", &second).await.unwrap();
+
+    // The fold's insert fails at g500, after the remove of f1 and the rows before g500.
+    let schema = schema(&db);
+    match db.server {
+        Server::Postgres => {
+            db.exec(
+                "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.key = 'g500' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+            )
+            .await
+        }
+        Server::Mysql => {
+            db.exec(&format!(
+                "CREATE TRIGGER `{schema}`.poison BEFORE INSERT ON `{schema}`.backflow_state FOR EACH ROW \
+                 BEGIN IF NEW.`key` = 'g500' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
+            ))
+            .await
+        }
+    }
+    let err = store.finish("s").await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    // Nothing of the fold applied; the checkpoint is still whole in the journal.
+    assert_eq!(rows_in(&db, "backflow_state", "ns/f").await, Some(1000));
+    assert_eq!(stored_fingerprint(&db, "ns/f", "f0").await, Some(0));
+    assert_eq!(stored_fingerprint(&db, "ns/f", "f1").await, Some(1));
+    assert_eq!(stored_fingerprint(&db, "ns/f", "g0").await, None);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/f").await, Some(1002));
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+
+    match db.server {
+        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_state").await,
+        Server::Mysql => db.exec(&format!("DROP TRIGGER `{schema}`.poison")).await,
+    }
+    let mut next = WarehouseStore::new(config(&db, "ns/f"));
+    let loaded = load_after_drop(&mut next, "s").await;
+    assert_eq!(loaded.len(), 1999);
+    assert!(loaded.position("f1").is_none());
+    assert_eq!(
+        loaded.get(loaded.position("f0").unwrap()).unwrap().fingerprint,
+        77
+    );
+    assert_eq!(
+        loaded.get(loaded.position("g999").unwrap()).unwrap().fingerprint,
+        999
+    );
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/f").await, Some(0));
+}
+
+#[tokio::test]
+async fn a_fold_failing_midway_applies_nothing_and_the_next_run_folds_it_whole_on_postgres() {
+    failing_fold(TestDb::postgres("whjfold").await).await;
+}
+
+#[tokio::test]
+async fn a_fold_failing_midway_applies_nothing_and_the_next_run_folds_it_whole_on_mariadb() {
+    failing_fold(TestDb::mysql("whjfold").await).await;
 }

@@ -18,6 +18,9 @@
 //! `BACKFLOW_BENCH_ONLY=plan` runs only COPY, the source alone and the plan-only phases
 //! (`plan.rs`), a few minutes at 1,000,000 rows.
 //!
+//! `BACKFLOW_BENCH_ONLY=warehouse` runs only COPY, the File store's first run and the
+//! Warehouse store's first and second runs end to end (`warehouse.rs`).
+//!
 //! Then cursor mode at the smallest size (`cursor.rs`): the 1%-changed run reading past the
 //! high-water mark next to the same change found by a full diff, and COPY (alone with
 //! `BACKFLOW_BENCH_ONLY=cursor`).
@@ -60,6 +63,7 @@ mod report;
 mod sink;
 mod templates;
 mod tmpwatch;
+mod warehouse;
 
 // The cloud warehouse doubles of the integration tests, run by the parent for the cloud phases
 // (at the crate root, where they find each other as `super::…`).
@@ -155,6 +159,13 @@ async fn main() {
         // `BACKFLOW_BENCH_ONLY=cursor make bench`: cursor mode alone, at the smallest size.
         let smallest = sizes.iter().copied().min().unwrap_or(1_000_000);
         cursor::print(&cursor::bench(&admin_url, smallest, repeat, &sink, api_server.url()).await);
+        return;
+    }
+
+    if std::env::var("BACKFLOW_BENCH_ONLY").as_deref() == Ok("warehouse") {
+        // `BACKFLOW_BENCH_ONLY=warehouse make bench`: COPY, File and Warehouse first runs, and
+        // the Warehouse second run after 1% of rows changed.
+        warehouse::bench(&admin_url, &sizes, repeat, &sink, api_server.url()).await;
         return;
     }
 

@@ -92,20 +92,7 @@ pub fn print(sizes: &[SizeReport], scenarios: &[Scenario], repeat: usize, wall: 
 }
 
 fn print_size(size: &SizeReport) {
-    println!("\n== {} rows ==", thousands(size.rows));
-    println!(
-        "{:<48} {:>8} {:>11} {:>9} {:>9} {:>10} {:>8} {:>7} {:>10} {:>11}",
-        "phase",
-        "seconds",
-        "rows/s",
-        "peak MiB",
-        "requests",
-        "rows sent",
-        "vs COPY",
-        "CPU s",
-        "/tmp B/row",
-        "spill B/row"
-    );
+    header(size.rows);
     let copy_line = |m: &Measured| line("COPY (query) TO STDOUT", m, None, m.seconds, size.rows);
     copy_line(&size.copy_first);
     for s in &size.stores {
@@ -210,8 +197,26 @@ fn file_bytes_per_row(file: &StoreReport, rows: u64) -> (f64, f64) {
     (held, file.plan_second.peak_rss_mib * mib / rows)
 }
 
+/// The title and column heads of one size's table.
+pub fn header(rows: u64) {
+    println!("\n== {} rows ==", thousands(rows));
+    println!(
+        "{:<48} {:>8} {:>11} {:>9} {:>9} {:>10} {:>8} {:>7} {:>10} {:>11}",
+        "phase",
+        "seconds",
+        "rows/s",
+        "peak MiB",
+        "requests",
+        "rows sent",
+        "vs COPY",
+        "CPU s",
+        "/tmp B/row",
+        "spill B/row"
+    );
+}
+
 /// One table line; end-to-end lines also check the sink saw the requests the engine counted.
-fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64, rows: u64) {
+pub fn line(name: &str, m: &Measured, sink: Option<&Seen>, copy_seconds: f64, rows: u64) {
     let requests = match sink {
         Some(seen) if seen.requests != m.requests => {
             format!("{}≠{}", m.requests, seen.requests)

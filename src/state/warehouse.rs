@@ -13,6 +13,8 @@
 //!   primary keys of any length must fit (InnoDB indexes at most 3072 bytes, PostgreSQL's
 //!   B-tree about 2700); `fingerprint` is the u64 fingerprint stored as a signed BIGINT (same
 //!   bits); `identity` is the canonical JSON of the match fields.
+//! - `backflow_journal (sync_id, seq, key_hash, key, fingerprint, identity, removed)`: the
+//!   checkpoints of runs not yet folded into `backflow_state` (see `journal`).
 //! - with `syncLogs`: `backflow_runs` (one row per run) and `backflow_rejections` (one row per
 //!   rejected row: key, operation, reason, time).
 //!
@@ -20,9 +22,12 @@
 //! transaction-level advisory lock); when they already exist no DDL runs on the schema, so a
 //! DBA may create them and grant only `SELECT, INSERT, UPDATE, DELETE`.
 //!
-//! Each `commit` is one transaction (upserts and deletes), durable when it returns; on
-//! PostgreSQL its rows go by binary `COPY` into a temporary table of the session and one
-//! statement merges them (see `write`). Two runs of one sync never interleave: the store
+//! Each `commit` is one transaction that appends the checkpoint's changes to the journal
+//! (binary `COPY` on PostgreSQL), durable when it returns; `finish` folds the journal into
+//! `backflow_state` in one transaction sorted by key hash, and the next run does so first when
+//! a run ended without `finish`. Where the journal is missing and the state user may not
+//! create it (tables of an older release, created by a DBA), checkpoints are upserted straight
+//! into `backflow_state` as before (see `write`). Two runs of one sync never interleave: the store
 //! holds a session-level lock on its own connection for the whole run
 //! (`pg_try_advisory_lock`, `GET_LOCK(name, 0)`) and a second run fails at once with
 //! [`StateError::Locked`]. The lock goes with the connection, so a run that dies frees it
@@ -44,6 +49,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 mod cursor;
 mod diff;
+mod journal;
 mod write;
 
 use super::{EntryRef, Fingerprints, RejectedRow, RunLog, StateChange, StateError, StateStore, StoreDiff};
@@ -101,6 +107,13 @@ pub struct WarehouseStore {
     /// PostgreSQL: whether the connection has its checkpoint staging table (`None`: not
     /// created yet).
     staging: Option<bool>,
+    /// Whether checkpoints go to `backflow_journal` (`None`: not looked for yet; false: it is
+    /// missing and may not be created, so they go straight into `backflow_state`).
+    journal: Option<bool>,
+    /// Leftover journal rows were folded since the lock was taken.
+    recovered: bool,
+    /// This run appended checkpoints to the journal that `finish` has not folded yet.
+    appended: bool,
 }
 
 impl std::fmt::Debug for WarehouseStore {
@@ -140,6 +153,9 @@ impl WarehouseStore {
             scrubber,
             diffing: None,
             staging: None,
+            journal: None,
+            recovered: false,
+            appended: false,
         }
     }
 
@@ -359,6 +375,8 @@ impl WarehouseStore {
             self.conn = None;
         }
         self.locked = false;
+        // The next run folds what this one may leave in the journal.
+        self.recovered = false;
     }
 
     /// The run lock's key: per schema and sync (MySQL's named locks are server-wide).
@@ -550,18 +568,18 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         })
     }
 
-    /// Connects, locks and makes sure the tables exist. Returns false when a probe finds no
-    /// tables.
+    /// Connects, locks, makes sure the tables exist and folds what an interrupted run left in
+    /// the journal. Returns false when a probe finds no tables.
     async fn open(&mut self) -> Result<bool, StateError> {
         self.connect().await?;
         self.lock().await?;
-        if self.tables_exist().await? {
-            return Ok(true);
+        if !self.tables_exist().await? {
+            if self.probe {
+                return Ok(false);
+            }
+            self.create_tables().await?;
         }
-        if self.probe {
-            return Ok(false);
-        }
-        self.create_tables().await?;
+        self.prepare_journal().await?;
         Ok(true)
     }
 
@@ -642,7 +660,8 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         Ok(set)
     }
 
-    /// Writes puts and removes (and, on a scope change, the new scope) in one transaction.
+    /// Writes puts and removes (and, on a scope change, the new scope) in one transaction:
+    /// appended to the journal, or straight into `backflow_state` where there is none.
     async fn write(
         &mut self,
         scope: &str,
@@ -650,8 +669,10 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         removes: &[&str],
     ) -> Result<(), StateError> {
         let new_scope = self.stored_scope.as_deref() != Some(scope);
-        let staging = self.pg_staging().await?;
+        let journaled = self.journal == Some(true);
+        let staging = !journaled && self.pg_staging().await?;
         let (syncs, state) = (self.table("backflow_syncs"), self.table("backflow_state"));
+        let journal = self.table(journal::TABLE);
         let target = write::Target {
             syncs: &syncs,
             state: &state,
@@ -660,12 +681,15 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
             new_scope,
         };
         let result = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) if journaled => journal::pg_append(c, &target, &journal, puts, removes).await,
+            Some(Conn::My(c)) if journaled => journal::my_append(c, &target, &journal, puts, removes).await,
             Some(Conn::Pg(c)) => write::pg_write(c, &target, staging, puts, removes).await,
             Some(Conn::My(c)) => write::my_write(c, &target, puts, removes).await,
             None => Ok(()),
         };
         result.map_err(|e| self.sql_error("write a checkpoint", e))?;
         self.stored_scope = Some(scope.to_owned());
+        self.appended |= journaled;
         Ok(())
     }
 
@@ -761,7 +785,13 @@ impl StateStore for WarehouseStore {
     }
 
     async fn finish(&mut self, _scope: &str) -> Result<(), StateError> {
-        // Every checkpoint is already in the table; there is nothing to fold.
+        if !self.appended {
+            // Nothing was journaled (or checkpoints went straight into backflow_state).
+            return Ok(());
+        }
+        let rows = self.fold_journal().await?;
+        self.appended = false;
+        tracing::debug!(schema = %self.config.schema, rows, "checkpoints folded into backflow_state");
         Ok(())
     }
 
@@ -867,31 +897,42 @@ impl StateStore for WarehouseStore {
 }
 
 impl WarehouseStore {
-    /// Deletes this sync's rows of `backflow_state` and `backflow_syncs` in one transaction;
-    /// returns how many `backflow_state` rows went.
+    /// Deletes this sync's rows of `backflow_state`, `backflow_journal` (when it exists) and
+    /// `backflow_syncs` in one transaction; returns how many `backflow_state` rows went.
     async fn delete_sync_rows(&mut self) -> Result<u64, sqlx::Error> {
         let sync_id = self.config.sync_id.clone();
         let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
         let p = if self.is_pg() { "$1" } else { "?" };
-        let (delete_state, delete_syncs) = (
-            format!("DELETE FROM {state} WHERE sync_id = {p}"),
-            format!("DELETE FROM {syncs} WHERE sync_id = {p}"),
-        );
+        let journaled = match (self.journal, self.conn.as_mut()) {
+            (Some(known), _) => known,
+            (None, Some(conn)) => journal::exists(conn, &self.config.schema).await?,
+            (None, None) => false,
+        };
+        // Journal rows are changes to the state: they go with it. No journal, nothing to delete.
+        let mut deletes = vec![format!("DELETE FROM {state} WHERE sync_id = {p}")];
+        if journaled {
+            deletes.push(format!(
+                "DELETE FROM {} WHERE sync_id = {p}",
+                self.table(journal::TABLE)
+            ));
+        }
+        deletes.push(format!("DELETE FROM {syncs} WHERE sync_id = {p}"));
         // The same statements on either connection type, whose transactions share no trait.
         macro_rules! in_one_transaction {
             ($conn:expr) => {{
                 let mut tx = $conn.begin().await?;
-                let rows = sqlx::query(&delete_state)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(&delete_syncs)
-                    .bind(&sync_id)
-                    .execute(&mut *tx)
-                    .await?;
+                let mut rows = Vec::with_capacity(deletes.len());
+                for delete in &deletes {
+                    rows.push(
+                        sqlx::query(delete)
+                            .bind(&sync_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected(),
+                    );
+                }
                 tx.commit().await?;
-                Ok(rows)
+                Ok(rows[0])
             }};
         }
         // The mark goes first: a mark outliving its fingerprints would let the next run read
@@ -961,8 +1002,8 @@ impl WarehouseStore {
 /// How long [`delete_sync_state`] waits for a run of the sync to let go of its lock.
 const DELETE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Deletes a deleted sync's fingerprints: its rows of `backflow_state` and `backflow_syncs`, in
-/// one transaction, and returns how many `backflow_state` rows went. The sync logs
+/// Deletes a deleted sync's fingerprints: its rows of `backflow_state`, `backflow_journal` and
+/// `backflow_syncs`, in one transaction, and returns how many `backflow_state` rows went. The sync logs
 /// (`backflow_runs`, `backflow_rejections`) stay: they are history. Creates nothing: missing
 /// tables hold nothing to delete. `config.sync_logs` is ignored.
 ///

@@ -1,4 +1,6 @@
-//! Writing a checkpoint into `backflow_state`: one transaction of upserts and deletes.
+//! Writing a checkpoint straight into `backflow_state`: one transaction of upserts and
+//! deletes. Checkpoints go to the journal instead (`journal`) wherever it exists; this is the
+//! path of installs whose state user may not create it.
 //!
 //! PostgreSQL: the checkpoint's rows go by binary `COPY ... FROM STDIN` into a temporary
 //! table of the session (`pg_temp.backflow_checkpoint`, emptied at each commit), then one
@@ -24,7 +26,7 @@ use crate::state::EntryRef;
 const PG_ARRAY_CHUNK: usize = 20_000;
 
 /// Bytes of COPY data gathered before each send.
-const COPY_SEND_BYTES: usize = 1 << 20;
+pub(super) const COPY_SEND_BYTES: usize = 1 << 20;
 
 /// The session's staging table. `ON COMMIT DELETE ROWS`: every checkpoint starts with it empty.
 const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_checkpoint (\
@@ -33,7 +35,7 @@ const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_c
 
 /// The start of PostgreSQL's binary COPY data: signature, flags, header extension length
 /// (<https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>).
-const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+pub(super) const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 /// Where a checkpoint goes: the sync's tables and scope.
 pub(super) struct Target<'a> {
