@@ -30,7 +30,7 @@ use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor, QueryBuilder};
 
-use super::write::{COPY_HEADER, COPY_SEND_BYTES, Target};
+use super::write::{COPY_HEADER, COPY_SEND_BYTES, Target, copy_field, my_new_scope, pg_new_scope};
 use super::{Conn, MYSQL_CHUNK, PG_DDL_LOCK, WarehouseStore, key_hash, quote};
 use crate::state::{EntryRef, StateError};
 
@@ -110,21 +110,7 @@ pub(super) async fn pg_append(
 ) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     if target.new_scope {
-        for table in [target.state, journal] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE sync_id = $1"))
-                .bind(target.sync_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {} (sync_id, scope, updated_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (sync_id) DO UPDATE SET scope = EXCLUDED.scope, updated_at = now()",
-            target.syncs
-        ))
-        .bind(target.sync_id)
-        .bind(target.scope)
-        .execute(&mut *tx)
-        .await?;
+        pg_new_scope(&mut tx, target, &[target.state, journal]).await?;
     }
     let mut copy = tx
         .copy_in_raw(&format!(
@@ -168,29 +154,21 @@ fn copy_change(
     key: &str,
     put: Option<(u64, &str)>,
 ) -> Result<(), sqlx::Error> {
-    let field = |data: &mut Vec<u8>, bytes: &[u8]| -> Result<(), sqlx::Error> {
-        let len = i32::try_from(bytes.len()).map_err(|_| {
-            sqlx::Error::Encode(format!("a state value of {} bytes is too long", bytes.len()).into())
-        })?;
-        data.extend_from_slice(&len.to_be_bytes());
-        data.extend_from_slice(bytes);
-        Ok(())
-    };
     data.extend_from_slice(&6i16.to_be_bytes());
-    field(data, sync_id)?;
-    field(data, &crate::state::stored_key_hash(key).to_be_bytes())?;
-    field(data, key.as_bytes())?;
+    copy_field(data, sync_id)?;
+    copy_field(data, &crate::state::stored_key_hash(key).to_be_bytes())?;
+    copy_field(data, key.as_bytes())?;
     match put {
         Some((fingerprint, identity)) => {
-            field(data, &(fingerprint as i64).to_be_bytes())?;
-            field(data, identity.as_bytes())?;
-            field(data, &[0])
+            copy_field(data, &(fingerprint as i64).to_be_bytes())?;
+            copy_field(data, identity.as_bytes())?;
+            copy_field(data, &[0])
         }
         None => {
             // Two NULLs, then true.
             data.extend_from_slice(&(-1i32).to_be_bytes());
             data.extend_from_slice(&(-1i32).to_be_bytes());
-            field(data, &[1])
+            copy_field(data, &[1])
         }
     }
 }
@@ -206,21 +184,7 @@ pub(super) async fn my_append(
 ) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     if target.new_scope {
-        for table in [target.state, journal] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE sync_id = ?"))
-                .bind(target.sync_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {} (sync_id, scope, updated_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
-             ON DUPLICATE KEY UPDATE scope = VALUES(scope), updated_at = VALUES(updated_at)",
-            target.syncs
-        ))
-        .bind(target.sync_id)
-        .bind(target.scope)
-        .execute(&mut *tx)
-        .await?;
+        my_new_scope(&mut tx, target, &[target.state, journal]).await?;
     }
     let mut removes = removes.iter();
     let mut chunk: Vec<(&str, Option<(i64, &str)>)> = Vec::with_capacity(MYSQL_CHUNK);

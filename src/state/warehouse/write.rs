@@ -60,27 +60,10 @@ pub(super) async fn pg_write(
     puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
     removes: &[&str],
 ) -> Result<(), sqlx::Error> {
-    let Target {
-        syncs,
-        state,
-        sync_id,
-        scope,
-        new_scope,
-    } = *target;
+    let Target { state, sync_id, .. } = *target;
     let mut tx = c.begin().await?;
-    if new_scope {
-        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = $1"))
-            .bind(sync_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (sync_id) DO UPDATE SET scope = EXCLUDED.scope, updated_at = now()"
-        ))
-        .bind(sync_id)
-        .bind(scope)
-        .execute(&mut *tx)
-        .await?;
+    if target.new_scope {
+        pg_new_scope(&mut tx, target, &[state]).await?;
     }
     if staging {
         if pg_copy_to_staging(&mut tx, puts).await? > 0 {
@@ -147,19 +130,70 @@ async fn pg_copy_to_staging(
 
 /// Appends one row of (key_hash, key, fingerprint, identity) in binary COPY format.
 fn copy_row(data: &mut Vec<u8>, e: EntryRef<'_>) -> Result<(), sqlx::Error> {
-    let field = |data: &mut Vec<u8>, bytes: &[u8]| -> Result<(), sqlx::Error> {
-        let len = i32::try_from(bytes.len()).map_err(|_| {
-            sqlx::Error::Encode(format!("a state value of {} bytes is too long", bytes.len()).into())
-        })?;
-        data.extend_from_slice(&len.to_be_bytes());
-        data.extend_from_slice(bytes);
-        Ok(())
-    };
     data.extend_from_slice(&4i16.to_be_bytes());
-    field(data, &crate::state::stored_key_hash(e.key).to_be_bytes())?;
-    field(data, e.key.as_bytes())?;
-    field(data, &(e.fingerprint as i64).to_be_bytes())?;
-    field(data, e.identity.as_bytes())
+    copy_field(data, &crate::state::stored_key_hash(e.key).to_be_bytes())?;
+    copy_field(data, e.key.as_bytes())?;
+    copy_field(data, &(e.fingerprint as i64).to_be_bytes())?;
+    copy_field(data, e.identity.as_bytes())
+}
+
+/// Appends one non-NULL field in binary COPY format: its length, then its bytes.
+pub(super) fn copy_field(data: &mut Vec<u8>, bytes: &[u8]) -> Result<(), sqlx::Error> {
+    let len = i32::try_from(bytes.len()).map_err(|_| {
+        sqlx::Error::Encode(format!("a state value of {} bytes is too long", bytes.len()).into())
+    })?;
+    data.extend_from_slice(&len.to_be_bytes());
+    data.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// The first checkpoint under a new scope, in its transaction on PostgreSQL: deletes the
+/// sync's rows of `tables`, then records the scope.
+pub(super) async fn pg_new_scope(
+    c: &mut PgConnection,
+    target: &Target<'_>,
+    tables: &[&str],
+) -> Result<(), sqlx::Error> {
+    for table in tables {
+        sqlx::query(&format!("DELETE FROM {table} WHERE sync_id = $1"))
+            .bind(target.sync_id)
+            .execute(&mut *c)
+            .await?;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {} (sync_id, scope, updated_at) VALUES ($1, $2, now()) \
+         ON CONFLICT (sync_id) DO UPDATE SET scope = EXCLUDED.scope, updated_at = now()",
+        target.syncs
+    ))
+    .bind(target.sync_id)
+    .bind(target.scope)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// [`pg_new_scope`] on MySQL/MariaDB.
+pub(super) async fn my_new_scope(
+    c: &mut MySqlConnection,
+    target: &Target<'_>,
+    tables: &[&str],
+) -> Result<(), sqlx::Error> {
+    for table in tables {
+        sqlx::query(&format!("DELETE FROM {table} WHERE sync_id = ?"))
+            .bind(target.sync_id)
+            .execute(&mut *c)
+            .await?;
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {} (sync_id, scope, updated_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
+         ON DUPLICATE KEY UPDATE scope = VALUES(scope), updated_at = VALUES(updated_at)",
+        target.syncs
+    ))
+    .bind(target.sync_id)
+    .bind(target.scope)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
 }
 
 /// The upsert without a staging table: `UNNEST` of one array per column, in chunks.
@@ -211,27 +245,10 @@ pub(super) async fn my_write(
     puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
     removes: &[&str],
 ) -> Result<(), sqlx::Error> {
-    let Target {
-        syncs,
-        state,
-        sync_id,
-        scope,
-        new_scope,
-    } = *target;
+    let Target { state, sync_id, .. } = *target;
     let mut tx = c.begin().await?;
-    if new_scope {
-        sqlx::query(&format!("DELETE FROM {state} WHERE sync_id = ?"))
-            .bind(sync_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO {syncs} (sync_id, scope, updated_at) VALUES (?, ?, UTC_TIMESTAMP(6)) \
-             ON DUPLICATE KEY UPDATE scope = VALUES(scope), updated_at = VALUES(updated_at)"
-        ))
-        .bind(sync_id)
-        .bind(scope)
-        .execute(&mut *tx)
-        .await?;
+    if target.new_scope {
+        my_new_scope(&mut tx, target, &[state]).await?;
     }
     let mut chunk: Vec<(Vec<u8>, EntryRef<'_>)> = Vec::with_capacity(MYSQL_CHUNK);
     loop {
