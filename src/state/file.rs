@@ -488,6 +488,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_partial_diff_reads_the_state_file_in_order_and_finds_what_a_full_one_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        let stored: Vec<StateChange> = (0..2_000).map(|n| put(&format!("k{n}"), n)).collect();
+        store.commit("d", &stored).await.unwrap();
+        store.finish("d").await.unwrap();
+        drop(store);
+
+        let run = pairs(&[("k1", 1), ("k2", 20), ("new", 5), ("k3", 3), ("k3", 3)]);
+        let mut found = Vec::new();
+        for partial in [false, true] {
+            let mut store = FileStore::new(dir.path(), "ns", "s");
+            let diff = store.store_diff().unwrap();
+            assert!(diff.begin("d").await.unwrap());
+            if partial {
+                diff.read_partially();
+            }
+            diff.stage(&run).await.unwrap();
+            found.push(diff.diff("d", false).await.unwrap());
+        }
+        let (full, partial) = (&found[0], &found[1]);
+        let hash = crate::state::stored_key_hash;
+        assert_eq!(partial.changed, full.changed);
+        assert_eq!(partial.duplicates, full.duplicates);
+        assert_eq!(partial.change(hash("k2")), Some(false));
+        assert_eq!(partial.change(hash("new")), Some(true));
+        assert_eq!(partial.change(hash("k1")), None);
+        assert_eq!(partial.duplicates.get(&hash("k3")), Some(&2));
+        assert_eq!(full.removed.len(), 1_997);
+        assert!(partial.removed.is_empty());
+
+        // A damaged file fails the partial diff too.
+        let path = dir.path().join("ns/s.state");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 9;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        diff.begin("d").await.unwrap();
+        diff.read_partially();
+        diff.stage(&run).await.unwrap();
+        let err = diff.diff("d", false).await.unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
     async fn the_next_diff_folds_a_crashed_runs_checkpoints_first() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = FileStore::new(dir.path(), "ns", "s");

@@ -255,6 +255,55 @@ fn compare_listing(
     Ok(found)
 }
 
+/// [`compare`] for a run that read part of the model (no removed keys are listed), against
+/// stored pairs that `next_stored` yields in key-hash order (a File store's state file, read
+/// as it is): the stored side is never bucketed nor sorted, and memory holds one bucket of
+/// each side. `Ok(None)` as soon as a stored key hash is not above the one before it (the
+/// stored side is not in order; nothing is returned and the caller compares otherwise).
+pub fn compare_partial_in_order<E>(
+    run: &HashBuckets,
+    mut next_stored: impl FnMut() -> Result<Option<(u128, u64)>, E>,
+    io_error: impl Fn(std::io::Error) -> E,
+) -> Result<Option<Comparison>, E> {
+    let mut found = Comparison::default();
+    let mut stored = Vec::new();
+    // The first stored pair of a later bucket, read ahead.
+    let mut ahead: Option<(u128, u64)> = None;
+    let mut previous: Option<u128> = None;
+    let mut ended = false;
+    for bucket in 0..=u8::MAX {
+        stored.clear();
+        loop {
+            let pair = match ahead.take() {
+                Some(pair) => pair,
+                None if ended => break,
+                None => match next_stored()? {
+                    Some(pair) => {
+                        if previous.is_some_and(|p| p >= pair.0) {
+                            return Ok(None);
+                        }
+                        previous = Some(pair.0);
+                        pair
+                    }
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                },
+            };
+            if bucket_of(pair.0) == bucket {
+                stored.push(pair);
+            } else {
+                ahead = Some(pair);
+                break;
+            }
+        }
+        let run_pairs = run.sorted_bucket(usize::from(bucket)).map_err(&io_error)?;
+        merge_bucket(&run_pairs, &stored, true, false, &mut found);
+    }
+    Ok(Some(found))
+}
+
 /// [`compare`] over a range of buckets.
 fn compare_buckets(
     run: &HashBuckets,
@@ -371,6 +420,37 @@ mod tests {
         assert_eq!(partial.changed, found.changed);
         assert_eq!(partial.duplicates, found.duplicates);
         assert!(partial.removed.is_empty());
+    }
+
+    #[test]
+    fn a_partial_comparison_against_pairs_in_order_finds_what_the_bucketed_one_finds() {
+        // Spread over every bucket: hashes multiplied up into the top byte.
+        let spread = |n: u128| n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        let stored_pairs: Vec<(u128, u64)> = (0..5_000u128).map(|n| (spread(n), n as u64)).collect();
+        let mut run_pairs: Vec<(u128, u64)> = (0..5_000u128)
+            .step_by(37)
+            .map(|n| (spread(n), if n % 2 == 0 { n as u64 } else { 0 }))
+            .collect();
+        run_pairs.extend([(spread(9_000), 1), (spread(9_001), 1), (spread(9_001), 2)]);
+        let run = set(&run_pairs);
+        let mut in_order = stored_pairs.clone();
+        in_order.sort_unstable();
+        let mut next = in_order.iter().copied();
+        let found = compare_partial_in_order(&run, || Ok::<_, std::io::Error>(next.next()), |e| e)
+            .unwrap()
+            .expect("in order");
+        let bucketed = compare_listing(&run, Some(&set(&stored_pairs)), false).unwrap();
+        assert_eq!(found, bucketed);
+        assert_eq!(found.duplicates, HashMap::from([(spread(9_001), 2)]));
+        assert_eq!(found.changed.get(&spread(9_000)), Some(&true));
+        assert_eq!(found.changed.get(&spread(37)), Some(&false));
+        assert!(found.removed.is_empty());
+
+        // Out of order: nothing is returned, whatever was read before.
+        in_order.swap(4_000, 4_001);
+        let mut next = in_order.iter().copied();
+        let found = compare_partial_in_order(&run, || Ok::<_, std::io::Error>(next.next()), |e| e).unwrap();
+        assert!(found.is_none());
     }
 
     #[test]

@@ -1,19 +1,28 @@
 //! Folding the journal into the state file without holding the state in memory.
 //!
-//! Every entry of the state file, then every change of the journal in order, goes into
-//! [`ChangeBuckets`] (256 disk buckets by key hash). Each bucket is then read alone: the last
-//! change of each key wins, and the live entries are written sorted by key hash. Memory holds
-//! the bucket buffers (8 MiB) and one bucket (1/256 of the rows); the disk holds a temporary
-//! copy of the records. The new file is therefore in key-hash order, not in the model's: the
-//! store's diff does not care, and an in-memory load indexes it as it is.
+//! The state file is written in key-hash order, so a journal that is small next to it (a run
+//! that changed a few rows) is folded by one merge: its changes, the last of each key, are
+//! sorted in memory and merged into the entries as the state file is read in order. A large
+//! journal, a state file not in key-hash order or one of another scope go through
+//! [`ChangeBuckets`] (256 disk buckets by key hash) instead: every entry of the state file,
+//! then every change of the journal in order, is bucketed, and each bucket is read alone: the
+//! last change of each key wins, and the live entries are written sorted by key hash. Memory
+//! holds the bucket buffers (8 MiB) and one bucket (1/256 of the rows); the disk holds a
+//! temporary copy of the records. Either way the new file is in key-hash order, not in the
+//! model's: the store's diff reads it in that order, and an in-memory load indexes it as it is.
 
+use std::fs::File;
 use std::io::{BufWriter, Read as _, Seek as _, Write as _};
 use std::path::Path;
 
 use super::format::{JournalReader, StateFileReader, StateFileWriter, corrupt, io_error};
 use crate::state::change_buckets::ChangeBuckets;
-use crate::state::codec::put_entry;
-use crate::state::{EntryRef, StateError};
+use crate::state::codec::{ChangeRef, decode_change_ref, put_entry};
+use crate::state::{EntryRef, StateError, stored_key_hash};
+
+/// Journals up to this size are merged into the state file from memory; larger ones go
+/// through the disk buckets.
+const MERGE_JOURNAL_BYTES: u64 = 32 << 20;
 
 /// Rewrites the state file at `state` as its entries (when they are of `scope`) with the
 /// journal's changes (when they are of `scope`) applied, then deletes the journal. Returns
@@ -24,6 +33,174 @@ pub(super) fn fold(state: &Path, journal: &Path, scope: &str) -> Result<u64, Sta
         location: state.display().to_string(),
         reason: format!("failed to fold checkpoints through a local temporary file: {e}"),
     };
+    let (entries, rows) = match merge_in_order(state, journal, scope, &temp_error)? {
+        Some(merged) => merged,
+        None => fold_through_buckets(state, journal, scope, &temp_error)?,
+    };
+    let mut entries = entries.into_inner().map_err(|e| temp_error(e.into_error()))?;
+    entries.rewind().map_err(temp_error)?;
+    let mut out = StateFileWriter::create(state, scope, rows)?;
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = entries.read(&mut block).map_err(temp_error)?;
+        if n == 0 {
+            break;
+        }
+        out.write_entries(&block[..n])?;
+    }
+    out.persist()?;
+    // A crash before this removal only folds the journal again, which changes nothing.
+    match std::fs::remove_file(journal) {
+        Ok(()) => Ok(rows),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(rows),
+        Err(e) => Err(io_error(journal, &e)),
+    }
+}
+
+/// The live entries, in key-hash order, written to a temporary file, and how many there are
+/// (the state file's header needs the count before them).
+type Entries = (BufWriter<File>, u64);
+
+/// Entries being written to a temporary file.
+struct EntriesOut {
+    file: BufWriter<File>,
+    rows: u64,
+    record: Vec<u8>,
+}
+
+impl EntriesOut {
+    fn new() -> std::io::Result<EntriesOut> {
+        Ok(EntriesOut {
+            file: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
+            rows: 0,
+            record: Vec::with_capacity(256),
+        })
+    }
+
+    fn write(&mut self, e: EntryRef<'_>) -> std::io::Result<()> {
+        self.record.clear();
+        put_entry(&mut self.record, e);
+        self.rows += 1;
+        self.file.write_all(&self.record)
+    }
+
+    fn done(self) -> Entries {
+        (self.file, self.rows)
+    }
+}
+
+/// The journal's change records of `scope`, the last change of each key only, sorted by key
+/// hash: (key hash, where the record starts in the returned bytes). `None` when the journal
+/// is larger than [`MERGE_JOURNAL_BYTES`].
+fn last_changes(journal: &Path, scope: &str) -> Result<Option<(Vec<u8>, Vec<(u128, usize)>)>, StateError> {
+    let len = match std::fs::metadata(journal) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_error(journal, &e)),
+    };
+    if len > MERGE_JOURNAL_BYTES {
+        return Ok(None);
+    }
+    let mut records = Vec::new();
+    let mut changes = Vec::new();
+    if let Some(mut checkpoints) = JournalReader::open(journal)?
+        && checkpoints.scope() == scope
+    {
+        let mut payload = Vec::new();
+        while checkpoints.next_payload(&mut payload) {
+            let mut rest = payload.as_slice();
+            while !rest.is_empty() {
+                let start = payload.len() - rest.len();
+                let Some(ChangeRef::Put { key, .. } | ChangeRef::Remove { key }) =
+                    decode_change_ref(&mut rest)
+                else {
+                    return Err(corrupt(journal, "undecodable checkpoint"));
+                };
+                changes.push((stored_key_hash(key), records.len() + start));
+            }
+            records.extend_from_slice(&payload);
+        }
+    }
+    // Stable: the changes of one key keep their order, and the last one is kept.
+    changes.sort_by_key(|&(hash, _)| hash);
+    let mut last: Vec<(u128, usize)> = Vec::with_capacity(changes.len());
+    for change in changes {
+        match last.last_mut() {
+            Some(kept) if kept.0 == change.0 => *kept = change,
+            _ => last.push(change),
+        }
+    }
+    Ok(Some((records, last)))
+}
+
+/// Folds by one merge of the journal's last changes into the state file read in order.
+/// `None` (nothing written) when the journal is large, the state file is missing or of
+/// another scope, or its entries are not in key-hash order.
+fn merge_in_order(
+    state: &Path,
+    journal: &Path,
+    scope: &str,
+    temp_error: &impl Fn(std::io::Error) -> StateError,
+) -> Result<Option<Entries>, StateError> {
+    let Some(mut reader) = StateFileReader::open(state)? else {
+        return Ok(None);
+    };
+    if reader.scope() != scope {
+        return Ok(None);
+    }
+    let Some((records, changes)) = last_changes(journal, scope)? else {
+        return Ok(None);
+    };
+    let mut out = EntriesOut::new().map_err(temp_error)?;
+    // The journal's change at `start`, written when it is a put (every record was decoded
+    // once already, when the journal was read).
+    let apply = |out: &mut EntriesOut, start: usize| match decode_change_ref(&mut &records[start..]) {
+        Some(ChangeRef::Put {
+            key,
+            fingerprint,
+            identity,
+        }) => out.write(EntryRef {
+            key,
+            fingerprint,
+            identity,
+        }),
+        Some(ChangeRef::Remove { .. }) | None => Ok(()),
+    };
+    let mut next = changes.iter().peekable();
+    let mut previous: Option<u128> = None;
+    let (mut key, mut identity) = (String::new(), String::new());
+    while let Some(fingerprint) = reader.next(&mut key, &mut identity)? {
+        let hash = stored_key_hash(&key);
+        if previous.is_some_and(|p| p >= hash) {
+            return Ok(None);
+        }
+        previous = Some(hash);
+        while let Some(&(_, start)) = next.next_if(|(h, _)| *h < hash) {
+            apply(&mut out, start).map_err(temp_error)?;
+        }
+        match next.next_if(|(h, _)| *h == hash) {
+            Some(&(_, start)) => apply(&mut out, start),
+            None => out.write(EntryRef {
+                key: &key,
+                fingerprint,
+                identity: &identity,
+            }),
+        }
+        .map_err(temp_error)?;
+    }
+    for &(_, start) in next {
+        apply(&mut out, start).map_err(temp_error)?;
+    }
+    Ok(Some(out.done()))
+}
+
+/// Folds through [`ChangeBuckets`]: any journal, any state file.
+fn fold_through_buckets(
+    state: &Path,
+    journal: &Path,
+    scope: &str,
+    temp_error: &impl Fn(std::io::Error) -> StateError,
+) -> Result<Entries, StateError> {
     let mut changes = ChangeBuckets::new().map_err(temp_error)?;
     if let Some(mut reader) = StateFileReader::open(state)?
         && reader.scope() == scope
@@ -48,38 +225,154 @@ pub(super) fn fold(state: &Path, journal: &Path, scope: &str) -> Result<u64, Sta
             }
         }
     }
-
-    // Live entries, bucket by bucket, into a temporary file: the state file's header needs
-    // their count first.
-    let mut entries = BufWriter::with_capacity(1 << 20, tempfile::tempfile().map_err(temp_error)?);
-    let mut rows = 0u64;
-    let mut record = Vec::with_capacity(256);
+    let mut out = EntriesOut::new().map_err(temp_error)?;
     for n in 0..=u8::MAX {
         for (_, entry) in changes.bucket(n).map_err(temp_error)?.entries() {
-            record.clear();
-            put_entry(&mut record, entry);
-            entries.write_all(&record).map_err(temp_error)?;
-            rows += 1;
+            out.write(entry).map_err(temp_error)?;
         }
     }
-    drop(changes);
+    Ok(out.done())
+}
 
-    let mut entries = entries.into_inner().map_err(|e| temp_error(e.into_error()))?;
-    entries.rewind().map_err(temp_error)?;
-    let mut out = StateFileWriter::create(state, scope, rows)?;
-    let mut block = vec![0u8; 1 << 20];
-    loop {
-        let n = entries.read(&mut block).map_err(temp_error)?;
-        if n == 0 {
-            break;
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::file::FileStore;
+    use crate::state::{StateChange, StateStore};
+
+    fn put(key: &str, fp: u64) -> StateChange {
+        StateChange::Put {
+            key: key.into(),
+            fingerprint: fp,
+            identity: format!("{{\"id\":\"{key}\"}}"),
         }
-        out.write_entries(&block[..n])?;
     }
-    out.persist()?;
-    // A crash before this removal only folds the journal again, which changes nothing.
-    match std::fs::remove_file(journal) {
-        Ok(()) => Ok(rows),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(rows),
-        Err(e) => Err(io_error(journal, &e)),
+
+    fn remove(key: &str) -> StateChange {
+        StateChange::Remove { key: key.into() }
+    }
+
+    fn temp_error(e: std::io::Error) -> StateError {
+        StateError::Io {
+            location: "test".into(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn bytes_of((file, rows): Entries) -> (Vec<u8>, u64) {
+        let mut file = file.into_inner().unwrap();
+        file.rewind().unwrap();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        (bytes, rows)
+    }
+
+    /// Key → fingerprint of the state file.
+    fn state_of(path: &Path) -> BTreeMap<String, u64> {
+        let mut reader = StateFileReader::open(path).unwrap().unwrap();
+        let (mut key, mut identity) = (String::new(), String::new());
+        let mut out = BTreeMap::new();
+        while let Some(fp) = reader.next(&mut key, &mut identity).unwrap() {
+            out.insert(key.clone(), fp);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_small_journal_merged_in_order_folds_exactly_as_the_buckets_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, journal) = (dir.path().join("ns/s.state"), dir.path().join("ns/s.journal"));
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.load("d").await.unwrap();
+        let first: Vec<StateChange> = (0..3_000).map(|n| put(&format!("k{n}"), n)).collect();
+        store.commit("d", &first).await.unwrap();
+        store.finish("d").await.unwrap();
+
+        // Changed, removed, new, changed twice, removed then put back, put then removed, an
+        // absent key removed; then a second checkpoint changing one key again.
+        store
+            .commit(
+                "d",
+                &[
+                    put("k1", 100),
+                    remove("k2"),
+                    put("new", 7),
+                    put("k3", 1),
+                    put("k3", 2),
+                    remove("k5"),
+                    put("k5", 55),
+                    put("brief", 1),
+                    remove("brief"),
+                    remove("absent"),
+                ],
+            )
+            .await
+            .unwrap();
+        store.commit("d", &[put("k1", 101)]).await.unwrap();
+        let merged = merge_in_order(&state, &journal, "d", &temp_error)
+            .unwrap()
+            .expect("the state file is in key-hash order");
+        let bucketed = fold_through_buckets(&state, &journal, "d", &temp_error).unwrap();
+        let (merged, bucketed) = (bytes_of(merged), bytes_of(bucketed));
+        assert_eq!(merged.1, 3_000);
+        assert_eq!(merged, bucketed);
+
+        store.finish("d").await.unwrap();
+        let after = state_of(&state);
+        assert_eq!(after.len(), 3_000);
+        assert_eq!(after["k1"], 101);
+        assert_eq!(after["k3"], 2);
+        assert_eq!(after["k5"], 55);
+        assert_eq!(after["new"], 7);
+        assert!(!after.contains_key("k2") && !after.contains_key("brief"));
+        assert!(!journal.exists());
+    }
+
+    #[tokio::test]
+    async fn a_state_file_out_of_key_hash_order_is_folded_through_the_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, journal) = (dir.path().join("ns/s.state"), dir.path().join("ns/s.journal"));
+        // Entries in descending key-hash order, as no fold writes them.
+        let mut keys: Vec<String> = (0..50).map(|n| format!("k{n}")).collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(stored_key_hash(k)));
+        let mut out = StateFileWriter::create(&state, "d", keys.len() as u64).unwrap();
+        let mut record = Vec::new();
+        for (n, key) in keys.iter().enumerate() {
+            put_entry(
+                &mut record,
+                EntryRef {
+                    key,
+                    fingerprint: n as u64,
+                    identity: "{}",
+                },
+            );
+        }
+        out.write_entries(&record).unwrap();
+        out.persist().unwrap();
+
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store
+            .commit("d", &[put("k0", 1_000), remove("k1")])
+            .await
+            .unwrap();
+        assert!(
+            merge_in_order(&state, &journal, "d", &temp_error)
+                .unwrap()
+                .is_none()
+        );
+        store.finish("d").await.unwrap();
+        let after = state_of(&state);
+        assert_eq!(after.len(), 49);
+        assert_eq!(after["k0"], 1_000);
+        assert!(!after.contains_key("k1"));
+        // Now written in key-hash order: the next fold merges.
+        store.commit("d", &[put("k2", 2_000)]).await.unwrap();
+        assert!(
+            merge_in_order(&state, &journal, "d", &temp_error)
+                .unwrap()
+                .is_some()
+        );
     }
 }
