@@ -3,7 +3,6 @@
 //! prints one [`Measured`] as JSON on stdout.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -180,12 +179,14 @@ pub async fn spawn_on(phase: &Phase, cpus: Option<&str>) -> Measured {
         }
         None => tokio::process::Command::new(exe),
     };
+    // tokio's `output` pipes stderr whatever it was set to: what the phase wrote there (its
+    // logs with `BACKFLOW_BENCH_LOG`, a panic) is passed on once it ends.
     let out = command
         .args(["--phase", &json])
-        .stderr(Stdio::inherit())
         .output()
         .await
         .expect("run phase");
+    std::io::Write::write_all(&mut std::io::stderr(), &out.stderr).expect("write to stderr");
     assert!(out.status.success(), "phase {:?} failed", phase.kind);
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or_default();
@@ -195,6 +196,15 @@ pub async fn spawn_on(phase: &Phase, cpus: Option<&str>) -> Measured {
 /// The child's side: runs the phase given as JSON and prints what it measured.
 pub async fn child(json: &str) {
     let phase: Phase = serde_json::from_str(json).expect("phase JSON");
+    // `BACKFLOW_BENCH_LOG=debug` (any filter): each phase logs to stderr, timed from its start.
+    if let Ok(filter) = std::env::var("BACKFLOW_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let except = (!phase.state_dir.is_empty()).then(|| std::path::PathBuf::from(&phase.state_dir));
     let watch = crate::tmpwatch::TmpWatch::start(except);
     let start = Instant::now();

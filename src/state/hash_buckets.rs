@@ -245,9 +245,13 @@ fn compare_listing(
             })
             .collect()
     });
-    let mut found = Comparison::default();
+    // The largest part is kept and the others moved into it: a million changed keys are
+    // never copied into a third table while both halves are still held.
+    let mut parts = parts.into_iter().collect::<std::io::Result<Vec<Comparison>>>()?;
+    parts.sort_by_key(|part| std::cmp::Reverse(part.changed.len()));
+    let mut parts = parts.into_iter();
+    let mut found = parts.next().unwrap_or_default();
     for part in parts {
-        let part = part?;
         found.changed.extend(part.changed);
         found.duplicates.extend(part.duplicates);
         found.removed.extend(part.removed);
