@@ -6,8 +6,11 @@
 //!   catches any other damage.
 //! - `NAME.journal`: checkpoints appended during a run, each record length-prefixed and
 //!   checksummed and fsynced before the run goes on. A torn last record (a crash mid-write) is
-//!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file;
-//!   the next run folds it first when a crash kept `finish` from running.
+//!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file,
+//!   unless it is small next to it (at most 1/8 of its bytes, a run that changed few rows):
+//!   then it stays, and the next runs merge it into the state file as they read it, until
+//!   their checkpoints make it large enough to fold. The next run folds it first when it
+//!   cannot stay (a torn checkpoint, another destination, too large).
 //! - `NAME.lock`: an exclusive lock held while a run uses the state.
 //! - `NAME.cursor`: cursor mode's record (scope and high-water mark), replaced atomically
 //!   like the state file once a run's last checkpoint is in the journal.
@@ -19,6 +22,7 @@
 mod diff;
 mod fold;
 mod format;
+mod live;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -91,9 +95,9 @@ impl FileStore {
         }
     }
 
-    /// Folds the journal of a run that crashed before `finish` into the state file, under
-    /// that run's scope, as its `finish` would have.
-    async fn recover(&mut self) -> Result<(), StateError> {
+    /// Folds a journal left by earlier runs into the state file, under its own scope, unless
+    /// it may stay beside the state file for `keep_for` (a run of that scope is starting).
+    async fn recover(&mut self, keep_for: Option<&str>) -> Result<(), StateError> {
         self.journal = None;
         let Some(scope) = JournalReader::open(&self.journal_path)?.map(|j| j.scope().to_owned()) else {
             // No journal, or one torn before its first checkpoint.
@@ -102,8 +106,28 @@ impl FileStore {
                 _ => Ok(()),
             };
         };
-        tracing::info!(state = %self.state_path.display(), "folding the checkpoints of an interrupted run");
+        if let Some(keep_for) = keep_for
+            && self.journal_may_stay(keep_for).await?
+        {
+            return Ok(());
+        }
+        tracing::info!(state = %self.state_path.display(), "folding the journal of earlier runs into the state file");
         self.fold(scope).await
+    }
+
+    /// [`live::journal_may_stay`] on a blocking thread.
+    async fn journal_may_stay(&self, scope: &str) -> Result<bool, StateError> {
+        let (state, journal, scope) = (
+            self.state_path.clone(),
+            self.journal_path.clone(),
+            scope.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || live::journal_may_stay(&state, &journal, &scope))
+            .await
+            .map_err(|e| StateError::Io {
+                location: self.journal_path.display().to_string(),
+                reason: format!("reading the journal stopped: {e}"),
+            })?
     }
 
     /// [`fold::fold`] on a blocking thread.
@@ -180,7 +204,7 @@ struct CursorFile {
 impl StateStore for FileStore {
     async fn load(&mut self, scope: &str) -> Result<Fingerprints, StateError> {
         self.acquire_lock()?;
-        self.recover().await?;
+        self.recover(None).await?;
         self.read_state_file(scope)
     }
 
@@ -214,6 +238,10 @@ impl StateStore for FileStore {
         self.acquire_lock()?;
         self.journal = None;
         if !self.journal_path.exists() {
+            return Ok(());
+        }
+        if self.journal_may_stay(scope).await? {
+            tracing::debug!(state = %self.state_path.display(), "the journal stays beside the state file until it grows");
             return Ok(());
         }
         self.fold(scope.to_owned()).await
@@ -533,6 +561,150 @@ mod tests {
         diff.stage(&run).await.unwrap();
         let err = diff.diff("d", false).await.unwrap_err();
         assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+    }
+
+    /// A state of `rows` keys `k0..` (fingerprint = n), folded.
+    async fn stored(dir: &Path, rows: u64) {
+        let mut store = FileStore::new(dir, "ns", "s");
+        store.load("d").await.unwrap();
+        let puts: Vec<StateChange> = (0..rows).map(|n| put(&format!("k{n}"), n)).collect();
+        store.commit("d", &puts).await.unwrap();
+        store.finish("d").await.unwrap();
+        assert!(!dir.join("ns/s.journal").exists());
+    }
+
+    #[tokio::test]
+    async fn a_small_journal_stays_beside_the_state_file_and_every_read_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("ns/s.journal");
+        stored(dir.path(), 2_000).await;
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store
+            .commit(
+                "d",
+                &[
+                    put("k1", 100),
+                    StateChange::Remove { key: "k2".into() },
+                    put("new", 7),
+                ],
+            )
+            .await
+            .unwrap();
+        store.finish("d").await.unwrap();
+        assert!(
+            journal.exists(),
+            "a run that changed 3 rows of 2,000 keeps its journal"
+        );
+        drop(store);
+
+        let hash = crate::state::stored_key_hash;
+        for partial in [false, true] {
+            let mut store = FileStore::new(dir.path(), "ns", "s");
+            let diff = store.store_diff().unwrap();
+            assert!(diff.begin("d").await.unwrap());
+            assert!(journal.exists());
+            if partial {
+                diff.read_partially();
+            }
+            diff.stage(&pairs(&[("k1", 100), ("k2", 2), ("new", 7), ("k3", 3)]))
+                .await
+                .unwrap();
+            let found = diff.diff("d", false).await.unwrap();
+            assert_eq!(found.change(hash("k1")), None, "partial: {partial}");
+            assert_eq!(found.change(hash("k2")), Some(true), "partial: {partial}");
+            assert_eq!(found.change(hash("new")), None, "partial: {partial}");
+            assert_eq!(found.change(hash("k3")), None, "partial: {partial}");
+            if partial {
+                assert!(found.removed.is_empty());
+            } else {
+                assert_eq!(found.removed.len(), 1_997);
+                assert!(
+                    found
+                        .removed
+                        .contains(&("k4".to_owned(), "{\"id\":\"k4\"}".to_owned()))
+                );
+            }
+        }
+
+        // A load (a migration) folds it.
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let set = store.load("d").await.unwrap();
+        assert!(!journal.exists());
+        assert_eq!(set.len(), 2_000);
+        assert_eq!(set.get(set.position("k1").unwrap()).unwrap().fingerprint, 100);
+        assert!(set.position("k2").is_none() && set.position("new").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_journal_that_cannot_stay_is_folded_when_the_next_run_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("ns/s.journal");
+        stored(dir.path(), 2_000).await;
+        let hash = crate::state::stored_key_hash;
+
+        // A torn checkpoint after a whole one (a crash mid-write).
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.commit("d", &[put("k1", 100)]).await.unwrap();
+        drop(store);
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        drop(file);
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        diff.begin("d").await.unwrap();
+        assert!(!journal.exists(), "a torn journal is folded, not appended to");
+        diff.stage(&pairs(&[("k1", 100)])).await.unwrap();
+        assert_eq!(diff.diff("d", false).await.unwrap().change(hash("k1")), None);
+        drop(store);
+
+        // A journal of another destination.
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        store.commit("d", &[put("k1", 200)]).await.unwrap();
+        store.finish("d").await.unwrap();
+        assert!(journal.exists());
+        let diff = store.store_diff().unwrap();
+        diff.begin("other").await.unwrap();
+        assert!(!journal.exists());
+        assert!(!diff.holds_state("other"));
+        drop(store);
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let set = store.load("d").await.unwrap();
+        assert_eq!(set.get(set.position("k1").unwrap()).unwrap().fingerprint, 200);
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_folded_once_it_would_pass_an_eighth_of_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, journal) = (dir.path().join("ns/s.state"), dir.path().join("ns/s.journal"));
+        stored(dir.path(), 2_000).await;
+        let mut kept_runs = 0;
+        for run in 1..=100u64 {
+            let mut store = FileStore::new(dir.path(), "ns", "s");
+            let diff = store.store_diff().unwrap();
+            diff.begin("d").await.unwrap();
+            diff.stage(&[]).await.unwrap();
+            diff.diff("d", false).await.unwrap();
+            let changes: Vec<StateChange> = (0..20)
+                .map(|n| put(&format!("k{}", run * 20 + n), 10_000 + run))
+                .collect();
+            store.commit("d", &changes).await.unwrap();
+            store.finish("d").await.unwrap();
+            if !journal.exists() {
+                break;
+            }
+            kept_runs += 1;
+            let (journal_len, state_len) = (
+                fs::metadata(&journal).unwrap().len(),
+                fs::metadata(&state).unwrap().len(),
+            );
+            assert!(journal_len <= state_len / 8, "{journal_len} of {state_len}");
+        }
+        assert!(kept_runs >= 2 && !journal.exists(), "kept {kept_runs} runs");
+        let (_, entries) = entries_on_disk(dir.path());
+        assert_eq!(entries.len(), 2_000);
+        let k = |key: &str| entries.iter().find(|(k, _, _)| k == key).map(|(_, fp, _)| *fp);
+        assert_eq!(k("k20"), Some(10_001));
+        assert_eq!(k(&format!("k{}", (kept_runs + 1) * 20)), Some(10_001 + kept_runs));
     }
 
     #[tokio::test]

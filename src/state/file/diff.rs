@@ -11,6 +11,9 @@
 //! its rows are usually few next to the stored ones: the state file, written in key-hash
 //! order, is then read once at the diff and merged as it is read, without bucketing or
 //! sorting the stored side.
+//!
+//! Every read of the stored side sees the live state: the state file with the journal that
+//! earlier runs left beside it merged in ([`super::live`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,8 +23,9 @@ use tokio::task::JoinHandle;
 
 use super::FileStore;
 use super::format::{StateFileReader, io_error};
+use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{Comparison, HashBuckets, compare_apart, compare_partial_in_order};
-use crate::state::{RemoteDiff, StateError, StoreDiff, stored_key_hash};
+use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
 #[derive(Debug)]
@@ -30,8 +34,8 @@ pub(super) struct Diffing {
     run: HashBuckets,
     /// The stored ones.
     stored: Stored,
-    /// The scope the state file holds rows of, if any.
-    holding: Option<String>,
+    /// The state file and journal, when the state file holds rows of the run's scope.
+    holding: Option<StoredFiles>,
     /// The run read only part of the model: no removed rows.
     partial: bool,
 }
@@ -62,77 +66,101 @@ fn stopped(path: &Path, what: &str, e: &tokio::task::JoinError) -> StateError {
     }
 }
 
-/// Every (key hash, fingerprint) of the state file at `path`, into disk buckets.
-fn read_stored(path: &Path) -> Result<HashBuckets, StateError> {
-    let mut stored = HashBuckets::new().map_err(|e| temp_file_error(path, &e))?;
-    let Some(mut reader) = StateFileReader::open(path)? else {
-        return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
-    };
-    let mut key = String::new();
-    while let Some(fingerprint) = reader.next_key(&mut key)? {
-        stored
-            .push(stored_key_hash(&key), fingerprint)
-            .map_err(|e| temp_file_error(path, &e))?;
-    }
-    Ok(stored)
+/// The state a diff reads: the state file and the journal beside it, of one scope.
+#[derive(Debug, Clone)]
+struct StoredFiles {
+    state: PathBuf,
+    journal: PathBuf,
+    scope: String,
 }
 
-/// Key and identity of the state file's entries whose key hash is in `hashes`.
-fn removed_rows(path: &Path, hashes: &HashSet<u128>) -> Result<Vec<(String, String)>, StateError> {
-    let mut removed = Vec::with_capacity(hashes.len());
-    let Some(mut reader) = StateFileReader::open(path)? else {
+/// Every live (key hash, fingerprint) of the state, into disk buckets.
+fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
+    let path = &files.state;
+    if !path.exists() {
         return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
-    };
-    let (mut key, mut identity) = (String::new(), String::new());
-    while reader.next(&mut key, &mut identity)?.is_some() {
-        if hashes.contains(&stored_key_hash(&key)) {
-            removed.push((key.clone(), identity.clone()));
+    }
+    read_live(path, &files.journal, &files.scope, false, |live| {
+        let mut stored = HashBuckets::new().map_err(|e| temp_file_error(path, &e))?;
+        loop {
+            match live.next()? {
+                Live::Entry(hash, entry) => stored
+                    .push(hash, entry.fingerprint)
+                    .map_err(|e| temp_file_error(path, &e))?,
+                Live::End => return Ok(Some(stored)),
+                Live::OutOfOrder => return Ok(None),
+            }
         }
-    }
-    Ok(removed)
+    })
 }
 
-/// [`compare_partial_in_order`] of `run` with the state file at `path` read as it is, and the
-/// rows the file holds; `None` when the file is not in key-hash order.
+/// Key and identity of the live entries whose key hash is in `hashes`.
+fn removed_rows(files: &StoredFiles, hashes: &HashSet<u128>) -> Result<Vec<(String, String)>, StateError> {
+    read_live(&files.state, &files.journal, &files.scope, true, |live| {
+        let mut removed = Vec::with_capacity(hashes.len());
+        loop {
+            match live.next()? {
+                Live::Entry(hash, entry) => {
+                    if hashes.contains(&hash) {
+                        removed.push((entry.key.to_owned(), entry.identity.to_owned()));
+                    }
+                }
+                Live::End => return Ok(Some(removed)),
+                Live::OutOfOrder => return Ok(None),
+            }
+        }
+    })
+}
+
+/// [`compare_partial_in_order`] of `run` with the live state read in key-hash order, and the
+/// rows of the state file; `None` when the state file is not in key-hash order.
 fn compare_partial_with_file(
-    path: &Path,
+    files: &StoredFiles,
     run: &HashBuckets,
 ) -> Result<Option<(Comparison, u64)>, StateError> {
-    let Some(mut reader) = StateFileReader::open(path)? else {
-        return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
+    let path = &files.state;
+    let Some(changes) = read_journal(&files.journal, &files.scope)? else {
+        // Too large a journal to merge: bucketed after a fold.
+        return Ok(None);
     };
-    let rows = reader.count();
-    let mut key = String::new();
+    let mut live = LiveEntries::open(path, &files.scope, changes, false)?;
+    let rows = live.stored_rows();
+    let mut out_of_order = false;
     let next = || -> Result<Option<(u128, u64)>, StateError> {
-        Ok(reader
-            .next_key(&mut key)?
-            .map(|fingerprint| (stored_key_hash(&key), fingerprint)))
+        match live.next()? {
+            Live::Entry(hash, entry) => Ok(Some((hash, entry.fingerprint))),
+            Live::End => Ok(None),
+            Live::OutOfOrder => {
+                out_of_order = true;
+                Ok(None)
+            }
+        }
     };
     let found = compare_partial_in_order(run, next, |e| temp_file_error(path, &e))?;
-    Ok(found.map(|found| (found, rows)))
+    Ok(found.filter(|_| !out_of_order).map(|found| (found, rows)))
 }
 
 /// [`read_stored`] on a blocking thread.
-async fn read_apart(path: &Path) -> Result<HashBuckets, StateError> {
-    let read_path = path.to_owned();
-    tokio::task::spawn_blocking(move || read_stored(&read_path))
+async fn read_apart(files: &StoredFiles) -> Result<HashBuckets, StateError> {
+    let read = files.clone();
+    tokio::task::spawn_blocking(move || read_stored(&read))
         .await
-        .map_err(|e| stopped(path, "reading the state file", &e))?
+        .map_err(|e| stopped(&files.state, "reading the state file", &e))?
 }
 
 /// [`compare_partial_with_file`] on a blocking thread; `Err(run)`, the run handed back, when
 /// the file is not in key-hash order.
 async fn compare_partial_apart(
-    path: &Path,
+    files: &StoredFiles,
     run: HashBuckets,
 ) -> Result<Result<(Comparison, u64), HashBuckets>, StateError> {
-    let read_path = path.to_owned();
+    let read = files.clone();
     let (found, run) = tokio::task::spawn_blocking(move || {
-        let found = compare_partial_with_file(&read_path, &run);
+        let found = compare_partial_with_file(&read, &run);
         (found, run)
     })
     .await
-    .map_err(|e| stopped(path, "comparing with the state file", &e))?;
+    .map_err(|e| stopped(&files.state, "comparing with the state file", &e))?;
     Ok(found?.ok_or(run))
 }
 
@@ -154,14 +182,19 @@ async fn compare_whole(
 impl StoreDiff for FileStore {
     async fn begin(&mut self, scope: &str) -> Result<bool, StateError> {
         self.acquire_lock()?;
-        self.recover().await?;
+        self.recover(Some(scope)).await?;
         let stored_rows = match StateFileReader::open(&self.state_path)? {
             Some(reader) if reader.scope() == scope => reader.count(),
             _ => 0,
         };
         let run = HashBuckets::new().map_err(|e| temp_file_error(&self.state_path, &e))?;
         let (stored, holding) = if stored_rows > 0 {
-            (Stored::Unread, Some(scope.to_owned()))
+            let files = StoredFiles {
+                state: self.state_path.clone(),
+                journal: self.journal_path.clone(),
+                scope: scope.to_owned(),
+            };
+            (Stored::Unread, Some(files))
         } else {
             (Stored::Nothing, None)
         };
@@ -177,18 +210,20 @@ impl StoreDiff for FileStore {
     fn holds_state(&mut self, scope: &str) -> bool {
         self.diffing
             .as_ref()
-            .and_then(|d| d.holding.as_deref())
-            .is_some_and(|held| held == scope)
+            .and_then(|d| d.holding.as_ref())
+            .is_some_and(|held| held.scope == scope)
     }
 
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError> {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
-        if !diffing.partial && matches!(diffing.stored, Stored::Unread) {
+        if !diffing.partial
+            && matches!(diffing.stored, Stored::Unread)
+            && let Some(files) = diffing.holding.clone()
+        {
             // The whole model is read: the stored pairs are bucketed while it is.
-            let path = self.state_path.clone();
-            diffing.stored = Stored::Reading(tokio::task::spawn_blocking(move || read_stored(&path)));
+            diffing.stored = Stored::Reading(tokio::task::spawn_blocking(move || read_stored(&files)));
         }
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| temp_file_error(&self.state_path, &e))
@@ -203,36 +238,41 @@ impl StoreDiff for FileStore {
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let all_added = !self.holds_state(scope);
         let Some(Diffing {
-            run, stored, partial, ..
+            run,
+            stored,
+            partial,
+            holding,
         }) = self.diffing.take()
         else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
         let path: PathBuf = self.state_path.clone();
         let staged = run.len();
-        let (compared, stored_rows) = match stored {
-            Stored::Unread if partial => match compare_partial_apart(&path, run).await? {
+        let (compared, stored_rows) = match (stored, &holding) {
+            (Stored::Unread, Some(files)) if partial => match compare_partial_apart(files, run).await? {
                 Ok(found) => found,
                 // Not in key-hash order (a file written otherwise): bucketed after all.
-                Err(run) => compare_whole(run, Some(read_apart(&path).await?), partial, &path).await?,
+                Err(run) => compare_whole(run, Some(read_apart(files).await?), partial, &path).await?,
             },
-            Stored::Unread => compare_whole(run, Some(read_apart(&path).await?), partial, &path).await?,
-            Stored::Reading(reading) => {
+            (Stored::Unread, Some(files)) => {
+                compare_whole(run, Some(read_apart(files).await?), partial, &path).await?
+            }
+            (Stored::Reading(reading), _) => {
                 let stored = reading
                     .await
                     .map_err(|e| stopped(&path, "reading the state file", &e))??;
                 compare_whole(run, Some(stored), partial, &path).await?
             }
-            Stored::Nothing => compare_whole(run, None, partial, &path).await?,
+            (Stored::Nothing | Stored::Unread, _) => compare_whole(run, None, partial, &path).await?,
         };
-        let removed = if partial || compared.removed.is_empty() {
-            Vec::new()
-        } else {
-            let hashes: HashSet<u128> = compared.removed.iter().copied().collect();
-            let read_path = path.clone();
-            tokio::task::spawn_blocking(move || removed_rows(&read_path, &hashes))
-                .await
-                .map_err(|e| stopped(&path, "reading the removed rows", &e))??
+        let removed = match holding {
+            Some(files) if !partial && !compared.removed.is_empty() => {
+                let hashes: HashSet<u128> = compared.removed.iter().copied().collect();
+                tokio::task::spawn_blocking(move || removed_rows(&files, &hashes))
+                    .await
+                    .map_err(|e| stopped(&path, "reading the removed rows", &e))??
+            }
+            _ => Vec::new(),
         };
         Ok(compared.into_diff(
             removed,

@@ -1,8 +1,9 @@
 //! Folding the journal into the state file without holding the state in memory.
 //!
 //! The state file is written in key-hash order, so a journal that is small next to it (a run
-//! that changed a few rows) is folded by one merge: its changes, the last of each key, are
-//! sorted in memory and merged into the entries as the state file is read in order. A large
+//! that changed a few rows) is folded by one merge ([`LiveEntries`]): its changes, the last of
+//! each key, are sorted in memory and merged into the entries as the state file is read in
+//! order. A large
 //! journal, a state file not in key-hash order or one of another scope go through
 //! [`ChangeBuckets`] (256 disk buckets by key hash) instead: every entry of the state file,
 //! then every change of the journal in order, is bucketed, and each bucket is read alone: the
@@ -16,13 +17,10 @@ use std::io::{BufWriter, Read as _, Seek as _, Write as _};
 use std::path::Path;
 
 use super::format::{JournalReader, StateFileReader, StateFileWriter, corrupt, io_error};
+use super::live::{Live, LiveEntries, read_journal};
 use crate::state::change_buckets::ChangeBuckets;
-use crate::state::codec::{ChangeRef, decode_change_ref, put_entry};
-use crate::state::{EntryRef, StateError, stored_key_hash};
-
-/// Journals up to this size are merged into the state file from memory; larger ones go
-/// through the disk buckets.
-const MERGE_JOURNAL_BYTES: u64 = 32 << 20;
+use crate::state::codec::put_entry;
+use crate::state::{EntryRef, StateError};
 
 /// Rewrites the state file at `state` as its entries (when they are of `scope`) with the
 /// journal's changes (when they are of `scope`) applied, then deletes the journal. Returns
@@ -89,50 +87,6 @@ impl EntriesOut {
     }
 }
 
-/// The journal's change records of `scope`, the last change of each key only, sorted by key
-/// hash: (key hash, where the record starts in the returned bytes). `None` when the journal
-/// is larger than [`MERGE_JOURNAL_BYTES`].
-fn last_changes(journal: &Path, scope: &str) -> Result<Option<(Vec<u8>, Vec<(u128, usize)>)>, StateError> {
-    let len = match std::fs::metadata(journal) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(io_error(journal, &e)),
-    };
-    if len > MERGE_JOURNAL_BYTES {
-        return Ok(None);
-    }
-    let mut records = Vec::new();
-    let mut changes = Vec::new();
-    if let Some(mut checkpoints) = JournalReader::open(journal)?
-        && checkpoints.scope() == scope
-    {
-        let mut payload = Vec::new();
-        while checkpoints.next_payload(&mut payload) {
-            let mut rest = payload.as_slice();
-            while !rest.is_empty() {
-                let start = payload.len() - rest.len();
-                let Some(ChangeRef::Put { key, .. } | ChangeRef::Remove { key }) =
-                    decode_change_ref(&mut rest)
-                else {
-                    return Err(corrupt(journal, "undecodable checkpoint"));
-                };
-                changes.push((stored_key_hash(key), records.len() + start));
-            }
-            records.extend_from_slice(&payload);
-        }
-    }
-    // Stable: the changes of one key keep their order, and the last one is kept.
-    changes.sort_by_key(|&(hash, _)| hash);
-    let mut last: Vec<(u128, usize)> = Vec::with_capacity(changes.len());
-    for change in changes {
-        match last.last_mut() {
-            Some(kept) if kept.0 == change.0 => *kept = change,
-            _ => last.push(change),
-        }
-    }
-    Ok(Some((records, last)))
-}
-
 /// Folds by one merge of the journal's last changes into the state file read in order.
 /// `None` (nothing written) when the journal is large, the state file is missing or of
 /// another scope, or its entries are not in key-hash order.
@@ -142,56 +96,22 @@ fn merge_in_order(
     scope: &str,
     temp_error: &impl Fn(std::io::Error) -> StateError,
 ) -> Result<Option<Entries>, StateError> {
-    let Some(mut reader) = StateFileReader::open(state)? else {
-        return Ok(None);
-    };
-    if reader.scope() != scope {
-        return Ok(None);
+    match StateFileReader::open(state)? {
+        Some(reader) if reader.scope() == scope => {}
+        _ => return Ok(None),
     }
-    let Some((records, changes)) = last_changes(journal, scope)? else {
+    let Some(changes) = read_journal(journal, scope)? else {
         return Ok(None);
     };
+    let mut live = LiveEntries::open(state, scope, changes, true)?;
     let mut out = EntriesOut::new().map_err(temp_error)?;
-    // The journal's change at `start`, written when it is a put (every record was decoded
-    // once already, when the journal was read).
-    let apply = |out: &mut EntriesOut, start: usize| match decode_change_ref(&mut &records[start..]) {
-        Some(ChangeRef::Put {
-            key,
-            fingerprint,
-            identity,
-        }) => out.write(EntryRef {
-            key,
-            fingerprint,
-            identity,
-        }),
-        Some(ChangeRef::Remove { .. }) | None => Ok(()),
-    };
-    let mut next = changes.iter().peekable();
-    let mut previous: Option<u128> = None;
-    let (mut key, mut identity) = (String::new(), String::new());
-    while let Some(fingerprint) = reader.next(&mut key, &mut identity)? {
-        let hash = stored_key_hash(&key);
-        if previous.is_some_and(|p| p >= hash) {
-            return Ok(None);
+    loop {
+        match live.next()? {
+            Live::Entry(_, entry) => out.write(entry).map_err(temp_error)?,
+            Live::End => return Ok(Some(out.done())),
+            Live::OutOfOrder => return Ok(None),
         }
-        previous = Some(hash);
-        while let Some(&(_, start)) = next.next_if(|(h, _)| *h < hash) {
-            apply(&mut out, start).map_err(temp_error)?;
-        }
-        match next.next_if(|(h, _)| *h == hash) {
-            Some(&(_, start)) => apply(&mut out, start),
-            None => out.write(EntryRef {
-                key: &key,
-                fingerprint,
-                identity: &identity,
-            }),
-        }
-        .map_err(temp_error)?;
     }
-    for &(_, start) in next {
-        apply(&mut out, start).map_err(temp_error)?;
-    }
-    Ok(Some(out.done()))
 }
 
 /// Folds through [`ChangeBuckets`]: any journal, any state file.
@@ -240,7 +160,7 @@ mod tests {
 
     use super::*;
     use crate::state::file::FileStore;
-    use crate::state::{StateChange, StateStore};
+    use crate::state::{StateChange, StateStore, stored_key_hash};
 
     fn put(key: &str, fp: u64) -> StateChange {
         StateChange::Put {
@@ -319,7 +239,7 @@ mod tests {
         assert_eq!(merged.1, 3_000);
         assert_eq!(merged, bucketed);
 
-        store.finish("d").await.unwrap();
+        fold(&state, &journal, "d").unwrap();
         let after = state_of(&state);
         assert_eq!(after.len(), 3_000);
         assert_eq!(after["k1"], 101);
@@ -362,12 +282,14 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        store.finish("d").await.unwrap();
+        fold(&state, &journal, "d").unwrap();
         let after = state_of(&state);
         assert_eq!(after.len(), 49);
         assert_eq!(after["k0"], 1_000);
         assert!(!after.contains_key("k1"));
         // Now written in key-hash order: the next fold merges.
+        drop(store);
+        let mut store = FileStore::new(dir.path(), "ns", "s");
         store.commit("d", &[put("k2", 2_000)]).await.unwrap();
         assert!(
             merge_in_order(&state, &journal, "d", &temp_error)

@@ -262,6 +262,9 @@ pub(super) fn journal_header(scope: &str) -> Vec<u8> {
 pub(super) struct JournalReader {
     input: BufReader<File>,
     scope: String,
+    /// The last [`JournalReader::next_payload`] found the end of the file where a checkpoint
+    /// would start: nothing torn after the checkpoints read.
+    clean_end: bool,
 }
 
 impl JournalReader {
@@ -282,7 +285,11 @@ impl JournalReader {
         {
             return Ok(None);
         }
-        Ok(Some(JournalReader { input, scope }))
+        Ok(Some(JournalReader {
+            input,
+            scope,
+            clean_end: false,
+        }))
     }
 
     /// What the checkpoints were delivered to.
@@ -290,10 +297,17 @@ impl JournalReader {
         &self.scope
     }
 
+    /// After [`JournalReader::next_payload`] returned false: whether the journal ended right
+    /// after a whole checkpoint (true), or holds a torn or damaged one (false).
+    pub(super) fn ended_cleanly(&self) -> bool {
+        self.clean_end
+    }
+
     /// Reads the next whole checkpoint's change records into `payload`. False at the end,
     /// or at a short or damaged record: a torn write, so it and anything after it are
     /// ignored (those rows are sent again).
     pub(super) fn next_payload(&mut self, payload: &mut Vec<u8>) -> bool {
+        self.clean_end = self.input.fill_buf().is_ok_and(<[u8]>::is_empty);
         let (Ok(len), Ok(sum)) = (read_u32(&mut self.input), read_u64(&mut self.input)) else {
             return false;
         };
