@@ -7,7 +7,7 @@
 //! - `NAME.journal`: checkpoints appended during a run, each record length-prefixed and
 //!   checksummed and fsynced before the run goes on. A torn last record (a crash mid-write) is
 //!   ignored: that checkpoint is sent again. `finish` folds the journal into the state file,
-//!   unless it is small next to it (at most 1/8 of its bytes, a run that changed few rows):
+//!   unless it is small next to it (at most 1/8 of its bytes and 8 MiB, a run that changed few rows):
 //!   then it stays, and the next runs merge it into the state file as they read it, until
 //!   their checkpoints make it large enough to fold. The next run folds it first when it
 //!   cannot stay (a torn checkpoint, another destination, too large).

@@ -12,9 +12,10 @@ use super::format::{JournalReader, StateFileReader, corrupt, io_error};
 use crate::state::codec::{ChangeRef, decode_change_ref};
 use crate::state::{EntryRef, StateError, stored_key_hash};
 
-/// Journals up to this size are merged from memory; larger ones are folded through disk
-/// buckets.
-pub(super) const MERGE_JOURNAL_BYTES: u64 = 32 << 20;
+/// Journals up to this size are merged from memory (their records, and 24 bytes per change,
+/// about 13 MB at most); larger ones are folded through disk buckets, so a sync of any size
+/// holds no more than this for its journal.
+pub(super) const MERGE_JOURNAL_BYTES: u64 = 8 << 20;
 
 /// A journal's change records, read whole.
 pub(super) struct JournalChanges {
@@ -244,7 +245,7 @@ pub(super) fn read_live<T>(
 
 /// Whether the journal at `journal` may stay beside the state file at `state` instead of
 /// being folded into it: both are of `scope`, the journal ends with a whole checkpoint, and it
-/// is at most 1/[`KEEP_JOURNAL_SHARE`] of the state file's size.
+/// is at most 1/[`KEEP_JOURNAL_SHARE`] of the state file's size and [`MERGE_JOURNAL_BYTES`].
 pub(super) fn journal_may_stay(state: &Path, journal: &Path, scope: &str) -> Result<bool, StateError> {
     let journal_len = match std::fs::metadata(journal) {
         Ok(m) => m.len(),
