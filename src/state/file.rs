@@ -294,7 +294,16 @@ impl StateStore for FileStore {
 mod tests {
     use super::*;
 
-    fn put(key: &str, fp: u64) -> StateChange {
+    /// Flips a byte of the state file's last entry: its checksum no longer matches.
+    fn damage_last_entry(dir: &Path) {
+        let path = dir.join("ns/s.state");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 9;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+    }
+
+    pub(super) fn put(key: &str, fp: u64) -> StateChange {
         StateChange::Put {
             key: key.into(),
             fingerprint: fp,
@@ -549,11 +558,7 @@ mod tests {
         assert!(partial.removed.is_empty());
 
         // A damaged file fails the partial diff too.
-        let path = dir.path().join("ns/s.state");
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 9;
-        bytes[last] ^= 0xff;
-        fs::write(&path, bytes).unwrap();
+        damage_last_entry(dir.path());
         let mut store = FileStore::new(dir.path(), "ns", "s");
         let diff = store.store_diff().unwrap();
         diff.begin("d").await.unwrap();
@@ -738,11 +743,7 @@ mod tests {
         assert!(diff.diff("new", false).await.unwrap().all_added);
         drop(store);
 
-        let path = dir.path().join("ns/s.state");
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 9;
-        bytes[last] ^= 0xff;
-        fs::write(&path, bytes).unwrap();
+        damage_last_entry(dir.path());
         let mut store = FileStore::new(dir.path(), "ns", "s");
         let diff = store.store_diff().unwrap();
         diff.begin("old").await.unwrap();

@@ -160,15 +160,8 @@ mod tests {
 
     use super::*;
     use crate::state::file::FileStore;
+    use crate::state::file::tests::put;
     use crate::state::{StateChange, StateStore, stored_key_hash};
-
-    fn put(key: &str, fp: u64) -> StateChange {
-        StateChange::Put {
-            key: key.into(),
-            fingerprint: fp,
-            identity: format!("{{\"id\":\"{key}\"}}"),
-        }
-    }
 
     fn remove(key: &str) -> StateChange {
         StateChange::Remove { key: key.into() }
