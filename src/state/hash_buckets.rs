@@ -6,7 +6,8 @@
 //! buffer that is appended to one anonymous temporary file when full, so memory stays at 256
 //! buffers (3 MiB) whatever the row count, and a bucket holds about 1/256 of the rows: 39,000
 //! at 10 million, 940 KiB. [`compare`] reads one bucket of each side at a time, sorts both
-//! and walks them together.
+//! and walks them together; the keys it finds changed come out sorted ([`ChangedKeys`], 16
+//! bytes a key).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -66,17 +67,33 @@ impl DiskBuckets {
         Ok(())
     }
 
+    /// Bytes pushed to `bucket`.
+    pub fn bucket_bytes(&self, bucket: usize) -> usize {
+        self.chunks[bucket].iter().map(|(_, n)| n).sum::<usize>() + self.buffers[bucket].len()
+    }
+
     /// Appends every byte pushed to `bucket`, in order, to `out`.
     pub fn read_bucket(&self, bucket: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let bytes: usize =
-            self.chunks[bucket].iter().map(|(_, n)| n).sum::<usize>() + self.buffers[bucket].len();
-        out.reserve(bytes);
+        out.reserve(self.bucket_bytes(bucket));
         for &(offset, n) in &self.chunks[bucket] {
             let start = out.len();
             out.resize(start + n, 0);
             self.file.read_exact_at(&mut out[start..], offset)?;
         }
         out.extend_from_slice(&self.buffers[bucket]);
+        Ok(())
+    }
+
+    /// Hands every byte pushed to `bucket` to `each`, in order, one chunk at a time: memory
+    /// holds one chunk, not the bucket.
+    pub fn read_bucket_chunks(&self, bucket: usize, mut each: impl FnMut(&[u8])) -> std::io::Result<()> {
+        let mut chunk = Vec::new();
+        for &(offset, n) in &self.chunks[bucket] {
+            chunk.resize(n, 0);
+            self.file.read_exact_at(&mut chunk, offset)?;
+            each(&chunk);
+        }
+        each(&self.buffers[bucket]);
         Ok(())
     }
 }
@@ -128,24 +145,142 @@ impl HashBuckets {
         self.len == 0
     }
 
-    /// The pairs of one bucket, sorted by key hash (then fingerprint).
-    fn sorted_bucket(&self, bucket: usize) -> std::io::Result<Vec<(u128, u64)>> {
-        let mut bytes = Vec::new();
-        self.buckets.read_bucket(bucket, &mut bytes)?;
-        let mut pairs = Vec::with_capacity(bytes.len() / ENTRY);
-        decode(&bytes, &mut pairs);
+    /// The pairs of one bucket, sorted by key hash (then fingerprint). They are decoded as
+    /// their chunks are read, into 24 bytes a pair: at 100 million rows a bucket holds about
+    /// 390,000 pairs, 9.4 MB, and nothing else of it is held.
+    fn sorted_bucket(&self, bucket: usize) -> std::io::Result<Vec<Pair>> {
+        let mut pairs = Vec::with_capacity(self.buckets.bucket_bytes(bucket) / ENTRY);
+        self.buckets.read_bucket_chunks(bucket, |bytes| {
+            pairs.extend(bytes.chunks_exact(ENTRY).map(Pair::decode));
+        })?;
         pairs.sort_unstable();
         Ok(pairs)
     }
 }
 
-fn decode(bytes: &[u8], out: &mut Vec<(u128, u64)>) {
-    for entry in bytes.chunks_exact(ENTRY) {
-        let mut hash = [0u8; 16];
-        let mut fingerprint = [0u8; 8];
-        hash.copy_from_slice(&entry[..16]);
-        fingerprint.copy_from_slice(&entry[16..]);
-        out.push((u128::from_be_bytes(hash), u64::from_be_bytes(fingerprint)));
+/// A key hash and fingerprint as three words, ordered by key hash then fingerprint: 24 bytes
+/// with the alignment of a `u64`, where `(u128, u64)` takes 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Pair {
+    /// The key hash's high 64 bits.
+    high: u64,
+    /// The key hash's low 64 bits.
+    low: u64,
+    fingerprint: u64,
+}
+
+impl Pair {
+    fn new(hash: u128, fingerprint: u64) -> Pair {
+        Pair {
+            high: (hash >> 64) as u64,
+            low: hash as u64,
+            fingerprint,
+        }
+    }
+
+    /// One pair from its `ENTRY` big-endian bytes.
+    fn decode(entry: &[u8]) -> Pair {
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&entry[at..at + 8]);
+            u64::from_be_bytes(bytes)
+        };
+        Pair {
+            high: word(0),
+            low: word(8),
+            fingerprint: word(16),
+        }
+    }
+
+    fn hash(self) -> u128 {
+        (u128::from(self.high) << 64) | u128::from(self.low)
+    }
+}
+
+/// The keys a diff found new or changed, each kind in its own vector sorted by key hash: 16
+/// bytes a key (a hash table of the same keys takes about 70 at its usual load), and a key
+/// is looked up by binary search.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChangedKeys {
+    /// Keys that are not stored.
+    added: Vec<u128>,
+    /// Stored keys whose fingerprint differs.
+    modified: Vec<u128>,
+}
+
+impl ChangedKeys {
+    /// Adds a key above every key added before (the comparison finds them in order).
+    fn push(&mut self, hash: u128, added: bool) {
+        let keys = if added {
+            &mut self.added
+        } else {
+            &mut self.modified
+        };
+        debug_assert!(keys.last().is_none_or(|last| *last < hash), "keys out of order");
+        keys.push(hash);
+    }
+
+    /// Moves `other`'s keys, all above this one's, to the end.
+    fn append(&mut self, other: &mut ChangedKeys) {
+        self.added.append(&mut other.added);
+        self.modified.append(&mut other.modified);
+    }
+
+    /// `Some(true)` when `hash` is new, `Some(false)` when its fingerprint changed, `None`
+    /// when it is in neither list.
+    pub fn get(&self, hash: u128) -> Option<bool> {
+        if self.added.binary_search(&hash).is_ok() {
+            Some(true)
+        } else if self.modified.binary_search(&hash).is_ok() {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Drops every key that `drop` says to.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(u128) -> bool) {
+        self.added.retain(|h| !drop(*h));
+        self.modified.retain(|h| !drop(*h));
+    }
+
+    /// Keys in either list.
+    pub fn len(&self) -> usize {
+        self.added.len() + self.modified.len()
+    }
+
+    /// True when no key changed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys that are new.
+    pub fn added_len(&self) -> usize {
+        self.added.len()
+    }
+
+    /// Every key, new ones first.
+    pub fn keys(&self) -> impl Iterator<Item = u128> + '_ {
+        self.added.iter().chain(&self.modified).copied()
+    }
+}
+
+impl FromIterator<(u128, bool)> for ChangedKeys {
+    /// Keys in any order (they are sorted here).
+    fn from_iter<I: IntoIterator<Item = (u128, bool)>>(iter: I) -> ChangedKeys {
+        let mut keys = ChangedKeys::default();
+        for (hash, added) in iter {
+            if added {
+                keys.added.push(hash);
+            } else {
+                keys.modified.push(hash);
+            }
+        }
+        keys.added.sort_unstable();
+        keys.added.dedup();
+        keys.modified.sort_unstable();
+        keys.modified.dedup();
+        keys
     }
 }
 
@@ -154,7 +289,7 @@ fn decode(bytes: &[u8], out: &mut Vec<(u128, u64)>) {
 pub struct Comparison {
     /// Run keys that are not stored (`true`) or whose fingerprint differs (`false`). With
     /// `full_resync`, unchanged keys are left out: the caller counts them as changed.
-    pub changed: HashMap<u128, bool>,
+    pub changed: ChangedKeys,
     /// Run keys that appear more than once, with how many times. They are in no other field.
     pub duplicates: HashMap<u128, u64>,
     /// Stored keys that the run does not have.
@@ -245,16 +380,14 @@ fn compare_listing(
             })
             .collect()
     });
-    // The largest part is kept and the others moved into it: a million changed keys are
-    // never copied into a third table while both halves are still held.
-    let mut parts = parts.into_iter().collect::<std::io::Result<Vec<Comparison>>>()?;
-    parts.sort_by_key(|part| std::cmp::Reverse(part.changed.len()));
-    let mut parts = parts.into_iter();
-    let mut found = parts.next().unwrap_or_default();
+    // The parts cover ascending ranges of buckets, in order: their changed keys, one after
+    // the other, stay sorted.
+    let mut found = Comparison::default();
     for part in parts {
-        found.changed.extend(part.changed);
+        let mut part = part?;
+        found.changed.append(&mut part.changed);
         found.duplicates.extend(part.duplicates);
-        found.removed.extend(part.removed);
+        found.removed.append(&mut part.removed);
     }
     Ok(found)
 }
@@ -296,7 +429,7 @@ pub fn compare_partial_in_order<E>(
                 },
             };
             if bucket_of(pair.0) == bucket {
-                stored.push(pair);
+                stored.push(Pair::new(pair.0, pair.1));
             } else {
                 ahead = Some(pair);
                 break;
@@ -334,51 +467,43 @@ fn compare_buckets(
 }
 
 /// Walks one bucket of each side, both sorted by key hash.
-fn merge_bucket(
-    run: &[(u128, u64)],
-    stored: &[(u128, u64)],
-    diff: bool,
-    list_removed: bool,
-    out: &mut Comparison,
-) {
+fn merge_bucket(run: &[Pair], stored: &[Pair], diff: bool, list_removed: bool, out: &mut Comparison) {
+    let same_key = |a: &Pair, b: &Pair| (a.high, a.low) == (b.high, b.low);
+    let below = |a: &Pair, b: &Pair| (a.high, a.low) < (b.high, b.low);
     let (mut i, mut j) = (0, 0);
     while i < run.len() {
-        let (hash, fingerprint) = run[i];
+        let pair = run[i];
         let mut k = i + 1;
-        while k < run.len() && run[k].0 == hash {
+        while k < run.len() && same_key(&run[k], &pair) {
             k += 1;
         }
         let copies = (k - i) as u64;
         i = k;
-        while j < stored.len() && stored[j].0 < hash {
+        while j < stored.len() && below(&stored[j], &pair) {
             if list_removed {
-                out.removed.push(stored[j].0);
+                out.removed.push(stored[j].hash());
             }
             j += 1;
         }
         let stored_fp = match stored.get(j) {
-            Some(&(h, fp)) if h == hash => {
+            Some(s) if same_key(s, &pair) => {
                 j += 1;
-                Some(fp)
+                Some(s.fingerprint)
             }
             _ => None,
         };
         if copies > 1 {
-            out.duplicates.insert(hash, copies);
+            out.duplicates.insert(pair.hash(), copies);
         } else if diff {
             match stored_fp {
-                None => {
-                    out.changed.insert(hash, true);
-                }
-                Some(fp) if fp != fingerprint => {
-                    out.changed.insert(hash, false);
-                }
+                None => out.changed.push(pair.hash(), true),
+                Some(fp) if fp != pair.fingerprint => out.changed.push(pair.hash(), false),
                 Some(_) => {}
             }
         }
     }
     if list_removed {
-        out.removed.extend(stored[j..].iter().map(|(h, _)| *h));
+        out.removed.extend(stored[j..].iter().map(|p| p.hash()));
     }
 }
 
@@ -412,8 +537,11 @@ mod tests {
         let found = compare(&run, Some(&stored)).unwrap();
         assert_eq!(
             found.changed,
-            HashMap::from([(3, false), (5, true), (top(9), true)])
+            ChangedKeys::from_iter([(3, false), (5, true), (top(9), true)])
         );
+        assert_eq!(found.changed.get(3), Some(false));
+        assert_eq!(found.changed.get(top(9)), Some(true));
+        assert_eq!(found.changed.get(2), None);
         assert_eq!(found.duplicates, HashMap::from([(top(7) | 4, 2), (6, 3)]));
         let mut removed = found.removed;
         removed.sort_unstable();
@@ -446,8 +574,8 @@ mod tests {
         let bucketed = compare_listing(&run, Some(&set(&stored_pairs)), false).unwrap();
         assert_eq!(found, bucketed);
         assert_eq!(found.duplicates, HashMap::from([(spread(9_001), 2)]));
-        assert_eq!(found.changed.get(&spread(9_000)), Some(&true));
-        assert_eq!(found.changed.get(&spread(37)), Some(&false));
+        assert_eq!(found.changed.get(spread(9_000)), Some(true));
+        assert_eq!(found.changed.get(spread(37)), Some(false));
         assert!(found.removed.is_empty());
 
         // Out of order: nothing is returned, whatever was read before.
@@ -455,6 +583,38 @@ mod tests {
         let mut next = in_order.iter().copied();
         let found = compare_partial_in_order(&run, || Ok::<_, std::io::Error>(next.next()), |e| e).unwrap();
         assert!(found.is_none());
+    }
+
+    #[test]
+    fn changed_keys_are_found_by_binary_search_and_can_be_dropped() {
+        let mut keys = ChangedKeys::from_iter([(30, false), (10, true), (20, false), (10, true)]);
+        assert_eq!((keys.len(), keys.added_len()), (3, 1));
+        assert_eq!(keys.get(10), Some(true));
+        assert_eq!(keys.get(20), Some(false));
+        assert_eq!(keys.get(15), None);
+        keys.remove_where(|hash| hash == 20);
+        assert_eq!(keys.get(20), None);
+        assert_eq!(keys.keys().collect::<Vec<_>>(), vec![10, 30]);
+        assert!(!keys.is_empty());
+    }
+
+    #[test]
+    fn changed_keys_from_every_comparing_thread_stay_sorted() {
+        let spread = |n: u128| n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        let stored: Vec<(u128, u64)> = (0..4_000u128).map(|n| (spread(n), 1)).collect();
+        let run: Vec<(u128, u64)> = (0..4_000u128)
+            .map(|n| (spread(n), if n % 3 == 0 { 2 } else { 1 }))
+            .chain((4_000..5_000u128).map(|n| (spread(n), 1)))
+            .collect();
+        let found = compare(&set(&run), Some(&set(&stored))).unwrap();
+        let expected = ChangedKeys::from_iter(
+            (0..4_000u128)
+                .step_by(3)
+                .map(|n| (spread(n), false))
+                .chain((4_000..5_000u128).map(|n| (spread(n), true))),
+        );
+        assert_eq!(found.changed, expected);
+        assert!((0..5_000u128).all(|n| found.changed.get(spread(n)).is_some() == (n % 3 == 0 || n >= 4_000)));
     }
 
     #[test]
@@ -472,7 +632,7 @@ mod tests {
         let pairs: Vec<(u128, u64)> = (0..5_000u128).map(|n| (n * 7919, n as u64)).collect();
         let run = set(&pairs);
         assert_eq!(run.len(), 5_000);
-        let mut expected = pairs.clone();
+        let mut expected: Vec<Pair> = pairs.iter().map(|&(h, fp)| Pair::new(h, fp)).collect();
         expected.sort_unstable();
         assert_eq!(run.sorted_bucket(0).unwrap(), expected);
         let stored = set(&pairs);

@@ -425,8 +425,8 @@ pub struct RemoteDiff {
     pub all_added: bool,
     /// When true (a full resync), staged keys missing from `changed` are changed too.
     pub full_resync: bool,
-    /// Staged keys that are new (`true`) or whose fingerprint differs (`false`).
-    pub changed: std::collections::HashMap<u128, bool>,
+    /// Staged keys that are new or whose fingerprint differs.
+    pub changed: hash_buckets::ChangedKeys,
     /// Keys staged more than once, with how many times; they are in no other field.
     pub duplicates: std::collections::HashMap<u128, u64>,
     /// Stored keys that were not staged, with their identity JSON (for mirror deletes).
@@ -440,8 +440,8 @@ impl RemoteDiff {
         if self.all_added {
             return Some(true);
         }
-        match self.changed.get(&hash) {
-            Some(added) => Some(*added),
+        match self.changed.get(hash) {
+            Some(added) => Some(added),
             None if self.full_resync => Some(false),
             None => None,
         }

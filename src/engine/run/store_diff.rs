@@ -16,6 +16,7 @@ use crate::engine::run::{PlanSample, RunOptions};
 use crate::engine::spill::{RowJson, SpillWriter};
 use crate::model::record::Operation;
 use crate::source::RowStream;
+use crate::state::hash_buckets::ChangedKeys;
 use crate::state::{EntryRef, Fingerprints, StateStore, stored_key_hash};
 
 /// The fingerprint staged for a rejected row's key: whatever the store compares it with, the
@@ -100,8 +101,9 @@ pub(super) async fn plan(
         }
     };
 
-    for hash in rejected_keys.keys() {
-        diff.changed.remove(hash);
+    if !rejected_keys.is_empty() {
+        diff.changed
+            .remove_where(|hash| rejected_keys.contains_key(&hash));
     }
     // Counts, from the diff alone. A duplicated key's staged rows include its rejected
     // ones, which are counted as rejected already.
@@ -111,7 +113,7 @@ pub(super) async fn plan(
         .map(|(hash, n)| n.saturating_sub(rejected_keys.get(hash).copied().unwrap_or(0)))
         .sum();
     let unique_rows = mapped_rows - duplicate_rows;
-    let added_rows = diff.changed.values().filter(|added| **added).count() as u64;
+    let added_rows = diff.changed.added_len() as u64;
     let (new_rows, changed_rows) = if diff.all_added {
         (unique_rows, 0)
     } else if diff.full_resync {
@@ -213,9 +215,9 @@ impl RowIndex {
     }
 
     /// The positions of the rows whose key hash may be in `wanted`, in spill order.
-    fn positions_of(self, wanted: &HashMap<u128, bool>) -> std::io::Result<Vec<u64>> {
+    fn positions_of(self, wanted: &ChangedKeys) -> std::io::Result<Vec<u64>> {
         use std::io::{Read as _, Seek as _};
-        let short: std::collections::HashSet<u32> = wanted.keys().map(|h| *h as u32).collect();
+        let short: std::collections::HashSet<u32> = wanted.keys().map(|h| h as u32).collect();
         let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.rewind()?;
         let mut input = std::io::BufReader::with_capacity(1 << 20, file);
