@@ -182,7 +182,7 @@ impl Value {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             Value::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-            Value::Decimal(d) => out.extend_from_slice(canonical_decimal(d).as_bytes()),
+            Value::Decimal(d) => write_canonical_decimal(d, out),
             Value::Float(f) => write_float(*f, out),
             Value::Text(s) => write_json_string(s, out),
             Value::Date(d) => write_json_string(&d.format("%Y-%m-%d").to_string(), out),
@@ -470,6 +470,45 @@ pub fn canonical_decimal(d: &BigDecimal) -> String {
     text
 }
 
+/// Appends [`canonical_decimal`]'s text of `d` to `out`. A decimal whose digits fit in 128
+/// bits and whose scale is 0 to 38 (every `numeric` column a model usually has) is written
+/// from its integer and scale, without a `String` nor big-integer division.
+pub fn write_canonical_decimal(d: &BigDecimal, out: &mut Vec<u8>) {
+    use bigdecimal::ToPrimitive as _;
+    let (digits, scale) = d.as_bigint_and_scale();
+    let (Some(digits), Ok(scale @ 0..=38)) = (digits.to_i128(), usize::try_from(scale)) else {
+        out.extend_from_slice(canonical_decimal(d).as_bytes());
+        return;
+    };
+    if digits == 0 {
+        out.push(b'0');
+        return;
+    }
+    if digits < 0 {
+        out.push(b'-');
+    }
+    let mut buffer = itoa::Buffer::new();
+    let text = buffer.format(digits.unsigned_abs()).as_bytes();
+    if scale == 0 {
+        out.extend_from_slice(text);
+        return;
+    }
+    // The fraction's digits, left-padded with zeros to `scale`, then trailing zeros trimmed.
+    let (whole, fraction) = text.split_at(text.len().saturating_sub(scale));
+    let padding = scale - fraction.len();
+    let kept = fraction.iter().rposition(|b| *b != b'0').map_or(0, |at| at + 1);
+    if whole.is_empty() {
+        out.push(b'0');
+    } else {
+        out.extend_from_slice(whole);
+    }
+    if kept > 0 {
+        out.push(b'.');
+        out.resize(out.len() + padding, b'0');
+        out.extend_from_slice(&fraction[..kept]);
+    }
+}
+
 /// Floats from this magnitude on are written with an exponent (`1e308`), as JavaScript
 /// writes them: in plain notation 1e308 is a 309-digit integer that destinations read as an
 /// overflowing integer, not as the float it is.
@@ -606,6 +645,53 @@ impl std::fmt::Write for StringSink<'_> {
 mod tests {
     use super::*;
     use std::str::FromStr;
+
+    #[test]
+    fn decimals_written_from_their_integer_read_as_the_plain_text_does() {
+        let texts = [
+            "0",
+            "-0",
+            "0.00",
+            "1",
+            "-1",
+            "10",
+            "100.00",
+            "1.50",
+            "-1.50",
+            "0.05",
+            "-0.05",
+            "123456.789000",
+            "0.000000000000000000000000000000000000001",
+            "1e5",
+            "1.2e-3",
+            "-170141183460469231731687303715884105727",
+            "170141183460469231731687303715884105728.5",
+            "99999999999999999999999999999999999999.9",
+            "12345678901234567890.1234567890",
+        ];
+        for text in texts {
+            let d = BigDecimal::from_str(text).unwrap();
+            let mut written = Vec::new();
+            write_canonical_decimal(&d, &mut written);
+            assert_eq!(
+                String::from_utf8(written).unwrap(),
+                canonical_decimal(&d),
+                "{text}"
+            );
+        }
+        for n in -2_000i64..2_000 {
+            for scale in [0, 1, 2, 3, 5, 38, 39] {
+                let d = BigDecimal::new(n.into(), scale);
+                let mut written = Vec::new();
+                write_canonical_decimal(&d, &mut written);
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    canonical_decimal(&d),
+                    "{n} {scale}"
+                );
+            }
+        }
+    }
 
     fn canon(v: &Value) -> String {
         let mut out = Vec::new();
