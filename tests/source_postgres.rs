@@ -143,6 +143,31 @@ async fn numeric_columns_keep_every_digit() {
 }
 
 #[tokio::test]
+async fn numerics_read_from_their_binary_form_equal_their_text() {
+    // Up to 36 digits are read straight from the binary form, longer ones by the driver:
+    // both must give what PostgreSQL's own text says.
+    let db = TestDb::postgres("src_numeric_binary").await;
+    let rows = rows_of(
+        &db,
+        "SELECT n, n::text FROM (
+           SELECT ((random() - 0.5) * 10 ^ (g % 30))::numeric(40, 8) FROM generate_series(1, 2000) g
+           UNION ALL VALUES (0.0001), (-0.0001), (100000000), (1e35), (-1e36), (1.5e-20),
+             (123456789012345678901234567890123456), (1234567890123456789012345678901234567),
+             (0.000000000000000000000000000000000001), (99999999.99990000)
+         ) AS v(n)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2010);
+    for row in rows {
+        let Value::Text(text) = &row[1] else {
+            panic!("{row:?}")
+        };
+        assert_eq!(row[0], dec(text), "{text}");
+    }
+}
+
+#[tokio::test]
 async fn a_value_without_a_canonical_form_rejects_only_its_row_and_never_shows_the_value() {
     let db = TestDb::postgres("src_undecodable").await;
     let rows = source_rows_of(

@@ -368,6 +368,46 @@ fn numeric_special(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// A numeric's binary form of at most 9 base-10000 digits (up to 36 decimal digits: every
+/// `numeric(p, s)` with `p` ≤ 36), read straight into its decimal: the same integer and scale
+/// as sqlx's decoder, without its two intermediate vectors and base-100 conversion. `None`
+/// for anything else, which sqlx decodes (or refuses).
+///
+/// The layout (`numeric_send` in PostgreSQL's `numeric.c`): digit count, weight (the power of
+/// 10000 of the first digit), sign (0 or 0x4000), display scale, then the digits, each a
+/// big-endian `int16` from 0 to 9999.
+fn small_numeric(bytes: &[u8]) -> Option<BigDecimal> {
+    let word = |at: usize| Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
+    let count = usize::from(word(0)?);
+    let weight = i64::from(word(2)? as i16);
+    let negative = match word(4)? {
+        0 => false,
+        0x4000 => true,
+        _ => return None,
+    };
+    if count > 9 || bytes.len() != 8 + 2 * count {
+        return None;
+    }
+    if count == 0 {
+        return Some(BigDecimal::from(0u64));
+    }
+    let mut digits: i128 = 0;
+    for n in 0..count {
+        let digit = word(8 + 2 * n)?;
+        if digit > 9999 {
+            return None;
+        }
+        // At most 9 digits of 10000: under 10^36, far from i128's 1.7·10^38.
+        digits = digits * 10_000 + i128::from(digit);
+    }
+    if negative {
+        digits = -digits;
+    }
+    // `count` ≤ 9 and `weight` an i16: no overflow.
+    let scale = (count as i64 - weight - 1) * 4;
+    Some(BigDecimal::new(digits.into(), scale))
+}
+
 /// The special values of a numeric in the text format.
 fn numeric_special_text(bytes: &[u8]) -> Option<&'static str> {
     match bytes {
@@ -400,7 +440,10 @@ fn decode_scalar(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult 
             if let Some(reason) = special {
                 return Err(ValueError::undecodable(reason));
             }
-            Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?)
+            match (text, small_numeric(bytes)) {
+                (false, Some(decimal)) => Value::Decimal(decimal),
+                _ => Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?),
+            }
         }
         Kind::Text => Value::Text(get(row, i, NOT_UTF8)?),
         Kind::Date if text => Value::Date(get(row, i, "a date that is not a point in time")?),
@@ -553,6 +596,40 @@ mod tests {
                     .with_timezone(&Utc)
             )
         );
+    }
+
+    #[test]
+    fn small_numerics_are_read_as_sqlx_reads_them() {
+        // (digit count, weight, sign, display scale, digits) and the decimal they hold.
+        let numeric = |weight: i16, sign: u16, digits: &[u16]| {
+            let mut bytes = Vec::new();
+            for word in [digits.len() as u16, weight as u16, sign, 0] {
+                bytes.extend_from_slice(&word.to_be_bytes());
+            }
+            for digit in digits {
+                bytes.extend_from_slice(&digit.to_be_bytes());
+            }
+            bytes
+        };
+        let cases: [(Vec<u8>, &str, i64); 7] = [
+            (numeric(0, 0, &[12, 3456]), "123456", 4),       // 12.3456
+            (numeric(0, 0x4000, &[12, 3400]), "-123400", 4), // -12.34, as stored
+            (numeric(-1, 0, &[500]), "500", 4),              // 0.05
+            (numeric(2, 0, &[7]), "7", -8),                  // 700000000
+            (numeric(0, 0, &[]), "0", 0),                    // 0
+            (numeric(8, 0, &[9999; 9]), &"9".repeat(36), 0), // 36 nines
+            (numeric(1, 0, &[1, 2, 3]), "100020003", 4),     // 10002.0003
+        ];
+        for (bytes, digits, scale) in cases {
+            let decimal = small_numeric(&bytes).unwrap();
+            let (int, found_scale) = decimal.as_bigint_and_scale();
+            assert_eq!((int.to_string(), found_scale), (digits.to_owned(), scale));
+        }
+        // Beyond 9 digits, a digit out of range, a special sign or a short value: sqlx's.
+        assert!(small_numeric(&numeric(9, 0, &[1; 10])).is_none());
+        assert!(small_numeric(&numeric(0, 0, &[10_000])).is_none());
+        assert!(small_numeric(&numeric(0, 0xC000, &[])).is_none());
+        assert!(small_numeric(&numeric(0, 0, &[1, 2])[..10]).is_none());
     }
 
     #[test]
