@@ -621,7 +621,7 @@ fn write_json(j: &serde_json::Value, out: &mut Vec<u8>) {
 /// Appends a string as a canonical JSON string literal.
 pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
     // Most text needs no escaping: copy it as is, which is much cheaper per row.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if !needs_escape(s.as_bytes()) {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -630,6 +630,26 @@ pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
     }
     // serde_json's string escaping is the canonical one; writing to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// True when `bytes` hold a control character, a quote or a backslash (what JSON escapes),
+/// looked for eight bytes at a time (the tail padded with spaces): for each word, the classic
+/// tests for a byte below a bound and for a zero byte (after XOR with the character), which
+/// never miss one.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |word: u64, bound: u64| word.wrapping_sub(ONES * bound) & !word & HIGHS != 0;
+    let escapes = |chunk: &[u8]| {
+        let mut word = [b' '; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(word);
+        below(word, 0x20)
+            || below(word ^ (ONES * u64::from(b'"')), 1)
+            || below(word ^ (ONES * u64::from(b'\\')), 1)
+    };
+    let mut words = bytes.chunks_exact(8);
+    words.any(escapes) || (!words.remainder().is_empty() && escapes(words.remainder()))
 }
 
 struct StringSink<'a>(&'a mut Vec<u8>);
@@ -645,6 +665,27 @@ impl std::fmt::Write for StringSink<'_> {
 mod tests {
     use super::*;
     use std::str::FromStr;
+
+    #[test]
+    fn text_needs_escaping_exactly_when_one_byte_does() {
+        let plain = |b: u8| b >= 0x20 && b != b'"' && b != b'\\';
+        // Every byte value at every position of words and tails, amid plain text and amid
+        // bytes just above and below each bound.
+        for len in [1, 7, 8, 9, 16, 23] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    for filler in [b'a', 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xff] {
+                        let mut bytes = vec![filler; len];
+                        bytes[at] = b;
+                        let expected = !bytes.iter().all(|&b| plain(b));
+                        assert_eq!(needs_escape(&bytes), expected, "{bytes:?}");
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+        assert!(!needs_escape("ünïcödé text, long enough for words".as_bytes()));
+    }
 
     #[test]
     fn decimals_written_from_their_integer_read_as_the_plain_text_does() {
