@@ -98,8 +98,8 @@ pub struct Mapper {
     columns: Vec<String>,
     mappings: Vec<CompiledMapping>,
     key_columns: Vec<(String, usize)>,
-    /// The record's fields, sorted as canonical JSON wants them.
-    shape: BTreeMap<String, Shape>,
+    /// The record's canonical JSON around its values, its keys escaped once.
+    layout: RecordLayout,
     /// Match fields (dotted) and the mapping that fills each.
     match_fields: Vec<(String, usize)>,
 }
@@ -209,7 +209,7 @@ impl Mapper {
             columns: columns.iter().map(|c| c.name.clone()).collect(),
             mappings: compiled,
             key_columns,
-            shape,
+            layout: RecordLayout::of(&shape),
             match_fields,
         })
     }
@@ -341,7 +341,11 @@ impl Mapper {
     /// Appends the canonical JSON of the record (what is fingerprinted and sent) to `out`:
     /// the bytes [`crate::model::value::write_document`] writes for the same record.
     pub fn write_fields(&self, values: &[Value], out: &mut Vec<u8>) {
-        write_shape(&self.shape, values, out);
+        for (before, mapping) in &self.layout.steps {
+            out.extend_from_slice(before);
+            values[*mapping].write_canonical(out);
+        }
+        out.extend_from_slice(&self.layout.tail);
     }
 
     /// The mappings whose value is a JSON null (a `jsonb` `'null'`), which canonical JSON
@@ -402,19 +406,38 @@ fn add_to_shape(shape: &mut BTreeMap<String, Shape>, path: &[String], mapping: u
     }
 }
 
-fn write_shape(shape: &BTreeMap<String, Shape>, values: &[Value], out: &mut Vec<u8>) {
-    out.push(b'{');
-    for (n, (name, node)) in shape.iter().enumerate() {
-        if n > 0 {
-            out.push(b',');
-        }
-        Value::write_json_key(name, out);
-        match node {
-            Shape::Leaf(i) => values[*i].write_canonical(out),
-            Shape::Object(inner) => write_shape(inner, values, out),
-        }
+/// A record's canonical JSON as the bytes between its values: braces, commas and escaped keys
+/// written once when the mappings are compiled, so a row only appends them and its values.
+#[derive(Debug, Default)]
+struct RecordLayout {
+    /// The bytes before each value, and the mapping whose value follows, in output order.
+    steps: Vec<(Vec<u8>, usize)>,
+    /// The bytes after the last value.
+    tail: Vec<u8>,
+}
+
+impl RecordLayout {
+    /// The layout of `shape`: its fields in key order, nested objects inline.
+    fn of(shape: &BTreeMap<String, Shape>) -> RecordLayout {
+        let mut layout = RecordLayout::default();
+        layout.add_object(shape);
+        layout
     }
-    out.push(b'}');
+
+    fn add_object(&mut self, shape: &BTreeMap<String, Shape>) {
+        self.tail.push(b'{');
+        for (n, (name, node)) in shape.iter().enumerate() {
+            if n > 0 {
+                self.tail.push(b',');
+            }
+            Value::write_json_key(name, &mut self.tail);
+            match node {
+                Shape::Leaf(i) => self.steps.push((std::mem::take(&mut self.tail), *i)),
+                Shape::Object(inner) => self.add_object(inner),
+            }
+        }
+        self.tail.push(b'}');
+    }
 }
 
 /// Marks the mappings that may move their column's value out of the row: the last plain
@@ -460,6 +483,27 @@ mod tests {
             to: to.into(),
             transforms: transforms.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn records_are_written_with_keys_sorted_escaped_and_nested_at_any_depth() {
+        let columns = [col("id"), col("c1"), col("c2"), col("c3"), col("c4")];
+        let maps = vec![
+            mapping("id", "id", &[]),
+            mapping("c4", "z", &[]),
+            mapping("c1", "a.b.c", &[]),
+            mapping("c3", "q\"uote", &[]),
+            mapping("c2", "a.d", &[]),
+        ];
+        let mapper = Mapper::new(&maps, &["id".into()], &[], &columns).unwrap();
+        let row: Vec<Value> = (0..5).map(Value::Int).collect();
+        let mapped = map(&mapper, "0", row).unwrap();
+        let mut written = Vec::new();
+        mapper.write_fields(&mapped, &mut written);
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            r#"{"a":{"b":{"c":1},"d":2},"id":0,"q\"uote":3,"z":4}"#
+        );
     }
 
     #[test]
