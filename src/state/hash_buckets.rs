@@ -265,6 +265,7 @@ impl ChangedKeys {
     }
 }
 
+#[cfg(test)]
 impl FromIterator<(u128, bool)> for ChangedKeys {
     /// Keys in any order (they are sorted here).
     fn from_iter<I: IntoIterator<Item = (u128, bool)>>(iter: I) -> ChangedKeys {
