@@ -458,6 +458,14 @@ pub fn parse_decimal(text: &str) -> Option<BigDecimal> {
 
 /// An exact decimal in plain notation, without trailing zeros (`10.50` → `10.5`, `1E+3` → `1000`).
 pub fn canonical_decimal(d: &BigDecimal) -> String {
+    let mut out = Vec::new();
+    write_canonical_decimal(d, &mut out);
+    // Only ASCII digits, a sign and a point are written.
+    out.into_iter().map(char::from).collect()
+}
+
+/// [`canonical_decimal`] of any decimal, through its plain string.
+fn canonical_decimal_of_plain_text(d: &BigDecimal) -> String {
     // Trimming the plain text is exact and far cheaper than `normalized()`, which divides.
     let mut text = d.to_plain_string();
     if text.contains('.') {
@@ -470,14 +478,14 @@ pub fn canonical_decimal(d: &BigDecimal) -> String {
     text
 }
 
-/// Appends [`canonical_decimal`]'s text of `d` to `out`. A decimal whose digits fit in 128
+/// Appends the canonical text of `d` to `out`. A decimal whose digits fit in 128
 /// bits and whose scale is 0 to 38 (every `numeric` column a model usually has) is written
 /// from its integer and scale, without a `String` nor big-integer division.
 pub fn write_canonical_decimal(d: &BigDecimal, out: &mut Vec<u8>) {
     use bigdecimal::ToPrimitive as _;
     let (digits, scale) = d.as_bigint_and_scale();
     let (Some(digits), Ok(scale @ 0..=38)) = (digits.to_i128(), usize::try_from(scale)) else {
-        out.extend_from_slice(canonical_decimal(d).as_bytes());
+        out.extend_from_slice(canonical_decimal_of_plain_text(d).as_bytes());
         return;
     };
     if digits == 0 {
@@ -529,7 +537,7 @@ fn write_float(f: f64, out: &mut Vec<u8>) {
         if s.contains('e') || s.contains('E') {
             // Exponent form is not canonical across sources; go through an exact decimal.
             match s.parse::<BigDecimal>() {
-                Ok(d) => out.extend_from_slice(canonical_decimal(&d).as_bytes()),
+                Ok(d) => write_canonical_decimal(&d, out),
                 Err(_) => out.extend_from_slice(s.as_bytes()),
             }
         } else {
@@ -715,7 +723,7 @@ mod tests {
             write_canonical_decimal(&d, &mut written);
             assert_eq!(
                 String::from_utf8(written).unwrap(),
-                canonical_decimal(&d),
+                canonical_decimal_of_plain_text(&d),
                 "{d:?}"
             );
         };

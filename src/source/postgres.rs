@@ -440,9 +440,10 @@ fn decode_scalar(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult 
             if let Some(reason) = special {
                 return Err(ValueError::undecodable(reason));
             }
-            match (text, small_numeric(bytes)) {
-                (false, Some(decimal)) => Value::Decimal(decimal),
-                _ => Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?),
+            // The text format is sqlx's to parse; only the binary one has a fast path.
+            match (!text).then(|| small_numeric(bytes)).flatten() {
+                Some(decimal) => Value::Decimal(decimal),
+                None => Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?),
             }
         }
         Kind::Text => Value::Text(get(row, i, NOT_UTF8)?),

@@ -75,13 +75,7 @@ impl DiskBuckets {
     /// Appends every byte pushed to `bucket`, in order, to `out`.
     pub fn read_bucket(&self, bucket: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
         out.reserve(self.bucket_bytes(bucket));
-        for &(offset, n) in &self.chunks[bucket] {
-            let start = out.len();
-            out.resize(start + n, 0);
-            self.file.read_exact_at(&mut out[start..], offset)?;
-        }
-        out.extend_from_slice(&self.buffers[bucket]);
-        Ok(())
+        self.read_bucket_chunks(bucket, |chunk| out.extend_from_slice(chunk))
     }
 
     /// Hands every byte pushed to `bucket` to `each`, in order, one chunk at a time: memory
