@@ -362,6 +362,87 @@ async fn two_hundred_thousand_rows_stream_through_a_small_buffer() {
 }
 
 #[tokio::test]
+async fn rows_are_read_as_binary_copy_data() {
+    let db = TestDb::postgres("src_copy").await;
+    let marker = format!("backflow_copy_marker_{}", std::process::id());
+    let query = format!("SELECT generate_series(1, 100000000) AS n, '{marker}' AS tag");
+    let mut stream = extract(&db.url, &query, &options()).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // The server runs the query inside COPY while the stream is held.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let running: String = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+    )
+    .bind(&marker)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        running.starts_with("COPY (") && running.ends_with("TO STDOUT (FORMAT binary)"),
+        "{running}"
+    );
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_query_copy_will_not_take_is_read_through_the_extended_protocol() {
+    let db = TestDb::postgres("src_copy_refused").await;
+    // SHOW and EXPLAIN prepare, and return rows, but are not queries COPY can wrap.
+    let rows = rows_of(&db, "SHOW server_encoding").await.unwrap();
+    assert_eq!(rows, vec![vec![text("UTF8")]]);
+    let rows = rows_of(&db, "EXPLAIN SELECT 1").await.unwrap();
+    assert!(!rows.is_empty());
+    // A trailing semicolon or line comment does not break the query.
+    for query in [
+        "SELECT 1 AS one;",
+        "SELECT 1 AS one -- the last line",
+        "SELECT 1 AS one ; \n",
+    ] {
+        assert_eq!(
+            rows_of(&db, query).await.unwrap(),
+            vec![vec![Value::Int(1)]],
+            "{query}"
+        );
+    }
+    // A query error raised while rows stream is the database's message, not a second try.
+    let err = rows_of(&db, "SELECT 1 / (n - 3) AS x FROM generate_series(1, 5) n")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SourceError::Query(m) if m.contains("division by zero")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn arrays_of_several_dimensions_are_nested_lists() {
+    let db = TestDb::postgres("src_arrays").await;
+    let rows = rows_of(
+        &db,
+        "SELECT '{{1,2,3},{4,NULL,6}}'::int4[] AS grid, '[0:1]={a,b}'::text[] AS shifted, \
+                '{}'::int4[] AS empty, '{{{1}},{{2}}}'::int8[] AS deep",
+    )
+    .await
+    .unwrap();
+    let int = Value::Int;
+    assert_eq!(
+        rows,
+        vec![vec![
+            Value::Array(vec![
+                Value::Array(vec![int(1), int(2), int(3)]),
+                Value::Array(vec![int(4), Value::Null, int(6)]),
+            ]),
+            Value::Array(vec![text("a"), text("b")]),
+            Value::Array(vec![]),
+            Value::Array(vec![
+                Value::Array(vec![Value::Array(vec![int(1)])]),
+                Value::Array(vec![Value::Array(vec![int(2)])]),
+            ]),
+        ]]
+    );
+}
+
+#[tokio::test]
 async fn dropping_the_stream_early_ends_the_query_on_the_server() {
     let db = TestDb::postgres("src_drop").await;
     let marker = format!("backflow_drop_marker_{}", std::process::id());

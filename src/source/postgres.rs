@@ -3,9 +3,13 @@
 //!
 //! One connection per extraction, in a `READ ONLY` transaction with `SET LOCAL
 //! statement_timeout`. The query is prepared first so its columns are known (and unsupported
-//! types refused) before any row is read; rows then arrive in the binary format of the
-//! extended protocol (or, for a flavour with `text_rows`, the text format of the simple
-//! protocol) and are decoded by the kind decided for their column.
+//! types refused) before any row is read; rows then arrive as binary `COPY` data ([`copy`]),
+//! and are decoded by the kind decided for their column ([`binary`]). A server that will
+//! not run the query inside `COPY` gets it through the extended protocol, rows in the same
+//! binary format; a flavour with `text_rows` reads the text format of the simple protocol.
+
+mod binary;
+mod copy;
 
 use std::str::FromStr;
 
@@ -16,7 +20,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgTypeInfo, PgTypeKi
 use sqlx::{Column as _, Connection, Executor, Row, Statement, TypeInfo, ValueRef};
 use uuid::Uuid;
 
-use super::{Column, RowSender, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError};
+use super::{
+    Column, RowSender, RowSink, RowStream, SourceError, SourceOptions, SourceRow, StreamEnd, ValueError,
+};
 use crate::model::value::Value;
 
 /// SQLSTATE `read_only_sql_transaction`: the query tried to write.
@@ -30,8 +36,8 @@ pub(super) struct Flavour {
     /// Statements that open the read-only transaction with the statement timeout (in
     /// milliseconds), run in order through the simple protocol.
     pub(super) setup: fn(u64) -> Vec<String>,
-    /// Rows travel in the text format of the simple query protocol instead of the binary
-    /// format of the extended one.
+    /// Rows travel in the text format of the simple query protocol instead of binary `COPY`
+    /// data.
     pub(super) text_rows: bool,
     /// A server-specific reading of a query failure, before the generic one.
     pub(super) explain: fn(&sqlx::Error, std::time::Duration) -> Option<SourceError>,
@@ -71,22 +77,8 @@ pub(super) async fn extract_with(
         crate::egress::check_endpoint(connect_options.get_host(), connect_options.get_port()).await?;
     }
     let connect_options = super::model_read_logging(connect_options.clone());
-    let mut conn = PgConnection::connect_with(&connect_options)
-        .await
-        .map_err(|e| super::connect_error(url, e))?;
-
     let timeout = options.statement_timeout;
-    // statement_timeout is an int4 of milliseconds on the server.
-    let millis = super::timeout_millis(timeout).min(i32::MAX as u64);
-    for statement in (flavour.setup)(millis) {
-        // A plain string runs through the simple protocol, which takes several statements
-        // at once. (`sqlx::raw_sql` would too, but its future is not `Send` for every
-        // lifetime, so a caller could not spawn `extract`.)
-        if let Err(e) = conn.execute(statement.as_str()).await {
-            let _ = conn.close().await;
-            return Err(query_error(e, timeout, flavour));
-        }
-    }
+    let mut conn = open(url, &connect_options, timeout, flavour).await?;
 
     let privileges = match flavour.privileges {
         true => privileges(&mut conn).await,
@@ -113,8 +105,50 @@ pub(super) async fn extract_with(
     };
     let (tx, rx) = super::row_channel(options);
     let columns = plan.iter().map(|c| c.column.clone()).collect();
-    tokio::spawn(stream(conn, query.to_owned(), plan, tx, timeout, flavour));
+    let read = Read {
+        url: url.to_owned(),
+        connect_options,
+        query: query.to_owned(),
+        plan,
+        timeout,
+        flavour,
+    };
+    tokio::spawn(stream(conn, read, tx));
     Ok(RowStream::new(columns, rx).with_privileges(privileges))
+}
+
+/// Connects and opens the read-only transaction with the statement timeout.
+async fn open(
+    url: &str,
+    connect_options: &PgConnectOptions,
+    timeout: std::time::Duration,
+    flavour: &'static Flavour,
+) -> Result<PgConnection, SourceError> {
+    let mut conn = PgConnection::connect_with(connect_options)
+        .await
+        .map_err(|e| super::connect_error(url, e))?;
+    // statement_timeout is an int4 of milliseconds on the server.
+    let millis = super::timeout_millis(timeout).min(i32::MAX as u64);
+    for statement in (flavour.setup)(millis) {
+        // A plain string runs through the simple protocol, which takes several statements
+        // at once. (`sqlx::raw_sql` would too, but its future is not `Send` for every
+        // lifetime, so a caller could not spawn `extract`.)
+        if let Err(e) = conn.execute(statement.as_str()).await {
+            let _ = conn.close().await;
+            return Err(query_error(e, timeout, flavour));
+        }
+    }
+    Ok(conn)
+}
+
+/// What the streaming task reads, and how to start over on a new connection.
+struct Read {
+    url: String,
+    connect_options: PgConnectOptions,
+    query: String,
+    plan: Vec<PlannedColumn>,
+    timeout: std::time::Duration,
+    flavour: &'static Flavour,
 }
 
 /// The predefined roles that read or write the server's files or run programs on it.
@@ -276,21 +310,35 @@ fn scalar_kind(type_info: &PgTypeInfo) -> Option<Kind> {
     Some(kind)
 }
 
-/// The streaming task: fetch, decode, send, then end the transaction.
-async fn stream(
-    mut conn: PgConnection,
-    query: String,
-    plan: Vec<PlannedColumn>,
-    tx: RowSender,
-    timeout: std::time::Duration,
-    flavour: &'static Flavour,
-) {
-    let decode = |row: &PgRow| decode_row(row, &plan);
-    let error = |e| query_error(e, timeout, flavour);
-    let end = if flavour.text_rows {
-        super::pump(sqlx::raw_sql(&query).fetch(&mut conn), &tx, decode, error).await
+/// The streaming task: read, decode, send, then end the transaction.
+async fn stream(mut conn: PgConnection, read: Read, tx: RowSender) {
+    let error = |e| query_error(e, read.timeout, read.flavour);
+    let end = if read.flavour.text_rows {
+        fetch(&mut conn, &read, &tx).await
     } else {
-        super::pump(sqlx::query(&query).fetch(&mut conn), &tx, decode, error).await
+        let copied = match conn.copy_out_raw(&copy::statement(&read.query)).await {
+            Ok(chunks) => Ok(copy::pump(chunks, RowSink::new(tx.clone()), &read.plan, error).await),
+            Err(e) => Err(e),
+        };
+        match copied {
+            Ok(end) => end,
+            Err(e) if copy_refused(&e) => {
+                // The query ran as a prepared statement but not inside COPY (a statement
+                // COPY does not take, a server without binary COPY). After a refused COPY
+                // the driver's connection is out of step with the server: start afresh.
+                tracing::debug!(reason = %decode_reason(&e), "the model query cannot run inside COPY; reading it through the extended protocol");
+                let _ = conn.close().await;
+                conn = match open(&read.url, &read.connect_options, read.timeout, read.flavour).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        RowSink::new(tx).fail(e).await;
+                        return;
+                    }
+                };
+                fetch(&mut conn, &read, &tx).await
+            }
+            Err(e) => RowSink::new(tx.clone()).fail(error(e)).await,
+        }
     };
     if end != StreamEnd::ReceiverGone {
         // Nothing was written (the transaction is read-only); roll back to leave politely.
@@ -299,6 +347,31 @@ async fn stream(
     // When the receiver went away mid-result, the server is still sending rows: a ROLLBACK
     // would first have to read them all. Terminating the session aborts the transaction.
     let _ = conn.close().await;
+}
+
+/// Whether a COPY that failed to start is worth running again through the extended
+/// protocol: the server refused the statement, and not for a reason the query itself would
+/// meet again (its timeout, a write in the read-only transaction).
+fn copy_refused(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => !matches!(
+            db.code().as_deref(),
+            Some(QUERY_CANCELED | READ_ONLY_SQL_TRANSACTION)
+        ),
+        _ => false,
+    }
+}
+
+/// Fetches the rows as query results: binary through the extended protocol, or text through
+/// the simple one for a flavour with `text_rows`.
+async fn fetch(conn: &mut PgConnection, read: &Read, tx: &RowSender) -> StreamEnd {
+    let decode = |row: &PgRow| decode_row(row, &read.plan);
+    let error = |e| query_error(e, read.timeout, read.flavour);
+    if read.flavour.text_rows {
+        super::pump(sqlx::raw_sql(&read.query).fetch(conn), tx, decode, error).await
+    } else {
+        super::pump(sqlx::query(&read.query).fetch(conn), tx, decode, error).await
+    }
 }
 
 fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<SourceRow, SourceError> {
@@ -311,10 +384,17 @@ fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<SourceRow, SourceEr
         if raw.is_null() {
             return Ok(Value::Null);
         }
-        let text = raw.format() == PgValueFormat::Text;
-        match c.decoder {
-            Decoder::Scalar(kind) => decode_scalar(row, i, kind, text),
-            Decoder::Array(kind) => decode_array(row, i, kind, text),
+        match raw.format() {
+            PgValueFormat::Binary => {
+                let bytes = raw
+                    .as_bytes()
+                    .map_err(|_| ValueError::undecodable("a value the driver could not read"))?;
+                binary::decode(bytes, c.decoder)
+            }
+            PgValueFormat::Text => match c.decoder {
+                Decoder::Scalar(kind) => decode_text(row, i, kind),
+                Decoder::Array(kind) => decode_text_array(row, i, kind),
+            },
         }
     })
 }
@@ -328,24 +408,6 @@ fn bytes(row: &PgRow, i: usize) -> Result<&[u8], ValueError> {
         .map_err(|_| ValueError::undecodable("a value the driver could not read"))
 }
 
-/// A JSON or JSONB value from its bytes, so that a domain over jsonb works too (sqlx strips
-/// the jsonb version byte only for the jsonb type itself).
-fn json(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
-    let mut bytes = bytes(row, i)?;
-    // The version byte is part of the binary format only.
-    if kind == Kind::Jsonb && !text {
-        bytes = match bytes.split_first() {
-            Some((1, rest)) => rest,
-            _ => {
-                return Err(ValueError::undecodable(
-                    "jsonb in an unknown binary format version",
-                ));
-            }
-        };
-    }
-    super::json_value(bytes)
-}
-
 fn get<'r, T>(row: &'r PgRow, i: usize, what: &'static str) -> Result<T, ValueError>
 where
     T: sqlx::Decode<'r, sqlx::Postgres>,
@@ -355,57 +417,6 @@ where
     // only the kind of value is reported.
     row.try_get_unchecked::<T, _>(i)
         .map_err(|_| ValueError::undecodable(what))
-}
-
-/// The special values of a numeric, from the sign field of its binary form (sqlx reads NaN
-/// as an error and the infinities, valid since PostgreSQL 14, as an internal error).
-fn numeric_special(bytes: &[u8]) -> Option<&'static str> {
-    match bytes.get(4..6).map(|s| u16::from_be_bytes([s[0], s[1]])) {
-        Some(0xC000) => Some("numeric NaN has no exact decimal form"),
-        Some(0xD000) => Some("numeric Infinity has no exact decimal form"),
-        Some(0xF000) => Some("numeric -Infinity has no exact decimal form"),
-        _ => None,
-    }
-}
-
-/// A numeric's binary form of at most 9 base-10000 digits (up to 36 decimal digits: every
-/// `numeric(p, s)` with `p` ≤ 36), read straight into its decimal: the same integer and scale
-/// as sqlx's decoder, without its two intermediate vectors and base-100 conversion. `None`
-/// for anything else, which sqlx decodes (or refuses).
-///
-/// The layout (`numeric_send` in PostgreSQL's `numeric.c`): digit count, weight (the power of
-/// 10000 of the first digit), sign (0 or 0x4000), display scale, then the digits, each a
-/// big-endian `int16` from 0 to 9999.
-fn small_numeric(bytes: &[u8]) -> Option<BigDecimal> {
-    let word = |at: usize| Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]));
-    let count = usize::from(word(0)?);
-    let weight = i64::from(word(2)? as i16);
-    let negative = match word(4)? {
-        0 => false,
-        0x4000 => true,
-        _ => return None,
-    };
-    if count > 9 || bytes.len() != 8 + 2 * count {
-        return None;
-    }
-    if count == 0 {
-        return Some(BigDecimal::from(0u64));
-    }
-    let mut digits: i128 = 0;
-    for n in 0..count {
-        let digit = word(8 + 2 * n)?;
-        if digit > 9999 {
-            return None;
-        }
-        // At most 9 digits of 10000: under 10^36, far from i128's 1.7·10^38.
-        digits = digits * 10_000 + i128::from(digit);
-    }
-    if negative {
-        digits = -digits;
-    }
-    // `count` ≤ 9 and `weight` an i16: no overflow.
-    let scale = (count as i64 - weight - 1) * 4;
-    Some(BigDecimal::new(digits.into(), scale))
 }
 
 /// The special values of a numeric in the text format.
@@ -418,11 +429,8 @@ fn numeric_special_text(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// A scalar value, from the binary format or (`text`) the text format, where dates and
-/// timestamps are read by sqlx's text parsers instead of from their day and microsecond
-/// counts.
-fn decode_scalar(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
-    const NOT_UTF8: &str = "text that is not valid UTF-8";
+/// A scalar value in the text format, read by sqlx's text parsers.
+fn decode_text(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
     Ok(match kind {
         Kind::Bool => Value::Bool(get(row, i, "a malformed bool")?),
         Kind::Int2 => Value::Int(get::<i16>(row, i, "a malformed int2")?.into()),
@@ -432,38 +440,26 @@ fn decode_scalar(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult 
         Kind::Float4 => super::float(super::widen_f32(get(row, i, "a malformed float4")?))?,
         Kind::Float8 => super::float(get(row, i, "a malformed float8")?)?,
         Kind::Numeric => {
-            let bytes = bytes(row, i)?;
-            let special = match text {
-                true => numeric_special_text(bytes),
-                false => numeric_special(bytes),
-            };
-            if let Some(reason) = special {
+            if let Some(reason) = numeric_special_text(bytes(row, i)?) {
                 return Err(ValueError::undecodable(reason));
             }
-            // The text format is sqlx's to parse; only the binary one has a fast path.
-            match (!text).then(|| small_numeric(bytes)).flatten() {
-                Some(decimal) => Value::Decimal(decimal),
-                None => Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?),
-            }
+            Value::Decimal(get::<BigDecimal>(row, i, "a malformed numeric")?)
         }
-        Kind::Text => Value::Text(get(row, i, NOT_UTF8)?),
-        Kind::Date if text => Value::Date(get(row, i, "a date that is not a point in time")?),
-        Kind::Date => date(get(row, i, "a malformed date")?)?,
+        Kind::Text => Value::Text(get(row, i, "text that is not valid UTF-8")?),
+        Kind::Date => Value::Date(get(row, i, "a date that is not a point in time")?),
         Kind::Time => Value::Time(get::<NaiveTime>(row, i, "a malformed time")?),
-        Kind::Timestamp if text => Value::Timestamp(
+        Kind::Timestamp => Value::Timestamp(
             get::<NaiveDateTime>(row, i, "a timestamp that is not a point in time")?.and_utc(),
         ),
-        Kind::TimestampTz if text => {
-            Value::Timestamp(get(row, i, "a timestamptz that is not a point in time")?)
-        }
-        Kind::Timestamp | Kind::TimestampTz => timestamp(get(row, i, "a malformed timestamp")?)?,
-        Kind::Json | Kind::Jsonb => json(row, i, kind, text)?,
+        Kind::TimestampTz => Value::Timestamp(get(row, i, "a timestamptz that is not a point in time")?),
+        Kind::Json | Kind::Jsonb => super::json_value(bytes(row, i)?)?,
         Kind::Uuid => Value::Uuid(get::<Uuid>(row, i, "a malformed uuid")?),
         Kind::Void => Value::Null,
     })
 }
 
-fn decode_array(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
+/// An array in the text format, read by sqlx's text parsers.
+fn decode_text_array(row: &PgRow, i: usize, kind: Kind) -> DecodeResult {
     fn items<T>(values: Vec<Option<T>>, f: impl Fn(T) -> DecodeResult) -> DecodeResult {
         values
             .into_iter()
@@ -493,14 +489,12 @@ fn decode_array(row: &PgRow, i: usize, kind: Kind, text: bool) -> DecodeResult {
             get(row, i, "a text array with text that is not valid UTF-8")?,
             |v| Ok(Value::Text(v)),
         ),
-        Kind::Date if text => items(get(row, i, MALFORMED)?, |v| Ok(Value::Date(v))),
-        Kind::Date => items(get(row, i, MALFORMED)?, date),
+        Kind::Date => items(get(row, i, MALFORMED)?, |v| Ok(Value::Date(v))),
         Kind::Time => items(get(row, i, MALFORMED)?, |v| Ok(Value::Time(v))),
-        Kind::Timestamp if text => items(get(row, i, MALFORMED)?, |v: NaiveDateTime| {
+        Kind::Timestamp => items(get(row, i, MALFORMED)?, |v: NaiveDateTime| {
             Ok(Value::Timestamp(v.and_utc()))
         }),
-        Kind::TimestampTz if text => items(get(row, i, MALFORMED)?, |v| Ok(Value::Timestamp(v))),
-        Kind::Timestamp | Kind::TimestampTz => items(get(row, i, MALFORMED)?, timestamp),
+        Kind::TimestampTz => items(get(row, i, MALFORMED)?, |v| Ok(Value::Timestamp(v))),
         Kind::Json | Kind::Jsonb => items(
             get(row, i, super::JSON_UNREADABLE)?,
             |v: sqlx::types::Json<serde_json::Value>| Ok(Value::Json(v.0)),
@@ -597,59 +591,5 @@ mod tests {
                     .with_timezone(&Utc)
             )
         );
-    }
-
-    #[test]
-    fn small_numerics_are_read_as_sqlx_reads_them() {
-        // (digit count, weight, sign, display scale, digits) and the decimal they hold.
-        let numeric = |weight: i16, sign: u16, digits: &[u16]| {
-            let mut bytes = Vec::new();
-            for word in [digits.len() as u16, weight as u16, sign, 0] {
-                bytes.extend_from_slice(&word.to_be_bytes());
-            }
-            for digit in digits {
-                bytes.extend_from_slice(&digit.to_be_bytes());
-            }
-            bytes
-        };
-        let cases: [(Vec<u8>, &str, i64); 7] = [
-            (numeric(0, 0, &[12, 3456]), "123456", 4),       // 12.3456
-            (numeric(0, 0x4000, &[12, 3400]), "-123400", 4), // -12.34, as stored
-            (numeric(-1, 0, &[500]), "500", 4),              // 0.05
-            (numeric(2, 0, &[7]), "7", -8),                  // 700000000
-            (numeric(0, 0, &[]), "0", 0),                    // 0
-            (numeric(8, 0, &[9999; 9]), &"9".repeat(36), 0), // 36 nines
-            (numeric(1, 0, &[1, 2, 3]), "100020003", 4),     // 10002.0003
-        ];
-        for (bytes, digits, scale) in cases {
-            let decimal = small_numeric(&bytes).unwrap();
-            let (int, found_scale) = decimal.as_bigint_and_scale();
-            assert_eq!((int.to_string(), found_scale), (digits.to_owned(), scale));
-        }
-        // Beyond 9 digits, a digit out of range, a special sign or a short value: sqlx's.
-        assert!(small_numeric(&numeric(9, 0, &[1; 10])).is_none());
-        assert!(small_numeric(&numeric(0, 0, &[10_000])).is_none());
-        assert!(small_numeric(&numeric(0, 0xC000, &[])).is_none());
-        assert!(small_numeric(&numeric(0, 0, &[1, 2])[..10]).is_none());
-    }
-
-    #[test]
-    fn numeric_specials_are_read_from_the_sign_field() {
-        assert!(
-            numeric_special(&[0, 0, 0, 0, 0xC0, 0, 0, 0])
-                .unwrap()
-                .contains("NaN")
-        );
-        assert!(
-            numeric_special(&[0, 0, 0, 0, 0xD0, 0, 0, 0])
-                .unwrap()
-                .contains("Infinity")
-        );
-        assert!(
-            numeric_special(&[0, 0, 0, 0, 0xF0, 0, 0, 0])
-                .unwrap()
-                .contains("-Infinity")
-        );
-        assert_eq!(numeric_special(&[0, 1, 0, 0, 0x40, 0, 0, 0]), None);
     }
 }
