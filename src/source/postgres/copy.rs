@@ -3,7 +3,7 @@
 //! The rows are the same as the extended protocol's, each value in its type's binary form,
 //! but they arrive as one stream of bytes instead of a message the driver unpacks into a row
 //! object per row: the tuples are split here and decoded straight into values
-//! ([`super::binary`]), which takes about a fifth of the source's instructions out of a
+//! ([`super::binary`]), which takes about 30% of the source's instructions out of a
 //! full-model read.
 //!
 //! The layout (<https://www.postgresql.org/docs/current/sql-copy.html#SQL-COPY-BINARY-FORMAT>):
