@@ -286,7 +286,7 @@ async fn bad_sql_reports_the_database_message() {
         SourceError::Query(message) => assert!(message.contains("no_such_table"), "{message}"),
         other => panic!("expected Query, got {other:?}"),
     }
-    let err = rows_of(&db, "SELECT 1 / (n - 1) AS x FROM generate_series(1, 3) n")
+    let err = rows_of(&db, "SELECT 1 / (n - 3) AS x FROM generate_series(1, 5) n")
         .await
         .unwrap_err();
     assert!(
@@ -404,14 +404,6 @@ async fn a_query_copy_will_not_take_is_read_through_the_extended_protocol() {
             "{query}"
         );
     }
-    // A query error raised while rows stream is the database's message, not a second try.
-    let err = rows_of(&db, "SELECT 1 / (n - 3) AS x FROM generate_series(1, 5) n")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, SourceError::Query(m) if m.contains("division by zero")),
-        "{err:?}"
-    );
 }
 
 #[tokio::test]

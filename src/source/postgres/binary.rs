@@ -10,10 +10,10 @@ use std::borrow::Cow;
 
 use bigdecimal::BigDecimal;
 use bigdecimal::num_bigint::BigInt;
-use chrono::{NaiveTime, TimeDelta};
+use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
 use uuid::Uuid;
 
-use super::{DecodeResult, Decoder, Kind, date, timestamp};
+use super::{DecodeResult, Decoder, Kind};
 use crate::model::value::Value;
 use crate::source::ValueError;
 
@@ -261,6 +261,40 @@ fn element_error(e: ValueError, kind: Kind) -> ValueError {
     ValueError::Undecodable(reason)
 }
 
+/// A DATE from its wire form, days since 2000-01-01.
+///
+/// Decoded here because sqlx panics on `infinity` (the extremes of `i32`).
+fn date(days: i32) -> DecodeResult {
+    NaiveDate::from_ymd_opt(2000, 1, 1)
+        .zip(TimeDelta::try_days(days.into()))
+        .and_then(|(epoch, delta)| epoch.checked_add_signed(delta))
+        .map(Value::Date)
+        .ok_or_else(|| ValueError::undecodable(out_of_range("date", days.into(), 0x7fff_ffff, -0x8000_0000)))
+}
+
+/// A TIMESTAMP or TIMESTAMPTZ from its wire form, microseconds since 2000-01-01 00:00 UTC.
+///
+/// Both types travel as UTC on the wire (a TIMESTAMP without time zone is read as UTC).
+/// Decoded here because sqlx panics on `infinity` (the extremes of `i64`).
+fn timestamp(micros: i64) -> DecodeResult {
+    DateTime::<Utc>::from_timestamp(946_684_800, 0)
+        .and_then(|epoch| epoch.checked_add_signed(TimeDelta::microseconds(micros)))
+        .map(Value::Timestamp)
+        .ok_or_else(|| ValueError::undecodable(out_of_range("timestamp", micros, i64::MAX, i64::MIN)))
+}
+
+/// Why a date or timestamp has no canonical form: an infinity, or a year past what a
+/// destination can hold (the canonical range is years -262143 to 262142).
+fn out_of_range(what: &str, raw: i64, infinity: i64, minus_infinity: i64) -> String {
+    if raw == infinity {
+        format!("{what} infinity is not a point in time")
+    } else if raw == minus_infinity {
+        format!("{what} -infinity is not a point in time")
+    } else {
+        format!("a {what} outside the years -262143 to 262142")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +477,24 @@ mod tests {
         }
         infinite.extend_from_slice(&f64::INFINITY.to_be_bytes());
         assert!(reason(array(&infinite, Kind::Float8)).contains("float Infinity"));
+    }
+
+    #[test]
+    fn infinite_dates_and_timestamps_are_undecodable_values_not_panics() {
+        assert!(reason(date(i32::MAX)).contains("date infinity"));
+        assert!(reason(timestamp(i64::MIN)).contains("timestamp -infinity"));
+        assert!(reason(date(i32::MAX - 1)).contains("outside the years"));
+        assert_eq!(
+            date(0).unwrap(),
+            Value::Date(NaiveDate::from_ymd_opt(2000, 1, 1).unwrap())
+        );
+        assert_eq!(
+            timestamp(-1).unwrap(),
+            Value::Timestamp(
+                DateTime::parse_from_rfc3339("1999-12-31T23:59:59.999999Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+            )
+        );
     }
 }
