@@ -385,12 +385,7 @@ fn decode_row(row: &PgRow, plan: &[PlannedColumn]) -> Result<SourceRow, SourceEr
             return Ok(Value::Null);
         }
         match raw.format() {
-            PgValueFormat::Binary => {
-                let bytes = raw
-                    .as_bytes()
-                    .map_err(|_| ValueError::undecodable("a value the driver could not read"))?;
-                binary::decode(bytes, c.decoder)
-            }
+            PgValueFormat::Binary => binary::decode(bytes(row, i)?, c.decoder),
             PgValueFormat::Text => match c.decoder {
                 Decoder::Scalar(kind) => decode_text(row, i, kind),
                 Decoder::Array(kind) => decode_text_array(row, i, kind),
