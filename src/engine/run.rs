@@ -676,12 +676,12 @@ impl Decider {
     }
 }
 
-/// A batch ready to send: the operation, the records, and per record what to store once it
-/// is accepted (fingerprint and identity JSON; none for deletes).
+/// A batch ready to send: the operation and the records. What the state keeps of an accepted
+/// record (its fingerprint and match fields) is taken from the record itself when it comes
+/// back, so nothing per record waits beside the batch.
 struct Batch {
     operation: Operation,
     records: Vec<Record>,
-    stored: std::collections::HashMap<String, (u64, String)>,
 }
 
 async fn deliver(
@@ -713,15 +713,11 @@ async fn deliver(
                 async move { b }
             })
             .map(|batch| async move {
-                let Batch {
-                    operation,
-                    records,
-                    stored,
-                } = batch;
+                let Batch { operation, records } = batch;
                 delivery
                     .send_batch(operation, records)
                     .await
-                    .map(|outcomes| (operation, outcomes, stored))
+                    .map(|outcomes| (operation, outcomes))
             })
             .buffer_unordered(batches_in_progress);
         futures::pin_mut!(batches);
@@ -741,11 +737,11 @@ async fn deliver(
                     let Some(result) = next else {
                         break Ok(());
                     };
-                    let (operation, outcomes, stored) = match result {
+                    let (operation, outcomes) = match result {
                         Ok(sent) => sent,
                         Err(e) => break Err(RunError::from(e)),
                     };
-                    settle_outcomes(c, operation, outcomes, stored);
+                    settle_outcomes(c, operation, outcomes);
                     let r = &c.report;
                     options
                         .progress
@@ -778,25 +774,27 @@ async fn deliver(
 }
 
 /// Counts a sent batch's outcomes and queues the accepted records' state changes.
-fn settle_outcomes(
-    c: &mut Collector,
-    operation: Operation,
-    outcomes: Vec<(Record, Delivered)>,
-    mut stored: std::collections::HashMap<String, (u64, String)>,
-) {
+fn settle_outcomes(c: &mut Collector, operation: Operation, outcomes: Vec<(Record, Delivered)>) {
     for (record, delivered) in outcomes {
         match delivered {
             Delivered::Accepted => {
                 if operation == Operation::Delete {
                     c.report.deleted += 1;
                     c.pending.push(StateChange::Remove { key: record.key });
-                } else if let Some((fingerprint, identity)) = stored.remove(&record.key) {
+                } else {
                     c.report.accepted += 1;
-                    c.pending.push(StateChange::Put {
-                        key: record.key,
-                        fingerprint,
-                        identity,
-                    });
+                    match super::spill::record_fingerprint(&record.fields) {
+                        Some(fingerprint) => c.pending.push(StateChange::Put {
+                            key: record.key,
+                            fingerprint,
+                            identity: record.identity.into_canonical_json(),
+                        }),
+                        // Records come back with the fields read from the spill, unchanged;
+                        // were they not, the row is not stored and goes out again next run.
+                        None => {
+                            tracing::warn!(key = %record.key, "an accepted record came back without its spilled fields; it will be sent again")
+                        }
+                    }
                 }
             }
             Delivered::Rejected(reason) => {
@@ -953,7 +951,6 @@ impl<'p> SpillBatches<'p> {
             let b = batch.get_or_insert_with(|| Batch {
                 operation: row.operation,
                 records: Vec::with_capacity(batch_size),
-                stored: Default::default(),
             });
             // A batch ends at its record count or its byte size, whichever comes first; a row
             // alone over the byte size still goes, alone.
@@ -963,8 +960,6 @@ impl<'p> SpillBatches<'p> {
                 return Ok(batch);
             }
             bytes = bytes.saturating_add(row.bytes);
-            b.stored
-                .insert(row.key.clone(), (row.fingerprint, row.identity_json));
             b.records.push(Record {
                 key: row.key,
                 identity: row.identity,
@@ -991,7 +986,6 @@ fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) ->
                     fields: Fields::default(),
                 })
                 .collect(),
-            stored: Default::default(),
         })
         .collect()
 }

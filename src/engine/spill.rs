@@ -7,7 +7,8 @@
 //! zstd as a frame of its own by the writing thread, off the thread that reads the model. A
 //! row's position is its block's number and its offset in the block, so the rows a diff names
 //! are read back by decompressing only the blocks that hold them. The fingerprint is not
-//! stored: it is the hash of the record's bytes, computed again when the row is read.
+//! stored: it is the hash of the record's bytes, computed again from the record read back
+//! once the destination accepted it ([`record_fingerprint`]).
 
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
@@ -21,15 +22,13 @@ pub struct SpilledRow {
     pub operation: Operation,
     /// Canonical primary key.
     pub key: String,
-    /// Fingerprint of the mapped record.
-    pub fingerprint: u64,
     /// True for a row never delivered before.
     pub added: bool,
-    /// Match fields: their canonical JSON as spilled, parsed only when asked for.
+    /// Match fields: their canonical JSON as spilled (what the state stores), parsed only
+    /// when asked for.
     pub identity: Fields,
-    /// Canonical JSON of the match fields (what the state stores).
-    pub identity_json: String,
-    /// Mapped fields: their canonical JSON as spilled, parsed only when asked for.
+    /// Mapped fields: their canonical JSON as spilled, parsed only when asked for; their
+    /// fingerprint is [`record_fingerprint`].
     pub fields: Fields,
     /// Bytes of the row's key, match fields and record: about what it weighs in a request.
     pub bytes: usize,
@@ -111,7 +110,7 @@ impl SpillWriter {
 
     /// Appends one row; `json` holds the canonical JSON of its match fields and of its
     /// mapped fields. `fingerprint` must be what [`row_fingerprint`] gives for them (it is
-    /// computed again on reading, not stored). Returns the row's position in the spill (for
+    /// computed again from the record read back, not stored). Returns the row's position in the spill (for
     /// [`SpillReader::only_rows_at`]).
     pub fn push(
         &mut self,
@@ -241,6 +240,18 @@ fn write_blocks(
 pub fn row_fingerprint(fields: &[u8], json_nulls: &[&str]) -> u64 {
     use super::plan::{fingerprint, fingerprint_with_json_nulls};
     fingerprint_with_json_nulls(fingerprint(fields), json_nulls)
+}
+
+/// The fingerprint of a record's fields read back from the spill ([`SpilledRow::fields`]),
+/// from the canonical JSON they still hold; `None` once they were built as a document or
+/// changed, when the JSON nulls among them can no longer be told from SQL NULLs.
+pub fn record_fingerprint(fields: &Fields) -> Option<u64> {
+    use super::plan::{fingerprint, fingerprint_with_json_nulls};
+    let json = fields.canonical_json()?;
+    Some(fingerprint_with_json_nulls(
+        fingerprint(json.as_bytes()),
+        fields.json_nulls(),
+    ))
 }
 
 const ADDED: u8 = 0x10;
@@ -446,16 +457,13 @@ impl SpillReader {
             let Some((operation, added)) = choose(key, operation_of(tag), tag & ADDED != 0) else {
                 continue;
             };
-            let identity_json =
-                String::from_utf8(identity.to_vec()).map_err(|_| invalid("text is not UTF-8"))?;
+            let identity_text = std::str::from_utf8(identity).map_err(|_| invalid("text is not UTF-8"))?;
             let fields_text = std::str::from_utf8(fields).map_err(|_| invalid("text is not UTF-8"))?;
             return Ok(Some(SpilledRow {
                 operation,
                 key: key.to_owned(),
-                fingerprint: row_fingerprint(fields, &json_nulls),
                 added,
-                identity: Fields::from_canonical_json(identity_json.as_str().into(), Vec::new()),
-                identity_json,
+                identity: Fields::from_canonical_json(identity_text.into(), Vec::new()),
                 fields: Fields::from_canonical_json(
                     fields_text.into(),
                     json_nulls.iter().map(|t| (*t).into()).collect(),
@@ -518,8 +526,11 @@ mod tests {
                 format!("row {i}").len()
             };
             assert_eq!(
-                row.fingerprint,
-                row_fingerprint(&crate::model::value::canonical_bytes(&row.fields), &[])
+                record_fingerprint(&row.fields),
+                Some(row_fingerprint(
+                    &crate::model::value::canonical_bytes(&row.fields),
+                    &[]
+                ))
             );
             match row.fields.get("t") {
                 Some(Value::Text(t)) => assert_eq!(t.len(), expected),
@@ -564,14 +575,19 @@ mod tests {
         assert!(r.bytes() > 0);
         let row = r.next_row().unwrap().unwrap();
         assert_eq!(
-            (row.key.as_str(), row.fingerprint, row.added, row.operation),
-            ("k\"1", fingerprint, true, Operation::Insert)
+            (
+                row.key.as_str(),
+                record_fingerprint(&row.fields),
+                row.added,
+                row.operation
+            ),
+            ("k\"1", Some(fingerprint), true, Operation::Insert)
         );
         assert_eq!(
             crate::model::value::canonical_bytes(&row.fields),
             crate::model::value::canonical_bytes(&fields)
         );
-        assert_eq!(row.identity_json, "{\"s\":\"é\\n\\\"\"}");
+        assert_eq!(row.identity.into_canonical_json(), "{\"s\":\"é\\n\\\"\"}");
         assert!(r.next_row().unwrap().is_none());
     }
 

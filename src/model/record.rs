@@ -75,6 +75,25 @@ impl Fields {
         self.json.as_deref()
     }
 
+    /// The dotted targets holding a JSON null that [`canonical_json`](Fields::canonical_json)
+    /// writes as `null` (empty once the fields were built as a document or changed).
+    pub fn json_nulls(&self) -> &[Box<str>] {
+        &self.json_nulls
+    }
+
+    /// The fields' canonical JSON, taken out: the bytes they were read from when known, the
+    /// document written out otherwise (the same text either way).
+    pub fn into_canonical_json(self) -> String {
+        match self.json {
+            Some(json) => json.into_string(),
+            None => {
+                let mut out = Vec::new();
+                write_document(&self, &mut out);
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        }
+    }
+
     /// Appends the fields' canonical JSON to `out`: their bytes as read when known, the
     /// document written out otherwise (the same bytes either way).
     pub fn write_json(&self, out: &mut Vec<u8>) {
