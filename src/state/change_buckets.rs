@@ -7,9 +7,7 @@
 //! keeps the last change of each key and returns the keys whose last change is a put, sorted
 //! by key hash: memory holds the bucket buffers (8 MiB) and one bucket (1/256 of the rows).
 
-use std::collections::HashMap;
-
-use super::codec::{ChangeRef, decode_change_ref, encode_change_ref};
+use super::codec::{ChangeRef, decode_change_ref, encode_change_ref, skip_change};
 use super::hash_buckets::{DiskBuckets, HashBuckets, bucket_of};
 use super::{EntryRef, stored_key_hash};
 
@@ -68,24 +66,25 @@ impl ChangeBuckets {
         let mut bytes = Vec::new();
         self.buckets.read_bucket(usize::from(n), &mut bytes)?;
         // Per key hash: where its last change starts, and whether it is a put.
-        let mut last: HashMap<u128, (usize, bool)> = HashMap::new();
+        // Every change in the order pushed; a stable sort by key hash keeps each key's changes
+        // in that order, so the last of each run of equal hashes is the one that wins. The
+        // records were checked on the way in (`push` takes text): only their lengths are read.
+        let mut changes: Vec<(u128, usize, bool)> = Vec::new();
         let mut at = 0;
         while let Some((hash, tail)) = bytes[at..].split_first_chunk::<16>() {
             let start = at + 16;
             let mut rest = tail;
-            let change = decode_change_ref(&mut rest).ok_or(std::io::ErrorKind::InvalidData)?;
+            let put = skip_change(&mut rest).ok_or(std::io::ErrorKind::InvalidData)?;
             at = bytes.len() - rest.len();
-            last.insert(
-                u128::from_le_bytes(*hash),
-                (start, matches!(change, ChangeRef::Put { .. })),
-            );
+            changes.push((u128::from_le_bytes(*hash), start, put));
         }
-        let mut live: Vec<(u128, usize)> = last
-            .into_iter()
-            .filter(|(_, (_, put))| *put)
-            .map(|(hash, (start, _))| (hash, start))
+        changes.sort_by_key(|(hash, _, _)| *hash);
+        let live = changes
+            .iter()
+            .enumerate()
+            .filter(|(i, (hash, _, put))| *put && changes.get(i + 1).is_none_or(|next| next.0 != *hash))
+            .map(|(_, (hash, start, _))| (*hash, *start))
             .collect();
-        live.sort_unstable_by_key(|(hash, _)| *hash);
         Ok(LiveBucket { bytes, live })
     }
 
@@ -93,7 +92,8 @@ impl ChangeBuckets {
     pub(crate) fn live_pairs(&self) -> std::io::Result<HashBuckets> {
         let mut pairs = HashBuckets::new()?;
         for n in 0..=u8::MAX {
-            for (hash, e) in self.bucket(n)?.entries() {
+            for entry in self.bucket(n)?.entries() {
+                let (hash, e) = entry?;
                 pairs.push(hash, e.fingerprint)?;
             }
         }
@@ -109,13 +109,12 @@ impl ChangeBuckets {
         buckets.dedup();
         let mut found = Vec::with_capacity(hashes.len());
         for n in buckets {
-            let bucket = self.bucket(n)?;
-            found.extend(
-                bucket
-                    .entries()
-                    .filter(|(hash, _)| wanted.contains(hash))
-                    .map(|(_, e)| (e.key.to_owned(), e.identity.to_owned())),
-            );
+            for entry in self.bucket(n)?.entries() {
+                let (hash, e) = entry?;
+                if wanted.contains(&hash) {
+                    found.push((e.key.to_owned(), e.identity.to_owned()));
+                }
+            }
         }
         Ok(found)
     }
@@ -129,16 +128,17 @@ pub(crate) struct LiveBucket {
 }
 
 impl LiveBucket {
-    /// The entries with their key hashes, in key-hash order.
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (u128, EntryRef<'_>)> {
-        self.live.iter().filter_map(|&(hash, start)| {
-            // Every record was decoded when the bucket was read, and these are puts.
-            match decode_change_ref(&mut &self.bytes[start..])? {
-                ChangeRef::Put {
+    /// The entries with their key hashes, in key-hash order; an entry whose text does not
+    /// decode (the temporary file was damaged) is an `InvalidData` error.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = std::io::Result<(u128, EntryRef<'_>)>> {
+        self.live.iter().map(|&(hash, start)| {
+            // Only puts are live, and reading the bucket checked their lengths.
+            match decode_change_ref(&mut &self.bytes[start..]) {
+                Some(ChangeRef::Put {
                     key,
                     fingerprint,
                     identity,
-                } => Some((
+                }) => Ok((
                     hash,
                     EntryRef {
                         key,
@@ -146,7 +146,10 @@ impl LiveBucket {
                         identity,
                     },
                 )),
-                ChangeRef::Remove { .. } => None,
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a record of a temporary bucket file does not decode",
+                )),
             }
         })
     }
@@ -180,9 +183,9 @@ mod tests {
         let mut all = Vec::new();
         for n in 0..=u8::MAX {
             let bucket = changes.bucket(n).unwrap();
-            let hashes: Vec<u128> = bucket.entries().map(|(h, _)| h).collect();
-            assert!(hashes.windows(2).all(|w| w[0] < w[1]), "bucket {n} sorted");
-            all.extend(bucket.entries().map(|(_, e)| (e.key.to_owned(), e.fingerprint)));
+            let entries: Vec<(u128, EntryRef<'_>)> = bucket.entries().map(Result::unwrap).collect();
+            assert!(entries.windows(2).all(|w| w[0].0 < w[1].0), "bucket {n} sorted");
+            all.extend(entries.iter().map(|(_, e)| (e.key.to_owned(), e.fingerprint)));
         }
         assert_eq!(all.len(), 4_999);
         let fp = |k: &str| all.iter().find(|(key, _)| key == k).map(|(_, fp)| *fp);
@@ -219,5 +222,22 @@ mod tests {
             .map(|n| changes.bucket(n).unwrap().entries().count())
             .sum();
         assert_eq!(live, 1);
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_not_a_missing_entry() {
+        let mut changes = ChangeBuckets::new().unwrap();
+        changes.push(put("k", 1)).unwrap();
+        let n = bucket_of(stored_key_hash("k"));
+        let mut bucket = changes.bucket(n).unwrap();
+        // The key's one byte, after the record's kind and length, is no longer UTF-8.
+        let start = bucket.live[0].1;
+        bucket.bytes[start + 5] = 0xFF;
+        let entries: Vec<_> = bucket.entries().collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0].as_ref().err().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::InvalidData)
+        );
     }
 }

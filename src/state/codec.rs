@@ -169,6 +169,29 @@ pub(crate) fn decode_change_ref<'a>(r: &mut &'a [u8]) -> Option<ChangeRef<'a>> {
     }
 }
 
+/// Steps over one change written by [`encode_change`], advancing `r` past it, without
+/// checking its text: `Some(true)` for a put, `Some(false)` for a remove, `None` when it is
+/// cut short or of an unknown kind. For records this process wrote and already checked.
+pub(crate) fn skip_change(r: &mut &[u8]) -> Option<bool> {
+    fn skip_str(r: &mut &[u8]) -> Option<()> {
+        let len = u32::from_le_bytes(r.get(..4)?.try_into().ok()?) as usize;
+        *r = r.get(4usize.checked_add(len)?..)?;
+        Some(())
+    }
+    let (&tag, rest) = r.split_first()?;
+    *r = rest;
+    skip_str(r)?;
+    match tag {
+        1 => {
+            *r = r.get(8..)?;
+            skip_str(r)?;
+            Some(true)
+        }
+        2 => Some(false),
+        _ => None,
+    }
+}
+
 /// Replays checkpoints onto a loaded state: puts land in place at once; removals are
 /// collected and applied in one pass at the end (removing from the compact set means a copy).
 #[derive(Debug, Default)]
@@ -241,6 +264,17 @@ mod tests {
         );
         assert_eq!(decode_change_ref(&mut p), Some(ChangeRef::Remove { key: "k2" }));
         assert!(p.is_empty());
+        // Stepping over the same records lands where decoding does, without reading text.
+        let mut p: &[u8] = &bytes;
+        assert_eq!(skip_change(&mut p), Some(true));
+        assert_eq!(skip_change(&mut p), Some(false));
+        assert!(p.is_empty());
+        for cut in 0..bytes.len() - 7 {
+            if cut != 0 {
+                assert_eq!(skip_change(&mut &bytes[..cut]), None, "cut at {cut}");
+            }
+        }
+        assert_eq!(skip_change(&mut &[3u8, 0, 0, 0, 0][..]), None, "an unknown kind");
 
         let mut out = Vec::new();
         put_entry(

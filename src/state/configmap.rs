@@ -550,7 +550,8 @@ impl ConfigMapStore {
         let zstd_error = |e: std::io::Error| self.io(&self.index_name, format!("failed to compress: {e}"));
         for n in 0..=u8::MAX {
             let bucket = changes.bucket(n).map_err(|e| self.temp_file_error(&e))?;
-            for (_, e) in bucket.entries() {
+            for entry in bucket.entries() {
+                let (_, e) = entry.map_err(|e| self.temp_file_error(&e))?;
                 record.clear();
                 put_entry(&mut record, e);
                 if packer.is_full_for(record.len()) {

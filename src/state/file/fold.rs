@@ -147,7 +147,8 @@ fn fold_through_buckets(
     }
     let mut out = EntriesOut::new().map_err(temp_error)?;
     for n in 0..=u8::MAX {
-        for (_, entry) in changes.bucket(n).map_err(temp_error)?.entries() {
+        for entry in changes.bucket(n).map_err(temp_error)?.entries() {
+            let (_, entry) = entry.map_err(temp_error)?;
             out.write(entry).map_err(temp_error)?;
         }
     }
