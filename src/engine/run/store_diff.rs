@@ -164,15 +164,18 @@ pub(super) async fn plan(
     if !plan.duplicates.is_empty() {
         report_duplicates(&mut spilled, &plan, Default::default(), c).map_err(RunError::spill)?;
     }
-    if options.dry_run {
-        preview(&mut spilled, &plan, &decider, options, c).map_err(RunError::spill)?;
-    } else if let Decider::Diff { diff, .. } = &decider
+    if let Decider::Diff { diff, .. } = &decider
         && !diff.all_added
         && !diff.full_resync
     {
-        // Only the rows the diff named are sent: read those, not the whole spill.
+        // Only the rows the diff named are sent, or sampled by a dry run: read those, not the
+        // whole spill (a row the model changed often comes late in it, after the database
+        // wrote its new version at the end of the table).
         let positions = index.positions_of(&diff.changed).map_err(RunError::spill)?;
         spilled.only_rows_at(positions);
+    }
+    if options.dry_run {
+        preview(&mut spilled, &plan, &decider, options, c).map_err(RunError::spill)?;
     }
     Ok(Planned {
         // Stored keys the model returned, plus those it did not; a rejected row's stored key
@@ -251,7 +254,7 @@ async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), R
 }
 
 /// A dry run's samples: the first rows of each operation, read from the spill until each
-/// operation has its share.
+/// operation has its share. A dry run ends after its plan: the spill is not read again.
 fn preview(
     spilled: &mut crate::engine::spill::SpillReader,
     plan: &PlanOutcome,
@@ -275,5 +278,5 @@ fn preview(
             record: String::from_utf8_lossy(&record).into_owned(),
         });
     }
-    spilled.rewind()
+    Ok(())
 }
