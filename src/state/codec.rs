@@ -7,7 +7,7 @@
 //! - change: `1u8, key str, fingerprint u64, identity str` (put) or `2u8, key str` (remove)
 
 use std::collections::HashSet;
-use std::io::Read;
+use std::io::{BufRead, Read};
 
 use super::{EntryRef, Fingerprints, StateChange};
 
@@ -45,11 +45,17 @@ pub(crate) fn read_string(r: &mut impl Read, out: &mut String) -> std::io::Resul
     Ok(())
 }
 
-/// Skips a length-prefixed string without decoding it.
-pub(crate) fn skip_string(r: &mut impl Read) -> std::io::Result<()> {
-    let len = u64::from(read_u32(r)?);
-    if std::io::copy(&mut r.take(len), &mut std::io::sink())? != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+/// Skips a length-prefixed string without decoding it, consuming it from the reader's buffer.
+pub(crate) fn skip_string(r: &mut impl BufRead) -> std::io::Result<()> {
+    let mut left = read_u32(r)? as usize;
+    while left > 0 {
+        let buffered = r.fill_buf()?.len();
+        if buffered == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = buffered.min(left);
+        r.consume(n);
+        left -= n;
     }
     Ok(())
 }
