@@ -110,8 +110,8 @@ impl SpillWriter {
 
     /// Appends one row; `json` holds the canonical JSON of its match fields and of its
     /// mapped fields. `fingerprint` must be what [`row_fingerprint`] gives for them (it is
-    /// computed again from the record read back, not stored). Returns the row's position in the spill (for
-    /// [`SpillReader::only_rows_at`]).
+    /// computed again from the record read back, not stored). Returns the row's position in
+    /// the spill (for [`SpillReader::only_rows_at`]).
     pub fn push(
         &mut self,
         operation: Operation,

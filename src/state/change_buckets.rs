@@ -65,10 +65,10 @@ impl ChangeBuckets {
     pub(crate) fn bucket(&self, n: u8) -> std::io::Result<LiveBucket> {
         let mut bytes = Vec::new();
         self.buckets.read_bucket(usize::from(n), &mut bytes)?;
-        // Per key hash: where its last change starts, and whether it is a put.
-        // Every change in the order pushed; a stable sort by key hash keeps each key's changes
-        // in that order, so the last of each run of equal hashes is the one that wins. The
-        // records were checked on the way in (`push` takes text): only their lengths are read.
+        // Every change: its key hash, where it starts (so in the order pushed) and whether it
+        // is a put. Sorted by hash, then by where it starts, the last of each run of equal
+        // hashes is the change that wins. The records were checked on the way in (`push`
+        // takes text): only their lengths are read here.
         let mut changes: Vec<(u128, usize, bool)> = Vec::new();
         let mut at = 0;
         while let Some((hash, tail)) = bytes[at..].split_first_chunk::<16>() {
@@ -78,7 +78,7 @@ impl ChangeBuckets {
             at = bytes.len() - rest.len();
             changes.push((u128::from_le_bytes(*hash), start, put));
         }
-        changes.sort_by_key(|(hash, _, _)| *hash);
+        changes.sort_unstable_by_key(|(hash, start, _)| (*hash, *start));
         let live = changes
             .iter()
             .enumerate()

@@ -169,8 +169,8 @@ pub(super) async fn plan(
         && !diff.full_resync
     {
         // Only the rows the diff named are sent, or sampled by a dry run: read those, not the
-        // whole spill (a row the model changed often comes late in it, after the database
-        // wrote its new version at the end of the table).
+        // whole spill (the rows a model changed often come late in it: the database writes an
+        // updated row's new version where the table has room, often at its end).
         let positions = index.positions_of(&diff.changed).map_err(RunError::spill)?;
         spilled.only_rows_at(positions);
     }
