@@ -33,11 +33,24 @@ impl ChangeBuckets {
     /// Adds a change; a later change of the same key wins over earlier ones.
     pub(crate) fn push(&mut self, change: ChangeRef<'_>) -> std::io::Result<()> {
         let (ChangeRef::Put { key, .. } | ChangeRef::Remove { key }) = change;
+        let hash = self.start_record(key);
+        encode_change_ref(change, &mut self.record);
+        self.buckets.push(bucket_of(hash), &self.record)
+    }
+
+    /// Adds a change of `key` already encoded as [`encode_change_ref`] writes it.
+    fn push_encoded(&mut self, key: &str, encoded: &[u8]) -> std::io::Result<()> {
+        let hash = self.start_record(key);
+        self.record.extend_from_slice(encoded);
+        self.buckets.push(bucket_of(hash), &self.record)
+    }
+
+    /// Starts the bucket record of a change of `key` with its hash; returns the hash.
+    fn start_record(&mut self, key: &str) -> u128 {
         let hash = stored_key_hash(key);
         self.record.clear();
         self.record.extend_from_slice(&hash.to_le_bytes());
-        encode_change_ref(change, &mut self.record);
-        self.buckets.push(bucket_of(hash), &self.record)
+        hash
     }
 
     /// Adds an entry of the base state.
@@ -53,10 +66,13 @@ impl ChangeBuckets {
     /// does not decode (the changes before it are added).
     pub(crate) fn push_payload(&mut self, mut payload: &[u8]) -> std::io::Result<bool> {
         while !payload.is_empty() {
+            let before = payload;
             let Some(change) = decode_change_ref(&mut payload) else {
                 return Ok(false);
             };
-            self.push(change)?;
+            // The record goes into its bucket as it is in the payload, not encoded again.
+            let (ChangeRef::Put { key, .. } | ChangeRef::Remove { key }) = change;
+            self.push_encoded(key, &before[..before.len() - payload.len()])?;
         }
         Ok(true)
     }
@@ -80,10 +96,10 @@ impl ChangeBuckets {
         }
         changes.sort_unstable_by_key(|(hash, start, _)| (*hash, *start));
         let live = changes
-            .iter()
-            .enumerate()
-            .filter(|(i, (hash, _, put))| *put && changes.get(i + 1).is_none_or(|next| next.0 != *hash))
-            .map(|(_, (hash, start, _))| (*hash, *start))
+            .chunk_by(|a, b| a.0 == b.0)
+            .filter_map(|key_changes| key_changes.last())
+            .filter(|(_, _, put)| *put)
+            .map(|(hash, start, _)| (*hash, *start))
             .collect();
         Ok(LiveBucket { bytes, live })
     }

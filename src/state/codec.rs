@@ -142,11 +142,18 @@ pub(crate) enum ChangeRef<'a> {
     },
 }
 
-fn take_str<'a>(r: &mut &'a [u8]) -> Option<&'a str> {
+/// One change record's parts, its text not yet checked.
+struct RawChange<'a> {
+    key: &'a [u8],
+    /// A put's fingerprint and identity; `None` for a remove.
+    put: Option<(u64, &'a [u8])>,
+}
+
+fn take_bytes<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = u32::from_le_bytes(r.get(..4)?.try_into().ok()?) as usize;
-    let bytes = r.get(4..4 + len)?;
+    let bytes = r.get(4..4usize.checked_add(len)?)?;
     *r = &r[4 + len..];
-    std::str::from_utf8(bytes).ok()
+    Some(bytes)
 }
 
 fn take_u64(r: &mut &[u8]) -> Option<u64> {
@@ -155,47 +162,39 @@ fn take_u64(r: &mut &[u8]) -> Option<u64> {
     Some(n)
 }
 
-/// Decodes one change written by [`encode_change`] without copying, advancing `r` past it.
-pub(crate) fn decode_change_ref<'a>(r: &mut &'a [u8]) -> Option<ChangeRef<'a>> {
+/// Splits one change written by [`encode_change`] into its parts, advancing `r` past it;
+/// `None` when it is cut short or of an unknown kind.
+fn split_change<'a>(r: &mut &'a [u8]) -> Option<RawChange<'a>> {
     let (&tag, rest) = r.split_first()?;
     *r = rest;
-    let key = take_str(r)?;
-    match tag {
-        1 => {
-            let fingerprint = take_u64(r)?;
-            let identity = take_str(r)?;
-            Some(ChangeRef::Put {
-                key,
-                fingerprint,
-                identity,
-            })
-        }
-        2 => Some(ChangeRef::Remove { key }),
-        _ => None,
-    }
+    let key = take_bytes(r)?;
+    let put = match tag {
+        1 => Some((take_u64(r)?, take_bytes(r)?)),
+        2 => None,
+        _ => return None,
+    };
+    Some(RawChange { key, put })
+}
+
+/// Decodes one change written by [`encode_change`] without copying, advancing `r` past it.
+pub(crate) fn decode_change_ref<'a>(r: &mut &'a [u8]) -> Option<ChangeRef<'a>> {
+    let RawChange { key, put } = split_change(r)?;
+    let key = std::str::from_utf8(key).ok()?;
+    Some(match put {
+        Some((fingerprint, identity)) => ChangeRef::Put {
+            key,
+            fingerprint,
+            identity: std::str::from_utf8(identity).ok()?,
+        },
+        None => ChangeRef::Remove { key },
+    })
 }
 
 /// Steps over one change written by [`encode_change`], advancing `r` past it, without
 /// checking its text: `Some(true)` for a put, `Some(false)` for a remove, `None` when it is
 /// cut short or of an unknown kind. For records this process wrote and already checked.
 pub(crate) fn skip_change(r: &mut &[u8]) -> Option<bool> {
-    fn skip_str(r: &mut &[u8]) -> Option<()> {
-        let len = u32::from_le_bytes(r.get(..4)?.try_into().ok()?) as usize;
-        *r = r.get(4usize.checked_add(len)?..)?;
-        Some(())
-    }
-    let (&tag, rest) = r.split_first()?;
-    *r = rest;
-    skip_str(r)?;
-    match tag {
-        1 => {
-            *r = r.get(8..)?;
-            skip_str(r)?;
-            Some(true)
-        }
-        2 => Some(false),
-        _ => None,
-    }
+    split_change(r).map(|change| change.put.is_some())
 }
 
 /// Replays checkpoints onto a loaded state: puts land in place at once; removals are
