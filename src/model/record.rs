@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use super::value::{Document, Value, write_document};
+use super::value::{Document, Value, canonical_bytes, write_document};
 
 /// What a batch asks the destination to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,11 +86,7 @@ impl Fields {
     pub fn into_canonical_json(self) -> String {
         match self.json {
             Some(json) => json.into_string(),
-            None => {
-                let mut out = Vec::new();
-                write_document(&self, &mut out);
-                String::from_utf8_lossy(&out).into_owned()
-            }
+            None => String::from_utf8_lossy(&canonical_bytes(&self)).into_owned(),
         }
     }
 
