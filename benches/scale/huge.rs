@@ -1,5 +1,6 @@
 //! `make bench-100m`: one model of `BACKFLOW_BENCH_ROWS` rows (default 100,000,000) with 1%
-//! of its rows changed, File store, run as one process each within the chart's defaults
+//! of its rows changed (`BACKFLOW_BENCH_CHANGED_PERCENT` for more; with
+//! `BACKFLOW_BENCH_REMOVED_PERCENT`, that share of the rows is also deleted from the model), File store, run as one process each within the chart's defaults
 //! (`resources.limits.memory` 256 MiB, `tmpSizeLimit`, aimed at under 10 GB of `/tmp`). A first
 //! run end to end builds the state; then 1% of rows change and the second run is planned and
 //! run end to end. Prints each phase next to COPY with its peak RSS and its peak of local disk.
@@ -21,6 +22,16 @@ pub async fn bench(admin_url: &str, sink: &Sink) {
         .ok()
         .and_then(|r| r.replace('_', "").parse().ok())
         .unwrap_or(100_000_000);
+    let percent: u8 = std::env::var("BACKFLOW_BENCH_CHANGED_PERCENT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 100);
+    let removed_percent: u8 = std::env::var("BACKFLOW_BENCH_REMOVED_PERCENT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+        .min(100 - percent);
     eprintln!("creating a {rows}-row model ...");
     let model = Model::create(admin_url, rows).await;
     let state = tempfile::tempdir().expect("temp dir");
@@ -38,8 +49,17 @@ pub async fn bench(admin_url: &str, sink: &Sink) {
     let copy_first = phase::spawn(&phase(Kind::Copy)).await;
     sink.reset(0, false);
     let first = phase::spawn(&run(false)).await;
-    eprintln!("  1% of rows changed, COPY, plan, second run end to end ...");
-    model.change_one_percent().await;
+    eprintln!("  {percent}% of rows changed, COPY, plan, second run end to end ...");
+    model.change_percent(percent).await;
+    if removed_percent > 0 {
+        eprintln!("  and {removed_percent}% of rows deleted ...");
+        model
+            .exec(&format!(
+                "DELETE FROM customers WHERE id % 100 >= {}",
+                100 - u32::from(removed_percent)
+            ))
+            .await;
+    }
     let copy_second = phase::spawn(&phase(Kind::Copy)).await;
     let plan = phase::spawn(&run(true)).await;
     sink.reset(0, false);
@@ -48,7 +68,7 @@ pub async fn bench(admin_url: &str, sink: &Sink) {
     model.drop_database().await;
 
     println!(
-        "\n== {} rows, File store, 1% changed: each phase one process ==",
+        "\n== {} rows, File store, {percent}% changed, {removed_percent}% deleted: each phase one process ==",
         thousands(rows)
     );
     println!(
@@ -70,7 +90,7 @@ pub async fn bench(admin_url: &str, sink: &Sink) {
     line("COPY (query) TO STDOUT", &copy_first, copy_first.seconds);
     line("end to end, first run", &first, copy_first.seconds);
     line(
-        "COPY, after 1% of rows changed",
+        &format!("COPY, after {percent}% of rows changed"),
         &copy_second,
         copy_second.seconds,
     );

@@ -44,9 +44,16 @@ impl Model {
     /// Changes 1% of the rows (a mapped column), then vacuums so COPY and the runs read the
     /// same clean heap.
     pub async fn change_one_percent(&self) {
+        self.change_percent(1).await;
+    }
+
+    /// Changes `percent`% of the rows (a mapped column, rows spread over the table), then
+    /// vacuums so COPY and the runs read the same clean heap.
+    pub async fn change_percent(&self, percent: u8) {
+        let percent = percent.clamp(1, 100);
         execute(
             &self.url,
-            "UPDATE customers SET plan = 'changed' WHERE id % 100 = 0",
+            &format!("UPDATE customers SET plan = 'changed' WHERE id % 100 < {percent}"),
         )
         .await;
         self.vacuum().await;
