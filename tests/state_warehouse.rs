@@ -1083,6 +1083,7 @@ async fn crash_before_the_fold(db: TestDb) {
     );
     assert_eq!(found.change(hash("k4")), Some(true));
     assert_eq!(found.removed, vec![("k3".to_owned(), "{\"id\":3}".to_owned())]);
+    assert_eq!(found.removed_rows, 1);
     next.end_run(&end(true)).await.unwrap();
     drop(next);
 

@@ -354,14 +354,18 @@ pub struct SpillReader {
     at: usize,
     /// When set, only the rows at these positions (ascending) are read, decompressing only
     /// the blocks that hold them.
-    only: Option<std::vec::IntoIter<u64>>,
+    only: Option<Positions>,
 }
 
+/// Positions of spilled rows, ascending, as [`SpillWriter::push`] returned them; read as the
+/// rows are, so they need not all be in memory.
+pub type Positions = Box<dyn Iterator<Item = std::io::Result<u64>> + Send>;
+
 impl SpillReader {
-    /// From now on reads only the rows at `positions` (as [`SpillWriter::push`] returned
-    /// them, ascending): when few rows of a large spill are sent.
-    pub fn only_rows_at(&mut self, positions: Vec<u64>) {
-        self.only = Some(positions.into_iter());
+    /// From now on reads only the rows at `positions`: when few rows of a large spill are
+    /// sent.
+    pub fn only_rows_at(&mut self, positions: Positions) {
+        self.only = Some(positions);
     }
 
     /// Bytes the spill takes on disk, compressed.
@@ -404,7 +408,7 @@ impl SpillReader {
     /// The offset in `raw` of the next row to read, its block loaded; `None` at the end.
     fn next_offset(&mut self) -> std::io::Result<Option<usize>> {
         if let Some(only) = self.only.as_mut() {
-            let Some(position) = only.next() else {
+            let Some(position) = only.next().transpose()? else {
                 return Ok(None);
             };
             self.load((position >> 32) as usize)?;
@@ -515,7 +519,8 @@ mod tests {
         }
         let mut r = w.into_reader().unwrap();
         let wanted: Vec<u64> = (0..30_000u64).filter(|i| i % 100 == 7).collect();
-        r.only_rows_at(wanted.iter().map(|i| offsets[*i as usize]).collect());
+        let positions: Vec<u64> = wanted.iter().map(|i| offsets[*i as usize]).collect();
+        r.only_rows_at(Box::new(positions.into_iter().map(Ok)));
         let mut got = Vec::new();
         while let Some(row) = r.next_row().unwrap() {
             let i: u64 = row.key[1..].parse().unwrap();

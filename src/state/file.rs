@@ -522,6 +522,20 @@ mod tests {
             found.removed,
             vec![("gone".to_owned(), "{\"id\":\"gone\"}".to_owned())]
         );
+        assert_eq!(found.removed_rows, 1);
+        drop(store);
+
+        // A run that will not delete gets the same diff with the removed rows counted only.
+        let mut store = FileStore::new(dir.path(), "ns", "s");
+        let diff = store.store_diff().unwrap();
+        assert!(diff.begin("d").await.unwrap());
+        diff.count_removed_only();
+        diff.stage(&run).await.unwrap();
+        let counted = diff.diff("d", false).await.unwrap();
+        assert_eq!(counted.changed, found.changed);
+        assert_eq!(counted.duplicates, found.duplicates);
+        assert!(counted.removed.is_empty());
+        assert_eq!(counted.removed_rows, 1);
     }
 
     #[tokio::test]
@@ -555,7 +569,9 @@ mod tests {
         assert_eq!(partial.change(hash("k1")), None);
         assert_eq!(partial.duplicates.get(&hash("k3")), Some(&2));
         assert_eq!(full.removed.len(), 1_997);
+        assert_eq!(full.removed_rows, 1_997);
         assert!(partial.removed.is_empty());
+        assert_eq!(partial.removed_rows, 0);
 
         // A damaged file fails the partial diff too.
         damage_last_entry(dir.path());

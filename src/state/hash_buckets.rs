@@ -191,56 +191,111 @@ impl Pair {
     }
 }
 
-/// The keys a diff found new or changed, each kind in its own vector sorted by key hash: 16
-/// bytes a key (a hash table of the same keys takes about 70 at its usual load), and a key
-/// is looked up by binary search.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The keys a diff found new or changed, sorted by key hash, in one vector per bucket (the
+/// top byte of the hash) and kind: 16 bytes a key (a hash table of the same keys takes about
+/// 70 at its usual load). Each bucket's vectors are trimmed to their length as soon as the
+/// comparison is done with the bucket, and move whole from the comparing threads to the
+/// result, so no vector of every changed key grows by doubling or is copied: at 5,000,000
+/// changed keys they take 80 MB, where one vector per kind reached about three times that
+/// while the threads' parts were joined. A key is looked up by binary search in its bucket.
+#[derive(Debug, Default, Clone)]
 pub struct ChangedKeys {
-    /// Keys that are not stored.
-    added: Vec<u128>,
-    /// Stored keys whose fingerprint differs.
-    modified: Vec<u128>,
+    /// Per bucket, keys that are not stored; no buckets until the first key.
+    added: Vec<Vec<u128>>,
+    /// Per bucket, stored keys whose fingerprint differs; no buckets until the first key.
+    modified: Vec<Vec<u128>>,
 }
 
 impl ChangedKeys {
-    /// Adds a key above every key added before (the comparison finds them in order).
+    /// Adds a key above every key added before in its bucket (the comparison finds them in
+    /// order).
     fn push(&mut self, hash: u128, added: bool) {
-        let keys = if added {
+        let lists = if added {
             &mut self.added
         } else {
             &mut self.modified
         };
+        if lists.is_empty() {
+            lists.resize_with(BUCKETS, Vec::new);
+        }
+        let keys = &mut lists[usize::from(bucket_of(hash))];
         debug_assert!(keys.last().is_none_or(|last| *last < hash), "keys out of order");
         keys.push(hash);
     }
 
-    /// Moves `other`'s keys, all above this one's, to the end.
+    /// Gives back the spare capacity of one bucket's vectors (the comparison is done with it)
+    /// by copying them into vectors of their length: `shrink_to_fit` would leave it to the
+    /// allocator, and mimalloc keeps a block that shrinks by less than half as it is.
+    fn trim(&mut self, bucket: usize) {
+        for lists in [&mut self.added, &mut self.modified] {
+            if let Some(keys) = lists.get_mut(bucket)
+                && keys.capacity() > keys.len()
+            {
+                *keys = keys.as_slice().to_vec();
+            }
+        }
+    }
+
+    /// Moves `other`'s keys here; within each bucket they are all above this one's.
     fn append(&mut self, other: &mut ChangedKeys) {
-        self.added.append(&mut other.added);
-        self.modified.append(&mut other.modified);
+        for (mine, theirs) in [
+            (&mut self.added, &mut other.added),
+            (&mut self.modified, &mut other.modified),
+        ] {
+            if mine.is_empty() {
+                std::mem::swap(mine, theirs);
+                continue;
+            }
+            for (bucket, keys) in theirs.iter_mut().enumerate() {
+                if mine[bucket].is_empty() {
+                    std::mem::swap(&mut mine[bucket], keys);
+                } else {
+                    mine[bucket].append(keys);
+                }
+            }
+        }
     }
 
     /// `Some(true)` when `hash` is new, `Some(false)` when its fingerprint changed, `None`
     /// when it is in neither list.
     pub fn get(&self, hash: u128) -> Option<bool> {
-        if self.added.binary_search(&hash).is_ok() {
+        let bucket = usize::from(bucket_of(hash));
+        let holds = |lists: &[Vec<u128>]| {
+            lists
+                .get(bucket)
+                .is_some_and(|keys| keys.binary_search(&hash).is_ok())
+        };
+        if holds(&self.added) {
             Some(true)
-        } else if self.modified.binary_search(&hash).is_ok() {
+        } else if holds(&self.modified) {
             Some(false)
         } else {
             None
         }
     }
 
+    /// True when some key's top 32 bits are `prefix`.
+    pub fn has_prefix(&self, prefix: u32) -> bool {
+        let bucket = (prefix >> 24) as usize;
+        let top = |hash: &u128| (*hash >> 96) as u32;
+        [&self.added, &self.modified].into_iter().any(|lists| {
+            lists.get(bucket).is_some_and(|keys| {
+                let at = keys.partition_point(|hash| top(hash) < prefix);
+                keys.get(at).is_some_and(|hash| top(hash) == prefix)
+            })
+        })
+    }
+
     /// Drops every key that `drop` says to.
     pub fn remove_where(&mut self, mut drop: impl FnMut(u128) -> bool) {
-        self.added.retain(|h| !drop(*h));
-        self.modified.retain(|h| !drop(*h));
+        for keys in self.added.iter_mut().chain(&mut self.modified) {
+            keys.retain(|h| !drop(*h));
+        }
     }
 
     /// Keys in either list.
     pub fn len(&self) -> usize {
-        self.added.len() + self.modified.len()
+        self.added_len() + self.modified.iter().map(Vec::len).sum::<usize>()
     }
 
     /// True when no key changed.
@@ -250,31 +305,36 @@ impl ChangedKeys {
 
     /// Keys that are new.
     pub fn added_len(&self) -> usize {
-        self.added.len()
+        self.added.iter().map(Vec::len).sum()
     }
 
-    /// Every key, new ones first.
+    /// Every key, new ones first, each kind in key-hash order.
     pub fn keys(&self) -> impl Iterator<Item = u128> + '_ {
-        self.added.iter().chain(&self.modified).copied()
+        self.added.iter().chain(&self.modified).flatten().copied()
     }
 }
+
+impl PartialEq for ChangedKeys {
+    /// The same keys of each kind, however their buckets were allocated.
+    fn eq(&self, other: &ChangedKeys) -> bool {
+        let kind = |lists: &[Vec<u128>]| lists.iter().flatten().copied().collect::<Vec<u128>>();
+        kind(&self.added) == kind(&other.added) && kind(&self.modified) == kind(&other.modified)
+    }
+}
+
+impl Eq for ChangedKeys {}
 
 #[cfg(test)]
 impl FromIterator<(u128, bool)> for ChangedKeys {
     /// Keys in any order (they are sorted here).
     fn from_iter<I: IntoIterator<Item = (u128, bool)>>(iter: I) -> ChangedKeys {
+        let mut pairs: Vec<(u128, bool)> = iter.into_iter().collect();
+        pairs.sort_unstable();
+        pairs.dedup();
         let mut keys = ChangedKeys::default();
-        for (hash, added) in iter {
-            if added {
-                keys.added.push(hash);
-            } else {
-                keys.modified.push(hash);
-            }
+        for (hash, added) in pairs {
+            keys.push(hash, added);
         }
-        keys.added.sort_unstable();
-        keys.added.dedup();
-        keys.modified.sort_unstable();
-        keys.modified.dedup();
         keys
     }
 }
@@ -287,8 +347,10 @@ pub struct Comparison {
     pub changed: ChangedKeys,
     /// Run keys that appear more than once, with how many times. They are in no other field.
     pub duplicates: HashMap<u128, u64>,
-    /// Stored keys that the run does not have.
+    /// Stored keys that the run does not have, when they are listed.
     pub removed: Vec<u128>,
+    /// Stored keys that the run does not have, listed or not.
+    pub removed_count: u64,
 }
 
 impl Comparison {
@@ -305,15 +367,16 @@ impl Comparison {
         let diff = crate::state::RemoteDiff {
             all_added,
             full_resync,
-            changed: self.changed,
+            changed: std::sync::Arc::new(self.changed),
             duplicates: self.duplicates,
             removed,
+            removed_rows: self.removed_count,
         };
         tracing::info!(
             staged,
             stored,
             changed = diff.changed.len(),
-            removed = diff.removed.len(),
+            removed = diff.removed_rows,
             duplicates = diff.duplicates.len(),
             all_added,
             "diff computed against {against}"
@@ -322,16 +385,28 @@ impl Comparison {
     }
 }
 
+/// What a comparison does with the stored keys the run lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// Lists them (16 bytes each) and counts them: a run that may delete them.
+    List,
+    /// Counts them only: a run that will not delete (every mode but `mirror`) reports how
+    /// many there are.
+    Count,
+    /// Neither: the run read part of the model (cursor mode), so they were not removed.
+    Ignore,
+}
+
 /// [`compare`] on a blocking thread, taking both sides (they are dropped, with their
-/// temporary files, when it is done). With `partial` (the run read part of the model: cursor
-/// mode), the stored keys it lacks were not removed and are not listed: at 1% read, that list
-/// would hold 99% of the stored keys, 16 bytes each.
+/// temporary files, when it is done), doing with the removed keys what `removed` says: at 1%
+/// of the model read, or a model that lost most of its rows, a list would hold most of the
+/// stored keys.
 pub async fn compare_apart(
     run: HashBuckets,
     stored: Option<HashBuckets>,
-    partial: bool,
+    removed: Removed,
 ) -> std::io::Result<Comparison> {
-    tokio::task::spawn_blocking(move || compare_listing(&run, stored.as_ref(), !partial))
+    tokio::task::spawn_blocking(move || compare_listing(&run, stored.as_ref(), removed))
         .await
         .map_err(|e| std::io::Error::other(format!("comparing fingerprints stopped: {e}")))?
 }
@@ -340,14 +415,14 @@ pub async fn compare_apart(
 /// between the machine's cores. `stored: None` means nothing is stored: only duplicates are
 /// looked for, and `changed` stays empty (every key is new).
 pub fn compare(run: &HashBuckets, stored: Option<&HashBuckets>) -> std::io::Result<Comparison> {
-    compare_listing(run, stored, true)
+    compare_listing(run, stored, Removed::List)
 }
 
-/// [`compare`], listing the removed keys only when `list_removed`.
+/// [`compare`], doing with the removed keys what `removed` says.
 fn compare_listing(
     run: &HashBuckets,
     stored: Option<&HashBuckets>,
-    list_removed: bool,
+    removed: Removed,
 ) -> std::io::Result<Comparison> {
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
@@ -358,12 +433,7 @@ fn compare_listing(
             .step_by(per_thread)
             .map(|first| {
                 s.spawn(move || {
-                    compare_buckets(
-                        run,
-                        stored,
-                        first..(first + per_thread).min(BUCKETS),
-                        list_removed,
-                    )
+                    compare_buckets(run, stored, first..(first + per_thread).min(BUCKETS), removed)
                 })
             })
             .collect();
@@ -375,14 +445,15 @@ fn compare_listing(
             })
             .collect()
     });
-    // The parts cover ascending ranges of buckets, in order: their changed keys, one after
-    // the other, stay sorted.
+    // The parts cover ascending ranges of buckets: their changed keys' buckets move over
+    // whole.
     let mut found = Comparison::default();
     for part in parts {
         let mut part = part?;
         found.changed.append(&mut part.changed);
         found.duplicates.extend(part.duplicates);
         found.removed.append(&mut part.removed);
+        found.removed_count += part.removed_count;
     }
     Ok(found)
 }
@@ -431,7 +502,8 @@ pub fn compare_partial_in_order<E>(
             }
         }
         let run_pairs = run.sorted_bucket(usize::from(bucket)).map_err(&io_error)?;
-        merge_bucket(&run_pairs, &stored, true, false, &mut found);
+        merge_bucket(&run_pairs, &stored, true, Removed::Ignore, &mut found);
+        found.changed.trim(usize::from(bucket));
     }
     Ok(Some(found))
 }
@@ -441,7 +513,7 @@ fn compare_buckets(
     run: &HashBuckets,
     stored: Option<&HashBuckets>,
     buckets: std::ops::Range<usize>,
-    list_removed: bool,
+    removed: Removed,
 ) -> std::io::Result<Comparison> {
     let mut found = Comparison::default();
     for bucket in buckets {
@@ -450,19 +522,14 @@ fn compare_buckets(
             Some(s) => s.sorted_bucket(bucket)?,
             None => Vec::new(),
         };
-        merge_bucket(
-            &run_pairs,
-            &stored_pairs,
-            stored.is_some(),
-            list_removed,
-            &mut found,
-        );
+        merge_bucket(&run_pairs, &stored_pairs, stored.is_some(), removed, &mut found);
+        found.changed.trim(bucket);
     }
     Ok(found)
 }
 
 /// Walks one bucket of each side, both sorted by key hash.
-fn merge_bucket(run: &[Pair], stored: &[Pair], diff: bool, list_removed: bool, out: &mut Comparison) {
+fn merge_bucket(run: &[Pair], stored: &[Pair], diff: bool, removed: Removed, out: &mut Comparison) {
     let same_key = |a: &Pair, b: &Pair| (a.high, a.low) == (b.high, b.low);
     let below = |a: &Pair, b: &Pair| (a.high, a.low) < (b.high, b.low);
     let (mut i, mut j) = (0, 0);
@@ -475,8 +542,13 @@ fn merge_bucket(run: &[Pair], stored: &[Pair], diff: bool, list_removed: bool, o
         let copies = (k - i) as u64;
         i = k;
         while j < stored.len() && below(&stored[j], &pair) {
-            if list_removed {
-                out.removed.push(stored[j].hash());
+            match removed {
+                Removed::List => {
+                    out.removed.push(stored[j].hash());
+                    out.removed_count += 1;
+                }
+                Removed::Count => out.removed_count += 1,
+                Removed::Ignore => {}
             }
             j += 1;
         }
@@ -497,8 +569,11 @@ fn merge_bucket(run: &[Pair], stored: &[Pair], diff: bool, list_removed: bool, o
             }
         }
     }
-    if list_removed {
+    if removed == Removed::List {
         out.removed.extend(stored[j..].iter().map(|p| p.hash()));
+    }
+    if removed != Removed::Ignore {
+        out.removed_count += (stored.len() - j) as u64;
     }
 }
 
@@ -538,15 +613,23 @@ mod tests {
         assert_eq!(found.changed.get(top(9)), Some(true));
         assert_eq!(found.changed.get(2), None);
         assert_eq!(found.duplicates, HashMap::from([(top(7) | 4, 2), (6, 3)]));
+        assert_eq!(found.removed_count, 2);
         let mut removed = found.removed;
         removed.sort_unstable();
         assert_eq!(removed, vec![1, top(255)]);
 
         // A run that read part of the model finds the same changes and lists no removed key.
-        let partial = compare_listing(&run, Some(&stored), false).unwrap();
+        let partial = compare_listing(&run, Some(&stored), Removed::Ignore).unwrap();
         assert_eq!(partial.changed, found.changed);
         assert_eq!(partial.duplicates, found.duplicates);
         assert!(partial.removed.is_empty());
+        assert_eq!(partial.removed_count, 0);
+
+        // A run that will not delete counts the removed keys without listing them.
+        let counted = compare_listing(&run, Some(&stored), Removed::Count).unwrap();
+        assert_eq!(counted.changed, found.changed);
+        assert!(counted.removed.is_empty());
+        assert_eq!(counted.removed_count, 2);
     }
 
     #[test]
@@ -566,7 +649,7 @@ mod tests {
         let found = compare_partial_in_order(&run, || Ok::<_, std::io::Error>(next.next()), |e| e)
             .unwrap()
             .expect("in order");
-        let bucketed = compare_listing(&run, Some(&set(&stored_pairs)), false).unwrap();
+        let bucketed = compare_listing(&run, Some(&set(&stored_pairs)), Removed::Ignore).unwrap();
         assert_eq!(found, bucketed);
         assert_eq!(found.duplicates, HashMap::from([(spread(9_001), 2)]));
         assert_eq!(found.changed.get(spread(9_000)), Some(true));
@@ -591,6 +674,24 @@ mod tests {
         assert_eq!(keys.get(20), None);
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec![10, 30]);
         assert!(!keys.is_empty());
+    }
+
+    #[test]
+    fn changed_keys_are_found_by_their_top_32_bits() {
+        let key = |top: u32, low: u128| (u128::from(top) << 96) | low;
+        let keys = ChangedKeys::from_iter([
+            (key(0x0100_0000, 5), true),
+            (key(0x0100_0002, 9), false),
+            (key(0xff00_0001, 0), false),
+        ]);
+        assert!(keys.has_prefix(0x0100_0000));
+        assert!(keys.has_prefix(0x0100_0002));
+        assert!(keys.has_prefix(0xff00_0001));
+        assert!(!keys.has_prefix(0x0100_0001));
+        assert!(!keys.has_prefix(0x0200_0000));
+        assert!(!keys.has_prefix(0xff00_0000));
+        assert!(!ChangedKeys::default().has_prefix(0x0100_0000));
+        assert_eq!(ChangedKeys::default(), ChangedKeys::from_iter([]));
     }
 
     #[test]

@@ -275,6 +275,12 @@ impl StoreDiff for Migrating {
         }
     }
 
+    fn count_removed_only(&mut self) {
+        if let Some(current) = self.current.store_diff() {
+            current.count_removed_only();
+        }
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         match self.current.store_diff() {
             Some(p) => p.diff(scope, full_resync).await,

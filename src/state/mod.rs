@@ -402,6 +402,11 @@ pub trait StoreDiff: Send {
     /// them up. A store that ignores it still diffs correctly; the engine drops `removed`.
     fn read_partially(&mut self) {}
 
+    /// Before `diff`: this run will not delete (every mode but `mirror`), so the diff counts
+    /// the stored keys it did not stage in `removed_rows` and need not list their key and
+    /// identity in `removed`. A store that ignores it lists them anyway.
+    fn count_removed_only(&mut self) {}
+
     /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
     /// counts as changed (or added when not stored).
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError>;
@@ -425,12 +430,16 @@ pub struct RemoteDiff {
     pub all_added: bool,
     /// When true (a full resync), staged keys missing from `changed` are changed too.
     pub full_resync: bool,
-    /// Staged keys that are new or whose fingerprint differs.
-    pub changed: hash_buckets::ChangedKeys,
+    /// Staged keys that are new or whose fingerprint differs; shared with the reader of the
+    /// rows to send (see `RowIndex`), which looks them up as it goes.
+    pub changed: std::sync::Arc<hash_buckets::ChangedKeys>,
     /// Keys staged more than once, with how many times; they are in no other field.
     pub duplicates: std::collections::HashMap<u128, u64>,
-    /// Stored keys that were not staged, with their identity JSON (for mirror deletes).
+    /// Stored keys that were not staged, with their identity JSON (for mirror deletes);
+    /// empty when the store was asked to count them only.
     pub removed: Vec<(String, String)>,
+    /// How many stored keys were not staged, listed in `removed` or not.
+    pub removed_rows: u64,
 }
 
 impl RemoteDiff {

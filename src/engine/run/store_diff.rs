@@ -4,6 +4,7 @@
 //! state.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::rows::{MappedRows, NextRow, report_duplicates};
 use super::{Collector, Decider, Planned, RunError};
@@ -29,7 +30,7 @@ const STAGE_CHUNK: usize = 10_000;
 /// Streams the model, hands key hashes and fingerprints to the store, and asks it for the diff.
 pub(super) async fn plan(
     rows: &mut RowStream,
-    mapper: std::sync::Arc<Mapper>,
+    mapper: Arc<Mapper>,
     store: &mut dyn StateStore,
     scope: &str,
     mode: SyncMode,
@@ -93,7 +94,13 @@ pub(super) async fn plan(
         "model read; comparing with the stored fingerprints"
     );
     let mut diff = match store.store_diff() {
-        Some(p) => p.diff(scope, options.full_resync).await?,
+        Some(p) => {
+            if mode != SyncMode::Mirror {
+                // Removed keys stay in the state and are only counted: no need to list them.
+                p.count_removed_only();
+            }
+            p.diff(scope, options.full_resync).await?
+        }
         None => {
             return Err(RunError::Invalid(
                 "the state store stopped offering its diff".to_owned(),
@@ -102,8 +109,7 @@ pub(super) async fn plan(
     };
 
     if !rejected_keys.is_empty() {
-        diff.changed
-            .remove_where(|hash| rejected_keys.contains_key(&hash));
+        Arc::make_mut(&mut diff.changed).remove_where(|hash| rejected_keys.contains_key(&hash));
     }
     // Counts, from the diff alone. A duplicated key's staged rows include its rejected
     // ones, which are counted as rejected already.
@@ -124,7 +130,7 @@ pub(super) async fn plan(
     let mut counts = PlanCounts {
         rows_in_model: mapped_rows + rejected_rows,
         unchanged: mapped_rows - duplicate_rows - new_rows - changed_rows,
-        removed: diff.removed.len() as u64,
+        removed: diff.removed_rows,
         rejected: rejected_rows + duplicate_rows,
         ..PlanCounts::default()
     };
@@ -142,13 +148,24 @@ pub(super) async fn plan(
             _ => counts.skipped += rows,
         }
     }
-    // Deletes go out in key order, whatever order the store found them in.
-    diff.removed.sort_unstable();
-    let state = Fingerprints::from_entries(diff.removed.iter().map(|(key, identity)| EntryRef {
-        key,
-        fingerprint: 0,
-        identity,
-    }));
+    // Deletes go out in key order, whatever order the store found them in. The diff's list
+    // goes once the deletes' set holds it: nothing asks the diff for it again.
+    let mut removed = std::mem::take(&mut diff.removed);
+    removed.sort_unstable();
+    let text: usize = removed
+        .iter()
+        .map(|(key, identity)| key.len() + identity.len())
+        .sum();
+    let mut state = Fingerprints::with_capacity(removed.len(), text);
+    for (key, identity) in removed {
+        // Distinct: stored keys.
+        state.push_unindexed(EntryRef {
+            key: &key,
+            fingerprint: 0,
+            identity: &identity,
+        });
+    }
+    state.build_index();
     let plan = PlanOutcome {
         counts,
         removed: (0..state.len()).collect(),
@@ -171,8 +188,10 @@ pub(super) async fn plan(
         // Only the rows the diff named are sent, or sampled by a dry run: read those, not the
         // whole spill (the rows a model changed often come late in it: the database writes an
         // updated row's new version where the table has room, often at its end).
-        let positions = index.positions_of(&diff.changed).map_err(RunError::spill)?;
-        spilled.only_rows_at(positions);
+        let positions = index
+            .positions_of(Arc::clone(&diff.changed))
+            .map_err(RunError::spill)?;
+        spilled.only_rows_at(Box::new(positions));
     }
     if options.dry_run {
         preview(&mut spilled, &plan, &decider, options, c).map_err(RunError::spill)?;
@@ -191,16 +210,21 @@ pub(super) async fn plan(
     })
 }
 
-/// Where each spilled row is, by key hash: 12 bytes a row in a temporary file (32 bits of
-/// the key hash and the row's spill position), read once after the diff to find the rows to
-/// send without reading every row of the spill back. A row whose 32 bits match a changed key
-/// by chance is read and then dropped: the delivery asks the diff about each row's whole key.
+/// Where each spilled row is, by key hash: 12 bytes a row in a temporary file (the top 32
+/// bits of the key hash and the row's spill position), read once after the diff to find the
+/// rows to send without reading every row of the spill back. A row whose 32 bits match a
+/// changed key by chance is read and then dropped: the delivery asks the diff about each
+/// row's whole key.
 struct RowIndex {
     out: std::io::BufWriter<std::fs::File>,
 }
 
 /// Bytes per entry of the row index.
 const INDEX_ENTRY: usize = 12;
+
+/// Bits of the row index's 32-bit prefixes that address [`RowIndex::positions_of`]'s filter:
+/// 2^24 bits, 2 MiB.
+const FILTER_BITS: u32 = 24;
 
 impl RowIndex {
     fn new() -> std::io::Result<RowIndex> {
@@ -212,36 +236,69 @@ impl RowIndex {
     fn push(&mut self, hash: u128, position: u64) -> std::io::Result<()> {
         use std::io::Write as _;
         let mut entry = [0u8; INDEX_ENTRY];
-        entry[..4].copy_from_slice(&(hash as u32).to_le_bytes());
+        entry[..4].copy_from_slice(&prefix_of(hash).to_le_bytes());
         entry[4..].copy_from_slice(&position.to_le_bytes());
         self.out.write_all(&entry)
     }
 
-    /// The positions of the rows whose key hash may be in `wanted`, in spill order.
-    fn positions_of(self, wanted: &ChangedKeys) -> std::io::Result<Vec<u64>> {
-        use std::io::{Read as _, Seek as _};
-        let short: std::collections::HashSet<u32> = wanted.keys().map(|h| h as u32).collect();
+    /// The positions of the rows whose key hash may be in `wanted`, in spill order, read from
+    /// the index as they are asked for.
+    fn positions_of(self, wanted: Arc<ChangedKeys>) -> std::io::Result<RowPositions> {
+        use std::io::Seek as _;
+        let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)];
+        for hash in wanted.keys() {
+            let bit = prefix_of(hash) >> (32 - FILTER_BITS);
+            filter[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
         let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.rewind()?;
-        let mut input = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut positions = Vec::with_capacity(wanted.len());
+        Ok(RowPositions {
+            input: std::io::BufReader::with_capacity(1 << 20, file),
+            filter,
+            wanted,
+        })
+    }
+}
+
+/// The positions of the rows whose key hash may be among the changed keys, read from the row
+/// index as the rows are: a bitmap of the changed keys' top 24 bits turns most rows away; a
+/// row that passes it is looked up among them by its 32-bit prefix. Memory: the bitmap
+/// (2 MiB) and the read buffer, whatever the number of rows or changes.
+struct RowPositions {
+    input: std::io::BufReader<std::fs::File>,
+    filter: Vec<u64>,
+    wanted: Arc<ChangedKeys>,
+}
+
+impl Iterator for RowPositions {
+    type Item = std::io::Result<u64>;
+
+    fn next(&mut self) -> Option<std::io::Result<u64>> {
+        use std::io::Read as _;
         let mut entry = [0u8; INDEX_ENTRY];
         loop {
-            match input.read_exact(&mut entry) {
+            match self.input.read_exact(&mut entry) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                Err(e) => return Some(Err(e)),
             }
-            let (hash, position) = entry.split_at(4);
-            let hash = u32::from_le_bytes(hash.try_into().map_err(std::io::Error::other)?);
-            if short.contains(&hash) {
-                positions.push(u64::from_le_bytes(
-                    position.try_into().map_err(std::io::Error::other)?,
-                ));
+            let (prefix, position) = entry.split_at(4);
+            let (Ok(prefix), Ok(position)) = (<[u8; 4]>::try_from(prefix), <[u8; 8]>::try_from(position))
+            else {
+                return Some(Err(std::io::Error::other("a row index entry of the wrong size")));
+            };
+            let prefix = u32::from_le_bytes(prefix);
+            let bit = prefix >> (32 - FILTER_BITS);
+            if self.filter[(bit >> 6) as usize] & (1 << (bit & 63)) != 0 && self.wanted.has_prefix(prefix) {
+                return Some(Ok(u64::from_le_bytes(position)));
             }
         }
-        Ok(positions)
     }
+}
+
+/// The top 32 bits of a key hash: what the row index keeps of it.
+fn prefix_of(hash: u128) -> u32 {
+    (hash >> 96) as u32
 }
 
 async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {
@@ -279,4 +336,47 @@ fn preview(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_index_finds_the_changed_rows_in_spill_order() {
+        let spread = |n: u128| n.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        let mut index = RowIndex::new().unwrap();
+        for n in 0..20_000u128 {
+            index.push(spread(n), n as u64 * 10).unwrap();
+        }
+        // Same top 32 bits as row 7's hash, another key: its row is read too and dropped later.
+        let twin = spread(7) ^ 1;
+        index.push(twin, 999_999).unwrap();
+        let wanted = ChangedKeys::from_iter(
+            (0..20_000u128)
+                .filter(|n| n % 1_000 == 7)
+                .map(|n| (spread(n), n % 2_000 == 7))
+                .chain([(spread(50_000), true)]),
+        );
+        let mut expected: Vec<u64> = (0..20_000u64)
+            .filter(|n| n % 1_000 == 7)
+            .map(|n| n * 10)
+            .collect();
+        expected.push(999_999);
+        let found: Vec<u64> = index
+            .positions_of(Arc::new(wanted))
+            .unwrap()
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn no_changed_key_finds_no_row() {
+        let mut index = RowIndex::new().unwrap();
+        for n in 0..1_000u128 {
+            index.push(n << 100, n as u64).unwrap();
+        }
+        assert_eq!(index.positions_of(Default::default()).unwrap().count(), 0);
+    }
 }

@@ -15,7 +15,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{ConfigMapStore, View};
 use crate::state::change_buckets::ChangeBuckets;
-use crate::state::hash_buckets::{HashBuckets, compare_apart};
+use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// The stored state in buckets, and its live pairs.
@@ -30,8 +30,9 @@ pub(super) struct Diffing {
     stored: AbortOnDropHandle<Result<Stored, StateError>>,
     /// Whether the index says something is stored for the scope.
     holding: bool,
-    /// The run read only part of the model: no removed rows.
-    partial: bool,
+    /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
+    /// only part of the model).
+    removed: Removed,
 }
 
 impl ConfigMapStore {
@@ -70,7 +71,7 @@ impl StoreDiff for ConfigMapStore {
             run,
             stored: AbortOnDropHandle::new(tokio::spawn(read)),
             holding,
-            partial: false,
+            removed: Removed::List,
         });
         Ok(true)
     }
@@ -90,13 +91,21 @@ impl StoreDiff for ConfigMapStore {
 
     fn read_partially(&mut self) {
         if let Some(d) = self.diffing.as_mut() {
-            d.partial = true;
+            d.removed = Removed::Ignore;
+        }
+    }
+
+    fn count_removed_only(&mut self) {
+        if let Some(d) = self.diffing.as_mut()
+            && d.removed == Removed::List
+        {
+            d.removed = Removed::Count;
         }
     }
 
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let Some(Diffing {
-            run, stored, partial, ..
+            run, stored, removed, ..
         }) = self.diffing.take()
         else {
             return Err(StateError::diff_not_begun(self.location(&self.index_name)));
@@ -106,10 +115,10 @@ impl StoreDiff for ConfigMapStore {
             .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
         let all_added = pairs.is_empty();
         let (staged, stored_rows) = (run.len(), pairs.len());
-        let compared = compare_apart(run, (!all_added).then_some(pairs), partial)
+        let compared = compare_apart(run, (!all_added).then_some(pairs), removed)
             .await
             .map_err(|e| self.temp_file_error(&e))?;
-        let removed = if partial || compared.removed.is_empty() {
+        let removed = if compared.removed.is_empty() {
             Vec::new()
         } else {
             changes

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use super::FileStore;
 use super::format::{StateFileReader, io_error};
 use super::live::{Live, LiveEntries, read_journal, read_live};
-use crate::state::hash_buckets::{Comparison, HashBuckets, compare_apart, compare_partial_in_order};
+use crate::state::hash_buckets::{Comparison, HashBuckets, Removed, compare_apart, compare_partial_in_order};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
@@ -36,8 +36,9 @@ pub(super) struct Diffing {
     stored: Stored,
     /// The state file and journal, when the state file holds rows of the run's scope.
     holding: Option<StoredFiles>,
-    /// The run read only part of the model: no removed rows.
-    partial: bool,
+    /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
+    /// only part of the model).
+    removed: Removed,
 }
 
 /// The stored side of a diff.
@@ -168,11 +169,11 @@ async fn compare_partial_apart(
 async fn compare_whole(
     run: HashBuckets,
     stored: Option<HashBuckets>,
-    partial: bool,
+    removed: Removed,
     path: &Path,
 ) -> Result<(Comparison, u64), StateError> {
     let stored_rows = stored.as_ref().map_or(0, HashBuckets::len);
-    let found = compare_apart(run, stored, partial)
+    let found = compare_apart(run, stored, removed)
         .await
         .map_err(|e| temp_file_error(path, &e))?;
     Ok((found, stored_rows))
@@ -202,7 +203,7 @@ impl StoreDiff for FileStore {
             run,
             stored,
             holding,
-            partial: false,
+            removed: Removed::List,
         });
         Ok(true)
     }
@@ -218,7 +219,7 @@ impl StoreDiff for FileStore {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
-        if !diffing.partial
+        if diffing.removed != Removed::Ignore
             && matches!(diffing.stored, Stored::Unread)
             && let Some(files) = diffing.holding.clone()
         {
@@ -231,7 +232,15 @@ impl StoreDiff for FileStore {
 
     fn read_partially(&mut self) {
         if let Some(d) = self.diffing.as_mut() {
-            d.partial = true;
+            d.removed = Removed::Ignore;
+        }
+    }
+
+    fn count_removed_only(&mut self) {
+        if let Some(d) = self.diffing.as_mut()
+            && d.removed == Removed::List
+        {
+            d.removed = Removed::Count;
         }
     }
 
@@ -240,7 +249,7 @@ impl StoreDiff for FileStore {
         let Some(Diffing {
             run,
             stored,
-            partial,
+            removed,
             holding,
         }) = self.diffing.take()
         else {
@@ -249,24 +258,26 @@ impl StoreDiff for FileStore {
         let path: PathBuf = self.state_path.clone();
         let staged = run.len();
         let (compared, stored_rows) = match (stored, &holding) {
-            (Stored::Unread, Some(files)) if partial => match compare_partial_apart(files, run).await? {
-                Ok(found) => found,
-                // Not in key-hash order (a file written otherwise): bucketed after all.
-                Err(run) => compare_whole(run, Some(read_apart(files).await?), partial, &path).await?,
-            },
+            (Stored::Unread, Some(files)) if removed == Removed::Ignore => {
+                match compare_partial_apart(files, run).await? {
+                    Ok(found) => found,
+                    // Not in key-hash order (a file written otherwise): bucketed after all.
+                    Err(run) => compare_whole(run, Some(read_apart(files).await?), removed, &path).await?,
+                }
+            }
             (Stored::Unread, Some(files)) => {
-                compare_whole(run, Some(read_apart(files).await?), partial, &path).await?
+                compare_whole(run, Some(read_apart(files).await?), removed, &path).await?
             }
             (Stored::Reading(reading), _) => {
                 let stored = reading
                     .await
                     .map_err(|e| stopped(&path, "reading the state file", &e))??;
-                compare_whole(run, Some(stored), partial, &path).await?
+                compare_whole(run, Some(stored), removed, &path).await?
             }
-            (Stored::Nothing | Stored::Unread, _) => compare_whole(run, None, partial, &path).await?,
+            (Stored::Nothing | Stored::Unread, _) => compare_whole(run, None, removed, &path).await?,
         };
         let removed = match holding {
-            Some(files) if !partial && !compared.removed.is_empty() => {
+            Some(files) if !compared.removed.is_empty() => {
                 let hashes: HashSet<u128> = compared.removed.iter().copied().collect();
                 tokio::task::spawn_blocking(move || removed_rows(&files, &hashes))
                     .await

@@ -19,7 +19,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
-use crate::state::hash_buckets::{HashBuckets, compare_apart};
+use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
 use crate::state::{RemoteDiff, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
@@ -32,8 +32,9 @@ pub(super) struct Diffing {
     /// The stored ones, being read by a second connection (none when nothing is stored for
     /// the scope). Dropping it stops the read.
     stored: Option<AbortOnDropHandle<Result<HashBuckets, ReadError>>>,
-    /// The run read only part of the model: no removed rows.
-    partial: bool,
+    /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
+    /// only part of the model).
+    removed: Removed,
 }
 
 /// Why reading the stored fingerprints failed.
@@ -245,7 +246,7 @@ impl StoreDiff for WarehouseStore {
         self.diffing = Some(Diffing {
             run,
             stored,
-            partial: false,
+            removed: Removed::List,
         });
         Ok(true)
     }
@@ -264,12 +265,20 @@ impl StoreDiff for WarehouseStore {
 
     fn read_partially(&mut self) {
         if let Some(d) = self.diffing.as_mut() {
-            d.partial = true;
+            d.removed = Removed::Ignore;
+        }
+    }
+
+    fn count_removed_only(&mut self) {
+        if let Some(d) = self.diffing.as_mut()
+            && d.removed == Removed::List
+        {
+            d.removed = Removed::Count;
         }
     }
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        let Some(Diffing { run, stored, partial }) = self.diffing.take() else {
+        let Some(Diffing { run, stored, removed }) = self.diffing.take() else {
             return Err(StateError::diff_not_begun(self.location()));
         };
         let all_added = !self.holds_state(scope);
@@ -297,14 +306,14 @@ impl StoreDiff for WarehouseStore {
         let compared_in = std::time::Instant::now();
         let staged = run.len();
         let stored_rows = stored.as_ref().map_or(0, HashBuckets::len);
-        let compared = compare_apart(run, stored, partial)
+        let compared = compare_apart(run, stored, removed)
             .await
             .map_err(|e| StateError::Io {
                 location: self.location(),
                 reason: format!("failed to read a local temporary file of fingerprints: {e}"),
             })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
-        let removed = if partial {
+        let removed = if compared.removed.is_empty() {
             Vec::new()
         } else {
             self.removed_rows(&compared.removed).await?
