@@ -607,7 +607,7 @@ async fn run_steps(
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
         let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
-        deliver(job, store, options, c, delete_batches.into_iter().map(Ok)).await?;
+        deliver(job, store, options, c, delete_batches.map(Ok)).await?;
     }
     Ok(())
 }
@@ -972,22 +972,25 @@ impl<'p> SpillBatches<'p> {
     }
 }
 
-fn delete_batches(state: &Fingerprints, removed: &[usize], batch_size: usize) -> Vec<Batch> {
-    removed
-        .chunks(batch_size)
-        .map(|chunk| Batch {
-            operation: Operation::Delete,
-            records: chunk
-                .iter()
-                .filter_map(|&pos| state.get(pos))
-                .map(|e| Record {
-                    key: e.key.to_owned(),
-                    identity: identity_document(e.identity).into(),
-                    fields: Fields::default(),
-                })
-                .collect(),
-        })
-        .collect()
+/// The batches of deletes, each made as delivery asks for it: a delete's record (its key and
+/// parsed identity) is held only while its batch is under way.
+fn delete_batches<'a>(
+    state: &'a Fingerprints,
+    removed: &'a [usize],
+    batch_size: usize,
+) -> impl Iterator<Item = Batch> + 'a {
+    removed.chunks(batch_size.max(1)).map(move |chunk| Batch {
+        operation: Operation::Delete,
+        records: chunk
+            .iter()
+            .filter_map(|&pos| state.get(pos))
+            .map(|e| Record {
+                key: e.key.to_owned(),
+                identity: identity_document(e.identity).into(),
+                fields: Fields::default(),
+            })
+            .collect(),
+    })
 }
 
 fn identity_document(json: &str) -> Document {
