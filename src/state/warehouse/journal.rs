@@ -30,7 +30,7 @@ use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor, QueryBuilder};
 
-use super::write::{COPY_HEADER, COPY_SEND_BYTES, Target, copy_field, my_new_scope, pg_new_scope};
+use super::write::{Target, copy_binary, copy_field, my_new_scope, pg_new_scope};
 use super::{Conn, MYSQL_CHUNK, PG_DDL_LOCK, WarehouseStore, key_hash, quote};
 use crate::state::{EntryRef, StateError};
 
@@ -112,37 +112,20 @@ pub(super) async fn pg_append(
     if target.new_scope {
         pg_new_scope(&mut tx, target, &[target.state, journal]).await?;
     }
-    let mut copy = tx
-        .copy_in_raw(&format!(
-            "COPY {journal} (sync_id, key_hash, key, fingerprint, identity, removed) \
-             FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    let mut data = Vec::with_capacity(COPY_SEND_BYTES + 4096);
-    data.extend_from_slice(COPY_HEADER);
     let sync_id = target.sync_id.as_bytes();
     let mut removes = removes.iter();
-    loop {
+    copy_binary(
+        &mut tx,
+        &format!(
+            "COPY {journal} (sync_id, key_hash, key, fingerprint, identity, removed) FROM STDIN (FORMAT binary)"
+        ),
         // Puts, then removes (a checkpoint's keys are distinct: their order does not matter).
-        let encoded = if let Some(e) = puts.next() {
-            copy_change(&mut data, sync_id, e.key, Some((e.fingerprint, e.identity)))
-        } else if let Some(key) = removes.next() {
-            copy_change(&mut data, sync_id, key, None)
-        } else {
-            break;
-        };
-        if let Err(e) = encoded {
-            copy.abort(e.to_string()).await?;
-            return Err(e);
-        }
-        if data.len() >= COPY_SEND_BYTES {
-            copy.send(data.as_slice()).await?;
-            data.clear();
-        }
-    }
-    data.extend_from_slice(&(-1i16).to_be_bytes());
-    copy.send(data).await?;
-    copy.finish().await?;
+        |data| match puts.next() {
+            Some(e) => Some(copy_change(data, sync_id, e.key, Some((e.fingerprint, e.identity)))),
+            None => removes.next().map(|key| copy_change(data, sync_id, key, None)),
+        },
+    )
+    .await?;
     tx.commit().await
 }
 

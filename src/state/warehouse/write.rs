@@ -26,7 +26,7 @@ use crate::state::EntryRef;
 const PG_ARRAY_CHUNK: usize = 20_000;
 
 /// Bytes of COPY data gathered before each send.
-pub(super) const COPY_SEND_BYTES: usize = 1 << 20;
+const COPY_SEND_BYTES: usize = 1 << 20;
 
 /// The session's staging table. `ON COMMIT DELETE ROWS`: every checkpoint starts with it empty.
 const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_checkpoint (\
@@ -35,7 +35,7 @@ const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_c
 
 /// The start of PostgreSQL's binary COPY data: signature, flags, header extension length
 /// (<https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>).
-pub(super) const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 /// Where a checkpoint goes: the sync's tables and scope.
 pub(super) struct Target<'a> {
@@ -100,20 +100,32 @@ async fn pg_copy_to_staging(
     c: &mut PgConnection,
     puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
 ) -> Result<u64, sqlx::Error> {
-    let mut next = puts.next();
-    if next.is_none() {
+    let mut first = puts.next();
+    if first.is_none() {
         return Ok(0);
     }
-    let mut copy = c
-        .copy_in_raw(
-            "COPY pg_temp.backflow_checkpoint (key_hash, key, fingerprint, identity) \
-             FROM STDIN (FORMAT binary)",
-        )
-        .await?;
+    copy_binary(
+        c,
+        "COPY pg_temp.backflow_checkpoint (key_hash, key, fingerprint, identity) FROM STDIN (FORMAT binary)",
+        |data| first.take().or_else(|| puts.next()).map(|e| copy_row(data, e)),
+    )
+    .await
+}
+
+/// Runs `statement`, a `COPY ... FROM STDIN (FORMAT binary)`, with the rows `next_row`
+/// appends to the data one at a time (`None` when there are no more), sent about
+/// [`COPY_SEND_BYTES`] at a time; a row that cannot be encoded aborts the COPY. Returns the
+/// rows copied.
+pub(super) async fn copy_binary(
+    c: &mut PgConnection,
+    statement: &str,
+    mut next_row: impl FnMut(&mut Vec<u8>) -> Option<Result<(), sqlx::Error>> + Send,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = c.copy_in_raw(statement).await?;
     let mut data = Vec::with_capacity(COPY_SEND_BYTES + 4096);
     data.extend_from_slice(COPY_HEADER);
-    while let Some(e) = next {
-        if let Err(e) = copy_row(&mut data, e) {
+    while let Some(encoded) = next_row(&mut data) {
+        if let Err(e) = encoded {
             copy.abort(e.to_string()).await?;
             return Err(e);
         }
@@ -121,7 +133,6 @@ async fn pg_copy_to_staging(
             copy.send(data.as_slice()).await?;
             data.clear();
         }
-        next = puts.next();
     }
     data.extend_from_slice(&(-1i16).to_be_bytes());
     copy.send(data).await?;
