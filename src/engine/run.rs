@@ -27,7 +27,7 @@ use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDelive
 use crate::model::record::{Fields, Operation, Record};
 use crate::model::value::Document;
 use crate::source::{self, SourceError, SourceOptions};
-use crate::state::{Fingerprints, RemoteDiff, RunLog, StateChange, StateError, StateStore};
+use crate::state::{Fingerprints, RemoteDiff, Removed, RunLog, StateChange, StateError, StateStore};
 use checkpoints::Checkpoints;
 
 /// Rejected rows kept as samples in a report.
@@ -508,8 +508,15 @@ async fn run_steps(
     let pushed = match store.store_diff() {
         Some(diff) => {
             let pushed = diff.begin(&job.scope).await?;
-            if pushed && cursor.as_ref().is_some_and(CursorRun::past_mark) {
-                diff.read_partially();
+            if pushed {
+                diff.removed_keys(if cursor.as_ref().is_some_and(CursorRun::past_mark) {
+                    Removed::Ignore
+                } else if spec.mode == SyncMode::Mirror {
+                    Removed::List
+                } else {
+                    // Every other mode keeps removed keys in the state: they are only counted.
+                    Removed::Count
+                });
             }
             pushed
         }

@@ -293,6 +293,7 @@ impl StateStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Removed;
 
     /// Flips a byte of the state file's last entry: its checksum no longer matches.
     fn damage_last_entry(dir: &Path) {
@@ -529,7 +530,7 @@ mod tests {
         let mut store = FileStore::new(dir.path(), "ns", "s");
         let diff = store.store_diff().unwrap();
         assert!(diff.begin("d").await.unwrap());
-        diff.count_removed_only();
+        diff.removed_keys(Removed::Count);
         diff.stage(&run).await.unwrap();
         let counted = diff.diff("d", false).await.unwrap();
         assert_eq!(counted.changed, found.changed);
@@ -555,7 +556,7 @@ mod tests {
             let diff = store.store_diff().unwrap();
             assert!(diff.begin("d").await.unwrap());
             if partial {
-                diff.read_partially();
+                diff.removed_keys(Removed::Ignore);
             }
             diff.stage(&run).await.unwrap();
             found.push(diff.diff("d", false).await.unwrap());
@@ -578,7 +579,7 @@ mod tests {
         let mut store = FileStore::new(dir.path(), "ns", "s");
         let diff = store.store_diff().unwrap();
         diff.begin("d").await.unwrap();
-        diff.read_partially();
+        diff.removed_keys(Removed::Ignore);
         diff.stage(&run).await.unwrap();
         let err = diff.diff("d", false).await.unwrap_err();
         assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
@@ -625,7 +626,7 @@ mod tests {
             assert!(diff.begin("d").await.unwrap());
             assert!(journal.exists());
             if partial {
-                diff.read_partially();
+                diff.removed_keys(Removed::Ignore);
             }
             diff.stage(&pairs(&[("k1", 100), ("k2", 2), ("new", 7), ("k3", 3)]))
                 .await

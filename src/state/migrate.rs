@@ -14,7 +14,9 @@
 use async_trait::async_trait;
 
 use super::warehouse::{WarehouseConfig, WarehouseStore};
-use super::{Fingerprints, RejectedRow, RemoteDiff, RunLog, StateChange, StateError, StateStore, StoreDiff};
+use super::{
+    Fingerprints, RejectedRow, RemoteDiff, Removed, RunLog, StateChange, StateError, StateStore, StoreDiff,
+};
 use crate::api::ReverseSyncSpec;
 use crate::api::reverse_sync::{DEFAULT_STATE_SCHEMA, StateStoreKind};
 
@@ -269,15 +271,9 @@ impl StoreDiff for Migrating {
         }
     }
 
-    fn read_partially(&mut self) {
+    fn removed_keys(&mut self, removed: Removed) {
         if let Some(current) = self.current.store_diff() {
-            current.read_partially();
-        }
-    }
-
-    fn count_removed_only(&mut self) {
-        if let Some(current) = self.current.store_diff() {
-            current.count_removed_only();
+            current.removed_keys(removed);
         }
     }
 

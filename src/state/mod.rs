@@ -397,15 +397,13 @@ pub trait StoreDiff: Send {
     /// Hands over a chunk of this run's rows: [`stored_key_hash`] of the key, and fingerprint.
     async fn stage(&mut self, rows: &[(u128, u64)]) -> Result<(), StateError>;
 
-    /// Before `diff`: this run read only part of the model (cursor mode), so the stored keys
-    /// it did not stage were not removed: the diff leaves `removed` empty and does not look
-    /// them up. A store that ignores it still diffs correctly; the engine drops `removed`.
-    fn read_partially(&mut self) {}
-
-    /// Before `diff`: this run will not delete (every mode but `mirror`), so the diff counts
-    /// the stored keys it did not stage in `removed_rows` and need not list their key and
-    /// identity in `removed`. A store that ignores it lists them anyway.
-    fn count_removed_only(&mut self) {}
+    /// After `begin`, before the first `stage`: what the diff does with the stored keys this
+    /// run does not stage ([`Removed::List`] until told otherwise). A run that reads part of
+    /// the model (cursor mode) did not remove them (`Ignore`: neither counted nor looked up);
+    /// one that will not delete (every mode but `mirror`) needs only their number (`Count`).
+    /// A store that ignores it lists them anyway and still diffs correctly: the engine drops
+    /// what it does not need.
+    fn removed_keys(&mut self, _removed: Removed) {}
 
     /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
     /// counts as changed (or added when not stored).
@@ -420,6 +418,8 @@ pub const MAX_CURSOR_RECORD: usize = 4096;
 pub fn stored_key_hash(key: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(key.as_bytes())
 }
+
+pub use hash_buckets::Removed;
 
 /// What a store's diff found, by [`stored_key_hash`]. It holds changed keys only, never
 /// every row.

@@ -94,13 +94,7 @@ pub(super) async fn plan(
         "model read; comparing with the stored fingerprints"
     );
     let mut diff = match store.store_diff() {
-        Some(p) => {
-            if mode != SyncMode::Mirror {
-                // Removed keys stay in the state and are only counted: no need to list them.
-                p.count_removed_only();
-            }
-            p.diff(scope, options.full_resync).await?
-        }
+        Some(p) => p.diff(scope, options.full_resync).await?,
         None => {
             return Err(RunError::Invalid(
                 "the state store stopped offering its diff".to_owned(),
@@ -222,9 +216,34 @@ struct RowIndex {
 /// Bytes per entry of the row index.
 const INDEX_ENTRY: usize = 12;
 
-/// Bits of the row index's 32-bit prefixes that address [`RowIndex::positions_of`]'s filter:
-/// 2^24 bits, 2 MiB.
+/// Bits of the row index's 32-bit prefixes that address a [`PrefixFilter`]: 2^24 bits, 2 MiB.
 const FILTER_BITS: u32 = 24;
+
+/// A bitmap of the top [`FILTER_BITS`] bits of some 32-bit prefixes: a prefix whose bit is
+/// clear is none of them.
+struct PrefixFilter(Vec<u64>);
+
+impl PrefixFilter {
+    fn of(keys: impl Iterator<Item = u128>) -> PrefixFilter {
+        let mut filter = PrefixFilter(vec![0; 1 << (FILTER_BITS - 6)]);
+        for hash in keys {
+            let (word, bit) = PrefixFilter::at(prefix_of(hash));
+            filter.0[word] |= bit;
+        }
+        filter
+    }
+
+    fn may_hold(&self, prefix: u32) -> bool {
+        let (word, bit) = PrefixFilter::at(prefix);
+        self.0[word] & bit != 0
+    }
+
+    /// The word and bit of `prefix`.
+    fn at(prefix: u32) -> (usize, u64) {
+        let n = prefix >> (32 - FILTER_BITS);
+        ((n >> 6) as usize, 1 << (n & 63))
+    }
+}
 
 impl RowIndex {
     fn new() -> std::io::Result<RowIndex> {
@@ -245,11 +264,7 @@ impl RowIndex {
     /// the index as they are asked for.
     fn positions_of(self, wanted: Arc<ChangedKeys>) -> std::io::Result<RowPositions> {
         use std::io::Seek as _;
-        let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)];
-        for hash in wanted.keys() {
-            let bit = prefix_of(hash) >> (32 - FILTER_BITS);
-            filter[(bit >> 6) as usize] |= 1 << (bit & 63);
-        }
+        let filter = PrefixFilter::of(wanted.keys());
         let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.rewind()?;
         Ok(RowPositions {
@@ -266,7 +281,7 @@ impl RowIndex {
 /// (2 MiB) and the read buffer, whatever the number of rows or changes.
 struct RowPositions {
     input: std::io::BufReader<std::fs::File>,
-    filter: Vec<u64>,
+    filter: PrefixFilter,
     wanted: Arc<ChangedKeys>,
 }
 
@@ -282,14 +297,10 @@ impl Iterator for RowPositions {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
                 Err(e) => return Some(Err(e)),
             }
-            let (prefix, position) = entry.split_at(4);
-            let (Ok(prefix), Ok(position)) = (<[u8; 4]>::try_from(prefix), <[u8; 8]>::try_from(position))
-            else {
-                return Some(Err(std::io::Error::other("a row index entry of the wrong size")));
-            };
-            let prefix = u32::from_le_bytes(prefix);
-            let bit = prefix >> (32 - FILTER_BITS);
-            if self.filter[(bit >> 6) as usize] & (1 << (bit & 63)) != 0 && self.wanted.has_prefix(prefix) {
+            let prefix = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
+            if self.filter.may_hold(prefix) && self.wanted.has_prefix(prefix) {
+                let mut position = [0u8; 8];
+                position.copy_from_slice(&entry[4..]);
                 return Some(Ok(u64::from_le_bytes(position)));
             }
         }

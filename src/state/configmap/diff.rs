@@ -89,17 +89,9 @@ impl StoreDiff for ConfigMapStore {
         pushed.map_err(|e| self.temp_file_error(&e))
     }
 
-    fn read_partially(&mut self) {
+    fn removed_keys(&mut self, removed: Removed) {
         if let Some(d) = self.diffing.as_mut() {
-            d.removed = Removed::Ignore;
-        }
-    }
-
-    fn count_removed_only(&mut self) {
-        if let Some(d) = self.diffing.as_mut()
-            && d.removed == Removed::List
-        {
-            d.removed = Removed::Count;
+            d.removed = removed;
         }
     }
 
