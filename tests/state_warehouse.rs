@@ -1082,7 +1082,8 @@ async fn crash_before_the_fold(db: TestDb) {
         "k1 is stored at its last fingerprint"
     );
     assert_eq!(found.change(hash("k4")), Some(true));
-    assert_eq!(found.removed, vec![("k3".to_owned(), "{\"id\":3}".to_owned())]);
+    let removed: Vec<(String, String)> = found.removed.iter().map(Result::unwrap).collect();
+    assert_eq!(removed, vec![("k3".to_owned(), "{\"id\":3}".to_owned())]);
     assert_eq!(found.removed_rows, 1);
     next.end_run(&end(true)).await.unwrap();
     drop(next);

@@ -270,7 +270,8 @@ impl<'a> Planner<'a> {
 pub struct PlanOutcome {
     /// Counts per category.
     pub counts: PlanCounts,
-    /// Positions in the stored fingerprints of rows gone from the model.
+    /// Positions in the stored fingerprints of rows gone from the model (the in-memory
+    /// planner's; a store's diff lists its own).
     pub removed: Vec<usize>,
     /// Hashes of duplicated keys, with the number of rows of each.
     pub duplicates: HashMap<u128, u64>,

@@ -15,6 +15,7 @@ use super::plan::{Change, Decision, PlanCounts, PlanOutcome};
 use super::progress::{Phase, Progress};
 
 mod checkpoints;
+mod deletes;
 mod in_memory;
 mod rows;
 mod store_diff;
@@ -24,11 +25,12 @@ use crate::api::reverse_sync::RejectedRow;
 use crate::api::{SyncMode, duration};
 use crate::destination::PlannedSends;
 use crate::destination::delivery::{AnswerClass, Delivered, Delivery, FatalDeliveryError};
-use crate::model::record::{Fields, Operation, Record};
+use crate::model::record::{Operation, Record};
 use crate::model::value::Document;
 use crate::source::{self, SourceError, SourceOptions};
-use crate::state::{Fingerprints, RemoteDiff, Removed, RunLog, StateChange, StateError, StateStore};
+use crate::state::{RemoteDiff, Removed, RunLog, StateChange, StateError, StateStore};
 use checkpoints::Checkpoints;
+use deletes::Deletes;
 
 /// Rejected rows kept as samples in a report.
 const REJECTED_SAMPLES: usize = 10;
@@ -523,7 +525,7 @@ async fn run_steps(
         None => false,
     };
     let Planned {
-        state,
+        deletes,
         stored_records,
         mut plan,
         spilled,
@@ -545,7 +547,6 @@ async fn run_steps(
         c.cursor_record = Some(serde_json::to_string(&record).map_err(|e| RunError::Invalid(e.to_string()))?);
         if cursor.past_mark() {
             // Rows not read were not removed: only a full diff deletes.
-            plan.removed.clear();
             plan.counts.removed = 0;
         }
     }
@@ -553,20 +554,20 @@ async fn run_steps(
     c.report.spill_bytes = spilled.bytes();
     c.report.result_fingerprint = plan.result_fingerprint.clone();
     options.progress.planned(&plan.counts);
-    let mut deletes: Vec<usize> = if spec.mode == SyncMode::Mirror {
-        plan.removed.clone()
+    let mut deletes = if spec.mode == SyncMode::Mirror && plan.counts.removed > 0 {
+        deletes
     } else {
-        Vec::new()
+        Deletes::None
     };
     if !deletes.is_empty() {
         let mut keys = KeySetHash::default();
-        for e in deletes.iter().filter_map(|&pos| state.get(pos)) {
-            keys.add(e.key);
+        for row in deletes.rows() {
+            keys.add(&row?.0);
         }
         let check = delete_guard::check(
             &delete_guard::Limits::of(spec.delete_limit.as_ref()),
             stored_records,
-            deletes.len() as u64,
+            deletes.len(),
             keys,
             options.approved_deletes.as_deref(),
         );
@@ -576,7 +577,7 @@ async fn run_steps(
             } else {
                 tracing::warn!(plan_id = %check.plan_id, reason, "deletes held back by the delete limit; adds and updates still go out");
                 // The deleted rows stay in the state, so the next run plans them again.
-                deletes.clear();
+                deletes = Deletes::None;
             }
         }
         c.report.delete_check = Some(check);
@@ -592,29 +593,27 @@ async fn run_steps(
         "plan ready"
     );
     if options.dry_run {
-        for &pos in deletes.iter().take(options.sample_size) {
-            if let Some(e) = state.get(pos) {
-                c.report.plan_samples.push(PlanSample {
-                    operation: "delete".to_owned(),
-                    key: e.key.to_owned(),
-                    record: e.identity.to_owned(),
-                });
-            }
+        for row in deletes.rows().take(options.sample_size) {
+            let (key, record) = row?;
+            c.report.plan_samples.push(PlanSample {
+                operation: "delete".to_owned(),
+                key,
+                record,
+            });
         }
         return Ok(());
     }
 
     // Deliver and commit: upserts first, then deletes.
-    let to_send = plan.counts.added + plan.counts.changed + deletes.len() as u64;
+    let to_send = plan.counts.added + plan.counts.changed + deletes.len();
     options.progress.delivering(to_send);
-    sends.add(Operation::Delete, deletes.len() as u64);
+    sends.add(Operation::Delete, deletes.len());
     job.delivery.prepare(&sends);
     let job = &*job;
     let batches = SpillBatches::start(spilled, plan, decider, &job.delivery)?;
     deliver(job, store, options, c, batches.into_iter_batches()).await?;
     if !deletes.is_empty() {
-        let delete_batches = delete_batches(&state, &deletes, job.delivery.batch_size());
-        deliver(job, store, options, c, delete_batches.map(Ok)).await?;
+        deliver(job, store, options, c, deletes.batches(job.delivery.batch_size())).await?;
     }
     Ok(())
 }
@@ -623,7 +622,8 @@ async fn run_steps(
 /// ones when the store diffed), how many rows were stored, the outcome, the spilled rows and
 /// how to read them.
 struct Planned {
-    state: Fingerprints,
+    /// The rows a `mirror` run deletes.
+    deletes: Deletes,
     stored_records: u64,
     plan: PlanOutcome,
     spilled: SpillReader,
@@ -977,27 +977,6 @@ impl<'p> SpillBatches<'p> {
             }
         }
     }
-}
-
-/// The batches of deletes, each made as delivery asks for it: a delete's record (its key and
-/// parsed identity) is held only while its batch is under way.
-fn delete_batches<'a>(
-    state: &'a Fingerprints,
-    removed: &'a [usize],
-    batch_size: usize,
-) -> impl Iterator<Item = Batch> + 'a {
-    removed.chunks(batch_size.max(1)).map(move |chunk| Batch {
-        operation: Operation::Delete,
-        records: chunk
-            .iter()
-            .filter_map(|&pos| state.get(pos))
-            .map(|e| Record {
-                key: e.key.to_owned(),
-                identity: identity_document(e.identity).into(),
-                fields: Fields::default(),
-            })
-            .collect(),
-    })
 }
 
 fn identity_document(json: &str) -> Document {

@@ -9,7 +9,7 @@
 
 use super::codec::{ChangeRef, decode_change_ref, encode_change_ref, skip_change};
 use super::hash_buckets::{DiskBuckets, HashBuckets, bucket_of};
-use super::{EntryRef, stored_key_hash};
+use super::{EntryRef, RemovedRows, stored_key_hash};
 
 /// Bytes each of the 256 buckets buffers before writing.
 const CHUNK: usize = 32 * 1024;
@@ -117,22 +117,21 @@ impl ChangeBuckets {
     }
 
     /// Key and identity of the live entries whose key hash is in `hashes`, reading only the
-    /// buckets they fall in.
-    pub(crate) fn entries_of(&self, hashes: &[u128]) -> std::io::Result<Vec<(String, String)>> {
-        let wanted: std::collections::HashSet<u128> = hashes.iter().copied().collect();
+    /// buckets they fall in; `hashes` is sorted here.
+    pub(crate) fn entries_of(&self, hashes: &mut [u128]) -> std::io::Result<RemovedRows> {
+        hashes.sort_unstable();
         let mut buckets: Vec<u8> = hashes.iter().map(|h| bucket_of(*h)).collect();
-        buckets.sort_unstable();
         buckets.dedup();
-        let mut found = Vec::with_capacity(hashes.len());
+        let mut found = RemovedRows::new();
         for n in buckets {
             for entry in self.bucket(n)?.entries() {
                 let (hash, e) = entry?;
-                if wanted.contains(&hash) {
-                    found.push((e.key.to_owned(), e.identity.to_owned()));
+                if hashes.binary_search(&hash).is_ok() {
+                    found.push(e.key.to_owned(), e.identity.to_owned())?;
                 }
             }
         }
-        Ok(found)
+        found.finish()
     }
 }
 
@@ -211,13 +210,13 @@ mod tests {
         );
 
         assert_eq!(changes.live_pairs().unwrap().len(), 4_999);
-        let wanted = [
+        let mut wanted = [
             stored_key_hash("k2"),
             stored_key_hash("k1"),
             stored_key_hash("k7"),
         ];
-        let mut found = changes.entries_of(&wanted).unwrap();
-        found.sort();
+        let found = changes.entries_of(&mut wanted).unwrap();
+        let found: Vec<(String, String)> = found.iter().map(Result::unwrap).collect();
         assert_eq!(
             found,
             vec![

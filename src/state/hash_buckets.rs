@@ -358,7 +358,7 @@ impl Comparison {
     /// logged with how many rows each side had (`against` names the stored side).
     pub fn into_diff(
         self,
-        removed: Vec<(String, String)>,
+        removed: crate::state::RemovedRows,
         all_added: bool,
         full_resync: bool,
         (staged, stored): (u64, u64),

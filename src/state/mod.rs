@@ -17,7 +17,10 @@ pub mod configmap;
 pub mod file;
 pub mod hash_buckets;
 pub mod migrate;
+mod removed_rows;
 pub mod warehouse;
+
+pub use removed_rows::RemovedRows;
 
 use async_trait::async_trait;
 use xxhash_rust::xxh3::xxh3_64;
@@ -435,9 +438,9 @@ pub struct RemoteDiff {
     pub changed: std::sync::Arc<hash_buckets::ChangedKeys>,
     /// Keys staged more than once, with how many times; they are in no other field.
     pub duplicates: std::collections::HashMap<u128, u64>,
-    /// Stored keys that were not staged, with their identity JSON (for mirror deletes);
-    /// empty when the store was asked to count them only.
-    pub removed: Vec<(String, String)>,
+    /// Stored keys that were not staged, with their identity JSON (for mirror deletes), in
+    /// key order; empty when the store was asked to count them only.
+    pub removed: RemovedRows,
     /// How many stored keys were not staged, listed in `removed` or not.
     pub removed_rows: u64,
 }

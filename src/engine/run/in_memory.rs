@@ -1,6 +1,7 @@
 //! Planning in memory: every stored fingerprint is loaded and the planner decides row by
 //! row, for a store without a diff of its own.
 
+use super::deletes::Deletes;
 use super::rows::{MappedRows, NextRow, report_duplicates};
 use super::{Collector, Decider, PlanSample, Planned, RunError, RunOptions};
 use crate::api::SyncMode;
@@ -86,7 +87,7 @@ pub(super) async fn plan(
         options.progress.row_planned();
     }
     options.progress.set_phase(Phase::Planning);
-    let plan = planner.finish();
+    let mut plan = planner.finish();
     let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
         report_duplicates(&mut spilled, &plan, stored_duplicates, c).map_err(RunError::spill)?;
@@ -94,7 +95,10 @@ pub(super) async fn plan(
     }
     Ok(Planned {
         stored_records: state.len() as u64,
-        state,
+        deletes: Deletes::Loaded {
+            positions: std::mem::take(&mut plan.removed),
+            state,
+        },
         plan,
         spilled,
         decider: Decider::Planned,

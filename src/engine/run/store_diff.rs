@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::deletes::Deletes;
 use super::rows::{MappedRows, NextRow, report_duplicates};
 use super::{Collector, Decider, Planned, RunError};
 use crate::api::SyncMode;
@@ -18,7 +19,7 @@ use crate::engine::spill::{RowJson, SpillWriter};
 use crate::model::record::Operation;
 use crate::source::RowStream;
 use crate::state::hash_buckets::ChangedKeys;
-use crate::state::{EntryRef, Fingerprints, StateStore, stored_key_hash};
+use crate::state::{StateStore, stored_key_hash};
 
 /// The fingerprint staged for a rejected row's key: whatever the store compares it with, the
 /// key is dropped from the diff's changes afterwards.
@@ -142,27 +143,9 @@ pub(super) async fn plan(
             _ => counts.skipped += rows,
         }
     }
-    // Deletes go out in key order, whatever order the store found them in. The diff's list
-    // goes once the deletes' set holds it: nothing asks the diff for it again.
-    let mut removed = std::mem::take(&mut diff.removed);
-    removed.sort_unstable();
-    let text: usize = removed
-        .iter()
-        .map(|(key, identity)| key.len() + identity.len())
-        .sum();
-    let mut state = Fingerprints::with_capacity(removed.len(), text);
-    for (key, identity) in removed {
-        // Distinct: stored keys.
-        state.push_unindexed(EntryRef {
-            key: &key,
-            fingerprint: 0,
-            identity: &identity,
-        });
-    }
-    state.build_index();
     let plan = PlanOutcome {
         counts,
-        removed: (0..state.len()).collect(),
+        removed: Vec::new(),
         duplicates: diff
             .duplicates
             .iter()
@@ -170,6 +153,8 @@ pub(super) async fn plan(
             .collect(),
         result_fingerprint: format!("{digest:016x}"),
     };
+    // The diff lists removed rows in key order; nothing asks the diff for them again.
+    let deletes = Deletes::Listed(std::mem::take(&mut diff.removed));
     let decider = Decider::Diff { diff, mode };
     let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
@@ -196,7 +181,7 @@ pub(super) async fn plan(
         stored_records: unique_rows
             .saturating_sub(new_rows)
             .saturating_add(counts.removed),
-        state,
+        deletes,
         plan,
         spilled,
         decider,

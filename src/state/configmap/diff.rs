@@ -16,7 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::{ConfigMapStore, View};
 use crate::state::change_buckets::ChangeBuckets;
 use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
-use crate::state::{RemoteDiff, StateError, StoreDiff};
+use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The stored state in buckets, and its live pairs.
 type Stored = (ChangeBuckets, HashBuckets);
@@ -107,14 +107,15 @@ impl StoreDiff for ConfigMapStore {
             .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
         let all_added = pairs.is_empty();
         let (staged, stored_rows) = (run.len(), pairs.len());
-        let compared = compare_apart(run, (!all_added).then_some(pairs), removed)
+        let mut compared = compare_apart(run, (!all_added).then_some(pairs), removed)
             .await
             .map_err(|e| self.temp_file_error(&e))?;
         let removed = if compared.removed.is_empty() {
-            Vec::new()
+            RemovedRows::new()
         } else {
+            let mut hashes = std::mem::take(&mut compared.removed);
             changes
-                .entries_of(&compared.removed)
+                .entries_of(&mut hashes)
                 .map_err(|e| self.temp_file_error(&e))?
         };
         self.folding = Some(changes);

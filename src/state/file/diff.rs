@@ -15,7 +15,6 @@
 //! Every read of the stored side sees the live state: the state file with the journal that
 //! earlier runs left beside it merged in ([`super::live`]).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -25,7 +24,7 @@ use super::FileStore;
 use super::format::{StateFileReader, io_error};
 use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{Comparison, HashBuckets, Removed, compare_apart, compare_partial_in_order};
-use crate::state::{RemoteDiff, StateError, StoreDiff};
+use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
 #[derive(Debug)]
@@ -95,18 +94,21 @@ fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
     })
 }
 
-/// Key and identity of the live entries whose key hash is in `hashes`.
-fn removed_rows(files: &StoredFiles, hashes: &HashSet<u128>) -> Result<Vec<(String, String)>, StateError> {
+/// Key and identity of the live entries whose key hash is in `hashes` (sorted).
+fn removed_rows(files: &StoredFiles, hashes: &[u128]) -> Result<RemovedRows, StateError> {
+    let temp = |e: std::io::Error| temp_file_error(&files.state, &e);
     read_live(&files.state, &files.journal, &files.scope, true, |live| {
-        let mut removed = Vec::with_capacity(hashes.len());
+        let mut removed = RemovedRows::new();
         loop {
             match live.next()? {
                 Live::Entry(hash, entry) => {
-                    if hashes.contains(&hash) {
-                        removed.push((entry.key.to_owned(), entry.identity.to_owned()));
+                    if hashes.binary_search(&hash).is_ok() {
+                        removed
+                            .push(entry.key.to_owned(), entry.identity.to_owned())
+                            .map_err(temp)?;
                     }
                 }
-                Live::End => return Ok(Some(removed)),
+                Live::End => return removed.finish().map(Some).map_err(temp),
                 Live::OutOfOrder => return Ok(None),
             }
         }
@@ -249,7 +251,7 @@ impl StoreDiff for FileStore {
         };
         let path: PathBuf = self.state_path.clone();
         let staged = run.len();
-        let (compared, stored_rows) = match (stored, &holding) {
+        let (mut compared, stored_rows) = match (stored, &holding) {
             (Stored::Unread, Some(files)) if removed == Removed::Ignore => {
                 match compare_partial_apart(files, run).await? {
                     Ok(found) => found,
@@ -270,12 +272,13 @@ impl StoreDiff for FileStore {
         };
         let removed = match holding {
             Some(files) if !compared.removed.is_empty() => {
-                let hashes: HashSet<u128> = compared.removed.iter().copied().collect();
+                let mut hashes = std::mem::take(&mut compared.removed);
+                hashes.sort_unstable();
                 tokio::task::spawn_blocking(move || removed_rows(&files, &hashes))
                     .await
                     .map_err(|e| stopped(&path, "reading the removed rows", &e))??
             }
-            _ => Vec::new(),
+            _ => RemovedRows::new(),
         };
         Ok(compared.into_diff(
             removed,

@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
-use crate::state::{RemoteDiff, StateError, StoreDiff};
+use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
 const PG_LOOKUP_CHUNK: usize = 10_000;
@@ -179,10 +179,12 @@ impl WarehouseStore {
     }
 
     /// The key and identity of the removed rows.
-    async fn removed_rows(&mut self, hashes: &[u128]) -> Result<Vec<(String, String)>, StateError> {
+    async fn removed_rows(&mut self, hashes: &[u128]) -> Result<RemovedRows, StateError> {
         let state = self.table("backflow_state");
         let sync_id = self.config.sync_id.clone();
-        let mut removed = Vec::with_capacity(hashes.len());
+        let mut removed = RemovedRows::new();
+        // A local temporary file's failure, kept apart from the database's errors.
+        let mut spilled: std::io::Result<()> = Ok(());
         let result: Result<(), sqlx::Error> = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => {
                 async {
@@ -193,7 +195,9 @@ impl WarehouseStore {
                         let keys: Vec<Vec<u8>> = chunk.iter().map(|h| h.to_be_bytes().to_vec()).collect();
                         let mut rows = sqlx::query(&sql).bind(&sync_id).bind(keys).fetch(&mut *c);
                         while let Some(row) = rows.try_next().await? {
-                            removed.push((row.try_get(0)?, row.try_get(1)?));
+                            if spilled.is_ok() {
+                                spilled = removed.push(row.try_get(0)?, row.try_get(1)?);
+                            }
                         }
                     }
                     Ok(())
@@ -214,7 +218,9 @@ impl WarehouseStore {
                         q.push(")");
                         let mut rows = q.build().fetch(&mut *c);
                         while let Some(row) = rows.try_next().await? {
-                            removed.push((my_text(&row, 0)?, my_text(&row, 1)?));
+                            if spilled.is_ok() {
+                                spilled = removed.push(my_text(&row, 0)?, my_text(&row, 1)?);
+                            }
                         }
                     }
                     Ok(())
@@ -224,7 +230,12 @@ impl WarehouseStore {
             None => Ok(()),
         };
         result.map_err(|e| self.sql_error("read the removed rows", e))?;
-        Ok(removed)
+        spilled
+            .and_then(|()| removed.finish())
+            .map_err(|e| StateError::Io {
+                location: self.location(),
+                reason: format!("failed to keep the removed rows in a local temporary file: {e}"),
+            })
     }
 }
 
@@ -306,7 +317,7 @@ impl StoreDiff for WarehouseStore {
             })?;
         let compare_ms = compared_in.elapsed().as_millis() as u64;
         let removed = if compared.removed.is_empty() {
-            Vec::new()
+            RemovedRows::new()
         } else {
             self.removed_rows(&compared.removed).await?
         };
