@@ -52,7 +52,7 @@ bench: ## Scale benchmark, 1,000,000 PostgreSQL rows: File, Warehouse and Config
 bench-10m: ## The same at 1,000,000 and 10,000,000 rows, one run per phase (~15 min on 2 cores, 6 GB free disk)
 	BACKFLOW_BENCH_ROWS=1000000,10000000 BACKFLOW_BENCH_REPEAT=1 $(CARGO) bench --locked --bench scale
 
-bench-100m: ## 100,000,000 rows, then 1% changed, File store, one process per run: peak RSS, peak /tmp and plan against COPY (not in CI; ~50 min on 2 cores, ~35 GB free disk for PostgreSQL and /tmp; BACKFLOW_BENCH_ROWS sets another size, BACKFLOW_BENCH_CHANGED_PERCENT and BACKFLOW_BENCH_REMOVED_PERCENT the share of rows changed and deleted)
+bench-100m: ## 100,000,000 rows, then 1% changed, File store, one process per run: peak RSS, peak /tmp and plan against COPY (not in CI; ~50 min on 2 cores, ~35 GB free disk for PostgreSQL and /tmp; BACKFLOW_BENCH_ROWS sets another size, BACKFLOW_BENCH_CHANGED_PERCENT and BACKFLOW_BENCH_REMOVED_PERCENT the share of rows changed and deleted, BACKFLOW_BENCH_MODE=mirror sends the deletes)
 	BACKFLOW_BENCH_ONLY=huge BACKFLOW_BENCH_ROWS=$${BACKFLOW_BENCH_ROWS:-100000000} $(CARGO) bench --locked --bench scale
 
 bench-dlt: $(DLT_VENV)/.installed ## Cursor mode at 1,000,000 rows next to dlt 1.31's cursor run (sql_database, incremental on updated_at) to the same sink, medians of 3 (not in CI; creates benches/dlt/.venv)

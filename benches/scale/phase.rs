@@ -140,12 +140,14 @@ pub struct Measured {
 }
 
 /// The sync of every run: 9 columns, 8 mappings with a template, a transform and nested
-/// targets.
+/// targets; in `BACKFLOW_BENCH_MODE` (`spec.mode`, `upsert` when unset).
 pub fn sync_spec(query: &str, store: Store) -> ReverseSyncSpec {
+    let mode = std::env::var("BACKFLOW_BENCH_MODE").unwrap_or_else(|_| "upsert".to_owned());
     serde_yaml_ng::from_str(&format!(
         r#"
 source: {{connectionSecretRef: {{name: wh}}, query: "{query}", primaryKey: [id]}}
 destinationRef: {{name: sink}}
+mode: {mode}
 state: {{store: {}}}
 mappings:
   - {{from: id, to: id}}
