@@ -8,7 +8,7 @@
 //! by key hash: memory holds the bucket buffers (8 MiB) and one bucket (1/256 of the rows).
 
 use super::codec::{ChangeRef, decode_change_ref, encode_change_ref, skip_change};
-use super::hash_buckets::{DiskBuckets, HashBuckets, bucket_of};
+use super::hash_buckets::{DiskBuckets, HashBuckets, RemovedHashes, bucket_of};
 use super::{EntryRef, RemovedRows, stored_key_hash};
 
 /// Bytes each of the 256 buckets buffers before writing.
@@ -117,16 +117,29 @@ impl ChangeBuckets {
     }
 
     /// Key and identity of the live entries whose key hash is in `hashes`, reading only the
-    /// buckets they fall in; `hashes` is sorted here.
-    pub(crate) fn entries_of(&self, hashes: &mut [u128]) -> std::io::Result<RemovedRows> {
-        hashes.sort_unstable();
-        let mut buckets: Vec<u8> = hashes.iter().map(|h| bucket_of(*h)).collect();
-        buckets.dedup();
+    /// buckets they fall in, one at a time.
+    pub(crate) fn entries_of(&self, hashes: &RemovedHashes) -> std::io::Result<RemovedRows> {
         let mut found = RemovedRows::new();
-        for n in buckets {
+        let mut wanted = hashes.iter();
+        let mut group: Vec<u128> = Vec::new();
+        let mut pending = wanted.next().transpose()?;
+        while let Some(first) = pending {
+            // The hashes ascend, so a bucket's are together.
+            let n = bucket_of(first);
+            group.clear();
+            group.push(first);
+            pending = None;
+            for hash in wanted.by_ref() {
+                let hash = hash?;
+                if bucket_of(hash) != n {
+                    pending = Some(hash);
+                    break;
+                }
+                group.push(hash);
+            }
             for entry in self.bucket(n)?.entries() {
                 let (hash, e) = entry?;
-                if hashes.binary_search(&hash).is_ok() {
+                if group.binary_search(&hash).is_ok() {
                     found.push(e.key.to_owned(), e.identity.to_owned())?;
                 }
             }
@@ -215,7 +228,10 @@ mod tests {
             stored_key_hash("k1"),
             stored_key_hash("k7"),
         ];
-        let found = changes.entries_of(&mut wanted).unwrap();
+        wanted.sort_unstable();
+        let mut hashes = RemovedHashes::default();
+        hashes.extend(&wanted).unwrap();
+        let found = changes.entries_of(&hashes).unwrap();
         let found: Vec<(String, String)> = found.iter().map(Result::unwrap).collect();
         assert_eq!(
             found,

@@ -107,15 +107,14 @@ impl StoreDiff for ConfigMapStore {
             .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))??;
         let all_added = pairs.is_empty();
         let (staged, stored_rows) = (run.len(), pairs.len());
-        let mut compared = compare_apart(run, (!all_added).then_some(pairs), removed)
+        let compared = compare_apart(run, (!all_added).then_some(pairs), removed)
             .await
             .map_err(|e| self.temp_file_error(&e))?;
         let removed = if compared.removed.is_empty() {
             RemovedRows::new()
         } else {
-            let mut hashes = std::mem::take(&mut compared.removed);
             changes
-                .entries_of(&mut hashes)
+                .entries_of(&compared.removed)
                 .map_err(|e| self.temp_file_error(&e))?
         };
         self.folding = Some(changes);

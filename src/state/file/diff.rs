@@ -23,7 +23,9 @@ use tokio::task::JoinHandle;
 use super::FileStore;
 use super::format::{StateFileReader, io_error};
 use super::live::{Live, LiveEntries, read_journal, read_live};
-use crate::state::hash_buckets::{Comparison, HashBuckets, Removed, compare_apart, compare_partial_in_order};
+use crate::state::hash_buckets::{
+    Comparison, HashBuckets, Removed, RemovedHashes, compare_apart, compare_partial_in_order,
+};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
@@ -94,18 +96,27 @@ fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
     })
 }
 
-/// Key and identity of the live entries whose key hash is in `hashes` (sorted).
-fn removed_rows(files: &StoredFiles, hashes: &[u128]) -> Result<RemovedRows, StateError> {
+/// Key and identity of the live entries whose key hash is in `hashes`, walking both in
+/// key-hash order.
+fn removed_rows(files: &StoredFiles, hashes: &RemovedHashes) -> Result<RemovedRows, StateError> {
     let temp = |e: std::io::Error| temp_file_error(&files.state, &e);
     read_live(&files.state, &files.journal, &files.scope, true, |live| {
         let mut removed = RemovedRows::new();
+        let mut wanted = hashes.iter();
+        let mut next = wanted.next().transpose().map_err(temp)?;
         loop {
             match live.next()? {
                 Live::Entry(hash, entry) => {
-                    if hashes.binary_search(&hash).is_ok() {
+                    // A listed hash is a stored one, so none is passed over; the loop is only
+                    // a guard against an entry the comparison did not see.
+                    while next.is_some_and(|w| w < hash) {
+                        next = wanted.next().transpose().map_err(temp)?;
+                    }
+                    if next == Some(hash) {
                         removed
                             .push(entry.key.to_owned(), entry.identity.to_owned())
                             .map_err(temp)?;
+                        next = wanted.next().transpose().map_err(temp)?;
                     }
                 }
                 Live::End => return removed.finish().map(Some).map_err(temp),
@@ -272,8 +283,7 @@ impl StoreDiff for FileStore {
         };
         let removed = match holding {
             Some(files) if !compared.removed.is_empty() => {
-                let mut hashes = std::mem::take(&mut compared.removed);
-                hashes.sort_unstable();
+                let hashes = std::mem::take(&mut compared.removed);
                 tokio::task::spawn_blocking(move || removed_rows(&files, &hashes))
                     .await
                     .map_err(|e| stopped(&path, "reading the removed rows", &e))??

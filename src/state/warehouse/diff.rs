@@ -19,7 +19,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
-use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
+use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
@@ -178,64 +178,68 @@ impl WarehouseStore {
         }
     }
 
-    /// The key and identity of the removed rows.
-    async fn removed_rows(&mut self, hashes: &[u128]) -> Result<RemovedRows, StateError> {
+    /// The key and identity of the removed rows, looked up a chunk of hashes at a time.
+    async fn removed_rows(&mut self, hashes: &RemovedHashes) -> Result<RemovedRows, StateError> {
         let state = self.table("backflow_state");
         let sync_id = self.config.sync_id.clone();
+        let location = self.location();
+        let local = |e: std::io::Error| StateError::Io {
+            location: location.clone(),
+            reason: format!("failed to keep the removed rows in a local temporary file: {e}"),
+        };
         let mut removed = RemovedRows::new();
-        // A local temporary file's failure, kept apart from the database's errors.
-        let mut spilled: std::io::Result<()> = Ok(());
-        let result: Result<(), sqlx::Error> = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                async {
+        let mut wanted = hashes.iter();
+        let chunk_len = match self.conn {
+            Some(Conn::My(_)) => MYSQL_CHUNK,
+            _ => PG_LOOKUP_CHUNK,
+        };
+        loop {
+            let chunk: Vec<Vec<u8>> = wanted
+                .by_ref()
+                .take(chunk_len)
+                .map(|h| h.map(|h| h.to_be_bytes().to_vec()))
+                .collect::<std::io::Result<_>>()
+                .map_err(local)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let rows: Result<Vec<(String, String)>, sqlx::Error> = match self.conn.as_mut() {
+                Some(Conn::Pg(c)) => {
                     let sql = format!(
                         "SELECT key, identity FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2)"
                     );
-                    for chunk in hashes.chunks(PG_LOOKUP_CHUNK) {
-                        let keys: Vec<Vec<u8>> = chunk.iter().map(|h| h.to_be_bytes().to_vec()).collect();
-                        let mut rows = sqlx::query(&sql).bind(&sync_id).bind(keys).fetch(&mut *c);
-                        while let Some(row) = rows.try_next().await? {
-                            if spilled.is_ok() {
-                                spilled = removed.push(row.try_get(0)?, row.try_get(1)?);
-                            }
-                        }
-                    }
-                    Ok(())
+                    sqlx::query(&sql)
+                        .bind(&sync_id)
+                        .bind(chunk)
+                        .fetch(&mut *c)
+                        .map_err(sqlx::Error::from)
+                        .and_then(|row| async move { Ok((row.try_get(0)?, row.try_get(1)?)) })
+                        .try_collect()
+                        .await
                 }
-                .await
-            }
-            Some(Conn::My(c)) => {
-                async {
-                    for chunk in hashes.chunks(MYSQL_CHUNK) {
-                        let mut q = QueryBuilder::new(format!(
-                            "SELECT `key`, identity FROM {state} WHERE sync_id = "
-                        ));
-                        q.push_bind(&sync_id).push(" AND key_hash IN (");
-                        let mut list = q.separated(", ");
-                        for h in chunk {
-                            list.push_bind(h.to_be_bytes().to_vec());
-                        }
-                        q.push(")");
-                        let mut rows = q.build().fetch(&mut *c);
-                        while let Some(row) = rows.try_next().await? {
-                            if spilled.is_ok() {
-                                spilled = removed.push(my_text(&row, 0)?, my_text(&row, 1)?);
-                            }
-                        }
+                Some(Conn::My(c)) => {
+                    let mut q =
+                        QueryBuilder::new(format!("SELECT `key`, identity FROM {state} WHERE sync_id = "));
+                    q.push_bind(&sync_id).push(" AND key_hash IN (");
+                    let mut list = q.separated(", ");
+                    for h in chunk {
+                        list.push_bind(h);
                     }
-                    Ok(())
+                    q.push(")");
+                    q.build()
+                        .fetch(&mut *c)
+                        .and_then(|row| async move { Ok((my_text(&row, 0)?, my_text(&row, 1)?)) })
+                        .try_collect()
+                        .await
                 }
-                .await
+                None => Ok(Vec::new()),
+            };
+            let rows = rows.map_err(|e| self.sql_error("read the removed rows", e))?;
+            for (key, identity) in rows {
+                removed.push(key, identity).map_err(local)?;
             }
-            None => Ok(()),
-        };
-        result.map_err(|e| self.sql_error("read the removed rows", e))?;
-        spilled
-            .and_then(|()| removed.finish())
-            .map_err(|e| StateError::Io {
-                location: self.location(),
-                reason: format!("failed to keep the removed rows in a local temporary file: {e}"),
-            })
+        }
+        removed.finish().map_err(local)
     }
 }
 
