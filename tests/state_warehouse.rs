@@ -1136,7 +1136,24 @@ async fn fold_order(db: TestDb) {
         )
         .await
         .unwrap();
+    store.commit("s", &[put("twice", 1, "{}")]).await.unwrap();
+    store
+        .commit("s", &[put("twice", 2, "{\"v\":2}"), put("dropped", 1, "{}")])
+        .await
+        .unwrap();
+    store
+        .commit(
+            "s",
+            &[StateChange::Remove {
+                key: "dropped".into(),
+            }],
+        )
+        .await
+        .unwrap();
     store.finish("s").await.unwrap();
+    // The first fold, into a state without rows, inserts the last put of each key (the
+    // load below finds "twice" at its second put and no "dropped").
+    assert_eq!(rows_in(&db, "backflow_state", "ns/o").await, Some(4));
     // One checkpoint each: the journal holds every change, the fold keeps the last.
     store.commit("s", &[put("kept", 2, "{\"v\":2}")]).await.unwrap();
     store.commit("s", &[put("kept", 3, "{\"v\":3}")]).await.unwrap();
@@ -1164,6 +1181,7 @@ async fn fold_order(db: TestDb) {
         vec![
             ("back".to_owned(), 4, "{\"v\":4}".to_owned()),
             ("kept".to_owned(), 3, "{\"v\":3}".to_owned()),
+            ("twice".to_owned(), 2, "{\"v\":2}".to_owned()),
         ]
     );
     again.end_run(&end(true)).await.unwrap();
@@ -1208,7 +1226,7 @@ async fn fold_order(db: TestDb) {
     let loaded = load_after_drop(&mut last, "s").await;
     let late = loaded.get(loaded.position("late").unwrap()).unwrap();
     assert_eq!(late.fingerprint, 7);
-    assert_eq!(loaded.len(), 3);
+    assert_eq!(loaded.len(), 4);
 }
 
 #[tokio::test]

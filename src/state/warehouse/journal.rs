@@ -208,7 +208,10 @@ const VACUUM_AFTER: u64 = 100_000;
 ///
 /// Keys whose journal holds a remove are deleted first; then the last change of each key is
 /// upserted when it is a put (a key removed then put again comes back, one put then removed
-/// stays gone), in `key_hash` order; then the journal rows go.
+/// stays gone), in `key_hash` order; then the journal rows go. When the sync holds no rows
+/// yet (its first run), there is nothing to delete or update: the last puts are inserted
+/// without `ON CONFLICT`, which saves the lookup of each key (the run holds the sync's lock,
+/// so no other writer adds rows meanwhile).
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
@@ -218,22 +221,34 @@ pub(super) async fn pg_fold(
     let mut tx = c.begin().await?;
     // The sort of the journal by key_hash: in memory rather than through temporary files.
     tx.execute("SET LOCAL work_mem = '64MB'").await?;
-    sqlx::query(&format!(
-        "DELETE FROM {state} s USING {journal} j \
-         WHERE j.sync_id = $1 AND j.removed AND s.sync_id = $1 AND s.key_hash = j.key_hash"
+    let holds_rows: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = $1)"
     ))
     .bind(sync_id)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
+    if holds_rows {
+        sqlx::query(&format!(
+            "DELETE FROM {state} s USING {journal} j \
+             WHERE j.sync_id = $1 AND j.removed AND s.sync_id = $1 AND s.key_hash = j.key_hash"
+        ))
+        .bind(sync_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let on_conflict = if holds_rows {
+        "ON CONFLICT (sync_id, key_hash) DO UPDATE SET key = EXCLUDED.key, \
+         fingerprint = EXCLUDED.fingerprint, identity = EXCLUDED.identity, \
+         updated_at = EXCLUDED.updated_at"
+    } else {
+        ""
+    };
     sqlx::query(&format!(
         "INSERT INTO {state} (sync_id, key_hash, key, fingerprint, identity, updated_at) \
          SELECT $1, key_hash, key, fingerprint, identity, now() FROM ( \
            SELECT DISTINCT ON (key_hash) key_hash, key, fingerprint, identity, removed \
            FROM {journal} WHERE sync_id = $1 ORDER BY key_hash, seq DESC \
-         ) AS latest WHERE NOT removed ORDER BY key_hash \
-         ON CONFLICT (sync_id, key_hash) DO UPDATE SET key = EXCLUDED.key, \
-         fingerprint = EXCLUDED.fingerprint, identity = EXCLUDED.identity, \
-         updated_at = EXCLUDED.updated_at"
+         ) AS latest WHERE NOT removed ORDER BY key_hash {on_conflict}"
     ))
     .bind(sync_id)
     .execute(&mut *tx)
@@ -264,22 +279,35 @@ pub(super) async fn my_fold(
     sync_id: &str,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = c.begin().await?;
-    sqlx::query(&format!(
-        "DELETE s FROM {state} s JOIN {journal} j ON s.sync_id = j.sync_id AND s.key_hash = j.key_hash \
-         WHERE j.sync_id = ? AND j.removed"
+    let holds_rows = sqlx::query_scalar::<_, i64>(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = ?)"
     ))
     .bind(sync_id)
-    .execute(&mut *tx)
-    .await?;
+    .fetch_one(&mut *tx)
+    .await?
+        > 0;
+    if holds_rows {
+        sqlx::query(&format!(
+            "DELETE s FROM {state} s JOIN {journal} j ON s.sync_id = j.sync_id AND s.key_hash = j.key_hash \
+             WHERE j.sync_id = ? AND j.removed"
+        ))
+        .bind(sync_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let on_duplicate = if holds_rows {
+        "ON DUPLICATE KEY UPDATE `key` = VALUES(`key`), fingerprint = VALUES(fingerprint), \
+         identity = VALUES(identity), updated_at = VALUES(updated_at)"
+    } else {
+        ""
+    };
     sqlx::query(&format!(
         "INSERT INTO {state} (sync_id, key_hash, `key`, fingerprint, identity, updated_at) \
          SELECT sync_id, key_hash, `key`, fingerprint, identity, UTC_TIMESTAMP(6) FROM ( \
            SELECT sync_id, key_hash, `key`, fingerprint, identity, removed, \
            ROW_NUMBER() OVER (PARTITION BY key_hash ORDER BY seq DESC) AS nth \
            FROM {journal} WHERE sync_id = ? \
-         ) AS latest WHERE nth = 1 AND NOT removed ORDER BY key_hash \
-         ON DUPLICATE KEY UPDATE `key` = VALUES(`key`), fingerprint = VALUES(fingerprint), \
-         identity = VALUES(identity), updated_at = VALUES(updated_at)"
+         ) AS latest WHERE nth = 1 AND NOT removed ORDER BY key_hash {on_duplicate}"
     ))
     .bind(sync_id)
     .execute(&mut *tx)
