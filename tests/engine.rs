@@ -167,6 +167,73 @@ async fn mirror_deletes_rows_that_left_the_model_and_other_modes_do_not() {
 }
 
 #[tokio::test]
+async fn a_mirror_run_whose_deletes_outgrow_memory_sends_every_one_in_key_order() {
+    // 60,000 rows with 300-character keys; the 27,000 deleted (45%, under the delete guard's
+    // default share) hold about 18 MB of keys and identities, past the 8 MiB the removed
+    // rows keep in memory: they are listed in sorted runs on disk and merged.
+    let h = Harness {
+        db: TempSqlite::new(
+            "CREATE TABLE wide (id TEXT PRIMARY KEY, email TEXT, plan TEXT, score REAL);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000)
+             INSERT INTO wide SELECT 'key-' || printf('%0300d', (i * 7919) % 60000), 'u' || i, 'free', i FROM n;",
+        )
+        .await,
+        state: tempfile::tempdir().unwrap(),
+    };
+    let wide = spec("mirror", "SELECT id, email, plan, score FROM wide");
+    let first = h.run(&wide, Arc::new(FakeConnector::new(100))).await;
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!(first.accepted, 60_000);
+    h.db.exec("DELETE FROM wide WHERE CAST(substr(id, 5) AS INTEGER) % 20 < 9")
+        .await;
+
+    let dry = h
+        .run_with(
+            &wide,
+            Arc::new(FakeConnector::new(100)),
+            RunOptions {
+                dry_run: true,
+                ..RunOptions::default()
+            },
+        )
+        .await;
+    let samples: Vec<&str> = dry
+        .plan_samples
+        .iter()
+        .filter(|s| s.operation == "delete")
+        .map(|s| s.key.as_str())
+        .collect();
+    let first_deleted = format!("key-{:0300}", 0);
+    assert_eq!(
+        samples.first().copied(),
+        Some(first_deleted.as_str()),
+        "samples start at the lowest key"
+    );
+
+    let fake = Arc::new(FakeConnector::new(100));
+    let report = h.run(&wide, fake.clone()).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!((report.plan.removed, report.deleted), (27_000, 27_000));
+    let calls = fake.calls.lock().unwrap().clone();
+    let mut sent: Vec<String> = Vec::new();
+    for (operation, keys) in &calls {
+        assert_eq!(*operation, backflow::model::record::Operation::Delete);
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "each batch in key order");
+        sent.extend(keys.iter().cloned());
+    }
+    sent.sort();
+    let expected: Vec<String> = (0..60_000)
+        .filter(|i| i % 20 < 9)
+        .map(|i| format!("key-{i:0300}"))
+        .collect();
+    assert!(sent == expected, "every deleted key once: {} sent", sent.len());
+    // Deleted records are forgotten: the next run sends nothing.
+    let next = Arc::new(FakeConnector::new(100));
+    let again = h.run(&wide, next.clone()).await;
+    assert_eq!((again.plan.removed, next.call_count()), (0, 0));
+}
+
+#[tokio::test]
 async fn insert_mode_sends_new_rows_only_and_update_mode_changed_rows_only() {
     let h = Harness::new().await;
     let some = spec(
