@@ -33,6 +33,8 @@ pub struct RemovedRows {
     runs: Vec<(u64, u64)>,
     file: Option<File>,
     len: u64,
+    /// `finish` was called: the list may be read.
+    finished: bool,
 }
 
 impl RemovedRows {
@@ -61,6 +63,7 @@ impl RemovedRows {
         } else {
             self.held.sort_unstable();
         }
+        self.finished = true;
         Ok(self)
     }
 
@@ -74,13 +77,16 @@ impl RemovedRows {
         self.len == 0
     }
 
-    /// The rows, `(key, identity)`, in order; each call reads them from the start.
+    /// The rows, `(key, identity)`, in order; each call reads them from the start. A list
+    /// that was pushed to but not finished reads as an error, never as part of its rows.
     pub fn iter(&self) -> impl Iterator<Item = io::Result<(String, String)>> + '_ {
+        let unfinished = !self.finished && self.len > 0;
         let mut merge = Merge {
             runs: Vec::with_capacity(self.runs.len()),
             heads: BinaryHeap::with_capacity(self.runs.len()),
             held: self.held.iter(),
-            failed: None,
+            failed: unfinished
+                .then(|| io::Error::other("the removed rows were read before they were sorted")),
         };
         if let Some(file) = &self.file {
             for &(start, end) in &self.runs {
@@ -243,6 +249,14 @@ mod tests {
         assert_eq!(keys, ["a", "b", "c"]);
         assert_eq!(listed(&rows).len(), 3, "a second read starts from the start");
         assert!(RemovedRows::new().finish().unwrap().iter().next().is_none());
+        assert!(
+            RemovedRows::new().iter().next().is_none(),
+            "an empty list needs no finish"
+        );
+        let mut unfinished = RemovedRows::new();
+        unfinished.push("a".to_owned(), "{}".to_owned()).unwrap();
+        let read: Vec<io::Result<(String, String)>> = unfinished.iter().collect();
+        assert!(read.len() == 1 && read[0].is_err(), "never a partial list");
     }
 
     #[test]
