@@ -391,7 +391,8 @@ impl Comparison {
 /// What a comparison does with the stored keys the run lacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removed {
-    /// Lists them (16 bytes each) and counts them: a run that may delete them.
+    /// Lists them ([`RemovedHashes`]: 16 bytes each, on local disk once they are many) and
+    /// counts them: a run that may delete them.
     List,
     /// Counts them only: a run that will not delete (every mode but `mirror`) reports how
     /// many there are.

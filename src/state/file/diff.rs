@@ -4,8 +4,9 @@
 //! While the engine extracts the model, a blocking task streams the state file's (key hash,
 //! fingerprint) pairs into disk buckets; the engine's rows go into buckets of their own. The
 //! diff merges the two bucket by bucket, then reads the state file once more for the key and
-//! identity of the removed rows, and only when there are some. Memory holds one bucket of
-//! each side and the changed keys, never a row per stored key.
+//! identity of the removed rows, and only when there are some (walking their ascending
+//! hashes beside it, into [`RemovedRows`]). Memory holds one bucket of each side and the
+//! changed keys, never a row per stored or removed key.
 //!
 //! A run that reads part of the model (cursor mode, past the mark) lists no removed rows, and
 //! its rows are usually few next to the stored ones: the state file, written in key-hash
