@@ -120,26 +120,11 @@ impl ChangeBuckets {
     /// buckets they fall in, one at a time.
     pub(crate) fn entries_of(&self, hashes: &RemovedHashes) -> std::io::Result<RemovedRows> {
         let mut found = RemovedRows::new();
-        let mut wanted = hashes.iter();
-        let mut group: Vec<u128> = Vec::new();
-        let mut pending = wanted.next().transpose()?;
-        while let Some(first) = pending {
-            // The hashes ascend, so a bucket's are together.
-            let n = bucket_of(first);
-            group.clear();
-            group.push(first);
-            pending = None;
-            for hash in wanted.by_ref() {
-                let hash = hash?;
-                if bucket_of(hash) != n {
-                    pending = Some(hash);
-                    break;
-                }
-                group.push(hash);
-            }
+        for bucket in hashes.buckets() {
+            let (n, wanted) = bucket?;
             for entry in self.bucket(n)?.entries() {
                 let (hash, e) = entry?;
-                if group.binary_search(&hash).is_ok() {
+                if wanted.binary_search(&hash).is_ok() {
                     found.push(e.key.to_owned(), e.identity.to_owned())?;
                 }
             }

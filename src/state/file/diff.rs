@@ -25,7 +25,7 @@ use super::FileStore;
 use super::format::{StateFileReader, io_error};
 use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{
-    Comparison, HashBuckets, Removed, RemovedHashes, compare_apart, compare_partial_in_order,
+    Comparison, HashBuckets, Removed, RemovedHashes, bucket_of, compare_apart, compare_partial_in_order,
 };
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
@@ -98,26 +98,27 @@ fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
 }
 
 /// Key and identity of the live entries whose key hash is in `hashes`, walking both in
-/// key-hash order.
+/// key-hash order, one bucket of `hashes` at a time.
 fn removed_rows(files: &StoredFiles, hashes: &RemovedHashes) -> Result<RemovedRows, StateError> {
     let temp = |e: std::io::Error| temp_file_error(&files.state, &e);
     read_live(&files.state, &files.journal, &files.scope, true, |live| {
         let mut removed = RemovedRows::new();
-        let mut wanted = hashes.iter();
-        let mut next = wanted.next().transpose().map_err(temp)?;
+        let mut buckets = hashes.buckets();
+        let mut wanted = buckets.next().transpose().map_err(temp)?;
         loop {
             match live.next()? {
                 Live::Entry(hash, entry) => {
-                    // A listed hash is a stored one, so none is passed over; the loop is only
-                    // a guard against an entry the comparison did not see.
-                    while next.is_some_and(|w| w < hash) {
-                        next = wanted.next().transpose().map_err(temp)?;
+                    let bucket = bucket_of(hash);
+                    while wanted.as_ref().is_some_and(|(n, _)| *n < bucket) {
+                        wanted = buckets.next().transpose().map_err(temp)?;
                     }
-                    if next == Some(hash) {
+                    if wanted
+                        .as_ref()
+                        .is_some_and(|(n, keys)| *n == bucket && keys.binary_search(&hash).is_ok())
+                    {
                         removed
                             .push(entry.key.to_owned(), entry.identity.to_owned())
                             .map_err(temp)?;
-                        next = wanted.next().transpose().map_err(temp)?;
                     }
                 }
                 Live::End => return removed.finish().map(Some).map_err(temp),

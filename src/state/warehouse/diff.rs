@@ -180,66 +180,71 @@ impl WarehouseStore {
 
     /// The key and identity of the removed rows, looked up a chunk of hashes at a time.
     async fn removed_rows(&mut self, hashes: &RemovedHashes) -> Result<RemovedRows, StateError> {
-        let state = self.table("backflow_state");
-        let sync_id = self.config.sync_id.clone();
         let location = self.location();
         let local = |e: std::io::Error| StateError::Io {
             location: location.clone(),
             reason: format!("failed to keep the removed rows in a local temporary file: {e}"),
         };
-        let mut removed = RemovedRows::new();
-        let mut wanted = hashes.iter();
         let chunk_len = match self.conn {
             Some(Conn::My(_)) => MYSQL_CHUNK,
             _ => PG_LOOKUP_CHUNK,
         };
-        loop {
-            let chunk: Vec<Vec<u8>> = wanted
-                .by_ref()
-                .take(chunk_len)
-                .map(|h| h.map(|h| h.to_be_bytes().to_vec()))
-                .collect::<std::io::Result<_>>()
-                .map_err(local)?;
-            if chunk.is_empty() {
-                break;
-            }
-            let rows: Result<Vec<(String, String)>, sqlx::Error> = match self.conn.as_mut() {
-                Some(Conn::Pg(c)) => {
-                    let sql = format!(
-                        "SELECT key, identity FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2)"
-                    );
-                    sqlx::query(&sql)
-                        .bind(&sync_id)
-                        .bind(chunk)
-                        .fetch(&mut *c)
-                        .map_err(sqlx::Error::from)
-                        .and_then(|row| async move { Ok((row.try_get(0)?, row.try_get(1)?)) })
-                        .try_collect()
-                        .await
+        let mut removed = RemovedRows::new();
+        let mut wanted: Vec<u128> = Vec::new();
+        for bucket in hashes.buckets() {
+            wanted.extend(bucket.map_err(local)?.1);
+            while wanted.len() >= chunk_len {
+                let rest = wanted.split_off(chunk_len);
+                for (key, identity) in self.rows_of(&wanted).await? {
+                    removed.push(key, identity).map_err(local)?;
                 }
-                Some(Conn::My(c)) => {
-                    let mut q =
-                        QueryBuilder::new(format!("SELECT `key`, identity FROM {state} WHERE sync_id = "));
-                    q.push_bind(&sync_id).push(" AND key_hash IN (");
-                    let mut list = q.separated(", ");
-                    for h in chunk {
-                        list.push_bind(h);
-                    }
-                    q.push(")");
-                    q.build()
-                        .fetch(&mut *c)
-                        .and_then(|row| async move { Ok((my_text(&row, 0)?, my_text(&row, 1)?)) })
-                        .try_collect()
-                        .await
-                }
-                None => Ok(Vec::new()),
-            };
-            let rows = rows.map_err(|e| self.sql_error("read the removed rows", e))?;
-            for (key, identity) in rows {
-                removed.push(key, identity).map_err(local)?;
+                wanted = rest;
             }
         }
+        for (key, identity) in self.rows_of(&wanted).await? {
+            removed.push(key, identity).map_err(local)?;
+        }
         removed.finish().map_err(local)
+    }
+
+    /// The key and identity of the stored rows whose key hash is in `hashes` (one statement).
+    async fn rows_of(&mut self, hashes: &[u128]) -> Result<Vec<(String, String)>, StateError> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let state = self.table("backflow_state");
+        let sync_id = self.config.sync_id.clone();
+        let keys = hashes.iter().map(|h| h.to_be_bytes().to_vec());
+        let rows: Result<Vec<(String, String)>, sqlx::Error> = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let sql =
+                    format!("SELECT key, identity FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2)");
+                sqlx::query(&sql)
+                    .bind(&sync_id)
+                    .bind(keys.collect::<Vec<_>>())
+                    .fetch(&mut *c)
+                    .and_then(|row| async move { Ok((row.try_get(0)?, row.try_get(1)?)) })
+                    .try_collect()
+                    .await
+            }
+            Some(Conn::My(c)) => {
+                let mut q =
+                    QueryBuilder::new(format!("SELECT `key`, identity FROM {state} WHERE sync_id = "));
+                q.push_bind(&sync_id).push(" AND key_hash IN (");
+                let mut list = q.separated(", ");
+                for key in keys {
+                    list.push_bind(key);
+                }
+                q.push(")");
+                q.build()
+                    .fetch(&mut *c)
+                    .and_then(|row| async move { Ok((my_text(&row, 0)?, my_text(&row, 1)?)) })
+                    .try_collect()
+                    .await
+            }
+            None => Ok(Vec::new()),
+        };
+        rows.map_err(|e| self.sql_error("read the removed rows", e))
     }
 }
 
