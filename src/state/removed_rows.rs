@@ -10,8 +10,10 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, BufRead as _, BufReader, Read, Write as _};
 use std::os::unix::fs::FileExt as _;
+
+use super::codec::{put_str, read_string};
 
 /// Bytes of rows (text plus `ROW_OVERHEAD` each) held in memory before they are sorted and
 /// written as a run.
@@ -91,11 +93,14 @@ impl RemovedRows {
         if let Some(file) = &self.file {
             for &(start, end) in &self.runs {
                 merge.runs.push(RunReader {
-                    file,
-                    next: start,
-                    end,
-                    buf: Vec::new(),
-                    at: 0,
+                    input: BufReader::with_capacity(
+                        READ_CHUNK,
+                        RunBytes {
+                            file,
+                            next: start,
+                            end,
+                        },
+                    ),
                 });
             }
         }
@@ -112,79 +117,59 @@ impl RemovedRows {
             Some(file) => file,
             None => self.file.insert(tempfile::tempfile()?),
         };
-        let start = self.runs.last().map_or(0, |&(_, end)| end);
-        let mut out = io::BufWriter::with_capacity(1 << 20, &*file);
-        let mut written = 0u64;
+        let mut bytes = Vec::with_capacity(self.held_bytes);
         for (key, identity) in self.held.drain(..) {
-            for text in [&key, &identity] {
-                let len = u32::try_from(text.len()).map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "a removed row's text is over 4 GiB")
-                })?;
-                out.write_all(&len.to_le_bytes())?;
-                out.write_all(text.as_bytes())?;
-                written += 4 + u64::from(len);
-            }
+            put_str(&mut bytes, &key);
+            put_str(&mut bytes, &identity);
         }
-        out.flush()?;
-        drop(out);
-        self.runs.push((start, start + written));
+        file.write_all(&bytes)?;
+        let start = self.runs.last().map_or(0, |&(_, end)| end);
+        self.runs.push((start, start + bytes.len() as u64));
         self.held_bytes = 0;
         Ok(())
     }
 }
 
-/// Reads one written run in chunks, by position, so that several readers may share the file.
-struct RunReader<'a> {
+/// One written run, read by position so that several readers may share the file.
+struct RunBytes<'a> {
     file: &'a File,
-    /// Where the next chunk starts in the file.
+    /// Where the next read starts in the file.
     next: u64,
     end: u64,
-    buf: Vec<u8>,
-    /// Where the next row starts in `buf`.
-    at: usize,
+}
+
+impl Read for RunBytes<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = usize::try_from(self.end - self.next).unwrap_or(usize::MAX);
+        let want = buf.len().min(left);
+        let n = self.file.read_at(&mut buf[..want], self.next)?;
+        if n == 0 && want > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "a run of removed rows ends before its length",
+            ));
+        }
+        self.next += n as u64;
+        Ok(n)
+    }
+}
+
+/// A run's rows, as `write_run` encoded them.
+struct RunReader<'a> {
+    input: BufReader<RunBytes<'a>>,
 }
 
 impl RunReader<'_> {
     /// The run's next row, or `None` at its end.
     fn next_row(&mut self) -> io::Result<Option<(String, String)>> {
-        if self.at == self.buf.len() && self.next == self.end {
+        if self.input.fill_buf()?.is_empty() {
             return Ok(None);
         }
-        let key = self.text()?;
-        let identity = self.text()?;
+        let (mut key, mut identity) = (String::new(), String::new());
+        read_string(&mut self.input, &mut key)?;
+        read_string(&mut self.input, &mut identity)?;
         Ok(Some((key, identity)))
     }
-
-    fn text(&mut self) -> io::Result<String> {
-        let len = u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| truncated())?) as usize;
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a removed row's text is not UTF-8"))
-    }
-
-    /// The next `n` bytes of the run, reading more of the file as needed.
-    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
-        if self.buf.len() - self.at < n {
-            self.buf.drain(..self.at);
-            self.at = 0;
-            let want = (n - self.buf.len()).max(READ_CHUNK);
-            let left = usize::try_from(self.end - self.next).unwrap_or(usize::MAX);
-            let read = want.min(left);
-            if read < n - self.buf.len() {
-                return Err(truncated());
-            }
-            let from = self.buf.len();
-            self.buf.resize(from + read, 0);
-            self.file.read_exact_at(&mut self.buf[from..], self.next)?;
-            self.next += read as u64;
-        }
-        let bytes = &self.buf[self.at..self.at + n];
-        self.at += n;
-        Ok(bytes)
-    }
-}
-
-fn truncated() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "a run of removed rows ends mid-row")
 }
 
 /// The runs merged in order, with the held rows (the only source of a list that never
