@@ -525,7 +525,7 @@ async fn run_steps(
         None => false,
     };
     let Planned {
-        deletes,
+        mut deletes,
         stored_records,
         mut plan,
         spilled,
@@ -548,17 +548,16 @@ async fn run_steps(
         if cursor.past_mark() {
             // Rows not read were not removed: only a full diff deletes.
             plan.counts.removed = 0;
+            deletes = Deletes::None;
         }
     }
     c.report.plan = plan.counts;
     c.report.spill_bytes = spilled.bytes();
     c.report.result_fingerprint = plan.result_fingerprint.clone();
     options.progress.planned(&plan.counts);
-    let mut deletes = if spec.mode == SyncMode::Mirror && plan.counts.removed > 0 {
-        deletes
-    } else {
-        Deletes::None
-    };
+    if spec.mode != SyncMode::Mirror {
+        deletes = Deletes::None;
+    }
     if !deletes.is_empty() {
         let mut keys = KeySetHash::default();
         for row in deletes.rows() {
