@@ -25,7 +25,7 @@ use super::FileStore;
 use super::format::{StateFileReader, io_error};
 use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{
-    Comparison, HashBuckets, Removed, RemovedHashes, bucket_of, compare_apart, compare_partial_in_order,
+    Comparison, HashBuckets, Removed, RemovedHashes, compare_apart, compare_partial_in_order,
 };
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
@@ -98,24 +98,30 @@ fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
 }
 
 /// Key and identity of the live entries whose key hash is in `hashes`, walking both in
-/// key-hash order, one bucket of `hashes` at a time.
+/// key-hash order (one bucket of `hashes` in memory at a time).
 fn removed_rows(files: &StoredFiles, hashes: &RemovedHashes) -> Result<RemovedRows, StateError> {
     let temp = |e: std::io::Error| temp_file_error(&files.state, &e);
     read_live(&files.state, &files.journal, &files.scope, true, |live| {
         let mut removed = RemovedRows::new();
         let mut buckets = hashes.buckets();
-        let mut wanted = buckets.next().transpose().map_err(temp)?;
+        // The hashes not passed yet of the bucket being walked.
+        let mut wanted = Vec::new().into_iter().peekable();
         loop {
             match live.next()? {
                 Live::Entry(hash, entry) => {
-                    let bucket = bucket_of(hash);
-                    while wanted.as_ref().is_some_and(|(n, _)| *n < bucket) {
-                        wanted = buckets.next().transpose().map_err(temp)?;
-                    }
-                    if wanted
-                        .as_ref()
-                        .is_some_and(|(n, keys)| *n == bucket && keys.binary_search(&hash).is_ok())
-                    {
+                    let listed = loop {
+                        match wanted.peek() {
+                            Some(&next) if next < hash => {
+                                wanted.next();
+                            }
+                            Some(&next) => break next == hash,
+                            None => match buckets.next() {
+                                Some(bucket) => wanted = bucket.map_err(temp)?.1.into_iter().peekable(),
+                                None => break false,
+                            },
+                        }
+                    };
+                    if listed {
                         removed
                             .push(entry.key.to_owned(), entry.identity.to_owned())
                             .map_err(temp)?;
