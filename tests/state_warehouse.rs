@@ -3,7 +3,8 @@
 //! and back to the File store, errors that never show a password, checkpoints killed or
 //! failing mid-commit (all or nothing), concurrent engine runs of one sync, and the journal:
 //! folded before the next run reads the state after a crash, the last change of a key
-//! winning, a failing fold applying nothing, and tables of an older release without it.
+//! winning, a failing fold applying nothing, emptied by `TRUNCATE` only when nothing else is
+//! in it, and tables of an older release without it.
 
 mod support;
 
@@ -1237,6 +1238,111 @@ async fn the_fold_keeps_the_last_change_of_each_key_and_a_put_then_remove_folds_
 #[tokio::test]
 async fn the_fold_keeps_the_last_change_of_each_key_and_a_put_then_remove_folds_to_absent_on_mariadb() {
     fold_order(TestDb::mysql("whjorder").await).await;
+}
+
+/// The file PostgreSQL keeps the journal in: `TRUNCATE` gives the table a new one, a `DELETE`
+/// keeps it.
+async fn journal_file(db: &TestDb) -> i64 {
+    let mut c = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query_scalar("SELECT pg_relation_filenode('backflow.backflow_journal')::bigint")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+}
+
+/// One run of `config`'s sync that journals `keys` new keys and folds them.
+async fn journal_and_fold(config: WarehouseConfig, keys: u64) {
+    let mut store = WarehouseStore::new(config);
+    load_after_drop(&mut store, "s").await;
+    let puts: Vec<StateChange> = (0..keys).map(|i| put(&format!("k{i}"), i, "{}")).collect();
+    store.commit("s", &puts).await.unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(20), store.finish("s")).await;
+    finished
+        .expect("the fold never waits on another session")
+        .unwrap();
+    store.end_run(&end(true)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user_may_and_no_one_else_uses_it()
+{
+    let db = TestDb::postgres("whjtrunc").await;
+
+    // Alone in the journal: truncated, and the state holds every key.
+    journal_and_fold(config(&db, "ns/a"), 300).await;
+    let first = journal_file(&db).await;
+    journal_and_fold(config(&db, "ns/a"), 400).await;
+    assert_ne!(journal_file(&db).await, first, "the journal was truncated");
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/a").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/a").await, Some(400));
+
+    // Another sync's rows, left by its interrupted run, are kept: this sync's rows are deleted.
+    let mut other = WarehouseStore::new(config(&db, "ns/other"));
+    load_after_drop(&mut other, "s").await;
+    other.commit("s", &[put("o1", 1, "{}")]).await.unwrap();
+    drop(other);
+    let before = journal_file(&db).await;
+    journal_and_fold(config(&db, "ns/b"), 200).await;
+    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/other").await, Some(1));
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/b").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/b").await, Some(200));
+    // Its next run folds them, and then the journal is its alone again.
+    let mut other = WarehouseStore::new(config(&db, "ns/other"));
+    load_after_drop(&mut other, "s").await;
+    drop(other);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/other").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/other").await, Some(1));
+
+    // Another session's open transaction on the journal (a checkpoint being written): the fold
+    // waits a moment for the lock, then deletes its rows instead.
+    let mut writer = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
+    sqlx::query(
+        "INSERT INTO backflow.backflow_journal (sync_id, key_hash, key, fingerprint, identity, removed) \
+         VALUES ('ns/busy', decode('00', 'hex'), 'x', 1, '{}', false)",
+    )
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    let before = journal_file(&db).await;
+    journal_and_fold(config(&db, "ns/c"), 200).await;
+    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/c").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/c").await, Some(200));
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/busy").await, Some(1));
+    sqlx::query("DELETE FROM backflow.backflow_journal WHERE sync_id = 'ns/busy'")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    drop(writer);
+
+    // A state user with only the four rights of a DBA's grant may not truncate: deleted.
+    let role = format!("{}_dml", db.name);
+    db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA backflow TO \"{role}\"; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{role}\""
+    ))
+    .await;
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    let before = journal_file(&db).await;
+    journal_and_fold(
+        WarehouseConfig {
+            url,
+            ..config(&db, "ns/d")
+        },
+        200,
+    )
+    .await;
+    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/d").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/d").await, Some(200));
+    drop(db);
+    support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 }
 
 /// Tables of an older release: all but the journal, created by an administrator; the state

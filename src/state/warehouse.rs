@@ -789,9 +789,9 @@ impl StateStore for WarehouseStore {
             // Nothing was journaled (or checkpoints went straight into backflow_state).
             return Ok(());
         }
-        let rows = self.fold_journal().await?;
+        self.fold_journal().await?;
         self.appended = false;
-        tracing::debug!(schema = %self.config.schema, rows, "checkpoints folded into backflow_state");
+        tracing::debug!(schema = %self.config.schema, "checkpoints folded into backflow_state");
         Ok(())
     }
 

@@ -200,24 +200,34 @@ pub(super) async fn my_append(
     tx.commit().await
 }
 
-/// Journal rows folded at once past which PostgreSQL's journal is vacuumed right away.
+/// Journal rows deleted at once past which PostgreSQL's journal is vacuumed right away.
 const VACUUM_AFTER: u64 = 100_000;
 
-/// Folds the sync's journal into `backflow_state` on PostgreSQL, in one transaction; returns
-/// the journal rows folded.
+/// PostgreSQL's lock_not_available: a lock not granted within `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// How long the fold waits for the journal's exclusive lock before it deletes its rows
+/// instead. Longer than PostgreSQL's default `deadlock_timeout` (1 s), after which the server
+/// cancels an autovacuum of the journal that holds the lock up (a large first run's appends
+/// set one off); short enough that another sync's checkpoint queued behind the request waits
+/// at most that long.
+const TRUNCATE_LOCK_WAIT: &str = "2s";
+
+/// Folds the sync's journal into `backflow_state` on PostgreSQL, in one transaction.
 ///
 /// Keys whose journal holds a remove are deleted first; then the last change of each key is
 /// upserted when it is a put (a key removed then put again comes back, one put then removed
 /// stays gone), in `key_hash` order; then the journal rows go. When the sync holds no rows
 /// yet (its first run), there is nothing to delete or update: the last puts are inserted
 /// without `ON CONFLICT`, which saves the lookup of each key (the run holds the sync's lock,
-/// so no other writer adds rows meanwhile).
+/// so no other writer adds rows meanwhile). The journal is emptied with `TRUNCATE` when it
+/// holds nothing else ([`truncate_if_alone`]), else its rows of the sync are deleted.
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
     journal: &str,
     sync_id: &str,
-) -> Result<u64, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     // The sort of the journal by key_hash: in memory rather than through temporary files.
     tx.execute("SET LOCAL work_mem = '64MB'").await?;
@@ -253,13 +263,19 @@ pub(super) async fn pg_fold(
     .bind(sync_id)
     .execute(&mut *tx)
     .await?;
-    let folded = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = $1"))
+    if truncate_if_alone(&mut tx, journal, sync_id).await? {
+        tx.commit().await?;
+        tracing::debug!("backflow_journal held only this sync's checkpoints: truncated");
+        return Ok(());
+    }
+    let deleted = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = $1"))
         .bind(sync_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
     tx.commit().await?;
-    if folded >= VACUUM_AFTER {
+    tracing::debug!(rows = deleted, "this sync's rows of backflow_journal deleted");
+    if deleted >= VACUUM_AFTER {
         // The rows just deleted stay in the table as dead tuples until autovacuum comes by,
         // and every scan of the journal reads them: the next run's lookups and fold would
         // pay for a large fold's rows (about 0.1 s per scan after a million). Only the
@@ -268,7 +284,60 @@ pub(super) async fn pg_fold(
             tracing::debug!(error = %e, "could not vacuum backflow_journal after a large fold; autovacuum will");
         }
     }
-    Ok(folded)
+    Ok(())
+}
+
+/// Empties the journal with `TRUNCATE`, inside the fold's transaction, when that removes only
+/// the sync's own rows; returns false, having changed nothing, otherwise.
+///
+/// A `DELETE` of a first run's millions of rows writes every row's deletion to the WAL and
+/// leaves them for `VACUUM` to read again (about 3 µs a row here); `TRUNCATE` costs the same
+/// whatever the rows. It needs the `TRUNCATE` right (the tables' owner has it; a DBA who
+/// granted only `SELECT, INSERT, UPDATE, DELETE` did not give it) and an exclusive lock on the
+/// journal, waited for at most [`TRUNCATE_LOCK_WAIT`]: while another sync's checkpoint or
+/// fold keeps using the journal the rows are deleted instead, so no sync waits on another's
+/// fold longer than that and its commit. Under the lock no other sync can add rows, and
+/// the lowest and highest `sync_id` (two reads of the ends of its index, whatever the rows)
+/// show whether any are there (then the savepoint is rolled back, which frees the lock).
+async fn truncate_if_alone(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    journal: &str,
+    sync_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let may: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'TRUNCATE')")
+        .bind(journal)
+        .fetch_one(&mut **tx)
+        .await?;
+    if !may {
+        return Ok(false);
+    }
+    let mut savepoint = tx.begin().await?;
+    // Undone with the savepoint when the journal is not truncated, so the delete after it
+    // waits as long as it must.
+    savepoint
+        .execute(format!("SET LOCAL lock_timeout = '{TRUNCATE_LOCK_WAIT}'").as_str())
+        .await?;
+    let lock = format!("LOCK TABLE {journal} IN ACCESS EXCLUSIVE MODE");
+    match savepoint.execute(lock.as_str()).await {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            savepoint.rollback().await?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    }
+    let (lowest, highest): (Option<String>, Option<String>) =
+        sqlx::query_as(&format!("SELECT min(sync_id), max(sync_id) FROM {journal}"))
+            .fetch_one(&mut *savepoint)
+            .await?;
+    let alone = [lowest, highest].iter().flatten().all(|id| id == sync_id);
+    if !alone {
+        savepoint.rollback().await?;
+        return Ok(false);
+    }
+    savepoint.execute(format!("TRUNCATE {journal}").as_str()).await?;
+    savepoint.commit().await?;
+    Ok(true)
 }
 
 /// [`pg_fold`] on MySQL/MariaDB: `ROW_NUMBER()` picks the last change of each key.
@@ -277,7 +346,7 @@ pub(super) async fn my_fold(
     state: &str,
     journal: &str,
     sync_id: &str,
-) -> Result<u64, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     let holds_rows = sqlx::query_scalar::<_, i64>(&format!(
         "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = ?)"
@@ -312,13 +381,13 @@ pub(super) async fn my_fold(
     .bind(sync_id)
     .execute(&mut *tx)
     .await?;
-    let folded = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = ?"))
+    // `TRUNCATE` commits on its own on MySQL/MariaDB, so it cannot be part of the fold's
+    // transaction: the rows are deleted.
+    sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = ?"))
         .bind(sync_id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(folded)
+        .await?;
+    tx.commit().await
 }
 
 /// PostgreSQL's insufficient_privilege; MySQL's access denied to a database or a command.
@@ -349,11 +418,9 @@ impl WarehouseStore {
             self.journal = Some(usable);
         }
         if self.journal == Some(true) && !self.recovered {
-            let rows = self.fold_journal().await?;
-            if rows > 0 {
+            if self.fold_journal().await? {
                 tracing::info!(
                     schema = %self.config.schema,
-                    rows,
                     "folded the checkpoints of an interrupted run into backflow_state"
                 );
             }
@@ -414,9 +481,9 @@ impl WarehouseStore {
         }
     }
 
-    /// Folds the sync's journal into `backflow_state` (see [`pg_fold`]); returns the journal
-    /// rows folded. Nothing to fold costs one indexed lookup.
-    pub(super) async fn fold_journal(&mut self) -> Result<u64, StateError> {
+    /// Folds the sync's journal into `backflow_state` (see [`pg_fold`]); returns whether it
+    /// held any of the sync's rows. Nothing to fold costs one indexed lookup.
+    pub(super) async fn fold_journal(&mut self) -> Result<bool, StateError> {
         let (state, journal) = (self.table("backflow_state"), self.table(TABLE));
         let sync_id = self.config.sync_id.clone();
         let folded =
@@ -426,10 +493,9 @@ impl WarehouseStore {
                         let sql = format!("SELECT EXISTS (SELECT 1 FROM {journal} WHERE sync_id = $1)");
                         let any: bool = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(&mut *c).await?;
                         if any {
-                            pg_fold(c, &state, &journal, &sync_id).await
-                        } else {
-                            Ok(0)
+                            pg_fold(c, &state, &journal, &sync_id).await?;
                         }
+                        Ok(any)
                     }
                     .await
                 }
@@ -439,13 +505,12 @@ impl WarehouseStore {
                     );
                     let any: i64 = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(&mut *c).await?;
                     if any != 0 {
-                        my_fold(c, &state, &journal, &sync_id).await
-                    } else {
-                        Ok(0)
+                        my_fold(c, &state, &journal, &sync_id).await?;
                     }
+                    Ok(any != 0)
                 }
                 .await,
-                None => Ok(0),
+                None => Ok(false),
             };
         folded.map_err(|e| self.sql_error("fold the checkpoints of backflow_journal into backflow_state", e))
     }
