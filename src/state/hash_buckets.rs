@@ -643,7 +643,7 @@ mod tests {
         assert_eq!(found.changed.get(2), None);
         assert_eq!(found.duplicates, HashMap::from([(top(7) | 4, 2), (6, 3)]));
         assert_eq!(found.removed_count, 2);
-        let removed: Vec<u128> = found.removed.buckets().flat_map(|b| b.unwrap().1).collect();
+        let removed: Vec<u128> = found.removed.iter().map(Result::unwrap).collect();
         assert_eq!(removed, vec![1, top(255)], "listed in order");
 
         // A run that read part of the model finds the same changes and lists no removed key.

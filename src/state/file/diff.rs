@@ -103,28 +103,21 @@ fn removed_rows(files: &StoredFiles, hashes: &RemovedHashes) -> Result<RemovedRo
     let temp = |e: std::io::Error| temp_file_error(&files.state, &e);
     read_live(&files.state, &files.journal, &files.scope, true, |live| {
         let mut removed = RemovedRows::new();
-        let mut buckets = hashes.buckets();
-        // The hashes not passed yet of the bucket being walked.
-        let mut wanted = Vec::new().into_iter().peekable();
+        let mut wanted = hashes.iter();
+        let mut next = wanted.next().transpose().map_err(temp)?;
         loop {
             match live.next()? {
                 Live::Entry(hash, entry) => {
-                    let listed = loop {
-                        match wanted.peek() {
-                            Some(&next) if next < hash => {
-                                wanted.next();
-                            }
-                            Some(&next) => break next == hash,
-                            None => match buckets.next() {
-                                Some(bucket) => wanted = bucket.map_err(temp)?.1.into_iter().peekable(),
-                                None => break false,
-                            },
-                        }
-                    };
-                    if listed {
+                    // A listed hash is a stored one, so none is passed over; the loop is only
+                    // a guard against an entry the comparison did not see.
+                    while next.is_some_and(|w| w < hash) {
+                        next = wanted.next().transpose().map_err(temp)?;
+                    }
+                    if next == Some(hash) {
                         removed
                             .push(entry.key.to_owned(), entry.identity.to_owned())
                             .map_err(temp)?;
+                        next = wanted.next().transpose().map_err(temp)?;
                     }
                 }
                 Live::End => return removed.finish().map(Some).map_err(temp),

@@ -94,6 +94,18 @@ impl RemovedHashes {
                 })
         })
     }
+
+    /// The hashes one by one, ascending, read a bucket at a time (a bucket that cannot be
+    /// read yields its error in its place).
+    pub fn iter(&self) -> impl Iterator<Item = io::Result<u128>> + '_ {
+        self.buckets().flat_map(|bucket| {
+            let (hashes, failed) = match bucket {
+                Ok((_, hashes)) => (hashes, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            hashes.into_iter().map(Ok).chain(failed.map(Err))
+        })
+    }
 }
 
 fn out_of_order() -> io::Error {

@@ -190,28 +190,25 @@ impl WarehouseStore {
             _ => PG_LOOKUP_CHUNK,
         };
         let mut removed = RemovedRows::new();
-        let mut wanted: Vec<u128> = Vec::new();
-        for bucket in hashes.buckets() {
-            wanted.extend(bucket.map_err(local)?.1);
-            while wanted.len() >= chunk_len {
-                let rest = wanted.split_off(chunk_len);
-                for (key, identity) in self.rows_of(&wanted).await? {
-                    removed.push(key, identity).map_err(local)?;
-                }
-                wanted = rest;
+        let mut wanted = hashes.iter();
+        loop {
+            let chunk: Vec<u128> = wanted
+                .by_ref()
+                .take(chunk_len)
+                .collect::<std::io::Result<_>>()
+                .map_err(local)?;
+            if chunk.is_empty() {
+                break;
             }
-        }
-        for (key, identity) in self.rows_of(&wanted).await? {
-            removed.push(key, identity).map_err(local)?;
+            for (key, identity) in self.rows_of(&chunk).await? {
+                removed.push(key, identity).map_err(local)?;
+            }
         }
         removed.finish().map_err(local)
     }
 
     /// The key and identity of the stored rows whose key hash is in `hashes` (one statement).
     async fn rows_of(&mut self, hashes: &[u128]) -> Result<Vec<(String, String)>, StateError> {
-        if hashes.is_empty() {
-            return Ok(Vec::new());
-        }
         let state = self.table("backflow_state");
         let sync_id = self.config.sync_id.clone();
         let keys = hashes.iter().map(|h| h.to_be_bytes().to_vec());
