@@ -526,6 +526,25 @@ async fn a_state_user_without_rights_gets_an_error_naming_the_schema_but_never_t
     support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 }
 
+/// Runs `first` (SQL) when given, then creates a PostgreSQL login `role` with only the rights
+/// a DBA grants on the state tables (`SELECT, INSERT, UPDATE, DELETE`); returns the test
+/// server's URL as that role.
+async fn pg_dml_role(db: &TestDb, role: &str, first: Option<&str>) -> String {
+    if let Some(first) = first {
+        db.exec(first).await;
+    }
+    db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA backflow TO \"{role}\"; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{role}\""
+    ))
+    .await;
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    url
+}
+
 #[tokio::test]
 async fn a_state_user_who_may_not_create_temporary_tables_still_writes_whole_checkpoints() {
     let db = TestDb::postgres("whnotemp").await;
@@ -536,17 +555,8 @@ async fn a_state_user_who_may_not_create_temporary_tables_still_writes_whole_che
     admin.end_run(&end(true)).await.unwrap();
     drop(admin);
     let role = format!("{}_notemp", db.name);
-    db.exec(&format!(
-        "CREATE ROLE \"{role}\" LOGIN; REVOKE TEMPORARY ON DATABASE \"{name}\" FROM PUBLIC; \
-         GRANT USAGE ON SCHEMA backflow TO \"{role}\"; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{role}\"",
-        name = db.name
-    ))
-    .await;
-    let url = db
-        .url
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    let revoke = format!("REVOKE TEMPORARY ON DATABASE \"{}\" FROM PUBLIC", db.name);
+    let url = pg_dml_role(&db, &role, Some(&revoke)).await;
     let mut c = PgConnection::connect(&url).await.unwrap();
     let may: bool = sqlx::query_scalar("SELECT has_database_privilege(current_database(), 'TEMPORARY')")
         .fetch_one(&mut c)
@@ -1320,15 +1330,7 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
 
     // A state user with only the four rights of a DBA's grant may not truncate: deleted.
     let role = format!("{}_dml", db.name);
-    db.exec(&format!(
-        "CREATE ROLE \"{role}\" LOGIN; GRANT USAGE ON SCHEMA backflow TO \"{role}\"; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{role}\""
-    ))
-    .await;
-    let url = db
-        .url
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-    assert_ne!(url, db.url, "the test server URL has an unexpected form");
+    let url = pg_dml_role(&db, &role, None).await;
     let before = journal_file(&db).await;
     journal_and_fold(
         WarehouseConfig {
@@ -1355,16 +1357,7 @@ async fn without_journal(db: TestDb) {
     let user = format!("{}_dml", db.name);
     let schema = schema(&db);
     let url = match db.server {
-        Server::Postgres => {
-            db.exec(&format!(
-                "DROP TABLE backflow.backflow_journal; CREATE ROLE \"{user}\" LOGIN; \
-                 GRANT USAGE ON SCHEMA backflow TO \"{user}\"; \
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backflow TO \"{user}\""
-            ))
-            .await;
-            db.url
-                .replacen("postgres://postgres@", &format!("postgres://{user}@"), 1)
-        }
+        Server::Postgres => pg_dml_role(&db, &user, Some("DROP TABLE backflow.backflow_journal")).await,
         Server::Mysql => {
             db.exec(&format!(
                 "DROP TABLE `{schema}`.backflow_journal; CREATE USER '{user}'@'%'; \
