@@ -1328,6 +1328,51 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
         .unwrap();
     drop(writer);
 
+    // Another sync's fold: it read the journal and asks for its exclusive lock while this fold
+    // reads it. When this fold then asks too, the server fails its request at once (a
+    // deadlock), and the fold still completes.
+    let mut rival = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut rival).await.unwrap();
+    sqlx::query("SELECT count(*) FROM backflow.backflow_journal")
+        .execute(&mut rival)
+        .await
+        .unwrap();
+    let mut store = WarehouseStore::new(config(&db, "ns/e"));
+    load_after_drop(&mut store, "s").await;
+    // Enough rows that the fold's insert reads the journal for a while.
+    let puts: Vec<StateChange> = (0..100_000).map(|i| put(&format!("k{i}"), i, "{}")).collect();
+    store.commit("s", &puts).await.unwrap();
+    let fold = tokio::spawn(async move {
+        let finished = store.finish("s").await;
+        store.end_run(&end(true)).await.unwrap();
+        finished
+    });
+    let mut reading = false;
+    for _ in 0..500 {
+        reading = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'backflow.backflow_journal'::regclass \
+             AND mode = 'AccessShareLock' AND granted AND pid <> pg_backend_pid())",
+        )
+        .fetch_one(&mut rival)
+        .await
+        .unwrap();
+        if reading {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(reading, "the fold read the journal");
+    sqlx::query("LOCK TABLE backflow.backflow_journal IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut rival)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut rival).await.unwrap();
+    let finished = tokio::time::timeout(Duration::from_secs(60), fold).await;
+    finished.expect("the fold never waits long").unwrap().unwrap();
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/e").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/e").await, Some(100_000));
+    drop(rival);
+
     // A state user with only the four rights of a DBA's grant may not truncate: deleted.
     let role = format!("{}_dml", db.name);
     let url = pg_dml_role(&db, &role, None).await;

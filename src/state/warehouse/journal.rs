@@ -203,8 +203,10 @@ pub(super) async fn my_append(
 /// Journal rows deleted at once past which PostgreSQL's journal is vacuumed right away.
 const VACUUM_AFTER: u64 = 100_000;
 
-/// PostgreSQL's lock_not_available: a lock not granted within `lock_timeout`.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// PostgreSQL's answers to a lock request the fold gives up: lock_not_available (not granted
+/// within `lock_timeout`) and deadlock_detected (two folds that each read the journal, then
+/// each asked for its exclusive lock; the server aborts one request after `deadlock_timeout`).
+const LOCK_GIVEN_UP: [&str; 2] = ["55P03", "40P01"];
 
 /// How long the fold waits for the journal's exclusive lock before it deletes its rows
 /// instead. Longer than PostgreSQL's default `deadlock_timeout` (1 s), after which the server
@@ -295,8 +297,9 @@ pub(super) async fn pg_fold(
 /// whatever the rows. It needs the `TRUNCATE` right (the tables' owner has it; a DBA who
 /// granted only `SELECT, INSERT, UPDATE, DELETE` did not give it) and an exclusive lock on the
 /// journal, waited for at most [`TRUNCATE_LOCK_WAIT`]: while another sync's checkpoint or
-/// fold keeps using the journal the rows are deleted instead, so no sync waits on another's
-/// fold longer than that and its commit. Under the lock no other sync can add rows, and
+/// fold keeps using the journal, or when two folds ask for it at once (a deadlock the server
+/// breaks), the rows are deleted instead, so no sync waits on another's fold longer than that
+/// and its commit. Under the lock no other sync can add rows, and
 /// the lowest and highest `sync_id` (two reads of the ends of its index, whatever the rows)
 /// show whether any are there (then the savepoint is rolled back, which frees the lock).
 async fn truncate_if_alone(
@@ -320,7 +323,7 @@ async fn truncate_if_alone(
     let lock = format!("LOCK TABLE {journal} IN ACCESS EXCLUSIVE MODE");
     match savepoint.execute(lock.as_str()).await {
         Ok(_) => {}
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+        Err(sqlx::Error::Database(e)) if e.code().is_some_and(|code| LOCK_GIVEN_UP.contains(&&*code)) => {
             savepoint.rollback().await?;
             return Ok(false);
         }
