@@ -3,7 +3,9 @@
 //! through the in-memory planner and the File, Warehouse and ConfigMap stores (the last over
 //! the API server double), on real PostgreSQL and MariaDB, for every mode, with NULL and
 //! duplicate keys, NULL values, unicode and large numerics, across data changes, a full
-//! resync and a dry run.
+//! resync and a dry run. A fourth File store hands the planner its stored pairs before the
+//! first row, so that every row it knows unchanged is left out of the spill: it must plan and
+//! send the same, from a smaller spill.
 
 mod support;
 
@@ -15,12 +17,16 @@ use backflow::model::record::Operation;
 use backflow::state::StateStore;
 use backflow::state::configmap::ConfigMapStore;
 use backflow::state::file::FileStore;
+use backflow::state::migrate::Migrating;
 use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use support::apiserver::ApiServer;
 use support::db::{Server, TestDb};
 use support::fake_connector::{FakeConnector, fast_delivery};
-use support::in_memory_store::InMemory;
+use support::in_memory_store::{EagerPairs, InMemory};
+
+/// What every run's fingerprints are delivered to.
+const SCOPE: &str = "default/fake";
 
 fn spec(mode: &str) -> ReverseSyncSpec {
     serde_yaml_ng::from_str(&format!(
@@ -76,7 +82,7 @@ async fn run_with(
         source_url: &db.url,
         source_credentials: Default::default(),
         delivery: fast_delivery(fake.clone(), 2),
-        scope: "default/fake".into(),
+        scope: SCOPE.into(),
     };
     let report = run(job, store, options).await;
     let mut sent: Vec<(Operation, String)> = fake
@@ -97,15 +103,26 @@ type Ran = (RunReport, Vec<(Operation, String)>);
 struct Stores {
     memory: InMemory,
     file: FileStore,
+    /// Where the File store handing over its pairs first keeps its state.
+    eager: (std::path::PathBuf, String),
     warehouse: WarehouseConfig,
     api_server: kube::Client,
     sync: String,
 }
 
 impl Stores {
-    async fn step(&mut self, db: &TestDb, spec: &ReverseSyncSpec, options: &RunOptions) -> (Ran, [Ran; 3]) {
+    async fn step(&mut self, db: &TestDb, spec: &ReverseSyncSpec, options: &RunOptions) -> (Ran, [Ran; 4]) {
         let reference = run_with(db, spec, &mut self.memory, options).await;
         let file = run_with(db, spec, &mut self.file, options).await;
+        // Behind a migration from an empty store, as the engine gets every store.
+        let (dir, name) = &self.eager;
+        let state = FileStore::new(dir, name, "s").load(SCOPE).await.unwrap();
+        let mut store = Migrating::new(
+            Box::new(EagerPairs::new(FileStore::new(dir, name, "s"), state)),
+            Box::new(FileStore::new(dir, name, "previous")),
+            false,
+        );
+        let eager = run_with(db, spec, &mut store, options).await;
         let mut store = WarehouseStore::new(self.warehouse.clone());
         let warehouse = run_with(db, spec, &mut store, options).await;
         let owner = OwnerReference {
@@ -117,7 +134,7 @@ impl Stores {
         };
         let mut store = ConfigMapStore::new(self.api_server.clone(), "default", &self.sync, owner);
         let configmap = run_with(db, spec, &mut store, options).await;
-        (reference, [file, warehouse, configmap])
+        (reference, [file, warehouse, configmap, eager])
     }
 }
 
@@ -134,6 +151,7 @@ async fn same_plans(server: Server) {
         let mut stores = Stores {
             memory: InMemory(FileStore::new(dir.path(), "memory", mode)),
             file: FileStore::new(dir.path(), "file", mode),
+            eager: (dir.path().join("eager"), mode.to_owned()),
             warehouse: WarehouseConfig {
                 url: db.url.clone(),
                 schema: schema.clone(),
@@ -171,10 +189,24 @@ async fn same_plans(server: Server) {
             }
             assert_eq!(ka, kb, "{mode} {step}: rejections");
         };
-        let compare = |step: &str, a: &Ran, b: &[Ran; 3]| {
+        let compare = |step: &str, a: &Ran, b: &[Ran; 4]| {
             compare_one(&format!("{step} (File)"), a, &b[0]);
             compare_one(&format!("{step} (Warehouse)"), a, &b[1]);
             compare_one(&format!("{step} (ConfigMap)"), a, &b[2]);
+            compare_one(&format!("{step} (File, stored pairs first)"), a, &b[3]);
+        };
+        // The spill of the run with every stored pair from the start, against the File
+        // store's, which holds every row (update mode stores nothing: it never adds a row).
+        let smaller_spill = |step: &str, b: &[Ran; 4]| {
+            let (all, eager) = (b[0].0.spill_bytes, b[3].0.spill_bytes);
+            if mode == "update" {
+                assert_eq!(eager, all, "{mode} {step}: nothing stored, every row spilled");
+                return;
+            }
+            assert!(
+                eager * 4 < all,
+                "{mode} {step}: the rows known unchanged are not spilled ({eager} bytes against {all})"
+            );
         };
         let plain = RunOptions::default();
         let (name, (a, b)) = ("first run", stores.step(&db, &spec, &plain).await);
@@ -185,21 +217,34 @@ async fn same_plans(server: Server) {
         );
         let (name, (a, b)) = ("unchanged", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
+        smaller_spill(name, &b);
+        // k7 comes twice, both rows as stored: its first row is known unchanged and not
+        // spilled, its second is, and the rejection must still name the key.
         db.exec(
             "UPDATE items SET name = 'renamed' WHERE code IN ('k1', 'k2', 'big');
              UPDATE items SET note = NULL WHERE code = 'Zoë/東京/🚀';
              DELETE FROM items WHERE code IN ('k3', 'k4');
-             INSERT INTO items VALUES ('new-1', 'n', 0.1, NULL), ('ñew-2', 'n', 1e-10, 'new')",
+             INSERT INTO items VALUES ('new-1', 'n', 0.1, NULL), ('ñew-2', 'n', 1e-10, 'new'), ('k7', 'item 7', 7.5, NULL)",
         )
         .await;
         let (name, (a, b)) = ("after changes", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
+        smaller_spill(name, &b);
+        assert!(
+            b[3].0.rejected_samples.iter().any(|r| r.key == "k7"),
+            "{mode}: the duplicated unchanged key is named: {:?}",
+            b[3].0.rejected_samples
+        );
         let full = RunOptions {
             full_resync: true,
             ..RunOptions::default()
         };
         let (name, (a, b)) = ("full resync", stores.step(&db, &spec, &full).await);
         compare(name, &a, &b);
+        assert_eq!(
+            b[3].0.spill_bytes, b[0].0.spill_bytes,
+            "{mode}: a full resync spills every row"
+        );
         db.exec(
             "UPDATE items SET amount = amount + 1 WHERE code = 'k5'; DELETE FROM items WHERE code = 'k6'",
         )
@@ -222,6 +267,11 @@ async fn same_plans(server: Server) {
         assert_eq!(ops(&a.0), ops(&b[0].0), "{mode}: dry-run samples (File)");
         assert_eq!(ops(&a.0), ops(&b[1].0), "{mode}: dry-run samples (Warehouse)");
         assert_eq!(ops(&a.0), ops(&b[2].0), "{mode}: dry-run samples (ConfigMap)");
+        assert_eq!(
+            ops(&a.0),
+            ops(&b[3].0),
+            "{mode}: dry-run samples (File, stored pairs first)"
+        );
         // Undo the dry run's pending change for the next mode's first run to start clean.
         db.exec("UPDATE items SET amount = amount - 1 WHERE code = 'k5'; INSERT INTO items VALUES ('k6', 'item 6', 6.5, NULL)")
             .await;
@@ -229,8 +279,8 @@ async fn same_plans(server: Server) {
             "UPDATE items SET name = CONCAT('item ', SUBSTRING(code, 2)) WHERE code IN ('k1', 'k2');
              UPDATE items SET name = 'large' WHERE code = 'big';
              UPDATE items SET note = 'émoji 🎉' WHERE code = 'Zoë/東京/🚀';
-             DELETE FROM items WHERE code IN ('new-1', 'ñew-2');
-             INSERT INTO items VALUES ('k3', 'item 3', 3.5, NULL), ('k4', 'item 4', 4.5, NULL)",
+             DELETE FROM items WHERE code IN ('new-1', 'ñew-2', 'k7');
+             INSERT INTO items VALUES ('k3', 'item 3', 3.5, NULL), ('k4', 'item 4', 4.5, NULL), ('k7', 'item 7', 7.5, NULL)",
         )
         .await;
     }

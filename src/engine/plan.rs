@@ -161,6 +161,8 @@ impl<'a> Planner<'a> {
     /// Decides for one row.
     pub fn plan(&mut self, key: &str, fingerprint: u64) -> Decision {
         self.counts.rows_in_model += 1;
+        // Every row the model returned, a duplicated key's included, as the stores' diffs sum it.
+        self.result_fingerprint = self.result_fingerprint.wrapping_add(row_digest(key, fingerprint));
         let position = self.state.position_near(key, self.hint);
         if let Some(p) = position {
             self.hint = p + 1;
@@ -181,7 +183,6 @@ impl<'a> Planner<'a> {
         };
         let decision = decide(change, self.mode);
         self.count(decision);
-        self.result_fingerprint = self.result_fingerprint.wrapping_add(row_digest(key, fingerprint));
         let code = encode(decision);
         match position {
             Some(p) => self.seen_stored[p] = code,

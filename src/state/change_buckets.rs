@@ -9,6 +9,7 @@
 
 use super::codec::{ChangeRef, decode_change_ref, encode_change_ref, skip_change};
 use super::hash_buckets::{DiskBuckets, HashBuckets, RemovedHashes, bucket_of};
+use super::stored_pairs::StoredPairsSample;
 use super::{EntryRef, RemovedRows, stored_key_hash};
 
 /// Bytes each of the 256 buckets buffers before writing.
@@ -104,15 +105,17 @@ impl ChangeBuckets {
         Ok(LiveBucket { bytes, live })
     }
 
-    /// Every live (key hash, fingerprint), for a diff.
-    pub(crate) fn live_pairs(&self) -> std::io::Result<HashBuckets> {
+    /// Every live (key hash, fingerprint), for a diff, also into `sample`.
+    pub(crate) fn live_pairs(&self, sample: &mut StoredPairsSample) -> std::io::Result<HashBuckets> {
         let mut pairs = HashBuckets::new()?;
         for n in 0..=u8::MAX {
             for entry in self.bucket(n)?.entries() {
                 let (hash, e) = entry?;
                 pairs.push(hash, e.fingerprint)?;
+                sample.push(hash, e.fingerprint);
             }
         }
+        sample.finish();
         Ok(pairs)
     }
 
@@ -207,7 +210,13 @@ mod tests {
             (Some(1), None, Some(2), Some(3))
         );
 
-        assert_eq!(changes.live_pairs().unwrap().len(), 4_999);
+        assert_eq!(
+            changes
+                .live_pairs(&mut StoredPairsSample::new(0).0)
+                .unwrap()
+                .len(),
+            4_999
+        );
         let mut wanted = [
             stored_key_hash("k2"),
             stored_key_hash("k1"),

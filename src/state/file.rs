@@ -629,6 +629,29 @@ mod tests {
             diff.stage(&pairs(&[("k1", 100), ("k2", 2), ("new", 7), ("k3", 3)]))
                 .await
                 .unwrap();
+            // The stored pairs the planner gets are the live ones, the journal's included.
+            let mut offered = None;
+            for _ in 0..1_000 {
+                offered = diff.stored_pairs();
+                if offered.is_some() || partial {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            if partial {
+                assert!(
+                    offered.is_none(),
+                    "a partial run reads no stored pairs while staging"
+                );
+            } else {
+                let mut offered = offered.expect("the stored pairs arrive once the state file is read");
+                assert_eq!(offered.len(), 2_000);
+                assert!(offered.take_unchanged(hash("k1"), 100));
+                assert!(!offered.take_unchanged(hash("k2"), 2), "removed in the journal");
+                assert!(offered.take_unchanged(hash("new"), 7));
+                assert!(offered.take_unchanged(hash("k3"), 3));
+                assert!(diff.stored_pairs().is_none(), "offered once");
+            }
             let found = diff.diff("d", false).await.unwrap();
             assert_eq!(found.change(hash("k1")), None, "partial: {partial}");
             assert_eq!(found.change(hash("k2")), Some(true), "partial: {partial}");

@@ -13,6 +13,7 @@
 
 use async_trait::async_trait;
 
+use super::stored_pairs::StoredPairs;
 use super::warehouse::{WarehouseConfig, WarehouseStore};
 use super::{
     Fingerprints, RejectedRow, RemoteDiff, Removed, RunLog, StateChange, StateError, StateStore, StoreDiff,
@@ -275,6 +276,10 @@ impl StoreDiff for Migrating {
         if let Some(current) = self.current.store_diff() {
             current.removed_keys(removed);
         }
+    }
+
+    fn stored_pairs(&mut self) -> Option<StoredPairs> {
+        self.current.store_diff()?.stored_pairs()
     }
 
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {

@@ -18,6 +18,7 @@ pub mod file;
 pub mod hash_buckets;
 pub mod migrate;
 mod removed_rows;
+pub mod stored_pairs;
 pub mod warehouse;
 
 pub use removed_rows::RemovedRows;
@@ -407,6 +408,13 @@ pub trait StoreDiff: Send {
     /// A store that ignores it lists them anyway and still diffs correctly: the engine drops
     /// what it does not need.
     fn removed_keys(&mut self, _removed: Removed) {}
+
+    /// Some of the stored pairs, for the planner to leave rows it knows are unchanged out of
+    /// the spill ([`stored_pairs`]): `Some` once, when the store has read them while the model
+    /// is read; `None` before, after, and from a store that does not offer them.
+    fn stored_pairs(&mut self) -> Option<stored_pairs::StoredPairs> {
+        None
+    }
 
     /// Compares the staged rows with the stored ones. With `full_resync`, every staged key
     /// counts as changed (or added when not stored).

@@ -1,7 +1,9 @@
-//! Planning with the diff left to the store (every store offers one): every mapped row is
-//! spilled to local disk and its key hash and fingerprint handed to the store, which returns
-//! only the added, changed, removed and duplicated keys. Memory holds those, never the whole
-//! state.
+//! Planning with the diff left to the store (every store offers one): every mapped row's key
+//! hash and fingerprint are handed to the store, which returns only the added, changed,
+//! removed and duplicated keys, and the row is spilled to local disk until the diff says
+//! whether to send it. Memory holds those keys, never the whole state. Once the store offers
+//! some of its stored pairs (`StoreDiff::stored_pairs`, read while the model is), a row among
+//! them is known unchanged and is not spilled.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use crate::engine::spill::{RowJson, SpillWriter};
 use crate::model::record::Operation;
 use crate::source::RowStream;
 use crate::state::hash_buckets::ChangedKeys;
+use crate::state::stored_pairs::StoredPairs;
 use crate::state::{StateStore, stored_key_hash};
 
 /// The fingerprint staged for a rejected row's key: whatever the store compares it with, the
@@ -45,6 +48,10 @@ pub(super) async fn plan(
     let (mut mapped_rows, mut rejected_rows) = (0u64, 0u64);
     let mut digest = 0u64;
     let mut rejected_keys = HashMap::new();
+    // Stored pairs, once the store has read them: a row among them is unchanged, so it is
+    // not spilled. A full resync sends every row, so it spills them all.
+    let mut stored_pairs = take_stored_pairs(store, options);
+    let mut unspilled_rows = 0u64;
     loop {
         let mapped = match rows.next(store, options, c).await? {
             NextRow::End => break,
@@ -63,35 +70,51 @@ pub(super) async fn plan(
             NextRow::Mapped(mapped) => mapped,
         };
         let fp = mapped.fingerprint;
-        // The operation is decided after the diff; the spill keeps every row until then.
-        let offset = spill
-            .push(
-                Operation::Upsert,
-                mapped.key,
-                fp,
-                false,
-                RowJson {
-                    identity: mapped.identity,
-                    fields: mapped.fields,
-                    json_nulls: &mapped.json_nulls,
-                },
-            )
-            .map_err(RunError::spill)?;
-        digest = digest.wrapping_add(row_digest(mapped.key, fp));
         let hash = mapped.key_hash;
-        index.push(hash, offset).map_err(RunError::spill)?;
+        digest = digest.wrapping_add(row_digest(mapped.key, fp));
+        if stored_pairs.as_mut().is_some_and(|p| p.take_unchanged(hash, fp)) {
+            unspilled_rows += 1;
+        } else {
+            // The operation is decided after the diff; the spill keeps the row until then.
+            let offset = spill
+                .push(
+                    Operation::Upsert,
+                    mapped.key,
+                    fp,
+                    false,
+                    RowJson {
+                        identity: mapped.identity,
+                        fields: mapped.fields,
+                        json_nulls: &mapped.json_nulls,
+                    },
+                )
+                .map_err(RunError::spill)?;
+            index.push(hash, offset).map_err(RunError::spill)?;
+        }
         staged.push((hash, fp));
         mapped_rows += 1;
         if staged.len() >= STAGE_CHUNK {
             stage(store, &staged).await?;
             staged.clear();
+            if stored_pairs.is_none() {
+                stored_pairs = take_stored_pairs(store, options);
+                if let Some(pairs) = &stored_pairs {
+                    tracing::debug!(
+                        pairs = pairs.len(),
+                        rows = mapped_rows + rejected_rows,
+                        "stored pairs arrived: the rows among them are not spilled"
+                    );
+                }
+            }
         }
     }
+    drop(stored_pairs);
     options.progress.set_phase(Phase::Planning);
     stage(store, &staged).await?;
     drop(staged);
     tracing::info!(
         rows = mapped_rows + rejected_rows,
+        unspilled_rows,
         "model read; comparing with the stored fingerprints"
     );
     let mut diff = match store.store_diff() {
@@ -295,6 +318,17 @@ impl Iterator for RowPositions {
 /// The top 32 bits of a key hash: what the row index keeps of it.
 fn prefix_of(hash: u128) -> u32 {
     (hash >> 96) as u32
+}
+
+/// The store's stored pairs if they arrived and hold any, unless the run resends every row.
+fn take_stored_pairs(store: &mut dyn StateStore, options: &RunOptions) -> Option<StoredPairs> {
+    if options.full_resync {
+        return None;
+    }
+    store
+        .store_diff()
+        .and_then(|d| d.stored_pairs())
+        .filter(|p| !p.is_empty())
 }
 
 async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {

@@ -16,6 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::{ConfigMapStore, View};
 use crate::state::change_buckets::ChangeBuckets;
 use crate::state::hash_buckets::{HashBuckets, Removed, compare_apart};
+use crate::state::stored_pairs::{self, StoredPairs, StoredPairsSample};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The stored state in buckets, and its live pairs.
@@ -33,16 +34,26 @@ pub(super) struct Diffing {
     /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
     /// only part of the model).
     removed: Removed,
+    /// Where the sample of stored pairs arrives once they are read.
+    pairs: Option<tokio::sync::oneshot::Receiver<StoredPairs>>,
 }
 
 impl ConfigMapStore {
-    /// Reads the state of `view` for `scope` into buckets and takes its live pairs.
-    async fn read_stored(self, view: View, scope: String) -> Result<Stored, StateError> {
+    /// Reads the state of `view` for `scope` into buckets and takes its live pairs, also into
+    /// `sample`.
+    async fn read_stored(
+        self,
+        view: View,
+        scope: String,
+        mut sample: StoredPairsSample,
+    ) -> Result<Stored, StateError> {
         let changes = self.read_changes(&view, &scope).await?;
-        let pairs = tokio::task::spawn_blocking(move || changes.live_pairs().map(|pairs| (changes, pairs)))
-            .await
-            .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))?
-            .map_err(|e| self.temp_file_error(&e))?;
+        let pairs = tokio::task::spawn_blocking(move || {
+            changes.live_pairs(&mut sample).map(|pairs| (changes, pairs))
+        })
+        .await
+        .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))?
+        .map_err(|e| self.temp_file_error(&e))?;
         tracing::debug!(
             configmap = %self.location(&self.index_name),
             generation = view.index.generation,
@@ -65,13 +76,15 @@ impl StoreDiff for ConfigMapStore {
         // that crashed before `finish`; taken to be of this scope).
         let holding = (view.resource_version.is_some() && view.index.scope == scope && view.index.rows > 0)
             || !view.journals.is_empty();
-        let read = self.detached().read_stored(view, scope.to_owned());
+        let (sample, pairs) = StoredPairsSample::new(view.index.rows);
+        let read = self.detached().read_stored(view, scope.to_owned(), sample);
         let run = HashBuckets::new().map_err(|e| self.temp_file_error(&e))?;
         self.diffing = Some(Diffing {
             run,
             stored: AbortOnDropHandle::new(tokio::spawn(read)),
             holding,
             removed: Removed::List,
+            pairs: Some(pairs),
         });
         Ok(true)
     }
@@ -93,6 +106,10 @@ impl StoreDiff for ConfigMapStore {
         if let Some(d) = self.diffing.as_mut() {
             d.removed = removed;
         }
+    }
+
+    fn stored_pairs(&mut self) -> Option<StoredPairs> {
+        stored_pairs::arrived(&mut self.diffing.as_mut()?.pairs)
     }
 
     async fn diff(&mut self, _scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {

@@ -27,6 +27,7 @@ use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{
     Comparison, HashBuckets, Removed, RemovedHashes, compare_apart, compare_partial_in_order,
 };
+use crate::state::stored_pairs::{self, StoredPairs, StoredPairsSample};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
@@ -41,6 +42,8 @@ pub(super) struct Diffing {
     /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
     /// only part of the model).
     removed: Removed,
+    /// Where the sample of stored pairs arrives while they are bucketed.
+    pairs: Option<tokio::sync::oneshot::Receiver<StoredPairs>>,
 }
 
 /// The stored side of a diff.
@@ -75,10 +78,16 @@ struct StoredFiles {
     state: PathBuf,
     journal: PathBuf,
     scope: String,
+    /// Rows of the state file (the journal may add a few).
+    rows: u64,
 }
 
-/// Every live (key hash, fingerprint) of the state, into disk buckets.
-fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
+/// Every live (key hash, fingerprint) of the state, into disk buckets, and into `sample`
+/// when there is one.
+fn read_stored(
+    files: &StoredFiles,
+    mut sample: Option<StoredPairsSample>,
+) -> Result<HashBuckets, StateError> {
     let path = &files.state;
     if !path.exists() {
         return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
@@ -87,11 +96,27 @@ fn read_stored(files: &StoredFiles) -> Result<HashBuckets, StateError> {
         let mut stored = HashBuckets::new().map_err(|e| temp_file_error(path, &e))?;
         loop {
             match live.next()? {
-                Live::Entry(hash, entry) => stored
-                    .push(hash, entry.fingerprint)
-                    .map_err(|e| temp_file_error(path, &e))?,
-                Live::End => return Ok(Some(stored)),
-                Live::OutOfOrder => return Ok(None),
+                Live::Entry(hash, entry) => {
+                    if let Some(sample) = sample.as_mut() {
+                        sample.push(hash, entry.fingerprint);
+                    }
+                    stored
+                        .push(hash, entry.fingerprint)
+                        .map_err(|e| temp_file_error(path, &e))?;
+                }
+                Live::End => {
+                    if let Some(sample) = sample.as_mut() {
+                        sample.finish();
+                    }
+                    return Ok(Some(stored));
+                }
+                Live::OutOfOrder => {
+                    // Read again after a fold: what was seen so far may not be live.
+                    if let Some(sample) = sample.as_mut() {
+                        sample.clear();
+                    }
+                    return Ok(None);
+                }
             }
         }
     })
@@ -158,7 +183,7 @@ fn compare_partial_with_file(
 /// [`read_stored`] on a blocking thread.
 async fn read_apart(files: &StoredFiles) -> Result<HashBuckets, StateError> {
     let read = files.clone();
-    tokio::task::spawn_blocking(move || read_stored(&read))
+    tokio::task::spawn_blocking(move || read_stored(&read, None))
         .await
         .map_err(|e| stopped(&files.state, "reading the state file", &e))?
 }
@@ -208,6 +233,7 @@ impl StoreDiff for FileStore {
                 state: self.state_path.clone(),
                 journal: self.journal_path.clone(),
                 scope: scope.to_owned(),
+                rows: stored_rows,
             };
             (Stored::Unread, Some(files))
         } else {
@@ -218,6 +244,7 @@ impl StoreDiff for FileStore {
             stored,
             holding,
             removed: Removed::List,
+            pairs: None,
         });
         Ok(true)
     }
@@ -237,8 +264,13 @@ impl StoreDiff for FileStore {
             && matches!(diffing.stored, Stored::Unread)
             && let Some(files) = diffing.holding.clone()
         {
-            // The whole model is read: the stored pairs are bucketed while it is.
-            diffing.stored = Stored::Reading(tokio::task::spawn_blocking(move || read_stored(&files)));
+            // The whole model is read: the stored pairs are bucketed while it is, and sampled
+            // for the planner.
+            let (sample, pairs) = StoredPairsSample::new(files.rows);
+            diffing.pairs = Some(pairs);
+            diffing.stored = Stored::Reading(tokio::task::spawn_blocking(move || {
+                read_stored(&files, Some(sample))
+            }));
         }
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| temp_file_error(&self.state_path, &e))
@@ -250,6 +282,10 @@ impl StoreDiff for FileStore {
         }
     }
 
+    fn stored_pairs(&mut self) -> Option<StoredPairs> {
+        stored_pairs::arrived(&mut self.diffing.as_mut()?.pairs)
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
         let all_added = !self.holds_state(scope);
         let Some(Diffing {
@@ -257,6 +293,7 @@ impl StoreDiff for FileStore {
             stored,
             removed,
             holding,
+            ..
         }) = self.diffing.take()
         else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));

@@ -20,6 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
+use crate::state::stored_pairs::{self, StoredPairs, StoredPairsSample};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
@@ -35,6 +36,8 @@ pub(super) struct Diffing {
     /// What the diff does with the stored keys the run did not stage (`Ignore`: the run read
     /// only part of the model).
     removed: Removed,
+    /// Where the sample of stored pairs arrives once they are read.
+    pairs: Option<tokio::sync::oneshot::Receiver<StoredPairs>>,
 }
 
 /// Why reading the stored fingerprints failed.
@@ -62,12 +65,18 @@ fn hash_of(bytes: &[u8]) -> Result<u128, ReadError> {
     Ok(u128::from_be_bytes(bytes))
 }
 
-/// Reads this sync's stored pairs on its own connection, then closes it.
-async fn read_stored(conn: Conn, table: String, sync_id: String) -> Result<HashBuckets, ReadError> {
+/// Reads this sync's stored pairs on its own connection into buckets and `sample`, then
+/// closes it.
+async fn read_stored(
+    conn: Conn,
+    table: String,
+    sync_id: String,
+    mut sample: StoredPairsSample,
+) -> Result<HashBuckets, ReadError> {
     let mut stored = HashBuckets::new()?;
     match conn {
         Conn::Pg(mut c) => {
-            copy_out(&mut c, &table, &sync_id, &mut stored).await?;
+            copy_out(&mut c, &table, &sync_id, &mut stored, &mut sample).await?;
             c.close().await?;
         }
         Conn::My(mut c) => {
@@ -76,12 +85,15 @@ async fn read_stored(conn: Conn, table: String, sync_id: String) -> Result<HashB
                 let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(&mut c);
                 while let Some(row) = rows.try_next().await? {
                     let hash = hash_of(row.try_get::<&[u8], _>(0)?)?;
-                    stored.push(hash, row.try_get::<i64, _>(1)? as u64)?;
+                    let fingerprint = row.try_get::<i64, _>(1)? as u64;
+                    stored.push(hash, fingerprint)?;
+                    sample.push(hash, fingerprint);
                 }
             }
             c.close().await?;
         }
     }
+    sample.finish();
     Ok(stored)
 }
 
@@ -92,6 +104,7 @@ async fn copy_out(
     table: &str,
     sync_id: &str,
     stored: &mut HashBuckets,
+    sample: &mut StoredPairsSample,
 ) -> Result<(), ReadError> {
     // COPY takes no parameters: the sync id is quoted as a literal.
     let sql = format!(
@@ -101,7 +114,7 @@ async fn copy_out(
     let mut data = c.copy_out_raw(&sql).await?;
     let mut parser = CopyBinary::default();
     while let Some(bytes) = data.try_next().await? {
-        parser.feed(&bytes, stored)?;
+        parser.feed(&bytes, stored, sample)?;
     }
     if parser.ended {
         Ok(())
@@ -123,7 +136,12 @@ impl CopyBinary {
     /// A tuple: field count, then length and value of the hash and of the fingerprint.
     const TUPLE: usize = 2 + 4 + 16 + 4 + 8;
 
-    fn feed(&mut self, bytes: &[u8], out: &mut HashBuckets) -> Result<(), ReadError> {
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        out: &mut HashBuckets,
+        sample: &mut StoredPairsSample,
+    ) -> Result<(), ReadError> {
         self.pending.extend_from_slice(bytes);
         let data = &self.pending[..];
         let mut at = 0;
@@ -162,7 +180,9 @@ impl CopyBinary {
             let hash = hash_of(&tuple[6..22])?;
             let mut fingerprint = [0u8; 8];
             fingerprint.copy_from_slice(&tuple[26..34]);
-            out.push(hash, u64::from_be_bytes(fingerprint))?;
+            let fingerprint = u64::from_be_bytes(fingerprint);
+            out.push(hash, fingerprint)?;
+            sample.push(hash, fingerprint);
             at += Self::TUPLE;
         }
         self.pending.drain(..at);
@@ -253,17 +273,25 @@ impl StoreDiff for WarehouseStore {
         }
         self.stored_scope = self.read_scope().await?;
         let run = HashBuckets::new().map_err(|e| self.temp_file_error(e))?;
-        let stored = if self.holds_state(scope) {
+        let (stored, pairs) = if self.holds_state(scope) {
             let conn = self.new_connection().await?;
-            let read = read_stored(conn, self.table("backflow_state"), self.config.sync_id.clone());
-            Some(AbortOnDropHandle::new(tokio::spawn(read)))
+            // How many rows are stored is not known before the read.
+            let (sample, pairs) = StoredPairsSample::new(0);
+            let read = read_stored(
+                conn,
+                self.table("backflow_state"),
+                self.config.sync_id.clone(),
+                sample,
+            );
+            (Some(AbortOnDropHandle::new(tokio::spawn(read))), Some(pairs))
         } else {
-            None
+            (None, None)
         };
         self.diffing = Some(Diffing {
             run,
             stored,
             removed: Removed::List,
+            pairs,
         });
         Ok(true)
     }
@@ -286,8 +314,15 @@ impl StoreDiff for WarehouseStore {
         }
     }
 
+    fn stored_pairs(&mut self) -> Option<StoredPairs> {
+        stored_pairs::arrived(&mut self.diffing.as_mut()?.pairs)
+    }
+
     async fn diff(&mut self, scope: &str, full_resync: bool) -> Result<RemoteDiff, StateError> {
-        let Some(Diffing { run, stored, removed }) = self.diffing.take() else {
+        let Some(Diffing {
+            run, stored, removed, ..
+        }) = self.diffing.take()
+        else {
             return Err(StateError::diff_not_begun(self.location()));
         };
         let all_added = !self.holds_state(scope);
@@ -370,11 +405,18 @@ mod tests {
         for step in [1, 7, 34, 1000] {
             let mut parser = CopyBinary::default();
             let mut out = HashBuckets::new().unwrap();
+            let (mut sample, mut pairs) = StoredPairsSample::new(100);
             for piece in bytes.chunks(step) {
-                parser.feed(piece, &mut out).unwrap();
+                parser.feed(piece, &mut out, &mut sample).unwrap();
             }
             assert!(parser.ended, "step {step}");
             assert_eq!(out.len(), 100, "step {step}");
+            sample.finish();
+            let mut pairs = pairs.try_recv().unwrap();
+            assert!(
+                rows.iter().all(|&(h, fp)| pairs.take_unchanged(h, fp as u64)),
+                "step {step}"
+            );
             let mut run = HashBuckets::new().unwrap();
             for (h, fp) in &rows {
                 run.push(*h, *fp as u64).unwrap();
@@ -389,7 +431,11 @@ mod tests {
         let mut parser = CopyBinary::default();
         let mut out = HashBuckets::new().unwrap();
         assert!(matches!(
-            parser.feed(b"key\tfingerprint\n1\t2\n3\t4\n", &mut out),
+            parser.feed(
+                b"key\tfingerprint\n1\t2\n3\t4\n",
+                &mut out,
+                &mut StoredPairsSample::new(0).0
+            ),
             Err(ReadError::Format(_))
         ));
     }
