@@ -3,13 +3,14 @@
 //!
 //! The planner spills mapped rows because the diff is only known once the whole model is
 //! read. On a run where few rows changed, almost all of that spill (its framing, its
-//! compression, its row index) is for rows that will never be read back. Each store's diff already streams
-//! the stored pairs out while the model is read; [`StoredPairsSample`] keeps up to
-//! [`BUDGET_BYTES`] of them and hands them to the planner as [`StoredPairs`] once the read is
-//! done (not before: only a finished read knows that every pair it saw is the live one). A row whose key hash and fingerprint are in it is unchanged:
-//! the diff will say so too, since it compares the same pairs, so the row is not spilled.
-//! Rows read before the pairs arrive, and rows of keys left out of the sample, are spilled as
-//! before: the sample only ever saves work, it never decides what is sent.
+//! compression, its row index) is for rows that will never be read back. Each store's diff
+//! already streams the stored pairs out while the model is read; [`StoredPairsSample`] keeps
+//! up to [`BUDGET_BYTES`] of them (none of a state over four times that) and hands them to the
+//! planner as [`StoredPairs`] once the read is done (not before: only a finished read knows
+//! that every pair it saw is the live one). A row whose key hash and fingerprint are in it is
+//! unchanged: the diff will say so too, since it compares the same pairs, so the row is not
+//! spilled. Rows read before the pairs arrive, and rows of keys left out of the sample, are
+//! spilled as before: the sample only ever saves work, it never decides what is sent.
 //!
 //! A key is matched on the top 64 bits of its 128-bit hash and its whole fingerprint: a
 //! changed row is left out only if another stored key shares those 64 bits and its stored
@@ -17,9 +18,8 @@
 
 use tokio::sync::oneshot;
 
-/// Memory the sample may hold: 16 bytes a pair, so about 1,000,000 stored rows, all of a
-/// model of that size and a tenth of a 10,000,000-row one; what the plan's peak memory grows
-/// by at most, whatever the row count.
+/// Memory the sample may hold: 16 bytes a pair, so about 1,000,000 stored rows; what the
+/// plan's peak memory grows by at most, whatever the row count.
 pub const BUDGET_BYTES: usize = 16 * 1024 * 1024;
 
 /// Bytes a pair takes.
@@ -27,6 +27,11 @@ const PAIR_BYTES: usize = 16;
 
 /// Pairs the sample holds at most.
 const MAX_PAIRS: usize = BUDGET_BYTES / PAIR_BYTES;
+
+/// Stored rows past which no sample is taken: the budget would hold less than a quarter of
+/// them, too few rows left out to pay for the memory (and a 100,000,000-row plan's peak
+/// memory has no room for it).
+const MAX_STORED_ROWS: u64 = 4 * MAX_PAIRS as u64;
 
 /// Bits of the key hash that pick a slice of the sorted pairs (the directory).
 const DIRECTORY_BITS: u32 = 16;
@@ -115,36 +120,56 @@ pub(crate) fn arrived(from: &mut Option<oneshot::Receiver<StoredPairs>>) -> Opti
 #[derive(Debug)]
 pub struct StoredPairsSample {
     pairs: Vec<(u64, u64)>,
-    /// `None` once sent.
+    /// Pairs pushed, kept or not.
+    pushed: u64,
+    /// `None` once sent, or once the read passed [`MAX_STORED_ROWS`] (nothing is sent then).
     to: Option<oneshot::Sender<StoredPairs>>,
 }
 
 impl StoredPairsSample {
     /// A sample of a read of about `stored_rows` pairs (0 when not known), and where its
     /// pairs arrive. Its memory is taken at once when the count is known, so that growing it
-    /// never holds two copies.
+    /// never holds two copies; past [`MAX_STORED_ROWS`] no sample is taken.
     pub fn new(stored_rows: u64) -> (StoredPairsSample, oneshot::Receiver<StoredPairs>) {
         let (to, from) = oneshot::channel();
-        let capacity = usize::try_from(stored_rows).unwrap_or(MAX_PAIRS).min(MAX_PAIRS);
-        (
-            StoredPairsSample {
-                pairs: Vec::with_capacity(capacity),
-                to: Some(to),
-            },
-            from,
-        )
+        let mut sample = StoredPairsSample {
+            pairs: Vec::new(),
+            pushed: 0,
+            to: Some(to),
+        };
+        if stored_rows > MAX_STORED_ROWS {
+            sample.give_up();
+        } else {
+            sample
+                .pairs
+                .reserve_exact(usize::try_from(stored_rows).unwrap_or(MAX_PAIRS).min(MAX_PAIRS));
+        }
+        (sample, from)
     }
 
     /// Adds a stored pair, unless the budget is full.
     pub fn push(&mut self, key_hash: u128, fingerprint: u64) {
-        if self.pairs.len() < MAX_PAIRS {
+        if self.to.is_none() {
+            return;
+        }
+        self.pushed += 1;
+        if self.pushed > MAX_STORED_ROWS {
+            self.give_up();
+        } else if self.pairs.len() < MAX_PAIRS {
             self.pairs.push(((key_hash >> 64) as u64, fingerprint));
         }
+    }
+
+    /// Takes no sample: frees what was collected and will send nothing.
+    fn give_up(&mut self) {
+        self.to = None;
+        self.pairs = Vec::new();
     }
 
     /// Forgets the pairs collected: the read starts over.
     pub fn clear(&mut self) {
         self.pairs.clear();
+        self.pushed = 0;
     }
 
     /// The read is over: sends what was collected (once).
@@ -229,6 +254,22 @@ mod tests {
             "a pair past the budget is not held"
         );
         assert!(pairs.take_unchanged(spread(0), 1));
+    }
+
+    #[test]
+    fn no_sample_is_taken_of_a_state_four_times_the_budget() {
+        let (_, mut from) = StoredPairsSample::new(MAX_STORED_ROWS + 1);
+        assert!(from.try_recv().is_err(), "a count known too large: nothing sent");
+        let (mut sample, mut from) = StoredPairsSample::new(0);
+        for n in 0..=MAX_STORED_ROWS as u128 {
+            sample.push(spread(n), 1);
+        }
+        assert!(sample.pairs.capacity() == 0, "the collected pairs are freed");
+        sample.finish();
+        assert!(
+            from.try_recv().is_err(),
+            "a read that passed the limit: nothing sent"
+        );
     }
 
     #[test]
