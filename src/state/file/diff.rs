@@ -46,6 +46,24 @@ pub(super) struct Diffing {
     pairs: Option<tokio::sync::oneshot::Receiver<StoredPairs>>,
 }
 
+impl Diffing {
+    /// When the whole model is read (not a cursor run past its mark) and the stored pairs
+    /// are not being read yet, starts bucketing them on a blocking thread while the model is
+    /// read, sampling them for the planner.
+    fn start_reading(&mut self) {
+        if self.removed != Removed::Ignore
+            && matches!(self.stored, Stored::Unread)
+            && let Some(files) = self.holding.clone()
+        {
+            let (sample, pairs) = StoredPairsSample::new(files.rows);
+            self.pairs = Some(pairs);
+            self.stored = Stored::Reading(tokio::task::spawn_blocking(move || {
+                read_stored(&files, Some(sample))
+            }));
+        }
+    }
+}
+
 /// The stored side of a diff.
 #[derive(Debug)]
 enum Stored {
@@ -260,18 +278,7 @@ impl StoreDiff for FileStore {
         let Some(diffing) = self.diffing.as_mut() else {
             return Err(StateError::diff_not_begun(self.state_path.display().to_string()));
         };
-        if diffing.removed != Removed::Ignore
-            && matches!(diffing.stored, Stored::Unread)
-            && let Some(files) = diffing.holding.clone()
-        {
-            // The whole model is read: the stored pairs are bucketed while it is, and sampled
-            // for the planner.
-            let (sample, pairs) = StoredPairsSample::new(files.rows);
-            diffing.pairs = Some(pairs);
-            diffing.stored = Stored::Reading(tokio::task::spawn_blocking(move || {
-                read_stored(&files, Some(sample))
-            }));
-        }
+        diffing.start_reading();
         let pushed = diffing.run.push_all(rows);
         pushed.map_err(|e| temp_file_error(&self.state_path, &e))
     }
@@ -279,6 +286,8 @@ impl StoreDiff for FileStore {
     fn removed_keys(&mut self, removed: Removed) {
         if let Some(d) = self.diffing.as_mut() {
             d.removed = removed;
+            // Told before the first row: the stored pairs are read from now on.
+            d.start_reading();
         }
     }
 
