@@ -9,7 +9,7 @@
 
 use super::codec::{ChangeRef, decode_change_ref, encode_change_ref, skip_change};
 use super::hash_buckets::{DiskBuckets, HashBuckets, RemovedHashes, bucket_of};
-use super::stored_pairs::StoredPairsSample;
+use super::stored_pairs::{StoredBuckets, StoredPairsSample};
 use super::{EntryRef, RemovedRows, stored_key_hash};
 
 /// Bytes each of the 256 buckets buffers before writing.
@@ -106,17 +106,15 @@ impl ChangeBuckets {
     }
 
     /// Every live (key hash, fingerprint), for a diff, also into `sample`.
-    pub(crate) fn live_pairs(&self, sample: &mut StoredPairsSample) -> std::io::Result<HashBuckets> {
-        let mut pairs = HashBuckets::new()?;
+    pub(crate) fn live_pairs(&self, sample: StoredPairsSample) -> std::io::Result<HashBuckets> {
+        let mut pairs = StoredBuckets::new(Some(sample))?;
         for n in 0..=u8::MAX {
             for entry in self.bucket(n)?.entries() {
                 let (hash, e) = entry?;
                 pairs.push(hash, e.fingerprint)?;
-                sample.push(hash, e.fingerprint);
             }
         }
-        sample.finish();
-        Ok(pairs)
+        Ok(pairs.finish())
     }
 
     /// Key and identity of the live entries whose key hash is in `hashes`, reading only the
@@ -211,10 +209,7 @@ mod tests {
         );
 
         assert_eq!(
-            changes
-                .live_pairs(&mut StoredPairsSample::new(0).0)
-                .unwrap()
-                .len(),
+            changes.live_pairs(StoredPairsSample::new(0).0).unwrap().len(),
             4_999
         );
         let mut wanted = [

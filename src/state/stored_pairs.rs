@@ -18,6 +18,8 @@
 
 use tokio::sync::oneshot;
 
+use super::hash_buckets::HashBuckets;
+
 /// Memory the sample may hold: 16 bytes a pair, so about 1,000,000 stored rows; what the
 /// plan's peak memory grows by at most, whatever the row count.
 pub const BUDGET_BYTES: usize = 16 * 1024 * 1024;
@@ -180,6 +182,49 @@ impl StoredPairsSample {
             // are then of no use.
             let _ = to.send(pairs);
         }
+    }
+}
+
+/// The stored side of a store's diff: every stored pair into disk buckets, and into the
+/// planner's sample when there is one. Every store's read of its state goes through it.
+#[derive(Debug)]
+pub(crate) struct StoredBuckets {
+    buckets: HashBuckets,
+    sample: Option<StoredPairsSample>,
+}
+
+impl StoredBuckets {
+    /// Empty buckets, feeding `sample`.
+    pub(crate) fn new(sample: Option<StoredPairsSample>) -> std::io::Result<StoredBuckets> {
+        Ok(StoredBuckets {
+            buckets: HashBuckets::new()?,
+            sample,
+        })
+    }
+
+    /// Adds a stored pair.
+    pub(crate) fn push(&mut self, key_hash: u128, fingerprint: u64) -> std::io::Result<()> {
+        if let Some(sample) = self.sample.as_mut() {
+            sample.push(key_hash, fingerprint);
+        }
+        self.buckets.push(key_hash, fingerprint)
+    }
+
+    /// The read is over: sends the sample and hands back the buckets.
+    pub(crate) fn finish(mut self) -> HashBuckets {
+        if let Some(sample) = self.sample.as_mut() {
+            sample.finish();
+        }
+        self.buckets
+    }
+
+    /// The read must start over: the sample, emptied, for the next read (the buckets are
+    /// dropped).
+    pub(crate) fn restart(self) -> Option<StoredPairsSample> {
+        self.sample.map(|mut sample| {
+            sample.clear();
+            sample
+        })
     }
 }
 

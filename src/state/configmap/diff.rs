@@ -45,15 +45,14 @@ impl ConfigMapStore {
         self,
         view: View,
         scope: String,
-        mut sample: StoredPairsSample,
+        sample: StoredPairsSample,
     ) -> Result<Stored, StateError> {
         let changes = self.read_changes(&view, &scope).await?;
-        let pairs = tokio::task::spawn_blocking(move || {
-            changes.live_pairs(&mut sample).map(|pairs| (changes, pairs))
-        })
-        .await
-        .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))?
-        .map_err(|e| self.temp_file_error(&e))?;
+        let pairs =
+            tokio::task::spawn_blocking(move || changes.live_pairs(sample).map(|pairs| (changes, pairs)))
+                .await
+                .map_err(|e| self.io(&self.index_name, format!("reading the state stopped: {e}")))?
+                .map_err(|e| self.temp_file_error(&e))?;
         tracing::debug!(
             configmap = %self.location(&self.index_name),
             generation = view.index.generation,

@@ -27,7 +27,7 @@ use super::live::{Live, LiveEntries, read_journal, read_live};
 use crate::state::hash_buckets::{
     Comparison, HashBuckets, Removed, RemovedHashes, compare_apart, compare_partial_in_order,
 };
-use crate::state::stored_pairs::{self, StoredPairs, StoredPairsSample};
+use crate::state::stored_pairs::{self, StoredBuckets, StoredPairs, StoredPairsSample};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// The diff of one run, between `begin` and `diff`.
@@ -111,28 +111,16 @@ fn read_stored(
         return Err(io_error(path, &std::io::ErrorKind::NotFound.into()));
     }
     read_live(path, &files.journal, &files.scope, false, |live| {
-        let mut stored = HashBuckets::new().map_err(|e| temp_file_error(path, &e))?;
+        let mut stored = StoredBuckets::new(sample.take()).map_err(|e| temp_file_error(path, &e))?;
         loop {
             match live.next()? {
-                Live::Entry(hash, entry) => {
-                    if let Some(sample) = sample.as_mut() {
-                        sample.push(hash, entry.fingerprint);
-                    }
-                    stored
-                        .push(hash, entry.fingerprint)
-                        .map_err(|e| temp_file_error(path, &e))?;
-                }
-                Live::End => {
-                    if let Some(sample) = sample.as_mut() {
-                        sample.finish();
-                    }
-                    return Ok(Some(stored));
-                }
+                Live::Entry(hash, entry) => stored
+                    .push(hash, entry.fingerprint)
+                    .map_err(|e| temp_file_error(path, &e))?,
+                Live::End => return Ok(Some(stored.finish())),
                 Live::OutOfOrder => {
                     // Read again after a fold: what was seen so far may not be live.
-                    if let Some(sample) = sample.as_mut() {
-                        sample.clear();
-                    }
+                    sample = stored.restart();
                     return Ok(None);
                 }
             }

@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
-use crate::state::stored_pairs::{self, StoredPairs, StoredPairsSample};
+use crate::state::stored_pairs::{self, StoredBuckets, StoredPairs, StoredPairsSample};
 use crate::state::{RemoteDiff, RemovedRows, StateError, StoreDiff};
 
 /// Removed keys looked up per statement on PostgreSQL.
@@ -71,12 +71,12 @@ async fn read_stored(
     conn: Conn,
     table: String,
     sync_id: String,
-    mut sample: StoredPairsSample,
+    sample: StoredPairsSample,
 ) -> Result<HashBuckets, ReadError> {
-    let mut stored = HashBuckets::new()?;
+    let mut stored = StoredBuckets::new(Some(sample))?;
     match conn {
         Conn::Pg(mut c) => {
-            copy_out(&mut c, &table, &sync_id, &mut stored, &mut sample).await?;
+            copy_out(&mut c, &table, &sync_id, &mut stored).await?;
             c.close().await?;
         }
         Conn::My(mut c) => {
@@ -85,16 +85,13 @@ async fn read_stored(
                 let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(&mut c);
                 while let Some(row) = rows.try_next().await? {
                     let hash = hash_of(row.try_get::<&[u8], _>(0)?)?;
-                    let fingerprint = row.try_get::<i64, _>(1)? as u64;
-                    stored.push(hash, fingerprint)?;
-                    sample.push(hash, fingerprint);
+                    stored.push(hash, row.try_get::<i64, _>(1)? as u64)?;
                 }
             }
             c.close().await?;
         }
     }
-    sample.finish();
-    Ok(stored)
+    Ok(stored.finish())
 }
 
 /// `COPY (SELECT key_hash, fingerprint ...) TO STDOUT (FORMAT binary)`, parsed as it arrives
@@ -103,8 +100,7 @@ async fn copy_out(
     c: &mut PgConnection,
     table: &str,
     sync_id: &str,
-    stored: &mut HashBuckets,
-    sample: &mut StoredPairsSample,
+    stored: &mut StoredBuckets,
 ) -> Result<(), ReadError> {
     // COPY takes no parameters: the sync id is quoted as a literal.
     let sql = format!(
@@ -114,7 +110,7 @@ async fn copy_out(
     let mut data = c.copy_out_raw(&sql).await?;
     let mut parser = CopyBinary::default();
     while let Some(bytes) = data.try_next().await? {
-        parser.feed(&bytes, stored, sample)?;
+        parser.feed(&bytes, stored)?;
     }
     if parser.ended {
         Ok(())
@@ -136,12 +132,7 @@ impl CopyBinary {
     /// A tuple: field count, then length and value of the hash and of the fingerprint.
     const TUPLE: usize = 2 + 4 + 16 + 4 + 8;
 
-    fn feed(
-        &mut self,
-        bytes: &[u8],
-        out: &mut HashBuckets,
-        sample: &mut StoredPairsSample,
-    ) -> Result<(), ReadError> {
+    fn feed(&mut self, bytes: &[u8], out: &mut StoredBuckets) -> Result<(), ReadError> {
         self.pending.extend_from_slice(bytes);
         let data = &self.pending[..];
         let mut at = 0;
@@ -180,9 +171,7 @@ impl CopyBinary {
             let hash = hash_of(&tuple[6..22])?;
             let mut fingerprint = [0u8; 8];
             fingerprint.copy_from_slice(&tuple[26..34]);
-            let fingerprint = u64::from_be_bytes(fingerprint);
-            out.push(hash, fingerprint)?;
-            sample.push(hash, fingerprint);
+            out.push(hash, u64::from_be_bytes(fingerprint))?;
             at += Self::TUPLE;
         }
         self.pending.drain(..at);
@@ -404,14 +393,14 @@ mod tests {
         let bytes = copy_bytes(&rows);
         for step in [1, 7, 34, 1000] {
             let mut parser = CopyBinary::default();
-            let mut out = HashBuckets::new().unwrap();
-            let (mut sample, mut pairs) = StoredPairsSample::new(100);
+            let (sample, mut pairs) = StoredPairsSample::new(100);
+            let mut out = StoredBuckets::new(Some(sample)).unwrap();
             for piece in bytes.chunks(step) {
-                parser.feed(piece, &mut out, &mut sample).unwrap();
+                parser.feed(piece, &mut out).unwrap();
             }
             assert!(parser.ended, "step {step}");
+            let out = out.finish();
             assert_eq!(out.len(), 100, "step {step}");
-            sample.finish();
             let mut pairs = pairs.try_recv().unwrap();
             assert!(
                 rows.iter().all(|&(h, fp)| pairs.take_unchanged(h, fp as u64)),
@@ -429,13 +418,9 @@ mod tests {
     #[test]
     fn copy_binary_refuses_other_data() {
         let mut parser = CopyBinary::default();
-        let mut out = HashBuckets::new().unwrap();
+        let mut out = StoredBuckets::new(None).unwrap();
         assert!(matches!(
-            parser.feed(
-                b"key\tfingerprint\n1\t2\n3\t4\n",
-                &mut out,
-                &mut StoredPairsSample::new(0).0
-            ),
+            parser.feed(b"key\tfingerprint\n1\t2\n3\t4\n", &mut out),
             Err(ReadError::Format(_))
         ));
     }
