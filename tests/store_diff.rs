@@ -22,8 +22,9 @@ use backflow::state::warehouse::{WarehouseConfig, WarehouseStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use support::apiserver::ApiServer;
 use support::db::{Server, TestDb};
+use support::eager_pairs_store::EagerPairs;
 use support::fake_connector::{FakeConnector, fast_delivery};
-use support::in_memory_store::{EagerPairs, InMemory};
+use support::in_memory_store::InMemory;
 
 /// What every run's fingerprints are delivered to.
 const SCOPE: &str = "default/fake";

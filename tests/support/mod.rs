@@ -12,6 +12,7 @@ pub mod cluster_manifests;
 pub mod customerio_double;
 pub mod databricks_double;
 pub mod db;
+pub mod eager_pairs_store;
 pub mod engine;
 pub mod fake_connector;
 pub mod http_server;
