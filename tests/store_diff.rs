@@ -50,9 +50,15 @@ async fn items(server: Server) -> TestDb {
         Server::Postgres => TestDb::postgres("storediff").await,
         Server::Mysql => TestDb::mysql("storediff").await,
     };
-    db.exec(
-        "CREATE TABLE items (code VARCHAR(64) NULL, name VARCHAR(200), amount DECIMAL(38, 10), note TEXT)",
-    )
+    // The note holds a value over the engine's size limit in one step (MySQL's TEXT holds
+    // 64 KiB).
+    let note = match server {
+        Server::Postgres => "TEXT",
+        Server::Mysql => "LONGTEXT",
+    };
+    db.exec(&format!(
+        "CREATE TABLE items (code VARCHAR(64) NULL, name VARCHAR(200), amount DECIMAL(38, 10), note {note})"
+    ))
     .await;
     let mut values = Vec::new();
     for i in 0..300 {
@@ -225,22 +231,34 @@ async fn same_plans(server: Server) {
         compare(name, &a, &b);
         smaller_spill(name, every_row, &b);
         // k7 comes twice, both rows as stored: its first row is known unchanged and not
-        // spilled, its second is, and the rejection must still name the key.
+        // spilled, its second is, and the rejection must still name the key. k8 and k9 come
+        // twice too, a row as stored and a row rejected for a value over the size limit:
+        // k8's rejected row after its unchanged one, k9's before; and new-3, a new key, with
+        // a rejected row and a row that must not be sent either.
         db.exec(
             "UPDATE items SET name = 'renamed' WHERE code IN ('k1', 'k2', 'big');
              UPDATE items SET note = NULL WHERE code = 'Zoë/東京/🚀';
-             DELETE FROM items WHERE code IN ('k3', 'k4');
-             INSERT INTO items VALUES ('new-1', 'n', 0.1, NULL), ('ñew-2', 'n', 1e-10, 'new'), ('k7', 'item 7', 7.5, NULL)",
+             DELETE FROM items WHERE code IN ('k3', 'k4', 'k9');
+             INSERT INTO items VALUES ('new-1', 'n', 0.1, NULL), ('ñew-2', 'n', 1e-10, 'new'), ('k7', 'item 7', 7.5, NULL);
+             INSERT INTO items VALUES ('k8', 'item 8', 8.5, REPEAT('x', 1100000));
+             INSERT INTO items VALUES ('k9', 'item 9', 9.5, REPEAT('x', 1100000));
+             INSERT INTO items VALUES ('k9', 'item 9', 9.5, NULL);
+             INSERT INTO items VALUES ('new-3', 'n', 0.3, REPEAT('x', 1100000)), ('new-3', 'n', 0.3, NULL)",
         )
         .await;
         let (name, (a, b)) = ("after changes", stores.step(&db, &spec, &plain).await);
         compare(name, &a, &b);
         smaller_spill(name, every_row, &b);
-        assert!(
-            b[3].0.rejected_samples.iter().any(|r| r.key == "k7"),
-            "{mode}: the duplicated unchanged key is named: {:?}",
-            b[3].0.rejected_samples
-        );
+        for key in ["k7", "k8", "k9", "new-3"] {
+            assert!(
+                b[3].0
+                    .rejected_samples
+                    .iter()
+                    .any(|r| r.key == key && r.reason.starts_with("duplicate primary key")),
+                "{mode}: the duplicated unchanged key {key} is named: {:?}",
+                b[3].0.rejected_samples
+            );
+        }
         let full = RunOptions {
             full_resync: true,
             ..RunOptions::default()
@@ -285,8 +303,9 @@ async fn same_plans(server: Server) {
             "UPDATE items SET name = CONCAT('item ', SUBSTRING(code, 2)) WHERE code IN ('k1', 'k2');
              UPDATE items SET name = 'large' WHERE code = 'big';
              UPDATE items SET note = 'émoji 🎉' WHERE code = 'Zoë/東京/🚀';
-             DELETE FROM items WHERE code IN ('new-1', 'ñew-2', 'k7');
-             INSERT INTO items VALUES ('k3', 'item 3', 3.5, NULL), ('k4', 'item 4', 4.5, NULL), ('k7', 'item 7', 7.5, NULL)",
+             DELETE FROM items WHERE code IN ('new-1', 'ñew-2', 'new-3', 'k7', 'k8', 'k9');
+             INSERT INTO items VALUES ('k3', 'item 3', 3.5, NULL), ('k4', 'item 4', 4.5, NULL), ('k7', 'item 7', 7.5, NULL),
+               ('k8', 'item 8', 8.5, NULL), ('k9', 'item 9', 9.5, NULL)",
         )
         .await;
     }

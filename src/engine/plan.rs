@@ -142,19 +142,27 @@ impl<'a> Planner<'a> {
 
     /// Counts a row rejected before planning (undecodable value, NULL key, failed
     /// transform). A stored key is marked seen, so mirror mode does not delete its record
-    /// for a row that is still in the model; a later row of the same key is a duplicate.
-    pub fn reject(&mut self, key: Option<&str>) {
+    /// for a row that is still in the model; any other row of the same key makes it a
+    /// duplicate, whether it comes before or after. Returns true when a row of this stored
+    /// key came before: the key is a duplicate, which the caller names (that row may not
+    /// have been spilled).
+    pub fn reject(&mut self, key: Option<&str>) -> bool {
         self.counts.rows_in_model += 1;
         self.counts.rejected += 1;
-        let Some(key) = key else { return };
+        let Some(key) = key else { return false };
         let Some(p) = self.state.position_near(key, self.hint) else {
-            return;
+            // Counted as rejected already: `finish` moves nothing if the key is duplicated.
+            self.new_keys
+                .push(key_hash(key) | u128::from(encode(Decision::Duplicate)));
+            return false;
         };
         self.hint = p + 1;
         if self.seen_stored[p] == UNSEEN {
             self.seen_stored[p] = encode(Decision::Duplicate);
+            false
         } else {
             self.repeated_stored_key(key, self.seen_stored[p]);
+            true
         }
     }
 
@@ -447,11 +455,25 @@ mod tests {
         p.reject(Some("edited"));
         assert_eq!(p.plan("edited", 5), Decision::Duplicate);
         p.plan("same", 1);
-        p.reject(Some("same"));
+        assert!(
+            p.reject(Some("same")),
+            "a stored key seen before: named by the caller"
+        );
+        assert!(!p.reject(Some("brand-new")));
+        p.plan("brand-new", 9);
+        p.plan("also-new", 9);
+        assert!(!p.reject(Some("also-new")));
+        assert!(!p.reject(Some("rejected-only")));
         let out = p.finish();
         assert!(out.is_duplicate("edited") && out.is_duplicate("same"));
-        assert_eq!(out.counts.rejected, 4);
-        assert_eq!(out.counts.unchanged, 0);
+        assert!(out.is_duplicate("brand-new") && out.is_duplicate("also-new"));
+        assert!(!out.is_duplicate("rejected-only"));
+        assert_eq!(
+            (out.duplicate_rows("brand-new"), out.duplicate_rows("also-new")),
+            (2, 2)
+        );
+        assert_eq!(out.counts.rejected, 9);
+        assert_eq!((out.counts.unchanged, out.counts.added), (0, 0));
     }
 
     #[test]

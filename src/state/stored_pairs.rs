@@ -91,22 +91,31 @@ impl StoredPairs {
     /// the same key (a duplicate) gets false, so at least one row of every duplicated key is
     /// spilled and can be named in the rejection.
     pub fn take_unchanged(&mut self, key_hash: u128, fingerprint: u64) -> bool {
-        let top = (key_hash >> 64) as u64;
-        let slot = (top >> (64 - DIRECTORY_BITS)) as usize;
-        let (Some(&start), Some(&end)) = (self.directory.get(slot), self.directory.get(slot + 1)) else {
+        let Some(at) = self.position(key_hash) else {
             return false;
         };
-        let (start, end) = (start as usize, end as usize);
-        let Some(found) = self.pairs[start..end].iter().position(|&(hash, _)| hash == top) else {
-            return false;
-        };
-        let at = start + found;
         let (word, bit) = (at / 64, 1u64 << (at % 64));
         if self.pairs[at].1 != fingerprint || self.matched[word] & bit != 0 {
             return false;
         }
         self.matched[word] |= bit;
         true
+    }
+
+    /// True when an earlier row of this key was taken as unchanged (and so not spilled).
+    pub fn taken(&self, key_hash: u128) -> bool {
+        self.position(key_hash)
+            .is_some_and(|at| self.matched[at / 64] & (1u64 << (at % 64)) != 0)
+    }
+
+    /// Where the pair of this key hash is held, if it is.
+    fn position(&self, key_hash: u128) -> Option<usize> {
+        let top = (key_hash >> 64) as u64;
+        let slot = (top >> (64 - DIRECTORY_BITS)) as usize;
+        let (&start, &end) = (self.directory.get(slot)?, self.directory.get(slot + 1)?);
+        let (start, end) = (start as usize, end as usize);
+        let found = self.pairs[start..end].iter().position(|&(hash, _)| hash == top)?;
+        Some(start + found)
     }
 }
 
@@ -250,7 +259,9 @@ mod tests {
                 !pairs.take_unchanged(spread(n), n as u64 + 1),
                 "another fingerprint: changed"
             );
+            assert!(!pairs.taken(spread(n)), "not taken before its row");
             assert!(pairs.take_unchanged(spread(n), n as u64), "pair {n} not found");
+            assert!(pairs.taken(spread(n)), "taken once its row matched");
             assert!(
                 !pairs.take_unchanged(spread(n), n as u64),
                 "a second row of the key is not taken"
@@ -261,6 +272,7 @@ mod tests {
                 !pairs.take_unchanged(spread(n), n as u64),
                 "a key not stored is not unchanged"
             );
+            assert!(!pairs.taken(spread(n)), "a key not stored is never taken");
         }
     }
 

@@ -43,7 +43,11 @@ pub(super) async fn plan(
             NextRow::End => break,
             NextRow::Rejected(key) => {
                 // A rejected row keeps its stored record: it is neither sent nor deleted.
-                planner.reject(key.as_deref());
+                if planner.reject(key.as_deref())
+                    && let Some(key) = key
+                {
+                    stored_duplicates.insert(key);
+                }
                 options.progress.row_rejected();
                 options.progress.row_planned();
                 continue;

@@ -5,12 +5,12 @@
 //! some of its stored pairs (`StoreDiff::stored_pairs`, read while the model is), a row among
 //! them is known unchanged and is not spilled.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::deletes::Deletes;
 use super::rows::{MappedRows, NextRow, report_duplicates};
-use super::{Collector, Decider, Planned, RunError};
+use super::{Collector, Decider, Planned, REJECTED_SAMPLES, RunError};
 use crate::api::SyncMode;
 use crate::destination::PlannedSends;
 use crate::engine::mapping::Mapper;
@@ -52,6 +52,9 @@ pub(super) async fn plan(
     // not spilled. A full resync sends every row, so it spills them all.
     let mut stored_pairs = take_stored_pairs(store, options);
     let mut unspilled_rows = 0u64;
+    // Keys with a rejected row after a row left unspilled: no spilled row names them among
+    // the duplicated keys, so they are named from here.
+    let mut unspilled_duplicates = BTreeSet::new();
     loop {
         let mapped = match rows.next(store, options, c).await? {
             NextRow::End => break,
@@ -62,6 +65,11 @@ pub(super) async fn plan(
                 // it); taken out of the diff's changes below, so it is never sent either.
                 if let Some(key) = key {
                     let hash = stored_key_hash(&key);
+                    if stored_pairs.as_ref().is_some_and(|p| p.taken(hash))
+                        && (c.log_rejections || unspilled_duplicates.len() < REJECTED_SAMPLES)
+                    {
+                        unspilled_duplicates.insert(key.clone());
+                    }
                     *rejected_keys.entry(hash).or_insert(0u64) += 1;
                     staged.push((hash, REJECTED_FINGERPRINT));
                 }
@@ -72,7 +80,10 @@ pub(super) async fn plan(
         let fp = mapped.fingerprint;
         let hash = mapped.key_hash;
         digest = digest.wrapping_add(row_digest(mapped.key, fp));
-        if stored_pairs.as_mut().is_some_and(|p| p.take_unchanged(hash, fp)) {
+        // A key with a rejected row is a duplicate: its mapped row is spilled, to be named.
+        if !rejected_keys.contains_key(&hash)
+            && stored_pairs.as_mut().is_some_and(|p| p.take_unchanged(hash, fp))
+        {
             unspilled_rows += 1;
         } else {
             // The operation is decided after the diff; the spill keeps the row until then.
@@ -181,7 +192,7 @@ pub(super) async fn plan(
     let decider = Decider::Diff { diff, mode };
     let mut spilled = spill.into_reader().map_err(RunError::spill)?;
     if !plan.duplicates.is_empty() {
-        report_duplicates(&mut spilled, &plan, Default::default(), c).map_err(RunError::spill)?;
+        report_duplicates(&mut spilled, &plan, unspilled_duplicates, c).map_err(RunError::spill)?;
     }
     if let Decider::Diff { diff, .. } = &decider
         && !diff.all_added
