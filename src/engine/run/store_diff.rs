@@ -81,8 +81,9 @@ pub(super) async fn plan(
         let hash = mapped.key_hash;
         digest = digest.wrapping_add(row_digest(mapped.key, fp));
         // A key with a rejected row is a duplicate: its mapped row is spilled, to be named.
-        if !rejected_keys.contains_key(&hash)
-            && stored_pairs.as_mut().is_some_and(|p| p.take_unchanged(hash, fp))
+        if let Some(pairs) = stored_pairs.as_mut()
+            && !rejected_keys.contains_key(&hash)
+            && pairs.take_unchanged(hash, fp)
         {
             unspilled_rows += 1;
         } else {
