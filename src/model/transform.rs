@@ -85,9 +85,18 @@ impl Transform {
             // NULL stays NULL and a JSON null stays a JSON null.
             (_, v) if v.is_null() => Ok(v),
             (Transform::Default(_), v) => Ok(v),
+            // ASCII text (nearly all of it) is changed in place, without a new string.
+            (Transform::Lowercase, Value::Text(mut s)) if s.is_ascii() => {
+                s.make_ascii_lowercase();
+                Ok(Value::Text(s))
+            }
+            (Transform::Uppercase, Value::Text(mut s)) if s.is_ascii() => {
+                s.make_ascii_uppercase();
+                Ok(Value::Text(s))
+            }
             (Transform::Lowercase, Value::Text(s)) => Ok(Value::Text(s.to_lowercase())),
             (Transform::Uppercase, Value::Text(s)) => Ok(Value::Text(s.to_uppercase())),
-            (Transform::Trim, Value::Text(s)) => Ok(Value::Text(s.trim().to_owned())),
+            (Transform::Trim, Value::Text(s)) => Ok(Value::Text(trim_in_place(s))),
             (Transform::Lowercase | Transform::Uppercase | Transform::Trim, v) => Ok(v),
             (Transform::ToString, v) => Ok(Value::Text(v.to_text())),
             (Transform::ToNumber, v) => to_number(v),
@@ -119,6 +128,14 @@ fn check_format_pattern(pattern: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `s` without its leading and trailing whitespace (as [`str::trim`]), in its own buffer.
+fn trim_in_place(mut s: String) -> String {
+    s.truncate(s.trim_end().len());
+    let start = s.len() - s.trim_start().len();
+    s.drain(..start);
+    s
 }
 
 fn to_number(v: Value) -> Result<Value, String> {
@@ -225,6 +242,28 @@ mod tests {
             Transform::Trim.apply(Value::Text("  x ".into())).unwrap(),
             Value::Text("x".into())
         );
+        // Text beyond ASCII: the same as the standard library's conversions.
+        for text in [
+            "ÉCOLE Straße",
+            "İstanbul",
+            "ǅ",
+            "\u{3000} 東京 \u{2003}\n",
+            "",
+            "   ",
+            "x",
+        ] {
+            for (transform, expected) in [
+                (Transform::Lowercase, text.to_lowercase()),
+                (Transform::Uppercase, text.to_uppercase()),
+                (Transform::Trim, text.trim().to_owned()),
+            ] {
+                assert_eq!(
+                    transform.apply(Value::Text(text.into())).unwrap(),
+                    Value::Text(expected),
+                    "{transform:?} of {text:?}"
+                );
+            }
+        }
         assert_eq!(Transform::Trim.apply(Value::Null).unwrap(), Value::Null);
         assert_eq!(
             Transform::ToString.apply(Value::Int(7)).unwrap(),
