@@ -552,7 +552,10 @@ fn write_float(f: f64, out: &mut Vec<u8>) {
 /// through here). Years outside 0–9999 and leap seconds go through chrono.
 fn write_timestamp(ts: &DateTime<Utc>, out: &mut Vec<u8>) {
     use chrono::{Datelike as _, Timelike as _};
-    let (year, nanos) = (ts.year(), ts.nanosecond());
+    // Each accessor of a `DateTime` applies its offset again: read the UTC date and time once.
+    let naive = ts.naive_utc();
+    let (date, time) = (naive.date(), naive.time());
+    let (year, nanos) = (date.year(), time.nanosecond());
     let Ok(year) = u32::try_from(year) else {
         write_json_string(&ts.to_rfc3339_opts(SecondsFormat::AutoSi, true), out);
         return;
@@ -571,15 +574,15 @@ fn write_timestamp(ts: &DateTime<Utc>, out: &mut Vec<u8>) {
     out.push(b'"');
     digits(out, year, 4);
     out.push(b'-');
-    digits(out, ts.month(), 2);
+    digits(out, date.month(), 2);
     out.push(b'-');
-    digits(out, ts.day(), 2);
+    digits(out, date.day(), 2);
     out.push(b'T');
-    digits(out, ts.hour(), 2);
+    digits(out, time.hour(), 2);
     out.push(b':');
-    digits(out, ts.minute(), 2);
+    digits(out, time.minute(), 2);
     out.push(b':');
-    digits(out, ts.second(), 2);
+    digits(out, time.second(), 2);
     if nanos != 0 {
         out.push(b'.');
         if nanos % 1_000_000 == 0 {
