@@ -779,6 +779,16 @@ mod tests {
             let expected = format!("\"{}\"", ts.to_rfc3339_opts(SecondsFormat::AutoSi, true));
             assert_eq!(canon(&Value::Timestamp(ts)), expected, "{text}");
         }
+        // A leap second (a nanosecond count past one second) goes through chrono too.
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        assert_eq!(
+            canon(&Value::Timestamp(leap)),
+            format!("\"{}\"", leap.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        );
     }
 
     #[test]
