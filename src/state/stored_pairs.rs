@@ -102,10 +102,18 @@ impl StoredPairs {
         true
     }
 
-    /// True when an earlier row of this key was taken as unchanged (and so not spilled).
-    pub fn taken(&self, key_hash: u128) -> bool {
-        self.position(key_hash)
-            .is_some_and(|at| self.matched[at / 64] & (1u64 << (at % 64)) != 0)
+    /// Marks this key as having a row that is not taken (a rejected row), so that no later
+    /// row of it is taken as unchanged either: the key is a duplicate, to be named from a
+    /// spilled row. True when an earlier row of the key was taken already (and so not
+    /// spilled).
+    pub fn claim(&mut self, key_hash: u128) -> bool {
+        let Some(at) = self.position(key_hash) else {
+            return false;
+        };
+        let (word, bit) = (at / 64, 1u64 << (at % 64));
+        let taken = self.matched[word] & bit != 0;
+        self.matched[word] |= bit;
+        taken
     }
 
     /// Where the pair of this key hash is held, if it is.
@@ -259,9 +267,7 @@ mod tests {
                 !pairs.take_unchanged(spread(n), n as u64 + 1),
                 "another fingerprint: changed"
             );
-            assert!(!pairs.taken(spread(n)), "not taken before its row");
             assert!(pairs.take_unchanged(spread(n), n as u64), "pair {n} not found");
-            assert!(pairs.taken(spread(n)), "taken once its row matched");
             assert!(
                 !pairs.take_unchanged(spread(n), n as u64),
                 "a second row of the key is not taken"
@@ -272,8 +278,26 @@ mod tests {
                 !pairs.take_unchanged(spread(n), n as u64),
                 "a key not stored is not unchanged"
             );
-            assert!(!pairs.taken(spread(n)), "a key not stored is never taken");
+            assert!(!pairs.claim(spread(n)), "a key not stored is never taken");
         }
+    }
+
+    #[test]
+    fn a_claimed_key_is_not_taken_and_a_taken_key_is_told() {
+        let (mut sample, mut from) = StoredPairsSample::new(0);
+        for n in 0..3u128 {
+            sample.push(spread(n), 1);
+        }
+        sample.finish();
+        let mut pairs = from.try_recv().unwrap();
+        assert!(!pairs.claim(spread(0)), "no row of it taken before");
+        assert!(
+            !pairs.take_unchanged(spread(0), 1),
+            "claimed: its unchanged row is spilled"
+        );
+        assert!(pairs.take_unchanged(spread(1), 1));
+        assert!(pairs.claim(spread(1)), "its unchanged row was not spilled");
+        assert!(!pairs.claim(spread(7)), "not stored");
     }
 
     #[test]

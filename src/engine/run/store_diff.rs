@@ -50,7 +50,7 @@ pub(super) async fn plan(
     let mut rejected_keys = HashMap::new();
     // Stored pairs, once the store has read them: a row among them is unchanged, so it is
     // not spilled. A full resync sends every row, so it spills them all.
-    let mut stored_pairs = take_stored_pairs(store, options);
+    let mut stored_pairs = take_stored_pairs(store, options, &rejected_keys);
     let mut unspilled_rows = 0u64;
     // Keys with a rejected row after a row left unspilled: no spilled row names them among
     // the duplicated keys, so they are named from here.
@@ -65,7 +65,7 @@ pub(super) async fn plan(
                 // it); taken out of the diff's changes below, so it is never sent either.
                 if let Some(key) = key {
                     let hash = stored_key_hash(&key);
-                    if stored_pairs.as_ref().is_some_and(|p| p.taken(hash))
+                    if stored_pairs.as_mut().is_some_and(|p| p.claim(hash))
                         && (c.log_rejections || unspilled_duplicates.len() < REJECTED_SAMPLES)
                     {
                         unspilled_duplicates.insert(key.clone());
@@ -80,11 +80,7 @@ pub(super) async fn plan(
         let fp = mapped.fingerprint;
         let hash = mapped.key_hash;
         digest = digest.wrapping_add(row_digest(mapped.key, fp));
-        // A key with a rejected row is a duplicate: its mapped row is spilled, to be named.
-        if let Some(pairs) = stored_pairs.as_mut()
-            && !rejected_keys.contains_key(&hash)
-            && pairs.take_unchanged(hash, fp)
-        {
+        if stored_pairs.as_mut().is_some_and(|p| p.take_unchanged(hash, fp)) {
             unspilled_rows += 1;
         } else {
             // The operation is decided after the diff; the spill keeps the row until then.
@@ -109,7 +105,7 @@ pub(super) async fn plan(
             stage(store, &staged).await?;
             staged.clear();
             if stored_pairs.is_none() {
-                stored_pairs = take_stored_pairs(store, options);
+                stored_pairs = take_stored_pairs(store, options, &rejected_keys);
                 if let Some(pairs) = &stored_pairs {
                     tracing::debug!(
                         pairs = pairs.len(),
@@ -333,14 +329,24 @@ fn prefix_of(hash: u128) -> u32 {
 }
 
 /// The store's stored pairs if they arrived and hold any, unless the run resends every row.
-fn take_stored_pairs(store: &mut dyn StateStore, options: &RunOptions) -> Option<StoredPairs> {
+/// The keys with a rejected row so far are claimed: another row of them is a duplicate, so it
+/// is spilled, to be named.
+fn take_stored_pairs(
+    store: &mut dyn StateStore,
+    options: &RunOptions,
+    rejected_keys: &HashMap<u128, u64>,
+) -> Option<StoredPairs> {
     if options.full_resync {
         return None;
     }
-    store
+    let mut pairs = store
         .store_diff()
         .and_then(|d| d.stored_pairs())
-        .filter(|p| !p.is_empty())
+        .filter(|p| !p.is_empty())?;
+    for &hash in rejected_keys.keys() {
+        pairs.claim(hash);
+    }
+    Some(pairs)
 }
 
 async fn stage(store: &mut dyn StateStore, rows: &[(u128, u64)]) -> Result<(), RunError> {
