@@ -1136,13 +1136,25 @@ async fn warehouse_rows(pg: &support::db::TestDb, schema: &str, table: &str, syn
     if !exists {
         return 0;
     }
-    sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1"
-    ))
-    .bind(sync_id)
-    .fetch_one(&mut c)
-    .await
-    .unwrap()
+    let blocks: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.backflow_state_blocks"))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    // The state's rows: rows of backflow_state and rows packed in blocks.
+    let sql = if table == "backflow_state" && blocks {
+        format!(
+            "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
+             + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
+        )
+    } else {
+        format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")
+    };
+    sqlx::query_scalar(&sql)
+        .bind(sync_id)
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
 }
 
 async fn state_configmaps(h: &Harness, sync: &str) -> usize {

@@ -368,10 +368,14 @@ async fn the_model_query_still_cannot_write_while_the_state_connection_can() {
     let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
         .await
         .unwrap();
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM backflow.backflow_state")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+    // A first fold packs the state into blocks.
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM backflow.backflow_state) \
+         + (SELECT COALESCE(sum(row_count), 0) FROM backflow.backflow_state_blocks)",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
     assert_eq!(stored, 10);
 }
 
@@ -1005,9 +1009,22 @@ async fn rows_in(db: &TestDb, table: &str, sync_id: &str) -> Option<i64> {
             if !exists {
                 return None;
             }
-            let sql = format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1");
+            // The state's rows: rows of backflow_state and rows packed in blocks.
+            let blocks: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(format!("{schema}.backflow_state_blocks"))
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            let sql = if table == "backflow_state" && blocks {
+                format!(
+                    "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
+                     + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
+                )
+            } else {
+                format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")
+            };
             Some(
-                sqlx::query_scalar(&sql)
+                sqlx::query_scalar::<_, i64>(&sql)
                     .bind(sync_id)
                     .fetch_one(&mut c)
                     .await
@@ -1475,8 +1492,14 @@ async fn stored_fingerprint(db: &TestDb, sync_id: &str, key: &str) -> Option<i64
     match db.server {
         Server::Postgres => {
             let mut c = PgConnection::connect(&db.url).await.unwrap();
+            // A row of backflow_state, or a row of a block: its count, then the key hashes
+            // (16 bytes each), then the fingerprints (8 bytes each).
             let sql = format!(
-                "SELECT fingerprint FROM {schema}.backflow_state WHERE sync_id = $1 AND key_hash = $2"
+                "SELECT fingerprint FROM {schema}.backflow_state WHERE sync_id = $1 AND key_hash = $2 \
+                 UNION ALL \
+                 SELECT ('x' || encode(substring(data from 5 + row_count * 16 + 8 * i for 8), 'hex'))::bit(64)::bigint \
+                 FROM {schema}.backflow_state_blocks, generate_series(0, row_count - 1) AS i \
+                 WHERE sync_id = $1 AND substring(data from 5 + 16 * i for 16) = $2"
             );
             sqlx::query_scalar(&sql)
                 .bind(sync_id)
@@ -1511,14 +1534,16 @@ async fn failing_fold(db: TestDb) {
     second.push(StateChange::Remove { key: "f1".into() });
     store.commit("s", &second).await.unwrap();
 
-    // The fold's insert fails at g500, after the remove of f1 and the rows before g500.
+    // The fold fails midway: on MariaDB its insert at g500, after the remove of f1 and the
+    // rows before g500; on PostgreSQL, where the state is blocks, the write of the new blocks,
+    // after the rewritten ones were deleted.
     let schema = schema(&db);
     match db.server {
         Server::Postgres => {
             db.exec(
                 "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN IF NEW.key = 'g500' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state_blocks FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
             )
             .await
         }
@@ -1542,7 +1567,10 @@ CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state FOR EACH ROW EXEC
     drop(store);
 
     match db.server {
-        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_state").await,
+        Server::Postgres => {
+            db.exec("DROP TRIGGER poison ON backflow.backflow_state_blocks")
+                .await
+        }
         Server::Mysql => db.exec(&format!("DROP TRIGGER `{schema}`.poison")).await,
     }
     let mut next = WarehouseStore::new(config(&db, "ns/f"));
@@ -1568,4 +1596,174 @@ async fn a_fold_failing_midway_applies_nothing_and_the_next_run_folds_it_whole_o
 #[tokio::test]
 async fn a_fold_failing_midway_applies_nothing_and_the_next_run_folds_it_whole_on_mariadb() {
     failing_fold(TestDb::mysql("whjfold").await).await;
+}
+
+/// Rows of `backflow_state` and blocks (with the rows they hold) of `sync_id`, on PostgreSQL.
+async fn rows_and_blocks(db: &TestDb, sync_id: &str) -> (i64, Vec<i32>) {
+    let mut c = PgConnection::connect(&db.url).await.unwrap();
+    let rows = sqlx::query_scalar("SELECT count(*) FROM backflow.backflow_state WHERE sync_id = $1")
+        .bind(sync_id)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let blocks = sqlx::query_scalar(
+        "SELECT row_count FROM backflow.backflow_state_blocks WHERE sync_id = $1 ORDER BY first_hash",
+    )
+    .bind(sync_id)
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    (rows, blocks)
+}
+
+/// The sync's blocks hold their keys in order: each block's first hash is its first row's,
+/// and its rows lie below the next block's first hash (read with SQL from the layout).
+async fn blocks_are_in_order(db: &TestDb, sync_id: &str) -> bool {
+    let mut c = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query_scalar(
+        "WITH b AS (SELECT first_hash, row_count, data, \
+                           lead(first_hash) OVER (ORDER BY first_hash) AS next_hash \
+                    FROM backflow.backflow_state_blocks WHERE sync_id = $1), \
+              r AS (SELECT b.*, i, substring(data from 5 + 16 * i for 16) AS h \
+                    FROM b, generate_series(0, row_count - 1) AS i) \
+         SELECT bool_and((i > 0 OR h = first_hash) AND h >= first_hash \
+                         AND (next_hash IS NULL OR h < next_hash) AND row_count BETWEEN 1 AND 32) FROM r",
+    )
+    .bind(sync_id)
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_on_postgres() {
+    let db = TestDb::postgres("whblocks").await;
+    let mut expected: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    load_after_drop(&mut store, "s").await;
+    for chunk in (0..2000u64).collect::<Vec<_>>().chunks(700) {
+        let puts: Vec<StateChange> = chunk
+            .iter()
+            .map(|&i| put(&format!("k{i}"), i, &format!("{{\"n\":{i}}}")))
+            .collect();
+        store.commit("s", &puts).await.unwrap();
+    }
+    for i in 0..2000u64 {
+        expected.insert(format!("k{i}"), (i, format!("{{\"n\":{i}}}")));
+    }
+    store.finish("s").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
+    assert_eq!(rows, 0, "a first fold writes blocks, not rows");
+    assert_eq!(blocks.len(), 63);
+    assert_eq!(blocks.iter().map(|&n| i64::from(n)).sum::<i64>(), 2000);
+    assert!(blocks_are_in_order(&db, "ns/b").await);
+
+    // A second run: every third key removed, every fifth changed, 700 new keys, a key changed
+    // in two checkpoints (the last wins) and a key removed then put back.
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    assert_eq!(entries(&load_after_drop(&mut store, "s").await).len(), 2000);
+    let mut first = Vec::new();
+    for i in 0..2000u64 {
+        let key = format!("k{i}");
+        if i % 3 == 0 {
+            first.push(StateChange::Remove { key: key.clone() });
+            expected.remove(&key);
+        } else if i % 5 == 0 {
+            first.push(put(&key, i + 1_000_000, "{}"));
+            expected.insert(key, (i + 1_000_000, "{}".into()));
+        }
+    }
+    first.push(put("k1", 7, "{\"early\":1}"));
+    store.commit("s", &first).await.unwrap();
+    let mut second: Vec<StateChange> = (0..700u64)
+        .map(|i| put(&format!("new{i}"), i, "{\"new\":true}"))
+        .collect();
+    for i in 0..700u64 {
+        expected.insert(format!("new{i}"), (i, "{\"new\":true}".into()));
+    }
+    second.push(put("k1", 8, "{\"late\":1}"));
+    expected.insert("k1".into(), (8, "{\"late\":1}".into()));
+    second.push(put("k3", 33, "{}"));
+    expected.insert("k3".into(), (33, "{}".into()));
+    store.commit("s", &second).await.unwrap();
+    store.finish("s").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
+    assert_eq!(rows, 0);
+    assert_eq!(
+        blocks.iter().map(|&n| i64::from(n)).sum::<i64>(),
+        expected.len() as i64
+    );
+    assert!(blocks_are_in_order(&db, "ns/b").await);
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k1").await, Some(8));
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k3").await, Some(33));
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k6").await, None);
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    let loaded = entries(&load_after_drop(&mut store, "s").await);
+    let want: Vec<(String, u64, String)> = expected
+        .iter()
+        .map(|(k, (f, i))| (k.clone(), *f, i.clone()))
+        .collect();
+    assert_eq!(loaded, want);
+
+    // A new scope (another destination): the blocks of the old one go with its first
+    // checkpoint.
+    drop(store);
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    assert!(load_after_drop(&mut store, "t").await.is_empty());
+    store.commit("t", &[put("only", 1, "{}")]).await.unwrap();
+    store.finish("t").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    assert_eq!(rows_and_blocks(&db, "ns/b").await, (0, vec![1]));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/b").await, Some(1));
+}
+
+#[tokio::test]
+async fn a_state_an_earlier_release_kept_in_rows_stays_in_rows_on_postgres() {
+    let db = TestDb::postgres("whrows").await;
+    // The tables, made by a first run of another sync.
+    journal_and_fold(config(&db, "ns/other"), 10).await;
+    // An earlier release's state: rows of backflow_state.
+    let mut c = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("INSERT INTO backflow.backflow_syncs (sync_id, scope) VALUES ('ns/old', 's')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    for i in 0..100u64 {
+        let key = format!("k{i}");
+        sqlx::query(
+            "INSERT INTO backflow.backflow_state (sync_id, key_hash, key, fingerprint, identity) \
+             VALUES ('ns/old', $1, $2, $3, '{}')",
+        )
+        .bind(hash(&key).to_be_bytes().to_vec())
+        .bind(&key)
+        .bind(i as i64)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    let mut store = WarehouseStore::new(config(&db, "ns/old"));
+    assert_eq!(load_after_drop(&mut store, "s").await.len(), 100);
+    store
+        .commit(
+            "s",
+            &[
+                put("k1", 11, "{}"),
+                put("k200", 200, "{}"),
+                StateChange::Remove { key: "k2".into() },
+            ],
+        )
+        .await
+        .unwrap();
+    store.finish("s").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    assert_eq!(rows_and_blocks(&db, "ns/old").await, (100, vec![]));
+    assert_eq!(stored_fingerprint(&db, "ns/old", "k1").await, Some(11));
+    assert_eq!(stored_fingerprint(&db, "ns/old", "k2").await, None);
+    assert_eq!(stored_fingerprint(&db, "ns/old", "k200").await, Some(200));
 }

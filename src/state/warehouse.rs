@@ -14,7 +14,11 @@
 //!   B-tree about 2700); `fingerprint` is the u64 fingerprint stored as a signed BIGINT (same
 //!   bits); `identity` is the canonical JSON of the match fields.
 //! - `backflow_journal (sync_id, seq, key_hash, key, fingerprint, identity, removed)`: the
-//!   checkpoints of runs not yet folded into `backflow_state` (see `journal`).
+//!   checkpoints of runs not yet folded into the state (see `journal`).
+//! - PostgreSQL: `backflow_state_blocks (sync_id, first_hash, row_count, data, updated_at)`,
+//!   primary key `(sync_id, first_hash)`: the state of a sync that holds no rows in
+//!   `backflow_state`, packed 32 rows to a block by the journal's fold (see `blocks`). A sync's
+//!   keys are rows or blocks, never both; every reader reads both.
 //! - with `syncLogs`: `backflow_runs` (one row per run) and `backflow_rejections` (one row per
 //!   rejected row: key, operation, reason, time).
 //!
@@ -24,7 +28,7 @@
 //!
 //! Each `commit` is one transaction that appends the checkpoint's changes to the journal
 //! (binary `COPY` on PostgreSQL), durable when it returns; `finish` folds the journal into
-//! `backflow_state` in one transaction sorted by key hash, and the next run does so first when
+//! the state in one transaction sorted by key hash, and the next run does so first when
 //! a run ended without `finish`. Where the journal is missing and the state user may not
 //! create it (tables of an older release, created by a DBA), checkpoints are upserted straight
 //! into `backflow_state` as before (see `write`). Two runs of one sync never interleave: the store
@@ -47,6 +51,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor, QueryBuilder, Row};
 use xxhash_rust::xxh3::xxh3_64;
 
+mod blocks;
 mod cursor;
 mod diff;
 mod journal;
@@ -110,6 +115,9 @@ pub struct WarehouseStore {
     /// Whether checkpoints go to `backflow_journal` (`None`: not looked for yet; false: it is
     /// missing and may not be created, so they go straight into `backflow_state`).
     journal: Option<bool>,
+    /// PostgreSQL: whether `backflow_state_blocks` is there to hold states folded from the
+    /// journal (`None`: not looked for yet; always false on MySQL/MariaDB).
+    blocks: Option<bool>,
     /// Leftover journal rows were folded since the lock was taken.
     recovered: bool,
     /// This run appended checkpoints to the journal that `finish` has not folded yet.
@@ -154,6 +162,7 @@ impl WarehouseStore {
             diffing: None,
             staging: None,
             journal: None,
+            blocks: None,
             recovered: false,
             appended: false,
         }
@@ -615,18 +624,34 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
             t = self.table("backflow_state")
         );
         let sync_id = self.config.sync_id.clone();
+        let blocks = self.blocks_table();
         let mut set = Fingerprints::default();
         let result: Result<(), sqlx::Error> = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => {
                 let sql = format!("{sql}$1");
-                let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(c);
                 async {
+                    let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(&mut *c);
                     while let Some(row) = rows.try_next().await? {
                         set.push_unindexed(EntryRef {
                             key: row.try_get::<&str, _>(0)?,
                             fingerprint: row.try_get::<i64, _>(1)? as u64,
                             identity: row.try_get::<&str, _>(2)?,
                         });
+                    }
+                    drop(rows);
+                    if let Some(blocks) = &blocks {
+                        fn text(bytes: &[u8]) -> Result<&str, sqlx::Error> {
+                            std::str::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+                        }
+                        blocks::read_rows(c, blocks, &sync_id, |row| {
+                            set.push_unindexed(EntryRef {
+                                key: text(row.key)?,
+                                fingerprint: row.fingerprint as u64,
+                                identity: text(row.identity)?,
+                            });
+                            Ok(())
+                        })
+                        .await?;
                     }
                     Ok(())
                 }
@@ -671,14 +696,25 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         let new_scope = self.stored_scope.as_deref() != Some(scope);
         let journaled = self.journal == Some(true);
         let staging = !journaled && self.pg_staging().await?;
+        if !journaled && self.holds_blocks().await? {
+            return Err(StateError::Unusable {
+                location: self.location(),
+                reason: "the sync's state is kept in backflow_state_blocks, which is written through \
+                         backflow_journal, and that table is missing: have an administrator create it \
+                         again (DDL in docs/state.md)"
+                    .to_owned(),
+            });
+        }
         let (syncs, state) = (self.table("backflow_syncs"), self.table("backflow_state"));
         let journal = self.table(journal::TABLE);
+        let blocks = self.blocks_table();
         let target = write::Target {
             syncs: &syncs,
             state: &state,
             sync_id: &self.config.sync_id,
             scope,
             new_scope,
+            blocks: blocks.as_deref(),
         };
         let result = match self.conn.as_mut() {
             Some(Conn::Pg(c)) if journaled => journal::pg_append(c, &target, &journal, puts, removes).await,
@@ -897,8 +933,9 @@ impl StateStore for WarehouseStore {
 }
 
 impl WarehouseStore {
-    /// Deletes this sync's rows of `backflow_state`, `backflow_journal` (when it exists) and
-    /// `backflow_syncs` in one transaction; returns how many `backflow_state` rows went.
+    /// Deletes this sync's rows of `backflow_state`, `backflow_journal` and
+    /// `backflow_state_blocks` (when they exist) and `backflow_syncs` in one transaction;
+    /// returns how many stored rows went (rows and rows of blocks).
     async fn delete_sync_rows(&mut self) -> Result<u64, sqlx::Error> {
         let sync_id = self.config.sync_id.clone();
         let (state, syncs) = (self.table("backflow_state"), self.table("backflow_syncs"));
@@ -908,6 +945,13 @@ impl WarehouseStore {
             (None, Some(conn)) => journal::exists(conn, &self.config.schema).await?,
             (None, None) => false,
         };
+        let blocked = match (self.blocks, self.conn.as_mut()) {
+            (Some(known), _) => known,
+            (None, Some(conn @ Conn::Pg(_))) => {
+                journal::table_exists(conn, &self.config.schema, blocks::TABLE).await?
+            }
+            (None, _) => false,
+        };
         // Journal rows are changes to the state: they go with it. No journal, nothing to delete.
         let mut deletes = vec![format!("DELETE FROM {state} WHERE sync_id = {p}")];
         if journaled {
@@ -915,6 +959,19 @@ impl WarehouseStore {
                 "DELETE FROM {} WHERE sync_id = {p}",
                 self.table(journal::TABLE)
             ));
+        }
+        // The rows the sync's blocks hold, counted before they go (only PostgreSQL has them).
+        let mut in_blocks = 0u64;
+        let blocks = self.table(blocks::TABLE);
+        if blocked && let Some(Conn::Pg(c)) = self.conn.as_mut() {
+            let held: i64 = sqlx::query_scalar(&format!(
+                "SELECT COALESCE(sum(row_count), 0)::bigint FROM {blocks} WHERE sync_id = $1"
+            ))
+            .bind(&sync_id)
+            .fetch_one(c)
+            .await?;
+            in_blocks = u64::try_from(held).unwrap_or(0);
+            deletes.push(format!("DELETE FROM {blocks} WHERE sync_id = $1"));
         }
         deletes.push(format!("DELETE FROM {syncs} WHERE sync_id = {p}"));
         // The same statements on either connection type, whose transactions share no trait.
@@ -932,7 +989,7 @@ impl WarehouseStore {
                     );
                 }
                 tx.commit().await?;
-                Ok(rows[0])
+                Ok(rows[0] + in_blocks)
             }};
         }
         // The mark goes first: a mark outliving its fingerprints would let the next run read
@@ -1002,8 +1059,9 @@ impl WarehouseStore {
 /// How long [`delete_sync_state`] waits for a run of the sync to let go of its lock.
 const DELETE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Deletes a deleted sync's fingerprints: its rows of `backflow_state`, `backflow_journal` and
-/// `backflow_syncs`, in one transaction, and returns how many `backflow_state` rows went. The sync logs
+/// Deletes a deleted sync's fingerprints: its rows of `backflow_state`, `backflow_journal`,
+/// `backflow_state_blocks` and `backflow_syncs`, in one transaction, and returns how many
+/// stored rows went (rows, and the rows of blocks). The sync logs
 /// (`backflow_runs`, `backflow_rejections`) stay: they are history. Creates nothing: missing
 /// tables hold nothing to delete. `config.sync_logs` is ignored.
 ///

@@ -18,6 +18,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
+use super::blocks::{self, Block, CopyTuples, Malformed};
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
 use crate::state::stored_pairs::{self, StoredBuckets, StoredPairs, StoredPairsSample};
@@ -49,6 +50,8 @@ pub(super) enum ReadError {
     Io(#[from] std::io::Error),
     #[error("unexpected data from COPY: {0}")]
     Format(&'static str),
+    #[error("the stored state does not decode: {0}")]
+    Malformed(#[from] Malformed),
 }
 
 /// A text column that MySQL may flag binary (`utf8mb4_bin`): decoded from its bytes.
@@ -57,19 +60,12 @@ fn my_text(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String, sqlx::Error>
     String::from_utf8(bytes.to_vec()).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-/// A 16-byte `key_hash` value as the number the engine uses.
-fn hash_of(bytes: &[u8]) -> Result<u128, ReadError> {
-    let bytes: [u8; 16] = bytes
-        .try_into()
-        .map_err(|_| ReadError::Format("a key_hash is not 16 bytes"))?;
-    Ok(u128::from_be_bytes(bytes))
-}
-
 /// Reads this sync's stored pairs on its own connection into buckets and `sample`, then
 /// closes it.
 async fn read_stored(
     conn: Conn,
     table: String,
+    blocks: Option<String>,
     sync_id: String,
     sample: StoredPairsSample,
 ) -> Result<HashBuckets, ReadError> {
@@ -77,6 +73,9 @@ async fn read_stored(
     match conn {
         Conn::Pg(mut c) => {
             copy_out(&mut c, &table, &sync_id, &mut stored).await?;
+            if let Some(blocks) = blocks {
+                copy_out_blocks(&mut c, &blocks, &sync_id, &mut stored).await?;
+            }
             c.close().await?;
         }
         Conn::My(mut c) => {
@@ -84,7 +83,7 @@ async fn read_stored(
                 let sql = format!("SELECT key_hash, fingerprint FROM {table} WHERE sync_id = ?");
                 let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(&mut c);
                 while let Some(row) = rows.try_next().await? {
-                    let hash = hash_of(row.try_get::<&[u8], _>(0)?)?;
+                    let hash = blocks::hash_of(Some(row.try_get::<&[u8], _>(0)?))?;
                     stored.push(hash, row.try_get::<i64, _>(1)? as u64)?;
                 }
             }
@@ -108,74 +107,58 @@ async fn copy_out(
         sync_id.replace('\'', "''")
     );
     let mut data = c.copy_out_raw(&sql).await?;
-    let mut parser = CopyBinary::default();
+    let mut tuples = CopyTuples::<2>::default();
     while let Some(bytes) = data.try_next().await? {
-        parser.feed(&bytes, stored)?;
+        tuples.feed(&bytes, |[hash, fingerprint]| pair(hash, fingerprint, stored))?;
     }
-    if parser.ended {
+    if tuples.ended() {
         Ok(())
     } else {
         Err(ReadError::Format("the data ended without its trailer"))
     }
 }
 
-/// Parser of PostgreSQL's binary COPY format for rows of (bytea(16), int8).
-#[derive(Default)]
-struct CopyBinary {
-    pending: Vec<u8>,
-    header_read: bool,
-    ended: bool,
+/// Pushes one (key_hash, fingerprint) tuple of binary `COPY` data.
+fn pair(
+    hash: Option<&[u8]>,
+    fingerprint: Option<&[u8]>,
+    stored: &mut StoredBuckets,
+) -> Result<(), ReadError> {
+    let hash = blocks::hash_of(hash)?;
+    let fingerprint: [u8; 8] = fingerprint
+        .and_then(|f| f.try_into().ok())
+        .ok_or(ReadError::Format("a fingerprint is not 8 bytes"))?;
+    stored.push(hash, u64::from_be_bytes(fingerprint))?;
+    Ok(())
 }
 
-impl CopyBinary {
-    const SIGNATURE: &'static [u8] = b"PGCOPY\n\xff\r\n\0";
-    /// A tuple: field count, then length and value of the hash and of the fingerprint.
-    const TUPLE: usize = 2 + 4 + 16 + 4 + 8;
-
-    fn feed(&mut self, bytes: &[u8], out: &mut StoredBuckets) -> Result<(), ReadError> {
-        self.pending.extend_from_slice(bytes);
-        let data = &self.pending[..];
-        let mut at = 0;
-        if !self.header_read {
-            // Signature, flags (4 bytes), header extension length (4 bytes) and extension.
-            if data.len() < 19 {
-                return Ok(());
+/// The pairs of the sync's blocks, read whole by binary `COPY` and unpacked here.
+async fn copy_out_blocks(
+    c: &mut PgConnection,
+    blocks: &str,
+    sync_id: &str,
+    stored: &mut StoredBuckets,
+) -> Result<(), ReadError> {
+    let sql = format!(
+        "COPY (SELECT data FROM {blocks} WHERE sync_id = '{}') TO STDOUT (FORMAT binary)",
+        sync_id.replace('\'', "''")
+    );
+    let mut data = c.copy_out_raw(&sql).await?;
+    let mut tuples = CopyTuples::<1>::default();
+    while let Some(bytes) = data.try_next().await? {
+        tuples.feed(&bytes, |[block]| -> Result<(), ReadError> {
+            let block = Block::parse(block.ok_or(Malformed("a block without its data"))?)?;
+            for i in 0..block.len() {
+                let (hash, fingerprint) = block.pair(i);
+                stored.push(hash, fingerprint as u64)?;
             }
-            if &data[..11] != Self::SIGNATURE {
-                return Err(ReadError::Format("no binary COPY signature"));
-            }
-            let extension = u32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
-            if data.len() < 19 + extension {
-                return Ok(());
-            }
-            at = 19 + extension;
-            self.header_read = true;
-        }
-        while !self.ended && data.len() - at >= 2 {
-            let fields = i16::from_be_bytes([data[at], data[at + 1]]);
-            if fields == -1 {
-                self.ended = true;
-                at += 2;
-                break;
-            }
-            if fields != 2 {
-                return Err(ReadError::Format("a row does not have two columns"));
-            }
-            if data.len() - at < Self::TUPLE {
-                break;
-            }
-            let tuple = &data[at..at + Self::TUPLE];
-            if tuple[2..6] != 16u32.to_be_bytes() || tuple[22..26] != 8u32.to_be_bytes() {
-                return Err(ReadError::Format("a key_hash is not 16 bytes"));
-            }
-            let hash = hash_of(&tuple[6..22])?;
-            let mut fingerprint = [0u8; 8];
-            fingerprint.copy_from_slice(&tuple[26..34]);
-            out.push(hash, u64::from_be_bytes(fingerprint))?;
-            at += Self::TUPLE;
-        }
-        self.pending.drain(..at);
+            Ok(())
+        })?;
+    }
+    if tuples.ended() {
         Ok(())
+    } else {
+        Err(ReadError::Format("the data ended without its trailer"))
     }
 }
 
@@ -219,19 +202,27 @@ impl WarehouseStore {
     /// The key and identity of the stored rows whose key hash is in `hashes` (one statement).
     async fn rows_of(&mut self, hashes: &[u128]) -> Result<Vec<(String, String)>, StateError> {
         let state = self.table("backflow_state");
+        let blocks = self.blocks_table();
         let sync_id = self.config.sync_id.clone();
         let keys = hashes.iter().map(|h| h.to_be_bytes().to_vec());
         let rows: Result<Vec<(String, String)>, sqlx::Error> = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => {
                 let sql =
                     format!("SELECT key, identity FROM {state} WHERE sync_id = $1 AND key_hash = ANY($2)");
-                sqlx::query(&sql)
-                    .bind(&sync_id)
-                    .bind(keys.collect::<Vec<_>>())
-                    .fetch(&mut *c)
-                    .and_then(|row| async move { Ok((row.try_get(0)?, row.try_get(1)?)) })
-                    .try_collect()
-                    .await
+                async {
+                    let mut rows: Vec<(String, String)> = sqlx::query(&sql)
+                        .bind(&sync_id)
+                        .bind(keys.collect::<Vec<_>>())
+                        .fetch(&mut *c)
+                        .and_then(|row| async move { Ok((row.try_get(0)?, row.try_get(1)?)) })
+                        .try_collect()
+                        .await?;
+                    if let Some(blocks) = &blocks {
+                        rows.extend(blocks::rows_of(c, blocks, &sync_id, hashes).await?);
+                    }
+                    Ok(rows)
+                }
+                .await
             }
             Some(Conn::My(c)) => {
                 let mut q =
@@ -269,6 +260,7 @@ impl StoreDiff for WarehouseStore {
             let read = read_stored(
                 conn,
                 self.table("backflow_state"),
+                self.blocks_table(),
                 self.config.sync_id.clone(),
                 sample,
             );
@@ -373,7 +365,7 @@ mod tests {
 
     /// PostgreSQL's binary COPY bytes of the given rows.
     fn copy_bytes(rows: &[(u128, i64)]) -> Vec<u8> {
-        let mut out = CopyBinary::SIGNATURE.to_vec();
+        let mut out = b"PGCOPY\n\xff\r\n\0".to_vec();
         out.extend_from_slice(&0u32.to_be_bytes());
         out.extend_from_slice(&0u32.to_be_bytes());
         for (hash, fp) in rows {
@@ -392,13 +384,13 @@ mod tests {
         let rows: Vec<(u128, i64)> = (0..100u128).map(|n| (n << 120 | n, -(n as i64))).collect();
         let bytes = copy_bytes(&rows);
         for step in [1, 7, 34, 1000] {
-            let mut parser = CopyBinary::default();
+            let mut tuples = CopyTuples::<2>::default();
             let (sample, mut pairs) = StoredPairsSample::new(100);
             let mut out = StoredBuckets::new(Some(sample)).unwrap();
             for piece in bytes.chunks(step) {
-                parser.feed(piece, &mut out).unwrap();
+                tuples.feed(piece, |[h, f]| pair(h, f, &mut out)).unwrap();
             }
-            assert!(parser.ended, "step {step}");
+            assert!(tuples.ended(), "step {step}");
             let out = out.finish();
             assert_eq!(out.len(), 100, "step {step}");
             let mut pairs = pairs.try_recv().unwrap();
@@ -417,11 +409,11 @@ mod tests {
 
     #[test]
     fn copy_binary_refuses_other_data() {
-        let mut parser = CopyBinary::default();
+        let mut tuples = CopyTuples::<2>::default();
         let mut out = StoredBuckets::new(None).unwrap();
         assert!(matches!(
-            parser.feed(b"key\tfingerprint\n1\t2\n3\t4\n", &mut out),
-            Err(ReadError::Format(_))
+            tuples.feed(b"key\tfingerprint\n1\t2\n3\t4\n", |[h, f]| pair(h, f, &mut out)),
+            Err(ReadError::Malformed(_))
         ));
     }
 }

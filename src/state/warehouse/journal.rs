@@ -8,9 +8,10 @@
 //! 1,000,000 rows on PostgreSQL, 41 µs at 9,000,000 once the index outgrew
 //! `shared_buffers`, next to 0.8 µs for `COPY`).
 //!
-//! The fold applies the sync's journal to `backflow_state` in one transaction: the last
-//! change of each key (highest `seq`) wins, in `key_hash` order, so the primary key is
-//! walked once from one end to the other; then the sync's journal rows go. It runs at
+//! The fold applies the sync's journal to the state in one transaction: the last change of
+//! each key (highest `seq`) wins, in `key_hash` order, so the primary key is walked once from
+//! one end to the other; then the sync's journal rows go. On PostgreSQL a sync without rows
+//! in `backflow_state` is folded into blocks instead (see `blocks`). It runs at
 //! `finish`, and before anything reads the state when a run ended without `finish` (a crash,
 //! a failed checkpoint) and left journal rows: `load` and the diff always see every committed
 //! checkpoint. A crash before the fold commits leaves the journal, folded again next time; a
@@ -30,6 +31,7 @@ use sqlx::mysql::MySqlConnection;
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor, QueryBuilder};
 
+use super::blocks::{self, FoldError};
 use super::write::{Target, copy_binary, copy_field, my_new_scope, pg_new_scope};
 use super::{Conn, MYSQL_CHUNK, PG_DDL_LOCK, WarehouseStore, key_hash, quote};
 use crate::state::{EntryRef, StateError};
@@ -77,6 +79,11 @@ pub(super) fn my_ddl(schema: &str) -> String {
 
 /// True when `backflow_journal` exists in `schema`.
 pub(super) async fn exists(conn: &mut Conn, schema: &str) -> Result<bool, sqlx::Error> {
+    table_exists(conn, schema, TABLE).await
+}
+
+/// True when `table` exists in `schema`.
+pub(super) async fn table_exists(conn: &mut Conn, schema: &str, table: &str) -> Result<bool, sqlx::Error> {
     let found =
         match conn {
             Conn::Pg(c) => {
@@ -84,7 +91,7 @@ pub(super) async fn exists(conn: &mut Conn, schema: &str) -> Result<bool, sqlx::
                     "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = $2",
                 )
                 .bind(schema)
-                .bind(TABLE)
+                .bind(table)
                 .fetch_one(c)
                 .await?
             }
@@ -92,7 +99,7 @@ pub(super) async fn exists(conn: &mut Conn, schema: &str) -> Result<bool, sqlx::
                 "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
             )
             .bind(schema)
-            .bind(TABLE)
+            .bind(table)
             .fetch_one(c)
             .await?,
         };
@@ -110,7 +117,11 @@ pub(super) async fn pg_append(
 ) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     if target.new_scope {
-        pg_new_scope(&mut tx, target, &[target.state, journal]).await?;
+        let tables: Vec<&str> = [Some(target.state), Some(journal), target.blocks]
+            .into_iter()
+            .flatten()
+            .collect();
+        pg_new_scope(&mut tx, target, &tables).await?;
     }
     let sync_id = target.sync_id.as_bytes();
     let mut removes = removes.iter();
@@ -215,21 +226,24 @@ const LOCK_GIVEN_UP: [&str; 2] = ["55P03", "40P01"];
 /// at most that long.
 const TRUNCATE_LOCK_WAIT: &str = "2s";
 
-/// Folds the sync's journal into `backflow_state` on PostgreSQL, in one transaction.
+/// Folds the sync's journal into its state on PostgreSQL, in one transaction.
 ///
-/// Keys whose journal holds a remove are deleted first; then the last change of each key is
-/// upserted when it is a put (a key removed then put again comes back, one put then removed
-/// stays gone), in `key_hash` order; then the journal rows go. When the sync holds no rows
-/// yet (its first run), there is nothing to delete or update: the last puts are inserted
-/// without `ON CONFLICT`, which saves the lookup of each key (the run holds the sync's lock,
-/// so no other writer adds rows meanwhile). The journal is emptied with `TRUNCATE` when it
-/// holds nothing else ([`truncate_if_alone`]), else its rows of the sync are deleted.
+/// A sync that holds no rows in `backflow_state` is folded into its blocks of
+/// `blocks` ([`blocks::pg_fold`]) when that table is there. Otherwise, keys whose journal
+/// holds a remove are deleted first; then the last change of each key is upserted when it is
+/// a put (a key removed then put again comes back, one put then removed stays gone), in
+/// `key_hash` order. When the sync holds no rows yet (its first run), there is nothing to
+/// delete or update: the last puts are inserted without `ON CONFLICT`, which saves the lookup
+/// of each key (the run holds the sync's lock, so no other writer adds rows meanwhile). Then
+/// the journal is emptied with `TRUNCATE` when it holds nothing else ([`truncate_if_alone`]),
+/// else its rows of the sync are deleted.
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
     journal: &str,
+    blocks: Option<&str>,
     sync_id: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), FoldError> {
     let mut tx = c.begin().await?;
     // The sort of the journal by key_hash: in memory rather than through temporary files.
     tx.execute("SET LOCAL work_mem = '64MB'").await?;
@@ -239,6 +253,43 @@ pub(super) async fn pg_fold(
     .bind(sync_id)
     .fetch_one(&mut *tx)
     .await?;
+    match blocks {
+        Some(blocks) if !holds_rows => blocks::pg_fold(&mut tx, blocks, journal, sync_id).await?,
+        _ => pg_fold_rows(&mut tx, state, journal, sync_id, holds_rows).await?,
+    }
+    if truncate_if_alone(&mut tx, journal, sync_id).await? {
+        tx.commit().await?;
+        tracing::debug!("backflow_journal held only this sync's checkpoints: truncated");
+        return Ok(());
+    }
+    let deleted = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = $1"))
+        .bind(sync_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    tracing::debug!(rows = deleted, "this sync's rows of backflow_journal deleted");
+    if deleted >= VACUUM_AFTER {
+        // The rows just deleted stay in the table as dead tuples until autovacuum comes by,
+        // and every scan of the journal reads them: the next run's lookups and fold would
+        // pay for a large fold's rows (about 0.1 s per scan after a million). Only the
+        // table's owner may vacuum it; otherwise autovacuum does it later.
+        if let Err(e) = c.execute(format!("VACUUM {journal}").as_str()).await {
+            tracing::debug!(error = %e, "could not vacuum backflow_journal after a large fold; autovacuum will");
+        }
+    }
+    Ok(())
+}
+
+/// The fold into `backflow_state`'s rows, inside the fold's transaction `tx`: for a sync
+/// that holds rows, or where the blocks table is missing.
+async fn pg_fold_rows(
+    tx: &mut PgConnection,
+    state: &str,
+    journal: &str,
+    sync_id: &str,
+    holds_rows: bool,
+) -> Result<(), sqlx::Error> {
     if holds_rows {
         sqlx::query(&format!(
             "DELETE FROM {state} s USING {journal} j \
@@ -265,27 +316,6 @@ pub(super) async fn pg_fold(
     .bind(sync_id)
     .execute(&mut *tx)
     .await?;
-    if truncate_if_alone(&mut tx, journal, sync_id).await? {
-        tx.commit().await?;
-        tracing::debug!("backflow_journal held only this sync's checkpoints: truncated");
-        return Ok(());
-    }
-    let deleted = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = $1"))
-        .bind(sync_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    tracing::debug!(rows = deleted, "this sync's rows of backflow_journal deleted");
-    if deleted >= VACUUM_AFTER {
-        // The rows just deleted stay in the table as dead tuples until autovacuum comes by,
-        // and every scan of the journal reads them: the next run's lookups and fold would
-        // pay for a large fold's rows (about 0.1 s per scan after a million). Only the
-        // table's owner may vacuum it; otherwise autovacuum does it later.
-        if let Err(e) = c.execute(format!("VACUUM {journal}").as_str()).await {
-            tracing::debug!(error = %e, "could not vacuum backflow_journal after a large fold; autovacuum will");
-        }
-    }
     Ok(())
 }
 
@@ -394,7 +424,7 @@ pub(super) async fn my_fold(
 }
 
 /// PostgreSQL's insufficient_privilege; MySQL's access denied to a database or a command.
-fn is_denied(e: &sqlx::Error) -> bool {
+pub(super) fn is_denied(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => match db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
             Some(my) => matches!(my.number(), 1044 | 1142),
@@ -419,6 +449,10 @@ impl WarehouseStore {
             let found = found.map_err(|e| self.sql_error("look for the table backflow_journal", e))?;
             let usable = found || (!self.probe && self.create_journal().await?);
             self.journal = Some(usable);
+        }
+        if self.blocks.is_none() {
+            let usable = self.prepare_blocks().await?;
+            self.blocks = Some(usable);
         }
         if self.journal == Some(true) && !self.recovered {
             if self.fold_journal().await? {
@@ -488,6 +522,7 @@ impl WarehouseStore {
     /// held any of the sync's rows. Nothing to fold costs one indexed lookup.
     pub(super) async fn fold_journal(&mut self) -> Result<bool, StateError> {
         let (state, journal) = (self.table("backflow_state"), self.table(TABLE));
+        let blocks = self.blocks_table();
         let sync_id = self.config.sync_id.clone();
         let folded =
             match self.conn.as_mut() {
@@ -496,9 +531,9 @@ impl WarehouseStore {
                         let sql = format!("SELECT EXISTS (SELECT 1 FROM {journal} WHERE sync_id = $1)");
                         let any: bool = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(&mut *c).await?;
                         if any {
-                            pg_fold(c, &state, &journal, &sync_id).await?;
+                            pg_fold(c, &state, &journal, blocks.as_deref(), &sync_id).await?;
                         }
-                        Ok(any)
+                        Ok::<_, FoldError>(any)
                     }
                     .await
                 }
@@ -510,12 +545,24 @@ impl WarehouseStore {
                     if any != 0 {
                         my_fold(c, &state, &journal, &sync_id).await?;
                     }
-                    Ok(any != 0)
+                    Ok::<_, FoldError>(any != 0)
                 }
                 .await,
                 None => Ok(false),
             };
-        folded.map_err(|e| self.sql_error("fold the checkpoints of backflow_journal into backflow_state", e))
+        folded.map_err(|e| match e {
+            FoldError::Sql(e) => self.sql_error("fold the checkpoints of backflow_journal into the state", e),
+            FoldError::Io(e) => StateError::Io {
+                location: self.location(),
+                reason: format!(
+                    "failed to fold the checkpoints of backflow_journal: a local temporary file: {e}"
+                ),
+            },
+            FoldError::Malformed(e) => StateError::Corrupt {
+                location: self.location(),
+                reason: format!("failed to fold the checkpoints of backflow_journal: {e}"),
+            },
+        })
     }
 }
 

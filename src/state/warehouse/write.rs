@@ -26,7 +26,7 @@ use crate::state::EntryRef;
 const PG_ARRAY_CHUNK: usize = 20_000;
 
 /// Bytes of COPY data gathered before each send.
-const COPY_SEND_BYTES: usize = 1 << 20;
+pub(super) const COPY_SEND_BYTES: usize = 1 << 20;
 
 /// The session's staging table. `ON COMMIT DELETE ROWS`: every checkpoint starts with it empty.
 const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_checkpoint (\
@@ -35,7 +35,7 @@ const PG_CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS backflow_c
 
 /// The start of PostgreSQL's binary COPY data: signature, flags, header extension length
 /// (<https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>).
-const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+pub(super) const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 /// Where a checkpoint goes: the sync's tables and scope.
 pub(super) struct Target<'a> {
@@ -49,6 +49,8 @@ pub(super) struct Target<'a> {
     pub scope: &'a str,
     /// The stored scope differs: delete the old rows and record the new scope first.
     pub new_scope: bool,
+    /// `backflow_state_blocks`, quoted, when it is there: its rows go with a new scope too.
+    pub blocks: Option<&'a str>,
 }
 
 /// Writes one checkpoint on PostgreSQL. `staging`: the session's staging table exists (see
@@ -63,7 +65,8 @@ pub(super) async fn pg_write(
     let Target { state, sync_id, .. } = *target;
     let mut tx = c.begin().await?;
     if target.new_scope {
-        pg_new_scope(&mut tx, target, &[state]).await?;
+        let tables: Vec<&str> = [Some(state), target.blocks].into_iter().flatten().collect();
+        pg_new_scope(&mut tx, target, &tables).await?;
     }
     if staging {
         if pg_copy_to_staging(&mut tx, puts).await? > 0 {
