@@ -1616,6 +1616,15 @@ async fn rows_and_blocks(db: &TestDb, sync_id: &str) -> (i64, Vec<i32>) {
     (rows, blocks)
 }
 
+/// A key whose hash is below every key's of `keys`.
+fn key_below(keys: &std::collections::BTreeMap<String, (u64, String)>) -> String {
+    let lowest = keys.keys().map(|k| hash(k)).min().unwrap();
+    (0..)
+        .map(|i| format!("low{i}"))
+        .find(|k| hash(k) < lowest)
+        .unwrap()
+}
+
 /// The sync's blocks hold their keys in order: each block's first hash is its first row's,
 /// and its rows lie below the next block's first hash (read with SQL from the layout).
 async fn blocks_are_in_order(db: &TestDb, sync_id: &str) -> bool {
@@ -1685,6 +1694,10 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     }
     second.push(put("k1", 8, "{\"late\":1}"));
     expected.insert("k1".into(), (8, "{\"late\":1}".into()));
+    // A key below every block's first hash joins the first block.
+    let low = key_below(&expected);
+    second.push(put(&low, 5, "{}"));
+    expected.insert(low, (5, "{}".into()));
     second.push(put("k3", 33, "{}"));
     expected.insert("k3".into(), (33, "{}".into()));
     store.commit("s", &second).await.unwrap();
@@ -1701,6 +1714,42 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     assert_eq!(stored_fingerprint(&db, "ns/b", "k1").await, Some(8));
     assert_eq!(stored_fingerprint(&db, "ns/b", "k3").await, Some(33));
     assert_eq!(stored_fingerprint(&db, "ns/b", "k6").await, None);
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    let loaded = entries(&load_after_drop(&mut store, "s").await);
+    let want: Vec<(String, u64, String)> = expected
+        .iter()
+        .map(|(k, (f, i))| (k.clone(), *f, i.clone()))
+        .collect();
+    assert_eq!(loaded, want);
+
+    // A third run with more changes than the fold looks up by key: it reads every block.
+    drop(store);
+    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+    load_after_drop(&mut store, "s").await;
+    let mut third: Vec<StateChange> = (0..10_500u64)
+        .map(|i| put(&format!("more{i}"), i, "{}"))
+        .collect();
+    for i in 0..10_500u64 {
+        expected.insert(format!("more{i}"), (i, "{}".into()));
+    }
+    for i in (1..2000u64).filter(|i| i % 3 != 0 && i % 7 == 0) {
+        third.push(StateChange::Remove { key: format!("k{i}") });
+        expected.remove(&format!("k{i}"));
+    }
+    let low = key_below(&expected);
+    third.push(put(&low, 6, "{}"));
+    expected.insert(low, (6, "{}".into()));
+    store.commit("s", &third).await.unwrap();
+    store.finish("s").await.unwrap();
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
+    assert_eq!(rows, 0);
+    assert_eq!(
+        blocks.iter().map(|&n| i64::from(n)).sum::<i64>(),
+        expected.len() as i64
+    );
+    assert!(blocks_are_in_order(&db, "ns/b").await);
     let mut store = WarehouseStore::new(config(&db, "ns/b"));
     let loaded = entries(&load_after_drop(&mut store, "s").await);
     let want: Vec<(String, u64, String)> = expected

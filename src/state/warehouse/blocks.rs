@@ -47,6 +47,10 @@ pub(super) const BLOCK_ROWS: usize = 32;
 /// Rewritten blocks deleted per statement.
 const DELETE_CHUNK: usize = 10_000;
 
+/// Changes up to which a fold looks their blocks up by key instead of reading all of the
+/// sync's blocks (0.95 s at 10,000,000 rows in SQL; 10,000 lookups take about 0.1 s).
+const LOOKUP_MAX: usize = 10_000;
+
 /// The table's DDL on PostgreSQL, `schema` quoted.
 pub(super) fn pg_ddl(schema: &str) -> String {
     format!(
@@ -601,10 +605,18 @@ pub(super) async fn pg_fold(
     let mut tuples = CopyTuples::<5>::default();
     if held {
         // The blocks are read after the changes, on the same connection: the changes wait in
-        // a file.
+        // a file, and the hashes of a few of them in memory, to look their blocks up.
         let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
+        let (mut count, mut hashes) = (0usize, Vec::new());
         while let Some(bytes) = changes.try_next().await? {
-            tuples.feed(&bytes, |fields| Change::of(fields)?.spool(&mut spool))?;
+            tuples.feed(&bytes, |fields| {
+                let change = Change::of(fields)?;
+                count += 1;
+                if count <= LOOKUP_MAX {
+                    hashes.push(change.hash.to_be_bytes().to_vec());
+                }
+                change.spool(&mut spool)
+            })?;
         }
         drop(changes);
         if !tuples.ended() {
@@ -613,36 +625,22 @@ pub(super) async fn pg_fold(
         let mut spooled = spool.into_inner().map_err(|e| e.into_error())?;
         std::io::Seek::rewind(&mut spooled)?;
         let mut changes = Changes::new(BufReader::with_capacity(1 << 20, spooled))?;
-        let statement = format!(
-            "COPY (SELECT first_hash, data FROM {blocks} WHERE sync_id = '{}' ORDER BY first_hash) \
-             TO STDOUT (FORMAT binary)",
-            sync_id.replace('\'', "''")
-        );
-        let mut stored = c.copy_out_raw(&statement).await?;
-        let mut tuples = CopyTuples::<2>::default();
-        // A block is rewritten once the next one's first hash, where its keys end, is known.
-        let mut previous: Option<(Vec<u8>, Vec<u8>)> = None;
-        while let Some(bytes) = stored.try_next().await? {
-            tuples.feed(&bytes, |[first, data]| -> Result<(), FoldError> {
-                let first = first.ok_or(Malformed("a block without its first hash"))?;
-                let data = data.ok_or(Malformed("a block without its data"))?;
-                if let Some((held_first, held_data)) = previous.take()
-                    && rewrite(&held_data, Some(hash_of(Some(first))?), &mut changes, &mut packer)?
-                {
-                    rewritten.push(held_first);
-                }
-                previous = Some((first.to_vec(), data.to_vec()));
-                Ok(())
-            })?;
+        if count <= LOOKUP_MAX {
+            rewrite_looked_up(
+                c,
+                blocks,
+                sync_id,
+                &hashes,
+                &mut changes,
+                &mut packer,
+                &mut rewritten,
+            )
+            .await?;
+        } else {
+            rewrite_all(c, blocks, sync_id, &mut changes, &mut packer, &mut rewritten).await?;
         }
-        drop(stored);
-        if !tuples.ended() {
-            return Err(Malformed("the blocks' COPY data ended without its trailer").into());
-        }
-        if let Some((held_first, held_data)) = previous.take()
-            && rewrite(&held_data, None, &mut changes, &mut packer)?
-        {
-            rewritten.push(held_first);
+        if changes.peek_hash().is_some() {
+            return Err(Malformed("a change of the journal fell in none of the sync's blocks").into());
         }
     } else {
         while let Some(bytes) = changes.try_next().await? {
@@ -674,10 +672,92 @@ pub(super) async fn pg_fold(
         copy_in(c, blocks, packed).await?;
     }
     tracing::debug!(
+        first_fold = !held,
         blocks_rewritten = rewritten.len(),
         blocks_written = written,
         "journal folded into the sync's blocks"
     );
+    Ok(())
+}
+
+/// Rewrites the blocks the changes fall in, reading every block of the sync in order (a
+/// block's keys end where the next one's begin).
+async fn rewrite_all<R: Read, W: Write>(
+    c: &mut PgConnection,
+    blocks: &str,
+    sync_id: &str,
+    changes: &mut Changes<R>,
+    packer: &mut Packer<W>,
+    rewritten: &mut Vec<Vec<u8>>,
+) -> Result<(), FoldError> {
+    let statement = format!(
+        "COPY (SELECT first_hash, data FROM {blocks} WHERE sync_id = '{}' ORDER BY first_hash) \
+         TO STDOUT (FORMAT binary)",
+        sync_id.replace('\'', "''")
+    );
+    let mut stored = c.copy_out_raw(&statement).await?;
+    let mut tuples = CopyTuples::<2>::default();
+    // A block is rewritten once the next one's first hash, where its keys end, is known.
+    let mut previous: Option<(Vec<u8>, Vec<u8>)> = None;
+    while let Some(bytes) = stored.try_next().await? {
+        tuples.feed(&bytes, |[first, data]| -> Result<(), FoldError> {
+            let first = first.ok_or(Malformed("a block without its first hash"))?;
+            let data = data.ok_or(Malformed("a block without its data"))?;
+            if let Some((held_first, held_data)) = previous.take()
+                && rewrite(&held_data, Some(hash_of(Some(first))?), changes, packer)?
+            {
+                rewritten.push(held_first);
+            }
+            previous = Some((first.to_vec(), data.to_vec()));
+            Ok(())
+        })?;
+    }
+    drop(stored);
+    if !tuples.ended() {
+        return Err(Malformed("the blocks' COPY data ended without its trailer").into());
+    }
+    if let Some((held_first, held_data)) = previous.take()
+        && rewrite(&held_data, None, changes, packer)?
+    {
+        rewritten.push(held_first);
+    }
+    Ok(())
+}
+
+/// Rewrites the blocks the changes (of key hashes `hashes`) fall in, looked up by key: the
+/// greatest `first_hash` at or below each hash (the first block for a hash below all), each
+/// with the next block's `first_hash`, where its keys end.
+async fn rewrite_looked_up<R: Read, W: Write>(
+    c: &mut PgConnection,
+    blocks: &str,
+    sync_id: &str,
+    hashes: &[Vec<u8>],
+    changes: &mut Changes<R>,
+    packer: &mut Packer<W>,
+    rewritten: &mut Vec<Vec<u8>>,
+) -> Result<(), FoldError> {
+    let sql = format!(
+        "SELECT b.first_hash, b.data, \
+           (SELECT n.first_hash FROM {blocks} n WHERE n.sync_id = $1 AND n.first_hash > b.first_hash \
+            ORDER BY n.first_hash LIMIT 1) \
+         FROM {blocks} b WHERE b.sync_id = $1 AND b.first_hash IN ( \
+           SELECT COALESCE( \
+             (SELECT first_hash FROM {blocks} WHERE sync_id = $1 AND first_hash <= h \
+              ORDER BY first_hash DESC LIMIT 1), \
+             (SELECT first_hash FROM {blocks} WHERE sync_id = $1 ORDER BY first_hash LIMIT 1)) \
+           FROM unnest($2::bytea[]) AS wanted(h)) \
+         ORDER BY b.first_hash"
+    );
+    let mut touched = sqlx::query_as::<_, (Vec<u8>, Vec<u8>, Option<Vec<u8>>)>(&sql)
+        .bind(sync_id)
+        .bind(hashes)
+        .fetch(&mut *c);
+    while let Some((first, data, next)) = touched.try_next().await? {
+        let upper = next.map(|n| hash_of(Some(&n))).transpose()?;
+        if rewrite(&data, upper, changes, packer)? {
+            rewritten.push(first);
+        }
+    }
     Ok(())
 }
 
