@@ -1125,36 +1125,9 @@ async fn postgres_customers(rows: u32) -> support::db::TestDb {
 
 /// Rows of `sync_id` in a Warehouse store table (0 when the table does not exist).
 async fn warehouse_rows(pg: &support::db::TestDb, schema: &str, table: &str, sync_id: &str) -> i64 {
-    let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+    support::db::pg_sync_rows(&pg.url, schema, table, sync_id)
         .await
-        .unwrap();
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{schema}.{table}"))
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    if !exists {
-        return 0;
-    }
-    let blocks: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{schema}.backflow_state_blocks"))
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    // The state's rows: rows of backflow_state and rows packed in blocks.
-    let sql = if table == "backflow_state" && blocks {
-        format!(
-            "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
-             + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
-        )
-    } else {
-        format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")
-    };
-    sqlx::query_scalar(&sql)
-        .bind(sync_id)
-        .fetch_one(&mut c)
-        .await
-        .unwrap()
+        .unwrap_or(0)
 }
 
 async fn state_configmaps(h: &Harness, sync: &str) -> usize {

@@ -999,38 +999,7 @@ async fn clusters_sharing_a_warehouse_keep_their_state_apart_and_the_first_adopt
 async fn rows_in(db: &TestDb, table: &str, sync_id: &str) -> Option<i64> {
     let schema = schema(db);
     match db.server {
-        Server::Postgres => {
-            let mut c = PgConnection::connect(&db.url).await.unwrap();
-            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                .bind(format!("{schema}.{table}"))
-                .fetch_one(&mut c)
-                .await
-                .unwrap();
-            if !exists {
-                return None;
-            }
-            // The state's rows: rows of backflow_state and rows packed in blocks.
-            let blocks: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                .bind(format!("{schema}.backflow_state_blocks"))
-                .fetch_one(&mut c)
-                .await
-                .unwrap();
-            let sql = if table == "backflow_state" && blocks {
-                format!(
-                    "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
-                     + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
-                )
-            } else {
-                format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")
-            };
-            Some(
-                sqlx::query_scalar::<_, i64>(&sql)
-                    .bind(sync_id)
-                    .fetch_one(&mut c)
-                    .await
-                    .unwrap(),
-            )
-        }
+        Server::Postgres => support::db::pg_sync_rows(&db.url, &schema, table, sync_id).await,
         Server::Mysql => {
             let mut c = MySqlConnection::connect(&db.url).await.unwrap();
             let exists: i64 = sqlx::query_scalar(
@@ -1617,7 +1586,7 @@ async fn rows_and_blocks(db: &TestDb, sync_id: &str) -> (i64, Vec<i32>) {
 }
 
 /// A key whose hash is below every key's of `keys`.
-fn key_below(keys: &std::collections::BTreeMap<String, (u64, String)>) -> String {
+fn key_below(keys: &Expected) -> String {
     let lowest = keys.keys().map(|k| hash(k)).min().unwrap();
     (0..)
         .map(|i| format!("low{i}"))
@@ -1644,88 +1613,92 @@ async fn blocks_are_in_order(db: &TestDb, sync_id: &str) -> bool {
     .unwrap()
 }
 
-#[tokio::test]
-async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_on_postgres() {
-    let db = TestDb::postgres("whblocks").await;
-    let mut expected: std::collections::BTreeMap<String, (u64, String)> = Default::default();
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
-    load_after_drop(&mut store, "s").await;
-    for chunk in (0..2000u64).collect::<Vec<_>>().chunks(700) {
-        let puts: Vec<StateChange> = chunk
-            .iter()
-            .map(|&i| put(&format!("k{i}"), i, &format!("{{\"n\":{i}}}")))
-            .collect();
-        store.commit("s", &puts).await.unwrap();
-    }
-    for i in 0..2000u64 {
-        expected.insert(format!("k{i}"), (i, format!("{{\"n\":{i}}}")));
-    }
-    store.finish("s").await.unwrap();
-    store.end_run(&end(false)).await.unwrap();
-    drop(store);
-    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
-    assert_eq!(rows, 0, "a first fold writes blocks, not rows");
-    assert_eq!(blocks.len(), 63);
-    assert_eq!(blocks.iter().map(|&n| i64::from(n)).sum::<i64>(), 2000);
-    assert!(blocks_are_in_order(&db, "ns/b").await);
+/// Expected state: key to fingerprint and identity.
+type Expected = std::collections::BTreeMap<String, (u64, String)>;
 
-    // A second run: every third key removed, every fifth changed, 700 new keys, a key changed
-    // in two checkpoints (the last wins) and a key removed then put back.
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
-    assert_eq!(entries(&load_after_drop(&mut store, "s").await).len(), 2000);
-    let mut first = Vec::new();
-    for i in 0..2000u64 {
-        let key = format!("k{i}");
-        if i % 3 == 0 {
-            first.push(StateChange::Remove { key: key.clone() });
-            expected.remove(&key);
-        } else if i % 5 == 0 {
-            first.push(put(&key, i + 1_000_000, "{}"));
-            expected.insert(key, (i + 1_000_000, "{}".into()));
-        }
+/// One run of `sync_id` in `scope` that commits `checkpoints` and folds them.
+async fn run_checkpoints(db: &TestDb, sync_id: &str, scope: &str, checkpoints: &[Vec<StateChange>]) {
+    let mut store = WarehouseStore::new(config(db, sync_id));
+    load_after_drop(&mut store, scope).await;
+    for checkpoint in checkpoints {
+        store.commit(scope, checkpoint).await.unwrap();
     }
-    first.push(put("k1", 7, "{\"early\":1}"));
-    store.commit("s", &first).await.unwrap();
-    let mut second: Vec<StateChange> = (0..700u64)
-        .map(|i| put(&format!("new{i}"), i, "{\"new\":true}"))
-        .collect();
-    for i in 0..700u64 {
-        expected.insert(format!("new{i}"), (i, "{\"new\":true}".into()));
-    }
-    second.push(put("k1", 8, "{\"late\":1}"));
-    expected.insert("k1".into(), (8, "{\"late\":1}".into()));
-    // A key below every block's first hash joins the first block.
-    let low = key_below(&expected);
-    second.push(put(&low, 5, "{}"));
-    expected.insert(low, (5, "{}".into()));
-    second.push(put("k3", 33, "{}"));
-    expected.insert("k3".into(), (33, "{}".into()));
-    store.commit("s", &second).await.unwrap();
-    store.finish("s").await.unwrap();
+    store.finish(scope).await.unwrap();
     store.end_run(&end(false)).await.unwrap();
-    drop(store);
-    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
-    assert_eq!(rows, 0);
-    assert_eq!(
-        blocks.iter().map(|&n| i64::from(n)).sum::<i64>(),
-        expected.len() as i64
-    );
-    assert!(blocks_are_in_order(&db, "ns/b").await);
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k1").await, Some(8));
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k3").await, Some(33));
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k6").await, None);
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
+}
+
+/// The sync's state is `expected`, all of it in blocks that hold their keys in order.
+async fn state_in_blocks_is(db: &TestDb, sync_id: &str, expected: &Expected) {
+    let (rows, blocks) = rows_and_blocks(db, sync_id).await;
+    assert_eq!(rows, 0, "the state is in blocks, not rows");
+    let in_blocks: i64 = blocks.iter().map(|&n| i64::from(n)).sum();
+    assert_eq!(in_blocks, expected.len() as i64);
+    assert!(blocks_are_in_order(db, sync_id).await);
+    let mut store = WarehouseStore::new(config(db, sync_id));
     let loaded = entries(&load_after_drop(&mut store, "s").await);
     let want: Vec<(String, u64, String)> = expected
         .iter()
         .map(|(k, (f, i))| (k.clone(), *f, i.clone()))
         .collect();
     assert_eq!(loaded, want);
+}
+
+#[tokio::test]
+async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_on_postgres() {
+    let db = TestDb::postgres("whblocks").await;
+    let mut expected = Expected::new();
+    let first: Vec<Vec<StateChange>> = (0..2000u64)
+        .collect::<Vec<_>>()
+        .chunks(700)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&i| put(&format!("k{i}"), i, &format!("{{\"n\":{i}}}")))
+                .collect()
+        })
+        .collect();
+    for i in 0..2000u64 {
+        expected.insert(format!("k{i}"), (i, format!("{{\"n\":{i}}}")));
+    }
+    run_checkpoints(&db, "ns/b", "s", &first).await;
+    assert_eq!(rows_and_blocks(&db, "ns/b").await.1.len(), 63);
+    state_in_blocks_is(&db, "ns/b", &expected).await;
+
+    // A second run: every third key removed, every fifth changed, 700 new keys, a key changed
+    // in two checkpoints (the last wins), a key removed then put back, and a key below every
+    // block's first hash (it joins the first block). Its blocks are looked up by key.
+    let mut early = Vec::new();
+    for i in 0..2000u64 {
+        let key = format!("k{i}");
+        if i % 3 == 0 {
+            early.push(StateChange::Remove { key: key.clone() });
+            expected.remove(&key);
+        } else if i % 5 == 0 {
+            early.push(put(&key, i + 1_000_000, "{}"));
+            expected.insert(key, (i + 1_000_000, "{}".into()));
+        }
+    }
+    early.push(put("k1", 7, "{\"early\":1}"));
+    let mut late: Vec<StateChange> = (0..700u64)
+        .map(|i| put(&format!("new{i}"), i, "{\"new\":true}"))
+        .collect();
+    for i in 0..700u64 {
+        expected.insert(format!("new{i}"), (i, "{\"new\":true}".into()));
+    }
+    late.push(put("k1", 8, "{\"late\":1}"));
+    expected.insert("k1".into(), (8, "{\"late\":1}".into()));
+    let low = key_below(&expected);
+    late.push(put(&low, 5, "{}"));
+    expected.insert(low, (5, "{}".into()));
+    late.push(put("k3", 33, "{}"));
+    expected.insert("k3".into(), (33, "{}".into()));
+    run_checkpoints(&db, "ns/b", "s", &[early, late]).await;
+    state_in_blocks_is(&db, "ns/b", &expected).await;
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k1").await, Some(8));
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k3").await, Some(33));
+    assert_eq!(stored_fingerprint(&db, "ns/b", "k6").await, None);
 
     // A third run with more changes than the fold looks up by key: it reads every block.
-    drop(store);
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
-    load_after_drop(&mut store, "s").await;
     let mut third: Vec<StateChange> = (0..10_500u64)
         .map(|i| put(&format!("more{i}"), i, "{}"))
         .collect();
@@ -1739,34 +1712,12 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     let low = key_below(&expected);
     third.push(put(&low, 6, "{}"));
     expected.insert(low, (6, "{}".into()));
-    store.commit("s", &third).await.unwrap();
-    store.finish("s").await.unwrap();
-    store.end_run(&end(false)).await.unwrap();
-    drop(store);
-    let (rows, blocks) = rows_and_blocks(&db, "ns/b").await;
-    assert_eq!(rows, 0);
-    assert_eq!(
-        blocks.iter().map(|&n| i64::from(n)).sum::<i64>(),
-        expected.len() as i64
-    );
-    assert!(blocks_are_in_order(&db, "ns/b").await);
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
-    let loaded = entries(&load_after_drop(&mut store, "s").await);
-    let want: Vec<(String, u64, String)> = expected
-        .iter()
-        .map(|(k, (f, i))| (k.clone(), *f, i.clone()))
-        .collect();
-    assert_eq!(loaded, want);
+    run_checkpoints(&db, "ns/b", "s", &[third]).await;
+    state_in_blocks_is(&db, "ns/b", &expected).await;
 
     // A new scope (another destination): the blocks of the old one go with its first
     // checkpoint.
-    drop(store);
-    let mut store = WarehouseStore::new(config(&db, "ns/b"));
-    assert!(load_after_drop(&mut store, "t").await.is_empty());
-    store.commit("t", &[put("only", 1, "{}")]).await.unwrap();
-    store.finish("t").await.unwrap();
-    store.end_run(&end(false)).await.unwrap();
-    drop(store);
+    run_checkpoints(&db, "ns/b", "t", &[vec![put("only", 1, "{}")]]).await;
     assert_eq!(rows_and_blocks(&db, "ns/b").await, (0, vec![1]));
     assert_eq!(rows_in(&db, "backflow_state", "ns/b").await, Some(1));
 }

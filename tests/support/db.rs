@@ -139,6 +139,41 @@ async fn exec_admin(server: Server, admin_url: &str, sql: &str) {
     }
 }
 
+/// Rows of `sync_id` in the Warehouse store's `table` of `schema` on PostgreSQL (`None`: the
+/// table does not exist). For `backflow_state`, the state's rows: those of the table and those
+/// packed in `backflow_state_blocks`.
+pub async fn pg_sync_rows(url: &str, schema: &str, table: &str, sync_id: &str) -> Option<i64> {
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    let exists =
+        |table: String| sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(table);
+    if !exists(format!("{schema}.{table}"))
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+    {
+        return None;
+    }
+    let blocks = exists(format!("{schema}.backflow_state_blocks"))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let sql = if table == "backflow_state" && blocks {
+        format!(
+            "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
+             + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
+        )
+    } else {
+        format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")
+    };
+    Some(
+        sqlx::query_scalar(&sql)
+            .bind(sync_id)
+            .fetch_one(&mut c)
+            .await
+            .unwrap(),
+    )
+}
+
 /// Runs a statement as the PostgreSQL admin (server-wide objects such as roles).
 pub async fn exec_admin_postgres(sql: &str) {
     exec_admin(Server::Postgres, &postgres_admin_url(), sql).await;
