@@ -1748,20 +1748,13 @@ async fn a_state_an_earlier_release_kept_in_rows_stays_in_rows_on_postgres() {
     }
     let mut store = WarehouseStore::new(config(&db, "ns/old"));
     assert_eq!(load_after_drop(&mut store, "s").await.len(), 100);
-    store
-        .commit(
-            "s",
-            &[
-                put("k1", 11, "{}"),
-                put("k200", 200, "{}"),
-                StateChange::Remove { key: "k2".into() },
-            ],
-        )
-        .await
-        .unwrap();
-    store.finish("s").await.unwrap();
-    store.end_run(&end(false)).await.unwrap();
     drop(store);
+    let changes = vec![
+        put("k1", 11, "{}"),
+        put("k200", 200, "{}"),
+        StateChange::Remove { key: "k2".into() },
+    ];
+    run_checkpoints(&db, "ns/old", "s", &[changes]).await;
     assert_eq!(rows_and_blocks(&db, "ns/old").await, (100, vec![]));
     assert_eq!(stored_fingerprint(&db, "ns/old", "k1").await, Some(11));
     assert_eq!(stored_fingerprint(&db, "ns/old", "k2").await, None);
