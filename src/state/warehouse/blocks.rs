@@ -420,21 +420,22 @@ pub(super) fn hash_of(bytes: Option<&[u8]>) -> Result<u128, Malformed> {
     Ok(u128::from_be_bytes(bytes))
 }
 
-/// The last change of a key in the journal.
+/// The last change of a key in the journal, its bytes borrowed from the server's data or
+/// owned once read back from the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Change {
+struct Change<B = Vec<u8>> {
     hash: u128,
-    key: Vec<u8>,
+    key: B,
     /// The fingerprint and identity put; `None` for a remove.
-    put: Option<(i64, Vec<u8>)>,
+    put: Option<(i64, B)>,
 }
 
-impl Change {
+impl<'a> Change<&'a [u8]> {
     /// A change from the journal's fields (key_hash, key, fingerprint, identity, removed).
-    fn of(fields: [Option<&[u8]>; 5]) -> Result<Change, Malformed> {
+    fn of(fields: [Option<&'a [u8]>; 5]) -> Result<Change<&'a [u8]>, Malformed> {
         let [hash, key, fingerprint, identity, removed] = fields;
         let hash = hash_of(hash)?;
-        let key = key.ok_or(Malformed("a journal row without its key"))?.to_vec();
+        let key = key.ok_or(Malformed("a journal row without its key"))?;
         let removed = removed.ok_or(Malformed("a journal row without its removed flag"))? != [0];
         let put = match (removed, fingerprint, identity) {
             (true, _, _) => None,
@@ -442,24 +443,26 @@ impl Change {
                 let fingerprint: [u8; 8] = fingerprint
                     .try_into()
                     .map_err(|_| Malformed("a journal fingerprint is not 8 bytes"))?;
-                Some((i64::from_be_bytes(fingerprint), identity.to_vec()))
+                Some((i64::from_be_bytes(fingerprint), identity))
             }
             (false, _, _) => return Err(Malformed("a journal put without its fingerprint")),
         };
         Ok(Change { hash, key, put })
     }
+}
 
+impl<B: AsRef<[u8]>> Change<B> {
     /// Appends the change to a spool file: hash, fingerprint, a flag, then key and identity
     /// each after its length.
     fn spool(&self, out: &mut impl Write) -> Result<(), FoldError> {
         out.write_all(&self.hash.to_be_bytes())?;
         let (fingerprint, identity) = match &self.put {
-            Some((fingerprint, identity)) => (*fingerprint, Some(identity)),
+            Some((fingerprint, identity)) => (*fingerprint, Some(identity.as_ref())),
             None => (0, None),
         };
         out.write_all(&fingerprint.to_be_bytes())?;
         out.write_all(&[u8::from(identity.is_some())])?;
-        for text in [Some(&self.key), identity].into_iter().flatten() {
+        for text in [Some(self.key.as_ref()), identity].into_iter().flatten() {
             out.write_all(&length(text)?)?;
             out.write_all(text)?;
         }
@@ -647,8 +650,8 @@ pub(super) async fn pg_fold(
             tuples.feed(&bytes, |fields| -> Result<(), FoldError> {
                 let change = Change::of(fields)?;
                 // Nothing is stored: a remove has nothing to remove.
-                if let Some((fingerprint, identity)) = &change.put {
-                    packer.push(change.hash, *fingerprint, &change.key, identity)?;
+                if let Some((fingerprint, identity)) = change.put {
+                    packer.push(change.hash, fingerprint, change.key, identity)?;
                 }
                 Ok(())
             })?;
