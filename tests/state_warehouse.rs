@@ -1760,3 +1760,34 @@ async fn a_state_an_earlier_release_kept_in_rows_stays_in_rows_on_postgres() {
     assert_eq!(stored_fingerprint(&db, "ns/old", "k2").await, None);
     assert_eq!(stored_fingerprint(&db, "ns/old", "k200").await, Some(200));
 }
+
+#[tokio::test]
+async fn a_first_fold_into_blocks_failing_midway_applies_nothing_and_the_next_run_folds_it_whole_on_postgres()
+{
+    let db = TestDb::postgres("whbfail").await;
+    // The tables, made by a first run of another sync.
+    journal_and_fold(config(&db, "ns/other"), 10).await;
+    db.exec(
+        "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.sync_id = 'ns/f' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_state_blocks FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+    )
+    .await;
+    let mut store = WarehouseStore::new(config(&db, "ns/f"));
+    load_after_drop(&mut store, "s").await;
+    let puts: Vec<StateChange> = (0..5000).map(|i| put(&format!("f{i}"), i, "{}")).collect();
+    store.commit("s", &puts).await.unwrap();
+    let err = store.finish("s").await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(rows_and_blocks(&db, "ns/f").await, (0, vec![]));
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/f").await, Some(5000));
+    store.end_run(&end(false)).await.unwrap();
+    drop(store);
+
+    db.exec("DROP TRIGGER poison ON backflow.backflow_state_blocks")
+        .await;
+    let mut next = WarehouseStore::new(config(&db, "ns/f"));
+    assert_eq!(load_after_drop(&mut next, "s").await.len(), 5000);
+    assert_eq!(rows_in(&db, "backflow_journal", "ns/f").await, Some(0));
+    assert_eq!(rows_in(&db, "backflow_state", "ns/f").await, Some(5000));
+}

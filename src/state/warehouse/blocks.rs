@@ -20,11 +20,13 @@
 //! `key_hash`), `n` fingerprints (i64), `n` key lengths and `n` identity lengths (u32), then
 //! the keys and the identities, each run of them back to back; every number big-endian.
 //!
-//! The fold runs inside the journal's fold transaction ([`super::journal::pg_fold`]): it reads
-//! the sync's journal (the last change of each key, sorted by key hash) and, when the sync has
-//! blocks already, those blocks in order, merges them on the operator into new blocks kept in
-//! a local temporary file, deletes the blocks it rewrote and writes the new ones by binary
-//! `COPY`. A failure anywhere rolls all of it back with the journal left whole.
+//! The fold runs inside the journal's fold transaction ([`super::journal::pg_fold`]) and reads
+//! the sync's journal: the last change of each key, sorted by key hash. A first fold reads it
+//! on a second connection and sends the packed blocks by binary `COPY` as they fill. A later
+//! fold keeps the changes in a local temporary file, reads the blocks they fall in (looked up
+//! by key for up to [`LOOKUP_MAX`] changes, else all of the sync's blocks in order), merges
+//! them into new blocks kept in another file, deletes the blocks it rewrote and writes the new
+//! ones. A failure anywhere rolls all of it back with the journal left whole.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 
@@ -310,6 +312,11 @@ impl<W: Write> Packer<W> {
         Ok(())
     }
 
+    /// Where the blocks are written.
+    pub fn output(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Writes the last block and returns the output with the number of blocks written.
     pub fn finish(mut self) -> Result<(W, u64), FoldError> {
         self.flush()?;
@@ -589,9 +596,12 @@ fn changes_statement(journal: &str, sync_id: &str) -> String {
 }
 
 /// Folds the sync's journal into its blocks, on `c`, inside the fold's transaction. The
-/// sync holds no rows in `backflow_state`.
+/// sync holds no rows in `backflow_state`. A first fold (no blocks yet) reads the journal on
+/// `reader`, outside the transaction (its rows are committed, and the run's lock keeps them
+/// as they are), and sends the blocks as they fill, so nothing waits on local disk.
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
+    reader: &mut PgConnection,
     blocks: &str,
     journal: &str,
     sync_id: &str,
@@ -602,64 +612,50 @@ pub(super) async fn pg_fold(
     .bind(sync_id)
     .fetch_one(&mut *c)
     .await?;
+    if !held {
+        return first_fold(c, reader, blocks, journal, sync_id).await;
+    }
     let mut packer = Packer::new(BufWriter::with_capacity(1 << 20, tempfile::tempfile()?), sync_id);
     let mut rewritten: Vec<Vec<u8>> = Vec::new();
     let mut changes = c.copy_out_raw(&changes_statement(journal, sync_id)).await?;
     let mut tuples = CopyTuples::<5>::default();
-    if held {
-        // The blocks are read after the changes, on the same connection: the changes wait in
-        // a file, and the hashes of a few of them in memory, to look their blocks up.
-        let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
-        let (mut count, mut hashes) = (0usize, Vec::new());
-        while let Some(bytes) = changes.try_next().await? {
-            tuples.feed(&bytes, |fields| {
-                let change = Change::of(fields)?;
-                count += 1;
-                if count <= LOOKUP_MAX {
-                    hashes.push(change.hash.to_be_bytes().to_vec());
-                }
-                change.spool(&mut spool)
-            })?;
-        }
-        drop(changes);
-        if !tuples.ended() {
-            return Err(Malformed("the journal's COPY data ended without its trailer").into());
-        }
-        let mut spooled = spool.into_inner().map_err(|e| e.into_error())?;
-        std::io::Seek::rewind(&mut spooled)?;
-        let mut changes = Changes::new(BufReader::with_capacity(1 << 20, spooled))?;
-        if count <= LOOKUP_MAX {
-            rewrite_looked_up(
-                c,
-                blocks,
-                sync_id,
-                &hashes,
-                &mut changes,
-                &mut packer,
-                &mut rewritten,
-            )
-            .await?;
-        } else {
-            rewrite_all(c, blocks, sync_id, &mut changes, &mut packer, &mut rewritten).await?;
-        }
-        if changes.peek_hash().is_some() {
-            return Err(Malformed("a change of the journal fell in none of the sync's blocks").into());
-        }
+    // The blocks are read after the changes, on the same connection: the changes wait in
+    // a file, and the hashes of a few of them in memory, to look their blocks up.
+    let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
+    let (mut count, mut hashes) = (0usize, Vec::new());
+    while let Some(bytes) = changes.try_next().await? {
+        tuples.feed(&bytes, |fields| {
+            let change = Change::of(fields)?;
+            count += 1;
+            if count <= LOOKUP_MAX {
+                hashes.push(change.hash.to_be_bytes().to_vec());
+            }
+            change.spool(&mut spool)
+        })?;
+    }
+    drop(changes);
+    if !tuples.ended() {
+        return Err(Malformed("the journal's COPY data ended without its trailer").into());
+    }
+    let mut spooled = spool.into_inner().map_err(|e| e.into_error())?;
+    std::io::Seek::rewind(&mut spooled)?;
+    let mut changes = Changes::new(BufReader::with_capacity(1 << 20, spooled))?;
+    if count <= LOOKUP_MAX {
+        rewrite_looked_up(
+            c,
+            blocks,
+            sync_id,
+            &hashes,
+            &mut changes,
+            &mut packer,
+            &mut rewritten,
+        )
+        .await?;
     } else {
-        while let Some(bytes) = changes.try_next().await? {
-            tuples.feed(&bytes, |fields| -> Result<(), FoldError> {
-                let change = Change::of(fields)?;
-                // Nothing is stored: a remove has nothing to remove.
-                if let Some((fingerprint, identity)) = change.put {
-                    packer.push(change.hash, fingerprint, change.key, identity)?;
-                }
-                Ok(())
-            })?;
-        }
-        drop(changes);
-        if !tuples.ended() {
-            return Err(Malformed("the journal's COPY data ended without its trailer").into());
-        }
+        rewrite_all(c, blocks, sync_id, &mut changes, &mut packer, &mut rewritten).await?;
+    }
+    if changes.peek_hash().is_some() {
+        return Err(Malformed("a change of the journal fell in none of the sync's blocks").into());
     }
     let (packed, written) = packer.finish()?;
     for chunk in rewritten.chunks(DELETE_CHUNK) {
@@ -675,12 +671,71 @@ pub(super) async fn pg_fold(
         copy_in(c, blocks, packed).await?;
     }
     tracing::debug!(
-        first_fold = !held,
         blocks_rewritten = rewritten.len(),
         blocks_written = written,
         "journal folded into the sync's blocks"
     );
     Ok(())
+}
+
+/// The first fold of a sync: the journal's puts, read on `reader`, packed and sent into the
+/// blocks table on `c` as they come.
+async fn first_fold(
+    c: &mut PgConnection,
+    reader: &mut PgConnection,
+    blocks: &str,
+    journal: &str,
+    sync_id: &str,
+) -> Result<(), FoldError> {
+    let mut copy = c
+        .copy_in_raw(&format!(
+            "COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let mut packer = Packer::new(Vec::with_capacity(COPY_SEND_BYTES + (1 << 16)), sync_id);
+    packer.output().extend_from_slice(COPY_HEADER);
+    let sent = async {
+        let mut changes = reader.copy_out_raw(&changes_statement(journal, sync_id)).await?;
+        let mut tuples = CopyTuples::<5>::default();
+        while let Some(bytes) = changes.try_next().await? {
+            tuples.feed(&bytes, |fields| -> Result<(), FoldError> {
+                let change = Change::of(fields)?;
+                // Nothing is stored: a remove has nothing to remove.
+                if let Some((fingerprint, identity)) = change.put {
+                    packer.push(change.hash, fingerprint, change.key, identity)?;
+                }
+                Ok(())
+            })?;
+            if packer.output().len() >= COPY_SEND_BYTES {
+                copy.send(packer.output().as_slice()).await?;
+                packer.output().clear();
+            }
+        }
+        if !tuples.ended() {
+            return Err(Malformed("the journal's COPY data ended without its trailer").into());
+        }
+        let (mut rest, written) = packer.finish()?;
+        rest.extend_from_slice(&(-1i16).to_be_bytes());
+        copy.send(rest).await?;
+        Ok::<_, FoldError>(written)
+    }
+    .await;
+    match sent {
+        Ok(written) => {
+            copy.finish().await?;
+            tracing::debug!(
+                blocks_written = written,
+                "journal folded into the sync's first blocks"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // Ends the COPY so that the transaction can roll back; the error to report is the
+            // one that stopped the fold.
+            let _ = copy.abort(e.to_string()).await;
+            Err(e)
+        }
+    }
 }
 
 /// Rewrites the blocks the changes fall in, reading every block of the sync in order (a

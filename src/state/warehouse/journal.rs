@@ -229,7 +229,8 @@ const TRUNCATE_LOCK_WAIT: &str = "2s";
 /// Folds the sync's journal into its state on PostgreSQL, in one transaction.
 ///
 /// A sync that holds no rows in `backflow_state` is folded into its blocks of
-/// `blocks` ([`blocks::pg_fold`]) when that table is there. Otherwise, keys whose journal
+/// `blocks` ([`blocks::pg_fold`], which reads the journal of a first fold on the other
+/// connection given) when that table is there. Otherwise, keys whose journal
 /// holds a remove are deleted first; then the last change of each key is upserted when it is
 /// a put (a key removed then put again comes back, one put then removed stays gone), in
 /// `key_hash` order. When the sync holds no rows yet (its first run), there is nothing to
@@ -241,7 +242,7 @@ pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
     journal: &str,
-    blocks: Option<&str>,
+    blocks: Option<(&str, &mut PgConnection)>,
     sync_id: &str,
 ) -> Result<(), FoldError> {
     let mut tx = c.begin().await?;
@@ -254,7 +255,9 @@ pub(super) async fn pg_fold(
     .fetch_one(&mut *tx)
     .await?;
     match blocks {
-        Some(blocks) if !holds_rows => blocks::pg_fold(&mut tx, blocks, journal, sync_id).await?,
+        Some((blocks, reader)) if !holds_rows => {
+            blocks::pg_fold(&mut tx, reader, blocks, journal, sync_id).await?
+        }
         _ => pg_fold_rows(&mut tx, state, journal, sync_id, holds_rows).await?,
     }
     if truncate_if_alone(&mut tx, journal, sync_id).await? {
@@ -524,32 +527,44 @@ impl WarehouseStore {
         let (state, journal) = (self.table("backflow_state"), self.table(TABLE));
         let blocks = self.blocks_table();
         let sync_id = self.config.sync_id.clone();
-        let folded =
-            match self.conn.as_mut() {
-                Some(Conn::Pg(c)) => {
-                    async {
-                        let sql = format!("SELECT EXISTS (SELECT 1 FROM {journal} WHERE sync_id = $1)");
-                        let any: bool = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(&mut *c).await?;
-                        if any {
-                            pg_fold(c, &state, &journal, blocks.as_deref(), &sync_id).await?;
-                        }
-                        Ok::<_, FoldError>(any)
-                    }
-                    .await
-                }
-                Some(Conn::My(c)) => async {
-                    let sql = format!(
-                        "SELECT count(*) FROM (SELECT 1 FROM {journal} WHERE sync_id = ? LIMIT 1) AS any_row"
-                    );
-                    let any: i64 = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(&mut *c).await?;
-                    if any != 0 {
-                        my_fold(c, &state, &journal, &sync_id).await?;
-                    }
-                    Ok::<_, FoldError>(any != 0)
-                }
-                .await,
-                None => Ok(false),
-            };
+        let any = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let sql = format!("SELECT EXISTS (SELECT 1 FROM {journal} WHERE sync_id = $1)");
+                sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(c).await
+            }
+            Some(Conn::My(c)) => {
+                let sql = format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {journal} WHERE sync_id = ? LIMIT 1) AS any_row"
+                );
+                let found: Result<i64, _> = sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(c).await;
+                found.map(|n| n != 0)
+            }
+            None => Ok(false),
+        };
+        if !any.map_err(|e| self.sql_error("look for checkpoints in backflow_journal", e))? {
+            return Ok(false);
+        }
+        // A fold into blocks reads the journal on a connection of its own (see blocks::pg_fold).
+        let mut reader = match (&blocks, self.conn.as_ref()) {
+            (Some(_), Some(Conn::Pg(_))) => match self.new_connection().await? {
+                Conn::Pg(reader) => Some(reader),
+                Conn::My(_) => None,
+            },
+            _ => None,
+        };
+        let folded = match self.conn.as_mut() {
+            Some(Conn::Pg(c)) => {
+                let blocks = blocks.as_deref().zip(reader.as_mut());
+                pg_fold(c, &state, &journal, blocks, &sync_id).await
+            }
+            Some(Conn::My(c)) => my_fold(c, &state, &journal, &sync_id)
+                .await
+                .map_err(FoldError::from),
+            None => Ok(()),
+        };
+        if let Some(reader) = reader {
+            let _ = reader.close().await;
+        }
         folded.map_err(|e| match e {
             FoldError::Sql(e) => self.sql_error("fold the checkpoints of backflow_journal into the state", e),
             FoldError::Io(e) => StateError::Io {
@@ -562,7 +577,8 @@ impl WarehouseStore {
                 location: self.location(),
                 reason: format!("failed to fold the checkpoints of backflow_journal: {e}"),
             },
-        })
+        })?;
+        Ok(true)
     }
 }
 
