@@ -52,6 +52,7 @@ use sqlx::{Connection, Executor, QueryBuilder, Row};
 use xxhash_rust::xxh3::xxh3_64;
 
 mod blocks;
+mod copy_tuples;
 mod cursor;
 mod diff;
 mod journal;

@@ -18,7 +18,8 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::blocks::{self, Block, CopyTuples, Malformed};
+use super::blocks::{self, Block};
+use super::copy_tuples::{CopyTuples, Malformed, hash_of};
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
 use crate::state::stored_pairs::{self, StoredBuckets, StoredPairs, StoredPairsSample};
@@ -83,7 +84,7 @@ async fn read_stored(
                 let sql = format!("SELECT key_hash, fingerprint FROM {table} WHERE sync_id = ?");
                 let mut rows = sqlx::query(&sql).bind(&sync_id).fetch(&mut c);
                 while let Some(row) = rows.try_next().await? {
-                    let hash = blocks::hash_of(Some(row.try_get::<&[u8], _>(0)?))?;
+                    let hash = hash_of(Some(row.try_get::<&[u8], _>(0)?))?;
                     stored.push(hash, row.try_get::<i64, _>(1)? as u64)?;
                 }
             }
@@ -124,7 +125,7 @@ fn pair(
     fingerprint: Option<&[u8]>,
     stored: &mut StoredBuckets,
 ) -> Result<(), ReadError> {
-    let hash = blocks::hash_of(hash)?;
+    let hash = hash_of(hash)?;
     let fingerprint: [u8; 8] = fingerprint
         .and_then(|f| f.try_into().ok())
         .ok_or(ReadError::Format("a fingerprint is not 8 bytes"))?;
