@@ -151,8 +151,9 @@ impl<R: Read> Changes<R> {
     }
 }
 
-/// Rewrites the block starting at `first` (holding `data`, covering keys up to `upper`) with
-/// the changes that fall in it, into `packer`; does nothing, and returns false, when none do.
+/// Rewrites the block holding `data` (its keys run up to `upper`) with the changes that fall
+/// in it, into `packer`; does nothing, and returns false, when none do. The first block also
+/// takes the changes below its own first hash: they come first in the stream.
 fn rewrite<R: Read, W: Write>(
     data: &[u8],
     upper: Option<u128>,
