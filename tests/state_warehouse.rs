@@ -1715,6 +1715,13 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     run_checkpoints(&db, "ns/b", "s", &[third]).await;
     state_in_blocks_is(&db, "ns/b", &expected).await;
 
+    // A run whose only change is a key below every block's: it joins the first block, looked
+    // up though no other change falls in it.
+    let low = key_below(&expected);
+    run_checkpoints(&db, "ns/b", "s", &[vec![put(&low, 9, "{}")]]).await;
+    expected.insert(low, (9, "{}".into()));
+    state_in_blocks_is(&db, "ns/b", &expected).await;
+
     // A new scope (another destination): the blocks of the old one go with its first
     // checkpoint.
     run_checkpoints(&db, "ns/b", "t", &[vec![put("only", 1, "{}")]]).await;
