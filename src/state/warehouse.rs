@@ -439,8 +439,7 @@ impl WarehouseStore {
         let logs = self.config.sync_logs;
         let ddl = if pg {
             let mut ddl = format!(
-                "SELECT pg_advisory_xact_lock({PG_DDL_LOCK});
-CREATE SCHEMA IF NOT EXISTS {schema};
+                "CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}.backflow_syncs (
   sync_id TEXT PRIMARY KEY,
   scope TEXT NOT NULL,
@@ -548,16 +547,7 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
             ddl
         };
         let result = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                async {
-                    let mut tx = c.begin().await?;
-                    for statement in &ddl {
-                        tx.execute(statement.as_str()).await?;
-                    }
-                    tx.commit().await
-                }
-                .await
-            }
+            Some(Conn::Pg(c)) => pg_create(c, &ddl.concat()).await,
             // MySQL commits each DDL statement on its own; IF NOT EXISTS makes them idempotent.
             Some(Conn::My(c)) => {
                 async {
@@ -763,6 +753,16 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         }
         Ok(())
     }
+}
+
+/// Runs `ddl` (`CREATE … IF NOT EXISTS` statements) on PostgreSQL in one transaction holding
+/// the DDL lock, so that runs creating the same tables at once wait for each other.
+async fn pg_create(c: &mut PgConnection, ddl: &str) -> Result<(), sqlx::Error> {
+    let mut tx = c.begin().await?;
+    tx.execute(format!("SELECT pg_advisory_xact_lock({PG_DDL_LOCK})").as_str())
+        .await?;
+    tx.execute(ddl).await?;
+    tx.commit().await
 }
 
 /// The last change of each key in a checkpoint: puts and removes to apply.

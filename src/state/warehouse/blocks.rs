@@ -26,11 +26,11 @@ use std::io::Write;
 
 use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor};
 
 use super::copy_tuples::Malformed;
 use super::journal::{is_denied, table_exists};
-use super::{Conn, PG_DDL_LOCK, WarehouseStore, quote};
+use super::write::copy_field;
+use super::{Conn, WarehouseStore, pg_create, quote};
 use crate::state::StateError;
 
 mod fold;
@@ -75,6 +75,8 @@ pub(super) struct StoredRow<'a> {
 #[derive(Debug)]
 pub(super) struct Block<'a> {
     rows: usize,
+    /// Bytes of the keys, which `text` holds before the identities.
+    keys_length: usize,
     hashes: &'a [u8],
     fingerprints: &'a [u8],
     key_lengths: &'a [u8],
@@ -105,12 +107,12 @@ impl<'a> Block<'a> {
         let (fingerprints, rest) = rest.split_at(rows * 8);
         let (key_lengths, rest) = rest.split_at(rows * 4);
         let (identity_lengths, text) = rest.split_at(rows * 4);
-        let mut total = 0usize;
-        for lengths in [key_lengths, identity_lengths] {
-            for i in 0..rows {
-                total = total.checked_add(u32_at(lengths, i * 4)).ok_or(SHORT)?;
-            }
-        }
+        let sum =
+            |lengths: &[u8]| (0..rows).try_fold(0usize, |total, i| total.checked_add(u32_at(lengths, i * 4)));
+        let keys_length = sum(key_lengths).ok_or(SHORT)?;
+        let total = sum(identity_lengths)
+            .and_then(|i| i.checked_add(keys_length))
+            .ok_or(SHORT)?;
         if total != text.len() {
             return Err(Malformed(
                 "a state block's text is not as long as its lengths add up to",
@@ -118,6 +120,7 @@ impl<'a> Block<'a> {
         }
         Ok(Block {
             rows,
+            keys_length,
             hashes,
             fingerprints,
             key_lengths,
@@ -142,8 +145,7 @@ impl<'a> Block<'a> {
 
     /// Every row, in key-hash order.
     pub fn rows(&self) -> impl Iterator<Item = StoredRow<'a>> + '_ {
-        let keys_length: usize = (0..self.rows).map(|i| u32_at(self.key_lengths, i * 4)).sum();
-        let (keys, identities) = self.text.split_at(keys_length);
+        let (keys, identities) = self.text.split_at(self.keys_length);
         let (mut key_at, mut identity_at) = (0usize, 0usize);
         (0..self.rows).map(move |i| {
             let (hash, fingerprint) = self.pair(i);
@@ -183,14 +185,6 @@ fn length(bytes: &[u8]) -> Result<[u8; 4], Malformed> {
     u32::try_from(bytes.len())
         .map(u32::to_be_bytes)
         .map_err(|_| Malformed("a key or identity over 4 GiB"))
-}
-
-/// Appends one binary `COPY` field.
-fn field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), Malformed> {
-    let len = i32::try_from(bytes.len()).map_err(|_| Malformed("a state block over 2 GiB"))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
-    Ok(())
 }
 
 impl<W: Write> Packer<W> {
@@ -242,32 +236,31 @@ impl<W: Write> Packer<W> {
         if self.rows == 0 {
             return Ok(());
         }
-        let mut data = Vec::with_capacity(
-            4 + self.hashes.len()
-                + self.fingerprints.len()
-                + 8 * self.rows
-                + self.keys.len()
-                + self.identities.len(),
-        );
-        // At most BLOCK_ROWS rows.
-        data.extend_from_slice(&(self.rows as u32).to_be_bytes());
-        for column in [
+        let columns = [
             &self.hashes,
             &self.fingerprints,
             &self.key_lengths,
             &self.identity_lengths,
             &self.keys,
             &self.identities,
-        ] {
-            data.extend_from_slice(column);
+        ];
+        // The tuple's fields before `data`, then `data` written in place after its length:
+        // the row count (at most BLOCK_ROWS) and the columns.
+        let mut head = Vec::with_capacity(64 + self.sync_id.len());
+        head.extend_from_slice(&4i16.to_be_bytes());
+        copy_field(&mut head, &self.sync_id)?;
+        copy_field(&mut head, &self.first.to_be_bytes())?;
+        copy_field(&mut head, &(self.rows as i32).to_be_bytes())?;
+        let data_length = 4 + columns.iter().map(|c| c.len()).sum::<usize>();
+        let data_length = i32::try_from(data_length).map_err(|_| {
+            sqlx::Error::Encode(format!("a state block of {data_length} bytes is too long").into())
+        })?;
+        head.extend_from_slice(&data_length.to_be_bytes());
+        head.extend_from_slice(&(self.rows as u32).to_be_bytes());
+        self.out.write_all(&head)?;
+        for column in columns {
+            self.out.write_all(column)?;
         }
-        let mut tuple = Vec::with_capacity(data.len() + 64 + self.sync_id.len());
-        tuple.extend_from_slice(&4i16.to_be_bytes());
-        field(&mut tuple, &self.sync_id)?;
-        field(&mut tuple, &self.first.to_be_bytes())?;
-        field(&mut tuple, &(self.rows as i32).to_be_bytes())?;
-        field(&mut tuple, &data)?;
-        self.out.write_all(&tuple)?;
         self.blocks += 1;
         self.rows = 0;
         for column in [
@@ -320,15 +313,7 @@ impl WarehouseStore {
         let Some(Conn::Pg(c)) = self.conn.as_mut() else {
             return Ok(false);
         };
-        let created = async {
-            let mut tx = c.begin().await?;
-            tx.execute(format!("SELECT pg_advisory_xact_lock({PG_DDL_LOCK})").as_str())
-                .await?;
-            tx.execute(ddl.as_str()).await?;
-            tx.commit().await
-        }
-        .await;
-        match created {
+        match pg_create(c, &ddl).await {
             Ok(()) => Ok(true),
             Err(e) if is_denied(&e) => {
                 tracing::info!(

@@ -1,6 +1,9 @@
 //! Reading PostgreSQL's binary `COPY` data: tuples of a known number of fields, split out
 //! whatever the message boundaries, and the state's 16-byte key hashes in them.
 
+use futures::TryStreamExt;
+use sqlx::postgres::PgConnection;
+
 use super::write::COPY_HEADER;
 
 /// Data without the shape it should have: a state block, or the server's `COPY` data.
@@ -100,6 +103,35 @@ impl<const N: usize> CopyTuples<N> {
     /// True once the trailer was read.
     pub fn ended(&self) -> bool {
         self.ended && self.pending.is_empty()
+    }
+}
+
+/// Text as an SQL string literal, for `COPY`, which takes no parameters.
+pub(super) fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Runs `COPY (query) TO STDOUT (FORMAT binary)` on `c`, calls `tuple` with the fields of each
+/// tuple as they arrive, and checks that the data ended with its trailer.
+pub(super) async fn copy_out<const N: usize, E>(
+    c: &mut PgConnection,
+    query: &str,
+    mut tuple: impl FnMut([Option<&[u8]>; N]) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<Malformed> + From<sqlx::Error>,
+{
+    let mut data = c
+        .copy_out_raw(&format!("COPY ({query}) TO STDOUT (FORMAT binary)"))
+        .await?;
+    let mut tuples = CopyTuples::<N>::default();
+    while let Some(bytes) = data.try_next().await? {
+        tuples.feed(&bytes, &mut tuple)?;
+    }
+    if tuples.ended() {
+        Ok(())
+    } else {
+        Err(Malformed("the COPY data ended without its trailer").into())
     }
 }
 

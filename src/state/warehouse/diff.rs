@@ -19,7 +19,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::blocks::{self, Block};
-use super::copy_tuples::{CopyTuples, Malformed, hash_of};
+use super::copy_tuples::{Malformed, copy_out, hash_of, literal};
 use super::{Conn, MYSQL_CHUNK, WarehouseStore};
 use crate::state::hash_buckets::{HashBuckets, Removed, RemovedHashes, compare_apart};
 use crate::state::stored_pairs::{self, StoredBuckets, StoredPairs, StoredPairsSample};
@@ -73,7 +73,7 @@ async fn read_stored(
     let mut stored = StoredBuckets::new(Some(sample))?;
     match conn {
         Conn::Pg(mut c) => {
-            copy_out(&mut c, &table, &sync_id, &mut stored).await?;
+            copy_out_rows(&mut c, &table, &sync_id, &mut stored).await?;
             if let Some(blocks) = blocks {
                 copy_out_blocks(&mut c, &blocks, &sync_id, &mut stored).await?;
             }
@@ -94,29 +94,19 @@ async fn read_stored(
     Ok(stored.finish())
 }
 
-/// `COPY (SELECT key_hash, fingerprint ...) TO STDOUT (FORMAT binary)`, parsed as it arrives
+/// The sync's (key_hash, fingerprint) rows, by binary `COPY`, parsed as they arrive
 /// (<https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>).
-async fn copy_out(
+async fn copy_out_rows(
     c: &mut PgConnection,
     table: &str,
     sync_id: &str,
     stored: &mut StoredBuckets,
 ) -> Result<(), ReadError> {
-    // COPY takes no parameters: the sync id is quoted as a literal.
-    let sql = format!(
-        "COPY (SELECT key_hash, fingerprint FROM {table} WHERE sync_id = '{}') TO STDOUT (FORMAT binary)",
-        sync_id.replace('\'', "''")
+    let query = format!(
+        "SELECT key_hash, fingerprint FROM {table} WHERE sync_id = {}",
+        literal(sync_id)
     );
-    let mut data = c.copy_out_raw(&sql).await?;
-    let mut tuples = CopyTuples::<2>::default();
-    while let Some(bytes) = data.try_next().await? {
-        tuples.feed(&bytes, |[hash, fingerprint]| pair(hash, fingerprint, stored))?;
-    }
-    if tuples.ended() {
-        Ok(())
-    } else {
-        Err(ReadError::Format("the data ended without its trailer"))
-    }
+    copy_out(c, &query, |[hash, fingerprint]| pair(hash, fingerprint, stored)).await
 }
 
 /// Pushes one (key_hash, fingerprint) tuple of binary `COPY` data.
@@ -140,27 +130,16 @@ async fn copy_out_blocks(
     sync_id: &str,
     stored: &mut StoredBuckets,
 ) -> Result<(), ReadError> {
-    let sql = format!(
-        "COPY (SELECT data FROM {blocks} WHERE sync_id = '{}') TO STDOUT (FORMAT binary)",
-        sync_id.replace('\'', "''")
-    );
-    let mut data = c.copy_out_raw(&sql).await?;
-    let mut tuples = CopyTuples::<1>::default();
-    while let Some(bytes) = data.try_next().await? {
-        tuples.feed(&bytes, |[block]| -> Result<(), ReadError> {
-            let block = Block::parse(block.ok_or(Malformed("a block without its data"))?)?;
-            for i in 0..block.len() {
-                let (hash, fingerprint) = block.pair(i);
-                stored.push(hash, fingerprint as u64)?;
-            }
-            Ok(())
-        })?;
-    }
-    if tuples.ended() {
+    let query = format!("SELECT data FROM {blocks} WHERE sync_id = {}", literal(sync_id));
+    copy_out(c, &query, |[block]| -> Result<(), ReadError> {
+        let block = Block::parse(block.ok_or(Malformed("a block without its data"))?)?;
+        for i in 0..block.len() {
+            let (hash, fingerprint) = block.pair(i);
+            stored.push(hash, fingerprint as u64)?;
+        }
         Ok(())
-    } else {
-        Err(ReadError::Format("the data ended without its trailer"))
-    }
+    })
+    .await
 }
 
 impl WarehouseStore {
@@ -363,6 +342,7 @@ impl StoreDiff for WarehouseStore {
 mod tests {
     use super::*;
     use crate::state::hash_buckets::compare;
+    use crate::state::warehouse::copy_tuples::CopyTuples;
 
     /// PostgreSQL's binary COPY bytes of the given rows.
     fn copy_bytes(rows: &[(u128, i64)]) -> Vec<u8> {

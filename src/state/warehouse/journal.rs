@@ -33,7 +33,7 @@ use sqlx::{Connection, Executor, QueryBuilder};
 
 use super::blocks::{self, FoldError};
 use super::write::{Target, copy_binary, copy_field, my_new_scope, pg_new_scope};
-use super::{Conn, MYSQL_CHUNK, PG_DDL_LOCK, WarehouseStore, key_hash, quote};
+use super::{Conn, MYSQL_CHUNK, WarehouseStore, key_hash, pg_create, quote};
 use crate::state::{EntryRef, StateError};
 
 /// The table's name in the state schema.
@@ -475,16 +475,7 @@ impl WarehouseStore {
         let pg = self.is_pg();
         let schema = quote(pg, &self.config.schema);
         let created = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                async {
-                    let mut tx = c.begin().await?;
-                    tx.execute(format!("SELECT pg_advisory_xact_lock({PG_DDL_LOCK})").as_str())
-                        .await?;
-                    tx.execute(pg_ddl(&schema).as_str()).await?;
-                    tx.commit().await
-                }
-                .await
-            }
+            Some(Conn::Pg(c)) => pg_create(c, &pg_ddl(&schema)).await,
             Some(Conn::My(c)) => c.execute(my_ddl(&schema).as_str()).await.map(drop),
             None => Ok(()),
         };

@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use sqlx::Executor;
 use sqlx::postgres::PgConnection;
 
-use super::super::copy_tuples::{CopyTuples, Malformed, hash_of};
+use super::super::copy_tuples::{CopyTuples, Malformed, copy_out, hash_of, literal};
 use super::super::write::{COPY_HEADER, COPY_SEND_BYTES};
 use super::{Block, Packer, length};
 
@@ -193,16 +193,15 @@ fn rewrite<R: Read, W: Write>(
     Ok(true)
 }
 
-/// The last change of each of the sync's keys in the journal, sorted by key hash, as binary
-/// `COPY` of (key_hash, key, fingerprint, identity, removed).
-fn changes_statement(journal: &str, sync_id: &str) -> String {
-    // COPY takes no parameters: the sync id is quoted as a literal.
+/// The last change of each of the sync's keys in the journal, sorted by key hash: (key_hash,
+/// key, fingerprint, identity, removed).
+fn changes_query(journal: &str, sync_id: &str) -> String {
     format!(
-        "COPY (SELECT key_hash, key, fingerprint, identity, removed FROM ( \
+        "SELECT key_hash, key, fingerprint, identity, removed FROM ( \
            SELECT DISTINCT ON (key_hash) key_hash, key, fingerprint, identity, removed \
-           FROM {journal} WHERE sync_id = '{}' ORDER BY key_hash, seq DESC \
-         ) AS latest ORDER BY key_hash) TO STDOUT (FORMAT binary)",
-        sync_id.replace('\'', "''")
+           FROM {journal} WHERE sync_id = {} ORDER BY key_hash, seq DESC \
+         ) AS latest ORDER BY key_hash",
+        literal(sync_id)
     )
 }
 
@@ -227,27 +226,20 @@ pub(in crate::state::warehouse) async fn pg_fold(
         return first_fold(c, reader, blocks, journal, sync_id).await;
     }
     let mut packer = Packer::new(BufWriter::with_capacity(1 << 20, tempfile::tempfile()?), sync_id);
-    let mut rewritten: Vec<Vec<u8>> = Vec::new();
-    let mut changes = c.copy_out_raw(&changes_statement(journal, sync_id)).await?;
-    let mut tuples = CopyTuples::<5>::default();
+    let mut rewritten: Vec<u128> = Vec::new();
     // The blocks are read after the changes, on the same connection: the changes wait in
     // a file, and the hashes of a few of them in memory, to look their blocks up.
     let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
     let (mut count, mut hashes) = (0usize, Vec::new());
-    while let Some(bytes) = changes.try_next().await? {
-        tuples.feed(&bytes, |fields| {
-            let change = Change::of(fields)?;
-            count += 1;
-            if count <= LOOKUP_MAX {
-                hashes.push(change.hash.to_be_bytes().to_vec());
-            }
-            change.spool(&mut spool)
-        })?;
-    }
-    drop(changes);
-    if !tuples.ended() {
-        return Err(Malformed("the journal's COPY data ended without its trailer").into());
-    }
+    copy_out(c, &changes_query(journal, sync_id), |fields| {
+        let change = Change::of(fields)?;
+        count += 1;
+        if count <= LOOKUP_MAX {
+            hashes.push(change.hash.to_be_bytes().to_vec());
+        }
+        change.spool(&mut spool)
+    })
+    .await?;
     let mut spooled = spool.into_inner().map_err(|e| e.into_error())?;
     std::io::Seek::rewind(&mut spooled)?;
     let mut changes = Changes::new(BufReader::with_capacity(1 << 20, spooled))?;
@@ -270,11 +262,12 @@ pub(in crate::state::warehouse) async fn pg_fold(
     }
     let (packed, written) = packer.finish()?;
     for chunk in rewritten.chunks(DELETE_CHUNK) {
+        let firsts: Vec<Vec<u8>> = chunk.iter().map(|h| h.to_be_bytes().to_vec()).collect();
         sqlx::query(&format!(
             "DELETE FROM {blocks} WHERE sync_id = $1 AND first_hash = ANY($2::bytea[])"
         ))
         .bind(sync_id)
-        .bind(chunk)
+        .bind(&firsts)
         .execute(&mut *c)
         .await?;
     }
@@ -308,7 +301,12 @@ async fn first_fold(
     let sent = async {
         // The sort of the journal by key_hash, as the fold's own transaction sets it.
         reader.execute("SET work_mem = '64MB'").await?;
-        let mut changes = reader.copy_out_raw(&changes_statement(journal, sync_id)).await?;
+        let mut changes = reader
+            .copy_out_raw(&format!(
+                "COPY ({}) TO STDOUT (FORMAT binary)",
+                changes_query(journal, sync_id)
+            ))
+            .await?;
         let mut tuples = CopyTuples::<5>::default();
         while let Some(bytes) = changes.try_next().await? {
             tuples.feed(&bytes, |fields| -> Result<(), FoldError> {
@@ -359,36 +357,31 @@ async fn rewrite_all<R: Read, W: Write>(
     sync_id: &str,
     changes: &mut Changes<R>,
     packer: &mut Packer<W>,
-    rewritten: &mut Vec<Vec<u8>>,
+    rewritten: &mut Vec<u128>,
 ) -> Result<(), FoldError> {
-    let statement = format!(
-        "COPY (SELECT first_hash, data FROM {blocks} WHERE sync_id = '{}' ORDER BY first_hash) \
-         TO STDOUT (FORMAT binary)",
-        sync_id.replace('\'', "''")
+    let query = format!(
+        "SELECT first_hash, data FROM {blocks} WHERE sync_id = {} ORDER BY first_hash",
+        literal(sync_id)
     );
-    let mut stored = c.copy_out_raw(&statement).await?;
-    let mut tuples = CopyTuples::<2>::default();
-    // A block is rewritten once the next one's first hash, where its keys end, is known.
-    let mut previous: Option<(Vec<u8>, Vec<u8>)> = None;
-    while let Some(bytes) = stored.try_next().await? {
-        tuples.feed(&bytes, |[first, data]| -> Result<(), FoldError> {
-            let first = first.ok_or(Malformed("a block without its first hash"))?;
-            let data = data.ok_or(Malformed("a block without its data"))?;
-            if let Some((held_first, held_data)) = previous.take()
-                && rewrite(&held_data, Some(hash_of(Some(first))?), changes, packer)?
-            {
-                rewritten.push(held_first);
-            }
-            previous = Some((first.to_vec(), data.to_vec()));
-            Ok(())
-        })?;
-    }
-    drop(stored);
-    if !tuples.ended() {
-        return Err(Malformed("the blocks' COPY data ended without its trailer").into());
-    }
-    if let Some((held_first, held_data)) = previous.take()
-        && rewrite(&held_data, None, changes, packer)?
+    // A block is rewritten once the next one's first hash, where its keys end, is known: it
+    // waits in `held`, a buffer used again for every block.
+    let (mut held_first, mut held) = (None, Vec::new());
+    copy_out(c, &query, |[first, data]| -> Result<(), FoldError> {
+        let first = hash_of(first)?;
+        let data = data.ok_or(Malformed("a block without its data"))?;
+        if let Some(held_first) = held_first
+            && rewrite(&held, Some(first), changes, packer)?
+        {
+            rewritten.push(held_first);
+        }
+        held_first = Some(first);
+        held.clear();
+        held.extend_from_slice(data);
+        Ok(())
+    })
+    .await?;
+    if let Some(held_first) = held_first
+        && rewrite(&held, None, changes, packer)?
     {
         rewritten.push(held_first);
     }
@@ -405,7 +398,7 @@ async fn rewrite_looked_up<R: Read, W: Write>(
     hashes: &[Vec<u8>],
     changes: &mut Changes<R>,
     packer: &mut Packer<W>,
-    rewritten: &mut Vec<Vec<u8>>,
+    rewritten: &mut Vec<u128>,
 ) -> Result<(), FoldError> {
     let sql = format!(
         "SELECT b.first_hash, b.data, \
@@ -426,7 +419,7 @@ async fn rewrite_looked_up<R: Read, W: Write>(
     while let Some((first, data, next)) = touched.try_next().await? {
         let upper = next.map(|n| hash_of(Some(&n))).transpose()?;
         if rewrite(&data, upper, changes, packer)? {
-            rewritten.push(first);
+            rewritten.push(hash_of(Some(&first))?);
         }
     }
     Ok(())
