@@ -602,9 +602,18 @@ async fn a_state_user_who_may_not_create_temporary_tables_still_writes_whole_che
     support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
 }
 
-/// Holds a checkpoint in the middle of its transaction: a trigger on `backflow_journal` makes
-/// the append of `key` wait for a lock that the blocker's own connection holds until
-/// [`Blocker::release`], so the rows before it are written but not committed.
+/// An SQL condition, in a trigger on `backflow_checkpoints`, true when the packed row `NEW`
+/// holds a change of `key`: its length (u32) then its bytes.
+fn packed_holds(key: &str) -> String {
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("position('\\x{:08x}{hex}'::bytea in NEW.data) > 0", key.len())
+}
+
+/// Holds a checkpoint in the middle of its transaction: a trigger makes the append of `key`
+/// wait for a lock that the blocker's own connection holds until [`Blocker::release`], so
+/// what the checkpoint wrote is written but not committed. On PostgreSQL the trigger fires
+/// once the packed row holding `key` is written to `backflow_checkpoints`; on MariaDB before
+/// the journal row of `key` is.
 enum Blocker {
     Pg(PgConnection),
     My(MySqlConnection, u64, String),
@@ -620,8 +629,9 @@ impl Blocker {
                 sqlx::raw_sql(&format!(
                     "SELECT pg_advisory_lock(4242);
 CREATE FUNCTION {schema}.hold() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN IF NEW.key = '{key}' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$;
-CREATE TRIGGER hold BEFORE INSERT ON {schema}.backflow_journal FOR EACH ROW EXECUTE FUNCTION {schema}.hold()"
+BEGIN IF {holds} THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$;
+CREATE TRIGGER hold AFTER INSERT ON {schema}.backflow_checkpoints FOR EACH ROW EXECUTE FUNCTION {schema}.hold()",
+                    holds = packed_holds(key)
                 ))
                 .execute(&mut c)
                 .await
@@ -664,7 +674,7 @@ CREATE TRIGGER hold BEFORE INSERT ON {schema}.backflow_journal FOR EACH ROW EXEC
     async fn release(self) {
         match self {
             Blocker::Pg(mut c) => sqlx::raw_sql(
-                "SELECT pg_advisory_unlock(4242); DROP TRIGGER hold ON backflow.backflow_journal",
+                "SELECT pg_advisory_unlock(4242); DROP TRIGGER hold ON backflow.backflow_checkpoints",
             )
             .execute(&mut c)
             .await
@@ -822,8 +832,9 @@ async fn failing_checkpoint(server: Server) {
         MODEL,
         &format!("{{store: Warehouse, schema: {}}}", schema(&db)),
     );
-    // Create the tables, then make the checkpoint holding row 3500 fail midway: the rows before
-    // it in the same transaction are appended to the journal when the trigger fires.
+    // Create the tables, then make the checkpoint holding row 3500 fail midway: what it wrote
+    // before in the same transaction (rows of the journal on MariaDB, packed rows of
+    // backflow_checkpoints on PostgreSQL) is there when the trigger fires.
     let mut store = WarehouseStore::new(config(&db, "default/customers"));
     store.load("default/fake").await.unwrap();
     store.end_run(&end(true)).await.unwrap();
@@ -831,11 +842,12 @@ async fn failing_checkpoint(server: Server) {
     let schema = schema(&db);
     match server {
         Server::Postgres => {
-            db.exec(
+            db.exec(&format!(
                 "CREATE FUNCTION backflow.poison() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN IF NEW.key = '3500' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
-CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_journal FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
-            )
+BEGIN IF {holds} THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$;
+CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_checkpoints FOR EACH ROW EXECUTE FUNCTION backflow.poison()",
+                holds = packed_holds("3500")
+            ))
             .await
         }
         Server::Mysql => {
@@ -864,7 +876,10 @@ CREATE TRIGGER poison BEFORE INSERT ON backflow.backflow_journal FOR EACH ROW EX
     );
 
     match server {
-        Server::Postgres => db.exec("DROP TRIGGER poison ON backflow.backflow_journal").await,
+        Server::Postgres => {
+            db.exec("DROP TRIGGER poison ON backflow.backflow_checkpoints")
+                .await
+        }
         Server::Mysql => db.exec(&format!("DROP TRIGGER `{schema}`.poison")).await,
     }
     let fake = Arc::new(FakeConnector::new(100));
@@ -1236,11 +1251,11 @@ async fn the_fold_keeps_the_last_change_of_each_key_and_a_put_then_remove_folds_
     fold_order(TestDb::mysql("whjorder").await).await;
 }
 
-/// The file PostgreSQL keeps the journal in: `TRUNCATE` gives the table a new one, a `DELETE`
-/// keeps it.
-async fn journal_file(db: &TestDb) -> i64 {
+/// The file PostgreSQL keeps the packed checkpoints in: `TRUNCATE` gives the table a new one,
+/// a `DELETE` keeps it.
+async fn checkpoints_file(db: &TestDb) -> i64 {
     let mut c = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query_scalar("SELECT pg_relation_filenode('backflow.backflow_journal')::bigint")
+    sqlx::query_scalar("SELECT pg_relation_filenode('backflow.backflow_checkpoints')::bigint")
         .fetch_one(&mut c)
         .await
         .unwrap()
@@ -1260,15 +1275,19 @@ async fn journal_and_fold(config: WarehouseConfig, keys: u64) {
 }
 
 #[tokio::test]
-async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user_may_and_no_one_else_uses_it()
-{
+async fn the_fold_truncates_the_checkpoints_only_when_it_holds_nothing_else_the_user_may_and_no_one_else_uses_it()
+ {
     let db = TestDb::postgres("whjtrunc").await;
 
-    // Alone in the journal: truncated, and the state holds every key.
+    // Alone in the table: truncated, and the state holds every key.
     journal_and_fold(config(&db, "ns/a"), 300).await;
-    let first = journal_file(&db).await;
+    let first = checkpoints_file(&db).await;
     journal_and_fold(config(&db, "ns/a"), 400).await;
-    assert_ne!(journal_file(&db).await, first, "the journal was truncated");
+    assert_ne!(
+        checkpoints_file(&db).await,
+        first,
+        "the checkpoints were truncated"
+    );
     assert_eq!(rows_in(&db, "backflow_journal", "ns/a").await, Some(0));
     assert_eq!(rows_in(&db, "backflow_state", "ns/a").await, Some(400));
 
@@ -1277,55 +1296,62 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
     load_after_drop(&mut other, "s").await;
     other.commit("s", &[put("o1", 1, "{}")]).await.unwrap();
     drop(other);
-    let before = journal_file(&db).await;
+    let before = checkpoints_file(&db).await;
     journal_and_fold(config(&db, "ns/b"), 200).await;
-    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(
+        checkpoints_file(&db).await,
+        before,
+        "the checkpoints were not truncated"
+    );
     assert_eq!(rows_in(&db, "backflow_journal", "ns/other").await, Some(1));
     assert_eq!(rows_in(&db, "backflow_journal", "ns/b").await, Some(0));
     assert_eq!(rows_in(&db, "backflow_state", "ns/b").await, Some(200));
-    // Its next run folds them, and then the journal is its alone again.
+    // Its next run folds them, and then the table is its alone again.
     let mut other = WarehouseStore::new(config(&db, "ns/other"));
     load_after_drop(&mut other, "s").await;
     drop(other);
     assert_eq!(rows_in(&db, "backflow_journal", "ns/other").await, Some(0));
     assert_eq!(rows_in(&db, "backflow_state", "ns/other").await, Some(1));
 
-    // Another session's open transaction on the journal (a checkpoint being written): the fold
+    // Another session's open transaction on the table (a checkpoint being written): the fold
     // waits a moment for the lock, then deletes its rows instead.
     let mut writer = PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
     sqlx::query(
-        "INSERT INTO backflow.backflow_journal (sync_id, key_hash, key, fingerprint, identity, removed) \
-         VALUES ('ns/busy', decode('00', 'hex'), 'x', 1, '{}', false)",
+        "INSERT INTO backflow.backflow_checkpoints (sync_id, changes, data) VALUES ('ns/busy', 1, '')",
     )
     .execute(&mut writer)
     .await
     .unwrap();
-    let before = journal_file(&db).await;
+    let before = checkpoints_file(&db).await;
     journal_and_fold(config(&db, "ns/c"), 200).await;
-    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(
+        checkpoints_file(&db).await,
+        before,
+        "the checkpoints were not truncated"
+    );
     assert_eq!(rows_in(&db, "backflow_journal", "ns/c").await, Some(0));
     assert_eq!(rows_in(&db, "backflow_state", "ns/c").await, Some(200));
     sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
     assert_eq!(rows_in(&db, "backflow_journal", "ns/busy").await, Some(1));
-    sqlx::query("DELETE FROM backflow.backflow_journal WHERE sync_id = 'ns/busy'")
+    sqlx::query("DELETE FROM backflow.backflow_checkpoints WHERE sync_id = 'ns/busy'")
         .execute(&mut writer)
         .await
         .unwrap();
     drop(writer);
 
-    // Another sync's fold: it read the journal and asks for its exclusive lock while this fold
+    // Another sync's fold: it read the table and asks for its exclusive lock while this fold
     // reads it. When this fold then asks too, the server fails its request at once (a
     // deadlock), and the fold still completes.
     let mut rival = PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut rival).await.unwrap();
-    sqlx::query("SELECT count(*) FROM backflow.backflow_journal")
+    sqlx::query("SELECT count(*) FROM backflow.backflow_checkpoints")
         .execute(&mut rival)
         .await
         .unwrap();
     let mut store = WarehouseStore::new(config(&db, "ns/e"));
     load_after_drop(&mut store, "s").await;
-    // Enough rows that the fold's insert reads the journal for a while.
+    // Enough changes that the fold holds its lock on the table for a while.
     let puts: Vec<StateChange> = (0..100_000).map(|i| put(&format!("k{i}"), i, "{}")).collect();
     store.commit("s", &puts).await.unwrap();
     let fold = tokio::spawn(async move {
@@ -1336,7 +1362,7 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
     let mut reading = false;
     for _ in 0..500 {
         reading = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'backflow.backflow_journal'::regclass \
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'backflow.backflow_checkpoints'::regclass \
              AND mode = 'AccessShareLock' AND granted AND pid <> pg_backend_pid())",
         )
         .fetch_one(&mut rival)
@@ -1347,8 +1373,8 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(reading, "the fold read the journal");
-    sqlx::query("LOCK TABLE backflow.backflow_journal IN ACCESS EXCLUSIVE MODE")
+    assert!(reading, "the fold read the checkpoints");
+    sqlx::query("LOCK TABLE backflow.backflow_checkpoints IN ACCESS EXCLUSIVE MODE")
         .execute(&mut rival)
         .await
         .unwrap();
@@ -1362,7 +1388,7 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
     // A state user with only the four rights of a DBA's grant may not truncate: deleted.
     let role = format!("{}_dml", db.name);
     let url = pg_dml_role(&db, &role, None).await;
-    let before = journal_file(&db).await;
+    let before = checkpoints_file(&db).await;
     journal_and_fold(
         WarehouseConfig {
             url,
@@ -1371,7 +1397,11 @@ async fn the_fold_truncates_the_journal_only_when_it_holds_nothing_else_the_user
         200,
     )
     .await;
-    assert_eq!(journal_file(&db).await, before, "the journal was not truncated");
+    assert_eq!(
+        checkpoints_file(&db).await,
+        before,
+        "the checkpoints were not truncated"
+    );
     assert_eq!(rows_in(&db, "backflow_journal", "ns/d").await, Some(0));
     assert_eq!(rows_in(&db, "backflow_state", "ns/d").await, Some(200));
     drop(db);
@@ -1616,9 +1646,10 @@ async fn blocks_are_in_order(db: &TestDb, sync_id: &str) -> bool {
 /// Expected state: key to fingerprint and identity.
 type Expected = std::collections::BTreeMap<String, (u64, String)>;
 
-/// One run of `sync_id` in `scope` that commits `checkpoints` and folds them.
-async fn run_checkpoints(db: &TestDb, sync_id: &str, scope: &str, checkpoints: &[Vec<StateChange>]) {
-    let mut store = WarehouseStore::new(config(db, sync_id));
+/// One run of `sync_id` in `scope` that commits `checkpoints` and folds them, as the state
+/// user of `url`.
+async fn run_checkpoints(url: &str, sync_id: &str, scope: &str, checkpoints: &[Vec<StateChange>]) {
+    let mut store = WarehouseStore::new(as_user(url, sync_id));
     load_after_drop(&mut store, scope).await;
     for checkpoint in checkpoints {
         store.commit(scope, checkpoint).await.unwrap();
@@ -1627,14 +1658,25 @@ async fn run_checkpoints(db: &TestDb, sync_id: &str, scope: &str, checkpoints: &
     store.end_run(&end(false)).await.unwrap();
 }
 
-/// The sync's state is `expected`, all of it in blocks that hold their keys in order.
-async fn state_in_blocks_is(db: &TestDb, sync_id: &str, expected: &Expected) {
+/// The store's configuration of `sync_id` for the state user of `url`.
+fn as_user(url: &str, sync_id: &str) -> WarehouseConfig {
+    WarehouseConfig {
+        url: url.to_owned(),
+        schema: "backflow".into(),
+        sync_id: sync_id.into(),
+        sync_logs: false,
+    }
+}
+
+/// The sync's state is `expected`, all of it in blocks that hold their keys in order, as the
+/// state user of `url` loads it.
+async fn state_in_blocks_is(db: &TestDb, url: &str, sync_id: &str, expected: &Expected) {
     let (rows, blocks) = rows_and_blocks(db, sync_id).await;
     assert_eq!(rows, 0, "the state is in blocks, not rows");
     let in_blocks: i64 = blocks.iter().map(|&n| i64::from(n)).sum();
     assert_eq!(in_blocks, expected.len() as i64);
     assert!(blocks_are_in_order(db, sync_id).await);
-    let mut store = WarehouseStore::new(config(db, sync_id));
+    let mut store = WarehouseStore::new(as_user(url, sync_id));
     let loaded = entries(&load_after_drop(&mut store, "s").await);
     let want: Vec<(String, u64, String)> = expected
         .iter()
@@ -1646,6 +1688,50 @@ async fn state_in_blocks_is(db: &TestDb, sync_id: &str, expected: &Expected) {
 #[tokio::test]
 async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_on_postgres() {
     let db = TestDb::postgres("whblocks").await;
+    kept_in_blocks(&db, &db.url.clone(), "backflow_checkpoints").await;
+}
+
+#[tokio::test]
+async fn without_the_packed_checkpoints_table_a_state_in_blocks_is_written_through_the_journal() {
+    let db = TestDb::postgres("whblkjrn").await;
+    // The tables, made by an administrator's run, but for backflow_checkpoints, which the
+    // state user may not create: its checkpoints go to the journal's rows.
+    journal_and_fold(config(&db, "ns/other"), 10).await;
+    let role = format!("{}_dml", db.name);
+    let url = pg_dml_role(&db, &role, Some("DROP TABLE backflow.backflow_checkpoints")).await;
+    kept_in_blocks(&db, &url, "backflow_journal").await;
+    let packed = sqlx::query_scalar::<_, bool>("SELECT to_regclass('backflow.backflow_checkpoints') IS NULL")
+        .fetch_one(&mut PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    assert!(packed, "the state user did not create backflow_checkpoints");
+    drop(db);
+    support::db::exec_admin_postgres(&format!("DROP ROLE IF EXISTS \"{role}\"")).await;
+}
+
+/// Rows of `sync_id` in `table` on PostgreSQL (none when the table is missing).
+async fn pg_rows(db: &TestDb, table: &str, sync_id: &str) -> i64 {
+    let mut c = PgConnection::connect(&db.url).await.unwrap();
+    let missing: bool = sqlx::query_scalar(&format!("SELECT to_regclass('backflow.{table}') IS NULL"))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    if missing {
+        return 0;
+    }
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM backflow.{table} WHERE sync_id = $1"
+    ))
+    .bind(sync_id)
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
+
+/// A state kept in blocks through four runs and a new scope, written by the state user of
+/// `url`, its checkpoints appended to `appended` (`backflow_checkpoints` or
+/// `backflow_journal`).
+async fn kept_in_blocks(db: &TestDb, url: &str, appended: &str) {
     let mut expected = Expected::new();
     let first: Vec<Vec<StateChange>> = (0..2000u64)
         .collect::<Vec<_>>()
@@ -1660,9 +1746,41 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     for i in 0..2000u64 {
         expected.insert(format!("k{i}"), (i, format!("{{\"n\":{i}}}")));
     }
-    run_checkpoints(&db, "ns/b", "s", &first).await;
-    assert_eq!(rows_and_blocks(&db, "ns/b").await.1.len(), 63);
-    state_in_blocks_is(&db, "ns/b", &expected).await;
+    // Another sync's first checkpoint, then a crash: the checkpoint waits in the table it
+    // went to, and the next run folds it into blocks before anything else.
+    let mut crashed = WarehouseStore::new(as_user(url, "ns/crashed"));
+    load_after_drop(&mut crashed, "s").await;
+    crashed.commit("s", &first[0]).await.unwrap();
+    drop(crashed);
+    let other = ["backflow_checkpoints", "backflow_journal"]
+        .into_iter()
+        .find(|t| *t != appended)
+        .unwrap();
+    assert_eq!(
+        pg_rows(db, other, "ns/crashed").await,
+        0,
+        "nothing went to {other}"
+    );
+    assert!(
+        pg_rows(db, appended, "ns/crashed").await > 0,
+        "the checkpoint went to {appended}"
+    );
+    run_checkpoints(url, "ns/crashed", "s", &[]).await;
+    assert_eq!(pg_rows(db, appended, "ns/crashed").await, 0);
+    let in_first: Expected = expected
+        .iter()
+        .filter(|(k, _)| {
+            first[0]
+                .iter()
+                .any(|c| matches!(c, StateChange::Put { key, .. } if key == *k))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(in_first.len(), 700);
+    state_in_blocks_is(db, url, "ns/crashed", &in_first).await;
+    run_checkpoints(url, "ns/b", "s", &first).await;
+    assert_eq!(rows_and_blocks(db, "ns/b").await.1.len(), 63);
+    state_in_blocks_is(db, url, "ns/b", &expected).await;
 
     // A second run: every third key removed, every fifth changed, 700 new keys, a key changed
     // in two checkpoints (the last wins), a key removed then put back, and a key below every
@@ -1692,11 +1810,11 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     expected.insert(low, (5, "{}".into()));
     late.push(put("k3", 33, "{}"));
     expected.insert("k3".into(), (33, "{}".into()));
-    run_checkpoints(&db, "ns/b", "s", &[early, late]).await;
-    state_in_blocks_is(&db, "ns/b", &expected).await;
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k1").await, Some(8));
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k3").await, Some(33));
-    assert_eq!(stored_fingerprint(&db, "ns/b", "k6").await, None);
+    run_checkpoints(url, "ns/b", "s", &[early, late]).await;
+    state_in_blocks_is(db, url, "ns/b", &expected).await;
+    assert_eq!(stored_fingerprint(db, "ns/b", "k1").await, Some(8));
+    assert_eq!(stored_fingerprint(db, "ns/b", "k3").await, Some(33));
+    assert_eq!(stored_fingerprint(db, "ns/b", "k6").await, None);
 
     // A third run with more changes than the fold looks up by key: it reads every block.
     let mut third: Vec<StateChange> = (0..10_500u64)
@@ -1712,21 +1830,21 @@ async fn a_state_is_kept_in_blocks_through_adds_changes_removes_and_a_new_scope_
     let low = key_below(&expected);
     third.push(put(&low, 6, "{}"));
     expected.insert(low, (6, "{}".into()));
-    run_checkpoints(&db, "ns/b", "s", &[third]).await;
-    state_in_blocks_is(&db, "ns/b", &expected).await;
+    run_checkpoints(url, "ns/b", "s", &[third]).await;
+    state_in_blocks_is(db, url, "ns/b", &expected).await;
 
     // A run whose only change is a key below every block's: it joins the first block, looked
     // up though no other change falls in it.
     let low = key_below(&expected);
-    run_checkpoints(&db, "ns/b", "s", &[vec![put(&low, 9, "{}")]]).await;
+    run_checkpoints(url, "ns/b", "s", &[vec![put(&low, 9, "{}")]]).await;
     expected.insert(low, (9, "{}".into()));
-    state_in_blocks_is(&db, "ns/b", &expected).await;
+    state_in_blocks_is(db, url, "ns/b", &expected).await;
 
     // A new scope (another destination): the blocks of the old one go with its first
     // checkpoint.
-    run_checkpoints(&db, "ns/b", "t", &[vec![put("only", 1, "{}")]]).await;
-    assert_eq!(rows_and_blocks(&db, "ns/b").await, (0, vec![1]));
-    assert_eq!(rows_in(&db, "backflow_state", "ns/b").await, Some(1));
+    run_checkpoints(url, "ns/b", "t", &[vec![put("only", 1, "{}")]]).await;
+    assert_eq!(rows_and_blocks(db, "ns/b").await, (0, vec![1]));
+    assert_eq!(rows_in(db, "backflow_state", "ns/b").await, Some(1));
 }
 
 #[tokio::test]
@@ -1761,7 +1879,7 @@ async fn a_state_an_earlier_release_kept_in_rows_stays_in_rows_on_postgres() {
         put("k200", 200, "{}"),
         StateChange::Remove { key: "k2".into() },
     ];
-    run_checkpoints(&db, "ns/old", "s", &[changes]).await;
+    run_checkpoints(&db.url, "ns/old", "s", &[changes]).await;
     assert_eq!(rows_and_blocks(&db, "ns/old").await, (100, vec![]));
     assert_eq!(stored_fingerprint(&db, "ns/old", "k1").await, Some(11));
     assert_eq!(stored_fingerprint(&db, "ns/old", "k2").await, None);

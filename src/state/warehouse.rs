@@ -52,6 +52,8 @@ use sqlx::{Connection, Executor, QueryBuilder, Row};
 use xxhash_rust::xxh3::xxh3_64;
 
 mod blocks;
+mod changes;
+mod checkpoints;
 mod copy_tuples;
 mod cursor;
 mod diff;
@@ -119,6 +121,9 @@ pub struct WarehouseStore {
     /// PostgreSQL: whether `backflow_state_blocks` is there to hold states folded from the
     /// journal (`None`: not looked for yet; always false on MySQL/MariaDB).
     blocks: Option<bool>,
+    /// PostgreSQL: whether `backflow_checkpoints` is there to hold the packed checkpoints of a
+    /// sync kept in blocks (`None`: not looked for yet; always false on MySQL/MariaDB).
+    checkpoints: Option<bool>,
     /// Leftover journal rows were folded since the lock was taken.
     recovered: bool,
     /// This run appended checkpoints to the journal that `finish` has not folded yet.
@@ -164,6 +169,7 @@ impl WarehouseStore {
             staging: None,
             journal: None,
             blocks: None,
+            checkpoints: None,
             recovered: false,
             appended: false,
         }
@@ -699,6 +705,8 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
         let (syncs, state) = (self.table("backflow_syncs"), self.table("backflow_state"));
         let journal = self.table(journal::TABLE);
         let blocks = self.blocks_table();
+        // Packed checkpoints fold into blocks only.
+        let checkpoints = blocks.as_ref().and(self.checkpoints_table());
         let target = write::Target {
             syncs: &syncs,
             state: &state,
@@ -706,6 +714,7 @@ CREATE INDEX IF NOT EXISTS backflow_rejections_run ON {schema}.backflow_rejectio
             scope,
             new_scope,
             blocks: blocks.as_deref(),
+            checkpoints: checkpoints.as_deref(),
         };
         let result = match self.conn.as_mut() {
             Some(Conn::Pg(c)) if journaled => journal::pg_append(c, &target, &journal, puts, removes).await,
@@ -953,12 +962,25 @@ impl WarehouseStore {
             }
             (None, _) => false,
         };
+        let packed = match (self.checkpoints, self.conn.as_mut()) {
+            (Some(known), _) => known,
+            (None, Some(conn @ Conn::Pg(_))) => {
+                journal::table_exists(conn, &self.config.schema, checkpoints::TABLE).await?
+            }
+            (None, _) => false,
+        };
         // Journal rows are changes to the state: they go with it. No journal, nothing to delete.
         let mut deletes = vec![format!("DELETE FROM {state} WHERE sync_id = {p}")];
         if journaled {
             deletes.push(format!(
                 "DELETE FROM {} WHERE sync_id = {p}",
                 self.table(journal::TABLE)
+            ));
+        }
+        if packed {
+            deletes.push(format!(
+                "DELETE FROM {} WHERE sync_id = $1",
+                self.table(checkpoints::TABLE)
             ));
         }
         // The rows the sync's blocks hold, counted before they go (only PostgreSQL has them).

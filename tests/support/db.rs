@@ -141,7 +141,8 @@ async fn exec_admin(server: Server, admin_url: &str, sql: &str) {
 
 /// Rows of `sync_id` in the Warehouse store's `table` of `schema` on PostgreSQL (`None`: the
 /// table does not exist). For `backflow_state`, the state's rows: those of the table and those
-/// packed in `backflow_state_blocks`.
+/// packed in `backflow_state_blocks`; for `backflow_journal`, the changes not folded yet: its
+/// rows and those packed in `backflow_checkpoints`.
 pub async fn pg_sync_rows(url: &str, schema: &str, table: &str, sync_id: &str) -> Option<i64> {
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
     let exists =
@@ -153,14 +154,23 @@ pub async fn pg_sync_rows(url: &str, schema: &str, table: &str, sync_id: &str) -
     {
         return None;
     }
-    let blocks = exists(format!("{schema}.backflow_state_blocks"))
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    let sql = if table == "backflow_state" && blocks {
+    let packed = match table {
+        "backflow_state" => Some(("backflow_state_blocks", "row_count")),
+        "backflow_journal" => Some(("backflow_checkpoints", "changes")),
+        _ => None,
+    };
+    let packed = match packed {
+        Some((packed, count)) => exists(format!("{schema}.{packed}"))
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+            .then_some((packed, count)),
+        None => None,
+    };
+    let sql = if let Some((packed, count)) = packed {
         format!(
-            "SELECT (SELECT count(*) FROM {schema}.backflow_state WHERE sync_id = $1) \
-             + (SELECT COALESCE(sum(row_count), 0) FROM {schema}.backflow_state_blocks WHERE sync_id = $1)"
+            "SELECT (SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1) \
+             + (SELECT COALESCE(sum({count}), 0) FROM {schema}.{packed} WHERE sync_id = $1)"
         )
     } else {
         format!("SELECT count(*) FROM {schema}.{table} WHERE sync_id = $1")

@@ -27,6 +27,7 @@ use std::io::Write;
 use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
 
+use super::changes::length;
 use super::copy_tuples::Malformed;
 use super::journal::{is_denied, table_exists};
 use super::write::copy_field;
@@ -35,7 +36,7 @@ use crate::state::StateError;
 
 mod fold;
 
-pub(super) use fold::{FoldError, pg_fold};
+pub(super) use fold::{FoldError, fold_sorted, pg_fold};
 
 /// The table's name in the state schema.
 pub(super) const TABLE: &str = "backflow_state_blocks";
@@ -178,13 +179,6 @@ pub(super) struct Packer<W: Write> {
     identities: Vec<u8>,
     /// Blocks written.
     blocks: u64,
-}
-
-/// A length as the u32 a block stores.
-fn length(bytes: &[u8]) -> Result<[u8; 4], Malformed> {
-    u32::try_from(bytes.len())
-        .map(u32::to_be_bytes)
-        .map_err(|_| Malformed("a key or identity over 4 GiB"))
 }
 
 impl<W: Write> Packer<W> {

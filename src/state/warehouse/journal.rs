@@ -32,6 +32,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor, QueryBuilder};
 
 use super::blocks::{self, FoldError};
+use super::checkpoints;
 use super::write::{Target, copy_binary, copy_field, my_new_scope, pg_new_scope};
 use super::{Conn, MYSQL_CHUNK, WarehouseStore, key_hash, pg_create, quote};
 use crate::state::{EntryRef, StateError};
@@ -106,8 +107,9 @@ pub(super) async fn table_exists(conn: &mut Conn, schema: &str, table: &str) -> 
     Ok(found > 0)
 }
 
-/// Appends one checkpoint on PostgreSQL: binary `COPY` into the journal, in one transaction
-/// (with the scope change first, when there is one).
+/// Appends one checkpoint on PostgreSQL, in one transaction (with the scope change first,
+/// when there is one): packed into `backflow_checkpoints` when the target has it and the
+/// sync holds no rows in `backflow_state`, else by binary `COPY` into the journal.
 pub(super) async fn pg_append(
     c: &mut PgConnection,
     target: &Target<'_>,
@@ -117,11 +119,22 @@ pub(super) async fn pg_append(
 ) -> Result<(), sqlx::Error> {
     let mut tx = c.begin().await?;
     if target.new_scope {
-        let tables: Vec<&str> = [Some(target.state), Some(journal), target.blocks]
-            .into_iter()
-            .flatten()
-            .collect();
+        let tables: Vec<&str> = [
+            Some(target.state),
+            Some(journal),
+            target.blocks,
+            target.checkpoints,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         pg_new_scope(&mut tx, target, &tables).await?;
+    }
+    if let Some(packed) = target.checkpoints
+        && !pg_holds_rows(&mut tx, target.state, target.sync_id).await?
+    {
+        checkpoints::pg_append(&mut tx, packed, target.sync_id, puts, removes).await?;
+        return tx.commit().await;
     }
     let sync_id = target.sync_id.as_bytes();
     let mut removes = removes.iter();
@@ -138,6 +151,20 @@ pub(super) async fn pg_append(
     )
     .await?;
     tx.commit().await
+}
+
+/// True when the sync holds rows in `state` (PostgreSQL).
+pub(super) async fn pg_holds_rows(
+    c: &mut PgConnection,
+    state: &str,
+    sync_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = $1)"
+    ))
+    .bind(sync_id)
+    .fetch_one(c)
+    .await
 }
 
 /// Appends one change in binary COPY format: (sync_id, key_hash, key, fingerprint, identity,
@@ -211,8 +238,9 @@ pub(super) async fn my_append(
     tx.commit().await
 }
 
-/// Journal rows deleted at once past which PostgreSQL's journal is vacuumed right away.
-const VACUUM_AFTER: u64 = 100_000;
+/// Changes deleted at once past which PostgreSQL's journal (or packed checkpoints) is
+/// vacuumed right away.
+const VACUUM_AFTER: i64 = 100_000;
 
 /// PostgreSQL's answers to a lock request the fold gives up: lock_not_available (not granted
 /// within `lock_timeout`) and deadlock_detected (two folds that each read the journal, then
@@ -228,60 +256,71 @@ const TRUNCATE_LOCK_WAIT: &str = "2s";
 
 /// Folds the sync's journal into its state on PostgreSQL, in one transaction.
 ///
-/// A sync that holds no rows in `backflow_state` is folded into its blocks of
-/// `blocks` ([`blocks::pg_fold`], which reads the journal of a first fold on the other
-/// connection given) when that table is there. Otherwise, keys whose journal
+/// A sync that holds no rows in `backflow_state` is folded into its blocks of `blocks`
+/// ([`blocks::pg_fold`]) when that table is there. Otherwise, keys whose journal
 /// holds a remove are deleted first; then the last change of each key is upserted when it is
 /// a put (a key removed then put again comes back, one put then removed stays gone), in
 /// `key_hash` order. When the sync holds no rows yet (its first run), there is nothing to
 /// delete or update: the last puts are inserted without `ON CONFLICT`, which saves the lookup
 /// of each key (the run holds the sync's lock, so no other writer adds rows meanwhile). Then
-/// the journal is emptied with `TRUNCATE` when it holds nothing else ([`truncate_if_alone`]),
-/// else its rows of the sync are deleted.
+/// the sync's journal rows go ([`pg_clear`]).
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
     journal: &str,
-    blocks: Option<(&str, &mut PgConnection)>,
+    blocks: Option<&str>,
     sync_id: &str,
 ) -> Result<(), FoldError> {
     let mut tx = c.begin().await?;
     // The sort of the journal by key_hash: in memory rather than through temporary files.
     tx.execute("SET LOCAL work_mem = '64MB'").await?;
-    let holds_rows: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = $1)"
+    let holds_rows = pg_holds_rows(&mut tx, state, sync_id).await?;
+    match blocks {
+        Some(blocks) if !holds_rows => blocks::pg_fold(&mut tx, blocks, journal, sync_id).await?,
+        _ => pg_fold_rows(&mut tx, state, journal, sync_id, holds_rows).await?,
+    }
+    if pg_clear(tx, journal, sync_id, "1").await? {
+        pg_vacuum(c, journal).await;
+    }
+    Ok(())
+}
+
+/// Takes the folded rows of the sync out of `table` (the journal, or the packed checkpoints),
+/// inside the fold's transaction, and commits it: with `TRUNCATE` when the table holds
+/// nothing else ([`truncate_if_alone`]), else with a `DELETE`. Returns whether the rows
+/// deleted stood for [`VACUUM_AFTER`] changes or more (`weight`: the changes of a row, as
+/// SQL), so that the table should be vacuumed.
+pub(super) async fn pg_clear(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    sync_id: &str,
+    weight: &str,
+) -> Result<bool, sqlx::Error> {
+    if truncate_if_alone(&mut tx, table, sync_id).await? {
+        tx.commit().await?;
+        tracing::debug!(table, "the table held only this sync's checkpoints: truncated");
+        return Ok(false);
+    }
+    let deleted: i64 = sqlx::query_scalar(&format!(
+        "WITH gone AS (DELETE FROM {table} WHERE sync_id = $1 RETURNING {weight} AS changes) \
+         SELECT COALESCE(sum(changes), 0)::bigint FROM gone"
     ))
     .bind(sync_id)
     .fetch_one(&mut *tx)
     .await?;
-    match blocks {
-        Some((blocks, reader)) if !holds_rows => {
-            blocks::pg_fold(&mut tx, reader, blocks, journal, sync_id).await?
-        }
-        _ => pg_fold_rows(&mut tx, state, journal, sync_id, holds_rows).await?,
-    }
-    if truncate_if_alone(&mut tx, journal, sync_id).await? {
-        tx.commit().await?;
-        tracing::debug!("backflow_journal held only this sync's checkpoints: truncated");
-        return Ok(());
-    }
-    let deleted = sqlx::query(&format!("DELETE FROM {journal} WHERE sync_id = $1"))
-        .bind(sync_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
     tx.commit().await?;
-    tracing::debug!(rows = deleted, "this sync's rows of backflow_journal deleted");
-    if deleted >= VACUUM_AFTER {
-        // The rows just deleted stay in the table as dead tuples until autovacuum comes by,
-        // and every scan of the journal reads them: the next run's lookups and fold would
-        // pay for a large fold's rows (about 0.1 s per scan after a million). Only the
-        // table's owner may vacuum it; otherwise autovacuum does it later.
-        if let Err(e) = c.execute(format!("VACUUM {journal}").as_str()).await {
-            tracing::debug!(error = %e, "could not vacuum backflow_journal after a large fold; autovacuum will");
-        }
+    tracing::debug!(table, changes = deleted, "this sync's folded checkpoints deleted");
+    Ok(deleted >= VACUUM_AFTER)
+}
+
+/// Vacuums `table` after a large delete. The rows just deleted stay in the table as dead
+/// tuples until autovacuum comes by, and every scan of the table reads them: the next run's
+/// lookups and fold would pay for a large fold's rows (about 0.1 s per scan after a million).
+/// Only the table's owner may vacuum it; otherwise autovacuum does it later.
+pub(super) async fn pg_vacuum(c: &mut PgConnection, table: &str) {
+    if let Err(e) = c.execute(format!("VACUUM {table}").as_str()).await {
+        tracing::debug!(error = %e, table, "could not vacuum after a large fold; autovacuum will");
     }
-    Ok(())
 }
 
 /// The fold into `backflow_state`'s rows, inside the fold's transaction `tx`: for a sync
@@ -322,38 +361,39 @@ async fn pg_fold_rows(
     Ok(())
 }
 
-/// Empties the journal with `TRUNCATE`, inside the fold's transaction, when that removes only
-/// the sync's own rows; returns false, having changed nothing, otherwise.
+/// Empties `table` (the journal, or the packed checkpoints) with `TRUNCATE`, inside the fold's
+/// transaction, when that removes only the sync's own rows; returns false, having changed
+/// nothing, otherwise.
 ///
 /// A `DELETE` of a first run's millions of rows writes every row's deletion to the WAL and
 /// leaves them for `VACUUM` to read again (about 3 µs a row here); `TRUNCATE` costs the same
 /// whatever the rows. It needs the `TRUNCATE` right (the tables' owner has it; a DBA who
 /// granted only `SELECT, INSERT, UPDATE, DELETE` did not give it) and an exclusive lock on the
-/// journal, waited for at most [`TRUNCATE_LOCK_WAIT`]: while another sync's checkpoint or
-/// fold keeps using the journal, or when two folds ask for it at once (a deadlock the server
+/// table, waited for at most [`TRUNCATE_LOCK_WAIT`]: while another sync's checkpoint or
+/// fold keeps using it, or when two folds ask for it at once (a deadlock the server
 /// breaks), the rows are deleted instead, so no sync waits on another's fold longer than that
 /// and its commit. Under the lock no other sync can add rows, and
 /// the lowest and highest `sync_id` (two reads of the ends of its index, whatever the rows)
 /// show whether any are there (then the savepoint is rolled back, which frees the lock).
 async fn truncate_if_alone(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    journal: &str,
+    table: &str,
     sync_id: &str,
 ) -> Result<bool, sqlx::Error> {
     let may: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'TRUNCATE')")
-        .bind(journal)
+        .bind(table)
         .fetch_one(&mut **tx)
         .await?;
     if !may {
         return Ok(false);
     }
     let mut savepoint = tx.begin().await?;
-    // Undone with the savepoint when the journal is not truncated, so the delete after it
+    // Undone with the savepoint when the table is not truncated, so the delete after it
     // waits as long as it must.
     savepoint
         .execute(format!("SET LOCAL lock_timeout = '{TRUNCATE_LOCK_WAIT}'").as_str())
         .await?;
-    let lock = format!("LOCK TABLE {journal} IN ACCESS EXCLUSIVE MODE");
+    let lock = format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
     match savepoint.execute(lock.as_str()).await {
         Ok(_) => {}
         Err(sqlx::Error::Database(e)) if e.code().is_some_and(|code| LOCK_GIVEN_UP.contains(&&*code)) => {
@@ -363,7 +403,7 @@ async fn truncate_if_alone(
         Err(e) => return Err(e),
     }
     let (lowest, highest): (Option<String>, Option<String>) =
-        sqlx::query_as(&format!("SELECT min(sync_id), max(sync_id) FROM {journal}"))
+        sqlx::query_as(&format!("SELECT min(sync_id), max(sync_id) FROM {table}"))
             .fetch_one(&mut *savepoint)
             .await?;
     let alone = [lowest, highest].iter().flatten().all(|id| id == sync_id);
@@ -371,7 +411,7 @@ async fn truncate_if_alone(
         savepoint.rollback().await?;
         return Ok(false);
     }
-    savepoint.execute(format!("TRUNCATE {journal}").as_str()).await?;
+    savepoint.execute(format!("TRUNCATE {table}").as_str()).await?;
     savepoint.commit().await?;
     Ok(true)
 }
@@ -457,6 +497,10 @@ impl WarehouseStore {
             let usable = self.prepare_blocks().await?;
             self.blocks = Some(usable);
         }
+        if self.checkpoints.is_none() {
+            let usable = self.prepare_checkpoints().await?;
+            self.checkpoints = Some(usable);
+        }
         if self.journal == Some(true) && !self.recovered {
             if self.fold_journal().await? {
                 tracing::info!(
@@ -512,11 +556,12 @@ impl WarehouseStore {
         }
     }
 
-    /// Folds the sync's journal into `backflow_state` (see [`pg_fold`]); returns whether it
-    /// held any of the sync's rows. Nothing to fold costs one indexed lookup.
+    /// Folds the sync's journal into `backflow_state` (see [`pg_fold`]), then its packed
+    /// checkpoints into its blocks (see [`checkpoints::pg_fold`]); returns whether it held any
+    /// of the sync's changes. Nothing to fold costs an indexed lookup in each.
     pub(super) async fn fold_journal(&mut self) -> Result<bool, StateError> {
         let (state, journal) = (self.table("backflow_state"), self.table(TABLE));
-        let blocks = self.blocks_table();
+        let (blocks, packed) = (self.blocks_table(), self.checkpoints_table());
         let sync_id = self.config.sync_id.clone();
         let any = match self.conn.as_mut() {
             Some(Conn::Pg(c)) => {
@@ -532,44 +577,60 @@ impl WarehouseStore {
             }
             None => Ok(false),
         };
-        if !any.map_err(|e| self.sql_error("look for checkpoints in backflow_journal", e))? {
-            return Ok(false);
-        }
-        // A fold into blocks reads the journal on a connection of its own (see blocks::pg_fold).
-        let mut reader = match (&blocks, self.conn.as_ref()) {
-            (Some(_), Some(Conn::Pg(_))) => match self.new_connection().await? {
-                Conn::Pg(reader) => Some(reader),
-                Conn::My(_) => None,
-            },
-            _ => None,
-        };
-        let folded = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                let blocks = blocks.as_deref().zip(reader.as_mut());
-                pg_fold(c, &state, &journal, blocks, &sync_id).await
+        let any = any.map_err(|e| self.sql_error("look for checkpoints in backflow_journal", e))?;
+        let any_packed = match (&packed, self.conn.as_mut()) {
+            (Some(packed), Some(Conn::Pg(c))) => {
+                let sql = format!("SELECT EXISTS (SELECT 1 FROM {packed} WHERE sync_id = $1)");
+                sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(c).await
             }
-            Some(Conn::My(c)) => my_fold(c, &state, &journal, &sync_id)
-                .await
-                .map_err(FoldError::from),
-            None => Ok(()),
+            _ => Ok(false),
         };
-        if let Some(reader) = reader {
-            let _ = reader.close().await;
+        let any_packed =
+            any_packed.map_err(|e| self.sql_error("look for checkpoints in backflow_checkpoints", e))?;
+        // The journal's changes first: a sync's packed checkpoints come after any it holds.
+        if any {
+            let folded = match self.conn.as_mut() {
+                Some(Conn::Pg(c)) => pg_fold(c, &state, &journal, blocks.as_deref(), &sync_id).await,
+                Some(Conn::My(c)) => my_fold(c, &state, &journal, &sync_id)
+                    .await
+                    .map_err(FoldError::from),
+                None => Ok(()),
+            };
+            folded.map_err(|e| self.fold_error(TABLE, e))?;
         }
-        folded.map_err(|e| match e {
-            FoldError::Sql(e) => self.sql_error("fold the checkpoints of backflow_journal into the state", e),
+        if let (true, Some(packed)) = (any_packed, packed) {
+            let Some(blocks) = blocks else {
+                return Err(StateError::Unusable {
+                    location: self.location(),
+                    reason: "the sync's checkpoints in backflow_checkpoints fold into \
+                             backflow_state_blocks, and that table is missing: have an administrator \
+                             create it again (DDL in docs/state.md)"
+                        .to_owned(),
+                });
+            };
+            if let Some(Conn::Pg(c)) = self.conn.as_mut() {
+                let folded = checkpoints::pg_fold(c, &state, &packed, &blocks, &sync_id).await;
+                folded.map_err(|e| self.fold_error(checkpoints::TABLE, e))?;
+            }
+        }
+        Ok(any || any_packed)
+    }
+
+    /// A failed fold of `table`'s checkpoints, as the store reports it.
+    fn fold_error(&self, table: &str, e: FoldError) -> StateError {
+        match e {
+            FoldError::Sql(e) => {
+                self.sql_error(&format!("fold the checkpoints of {table} into the state"), e)
+            }
             FoldError::Io(e) => StateError::Io {
                 location: self.location(),
-                reason: format!(
-                    "failed to fold the checkpoints of backflow_journal: a local temporary file: {e}"
-                ),
+                reason: format!("failed to fold the checkpoints of {table}: a local temporary file: {e}"),
             },
             FoldError::Malformed(e) => StateError::Corrupt {
                 location: self.location(),
-                reason: format!("failed to fold the checkpoints of backflow_journal: {e}"),
+                reason: format!("failed to fold the checkpoints of {table}: {e}"),
             },
-        })?;
-        Ok(true)
+        }
     }
 }
 

@@ -51,6 +51,9 @@ pub(super) struct Target<'a> {
     pub new_scope: bool,
     /// `backflow_state_blocks`, quoted, when it is there: its rows go with a new scope too.
     pub blocks: Option<&'a str>,
+    /// `backflow_checkpoints`, quoted, when checkpoints may be packed into it (see
+    /// `checkpoints`): its rows go with a new scope too.
+    pub checkpoints: Option<&'a str>,
 }
 
 /// Writes one checkpoint on PostgreSQL. `staging`: the session's staging table exists (see
@@ -65,7 +68,10 @@ pub(super) async fn pg_write(
     let Target { state, sync_id, .. } = *target;
     let mut tx = c.begin().await?;
     if target.new_scope {
-        let tables: Vec<&str> = [Some(state), target.blocks].into_iter().flatten().collect();
+        let tables: Vec<&str> = [Some(state), target.blocks, target.checkpoints]
+            .into_iter()
+            .flatten()
+            .collect();
         pg_new_scope(&mut tx, target, &tables).await?;
     }
     if staging {

@@ -1,7 +1,7 @@
-//! The journal folded into a sync's blocks, inside the journal's fold transaction, from the
-//! last change of each key sorted by key hash. A first fold reads it on a second connection
-//! and sends the packed blocks by binary `COPY` as they fill. A later fold keeps the changes
-//! in a local temporary file, reads the blocks they fall in (looked up by key for up to
+//! Checkpoints folded into a sync's blocks, inside the fold's transaction, from the last
+//! change of each key sorted by key hash (the row journal's, sorted by the server, or the
+//! packed checkpoints', merged by `checkpoints`). A first fold sends the packed blocks by
+//! binary `COPY` as they fill. A later fold keeps the changes in a local temporary file, reads the blocks they fall in (looked up by key for up to
 //! [`LOOKUP_MAX`] changes, else all of the sync's blocks in order), merges them into new
 //! blocks kept in another file, deletes the blocks it rewrote and writes the new ones. A
 //! failure anywhere rolls all of it back with the journal left whole.
@@ -9,12 +9,12 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 
 use futures::TryStreamExt;
-use sqlx::Executor;
 use sqlx::postgres::PgConnection;
 
-use super::super::copy_tuples::{CopyTuples, Malformed, copy_out, hash_of, literal};
+use super::super::changes::{Change, Changes, SortedChanges, below};
+use super::super::copy_tuples::{Malformed, copy_out, hash_of, literal};
 use super::super::write::{COPY_HEADER, COPY_SEND_BYTES};
-use super::{Block, Packer, length};
+use super::{Block, Packer};
 
 /// Rewritten blocks deleted per statement.
 const DELETE_CHUNK: usize = 10_000;
@@ -37,117 +37,59 @@ pub(in crate::state::warehouse) enum FoldError {
     Malformed(#[from] Malformed),
 }
 
-/// The last change of a key in the journal, its bytes borrowed from the server's data or
-/// owned once read back from the spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Change<B = Vec<u8>> {
-    hash: u128,
-    key: B,
-    /// The fingerprint and identity put; `None` for a remove.
-    put: Option<(i64, B)>,
-}
-
-impl<'a> Change<&'a [u8]> {
-    /// A change from the journal's fields (key_hash, key, fingerprint, identity, removed).
-    fn of(fields: [Option<&'a [u8]>; 5]) -> Result<Change<&'a [u8]>, Malformed> {
-        let [hash, key, fingerprint, identity, removed] = fields;
-        let hash = hash_of(hash)?;
-        let key = key.ok_or(Malformed("a journal row without its key"))?;
-        let removed = removed.ok_or(Malformed("a journal row without its removed flag"))? != [0];
-        let put = match (removed, fingerprint, identity) {
-            (true, _, _) => None,
-            (false, Some(fingerprint), Some(identity)) => {
-                let fingerprint: [u8; 8] = fingerprint
-                    .try_into()
-                    .map_err(|_| Malformed("a journal fingerprint is not 8 bytes"))?;
-                Some((i64::from_be_bytes(fingerprint), identity))
-            }
-            (false, _, _) => return Err(Malformed("a journal put without its fingerprint")),
-        };
-        Ok(Change { hash, key, put })
-    }
-}
-
-impl<B: AsRef<[u8]>> Change<B> {
-    /// Appends the change to a spool file: hash, fingerprint, a flag, then key and identity
-    /// each after its length.
-    fn spool(&self, out: &mut impl Write) -> Result<(), FoldError> {
-        out.write_all(&self.hash.to_be_bytes())?;
-        let (fingerprint, identity) = match &self.put {
-            Some((fingerprint, identity)) => (*fingerprint, Some(identity.as_ref())),
-            None => (0, None),
-        };
-        out.write_all(&fingerprint.to_be_bytes())?;
-        out.write_all(&[u8::from(identity.is_some())])?;
-        for text in [Some(self.key.as_ref()), identity].into_iter().flatten() {
-            out.write_all(&length(text)?)?;
-            out.write_all(text)?;
+/// A change from the row journal's fields (key_hash, key, fingerprint, identity, removed).
+fn journal_change(fields: [Option<&[u8]>; 5]) -> Result<Change<&[u8]>, Malformed> {
+    let [hash, key, fingerprint, identity, removed] = fields;
+    let hash = hash_of(hash)?;
+    let key = key.ok_or(Malformed("a journal row without its key"))?;
+    let removed = removed.ok_or(Malformed("a journal row without its removed flag"))? != [0];
+    let put = match (removed, fingerprint, identity) {
+        (true, _, _) => None,
+        (false, Some(fingerprint), Some(identity)) => {
+            let fingerprint: [u8; 8] = fingerprint
+                .try_into()
+                .map_err(|_| Malformed("a journal fingerprint is not 8 bytes"))?;
+            Some((i64::from_be_bytes(fingerprint), identity))
         }
+        (false, _, _) => return Err(Malformed("a journal put without its fingerprint")),
+    };
+    Ok(Change { hash, key, put })
+}
+
+/// Changes written to a local temporary file, counted, the key hashes of the first
+/// [`LOOKUP_MAX`] kept to look their blocks up.
+struct Spool {
+    out: BufWriter<std::fs::File>,
+    bytes: u64,
+    count: usize,
+    hashes: Vec<Vec<u8>>,
+}
+
+impl Spool {
+    fn new() -> Result<Spool, FoldError> {
+        Ok(Spool {
+            out: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
+            bytes: 0,
+            count: 0,
+            hashes: Vec::new(),
+        })
+    }
+
+    fn push<B: AsRef<[u8]>>(&mut self, change: &Change<B>) -> Result<(), FoldError> {
+        self.count += 1;
+        if self.count <= LOOKUP_MAX {
+            self.hashes.push(change.hash.to_be_bytes().to_vec());
+        }
+        change.write(&mut self.out)?;
+        self.bytes += change.record_length();
         Ok(())
     }
-}
 
-/// True when `hash` lies below `upper` (`None`: no bound).
-fn below(hash: u128, upper: Option<u128>) -> bool {
-    upper.is_none_or(|u| hash < u)
-}
-
-/// The journal's changes spooled to a local file, read back in order with one looked ahead.
-struct Changes<R: Read> {
-    input: R,
-    next: Option<Change>,
-}
-
-impl<R: Read> Changes<R> {
-    fn new(input: R) -> Result<Changes<R>, FoldError> {
-        let mut changes = Changes { input, next: None };
-        changes.next = changes.read()?;
-        Ok(changes)
-    }
-
-    fn read(&mut self) -> Result<Option<Change>, FoldError> {
-        let mut hash = [0u8; 16];
-        match self.input.read_exact(&mut hash) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-        let mut fixed = [0u8; 9];
-        self.input.read_exact(&mut fixed)?;
-        let mut text = || -> Result<Vec<u8>, FoldError> {
-            let mut len = [0u8; 4];
-            self.input.read_exact(&mut len)?;
-            let mut bytes = vec![0u8; u32::from_be_bytes(len) as usize];
-            self.input.read_exact(&mut bytes)?;
-            Ok(bytes)
-        };
-        let key = text()?;
-        let put = if fixed[8] == 1 {
-            let mut fingerprint = [0u8; 8];
-            fingerprint.copy_from_slice(&fixed[..8]);
-            Some((i64::from_be_bytes(fingerprint), text()?))
-        } else {
-            None
-        };
-        Ok(Some(Change {
-            hash: u128::from_be_bytes(hash),
-            key,
-            put,
-        }))
-    }
-
-    /// The next change, if its key hash is below `upper` (`None`: no bound).
-    fn next_below(&mut self, upper: Option<u128>) -> Result<Option<Change>, FoldError> {
-        if self.next.as_ref().is_none_or(|c| !below(c.hash, upper)) {
-            return Ok(None);
-        }
-        let read = self.read()?;
-        Ok(std::mem::replace(&mut self.next, read))
-    }
-
-    /// The key hash of the next change, if any.
-    fn peek_hash(&self) -> Option<u128> {
-        self.next.as_ref().map(|c| c.hash)
+    /// The changes read back from the start.
+    fn read_back(self) -> Result<Changes<BufReader<std::fs::File>>, FoldError> {
+        let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
+        std::io::Seek::rewind(&mut file)?;
+        Changes::new(BufReader::with_capacity(1 << 20, file), self.bytes)
     }
 }
 
@@ -205,16 +147,32 @@ fn changes_query(journal: &str, sync_id: &str) -> String {
     )
 }
 
-/// Folds the sync's journal into its blocks, on `c`, inside the fold's transaction. The
-/// sync holds no rows in `backflow_state`. A first fold (no blocks yet) reads the journal on
-/// `reader`, outside the transaction (its rows are committed, and the run's lock keeps them
-/// as they are), and sends the blocks as they fill, so nothing waits on local disk.
+/// Folds the sync's rows of the row journal `journal` into its blocks, on `c`, inside the
+/// fold's transaction: the last change of each key, sorted by the server, kept in a local
+/// file first (the same connection then writes the blocks).
 pub(in crate::state::warehouse) async fn pg_fold(
     c: &mut PgConnection,
-    reader: &mut PgConnection,
     blocks: &str,
     journal: &str,
     sync_id: &str,
+) -> Result<(), FoldError> {
+    let mut spool = Spool::new()?;
+    copy_out(c, &changes_query(journal, sync_id), |fields| {
+        spool.push(&journal_change(fields)?)
+    })
+    .await?;
+    fold_sorted(c, blocks, sync_id, &mut spool.read_back()?).await
+}
+
+/// Folds `changes` (one per key, in key-hash order) into the sync's blocks, on `c`, inside the
+/// fold's transaction. The sync holds no rows in `backflow_state`. A first fold (no blocks
+/// yet) packs the puts and sends the blocks as they fill; a later one keeps the changes in a
+/// local file and rewrites the blocks they fall in.
+pub(in crate::state::warehouse) async fn fold_sorted<S: SortedChanges + Send>(
+    c: &mut PgConnection,
+    blocks: &str,
+    sync_id: &str,
+    changes: &mut S,
 ) -> Result<(), FoldError> {
     let held: bool = sqlx::query_scalar(&format!(
         "SELECT EXISTS (SELECT 1 FROM {blocks} WHERE sync_id = $1)"
@@ -223,26 +181,16 @@ pub(in crate::state::warehouse) async fn pg_fold(
     .fetch_one(&mut *c)
     .await?;
     if !held {
-        return first_fold(c, reader, blocks, journal, sync_id).await;
+        return first_fold(c, blocks, sync_id, changes).await;
     }
+    let mut spool = Spool::new()?;
+    while let Some(change) = changes.next_change()? {
+        spool.push(&change)?;
+    }
+    let (count, hashes) = (spool.count, std::mem::take(&mut spool.hashes));
+    let mut changes = spool.read_back()?;
     let mut packer = Packer::new(BufWriter::with_capacity(1 << 20, tempfile::tempfile()?), sync_id);
     let mut rewritten: Vec<u128> = Vec::new();
-    // The blocks are read after the changes, on the same connection: the changes wait in
-    // a file, and the hashes of a few of them in memory, to look their blocks up.
-    let mut spool = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
-    let (mut count, mut hashes) = (0usize, Vec::new());
-    copy_out(c, &changes_query(journal, sync_id), |fields| {
-        let change = Change::of(fields)?;
-        count += 1;
-        if count <= LOOKUP_MAX {
-            hashes.push(change.hash.to_be_bytes().to_vec());
-        }
-        change.spool(&mut spool)
-    })
-    .await?;
-    let mut spooled = spool.into_inner().map_err(|e| e.into_error())?;
-    std::io::Seek::rewind(&mut spooled)?;
-    let mut changes = Changes::new(BufReader::with_capacity(1 << 20, spooled))?;
     if count <= LOOKUP_MAX {
         rewrite_looked_up(
             c,
@@ -275,6 +223,7 @@ pub(in crate::state::warehouse) async fn pg_fold(
         copy_in(c, blocks, packed).await?;
     }
     tracing::debug!(
+        changes = count,
         blocks_rewritten = rewritten.len(),
         blocks_written = written,
         "journal folded into the sync's blocks"
@@ -282,14 +231,13 @@ pub(in crate::state::warehouse) async fn pg_fold(
     Ok(())
 }
 
-/// The first fold of a sync: the journal's puts, read on `reader`, packed and sent into the
-/// blocks table on `c` as they come.
-async fn first_fold(
+/// The first fold of a sync: the puts of `changes` packed and sent into the blocks table on
+/// `c` as they come.
+async fn first_fold<S: SortedChanges + Send>(
     c: &mut PgConnection,
-    reader: &mut PgConnection,
     blocks: &str,
-    journal: &str,
     sync_id: &str,
+    changes: &mut S,
 ) -> Result<(), FoldError> {
     let mut copy = c
         .copy_in_raw(&format!(
@@ -299,31 +247,15 @@ async fn first_fold(
     let mut packer = Packer::new(Vec::with_capacity(COPY_SEND_BYTES + (1 << 16)), sync_id);
     packer.output().extend_from_slice(COPY_HEADER);
     let sent = async {
-        // The sort of the journal by key_hash, as the fold's own transaction sets it.
-        reader.execute("SET work_mem = '64MB'").await?;
-        let mut changes = reader
-            .copy_out_raw(&format!(
-                "COPY ({}) TO STDOUT (FORMAT binary)",
-                changes_query(journal, sync_id)
-            ))
-            .await?;
-        let mut tuples = CopyTuples::<5>::default();
-        while let Some(bytes) = changes.try_next().await? {
-            tuples.feed(&bytes, |fields| -> Result<(), FoldError> {
-                let change = Change::of(fields)?;
-                // Nothing is stored: a remove has nothing to remove.
-                if let Some((fingerprint, identity)) = change.put {
-                    packer.push(change.hash, fingerprint, change.key, identity)?;
-                }
-                Ok(())
-            })?;
+        while let Some(change) = changes.next_change()? {
+            // Nothing is stored: a remove has nothing to remove.
+            if let Some((fingerprint, identity)) = change.put {
+                packer.push(change.hash, fingerprint, &change.key, &identity)?;
+            }
             if packer.output().len() >= COPY_SEND_BYTES {
                 copy.send(packer.output().as_slice()).await?;
                 packer.output().clear();
             }
-        }
-        if !tuples.ended() {
-            return Err(Malformed("the journal's COPY data ended without its trailer").into());
         }
         let (mut rest, written) = packer.finish()?;
         rest.extend_from_slice(&(-1i16).to_be_bytes());
@@ -465,33 +397,9 @@ async fn copy_in(
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::changes::testing::{put, remove, spooled};
     use super::super::testing::*;
     use super::*;
-
-    fn spooled(changes: &[Change]) -> Changes<std::io::Cursor<Vec<u8>>> {
-        let mut out = Vec::new();
-        for c in changes {
-            c.spool(&mut out).unwrap();
-        }
-        Changes::new(std::io::Cursor::new(out)).unwrap()
-    }
-
-    fn put(n: u128, fingerprint: i64) -> Change {
-        let (hash, _, key, identity) = row(n);
-        Change {
-            hash,
-            key,
-            put: Some((fingerprint, identity)),
-        }
-    }
-
-    fn remove(n: u128) -> Change {
-        Change {
-            hash: n << 64,
-            key: format!("k{n}").into_bytes(),
-            put: None,
-        }
-    }
 
     /// Rewrites `stored` (rows 0, 10, 20, … packed in blocks) with `changes`, the way the fold
     /// reads them: each block with the next one's first hash as its end.
@@ -507,17 +415,6 @@ mod tests {
             }
         }
         (rewritten, blocks_of(&packer.finish().unwrap().0))
-    }
-
-    #[test]
-    fn changes_spool_and_read_back_in_order() {
-        let list = vec![put(1, 5), remove(2), put(3, -7)];
-        let mut changes = spooled(&list);
-        assert_eq!(changes.next_below(Some(2 << 64)).unwrap(), Some(list[0].clone()));
-        assert_eq!(changes.next_below(Some(2 << 64)).unwrap(), None);
-        assert_eq!(changes.next_below(None).unwrap(), Some(list[1].clone()));
-        assert_eq!(changes.next_below(None).unwrap(), Some(list[2].clone()));
-        assert_eq!(changes.next_below(None).unwrap(), None);
     }
 
     #[test]
