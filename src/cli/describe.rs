@@ -272,7 +272,7 @@ pub fn render(d: &Described, now: DateTime<Utc>) -> String {
             Err(e) => out.push_str(&format!("  ConfigMap: size unknown ({e})\n")),
         },
         StateStoreKind::Warehouse => out.push_str(&format!(
-            "  Warehouse: tables backflow_syncs, backflow_state and (PostgreSQL) backflow_state_blocks in schema {:?} of the {} database; \
+            "  Warehouse: tables backflow_syncs and backflow_state (on PostgreSQL also backflow_state_blocks and backflow_checkpoints) in schema {:?} of the {} database; \
              their size is in the warehouse, not visible from the cluster\n",
             store.schema_or_default(),
             if store.connection_secret_ref.is_some() {

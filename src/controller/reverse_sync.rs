@@ -550,7 +550,7 @@ async fn cleanup(sync: Arc<ReverseSync>, ctx: &Context) -> Action {
 const WAREHOUSE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Deletes a deleted `Warehouse`-store sync's rows from `backflow_state`, `backflow_journal`,
-/// `backflow_state_blocks` and `backflow_syncs` (its sync logs stay: they are history), through
+/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs` (its sync logs stay: they are history), through
 /// the state connection
 /// (`spec.state.connectionSecretRef`, else the source's Secret). Bounded by a timeout; a
 /// failure is logged and never holds the finalizer, leaving the rows for a person to delete.
@@ -559,7 +559,7 @@ async fn delete_warehouse_state(sync: &ReverseSync, key: &SyncKey, ctx: &Context
     let sync_id =
         crate::state::migrate::sync_id(ctx.env.policy.cluster_name.as_deref(), &key.namespace, &key.name);
     let left = format!(
-        "its rows stay in schema {:?}: DELETE FROM backflow_state, backflow_journal, backflow_state_blocks (PostgreSQL) and backflow_syncs WHERE sync_id = '{sync_id}'",
+        "its rows stay in schema {:?}: DELETE FROM backflow_state, backflow_journal, backflow_state_blocks, backflow_checkpoints (PostgreSQL) and backflow_syncs WHERE sync_id = '{sync_id}'",
         state.schema_or_default()
     );
     let resolver = ctx.env.resolver();

@@ -19,6 +19,9 @@
 //!   primary key `(sync_id, first_hash)`: the state of a sync that holds no rows in
 //!   `backflow_state`, packed 32 rows to a block by the journal's fold (see `blocks`). A sync's
 //!   keys are rows or blocks, never both; every reader reads both.
+//! - PostgreSQL: `backflow_checkpoints (sync_id, seq, changes, data)`, primary key `(sync_id,
+//!   seq)`: the checkpoints of a sync kept in blocks, each packed sorted by key hash, in place
+//!   of the journal's rows (see `checkpoints`).
 //! - with `syncLogs`: `backflow_runs` (one row per run) and `backflow_rejections` (one row per
 //!   rejected row: key, operation, reason, time).
 //!
@@ -27,7 +30,8 @@
 //! DBA may create them and grant only `SELECT, INSERT, UPDATE, DELETE`.
 //!
 //! Each `commit` is one transaction that appends the checkpoint's changes to the journal
-//! (binary `COPY` on PostgreSQL), durable when it returns; `finish` folds the journal into
+//! (binary `COPY` on PostgreSQL; packed into `backflow_checkpoints` for a sync kept in
+//! blocks), durable when it returns; `finish` folds the journal into
 //! the state in one transaction sorted by key hash, and the next run does so first when
 //! a run ended without `finish`. Where the journal is missing and the state user may not
 //! create it (tables of an older release, created by a DBA), checkpoints are upserted straight
@@ -943,8 +947,9 @@ impl StateStore for WarehouseStore {
 }
 
 impl WarehouseStore {
-    /// Deletes this sync's rows of `backflow_state`, `backflow_journal` and
-    /// `backflow_state_blocks` (when they exist) and `backflow_syncs` in one transaction;
+    /// Deletes this sync's rows of `backflow_state`, `backflow_journal`,
+    /// `backflow_state_blocks` and `backflow_checkpoints` (when they exist) and `backflow_syncs`
+    /// in one transaction;
     /// returns how many stored rows went (rows and rows of blocks).
     async fn delete_sync_rows(&mut self) -> Result<u64, sqlx::Error> {
         let sync_id = self.config.sync_id.clone();
@@ -1083,7 +1088,7 @@ impl WarehouseStore {
 const DELETE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Deletes a deleted sync's fingerprints: its rows of `backflow_state`, `backflow_journal`,
-/// `backflow_state_blocks` and `backflow_syncs`, in one transaction, and returns how many
+/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs`, in one transaction, and returns how many
 /// stored rows went (rows, and the rows of blocks). The sync logs
 /// (`backflow_runs`, `backflow_rejections`) stay: they are history. Creates nothing: missing
 /// tables hold nothing to delete. `config.sync_logs` is ignored.

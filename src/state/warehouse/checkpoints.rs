@@ -107,14 +107,18 @@ pub(super) async fn pg_append(
     puts: &mut (dyn Iterator<Item = EntryRef<'_>> + Send),
     removes: &[&str],
 ) -> Result<(), sqlx::Error> {
-    let change = |key: &'_ str, put: Option<(i64, &'_ str)>| Change {
-        hash: crate::state::stored_key_hash(key),
-        key: key.as_bytes().to_vec(),
-        put: put.map(|(fingerprint, identity)| (fingerprint, identity.as_bytes().to_vec())),
-    };
-    let mut changes: Vec<Change> = puts
-        .map(|e| change(e.key, Some((e.fingerprint as i64, e.identity))))
-        .chain(removes.iter().map(|key| change(key, None)))
+    let hash = crate::state::stored_key_hash;
+    let mut changes: Vec<Change<&[u8]>> = puts
+        .map(|e| Change {
+            hash: hash(e.key),
+            key: e.key.as_bytes(),
+            put: Some((e.fingerprint as i64, e.identity.as_bytes())),
+        })
+        .chain(removes.iter().map(|key| Change {
+            hash: hash(key),
+            key: key.as_bytes(),
+            put: None,
+        }))
         .collect();
     changes.sort_unstable_by_key(|c| c.hash);
     let sync_id = sync_id.as_bytes();
@@ -138,7 +142,7 @@ pub(super) async fn pg_append(
 
 /// How many of `changes` (not empty) the next row holds, and their bytes: at least one, then
 /// as many as fit in `limit` bytes.
-fn next_row(changes: &[Change], limit: u64) -> (usize, u64) {
+fn next_row<B: AsRef<[u8]>>(changes: &[Change<B>], limit: u64) -> (usize, u64) {
     let (mut count, mut bytes) = (1, changes[0].record_length());
     while let Some(next) = changes.get(count)
         && bytes + next.record_length() <= limit
@@ -150,7 +154,12 @@ fn next_row(changes: &[Change], limit: u64) -> (usize, u64) {
 }
 
 /// Appends one row of (sync_id, changes, data) in binary COPY format.
-fn copy_row(data: &mut Vec<u8>, sync_id: &[u8], row: &[Change], bytes: u64) -> Result<(), sqlx::Error> {
+fn copy_row<B: AsRef<[u8]>>(
+    data: &mut Vec<u8>,
+    sync_id: &[u8],
+    row: &[Change<B>],
+    bytes: u64,
+) -> Result<(), sqlx::Error> {
     let too_long = || sqlx::Error::Encode(format!("a packed checkpoint of {bytes} bytes is too long").into());
     data.extend_from_slice(&3i16.to_be_bytes());
     copy_field(data, sync_id)?;

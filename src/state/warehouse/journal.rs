@@ -11,7 +11,10 @@
 //! The fold applies the sync's journal to the state in one transaction: the last change of
 //! each key (highest `seq`) wins, in `key_hash` order, so the primary key is walked once from
 //! one end to the other; then the sync's journal rows go. On PostgreSQL a sync without rows
-//! in `backflow_state` is folded into blocks instead (see `blocks`). It runs at
+//! in `backflow_state` is folded into blocks instead (see `blocks`), and such a sync's
+//! checkpoints are packed into `backflow_checkpoints` rather than appended here (see
+//! `checkpoints`), where that table is there; the fold takes this journal's changes of the
+//! sync first, then the packed ones. It runs at
 //! `finish`, and before anything reads the state when a run ended without `finish` (a crash,
 //! a failed checkpoint) and left journal rows: `load` and the diff always see every committed
 //! checkpoint. A crash before the fold commits leaves the journal, folded again next time; a
