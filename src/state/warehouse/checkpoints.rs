@@ -194,18 +194,18 @@ pub(super) async fn pg_fold(
     if holds_rows {
         return Err(Malformed("the sync holds rows of backflow_state as well as packed checkpoints").into());
     }
-    let (mut merge, changes) = read_runs(&mut tx, table, sync_id).await?;
+    let (mut merge, changes, bytes) = read_runs(&mut tx, table, sync_id).await?;
     fold_sorted(&mut tx, blocks, sync_id, &mut merge).await?;
     if pg_clear(tx, table, sync_id, "changes").await? {
         pg_vacuum(c, table).await;
     }
-    tracing::debug!(changes, "packed checkpoints folded into the sync's blocks");
+    tracing::debug!(changes, bytes, "packed checkpoints folded into the sync's blocks");
     Ok(changes)
 }
 
 /// Reads the sync's rows of `table`, in the order they were written, into a local temporary
-/// file, and returns their merge with the number of changes they hold.
-async fn read_runs(c: &mut PgConnection, table: &str, sync_id: &str) -> Result<(Merge, u64), FoldError> {
+/// file, and returns their merge with the number of changes they hold and the file's bytes.
+async fn read_runs(c: &mut PgConnection, table: &str, sync_id: &str) -> Result<(Merge, u64, u64), FoldError> {
     let mut file = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
     let (mut runs, mut at, mut changes) = (Vec::new(), 0u64, 0u64);
     let query = format!(
@@ -225,7 +225,7 @@ async fn read_runs(c: &mut PgConnection, table: &str, sync_id: &str) -> Result<(
     })
     .await?;
     let file = file.into_inner().map_err(|e| e.into_error())?;
-    Ok((Merge::new(file, &runs)?, changes))
+    Ok((Merge::new(file, &runs)?, changes, at))
 }
 
 /// A reader of one run of the spool file, at its own position.
