@@ -778,6 +778,42 @@ async fn pg_create(c: &mut PgConnection, ddl: &str) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
+impl WarehouseStore {
+    /// Whether `table` is there on PostgreSQL (false on MySQL/MariaDB), creating it from
+    /// `ddl` (given the quoted schema) when `wanted` and the state user may; `denied` is logged
+    /// at info when it may not.
+    async fn pg_optional_table(
+        &mut self,
+        table: &str,
+        wanted: bool,
+        ddl: fn(&str) -> String,
+        denied: &str,
+    ) -> Result<bool, StateError> {
+        let schema = self.config.schema.clone();
+        let Some(conn @ Conn::Pg(_)) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        let found = journal::table_exists(conn, &schema, table).await;
+        if found.map_err(|e| self.sql_error(&format!("look for the table {table}"), e))? {
+            return Ok(true);
+        }
+        if self.probe || !wanted {
+            return Ok(false);
+        }
+        let Some(Conn::Pg(c)) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        match pg_create(c, &ddl(&quote(true, &schema))).await {
+            Ok(()) => Ok(true),
+            Err(e) if journal::is_denied(&e) => {
+                tracing::info!(schema = %schema, "{denied}");
+                Ok(false)
+            }
+            Err(e) => Err(self.sql_error(&format!("create the table {table}"), e)),
+        }
+    }
+}
+
 /// The last change of each key in a checkpoint: puts and removes to apply.
 fn collapse(changes: &[StateChange]) -> (Vec<EntryRef<'_>>, Vec<&str>) {
     let mut last: HashMap<&str, usize> = HashMap::with_capacity(changes.len());

@@ -29,9 +29,8 @@ use sqlx::postgres::PgConnection;
 
 use super::changes::length;
 use super::copy_tuples::Malformed;
-use super::journal::{is_denied, table_exists};
 use super::write::copy_field;
-use super::{Conn, WarehouseStore, pg_create, quote};
+use super::{Conn, WarehouseStore};
 use crate::state::StateError;
 
 mod fold;
@@ -292,33 +291,15 @@ impl WarehouseStore {
     /// Whether the blocks table is there, creating it on PostgreSQL when the journal is in
     /// use and the state user may (without it, states are folded into rows as before).
     pub(super) async fn prepare_blocks(&mut self) -> Result<bool, StateError> {
-        let schema = self.config.schema.clone();
-        let Some(conn @ Conn::Pg(_)) = self.conn.as_mut() else {
-            return Ok(false);
-        };
-        let found = table_exists(conn, &schema, TABLE).await;
-        if found.map_err(|e| self.sql_error("look for the table backflow_state_blocks", e))? {
-            return Ok(true);
-        }
-        if self.probe || self.journal != Some(true) {
-            return Ok(false);
-        }
-        let ddl = pg_ddl(&quote(true, &schema));
-        let Some(Conn::Pg(c)) = self.conn.as_mut() else {
-            return Ok(false);
-        };
-        match pg_create(c, &ddl).await {
-            Ok(()) => Ok(true),
-            Err(e) if is_denied(&e) => {
-                tracing::info!(
-                    schema = %schema,
-                    "the state user may not create backflow_state_blocks: states are folded into \
-                     backflow_state's rows, which is slower for large states (DDL in docs/state.md)"
-                );
-                Ok(false)
-            }
-            Err(e) => Err(self.sql_error("create the table backflow_state_blocks", e)),
-        }
+        let wanted = self.journal == Some(true);
+        self.pg_optional_table(
+            TABLE,
+            wanted,
+            pg_ddl,
+            "the state user may not create backflow_state_blocks: states are folded into \
+             backflow_state's rows, which is slower for large states (DDL in docs/state.md)",
+        )
+        .await
     }
 
     /// True when the sync holds blocks (false without the table).

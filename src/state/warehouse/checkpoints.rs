@@ -26,12 +26,12 @@ use std::sync::Arc;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
+use super::WarehouseStore;
 use super::blocks::{FoldError, fold_sorted};
 use super::changes::{Change, Changes, SortedChanges};
 use super::copy_tuples::{Malformed, copy_out, literal};
-use super::journal::{is_denied, pg_clear, pg_vacuum, table_exists};
+use super::journal::{pg_clear, pg_vacuum};
 use super::write::{copy_binary, copy_field};
-use super::{Conn, WarehouseStore, pg_create, quote};
 use crate::state::{EntryRef, StateError};
 
 /// The table's name in the state schema.
@@ -68,33 +68,15 @@ impl WarehouseStore {
     /// blocks table when the state user may (without it, checkpoints go to the journal's rows,
     /// as before).
     pub(super) async fn prepare_checkpoints(&mut self) -> Result<bool, StateError> {
-        let schema = self.config.schema.clone();
-        let Some(conn @ Conn::Pg(_)) = self.conn.as_mut() else {
-            return Ok(false);
-        };
-        let found = table_exists(conn, &schema, TABLE).await;
-        if found.map_err(|e| self.sql_error("look for the table backflow_checkpoints", e))? {
-            return Ok(true);
-        }
-        if self.probe || self.blocks != Some(true) {
-            return Ok(false);
-        }
-        let ddl = pg_ddl(&quote(true, &schema));
-        let Some(Conn::Pg(c)) = self.conn.as_mut() else {
-            return Ok(false);
-        };
-        match pg_create(c, &ddl).await {
-            Ok(()) => Ok(true),
-            Err(e) if is_denied(&e) => {
-                tracing::info!(
-                    schema = %schema,
-                    "the state user may not create backflow_checkpoints: checkpoints are appended \
-                     to backflow_journal's rows, which is slower for large runs (DDL in docs/state.md)"
-                );
-                Ok(false)
-            }
-            Err(e) => Err(self.sql_error("create the table backflow_checkpoints", e)),
-        }
+        let wanted = self.blocks == Some(true);
+        self.pg_optional_table(
+            TABLE,
+            wanted,
+            pg_ddl,
+            "the state user may not create backflow_checkpoints: checkpoints are appended to \
+             backflow_journal's rows, which is slower for large runs (DDL in docs/state.md)",
+        )
+        .await
     }
 }
 
