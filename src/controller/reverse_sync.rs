@@ -550,9 +550,9 @@ async fn cleanup(sync: Arc<ReverseSync>, ctx: &Context) -> Action {
 const WAREHOUSE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Deletes a deleted `Warehouse`-store sync's rows from `backflow_state`, `backflow_journal`,
-/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs` (its sync logs stay: they are history), through
-/// the state connection
-/// (`spec.state.connectionSecretRef`, else the source's Secret). Bounded by a timeout; a
+/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs` (its sync logs stay:
+/// they are history), through the state connection (`spec.state.connectionSecretRef`, else
+/// the source's Secret). Bounded by a timeout; a
 /// failure is logged and never holds the finalizer, leaving the rows for a person to delete.
 async fn delete_warehouse_state(sync: &ReverseSync, key: &SyncKey, ctx: &Context) {
     let state = sync.spec.state.clone().unwrap_or_default();

@@ -1124,8 +1124,8 @@ impl WarehouseStore {
 const DELETE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Deletes a deleted sync's fingerprints: its rows of `backflow_state`, `backflow_journal`,
-/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs`, in one transaction, and returns how many
-/// stored rows went (rows, and the rows of blocks). The sync logs
+/// `backflow_state_blocks`, `backflow_checkpoints` and `backflow_syncs`, in one transaction,
+/// and returns how many stored rows went (rows, and the rows of blocks). The sync logs
 /// (`backflow_runs`, `backflow_rejections`) stay: they are history. Creates nothing: missing
 /// tables hold nothing to delete. `config.sync_logs` is ignored.
 ///

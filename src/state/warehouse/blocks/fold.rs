@@ -1,10 +1,11 @@
 //! Checkpoints folded into a sync's blocks, inside the fold's transaction, from the last
 //! change of each key sorted by key hash (the row journal's, sorted by the server, or the
 //! packed checkpoints', merged by `checkpoints`). A first fold sends the packed blocks by
-//! binary `COPY` as they fill. A later fold keeps the changes in a local temporary file, reads the blocks they fall in (looked up by key for up to
-//! [`LOOKUP_MAX`] changes, else all of the sync's blocks in order), merges them into new
-//! blocks kept in another file, deletes the blocks it rewrote and writes the new ones. A
-//! failure anywhere rolls all of it back with the journal left whole.
+//! binary `COPY` as they fill. A later fold keeps the changes in a local temporary file,
+//! reads the blocks they fall in (looked up by key for up to [`LOOKUP_MAX`] changes, else all
+//! of the sync's blocks in order), merges them into new blocks kept in another file, deletes
+//! the blocks it rewrote and writes the new ones. A failure anywhere rolls all of it back with
+//! the checkpoints left whole.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 
