@@ -814,6 +814,17 @@ impl WarehouseStore {
     }
 }
 
+/// True when `table` (quoted) holds a row of `sync_id`, on PostgreSQL: one lookup in its
+/// index on `sync_id`.
+async fn pg_sync_has_rows(c: &mut PgConnection, table: &str, sync_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {table} WHERE sync_id = $1)"
+    ))
+    .bind(sync_id)
+    .fetch_one(c)
+    .await
+}
+
 /// The last change of each key in a checkpoint: puts and removes to apply.
 fn collapse(changes: &[StateChange]) -> (Vec<EntryRef<'_>>, Vec<&str>) {
     let mut last: HashMap<&str, usize> = HashMap::with_capacity(changes.len());

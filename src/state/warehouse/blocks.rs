@@ -30,7 +30,7 @@ use sqlx::postgres::PgConnection;
 use super::changes::length;
 use super::copy_tuples::Malformed;
 use super::write::copy_field;
-use super::{Conn, WarehouseStore};
+use super::{Conn, WarehouseStore, pg_sync_has_rows};
 use crate::state::StateError;
 
 mod fold;
@@ -164,12 +164,13 @@ impl<'a> Block<'a> {
 }
 
 /// Packs rows, pushed in key-hash order, into blocks written as binary `COPY` tuples of
-/// `(sync_id, first_hash, row_count, data)` to `out`.
-pub(super) struct Packer<W: Write> {
-    out: W,
+/// `(sync_id, first_hash, row_count, data)` to the output each call is given.
+pub(super) struct Packer {
     sync_id: Vec<u8>,
     rows: usize,
     first: u128,
+    /// A tuple's fields before its block's columns, used again for every block.
+    head: Vec<u8>,
     hashes: Vec<u8>,
     fingerprints: Vec<u8>,
     key_lengths: Vec<u8>,
@@ -180,14 +181,14 @@ pub(super) struct Packer<W: Write> {
     blocks: u64,
 }
 
-impl<W: Write> Packer<W> {
+impl Packer {
     /// A packer of `sync_id`'s blocks.
-    pub fn new(out: W, sync_id: &str) -> Packer<W> {
+    pub fn new(sync_id: &str) -> Packer {
         Packer {
-            out,
             sync_id: sync_id.as_bytes().to_vec(),
             rows: 0,
             first: 0,
+            head: Vec::new(),
             hashes: Vec::new(),
             fingerprints: Vec::new(),
             key_lengths: Vec::new(),
@@ -199,16 +200,17 @@ impl<W: Write> Packer<W> {
     }
 
     /// Adds a row (after every row pushed before it in key-hash order); a full block is
-    /// written.
+    /// written to `out`.
     pub fn push(
         &mut self,
+        out: &mut impl Write,
         hash: u128,
         fingerprint: i64,
         key: &[u8],
         identity: &[u8],
     ) -> Result<(), FoldError> {
         if self.rows == BLOCK_ROWS {
-            self.flush()?;
+            self.flush(out)?;
         }
         if self.rows == 0 {
             self.first = hash;
@@ -223,9 +225,10 @@ impl<W: Write> Packer<W> {
         Ok(())
     }
 
-    /// Writes the rows pushed since the last block as a block of their own (nothing when there
-    /// are none): the end of a range of keys that the next rows must not share a block with.
-    pub fn flush(&mut self) -> Result<(), FoldError> {
+    /// Writes the rows pushed since the last block to `out` as a block of their own (nothing
+    /// when there are none): the end of a range of keys that the next rows must not share a
+    /// block with.
+    pub fn flush(&mut self, out: &mut impl Write) -> Result<(), FoldError> {
         if self.rows == 0 {
             return Ok(());
         }
@@ -239,20 +242,21 @@ impl<W: Write> Packer<W> {
         ];
         // The tuple's fields before `data`, then `data` written in place after its length:
         // the row count (at most BLOCK_ROWS) and the columns.
-        let mut head = Vec::with_capacity(64 + self.sync_id.len());
+        let head = &mut self.head;
+        head.clear();
         head.extend_from_slice(&4i16.to_be_bytes());
-        copy_field(&mut head, &self.sync_id)?;
-        copy_field(&mut head, &self.first.to_be_bytes())?;
-        copy_field(&mut head, &(self.rows as i32).to_be_bytes())?;
+        copy_field(head, &self.sync_id)?;
+        copy_field(head, &self.first.to_be_bytes())?;
+        copy_field(head, &(self.rows as i32).to_be_bytes())?;
         let data_length = 4 + columns.iter().map(|c| c.len()).sum::<usize>();
         let data_length = i32::try_from(data_length).map_err(|_| {
             sqlx::Error::Encode(format!("a state block of {data_length} bytes is too long").into())
         })?;
         head.extend_from_slice(&data_length.to_be_bytes());
         head.extend_from_slice(&(self.rows as u32).to_be_bytes());
-        self.out.write_all(&head)?;
+        out.write_all(head)?;
         for column in columns {
-            self.out.write_all(column)?;
+            out.write_all(column)?;
         }
         self.blocks += 1;
         self.rows = 0;
@@ -269,16 +273,16 @@ impl<W: Write> Packer<W> {
         Ok(())
     }
 
-    /// Where the blocks are written.
-    pub fn output(&mut self) -> &mut W {
-        &mut self.out
+    /// Blocks written so far.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
     }
 
-    /// Writes the last block and returns the output with the number of blocks written.
-    pub fn finish(mut self) -> Result<(W, u64), FoldError> {
-        self.flush()?;
-        self.out.flush()?;
-        Ok((self.out, self.blocks))
+    /// Writes the last block to `out` and returns the number of blocks written.
+    pub fn finish(&mut self, out: &mut impl Write) -> Result<u64, FoldError> {
+        self.flush(out)?;
+        out.flush()?;
+        Ok(self.blocks)
     }
 }
 
@@ -311,12 +315,7 @@ impl WarehouseStore {
         let Some(Conn::Pg(c)) = self.conn.as_mut() else {
             return Ok(false);
         };
-        let held = sqlx::query_scalar(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {blocks} WHERE sync_id = $1)"
-        ))
-        .bind(&sync_id)
-        .fetch_one(c)
-        .await;
+        let held = pg_sync_has_rows(c, &blocks, &sync_id).await;
         held.map_err(|e| self.sql_error("look for the sync's state blocks", e))
     }
 }
@@ -418,11 +417,12 @@ mod testing {
     }
 
     pub(super) fn pack(rows: &[Row]) -> Vec<u8> {
-        let mut packer = Packer::new(Vec::new(), "ns/s");
+        let (mut packer, mut out) = (Packer::new("ns/s"), Vec::new());
         for (h, f, k, i) in rows {
-            packer.push(*h, *f, k, i).unwrap();
+            packer.push(&mut out, *h, *f, k, i).unwrap();
         }
-        packer.finish().unwrap().0
+        packer.finish(&mut out).unwrap();
+        out
     }
 
     /// One block's data.

@@ -8,7 +8,7 @@
 //! on the run's critical CPU); packed, it costs one value stored out of line. The server never
 //! reads the records: `data` is stored without compression (key hashes do not compress).
 //!
-//! The fold reads the sync's rows in `seq` order into a local temporary file (about 60 bytes
+//! The fold reads the sync's rows in `seq` order into a local temporary file (about 52 bytes
 //! a change for the benchmark's rows), merges them by key hash, the latest checkpoint's change
 //! of a key winning, and folds the result into the sync's blocks (see `blocks`), in one
 //! transaction that then deletes the rows. Each row is a sorted run, so the merge needs no
@@ -26,12 +26,12 @@ use std::sync::Arc;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
-use super::WarehouseStore;
 use super::blocks::{FoldError, fold_sorted};
 use super::changes::{Change, Changes, SortedChanges};
 use super::copy_tuples::{Malformed, copy_out, literal};
 use super::journal::{pg_clear, pg_vacuum};
 use super::write::{copy_binary, copy_field};
+use super::{WarehouseStore, pg_sync_has_rows};
 use crate::state::{EntryRef, StateError};
 
 /// The table's name in the state schema.
@@ -157,23 +157,16 @@ fn copy_row<B: AsRef<[u8]>>(
 }
 
 /// Folds the sync's packed checkpoints of `table` into its blocks of `blocks`, in one
-/// transaction on `c` that then deletes them; returns how many changes they held. The sync
-/// holds no rows in `backflow_state`.
+/// transaction on `c` that then deletes them. The sync holds no rows in `backflow_state`.
 pub(super) async fn pg_fold(
     c: &mut PgConnection,
     state: &str,
     table: &str,
     blocks: &str,
     sync_id: &str,
-) -> Result<u64, FoldError> {
+) -> Result<(), FoldError> {
     let mut tx = c.begin().await?;
-    let holds_rows: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = $1)"
-    ))
-    .bind(sync_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if holds_rows {
+    if pg_sync_has_rows(&mut tx, state, sync_id).await? {
         return Err(Malformed("the sync holds rows of backflow_state as well as packed checkpoints").into());
     }
     let (mut merge, changes, bytes) = read_runs(&mut tx, table, sync_id).await?;
@@ -182,7 +175,7 @@ pub(super) async fn pg_fold(
         pg_vacuum(c, table).await;
     }
     tracing::debug!(changes, bytes, "packed checkpoints folded into the sync's blocks");
-    Ok(changes)
+    Ok(())
 }
 
 /// Reads the sync's rows of `table`, in the order they were written, into a local temporary

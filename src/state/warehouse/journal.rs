@@ -37,7 +37,7 @@ use sqlx::{Connection, Executor, QueryBuilder};
 use super::blocks::{self, FoldError};
 use super::checkpoints;
 use super::write::{Target, copy_binary, copy_field, my_new_scope, pg_new_scope};
-use super::{Conn, MYSQL_CHUNK, WarehouseStore, key_hash, pg_create, quote};
+use super::{Conn, MYSQL_CHUNK, WarehouseStore, key_hash, pg_create, pg_sync_has_rows, quote};
 use crate::state::{EntryRef, StateError};
 
 /// The table's name in the state schema.
@@ -134,7 +134,7 @@ pub(super) async fn pg_append(
         pg_new_scope(&mut tx, target, &tables).await?;
     }
     if let Some(packed) = target.checkpoints
-        && !pg_holds_rows(&mut tx, target.state, target.sync_id).await?
+        && !pg_sync_has_rows(&mut tx, target.state, target.sync_id).await?
     {
         checkpoints::pg_append(&mut tx, packed, target.sync_id, puts, removes).await?;
         return tx.commit().await;
@@ -154,20 +154,6 @@ pub(super) async fn pg_append(
     )
     .await?;
     tx.commit().await
-}
-
-/// True when the sync holds rows in `state` (PostgreSQL).
-pub(super) async fn pg_holds_rows(
-    c: &mut PgConnection,
-    state: &str,
-    sync_id: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {state} WHERE sync_id = $1)"
-    ))
-    .bind(sync_id)
-    .fetch_one(c)
-    .await
 }
 
 /// Appends one change in binary COPY format: (sync_id, key_hash, key, fingerprint, identity,
@@ -277,7 +263,7 @@ pub(super) async fn pg_fold(
     let mut tx = c.begin().await?;
     // The sort of the journal by key_hash: in memory rather than through temporary files.
     tx.execute("SET LOCAL work_mem = '64MB'").await?;
-    let holds_rows = pg_holds_rows(&mut tx, state, sync_id).await?;
+    let holds_rows = pg_sync_has_rows(&mut tx, state, sync_id).await?;
     match blocks {
         Some(blocks) if !holds_rows => blocks::pg_fold(&mut tx, blocks, journal, sync_id).await?,
         _ => pg_fold_rows(&mut tx, state, journal, sync_id, holds_rows).await?,
@@ -567,10 +553,7 @@ impl WarehouseStore {
         let (blocks, packed) = (self.blocks_table(), self.checkpoints_table());
         let sync_id = self.config.sync_id.clone();
         let any = match self.conn.as_mut() {
-            Some(Conn::Pg(c)) => {
-                let sql = format!("SELECT EXISTS (SELECT 1 FROM {journal} WHERE sync_id = $1)");
-                sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(c).await
-            }
+            Some(Conn::Pg(c)) => pg_sync_has_rows(c, &journal, &sync_id).await,
             Some(Conn::My(c)) => {
                 let sql = format!(
                     "SELECT count(*) FROM (SELECT 1 FROM {journal} WHERE sync_id = ? LIMIT 1) AS any_row"
@@ -582,10 +565,7 @@ impl WarehouseStore {
         };
         let any = any.map_err(|e| self.sql_error("look for checkpoints in backflow_journal", e))?;
         let any_packed = match (&packed, self.conn.as_mut()) {
-            (Some(packed), Some(Conn::Pg(c))) => {
-                let sql = format!("SELECT EXISTS (SELECT 1 FROM {packed} WHERE sync_id = $1)");
-                sqlx::query_scalar(&sql).bind(&sync_id).fetch_one(c).await
-            }
+            (Some(packed), Some(Conn::Pg(c))) => pg_sync_has_rows(c, packed, &sync_id).await,
             _ => Ok(false),
         };
         let any_packed =

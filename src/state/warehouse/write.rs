@@ -123,13 +123,13 @@ async fn pg_copy_to_staging(
 
 /// Runs `statement`, a `COPY ... FROM STDIN (FORMAT binary)`, with the rows `next_row`
 /// appends to the data one at a time (`None` when there are no more), sent about
-/// [`COPY_SEND_BYTES`] at a time; a row that cannot be encoded aborts the COPY. Returns the
-/// rows copied.
-pub(super) async fn copy_binary(
+/// [`COPY_SEND_BYTES`] at a time; a row that cannot be encoded (an error of `next_row`)
+/// aborts the COPY. Returns the rows copied.
+pub(super) async fn copy_binary<E: From<sqlx::Error> + std::fmt::Display>(
     c: &mut PgConnection,
     statement: &str,
-    mut next_row: impl FnMut(&mut Vec<u8>) -> Option<Result<(), sqlx::Error>> + Send,
-) -> Result<u64, sqlx::Error> {
+    mut next_row: impl FnMut(&mut Vec<u8>) -> Option<Result<(), E>> + Send,
+) -> Result<u64, E> {
     let mut copy = c.copy_in_raw(statement).await?;
     let mut data = Vec::with_capacity(COPY_SEND_BYTES + 4096);
     data.extend_from_slice(COPY_HEADER);
@@ -145,7 +145,7 @@ pub(super) async fn copy_binary(
     }
     data.extend_from_slice(&(-1i16).to_be_bytes());
     copy.send(data).await?;
-    copy.finish().await
+    Ok(copy.finish().await?)
 }
 
 /// Appends one row of (key_hash, key, fingerprint, identity) in binary COPY format.

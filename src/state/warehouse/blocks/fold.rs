@@ -7,14 +7,15 @@
 //! the blocks it rewrote and writes the new ones. A failure anywhere rolls all of it back with
 //! the checkpoints left whole.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 
 use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
 
 use super::super::changes::{Change, Changes, SortedChanges, below};
 use super::super::copy_tuples::{Malformed, copy_out, hash_of, literal};
-use super::super::write::{COPY_HEADER, COPY_SEND_BYTES};
+use super::super::pg_sync_has_rows;
+use super::super::write::copy_binary;
 use super::{Block, Packer};
 
 /// Rewritten blocks deleted per statement.
@@ -61,7 +62,6 @@ fn journal_change(fields: [Option<&[u8]>; 5]) -> Result<Change<&[u8]>, Malformed
 /// [`LOOKUP_MAX`] kept to look their blocks up.
 struct Spool {
     out: BufWriter<std::fs::File>,
-    bytes: u64,
     count: usize,
     hashes: Vec<Vec<u8>>,
 }
@@ -70,7 +70,6 @@ impl Spool {
     fn new() -> Result<Spool, FoldError> {
         Ok(Spool {
             out: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
-            bytes: 0,
             count: 0,
             hashes: Vec::new(),
         })
@@ -81,27 +80,27 @@ impl Spool {
         if self.count <= LOOKUP_MAX {
             self.hashes.push(change.hash.to_be_bytes().to_vec());
         }
-        change.write(&mut self.out)?;
-        self.bytes += change.record_length();
-        Ok(())
+        change.write(&mut self.out)
     }
 
     /// The changes read back from the start.
     fn read_back(self) -> Result<Changes<BufReader<std::fs::File>>, FoldError> {
         let mut file = self.out.into_inner().map_err(|e| e.into_error())?;
-        std::io::Seek::rewind(&mut file)?;
-        Changes::new(BufReader::with_capacity(1 << 20, file), self.bytes)
+        let length = file.stream_position()?;
+        file.rewind()?;
+        Changes::new(BufReader::with_capacity(1 << 20, file), length)
     }
 }
 
 /// Rewrites the block holding `data` (its keys run up to `upper`) with the changes that fall
 /// in it, into `packer`; does nothing, and returns false, when none do. The first block also
 /// takes the changes below its own first hash: they come first in the stream.
-fn rewrite<R: Read, W: Write>(
+fn rewrite<R: Read>(
     data: &[u8],
     upper: Option<u128>,
     changes: &mut Changes<R>,
-    packer: &mut Packer<W>,
+    packer: &mut Packer,
+    out: &mut impl Write,
 ) -> Result<bool, FoldError> {
     if changes.peek_hash().is_none_or(|h| !below(h, upper)) {
         return Ok(false);
@@ -113,11 +112,11 @@ fn rewrite<R: Read, W: Write>(
         match (rows.peek(), &change) {
             (None, None) => break,
             (Some(row), None) => {
-                packer.push(row.hash, row.fingerprint, row.key, row.identity)?;
+                packer.push(out, row.hash, row.fingerprint, row.key, row.identity)?;
                 rows.next();
             }
             (Some(row), Some(c)) if row.hash < c.hash => {
-                packer.push(row.hash, row.fingerprint, row.key, row.identity)?;
+                packer.push(out, row.hash, row.fingerprint, row.key, row.identity)?;
                 rows.next();
             }
             (row, Some(c)) => {
@@ -125,14 +124,14 @@ fn rewrite<R: Read, W: Write>(
                     rows.next();
                 }
                 if let Some((fingerprint, identity)) = &c.put {
-                    packer.push(c.hash, *fingerprint, &c.key, identity)?;
+                    packer.push(out, c.hash, *fingerprint, &c.key, identity)?;
                 }
                 change = changes.next_below(upper)?;
             }
         }
     }
     // The next block's keys start a block of their own.
-    packer.flush()?;
+    packer.flush(out)?;
     Ok(true)
 }
 
@@ -162,7 +161,11 @@ pub(in crate::state::warehouse) async fn pg_fold(
         spool.push(&journal_change(fields)?)
     })
     .await?;
-    fold_sorted(c, blocks, sync_id, &mut spool.read_back()?).await
+    if pg_sync_has_rows(c, blocks, sync_id).await? {
+        later_fold(c, blocks, sync_id, spool).await
+    } else {
+        first_fold(c, blocks, sync_id, &mut spool.read_back()?).await
+    }
 }
 
 /// Folds `changes` (one per key, in key-hash order) into the sync's blocks, on `c`, inside the
@@ -175,41 +178,43 @@ pub(in crate::state::warehouse) async fn fold_sorted<S: SortedChanges + Send>(
     sync_id: &str,
     changes: &mut S,
 ) -> Result<(), FoldError> {
-    let held: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {blocks} WHERE sync_id = $1)"
-    ))
-    .bind(sync_id)
-    .fetch_one(&mut *c)
-    .await?;
-    if !held {
+    if !pg_sync_has_rows(c, blocks, sync_id).await? {
         return first_fold(c, blocks, sync_id, changes).await;
     }
     let mut spool = Spool::new()?;
     while let Some(change) = changes.next_change()? {
         spool.push(&change)?;
     }
+    later_fold(c, blocks, sync_id, spool).await
+}
+
+/// A later fold: rewrites the blocks the spooled changes fall in.
+async fn later_fold(
+    c: &mut PgConnection,
+    blocks: &str,
+    sync_id: &str,
+    mut spool: Spool,
+) -> Result<(), FoldError> {
     let (count, hashes) = (spool.count, std::mem::take(&mut spool.hashes));
     let mut changes = spool.read_back()?;
-    let mut packer = Packer::new(BufWriter::with_capacity(1 << 20, tempfile::tempfile()?), sync_id);
+    let mut packer = Packer::new(sync_id);
+    let mut packed = BufWriter::with_capacity(1 << 20, tempfile::tempfile()?);
     let mut rewritten: Vec<u128> = Vec::new();
+    let mut out = Rewrite {
+        changes: &mut changes,
+        packer: &mut packer,
+        packed: &mut packed,
+        rewritten: &mut rewritten,
+    };
     if count <= LOOKUP_MAX {
-        rewrite_looked_up(
-            c,
-            blocks,
-            sync_id,
-            &hashes,
-            &mut changes,
-            &mut packer,
-            &mut rewritten,
-        )
-        .await?;
+        rewrite_looked_up(c, blocks, sync_id, &hashes, &mut out).await?;
     } else {
-        rewrite_all(c, blocks, sync_id, &mut changes, &mut packer, &mut rewritten).await?;
+        rewrite_all(c, blocks, sync_id, &mut out).await?;
     }
     if changes.peek_hash().is_some() {
         return Err(Malformed("a change of the journal fell in none of the sync's blocks").into());
     }
-    let (packed, written) = packer.finish()?;
+    let written = packer.finish(&mut packed)?;
     for chunk in rewritten.chunks(DELETE_CHUNK) {
         let firsts: Vec<Vec<u8>> = chunk.iter().map(|h| h.to_be_bytes().to_vec()).collect();
         sqlx::query(&format!(
@@ -232,6 +237,26 @@ pub(in crate::state::warehouse) async fn fold_sorted<S: SortedChanges + Send>(
     Ok(())
 }
 
+/// What a later fold's block rewrites share: the changes, the packer and the file it writes
+/// the new blocks to, and the first hashes of the blocks rewritten.
+struct Rewrite<'a, R: Read> {
+    changes: &'a mut Changes<R>,
+    packer: &'a mut Packer,
+    packed: &'a mut BufWriter<std::fs::File>,
+    rewritten: &'a mut Vec<u128>,
+}
+
+impl<R: Read> Rewrite<'_, R> {
+    /// Rewrites the block of first hash `first` holding `data` (its keys run up to `upper`)
+    /// when changes fall in it.
+    fn block(&mut self, first: u128, data: &[u8], upper: Option<u128>) -> Result<(), FoldError> {
+        if rewrite(data, upper, self.changes, self.packer, self.packed)? {
+            self.rewritten.push(first);
+        }
+        Ok(())
+    }
+}
+
 /// The first fold of a sync: the puts of `changes` packed and sent into the blocks table on
 /// `c` as they come.
 async fn first_fold<S: SortedChanges + Send>(
@@ -240,57 +265,47 @@ async fn first_fold<S: SortedChanges + Send>(
     sync_id: &str,
     changes: &mut S,
 ) -> Result<(), FoldError> {
-    let mut copy = c
-        .copy_in_raw(&format!(
-            "COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    let mut packer = Packer::new(Vec::with_capacity(COPY_SEND_BYTES + (1 << 16)), sync_id);
-    packer.output().extend_from_slice(COPY_HEADER);
-    let sent = async {
-        while let Some(change) = changes.next_change()? {
-            // Nothing is stored: a remove has nothing to remove.
-            if let Some((fingerprint, identity)) = change.put {
-                packer.push(change.hash, fingerprint, &change.key, &identity)?;
+    let mut packer = Packer::new(sync_id);
+    let mut ended = false;
+    copy_binary(
+        c,
+        &format!("COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"),
+        // One change at a time; the packer writes a block into the data when one fills.
+        |data| {
+            if ended {
+                return None;
             }
-            if packer.output().len() >= COPY_SEND_BYTES {
-                copy.send(packer.output().as_slice()).await?;
-                packer.output().clear();
-            }
-        }
-        let (mut rest, written) = packer.finish()?;
-        rest.extend_from_slice(&(-1i16).to_be_bytes());
-        copy.send(rest).await?;
-        Ok::<_, FoldError>(written)
-    }
-    .await;
-    match sent {
-        Ok(written) => {
-            copy.finish().await?;
-            tracing::debug!(
-                blocks_written = written,
-                "journal folded into the sync's first blocks"
-            );
-            Ok(())
-        }
-        Err(e) => {
-            // Ends the COPY so that the transaction can roll back; the error to report is the
-            // one that stopped the fold.
-            let _ = copy.abort(e.to_string()).await;
-            Err(e)
-        }
-    }
+            Some(match changes.next_change() {
+                // Nothing is stored: a remove has nothing to remove.
+                Ok(Some(Change {
+                    hash,
+                    key,
+                    put: Some((fingerprint, identity)),
+                })) => packer.push(data, hash, fingerprint, &key, &identity),
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => {
+                    ended = true;
+                    packer.finish(data).map(drop)
+                }
+                Err(e) => Err(e),
+            })
+        },
+    )
+    .await?;
+    tracing::debug!(
+        blocks_written = packer.blocks(),
+        "journal folded into the sync's first blocks"
+    );
+    Ok(())
 }
 
 /// Rewrites the blocks the changes fall in, reading every block of the sync in order (a
 /// block's keys end where the next one's begin).
-async fn rewrite_all<R: Read, W: Write>(
+async fn rewrite_all<R: Read>(
     c: &mut PgConnection,
     blocks: &str,
     sync_id: &str,
-    changes: &mut Changes<R>,
-    packer: &mut Packer<W>,
-    rewritten: &mut Vec<u128>,
+    out: &mut Rewrite<'_, R>,
 ) -> Result<(), FoldError> {
     let query = format!(
         "SELECT first_hash, data FROM {blocks} WHERE sync_id = {} ORDER BY first_hash",
@@ -302,10 +317,8 @@ async fn rewrite_all<R: Read, W: Write>(
     copy_out(c, &query, |[first, data]| -> Result<(), FoldError> {
         let first = hash_of(first)?;
         let data = data.ok_or(Malformed("a block without its data"))?;
-        if let Some(held_first) = held_first
-            && rewrite(&held, Some(first), changes, packer)?
-        {
-            rewritten.push(held_first);
+        if let Some(held_first) = held_first {
+            out.block(held_first, &held, Some(first))?;
         }
         held_first = Some(first);
         held.clear();
@@ -313,10 +326,8 @@ async fn rewrite_all<R: Read, W: Write>(
         Ok(())
     })
     .await?;
-    if let Some(held_first) = held_first
-        && rewrite(&held, None, changes, packer)?
-    {
-        rewritten.push(held_first);
+    if let Some(held_first) = held_first {
+        out.block(held_first, &held, None)?;
     }
     Ok(())
 }
@@ -324,14 +335,12 @@ async fn rewrite_all<R: Read, W: Write>(
 /// Rewrites the blocks the changes (of key hashes `hashes`) fall in, looked up by key: the
 /// greatest `first_hash` at or below each hash (the first block for a hash below all), each
 /// with the next block's `first_hash`, where its keys end.
-async fn rewrite_looked_up<R: Read, W: Write>(
+async fn rewrite_looked_up<R: Read>(
     c: &mut PgConnection,
     blocks: &str,
     sync_id: &str,
     hashes: &[Vec<u8>],
-    changes: &mut Changes<R>,
-    packer: &mut Packer<W>,
-    rewritten: &mut Vec<u128>,
+    out: &mut Rewrite<'_, R>,
 ) -> Result<(), FoldError> {
     let sql = format!(
         "SELECT b.first_hash, b.data, \
@@ -351,9 +360,7 @@ async fn rewrite_looked_up<R: Read, W: Write>(
         .fetch(&mut *c);
     while let Some((first, data, next)) = touched.try_next().await? {
         let upper = next.map(|n| hash_of(Some(&n))).transpose()?;
-        if rewrite(&data, upper, changes, packer)? {
-            rewritten.push(hash_of(Some(&first))?);
-        }
+        out.block(hash_of(Some(&first))?, &data, upper)?;
     }
     Ok(())
 }
@@ -365,34 +372,17 @@ async fn copy_in(
     packed: BufWriter<std::fs::File>,
 ) -> Result<(), FoldError> {
     let mut file = packed.into_inner().map_err(|e| e.into_error())?;
-    std::io::Seek::rewind(&mut file)?;
-    let mut copy = c
-        .copy_in_raw(&format!(
-            "COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    let mut buffer = Vec::with_capacity(COPY_SEND_BYTES);
-    buffer.extend_from_slice(COPY_HEADER);
-    loop {
-        let start = buffer.len();
-        buffer.resize(COPY_SEND_BYTES, 0);
-        let read = match file.read(&mut buffer[start..]) {
-            Ok(read) => read,
-            Err(e) => {
-                copy.abort(e.to_string()).await?;
-                return Err(e.into());
-            }
-        };
-        buffer.truncate(start + read);
-        if read == 0 {
-            break;
-        }
-        copy.send(buffer.as_slice()).await?;
-        buffer.clear();
-    }
-    buffer.extend_from_slice(&(-1i16).to_be_bytes());
-    copy.send(buffer).await?;
-    copy.finish().await?;
+    file.rewind()?;
+    copy_binary(
+        c,
+        &format!("COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"),
+        |data| match (&mut file).take(1 << 16).read_to_end(data) {
+            Ok(0) => None,
+            Ok(_) => Some(Ok(())),
+            Err(e) => Some(Err(FoldError::from(e))),
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -407,15 +397,16 @@ mod tests {
     fn fold(stored: &[Row], changes: &[Change]) -> (Vec<u128>, Written) {
         let blocks = blocks_of(&pack(stored));
         let mut changes = spooled(changes);
-        let mut packer = Packer::new(Vec::new(), "ns/s");
+        let (mut packer, mut out) = (Packer::new("ns/s"), Vec::new());
         let mut rewritten = Vec::new();
         for (i, (first, rows)) in blocks.iter().enumerate() {
             let upper = blocks.get(i + 1).map(|b| b.0);
-            if rewrite(&pack_one(rows), upper, &mut changes, &mut packer).unwrap() {
+            if rewrite(&pack_one(rows), upper, &mut changes, &mut packer, &mut out).unwrap() {
                 rewritten.push(*first);
             }
         }
-        (rewritten, blocks_of(&packer.finish().unwrap().0))
+        packer.finish(&mut out).unwrap();
+        (rewritten, blocks_of(&out))
     }
 
     #[test]
