@@ -12,7 +12,7 @@ use super::blocks::FoldError;
 use super::copy_tuples::Malformed;
 
 /// The change of a key, its bytes borrowed or owned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Change<B = Vec<u8>> {
     /// The key's hash (`key_hash` as a big-endian number).
     pub hash: u128,
@@ -60,11 +60,16 @@ pub(super) fn below(hash: u128, upper: Option<u128>) -> bool {
 
 /// Records read back in order, one looked ahead, from `length` bytes of `input`: a record that
 /// runs past them, or says a text is longer than what is left, is refused before anything is
-/// allocated for it.
+/// allocated for it. The two changes held (the one looked ahead and the one last taken) keep
+/// their buffers for the records read after them: reading allocates nothing once they have
+/// grown to the longest key and identity.
 pub(super) struct Changes<R: Read> {
     input: R,
     left: u64,
+    /// The next change, looked ahead.
     next: Option<Change>,
+    /// The change last taken.
+    taken: Change,
 }
 
 impl<R: Read> Changes<R> {
@@ -74,8 +79,12 @@ impl<R: Read> Changes<R> {
             input,
             left: length,
             next: None,
+            taken: Change::default(),
         };
-        changes.next = changes.read()?;
+        let mut first = Change::default();
+        if changes.read(&mut first)? {
+            changes.next = Some(first);
+        }
         Ok(changes)
     }
 
@@ -89,7 +98,8 @@ impl<R: Read> Changes<R> {
         Ok(())
     }
 
-    fn text(&mut self) -> Result<Vec<u8>, FoldError> {
+    /// Reads a text after its length into `bytes`.
+    fn text(&mut self, bytes: &mut Vec<u8>) -> Result<(), FoldError> {
         let mut length = [0u8; 4];
         self.take(&mut length)?;
         let length = u64::from(u32::from_be_bytes(length));
@@ -97,14 +107,15 @@ impl<R: Read> Changes<R> {
             return Err(Malformed("a packed change's text runs past the end of its data").into());
         }
         // At most the bytes left, checked above.
-        let mut bytes = vec![0u8; length as usize];
-        self.take(&mut bytes)?;
-        Ok(bytes)
+        bytes.clear();
+        bytes.resize(length as usize, 0);
+        self.take(bytes)
     }
 
-    fn read(&mut self) -> Result<Option<Change>, FoldError> {
+    /// Reads the next record into `into`, reusing its buffers; false at the end.
+    fn read(&mut self, into: &mut Change) -> Result<bool, FoldError> {
         if self.left == 0 {
-            return Ok(None);
+            return Ok(false);
         }
         let mut fixed = [0u8; 25];
         self.take(&mut fixed)?;
@@ -112,26 +123,36 @@ impl<R: Read> Changes<R> {
         hash.copy_from_slice(&fixed[..16]);
         let mut fingerprint = [0u8; 8];
         fingerprint.copy_from_slice(&fixed[16..24]);
-        let key = self.text()?;
-        let put = match fixed[24] {
-            1 => Some((i64::from_be_bytes(fingerprint), self.text()?)),
-            0 => None,
+        into.hash = u128::from_be_bytes(hash);
+        self.text(&mut into.key)?;
+        let mut identity = into.put.take().map(|(_, identity)| identity).unwrap_or_default();
+        match fixed[24] {
+            1 => {
+                self.text(&mut identity)?;
+                into.put = Some((i64::from_be_bytes(fingerprint), identity));
+            }
+            0 => {}
             _ => return Err(Malformed("a packed change's flag is neither put nor remove").into()),
-        };
-        Ok(Some(Change {
-            hash: u128::from_be_bytes(hash),
-            key,
-            put,
-        }))
+        }
+        Ok(true)
     }
 
     /// The next change, if its key hash is below `upper` (`None`: no bound).
-    pub fn next_below(&mut self, upper: Option<u128>) -> Result<Option<Change>, FoldError> {
-        if self.next.as_ref().is_none_or(|c| !below(c.hash, upper)) {
+    pub fn next_below(&mut self, upper: Option<u128>) -> Result<Option<&Change>, FoldError> {
+        let Some(next) = self.next.as_mut().filter(|c| below(c.hash, upper)) else {
             return Ok(None);
-        }
-        let read = self.read()?;
-        Ok(std::mem::replace(&mut self.next, read))
+        };
+        // The change taken now moves to `taken`, whose buffers take the record after it.
+        std::mem::swap(next, &mut self.taken);
+        let mut after = std::mem::take(next);
+        let more = self.read(&mut after)?;
+        self.next = more.then_some(after);
+        Ok(Some(&self.taken))
+    }
+
+    /// The change [`Self::next_below`] last took (an empty one before the first).
+    pub fn taken(&self) -> &Change {
+        &self.taken
     }
 
     /// The key hash of the next change, if any.
@@ -143,11 +164,11 @@ impl<R: Read> Changes<R> {
 /// A source of changes in key-hash order, one per key: what a fold applies.
 pub(super) trait SortedChanges {
     /// The next change; `None` at the end.
-    fn next_change(&mut self) -> Result<Option<Change>, FoldError>;
+    fn next_change(&mut self) -> Result<Option<&Change>, FoldError>;
 }
 
 impl<R: Read> SortedChanges for Changes<R> {
-    fn next_change(&mut self) -> Result<Option<Change>, FoldError> {
+    fn next_change(&mut self) -> Result<Option<&Change>, FoldError> {
         self.next_below(None)
     }
 }
@@ -200,10 +221,10 @@ mod tests {
     fn changes_are_written_and_read_back_in_order() {
         let list = vec![put(1, 5), remove(2), put(3, -7)];
         let mut changes = spooled(&list);
-        assert_eq!(changes.next_below(Some(2 << 64)).unwrap(), Some(list[0].clone()));
+        assert_eq!(changes.next_below(Some(2 << 64)).unwrap(), Some(&list[0]));
         assert_eq!(changes.next_below(Some(2 << 64)).unwrap(), None);
-        assert_eq!(changes.next_below(None).unwrap(), Some(list[1].clone()));
-        assert_eq!(changes.next_below(None).unwrap(), Some(list[2].clone()));
+        assert_eq!(changes.next_below(None).unwrap(), Some(&list[1]));
+        assert_eq!(changes.next_below(None).unwrap(), Some(&list[2]));
         assert_eq!(changes.next_below(None).unwrap(), None);
     }
 

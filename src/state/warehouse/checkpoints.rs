@@ -249,27 +249,26 @@ impl Merge {
     }
 
     /// Takes the change of `hash` at the head of run `i` and queues the run's next one.
-    fn advance(&mut self, i: usize, hash: u128) -> Result<Change, FoldError> {
+    fn advance(&mut self, i: usize, hash: u128) -> Result<(), FoldError> {
         let run = &mut self.runs[i];
-        let change = run
-            .next_change()?
-            .ok_or(Malformed("a packed checkpoint ended before its queued change"))?;
+        if run.next_change()?.is_none() {
+            return Err(Malformed("a packed checkpoint ended before its queued change").into());
+        }
         if let Some(next) = run.peek_hash() {
             if next <= hash {
                 return Err(Malformed("a packed checkpoint is not sorted by key hash").into());
             }
             self.heads.push(Reverse((next, Reverse(i))));
         }
-        Ok(change)
+        Ok(())
     }
 }
 
 impl SortedChanges for Merge {
-    fn next_change(&mut self) -> Result<Option<Change>, FoldError> {
+    fn next_change(&mut self) -> Result<Option<&Change>, FoldError> {
         let Some(Reverse((hash, Reverse(latest)))) = self.heads.pop() else {
             return Ok(None);
         };
-        let change = self.advance(latest, hash)?;
         // Earlier checkpoints' changes of the same key, which the latest supersedes.
         while let Some(&Reverse((next, Reverse(earlier)))) = self.heads.peek()
             && next == hash
@@ -277,7 +276,8 @@ impl SortedChanges for Merge {
             self.heads.pop();
             self.advance(earlier, hash)?;
         }
-        Ok(Some(change))
+        self.advance(latest, hash)?;
+        Ok(Some(self.runs[latest].taken()))
     }
 }
 
@@ -298,7 +298,7 @@ mod tests {
         let mut merge = Merge::new(file, &offsets)?;
         let mut out = Vec::new();
         while let Some(change) = merge.next_change()? {
-            out.push(change);
+            out.push(change.clone());
         }
         Ok(out)
     }

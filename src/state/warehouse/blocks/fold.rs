@@ -183,7 +183,7 @@ pub(in crate::state::warehouse) async fn fold_sorted<S: SortedChanges + Send>(
     }
     let mut spool = Spool::new()?;
     while let Some(change) = changes.next_change()? {
-        spool.push(&change)?;
+        spool.push(change)?;
     }
     later_fold(c, blocks, sync_id, spool).await
 }
@@ -281,7 +281,7 @@ async fn first_fold<S: SortedChanges + Send>(
                     hash,
                     key,
                     put: Some((fingerprint, identity)),
-                })) => packer.push(data, hash, fingerprint, &key, &identity),
+                })) => packer.push(data, *hash, *fingerprint, key, identity),
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => {
                     ended = true;
