@@ -1895,3 +1895,80 @@ async fn the_job_pod_command_reports_progress_on_the_status_through_failed_write
     assert_eq!(s.status.unwrap().progress, None);
     h.stop().await;
 }
+
+/// A ReverseSync object with a minimal spec, for tests that only write its status.
+fn bare_sync(name: &str) -> ReverseSync {
+    serde_json::from_value(json!({
+        "apiVersion": "backflow.dev/v1alpha1",
+        "kind": "ReverseSync",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "source": {
+                "connectionSecretRef": {"name": "warehouse"},
+                "query": "select id, email from users",
+                "primaryKey": ["id"],
+            },
+            "destinationRef": {"name": "crm"},
+            "mappings": [{"from": "email", "to": "email"}],
+        },
+    }))
+    .unwrap()
+}
+
+/// The `observedGeneration` the double holds in a ReverseSync's status.
+fn stored_generation(server: &ApiServer, name: &str) -> serde_json::Value {
+    server
+        .object("backflow.dev/v1alpha1/reversesyncs", "default", name)
+        .unwrap()["status"]["observedGeneration"]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_status_write_lands_through_an_api_server_restart_and_the_refusals_of_a_server_starting() {
+    use backflow::controller::status;
+
+    let server = ApiServer::start().await;
+    let api: Api<ReverseSync> = Api::namespaced(server.client(), "default");
+    for name in ["restarted", "later"] {
+        api.create(&PostParams::default(), &bare_sync(name))
+            .await
+            .unwrap();
+    }
+    let path = |name: &str| format!("/apis/backflow.dev/v1alpha1/namespaces/default/reversesyncs/{name}");
+
+    // Down (500), then starting: refusing until its RBAC caches are filled (403), and not
+    // serving the custom resource until its CRD informer has synced (plain-text 404), for
+    // the read and for the write.
+    server.fail_next("GET", &path("restarted"), 500);
+    server.fail_next("GET", &path("restarted"), 403);
+    server.not_serving_next("GET", &path("restarted"));
+    server.not_serving_next("PUT", &path("restarted"));
+    let written = status::update(&api, "restarted", |s, _| s.observed_generation = Some(7))
+        .await
+        .unwrap();
+    assert_eq!(written.unwrap().observed_generation, Some(7));
+    assert_eq!(stored_generation(&server, "restarted"), 7);
+
+    // A write that starts once the server answers again meets its refusals first: the
+    // outage this process met in the write above (as in a watch) makes them "not yet".
+    server.fail_next("GET", &path("later"), 403);
+    server.not_serving_next("PUT", &path("later"));
+    let written = status::update(&api, "later", |s, _| s.observed_generation = Some(8))
+        .await
+        .unwrap();
+    assert_eq!(written.unwrap().observed_generation, Some(8));
+    assert_eq!(stored_generation(&server, "later"), 8);
+
+    // An object that is gone is not a refusal: nothing is written, at once.
+    api.delete("later", &DeleteParams::default()).await.unwrap();
+    let started = std::time::Instant::now();
+    let written = status::update(&api, "later", |s, _| s.observed_generation = Some(9))
+        .await
+        .unwrap();
+    assert_eq!(written, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -8,6 +8,7 @@
 //!  (Secret: opt-in) ──┘  events)     after...)     `backflow run --namespace --sync`
 //! ```
 
+pub mod api_server;
 pub mod cluster_run;
 pub mod conditions;
 pub mod destination;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use kube::api::{Api, PostParams};
 
+use super::api_server;
 use super::conditions::{self, DEGRADED, READY, RECONCILING, SOURCE_PRIVILEGED, STALLED, Status};
 use super::schedule::Trigger;
 use crate::api::ReverseSync;
@@ -558,22 +559,6 @@ const UNAVAILABLE_FOR: Duration = Duration::from_secs(90);
 /// Longest pause between two tries at an unavailable API server.
 const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(5);
 
-/// True for failures a later try may not meet: no connection, 429 and 5xx.
-fn unavailable(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(status) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
-        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-        _ => false,
-    }
-}
-
-/// True for 401 and 403. A kube-apiserver that has just started answers them for a few
-/// seconds, until its authenticator and RBAC caches are filled, so a write that met the server
-/// down retries them too; otherwise they are final.
-fn refused(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(status) if matches!(status.code, 401 | 403))
-}
-
 /// A pause of 10–60 ms growing with `attempt`, spread so that two writers that met once do
 /// not meet again at the same moment.
 fn conflict_pause(attempt: u32) -> Duration {
@@ -583,8 +568,9 @@ fn conflict_pause(attempt: u32) -> Duration {
 
 /// Reads the latest object, applies `change` to its status and writes it back, retrying on
 /// conflicts (another writer changed the object between the read and the write) and, for
-/// [`UNAVAILABLE_FOR`], on an API server that is unreachable or overloaded (and then on the
-/// refusals of one that is starting again, see [`refused`]). Writes nothing
+/// [`UNAVAILABLE_FOR`], on an API server that is unreachable or overloaded, and on the
+/// refusals of one starting again after this process met it down (see
+/// [`api_server::starting_refusal`]). Writes nothing
 /// when `change` leaves the status as it was. Returns the new status.
 pub async fn update(
     api: &Api<ReverseSync>,
@@ -599,7 +585,6 @@ pub async fn update(
     let first_try = Instant::now();
     let mut conflicts = 0;
     let mut pause = Duration::from_millis(250);
-    let mut was_unavailable = false;
     loop {
         let result = match api.get_opt(name).await {
             Ok(None) => return Ok(None),
@@ -623,16 +608,16 @@ pub async fn update(
                 conflicts += 1;
                 tokio::time::sleep(conflict_pause(conflicts)).await;
             }
-            Err(e)
-                if (unavailable(&e) || (was_unavailable && refused(&e)))
-                    && first_try.elapsed() < UNAVAILABLE_FOR =>
-            {
-                was_unavailable = true;
+            Err(e) => {
+                let down = api_server::note(&e);
+                let starting = api_server::starting_refusal(&e) && api_server::recently_unavailable();
+                if !(down || starting) || first_try.elapsed() >= UNAVAILABLE_FOR {
+                    return Err(err(e));
+                }
                 tracing::debug!(error = %e, retry_in = ?pause, "the API server is unavailable; retrying the status write");
                 tokio::time::sleep(pause).await;
                 pause = pause.saturating_mul(2).min(UNAVAILABLE_PAUSE);
             }
-            Err(e) => return Err(err(e)),
         }
     }
 }

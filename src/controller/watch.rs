@@ -22,6 +22,7 @@ use kube::runtime::watcher::{self, ListSemantic};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 
+use super::api_server;
 use super::health::Health;
 
 /// First wait after a watch error.
@@ -123,6 +124,12 @@ where
                 Some(Ok(event))
             }
             Err(error) => {
+                if let watcher::Error::InitialListFailed(e)
+                | watcher::Error::WatchStartFailed(e)
+                | watcher::Error::WatchFailed(e) = &error
+                {
+                    api_server::note(e);
+                }
                 let text = error.to_string();
                 if health.watch_failed(&name, &text) {
                     tracing::warn!(watch = %name, error = %text, "watch failed; retrying");

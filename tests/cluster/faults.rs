@@ -11,7 +11,7 @@ use kube::api::{Api, PostParams};
 
 use crate::deliveries::{self, SLOW_DESTINATION};
 use crate::support::cluster::{Process, control_plane};
-use crate::support::cluster_manifests::{Manifests, tail, wait_until};
+use crate::support::cluster_manifests::{Manifests, around, wait_until};
 use crate::{
     apply, condition, count, exclusive, finished_by, finished_run, is, manifests, ready, run_start, shared,
     syncs, wait_sync, warehouse,
@@ -85,7 +85,11 @@ async fn after_an_api_server_restart_mid_run_and_a_long_outage_with_compaction_n
     // The interrupted run's outcome reached the status once the server was back (a freshly
     // started server refuses requests for a few seconds, until its RBAC caches are filled).
     let log = operator.log_text();
-    assert!(!log.contains("failed to record the run"), "{}", tail(&log, 80));
+    assert!(
+        !log.contains("failed to record the run"),
+        "{}",
+        around(&log, "failed to record the run", 40)
+    );
     let events = plane.kubectl(&["get", "events", "-n", &slow_ns]);
     assert!(events.contains("SyncSucceeded"), "{events}");
 

@@ -290,6 +290,8 @@ struct Fault {
     method: Method,
     path_prefix: String,
     status: u16,
+    /// Answered as plain text rather than as a `Status`.
+    plain_text: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -427,6 +429,21 @@ impl ApiServer {
             method,
             path_prefix: path_prefix.to_owned(),
             status,
+            plain_text: None,
+        });
+    }
+
+    /// The next request with this HTTP method whose path starts with `path_prefix` is
+    /// answered `404 page not found` in plain text, as a kube-apiserver that has just started
+    /// answers for a custom resource until its CRD informer has synced. Calls queue up with
+    /// those of [`ApiServer::fail_next`].
+    pub fn not_serving_next(&self, method: &str, path_prefix: &str) {
+        let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        self.shared.store().faults.push_back(Fault {
+            method,
+            path_prefix: path_prefix.to_owned(),
+            status: 404,
+            plain_text: Some("404 page not found\n"),
         });
     }
 
@@ -765,6 +782,10 @@ async fn handle(
             .position(|f| f.method == method && path.starts_with(&f.path_prefix))
         {
             let fault = store.faults.remove(i).expect("the position is in range");
+            if let Some(text) = fault.plain_text {
+                let code = StatusCode::from_u16(fault.status).expect("a status code");
+                return (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
+            }
             return ApiError::injected(fault.status).into_response();
         }
     }

@@ -147,6 +147,17 @@ where
     }
 }
 
+/// The `before` lines of `text` up to and including the first line holding `needle` (the
+/// last `before` lines when none does): what led to a message a test forbids.
+pub fn around(text: &str, needle: &str, before: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let end = all
+        .iter()
+        .position(|l| l.contains(needle))
+        .map_or(all.len(), |i| i + 1);
+    all[end.saturating_sub(before)..end].join("\n")
+}
+
 /// The last `lines` lines of `text`.
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
