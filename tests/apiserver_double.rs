@@ -20,7 +20,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use serde_json::json;
-use support::apiserver::ApiServer;
+use support::apiserver::{ApiServer, reverse_sync};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -29,25 +29,6 @@ fn config_map(name: &str) -> ConfigMap {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": "backflow"}},
         "data": {"k": "v"},
-    }))
-    .unwrap()
-}
-
-fn reverse_sync(name: &str) -> ReverseSync {
-    serde_json::from_value(json!({
-        "apiVersion": "backflow.dev/v1alpha1",
-        "kind": "ReverseSync",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {
-                "connectionSecretRef": {"name": "warehouse"},
-                "query": "select id, email from users",
-                "primaryKey": ["id"],
-            },
-            "destinationRef": {"name": "crm"},
-            "mappings": [{"from": "email", "to": "email"}],
-        },
-        "status": {"observedGeneration": 42},
     }))
     .unwrap()
 }

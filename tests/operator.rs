@@ -1896,25 +1896,6 @@ async fn the_job_pod_command_reports_progress_on_the_status_through_failed_write
     h.stop().await;
 }
 
-/// A ReverseSync object with a minimal spec, for tests that only write its status.
-fn bare_sync(name: &str) -> ReverseSync {
-    serde_json::from_value(json!({
-        "apiVersion": "backflow.dev/v1alpha1",
-        "kind": "ReverseSync",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "source": {
-                "connectionSecretRef": {"name": "warehouse"},
-                "query": "select id, email from users",
-                "primaryKey": ["id"],
-            },
-            "destinationRef": {"name": "crm"},
-            "mappings": [{"from": "email", "to": "email"}],
-        },
-    }))
-    .unwrap()
-}
-
 /// The `observedGeneration` the double holds in a ReverseSync's status.
 fn stored_generation(server: &ApiServer, name: &str) -> serde_json::Value {
     server
@@ -1930,7 +1911,7 @@ async fn a_status_write_lands_through_an_api_server_restart_and_the_refusals_of_
     let server = ApiServer::start().await;
     let api: Api<ReverseSync> = Api::namespaced(server.client(), "default");
     for name in ["restarted", "later"] {
-        api.create(&PostParams::default(), &bare_sync(name))
+        api.create(&PostParams::default(), &support::apiserver::reverse_sync(name))
             .await
             .unwrap();
     }

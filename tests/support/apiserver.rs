@@ -2059,3 +2059,24 @@ fn decode_continue(token: &str) -> Result<(u64, String, String), ApiError> {
         serde_json::from_slice(&bytes).map_err(|_| invalid())?;
     Ok((rv, namespace, name))
 }
+
+/// A ReverseSync with a small valid spec, and a status a create must drop
+/// (`observedGeneration: 42`).
+pub fn reverse_sync(name: &str) -> backflow::api::ReverseSync {
+    serde_json::from_value(json!({
+        "apiVersion": "backflow.dev/v1alpha1",
+        "kind": "ReverseSync",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {
+                "connectionSecretRef": {"name": "warehouse"},
+                "query": "select id, email from users",
+                "primaryKey": ["id"],
+            },
+            "destinationRef": {"name": "crm"},
+            "mappings": [{"from": "email", "to": "email"}],
+        },
+        "status": {"observedGeneration": 42},
+    }))
+    .unwrap()
+}
