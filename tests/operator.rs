@@ -1904,10 +1904,19 @@ fn stored_generation(server: &ApiServer, name: &str) -> serde_json::Value {
         .clone()
 }
 
+/// Writes `generation` as the `observedGeneration` of ReverseSync `name`'s status.
+async fn write_generation(
+    api: &Api<ReverseSync>,
+    name: &str,
+    generation: i64,
+) -> Option<backflow::api::reverse_sync::ReverseSyncStatus> {
+    backflow::controller::status::update(api, name, |s, _| s.observed_generation = Some(generation))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_status_write_lands_through_an_api_server_restart_and_the_refusals_of_a_server_starting() {
-    use backflow::controller::status;
-
     let server = ApiServer::start().await;
     let api: Api<ReverseSync> = Api::namespaced(server.client(), "default");
     for name in ["restarted", "later"] {
@@ -1924,9 +1933,7 @@ async fn a_status_write_lands_through_an_api_server_restart_and_the_refusals_of_
     server.fail_next("GET", &path("restarted"), 403);
     server.not_serving_next("GET", &path("restarted"));
     server.not_serving_next("PUT", &path("restarted"));
-    let written = status::update(&api, "restarted", |s, _| s.observed_generation = Some(7))
-        .await
-        .unwrap();
+    let written = write_generation(&api, "restarted", 7).await;
     assert_eq!(written.unwrap().observed_generation, Some(7));
     assert_eq!(stored_generation(&server, "restarted"), 7);
 
@@ -1934,18 +1941,14 @@ async fn a_status_write_lands_through_an_api_server_restart_and_the_refusals_of_
     // outage this process met in the write above (as in a watch) makes them "not yet".
     server.fail_next("GET", &path("later"), 403);
     server.not_serving_next("PUT", &path("later"));
-    let written = status::update(&api, "later", |s, _| s.observed_generation = Some(8))
-        .await
-        .unwrap();
+    let written = write_generation(&api, "later", 8).await;
     assert_eq!(written.unwrap().observed_generation, Some(8));
     assert_eq!(stored_generation(&server, "later"), 8);
 
     // An object that is gone is not a refusal: nothing is written, at once.
     api.delete("later", &DeleteParams::default()).await.unwrap();
     let started = std::time::Instant::now();
-    let written = status::update(&api, "later", |s, _| s.observed_generation = Some(9))
-        .await
-        .unwrap();
+    let written = write_generation(&api, "later", 9).await;
     assert_eq!(written, None);
     assert!(
         started.elapsed() < Duration::from_secs(1),

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 /// How long after this process last met the API server down its refusals (see
 /// [`starting_refusal`]) are taken for a server still starting.
-pub const STARTING_FOR: Duration = Duration::from_secs(90);
+const STARTING_FOR: Duration = Duration::from_secs(90);
 
 /// When this process last met the API server down or overloaded.
 static LAST_UNAVAILABLE: LastSeen = LastSeen::new();
 
 /// True for failures a later try may not meet: no connection, 429 and 5xx.
-pub fn unavailable(e: &kube::Error) -> bool {
+fn unavailable(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(status) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,

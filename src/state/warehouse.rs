@@ -778,23 +778,26 @@ async fn pg_create(c: &mut PgConnection, ddl: &str) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
+/// A table of the state schema that a store works without, on PostgreSQL only.
+struct OptionalTable {
+    /// Its name.
+    name: &'static str,
+    /// Its DDL, given the quoted schema.
+    ddl: fn(&str) -> String,
+    /// Logged at info when the state user may not create it: what is used instead.
+    without: &'static str,
+}
+
 impl WarehouseStore {
-    /// Whether `table` is there on PostgreSQL (false on MySQL/MariaDB), creating it from
-    /// `ddl` (given the quoted schema) when `wanted` and the state user may; `denied` is logged
-    /// at info when it may not.
-    async fn pg_optional_table(
-        &mut self,
-        table: &str,
-        wanted: bool,
-        ddl: fn(&str) -> String,
-        denied: &str,
-    ) -> Result<bool, StateError> {
-        let schema = self.config.schema.clone();
+    /// Whether `table` is there on PostgreSQL (false on MySQL/MariaDB), creating it when
+    /// `wanted` and the state user may.
+    async fn pg_optional_table(&mut self, table: &OptionalTable, wanted: bool) -> Result<bool, StateError> {
+        let (name, schema) = (table.name, self.config.schema.clone());
         let Some(conn @ Conn::Pg(_)) = self.conn.as_mut() else {
             return Ok(false);
         };
-        let found = journal::table_exists(conn, &schema, table).await;
-        if found.map_err(|e| self.sql_error(&format!("look for the table {table}"), e))? {
+        let found = journal::table_exists(conn, &schema, name).await;
+        if found.map_err(|e| self.sql_error(&format!("look for the table {name}"), e))? {
             return Ok(true);
         }
         if self.probe || !wanted {
@@ -803,13 +806,13 @@ impl WarehouseStore {
         let Some(Conn::Pg(c)) = self.conn.as_mut() else {
             return Ok(false);
         };
-        match pg_create(c, &ddl(&quote(true, &schema))).await {
+        match pg_create(c, &(table.ddl)(&quote(true, &schema))).await {
             Ok(()) => Ok(true),
             Err(e) if journal::is_denied(&e) => {
-                tracing::info!(schema = %schema, "{denied}");
+                tracing::info!(schema = %schema, "{}", table.without);
                 Ok(false)
             }
-            Err(e) => Err(self.sql_error(&format!("create the table {table}"), e)),
+            Err(e) => Err(self.sql_error(&format!("create the table {name}"), e)),
         }
     }
 }

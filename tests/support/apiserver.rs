@@ -424,13 +424,7 @@ impl ApiServer {
     /// answered with a `Status` of this code instead of being served. Calls queue up. Note
     /// that kube's client retries 429, 503 and 504 by itself.
     pub fn fail_next(&self, method: &str, path_prefix: &str, status: u16) {
-        let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-        self.shared.store().faults.push_back(Fault {
-            method,
-            path_prefix: path_prefix.to_owned(),
-            status,
-            plain_text: None,
-        });
+        self.push_fault(method, path_prefix, status, None);
     }
 
     /// The next request with this HTTP method whose path starts with `path_prefix` is
@@ -438,12 +432,16 @@ impl ApiServer {
     /// answers for a custom resource until its CRD informer has synced. Calls queue up with
     /// those of [`ApiServer::fail_next`].
     pub fn not_serving_next(&self, method: &str, path_prefix: &str) {
+        self.push_fault(method, path_prefix, 404, Some("404 page not found\n"));
+    }
+
+    fn push_fault(&self, method: &str, path_prefix: &str, status: u16, plain_text: Option<&'static str>) {
         let method = Method::from_bytes(method.as_bytes()).expect("an HTTP method");
         self.shared.store().faults.push_back(Fault {
             method,
             path_prefix: path_prefix.to_owned(),
-            status: 404,
-            plain_text: Some("404 page not found\n"),
+            status,
+            plain_text,
         });
     }
 

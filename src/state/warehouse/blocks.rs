@@ -30,7 +30,7 @@ use sqlx::postgres::PgConnection;
 use super::changes::length;
 use super::copy_tuples::Malformed;
 use super::write::copy_field;
-use super::{Conn, WarehouseStore, pg_sync_has_rows};
+use super::{Conn, OptionalTable, WarehouseStore, pg_sync_has_rows};
 use crate::state::StateError;
 
 mod fold;
@@ -44,8 +44,17 @@ pub(super) const TABLE: &str = "backflow_state_blocks";
 /// which PostgreSQL moves a value out of its row (and tries to compress it).
 pub(super) const BLOCK_ROWS: usize = 32;
 
+/// The table, created on PostgreSQL when the journal is in use and the state user may
+/// (without it, states are folded into `backflow_state`'s rows).
+pub(super) const OPTIONAL: OptionalTable = OptionalTable {
+    name: TABLE,
+    ddl: pg_ddl,
+    without: "the state user may not create backflow_state_blocks: states are folded into \
+              backflow_state's rows, which is slower for large states (DDL in docs/state.md)",
+};
+
 /// The table's DDL on PostgreSQL, `schema` quoted.
-pub(super) fn pg_ddl(schema: &str) -> String {
+fn pg_ddl(schema: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {schema}.backflow_state_blocks (
   sync_id TEXT NOT NULL,
@@ -290,20 +299,6 @@ impl WarehouseStore {
     /// `backflow_state_blocks`, quoted, when it is there (PostgreSQL only).
     pub(super) fn blocks_table(&self) -> Option<String> {
         (self.blocks == Some(true)).then(|| self.table(TABLE))
-    }
-
-    /// Whether the blocks table is there, creating it on PostgreSQL when the journal is in
-    /// use and the state user may (without it, states are folded into rows as before).
-    pub(super) async fn prepare_blocks(&mut self) -> Result<bool, StateError> {
-        let wanted = self.journal == Some(true);
-        self.pg_optional_table(
-            TABLE,
-            wanted,
-            pg_ddl,
-            "the state user may not create backflow_state_blocks: states are folded into \
-             backflow_state's rows, which is slower for large states (DDL in docs/state.md)",
-        )
-        .await
     }
 
     /// True when the sync holds blocks (false without the table).

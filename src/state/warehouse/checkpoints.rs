@@ -31,8 +31,8 @@ use super::changes::{Change, Changes, SortedChanges};
 use super::copy_tuples::{Malformed, copy_out, literal};
 use super::journal::{pg_clear, pg_vacuum};
 use super::write::{copy_binary, copy_field};
-use super::{WarehouseStore, pg_sync_has_rows};
-use crate::state::{EntryRef, StateError};
+use super::{OptionalTable, WarehouseStore, pg_sync_has_rows};
+use crate::state::EntryRef;
 
 /// The table's name in the state schema.
 pub(super) const TABLE: &str = "backflow_checkpoints";
@@ -44,8 +44,17 @@ const ROW_BYTES: u64 = 8 << 20;
 /// Read buffers of the merge, shared out between its runs (each gets 4–256 KiB).
 const MERGE_BUFFERS: usize = 16 << 20;
 
+/// The table, created on PostgreSQL next to the blocks table when the state user may
+/// (without it, checkpoints go to the journal's rows).
+pub(super) const OPTIONAL: OptionalTable = OptionalTable {
+    name: TABLE,
+    ddl: pg_ddl,
+    without: "the state user may not create backflow_checkpoints: checkpoints are appended to \
+              backflow_journal's rows, which is slower for large runs (DDL in docs/state.md)",
+};
+
 /// The table's DDL on PostgreSQL, `schema` quoted.
-pub(super) fn pg_ddl(schema: &str) -> String {
+fn pg_ddl(schema: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {schema}.backflow_checkpoints (
   sync_id TEXT NOT NULL,
@@ -62,21 +71,6 @@ impl WarehouseStore {
     /// `backflow_checkpoints`, quoted, when it is there (PostgreSQL only).
     pub(super) fn checkpoints_table(&self) -> Option<String> {
         (self.checkpoints == Some(true)).then(|| self.table(TABLE))
-    }
-
-    /// Whether the packed checkpoints' table is there, creating it on PostgreSQL next to the
-    /// blocks table when the state user may (without it, checkpoints go to the journal's rows,
-    /// as before).
-    pub(super) async fn prepare_checkpoints(&mut self) -> Result<bool, StateError> {
-        let wanted = self.blocks == Some(true);
-        self.pg_optional_table(
-            TABLE,
-            wanted,
-            pg_ddl,
-            "the state user may not create backflow_checkpoints: checkpoints are appended to \
-             backflow_journal's rows, which is slower for large runs (DDL in docs/state.md)",
-        )
-        .await
     }
 }
 
@@ -126,10 +120,12 @@ pub(super) async fn pg_append(
 /// as many as fit in `limit` bytes.
 fn next_row<B: AsRef<[u8]>>(changes: &[Change<B>], limit: u64) -> (usize, u64) {
     let (mut count, mut bytes) = (1, changes[0].record_length());
-    while let Some(next) = changes.get(count)
-        && bytes + next.record_length() <= limit
-    {
-        bytes += next.record_length();
+    while let Some(next) = changes.get(count) {
+        let length = next.record_length();
+        if bytes + length > limit {
+            break;
+        }
+        bytes += length;
         count += 1;
     }
     (count, bytes)

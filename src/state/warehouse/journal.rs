@@ -482,13 +482,14 @@ impl WarehouseStore {
             let usable = found || (!self.probe && self.create_journal().await?);
             self.journal = Some(usable);
         }
+        // Blocks are used with the journal, packed checkpoints with blocks.
         if self.blocks.is_none() {
-            let usable = self.prepare_blocks().await?;
-            self.blocks = Some(usable);
+            let wanted = self.journal == Some(true);
+            self.blocks = Some(self.pg_optional_table(&blocks::OPTIONAL, wanted).await?);
         }
         if self.checkpoints.is_none() {
-            let usable = self.prepare_checkpoints().await?;
-            self.checkpoints = Some(usable);
+            let wanted = self.blocks == Some(true);
+            self.checkpoints = Some(self.pg_optional_table(&checkpoints::OPTIONAL, wanted).await?);
         }
         if self.journal == Some(true) && !self.recovered {
             if self.fold_journal().await? {

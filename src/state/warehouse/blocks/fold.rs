@@ -18,6 +18,11 @@ use super::super::pg_sync_has_rows;
 use super::super::write::copy_binary;
 use super::{Block, Packer};
 
+/// The binary `COPY` of blocks into the blocks table `blocks`.
+fn copy_blocks(blocks: &str) -> String {
+    format!("COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)")
+}
+
 /// Rewritten blocks deleted per statement.
 const DELETE_CHUNK: usize = 10_000;
 
@@ -269,7 +274,7 @@ async fn first_fold<S: SortedChanges + Send>(
     let mut ended = false;
     copy_binary(
         c,
-        &format!("COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"),
+        &copy_blocks(blocks),
         // One change at a time; the packer writes a block into the data when one fills.
         |data| {
             if ended {
@@ -373,15 +378,13 @@ async fn copy_in(
 ) -> Result<(), FoldError> {
     let mut file = packed.into_inner().map_err(|e| e.into_error())?;
     file.rewind()?;
-    copy_binary(
-        c,
-        &format!("COPY {blocks} (sync_id, first_hash, row_count, data) FROM STDIN (FORMAT binary)"),
-        |data| match (&mut file).take(1 << 16).read_to_end(data) {
+    copy_binary(c, &copy_blocks(blocks), |data| {
+        match (&mut file).take(1 << 16).read_to_end(data) {
             Ok(0) => None,
             Ok(_) => Some(Ok(())),
             Err(e) => Some(Err(FoldError::from(e))),
-        },
-    )
+        }
+    })
     .await?;
     Ok(())
 }
